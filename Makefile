@@ -1,0 +1,26 @@
+# Every target installs what it needs into .venv on first use.
+# torch is pinned so a CPU-only machine takes the CPU wheel instead of several GB of CUDA packages.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test demo bench-smoke clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,demo]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+bench-smoke: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python benchmarks/bench_gemm.py --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,25 @@
+"""lowbit: low-precision quantized inference for PyTorch and Hugging Face models."""
+from .api import quantize
+from .config import QuantConfig
+from .errors import LowbitError
+from .formats import formats, get_format, register_format
+from .io import load, save
+from .linear import QuantLinear
+from .ops import linear
+from .packed import PackedWeight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LowbitError",
+    "PackedWeight",
+    "QuantConfig",
+    "QuantLinear",
+    "formats",
+    "get_format",
+    "linear",
+    "load",
+    "quantize",
+    "register_format",
+    "save",
+]

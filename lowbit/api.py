@@ -1,0 +1,48 @@
+"""lowbit.quantize(): swap a model's nn.Linear layers for QuantLinear, in place."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QuantConfig
+from .errors import FormatError, LowbitError
+from .linear import QuantLinear
+
+
+def _set_submodule(model: nn.Module, qualified_name: str, module: nn.Module) -> None:
+    parent_name, _, child = qualified_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize(model: nn.Module, config: str | QuantConfig, *, skip: list[str] | tuple[str, ...] | None = None,
+             overrides: dict[str, Any] | None = None, progress: bool = True, **options: Any) -> nn.Module:
+    """Quantize every nn.Linear of `model` in place and return the model.
+
+    config: a format name (with `options`, e.g. group_size=128) or a QuantConfig.
+    skip: glob patterns of qualified names to leave alone (e.g. ["lm_head", "*.gate"]).
+    overrides: glob pattern -> format name or {"format": name, **options}.
+    Errors name the layer. Shows a progress bar unless progress=False.
+    """
+    if isinstance(config, QuantConfig):
+        if skip is not None or overrides is not None or options:
+            raise FormatError("pass skip / overrides / options inside the QuantConfig, not beside it")
+    else:
+        config = QuantConfig(config, options=options, skip=tuple(skip or ()), overrides=overrides or {})
+    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
+    for name, linear in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
+                             disable=not progress):
+        plan = config.layer_plan(name)
+        if plan is None:
+            continue
+        fmt, layer_options = plan
+        try:
+            quantized = QuantLinear.from_linear(linear, fmt, name=name, **layer_options)
+        except LowbitError as exc:
+            if name in str(exc):
+                raise
+            raise type(exc)(f"layer '{name}': {exc}") from None
+        _set_submodule(model, name, quantized)
+    return model

@@ -1,0 +1,141 @@
+"""The `lowbit` command: quantize a Hugging Face folder and save it; inspect a saved folder."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LowbitError
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    from .io import _unique_tensors
+
+    tensors, _ = _unique_tensors(model)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def load_hf_folder(path: Path) -> nn.Module:
+    """A local Hugging Face model folder -> model in its stored dtype (no hub access)."""
+    import transformers
+
+    if not (path / "config.json").is_file():
+        raise LowbitError(f"{path}: not a Hugging Face model folder (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = None
+    for arch in getattr(config, "architectures", None) or []:
+        candidate = getattr(transformers, arch, None)
+        if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
+            cls = candidate
+            break
+    cls = cls or transformers.AutoModel
+    return cls.from_pretrained(path, dtype="auto", local_files_only=True).eval()
+
+
+def _format_options(args: argparse.Namespace) -> dict:
+    options = {}
+    if args.group_size is not None:
+        options["group_size"] = args.group_size
+    if args.symmetric:
+        options["symmetric"] = True
+    return options
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from . import api, io
+    from .default_model import default_model_path
+    from .linear import QuantLinear
+
+    if len(args.paths) == 1:
+        model_dir, out_dir = default_model_path(), Path(args.paths[0])
+    elif len(args.paths) == 2:
+        model_dir, out_dir = Path(args.paths[0]), Path(args.paths[1])
+    else:
+        raise LowbitError("usage: lowbit quantize [MODEL] OUT --format FORMAT (MODEL defaults to the embedded MiniLM)")
+    start = time.perf_counter()
+    model = load_hf_folder(model_dir)
+    before = _tensor_bytes(model)
+    api.quantize(model, args.format, skip=args.skip, **_format_options(args))
+    io.save(model, out_dir, max_shard_bytes=args.max_shard_bytes)
+    after = _tensor_bytes(model)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    packed_bits = sum(m.packed.nbytes * 8 for m in layers)
+    weights = sum(m.in_features * m.out_features for m in layers)
+    print(f"model:            {model_dir}")
+    print(f"saved to:         {out_dir}")
+    print(f"quantized layers: {len(layers)} ({args.format})")
+    print(f"size before:      {before / 2**20:.2f} MiB")
+    print(f"size after:       {after / 2**20:.2f} MiB ({after / before:.1%})")
+    if weights:
+        print(f"bits per weight:  {packed_bits / weights:.3f} (quantized layers, scales included)")
+    print(f"time:             {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .formats import get_format
+    from .io import MANIFEST, _read_manifest
+
+    folder = Path(args.path)
+    manifest = _read_manifest(folder)
+    rows = []
+    total_bytes = total_weights = 0
+    for name, entry in manifest["layers"].items():
+        fmt = get_format(entry["format"])
+        shape = tuple(entry["shape"])
+        specs = fmt.field_specs(shape, fmt.check_attrs(shape, entry["attrs"]))
+        nbytes = sum(s.dtype.itemsize * torch.Size(s.shape).numel() for s in specs.values())
+        total_bytes += nbytes
+        total_weights += shape[0] * shape[1]
+        rows.append((name, entry["format"], f"{shape[0]}x{shape[1]}", str(nbytes), f"{nbytes * 8 / (shape[0] * shape[1]):.3f}"))
+    header = ("layer", "format", "shape", "bytes", "bits/weight")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = "  ".join
+    print(line(h.ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print(line(c.ljust(w) for c, w in zip(row, widths)))
+    model_entry = manifest["model"]
+    print(f"\n{len(rows)} quantized layer(s) in {folder / MANIFEST} ({model_entry.get('kind')}: {model_entry.get('class')})")
+    if total_weights:
+        print(f"packed: {total_bytes} bytes, {total_bytes * 8 / total_weights:.3f} bits/weight")
+    if args.json:
+        print(json.dumps(manifest["layers"], indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .formats import formats
+
+    parser = argparse.ArgumentParser(prog="lowbit", description="Low-precision quantization for PyTorch / Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a local Hugging Face folder and save it")
+    q.add_argument("paths", nargs="+", metavar="[MODEL] OUT", help="model folder (default: embedded MiniLM) and output folder")
+    q.add_argument("--format", required=True, choices=formats())
+    q.add_argument("--group-size", type=int, default=None, help="weights per scale along K (-1: per channel)")
+    q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
+    q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="glob patterns of layers to keep in full precision")
+    q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
+    q.set_defaults(func=cmd_quantize)
+    i = sub.add_parser("inspect", help="per-layer table of a saved lowbit folder")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="also print the per-layer manifest entries")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""QuantConfig: which format each Linear of a model gets (frozen, versioned, JSON round trip)."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import FormatError
+from .formats import get_format
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """format: default registry name; options: that format's options (e.g. group_size);
+    skip: glob patterns of qualified module names left in full precision;
+    overrides: glob pattern -> format name, or {"format": name, **options}, for matching layers.
+    The first matching override wins; skip wins over overrides."""
+
+    format: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", dict(self.options))
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
+        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "overrides", dict(self.overrides))
+        if self.version != CONFIG_VERSION:
+            raise FormatError(f"QuantConfig version {self.version!r} is not supported (this lowbit reads {CONFIG_VERSION})")
+        get_format(self.format).check_options(self.options)
+        for pattern in self.skip:
+            if not isinstance(pattern, str):
+                raise FormatError(f"skip patterns must be strings, got {pattern!r}")
+        for pattern, spec in self.overrides.items():
+            if not isinstance(pattern, str):
+                raise FormatError(f"override patterns must be strings, got {pattern!r}")
+            self._split(spec, pattern)
+
+    @staticmethod
+    def _split(spec: Any, pattern: str) -> tuple[str, dict[str, Any]]:
+        if isinstance(spec, str):
+            fmt, options = spec, {}
+        elif isinstance(spec, Mapping) and isinstance(spec.get("format"), str):
+            options = {k: v for k, v in spec.items() if k != "format"}
+            fmt = spec["format"]
+        else:
+            raise FormatError(f"override {pattern!r}: expected a format name or {{'format': name, ...}}, got {spec!r}")
+        get_format(fmt).check_options(options)
+        return fmt, options
+
+    def layer_plan(self, qualified_name: str) -> tuple[str, dict[str, Any]] | None:
+        """(format, options) for the Linear called `qualified_name`, or None to skip it."""
+        if any(fnmatch.fnmatchcase(qualified_name, p) for p in self.skip):
+            return None
+        for pattern, spec in self.overrides.items():
+            if fnmatch.fnmatchcase(qualified_name, pattern):
+                return self._split(spec, pattern)
+        return self.format, dict(self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "format": self.format, "options": dict(self.options),
+                "skip": list(self.skip), "overrides": dict(self.overrides)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "QuantConfig":
+        if not isinstance(data, Mapping):
+            raise FormatError(f"QuantConfig.from_dict expects a mapping, got {type(data).__name__}")
+        unknown = set(data) - {"version", "format", "options", "skip", "overrides"}
+        if unknown or "format" not in data:
+            raise FormatError(f"QuantConfig dict needs 'format' and accepts no keys {sorted(unknown)}")
+        return cls(format=data["format"], options=data.get("options", {}), skip=tuple(data.get("skip", ())),
+                   overrides=data.get("overrides", {}), version=data.get("version", CONFIG_VERSION))

@@ -1,0 +1,25 @@
+"""Errors lowbit raises on bad input. Every one derives from LowbitError."""
+
+
+class LowbitError(Exception):
+    """Base class of every error lowbit raises on bad input."""
+
+
+class FormatError(LowbitError, ValueError):
+    """Unknown format name, or options / attributes a format does not accept."""
+
+
+class WeightError(LowbitError, ValueError):
+    """A weight that cannot be quantized (NaN/Inf, wrong rank or dtype, out of range)."""
+
+
+class InputError(LowbitError, ValueError):
+    """An activation or bias that does not fit the packed weight it meets."""
+
+
+class CheckpointError(LowbitError):
+    """A checkpoint folder that cannot be written or read (names the file and field)."""
+
+
+class KernelUnavailableError(LowbitError, RuntimeError):
+    """The Triton backend was asked for where it cannot run."""

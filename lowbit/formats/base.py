@@ -1,0 +1,95 @@
+"""Format base class: the contract every quantization format implements."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import FormatError, InputError, WeightError
+from ..packed import PackedWeight
+
+#: Weight / activation dtypes lowbit quantizes and computes with.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Declared dtype and shape of one packed tensor field."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def check(self, tensor: Any, where: str) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise FormatError(f"{where}: expected a tensor, got {type(tensor).__name__}")
+        if tensor.dtype != self.dtype:
+            raise FormatError(f"{where}: dtype {tensor.dtype}, expected {self.dtype}")
+        if tuple(tensor.shape) != self.shape:
+            raise FormatError(f"{where}: shape {tuple(tensor.shape)}, expected {self.shape}")
+
+
+class Format:
+    """One quantization format: quantizer + dequantizer (the torch spec) + kernel entry.
+
+    Subclasses set `name`, `TENSOR_FIELDS` (every field the format may use) and `ATTRS`
+    (the attribute names stored per layer), and implement the methods below.
+    """
+
+    name: str = ""
+    TENSOR_FIELDS: tuple[str, ...] = ()
+    ATTRS: tuple[str, ...] = ()
+
+    # -- options / attributes -------------------------------------------------------------
+    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
+        """User options (may be partial / use shorthands) -> complete, validated attrs."""
+        raise NotImplementedError
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Raise FormatError for option names or values this format does not accept."""
+        raise NotImplementedError
+
+    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
+        """Validate stored attrs (e.g. read from a manifest); returns them. FormatError if bad."""
+        raise NotImplementedError
+
+    def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
+        """The tensor fields (dtype, shape) a weight of `shape` with `attrs` packs into."""
+        raise NotImplementedError
+
+    # -- the spec ---------------------------------------------------------------------------
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
+        """Quantize a [N, K] float weight. `name` appears in error messages."""
+        raise NotImplementedError
+
+    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+        """[N, K] tensor in packed.dtype: the exact values the format represents."""
+        raise NotImplementedError
+
+    # -- kernels ------------------------------------------------------------------------------
+    def triton_linear(
+        self, x2d: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[M, K] activations -> [M, N] through this format's Triton kernel."""
+        raise InputError(f"format {self.name!r} has no Triton kernel")
+
+    # -- shared helpers -------------------------------------------------------------------------
+    def check_weight(self, weight: Any, name: str) -> torch.Tensor:
+        """Common weight validation: a finite 2-D float tensor."""
+        if not isinstance(weight, torch.Tensor):
+            raise WeightError(f"{name}: expected a tensor, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise WeightError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        if weight.dtype not in FLOAT_DTYPES:
+            raise WeightError(f"{name}: dtype {weight.dtype} is not one of {FLOAT_DTYPES}")
+        if weight.shape[0] == 0 or weight.shape[1] == 0:
+            raise WeightError(f"{name}: empty weight of shape {tuple(weight.shape)}")
+        if weight.device.type == "meta":
+            raise WeightError(f"{name}: weight is on the meta device (no values to quantize)")
+        bad = ~torch.isfinite(weight)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise WeightError(
+                f"{name}: {int(bad.sum())} non-finite value(s) (NaN/Inf), first at [{row}, {col}]"
+            )
+        return weight

@@ -1,0 +1,160 @@
+"""Group-wise integer formats int2 ... int8 (the torch spec; DESIGN.md section 4).
+
+Groups of `group_size` (default 128) consecutive weights along K share a scale (and, when
+asymmetric, a zero point). K is zero-padded to a whole number of groups (Kp).
+
+symmetric:  qmax = 2^(b-1)-1, s = amax/qmax, q = clamp(round(w/s), -qmax, qmax),
+            stored code u = q + 2^(b-1), w_hat = (u - 2^(b-1)) * s
+asymmetric: qmax = 2^b-1, lo = min(w_min, 0), hi = max(w_max, 0), s = (hi-lo)/qmax,
+            z = clamp(round(-lo/s), 0, qmax), u = clamp(round(w/s) + z, 0, qmax),
+            w_hat = (u - z) * s
+round = ties-to-even (torch.round). Scales and zero points are stored as float16 (16 bits
+each per group). The fp32 scale is rounded *up* to the next float16 so that no in-range value
+clips because of the cast, and is at least 2^-24 (smallest fp16 subnormal) so an all-zero group
+gets a safe non-zero scale. The range [lo, hi] always includes 0 (so zero padding and an exact
+zero are representable and z lies in [0, qmax]).
+
+Packed fields: qweight int32 [N, Kp*b/32] (bit planes, see bitpack.py), scales float16 [G, N],
+zeros float16 [G, N] (asymmetric only). Scales are group-major so a kernel tile's scales are
+one contiguous load along N.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import FormatError, WeightError
+from ..packed import PackedWeight
+from . import bitpack, register_format
+from .base import FieldSpec, Format
+
+DEFAULT_GROUP_SIZE = 128
+SCALE_DTYPE = torch.float16
+_MIN_SCALE = 2.0**-24
+_MAX_SCALE = torch.finfo(SCALE_DTYPE).max
+_OPTIONS = {"group_size", "symmetric"}
+
+
+def padded_k(k: int, group_size: int) -> int:
+    """K rounded up to a whole number of groups (group sizes are multiples of 32)."""
+    return -(-k // group_size) * group_size
+
+
+def _round_scale_up(scale: torch.Tensor) -> torch.Tensor:
+    """fp32 positive scales -> float16 scales that are >= the input (next fp16 up if needed)."""
+    s16 = scale.to(SCALE_DTYPE)
+    low = s16.float() < scale
+    # For positive finite halves, the next representable value is the next bit pattern.
+    bumped = (s16.view(torch.int16) + 1).view(SCALE_DTYPE)
+    return torch.where(low, bumped, s16)
+
+
+class IntFormat(Format):
+    """`int{bits}`: group-wise integer weights, symmetric or asymmetric."""
+
+    TENSOR_FIELDS = ("qweight", "scales", "zeros")
+    ATTRS = ("group_size", "symmetric")
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.name = f"int{bits}"
+
+    # -- options / attributes -------------------------------------------------------------
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
+        gs = options.get("group_size", DEFAULT_GROUP_SIZE)
+        if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or (gs > 0 and gs % 32 == 0)):
+            raise FormatError(f"{self.name}: group_size must be -1 (per channel) or a positive multiple of 32, got {gs!r}")
+        sym = options.get("symmetric", False)
+        if not isinstance(sym, bool):
+            raise FormatError(f"{self.name}: symmetric must be a bool, got {sym!r}")
+
+    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
+        self.check_options(options)
+        gs = options.get("group_size", DEFAULT_GROUP_SIZE)
+        if gs == -1:  # per output channel: one group spanning K (padded to a multiple of 32)
+            gs = padded_k(shape[1], 32)
+        return {"group_size": gs, "symmetric": options.get("symmetric", False)}
+
+    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
+        if not isinstance(attrs, dict) or set(attrs) != set(self.ATTRS):
+            raise FormatError(f"{self.name}: attrs must have exactly the keys {list(self.ATTRS)}, got {attrs!r}")
+        gs = attrs["group_size"]
+        if isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 32:
+            raise FormatError(f"{self.name}: group_size must be a positive multiple of 32, got {gs!r}")
+        if not isinstance(attrs["symmetric"], bool):
+            raise FormatError(f"{self.name}: symmetric must be a bool, got {attrs['symmetric']!r}")
+        return attrs
+
+    def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
+        n, k = shape
+        kp = padded_k(k, attrs["group_size"])
+        groups = kp // attrs["group_size"]
+        specs = {
+            "qweight": FieldSpec(torch.int32, (n, kp * self.bits // 32)),
+            "scales": FieldSpec(SCALE_DTYPE, (groups, n)),
+        }
+        if not attrs["symmetric"]:
+            specs["zeros"] = FieldSpec(SCALE_DTYPE, (groups, n))
+        return specs
+
+    # -- the spec ---------------------------------------------------------------------------
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
+        weight = self.check_weight(weight, name)
+        n, k = weight.shape
+        attrs = self.resolve_attrs((n, k), options)
+        gs = attrs["group_size"]
+        kp = padded_k(k, gs)
+        w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // gs, gs)
+
+        if attrs["symmetric"]:
+            qmax = 2 ** (self.bits - 1) - 1
+            scale = w.abs().amax(dim=-1) / qmax
+        else:
+            qmax = 2**self.bits - 1
+            lo = w.amin(dim=-1).clamp(max=0.0)
+            hi = w.amax(dim=-1).clamp(min=0.0)
+            scale = (hi - lo) / qmax
+        if bool((scale > _MAX_SCALE).any()):
+            raise WeightError(f"{name}: values too large for float16 group scales (|w| up to {float(weight.abs().max()):.3g})")
+        scale16 = _round_scale_up(scale.clamp(min=_MIN_SCALE))
+        s = scale16.float().unsqueeze(-1)
+
+        tensors: dict[str, torch.Tensor] = {}
+        if attrs["symmetric"]:
+            offset = 2 ** (self.bits - 1)
+            codes = torch.round(w / s).clamp(-qmax, qmax) + offset
+        else:
+            zero = torch.round(-lo.unsqueeze(-1) / s).clamp(0, qmax)
+            codes = (torch.round(w / s) + zero).clamp(0, qmax)
+            tensors["zeros"] = zero.squeeze(-1).to(SCALE_DTYPE).t().contiguous()
+        tensors["scales"] = scale16.t().contiguous()
+        tensors["qweight"] = bitpack.pack(codes.reshape(n, kp).to(torch.int32), self.bits)
+        return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
+
+    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+        n, k = packed.shape
+        gs = packed.attrs["group_size"]
+        kp = padded_k(k, gs)
+        codes = bitpack.unpack(packed.qweight, self.bits, kp).float().reshape(n, kp // gs, gs)
+        scale = packed.scales.t().float().unsqueeze(-1)
+        if packed.attrs["symmetric"]:
+            zero = float(2 ** (self.bits - 1))
+        else:
+            zero = packed.zeros.t().float().unsqueeze(-1)
+        w = (codes - zero) * scale
+        return w.reshape(n, kp)[:, :k].to(packed.dtype)
+
+    # -- kernels ------------------------------------------------------------------------------
+    def triton_linear(self, x2d, packed, bias):
+        return torch.ops.lowbit.dequant_linear(
+            x2d, packed.qweight, packed.scales, packed.tensors.get("zeros"), bias,
+            self.bits, packed.attrs["group_size"], packed.shape[1],
+        )
+
+
+for _bits in range(2, 9):
+    register_format(IntFormat(_bits))

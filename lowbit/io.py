@@ -1,0 +1,357 @@
+"""lowbit.save / lowbit.load: safetensors shards + a JSON manifest, atomic, fully validated.
+
+Folder layout:
+  lowbit.json                       manifest (see `_manifest`): versions, model class + config,
+                                    per-layer format / shape / dtype / attrs, every tensor's
+                                    dtype, shape and file, aliases of tied tensors
+  model.safetensors                 or model-00001-of-0000N.safetensors when sharded
+Keys are `{qualified_name}.{field}`. Every unique parameter and buffer is stored (non-persistent
+buffers too), so `load` rebuilds the module from the manifest alone. Nothing read from the folder
+is executed: safetensors and JSON only, model classes are looked up by name in `transformers`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import CheckpointError, LowbitError
+from .formats import get_format
+from .linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "lowbit.json"
+FORMAT_VERSION = 1
+DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------
+def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every parameter and buffer once (first name wins) + {alias name: stored name}."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        if id(tensor) in first_name:
+            aliases[name] = first_name[id(tensor)]
+        else:
+            first_name[id(tensor)] = name
+            tensors[name] = tensor.detach()
+    return tensors, aliases
+
+
+def _model_entry(model: nn.Module) -> dict[str, Any]:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = ()
+    if isinstance(model, PreTrainedModel):
+        config = json.loads(model.config.to_json_string(use_diff=False))
+        return {"kind": "transformers", "class": type(model).__name__, "config": config}
+    return {"kind": "module", "class": type(model).__name__}
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _write_shard(path: Path, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    shard = {n: tensors[n].to("cpu").contiguous() for n in names}
+    # safetensors refuses tensors that share storage (e.g. views of one fused weight): copy those.
+    seen: dict[tuple[int, int], str] = {}
+    for n, t in shard.items():
+        key = (t.untyped_storage().data_ptr(), t.device.index or 0)
+        if key in seen and t.numel():
+            shard[n] = t.clone()
+        seen.setdefault(key, n)
+    save_file(shard, str(path), metadata={"format": "pt", "producer": "lowbit"})
+
+
+def _check_target(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a directory; refusing to overwrite it")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise CheckpointError(f"{out_dir}: non-empty directory that is not a lowbit checkpoint; refusing to replace it")
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Save `model` (quantized or not) to `out_dir` atomically; returns the folder path.
+
+    Writes into a temporary sibling folder and renames it into place: on any failure the
+    previous contents of `out_dir` are untouched. An existing regular file, or a non-empty
+    folder that is not a lowbit checkpoint, is refused.
+    """
+    out_dir = Path(out_dir)
+    _check_target(out_dir)
+    if max_shard_bytes <= 0:
+        raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    tensors, aliases = _unique_tensors(model)
+    on_meta = [name for name, t in tensors.items() if t.device.type == "meta"]
+    if on_meta:
+        raise CheckpointError(f"cannot save {on_meta[:5]}: on the meta device (no data)")
+    layers = {name: {**mod.packed.metadata(), "bias": mod.bias is not None}
+              for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
+    groups = _shards(tensors, max_shard_bytes)
+    files = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    manifest = {
+        "lowbit": {"format_version": FORMAT_VERSION, "library_version": _library_version()},
+        "model": _model_entry(model),
+        "layers": layers,
+        "tensors": {n: {"dtype": _dtype_name(tensors[n].dtype), "shape": list(tensors[n].shape), "file": f}
+                    for f, names in zip(files, groups) for n in names},
+        "aliases": aliases,
+    }
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for f, names in zip(files, groups):
+            _write_shard(tmp / f, names, tensors)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing `target` is swapped out and removed only on success."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "x")
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / "x", target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+def _fail(path: Path, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {field}: {problem}")
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: manifest missing (not a lowbit checkpoint?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(path, "<file>", f"not valid JSON ({exc})") from None
+    expected = {"lowbit": dict, "model": dict, "layers": dict, "tensors": dict, "aliases": dict}
+    if not isinstance(manifest, dict):
+        raise _fail(path, "<root>", "expected a JSON object")
+    for key, kind in expected.items():
+        if not isinstance(manifest.get(key), kind):
+            raise _fail(path, key, f"missing or not a {kind.__name__}")
+    version = manifest["lowbit"].get("format_version")
+    if version != FORMAT_VERSION:
+        raise _fail(path, "lowbit.format_version", f"{version!r} is not supported (this lowbit reads {FORMAT_VERSION})")
+    for name, entry in manifest["tensors"].items():
+        if not (isinstance(entry, dict) and entry.get("dtype") in _DTYPES and isinstance(entry.get("file"), str)
+                and isinstance(entry.get("shape"), list) and all(isinstance(s, int) and s >= 0 for s in entry["shape"])):
+            raise _fail(path, f"tensors.{name}", f"malformed entry {entry!r}")
+        if "/" in entry["file"] or "\\" in entry["file"] or entry["file"].startswith("."):
+            raise _fail(path, f"tensors.{name}.file", f"file name {entry['file']!r} is not a plain file name")
+    return manifest
+
+
+def _layer_from_manifest(path: Path, name: str, entry: Any) -> QuantLinear:
+    """A QuantLinear on the meta device, built from its validated manifest entry."""
+    where = f"layers.{name}"
+    if not isinstance(entry, dict):
+        raise _fail(path, where, "expected an object")
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise _fail(path, f"{where}.shape", f"expected [out, in] positive ints, got {shape!r}")
+    dtype = entry.get("dtype")
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise _fail(path, f"{where}.dtype", f"unsupported weight dtype {dtype!r}")
+    if not isinstance(entry.get("bias"), bool):
+        raise _fail(path, f"{where}.bias", f"expected true/false, got {entry.get('bias')!r}")
+    try:
+        fmt = get_format(entry.get("format"))
+        attrs = fmt.check_attrs((shape[0], shape[1]), entry.get("attrs"))
+    except LowbitError as exc:
+        raise _fail(path, f"{where}.format", str(exc)) from None
+    return QuantLinear(shape[1], shape[0], fmt.name, attrs, bias=entry["bias"], dtype=_DTYPES[dtype], device="meta")
+
+
+def _build_transformers_model(path: Path, entry: dict[str, Any]) -> nn.Module:
+    import transformers
+
+    cls = getattr(transformers, str(entry.get("class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise _fail(path, "model.class", f"{entry.get('class')!r} is not a transformers model class")
+    if not isinstance(entry.get("config"), dict):
+        raise _fail(path, "model.config", "missing or not an object")
+    try:
+        config = cls.config_class.from_dict(entry["config"])
+        with torch.device("meta"):
+            return cls(config)
+    except Exception as exc:  # a config transformers rejects
+        raise _fail(path, "model.config", f"transformers could not build {cls.__name__}: {exc}") from None
+
+
+def _read_headers(folder: Path, files: set[str]) -> dict[str, dict[str, tuple[str, list[int]]]]:
+    """{file: {key: (dtype name, shape)}} from the safetensors headers (no tensor data read)."""
+    headers = {}
+    for f in sorted(files):
+        fpath = folder / f
+        if not fpath.is_file():
+            raise _fail(fpath, "<file>", "missing")
+        try:
+            with safe_open(str(fpath), framework="pt") as handle:
+                headers[f] = {}
+                for key in handle.keys():
+                    sl = handle.get_slice(key)
+                    headers[f][key] = (sl.get_dtype(), list(sl.get_shape()))
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise _fail(fpath, "<header>", f"unreadable safetensors file ({exc})") from None
+    return headers
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+              "U8": "uint8", "BOOL": "bool"}
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, leaf = _owner(model, name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a folder written by `lowbit.save` and return the module on `device`, in eval mode.
+
+    A transformers model is rebuilt from the manifest (class looked up in `transformers`,
+    config from JSON); any other module needs `model=`, a freshly built skeleton with the same
+    structure. Every problem with the folder raises CheckpointError naming the file and field.
+    """
+    folder = Path(path)
+    manifest = _read_manifest(folder)
+    mpath = folder / MANIFEST
+    if model is None:
+        if manifest["model"].get("kind") != "transformers":
+            raise _fail(mpath, "model.kind", f"{manifest['model'].get('kind')!r} checkpoints need load(..., model=skeleton)")
+        model = _build_transformers_model(mpath, manifest["model"])
+
+    for name, entry in manifest["layers"].items():
+        layer = _layer_from_manifest(mpath, name, entry)
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise _fail(mpath, f"layers.{name}", "no such module in the model") from None
+        if not isinstance(current, (nn.Linear, QuantLinear)) or (current.out_features, current.in_features) != (layer.out_features, layer.in_features):
+            raise _fail(mpath, f"layers.{name}", f"does not match the model's {current!r}")
+        owner, leaf = _owner(model, name)
+        setattr(owner, leaf, layer)
+
+    expected, aliases = _unique_tensors(model)
+    stored = manifest["tensors"]
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing:
+        raise _fail(mpath, "tensors", f"missing tensor(s) the model needs: {missing[:5]}")
+    if extra:
+        raise _fail(mpath, "tensors", f"tensor(s) the model does not have: {extra[:5]}")
+    headers = _read_headers(folder, {e["file"] for e in stored.values()})
+    for name, entry in stored.items():
+        fpath = folder / entry["file"]
+        header = headers[entry["file"]].get(name)
+        if header is None:
+            raise _fail(fpath, name, "tensor missing from file")
+        if _ST_DTYPES.get(header[0]) != entry["dtype"] or header[1] != entry["shape"]:
+            raise _fail(fpath, name, f"file holds {header[0]} {header[1]}, manifest says {entry['dtype']} {entry['shape']}")
+        want = expected[name]
+        if list(want.shape) != entry["shape"]:
+            raise _fail(fpath, name, f"shape {entry['shape']} does not fit the model's {list(want.shape)}")
+        stored_dtype = _DTYPES[entry["dtype"]]
+        # Packed fields must have the format's declared dtype; other tensors may change float
+        # precision (a bf16 checkpoint of an fp32-built skeleton) but not kind.
+        exact = _is_packed_field(model, name)
+        if (exact and stored_dtype != want.dtype) or want.is_floating_point() != stored_dtype.is_floating_point:
+            raise _fail(fpath, name, f"dtype {entry['dtype']} does not fit the model's {want.dtype}")
+
+    for f in sorted(headers):
+        fpath = folder / f
+        try:
+            with safe_open(str(fpath), framework="pt", device=str(device)) as handle:
+                for name in (n for n, e in stored.items() if e["file"] == f):
+                    _set_tensor(model, name, handle.get_tensor(name))
+        except LowbitError:
+            raise
+        except Exception as exc:
+            raise _fail(fpath, "<data>", f"could not read tensor data ({exc})") from None
+    for alias, target in manifest["aliases"].items():
+        if target not in stored or alias not in aliases:
+            raise _fail(mpath, f"aliases.{alias}", f"does not match the model's tied tensors ({target!r})")
+        _set_tensor(model, alias, _get_tensor(model, target))
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if leftover:
+        raise _fail(mpath, "tensors", f"tensor(s) left without data: {leftover[:5]}")
+    return model.eval()
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner_name, _, leaf = name.rpartition(".")
+    return (model.get_submodule(owner_name) if owner_name else model), leaf
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, leaf = _owner(model, name)
+    return getattr(owner, leaf)
+
+
+def _is_packed_field(model: nn.Module, name: str) -> bool:
+    owner, leaf = _owner(model, name)
+    return isinstance(owner, QuantLinear) and leaf in owner._buffers

@@ -1,0 +1,87 @@
+"""QuantLinear: drop-in nn.Linear replacement holding a PackedWeight as registered buffers."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .formats import get_format
+from .packed import PackedWeight
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W stored in a lowbit format.
+
+    The packed tensor fields are buffers named after the format's fields (so the state dict
+    keys are `{qualified_name}.{field}`); `bias` stays a float parameter. Inputs may have any
+    leading shape [..., in_features] and dtype float16 / bfloat16 / float32.
+    """
+
+    def __init__(self, in_features: int, out_features: int, format: str, attrs: dict[str, Any],
+                 bias: bool = True, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        fmt = get_format(format)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.format = format
+        self.attrs = fmt.check_attrs((out_features, in_features), dict(attrs))
+        self.weight_dtype = dtype
+        self._fields = fmt.field_specs((out_features, in_features), self.attrs)
+        for name, spec in self._fields.items():
+            self.register_buffer(name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Wrap an existing PackedWeight (and optional bias [N])."""
+        n, k = packed.shape
+        layer = cls(k, n, packed.format, packed.attrs, bias=bias is not None, dtype=packed.dtype,
+                    device="meta")
+        for name, tensor in packed.tensors.items():
+            layer._buffers[name] = tensor
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str, *, name: str = "weight", **options: Any) -> "QuantLinear":
+        """Quantize an nn.Linear's weight into `format` (options as the format accepts)."""
+        packed = get_format(format).quantize(linear.weight.detach(), name=name, **options)
+        return cls.from_packed(packed, None if linear.bias is None else linear.bias.detach())
+
+    @property
+    def packed(self) -> PackedWeight:
+        """The packed weight (views of this module's buffers, no copy)."""
+        return PackedWeight(self.format, (self.out_features, self.in_features), self.weight_dtype,
+                            self.attrs, {name: self._buffers[name] for name in self._fields})
+
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        from .ops import linear
+
+        return linear(x, self.packed, self.bias, backend=backend)
+
+    def _apply(self, fn, recurse=True):
+        # Packed fields keep their declared dtypes: model.half() / .to(bfloat16) must move them
+        # between devices but never cast them (a cast would corrupt codes and scales).
+        saved = {name: self._buffers.pop(name) for name in self._fields}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in saved.items():
+                moved = fn(tensor)
+                if moved.dtype != tensor.dtype:
+                    moved = tensor.to(device=moved.device)
+                self._buffers[name] = moved
+        return self
+
+    def extra_repr(self) -> str:
+        n, k = self.out_features, self.in_features
+        packed_bits = sum(s.dtype.itemsize * 8 * torch.Size(s.shape).numel() for s in self._fields.values())
+        attrs = ", ".join(f"{key}={val}" for key, val in self.attrs.items())
+        return (f"in_features={k}, out_features={n}, bias={self.bias is not None}, "
+                f"format={self.format}, bits_per_weight={packed_bits / (n * k):.3f}, {attrs}")

@@ -1,0 +1,78 @@
+"""lowbit.linear(): dispatch to the Triton kernel (CUDA) or the torch reference (CPU).
+
+The Triton launcher is registered as the custom op `lowbit::dequant_linear` with a fake
+implementation, so torch.compile traces through lowbit layers without a graph break.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .formats import get_format
+from .formats.base import FLOAT_DTYPES
+from .packed import PackedWeight
+
+BACKENDS = (None, "torch", "triton")
+
+
+@torch.library.custom_op("lowbit::dequant_linear", mutates_args=())
+def dequant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """[M, K] x times a bit-plane packed integer weight -> [M, N] (Triton)."""
+    from .kernels.dequant_gemm import dequant_matmul
+
+    return dequant_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
+                          in_features=in_features)
+
+
+@dequant_linear.register_fake
+def _(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
+           backend: str | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a packed W of shape [N, K].
+
+    x: [..., K] float16 / bfloat16 / float32; returns [..., N] in x.dtype.
+    backend: None = Triton on CUDA, torch reference elsewhere; "triton" forces the kernel
+    (CPU tensors need TRITON_INTERPRET=1); "torch" forces the reference
+    F.linear(x, dequantize(W)).
+    """
+    n, k = packed.shape
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise InputError(f"x dtype {x.dtype} is not one of {FLOAT_DTYPES}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise InputError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={k}")
+    if x.device != packed.device:
+        raise InputError(f"x is on {x.device} but the packed weight is on {packed.device}")
+    if bias is not None:
+        if bias.shape != (n,):
+            raise InputError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+        bias = bias.to(x.dtype)
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend is None:
+        backend = "triton" if x.is_cuda else "torch"
+    fmt = get_format(packed.format)
+    if backend == "torch":
+        return F.linear(x, fmt.dequantize(packed).to(x.dtype), bias)
+
+    from .kernels.runtime import check_triton_device
+
+    check_triton_device(x.device)
+    y = fmt.triton_linear(x.reshape(-1, k), packed, bias)
+    return y.reshape(*x.shape[:-1], n)

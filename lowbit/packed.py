@@ -1,0 +1,83 @@
+"""PackedWeight: the quantized form of one [N, K] weight, as declared tensor fields + attributes.
+
+The format (looked up by name) declares which tensor fields exist and their dtype and shape, so
+`.to()`, `nbytes`, state dicts and checkpoint validation are written once, here and in io.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import FormatError
+
+
+@dataclass(eq=False)
+class PackedWeight:
+    """Quantized weight of logical shape `shape` = (out_features N, in_features K).
+
+    format:  registry name, e.g. "int4".
+    shape:   (N, K) of the original weight.
+    dtype:   dtype of the original weight; `dequantize` returns this dtype.
+    attrs:   JSON-serialisable format attributes (e.g. group_size, symmetric).
+    tensors: field name -> tensor, exactly the fields the format declares for these attrs.
+    """
+
+    format: str
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    attrs: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        from .formats import get_format
+
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        specs = get_format(self.format).field_specs(self.shape, self.attrs)
+        if set(specs) != set(self.tensors):
+            raise FormatError(
+                f"{self.format}: tensor fields {sorted(self.tensors)} do not match the declared "
+                f"fields {sorted(specs)}"
+            )
+        for name, spec in specs.items():
+            spec.check(self.tensors[name], where=f"{self.format} field '{name}'")
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        tensors = self.__dict__.get("tensors", {})
+        if name in tensors:
+            return tensors[name]
+        raise AttributeError(name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def to(self, device: torch.device | str) -> "PackedWeight":
+        """Copy to `device`; tensor dtypes never change (they are part of the format)."""
+        moved = {k: v.to(device) for k, v in self.tensors.items()}
+        return PackedWeight(self.format, self.shape, self.dtype, dict(self.attrs), moved)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all packed tensors (weights + scales + zero points)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per original weight element, scales and zero points included."""
+        n, k = self.shape
+        return self.nbytes * 8 / (n * k)
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Flatten to `{prefix}{field}` -> tensor (the checkpoint key layout)."""
+        return {f"{prefix}{name}": t for name, t in self.tensors.items()}
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensors, JSON-serialisable (what a manifest stores per layer)."""
+        return {
+            "format": self.format,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "attrs": dict(self.attrs),
+        }

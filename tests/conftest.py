@@ -1,0 +1,58 @@
+"""Shared fixtures. Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors:
+TRITON_INTERPRET must be set before lowbit's kernels are defined, so it is set here."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def kernel_devices():
+    """Devices the Triton kernels can be tested on in this process."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return ["cpu"]
+    return ["cuda"] if torch.cuda.is_available() else []
+
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def minilm_weights():
+    """The real all-MiniLM-L6-v2 Linear weights {name: [N, K] float32}."""
+    from safetensors.torch import load_file
+
+    from lowbit.default_model import default_model_path
+
+    state = load_file(str(default_model_path() / "model.safetensors"))
+    return {k: v for k, v in state.items() if k.endswith(".weight") and v.dim() == 2 and "embeddings" not in k}
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """(model, tokenizer) of the embedded MiniLM; tests must not modify the model."""
+    from lowbit.default_model import load_default_model
+
+    return load_default_model()
+
+
+def make_tiny_llama(seed: int = 0, dtype=torch.float32):
+    """A small random-weight LlamaForCausalLM (built in the test, nothing fetched)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A local Hugging Face folder (config.json + model.safetensors) of a tiny Llama."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama().save_pretrained(path)
+    return path

@@ -1,0 +1,161 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lowbit
+from lowbit.errors import FormatError, LowbitError, WeightError
+from lowbit.formats import bitpack, get_format
+from lowbit.formats.integer import padded_k
+
+INT_FORMATS = [f"int{b}" for b in range(2, 9)]
+
+
+def test_registry_lists_every_int_width():
+    assert set(INT_FORMATS) <= set(lowbit.formats())
+    assert lowbit.formats() == sorted(lowbit.formats())
+    with pytest.raises(FormatError, match="unknown format 'int9'"):
+        lowbit.get_format("int9")
+
+
+def test_golden_int4_symmetric_ties_to_even():
+    # amax 0.875 -> s = 0.875/7 = 0.125 exactly; w/s hits the ties 2.5, 3.5, -2.5, 0.5, 1.5.
+    row = [0.875, 0.3125, 0.4375, -0.3125, -0.875, 0.0, 0.0625, 0.1875] + [0.0] * 24
+    p = get_format("int4").quantize(torch.tensor([row]), group_size=32, symmetric=True)
+    # q = [7, 2, 4, -2, -7, 0, 0, 2]; stored u = q + 8 = [F, A, C, 6, 1, 8, 8, A], LSB first
+    assert p.qweight.tolist() == [[0xA8816CAF - 2**32, 0x88888888 - 2**32, 0x88888888 - 2**32, 0x88888888 - 2**32]]
+    assert p.scales.dtype == torch.float16 and p.scales.tolist() == [[0.125]]
+    assert "zeros" not in p.tensors
+
+
+def test_golden_int2_asymmetric():
+    row = [-1.0, 0.0, 1.0, 2.0] + [0.0] * 28  # lo=-1, hi=2 -> s = 1, z = 1, u = w + 1
+    p = get_format("int2").quantize(torch.tensor([row]), group_size=32, symmetric=False)
+    assert p.qweight.tolist() == [[0x555555E4, 0x55555555]]
+    assert p.scales.tolist() == [[1.0]] and p.zeros.tolist() == [[1.0]]
+    assert get_format("int2").dequantize(p).tolist() == [row]
+
+
+@pytest.mark.parametrize("name", INT_FORMATS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantizer_matches_spec_formula(name, symmetric):
+    """Codes, scales and zeros equal an independent fp64 evaluation of the DESIGN.md rules."""
+    bits = int(name[3:])
+    w = torch.randn(5, 200, generator=torch.Generator().manual_seed(bits)) * 0.05
+    p = get_format(name).quantize(w, group_size=64, symmetric=symmetric)
+    kp = padded_k(200, 64)
+    groups = torch.nn.functional.pad(w.double(), (0, kp - 200)).reshape(5, -1, 64)
+    s = p.scales.t().double().unsqueeze(-1)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        raw = groups.abs().amax(-1, keepdim=True) / qmax
+        expected = torch.round(groups / s).clamp(-qmax, qmax) + 2 ** (bits - 1)
+    else:
+        qmax = 2**bits - 1
+        lo, hi = groups.amin(-1, keepdim=True).clamp(max=0), groups.amax(-1, keepdim=True).clamp(min=0)
+        raw = (hi - lo) / qmax
+        z = torch.round(-lo / s).clamp(0, qmax)
+        assert torch.equal(p.zeros.t().double().unsqueeze(-1), z)
+        expected = (torch.round(groups / s) + z).clamp(0, qmax)
+    # stored scale is the fp16 value just at or above the exact scale
+    assert bool((s >= raw).all()) and bool((s.half().double() == s).all())
+    assert bool(((s - raw) <= raw * 2**-10).all())
+    codes = bitpack.unpack(p.qweight, bits, kp).reshape(5, -1, 64).double()
+    assert torch.equal(codes, expected)
+
+
+@pytest.mark.parametrize("name", INT_FORMATS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_round_trip_error_is_at_most_half_a_step(name, symmetric):
+    w = torch.randn(7, 300, generator=torch.Generator().manual_seed(1))
+    p = get_format(name).quantize(w, symmetric=symmetric)
+    err = (get_format(name).dequantize(p) - w).abs().reshape(7, -1)
+    step = p.scales.t().float().repeat_interleave(128, dim=1)[:, :300]
+    assert bool((err <= step / 2 * (1 + 1e-5)).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 9), k=st.integers(1, 300), symmetric=st.booleans(),
+       group=st.sampled_from([32, 64, 128, -1]), scale=st.floats(1e-4, 1e3), seed=st.integers(0, 2**31 - 1))
+def test_round_trip_property(bits, n, k, symmetric, group, scale, seed):
+    """Any shape (K padded, never refused): dequantize(quantize(w)) is within half a step."""
+    fmt = get_format(f"int{bits}")
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * scale
+    p = fmt.quantize(w, group_size=group, symmetric=symmetric)
+    back = fmt.dequantize(p)
+    assert back.shape == w.shape and back.dtype == w.dtype
+    gs = p.attrs["group_size"]
+    step = p.scales.t().float().repeat_interleave(gs, dim=1)[:, :k]
+    assert bool(((back - w).abs() <= step / 2 * (1 + 1e-5) + 1e-30).all())
+
+
+def test_all_zero_group_gets_a_safe_scale_and_exact_zeros():
+    w = torch.zeros(3, 256)
+    w[1, 128:] = torch.linspace(-1, 1, 128)
+    for symmetric in (True, False):
+        p = get_format("int4").quantize(w, symmetric=symmetric)
+        assert bool((p.scales.float() > 0).all())
+        back = get_format("int4").dequantize(p)
+        assert torch.equal(back[0], torch.zeros(256)) and torch.equal(back[1, :128], torch.zeros(128))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_returns_original_dtype(dtype):
+    w = torch.randn(4, 64).to(dtype)
+    fmt = get_format("int8")
+    assert fmt.dequantize(fmt.quantize(w)).dtype == dtype
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_raises_naming_the_layer(bad):
+    w = torch.randn(4, 64)
+    w[2, 5] = bad
+    with pytest.raises(WeightError, match=r"blocks\.3\.up.*\[2, 5\]"):
+        get_format("int4").quantize(w, name="blocks.3.up")
+
+
+@pytest.mark.parametrize("options", [{"group_size": 48}, {"group_size": 0}, {"group_size": "128"},
+                                     {"symmetric": 1}, {"bits": 4}])
+def test_bad_options_raise(options):
+    with pytest.raises(FormatError):
+        get_format("int4").quantize(torch.randn(4, 64), **options)
+
+
+@pytest.mark.parametrize("weight", [torch.randn(4), torch.randn(2, 3, 4), torch.randn(4, 8).to(torch.int32),
+                                    torch.randn(0, 8), "w"])
+def test_bad_weights_raise(weight):
+    with pytest.raises(LowbitError):
+        get_format("int4").quantize(weight)
+
+
+def test_huge_weights_raise_instead_of_overflowing_fp16_scales():
+    with pytest.raises(WeightError, match="too large"):
+        get_format("int8").quantize(torch.full((2, 32), 1e9))
+
+
+def test_per_channel_group_spans_padded_k():
+    p = get_format("int4").quantize(torch.randn(6, 100), group_size=-1)
+    assert p.attrs["group_size"] == 128 and p.scales.shape == (1, 6)
+
+
+@pytest.mark.parametrize("bits,mean_bound", [(2, 0.53), (3, 0.23), (4, 0.108), (5, 0.052), (6, 0.026),
+                                             (7, 0.013), (8, 0.0064)])
+def test_minilm_weight_error(minilm_weights, bits, mean_bound):
+    """Mean relative Frobenius error on the 37 real MiniLM Linear weights (asym, group 128)."""
+    fmt = get_format(f"int{bits}")
+    errs = [float((fmt.dequantize(fmt.quantize(w)) - w).norm() / w.norm()) for w in minilm_weights.values()]
+    assert sum(errs) / len(errs) <= mean_bound
+
+
+def test_minilm_error_halves_per_bit(minilm_weights):
+    """Uniform quantization: one more bit halves the step, so the error ratio is about 2."""
+    w = minilm_weights["encoder.layer.0.intermediate.dense.weight"]
+    errs = []
+    for bits in range(2, 9):
+        fmt = get_format(f"int{bits}")
+        errs.append(float((fmt.dequantize(fmt.quantize(w)) - w).norm() / w.norm()))
+    ratios = [a / b for a, b in zip(errs, errs[1:])]
+    assert all(1.8 < r < 2.6 for r in ratios), ratios
+    assert math.isclose(errs[-1] * 2**6, errs[0], rel_tol=0.6)

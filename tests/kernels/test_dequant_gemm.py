@@ -1,0 +1,152 @@
+"""The generic dequant GEMV/GEMM kernels against F.linear(x, dequantize(p)) in fp32.
+
+Without a GPU these run through Triton's interpreter (TRITON_INTERPRET=1, CPU tensors, small
+shapes). On a CUDA machine the same tests run the compiled kernels; `gpu` tests add real shapes.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.errors import InputError, KernelUnavailableError
+from lowbit.formats import get_format
+from lowbit.kernels.dequant_gemm import dequant_matmul, pick_config
+
+from ..conftest import kernel_devices, requires_gpu
+
+DEVICES = kernel_devices()
+pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# relative to max |reference|: fp32 is exact up to summation order; 16-bit outputs round
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+N, K = 37, 300  # odd N, K not a multiple of the group size
+
+
+def _case(bits, m, symmetric, dtype, device, group_size=128, bias=True, n=N, k=K, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    p = get_format(f"int{bits}").quantize(w, group_size=group_size, symmetric=symmetric).to(device)
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, generator=gen).to(device=device, dtype=dtype) if bias else None
+    w_hat = get_format(p.format).dequantize(p).float()
+    ref = F.linear(x.float(), w_hat, None if b is None else b.float())
+    return p, x, b, ref
+
+
+def _assert_close(y, ref, dtype):
+    assert y.dtype == dtype and y.shape == ref.shape
+    err = (y.float() - ref).abs().max().item()
+    assert err <= TOL[dtype] * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_linear_triton_matches_reference(device, bits, m, symmetric):
+    dtype = DTYPES[(bits + m + symmetric) % 3]  # every dtype meets every width and M across the grid
+    p, x, b, ref = _case(bits, m, symmetric, dtype, device, bias=(bits % 2 == 0))
+    _assert_close(lowbit.linear(x, p, b, backend="triton"), ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path,m", [("gemv", 17), ("gemm", 1), ("gemv", 2), ("gemm", 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_paths_at_any_m(device, path, m, dtype):
+    for bits in (3, 4, 6):
+        p, x, b, ref = _case(bits, m, False, dtype, device, seed=bits)
+        cfg = {"path": path, "BLOCK_M": 4 if path == "gemv" else 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4}
+        y = dequant_matmul(x, p.qweight, p.scales, p.tensors.get("zeros"), b, bits=bits, group_size=128,
+                           in_features=K, config=cfg)
+        _assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("split_k", [1, 2, 5, 64])
+def test_split_k_counts_bias_once(device, split_k):
+    p, x, b, ref = _case(5, 2, True, torch.float32, device, group_size=32)
+    cfg = {"path": "gemv", "BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k}
+    y = dequant_matmul(x, p.qweight, p.scales, None, b, bits=5, group_size=32, in_features=K, config=cfg)
+    _assert_close(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group_size", [32, 64, 256, -1])
+def test_group_sizes(device, group_size):
+    p, x, b, ref = _case(4, 3, False, torch.float32, device, group_size=group_size)
+    _assert_close(lowbit.linear(x, p, b, backend="triton"), ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_leading_dims_and_empty_batch(device):
+    p, _, b, _ = _case(4, 1, True, torch.float16, device)
+    x = torch.randn(2, 3, K).to(device=device, dtype=torch.float16)
+    ref = F.linear(x.float(), get_format("int4").dequantize(p).float(), b.float())
+    _assert_close(lowbit.linear(x, p, b, backend="triton"), ref, torch.float16)
+    empty = lowbit.linear(x[:0], p, b, backend="triton")
+    assert empty.shape == (0, 3, N)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    p, _, b, _ = _case(8, 1, False, torch.float32, device)
+    x = torch.randn(K, 4).to(device).t()  # [4, K], not contiguous
+    ref = F.linear(x.float(), get_format("int8").dequantize(p).float(), b.float())
+    _assert_close(lowbit.linear(x, p, b, backend="triton"), ref, torch.float32)
+
+
+def test_torch_backend_is_the_reference():
+    p, x, b, _ = _case(4, 3, False, torch.float32, "cpu")
+    expected = F.linear(x, get_format("int4").dequantize(p), b)
+    assert torch.equal(lowbit.linear(x, p, b, backend="torch"), expected)
+    assert torch.equal(lowbit.linear(x, p, b), expected)  # CPU default
+
+
+@pytest.mark.parametrize("bad", [
+    lambda x, b: (x[:, :-1], b, None),                # wrong K
+    lambda x, b: (x.to(torch.int32), b, None),        # integer activations
+    lambda x, b: (x, b[:-1], None),                   # wrong bias length
+    lambda x, b: (x, b, "cuda-please"),               # unknown backend
+])
+def test_bad_inputs_raise(bad):
+    p, x, b, _ = _case(4, 2, True, torch.float32, "cpu")
+    x, b, backend = bad(x, b)
+    with pytest.raises(InputError):
+        lowbit.linear(x, p, b, backend=backend)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    p, x, b, _ = _case(4, 1, True, torch.float32, "cpu")
+    with pytest.raises(KernelUnavailableError, match="TRITON_INTERPRET=1"):
+        lowbit.linear(x, p, b, backend="triton")
+
+
+def test_pick_config_paths():
+    assert pick_config(1, 4096, 4096, 128, torch.device("cpu"))["path"] == "gemv"
+    assert pick_config(4, 4096, 4096, 128, torch.device("cpu"))["path"] == "gemv"
+    assert pick_config(5, 4096, 4096, 128, torch.device("cpu"))["path"] == "gemm"
+    cfg = pick_config(1, 64, 4096, 32, torch.device("cpu"))
+    assert 32 % cfg["BLOCK_K"] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_op_registration(device):
+    """Schema, fake (meta) implementation and autograd registration agree with the kernel."""
+    p, x, b, _ = _case(4, 3, False, torch.float16, device, n=33, k=64, group_size=32)
+    args = (x, p.qweight, p.scales, p.zeros, b, 4, 32, 64)
+    torch.library.opcheck(torch.ops.lowbit.dequant_linear.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 1024, 4096), (64, 14336, 4096), (1, 4096, 14336),
+                                   (256, 4096, 4096)])
+def test_gpu_real_shapes(bits, m, n, k):
+    for dtype, symmetric in itertools.product((torch.float16, torch.bfloat16), (True, False)):
+        p, x, b, ref = _case(bits, m, symmetric, dtype, "cuda", n=n, k=k)
+        _assert_close(lowbit.linear(x, p, b), ref, dtype)
