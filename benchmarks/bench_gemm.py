@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Kernel microbenchmark: lowbit.linear per format vs bf16 F.linear, same process.
+
+  python benchmarks/bench_gemm.py                       # GPU: every int format, llama3-8b, all M
+  python benchmarks/bench_gemm.py --formats int4 int8 --sets llama3-8b llama3-70b --m 1 16
+  TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --smoke   # CPU, tiny shapes (CI)
+
+Each row is gated on correctness first (max relative error vs F.linear(x, dequantize(W)) in
+fp32), then timed with triton.testing.do_bench (median and 20/80% quantiles; do_bench zeroes a
+256 MB buffer before every run, so weights are not served from L2). Output: JSON
+(`{"env": ..., "results": [...]}`), a markdown table and a PNG plot in --out-dir. Numbers from
+--smoke are interpreter timings, meaningless as speed: only GPU runs are committed to results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# Peak HBM bandwidth (GB/s) by device-name substring, for the % of memory bandwidth column.
+PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+             "A100-SXM4-80GB": 2039.0, "A100": 1555.0, "L40S": 864.0, "RTX 4090": 1008.0}
+REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}
+
+
+def parse_args(argv=None):
+    from benchmarks.shapes import M_VALUES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    p.add_argument("--formats", nargs="+", default=None, help="default: every int format (int2..int8)")
+    p.add_argument("--sets", nargs="+", default=["llama3-8b"])
+    p.add_argument("--m", nargs="+", type=int, default=M_VALUES)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results (GPU), a temp dir (smoke)")
+    return p.parse_args(argv)
+
+
+def env_info(device: torch.device) -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-triton-interpreter"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def peak_gbps(device_name: str) -> float | None:
+    for key, value in PEAK_GBPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def time_us(fn, device: torch.device) -> tuple[float, float, float]:
+    """(median, p20, p80) microseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        med, lo, hi = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return med * 1e3, lo * 1e3, hi * 1e3
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    samples.sort()
+    return samples[1], samples[0], samples[-1]
+
+
+def bench_one(fmt_name: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak) -> dict:
+    import lowbit
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * 0.02
+    x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+    fmt = lowbit.get_format(fmt_name)
+    packed = fmt.quantize(w, group_size=args.group_size, symmetric=args.symmetric)
+    backend = "triton"
+    ref = F.linear(x.float(), fmt.dequantize(packed).float())
+    y = lowbit.linear(x, packed, backend=backend)
+    max_rel_err = float((y.float() - ref).abs().max() / ref.abs().max())
+    row = {"format": fmt_name, "shape": shape, "M": m, "N": n, "K": k, "max_rel_err": max_rel_err}
+    if not max_rel_err <= REL_TOL[dtype]:
+        row["error"] = f"correctness gate failed: max_rel_err {max_rel_err:.3g} > {REL_TOL[dtype]}"
+        return row
+    us, us_p20, us_p80 = time_us(lambda: lowbit.linear(x, packed, backend=backend), device)
+    bf16_us, _, _ = time_us(lambda: F.linear(x, w), device)
+    moved = packed.nbytes + x.numel() * x.element_size() + m * n * x.element_size()
+    gbps = moved / (us * 1e-6) / 1e9
+    row.update({"us": us, "us_p20": us_p20, "us_p80": us_p80, "bf16_us": bf16_us, "speedup": bf16_us / us,
+                "gbps": gbps, "bw_pct": None if peak is None else 100 * gbps / peak})
+    return row
+
+
+def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
+    lines = [f"# bench_gemm on {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, {env['date']}", "",
+             "| format | shape | M | N | K | us | bf16 us | speedup | GB/s | % BW | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['format']} | {r['shape']} | {r['M']} | {r['N']} | {r['K']} | {r['error']} |||||| ")
+            continue
+        bw = "-" if r["bw_pct"] is None else f"{r['bw_pct']:.0f}"
+        lines.append(f"| {r['format']} | {r['shape']} | {r['M']} | {r['N']} | {r['K']} | {r['us']:.1f} | "
+                     f"{r['bf16_us']:.1f} | {r['speedup']:.2f}x | {r['gbps']:.0f} | {bw} | {r['max_rel_err']:.1e} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, env: dict, rows: list[dict]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if "error" not in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for fmt in sorted({r["format"] for r in ok}):
+        by_m: dict[int, list[float]] = {}
+        for r in ok:
+            if r["format"] == fmt:
+                by_m.setdefault(r["M"], []).append(r["speedup"])
+        ms = sorted(by_m)
+        ax1.plot(ms, [sorted(by_m[m])[len(by_m[m]) // 2] for m in ms], marker="o", label=fmt)
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.set(xscale="log", xlabel="M (tokens)", ylabel="speedup vs bf16 F.linear (median over shapes)",
+            title="speedup vs M")
+    ax1.legend()
+    m1 = [r for r in ok if r["M"] == min(r2["M"] for r2 in ok)]
+    labels = [f"{r['format']}\n{r['shape'].split('/')[-1]}" for r in m1]
+    values = [r["bw_pct"] if r["bw_pct"] is not None else r["gbps"] for r in m1]
+    ax2.bar(range(len(m1)), values)
+    ax2.set_xticks(range(len(m1)), labels, rotation=90, fontsize=7)
+    ax2.set(ylabel="% of peak memory bandwidth" if m1 and m1[0]["bw_pct"] is not None else "GB/s",
+            title=f"memory bandwidth at M={m1[0]['M'] if m1 else '-'}")
+    fig.suptitle(f"lowbit bench_gemm — {env['device']} — {env['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    import lowbit
+    from benchmarks.shapes import SMOKE_M_VALUES, shapes
+
+    args = parse_args(argv)
+    formats = args.formats or [f for f in lowbit.formats() if f.startswith("int")]
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke runs Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        device, dtype = torch.device("cpu"), torch.float32
+        shape_list, m_values = shapes(["smoke"]), SMOKE_M_VALUES
+        out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="lowbit-bench-smoke-"))
+    else:
+        if not torch.cuda.is_available():
+            print("GPU numbers are only taken on a GPU: no CUDA device here (use --smoke on CPU)", file=sys.stderr)
+            return 2
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        shape_list, m_values = shapes(args.sets), args.m
+        out_dir = args.out_dir or REPO / "benchmarks" / "results"
+    env = env_info(device)
+    peak = peak_gbps(env["device"])
+    rows = []
+    from tqdm.auto import tqdm
+
+    jobs = [(f, s, n, k, m) for f in formats for (s, n, k) in shape_list for m in m_values]
+    for fmt, shape, n, k, m in tqdm(jobs, desc="bench_gemm", unit="case"):
+        rows.append(bench_one(fmt, shape, n, k, m, args, device, dtype, peak))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = ("smoke-" if args.smoke else "") + f"{env['device'].replace(' ', '_')}-{env['date'][:10]}"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"env": env, "results": rows}, indent=1))
+    write_markdown(out_dir / f"{stem}.md", env, rows)
+    plotted = write_plot(out_dir / f"{stem}.png", env, rows)
+    print((out_dir / f"{stem}.md").read_text())
+    print(f"wrote {out_dir / stem}.json, .md{', .png' if plotted else ''}")
+    failed = [r for r in rows if "error" in r]
+    for r in failed:
+        print(f"FAILED {r['format']} {r['shape']} M={r['M']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

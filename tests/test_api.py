@@ -1,0 +1,87 @@
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.errors import FormatError, WeightError
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up_proj = nn.Linear(64, 96)
+        self.down_proj = nn.Linear(96, 64)
+        self.gate = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.down_proj(torch.relu(self.up_proj(x))) + self.gate(x).sum(-1, keepdim=True)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(Block(), Block(), nn.Linear(64, 10))
+
+
+def _formats(model):
+    return {n: (m.format if isinstance(m, lowbit.QuantLinear) else "dense")
+            for n, m in model.named_modules() if isinstance(m, (nn.Linear, lowbit.QuantLinear))}
+
+
+def test_quantize_in_place_returns_model():
+    model = _model()
+    assert lowbit.quantize(model, "int4", progress=False) is model
+    assert set(_formats(model).values()) == {"int4"}
+
+
+def test_skip_and_overrides_by_glob():
+    model = lowbit.quantize(_model(), "int4", skip=["2", "*.gate"], overrides={"*.down_proj": "int8",
+                            "1.up_proj": {"format": "int6", "group_size": 32}}, progress=False)
+    f = _formats(model)
+    assert f["2"] == "dense" and f["0.gate"] == "dense" and f["1.gate"] == "dense"
+    assert f["0.down_proj"] == "int8" and f["1.down_proj"] == "int8"
+    assert f["0.up_proj"] == "int4" and f["1.up_proj"] == "int6"
+    assert model[1].up_proj.attrs["group_size"] == 32
+    assert model[0].up_proj.attrs["group_size"] == 128
+
+
+def test_quant_config_object_and_round_trip():
+    cfg = lowbit.QuantConfig("int4", options={"group_size": 64}, skip=("2",), overrides={"*.gate": "int8"})
+    assert lowbit.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    model = lowbit.quantize(_model(), cfg, progress=False)
+    assert model[0].up_proj.attrs["group_size"] == 64 and model[0].gate.format == "int8"
+    with pytest.raises(FormatError):
+        lowbit.quantize(_model(), cfg, skip=["x"])
+
+
+@pytest.mark.parametrize("kwargs", [{"config": "int11"}, {"config": "int4", "group_size": 33},
+                                    {"config": "int4", "overrides": {"*.gate": "nope"}},
+                                    {"config": "int4", "overrides": {"*.gate": 4}}])
+def test_bad_config_raises_lowbit_error(kwargs):
+    with pytest.raises(lowbit.LowbitError):
+        lowbit.quantize(_model(), kwargs.pop("config"), progress=False, **kwargs)
+
+
+def test_config_version_is_checked():
+    with pytest.raises(FormatError, match="version"):
+        lowbit.QuantConfig.from_dict({"format": "int4", "version": 99})
+
+
+def test_nan_weight_error_names_the_layer():
+    model = _model()
+    with torch.no_grad():
+        model[1].down_proj.weight[3, 4] = float("nan")
+    with pytest.raises(WeightError, match=r"'?1\.down_proj"):
+        lowbit.quantize(model, "int4", progress=False)
+
+
+def test_quantized_model_output_close_to_dense():
+    model = _model()
+    x = torch.randn(4, 64)
+    ref = model(x)
+    lowbit.quantize(model, "int8", progress=False)
+    assert (model(x) - ref).abs().max() < 0.01 * ref.abs().max()
+
+
+def test_progress_bar_is_shown(capsys):
+    lowbit.quantize(_model(), "int4")
+    assert "lowbit quantize (int4)" in capsys.readouterr().err

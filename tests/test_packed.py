@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from lowbit.errors import FormatError
+from lowbit.formats import get_format
+from lowbit.packed import PackedWeight
+
+
+def _packed(bits=4, symmetric=False, n=8, k=256):
+    return get_format(f"int{bits}").quantize(torch.randn(n, k), symmetric=symmetric)
+
+
+@pytest.mark.parametrize("bits,symmetric,expected", [(4, True, 4 + 16 / 128), (4, False, 4 + 32 / 128),
+                                                     (8, True, 8 + 16 / 128), (3, False, 3 + 32 / 128)])
+def test_bits_per_weight_counts_scales_and_zeros(bits, symmetric, expected):
+    p = _packed(bits, symmetric)
+    assert p.bits_per_weight == pytest.approx(expected)
+    assert p.nbytes == sum(t.numel() * t.element_size() for t in p.tensors.values())
+
+
+def test_to_keeps_dtypes_and_values():
+    p = _packed()
+    q = p.to("cpu")
+    assert q is not p and q.attrs == p.attrs and q.shape == p.shape
+    for name in p.tensors:
+        assert q.tensors[name].dtype == p.tensors[name].dtype
+        assert torch.equal(q.tensors[name], p.tensors[name])
+
+
+def test_state_dict_and_metadata():
+    p = _packed()
+    sd = p.state_dict("layer.")
+    assert set(sd) == {"layer.qweight", "layer.scales", "layer.zeros"}
+    assert p.metadata() == {"format": "int4", "shape": [8, 256], "dtype": "float32",
+                            "attrs": {"group_size": 128, "symmetric": False}}
+
+
+def test_field_access_and_missing_field():
+    p = _packed(symmetric=True)
+    assert p.qweight is p.tensors["qweight"]
+    with pytest.raises(AttributeError):
+        p.zeros
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda t: t.pop("scales"),
+    lambda t: t.update(extra=torch.zeros(1)),
+    lambda t: t.update(scales=t["scales"].float()),
+    lambda t: t.update(qweight=t["qweight"][:, :-1]),
+])
+def test_construction_validates_declared_fields(mutate):
+    p = _packed()
+    tensors = dict(p.tensors)
+    mutate(tensors)
+    with pytest.raises(FormatError):
+        PackedWeight(p.format, p.shape, p.dtype, p.attrs, tensors)
