@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import CheckpointError, LowbitError
 from .formats import get_format
@@ -135,7 +136,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        for f, names in zip(files, groups):
+        for f, names in tqdm(list(zip(files, groups)), desc="lowbit save", unit="shard", disable=len(files) < 2):
             _write_shard(tmp / f, names, tensors)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _replace_dir(tmp, out_dir)
@@ -275,7 +276,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
 
     A transformers model is rebuilt from the manifest (class looked up in `transformers`,
     config from JSON); any other module needs `model=`, a freshly built skeleton with the same
-    structure. Every problem with the folder raises CheckpointError naming the file and field.
+    structure (it is filled in place; after a failed load it may be partly converted, so build
+    a fresh one to retry). Every problem with the folder raises CheckpointError naming the file
+    and field.
     """
     folder = Path(path)
     manifest = _read_manifest(folder)
@@ -322,7 +325,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         if (exact and stored_dtype != want.dtype) or want.is_floating_point() != stored_dtype.is_floating_point:
             raise _fail(fpath, name, f"dtype {entry['dtype']} does not fit the model's {want.dtype}")
 
-    for f in sorted(headers):
+    for f in tqdm(sorted(headers), desc="lowbit load", unit="shard", disable=len(headers) < 2):
         fpath = folder / f
         try:
             with safe_open(str(fpath), framework="pt", device=str(device)) as handle:

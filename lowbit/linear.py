@@ -56,8 +56,8 @@ class QuantLinear(nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
-        """The packed weight (views of this module's buffers, no copy)."""
-        return PackedWeight(self.format, (self.out_features, self.in_features), self.weight_dtype,
+        """The packed weight (this module's buffers, no copy; validated when they were set)."""
+        return PackedWeight.unchecked(self.format, (self.out_features, self.in_features), self.weight_dtype,
                             self.attrs, {name: self._buffers[name] for name in self._fields})
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:

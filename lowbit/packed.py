@@ -43,6 +43,15 @@ class PackedWeight:
         for name, spec in specs.items():
             spec.check(self.tensors[name], where=f"{self.format} field '{name}'")
 
+    @classmethod
+    def unchecked(cls, format: str, shape: tuple[int, int], dtype: torch.dtype, attrs: dict[str, Any],
+                  tensors: dict[str, torch.Tensor]) -> "PackedWeight":
+        """Build without re-validating fields, for hot paths whose tensors were validated when
+        they were created (QuantLinear.forward: its buffers keep their declared dtype/shape)."""
+        obj = cls.__new__(cls)
+        obj.__dict__.update(format=format, shape=shape, dtype=dtype, attrs=attrs, tensors=tensors)
+        return obj
+
     def __getattr__(self, name: str) -> torch.Tensor:
         tensors = self.__dict__.get("tensors", {})
         if name in tensors:
