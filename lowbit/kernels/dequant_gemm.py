@@ -20,36 +20,45 @@ GEMV_MAX_M = 4
 
 
 @triton.jit
-def _load_plane(row_ptrs, k_idx, word_base, mask, WIDTH: tl.constexpr):
-    """Codes of one bit plane: 32/WIDTH codes per int32 word, LSB first along K."""
-    words = tl.load(row_ptrs + word_base + k_idx // (32 // WIDTH), mask=mask, other=0)
-    return (words >> ((k_idx % (32 // WIDTH)) * WIDTH)) & ((1 << WIDTH) - 1)
+def _plane_tile(row_ptrs, k0, word_base, mask, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] codes of one bit plane for K = k0 .. k0+BLOCK_K. Each packed word is
+    loaded once (contiguous along K, so the loads vectorize) and split into its 32/WIDTH codes
+    in registers (LSB first), instead of re-loading the word once per code."""
+    PER_WORD: tl.constexpr = 32 // WIDTH
+    word_offs = word_base + k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+    words = tl.load(row_ptrs + word_offs[None, :], mask=mask, other=0)  # [BLOCK_N, BLOCK_K/PER_WORD]
+    shifts = tl.arange(0, PER_WORD) * WIDTH
+    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << WIDTH) - 1)
+    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, n_idx, k_idx, n_mask, group, words_per_bit,
-                  stride_qn, stride_sg, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """fp32 weights for the tile at (n_idx, k_idx) (broadcastable index tensors; the tile's
-    K range lies inside one quantization group `group`). Plane p starts at word
-    words_per_bit * (low bit of p), see bitpack.py."""
-    row_ptrs = qw_ptr + n_idx * stride_qn
-    mask = n_mask & (k_idx >= 0)
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, stride_sg,
+                  BITS: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 weights [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K (inside one
+    quantization group). Plane p of a row starts at word words_per_bit * (low bit of p), see
+    lowbit/formats/bitpack.py; BITS and the plane split are compile-time."""
+    row_ptrs = qw_ptr + offs_n[:, None] * stride_qn
+    mask = n_mask[:, None]
     if BITS == 8:
-        codes = _load_plane(row_ptrs, k_idx, 0, mask, 8)
+        codes = _plane_tile(row_ptrs, k0, 0, mask, 8, BLOCK_N, BLOCK_K)
     else:
-        codes = n_idx * 0 + k_idx * 0  # int32 zeros of the tile's shape
+        codes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
         if BITS & 4:
-            codes += _load_plane(row_ptrs, k_idx, 0, mask, 4)
+            codes += _plane_tile(row_ptrs, k0, 0, mask, 4, BLOCK_N, BLOCK_K)
         if BITS & 2:
-            codes += _load_plane(row_ptrs, k_idx, words_per_bit * (BITS & 4), mask, 2) << (BITS & 4)
+            codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 4), mask, 2, BLOCK_N, BLOCK_K) << (BITS & 4)
         if BITS & 1:
-            codes += _load_plane(row_ptrs, k_idx, words_per_bit * (BITS & 6), mask, 1) << (BITS & 6)
-    scale = tl.load(s_ptr + group * stride_sg + n_idx, mask=n_mask, other=0.0).to(tl.float32)
+            codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 6), mask, 1, BLOCK_N, BLOCK_K) << (BITS & 6)
+    group = k0 // GROUP_SIZE
+    scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if SYMMETRIC:
-        zero = 1 << (BITS - 1)
+        zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
     else:
-        zero = tl.load(z_ptr + group * stride_sg + n_idx, mask=n_mask, other=0.0).to(tl.float32)
-    return (codes.to(tl.float32) - zero) * scale
+        zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return (codes.to(tl.float32) - zero[:, None]) * scale[:, None]
 
 
 @triton.jit
@@ -73,9 +82,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n[:, None], offs_k[None, :], n_mask[:, None],
-                          (t * BLOCK_K) // GROUP_SIZE, words_per_bit, stride_qn, stride_sg,
-                          BITS, SYMMETRIC)  # [BLOCK_N, BLOCK_K]
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
+                          stride_sg, BITS, SYMMETRIC, GROUP_SIZE, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     if HAS_BIAS:
         if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
@@ -102,9 +110,8 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n[None, :], offs_k[:, None], n_mask[None, :],
-                          (t * BLOCK_K) // GROUP_SIZE, words_per_bit, stride_qn, stride_sg,
-                          BITS, SYMMETRIC)  # [BLOCK_K, BLOCK_N]
+        w = tl.trans(_dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
+                                   stride_sg, BITS, SYMMETRIC, GROUP_SIZE, BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
         else:
@@ -159,8 +166,10 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m == 0:
         return out
     cfg = {**pick_config(m, n, kp, group_size, x.device), **(config or {})}
-    if group_size % cfg["BLOCK_K"]:
-        raise InputError(f"BLOCK_K={cfg['BLOCK_K']} must divide group_size={group_size}")
+    block_k = cfg["BLOCK_K"]
+    if block_k < 32 or block_k & (block_k - 1) or group_size % block_k:
+        # >= 32: a tile must hold whole words of the 1-bit plane; inside one group: one scale per row
+        raise InputError(f"BLOCK_K={block_k} must be a power of two >= 32 dividing group_size={group_size}")
     zeros_arg = zeros if zeros is not None else scales  # never read when symmetric
     bias_arg = bias if bias is not None else scales  # never read without bias
     common = dict(BITS=bits, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
