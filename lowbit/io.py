@@ -26,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, LowbitError
-from .formats import get_format
 from .linear import QuantLinear
+from .packed import parse_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -206,22 +206,13 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 def _layer_from_manifest(path: Path, name: str, entry: Any) -> QuantLinear:
     """A QuantLinear on the meta device, built from its validated manifest entry."""
     where = f"layers.{name}"
-    if not isinstance(entry, dict):
-        raise _fail(path, where, "expected an object")
-    shape = entry.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise _fail(path, f"{where}.shape", f"expected [out, in] positive ints, got {shape!r}")
-    dtype = entry.get("dtype")
-    if dtype not in ("float16", "bfloat16", "float32"):
-        raise _fail(path, f"{where}.dtype", f"unsupported weight dtype {dtype!r}")
-    if not isinstance(entry.get("bias"), bool):
-        raise _fail(path, f"{where}.bias", f"expected true/false, got {entry.get('bias')!r}")
+    if not isinstance(entry, dict) or not isinstance(entry.get("bias"), bool):
+        raise _fail(path, where, f"expected an object with a true/false 'bias', got {entry!r}")
     try:
-        fmt = get_format(entry.get("format"))
-        attrs = fmt.check_attrs((shape[0], shape[1]), entry.get("attrs"))
+        fmt, (n, k), dtype, attrs = parse_metadata(entry)
     except LowbitError as exc:
-        raise _fail(path, f"{where}.format", str(exc)) from None
-    return QuantLinear(shape[1], shape[0], fmt.name, attrs, bias=entry["bias"], dtype=_DTYPES[dtype], device="meta")
+        raise _fail(path, where, str(exc)) from None
+    return QuantLinear(k, n, fmt.name, attrs, bias=entry["bias"], dtype=dtype, device="meta")
 
 
 def _build_transformers_model(path: Path, entry: dict[str, Any]) -> nn.Module:

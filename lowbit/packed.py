@@ -13,6 +13,30 @@ import torch
 from .errors import FormatError
 
 
+#: dtypes a quantized weight may have had (what dequantize returns), by manifest name.
+WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def parse_metadata(metadata: Any):
+    """Validate `{"format", "shape", "dtype", "attrs"}` (as `PackedWeight.metadata()` writes it,
+    e.g. read back from JSON) -> (Format, (N, K), dtype, attrs). FormatError on anything off."""
+    from .formats import get_format
+
+    if not isinstance(metadata, dict) or not {"format", "shape", "dtype", "attrs"} <= set(metadata):
+        raise FormatError(f"packed-weight metadata needs format, shape, dtype, attrs; got {metadata!r}")
+    fmt = get_format(metadata["format"])
+    shape = metadata["shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise FormatError(f"{fmt.name}: shape must be [out_features, in_features] positive ints, got {shape!r}")
+    dtype = WEIGHT_DTYPES.get(metadata["dtype"])
+    if dtype is None:
+        raise FormatError(f"{fmt.name}: unsupported weight dtype {metadata['dtype']!r}")
+    shape = (shape[0], shape[1])
+    attrs = metadata["attrs"]
+    return fmt, shape, dtype, fmt.check_attrs(shape, dict(attrs) if isinstance(attrs, dict) else attrs)
+
+
 @dataclass(eq=False)
 class PackedWeight:
     """Quantized weight of logical shape `shape` = (out_features N, in_features K).
@@ -82,11 +106,23 @@ class PackedWeight:
         """Flatten to `{prefix}{field}` -> tensor (the checkpoint key layout)."""
         return {f"{prefix}{name}": t for name, t in self.tensors.items()}
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], metadata: Any, prefix: str = "") -> "PackedWeight":
+        """Inverse of `state_dict` + `metadata`: rebuild from `{prefix}{field}` tensors.
+
+        Validates the metadata and every declared field (FormatError on any mismatch)."""
+        fmt, shape, dtype, attrs = parse_metadata(metadata)
+        names = fmt.field_specs(shape, attrs)
+        missing = [f"{prefix}{n}" for n in names if f"{prefix}{n}" not in state]
+        if missing:
+            raise FormatError(f"{fmt.name}: state dict lacks {missing}")
+        return cls(fmt.name, shape, dtype, attrs, {n: state[f"{prefix}{n}"] for n in names})
+
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensors, JSON-serialisable (what a manifest stores per layer)."""
         return {
             "format": self.format,
             "shape": list(self.shape),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": next(k for k, v in WEIGHT_DTYPES.items() if v == self.dtype),
             "attrs": dict(self.attrs),
         }

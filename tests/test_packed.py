@@ -54,3 +54,26 @@ def test_construction_validates_declared_fields(mutate):
     mutate(tensors)
     with pytest.raises(FormatError):
         PackedWeight(p.format, p.shape, p.dtype, p.attrs, tensors)
+
+
+def test_from_state_dict_inverts_state_dict():
+    p = _packed(bits=5)
+    q = PackedWeight.from_state_dict(p.state_dict("blk."), p.metadata(), prefix="blk.")
+    assert q.metadata() == p.metadata()
+    assert all(torch.equal(q.tensors[k], p.tensors[k]) for k in p.tensors)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m, s: m.update(format="int42"),
+    lambda m, s: m.update(shape=[8]),
+    lambda m, s: m.update(dtype="int8"),
+    lambda m, s: m["attrs"].update(group_size=7),
+    lambda m, s: s.pop("blk.scales"),
+    lambda m, s: m.pop("attrs"),
+])
+def test_from_state_dict_validates(edit):
+    p = _packed()
+    meta, state = p.metadata(), p.state_dict("blk.")
+    edit(meta, state)
+    with pytest.raises(FormatError):
+        PackedWeight.from_state_dict(state, meta, prefix="blk.")

@@ -162,9 +162,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise InputError(f"qweight shape {tuple(qweight.shape)} does not hold {kp} {bits}-bit codes per row")
     x = x.contiguous()
     m = x.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
-        return out
+        return x.new_empty((0, n))
     cfg = {**pick_config(m, n, kp, group_size, x.device), **(config or {})}
     block_k = cfg["BLOCK_K"]
     if block_k < 32 or block_k & (block_k - 1) or group_size % block_k:
@@ -180,15 +179,17 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         tiles_per_split = triton.cdiv(k_tiles, cfg["SPLIT_K"])
         split_k = triton.cdiv(k_tiles, tiles_per_split)
         # Deterministic split-K: partial sums to a buffer, reduced in a fixed order.
-        target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+        if split_k == 1:
+            target = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        else:
+            target = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
         _gemv_kernel[grid](x, qweight, scales, zeros_arg, bias_arg, target,
                            m, n, in_features, words_per_bit, tiles_per_split,
                            x.stride(0), qweight.stride(0), scales.stride(0),
                            target.stride(0) if split_k > 1 else 0, n, **common)
-        if split_k > 1:
-            out.copy_(target.sum(dim=0))
-        return out
+        return target if split_k == 1 else target.sum(dim=0).to(x.dtype)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     dot_fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 tl.dot is wrong
     _gemm_kernel[grid](x, qweight, scales, zeros_arg, bias_arg, out,

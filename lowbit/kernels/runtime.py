@@ -1,6 +1,7 @@
 """Where Triton kernels can run: compiled on CUDA, or Triton's interpreter on CPU tensors."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,6 +36,7 @@ def check_triton_device(device: torch.device) -> None:
     raise KernelUnavailableError(f"backend='triton' cannot run on device {device}")
 
 
+@functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors on `device` (1 for the interpreter)."""
     if device.type == "cuda":
