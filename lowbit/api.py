@@ -1,6 +1,7 @@
 """lowbit.quantize(): swap a model's nn.Linear layers for QuantLinear, in place."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -46,3 +47,30 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: list[str] | t
             raise type(exc)(f"layer '{name}': {exc}") from None
         _set_submodule(model, name, quantized)
     return model
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """Storage of a model: every unique parameter / buffer, and its quantized layers."""
+
+    total_bytes: int
+    quantized_layers: int
+    quantized_weights: int  # elements of the original [N, K] weights of the quantized layers
+    packed_bytes: int  # their packed weights, scales and zero points
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Packed bits per original weight over the quantized layers (0.0 when there are none)."""
+        return 8 * self.packed_bytes / self.quantized_weights if self.quantized_weights else 0.0
+
+
+def summarize(model: nn.Module) -> ModelSummary:
+    """Sizes of `model` (tied / shared tensors counted once)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return ModelSummary(
+        total_bytes=sum(t.numel() * t.element_size() for t in tensors),
+        quantized_layers=len(layers),
+        quantized_weights=sum(m.in_features * m.out_features for m in layers),
+        packed_bytes=sum(m.packed.nbytes for m in layers),
+    )

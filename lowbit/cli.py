@@ -7,17 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .errors import LowbitError
-
-
-def _tensor_bytes(model: nn.Module) -> int:
-    from .io import _unique_tensors
-
-    tensors, _ = _unique_tensors(model)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def load_hf_folder(path: Path) -> nn.Module:
@@ -49,7 +41,6 @@ def _format_options(args: argparse.Namespace) -> dict:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, io
     from .default_model import default_model_path
-    from .linear import QuantLinear
 
     if len(args.paths) == 1:
         model_dir, out_dir = default_model_path(), Path(args.paths[0])
@@ -59,20 +50,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise LowbitError("usage: lowbit quantize [MODEL] OUT --format FORMAT (MODEL defaults to the embedded MiniLM)")
     start = time.perf_counter()
     model = load_hf_folder(model_dir)
-    before = _tensor_bytes(model)
+    before = api.summarize(model).total_bytes
     api.quantize(model, args.format, skip=args.skip, **_format_options(args))
     io.save(model, out_dir, max_shard_bytes=args.max_shard_bytes)
-    after = _tensor_bytes(model)
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    packed_bits = sum(m.packed.nbytes * 8 for m in layers)
-    weights = sum(m.in_features * m.out_features for m in layers)
+    after = api.summarize(model)
     print(f"model:            {model_dir}")
     print(f"saved to:         {out_dir}")
-    print(f"quantized layers: {len(layers)} ({args.format})")
+    print(f"quantized layers: {after.quantized_layers} ({args.format})")
     print(f"size before:      {before / 2**20:.2f} MiB")
-    print(f"size after:       {after / 2**20:.2f} MiB ({after / before:.1%})")
-    if weights:
-        print(f"bits per weight:  {packed_bits / weights:.3f} (quantized layers, scales included)")
+    print(f"size after:       {after.total_bytes / 2**20:.2f} MiB ({after.total_bytes / before:.1%})")
+    if after.quantized_layers:
+        print(f"bits per weight:  {after.bits_per_weight:.3f} (quantized layers, scales included)")
     print(f"time:             {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -89,7 +77,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         fmt = get_format(entry["format"])
         shape = tuple(entry["shape"])
         specs = fmt.field_specs(shape, fmt.check_attrs(shape, entry["attrs"]))
-        nbytes = sum(s.dtype.itemsize * torch.Size(s.shape).numel() for s in specs.values())
+        nbytes = sum(spec.nbytes for spec in specs.values())
         total_bytes += nbytes
         total_weights += shape[0] * shape[1]
         rows.append((name, entry["format"], f"{shape[0]}x{shape[1]}", str(nbytes), f"{nbytes * 8 / (shape[0] * shape[1]):.3f}"))

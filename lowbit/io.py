@@ -12,7 +12,6 @@ is executed: safetensors and JSON only, model classes are looked up by name in `
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -27,20 +26,14 @@ from tqdm.auto import tqdm
 
 from .errors import CheckpointError, LowbitError
 from .linear import QuantLinear
-from .packed import parse_metadata
-
-logger = logging.getLogger(__name__)
+from .packed import dtype_name, parse_metadata
 
 MANIFEST = "lowbit.json"
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
+_DTYPES = {dtype_name(d): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +121,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
         "lowbit": {"format_version": FORMAT_VERSION, "library_version": _library_version()},
         "model": _model_entry(model),
         "layers": layers,
-        "tensors": {n: {"dtype": _dtype_name(tensors[n].dtype), "shape": list(tensors[n].shape), "file": f}
+        "tensors": {n: {"dtype": dtype_name(tensors[n].dtype), "shape": list(tensors[n].shape), "file": f}
                     for f, names in zip(files, groups) for n in names},
         "aliases": aliases,
     }

@@ -81,7 +81,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         n, k = self.out_features, self.in_features
-        packed_bits = sum(s.dtype.itemsize * 8 * torch.Size(s.shape).numel() for s in self._fields.values())
+        packed_bits = 8 * sum(spec.nbytes for spec in self._fields.values())
         attrs = ", ".join(f"{key}={val}" for key, val in self.attrs.items())
         return (f"in_features={k}, out_features={n}, bias={self.bias is not None}, "
                 f"format={self.format}, bits_per_weight={packed_bits / (n * k):.3f}, {attrs}")

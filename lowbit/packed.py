@@ -13,6 +13,11 @@ import torch
 from .errors import FormatError
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the spelling manifests use)."""
+    return str(dtype).removeprefix("torch.")
+
+
 #: dtypes a quantized weight may have had (what dequantize returns), by manifest name.
 WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -123,6 +128,6 @@ class PackedWeight:
         return {
             "format": self.format,
             "shape": list(self.shape),
-            "dtype": next(k for k, v in WEIGHT_DTYPES.items() if v == self.dtype),
+            "dtype": dtype_name(self.dtype),
             "attrs": dict(self.attrs),
         }

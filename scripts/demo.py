@@ -11,17 +11,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.api import summarize  # noqa: E402
 from lowbit.default_model import DEMO_SENTENCES, load_default_model, sentence_embeddings  # noqa: E402
-
-
-def model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def main() -> int:
     model, tokenizer = load_default_model()
     reference = sentence_embeddings(model, tokenizer, DEMO_SENTENCES)
-    dense_bytes = model_bytes(model)
+    dense_bytes = summarize(model).total_bytes
     print(f"all-MiniLM-L6-v2 (fp32): {dense_bytes / 2**20:.2f} MiB, {len(DEMO_SENTENCES)} sentences\n")
     print(f"{'format':<7} {'size MiB':>9} {'of fp32':>8} {'bits/w':>7} {'min cos':>8} {'mean cos':>9} {'reload':>8}")
     ok = True
@@ -29,8 +26,7 @@ def main() -> int:
         model, _ = load_default_model()
         t0 = time.perf_counter()
         lowbit.quantize(model, fmt, progress=False)
-        layers = [m for m in model.modules() if isinstance(m, lowbit.QuantLinear)]
-        bits = sum(m.packed.nbytes * 8 for m in layers) / sum(m.in_features * m.out_features for m in layers)
+        summary = summarize(model)
         emb = sentence_embeddings(model, tokenizer, DEMO_SENTENCES)
         cos = (emb * reference).sum(dim=-1)
         with tempfile.TemporaryDirectory() as tmp:
@@ -38,8 +34,8 @@ def main() -> int:
             reloaded = lowbit.load(Path(tmp) / fmt)
             same = torch.equal(sentence_embeddings(reloaded, tokenizer, DEMO_SENTENCES), emb)
         ok &= same
-        size = model_bytes(model)
-        print(f"{fmt:<7} {size / 2**20:>9.2f} {size / dense_bytes:>8.1%} {bits:>7.3f} {cos.min():>8.4f} "
+        size = summary.total_bytes
+        print(f"{fmt:<7} {size / 2**20:>9.2f} {size / dense_bytes:>8.1%} {summary.bits_per_weight:>7.3f} {cos.min():>8.4f} "
               f"{cos.mean():>9.4f} {'same' if same else 'DIFFERS':>8}   ({time.perf_counter() - t0:.1f} s)")
     print("\n'of fp32' counts every tensor (embeddings and LayerNorms stay fp32); bits/w counts the quantized Linears.")
     return 0 if ok else 1

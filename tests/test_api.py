@@ -85,3 +85,19 @@ def test_quantized_model_output_close_to_dense():
 def test_progress_bar_is_shown(capsys):
     lowbit.quantize(_model(), "int4")
     assert "lowbit quantize (int4)" in capsys.readouterr().err
+
+
+def test_summarize_counts_packed_bits_and_every_tensor():
+    from lowbit.api import summarize
+
+    model = _model()
+    dense = summarize(model)
+    assert dense.quantized_layers == 0 and dense.bits_per_weight == 0.0
+    assert dense.total_bytes == 4 * sum(p.numel() for p in model.parameters())
+    lowbit.quantize(model, "int4", symmetric=True, group_size=32, skip=["*.gate"], progress=False)
+    summary = summarize(model)
+    assert summary.quantized_layers == 5
+    assert summary.quantized_weights == 2 * (64 * 96 + 96 * 64) + 64 * 10
+    # symmetric int4, group 32: 4 bits + one fp16 scale per 32 weights; K=96 and 64 need no padding
+    assert summary.bits_per_weight == pytest.approx(4 + 16 / 32)
+    assert summary.total_bytes < dense.total_bytes / 4

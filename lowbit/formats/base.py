@@ -20,6 +20,10 @@ class FieldSpec:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * torch.Size(self.shape).numel()
+
     def check(self, tensor: Any, where: str) -> None:
         if not isinstance(tensor, torch.Tensor):
             raise FormatError(f"{where}: expected a tensor, got {type(tensor).__name__}")
@@ -32,12 +36,11 @@ class FieldSpec:
 class Format:
     """One quantization format: quantizer + dequantizer (the torch spec) + kernel entry.
 
-    Subclasses set `name`, `TENSOR_FIELDS` (every field the format may use) and `ATTRS`
-    (the attribute names stored per layer), and implement the methods below.
+    Subclasses set `name` and `ATTRS` (the attribute names stored per layer) and implement the
+    methods below; `field_specs` declares the packed tensor fields with their dtypes and shapes.
     """
 
     name: str = ""
-    TENSOR_FIELDS: tuple[str, ...] = ()
     ATTRS: tuple[str, ...] = ()
 
     # -- options / attributes -------------------------------------------------------------

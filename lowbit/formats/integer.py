@@ -53,7 +53,6 @@ def _round_scale_up(scale: torch.Tensor) -> torch.Tensor:
 class IntFormat(Format):
     """`int{bits}`: group-wise integer weights, symmetric or asymmetric."""
 
-    TENSOR_FIELDS = ("qweight", "scales", "zeros")
     ATTRS = ("group_size", "symmetric")
 
     def __init__(self, bits: int):
