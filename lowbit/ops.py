@@ -41,6 +41,30 @@ def _(x, qweight, scales, zeros, bias, bits, group_size, in_features):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
+@torch.library.custom_op("lowbit::fp8_linear", mutates_args=())
+def fp8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    element: str,
+    block: int,
+    act_fp8: bool,
+    in_features: int,
+) -> torch.Tensor:
+    """[M, K] x times an FP8 weight -> [M, N]: W8A8 tensor cores or the weight-only Triton
+    kernel, chosen per M inside the op (so the choice never breaks a torch.compile graph)."""
+    from .kernels.fp8_w8a8 import fp8_matmul
+
+    return fp8_matmul(x, qweight, scales, bias, element=element, block=block or None, act_fp8=act_fp8,
+                      in_features=in_features)
+
+
+@fp8_linear.register_fake
+def _(x, qweight, scales, bias, element, block, act_fp8, in_features):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for a packed W of shape [N, K].
@@ -69,7 +93,7 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
         backend = "triton" if x.is_cuda else "torch"
     fmt = get_format(packed.format)
     if backend == "torch":
-        return F.linear(x, fmt.dequantize(packed).to(x.dtype), bias)
+        return fmt.reference_linear(x, packed, bias)
 
     from .kernels.runtime import check_triton_device
 

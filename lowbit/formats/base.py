@@ -69,6 +69,11 @@ class Format:
         """[N, K] tensor in packed.dtype: the exact values the format represents."""
         raise NotImplementedError
 
+    def reference_linear(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """The torch reference of `lowbit.linear`: [..., K] x -> [..., N] in x.dtype. By default
+        F.linear(x, dequantize(W)); formats that also quantize activations override it."""
+        return torch.nn.functional.linear(x, self.dequantize(packed).to(x.dtype), bias)
+
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(
         self, x2d: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None

@@ -1,10 +1,12 @@
 """Generic dequantize-in-register matmul: y = x @ dequant(W)^T (+ bias).
 
-One kernel family for every integer width (BITS is a constexpr), two paths:
+One kernel family for every element type (ELEMENT: "int" codes of any width BITS, FP8 "e4m3" /
+"e5m2" bytes) and scale layout (per row and K group, or per SCALE_GROUP_N rows), two paths:
   * `_gemv_kernel`: small M, split-K; each program reduces a K slice of BLOCK_N output
     features with a broadcast multiply + sum (no tensor cores needed at M <= 4).
   * `_gemm_kernel`: larger M, tiles dequantized in registers then fed to `tl.dot`.
-Both decode the bit planes written by `lowbit.formats.bitpack` through `_dequant_tile`.
+Both load the bit planes written by `lowbit.formats.bitpack` (8-bit elements: 4 per int32 word,
+LSB first) and decode them through `_dequant_tile`.
 The launcher `dequant_matmul` validates, picks path / tile sizes and launches.
 """
 from __future__ import annotations
@@ -34,12 +36,34 @@ def _plane_tile(row_ptrs, k0, word_base, mask, WIDTH: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
+def _decode(codes, ELEMENT: tl.constexpr):
+    """Element decoder: int32 codes -> fp32 values (for "e4m3" scaled by 2^-8; `_dequant_tile`
+    folds the 2^8 into the per-row scale instead of multiplying every element).
+      "int":  the unsigned code itself (the zero point is subtracted by the caller).
+      "e5m2": FP8 E5M2 is the high byte of an fp16, so shift it there and reinterpret.
+      "e4m3": FP8 E4M3 sign/exponent/mantissa moved into fp16 position (exponent bits 13..10,
+              mantissa 9..7) reinterpret as fp16 = value * 2^-8 for normals and subnormals alike
+              (the fp16 exponent bias is 8 more than E4M3's). Only needs integer ops and an fp16
+              convert, so it runs on GPUs without FP8 hardware and in the interpreter."""
+    if ELEMENT == "int":
+        return codes.to(tl.float32)
+    elif ELEMENT == "e5m2":
+        return (codes << 8).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        tl.static_assert(ELEMENT == "e4m3", "unknown ELEMENT")
+        bits = ((codes & 0x80) << 8) | ((codes & 0x7F) << 7)
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, stride_sg,
-                  BITS: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """fp32 weights [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K (inside one
     quantization group). Plane p of a row starts at word words_per_bit * (low bit of p), see
-    lowbit/formats/bitpack.py; BITS and the plane split are compile-time."""
+    lowbit/formats/bitpack.py; BITS and the plane split are compile-time. Scales are
+    [K groups, ceil(N / SCALE_GROUP_N)] (SCALE_GROUP_N = 1: one scale per row and group)."""
     row_ptrs = qw_ptr + offs_n[:, None] * stride_qn
     mask = n_mask[:, None]
     if BITS == 8:
@@ -53,20 +77,27 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         if BITS & 1:
             codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 6), mask, 1, BLOCK_N, BLOCK_K) << (BITS & 6)
     group = k0 // GROUP_SIZE
-    scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if SYMMETRIC:
-        zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
-    else:
-        zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    return (codes.to(tl.float32) - zero[:, None]) * scale[:, None]
+    scale_offs = offs_n if SCALE_GROUP_N == 1 else offs_n // SCALE_GROUP_N
+    scale = tl.load(s_ptr + group * stride_sg + scale_offs, mask=n_mask, other=0.0).to(tl.float32)
+    if ELEMENT == "e4m3":
+        scale = scale * 256.0
+    values = _decode(codes, ELEMENT)
+    if ELEMENT == "int":
+        if SYMMETRIC:
+            values -= 1 << (BITS - 1)
+        else:
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            values -= zero[:, None]
+    return values * scale[:, None]
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
                  M, N, K, words_per_bit, tiles_per_split,
                  stride_xm, stride_qn, stride_sg, stride_os, stride_om,
-                 BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -83,7 +114,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
-                          stride_sg, BITS, SYMMETRIC, GROUP_SIZE, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+                          stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N, BLOCK_N,
+                          BLOCK_K)  # [BLOCK_N, BLOCK_K]
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     if HAS_BIAS:
         if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
@@ -96,8 +128,9 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
 def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
                  M, N, K, words_per_bit,
                  stride_xm, stride_qn, stride_sg, stride_om,
-                 BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 GROUP_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
+                 DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -111,7 +144,8 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = tl.trans(_dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
-                                   stride_sg, BITS, SYMMETRIC, GROUP_SIZE, BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
+                                   stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
+                                   BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
         else:
@@ -146,18 +180,28 @@ def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device) 
     return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": _block_k(group_size, 64)}
 
 
+ELEMENTS = ("int", "e4m3", "e5m2")
+
+
 def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor | None, bias: torch.Tensor | None, *, bits: int,
-                   group_size: int, in_features: int, config: dict | None = None) -> torch.Tensor:
+                   group_size: int, in_features: int, element: str = "int", scale_group_n: int = 1,
+                   config: dict | None = None) -> torch.Tensor:
     """[M, K] x (fp16/bf16/fp32) times the packed [N, K] weight -> [M, N] in x.dtype.
 
-    qweight int32 [N, Kp*bits/32], scales / zeros float16 [Kp/group_size, N], bias [N] or None.
+    qweight int32 [N, Kp*bits/32]; scales (any float dtype) [Kp/group_size, ceil(N/scale_group_n)];
+    zeros float16 [Kp/group_size, N] (asymmetric "int" only, else None); bias [N] or None.
+    element: "int" (w = (code - zero) * scale) or "e4m3" / "e5m2" (bits=8; w = fp8(code) * scale).
     `config` overrides the path / tile choice (keys as returned by `pick_config`).
     """
+    if element not in ELEMENTS or (element != "int" and (bits != 8 or zeros is not None)):
+        raise InputError(f"element={element!r} with bits={bits}, zeros={zeros is not None} is not a kernel variant")
     if x.dim() != 2 or x.shape[1] != in_features:
         raise InputError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
     n = qweight.shape[0]
     kp = scales.shape[0] * group_size
+    if scales.shape[1] != triton.cdiv(n, scale_group_n):
+        raise InputError(f"scales shape {tuple(scales.shape)} does not match N={n}, scale_group_n={scale_group_n}")
     if qweight.shape[1] * 32 != kp * bits:
         raise InputError(f"qweight shape {tuple(qweight.shape)} does not hold {kp} {bits}-bit codes per row")
     x = x.contiguous()
@@ -171,7 +215,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise InputError(f"BLOCK_K={block_k} must be a power of two >= 32 dividing group_size={group_size}")
     zeros_arg = zeros if zeros is not None else scales  # never read when symmetric
     bias_arg = bias if bias is not None else scales  # never read without bias
-    common = dict(BITS=bits, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
+    common = dict(BITS=bits, ELEMENT=element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
+                  GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
     words_per_bit = kp // 32
     if cfg["path"] == "gemv":

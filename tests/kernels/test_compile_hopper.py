@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-VARIANTS = [["gemv", b, s, a] for b in range(2, 9) for s, a in [(True, "bf16"), (False, "fp16"), (b % 2 == 0, "fp32")]]
-VARIANTS += [["gemm", b, s, a] for b in range(2, 9) for s, a in [(True, "bf16"), (False, "fp16"), (b % 2 == 0, "fp32")]]
-VARIANTS += [["gemm", 4, False, "bf16"], ["gemv", 4, True, "fp16"]]
+INT_VARIANTS = [[path, b, s, a, "int"] for path in ("gemv", "gemm") for b in range(2, 9)
+                for s, a in [(True, "bf16"), (False, "fp16"), (b % 2 == 0, "fp32")]]
+INT_VARIANTS += [["gemm", 4, False, "bf16", "int"], ["gemv", 4, True, "fp16", "int"]]
+FP8_VARIANTS = [[path, 8, True, a, e] for path in ("gemv", "gemm") for a in ("bf16", "fp16") for e in ("e4m3", "e5m2")]
+VARIANTS = INT_VARIANTS + FP8_VARIANTS + [["act_quant"]]
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +34,17 @@ def hopper():
     return json.loads(proc.stdout)
 
 
-def _ptx(hopper, path, bits, symmetric, act):
-    result = hopper[f"{path}-{bits}-{symmetric}-{act}"]
+def _ptx(hopper, path, bits=None, symmetric=None, act=None, element="int"):
+    key = path if path == "act_quant" else f"{path}-{bits}-{symmetric}-{act}-{element}"
+    result = hopper[key]
     assert "error" not in result, result.get("error")
     assert result["cubin_bytes"] > 0
     return result["ptx"]
 
 
-@pytest.mark.parametrize("path,bits,symmetric,act", VARIANTS)
-def test_compiles_for_sm90(hopper, path, bits, symmetric, act):
-    _ptx(hopper, path, bits, symmetric, act)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_compiles_for_sm90(hopper, variant):
+    _ptx(hopper, *variant)
 
 
 @pytest.mark.parametrize("act", ["bf16", "fp16"])
@@ -62,3 +65,18 @@ def test_gemv_loads_each_packed_word_once_with_vector_loads(hopper, bits):
 def test_multi_plane_widths_never_gather_per_code(hopper, bits):
     ptx = _ptx(hopper, "gemv", bits, True, "bf16")
     assert len(re.findall(r"ld\.global(?:\.nc)?\.b32", ptx)) <= 3  # at most a small plane's word, never 32
+
+
+@pytest.mark.parametrize("element", ["e4m3", "e5m2"])
+def test_fp8_weight_only_needs_no_fp8_hardware(hopper, element):
+    """The FP8 decoder is integer ops + an fp16 reinterpret: no cvt from e4m3/e5m2, so the same
+    kernel runs on GPUs without FP8 support; each thread still loads its words with v4 loads."""
+    ptx = _ptx(hopper, "gemv", 8, True, "bf16", element)
+    assert not re.search(r"cvt\S*\.e[45]m[23]", ptx)
+    assert len(re.findall(r"ld\.global(?:\.nc)?\.v4\.b32", ptx)) >= 1
+    assert "wgmma.mma_async" in _ptx(hopper, "gemm", 8, True, "bf16", element)
+
+
+def test_activation_quant_uses_exact_division(hopper):
+    ptx = _ptx(hopper, "act_quant")
+    assert "div.rn.f32" in ptx and "div.approx" not in ptx and "div.full" not in ptx

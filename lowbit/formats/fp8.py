@@ -1,0 +1,172 @@
+"""FP8 weight formats `fp8` (E4M3FN) and `fp8_e5m2` (the torch spec; DESIGN.md section 4).
+
+Weights are scaled so that the largest magnitude of each scale group maps to the element type's
+largest finite value (E4M3FN: 448, E5M2: 57344), clamped to that range *before* the cast (a
+cast of an out-of-range value gives NaN / Inf), then rounded to nearest even by torch's cast:
+
+  scale = amax / fp8_max   (fp32; an all-zero group gets scale 1, never 0)
+  q     = fp8(clamp(w / scale, -fp8_max, fp8_max))
+  w_hat = float(q) * scale
+
+Scale groups: option `block=None` (default) is one scale per output channel; `block=B` (B a
+multiple of 32, DeepSeek-V3 uses 128) is one scale per B x B tile of the [N, K] weight.
+K is zero-padded to Kp (a multiple of 32, or of B); N is never padded.
+
+Packed fields: qweight float8 [N, Kp] (row-major, so the kernels read 4 elements per int32
+word, LSB first, exactly like the 8-bit integer plane), scales float32 [Kp/B, ceil(N/B)]
+(per channel: [1, N]).
+
+Option `act="fp8"` (W8A8): activations are quantized too, dynamically, per token (block mode:
+per 1 x B group along K) with the same rule and E4M3 elements (`quantize_activations`). The
+torch reference emulates exactly that rounding; on CUDA the kernel path is chosen per M (see
+`lowbit.kernels.fp8_w8a8`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FormatError
+from ..packed import PackedWeight
+from . import register_format
+from .base import FieldSpec, Format
+from .integer import padded_k
+
+SCALE_DTYPE = torch.float32
+ACT_DTYPE = torch.float8_e4m3fn
+ACT_MAX = torch.finfo(ACT_DTYPE).max  # 448
+_TINY = torch.finfo(SCALE_DTYPE).tiny  # a scale never underflows to 0 (w / 0 would be NaN)
+_ACTS = (None, "fp8")
+_OPTIONS = {"block", "act"}
+
+
+def safe_scale(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
+    """fp32 amax (>= 0) -> fp32 scale amax / fp8_max; 1 for an all-zero group; never below
+    the smallest normal fp32."""
+    return torch.where(amax > 0, amax / fp8_max, torch.ones_like(amax)).clamp(min=_TINY)
+
+
+def cast_fp8(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> fp8 `dtype`, saturating: clamp to the finite range, then round to nearest even."""
+    fp8_max = torch.finfo(dtype).max
+    return values.clamp(-fp8_max, fp8_max).to(dtype)
+
+
+def quantize_activations(x: torch.Tensor, kp: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic E4M3 quantization of activations (the spec the Triton kernel matches bit for bit).
+
+    x: [M, K] float16 / bfloat16 / float32 with K <= kp; zero-padded to kp columns.
+    group: None = one scale per token (row); else one per 1 x group slice (group divides kp).
+    Returns (xq float8_e4m3fn [M, kp], scales float32 [M, kp // group] (or [M, 1])).
+    """
+    m, k = x.shape
+    group = group or kp
+    xf = F.pad(x.float(), (0, kp - k)).reshape(m, kp // group, group)
+    scale = safe_scale(xf.abs().amax(dim=-1, keepdim=True), ACT_MAX)
+    return cast_fp8(xf / scale, ACT_DTYPE).reshape(m, kp), scale.squeeze(-1)
+
+
+def dequantize_activations(xq: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_activations`: [M, kp] fp32 values xq * scale."""
+    m, kp = xq.shape
+    groups = scales.shape[1]
+    return (xq.float().reshape(m, groups, kp // groups) * scales.unsqueeze(-1)).reshape(m, kp)
+
+
+class Fp8Format(Format):
+    """`fp8` / `fp8_e5m2`: FP8 weights with fp32 scales per output channel or per B x B block."""
+
+    ATTRS = ("block", "act")
+
+    def __init__(self, name: str, dtype: torch.dtype, element: str):
+        self.name = name
+        self.dtype = dtype
+        self.element = element  # the kernels' element decoder ("e4m3" / "e5m2")
+        self.max = torch.finfo(dtype).max
+
+    # -- options / attributes -------------------------------------------------------------
+    def _check_values(self, block: Any, act: Any) -> None:
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % 32):
+            raise FormatError(f"{self.name}: block must be None (per channel) or a positive multiple of 32, got {block!r}")
+        if act not in _ACTS:
+            raise FormatError(f"{self.name}: act must be one of {_ACTS}, got {act!r}")
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
+        self._check_values(options.get("block"), options.get("act"))
+
+    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
+        self.check_options(options)
+        return {"block": options.get("block"), "act": options.get("act")}
+
+    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
+        if not isinstance(attrs, dict) or set(attrs) != set(self.ATTRS):
+            raise FormatError(f"{self.name}: attrs must have exactly the keys {list(self.ATTRS)}, got {attrs!r}")
+        self._check_values(attrs["block"], attrs["act"])
+        return attrs
+
+    def padded_k(self, k: int, block: int | None) -> int:
+        return padded_k(k, block or 32)
+
+    def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
+        n, k = shape
+        block = attrs["block"]
+        kp = self.padded_k(k, block)
+        scale_shape = (1, n) if block is None else (kp // block, -(-n // block))
+        return {"qweight": FieldSpec(self.dtype, (n, kp)), "scales": FieldSpec(SCALE_DTYPE, scale_shape)}
+
+    # -- the spec ---------------------------------------------------------------------------
+    def _expand_scales(self, scales: torch.Tensor, n: int, kp: int, block: int | None) -> torch.Tensor:
+        """[G, Nb] stored scales -> [N, kp] (or broadcastable [N, 1]) per-element scales."""
+        if block is None:
+            return scales.t()
+        return scales.t().repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)
+
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
+        weight = self.check_weight(weight, name)
+        n, k = weight.shape
+        attrs = self.resolve_attrs((n, k), options)
+        block = attrs["block"]
+        kp = self.padded_k(k, block)
+        w = F.pad(weight.float(), (0, kp - k))
+        if block is None:
+            scales = safe_scale(w.abs().amax(dim=1), self.max).unsqueeze(0)  # [1, N]
+        else:
+            np_ = padded_k(n, block)
+            tiles = F.pad(w, (0, 0, 0, np_ - n)).reshape(np_ // block, block, kp // block, block)
+            scales = safe_scale(tiles.abs().amax(dim=(1, 3)), self.max).t().contiguous()  # [Kb, Nb]
+        q = cast_fp8(w / self._expand_scales(scales, n, kp, block), self.dtype)
+        return PackedWeight(self.name, (n, k), weight.dtype, attrs, {"qweight": q, "scales": scales})
+
+    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+        n, k = packed.shape
+        block = packed.attrs["block"]
+        kp = self.padded_k(k, block)
+        w = packed.qweight.float() * self._expand_scales(packed.scales, n, kp, block)
+        return w[:, :k].to(packed.dtype)
+
+    def reference_linear(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """Weight-only: F.linear(x, dequantize(W)). act="fp8": x is quantized per token (per
+        1 x block group) first and the product is taken in fp32 — the W8A8 numerics."""
+        if packed.attrs["act"] is None:
+            return super().reference_linear(x, packed, bias)
+        n, k = packed.shape
+        block = packed.attrs["block"]
+        x2d = x.reshape(-1, k)
+        x_hat = dequantize_activations(*quantize_activations(x2d, self.padded_k(k, block), block))[:, :k]
+        y = F.linear(x_hat, self.dequantize(packed).float(), None if bias is None else bias.float())
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    # -- kernels ------------------------------------------------------------------------------
+    def triton_linear(self, x2d, packed, bias):
+        return torch.ops.lowbit.fp8_linear(x2d, packed.qweight, packed.scales, bias, self.element,
+                                           packed.attrs["block"] or 0, packed.attrs["act"] == "fp8",
+                                           packed.shape[1])
+
+
+register_format(Fp8Format("fp8", torch.float8_e4m3fn, "e4m3"))
+register_format(Fp8Format("fp8_e5m2", torch.float8_e5m2, "e5m2"))
