@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Kernel microbenchmark: lowbit.linear per format vs bf16 F.linear, same process.
 
-  python benchmarks/bench_gemm.py                       # GPU: every int format, llama3-8b, all M
-  python benchmarks/bench_gemm.py --formats int4 int8 --sets llama3-8b llama3-70b --m 1 16
+  python benchmarks/bench_gemm.py                       # GPU: every format, llama3-8b, all M
+  python benchmarks/bench_gemm.py --formats int4 int8 fp8 fp8:act=fp8 fp8:block=128,act=fp8 \
+      --sets llama3-8b llama3-70b --m 1 16
   TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --smoke   # CPU, tiny shapes (CI)
 
-Each row is gated on correctness first (max relative error vs F.linear(x, dequantize(W)) in
-fp32), then timed with triton.testing.do_bench (median and 20/80% quantiles; do_bench zeroes a
+A format spec is NAME[:OPTION=VALUE,...] (options as the format's quantize() takes them; for
+int formats --group-size / --symmetric are the defaults). Each row is gated on correctness first
+(max relative error vs the torch reference of the path the kernel takes, in fp32), then timed with triton.testing.do_bench (median and 20/80% quantiles; do_bench zeroes a
 256 MB buffer before every run, so weights are not served from L2). Output: JSON
 (`{"env": ..., "results": [...]}`), a markdown table and a PNG plot in --out-dir. Numbers from
 --smoke are interpreter timings, meaningless as speed: only GPU runs are committed to results/.
@@ -33,6 +35,32 @@ import torch.nn.functional as F  # noqa: E402
 PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
              "A100-SXM4-80GB": 2039.0, "A100": 1555.0, "L40S": 864.0, "RTX 4090": 1008.0}
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}
+DEFAULT_FORMATS = [f"int{b}" for b in range(2, 9)] + ["fp8", "fp8_e5m2", "fp8:act=fp8", "fp8:block=128,act=fp8"]
+
+
+def parse_format_spec(spec: str, args) -> tuple[str, dict]:
+    """"fp8:block=128,act=fp8" -> ("fp8", {"block": 128, "act": "fp8"}); int formats get
+    --group-size / --symmetric unless the spec sets them."""
+    name, _, rest = spec.partition(":")
+    options: dict = {"group_size": args.group_size, "symmetric": args.symmetric} if name.startswith("int") else {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        lowered = value.lower()
+        options[key] = (int(value) if value.lstrip("-").isdigit() else
+                        {"true": True, "false": False, "none": None}.get(lowered, value))
+    return name, options
+
+
+def reference(fmt, packed, x):
+    """fp32 reference of the path lowbit.linear takes for this M: the W8A8 emulation where the
+    act="fp8" kernel uses FP8 tensor cores, else F.linear(x, dequantize(W))."""
+    import lowbit
+    from lowbit.kernels.fp8_w8a8 import takes_w8a8_path
+
+    if packed.attrs.get("act") == "fp8" and takes_w8a8_path(x.shape[0], packed.shape[0], x.device,
+                                                             packed.qweight.dtype, packed.attrs["block"]):
+        return lowbit.linear(x.float(), packed, backend="torch"), "w8a8"
+    return F.linear(x.float(), fmt.dequantize(packed).float()), "weight-only"
 
 
 def parse_args(argv=None):
@@ -40,7 +68,8 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
-    p.add_argument("--formats", nargs="+", default=None, help="default: every int format (int2..int8)")
+    p.add_argument("--formats", nargs="+", default=None,
+                   help="format specs NAME[:OPTION=VALUE,...]; default: " + " ".join(DEFAULT_FORMATS))
     p.add_argument("--sets", nargs="+", default=["llama3-8b"])
     p.add_argument("--m", nargs="+", type=int, default=M_VALUES)
     p.add_argument("--group-size", type=int, default=128)
@@ -85,19 +114,20 @@ def time_us(fn, device: torch.device) -> tuple[float, float, float]:
     return samples[1], samples[0], samples[-1]
 
 
-def bench_one(fmt_name: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak) -> dict:
+def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak) -> dict:
     import lowbit
 
     gen = torch.Generator(device=device).manual_seed(0)
     w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * 0.02
     x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+    fmt_name, options = parse_format_spec(spec, args)
     fmt = lowbit.get_format(fmt_name)
-    packed = fmt.quantize(w, group_size=args.group_size, symmetric=args.symmetric)
+    packed = fmt.quantize(w, **options)
     backend = "triton"
-    ref = F.linear(x.float(), fmt.dequantize(packed).float())
+    ref, path = reference(fmt, packed, x)
     y = lowbit.linear(x, packed, backend=backend)
     max_rel_err = float((y.float() - ref).abs().max() / ref.abs().max())
-    row = {"format": fmt_name, "shape": shape, "M": m, "N": n, "K": k, "max_rel_err": max_rel_err}
+    row = {"format": spec, "shape": shape, "M": m, "N": n, "K": k, "path": path, "max_rel_err": max_rel_err}
     if not max_rel_err <= REL_TOL[dtype]:
         row["error"] = f"correctness gate failed: max_rel_err {max_rel_err:.3g} > {REL_TOL[dtype]}"
         return row
@@ -113,14 +143,15 @@ def bench_one(fmt_name: str, shape: str, n: int, k: int, m: int, args, device, d
 def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
     lines = [f"# bench_gemm on {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, {env['date']}", "",
-             "| format | shape | M | N | K | us | bf16 us | speedup | GB/s | % BW | max rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| format | shape | M | N | K | path | us | bf16 us | speedup | GB/s | % BW | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['format']} | {r['shape']} | {r['M']} | {r['N']} | {r['K']} | {r['error']} |||||| ")
+            lines.append(f"| {r['format']} | {r['shape']} | {r['M']} | {r['N']} | {r['K']} | {r['path']} | "
+                         f"{r['error']} |||||| ")
             continue
         bw = "-" if r["bw_pct"] is None else f"{r['bw_pct']:.0f}"
-        lines.append(f"| {r['format']} | {r['shape']} | {r['M']} | {r['N']} | {r['K']} | {r['us']:.1f} | "
+        lines.append(f"| {r['format']} | {r['shape']} | {r['M']} | {r['N']} | {r['K']} | {r['path']} | {r['us']:.1f} | "
                      f"{r['bf16_us']:.1f} | {r['speedup']:.2f}x | {r['gbps']:.0f} | {bw} | {r['max_rel_err']:.1e} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -165,7 +196,7 @@ def main(argv=None) -> int:
     from benchmarks.shapes import SMOKE_M_VALUES, shapes
 
     args = parse_args(argv)
-    formats = args.formats or [f for f in lowbit.formats() if f.startswith("int")]
+    formats = args.formats or DEFAULT_FORMATS
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("--smoke runs Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)

@@ -35,6 +35,10 @@ def _format_options(args: argparse.Namespace) -> dict:
         options["group_size"] = args.group_size
     if args.symmetric:
         options["symmetric"] = True
+    if args.block is not None:
+        options["block"] = args.block
+    if args.act is not None:
+        options["act"] = args.act
     return options
 
 
@@ -106,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", required=True, choices=formats())
     q.add_argument("--group-size", type=int, default=None, help="weights per scale along K (-1: per channel)")
     q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
+    q.add_argument("--block", type=int, default=None, help="fp8: one scale per BLOCK x BLOCK tile (e.g. 128) "
+                   "instead of per output channel")
+    q.add_argument("--act", default=None, help="also quantize activations at run time (fp8 formats: 'fp8' = W8A8)")
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="glob patterns of layers to keep in full precision")
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)

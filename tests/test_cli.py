@@ -36,6 +36,19 @@ def test_quantize_and_inspect_local_llama(tiny_llama_dir, tmp_path, capsys):
     assert "14 quantized layer(s)" in table
 
 
+def test_quantize_fp8_w8a8_block(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "fp8"
+    assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "fp8", "--act", "fp8", "--block", "128"]) == 0
+    assert "quantized layers: 15 (fp8)" in capsys.readouterr().out
+    layer = lowbit.load(out).model.layers[1].self_attn.q_proj
+    assert layer.format == "fp8" and layer.attrs == {"block": 128, "act": "fp8"}
+    assert layer.qweight.dtype == torch.float8_e4m3fn and layer.scales.shape == (1, 1)
+    # options a format does not take are a one-line error naming the layer
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "bad"), "--format", "int4", "--act", "fp8"]) == 2
+    assert "unknown option(s) ['act']" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert main(["quantize", str(tmp_path), str(tmp_path / "o"), "--format", "int4"]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err

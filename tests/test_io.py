@@ -47,6 +47,27 @@ def test_skeleton_must_match(saved_mlp):
         lowbit.load(saved_mlp[1], model=nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 34)))
 
 
+# Options beyond the defaults that change what is stored.
+EXTRA_OPTIONS = {"fp8": [{"block": 128, "act": "fp8"}, {"act": "fp8"}], "fp8_e5m2": [{"block": 32}]}
+EVERY_FORMAT = [(f, {}) for f in lowbit.formats()] + [(f, o) for f, opts in EXTRA_OPTIONS.items() for o in opts]
+
+
+@pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
+def test_every_format_round_trips(tmp_path, fmt, options):
+    model = lowbit.quantize(make_tiny_llama(dtype=torch.bfloat16), fmt, skip=["lm_head"], progress=False, **options)
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    lowbit.save(model, tmp_path / "m")
+    loaded = lowbit.load(tmp_path / "m")
+    layer, original = loaded.model.layers[0].mlp.up_proj, model.model.layers[0].mlp.up_proj
+    assert layer.format == fmt and layer.attrs == original.attrs
+    for name, tensor in original.packed.tensors.items():
+        assert layer.packed.tensors[name].dtype == tensor.dtype and torch.equal(layer.packed.tensors[name], tensor)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_llama_round_trip_identical_logits(tmp_path, dtype):
     model = lowbit.quantize(make_tiny_llama(dtype=dtype), "int4", group_size=32, skip=["lm_head"], progress=False)

@@ -30,7 +30,8 @@ def test_activation_dtypes(act_dtype):
 
 def test_extra_repr_shows_format_and_bits():
     text = repr(lowbit.QuantLinear.from_linear(_layer(), "int4", symmetric=True))
-    assert "format=int4" in text and "bits_per_weight=5.280" in text  # (384*4 + 3*16) / 300 and "group_size=128" in text
+    assert "format=int4" in text and "group_size=128" in text
+    assert "bits_per_weight=5.280" in text  # (384*4 + 3*16) / 300
 
 
 def test_state_dict_keys_are_fields():
@@ -39,8 +40,10 @@ def test_state_dict_keys_are_fields():
     assert set(model.state_dict()) == {"0.qweight", "0.scales", "0.zeros", "0.bias"}
 
 
-def test_model_dtype_casts_do_not_touch_packed_fields():
-    q = lowbit.QuantLinear.from_linear(_layer(), "int4")
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_model_dtype_casts_do_not_touch_packed_fields(fmt):
+    """fp8 codes are floating-point tensors, so .half() would cast them if nothing stopped it."""
+    q = lowbit.QuantLinear.from_linear(_layer(), fmt)
     before = {k: v.clone() for k, v in q.packed.tensors.items()}
     q.to(torch.bfloat16)
     q.half()

@@ -142,6 +142,11 @@ def w8a8_supported(device: torch.device, weight_dtype: torch.dtype, block: int |
     return True
 
 
+def takes_w8a8_path(m: int, n: int, device: torch.device, weight_dtype: torch.dtype, block: int | None) -> bool:
+    """The path rule for an act="fp8" layer: True = W8A8 on FP8 tensor cores, False = W8A16."""
+    return m >= W8A8_MIN_M and n % 16 == 0 and w8a8_supported(device, weight_dtype, block)
+
+
 def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
                element: str, block: int | None, act_fp8: bool, in_features: int) -> torch.Tensor:
     """[M, K] x (fp16/bf16/fp32) times an FP8 weight qweight [N, Kp] -> [M, N] in x.dtype,
@@ -149,8 +154,7 @@ def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
     if x.dim() != 2 or x.shape[1] != in_features:
         raise InputError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
     n, kp = qweight.shape
-    if (act_fp8 and x.shape[0] >= W8A8_MIN_M and n % 16 == 0
-            and w8a8_supported(x.device, qweight.dtype, block)):
+    if act_fp8 and takes_w8a8_path(x.shape[0], n, x.device, qweight.dtype, block):
         y = scaled_mm_w8a8(x, qweight, scales, block).to(x.dtype)
         return y if bias is None else y + bias
     # 8-bit elements read as int32 words (4 per word, LSB first), like the int8 bit plane.
