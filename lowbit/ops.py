@@ -24,20 +24,27 @@ def dequant_linear(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     zeros: Optional[torch.Tensor],
+    tensor_scale: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     bits: int,
+    element: str,
     group_size: int,
+    scale_group_n: int,
+    scale_kind: str,
     in_features: int,
 ) -> torch.Tensor:
-    """[M, K] x times a bit-plane packed integer weight -> [M, N] (Triton)."""
+    """[M, K] x times a bit-plane packed weight -> [M, N] through the generic Triton dequant
+    kernel (arguments as `lowbit.kernels.dequant_gemm.dequant_matmul` takes them)."""
     from .kernels.dequant_gemm import dequant_matmul
 
     return dequant_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
-                          in_features=in_features)
+                          in_features=in_features, element=element, scale_group_n=scale_group_n,
+                          scale_kind=scale_kind, tensor_scale=tensor_scale)
 
 
 @dequant_linear.register_fake
-def _(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+def _(x, qweight, scales, zeros, tensor_scale, bias, bits, element, group_size, scale_group_n, scale_kind,
+      in_features):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 

@@ -150,8 +150,8 @@ class IntFormat(Format):
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
         return torch.ops.lowbit.dequant_linear(
-            x2d, packed.qweight, packed.scales, packed.tensors.get("zeros"), bias,
-            self.bits, packed.attrs["group_size"], packed.shape[1],
+            x2d, packed.qweight, packed.scales, packed.tensors.get("zeros"), None, bias,
+            self.bits, "int", packed.attrs["group_size"], 1, "float", packed.shape[1],
         )
 
 

@@ -1,7 +1,9 @@
 """Generic dequantize-in-register matmul: y = x @ dequant(W)^T (+ bias).
 
-One kernel family for every element type (ELEMENT: "int" codes of any width BITS, FP8 "e4m3" /
-"e5m2" bytes) and scale layout (per row and K group, or per SCALE_GROUP_N rows), two paths:
+One kernel family for every element type (ELEMENT: "int" codes of any width BITS, two's-complement
+"sint", small floats "e4m3" / "e5m2" / "e2m3" / "e2m1"), scale decoder (float, E8M0 or E4M3 bytes,
+optional fp32 tensor scale) and scale layout (per row and K group, or per SCALE_GROUP_N rows), all
+constexprs, two paths:
   * `_gemv_kernel`: small M, split-K; each program reduces a K slice of BLOCK_N output
     features with a broadcast multiply + sum (no tensor cores needed at M <= 4).
   * `_gemm_kernel`: larger M, tiles dequantized in registers then fed to `tl.dot`.
@@ -36,34 +38,79 @@ def _plane_tile(row_ptrs, k0, word_base, mask, WIDTH: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _decode(codes, ELEMENT: tl.constexpr):
-    """Element decoder: int32 codes -> fp32 values (for "e4m3" scaled by 2^-8; `_dequant_tile`
-    folds the 2^8 into the per-row scale instead of multiplying every element).
-      "int":  the unsigned code itself (the zero point is subtracted by the caller).
-      "e5m2": FP8 E5M2 is the high byte of an fp16, so shift it there and reinterpret.
-      "e4m3": FP8 E4M3 sign/exponent/mantissa moved into fp16 position (exponent bits 13..10,
-              mantissa 9..7) reinterpret as fp16 = value * 2^-8 for normals and subnormals alike
-              (the fp16 exponent bias is 8 more than E4M3's). Only needs integer ops and an fp16
-              convert, so it runs on GPUs without FP8 hardware and in the interpreter."""
+def _decode_minifloat(codes, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr):
+    """Codes of a small float (1 sign, EXP_BITS, MAN_BITS; FP8 E4M3/E5M2, FP6 E2M3, FP4 E2M1)
+    -> fp32 value * 2^(bias - 15). Exponent and mantissa bits moved into fp16 position and
+    reinterpreted as fp16 give exactly that, for normals and subnormals alike: only integer ops
+    and an fp16 convert, so no FP8/FP4 hardware is needed (and the interpreter agrees)."""
+    sign = (codes >> (EXP_BITS + MAN_BITS)) & 1
+    magnitude = codes & ((1 << (EXP_BITS + MAN_BITS)) - 1)
+    bits = (sign << 15) | (magnitude << (10 - MAN_BITS))
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _decode(codes, ELEMENT: tl.constexpr, BITS: tl.constexpr):
+    """Element decoder: int32 codes -> fp32 values up to the constant `_element_factor`, which
+    `_dequant_tile` folds into the scale instead of multiplying every element.
+      "int":  the unsigned code (the caller subtracts the zero point).
+      "sint": a BITS-wide two's-complement code.
+      "e4m3", "e5m2", "e2m3", "e2m1": small floats, see `_decode_minifloat`."""
     if ELEMENT == "int":
         return codes.to(tl.float32)
+    elif ELEMENT == "sint":
+        half = 1 << (BITS - 1)
+        return (((codes + half) & ((1 << BITS) - 1)) - half).to(tl.float32)
+    elif ELEMENT == "e4m3":
+        return _decode_minifloat(codes, 4, 3)
     elif ELEMENT == "e5m2":
-        return (codes << 8).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return _decode_minifloat(codes, 5, 2)
+    elif ELEMENT == "e2m3":
+        return _decode_minifloat(codes, 2, 3)
     else:
-        tl.static_assert(ELEMENT == "e4m3", "unknown ELEMENT")
-        bits = ((codes & 0x80) << 8) | ((codes & 0x7F) << 7)
-        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        tl.static_assert(ELEMENT == "e2m1", "unknown ELEMENT")
+        return _decode_minifloat(codes, 2, 1)
+
+
+@triton.jit
+def _element_factor(ELEMENT: tl.constexpr, BITS: tl.constexpr):
+    """value = _decode(code) * factor: 2^(15 - bias) for small floats (fp16 has bias 15),
+    2^-(BITS-2) for "sint" (MX INT8 elements are k/64), 1 for "int"."""
+    if ELEMENT == "e4m3":
+        return 256.0
+    elif ELEMENT == "e2m3" or ELEMENT == "e2m1":
+        return 16384.0
+    elif ELEMENT == "sint":
+        return 1.0 / (1 << (BITS - 2))
+    else:
+        return 1.0
+
+
+@triton.jit
+def _decode_scale(raw, SCALE_KIND: tl.constexpr):
+    """Stored scales -> fp32. "float": any float dtype; "e8m0": a biased power-of-two exponent
+    byte, decoded by building the fp32 exponent bits (byte 0 = 2^-127, an fp32 subnormal);
+    "e4m3": FP8 E4M3 bytes."""
+    if SCALE_KIND == "float":
+        return raw.to(tl.float32)
+    elif SCALE_KIND == "e8m0":
+        exponent = raw.to(tl.int32)
+        return tl.where(exponent == 0, 5.877471754111438e-39, (exponent << 23).to(tl.float32, bitcast=True))
+    else:
+        tl.static_assert(SCALE_KIND == "e4m3", "unknown SCALE_KIND")
+        return _decode_minifloat(raw.to(tl.int32), 4, 3) * 256.0
 
 
 @triton.jit
 def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, stride_sg,
                   BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
-                  GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """fp32 weights [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K (inside one
-    quantization group). Plane p of a row starts at word words_per_bit * (low bit of p), see
-    lowbit/formats/bitpack.py; BITS and the plane split are compile-time. Scales are
-    [K groups, ceil(N / SCALE_GROUP_N)] (SCALE_GROUP_N = 1: one scale per row and group)."""
+                  GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 weights [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K. Plane p of a row
+    starts at word words_per_bit * (low bit of p), see lowbit/formats/bitpack.py; BITS and the
+    plane split are compile-time. Scales are [K groups, ceil(N / SCALE_GROUP_N)]; a tile lies
+    inside one group (GROUP_SIZE >= BLOCK_K) or covers BLOCK_K / GROUP_SIZE whole groups
+    (microscaling blocks of 16 / 32)."""
     row_ptrs = qw_ptr + offs_n[:, None] * stride_qn
     mask = n_mask[:, None]
     if BITS == 8:
@@ -76,28 +123,36 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
             codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 4), mask, 2, BLOCK_N, BLOCK_K) << (BITS & 4)
         if BITS & 1:
             codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 6), mask, 1, BLOCK_N, BLOCK_K) << (BITS & 6)
-    group = k0 // GROUP_SIZE
+    values = _decode(codes, ELEMENT, BITS)
+    factor = _element_factor(ELEMENT, BITS)
     scale_offs = offs_n if SCALE_GROUP_N == 1 else offs_n // SCALE_GROUP_N
-    scale = tl.load(s_ptr + group * stride_sg + scale_offs, mask=n_mask, other=0.0).to(tl.float32)
-    if ELEMENT == "e4m3":
-        scale = scale * 256.0
-    values = _decode(codes, ELEMENT)
-    if ELEMENT == "int":
-        if SYMMETRIC:
-            values -= 1 << (BITS - 1)
-        else:
-            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            values -= zero[:, None]
-    return values * scale[:, None]
+    if GROUP_SIZE >= BLOCK_K:
+        group = k0 // GROUP_SIZE
+        raw = tl.load(s_ptr + group * stride_sg + scale_offs, mask=n_mask, other=0)
+        scale = _decode_scale(raw, SCALE_KIND) * factor
+        if ELEMENT == "int":
+            if SYMMETRIC:
+                values -= 1 << (BITS - 1)
+            else:
+                zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                values -= zero[:, None]
+        return values * scale[:, None]
+    else:
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+        groups = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+        raw = tl.load(s_ptr + groups[None, :] * stride_sg + scale_offs[:, None], mask=mask, other=0)
+        scale = _decode_scale(raw, SCALE_KIND) * factor  # [BLOCK_N, GROUPS]
+        values = tl.reshape(values, (BLOCK_N, GROUPS, GROUP_SIZE)) * scale[:, :, None]
+        return tl.reshape(values, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
                  M, N, K, words_per_bit, tiles_per_split,
                  stride_xm, stride_qn, stride_sg, stride_os, stride_om,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -114,9 +169,11 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
-                          stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N, BLOCK_N,
-                          BLOCK_K)  # [BLOCK_N, BLOCK_K]
+                          stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N, SCALE_KIND,
+                          BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if HAS_TENSOR_SCALE:
+        acc *= tl.load(ts_ptr).to(tl.float32)
     if HAS_BIAS:
         if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -125,12 +182,12 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
                  M, N, K, words_per_bit,
                  stride_xm, stride_qn, stride_sg, stride_om,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
-                 DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -145,31 +202,40 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = tl.trans(_dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
                                    stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                                   BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
+                                   SCALE_KIND, BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w.to(x.dtype), acc)
+    if HAS_TENSOR_SCALE:
+        acc *= tl.load(ts_ptr).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
 
 
-def _block_k(group_size: int, preferred: int) -> int:
-    """Largest power of two <= preferred that divides group_size (>= 32 as groups are)."""
+def _tile_fits(block_k: int, group_size: int, kp: int, multi_group: bool) -> bool:
+    """A K tile lies inside one scale group, or (multi_group) covers whole groups and divides Kp."""
+    return group_size % block_k == 0 or (multi_group and block_k % group_size == 0 and kp % block_k == 0)
+
+
+def _block_k(group_size: int, kp: int, preferred: int, multi_group: bool) -> int:
+    """Largest power of two BLOCK_K in [32, preferred] that `_tile_fits` (32 always does: groups
+    are multiples of 32, or of 16 with Kp a multiple of 32)."""
     block = preferred
-    while group_size % block:
+    while block > 32 and not _tile_fits(block, group_size, kp, multi_group):
         block //= 2
     return block
 
 
-def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device) -> dict:
-    """Default path and tile sizes for an [m, kp] x [n, kp]^T problem (tuned later per GPU)."""
+def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False) -> dict:
+    """Default path and tile sizes for an [m, kp] x [n, kp]^T problem (tuned later per GPU).
+    multi_group: tiles may span several scale groups (element types without zero points)."""
     if m <= GEMV_MAX_M:
         block_m = triton.next_power_of_2(m)
         block_n = 32
-        block_k = _block_k(group_size, 128)
+        block_k = _block_k(group_size, kp, 128, multi_group)
         k_tiles = kp // block_k
         n_blocks = triton.cdiv(n, block_n)
         # Enough programs to fill the GPU twice over; never more splits than K tiles.
@@ -177,25 +243,35 @@ def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device) 
         return {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
                 "SPLIT_K": split_k}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": _block_k(group_size, 64)}
+    return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": _block_k(group_size, kp, 64, multi_group)}
 
 
-ELEMENTS = ("int", "e4m3", "e5m2")
+#: element decoder -> the code width it needs (None: any width 2..8)
+ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4}
+SCALE_KINDS = ("float", "e8m0", "e4m3")
 
 
 def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor | None, bias: torch.Tensor | None, *, bits: int,
                    group_size: int, in_features: int, element: str = "int", scale_group_n: int = 1,
+                   scale_kind: str = "float", tensor_scale: torch.Tensor | None = None,
                    config: dict | None = None) -> torch.Tensor:
     """[M, K] x (fp16/bf16/fp32) times the packed [N, K] weight -> [M, N] in x.dtype.
 
-    qweight int32 [N, Kp*bits/32]; scales (any float dtype) [Kp/group_size, ceil(N/scale_group_n)];
-    zeros float16 [Kp/group_size, N] (asymmetric "int" only, else None); bias [N] or None.
-    element: "int" (w = (code - zero) * scale) or "e4m3" / "e5m2" (bits=8; w = fp8(code) * scale).
+    qweight int32 [N, Kp*bits/32] (bit planes, see lowbit/formats/bitpack.py).
+    element: "int" (w = (code - zero) * scale), "sint" (two's complement k/64, MX INT8) or a
+      small float "e4m3" / "e5m2" / "e2m3" / "e2m1" (w = value(code) * scale).
+    scales [Kp/group_size, ceil(N/scale_group_n)]: any float dtype (scale_kind "float") or uint8
+      bytes of E8M0 exponents / E4M3 values (scale_kind "e8m0" / "e4m3").
+    zeros float16 [Kp/group_size, N] (asymmetric "int" only, else None).
+    tensor_scale: fp32 [1] multiplying the whole product (NVFP4), or None. bias [N] or None.
     `config` overrides the path / tile choice (keys as returned by `pick_config`).
     """
-    if element not in ELEMENTS or (element != "int" and (bits != 8 or zeros is not None)):
+    width = ELEMENTS.get(element, -1)
+    if width == -1 or (width is not None and bits != width) or (element != "int" and zeros is not None):
         raise InputError(f"element={element!r} with bits={bits}, zeros={zeros is not None} is not a kernel variant")
+    if scale_kind not in SCALE_KINDS:
+        raise InputError(f"scale_kind must be one of {SCALE_KINDS}, got {scale_kind!r}")
     if x.dim() != 2 or x.shape[1] != in_features:
         raise InputError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
     n = qweight.shape[0]
@@ -208,15 +284,19 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, n))
-    cfg = {**pick_config(m, n, kp, group_size, x.device), **(config or {})}
+    multi_group = element != "int"
+    cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group), **(config or {})}
     block_k = cfg["BLOCK_K"]
-    if block_k < 32 or block_k & (block_k - 1) or group_size % block_k:
-        # >= 32: a tile must hold whole words of the 1-bit plane; inside one group: one scale per row
-        raise InputError(f"BLOCK_K={block_k} must be a power of two >= 32 dividing group_size={group_size}")
+    if block_k < 32 or block_k & (block_k - 1) or not _tile_fits(block_k, group_size, kp, multi_group):
+        # >= 32: a tile must hold whole words of the 1-bit plane; scales per whole group
+        raise InputError(f"BLOCK_K={block_k} must be a power of two >= 32 inside one group of "
+                         f"{group_size} or covering whole groups of Kp={kp}")
     zeros_arg = zeros if zeros is not None else scales  # never read when symmetric
     bias_arg = bias if bias is not None else scales  # never read without bias
+    ts_arg = tensor_scale if tensor_scale is not None else scales  # never read without one
     common = dict(BITS=bits, ELEMENT=element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
-                  GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n,
+                  GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n, SCALE_KIND=scale_kind,
+                  HAS_TENSOR_SCALE=tensor_scale is not None,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
     words_per_bit = kp // 32
     if cfg["path"] == "gemv":
@@ -229,7 +309,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         else:
             target = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
-        _gemv_kernel[grid](x, qweight, scales, zeros_arg, bias_arg, target,
+        _gemv_kernel[grid](x, qweight, scales, zeros_arg, ts_arg, bias_arg, target,
                            m, n, in_features, words_per_bit, tiles_per_split,
                            x.stride(0), qweight.stride(0), scales.stride(0),
                            target.stride(0) if split_k > 1 else 0, n, **common)
@@ -237,7 +317,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     dot_fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 tl.dot is wrong
-    _gemm_kernel[grid](x, qweight, scales, zeros_arg, bias_arg, out,
+    _gemm_kernel[grid](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out,
                        m, n, in_features, words_per_bit,
                        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
                        DOT_FP32=dot_fp32, **common)

@@ -136,7 +136,7 @@ def test_pick_config_paths():
 def test_custom_op_registration(device):
     """Schema, fake (meta) implementation and autograd registration agree with the kernel."""
     p, x, b, _ = _case(4, 3, False, torch.float16, device, n=33, k=64, group_size=32)
-    args = (x, p.qweight, p.scales, p.zeros, b, 4, 32, 64)
+    args = (x, p.qweight, p.scales, p.zeros, None, b, 4, "int", 32, 1, "float", 64)
     torch.library.opcheck(torch.ops.lowbit.dequant_linear.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -1,0 +1,287 @@
+"""Microscaling formats (the torch spec; DESIGN.md section 4, OCP MX v1.0 and NVIDIA NVFP4).
+
+One block-scale machinery, element codecs as data:
+
+  format   element                      block  block scale                       bits/weight
+  mxint8   INT8, k/64, k in [-127, 127]  32     E8M0 (power of two)                8.25
+  mxfp8    FP8 E4M3                       32     E8M0                               8.25
+  mxfp6    FP6 E2M3                       32     E8M0                               6.25
+  mxfp4    FP4 E2M1                       32     E8M0                               4.25
+  nvfp4    FP4 E2M1                       16     FP8 E4M3, times one fp32 tensor    4.5
+
+MX (FLOOR, as torchao's `to_mx`): per block, e = floor(log2(amax)) - emax_elem, read from the
+fp32 exponent bits of amax (torch.log2 rounds up just below powers of two), clamped to
+[-127, 127]; scale byte = e + 127; elements = round-half-even(v / 2^e), saturated at the element
+maximum (so 7.9 in an FP4 block whose scale is 1 stores 6). All-zero block: byte 0, data 0.
+
+NVFP4: t = amax(W) / (448 * 6) (fp32; an all-zero weight gets t = 1),
+s = e4m3(clamp((block_amax / 6) / t, 2^-6, 448)), q = e2m1(clamp(w * ((1 / t) / s), -6, 6)),
+w_hat = value(q) * s * t.
+
+Storage: K is zero-padded to Kp (a multiple of 32). qweight int32 [N, Kp*bits/32] in the bit
+planes of lowbit/formats/bitpack.py: for 4- and 8-bit elements that is exactly the packed byte
+stream (element 2i in the low nibble). scales uint8 [Kp/block, N] (E8M0 bytes) or float8_e4m3fn
+[Kp/16, N]; nvfp4 adds tensor_scale float32 [1].
+
+Options (accuracy studies; the seed paper "INT v.s. FP"):
+  act="mxfp4" | "nvfp4" | "mxint8" | "mxfp8" | "mxfp6": activations are fake-quantized per block
+      along K with that format's rules, in torch, on the fly (W4A4 / W8A8 numerics).
+  rotate="hadamard": a block Hadamard transform along K (block = the format's block), applied to
+      the weight before quantization and to activations at run time. H is orthogonal, so
+      (x H)(W H)^T = x W^T; dequantize() returns the weight in the original basis.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FormatError
+from ..packed import PackedWeight
+from . import bitpack, register_format
+from .base import FieldSpec, Format
+from .integer import padded_k
+
+_OPTIONS = {"act", "rotate"}
+_ROTATIONS = (None, "hadamard")
+_E4M3_MAX = 448.0
+_E4M3_MIN_NORMAL = 2.0**-6
+
+
+# -- element codecs -------------------------------------------------------------------------------
+
+def encode_minifloat(v: torch.Tensor, exp_bits: int, man_bits: int, max_value: float) -> torch.Tensor:
+    """fp32 -> codes (int32, sign bit at exp_bits + man_bits) of a small float without inf/NaN:
+    round half to even, saturating at max_value. Normals keep `man_bits` fp32 mantissa bits with
+    round-half-even on the integer bits; subnormals are rne(|v| / smallest subnormal), done by an
+    fp32 add of 2^23 (which rounds to nearest even)."""
+    bias = 2 ** (exp_bits - 1) - 1
+    sign = torch.signbit(v).int() << (exp_bits + man_bits)
+    a = v.abs().clamp(max=max_value)
+    bits = a.view(torch.int32)
+    shift = 23 - man_bits
+    normal = ((bits + (1 << (shift - 1)) - 1 + ((bits >> shift) & 1)) >> shift) - ((127 - bias) << man_bits)
+    subnormal = (a * 2.0 ** (bias - 1 + man_bits) + 2.0**23).view(torch.int32) - 0x4B000000
+    return torch.where(a < 2.0 ** (1 - bias), subnormal, normal) | sign
+
+
+def decode_minifloat(codes: torch.Tensor, exp_bits: int, man_bits: int) -> torch.Tensor:
+    """Codes -> fp32 values (exact)."""
+    bias = 2 ** (exp_bits - 1) - 1
+    codes = codes.int()
+    sign = 1.0 - 2.0 * ((codes >> (exp_bits + man_bits)) & 1).float()
+    exponent = (codes >> man_bits) & ((1 << exp_bits) - 1)
+    mantissa = (codes & ((1 << man_bits) - 1)).float() / 2**man_bits
+    normal = exponent > 0
+    magnitude = torch.where(normal, 1.0 + mantissa, mantissa) * torch.exp2((torch.where(normal, exponent, 1) - bias).float())
+    return sign * magnitude
+
+
+@dataclass(frozen=True)
+class ElementCodec:
+    """An element type: its kernel decoder name, width, the exponent of its largest power of two
+    (`emax`, for the E8M0 shared exponent), and exact encode (fp32 -> int32 codes, rne,
+    saturating) / decode (codes -> fp32)."""
+
+    kernel: str
+    bits: int
+    emax: int
+    max_value: float
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _minifloat_codec(kernel: str, exp_bits: int, man_bits: int, max_value: float) -> ElementCodec:
+    return ElementCodec(kernel, 1 + exp_bits + man_bits, int(math.floor(math.log2(max_value))), max_value,
+                        lambda v: encode_minifloat(v, exp_bits, man_bits, max_value),
+                        lambda c: decode_minifloat(c, exp_bits, man_bits))
+
+
+def _int8_encode(v: torch.Tensor) -> torch.Tensor:
+    return torch.round(v * 64).clamp(-127, 127).int() & 0xFF  # two's complement byte
+
+
+def _int8_decode(codes: torch.Tensor) -> torch.Tensor:
+    return (((codes.int() + 128) & 0xFF) - 128).float() / 64
+
+
+E2M1 = _minifloat_codec("e2m1", 2, 1, 6.0)
+E2M3 = _minifloat_codec("e2m3", 2, 3, 7.5)
+E4M3 = _minifloat_codec("e4m3", 4, 3, 448.0)
+INT8 = ElementCodec("sint", 8, 0, 127 / 64, _int8_encode, _int8_decode)
+
+
+def hadamard(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix [size, size] (size a power of two), symmetric."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(size)).to(dtype)
+
+
+def rotate_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., Kp] -> [..., Kp] with every length-`block` slice along K multiplied by H (= H^-1)."""
+    shape = x.shape
+    h = hadamard(block, x.dtype).to(x.device)
+    return (x.reshape(*shape[:-1], shape[-1] // block, block) @ h).reshape(shape)
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """Integer exponents in [-127, 127] -> exact fp32 powers of two (2^-127 is subnormal)."""
+    normal = ((e.clamp(min=-126) + 127) << 23).view(torch.float32)
+    return torch.where(e == -127, torch.tensor(2.0**-127), normal)
+
+
+# -- the formats --------------------------------------------------------------------------------
+
+class MicroscalingFormat(Format):
+    """Block-scaled formats: `mx*` (E8M0 scale per 32) and `nvfp4` (E4M3 per 16 + tensor scale)."""
+
+    ATTRS = ("act", "rotate")
+
+    def __init__(self, name: str, codec: ElementCodec, block: int, scale_kind: str):
+        self.name = name
+        self.codec = codec
+        self.block = block
+        self.scale_kind = scale_kind  # "e8m0" or "e4m3" (NVFP4, two-level with a tensor scale)
+
+    # -- options / attributes -------------------------------------------------------------
+    def _check_values(self, act: Any, rotate: Any) -> None:
+        if act is not None and act not in MICROSCALING_FORMATS:
+            raise FormatError(f"{self.name}: act must be None or one of {sorted(MICROSCALING_FORMATS)}, got {act!r}")
+        if rotate not in _ROTATIONS:
+            raise FormatError(f"{self.name}: rotate must be one of {_ROTATIONS}, got {rotate!r}")
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
+        self._check_values(options.get("act"), options.get("rotate"))
+
+    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
+        self.check_options(options)
+        return {"act": options.get("act"), "rotate": options.get("rotate")}
+
+    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
+        if not isinstance(attrs, dict) or set(attrs) != set(self.ATTRS):
+            raise FormatError(f"{self.name}: attrs must have exactly the keys {list(self.ATTRS)}, got {attrs!r}")
+        self._check_values(attrs["act"], attrs["rotate"])
+        return attrs
+
+    def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
+        n, k = shape
+        kp = padded_k(k, 32)
+        scale_dtype = torch.uint8 if self.scale_kind == "e8m0" else torch.float8_e4m3fn
+        specs = {"qweight": FieldSpec(torch.int32, (n, kp * self.codec.bits // 32)),
+                 "scales": FieldSpec(scale_dtype, (kp // self.block, n))}
+        if self.scale_kind == "e4m3":
+            specs["tensor_scale"] = FieldSpec(torch.float32, (1,))
+        return specs
+
+    # -- the spec ---------------------------------------------------------------------------
+    def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """[R, Kp] fp32 (Kp a multiple of the block) -> (codes int32 [R, Kp], block scales
+        [R, Kp/block] (uint8 E8M0 bytes or float8_e4m3fn), tensor scale fp32 [1] or None)."""
+        r, kp = w.shape
+        blocks = w.reshape(r, kp // self.block, self.block)
+        amax = blocks.abs().amax(dim=-1)
+        if self.scale_kind == "e8m0":
+            exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127
+            e = (exponent - self.codec.emax).clamp(-127, 127)
+            codes = self.codec.encode(blocks / _pow2(e).unsqueeze(-1))
+            return codes.reshape(r, kp), (e + 127).to(torch.uint8), None
+        w_amax = amax.amax()
+        t = torch.where(w_amax > 0, w_amax / (_E4M3_MAX * self.codec.max_value), 1.0).reshape(1)
+        s = ((amax / self.codec.max_value) / t).clamp(_E4M3_MIN_NORMAL, _E4M3_MAX).to(torch.float8_e4m3fn)
+        reciprocal = (1.0 / t) / s.float()
+        codes = self.codec.encode((blocks * reciprocal.unsqueeze(-1)).clamp(-self.codec.max_value, self.codec.max_value))
+        return codes.reshape(r, kp), s, t
+
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
+        """Inverse of `encode`: [R, Kp] fp32."""
+        r, kp = codes.shape
+        values = self.codec.decode(codes).reshape(r, kp // self.block, self.block)
+        if self.scale_kind == "e8m0":
+            scale = _pow2(scales.int() - 127)
+        else:
+            scale = scales.float() * tensor_scale
+        return (values * scale.unsqueeze(-1)).reshape(r, kp)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, Kp] fp32 activations -> the values this format represents (dynamic, per block)."""
+        return self.decode(*self.encode(x))
+
+    def _prepare(self, x: torch.Tensor, kp: int, attrs: dict[str, Any]) -> torch.Tensor:
+        """[M, K] -> [M, Kp] fp32 as the stored weight sees it: zero-padded, rotated, fake-quantized."""
+        x = F.pad(x.float(), (0, kp - x.shape[-1]))
+        if attrs["rotate"] == "hadamard":
+            x = rotate_blocks(x, self.block)
+        if attrs["act"] is not None:
+            x = MICROSCALING_FORMATS[attrs["act"]].fake_quantize(x)
+        return x
+
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
+        weight = self.check_weight(weight, name)
+        n, k = weight.shape
+        attrs = self.resolve_attrs((n, k), options)
+        kp = padded_k(k, 32)
+        w = F.pad(weight.float(), (0, kp - k))
+        if attrs["rotate"] == "hadamard":
+            w = rotate_blocks(w, self.block)
+        codes, scales, tensor_scale = self.encode(w)
+        tensors = {"qweight": bitpack.pack(codes & ((1 << self.codec.bits) - 1), self.codec.bits),
+                   "scales": scales.t().contiguous()}
+        if tensor_scale is not None:
+            tensors["tensor_scale"] = tensor_scale
+        return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
+
+    def stored_weight(self, packed: PackedWeight) -> torch.Tensor:
+        """[N, Kp] fp32: the weight as stored (rotated when rotate="hadamard", K padding kept)."""
+        n, k = packed.shape
+        kp = padded_k(k, 32)
+        codes = bitpack.unpack(packed.qweight, self.codec.bits, kp)
+        return self.decode(codes, packed.scales.t(), packed.tensors.get("tensor_scale"))
+
+    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+        w = self.stored_weight(packed)
+        if packed.attrs["rotate"] == "hadamard":
+            w = rotate_blocks(w, self.block)  # H is its own inverse
+        return w[:, : packed.shape[1]].to(packed.dtype)
+
+    def reference_linear(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """Weight-only: F.linear(x, dequantize(W)). With act / rotate: x is rotated and
+        fake-quantized like the weight, then multiplied with the stored weight in fp32."""
+        attrs = packed.attrs
+        if attrs["act"] is None and attrs["rotate"] is None:
+            return super().reference_linear(x, packed, bias)
+        n, k = packed.shape
+        x2d = self._prepare(x.reshape(-1, k), padded_k(k, 32), attrs)
+        y = F.linear(x2d, self.stored_weight(packed), None if bias is None else bias.float())
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    # -- kernels ------------------------------------------------------------------------------
+    def triton_linear(self, x2d, packed, bias):
+        n, k = packed.shape
+        attrs = packed.attrs
+        if attrs["act"] is not None or attrs["rotate"] is not None:
+            kp = padded_k(k, 32)
+            x2d, k = self._prepare(x2d, kp, attrs).to(x2d.dtype), kp
+        return torch.ops.lowbit.dequant_linear(
+            x2d, packed.qweight, packed.scales.view(torch.uint8), None, packed.tensors.get("tensor_scale"), bias,
+            self.codec.bits, self.codec.kernel, self.block, 1, self.scale_kind, k,
+        )
+
+
+MICROSCALING_FORMATS = {
+    fmt.name: register_format(fmt)
+    for fmt in (
+        MicroscalingFormat("mxint8", INT8, 32, "e8m0"),
+        MicroscalingFormat("mxfp8", E4M3, 32, "e8m0"),
+        MicroscalingFormat("mxfp6", E2M3, 32, "e8m0"),
+        MicroscalingFormat("mxfp4", E2M1, 32, "e8m0"),
+        MicroscalingFormat("nvfp4", E2M1, 16, "e4m3"),
+    )
+}
