@@ -35,7 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
              "A100-SXM4-80GB": 2039.0, "A100": 1555.0, "L40S": 864.0, "RTX 4090": 1008.0}
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}
-DEFAULT_FORMATS = [f"int{b}" for b in range(2, 9)] + ["fp8", "fp8_e5m2", "fp8:act=fp8", "fp8:block=128,act=fp8"]
+DEFAULT_FORMATS = ([f"int{b}" for b in range(2, 9)] + ["fp8", "fp8_e5m2", "fp8:act=fp8", "fp8:block=128,act=fp8"]
+                   + ["mxint8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"])
 
 
 def parse_format_spec(spec: str, args) -> tuple[str, dict]:

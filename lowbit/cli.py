@@ -39,6 +39,8 @@ def _format_options(args: argparse.Namespace) -> dict:
         options["block"] = args.block
     if args.act is not None:
         options["act"] = args.act
+    if args.rotate is not None:
+        options["rotate"] = args.rotate
     return options
 
 
@@ -112,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
     q.add_argument("--block", type=int, default=None, help="fp8: one scale per BLOCK x BLOCK tile (e.g. 128) "
                    "instead of per output channel")
-    q.add_argument("--act", default=None, help="also quantize activations at run time (fp8 formats: 'fp8' = W8A8)")
+    q.add_argument("--act", default=None, help="also quantize activations at run time (fp8 formats: 'fp8' = W8A8; "
+                   "microscaling formats: a microscaling format name, fake-quantized)")
+    q.add_argument("--rotate", default=None, choices=["hadamard"], help="microscaling formats: block Hadamard "
+                   "rotation along K (weights offline, activations at run time)")
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="glob patterns of layers to keep in full precision")
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)

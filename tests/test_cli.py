@@ -49,6 +49,14 @@ def test_quantize_fp8_w8a8_block(tiny_llama_dir, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_quantize_mxfp4_with_rotation_and_fake_quantized_activations(tiny_llama_dir, tmp_path):
+    out = tmp_path / "mx"
+    assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "mxfp4", "--act", "mxfp4",
+                 "--rotate", "hadamard", "--skip", "lm_head"]) == 0
+    layer = lowbit.load(out).model.layers[0].mlp.down_proj
+    assert layer.format == "mxfp4" and layer.attrs == {"act": "mxfp4", "rotate": "hadamard"}
+
+
 def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert main(["quantize", str(tmp_path), str(tmp_path / "o"), "--format", "int4"]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err

@@ -52,7 +52,8 @@ def _decode_minifloat(codes, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr):
 @triton.jit
 def _decode(codes, ELEMENT: tl.constexpr, BITS: tl.constexpr):
     """Element decoder: int32 codes -> fp32 values up to the constant `_element_factor`, which
-    `_dequant_tile` folds into the scale instead of multiplying every element.
+    `_dequant_tile` folds into the (float / E4M3, so bounded) scale instead of multiplying every
+    element.
       "int":  the unsigned code (the caller subtracts the zero point).
       "sint": a BITS-wide two's-complement code.
       "e4m3", "e5m2", "e2m3", "e2m1": small floats, see `_decode_minifloat`."""
@@ -125,6 +126,10 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
             codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 6), mask, 1, BLOCK_N, BLOCK_K) << (BITS & 6)
     values = _decode(codes, ELEMENT, BITS)
     factor = _element_factor(ELEMENT, BITS)
+    if SCALE_KIND == "e8m0":
+        # E8M0 scales reach 2^127: scale * factor could overflow, so scale the elements instead.
+        values = values * factor
+        factor = 1.0
     scale_offs = offs_n if SCALE_GROUP_N == 1 else offs_n // SCALE_GROUP_N
     if GROUP_SIZE >= BLOCK_K:
         group = k0 // GROUP_SIZE

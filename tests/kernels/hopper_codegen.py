@@ -38,18 +38,20 @@ def compile_act_quant():
                     {"BLOCK": 1024}, unaligned=("stride_sm",))
 
 
-def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str):
+def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float"):
+    """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
+    32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale)."""
     kernel = kernels._gemv_kernel if path == "gemv" else kernels._gemm_kernel
-    fp8 = element != "int"
-    constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True,
-                      GROUP_SIZE=4096 if fp8 else 128, SCALE_GROUP_N=1)
+    group = {"e8m0": 32, "e4m3": 16}.get(scale_kind, 128 if element == "int" else 4096)
+    constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
+                      SCALE_GROUP_N=1, SCALE_KIND=scale_kind, HAS_TENSOR_SCALE=scale_kind == "e4m3")
     if path == "gemv":
         constexprs.update(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128)
     else:
         constexprs.update(DOT_FP32=act == "fp32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
-    scale_type = "*fp32" if fp8 else "*fp16"
+    scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"
     pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_type, "z_ptr": scale_type,
-                     "bias_ptr": ACT[act], "out_ptr": ACT[act]}
+                     "ts_ptr": "*fp32", "bias_ptr": ACT[act], "out_ptr": ACT[act]}
     return _compile(kernel, pointer_types, constexprs, unaligned=("M", "tiles_per_split"))
 
 

@@ -19,7 +19,10 @@ INT_VARIANTS = [[path, b, s, a, "int"] for path in ("gemv", "gemm") for b in ran
                 for s, a in [(True, "bf16"), (False, "fp16"), (b % 2 == 0, "fp32")]]
 INT_VARIANTS += [["gemm", 4, False, "bf16", "int"], ["gemv", 4, True, "fp16", "int"]]
 FP8_VARIANTS = [[path, 8, True, a, e] for path in ("gemv", "gemm") for a in ("bf16", "fp16") for e in ("e4m3", "e5m2")]
-VARIANTS = INT_VARIANTS + FP8_VARIANTS + [["act_quant"]]
+MX_VARIANTS = [[path, bits, True, "bf16", element, scale] for path in ("gemv", "gemm")
+               for bits, element, scale in [(4, "e2m1", "e8m0"), (4, "e2m1", "e4m3"), (6, "e2m3", "e8m0"),
+                                            (8, "sint", "e8m0"), (8, "e4m3", "e8m0")]]
+VARIANTS = INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + [["act_quant"]]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,9 @@ def hopper():
     return json.loads(proc.stdout)
 
 
-def _ptx(hopper, path, bits=None, symmetric=None, act=None, element="int"):
+def _ptx(hopper, path, bits=None, symmetric=None, act=None, element="int", scale_kind=None):
     key = path if path == "act_quant" else f"{path}-{bits}-{symmetric}-{act}-{element}"
+    key += f"-{scale_kind}" if scale_kind else ""
     result = hopper[key]
     assert "error" not in result, result.get("error")
     assert result["cubin_bytes"] > 0
@@ -80,3 +84,13 @@ def test_fp8_weight_only_needs_no_fp8_hardware(hopper, element):
 def test_activation_quant_uses_exact_division(hopper):
     ptx = _ptx(hopper, "act_quant")
     assert "div.rn.f32" in ptx and "div.approx" not in ptx and "div.full" not in ptx
+
+
+@pytest.mark.parametrize("scale_kind", ["e8m0", "e4m3"])
+def test_fp4_needs_no_fp4_hardware_and_loads_vectors(hopper, scale_kind):
+    """E2M1 decodes with integer ops (no cvt from e2m1), 128-bit weight loads in the GEMV, and
+    Hopper tensor cores (wgmma, bf16) in the GEMM."""
+    ptx = _ptx(hopper, "gemv", 4, True, "bf16", "e2m1", scale_kind)
+    assert not re.search(r"cvt\S*\.e2m1", ptx)
+    assert len(re.findall(r"ld\.global(?:\.nc)?\.v4\.b32", ptx)) >= 1
+    assert "wgmma.mma_async" in _ptx(hopper, "gemm", 4, True, "bf16", "e2m1", scale_kind)
