@@ -193,7 +193,6 @@ def write_plot(path: Path, env: dict, rows: list[dict]) -> bool:
 
 
 def main(argv=None) -> int:
-    import lowbit
     from benchmarks.shapes import SMOKE_M_VALUES, shapes
 
     args = parse_args(argv)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`make demo`: quantize the embedded MiniLM to int8 and int4, compare sentence embeddings with
+"""`make demo`: quantize the embedded MiniLM to int8, fp8, mxfp8, int4, nvfp4 and mxfp4, compare sentence embeddings with
 the unquantized model, save, reload, and check the reloaded model gives the same embeddings."""
 import sys
 import tempfile
@@ -22,7 +22,7 @@ def main() -> int:
     print(f"all-MiniLM-L6-v2 (fp32): {dense_bytes / 2**20:.2f} MiB, {len(DEMO_SENTENCES)} sentences\n")
     print(f"{'format':<7} {'size MiB':>9} {'of fp32':>8} {'bits/w':>7} {'min cos':>8} {'mean cos':>9} {'reload':>8}")
     ok = True
-    for fmt in ("int8", "int4"):
+    for fmt in ("int8", "fp8", "mxfp8", "int4", "nvfp4", "mxfp4"):
         model, _ = load_default_model()
         t0 = time.perf_counter()
         lowbit.quantize(model, fmt, progress=False)
