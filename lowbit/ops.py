@@ -47,6 +47,28 @@ def _(x, qweight, scales, zeros, tensor_scale, bias, bits, element, group_size, 
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
+@torch.library.custom_op("lowbit::lut_linear", mutates_args=())
+def lut_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """[M, K] x times a lutN weight -> [M, N]: table-lookup kernel (small M) or dequant GEMM."""
+    from .kernels.lut_gemm import lut_matmul
+
+    return lut_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size, in_features=in_features)
+
+
+@lut_linear.register_fake
+def _(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
 @torch.library.custom_op("lowbit::fp8_linear", mutates_args=())
 def fp8_linear(
     x: torch.Tensor,

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="smoke mode is the CPU interpreter run")
 def test_bench_gemm_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gemm.py"), "--smoke", "--formats",
-                           "int3", "int4", "fp8", "fp8:block=32,act=fp8", "--out-dir", str(tmp_path)],
+                           "int3", "lut3", "fp8:block=32,act=fp8", "nvfp4", "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("*.json")
@@ -21,7 +21,7 @@ def test_bench_gemm_smoke(tmp_path):
     assert set(data["env"]) == {"device", "torch", "triton", "commit", "date"}
     rows = data["results"]
     assert len(rows) == 4 * 2 * 2  # formats x smoke shapes x M
-    assert {r["format"] for r in rows} == {"int3", "int4", "fp8", "fp8:block=32,act=fp8"}
+    assert {r["format"] for r in rows} == {"int3", "lut3", "fp8:block=32,act=fp8", "nvfp4"}
     for row in rows:
         assert "error" not in row
         assert row["shape"].startswith("smoke/") and row["max_rel_err"] < 1e-4

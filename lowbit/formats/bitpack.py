@@ -5,17 +5,22 @@ A width b splits into power-of-two planes so that no value ever straddles a word
 3 = 2+1). Each plane of width w holds bits [lo, lo+w) of every code, packed LSB-first along K,
 32/w codes per int32 word. A row of Kp codes therefore takes Kp*b/32 words: plane p starts at
 word Kp*lo_p/32. A kernel reads each plane with aligned 32-bit loads and one shift + mask.
+`one_bit=True` splits every width into b one-bit planes instead (the LUT formats' layout: plane j
+holds bit j of every code, so 4 consecutive weights of a plane form one 4-bit table index).
 """
 from __future__ import annotations
 
 import torch
 
 
-def planes(bits: int) -> tuple[tuple[int, int], ...]:
+def planes(bits: int, one_bit: bool = False) -> tuple[tuple[int, int], ...]:
     """((width, low_bit), ...) of the planes a `bits`-wide code is split into, low bits first."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    widths = (8,) if bits == 8 else tuple(w for w in (4, 2, 1) if bits & w)
+    if one_bit:
+        widths = (1,) * bits
+    else:
+        widths = (8,) if bits == 8 else tuple(w for w in (4, 2, 1) if bits & w)
     out, lo = [], 0
     for w in widths:
         out.append((w, lo))
@@ -23,14 +28,14 @@ def planes(bits: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def pack(codes: torch.Tensor, bits: int, one_bit: bool = False) -> torch.Tensor:
     """[N, Kp] integer codes in [0, 2^bits) -> [N, Kp*bits/32] int32 words. Kp % 32 == 0."""
     n, kp = codes.shape
     if kp % 32:
         raise ValueError(f"packed length must be a multiple of 32, got {kp}")
     codes = codes.to(torch.int64)
     parts = []
-    for width, lo in planes(bits):
+    for width, lo in planes(bits, one_bit):
         per_word = 32 // width
         field = ((codes >> lo) & ((1 << width) - 1)).reshape(n, kp // per_word, per_word)
         shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * width
@@ -41,13 +46,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def unpack(words: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
+def unpack(words: torch.Tensor, bits: int, kp: int, one_bit: bool = False) -> torch.Tensor:
     """Inverse of `pack`: [N, Kp*bits/32] int32 -> [N, Kp] int32 codes."""
     n = words.shape[0]
     words = words.to(torch.int64) & 0xFFFFFFFF
     codes = torch.zeros(n, kp, dtype=torch.int64, device=words.device)
     start = 0
-    for width, lo in planes(bits):
+    for width, lo in planes(bits, one_bit):
         per_word = 32 // width
         count = kp // per_word
         plane_words = words[:, start : start + count]

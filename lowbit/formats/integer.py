@@ -54,10 +54,12 @@ class IntFormat(Format):
     """`int{bits}`: group-wise integer weights, symmetric or asymmetric."""
 
     ATTRS = ("group_size", "symmetric")
+    #: bit-plane layout of qweight (see bitpack.py); the LUT formats use one-bit planes
+    ONE_BIT_PLANES = False
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, prefix: str = "int"):
         self.bits = bits
-        self.name = f"int{bits}"
+        self.name = f"{prefix}{bits}"
 
     # -- options / attributes -------------------------------------------------------------
     def check_options(self, options: dict[str, Any]) -> None:
@@ -68,8 +70,8 @@ class IntFormat(Format):
         if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or (gs > 0 and gs % 32 == 0)):
             raise FormatError(f"{self.name}: group_size must be -1 (per channel) or a positive multiple of 32, got {gs!r}")
         sym = options.get("symmetric", False)
-        if not isinstance(sym, bool):
-            raise FormatError(f"{self.name}: symmetric must be a bool, got {sym!r}")
+        if not isinstance(sym, bool) or (sym and self.bits == 1):
+            raise FormatError(f"{self.name}: symmetric must be a bool (False for 1 bit), got {sym!r}")
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         self.check_options(options)
@@ -131,14 +133,14 @@ class IntFormat(Format):
             codes = (torch.round(w / s) + zero).clamp(0, qmax)
             tensors["zeros"] = zero.squeeze(-1).to(SCALE_DTYPE).t().contiguous()
         tensors["scales"] = scale16.t().contiguous()
-        tensors["qweight"] = bitpack.pack(codes.reshape(n, kp).to(torch.int32), self.bits)
+        tensors["qweight"] = bitpack.pack(codes.reshape(n, kp).to(torch.int32), self.bits, self.ONE_BIT_PLANES)
         return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
 
     def dequantize(self, packed: PackedWeight) -> torch.Tensor:
         n, k = packed.shape
         gs = packed.attrs["group_size"]
         kp = padded_k(k, gs)
-        codes = bitpack.unpack(packed.qweight, self.bits, kp).float().reshape(n, kp // gs, gs)
+        codes = bitpack.unpack(packed.qweight, self.bits, kp, self.ONE_BIT_PLANES).float().reshape(n, kp // gs, gs)
         scale = packed.scales.t().float().unsqueeze(-1)
         if packed.attrs["symmetric"]:
             zero = float(2 ** (self.bits - 1))

@@ -50,13 +50,27 @@ def _decode_minifloat(codes, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr):
 
 
 @triton.jit
+def _select16(codes, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
+    """A 16-entry codebook in registers: a 4-level select tree on the bits of each 4-bit code."""
+    b0 = (codes & 1) != 0
+    b1 = (codes & 2) != 0
+    b2 = (codes & 4) != 0
+    lo = tl.where(b2, tl.where(b1, tl.where(b0, v7, v6), tl.where(b0, v5, v4)),
+                  tl.where(b1, tl.where(b0, v3, v2), tl.where(b0, v1, v0)))
+    hi = tl.where(b2, tl.where(b1, tl.where(b0, v15, v14), tl.where(b0, v13, v12)),
+                  tl.where(b1, tl.where(b0, v11, v10), tl.where(b0, v9, v8)))
+    return tl.where((codes & 8) != 0, hi, lo)
+
+
+@triton.jit
 def _decode(codes, ELEMENT: tl.constexpr, BITS: tl.constexpr):
     """Element decoder: int32 codes -> fp32 values up to the constant `_element_factor`, which
     `_dequant_tile` folds into the (float / E4M3, so bounded) scale instead of multiplying every
     element.
       "int":  the unsigned code (the caller subtracts the zero point).
       "sint": a BITS-wide two's-complement code.
-      "e4m3", "e5m2", "e2m3", "e2m1": small floats, see `_decode_minifloat`."""
+      "e4m3", "e5m2", "e2m3", "e2m1": small floats, see `_decode_minifloat`.
+      "nf4":  QLoRA's NormalFloat-4 codebook (lowbit.formats.nf4.NF4_CODEBOOK)."""
     if ELEMENT == "int":
         return codes.to(tl.float32)
     elif ELEMENT == "sint":
@@ -68,6 +82,11 @@ def _decode(codes, ELEMENT: tl.constexpr, BITS: tl.constexpr):
         return _decode_minifloat(codes, 5, 2)
     elif ELEMENT == "e2m3":
         return _decode_minifloat(codes, 2, 3)
+    elif ELEMENT == "nf4":
+        return _select16(codes, -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                         -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                         0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                         0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
     else:
         tl.static_assert(ELEMENT == "e2m1", "unknown ELEMENT")
         return _decode_minifloat(codes, 2, 1)
@@ -106,7 +125,7 @@ def _decode_scale(raw, SCALE_KIND: tl.constexpr):
 def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, stride_sg,
                   BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                   GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  ONE_BIT_PLANES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 weights [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K. Plane p of a row
     starts at word words_per_bit * (low bit of p), see lowbit/formats/bitpack.py; BITS and the
     plane split are compile-time. Scales are [K groups, ceil(N / SCALE_GROUP_N)]; a tile lies
@@ -114,7 +133,11 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
     (microscaling blocks of 16 / 32)."""
     row_ptrs = qw_ptr + offs_n[:, None] * stride_qn
     mask = n_mask[:, None]
-    if BITS == 8:
+    if ONE_BIT_PLANES:  # the LUT formats' layout: bit j of every code in plane j
+        codes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+        for j in tl.static_range(BITS):
+            codes += _plane_tile(row_ptrs, k0, words_per_bit * j, mask, 1, BLOCK_N, BLOCK_K) << j
+    elif BITS == 8:
         codes = _plane_tile(row_ptrs, k0, 0, mask, 8, BLOCK_N, BLOCK_K)
     else:
         codes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
@@ -157,7 +180,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
                  stride_xm, stride_qn, stride_sg, stride_os, stride_om,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
-                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -175,7 +199,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
                           stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N, SCALE_KIND,
-                          BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+                          ONE_BIT_PLANES, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     if HAS_TENSOR_SCALE:
         acc *= tl.load(ts_ptr).to(tl.float32)
@@ -192,7 +216,8 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
                  stride_xm, stride_qn, stride_sg, stride_om,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
-                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
+                 DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -207,7 +232,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = tl.trans(_dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
                                    stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                                   SCALE_KIND, BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
+                                   SCALE_KIND, ONE_BIT_PLANES, BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
         else:
@@ -252,7 +277,7 @@ def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, 
 
 
 #: element decoder -> the code width it needs (None: any width 2..8)
-ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4}
+ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4, "nf4": 4}
 SCALE_KINDS = ("float", "e8m0", "e4m3")
 
 
@@ -260,10 +285,11 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor | None, bias: torch.Tensor | None, *, bits: int,
                    group_size: int, in_features: int, element: str = "int", scale_group_n: int = 1,
                    scale_kind: str = "float", tensor_scale: torch.Tensor | None = None,
-                   config: dict | None = None) -> torch.Tensor:
+                   one_bit_planes: bool = False, config: dict | None = None) -> torch.Tensor:
     """[M, K] x (fp16/bf16/fp32) times the packed [N, K] weight -> [M, N] in x.dtype.
 
-    qweight int32 [N, Kp*bits/32] (bit planes, see lowbit/formats/bitpack.py).
+    qweight int32 [N, Kp*bits/32] (bit planes, see lowbit/formats/bitpack.py; one_bit_planes: the
+      LUT formats' b one-bit planes).
     element: "int" (w = (code - zero) * scale), "sint" (two's complement k/64, MX INT8) or a
       small float "e4m3" / "e5m2" / "e2m3" / "e2m1" (w = value(code) * scale).
     scales [Kp/group_size, ceil(N/scale_group_n)]: any float dtype (scale_kind "float") or uint8
@@ -301,7 +327,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     ts_arg = tensor_scale if tensor_scale is not None else scales  # never read without one
     common = dict(BITS=bits, ELEMENT=element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
                   GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n, SCALE_KIND=scale_kind,
-                  HAS_TENSOR_SCALE=tensor_scale is not None,
+                  HAS_TENSOR_SCALE=tensor_scale is not None, ONE_BIT_PLANES=one_bit_planes,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
     words_per_bit = kp // 32
     if cfg["path"] == "gemv":

@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lowbit.kernels import dequant_gemm as kernels
-from lowbit.kernels import fp8_w8a8
+from lowbit.kernels import fp8_w8a8, lut_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -38,13 +38,22 @@ def compile_act_quant():
                     {"BLOCK": 1024}, unaligned=("stride_sm",))
 
 
+def compile_lut(bits: int):
+    return _compile(lut_gemm._lut_gemv_kernel,
+                    {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "bias_ptr": "*bf16",
+                     "out_ptr": "*bf16"},
+                    {"BITS": bits, "HAS_BIAS": True, "GROUP_SIZE": 128, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128},
+                    unaligned=("M", "tiles_per_split"))
+
+
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float"):
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale)."""
     kernel = kernels._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = {"e8m0": 32, "e4m3": 16}.get(scale_kind, 128 if element == "int" else 4096)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
-                      SCALE_GROUP_N=1, SCALE_KIND=scale_kind, HAS_TENSOR_SCALE=scale_kind == "e4m3")
+                      SCALE_GROUP_N=1, SCALE_KIND=scale_kind, HAS_TENSOR_SCALE=scale_kind == "e4m3",
+                      ONE_BIT_PLANES=False)
     if path == "gemv":
         constexprs.update(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128)
     else:
@@ -60,7 +69,12 @@ def main(argv):
     for variant in json.loads(argv[1]):
         key = "-".join(str(v) for v in variant)
         try:
-            compiled = compile_act_quant() if variant == ["act_quant"] else compile_variant(*variant)
+            if variant == ["act_quant"]:
+                compiled = compile_act_quant()
+            elif variant[0] == "lut":
+                compiled = compile_lut(variant[1])
+            else:
+                compiled = compile_variant(*variant)
             results[key] = {"ptx": compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"])}
         except Exception as exc:  # reported to the test, which fails on it
             results[key] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -22,7 +22,9 @@ FP8_VARIANTS = [[path, 8, True, a, e] for path in ("gemv", "gemm") for a in ("bf
 MX_VARIANTS = [[path, bits, True, "bf16", element, scale] for path in ("gemv", "gemm")
                for bits, element, scale in [(4, "e2m1", "e8m0"), (4, "e2m1", "e4m3"), (6, "e2m3", "e8m0"),
                                             (8, "sint", "e8m0"), (8, "e4m3", "e8m0")]]
-VARIANTS = INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + [["act_quant"]]
+NF4_VARIANTS = [[path, 4, True, "bf16", "nf4"] for path in ("gemv", "gemm")]
+LUT_VARIANTS = [["lut", b] for b in range(1, 5)]
+VARIANTS = INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + NF4_VARIANTS + LUT_VARIANTS + [["act_quant"]]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,14 @@ def hopper():
 
 
 def _ptx(hopper, path, bits=None, symmetric=None, act=None, element="int", scale_kind=None):
+    if path == "lut":
+        return _checked(hopper[f"lut-{bits}"])
     key = path if path == "act_quant" else f"{path}-{bits}-{symmetric}-{act}-{element}"
     key += f"-{scale_kind}" if scale_kind else ""
-    result = hopper[key]
+    return _checked(hopper[key])
+
+
+def _checked(result):
     assert "error" not in result, result.get("error")
     assert result["cubin_bytes"] > 0
     return result["ptx"]
@@ -94,3 +101,15 @@ def test_fp4_needs_no_fp4_hardware_and_loads_vectors(hopper, scale_kind):
     assert not re.search(r"cvt\S*\.e2m1", ptx)
     assert len(re.findall(r"ld\.global(?:\.nc)?\.v4\.b32", ptx)) >= 1
     assert "wgmma.mma_async" in _ptx(hopper, "gemm", 4, True, "bf16", "e2m1", scale_kind)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_lut_kernel_gathers_on_chip(hopper, bits):
+    """The table lives on chip (tl.gather lowers to shuffles / shared memory): the kernel's only
+    global traffic is a handful of loads (plane words as whole 32-bit words, activations, scales,
+    zeros, bias) and the bf16 output store; nothing is gathered from global memory per code."""
+    ptx = _ptx(hopper, "lut", bits)
+    loads = re.findall(r"ld\.global\S*", ptx)
+    assert "ld.global.b32" in loads and not any(".b8" in ld or ".u8" in ld for ld in loads)
+    assert len(loads) <= 8, loads
+    assert set(re.findall(r"st\.global\S*", ptx)) == {"st.global.b16"}

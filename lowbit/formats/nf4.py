@@ -1,0 +1,140 @@
+"""NF4: QLoRA's 4-bit NormalFloat (the torch spec; DESIGN.md section 4).
+
+Blocks of 64 consecutive weights along K share an absmax scale; each weight is w / absmax
+rounded to the nearest of the 16 NF4 code values (ties to the lower code). An all-zero block gets
+absmax 1. K is zero-padded to a multiple of 64.
+
+double_quant=True (QLoRA's double quantization) stores the fp32 absmax values themselves in
+8 bits: the mean is subtracted, then each run of 256 consecutive values (group-major order) is
+quantized symmetrically to int8 with one fp32 scale (QLoRA uses an 8-bit float code here;
+**choice:** a linear int8 code, simpler and as accurate at this block size). Scales cost
+32/64 = 0.5 bits/weight without it and 8/64 + 32/(64*256) ~ 0.127 with it.
+
+Packed fields: qweight int32 [N, Kp/8] (one 4-bit plane, bitpack.py), and either absmax
+float32 [Kp/64, N] or absmax_q int8 [Kp/64, N] + absmax_scale float32 [ceil(G*N/256)] +
+absmax_mean float32 [1].
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FormatError
+from ..packed import PackedWeight
+from . import bitpack, register_format
+from .base import FieldSpec, Format
+from .integer import padded_k
+
+#: QLoRA's NF4 code values (bitsandbytes' table), code 0..15
+NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0)
+BLOCK = 64
+DQ_BLOCK = 256
+_OPTIONS = {"double_quant"}
+
+
+def codebook(device=None) -> torch.Tensor:
+    return torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
+
+
+def nearest_code(normalized: torch.Tensor) -> torch.Tensor:
+    """Values in [-1, 1] -> int32 codes of the nearest NF4 value (a midpoint goes to the lower code)."""
+    book = codebook(normalized.device)
+    midpoints = (book[1:] + book[:-1]) / 2
+    return torch.bucketize(normalized, midpoints, right=False).to(torch.int32)
+
+
+class NF4Format(Format):
+    """`nf4`: NormalFloat-4 codes with block-64 absmax (optionally double-quantized) scales."""
+
+    name = "nf4"
+    ATTRS = ("double_quant",)
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise FormatError(f"nf4: unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
+        if not isinstance(options.get("double_quant", False), bool):
+            raise FormatError(f"nf4: double_quant must be a bool, got {options['double_quant']!r}")
+
+    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
+        self.check_options(options)
+        return {"double_quant": options.get("double_quant", False)}
+
+    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
+        if not isinstance(attrs, dict) or set(attrs) != {"double_quant"} or not isinstance(attrs["double_quant"], bool):
+            raise FormatError(f"nf4: attrs must be {{'double_quant': bool}}, got {attrs!r}")
+        return attrs
+
+    def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
+        n, k = shape
+        kp = padded_k(k, BLOCK)
+        groups = kp // BLOCK
+        specs = {"qweight": FieldSpec(torch.int32, (n, kp // 8))}
+        if attrs["double_quant"]:
+            specs["absmax_q"] = FieldSpec(torch.int8, (groups, n))
+            specs["absmax_scale"] = FieldSpec(torch.float32, (-(-groups * n // DQ_BLOCK),))
+            specs["absmax_mean"] = FieldSpec(torch.float32, (1,))
+        else:
+            specs["absmax"] = FieldSpec(torch.float32, (groups, n))
+        return specs
+
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
+        weight = self.check_weight(weight, name)
+        n, k = weight.shape
+        attrs = self.resolve_attrs((n, k), options)
+        kp = padded_k(k, BLOCK)
+        blocks = F.pad(weight.float(), (0, kp - k)).reshape(n, kp // BLOCK, BLOCK)
+        absmax = blocks.abs().amax(dim=-1)
+        absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        tensors: dict[str, torch.Tensor] = {}
+        if attrs["double_quant"]:
+            q, scale, mean = self._double_quantize(absmax.t().contiguous())
+            tensors.update(absmax_q=q, absmax_scale=scale, absmax_mean=mean)
+            absmax = self._absmax(tensors).t()  # quantize against the absmax the kernel will see
+        else:
+            tensors["absmax"] = absmax.t().contiguous()
+        codes = nearest_code((blocks / absmax.unsqueeze(-1)).clamp(-1, 1)).reshape(n, kp)
+        tensors["qweight"] = bitpack.pack(codes, 4)
+        return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
+
+    @staticmethod
+    def _double_quantize(absmax: torch.Tensor):
+        """[G, N] fp32 -> (int8 [G, N], fp32 scales [ceil(G*N/256)], fp32 mean [1])."""
+        mean = absmax.mean().reshape(1)
+        flat = absmax.flatten() - mean
+        padded = F.pad(flat, (0, -flat.numel() % DQ_BLOCK)).reshape(-1, DQ_BLOCK)
+        amax = padded.abs().amax(dim=-1)
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        q = torch.round(padded / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+        return q.flatten()[: flat.numel()].reshape(absmax.shape), scale, mean
+
+    @staticmethod
+    def _absmax(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The [G, N] fp32 block scales the weight is multiplied with."""
+        if "absmax" in tensors:
+            return tensors["absmax"]
+        q = tensors["absmax_q"]
+        scale = tensors["absmax_scale"].repeat_interleave(DQ_BLOCK)[: q.numel()].reshape(q.shape)
+        return q.float() * scale + tensors["absmax_mean"]
+
+    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+        n, k = packed.shape
+        kp = padded_k(k, BLOCK)
+        values = codebook(packed.qweight.device)[bitpack.unpack(packed.qweight, 4, kp).long()]
+        absmax = self._absmax(packed.tensors).t()  # [N, G]
+        w = (values.reshape(n, kp // BLOCK, BLOCK) * absmax.unsqueeze(-1)).reshape(n, kp)
+        return w[:, :k].to(packed.dtype)
+
+    def triton_linear(self, x2d, packed, bias):
+        # double_quant: the [G, N] absmax is rebuilt in torch per call (N*K/64 values, tiny).
+        absmax = self._absmax(packed.tensors)
+        return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, absmax, None, None, bias, 4, "nf4", BLOCK, 1,
+                                               "float", packed.shape[1])
+
+
+register_format(NF4Format())

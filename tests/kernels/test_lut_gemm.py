@@ -1,0 +1,86 @@
+"""The LUT kernel (table lookup, small M) and the one-bit-plane dequant GEMM (large M) for
+lut1-lut4, and nf4 through the generic dequant kernel, against F.linear on the dequantized
+weight. Interpreter on CPU; `gpu` tests add real shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.formats import get_format
+from lowbit.kernels.lut_gemm import LUT_MAX_M, lut_matmul
+
+from ..conftest import kernel_devices, requires_gpu
+
+DEVICES = kernel_devices()
+pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def _assert_close(y, ref, dtype):
+    assert y.dtype == dtype and y.shape == ref.shape
+    err = (y.float().cpu() - ref).abs().max().item()
+    assert err <= TOL[dtype] * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["lut1", "lut2", "lut3", "lut4", "nf4"])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_linear_equals_f_linear_on_dequantized_weight(device, name, m):
+    dtype = DTYPES[(m + int(name[-1])) % 3]
+    gen = torch.Generator().manual_seed(m)
+    w, x, b = torch.randn(37, 300, generator=gen), torch.randn(m, 300, generator=gen), torch.randn(37, generator=gen)
+    fmt = get_format(name)
+    p = fmt.quantize(w)
+    ref = F.linear(x.to(dtype).float(), fmt.dequantize(p), b.to(dtype).float())
+    _assert_close(lowbit.linear(x.to(device, dtype), p.to(device), b.to(device, dtype), backend="triton"), ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [1, 3, 4])
+@pytest.mark.parametrize("m,split_k", [(1, 1), (4, 3), (16, 2), (17, 1)])
+def test_lookup_kernel_any_m_and_split(device, bits, m, split_k):
+    """The lookup kernel itself (forced with a config, also above LUT_MAX_M) and its split-K."""
+    gen = torch.Generator().manual_seed(bits)
+    w, x = torch.randn(33, 256, generator=gen), torch.randn(m, 256, generator=gen)
+    fmt = get_format(f"lut{bits}")
+    p = fmt.quantize(w, group_size=64)
+    cfg = {"BLOCK_M": min(16, 1 << (m - 1).bit_length()), "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": split_k}
+    y = lut_matmul(x.to(device), p.qweight.to(device), p.scales.to(device), p.zeros.to(device), None, bits=bits,
+                   group_size=64, in_features=256, config=cfg)
+    _assert_close(y, F.linear(x, fmt.dequantize(p)), torch.float32)
+
+
+def test_path_rule():
+    assert LUT_MAX_M == 16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nf4_double_quant_kernel(device):
+    gen = torch.Generator().manual_seed(5)
+    w, x = torch.randn(40, 200, generator=gen), torch.randn(2, 200, generator=gen)
+    fmt = get_format("nf4")
+    p = fmt.quantize(w, double_quant=True)
+    _assert_close(lowbit.linear(x.to(device), p.to(device), backend="triton"), F.linear(x, fmt.dequantize(p)),
+                  torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_op_registration(device):
+    p = get_format("lut2").quantize(torch.randn(33, 64), group_size=32).to(device)
+    x = torch.randn(3, 64, device=device, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.lowbit.lut_linear.default, (x, p.qweight, p.scales, p.zeros, None, 2, 32, 64),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["lut2", "lut4", "nf4"])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (4, 1024, 4096), (16, 14336, 4096), (64, 4096, 4096)])
+def test_gpu_real_shapes(name, m, n, k):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    p = get_format(name).quantize(w)
+    _assert_close(lowbit.linear(x, p), F.linear(x.float(), get_format(name).dequantize(p).float()).cpu(),
+                  torch.bfloat16)
