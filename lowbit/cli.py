@@ -41,6 +41,8 @@ def _format_options(args: argparse.Namespace) -> dict:
         options["act"] = args.act
     if args.rotate is not None:
         options["rotate"] = args.rotate
+    if args.double_quant:
+        options["double_quant"] = True
     return options
 
 
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "microscaling formats: a microscaling format name, fake-quantized)")
     q.add_argument("--rotate", default=None, choices=["hadamard"], help="microscaling formats: block Hadamard "
                    "rotation along K (weights offline, activations at run time)")
+    q.add_argument("--double-quant", action="store_true", help="nf4: also quantize the block absmax values (8 bits)")
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="glob patterns of layers to keep in full precision")
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)

@@ -57,6 +57,14 @@ def test_quantize_mxfp4_with_rotation_and_fake_quantized_activations(tiny_llama_
     assert layer.format == "mxfp4" and layer.attrs == {"act": "mxfp4", "rotate": "hadamard"}
 
 
+@pytest.mark.parametrize("args,attrs", [(["--format", "lut2", "--group-size", "64"], {"group_size": 64, "symmetric": False}),
+                                        (["--format", "nf4", "--double-quant"], {"double_quant": True})])
+def test_quantize_lut_and_nf4(tiny_llama_dir, tmp_path, args, attrs):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), str(out), *args, "--skip", "lm_head"]) == 0
+    assert lowbit.load(out).model.layers[1].mlp.up_proj.attrs == attrs
+
+
 def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert main(["quantize", str(tmp_path), str(tmp_path / "o"), "--format", "int4"]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
