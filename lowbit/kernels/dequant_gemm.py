@@ -259,21 +259,57 @@ def _block_k(group_size: int, kp: int, preferred: int, multi_group: bool) -> int
     return block
 
 
+def gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
+                max_block_m: int = GEMV_MAX_M) -> dict:
+    """Tile sizes of a split-K GEMV (this module's, and the LUT kernel's): 32 output features
+    per program, K tiles of up to 128, enough K splits to fill the GPU twice over."""
+    block_n = 32
+    block_k = _block_k(group_size, kp, 128, multi_group)
+    k_tiles = kp // block_k
+    # Never more splits than K tiles.
+    split_k = max(1, min(k_tiles, triton.cdiv(2 * num_sms(device), triton.cdiv(n, block_n))))
+    return {"BLOCK_M": min(triton.next_power_of_2(m), max_block_m), "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "SPLIT_K": split_k}
+
+
 def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False) -> dict:
     """Default path and tile sizes for an [m, kp] x [n, kp]^T problem (tuned later per GPU).
     multi_group: tiles may span several scale groups (element types without zero points)."""
     if m <= GEMV_MAX_M:
-        block_m = triton.next_power_of_2(m)
-        block_n = 32
-        block_k = _block_k(group_size, kp, 128, multi_group)
-        k_tiles = kp // block_k
-        n_blocks = triton.cdiv(n, block_n)
-        # Enough programs to fill the GPU twice over; never more splits than K tiles.
-        split_k = max(1, min(k_tiles, triton.cdiv(2 * num_sms(device), n_blocks)))
-        return {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                "SPLIT_K": split_k}
+        return {"path": "gemv", **gemv_config(m, n, kp, group_size, device, multi_group)}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": _block_k(group_size, kp, 64, multi_group)}
+
+
+def check_operands(x: torch.Tensor, qweight: torch.Tensor, kp: int, bits: int, in_features: int) -> None:
+    """InputError unless x is [M, in_features] and qweight holds `bits` bits for each of Kp columns."""
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise InputError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
+    if qweight.shape[1] * 32 != kp * bits:
+        raise InputError(f"qweight shape {tuple(qweight.shape)} does not hold {kp} {bits}-bit codes per row")
+
+
+def check_block_k(block_k: int, group_size: int, kp: int, multi_group: bool) -> None:
+    # >= 32: a tile must hold whole words of the 1-bit plane; scales per whole group
+    if block_k < 32 or block_k & (block_k - 1) or not _tile_fits(block_k, group_size, kp, multi_group):
+        raise InputError(f"BLOCK_K={block_k} must be a power of two >= 32 inside one group of "
+                         f"{group_size}" + (f" or covering whole groups of Kp={kp}" if multi_group else ""))
+
+
+def split_k_output(x: torch.Tensor, n: int, k_tiles: int, requested: int) -> tuple[torch.Tensor, int, int]:
+    """Deterministic split-K: (target, tiles_per_split, split_k). With one split the kernel writes
+    [M, N] in x.dtype; otherwise fp32 partial sums [split_k, M, N], see `reduce_split_k`."""
+    tiles_per_split = triton.cdiv(k_tiles, requested)
+    split_k = triton.cdiv(k_tiles, tiles_per_split)
+    m = x.shape[0]
+    if split_k == 1:
+        return torch.empty((m, n), device=x.device, dtype=x.dtype), tiles_per_split, 1
+    return torch.empty((split_k, m, n), device=x.device, dtype=torch.float32), tiles_per_split, split_k
+
+
+def reduce_split_k(target: torch.Tensor, split_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Partial sums reduced in a fixed order (unlike atomics, the same result every run)."""
+    return target if split_k == 1 else target.sum(dim=0).to(dtype)
 
 
 #: element decoder -> the code width it needs (None: any width 2..8)
@@ -303,25 +339,18 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise InputError(f"element={element!r} with bits={bits}, zeros={zeros is not None} is not a kernel variant")
     if scale_kind not in SCALE_KINDS:
         raise InputError(f"scale_kind must be one of {SCALE_KINDS}, got {scale_kind!r}")
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise InputError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
     n = qweight.shape[0]
     kp = scales.shape[0] * group_size
+    check_operands(x, qweight, kp, bits, in_features)
     if scales.shape[1] != triton.cdiv(n, scale_group_n):
         raise InputError(f"scales shape {tuple(scales.shape)} does not match N={n}, scale_group_n={scale_group_n}")
-    if qweight.shape[1] * 32 != kp * bits:
-        raise InputError(f"qweight shape {tuple(qweight.shape)} does not hold {kp} {bits}-bit codes per row")
     x = x.contiguous()
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, n))
     multi_group = element != "int"
     cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group), **(config or {})}
-    block_k = cfg["BLOCK_K"]
-    if block_k < 32 or block_k & (block_k - 1) or not _tile_fits(block_k, group_size, kp, multi_group):
-        # >= 32: a tile must hold whole words of the 1-bit plane; scales per whole group
-        raise InputError(f"BLOCK_K={block_k} must be a power of two >= 32 inside one group of "
-                         f"{group_size} or covering whole groups of Kp={kp}")
+    check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
     zeros_arg = zeros if zeros is not None else scales  # never read when symmetric
     bias_arg = bias if bias is not None else scales  # never read without bias
     ts_arg = tensor_scale if tensor_scale is not None else scales  # never read without one
@@ -331,20 +360,13 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
     words_per_bit = kp // 32
     if cfg["path"] == "gemv":
-        k_tiles = kp // cfg["BLOCK_K"]
-        tiles_per_split = triton.cdiv(k_tiles, cfg["SPLIT_K"])
-        split_k = triton.cdiv(k_tiles, tiles_per_split)
-        # Deterministic split-K: partial sums to a buffer, reduced in a fixed order.
-        if split_k == 1:
-            target = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        else:
-            target = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+        target, tiles_per_split, split_k = split_k_output(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"])
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
         _gemv_kernel[grid](x, qweight, scales, zeros_arg, ts_arg, bias_arg, target,
                            m, n, in_features, words_per_bit, tiles_per_split,
                            x.stride(0), qweight.stride(0), scales.stride(0),
                            target.stride(0) if split_k > 1 else 0, n, **common)
-        return target if split_k == 1 else target.sum(dim=0).to(x.dtype)
+        return reduce_split_k(target, split_k, x.dtype)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     dot_fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 tl.dot is wrong

@@ -18,21 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import InputError
-from .dequant_gemm import dequant_matmul
-from .runtime import num_sms
+from .dequant_gemm import (_plane_tile, check_block_k, check_operands, dequant_matmul, gemv_config, reduce_split_k,
+                           split_k_output)
 
 #: up to this many rows the lookup kernel runs; above it, the dequant GEMM (tensor cores) wins
 LUT_MAX_M = 16
-
-
-@triton.jit
-def _plane_indices(row_ptrs, word0, mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_K / 4, BLOCK_N] 4-bit table indices of one one-bit plane: each int32 word holds 32
-    consecutive weights' bits LSB first, so nibble i is the index of group i."""
-    words = tl.load(row_ptrs + word0 + tl.arange(0, BLOCK_K // 32)[None, :], mask=mask, other=0)
-    nibbles = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15
-    return tl.trans(tl.reshape(nibbles, (BLOCK_N, BLOCK_K // 4)))
 
 
 @triton.jit
@@ -69,7 +59,10 @@ def _lut_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
             table = tl.sum(x4[:, None, :] * entry_bits[None, :, :], axis=2)  # [BLOCK_K/4, 16]
             dot = tl.zeros((BLOCK_K // 4, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(BITS):
-                index = _plane_indices(row_ptrs, words_per_plane * j + k0 // 32, n_mask[:, None], BLOCK_N, BLOCK_K)
+                # 4 consecutive bits of plane j = one table index per group of 4 weights: the
+                # plane's words split into nibbles (K counted in groups of 4)
+                index = tl.trans(_plane_tile(row_ptrs, k0 // 4, words_per_plane * j, n_mask[:, None], 4,
+                                             BLOCK_N, BLOCK_K // 4))  # [BLOCK_K/4, BLOCK_N]
                 dot += tl.gather(table, index, axis=1) * (1 << j)
             contrib = scale * (tl.sum(dot, axis=0) - zero * tl.sum(x, axis=0))  # [BLOCK_N]
             acc += tl.where(rows[:, None] == m, contrib[None, :], 0.0)
@@ -81,13 +74,6 @@ def _lut_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
 
 
-def _block_k(group_size: int, preferred: int = 128) -> int:
-    block = preferred
-    while group_size % block:
-        block //= 2
-    return block
-
-
 def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                bias: torch.Tensor | None, *, bits: int, group_size: int, in_features: int,
                config: dict | None = None) -> torch.Tensor:
@@ -97,12 +83,9 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     M <= LUT_MAX_M: the lookup kernel; larger M: the dequant GEMM reading the same planes.
     `config` overrides {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"} of the lookup kernel.
     """
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise InputError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
     n = qweight.shape[0]
     kp = scales.shape[0] * group_size
-    if qweight.shape[1] * 32 != kp * bits:
-        raise InputError(f"qweight shape {tuple(qweight.shape)} does not hold {bits} planes of {kp} bits per row")
+    check_operands(x, qweight, kp, bits, in_features)
     x = x.contiguous()
     m = x.shape[0]
     if m == 0:
@@ -110,20 +93,9 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if m > LUT_MAX_M and config is None:
         return dequant_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
                               in_features=in_features, one_bit_planes=True)
-    block_n = 32
-    block_k = _block_k(group_size)
-    k_tiles = kp // block_k
-    split = max(1, min(k_tiles, triton.cdiv(2 * num_sms(x.device), triton.cdiv(n, block_n))))
-    cfg = {"BLOCK_M": min(triton.next_power_of_2(m), LUT_MAX_M), "BLOCK_N": block_n, "BLOCK_K": block_k,
-           "SPLIT_K": split, **(config or {})}
-    if cfg["BLOCK_K"] < 32 or cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1) or group_size % cfg["BLOCK_K"]:
-        raise InputError(f"BLOCK_K={cfg['BLOCK_K']} must be a power of two >= 32 dividing group_size={group_size}")
-    tiles_per_split = triton.cdiv(kp // cfg["BLOCK_K"], cfg["SPLIT_K"])
-    split_k = triton.cdiv(kp // cfg["BLOCK_K"], tiles_per_split)
-    if split_k == 1:
-        target = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    else:
-        target = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    cfg = {**gemv_config(m, n, kp, group_size, x.device, max_block_m=LUT_MAX_M), **(config or {})}
+    check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group=False)
+    target, tiles_per_split, split_k = split_k_output(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"])
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
     _lut_gemv_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, target,
                            m, n, in_features, kp // 32, tiles_per_split,
@@ -131,4 +103,4 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                            target.stride(0) if split_k > 1 else 0, n,
                            BITS=bits, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
                            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
-    return target if split_k == 1 else target.sum(dim=0).to(x.dtype)
+    return reduce_split_k(target, split_k, x.dtype)
