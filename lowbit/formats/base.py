@@ -56,6 +56,17 @@ class Format:
         """Validate stored attrs (e.g. read from a manifest); returns them. FormatError if bad."""
         raise NotImplementedError
 
+    def check_option_names(self, options: dict[str, Any]) -> None:
+        """FormatError for option names this format does not take (its options are its ATTRS)."""
+        unknown = set(options) - set(self.ATTRS)
+        if unknown:
+            raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(self.ATTRS)}")
+
+    def check_attr_keys(self, attrs: Any) -> None:
+        """FormatError unless attrs is a dict with exactly the ATTRS keys."""
+        if not isinstance(attrs, dict) or set(attrs) != set(self.ATTRS):
+            raise FormatError(f"{self.name}: attrs must have exactly the keys {list(self.ATTRS)}, got {attrs!r}")
+
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         """The tensor fields (dtype, shape) a weight of `shape` with `attrs` packs into."""
         raise NotImplementedError

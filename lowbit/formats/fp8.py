@@ -39,7 +39,6 @@ ACT_DTYPE = torch.float8_e4m3fn
 ACT_MAX = torch.finfo(ACT_DTYPE).max  # 448
 _TINY = torch.finfo(SCALE_DTYPE).tiny  # a scale never underflows to 0 (w / 0 would be NaN)
 _ACTS = (None, "fp8")
-_OPTIONS = {"block", "act"}
 
 
 def safe_scale(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
@@ -94,9 +93,7 @@ class Fp8Format(Format):
             raise FormatError(f"{self.name}: act must be one of {_ACTS}, got {act!r}")
 
     def check_options(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
+        self.check_option_names(options)
         self._check_values(options.get("block"), options.get("act"))
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
@@ -104,8 +101,7 @@ class Fp8Format(Format):
         return {"block": options.get("block"), "act": options.get("act")}
 
     def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
-        if not isinstance(attrs, dict) or set(attrs) != set(self.ATTRS):
-            raise FormatError(f"{self.name}: attrs must have exactly the keys {list(self.ATTRS)}, got {attrs!r}")
+        self.check_attr_keys(attrs)
         self._check_values(attrs["block"], attrs["act"])
         return attrs
 

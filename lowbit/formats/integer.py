@@ -33,7 +33,6 @@ DEFAULT_GROUP_SIZE = 128
 SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24
 _MAX_SCALE = torch.finfo(SCALE_DTYPE).max
-_OPTIONS = {"group_size", "symmetric"}
 
 
 def padded_k(k: int, group_size: int) -> int:
@@ -63,9 +62,7 @@ class IntFormat(Format):
 
     # -- options / attributes -------------------------------------------------------------
     def check_options(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
+        self.check_option_names(options)
         gs = options.get("group_size", DEFAULT_GROUP_SIZE)
         if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or (gs > 0 and gs % 32 == 0)):
             raise FormatError(f"{self.name}: group_size must be -1 (per channel) or a positive multiple of 32, got {gs!r}")
@@ -81,8 +78,7 @@ class IntFormat(Format):
         return {"group_size": gs, "symmetric": options.get("symmetric", False)}
 
     def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
-        if not isinstance(attrs, dict) or set(attrs) != set(self.ATTRS):
-            raise FormatError(f"{self.name}: attrs must have exactly the keys {list(self.ATTRS)}, got {attrs!r}")
+        self.check_attr_keys(attrs)
         gs = attrs["group_size"]
         if isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 32:
             raise FormatError(f"{self.name}: group_size must be a positive multiple of 32, got {gs!r}")

@@ -45,7 +45,6 @@ from . import bitpack, register_format
 from .base import FieldSpec, Format
 from .integer import padded_k
 
-_OPTIONS = {"act", "rotate"}
 _ROTATIONS = (None, "hadamard")
 _E4M3_MAX = 448.0
 _E4M3_MIN_NORMAL = 2.0**-6
@@ -156,9 +155,7 @@ class MicroscalingFormat(Format):
             raise FormatError(f"{self.name}: rotate must be one of {_ROTATIONS}, got {rotate!r}")
 
     def check_options(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
+        self.check_option_names(options)
         self._check_values(options.get("act"), options.get("rotate"))
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
@@ -166,8 +163,7 @@ class MicroscalingFormat(Format):
         return {"act": options.get("act"), "rotate": options.get("rotate")}
 
     def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
-        if not isinstance(attrs, dict) or set(attrs) != set(self.ATTRS):
-            raise FormatError(f"{self.name}: attrs must have exactly the keys {list(self.ATTRS)}, got {attrs!r}")
+        self.check_attr_keys(attrs)
         self._check_values(attrs["act"], attrs["rotate"])
         return attrs
 

@@ -34,7 +34,6 @@ NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.7229568362236023, 1.0)
 BLOCK = 64
 DQ_BLOCK = 256
-_OPTIONS = {"double_quant"}
 
 
 def codebook(device=None) -> torch.Tensor:
@@ -55,9 +54,7 @@ class NF4Format(Format):
     ATTRS = ("double_quant",)
 
     def check_options(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise FormatError(f"nf4: unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
+        self.check_option_names(options)
         if not isinstance(options.get("double_quant", False), bool):
             raise FormatError(f"nf4: double_quant must be a bool, got {options['double_quant']!r}")
 
@@ -66,8 +63,8 @@ class NF4Format(Format):
         return {"double_quant": options.get("double_quant", False)}
 
     def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
-        if not isinstance(attrs, dict) or set(attrs) != {"double_quant"} or not isinstance(attrs["double_quant"], bool):
-            raise FormatError(f"nf4: attrs must be {{'double_quant': bool}}, got {attrs!r}")
+        self.check_attr_keys(attrs)
+        self.check_options(attrs)
         return attrs
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
