@@ -41,10 +41,12 @@ def dequant_linear(
                           scale_kind=scale_kind, tensor_scale=tensor_scale)
 
 
-@dequant_linear.register_fake
-def _(x, qweight, scales, zeros, tensor_scale, bias, bits, element, group_size, scale_group_n, scale_kind,
-      in_features):
+def _fake_linear(x: torch.Tensor, qweight: torch.Tensor, *args) -> torch.Tensor:
+    """Fake (meta) implementation shared by every linear op: [M, K] x, [N, ...] qweight -> [M, N]."""
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+dequant_linear.register_fake(_fake_linear)
 
 
 @torch.library.custom_op("lowbit::lut_linear", mutates_args=())
@@ -64,9 +66,7 @@ def lut_linear(
     return lut_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size, in_features=in_features)
 
 
-@lut_linear.register_fake
-def _(x, qweight, scales, zeros, bias, bits, group_size, in_features):
-    return x.new_empty((x.shape[0], qweight.shape[0]))
+lut_linear.register_fake(_fake_linear)
 
 
 @torch.library.custom_op("lowbit::fp8_linear", mutates_args=())
@@ -88,9 +88,7 @@ def fp8_linear(
                       in_features=in_features)
 
 
-@fp8_linear.register_fake
-def _(x, qweight, scales, bias, element, block, act_fp8, in_features):
-    return x.new_empty((x.shape[0], qweight.shape[0]))
+fp8_linear.register_fake(_fake_linear)
 
 
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,

@@ -32,6 +32,7 @@ Options (accuracy studies; the seed paper "INT v.s. FP"):
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -113,18 +114,23 @@ E4M3 = _minifloat_codec("e4m3", 4, 3, 448.0)
 INT8 = ElementCodec("sint", 8, 0, 127 / 64, _int8_encode, _int8_decode)
 
 
-def hadamard(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def hadamard(size: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
     """Orthonormal Sylvester Hadamard matrix [size, size] (size a power of two), symmetric."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < size:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(size)).to(dtype)
+    return (h / math.sqrt(size)).to(dtype=dtype, device=device)
+
+
+# rotate="hadamard" layers rotate activations on every forward: build each matrix once.
+_cached_hadamard = functools.lru_cache(maxsize=None)(hadamard)
 
 
 def rotate_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """[..., Kp] -> [..., Kp] with every length-`block` slice along K multiplied by H (= H^-1)."""
     shape = x.shape
-    h = hadamard(block, x.dtype).to(x.device)
+    # (torch.compile traces the construction instead: dynamo does not honour lru_cache)
+    h = (hadamard if torch.compiler.is_compiling() else _cached_hadamard)(block, x.dtype, x.device)
     return (x.reshape(*shape[:-1], shape[-1] // block, block) @ h).reshape(shape)
 
 
