@@ -36,15 +36,17 @@ PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100
              "A100-SXM4-80GB": 2039.0, "A100": 1555.0, "L40S": 864.0, "RTX 4090": 1008.0}
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}
 DEFAULT_FORMATS = ([f"int{b}" for b in range(2, 9)] + ["fp8", "fp8_e5m2", "fp8:act=fp8", "fp8:block=128,act=fp8"]
-                   + ["mxint8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"] + [f"lut{b}" for b in range(1, 5)] + ["nf4"])
+                   + ["mxint8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"] + [f"lut{b}" for b in range(1, 5)] + ["nf4", "dfloat11"])
 
 
 def parse_format_spec(spec: str, args) -> tuple[str, dict]:
     """"fp8:block=128,act=fp8" -> ("fp8", {"block": 128, "act": "fp8"}); int formats get
-    --group-size / --symmetric, lut formats --group-size, unless the spec sets them."""
+    --group-size / --symmetric, lut formats --group-size, dfloat11 cast=True (lossless on the
+    bf16 GPU weights; rounds the fp32 smoke weights), unless the spec sets them."""
     name, _, rest = spec.partition(":")
     options: dict = ({"group_size": args.group_size, "symmetric": args.symmetric} if name.startswith("int")
-                     else {"group_size": args.group_size} if name.startswith("lut") else {})
+                     else {"group_size": args.group_size} if name.startswith("lut")
+                     else {"cast": True} if name == "dfloat11" else {})  # smoke weights are fp32
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         lowered = value.lower()

@@ -1,5 +1,6 @@
 """lowbit: low-precision quantized inference for PyTorch and Hugging Face models."""
 from .api import quantize
+from .block_decode import enable_block_decompression
 from .config import QuantConfig
 from .errors import LowbitError
 from .formats import formats, get_format, register_format
@@ -15,6 +16,7 @@ __all__ = [
     "PackedWeight",
     "QuantConfig",
     "QuantLinear",
+    "enable_block_decompression",
     "formats",
     "get_format",
     "linear",

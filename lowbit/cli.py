@@ -1,4 +1,5 @@
-"""The `lowbit` command: quantize a Hugging Face folder and save it; inspect a saved folder."""
+"""The `lowbit` command: quantize a Hugging Face folder and save it; convert a dfloat11 package
+folder; inspect a saved folder."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,10 @@ def _format_options(args: argparse.Namespace) -> dict:
         options["rotate"] = args.rotate
     if args.double_quant:
         options["double_quant"] = True
+    if args.segment is not None:
+        options["segment"] = args.segment
+    if args.cast:
+        options["cast"] = True
     return options
 
 
@@ -69,6 +74,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"size after:       {after.total_bytes / 2**20:.2f} MiB ({after.total_bytes / before:.1%})")
     if after.quantized_layers:
         print(f"bits per weight:  {after.bits_per_weight:.3f} (quantized layers, scales included)")
+    print(f"time:             {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import api, io
+    from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
+
+    source, out_dir = Path(args.source), Path(args.out)
+    if not is_dfloat11_folder(source):
+        raise LowbitError(f"{source}: not a dfloat11 package folder (no config.json with dfloat11_config)")
+    start = time.perf_counter()
+    options = {} if args.segment is None else {"segment": args.segment}
+    model = load_dfloat11(source, **options)
+    io.save(model, out_dir)
+    summary = api.summarize(model)
+    print(f"converted:        {source} (dfloat11 package) -> {out_dir} (lowbit)")
+    print(f"dfloat11 layers:  {summary.quantized_layers}, {summary.bits_per_weight:.3f} bits/weight, weights bit-identical")
     print(f"time:             {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -121,9 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotate", default=None, choices=["hadamard"], help="microscaling formats: block Hadamard "
                    "rotation along K (weights offline, activations at run time)")
     q.add_argument("--double-quant", action="store_true", help="nf4: also quantize the block absmax values (8 bits)")
+    q.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")
+    q.add_argument("--cast", action="store_true", help="dfloat11: round fp16/fp32 weights to bf16 first (lossy)")
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="glob patterns of layers to keep in full precision")
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)
+    c = sub.add_parser("convert", help="convert a folder of the dfloat11 package into a lowbit folder")
+    c.add_argument("source", help="folder written by the dfloat11 package (config.json with dfloat11_config)")
+    c.add_argument("out", help="output folder (lowbit.save layout)")
+    c.add_argument("--segment", type=int, default=None, help="weights per independently decodable segment")
+    c.set_defaults(func=cmd_convert)
     i = sub.add_parser("inspect", help="per-layer table of a saved lowbit folder")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="also print the per-layer manifest entries")

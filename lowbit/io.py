@@ -262,9 +262,15 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     config from JSON); any other module needs `model=`, a freshly built skeleton with the same
     structure (it is filled in place; after a failed load it may be partly converted, so build
     a fresh one to retry). Every problem with the folder raises CheckpointError naming the file
-    and field.
+    and field. A folder written by the `dfloat11` package (config.json with `dfloat11_config`)
+    is imported instead: lowbit/integrations/dfloat11_import.py.
     """
     folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
+
+        if is_dfloat11_folder(folder):  # a checkpoint of the `dfloat11` package: import it
+            return load_dfloat11(folder, model=model, device=device)
     manifest = _read_manifest(folder)
     mpath = folder / MANIFEST
     if model is None:

@@ -28,6 +28,9 @@ class QuantLinear(nn.Module):
         self.format = format
         self.attrs = fmt.check_attrs((out_features, in_features), dict(attrs))
         self.weight_dtype = dtype
+        #: an already-decoded [N, K] weight that forward uses instead of the packed one, set
+        #: for the duration of one block's forward by lowbit/block_decode.py
+        self.decoded_weight: torch.Tensor | None = None
         self._fields = fmt.field_specs((out_features, in_features), self.attrs)
         for name, spec in self._fields.items():
             self.register_buffer(name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
@@ -63,6 +66,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         from .ops import linear
 
+        if self.decoded_weight is not None and backend is None:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.decoded_weight.to(x.dtype), bias)
         return linear(x, self.packed, self.bias, backend=backend)
 
     def _apply(self, fn, recurse=True):

@@ -91,6 +91,28 @@ def fp8_linear(
 fp8_linear.register_fake(_fake_linear)
 
 
+@torch.library.custom_op("lowbit::dfloat11_linear", mutates_args=())
+def dfloat11_linear(
+    x: torch.Tensor,
+    sign_mantissa: torch.Tensor,
+    exponent_code: torch.Tensor,
+    segment_offsets: torch.Tensor,
+    decode_table: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    segment: int,
+    code_bits: int,
+) -> torch.Tensor:
+    """[M, K] x times a dfloat11 weight -> [M, N]: fused decode + GEMV for small M, otherwise
+    Triton decode to bf16 + F.linear."""
+    from .kernels.dfloat11 import dfloat11_matmul
+
+    return dfloat11_matmul(x, exponent_code, sign_mantissa, segment_offsets, decode_table, bias,
+                           segment=segment, code_bits=code_bits)
+
+
+dfloat11_linear.register_fake(_fake_linear)
+
+
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for a packed W of shape [N, K].

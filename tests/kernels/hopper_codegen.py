@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lowbit.kernels import dequant_gemm as kernels
-from lowbit.kernels import fp8_w8a8, lut_gemm
+from lowbit.kernels import dfloat11, fp8_w8a8, lut_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -46,6 +46,18 @@ def compile_lut(bits: int):
                     unaligned=("M", "tiles_per_split"))
 
 
+def compile_dfloat11(kind: str):
+    """kind "decode": the multi-layer decoder; "gemv": the fused decode + GEMV (bf16 x, M=1)."""
+    if kind == "decode":
+        return _compile(dfloat11._decode_kernel, {"layers_ptr": "*i64"},
+                        {"SEGMENT": 256, "CODE_BITS": 10, "BLOCK": dfloat11.DECODE_BLOCK})
+    return _compile(dfloat11._decode_gemv_kernel,
+                    {"x_ptr": "*bf16", "words_ptr": "*i32", "sign_ptr": "*u8", "offsets_ptr": "*i32",
+                     "table_ptr": "*i16", "out_ptr": "*fp32"},
+                    {"SEGMENT": 256, "CODE_BITS": 10, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_J": 8},
+                    unaligned=("M", "segments_per_row", "code_words"))
+
+
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float"):
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale)."""
@@ -71,6 +83,8 @@ def main(argv):
         try:
             if variant == ["act_quant"]:
                 compiled = compile_act_quant()
+            elif variant[0] == "dfloat11":
+                compiled = compile_dfloat11(variant[1])
             elif variant[0] == "lut":
                 compiled = compile_lut(variant[1])
             else:

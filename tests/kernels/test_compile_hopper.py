@@ -24,7 +24,8 @@ MX_VARIANTS = [[path, bits, True, "bf16", element, scale] for path in ("gemv", "
                                             (8, "sint", "e8m0"), (8, "e4m3", "e8m0")]]
 NF4_VARIANTS = [[path, 4, True, "bf16", "nf4"] for path in ("gemv", "gemm")]
 LUT_VARIANTS = [["lut", b] for b in range(1, 5)]
-VARIANTS = INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + NF4_VARIANTS + LUT_VARIANTS + [["act_quant"]]
+DF11_VARIANTS = [["dfloat11", "decode"], ["dfloat11", "gemv"]]
+VARIANTS = INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + NF4_VARIANTS + LUT_VARIANTS + DF11_VARIANTS + [["act_quant"]]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def hopper():
 
 
 def _ptx(hopper, path, bits=None, symmetric=None, act=None, element="int", scale_kind=None):
-    if path == "lut":
-        return _checked(hopper[f"lut-{bits}"])
+    if path in ("lut", "dfloat11"):
+        return _checked(hopper[f"{path}-{bits}"])
     key = path if path == "act_quant" else f"{path}-{bits}-{symmetric}-{act}-{element}"
     key += f"-{scale_kind}" if scale_kind else ""
     return _checked(hopper[key])
@@ -113,3 +114,16 @@ def test_lut_kernel_gathers_on_chip(hopper, bits):
     assert "ld.global.b32" in loads and not any(".b8" in ld or ".u8" in ld for ld in loads)
     assert len(loads) <= 8, loads
     assert set(re.findall(r"st\.global\S*", ptx)) == {"st.global.b16"}
+
+
+def test_dfloat11_fused_gemv_never_writes_the_weight(hopper):
+    """The fused decode + GEMV stores only its fp32 partial sums: decoded weights stay on chip."""
+    ptx = _ptx(hopper, "dfloat11", "gemv")
+    stores = re.findall(r"st\.global[.\w]*", ptx)
+    assert stores and all(".b16" not in op and ".u16" not in op for op in stores), stores
+    assert "wgmma" not in ptx  # a GEMV: no tensor-core path involved
+
+
+def test_dfloat11_decoder_stores_bf16_words(hopper):
+    ptx = _ptx(hopper, "dfloat11", "decode")
+    assert re.findall(r"st\.global[.\w]*\.b16", ptx)

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""DFloat11 benchmark: compression and encoder speed (CPU), decoder and linear speed (GPU).
+
+  python benchmarks/bench_dfloat11.py            # CPU part; on a GPU machine the GPU part too
+  python benchmarks/bench_dfloat11.py --smoke    # tiny tensors (CI)
+
+CPU, in one run:
+- size: all MiniLM Linear weights in bf16 (and every 2-D weight, embeddings included), lowbit
+  bytes / bf16 bytes, each checked lossless;
+- encoder: lowbit's encoder vs the `dfloat11` package's (its dfloat11_utils, loaded directly;
+  needs `dahuffman`) on the same bf16 tensor, median of --repeats runs, and both sizes.
+GPU (CUDA only): on the llama3-8b shapes, lowbit's decode kernel (weights/s, output GB/s), the
+`dfloat11` package's decode kernel on the same weights when cupy is importable, and
+lowbit.linear with dfloat11 at M in --m vs bf16 F.linear.
+Output: JSON {"env", "cpu", "results"} + markdown in --out-dir (default benchmarks/results).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.bench_gemm import env_info, peak_gbps, time_us  # noqa: E402
+from benchmarks.shapes import shapes  # noqa: E402
+from lowbit.integrations.dfloat11_package import (BYTES_PER_THREAD, THREADS_PER_BLOCK,  # noqa: E402
+                                                  package_encode, package_encoder)
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _lossless(fmt, packed, weight) -> bool:
+    return torch.equal(fmt.dequantize(packed).view(torch.int16), weight.view(torch.int16))
+
+
+def minilm_sizes(fmt) -> dict:
+    from safetensors.torch import load_file
+
+    from lowbit.default_model import default_model_path
+
+    state = load_file(str(default_model_path() / "model.safetensors"))
+    linear = {"bf16": 0, "lowbit": 0}
+    every = {"bf16": 0, "lowbit": 0}
+    for name, tensor in state.items():
+        if tensor.dim() != 2:
+            continue
+        w = tensor.bfloat16()
+        packed = fmt.quantize(w, name=name)
+        if not _lossless(fmt, packed, w):
+            raise SystemExit(f"{name}: dfloat11 round trip is not bit-exact")
+        for bucket in ([linear, every] if "embeddings" not in name else [every]):
+            bucket["bf16"] += 2 * w.numel()
+            bucket["lowbit"] += packed.nbytes
+    return {"linear_weights_ratio": linear["lowbit"] / linear["bf16"], "linear_weights_bf16_bytes": linear["bf16"],
+            "all_2d_weights_ratio": every["lowbit"] / every["bf16"], "all_2d_weights_bf16_bytes": every["bf16"]}
+
+
+def encoder_speed(fmt, shape: tuple[int, int], repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(shape, generator=gen) * 0.02).bfloat16()
+    ours = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        packed = fmt.quantize(weight)
+        ours.append(time.perf_counter() - start)
+    if not _lossless(fmt, packed, weight):
+        raise SystemExit("dfloat11 round trip is not bit-exact")
+    row = {"shape": list(shape), "weights": weight.numel(), "lowbit_s": statistics.median(ours),
+           "lowbit_weights_per_s": weight.numel() / statistics.median(ours), "lowbit_bytes": packed.nbytes,
+           "bf16_bytes": 2 * weight.numel()}
+    utils = package_encoder()
+    if utils is None:
+        row["package"] = "not importable (pip install dfloat11 dahuffman)"
+        return row
+    start = time.perf_counter()
+    buffers = package_encode(utils, [weight.flatten()])
+    package_s = time.perf_counter() - start
+    row.update({"package_s": package_s, "package_weights_per_s": weight.numel() / package_s,
+                "package_bytes": _nbytes(v for k, v in buffers.items() if k != "split_positions"),
+                "speedup": package_s / row["lowbit_s"]})
+    row["size_vs_package"] = packed.nbytes / row["package_bytes"] - 1
+    return row
+
+
+def package_gpu_decoder():
+    """(decode function, module) of the dfloat11 package's CUDA kernel via cupy, or None."""
+    try:
+        import cupy  # noqa: F401
+        from dfloat11 import dfloat11 as package
+    except Exception:  # cupy or the package's PTX unavailable
+        return None
+    return package
+
+
+def gpu_rows(fmt, m_values: list[int], peak) -> list[dict]:
+    from lowbit.formats.dfloat11 import CODE_BITS
+    from lowbit.kernels.dfloat11 import decode_weight
+
+    package = package_gpu_decoder()
+    utils = package_encoder()
+    rows = []
+    for shape, n, k in shapes(["llama3-8b"]):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).bfloat16()
+        packed = fmt.quantize(w)
+        t = packed.tensors
+        decoded = decode_weight(t["exponent_code"], t["sign_mantissa"], t["segment_offsets"], t["decode_table"],
+                                segment=packed.attrs["segment"], code_bits=CODE_BITS)
+        row = {"format": "dfloat11", "shape": shape, "N": n, "K": k, "kind": "decode",
+               "lossless": bool(torch.equal(decoded.view(torch.int16), w.view(torch.int16)))}
+        us, _, _ = time_us(lambda: decode_weight(t["exponent_code"], t["sign_mantissa"], t["segment_offsets"],
+                                                 t["decode_table"], segment=packed.attrs["segment"],
+                                                 code_bits=CODE_BITS), torch.device("cuda"))
+        row.update({"us": us, "weights_per_s": n * k / (us * 1e-6),
+                    "gbps": (packed.nbytes + 2 * n * k) / (us * 1e-6) / 1e9})
+        if package is not None and utils is not None:
+            row["competitor"] = _package_decode_us(package, utils, w)
+        rows.append(row)
+        for m in m_values:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            import lowbit
+
+            y = lowbit.linear(x, packed)
+            ref = F.linear(x.float(), w.float())
+            err = float((y.float() - ref).abs().max() / ref.abs().max())
+            us, _, _ = time_us(lambda: lowbit.linear(x, packed), torch.device("cuda"))
+            bf16_us, _, _ = time_us(lambda: F.linear(x, w), torch.device("cuda"))
+            moved = packed.nbytes + 2 * (m * k + m * n)
+            gbps = moved / (us * 1e-6) / 1e9
+            rows.append({"format": "dfloat11", "shape": shape, "M": m, "N": n, "K": k, "kind": "linear", "us": us,
+                         "bf16_us": bf16_us, "speedup": bf16_us / us, "gbps": gbps,
+                         "bw_pct": None if peak is None else 100 * gbps / peak, "max_rel_err": err})
+    return rows
+
+
+def _package_decode_us(package, utils, w: torch.Tensor) -> dict:
+    """Time the package's own cupy kernel on the same weights (its hook's launch arguments)."""
+    import math
+
+    import cupy as cp
+
+    buffers = {k: v.cuda() for k, v in package_encode(utils, [w.cpu().flatten()]).items()}
+    n_elements, n_bytes = buffers["sign_mantissa"].numel(), buffers["encoded_exponent"].numel()
+    positions = buffers["output_positions"].cpu().view(torch.int32).numpy()
+    shared = THREADS_PER_BLOCK * 4 + 4 + int((positions[1:] - positions[:-1]).max()) * 2
+    out = torch.empty(n_elements, dtype=torch.bfloat16, device="cuda")
+    grid = (math.ceil(n_bytes / (THREADS_PER_BLOCK * BYTES_PER_THREAD)),)
+
+    def run():
+        with cp.cuda.Device(w.device.index or 0):
+            package._decode(grid=grid, block=(THREADS_PER_BLOCK,), shared_mem=shared, args=[
+                buffers["luts"].data_ptr(), buffers["encoded_exponent"].data_ptr(),
+                buffers["sign_mantissa"].data_ptr(), buffers["output_positions"].data_ptr(),
+                buffers["gaps"].data_ptr(), out.data_ptr(), buffers["luts"].shape[0], n_bytes, n_elements])
+
+    run()
+    torch.cuda.synchronize()
+    lossless = bool(torch.equal(out.view(torch.int16), w.flatten().view(torch.int16)))
+    us, _, _ = time_us(run, w.device)
+    return {"name": "dfloat11-package-cupy", "us": us, "lossless": lossless}
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    cpu = report["cpu"]
+    enc = cpu["encoder"]
+    lines = [f"# dfloat11 — {report['env']['device']} ({report['env']['date']}, commit {report['env']['commit']})", "",
+             "## CPU", "",
+             f"- MiniLM Linear weights (bf16): lowbit dfloat11 = **{cpu['minilm']['linear_weights_ratio']:.4f}** "
+             f"of bf16 bytes; every 2-D weight incl. embeddings: {cpu['minilm']['all_2d_weights_ratio']:.4f}",
+             f"- encoder on a {enc['shape'][0]}x{enc['shape'][1]} bf16 tensor: lowbit {enc['lowbit_s'] * 1e3:.1f} ms "
+             f"({enc['lowbit_weights_per_s'] / 1e6:.1f} M weights/s)"]
+    if "package_s" in enc:
+        lines += [f"- dfloat11 package encoder on the same tensor: {enc['package_s']:.2f} s "
+                  f"({enc['package_weights_per_s'] / 1e6:.2f} M weights/s) -> lowbit is **{enc['speedup']:.0f}x** faster",
+                  f"- size: lowbit {enc['lowbit_bytes']} bytes vs package {enc['package_bytes']} bytes "
+                  f"({100 * enc['size_vs_package']:+.2f}%)"]
+    else:
+        lines.append(f"- package encoder: {enc['package']}")
+    lines += ["", "## GPU", ""]
+    if not report["results"]:
+        lines.append("No GPU in this run: decoder and linear timings are pending a GPU run.")
+    else:
+        lines += ["| shape | kind | M | us | bf16 us | speedup | GB/s | package us |", "|---|---|---|---|---|---|---|---|"]
+        for r in report["results"]:
+            comp = r.get("competitor", {}).get("us")
+            lines.append(f"| {r['shape']} | {r['kind']} | {r.get('M', '')} | {r['us']:.1f} | "
+                         f"{r.get('bf16_us', float('nan')):.1f} | {r.get('speedup', float('nan')):.2f} | "
+                         f"{r['gbps']:.0f} | {'' if comp is None else f'{comp:.1f}'} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    import lowbit
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny encoder tensor, no GPU part (CI)")
+    p.add_argument("--encode-shape", type=int, nargs=2, default=[4096, 4096])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--m", nargs="+", type=int, default=[1, 4, 16, 64])
+    p.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results (a temp dir with --smoke)")
+    args = p.parse_args(argv)
+    fmt = lowbit.get_format("dfloat11")
+    gpu = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if gpu else "cpu")
+    env = env_info(device)
+    if not gpu:
+        env["device"] = "cpu"
+    encode_shape = (64, 1024) if args.smoke else tuple(args.encode_shape)
+    report = {"env": env, "cpu": {"minilm": minilm_sizes(fmt), "encoder": encoder_speed(fmt, encode_shape, args.repeats)},
+              "results": gpu_rows(fmt, args.m, peak_gbps(env["device"])) if gpu else []}
+    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="lowbit-df11-")) if args.smoke else REPO / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = ("smoke-" if args.smoke else "") + f"dfloat11-{env['device'].replace(' ', '_')}-{env['date'][:10]}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    write_markdown(out_dir / f"{stem}.md", report)
+    print((out_dir / f"{stem}.md").read_text())
+    print(f"wrote {out_dir / stem}.json, .md")
+    bad = [r for r in report["results"] if not r.get("lossless", True) or r.get("max_rel_err", 0) > 2e-2]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Block-level DFloat11 decompression: one kernel launch per transformer block.
+
+`enable_block_decompression(model)` hooks every block (each child of an nn.ModuleList) that
+holds `dfloat11` layers. Right before the block runs, all its dfloat11 weights are decoded in
+one launch into a bf16 buffer shared by every block on the device (sized to the largest
+block, so the model never holds more than one block of decoded weights); each layer then runs
+a plain bf16 F.linear on its slice, and the slices are released when the block returns.
+Calls with at most FUSED_MAX_M tokens skip the block decode: there each layer's fused
+decode + GEMV reads the compressed weight only once, which is faster.
+
+This is an eager-mode optimization (forward hooks); under torch.compile, leave it off and the
+per-layer `lowbit::dfloat11_linear` op runs instead.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .formats import get_format
+from .formats.dfloat11 import CODE_BITS
+from .kernels.runtime import interpreting
+from .linear import QuantLinear
+
+#: one reused bf16 decode buffer per device, grown to the largest block seen
+_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _shared_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    buffer = _BUFFERS.get(device)
+    if buffer is None or buffer.numel() < numel:
+        _BUFFERS.pop(device, None)
+        buffer = _BUFFERS[device] = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    return buffer[:numel]
+
+
+def _tokens(args: tuple, kwargs: dict) -> int | None:
+    """Rows the block's Linear layers will see: the hidden states' numel / hidden size."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1 and hidden.shape[-1]:
+        return hidden.numel() // hidden.shape[-1]
+    return None
+
+
+class BlockDecompressor:
+    """Decodes the dfloat11 layers of one block together (see the module docstring)."""
+
+    def __init__(self, block: nn.Module, min_tokens: int | None = None):
+        from .kernels.dfloat11 import FUSED_MAX_M
+
+        self.layers = [m for m in block.modules() if isinstance(m, QuantLinear) and m.format == "dfloat11"]
+        if not self.layers:
+            raise InputError(f"{type(block).__name__} holds no dfloat11 layers to decompress")
+        self.min_tokens = FUSED_MAX_M + 1 if min_tokens is None else min_tokens
+        self._launch_key: tuple | None = None
+        self._launches: list[tuple[torch.Tensor, int, int]] = []
+        self._handles = [block.register_forward_pre_hook(self._before, with_kwargs=True),
+                         block.register_forward_hook(self._after)]
+
+    def decode(self) -> list[torch.Tensor]:
+        """Decode every layer now; returns their bf16 [N, K] weights (views of the shared
+        buffer, valid until the next block decodes) and hands them to the layers."""
+        device = self.layers[0].sign_mantissa.device
+        sizes = [m.out_features * m.in_features for m in self.layers]
+        flat = _shared_buffer(device, sum(sizes)).split(sizes)
+        weights = [w.view(m.out_features, m.in_features) for w, m in zip(flat, self.layers)]
+        if device.type == "cuda" or interpreting():
+            self._launch(weights)
+        else:  # no Triton here: the reference decoder, layer by layer
+            for weight, layer in zip(weights, self.layers):
+                weight.copy_(get_format(layer.format).dequantize(layer.packed))
+        for weight, layer in zip(weights, self.layers):
+            layer.decoded_weight = weight
+        return weights
+
+    def _launch(self, weights: list[torch.Tensor]) -> None:
+        from .kernels.dfloat11 import decode_layers, layer_row
+
+        fields = [(m.exponent_code, m.sign_mantissa, m.segment_offsets, m.decode_table, w, m.attrs["segment"])
+                  for m, w in zip(self.layers, weights)]
+        key = tuple(t.data_ptr() for f in fields for t in f[:5])
+        if key != self._launch_key:  # layer tables are rebuilt only when a tensor moved
+            by_segment: dict[int, list] = {}
+            for f in fields:
+                by_segment.setdefault(f[5], []).append(layer_row(*f))
+            device = weights[0].device
+            self._launches = [(torch.tensor(rows, dtype=torch.int64, device=device), max(r[5] for r in rows), seg)
+                              for seg, rows in by_segment.items()]
+            self._launch_key = key
+        for table, max_segments, segment in self._launches:
+            decode_layers(table, max_segments, segment, CODE_BITS)
+
+    def release(self) -> None:
+        """Drop the layers' references into the shared buffer."""
+        for layer in self.layers:
+            layer.decoded_weight = None
+
+    def remove(self) -> None:
+        """Unhook from the block."""
+        self.release()
+        for handle in self._handles:
+            handle.remove()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        tokens = _tokens(args, kwargs)
+        if tokens is None or tokens >= self.min_tokens:
+            self.decode()
+
+    def _after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.release()
+
+
+def enable_block_decompression(model: nn.Module, min_tokens: int | None = None) -> list[BlockDecompressor]:
+    """Hook every block (child of an nn.ModuleList) holding dfloat11 layers; returns the
+    decompressors (call `.remove()` on each to undo). min_tokens: decode per block only for
+    calls with at least this many tokens (default: above the fused GEMV's largest M)."""
+    blocks = [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module]
+    return [BlockDecompressor(b, min_tokens) for b in blocks
+            if any(isinstance(m, QuantLinear) and m.format == "dfloat11" for m in b.modules())]

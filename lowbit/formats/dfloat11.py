@@ -1,0 +1,229 @@
+"""DFloat11: lossless BF16 with entropy-coded exponents (the torch spec; DESIGN.md section 4).
+
+A bf16 value is sign(1) | exponent(8) | mantissa(7). The exponent byte `(w >> 7) & 0xFF` of a
+trained weight carries ~2.6 bits of information, so it is Huffman-coded; the byte
+`sign << 7 | mantissa` is stored raw. Decoding restores every one of the 65,536 bf16 bit
+patterns exactly (NaN payloads, +-Inf, subnormals and -0 included).
+
+Layout (one code per tensor):
+- The exponents of the row-major [N, K] weight form one bit stream (huffman.py bit order),
+  coded with a canonical Huffman code of at most CODE_BITS bits per symbol.
+- Each row is cut into segments of `segment` weights (the last one of a row may be shorter);
+  `segment_offsets[n, j]` is the stream bit where segment j of row n starts. Segments decode
+  independently: a kernel gives each lane one segment, and every lane runs the same number
+  of steps, with no prefix sums and no per-thread output positions. (The `dfloat11` package
+  stores 5-bit per-thread gaps plus per-block output positions; its checkpoints are imported
+  by lowbit/integrations/dfloat11_import.py.)
+- `decode_table[peek]`, indexed by the next CODE_BITS stream bits, holds the symbol and code
+  length (symbol | length << 8): one on-chip lookup per weight.
+
+Packed fields: exponent_code int32 [code_words] (the stream plus one zero word, so a decoder may
+always read the word after the current one), sign_mantissa uint8 [N, K], segment_offsets
+int32 [N, ceil(K/segment)], decode_table int16 [2^CODE_BITS].
+Attrs: segment (weights per segment), code_words.
+Options: segment (default 256), cast (False: any dtype but bf16 is a WeightError; True:
+fp16 / fp32 weights are rounded to bf16 first, which is lossy, so it must be asked for).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import FormatError, WeightError
+from ..packed import PackedWeight
+from . import huffman, register_format
+from .base import FieldSpec, Format
+
+#: longest code, and the index width of decode_table (2^10 int16 entries = 2 KiB per tensor)
+CODE_BITS = 10
+DEFAULT_SEGMENT = 256
+SEGMENTS = (64, 128, 256, 512, 1024)
+#: stream positions are int32 bit offsets
+MAX_STREAM_BITS = 2**31 - 64
+
+
+def split_bf16(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 [...] -> (exponent bytes int64 [...], sign|mantissa bytes uint8 [...])."""
+    bits = weight.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    exponent = ((bits >> 7) & 0xFF).to(torch.int64)
+    sign_mantissa = (((bits >> 8) & 0x80) | (bits & 0x7F)).to(torch.uint8)
+    return exponent, sign_mantissa
+
+
+def join_bf16(exponent: torch.Tensor, sign_mantissa: torch.Tensor) -> torch.Tensor:
+    """Inverse of `split_bf16`: int exponent bytes + uint8 sign|mantissa -> bf16."""
+    sm = sign_mantissa.to(torch.int32)
+    bits = ((sm & 0x80) << 8) | (exponent.to(torch.int32) << 7) | (sm & 0x7F)
+    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)
+
+
+def segments_per_row(k: int, segment: int) -> int:
+    return -(-k // segment)
+
+
+#: rows are encoded in chunks of about this many weights, one thread per chunk: each chunk's
+#: arrays stay in cache across the passes, and numpy releases the GIL inside them
+CHUNK_WEIGHTS = 1 << 18
+
+
+def _exponent_pairs(rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """bf16 [R, K] -> (uint16 [ceil(RK/2)] pairs e[2i] | e[2i+1] << 8 of exponent bytes, the
+    last one padded with a repeat of the final exponent; uint8 [RK] sign|mantissa bytes;
+    int64 [256] exponent histogram)."""
+    bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    count = bits.size
+    exponent = np.empty(count + count % 2, dtype=np.uint8)
+    exponent[:count] = bits >> np.uint16(7)  # the cast to uint8 drops the sign bit
+    exponent[count:] = exponent[count - 1]
+    sign_and_mantissa = bits & np.uint16(0x807F)
+    sign_mantissa = (sign_and_mantissa | (sign_and_mantissa >> np.uint16(8))).astype(np.uint8)
+    pair_counts = np.bincount(exponent.view(np.uint16), minlength=65536).reshape(256, 256)  # [second, first]
+    histogram = pair_counts.sum(axis=0) + pair_counts.sum(axis=1)
+    histogram[exponent[-1]] -= count % 2  # the padding repeat is not a weight
+    return exponent.view(np.uint16), sign_mantissa, histogram
+
+
+class _PairCode:
+    """A canonical code of exponent bytes, tabulated for pairs of weights: a 65,536-entry table
+    gives the joint code and length of two exponents, so the cumulative sum and the bit packer
+    touch half as many items."""
+
+    def __init__(self, histogram: np.ndarray):
+        self.lengths = huffman.limited_code_lengths(torch.from_numpy(histogram), CODE_BITS).numpy()
+        codes = huffman.canonical_codes(torch.from_numpy(self.lengths)).numpy()
+        first, second = np.meshgrid(np.arange(256), np.arange(256))  # pair index = first | second << 8
+        joint_lengths = (self.lengths[first] + self.lengths[second]).reshape(-1)
+        joint_codes = ((codes[first] << self.lengths[second]) | codes[second]).reshape(-1)
+        self.pair_lengths = joint_lengths.astype(np.uint8)
+        self.aligned = (joint_codes.astype(np.uint64) << (64 - joint_lengths).astype(np.uint64)) * (joint_lengths > 0)
+
+    def pack(self, pairs: np.ndarray, count: int, k: int, segment: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Encode `count` weights (whole rows of length k) -> (int32 words, int64 [rows, J] bit
+        offsets of the segments, code bits)."""
+        lengths = self.pair_lengths[pairs]
+        ends = np.cumsum(lengths, dtype=np.uint64)
+        bits = int(ends[-1]) - (int(self.lengths[pairs[-1] >> 8]) if count % 2 else 0)
+        starts = ends - lengths
+        words = huffman.pack_codes(self.aligned[pairs], starts, -(-bits // 32))
+        if bits % 32:  # clear the padding code's bits after the last weight
+            words[-1] &= np.int32(-(1 << (32 - bits % 32)))
+        # A segment's first weight: the start of its pair, plus the first code when it is odd.
+        first = (np.arange(count // k)[:, None] * k + np.arange(0, k, segment)[None, :])
+        offsets = starts[first // 2].astype(np.int64) + (first % 2) * self.lengths[pairs[first // 2] & 0xFF]
+        return words, offsets, bits
+
+
+def encode(weight: torch.Tensor, segment: int, name: str = "weight") -> tuple[dict[str, torch.Tensor], int]:
+    """bf16 [N, K] -> (packed fields, code_words). Vectorized (a few array passes per chunk of
+    rows) and multi-threaded; each chunk's code starts on a word boundary."""
+    n, k = weight.shape
+    rows = weight.detach().cpu()
+    step = max(1, CHUNK_WEIGHTS // k)
+    chunks = [rows[r: r + step] for r in range(0, n, step)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        split = list(pool.map(_exponent_pairs, chunks))
+        code = _PairCode(sum(histogram for _, _, histogram in split))
+        packed = list(pool.map(lambda c, s: code.pack(s[0], c.numel(), k, segment), chunks, split))
+    word_base = np.cumsum([0] + [words.size for words, _, _ in packed])
+    total_bits = 32 * int(word_base[-2]) + packed[-1][2]
+    if total_bits > MAX_STREAM_BITS:
+        raise WeightError(f"{name}: {n}x{k} weight needs {total_bits} code bits, more than the "
+                          f"{MAX_STREAM_BITS} a dfloat11 stream addresses; split the tensor")
+    # + 1 zero word: decoders read two words at a time
+    stream = np.concatenate([words for words, _, _ in packed] + [np.zeros(1, np.int32)])
+    offsets = np.concatenate([off + 32 * int(base) for (_, off, _), base in zip(packed, word_base)])
+    tensors = {
+        "exponent_code": torch.from_numpy(stream),
+        "sign_mantissa": torch.from_numpy(np.concatenate([sm for _, sm, _ in split]).reshape(n, k)),
+        "segment_offsets": torch.from_numpy(offsets.astype(np.int32)),
+        "decode_table": huffman.decode_table(torch.from_numpy(code.lengths), CODE_BITS),
+    }
+    return {key: t.to(weight.device) for key, t in tensors.items()}, stream.size
+
+
+def decode(packed: PackedWeight) -> torch.Tensor:
+    """The reference decoder: packed dfloat11 -> bf16 [N, K], bit-exact.
+
+    Vectorized over segments: step i decodes weight i of every segment at once (the same
+    schedule the Triton kernel runs, one lane per segment)."""
+    n, k = packed.shape
+    segment = packed.attrs["segment"]
+    words = packed.exponent_code.to(torch.int64) & 0xFFFFFFFF
+    table = packed.decode_table.to(torch.int64)
+    last_word = words.numel() - 1
+    position = packed.segment_offsets.flatten().to(torch.int64)
+    exponent = torch.empty((position.numel(), segment), dtype=torch.int64, device=words.device)
+    for i in range(segment):
+        word = position >> 5
+        window = (words[word.clamp(max=last_word)] << 32) | words[(word + 1).clamp(max=last_word)]
+        entry = table[(window >> (64 - CODE_BITS - (position & 31))) & (2**CODE_BITS - 1)]
+        exponent[:, i] = entry & 0xFF
+        position = position + (entry >> 8)
+    exponent = exponent.reshape(n, -1)[:, :k]
+    return join_bf16(exponent, packed.sign_mantissa)
+
+
+class DFloat11Format(Format):
+    """`dfloat11`: lossless bf16, Huffman-coded exponents decoded right before the matmul."""
+
+    name = "dfloat11"
+    ATTRS = ("segment", "code_words")
+    OPTIONS = ("segment", "cast")
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = set(options) - set(self.OPTIONS)
+        if unknown:
+            raise FormatError(f"dfloat11: unknown option(s) {sorted(unknown)}; accepted: {list(self.OPTIONS)}")
+        if options.get("segment", DEFAULT_SEGMENT) not in SEGMENTS or isinstance(options.get("segment"), bool):
+            raise FormatError(f"dfloat11: segment must be one of {SEGMENTS}, got {options['segment']!r}")
+        if not isinstance(options.get("cast", False), bool):
+            raise FormatError(f"dfloat11: cast must be a bool, got {options['cast']!r}")
+
+    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
+        self.check_attr_keys(attrs)
+        self.check_options({"segment": attrs["segment"]})
+        words = attrs["code_words"]
+        if isinstance(words, bool) or not isinstance(words, int) or not 2 <= words <= MAX_STREAM_BITS // 32 + 2:
+            raise FormatError(f"dfloat11: code_words must be an int in [2, {MAX_STREAM_BITS // 32 + 2}], got {words!r}")
+        return attrs
+
+    def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
+        n, k = shape
+        return {
+            "exponent_code": FieldSpec(torch.int32, (attrs["code_words"],)),
+            "sign_mantissa": FieldSpec(torch.uint8, (n, k)),
+            "segment_offsets": FieldSpec(torch.int32, (n, segments_per_row(k, attrs["segment"]))),
+            "decode_table": FieldSpec(torch.int16, (2**CODE_BITS,)),
+        }
+
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
+        self.check_options(options)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or 0 in weight.shape:
+            raise WeightError(f"{name}: expected a non-empty 2-D [out, in] tensor, got "
+                              f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        if weight.device.type == "meta":
+            raise WeightError(f"{name}: weight is on the meta device (no values to encode)")
+        if weight.dtype != torch.bfloat16:
+            if not (options.get("cast") and weight.dtype in (torch.float16, torch.float32)):
+                raise WeightError(f"{name}: dfloat11 is lossless for bfloat16 weights only, got {weight.dtype}; "
+                                  "convert the model to bf16 first, or pass cast=True to round to bf16")
+            weight = weight.to(torch.bfloat16)
+        segment = options.get("segment", DEFAULT_SEGMENT)
+        tensors, code_words = encode(weight.detach(), segment, name)
+        return PackedWeight(self.name, tuple(weight.shape), torch.bfloat16,
+                            {"segment": segment, "code_words": code_words}, tensors)
+
+    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+        return decode(packed)
+
+    def triton_linear(self, x2d, packed, bias):
+        t = packed.tensors
+        return torch.ops.lowbit.dfloat11_linear(x2d, t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
+                                                t["decode_table"], bias, packed.attrs["segment"], CODE_BITS)
+
+
+register_format(DFloat11Format())

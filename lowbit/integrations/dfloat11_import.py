@@ -1,0 +1,258 @@
+"""Import a folder written by the `dfloat11` package (its compress_model / DFloat11Model layout).
+
+The folder holds config.json with a `dfloat11_config` object ({version, threads_per_block,
+bytes_per_thread, pattern_dict}), normally beside the Hugging Face model config, and
+safetensors files with the plain tensors plus, for each compressed module M:
+  M.luts              uint8 [T+1, 256]  T chained 256-entry byte tables (an entry >= 240 points
+                                        to table 256-entry) and a last row of code lengths
+  M.encoded_exponent  uint8 [B]         the Huffman-coded exponent bytes, MSB first
+  M.sign_mantissa     uint8 [E]         sign|mantissa bytes, raw
+  M.output_positions  uint8 [4(G+1)]    uint32 index of the first weight decoded by each GPU
+                                        thread block of threads_per_block threads
+  M.gaps              uint8             5-bit big-endian start offset of each thread's first code
+                                        in its bytes_per_thread-byte chunk
+  M.split_positions   int64             where the concatenated weights of M's Linear layers split
+M is a Linear (or Embedding) itself, or a block whose pattern_dict entry lists its Linear
+sub-paths. The package decodes on the GPU with a prebuilt PTX; here the same stream is
+decoded on the CPU, vectorized over threads, bit for bit, and the weights are re-encoded as
+lowbit `dfloat11` layers (Embeddings stay plain bf16). Nothing from the folder is executed:
+JSON and safetensors only, model classes looked up by name in transformers.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError, LowbitError
+from ..formats.dfloat11 import DEFAULT_SEGMENT, join_bf16
+
+DF11_FIELDS = ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions")
+#: byte-table entries at or above this point to another table (the package's convention)
+POINTER_BASE = 240
+
+
+def is_dfloat11_folder(path: str | Path) -> bool:
+    """True when `path` has a config.json with a `dfloat11_config` object."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return isinstance(json.loads(config.read_text()).get("dfloat11_config"), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _fail(where: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{where}: {problem}")
+
+
+def decode_stream(fields: dict[str, torch.Tensor], bytes_per_thread: int, threads_per_block: int,
+                  where: str = "dfloat11") -> torch.Tensor:
+    """The package's encoded exponents + sign|mantissa bytes -> bf16 [E], bit-exact.
+
+    Thread t owns stream bits [t*C, (t+1)*C), C = 8*bytes_per_thread, and decodes every code
+    that starts there, from bit t*C + gap[t]; the threads' outputs follow each other in
+    order. Every step below decodes one code of every thread at once."""
+    luts = fields["luts"].numpy()
+    stream = fields["encoded_exponent"].numpy()
+    sign_mantissa = fields["sign_mantissa"]
+    if luts.ndim != 2 or luts.shape[1] != 256 or not 2 <= luts.shape[0] <= 256 - POINTER_BASE + 1:
+        raise _fail(f"{where}.luts", f"expected uint8 [T+1, 256] with 1 <= T <= 16, got {list(luts.shape)}")
+    for name in ("encoded_exponent", "sign_mantissa", "gaps", "output_positions"):
+        if fields[name].dim() != 1 or fields[name].dtype != torch.uint8:
+            raise _fail(f"{where}.{name}", f"expected a 1-D uint8 tensor, got {fields[name].dtype} {list(fields[name].shape)}")
+    n_elements, chunk_bits = sign_mantissa.numel(), 8 * bytes_per_thread
+    n_threads = -(-stream.size // bytes_per_thread)
+    gap_bits = np.unpackbits(fields["gaps"].numpy())
+    if gap_bits.size < 5 * n_threads:
+        raise _fail(f"{where}.gaps", f"{gap_bits.size // 5} gaps for {n_threads} threads")
+    gaps = gap_bits[: 5 * n_threads].reshape(-1, 5).astype(np.int64) @ (1 << np.arange(4, -1, -1))
+    padded = np.concatenate([stream, np.zeros(8, np.uint8)]).astype(np.int64)
+    tables, lengths = luts[:-1].astype(np.int64), luts[-1].astype(np.int64)
+    thread_end = (np.arange(n_threads, dtype=np.int64) + 1) * chunk_bits
+    position = thread_end - chunk_bits + gaps
+    symbols, decoded = [], []
+    for _ in range(chunk_bits + 1):
+        active = position < np.minimum(thread_end, 8 * stream.size)
+        if not active.any():
+            break
+        byte = np.minimum(position >> 3, stream.size)
+        window = (padded[byte] << 32) | (padded[byte + 1] << 24) | (padded[byte + 2] << 16) | (padded[byte + 3] << 8) | padded[byte + 4]
+        peek = (window >> (8 - (position & 7))) & 0xFFFFFFFF  # the next 32 stream bits
+        symbol = tables[0, peek >> 24]
+        for level in range(1, 4):  # codes of up to 32 bits: at most three table hops
+            hop = symbol >= POINTER_BASE
+            symbol = np.where(hop, tables[np.where(hop, 256 - symbol, 0), (peek >> (24 - 8 * level)) & 0xFF], symbol)
+        length = lengths[symbol]
+        if (active & ((length == 0) | (symbol >= POINTER_BASE))).any():
+            raise _fail(f"{where}.luts", "the tables do not decode the stream (zero-length or dangling code)")
+        symbols.append(symbol.astype(np.uint8))
+        decoded.append(active)
+        position = np.where(active, position + length, position)
+    else:
+        raise _fail(f"{where}.encoded_exponent", "a thread decodes more codes than its chunk holds")
+    decoded_matrix = np.stack(decoded, axis=1)  # [threads, steps], thread-major like the outputs
+    exponent = np.stack(symbols, axis=1)[decoded_matrix]
+    if exponent.size < n_elements:
+        raise _fail(f"{where}.encoded_exponent", f"decodes to {exponent.size} weights, sign_mantissa has {n_elements}")
+    _check_output_positions(fields["output_positions"], decoded_matrix.sum(axis=1), threads_per_block, n_elements, where)
+    return join_bf16(torch.from_numpy(exponent[:n_elements].astype(np.int64)), sign_mantissa)
+
+
+def _check_output_positions(raw: torch.Tensor, per_thread: np.ndarray, threads_per_block: int, n_elements: int,
+                            where: str) -> None:
+    """The stored first-weight index of every thread block must match the decoded counts."""
+    if raw.numel() % 4:
+        raise _fail(f"{where}.output_positions", f"{raw.numel()} bytes is not a whole number of uint32")
+    stored = raw.numpy().view(np.uint32).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(per_thread)])[::threads_per_block]
+    blocks = -(-per_thread.size // threads_per_block)
+    expected = np.minimum(starts[:blocks], n_elements)
+    if stored.size < blocks + 1 or not np.array_equal(stored[:blocks], expected) or stored[blocks] != n_elements:
+        raise _fail(f"{where}.output_positions", "does not match the decoded stream (damaged file?)")
+
+
+def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(str(path), f"unreadable ({exc})") from None
+    df11 = config.get("dfloat11_config") if isinstance(config, dict) else None
+    if not isinstance(df11, dict):
+        raise _fail(f"{path}: dfloat11_config", "missing or not an object")
+    tpb, bpt, patterns = df11.get("threads_per_block"), df11.get("bytes_per_thread"), df11.get("pattern_dict")
+    if not (isinstance(tpb, list) and len(tpb) == 1 and isinstance(tpb[0], int) and tpb[0] > 0):
+        raise _fail(f"{path}: dfloat11_config.threads_per_block", f"expected [positive int], got {tpb!r}")
+    if not (isinstance(bpt, int) and 1 <= bpt <= 64):
+        raise _fail(f"{path}: dfloat11_config.bytes_per_thread", f"expected an int in [1, 64], got {bpt!r}")
+    if not (isinstance(patterns, dict) and all(isinstance(v, list) and all(isinstance(a, str) for a in v)
+                                               for v in patterns.values())):
+        raise _fail(f"{path}: dfloat11_config.pattern_dict", "expected {regex: [sub-module paths]}")
+    return config, df11
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise _fail(str(folder), "no .safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    if key in tensors:
+                        raise _fail(str(f), f"tensor {key!r} appears in two files")
+                    tensors[key] = handle.get_tensor(key)
+        except LowbitError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise _fail(str(f), f"unreadable safetensors file ({exc})") from None
+    return tensors
+
+
+def _model_class(folder: Path, config: dict[str, Any]):
+    """(transformers class, its config object) named by config.json."""
+    import transformers
+
+    hf_config = {k: v for k, v in config.items() if k != "dfloat11_config"}
+    arch = (hf_config.get("architectures") or [None])[0]
+    cls = getattr(transformers, str(arch), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise _fail(f"{folder / 'config.json'}: architectures", f"{arch!r} is not a transformers model class; "
+                    "pass load(..., model=skeleton) with a bf16 model of the right shape")
+    try:
+        return cls, cls.config_class.from_dict(hf_config)
+    except Exception as exc:  # a config transformers rejects
+        raise _fail(f"{folder / 'config.json'}", f"transformers rejects the config: {exc}") from None
+
+
+def _expected_tensors(skeleton: nn.Module) -> tuple[dict[str, torch.Size], set[str]]:
+    """(shape of every state-dict entry, names that are tied aliases of an earlier entry)."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, tensor in list(skeleton.named_parameters(remove_duplicate=False)) + list(skeleton.named_buffers(remove_duplicate=False)):
+        if id(tensor) in first:
+            aliases.add(name)
+        first.setdefault(id(tensor), name)
+    return {k: v.shape for k, v in skeleton.state_dict().items()}, aliases
+
+
+def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device = "cpu",
+                  segment: int = DEFAULT_SEGMENT) -> nn.Module:
+    """Read a `dfloat11` package folder -> model whose compressed Linear layers are lowbit
+    `dfloat11` QuantLinears holding bit-identical weights (other modules plain bf16).
+
+    model: optional bf16 skeleton to fill (needed when config.json has no model config).
+    The whole bf16 model is materialized once before re-encoding. Every problem with the
+    folder raises CheckpointError naming the file or tensor."""
+    from ..api import quantize
+
+    folder = Path(path)
+    config, df11 = _read_config(folder)
+    if model is None:
+        cls, model_config = _model_class(folder, config)
+        with torch.device("meta"):
+            skeleton = cls(model_config)
+    else:
+        skeleton = model
+    shapes, aliases = _expected_tensors(skeleton)
+    tensors = _read_tensors(folder)
+    compressed = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".encoded_exponent")})
+    state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in DF11_FIELDS}
+    decoded = []
+    for module in tqdm(compressed, desc="decode dfloat11", unit="module", disable=len(compressed) < 4):
+        missing = [f for f in DF11_FIELDS if f"{module}.{f}" not in tensors]
+        if missing:
+            raise _fail(str(folder), f"module {module!r} lacks {missing}")
+        fields = {f: tensors[f"{module}.{f}"] for f in DF11_FIELDS}
+        flat = decode_stream(fields, df11["bytes_per_thread"], df11["threads_per_block"][0], where=module)
+        targets = _targets(module, df11["pattern_dict"])
+        splits = fields["split_positions"].tolist()
+        if len(splits) != len(targets) - 1:
+            raise _fail(f"{module}.split_positions", f"{len(splits) + 1} weights for {len(targets)} targets {targets}")
+        for target, weight in zip(targets, torch.tensor_split(flat, splits)):
+            key = f"{target}.weight"
+            if key not in shapes or shapes[key].numel() != weight.numel():
+                raise _fail(f"{module}", f"decodes {weight.numel()} weights for {key!r}, which the model "
+                            f"{'lacks' if key not in shapes else f'holds as {list(shapes[key])}'}")
+            state[key] = weight.reshape(shapes[key])
+            decoded.append(target)
+    missing = sorted(set(shapes) - set(state) - aliases)
+    extra = sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise _fail(str(folder), f"does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    if model is None:
+        try:
+            model = cls.from_pretrained(None, config=model_config, state_dict=state, dtype=torch.bfloat16)
+        except Exception as exc:
+            raise _fail(str(folder), f"transformers could not build {cls.__name__}: {exc}") from None
+    else:
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if name in state:
+                    tensor.copy_(state[name])
+    for name in decoded:
+        weight = model.get_submodule(name).weight
+        if not torch.equal(weight.view(torch.int16), state[f"{name}.weight"].view(torch.int16)):
+            raise _fail(f"{name}.weight", f"the model holds {weight.dtype} weights, not the decoded bf16 ones")
+    linears = {n for n in decoded if isinstance(model.get_submodule(n), nn.Linear)}
+    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears]
+    quantize(model, "dfloat11", segment=segment, skip=skip, progress=len(linears) > 8)
+    return model.to(device).eval()
+
+
+def _targets(module: str, pattern_dict: dict[str, list[str]]) -> list[str]:
+    """The weights a compressed module holds, in the order they were concatenated."""
+    for pattern, attrs in pattern_dict.items():
+        if re.fullmatch(pattern, module):
+            return [f"{module}.{a}" for a in attrs] if attrs else [module]
+    return [module]

@@ -1,0 +1,156 @@
+"""DFloat11 Triton kernels against the torch reference decoder: the bf16 decoder (single
+layers and whole blocks in one launch) bit for bit, the fused decode + GEMV against F.linear
+in fp32. Interpreter on CPU; `gpu` tests add real shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit.block_decode import BlockDecompressor, enable_block_decompression
+from lowbit.formats.dfloat11 import CODE_BITS
+from lowbit.kernels.dfloat11 import FUSED_MAX_M, decode_weight
+
+from ..conftest import kernel_devices, make_tiny_llama, requires_gpu
+
+DEVICES = kernel_devices()
+pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+FMT = lowbit.get_format("dfloat11")
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def _bits(t):
+    return t.view(torch.int16).cpu()
+
+
+def _decode(p):
+    return decode_weight(p.exponent_code, p.sign_mantissa, p.segment_offsets, p.decode_table,
+                         segment=p.attrs["segment"], code_bits=CODE_BITS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoder_restores_every_bf16_pattern(device):
+    w = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(128, 512)
+    p = FMT.quantize(w, segment=512).to(device)
+    assert torch.equal(_bits(_decode(p)), _bits(w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,segment", [((37, 300), 64), ((5, 1000), 256), ((64, 65), 128), ((1, 7), 64)])
+def test_decoder_matches_reference(device, shape, segment):
+    gen = torch.Generator().manual_seed(shape[1])
+    w = (torch.randn(shape, generator=gen) * torch.logspace(-4, 2, shape[1])).bfloat16()
+    w.view(-1)[:: 97] = float("nan")
+    p = FMT.quantize(w, segment=segment)
+    assert torch.equal(_bits(_decode(p.to(device))), _bits(FMT.dequantize(p)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (3, torch.float32), (FUSED_MAX_M, torch.float16)])
+def test_fused_gemv_equals_f_linear(device, m, dtype):
+    gen = torch.Generator().manual_seed(m)
+    w = (torch.randn(37, 300, generator=gen) * 0.05).bfloat16()
+    x, b = torch.randn(m, 300, generator=gen), torch.randn(37, generator=gen)
+    p = FMT.quantize(w, segment=64)
+    ref = F.linear(x.to(dtype).float(), w.float(), b.to(dtype).float())
+    y = lowbit.linear(x.to(device, dtype), p.to(device), b.to(device, dtype), backend="triton")
+    assert y.dtype == dtype and y.shape == (m, 37)
+    assert (y.float().cpu() - ref).abs().max().item() <= TOL[dtype] * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_m_decodes_then_runs_bf16_linear_exactly(device):
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(33, 130, generator=gen) * 0.05).bfloat16()
+    x = torch.randn(17, 130, generator=gen).bfloat16()
+    p = FMT.quantize(w, segment=64)
+    y = lowbit.linear(x.to(device), p.to(device), None, backend="triton")
+    assert torch.equal(y.cpu(), F.linear(x, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_op_registration(device):
+    p = FMT.quantize((torch.randn(40, 70) * 0.1).bfloat16(), segment=64).to(device)
+    x = torch.randn(2, 70, device=device)
+    args = (x, p.sign_mantissa, p.exponent_code, p.segment_offsets, p.decode_table, None, 64, CODE_BITS)
+    torch.library.opcheck(torch.ops.lowbit.dfloat11_linear.default, args, test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_compiled_layer_has_no_graph_break(backend):
+    device = DEVICES[0]
+    layer = lowbit.QuantLinear.from_linear(nn.Linear(70, 40).bfloat16(), "dfloat11", segment=64).to(device)
+    x = torch.randn(2, 70, device=device, dtype=torch.bfloat16)
+    compiled = torch.compile(lambda t: layer(t, backend=backend), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x, backend=backend))
+
+
+def _block(device):
+    """A 'block' of three dfloat11 layers with different shapes and two segment sizes."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(70, 33), nn.Linear(33, 65, bias=False), nn.Linear(65, 70)).bfloat16()
+    reference = [m.weight.detach().clone() for m in block]
+    lowbit.quantize(block, "dfloat11", overrides={"1": {"format": "dfloat11", "segment": 128}}, segment=64,
+                    progress=False)
+    return block.to(device), reference
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_decodes_several_layers_into_one_shared_buffer(device):
+    block, reference = _block(device)
+    decompressor = BlockDecompressor(block)
+    weights = decompressor.decode()
+    assert [tuple(w.shape) for w in weights] == [(33, 70), (65, 33), (70, 65)]
+    for w, ref in zip(weights, reference):
+        assert torch.equal(_bits(w), _bits(ref))
+    # the views share one buffer, back to back
+    base = weights[0].data_ptr()
+    assert [w.data_ptr() - base for w in weights] == [0, 2 * 33 * 70, 2 * (33 * 70 + 65 * 33)]
+    assert all(layer.decoded_weight is w for layer, w in zip(decompressor.layers, weights))
+    decompressor.remove()
+    assert all(layer.decoded_weight is None for layer in decompressor.layers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_hooks_decode_for_many_tokens_only(device):
+    block, reference = _block(device)
+    decompressor = BlockDecompressor(block)
+    seen = []
+    block[1].register_forward_pre_hook(lambda mod, args: seen.append(mod.decoded_weight is not None))
+    x = torch.randn(FUSED_MAX_M + 3, 70).bfloat16().to(device)
+    with torch.no_grad():
+        y = block(x)
+        block(x[:1])
+    expected = x.cpu()
+    for layer, w in zip(block, reference):
+        expected = F.linear(expected, w, None if layer.bias is None else layer.bias.cpu())
+    assert seen == [True, False]  # decoded per block for 7 tokens; the fused path for 1
+    assert torch.equal(y.cpu(), expected)
+    assert all(layer.decoded_weight is None for layer in decompressor.layers)  # released after the block
+
+
+def test_enable_block_decompression_finds_transformer_blocks():
+    model = lowbit.quantize(make_tiny_llama(dtype=torch.bfloat16), "dfloat11", skip=["lm_head"], progress=False)
+    decompressors = enable_block_decompression(model)
+    assert len(decompressors) == 2 and all(len(d.layers) == 7 for d in decompressors)
+    for d in decompressors:
+        d.remove()
+
+
+def test_block_decompressor_needs_dfloat11_layers():
+    with pytest.raises(lowbit.LowbitError, match="no dfloat11 layers"):
+        BlockDecompressor(nn.Sequential(nn.Linear(4, 4)))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336)])
+def test_gpu_real_shapes(n, k):
+    w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+    p = FMT.quantize(w)
+    assert torch.equal(_decode(p).view(torch.int16), w.view(torch.int16))
+    for m in (1, FUSED_MAX_M, 64):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        ref = F.linear(x.float(), w.float())
+        y = lowbit.linear(x, p)
+        assert (y.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
