@@ -4,6 +4,7 @@ from .block_decode import enable_block_decompression
 from .config import QuantConfig
 from .errors import LowbitError
 from .formats import formats, get_format, register_format
+from .integrations.transformers import HfQuantConfig, register as _register_with_transformers
 from .io import load, save
 from .linear import QuantLinear
 from .ops import linear
@@ -11,7 +12,10 @@ from .packed import PackedWeight
 
 __version__ = "0.1.0"
 
+_register_with_transformers()
+
 __all__ = [
+    "HfQuantConfig",
     "LowbitError",
     "PackedWeight",
     "QuantConfig",

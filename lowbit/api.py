@@ -46,6 +46,9 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: list[str] | t
                 raise
             raise type(exc)(f"layer '{name}': {exc}") from None
         _set_submodule(model, name, quantized)
+    from .integrations.transformers import attach_hf_config
+
+    attach_hf_config(model, config)  # transformers models: save_pretrained writes quantization_config
     return model
 
 

@@ -132,11 +132,25 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
         for f, names in tqdm(list(zip(files, groups)), desc="lowbit save", unit="shard", disable=len(files) < 2):
             _write_shard(tmp / f, names, tensors)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _write_transformers_files(tmp, manifest, files)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_transformers_files(folder: Path, manifest: dict[str, Any], files: list[str]) -> None:
+    """For transformers models, the files from_pretrained reads besides the shards: config.json
+    (with `quantization_config`) and, when sharded, model.safetensors.index.json."""
+    entry = manifest["model"]
+    if entry["kind"] != "transformers":
+        return
+    (folder / "config.json").write_text(json.dumps({**entry["config"], "architectures": [entry["class"]]}, indent=1))
+    if len(files) > 1:
+        index = {"metadata": {"producer": "lowbit"},
+                 "weight_map": {name: e["file"] for name, e in manifest["tensors"].items()}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -208,12 +222,19 @@ def _layer_from_manifest(path: Path, name: str, entry: Any) -> QuantLinear:
     return QuantLinear(k, n, fmt.name, attrs, bias=entry["bias"], dtype=dtype, device="meta")
 
 
-def _build_transformers_model(path: Path, entry: dict[str, Any]) -> nn.Module:
+def _transformers_class(path: Path, name: Any, field: str = "architectures"):
+    """The transformers PreTrainedModel class called `name` (looked up by name, never imported
+    from the folder)."""
     import transformers
 
-    cls = getattr(transformers, str(entry.get("class")), None)
+    cls = getattr(transformers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise _fail(path, "model.class", f"{entry.get('class')!r} is not a transformers model class")
+        raise _fail(path, field, f"{name!r} is not a transformers model class")
+    return cls
+
+
+def _build_transformers_model(path: Path, entry: dict[str, Any]) -> nn.Module:
+    cls = _transformers_class(path, entry.get("class"), "model.class")
     if not isinstance(entry.get("config"), dict):
         raise _fail(path, "model.config", "missing or not an object")
     try:
@@ -263,7 +284,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     structure (it is filled in place; after a failed load it may be partly converted, so build
     a fresh one to retry). Every problem with the folder raises CheckpointError naming the file
     and field. A folder written by the `dfloat11` package (config.json with `dfloat11_config`)
-    is imported instead: lowbit/integrations/dfloat11_import.py.
+    is imported instead: lowbit/integrations/dfloat11_import.py; a folder written by
+    `save_pretrained` (config.json with a lowbit quantization_config) is read through
+    transformers' from_pretrained.
     """
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
@@ -271,6 +294,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
 
         if is_dfloat11_folder(folder):  # a checkpoint of the `dfloat11` package: import it
             return load_dfloat11(folder, model=model, device=device)
+        if model is None and _is_saved_pretrained(folder):  # written by save_pretrained
+            return _load_pretrained(folder, device)
     manifest = _read_manifest(folder)
     mpath = folder / MANIFEST
     if model is None:
@@ -332,7 +357,31 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise _fail(mpath, "tensors", f"tensor(s) left without data: {leftover[:5]}")
+    from .integrations.transformers import attach_hf_config
+
+    attach_hf_config(model)  # so save_pretrained of a loaded model writes quantization_config
     return model.eval()
+
+
+def _is_saved_pretrained(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == "lowbit"
+
+
+def _load_pretrained(folder: Path, device: str | torch.device) -> nn.Module:
+    """A transformers folder with a lowbit quantization_config, through from_pretrained."""
+    config = json.loads((folder / "config.json").read_text())
+    model_class = _transformers_class(folder / "config.json", (config.get("architectures") or [None])[0])
+    try:
+        model = model_class.from_pretrained(folder, local_files_only=True)
+    except LowbitError:
+        raise
+    except Exception as exc:
+        raise _fail(folder, "<checkpoint>", f"transformers could not load it: {exc}") from None
+    return model.to(device).eval()
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

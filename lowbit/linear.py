@@ -48,7 +48,8 @@ class QuantLinear(nn.Module):
         for name, tensor in packed.tensors.items():
             layer._buffers[name] = tensor
         if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+            # the bias takes the weight's dtype (which a checkpoint records), e.g. bf16 for dfloat11 with cast=True
+            layer.bias = nn.Parameter(bias.detach().to(packed.dtype, copy=True), requires_grad=False)
         return layer
 
     @classmethod

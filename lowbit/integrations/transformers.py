@@ -1,0 +1,216 @@
+"""Hugging Face transformers integration: `quant_method: "lowbit"`.
+
+- `HfQuantConfig` (a `QuantizationConfigMixin`) holds a lowbit QuantConfig (format, options,
+  skip, overrides) and, for a quantized model, `layers`: each quantized layer's format, shape,
+  dtype, attributes and bias flag (the same entries as lowbit.json's `layers`).
+- `LowbitHfQuantizer` (an `HfQuantizer`):
+  * pre-quantized checkpoints: before weights load, the meta model's nn.Linear layers named in
+    `layers` become QuantLinear with the declared buffers; transformers then fills those buffers
+    from the safetensors keys `{layer}.{field}` like any other tensor (no cast: the buffers'
+    dtypes are the format's);
+  * quantize while loading (`from_pretrained(..., quantization_config=HfQuantConfig("int4"))`):
+    each target Linear's weight is quantized as it arrives from the checkpoint and the layer is
+    swapped for a QuantLinear on the spot, so the full-precision model is never materialized.
+- `attach_hf_config(model)`: lowbit.quantize / lowbit.load call it on transformers models, so
+  `model.save_pretrained(d)` writes `quantization_config` and the packed buffers.
+
+Both are registered with transformers when lowbit is imported (once per process).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import CONFIG_VERSION, QuantConfig
+from ..errors import FormatError, LowbitError
+from ..linear import QuantLinear
+from ..packed import parse_metadata
+
+try:  # transformers is a dependency, but keep `import lowbit` working without it
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers import HfQuantizer
+    from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                              register_quantization_config, register_quantizer)
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+except ImportError:  # pragma: no cover
+    HfQuantizer = QuantizationConfigMixin = ConversionOps = None
+
+QUANT_METHOD = "lowbit"
+
+
+class HfQuantConfig(QuantizationConfigMixin if QuantizationConfigMixin else object):
+    """`quantization_config` for transformers: HfQuantConfig(format="int4", group_size=128,
+    skip=["lm_head"], overrides={"*.down_proj": "int8"}, **format_options).
+
+    `layers` (filled when a quantized model is saved) maps each quantized layer to its stored
+    format entry; a checkpoint with `layers` is loaded as is, without one it is quantized while
+    loading. Unknown formats, options or versions raise LowbitError."""
+
+    def __init__(self, format: str = "int4", group_size: int | None = None, skip: list[str] | None = None,
+                 overrides: dict[str, Any] | None = None, layers: dict[str, Any] | None = None,
+                 version: int = CONFIG_VERSION, options: dict[str, Any] | None = None, **format_options: Any):
+        format_options.pop("quant_method", None)
+        options = {**(options or {}), **format_options}
+        if group_size is not None:
+            options["group_size"] = group_size
+        self.quant_method = QUANT_METHOD
+        self.version = version
+        self.format = format
+        self.options = options
+        self.skip = list(skip or [])
+        self.overrides = dict(overrides or {})
+        self.layers = dict(layers) if layers else None
+        self.quant_config()  # validates format, options, skip, overrides and version
+        for name, entry in (self.layers or {}).items():
+            try:
+                parse_metadata(entry)
+            except LowbitError as exc:
+                raise FormatError(f"quantization_config.layers.{name}: {exc}") from None
+            if not isinstance(entry.get("bias"), bool):
+                raise FormatError(f"quantization_config.layers.{name}: needs a true/false 'bias'")
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(self.format, options=self.options, skip=tuple(self.skip), overrides=self.overrides,
+                           version=self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "version": self.version, "format": self.format,
+                "options": dict(self.options), "skip": list(self.skip), "overrides": dict(self.overrides),
+                "layers": None if self.layers is None else dict(self.layers)}
+
+
+def _layer_entries(model: nn.Module) -> dict[str, Any]:
+    return {name: {**m.packed.metadata(), "bias": m.bias is not None}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class _QuantizeOnLoad(ConversionOps if ConversionOps else object):
+    """Quantizes one Linear weight as it is loaded and swaps the layer for a QuantLinear."""
+
+    def __init__(self, hf_quantizer: "LowbitHfQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None,
+                missing_keys=None, **kwargs) -> dict[str, torch.Tensor]:
+        from ..formats import get_format
+
+        key, value = next(iter(input_dict.items()))
+        weight = value[0] if isinstance(value, list) else value
+        layer_name = (full_layer_name or key).rpartition(".")[0]
+        linear = model.get_submodule(layer_name)
+        fmt_name, options = self.hf_quantizer.plan[layer_name]
+        packed = get_format(fmt_name).quantize(weight, name=layer_name, **options)
+        layer = QuantLinear(linear.in_features, linear.out_features, fmt_name, packed.attrs,
+                            bias=linear.bias is not None, dtype=packed.dtype, device="meta")
+        for field, tensor in packed.tensors.items():
+            layer._buffers[field] = tensor
+        if linear.bias is not None:
+            layer.bias = linear.bias  # loaded already (keys load in sorted order) or still meta
+        _set_module(model, layer_name, layer)
+        if missing_keys is not None:
+            missing_keys.discard(f"{layer_name}.weight")
+        return {}
+
+
+class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
+    """transformers quantizer for lowbit formats (see the module docstring)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: HfQuantConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.plan: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def validate_environment(self, *args, **kwargs):
+        return
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        if self.pre_quantized:
+            if config.layers is None:
+                raise FormatError("quantization_config (lowbit) of a saved model lacks 'layers'")
+            for name, entry in config.layers.items():
+                fmt, (n, k), dtype, attrs = parse_metadata(entry)
+                try:
+                    current = model.get_submodule(name)
+                except AttributeError:
+                    raise FormatError(f"quantization_config.layers.{name}: no such module in the model") from None
+                if not isinstance(current, nn.Linear) or (current.out_features, current.in_features) != (n, k):
+                    raise FormatError(f"quantization_config.layers.{name}: does not match the model's {current!r}")
+                _set_module(model, name, QuantLinear(k, n, fmt.name, attrs, bias=entry["bias"], dtype=dtype,
+                                                     device="meta"))
+            return model
+        quant_config = config.quant_config()
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear:
+                plan = quant_config.layer_plan(name)
+                if plan is not None:
+                    self.plan[name] = plan
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        layer, _, leaf = param_name.rpartition(".")
+        return not self.pre_quantized and leaf == "weight" and layer in self.plan
+
+    def get_quantize_ops(self):
+        return _QuantizeOnLoad(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        missing = [name for name in self.plan if not isinstance(model.get_submodule(name), QuantLinear)]
+        if missing:
+            raise LowbitError(f"lowbit: these layers were never loaded, so not quantized: {missing[:5]}")
+        self.quantization_config.layers = _layer_entries(model)
+        return model
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def attach_hf_config(model: nn.Module, config: QuantConfig | None = None) -> None:
+    """Mark a transformers model holding QuantLinear layers as lowbit-quantized, so that
+    save_pretrained writes `quantization_config` (with every layer's entry) and the buffers."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return
+    if not isinstance(model, PreTrainedModel) or HfQuantizer is None:
+        return
+    layers = _layer_entries(model)
+    if not layers:
+        return
+    previous = getattr(model.config, "quantization_config", None)
+    if config is None and isinstance(previous, HfQuantConfig):
+        config = previous.quant_config()
+    if config is None:  # e.g. after lowbit.load: `layers` is what matters, format is informative
+        config = QuantConfig(sorted(entry["format"] for entry in layers.values())[0])
+    hf_config = HfQuantConfig(format=config.format, options=dict(config.options), skip=list(config.skip),
+                              overrides=dict(config.overrides), layers=layers, version=config.version)
+    model.config.quantization_config = hf_config
+    model.hf_quantizer = LowbitHfQuantizer(hf_config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def register() -> None:
+    """Register the config and quantizer under quant_method "lowbit" (no-op when already done)."""
+    if HfQuantizer is None:
+        return
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(HfQuantConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LowbitHfQuantizer)

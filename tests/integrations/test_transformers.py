@@ -1,0 +1,224 @@
+"""transformers integration: save_pretrained / from_pretrained for every format, quantize while
+loading, generate, one on-disk format with lowbit.save/load, device_map, torch.compile."""
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+import lowbit
+from lowbit.cli import main as cli_main
+from lowbit.errors import FormatError, LowbitError
+from lowbit.integrations.transformers import LowbitHfQuantizer
+
+from ..conftest import make_tiny_llama, requires_gpu
+from ..test_io import EVERY_FORMAT
+
+
+def _options(fmt, options, dtype):
+    """dfloat11 takes only bf16 weights: other dtypes are cast explicitly."""
+    return {**options, "cast": True} if fmt == "dfloat11" and dtype != torch.bfloat16 else options
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A bf16 tiny Llama saved the plain transformers way."""
+    path = tmp_path_factory.mktemp("llama-bf16")
+    make_tiny_llama(dtype=torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _llama(llama_dir):
+    return AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+
+
+IDS = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
+def test_llama_save_pretrained_round_trip(llama_dir, tmp_path, fmt, options):
+    model = lowbit.quantize(_llama(llama_dir), fmt, skip=["lm_head"], progress=False, **options)
+    model.save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "lowbit" and len(config["layers"]) == 14
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    layer = loaded.model.layers[1].self_attn.o_proj
+    assert isinstance(layer, lowbit.QuantLinear) and layer.format == fmt
+    for name, tensor in model.model.layers[1].self_attn.o_proj.packed.tensors.items():
+        assert layer.packed.tensors[name].dtype == tensor.dtype and torch.equal(layer.packed.tensors[name], tensor)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+    # and it saves again
+    loaded.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4", "dfloat11"])
+def test_generate_gives_the_same_tokens(llama_dir, tmp_path, fmt):
+    model = lowbit.quantize(_llama(llama_dir), fmt, progress=False)
+    model.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(loaded.generate(IDS[:1], **kwargs), model.generate(IDS[:1], **kwargs))
+
+
+@pytest.mark.parametrize("fmt,options", [("int4", {"group_size": 32}), ("fp8", {}), ("nvfp4", {}), ("nf4", {})])
+def test_quantize_while_loading_equals_lowbit_quantize(llama_dir, tmp_path, fmt, options):
+    config = lowbit.HfQuantConfig(format=fmt, skip=["lm_head"], **options)
+    on_load = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=config)
+    reference = lowbit.quantize(_llama(llama_dir), fmt, skip=["lm_head"], progress=False, **options)
+    assert isinstance(on_load.model.layers[0].mlp.down_proj, lowbit.QuantLinear)
+    assert type(on_load.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(on_load(IDS).logits, reference(IDS).logits)
+    on_load.save_pretrained(tmp_path / "q")  # the layers it quantized are recorded
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(IDS).logits, reference(IDS).logits)
+
+
+def test_quantize_while_loading_never_holds_the_bf16_weights(llama_dir, monkeypatch):
+    """Each weight is quantized as it arrives: when a layer is quantized, no later layer holds a
+    loaded full-precision weight yet."""
+    from lowbit.integrations import transformers as integration
+
+    seen = []
+    original = integration._QuantizeOnLoad.convert
+
+    def spy(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        loaded_linears = [n for n, m in model.named_modules()
+                          if type(m) is torch.nn.Linear and n != "lm_head" and m.weight.device.type != "meta"]
+        seen.append(loaded_linears)
+        return original(self, input_dict, full_layer_name=full_layer_name, model=model, **kwargs)
+
+    monkeypatch.setattr(integration._QuantizeOnLoad, "convert", spy)
+    AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=lowbit.HfQuantConfig("int8", skip=["lm_head"]))
+    assert len(seen) == 14 and all(not loaded for loaded in seen)
+
+
+def test_minilm_every_format_round_trips(minilm, tmp_path):
+    model, tokenizer = minilm
+    batch = tokenizer(["one on-disk format", "for every lowbit format"], padding=True, return_tensors="pt")
+    for fmt, options in EVERY_FORMAT:
+        quantized = lowbit.quantize(copy.deepcopy(model), fmt, progress=False, **_options(fmt, options, torch.float32))
+        folder = tmp_path / f"{fmt}-{len(options)}"
+        quantized.save_pretrained(folder)
+        loaded = AutoModel.from_pretrained(folder)
+        with torch.no_grad():
+            assert torch.equal(loaded(**batch).last_hidden_state, quantized(**batch).last_hidden_state), fmt
+
+
+def test_minilm_quantize_while_loading(minilm):
+    from lowbit.default_model import default_model_path
+
+    model, tokenizer = minilm
+    batch = tokenizer(["quantized while loading"], return_tensors="pt")
+    on_load = AutoModel.from_pretrained(default_model_path(), quantization_config=lowbit.HfQuantConfig("int8"))
+    reference = lowbit.quantize(copy.deepcopy(model), "int8", progress=False)
+    with torch.no_grad():
+        assert torch.equal(on_load(**batch).last_hidden_state, reference(**batch).last_hidden_state)
+
+
+def test_lowbit_save_and_save_pretrained_read_each_other(llama_dir, tmp_path):
+    model = lowbit.quantize(_llama(llama_dir), "int6", skip=["lm_head"], progress=False)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    lowbit.save(model, tmp_path / "lowbit", max_shard_bytes=200_000)  # sharded, with an index
+    model.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "lowbit")(IDS).logits, expected)
+        assert torch.equal(lowbit.load(tmp_path / "hf")(IDS).logits, expected)
+    # a lowbit.load-ed model saves through transformers too
+    lowbit.load(tmp_path / "lowbit").save_pretrained(tmp_path / "hf2")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")(IDS).logits, expected)
+
+
+def test_cli_output_loads_with_from_pretrained(tmp_path):
+    assert cli_main(["quantize", str(tmp_path / "out"), "--format", "int8"]) == 0
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    assert isinstance(model.encoder.layer[0].attention.self.query, lowbit.QuantLinear)
+
+
+def test_device_map_auto_with_offload(llama_dir, tmp_path):
+    model = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], progress=False)
+    model.save_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        expected = model(IDS).logits
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="auto")
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="auto", max_memory={"cpu": "200KB"},
+                                                     offload_folder=str(tmp_path / "offload"))
+    assert "disk" in set(offloaded.hf_device_map.values())
+    with torch.no_grad():
+        assert torch.equal(auto(IDS).logits, expected)
+        assert torch.equal(offloaded(IDS).logits, expected)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda q: q.update(format="int99"), "unknown format 'int99'"),
+    (lambda q: q.update(version=99), "version 99"),
+    (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(format="int99"), "layers.model.layers.0.mlp.up_proj"),
+    (lambda q: q.update(options={"group_size": 7}), "group_size"),
+])
+def test_bad_quantization_config_raises_lowbit_error(llama_dir, tmp_path, edit, match):
+    model = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], progress=False)
+    model.save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    edit(config["quantization_config"])
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LowbitError, match=match):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_hf_quant_config_validates_and_round_trips():
+    config = lowbit.HfQuantConfig(format="nvfp4", skip=["lm_head"], overrides={"*.down_proj": "int8"}, act="nvfp4")
+    again = lowbit.HfQuantConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again.to_dict() == config.to_dict() and again.options == {"act": "nvfp4"}
+    with pytest.raises(FormatError):
+        lowbit.HfQuantConfig(format="int4", group_size=33)
+
+
+def test_registration_is_idempotent():
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    from lowbit.integrations.transformers import register
+
+    register()
+    register()
+    assert AUTO_QUANTIZER_MAPPING["lowbit"] is LowbitHfQuantizer
+
+
+@pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
+def test_compiled_layer_has_no_graph_break(fmt, options):
+    torch._dynamo.reset()  # each format compiles QuantLinear.forward anew: stay under the recompile limit
+    torch.manual_seed(0)
+    layer = lowbit.QuantLinear.from_linear(torch.nn.Linear(96, 40).bfloat16(), fmt, **options)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
+def test_gpu_compiled_layer_runs_triton_without_graph_break(fmt, options):
+    torch._dynamo.reset()
+    layer = lowbit.QuantLinear.from_linear(torch.nn.Linear(4096, 1024).bfloat16(), fmt, **options).cuda()
+    x = torch.randn(16, 4096, dtype=torch.bfloat16, device="cuda")
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=2e-2, atol=2e-2)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_device_map_auto(llama_dir, tmp_path):
+    model = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], progress=False)
+    model.save_pretrained(tmp_path / "q")
+    on_gpu = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="auto")
+    assert isinstance(on_gpu.model.layers[0].mlp.up_proj, lowbit.QuantLinear)
+    assert on_gpu.model.layers[0].mlp.up_proj.qweight.is_cuda
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(IDS.cuda()).logits.float().cpu(), model(IDS).logits.float(),
+                                   rtol=5e-2, atol=5e-2)
