@@ -32,8 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.bench_gemm import env_info, peak_gbps, time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
-from lowbit.integrations.dfloat11_package import (BYTES_PER_THREAD, THREADS_PER_BLOCK,  # noqa: E402
-                                                  package_encode, package_encoder)
+from lowbit.integrations.dfloat11_package import package_encode, package_encoder  # noqa: E402
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -124,7 +123,7 @@ def gpu_rows(fmt, m_values: list[int], peak) -> list[dict]:
         row.update({"us": us, "weights_per_s": n * k / (us * 1e-6),
                     "gbps": (packed.nbytes + 2 * n * k) / (us * 1e-6) / 1e9})
         if package is not None and utils is not None:
-            row["competitor"] = _package_decode_us(package, utils, w)
+            row["competitor"] = _package_decode_us(w)
         rows.append(row)
         for m in m_values:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -143,30 +142,15 @@ def gpu_rows(fmt, m_values: list[int], peak) -> list[dict]:
     return rows
 
 
-def _package_decode_us(package, utils, w: torch.Tensor) -> dict:
-    """Time the package's own cupy kernel on the same weights (its hook's launch arguments)."""
-    import math
+def _package_decode_us(w: torch.Tensor) -> dict:
+    """Time the package's own cupy kernel on the same weights."""
+    from benchmarks.competitors import dfloat11_package_decoder
 
-    import cupy as cp
-
-    buffers = {k: v.cuda() for k, v in package_encode(utils, [w.cpu().flatten()]).items()}
-    n_elements, n_bytes = buffers["sign_mantissa"].numel(), buffers["encoded_exponent"].numel()
-    positions = buffers["output_positions"].cpu().view(torch.int32).numpy()
-    shared = THREADS_PER_BLOCK * 4 + 4 + int((positions[1:] - positions[:-1]).max()) * 2
-    out = torch.empty(n_elements, dtype=torch.bfloat16, device="cuda")
-    grid = (math.ceil(n_bytes / (THREADS_PER_BLOCK * BYTES_PER_THREAD)),)
-
-    def run():
-        with cp.cuda.Device(w.device.index or 0):
-            package._decode(grid=grid, block=(THREADS_PER_BLOCK,), shared_mem=shared, args=[
-                buffers["luts"].data_ptr(), buffers["encoded_exponent"].data_ptr(),
-                buffers["sign_mantissa"].data_ptr(), buffers["output_positions"].data_ptr(),
-                buffers["gaps"].data_ptr(), out.data_ptr(), buffers["luts"].shape[0], n_bytes, n_elements])
-
-    run()
+    decode, out = dfloat11_package_decoder(w)
+    decode()
     torch.cuda.synchronize()
     lossless = bool(torch.equal(out.view(torch.int16), w.flatten().view(torch.int16)))
-    us, _, _ = time_us(run, w.device)
+    us, _, _ = time_us(decode, w.device)
     return {"name": "dfloat11-package-cupy", "us": us, "lossless": lossless}
 
 

@@ -137,11 +137,30 @@ def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype
         return row
     us, us_p20, us_p80 = time_us(lambda: lowbit.linear(x, packed, backend=backend), device)
     bf16_us, _, _ = time_us(lambda: F.linear(x, w), device)
+    if device.type == "cuda":
+        row["competitor"] = time_competitor(fmt_name, options, w, x, ref, device, us)
     moved = packed.nbytes + x.numel() * x.element_size() + m * n * x.element_size()
     gbps = moved / (us * 1e-6) / 1e9
     row.update({"us": us, "us_p20": us_p20, "us_p80": us_p80, "bf16_us": bf16_us, "speedup": bf16_us / us,
                 "gbps": gbps, "bw_pct": None if peak is None else 100 * gbps / peak})
     return row
+
+
+def time_competitor(fmt_name: str, options: dict, w, x, ref, device, lowbit_us: float) -> dict | None:
+    """The same format in another library (benchmarks/competitors.py), gated like lowbit's row:
+    {"name", "us", "max_rel_err", "lowbit_speedup"}, {"name", "error"}, or None."""
+    from benchmarks.competitors import competitor
+
+    try:
+        found = competitor(fmt_name, options, w, x)
+        if found is None:
+            return None
+        name, fn = found
+        err = float((fn().float() - ref).abs().max() / ref.abs().max())
+        us, _, _ = time_us(fn, device)
+    except Exception as exc:  # not installed, or that library cannot run this case
+        return {"name": fmt_name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"name": name, "us": us, "max_rel_err": err, "lowbit_speedup": us / lowbit_us}
 
 
 def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:

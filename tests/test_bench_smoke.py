@@ -51,3 +51,53 @@ def test_bench_dfloat11_smoke(tmp_path):
     assert encoder["lowbit_weights_per_s"] > 0 and encoder["package_s"] > 0  # the package is a test dependency
     assert abs(encoder["size_vs_package"]) < 0.05
     assert data["results"] == [] and "pending a GPU run" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_bench_e2e_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--smoke", "--formats", "int4",
+                           "dfloat11", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # torch reference
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("*.json")
+    data = json.loads(result.read_text())
+    assert set(data["env"]) == {"device", "torch", "triton", "commit", "date"}
+    rows = data["results"]
+    assert [(r["format"], r["batch"]) for r in rows] == [(f, b) for f in ("bf16", "int4", "dfloat11") for b in (1, 2)]
+    for row in rows:
+        assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["decode_speedup"] > 0
+    lossless = [r for r in rows if r["format"] == "dfloat11"]
+    assert all(r["logits_cos_vs_bf16"] > 0.99999 for r in lossless)  # lossless weights, same reference math
+    assert all(0.9 < r["logits_cos_vs_bf16"] < 1 for r in rows if r["format"] == "int4")
+    assert list(tmp_path.glob("*.md"))
+
+
+def test_bench_e2e_refuses_gpu_mode_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "only taken on a GPU" in proc.stderr
+
+
+def test_competitors_compute_the_same_product():
+    """The competitor wiring (timed only on a GPU) computes x @ w^T; torchao's int8 / fp8
+    weight-only kernels also run on CPU, so the wiring is checked here."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_gemm import time_competitor
+    from benchmarks.competitors import competitor
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(64, 256, generator=gen) * 0.02).bfloat16()
+    x = torch.randn(3, 256, generator=gen).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    for name, bound in (("int8", 0.02), ("fp8", 0.06)):
+        label, fn = competitor(name, {}, w, x)
+        assert label.startswith("torchao")
+        assert float((fn().float() - ref).abs().max() / ref.abs().max()) < bound
+    assert competitor("mxfp4", {}, w, x) is None
+    row = time_competitor("fp8", {"act": "fp8"}, w, x, ref, torch.device("cpu"), 1.0)  # needs sm89+: recorded
+    assert row is not None and ("error" in row or row["us"] > 0)

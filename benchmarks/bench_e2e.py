@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: a Llama-architecture model at real width, bf16 vs each lowbit format.
+
+  python benchmarks/bench_e2e.py                      # GPU: Llama-3-8B width, 4 layers, batch 1 and 16
+  python benchmarks/bench_e2e.py --formats int4 fp8 dfloat11 --layers 8 --batch 1 --new 128
+  python benchmarks/bench_e2e.py --smoke              # tiny model on CPU (torch backend), CI
+
+The model is built in the process with random weights (seeded; created on the GPU, nothing
+fetched) at the width of --width (llama3-8b: hidden 4096, MLP 14336, 32 heads, 8 KV heads,
+vocab 128256) with --layers decoder layers; every Linear but lm_head is quantized. For each
+batch size it times a prefill over --prompt tokens and --new greedy decode steps with the KV
+cache (median of --repeats), and records tokens/s, the speedup over bf16 in the same run, peak
+GPU memory, and the cosine of the last logits to bf16's (a sanity check, not an accuracy claim).
+dfloat11 runs with per-block decompression enabled. Output: JSON {"env", "results"} + markdown
+in --out-dir (default benchmarks/results). --smoke numbers are CPU reference timings, not speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.bench_gemm import env_info  # noqa: E402
+
+WIDTHS = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256),
+    "smoke": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=256),
+}
+DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "lut2", "dfloat11"]
+
+
+def build_model(width: str, layers: int, device: torch.device, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192, tie_word_embeddings=False,
+                         **WIDTHS[width])
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(torch.bfloat16).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(model, batch: int, prompt: int, new: int, repeats: int, device: torch.device) -> dict:
+    """Prefill + greedy decode with the KV cache; medians of `repeats` runs."""
+    from transformers import DynamicCache
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device, generator=gen)
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        cache = DynamicCache()
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        _sync(device)
+        prefill_s.append(time.perf_counter() - start)
+        last_logits = out.logits[:, -1].float()
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new):
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode_s.append(time.perf_counter() - start)
+    return {"prefill_tok_s": batch * prompt / statistics.median(prefill_s),
+            "decode_tok_s": batch * new / statistics.median(decode_s), "last_logits": last_logits}
+
+
+def bench(args, device: torch.device) -> list[dict]:
+    import lowbit
+
+    rows, baseline = [], {}
+    for fmt in ["bf16"] + args.formats:
+        model = build_model(args.width, args.layers, device)
+        if fmt != "bf16":
+            lowbit.quantize(model, fmt, skip=["lm_head"], progress=False)
+            if fmt == "dfloat11":
+                lowbit.enable_block_decompression(model)
+        with torch.no_grad():
+            for batch in args.batch:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                result = run_one(model, batch, args.prompt, args.new, args.repeats, device)
+                logits = result.pop("last_logits")
+                if fmt == "bf16":
+                    baseline[batch] = (result, logits)
+                base, base_logits = baseline[batch]
+                rows.append({
+                    "format": fmt, "shape": f"{args.width}/{args.layers}-layers", "batch": batch,
+                    "prompt": args.prompt, "new_tokens": args.new, **result,
+                    "decode_speedup": result["decode_tok_s"] / base["decode_tok_s"],
+                    "prefill_speedup": result["prefill_tok_s"] / base["prefill_tok_s"],
+                    "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+                    "model_gb": lowbit.api.summarize(model).total_bytes / 1e9,
+                    "logits_cos_vs_bf16": float(torch.nn.functional.cosine_similarity(logits, base_logits, dim=-1).min()),
+                })
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
+    lines = [f"# bench_e2e — {env['device']} ({env['date']}, commit {env['commit']})", "",
+             "| format | model | batch | prefill tok/s | decode tok/s | decode vs bf16 | peak GB | model GB | logits cos |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = "" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
+        lines.append(f"| {r['format']} | {r['shape']} | {r['batch']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['decode_speedup']:.2f}x | {peak} | {r['model_gb']:.3f} | {r['logits_cos_vs_bf16']:.4f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU (torch reference backend)")
+    p.add_argument("--formats", nargs="+", default=None, help="default: " + " ".join(DEFAULT_FORMATS))
+    p.add_argument("--width", default="llama3-8b", choices=[w for w in WIDTHS if w != "smoke"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.formats = args.formats or DEFAULT_FORMATS
+    if args.smoke:
+        device = torch.device("cpu")
+        args.width, args.layers, args.prompt, args.new, args.repeats = "smoke", 2, 8, 4, 1
+        args.batch = [1, 2]
+        out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="lowbit-e2e-smoke-"))
+    else:
+        if not torch.cuda.is_available():
+            print("GPU numbers are only taken on a GPU: no CUDA device here (use --smoke on CPU)", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        out_dir = args.out_dir or REPO / "benchmarks" / "results"
+    env = env_info(device)
+    if args.smoke:
+        env["device"] = "cpu-torch-reference"
+    rows = bench(args, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = ("smoke-" if args.smoke else "") + f"e2e-{env['device'].replace(' ', '_')}-{env['date'][:10]}"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"env": env, "results": rows}, indent=1))
+    write_markdown(out_dir / f"{stem}.md", env, rows)
+    print((out_dir / f"{stem}.md").read_text())
+    print(f"wrote {out_dir / stem}.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
