@@ -118,7 +118,9 @@ def time_us(fn, device: torch.device) -> tuple[float, float, float]:
     return samples[1], samples[0], samples[-1]
 
 
-def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak) -> dict:
+def make_case(spec: str, n: int, k: int, m: int, args, device, dtype):
+    """Seeded weight [N, K] and activations [M, K], and the weight packed per `spec`:
+    (w, x, format name, options, Format, PackedWeight)."""
     import lowbit
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -126,7 +128,13 @@ def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype
     x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
     fmt_name, options = parse_format_spec(spec, args)
     fmt = lowbit.get_format(fmt_name)
-    packed = fmt.quantize(w, **options)
+    return w, x, fmt_name, options, fmt, fmt.quantize(w, **options)
+
+
+def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak) -> dict:
+    import lowbit
+
+    w, x, fmt_name, options, fmt, packed = make_case(spec, n, k, m, args, device, dtype)
     backend = "triton"
     ref, path = reference(fmt, packed, x)
     y = lowbit.linear(x, packed, backend=backend)

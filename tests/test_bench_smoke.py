@@ -101,3 +101,49 @@ def test_competitors_compute_the_same_product():
     assert competitor("mxfp4", {}, w, x) is None
     row = time_competitor("fp8", {"act": "fp8"}, w, x, ref, torch.device("cpu"), 1.0)  # needs sm89+: recorded
     assert row is not None and ("error" in row or row["us"] > 0)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="smoke mode is the CPU interpreter run")
+def test_tune_smoke_writes_configs_the_launcher_reads(tmp_path, monkeypatch):
+    """The tuner measures candidates through lowbit.linear and files the winners under the keys
+    the launcher looks up; with the table in place the launcher takes them (still correct)."""
+    import torch
+
+    import lowbit
+    from lowbit.kernels import tuning
+    from lowbit.kernels.dequant_gemm import pick_config
+
+    out = tmp_path / "tuned.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tune.py"), "--smoke", "--formats", "int4",
+                           "dfloat11", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(out.read_text())
+    assert set(table["env"]) == {"device", "torch", "triton", "commit", "date"}
+    measured = table["measured"]  # every int4 case measured; dfloat11 has no dequant-kernel config
+    assert sorted((r["shape"], r["M"]) for r in measured) == [(s, m) for s in ("smoke/odd", "smoke/square")
+                                                              for m in (1, 17)]
+    assert all(r["candidates_kept"] >= 1 and r["default_us"] > 0 for r in measured)
+    for key, entry in table["configs"].items():
+        assert key.startswith("int4-asym-g128-float-torch.float32/") and entry["us"] < entry["default_us"]
+        assert entry["max_rel_err"] < 1e-4 and entry["path"] in ("gemv", "gemm")
+    # a hand-written table is read by the launcher for its key
+    w, x = torch.randn(37, 300) * 0.02, torch.randn(1, 300)
+    packed = lowbit.get_format("int4").quantize(w)
+    tuning._last_key.set(None)
+    reference = lowbit.linear(x, packed, backend="triton")
+    key = tuning.last_key()
+    assert key == "int4-asym-g128-float-torch.float32/37x384/m1"
+    forced = {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+    out.write_text(json.dumps({"configs": {key: {**forced, "us": 1.0}}}))
+    monkeypatch.setenv(tuning.ENV_VAR, str(out))
+    tuning._read_table.cache_clear()
+    try:
+        assert pick_config(1, 37, 384, 128, torch.device("cpu"), variant=key.split("/")[0]) == forced
+        torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), reference, rtol=1e-5, atol=1e-5)
+        # invalid entries are ignored, not launched
+        out.write_text(json.dumps({"configs": {key: {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 48}}}))
+        tuning._read_table.cache_clear()
+        assert pick_config(1, 37, 384, 128, torch.device("cpu"), variant=key.split("/")[0])["path"] == "gemv"
+    finally:
+        tuning._read_table.cache_clear()

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ..errors import InputError
 from .runtime import interpreting, num_sms
+from .tuning import lookup
 
 GEMV_MAX_M = 4
 
@@ -272,13 +273,26 @@ def gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, 
             "SPLIT_K": split_k}
 
 
-def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False) -> dict:
-    """Default path and tile sizes for an [m, kp] x [n, kp]^T problem (tuned later per GPU).
-    multi_group: tiles may span several scale groups (element types without zero points)."""
+def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
+                variant: str | None = None) -> dict:
+    """Path and tile sizes for an [m, kp] x [n, kp]^T problem: the tuned config for this GPU,
+    kernel `variant` and M bucket when benchmarks/tune.py measured one (lowbit/kernels/tuning.py),
+    else defaults. multi_group: tiles may span several scale groups (no zero points)."""
+    tuned = lookup(device, variant, n, kp, m) if variant else None
+    if tuned and _valid_config(tuned, group_size, kp, multi_group):
+        return tuned
     if m <= GEMV_MAX_M:
         return {"path": "gemv", **gemv_config(m, n, kp, group_size, device, multi_group)}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": _block_k(group_size, kp, 64, multi_group)}
+
+
+def _valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool) -> bool:
+    keys = {"path", "BLOCK_M", "BLOCK_N", "BLOCK_K"} | ({"SPLIT_K"} if cfg.get("path") == "gemv" else set())
+    return (cfg.get("path") in ("gemv", "gemm") and keys <= set(cfg)
+            and all(isinstance(cfg[k], int) and cfg[k] > 0 for k in keys - {"path"})
+            and cfg["BLOCK_K"] >= 32 and not cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1)
+            and _tile_fits(cfg["BLOCK_K"], group_size, kp, multi_group))
 
 
 def check_operands(x: torch.Tensor, qweight: torch.Tensor, kp: int, bits: int, in_features: int) -> None:
@@ -349,7 +363,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m == 0:
         return x.new_empty((0, n))
     multi_group = element != "int"
-    cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group), **(config or {})}
+    variant = f"{element}{bits}{'-1bit' if one_bit_planes else ''}-{'sym' if zeros is None else 'asym'}-g{group_size}-{scale_kind}-{x.dtype}"
+    cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group, variant), **(config or {})}
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
     zeros_arg = zeros if zeros is not None else scales  # never read when symmetric
     bias_arg = bias if bias is not None else scales  # never read without bias

@@ -1,0 +1,86 @@
+"""Tuned launch configs for the dequant kernel family, per GPU and per M bucket.
+
+`benchmarks/tune.py` measures candidate paths (split-K GEMV or tensor-core GEMM) and tile sizes
+for each kernel variant, weight shape and M bucket, keeps only candidates whose output passes
+the correctness gate, and writes the fastest into `lowbit/kernels/tuned/<gpu>.json`. Launchers
+read that file once per process (no autotuning at run time, so no cold start). Without an
+entry, the launcher's defaults apply. LOWBIT_TUNED_CONFIGS=<file> points at another table.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+
+import torch
+
+M_BUCKETS = (1, 4, 16, 64, 256, 4096)
+TUNED_DIR = Path(__file__).with_name("tuned")
+ENV_VAR = "LOWBIT_TUNED_CONFIGS"
+_log = logging.getLogger(__name__)
+_forced: ContextVar[dict | None] = ContextVar("lowbit_forced_config", default=None)
+_last_key: ContextVar[str | None] = ContextVar("lowbit_last_config_key", default=None)
+
+
+def m_bucket(m: int) -> int:
+    """The smallest bucket >= m (the largest bucket for bigger M)."""
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def device_key(device: torch.device) -> str:
+    """File-name-safe GPU name, e.g. "NVIDIA_H100_80GB_HBM3"; "cpu" off CUDA."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+
+
+def config_key(variant: str, n: int, kp: int, m: int) -> str:
+    return f"{variant}/{n}x{kp}/m{m_bucket(m)}"
+
+
+@functools.lru_cache(maxsize=None)
+def _read_table(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        configs = json.loads(Path(path).read_text()).get("configs", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        _log.warning("lowbit: ignoring unreadable tuned-config file %s (%s)", path, exc)
+        return {}
+    return configs if isinstance(configs, dict) else {}
+
+
+def table_path(device: torch.device) -> str:
+    return os.environ.get(ENV_VAR) or str(TUNED_DIR / f"{device_key(device)}.json")
+
+
+def lookup(device: torch.device, variant: str, n: int, kp: int, m: int) -> dict | None:
+    """The tuned config for this launch, or None (use the defaults). Records the key it
+    looked up so benchmarks/tune.py can file its measurement under it."""
+    key = config_key(variant, n, kp, m)
+    _last_key.set(key)
+    forced = _forced.get()
+    if forced is not None:
+        return dict(forced)
+    entry = _read_table(table_path(device)).get(key)
+    return {k: v for k, v in entry.items() if k == "path" or k.isupper()} if isinstance(entry, dict) else None
+
+
+def last_key() -> str | None:
+    """The key of the most recent lookup in this context (for the tuner)."""
+    return _last_key.get()
+
+
+@contextmanager
+def force(config: dict):
+    """Every lookup inside returns `config` (the tuner's candidates)."""
+    token = _forced.set(dict(config))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
