@@ -93,14 +93,19 @@ class Format:
         raise InputError(f"format {self.name!r} has no Triton kernel")
 
     # -- shared helpers -------------------------------------------------------------------------
+    def check_weight_dtype(self, dtype: torch.dtype, options: dict[str, Any], name: str = "weight") -> None:
+        """WeightError unless weights of `dtype` can be quantized with `options` (also checked
+        before a checkpoint is loaded, so quantize-while-loading fails early and clearly)."""
+        if dtype not in FLOAT_DTYPES:
+            raise WeightError(f"{name}: dtype {dtype} is not one of {FLOAT_DTYPES}")
+
     def check_weight(self, weight: Any, name: str) -> torch.Tensor:
         """Common weight validation: a finite 2-D float tensor."""
         if not isinstance(weight, torch.Tensor):
             raise WeightError(f"{name}: expected a tensor, got {type(weight).__name__}")
         if weight.dim() != 2:
             raise WeightError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
-        if weight.dtype not in FLOAT_DTYPES:
-            raise WeightError(f"{name}: dtype {weight.dtype} is not one of {FLOAT_DTYPES}")
+        self.check_weight_dtype(weight.dtype, {}, name)
         if weight.shape[0] == 0 or weight.shape[1] == 0:
             raise WeightError(f"{name}: empty weight of shape {tuple(weight.shape)}")
         if weight.device.type == "meta":

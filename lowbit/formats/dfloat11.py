@@ -183,6 +183,11 @@ class DFloat11Format(Format):
         if not isinstance(options.get("cast", False), bool):
             raise FormatError(f"dfloat11: cast must be a bool, got {options['cast']!r}")
 
+    def check_weight_dtype(self, dtype: torch.dtype, options: dict[str, Any], name: str = "weight") -> None:
+        if dtype != torch.bfloat16 and not (options.get("cast") and dtype in (torch.float16, torch.float32)):
+            raise WeightError(f"{name}: dfloat11 is lossless for bfloat16 weights only, got {dtype}; "
+                              "convert the model to bf16 first, or pass cast=True to round to bf16")
+
     def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
         self.check_attr_keys(attrs)
         self.check_options({"segment": attrs["segment"]})
@@ -207,11 +212,8 @@ class DFloat11Format(Format):
                               f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
         if weight.device.type == "meta":
             raise WeightError(f"{name}: weight is on the meta device (no values to encode)")
-        if weight.dtype != torch.bfloat16:
-            if not (options.get("cast") and weight.dtype in (torch.float16, torch.float32)):
-                raise WeightError(f"{name}: dfloat11 is lossless for bfloat16 weights only, got {weight.dtype}; "
-                                  "convert the model to bf16 first, or pass cast=True to round to bf16")
-            weight = weight.to(torch.bfloat16)
+        self.check_weight_dtype(weight.dtype, options, name)
+        weight = weight.to(torch.bfloat16)  # a no-op for bf16; cast=True rounds fp16 / fp32
         segment = options.get("segment", DEFAULT_SEGMENT)
         tensors, code_words = encode(weight.detach(), segment, name)
         return PackedWeight(self.name, tuple(weight.shape), torch.bfloat16,

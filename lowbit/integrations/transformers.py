@@ -147,11 +147,15 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
                 _set_module(model, name, QuantLinear(k, n, fmt.name, attrs, bias=entry["bias"], dtype=dtype,
                                                      device="meta"))
             return model
+        from ..formats import get_format
+
         quant_config = config.quant_config()
         for name, module in model.named_modules():
             if type(module) is nn.Linear:
                 plan = quant_config.layer_plan(name)
                 if plan is not None:
+                    # fail before anything loads, naming the layer (e.g. dfloat11 on an fp32 load)
+                    get_format(plan[0]).check_weight_dtype(module.weight.dtype, plan[1], name)
                     self.plan[name] = plan
         return model
 

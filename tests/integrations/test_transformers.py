@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import lowbit
 from lowbit.cli import main as cli_main
-from lowbit.errors import FormatError, LowbitError
+from lowbit.errors import FormatError, LowbitError, WeightError
 from lowbit.integrations.transformers import LowbitHfQuantizer
 
 from ..conftest import make_tiny_llama, requires_gpu
@@ -170,6 +170,15 @@ def test_bad_quantization_config_raises_lowbit_error(llama_dir, tmp_path, edit, 
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
     with pytest.raises(LowbitError, match=match):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_quantize_while_loading_checks_the_load_dtype_first(llama_dir):
+    with pytest.raises(WeightError, match="model.layers.0.*bfloat16 weights only"):
+        AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32,
+                                             quantization_config=lowbit.HfQuantConfig("dfloat11"))
+    cast = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32,
+                                                quantization_config=lowbit.HfQuantConfig("dfloat11", cast=True))
+    assert cast.model.layers[0].mlp.up_proj.format == "dfloat11"
 
 
 def test_hf_quant_config_validates_and_round_trips():
