@@ -12,10 +12,18 @@ from .errors import FormatError, LowbitError
 from .linear import QuantLinear
 
 
-def _set_submodule(model: nn.Module, qualified_name: str, module: nn.Module) -> None:
+def replace_layer(model: nn.Module, qualified_name: str, layer: QuantLinear) -> None:
+    """Put `layer` where `model` has an nn.Linear (or QuantLinear) of the same shape; FormatError
+    when there is no such module or it does not match."""
+    try:
+        current = model.get_submodule(qualified_name)
+    except AttributeError:
+        raise FormatError("no such module in the model") from None
+    if (not isinstance(current, (nn.Linear, QuantLinear))
+            or (current.out_features, current.in_features) != (layer.out_features, layer.in_features)):
+        raise FormatError(f"does not match the model's {current!r}")
     parent_name, _, child = qualified_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
 def quantize(model: nn.Module, config: str | QuantConfig, *, skip: list[str] | tuple[str, ...] | None = None,
@@ -45,7 +53,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: list[str] | t
             if name in str(exc):
                 raise
             raise type(exc)(f"layer '{name}': {exc}") from None
-        _set_submodule(model, name, quantized)
+        replace_layer(model, name, quantized)
     from .integrations.transformers import attach_hf_config
 
     attach_hf_config(model, config)  # transformers models: save_pretrained writes quantization_config

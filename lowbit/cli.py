@@ -30,24 +30,14 @@ def load_hf_folder(path: Path) -> nn.Module:
     return cls.from_pretrained(path, dtype="auto", local_files_only=True).eval()
 
 
+#: CLI flags that become format options: valued ones when given, switches when set
+_VALUE_OPTIONS = ("group_size", "block", "act", "rotate", "segment")
+_SWITCH_OPTIONS = ("symmetric", "double_quant", "cast")
+
+
 def _format_options(args: argparse.Namespace) -> dict:
-    options = {}
-    if args.group_size is not None:
-        options["group_size"] = args.group_size
-    if args.symmetric:
-        options["symmetric"] = True
-    if args.block is not None:
-        options["block"] = args.block
-    if args.act is not None:
-        options["act"] = args.act
-    if args.rotate is not None:
-        options["rotate"] = args.rotate
-    if args.double_quant:
-        options["double_quant"] = True
-    if args.segment is not None:
-        options["segment"] = args.segment
-    if args.cast:
-        options["cast"] = True
+    options = {name: getattr(args, name) for name in _VALUE_OPTIONS if getattr(args, name) is not None}
+    options.update({name: True for name in _SWITCH_OPTIONS if getattr(args, name)})
     return options
 
 

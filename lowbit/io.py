@@ -24,9 +24,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .api import replace_layer
 from .errors import CheckpointError, LowbitError
 from .linear import QuantLinear
-from .packed import dtype_name, parse_metadata
+from .packed import dtype_name
 
 MANIFEST = "lowbit.json"
 FORMAT_VERSION = 1
@@ -112,8 +113,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     on_meta = [name for name, t in tensors.items() if t.device.type == "meta"]
     if on_meta:
         raise CheckpointError(f"cannot save {on_meta[:5]}: on the meta device (no data)")
-    layers = {name: {**mod.packed.metadata(), "bias": mod.bias is not None}
-              for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
+    layers = {name: mod.metadata() for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
     groups = _shards(tensors, max_shard_bytes)
     files = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
@@ -210,18 +210,6 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _layer_from_manifest(path: Path, name: str, entry: Any) -> QuantLinear:
-    """A QuantLinear on the meta device, built from its validated manifest entry."""
-    where = f"layers.{name}"
-    if not isinstance(entry, dict) or not isinstance(entry.get("bias"), bool):
-        raise _fail(path, where, f"expected an object with a true/false 'bias', got {entry!r}")
-    try:
-        fmt, (n, k), dtype, attrs = parse_metadata(entry)
-    except LowbitError as exc:
-        raise _fail(path, where, str(exc)) from None
-    return QuantLinear(k, n, fmt.name, attrs, bias=entry["bias"], dtype=dtype, device="meta")
-
-
 def _transformers_class(path: Path, name: Any, field: str = "architectures"):
     """The transformers PreTrainedModel class called `name` (looked up by name, never imported
     from the folder)."""
@@ -304,15 +292,10 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         model = _build_transformers_model(mpath, manifest["model"])
 
     for name, entry in manifest["layers"].items():
-        layer = _layer_from_manifest(mpath, name, entry)
         try:
-            current = model.get_submodule(name)
-        except AttributeError:
-            raise _fail(mpath, f"layers.{name}", "no such module in the model") from None
-        if not isinstance(current, (nn.Linear, QuantLinear)) or (current.out_features, current.in_features) != (layer.out_features, layer.in_features):
-            raise _fail(mpath, f"layers.{name}", f"does not match the model's {current!r}")
-        owner, leaf = _owner(model, name)
-        setattr(owner, leaf, layer)
+            replace_layer(model, name, QuantLinear.from_metadata(entry))
+        except LowbitError as exc:
+            raise _fail(mpath, f"layers.{name}", str(exc)) from None
 
     expected, aliases = _unique_tensors(model)
     stored = manifest["tensors"]

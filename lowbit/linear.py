@@ -6,8 +6,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import FormatError
 from .formats import get_format
-from .packed import PackedWeight
+from .packed import PackedWeight, parse_metadata
 
 
 class QuantLinear(nn.Module):
@@ -51,6 +52,20 @@ class QuantLinear(nn.Module):
             # the bias takes the weight's dtype (which a checkpoint records), e.g. bf16 for dfloat11 with cast=True
             layer.bias = nn.Parameter(bias.detach().to(packed.dtype, copy=True), requires_grad=False)
         return layer
+
+    @classmethod
+    def from_metadata(cls, entry: Any, device: torch.device | str = "meta") -> "QuantLinear":
+        """An empty layer (buffers on `device`, meta by default) from a `metadata()` entry, e.g.
+        read from a checkpoint; FormatError when the entry is malformed."""
+        if not isinstance(entry, dict) or not isinstance(entry.get("bias"), bool):
+            raise FormatError(f"expected an object with a true/false 'bias', got {entry!r}")
+        fmt, (n, k), dtype, attrs = parse_metadata(entry)
+        return cls(k, n, fmt.name, attrs, bias=entry["bias"], dtype=dtype, device=device)
+
+    def metadata(self) -> dict[str, Any]:
+        """This layer as JSON: the packed weight's format, shape, dtype, attrs, and the bias flag
+        (the entries of lowbit.json's and quantization_config's `layers`)."""
+        return {**self.packed.metadata(), "bias": self.bias is not None}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str, *, name: str = "weight", **options: Any) -> "QuantLinear":

@@ -42,19 +42,29 @@ class Format:
 
     name: str = ""
     ATTRS: tuple[str, ...] = ()
+    #: default of every option, for formats whose options are exactly their ATTRS (the methods
+    #: below then need only `check_values`); formats with shorthands override the methods
+    DEFAULTS: dict[str, Any] = {}
 
     # -- options / attributes -------------------------------------------------------------
+    def check_values(self, values: dict[str, Any]) -> None:
+        """FormatError for a complete set of option values (DEFAULTS filled in) that is invalid."""
+
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         """User options (may be partial / use shorthands) -> complete, validated attrs."""
-        raise NotImplementedError
+        self.check_options(options)
+        return {**self.DEFAULTS, **options}
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Raise FormatError for option names or values this format does not accept."""
-        raise NotImplementedError
+        self.check_option_names(options)
+        self.check_values({**self.DEFAULTS, **options})
 
     def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
         """Validate stored attrs (e.g. read from a manifest); returns them. FormatError if bad."""
-        raise NotImplementedError
+        self.check_attr_keys(attrs)
+        self.check_values(attrs)
+        return attrs
 
     def check_option_names(self, options: dict[str, Any]) -> None:
         """FormatError for option names this format does not take (its options are its ATTRS)."""

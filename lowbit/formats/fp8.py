@@ -78,6 +78,7 @@ class Fp8Format(Format):
     """`fp8` / `fp8_e5m2`: FP8 weights with fp32 scales per output channel or per B x B block."""
 
     ATTRS = ("block", "act")
+    DEFAULTS = {"block": None, "act": None}
 
     def __init__(self, name: str, dtype: torch.dtype, element: str):
         self.name = name
@@ -86,24 +87,12 @@ class Fp8Format(Format):
         self.max = torch.finfo(dtype).max
 
     # -- options / attributes -------------------------------------------------------------
-    def _check_values(self, block: Any, act: Any) -> None:
+    def check_values(self, values: dict[str, Any]) -> None:
+        block, act = values["block"], values["act"]
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % 32):
             raise FormatError(f"{self.name}: block must be None (per channel) or a positive multiple of 32, got {block!r}")
         if act not in _ACTS:
             raise FormatError(f"{self.name}: act must be one of {_ACTS}, got {act!r}")
-
-    def check_options(self, options: dict[str, Any]) -> None:
-        self.check_option_names(options)
-        self._check_values(options.get("block"), options.get("act"))
-
-    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
-        self.check_options(options)
-        return {"block": options.get("block"), "act": options.get("act")}
-
-    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
-        self.check_attr_keys(attrs)
-        self._check_values(attrs["block"], attrs["act"])
-        return attrs
 
     def padded_k(self, k: int, block: int | None) -> int:
         return padded_k(k, block or 32)

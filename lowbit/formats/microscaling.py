@@ -146,6 +146,7 @@ class MicroscalingFormat(Format):
     """Block-scaled formats: `mx*` (E8M0 scale per 32) and `nvfp4` (E4M3 per 16 + tensor scale)."""
 
     ATTRS = ("act", "rotate")
+    DEFAULTS = {"act": None, "rotate": None}
 
     def __init__(self, name: str, codec: ElementCodec, block: int, scale_kind: str):
         self.name = name
@@ -154,24 +155,12 @@ class MicroscalingFormat(Format):
         self.scale_kind = scale_kind  # "e8m0" or "e4m3" (NVFP4, two-level with a tensor scale)
 
     # -- options / attributes -------------------------------------------------------------
-    def _check_values(self, act: Any, rotate: Any) -> None:
+    def check_values(self, values: dict[str, Any]) -> None:
+        act, rotate = values["act"], values["rotate"]
         if act is not None and act not in MICROSCALING_FORMATS:
             raise FormatError(f"{self.name}: act must be None or one of {sorted(MICROSCALING_FORMATS)}, got {act!r}")
         if rotate not in _ROTATIONS:
             raise FormatError(f"{self.name}: rotate must be one of {_ROTATIONS}, got {rotate!r}")
-
-    def check_options(self, options: dict[str, Any]) -> None:
-        self.check_option_names(options)
-        self._check_values(options.get("act"), options.get("rotate"))
-
-    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
-        self.check_options(options)
-        return {"act": options.get("act"), "rotate": options.get("rotate")}
-
-    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
-        self.check_attr_keys(attrs)
-        self._check_values(attrs["act"], attrs["rotate"])
-        return attrs
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape

@@ -52,20 +52,11 @@ class NF4Format(Format):
 
     name = "nf4"
     ATTRS = ("double_quant",)
+    DEFAULTS = {"double_quant": False}
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        self.check_option_names(options)
-        if not isinstance(options.get("double_quant", False), bool):
-            raise FormatError(f"nf4: double_quant must be a bool, got {options['double_quant']!r}")
-
-    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
-        self.check_options(options)
-        return {"double_quant": options.get("double_quant", False)}
-
-    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
-        self.check_attr_keys(attrs)
-        self.check_options(attrs)
-        return attrs
+    def check_values(self, values: dict[str, Any]) -> None:
+        if not isinstance(values["double_quant"], bool):
+            raise FormatError(f"nf4: double_quant must be a bool, got {values['double_quant']!r}")
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..api import replace_layer
 from ..config import CONFIG_VERSION, QuantConfig
 from ..errors import FormatError, LowbitError
 from ..linear import QuantLinear
-from ..packed import parse_metadata
 
 try:  # transformers is a dependency, but keep `import lowbit` working without it
     from transformers.core_model_loading import ConversionOps
@@ -63,13 +63,15 @@ class HfQuantConfig(QuantizationConfigMixin if QuantizationConfigMixin else obje
         self.overrides = dict(overrides or {})
         self.layers = dict(layers) if layers else None
         self.quant_config()  # validates format, options, skip, overrides and version
-        for name, entry in (self.layers or {}).items():
-            try:
-                parse_metadata(entry)
-            except LowbitError as exc:
-                raise FormatError(f"quantization_config.layers.{name}: {exc}") from None
-            if not isinstance(entry.get("bias"), bool):
-                raise FormatError(f"quantization_config.layers.{name}: needs a true/false 'bias'")
+        for name in self.layers or {}:
+            self.layer(name)  # validates every entry
+
+    def layer(self, name: str) -> QuantLinear:
+        """The empty (meta) QuantLinear that `layers[name]` describes; FormatError if malformed."""
+        try:
+            return QuantLinear.from_metadata(self.layers[name])
+        except LowbitError as exc:
+            raise FormatError(f"quantization_config.layers.{name}: {exc}") from None
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(self.format, options=self.options, skip=tuple(self.skip), overrides=self.overrides,
@@ -82,13 +84,7 @@ class HfQuantConfig(QuantizationConfigMixin if QuantizationConfigMixin else obje
 
 
 def _layer_entries(model: nn.Module) -> dict[str, Any]:
-    return {name: {**m.packed.metadata(), "bias": m.bias is not None}
-            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    return {name: m.metadata() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 class _QuantizeOnLoad(ConversionOps if ConversionOps else object):
@@ -113,7 +109,7 @@ class _QuantizeOnLoad(ConversionOps if ConversionOps else object):
             layer._buffers[field] = tensor
         if linear.bias is not None:
             layer.bias = linear.bias  # loaded already (keys load in sorted order) or still meta
-        _set_module(model, layer_name, layer)
+        replace_layer(model, layer_name, layer)
         if missing_keys is not None:
             missing_keys.discard(f"{layer_name}.weight")
         return {}
@@ -136,16 +132,12 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
         if self.pre_quantized:
             if config.layers is None:
                 raise FormatError("quantization_config (lowbit) of a saved model lacks 'layers'")
-            for name, entry in config.layers.items():
-                fmt, (n, k), dtype, attrs = parse_metadata(entry)
+            for name in config.layers:
+                layer = config.layer(name)
                 try:
-                    current = model.get_submodule(name)
-                except AttributeError:
-                    raise FormatError(f"quantization_config.layers.{name}: no such module in the model") from None
-                if not isinstance(current, nn.Linear) or (current.out_features, current.in_features) != (n, k):
-                    raise FormatError(f"quantization_config.layers.{name}: does not match the model's {current!r}")
-                _set_module(model, name, QuantLinear(k, n, fmt.name, attrs, bias=entry["bias"], dtype=dtype,
-                                                     device="meta"))
+                    replace_layer(model, name, layer)
+                except LowbitError as exc:
+                    raise FormatError(f"quantization_config.layers.{name}: {exc}") from None
             return model
         from ..formats import get_format
 
