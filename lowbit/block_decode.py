@@ -54,43 +54,33 @@ class BlockDecompressor:
         if not self.layers:
             raise InputError(f"{type(block).__name__} holds no dfloat11 layers to decompress")
         self.min_tokens = FUSED_MAX_M + 1 if min_tokens is None else min_tokens
-        self._launch_key: tuple | None = None
-        self._launches: list[tuple[torch.Tensor, int, int]] = []
         self._handles = [block.register_forward_pre_hook(self._before, with_kwargs=True),
                          block.register_forward_hook(self._after)]
 
     def decode(self) -> list[torch.Tensor]:
         """Decode every layer now; returns their bf16 [N, K] weights (views of the shared
         buffer, valid until the next block decodes) and hands them to the layers."""
+        from .kernels.dfloat11 import decode_layers, layer_row
+
         device = self.layers[0].sign_mantissa.device
         sizes = [m.out_features * m.in_features for m in self.layers]
-        flat = _shared_buffer(device, sum(sizes)).split(sizes)
-        weights = [w.view(m.out_features, m.in_features) for w, m in zip(flat, self.layers)]
+        buffer = _shared_buffer(device, sum(sizes))
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        weights = [buffer[s:s + n].view(m.out_features, m.in_features) for s, n, m in zip(starts, sizes, self.layers)]
         if device.type == "cuda" or interpreting():
-            self._launch(weights)
+            rows_by_segment: dict[int, list] = {}  # one launch per segment size (normally one)
+            for layer, start in zip(self.layers, starts):
+                segment = layer.attrs["segment"]
+                rows_by_segment.setdefault(segment, []).append(layer_row(
+                    layer.exponent_code, layer.sign_mantissa, layer.segment_offsets, layer.decode_table, start, segment))
+            for segment, rows in rows_by_segment.items():
+                decode_layers(rows, buffer, segment, CODE_BITS)
         else:  # no Triton here: the reference decoder, layer by layer
             for weight, layer in zip(weights, self.layers):
                 weight.copy_(get_format(layer.format).dequantize(layer.packed))
         for weight, layer in zip(weights, self.layers):
             layer.decoded_weight = weight
         return weights
-
-    def _launch(self, weights: list[torch.Tensor]) -> None:
-        from .kernels.dfloat11 import decode_layers, layer_row
-
-        fields = [(m.exponent_code, m.sign_mantissa, m.segment_offsets, m.decode_table, w, m.attrs["segment"])
-                  for m, w in zip(self.layers, weights)]
-        key = tuple(t.data_ptr() for f in fields for t in f[:5])
-        if key != self._launch_key:  # layer tables are rebuilt only when a tensor moved
-            by_segment: dict[int, list] = {}
-            for f in fields:
-                by_segment.setdefault(f[5], []).append(layer_row(*f))
-            device = weights[0].device
-            self._launches = [(torch.tensor(rows, dtype=torch.int64, device=device), max(r[5] for r in rows), seg)
-                              for seg, rows in by_segment.items()]
-            self._launch_key = key
-        for table, max_segments, segment in self._launches:
-            decode_layers(table, max_segments, segment, CODE_BITS)
 
     def release(self) -> None:
         """Drop the layers' references into the shared buffer."""

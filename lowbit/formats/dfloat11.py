@@ -46,16 +46,8 @@ SEGMENTS = (64, 128, 256, 512, 1024)
 MAX_STREAM_BITS = 2**31 - 64
 
 
-def split_bf16(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 [...] -> (exponent bytes int64 [...], sign|mantissa bytes uint8 [...])."""
-    bits = weight.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    exponent = ((bits >> 7) & 0xFF).to(torch.int64)
-    sign_mantissa = (((bits >> 8) & 0x80) | (bits & 0x7F)).to(torch.uint8)
-    return exponent, sign_mantissa
-
-
 def join_bf16(exponent: torch.Tensor, sign_mantissa: torch.Tensor) -> torch.Tensor:
-    """Inverse of `split_bf16`: int exponent bytes + uint8 sign|mantissa -> bf16."""
+    """Int exponent bytes (w >> 7) & 0xFF + uint8 sign|mantissa bytes -> bf16 (same shape)."""
     sm = sign_mantissa.to(torch.int32)
     bits = ((sm & 0x80) << 8) | (exponent.to(torch.int32) << 7) | (sm & 0x7F)
     return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)

@@ -15,6 +15,8 @@ exponent with the raw sign|mantissa byte.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -25,7 +27,7 @@ from ..errors import InputError
 #: largest M the fused decode + GEMV takes; above it, decode to bf16 and use the bf16 GEMM
 FUSED_MAX_M = 4
 #: columns of the layer table
-LAYER_FIELDS = ("words", "sign_mantissa", "segment_offsets", "decode_table", "out", "segments", "k",
+LAYER_FIELDS = ("words", "sign_mantissa", "segment_offsets", "decode_table", "out_offset", "segments", "k",
                 "segments_per_row", "code_words")
 DECODE_BLOCK = 64
 
@@ -49,13 +51,13 @@ def _bf16_bits(symbol, sign_mantissa):
 
 
 @triton.jit
-def _decode_kernel(layers_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
+def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
     layer = layers_ptr + tl.program_id(1) * 9  # one row of LAYER_FIELDS
     words_ptr = tl.load(layer + 0).to(tl.pointer_type(tl.int32))
     sign_ptr = tl.load(layer + 1).to(tl.pointer_type(tl.uint8))
     offsets_ptr = tl.load(layer + 2).to(tl.pointer_type(tl.int32))
     table_ptr = tl.load(layer + 3).to(tl.pointer_type(tl.int16))
-    out_ptr = tl.load(layer + 4).to(tl.pointer_type(tl.int16))
+    out_offset = tl.load(layer + 4)
     n_segments = tl.load(layer + 5)
     k = tl.load(layer + 6)
     segments_per_row = tl.load(layer + 7)
@@ -64,14 +66,14 @@ def _decode_kernel(layers_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, B
     seg = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     active = seg < n_segments
     col0 = (seg % segments_per_row) * SEGMENT
-    first = (seg // segments_per_row) * k + col0
+    first = (seg // segments_per_row) * k + col0  # within the layer
     count = tl.minimum(k - col0, SEGMENT)
     position = tl.load(offsets_ptr + seg, mask=active, other=0).to(tl.int64)
     for i in range(SEGMENT):
         symbol, length = _next_code(words_ptr, code_words, table_ptr, position, CODE_BITS)
         keep = active & (i < count)
         sign_mantissa = tl.load(sign_ptr + first + i, mask=keep, other=0).to(tl.int32)
-        tl.store(out_ptr + first + i, _bf16_bits(symbol, sign_mantissa).to(tl.int16), mask=keep)
+        tl.store(out_ptr + out_offset + first + i, _bf16_bits(symbol, sign_mantissa).to(tl.int16), mask=keep)
         position += length
 
 
@@ -121,29 +123,39 @@ def _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment) 
     return n, k
 
 
-def layer_row(words, sign_mantissa, segment_offsets, decode_table, out, segment) -> list[int]:
-    """One row of the layer table (LAYER_FIELDS) for `_decode_kernel`: field addresses, the
-    bf16 output's address (any [N*K] int16/bf16 view) and the sizes."""
-    n, k = _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment)
-    if out.numel() != n * k or not out.is_contiguous() or out.element_size() != 2:
-        raise InputError(f"output must be a contiguous 16-bit tensor of {n * k} elements")
-    return [words.data_ptr(), sign_mantissa.data_ptr(), segment_offsets.data_ptr(), decode_table.data_ptr(),
-            out.data_ptr(), segment_offsets.numel(), k, segment_offsets.shape[1], words.numel()]
+def layer_row(words, sign_mantissa, segment_offsets, decode_table, out_offset: int, segment: int) -> tuple[int, ...]:
+    """One row of the layer table (LAYER_FIELDS) for `_decode_kernel`: the field addresses,
+    where the layer's [N, K] weight starts in the output (elements), and the sizes."""
+    _, k = _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment)
+    return (words.data_ptr(), sign_mantissa.data_ptr(), segment_offsets.data_ptr(), decode_table.data_ptr(),
+            out_offset, segment_offsets.numel(), k, segment_offsets.shape[1], words.numel())
 
 
-def decode_layers(layer_table: torch.Tensor, max_segments: int, segment: int, code_bits: int) -> None:
-    """Decode every layer of `layer_table` (int64 [L, 9], rows from `layer_row`, on the device
-    of the fields) in one launch. `max_segments`: the largest layer's segment count."""
-    grid = (triton.cdiv(max_segments, DECODE_BLOCK), layer_table.shape[0])
-    _decode_kernel[grid](layer_table, SEGMENT=segment, CODE_BITS=code_bits, BLOCK=DECODE_BLOCK)
+@functools.lru_cache(maxsize=4096)
+def _layer_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    # Rows hold only addresses and sizes, so equal rows are an equal table: each distinct table
+    # is copied to the device once, not on every call.
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, code_bits: int) -> None:
+    """Decode the layers `rows` (from `layer_row`, all with this `segment`) into the contiguous
+    bf16 tensor `out` in one launch."""
+    for row in rows:
+        n = row[5] // row[7]
+        if row[4] < 0 or row[4] + n * row[6] > out.numel():
+            raise InputError(f"a {n}x{row[6]} weight at element {row[4]} does not fit an output of {out.numel()}")
+    if out.dtype != torch.bfloat16 or not out.is_contiguous():
+        raise InputError("the output must be a contiguous bf16 tensor")
+    grid = (triton.cdiv(max(row[5] for row in rows), DECODE_BLOCK), len(rows))
+    _decode_kernel[grid](_layer_table(tuple(rows), out.device), out.view(torch.int16), SEGMENT=segment,
+                         CODE_BITS=code_bits, BLOCK=DECODE_BLOCK)
 
 
 def decode_weight(words, sign_mantissa, segment_offsets, decode_table, *, segment: int, code_bits: int) -> torch.Tensor:
     """One dfloat11 weight -> bf16 [N, K] (a fresh tensor)."""
-    n, k = sign_mantissa.shape
-    out = torch.empty((n, k), dtype=torch.bfloat16, device=sign_mantissa.device)
-    row = layer_row(words, sign_mantissa, segment_offsets, decode_table, out, segment)
-    decode_layers(torch.tensor([row], dtype=torch.int64, device=out.device), row[5], segment, code_bits)
+    out = torch.empty(sign_mantissa.shape, dtype=torch.bfloat16, device=sign_mantissa.device)
+    decode_layers([layer_row(words, sign_mantissa, segment_offsets, decode_table, 0, segment)], out, segment, code_bits)
     return out
 
 

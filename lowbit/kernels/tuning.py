@@ -32,6 +32,7 @@ def m_bucket(m: int) -> int:
     return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
 
 
+@functools.lru_cache(maxsize=None)  # read on every launch: ask the driver once per device
 def device_key(device: torch.device) -> str:
     """File-name-safe GPU name, e.g. "NVIDIA_H100_80GB_HBM3"; "cpu" off CUDA."""
     if device.type != "cuda":

@@ -49,7 +49,7 @@ def compile_lut(bits: int):
 def compile_dfloat11(kind: str):
     """kind "decode": the multi-layer decoder; "gemv": the fused decode + GEMV (bf16 x, M=1)."""
     if kind == "decode":
-        return _compile(dfloat11._decode_kernel, {"layers_ptr": "*i64"},
+        return _compile(dfloat11._decode_kernel, {"layers_ptr": "*i64", "out_ptr": "*i16"},
                         {"SEGMENT": 256, "CODE_BITS": 10, "BLOCK": dfloat11.DECODE_BLOCK})
     return _compile(dfloat11._decode_gemv_kernel,
                     {"x_ptr": "*bf16", "words_ptr": "*i32", "sign_ptr": "*u8", "offsets_ptr": "*i32",
