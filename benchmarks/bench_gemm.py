@@ -8,10 +8,17 @@
 
 A format spec is NAME[:OPTION=VALUE,...] (options as the format's quantize() takes them; for
 int formats --group-size / --symmetric are the defaults). Each row is gated on correctness first
-(max relative error vs the torch reference of the path the kernel takes, in fp32), then timed with triton.testing.do_bench (median and 20/80% quantiles; do_bench zeroes a
-256 MB buffer before every run, so weights are not served from L2). Output: JSON
-(`{"env": ..., "results": [...]}`), a markdown table and a PNG plot in --out-dir. Numbers from
---smoke are interpreter timings, meaningless as speed: only GPU runs are committed to results/.
+(max relative error vs the torch reference of the path the kernel takes, in fp32), then timed
+with triton.testing.do_bench (median and 20/80% quantiles; do_bench zeroes a 256 MB buffer
+before every run, so weights are not served from L2), next to bf16 F.linear (timed once per
+shape and M) and, on a GPU, the same format in torchao / gemlite / the dfloat11 package when
+importable (benchmarks/competitors.py; the fastest is the row's "competitor").
+Output in --out-dir: <device>-<date>.json (`{"env", "results", "targets"}`), a markdown table
+with the issue-8 target check on top (benchmarks/targets.py) and a PNG plot. Both are rewritten
+after every case and merged with an earlier run of the same device and day, so a long run can
+be split over several commands (e.g. --formats halves) and a run cut short keeps its rows.
+Numbers from --smoke are interpreter timings, meaningless as speed: only GPU runs are
+committed to results/.
 """
 from __future__ import annotations
 
@@ -102,12 +109,12 @@ def peak_gbps(device_name: str) -> float | None:
     return None
 
 
-def time_us(fn, device: torch.device) -> tuple[float, float, float]:
-    """(median, p20, p80) microseconds."""
+def time_us(fn, device: torch.device, rep_ms: float | None = None) -> tuple[float, float, float]:
+    """(median, p20, p80) microseconds; rep_ms: do_bench's time budget (default 100 ms)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        med, lo, hi = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        med, lo, hi = do_bench(fn, quantiles=[0.5, 0.2, 0.8], **({} if rep_ms is None else {"rep": rep_ms}))
         return med * 1e3, lo * 1e3, hi * 1e3
     samples = []
     for _ in range(3):
@@ -131,22 +138,33 @@ def make_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     return w, x, fmt_name, options, fmt, fmt.quantize(w, **options)
 
 
-def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak) -> dict:
+def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak,
+              bf16_cache: dict | None = None) -> dict:
+    """One row: the correctness gate, then lowbit's time, bf16's (measured once per shape and M
+    when `bf16_cache` is given) and, on a GPU, each competitor's."""
     import lowbit
 
     w, x, fmt_name, options, fmt, packed = make_case(spec, n, k, m, args, device, dtype)
     backend = "triton"
     ref, path = reference(fmt, packed, x)
+    exact = F.linear(x.float(), w.float())
     y = lowbit.linear(x, packed, backend=backend)
-    max_rel_err = float((y.float() - ref).abs().max() / ref.abs().max())
-    row = {"format": spec, "shape": shape, "M": m, "N": n, "K": k, "path": path, "max_rel_err": max_rel_err}
+    max_rel_err = relative_error(y, ref)
+    row = {"format": spec, "shape": shape, "M": m, "N": n, "K": k, "path": path, "max_rel_err": max_rel_err,
+           "max_rel_err_vs_exact": relative_error(y, exact)}
     if not max_rel_err <= REL_TOL[dtype]:
         row["error"] = f"correctness gate failed: max_rel_err {max_rel_err:.3g} > {REL_TOL[dtype]}"
         return row
     us, us_p20, us_p80 = time_us(lambda: lowbit.linear(x, packed, backend=backend), device)
-    bf16_us, _, _ = time_us(lambda: F.linear(x, w), device)
+    bf16_cache = {} if bf16_cache is None else bf16_cache
+    if (shape, m) not in bf16_cache:
+        bf16_cache[(shape, m)] = time_us(lambda: F.linear(x, w), device)[0]
+    bf16_us = bf16_cache[(shape, m)]
     if device.type == "cuda":
-        row["competitor"] = time_competitor(fmt_name, options, w, x, ref, device, us)
+        entries = time_competitors(fmt_name, options, w, x, packed, exact, device, us, row["max_rel_err_vs_exact"])
+        timed = [e for e in entries if "us" in e]
+        row["competitors"] = entries
+        row["competitor"] = min(timed, key=lambda e: e["us"]) if timed else None
     moved = packed.nbytes + x.numel() * x.element_size() + m * n * x.element_size()
     gbps = moved / (us * 1e-6) / 1e9
     row.update({"us": us, "us_p20": us_p20, "us_p80": us_p80, "bf16_us": bf16_us, "speedup": bf16_us / us,
@@ -154,36 +172,57 @@ def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype
     return row
 
 
-def time_competitor(fmt_name: str, options: dict, w, x, ref, device, lowbit_us: float) -> dict | None:
-    """The same format in another library (benchmarks/competitors.py), gated like lowbit's row:
-    {"name", "us", "max_rel_err", "lowbit_speedup"}, {"name", "error"}, or None."""
-    from benchmarks.competitors import competitor
-
-    try:
-        found = competitor(fmt_name, options, w, x)
-        if found is None:
-            return None
-        name, fn = found
-        err = float((fn().float() - ref).abs().max() / ref.abs().max())
-        us, _, _ = time_us(fn, device)
-    except Exception as exc:  # not installed, or that library cannot run this case
-        return {"name": fmt_name, "error": f"{type(exc).__name__}: {exc}"[:300]}
-    return {"name": name, "us": us, "max_rel_err": err, "lowbit_speedup": us / lowbit_us}
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).abs().max() / ref.abs().max())
 
 
-def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
+def time_competitors(fmt_name: str, options: dict, w, x, packed, exact, device, lowbit_us: float,
+                     lowbit_err: float) -> list[dict]:
+    """The same format in other libraries (benchmarks/competitors.py): one entry per library,
+    {"name", "us", "max_rel_err_vs_exact", "lowbit_speedup"} or {"name", "error"}. Their
+    quantizers differ from lowbit's, so their error is taken against the unquantized product
+    (as lowbit's max_rel_err_vs_exact is), and an entry whose error is far above lowbit's
+    (> 4x + 1e-3) is recorded as an error instead of a time."""
+    from benchmarks.competitors import competitors
+
+    entries = []
+    for name, build in competitors(fmt_name):
+        try:
+            fn = build(options, w, x, packed)
+            if fn is None:
+                continue
+            err = relative_error(fn(), exact)
+            if not err <= 4 * lowbit_err + 1e-3:
+                entries.append({"name": name, "error": f"wrong result: max_rel_err_vs_exact {err:.3g} "
+                                                       f"(lowbit: {lowbit_err:.3g})"})
+                continue
+            us, _, _ = time_us(fn, device)
+        except Exception as exc:  # not installed, or that library cannot run this case
+            entries.append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        entries.append({"name": name, "us": us, "max_rel_err_vs_exact": err, "lowbit_speedup": us / lowbit_us})
+    return entries
+
+
+def write_markdown(path: Path, env: dict, rows: list[dict], summary: list[dict], other: list[dict]) -> None:
+    from benchmarks.targets import gemm_markdown
+
     lines = [f"# bench_gemm on {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, {env['date']}", "",
-             "| format | shape | M | N | K | path | us | bf16 us | speedup | GB/s | % BW | max rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             *gemm_markdown(summary, other), "", "## All rows", "",
+             "| format | shape | M | N | K | path | us | bf16 us | speedup | GB/s | % BW | max rel err | competitor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['format']} | {r['shape']} | {r['M']} | {r['N']} | {r['K']} | {r['path']} | "
-                         f"{r['error']} |||||| ")
+                         f"{r['error']} ||||||| ")
             continue
         bw = "-" if r["bw_pct"] is None else f"{r['bw_pct']:.0f}"
+        comp = r.get("competitor")
+        comp_text = "-" if not comp else f"{comp['name']} {comp['us']:.1f} us (lowbit {comp['lowbit_speedup']:.2f}x)"
         lines.append(f"| {r['format']} | {r['shape']} | {r['M']} | {r['N']} | {r['K']} | {r['path']} | {r['us']:.1f} | "
-                     f"{r['bf16_us']:.1f} | {r['speedup']:.2f}x | {r['gbps']:.0f} | {bw} | {r['max_rel_err']:.1e} |")
+                     f"{r['bf16_us']:.1f} | {r['speedup']:.2f}x | {r['gbps']:.0f} | {bw} | {r['max_rel_err']:.1e} | "
+                     f"{comp_text} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -222,6 +261,37 @@ def write_plot(path: Path, env: dict, rows: list[dict]) -> bool:
     return True
 
 
+def row_key(row: dict) -> tuple:
+    return row["format"], row["shape"], row["M"]
+
+
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows of an earlier run into the same file (same device and day: a long benchmark
+    split over several commands), with this run's rows replacing those of the same format,
+    shape and M."""
+    if not path.is_file():
+        return rows
+    mine = {row_key(r) for r in rows}
+    return [r for r in json.loads(path.read_text())["results"] if row_key(r) not in mine] + rows
+
+
+def write_outputs(out_dir: Path, stem: str, env: dict, rows: list[dict], on_gpu: bool) -> dict:
+    """JSON, markdown and plot of `rows` merged into out_dir/stem.*; returns the JSON document.
+    Called after every case, so a run cut short keeps what it measured."""
+    from benchmarks.targets import gemm_summary, other_summary
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.json"
+    merged = merge_rows(json_path, rows)
+    summary, other = gemm_summary(merged, on_gpu), other_summary(merged, on_gpu)
+    doc = {"env": env, "results": merged, "targets": summary, "other_targets": other}
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(json_path)
+    write_markdown(out_dir / f"{stem}.md", env, merged, summary, other)
+    return doc
+
+
 def main(argv=None) -> int:
     from benchmarks.shapes import SMOKE_M_VALUES, shapes
 
@@ -243,17 +313,19 @@ def main(argv=None) -> int:
         out_dir = args.out_dir or REPO / "benchmarks" / "results"
     env = env_info(device)
     peak = peak_gbps(env["device"])
-    rows = []
+    stem = ("smoke-" if args.smoke else "") + f"{env['device'].replace(' ', '_')}-{env['date'][:10]}"
+    rows, bf16_cache = [], {}
     from tqdm.auto import tqdm
 
     jobs = [(f, s, n, k, m) for f in formats for (s, n, k) in shape_list for m in m_values]
     for fmt, shape, n, k, m in tqdm(jobs, desc="bench_gemm", unit="case"):
-        rows.append(bench_one(fmt, shape, n, k, m, args, device, dtype, peak))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = ("smoke-" if args.smoke else "") + f"{env['device'].replace(' ', '_')}-{env['date'][:10]}"
-    (out_dir / f"{stem}.json").write_text(json.dumps({"env": env, "results": rows}, indent=1))
-    write_markdown(out_dir / f"{stem}.md", env, rows)
-    plotted = write_plot(out_dir / f"{stem}.png", env, rows)
+        try:
+            rows.append(bench_one(fmt, shape, n, k, m, args, device, dtype, peak, bf16_cache))
+        except Exception as exc:  # one broken case must not lose the rest of a GPU run
+            rows.append({"format": fmt, "shape": shape, "M": m, "N": n, "K": k, "path": "-",
+                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+        doc = write_outputs(out_dir, stem, env, rows, device.type == "cuda")
+    plotted = write_plot(out_dir / f"{stem}.png", env, doc["results"])
     print((out_dir / f"{stem}.md").read_text())
     print(f"wrote {out_dir / stem}.json, .md{', .png' if plotted else ''}")
     failed = [r for r in rows if "error" in r]

@@ -1,12 +1,27 @@
 """The same format in other libraries, timed in the same run as lowbit (GPU only).
 
-`competitor(name, options, w, x)` returns (label, fn) where fn() computes x @ w^T with that
-library's kernel for the lowbit format `name`, or None when no library here has the format.
-Import or set-up failures raise; bench_gemm records them in the row instead of failing.
-Mapping: int4 -> torchao Int4WeightOnlyConfig (same group size); int8 -> torchao
-Int8WeightOnlyConfig; fp8 -> torchao Float8WeightOnlyConfig, fp8 with act="fp8" -> torchao
-Float8DynamicActivationFloat8WeightConfig (per-row); dfloat11 -> the dfloat11 package's cupy
-decoder followed by bf16 F.linear (what its forward hook does). gemlite is not wired yet.
+`competitors(name, options, w, x, packed)` lists (label, build) for the lowbit format `name`:
+build() sets the library's layer up and returns fn, where fn() computes x @ w^T with that
+library's kernel, or returns None when these options have no counterpart there. Import or
+set-up failures raise; bench_gemm records them in the row instead of failing.
+
+| lowbit                     | competitors                                                           |
+|----------------------------|-----------------------------------------------------------------------|
+| int2 / int4 / int8         | gemlite A16Wn (fed lowbit's own codes, scales and zero points)      |
+| int4 (asymmetric)          | torchao Int4WeightOnlyConfig (same group size; tinygemm)              |
+| int8                       | torchao Int8WeightOnlyConfig                                          |
+| fp8 (per channel)          | torchao Float8WeightOnlyConfig, gemlite A16W8_FP8                     |
+| fp8 act="fp8" (per channel)| torchao Float8DynamicActivationFloat8WeightConfig(PerRow), gemlite A8W8_fp8_dynamic |
+| mxfp8 / mxfp4 / nvfp4      | gemlite A16W8_MXFP / A16W4_MXFP / A16W4_NVFP (weight-only)            |
+| nf4                        | torchao NF4Tensor (block 64, as QLoRA-in-torchao uses it)             |
+| dfloat11                   | the dfloat11 package's cupy decoder, then bf16 F.linear (its forward hook) |
+
+gemlite autotunes a shape on its first call unless its bundled per-GPU config table covers the
+GPU; it has an H100 table and none for the H200 (same sm_90 chip), so on an H200 the H100
+table is loaded (`_gemlite`) instead of autotuning inside the timed run.
+torchao's MX / NVFP4 configs need Blackwell (sm_100) kernels, so they are not competitors on
+the Hopper GPUs this benchmark targets. int3/5/6/7, mxint8, mxfp6 and the LUT formats have no
+counterpart in these libraries.
 """
 from __future__ import annotations
 
@@ -15,14 +30,128 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _torchao(config, w: torch.Tensor, x: torch.Tensor):
-    from torchao.quantization import quantize_
-
+def _linear(w: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         linear.weight.copy_(w)
-    quantize_(linear, config)
-    return lambda: linear(x)
+    return linear
+
+
+def _torchao(make_config):
+    def build(options, w, x, packed):
+        from torchao.quantization import quantize_
+
+        config = make_config(options)
+        if config is None:
+            return None
+        linear = _linear(w)
+        quantize_(linear, config)
+        return lambda: linear(x)
+
+    return build
+
+
+def _torchao_int4(options):
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    return None if options.get("symmetric") else Int4WeightOnlyConfig(group_size=options.get("group_size", 128))
+
+
+def _torchao_int8(options):
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()
+
+
+def _torchao_fp8(options):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+
+    if options.get("block"):
+        return None
+    return (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if options.get("act") == "fp8"
+            else Float8WeightOnlyConfig())
+
+
+def _torchao_nf4(options, w, x, packed):
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    weight = to_nf4(w, block_size=64, scaler_block_size=256)
+    return lambda: F.linear(x, weight)
+
+
+def gemlite_int_weights(packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lowbit's int-format weight as gemlite's A16Wn takes it (HQQ convention,
+    w = (W_q - zero) * scale): (W_q uint8 [N, K], scales [N, K/g], zeros [N, K/g]) in the
+    weight's dtype, which is how gemlite stores them (so a bf16 run rounds lowbit's fp16 scales
+    to bf16). Symmetric formats get the implicit zero point 2^(b-1)."""
+    from lowbit.formats import bitpack, get_format
+    from lowbit.formats.integer import padded_k
+
+    n, k = packed.shape
+    bits, group = get_format(packed.format).bits, packed.attrs["group_size"]
+    if padded_k(k, group) != k:
+        raise ValueError(f"gemlite needs K ({k}) to be a multiple of the group size ({group})")
+    codes = bitpack.unpack(packed.qweight, bits, k).to(torch.uint8)
+    scales = packed.scales.t().contiguous()
+    zeros = (torch.full_like(scales, 2 ** (bits - 1)) if packed.attrs["symmetric"]
+             else packed.zeros.t().contiguous())
+    return codes, scales.to(packed.dtype), zeros.to(packed.dtype)
+
+
+def _gemlite():
+    """gemlite.helper, with the bundled H100 config table loaded on other sm_90 GPUs."""
+    import os
+
+    import gemlite
+    from gemlite.core import get_default_cache_config
+
+    if get_default_cache_config() is None and torch.cuda.get_device_capability() == (9, 0):
+        table = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
+        if os.path.isfile(table):
+            gemlite.load_config(table)
+    return gemlite.helper
+
+
+def _gemlite_int(options, w, x, packed):
+    A16Wn = _gemlite().A16Wn
+
+    from lowbit.formats import get_format
+
+    bits = get_format(packed.format).bits
+    if bits not in (2, 4, 8):
+        return None
+    codes, scales, zeros = gemlite_int_weights(packed)
+    layer = A16Wn(device=w.device, dtype=w.dtype).from_weights(codes, scales, zeros, W_nbits=bits,
+                                                                group_size=packed.attrs["group_size"])
+    return lambda: layer(x)
+
+
+def _gemlite_from_linear(make_processor):
+    def build(options, w, x, packed):
+        processor = make_processor(options, w)
+        if processor is None:
+            return None
+        layer = processor.from_linear(_linear(w))
+        return lambda: layer(x)
+
+    return build
+
+
+def _gemlite_fp8(options, w):
+    helper = _gemlite()
+    if options.get("block"):
+        return None
+    return (helper.A8W8_fp8_dynamic(device=w.device, dtype=w.dtype) if options.get("act") == "fp8"
+            else helper.A16W8_FP8(device=w.device, dtype=w.dtype))
+
+
+def _gemlite_mx(class_name: str):
+    def make(options, w):
+        if options.get("act") or options.get("rotate"):
+            return None  # gemlite's weight-only processors: lowbit's weight-only rows only
+        return getattr(_gemlite(), class_name)(device=w.device, dtype=w.dtype)
+
+    return make
 
 
 def dfloat11_package_decoder(w: torch.Tensor):
@@ -53,7 +182,7 @@ def dfloat11_package_decoder(w: torch.Tensor):
     return decode, out
 
 
-def _dfloat11_package(w: torch.Tensor, x: torch.Tensor):
+def _dfloat11_package(options, w, x, packed):
     decode, out = dfloat11_package_decoder(w)
 
     def run():
@@ -63,22 +192,20 @@ def _dfloat11_package(w: torch.Tensor, x: torch.Tensor):
     return run
 
 
-def competitor(name: str, options: dict, w: torch.Tensor, x: torch.Tensor):
-    """(label, fn) or None; see the module docstring."""
-    if name == "int4" and options.get("symmetric") is not True:
-        from torchao.quantization import Int4WeightOnlyConfig
+#: lowbit format name -> [(competitor label, build(options, w, x, packed) -> fn | None)]
+COMPETITORS = {
+    "int2": [("gemlite-a16w2", _gemlite_int)],
+    "int4": [("torchao-int4wo", _torchao(_torchao_int4)), ("gemlite-a16w4", _gemlite_int)],
+    "int8": [("torchao-int8wo", _torchao(_torchao_int8)), ("gemlite-a16w8", _gemlite_int)],
+    "fp8": [("torchao-float8", _torchao(_torchao_fp8)), ("gemlite-fp8", _gemlite_from_linear(_gemlite_fp8))],
+    "mxfp8": [("gemlite-a16w8-mxfp", _gemlite_from_linear(_gemlite_mx("A16W8_MXFP")))],
+    "mxfp4": [("gemlite-a16w4-mxfp", _gemlite_from_linear(_gemlite_mx("A16W4_MXFP")))],
+    "nvfp4": [("gemlite-a16w4-nvfp", _gemlite_from_linear(_gemlite_mx("A16W4_NVFP")))],
+    "nf4": [("torchao-nf4", _torchao_nf4)],
+    "dfloat11": [("dfloat11-package", _dfloat11_package)],
+}
 
-        return "torchao-int4wo", _torchao(Int4WeightOnlyConfig(group_size=options.get("group_size", 128)), w, x)
-    if name == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
 
-        return "torchao-int8wo", _torchao(Int8WeightOnlyConfig(), w, x)
-    if name == "fp8" and not options.get("block"):
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
-
-        if options.get("act") == "fp8":
-            return "torchao-float8-dyn-rowwise", _torchao(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), w, x)
-        return "torchao-float8wo", _torchao(Float8WeightOnlyConfig(), w, x)
-    if name == "dfloat11":
-        return "dfloat11-package", _dfloat11_package(w, x)
-    return None
+def competitors(name: str) -> list:
+    """[(label, build)] for the lowbit format `name` (empty when no library has it)."""
+    return COMPETITORS.get(name, [])

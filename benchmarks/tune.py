@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
-"""Tune the dequant kernel family per GPU: path and tiles per kernel variant, shape and M bucket.
+"""Tune the dequant / LUT kernels per GPU: path, tiles and warps per kernel variant, shape and M bucket.
 
   python benchmarks/tune.py                          # GPU: DEFAULT formats, llama3-8b, every M bucket
-  python benchmarks/tune.py --formats int4 nvfp4 --sets llama3-8b qwen2.5-7b
+  python benchmarks/tune.py --formats int4 nvfp4 --sets llama3-8b qwen2.5-7b --budget-s 300
   TRITON_INTERPRET=1 python benchmarks/tune.py --smoke --out /tmp/t.json   # CPU check of the machinery
 
-For every (format, shape, M bucket) each candidate — split-K GEMV tiles for small M, tensor-core
-GEMM tiles for all M, so the GEMV/GEMM choice per M is measured, not assumed — runs through
-lowbit.linear under `tuning.force(candidate)`. Candidates whose output misses the correctness
-gate (max relative error vs the fp32 reference, as in bench_gemm) or that fail to launch are
-dropped; the fastest survivor (triton.testing.do_bench median) is written with its time and the
-default config's time into lowbit/kernels/tuned/<gpu>.json, which the launchers read, but only
-when it beats the default config (otherwise the entry is removed and the defaults apply). Formats
-that do not go through the dequant kernel (dfloat11, the LUT lookup GEMV, W8A8) have nothing to tune here.
+For every (format, shape, M bucket) a coordinate descent runs from the launcher's default over
+each path's search space (SPACES: split-K GEMV tiles, split count and warps for small M; tensor-
+core GEMM tiles, warps and pipeline stages for every M), so the GEMV / GEMM choice per M is
+measured, not assumed. Each candidate runs through lowbit.linear under `tuning.force`; one whose
+output misses the correctness gate (max relative error vs the fp32 reference, as in bench_gemm)
+or fails to launch is pruned. The fastest survivor (triton.testing.do_bench median) is written
+with its time and the default's into lowbit/kernels/tuned/<gpu>.json, which the launchers read,
+but only when it beats the default (otherwise the entry is removed and the defaults apply).
+Cases run M=1 first (the issue's targets), then larger M; the table is rewritten after every
+case and no case starts after --budget-s, so a run cut short keeps what it measured.
+dfloat11's decoder and the W8A8 tensor-core path have no entry here (their launchers read none).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,19 +35,55 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.bench_gemm import REL_TOL, env_info, make_case, time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
 
-DEFAULT_FORMATS = ["int4", "int8", "int6", "int2", "fp8", "mxfp4", "nvfp4", "mxint8", "nf4", "lut2"]
-GEMV_CANDIDATES = [{"path": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}
-                   for bm in (1, 4) for bn in (16, 32, 64) for bk in (64, 128, 256) for sk in (1, 4, 8, 16, 32)]
-GEMM_CANDIDATES = [{"path": "gemm", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-                   for bm in (16, 32, 64, 128) for bn in (64, 128) for bk in (32, 64, 128)]
-SMOKE_CANDIDATES = [{"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2},
-                    {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}]
+# the formats with speed targets, most important first (a --budget-s cut drops the last ones)
+DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxint8"]
+#: path -> parameter -> values tried by the descent (GEMV only for M <= GEMV_MAX_TUNED_M)
+SPACES = {
+    "gemv": {"BLOCK_N": (8, 16, 32, 64), "BLOCK_K": (64, 128, 256, 512), "SPLIT_K": (1, 2, 4, 8, 16, 32),
+             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)},
+    "gemm": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),
+             "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
+}
+SMOKE_SPACES = {"gemv": {"BLOCK_N": (16, 32), "SPLIT_K": (1, 2)}, "gemm": {"BLOCK_M": (16, 32)}}
+GEMV_MAX_TUNED_M = 16
+TUNE_REP_MS = 20  # do_bench repetitions per candidate (bench_gemm uses do_bench's default 100 ms)
 
 
-def candidates_for(m: int, smoke: bool) -> list[dict]:
+def start_points(m: int, smoke: bool) -> list[dict]:
+    """Where the descent starts on each path (close to the launchers' defaults)."""
+    gemv = {"path": "gemv", "BLOCK_M": min(1 << (m - 1).bit_length(), 4), "BLOCK_N": 32, "BLOCK_K": 128,
+            "SPLIT_K": 8, "num_warps": 4, "num_stages": 2}
+    gemm = {"path": "gemm", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
+            "num_stages": 3}
     if smoke:
-        return [c for c in SMOKE_CANDIDATES if c["path"] == "gemm" or m <= 4]
-    return [c for c in GEMV_CANDIDATES if m <= 16 and c["BLOCK_M"] >= min(m, 4)] + GEMM_CANDIDATES
+        gemv.update(BLOCK_N=16, BLOCK_K=64, SPLIT_K=1)
+        gemm.update(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    return [gemv, gemm] if m <= GEMV_MAX_TUNED_M else [gemm]
+
+
+def space_for(m: int) -> dict:
+    """SPACES without GEMM row tiles far taller than M (they only multiply padding)."""
+    gemm = {**SPACES["gemm"], "BLOCK_M": tuple(b for b in SPACES["gemm"]["BLOCK_M"] if b <= max(16, 2 * m))}
+    return {"gemv": SPACES["gemv"], "gemm": gemm}
+
+
+def descend(measure, start: dict, space: dict, rounds: int = 2) -> tuple[dict | None, float | None]:
+    """Coordinate descent: change one parameter at a time to each of its values, keep the best,
+    repeat up to `rounds` times or until nothing improves. measure(cfg) -> us or None (pruned)."""
+    best, best_us = start, measure(start)
+    for _ in range(rounds):
+        improved = False
+        for key, values in space.items():
+            for value in values:
+                if best is not None and value == best.get(key):
+                    continue
+                candidate = {**(best or start), key: value}
+                us = measure(candidate)
+                if us is not None and (best_us is None or us < best_us):
+                    best, best_us, improved = candidate, us, True
+        if not improved:
+            break
+    return (best, best_us) if best_us is not None else (None, None)
 
 
 def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
@@ -54,29 +94,42 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
 
     _, x, _, _, fmt, packed = make_case(spec, n, k, m, args, device, dtype)
     ref = F.linear(x.float(), fmt.dequantize(packed).float())
+    rep = None if args.smoke else TUNE_REP_MS
     tuning._last_key.set(None)
-    default_us, _, _ = time_us(lambda: lowbit.linear(x, packed, backend="triton"), device)
+    with tuning.force(None):  # the baseline is the launcher's defaults, not an earlier table's entry
+        default_us, _, _ = time_us(lambda: lowbit.linear(x, packed, backend="triton"), device, rep)
     key = tuning.last_key()
     if key is None:
         return None, None, None
-    best, kept, pruned = None, 0, 0
-    for candidate in candidates_for(m, args.smoke):
-        try:
-            with tuning.force(candidate):
-                y = lowbit.linear(x, packed, backend="triton")
-                err = float((y.float() - ref).abs().max() / ref.abs().max())
-                if not err <= REL_TOL[dtype]:
-                    pruned += 1
-                    continue
-                us, _, _ = time_us(lambda: lowbit.linear(x, packed, backend="triton"), device)
-        except Exception:  # a tile this variant cannot take (BLOCK_K vs group, resources): pruned
-            pruned += 1
-            continue
-        kept += 1
-        if best is None or us < best["us"]:
-            best = {**candidate, "us": us, "default_us": default_us, "max_rel_err": err}
-    return key, best, {"key": key, "format": spec, "M": m, "N": n, "K": k, "default_us": default_us,
-                       "best": best, "candidates_kept": kept, "candidates_pruned": pruned}
+    seen: dict[str, float | None] = {}
+    errors: dict[str, float] = {}
+
+    def measure(cfg: dict) -> float | None:
+        tag = json.dumps(cfg, sort_keys=True)
+        if tag not in seen:
+            seen[tag] = None
+            try:
+                with tuning.force(cfg):
+                    err = float((lowbit.linear(x, packed, backend="triton").float() - ref).abs().max()
+                                / ref.abs().max())
+                    if err <= REL_TOL[dtype]:
+                        seen[tag], errors[tag] = time_us(lambda: lowbit.linear(x, packed, backend="triton"),
+                                                         device, rep)[0], err
+            except Exception:  # a tile this variant cannot take (BLOCK_K vs group, resources): pruned
+                pass
+        return seen[tag]
+
+    spaces = SMOKE_SPACES if args.smoke else space_for(m)
+    best, best_us = None, None
+    for start in start_points(m, args.smoke):
+        cfg, us = descend(measure, start, spaces[start["path"]], rounds=1 if args.smoke else 2)
+        if us is not None and (best_us is None or us < best_us):
+            best, best_us = cfg, us
+    kept = sum(v is not None for v in seen.values())
+    entry = None if best is None else {**best, "us": best_us, "default_us": default_us,
+                                       "max_rel_err": errors[json.dumps(best, sort_keys=True)]}
+    return key, entry, {"key": key, "format": spec, "M": m, "N": n, "K": k, "default_us": default_us,
+                        "best": entry, "candidates_kept": kept, "candidates_pruned": len(seen) - kept}
 
 
 def main(argv=None) -> int:
@@ -86,12 +139,13 @@ def main(argv=None) -> int:
     from lowbit.kernels.tuning import M_BUCKETS, TUNED_DIR, device_key
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and candidates in the Triton interpreter")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and search spaces in the Triton interpreter")
     p.add_argument("--formats", nargs="+", default=None)
     p.add_argument("--sets", nargs="+", default=["llama3-8b"])
     p.add_argument("--m", nargs="+", type=int, default=list(M_BUCKETS))
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--budget-s", type=float, default=420.0, help="start no case after this many seconds")
     p.add_argument("--out", type=Path, default=None, help="default: lowbit/kernels/tuned/<gpu>.json (merged)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -108,24 +162,29 @@ def main(argv=None) -> int:
         formats = args.formats or DEFAULT_FORMATS
     out = args.out or TUNED_DIR / f"{device_key(device)}.json"
     table = json.loads(out.read_text()) if out.is_file() else {}
-    configs = table.get("configs", {})
-    jobs = [(f, s, n, k, m) for f in formats for (s, n, k) in cases for m in m_values]
-    measured = []
+    configs, measured = table.get("configs", {}), table.get("measured", [])
+    # M=1 first: the issue's targets are at M=1, and a budget cut should cost the large-M cases
+    jobs = [(f, s, n, k, m) for m in sorted(m_values) for f in formats for (s, n, k) in cases]
+    started, skipped = time.monotonic(), 0
     for spec, shape, n, k, m in tqdm(jobs, desc="tune", unit="case"):
+        if time.monotonic() - started > args.budget_s:
+            skipped += 1
+            continue
         key, best, record = tune_case(spec, n, k, m, args, device, dtype)
         if key is None:
             continue
-        measured.append({**record, "shape": shape})
+        measured = [r for r in measured if r["key"] != key] + [{**record, "shape": shape}]
         if best is not None and best["us"] < best["default_us"]:
             configs[key] = {**best, "format": spec, "shape": shape}
         else:  # the defaults are as fast: no entry (drops a stale one)
             configs.pop(key, None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env_info(device), "configs": configs, "measured": measured}, indent=1,
-                              sort_keys=True))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"env": env_info(device), "configs": configs, "measured": measured}, indent=1,
+                                  sort_keys=True))
     gains = [c["default_us"] / c["us"] for c in configs.values()]
     print(f"wrote {len(configs)} tuned configs to {out}"
-          + (f"; tuned/default speedup median {sorted(gains)[len(gains) // 2]:.2f}x" if gains else ""))
+          + (f"; tuned/default speedup median {sorted(gains)[len(gains) // 2]:.2f}x" if gains else "")
+          + (f"; {skipped} cases skipped (over --budget-s {args.budget_s:g})" if skipped else ""))
     return 0
 
 

@@ -5,7 +5,8 @@ One kernel family for every element type (ELEMENT: "int" codes of any width BITS
 optional fp32 tensor scale) and scale layout (per row and K group, or per SCALE_GROUP_N rows), all
 constexprs, two paths:
   * `_gemv_kernel`: small M, split-K; each program reduces a K slice of BLOCK_N output
-    features with a broadcast multiply + sum (no tensor cores needed at M <= 4).
+    features with a broadcast multiply + sum (no tensor cores needed at M <= 4); the splits
+    are reduced inside the same launch (lowbit/kernels/split_k.py).
   * `_gemm_kernel`: larger M, tiles dequantized in registers then fed to `tl.dot`.
 Both load the bit planes written by `lowbit.formats.bitpack` (8-bit elements: 4 per int32 word,
 LSB first) and decode them through `_dequant_tile`.
@@ -19,7 +20,8 @@ import triton.language as tl
 
 from ..errors import InputError
 from .runtime import interpreting, num_sms
-from .tuning import lookup
+from .split_k import split_k_buffers, store_split_k
+from .tuning import launch_options, lookup, valid_launch_options
 
 GEMV_MAX_M = 4
 
@@ -176,13 +178,13 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
                  M, N, K, words_per_bit, tiles_per_split,
-                 stride_xm, stride_qn, stride_sg, stride_os, stride_om,
+                 stride_xm, stride_qn, stride_sg, stride_om,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
                  SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -207,8 +209,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
     if HAS_BIAS:
         if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
+    store_split_k(acc, out_ptr, ws_ptr, counters_ptr, offs_m, offs_n, M, N, stride_om, SPLIT)
 
 
 @triton.jit
@@ -279,7 +280,7 @@ def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, 
     kernel `variant` and M bucket when benchmarks/tune.py measured one (lowbit/kernels/tuning.py),
     else defaults. multi_group: tiles may span several scale groups (no zero points)."""
     tuned = lookup(device, variant, n, kp, m) if variant else None
-    if tuned and _valid_config(tuned, group_size, kp, multi_group):
+    if tuned and valid_config(tuned, group_size, kp, multi_group):
         return tuned
     if m <= GEMV_MAX_M:
         return {"path": "gemv", **gemv_config(m, n, kp, group_size, device, multi_group)}
@@ -287,12 +288,13 @@ def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, 
     return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": _block_k(group_size, kp, 64, multi_group)}
 
 
-def _valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool) -> bool:
+def valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool) -> bool:
+    """A tuned entry this launch can take (a stale or hand-edited table must not break it)."""
     keys = {"path", "BLOCK_M", "BLOCK_N", "BLOCK_K"} | ({"SPLIT_K"} if cfg.get("path") == "gemv" else set())
     return (cfg.get("path") in ("gemv", "gemm") and keys <= set(cfg)
             and all(isinstance(cfg[k], int) and cfg[k] > 0 for k in keys - {"path"})
             and cfg["BLOCK_K"] >= 32 and not cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1)
-            and _tile_fits(cfg["BLOCK_K"], group_size, kp, multi_group))
+            and _tile_fits(cfg["BLOCK_K"], group_size, kp, multi_group) and valid_launch_options(cfg))
 
 
 def check_operands(x: torch.Tensor, qweight: torch.Tensor, kp: int, bits: int, in_features: int) -> None:
@@ -308,22 +310,6 @@ def check_block_k(block_k: int, group_size: int, kp: int, multi_group: bool) -> 
     if block_k < 32 or block_k & (block_k - 1) or not _tile_fits(block_k, group_size, kp, multi_group):
         raise InputError(f"BLOCK_K={block_k} must be a power of two >= 32 inside one group of "
                          f"{group_size}" + (f" or covering whole groups of Kp={kp}" if multi_group else ""))
-
-
-def split_k_output(x: torch.Tensor, n: int, k_tiles: int, requested: int) -> tuple[torch.Tensor, int, int]:
-    """Deterministic split-K: (target, tiles_per_split, split_k). With one split the kernel writes
-    [M, N] in x.dtype; otherwise fp32 partial sums [split_k, M, N], see `reduce_split_k`."""
-    tiles_per_split = triton.cdiv(k_tiles, requested)
-    split_k = triton.cdiv(k_tiles, tiles_per_split)
-    m = x.shape[0]
-    if split_k == 1:
-        return torch.empty((m, n), device=x.device, dtype=x.dtype), tiles_per_split, 1
-    return torch.empty((split_k, m, n), device=x.device, dtype=torch.float32), tiles_per_split, split_k
-
-
-def reduce_split_k(target: torch.Tensor, split_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Partial sums reduced in a fixed order (unlike atomics, the same result every run)."""
-    return target if split_k == 1 else target.sum(dim=0).to(dtype)
 
 
 #: element decoder -> the code width it needs (None: any width 2..8)
@@ -372,16 +358,17 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     common = dict(BITS=bits, ELEMENT=element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
                   GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n, SCALE_KIND=scale_kind,
                   HAS_TENSOR_SCALE=tensor_scale is not None, ONE_BIT_PLANES=one_bit_planes,
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **launch_options(cfg))
     words_per_bit = kp // 32
     if cfg["path"] == "gemv":
-        target, tiles_per_split, split_k = split_k_output(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"])
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
-        _gemv_kernel[grid](x, qweight, scales, zeros_arg, ts_arg, bias_arg, target,
-                           m, n, in_features, words_per_bit, tiles_per_split,
-                           x.stride(0), qweight.stride(0), scales.stride(0),
-                           target.stride(0) if split_k > 1 else 0, n, **common)
-        return reduce_split_k(target, split_k, x.dtype)
+        n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
+        out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"],
+                                                                            n_tiles * m_tiles)
+        _gemv_kernel[(n_tiles, split_k, m_tiles)](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out, workspace,
+                                                  tickets, m, n, in_features, words_per_bit, tiles_per_split,
+                                                  x.stride(0), qweight.stride(0), scales.stride(0), n,
+                                                  SPLIT=split_k > 1, **common)
+        return out
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     dot_fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 tl.dot is wrong

@@ -11,7 +11,7 @@ exponent with the raw sign|mantissa byte.
   decode in one launch into one reused buffer (lowbit/block_decode.py).
 - `_decode_gemv_kernel` fuses decoding with a GEMV for small M: the bf16 weight never
   reaches memory; each program reduces its K segments into fp32 partial sums (deterministic
-  split-K, reduced in torch).
+  split-K, reduced inside the launch: lowbit/kernels/split_k.py).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
+from .split_k import split_k_buffers, store_split_k
 
 #: largest M the fused decode + GEMV takes; above it, decode to bf16 and use the bf16 GEMM
 FUSED_MAX_M = 4
@@ -78,9 +79,9 @@ def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.con
 
 
 @triton.jit
-def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, out_ptr,
+def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
                         M, N, K, segments_per_row, code_words, stride_xm,
-                        SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr,
+                        SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     segs = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -103,8 +104,10 @@ def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, out_
         acc += w[None, :, :] * x[:, None, :]
         position += length
     partial = tl.sum(acc, axis=2)
-    out = out_ptr + tl.program_id(1) * M * N + m[:, None] * N + rows[None, :]
-    tl.store(out, partial, mask=(m < M)[:, None] & (rows < N)[None, :])
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:  # the bias goes into exactly one partial sum
+            partial += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+    store_split_k(partial, out_ptr, ws_ptr, counters_ptr, m, rows, M, N, N, SPLIT)
 
 
 def _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment) -> tuple[int, int]:
@@ -173,11 +176,13 @@ def dfloat11_matmul(x, words, sign_mantissa, segment_offsets, decode_table, bias
         return F.linear(x, weight.to(x.dtype), bias)
     x = x.contiguous()
     block_n, block_j = 16, 8
-    grid = (triton.cdiv(n, block_n), triton.cdiv(segment_offsets.shape[1], block_j))
-    partial = torch.empty((grid[1], m, n), dtype=torch.float32, device=x.device)
-    _decode_gemv_kernel[grid](x, words, sign_mantissa, segment_offsets, decode_table, partial,
-                              m, n, k, segment_offsets.shape[1], words.numel(), x.stride(0),
-                              SEGMENT=segment, CODE_BITS=code_bits, BLOCK_M=triton.next_power_of_2(m),
-                              BLOCK_N=block_n, BLOCK_J=block_j)
-    y = partial.sum(dim=0)  # fixed-order split-K reduction: the same result every run
-    return (y if bias is None else y + bias.float()).to(x.dtype)
+    segment_blocks = triton.cdiv(segment_offsets.shape[1], block_j)
+    n_tiles = triton.cdiv(n, block_n)
+    out, workspace, tickets, _, splits = split_k_buffers(x, n, segment_blocks, segment_blocks, n_tiles)
+    _decode_gemv_kernel[(n_tiles, splits)](x, words, sign_mantissa, segment_offsets, decode_table,
+                                           bias if bias is not None else x, out, workspace, tickets,
+                                           m, n, k, segment_offsets.shape[1], words.numel(), x.stride(0),
+                                           SEGMENT=segment, CODE_BITS=code_bits, HAS_BIAS=bias is not None,
+                                           SPLIT=splits > 1, BLOCK_M=triton.next_power_of_2(m),
+                                           BLOCK_N=block_n, BLOCK_J=block_j)
+    return out

@@ -9,8 +9,8 @@ then each plane's 4 weight bits of that group are a 4-bit index into the table:
 and the asymmetric zero point costs one more table entry, table[group, 15] = sum of the 4 x's:
     y_n = sum_groups scale * (sum_k code_k x_k - zero * sum_k x_k).
 The table is built inside the kernel per K tile (no separate launch, nothing written to memory)
-in fp32, and indexed with `tl.gather`. Split-K with a deterministic partial-sum reduction, as in
-the dequant GEMV. Large M goes to the dequant GEMM instead (`lut_matmul`).
+in fp32, and indexed with `tl.gather`. Split-K with the deterministic in-launch reduction of
+lowbit/kernels/split_k.py, as in the dequant GEMV. Large M goes to the dequant GEMM instead (`lut_matmul`).
 """
 from __future__ import annotations
 
@@ -18,18 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant_gemm import (_plane_tile, check_block_k, check_operands, dequant_matmul, gemv_config, reduce_split_k,
-                           split_k_output)
+from .dequant_gemm import _plane_tile, check_block_k, check_operands, dequant_matmul, gemv_config, valid_config
+from .split_k import split_k_buffers, store_split_k
+from .tuning import launch_options, lookup
 
 #: up to this many rows the lookup kernel runs; above it, the dequant GEMM (tensor cores) wins
 LUT_MAX_M = 16
 
 
 @triton.jit
-def _lut_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+def _lut_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
                      M, N, K, words_per_plane, tiles_per_split,
-                     stride_xm, stride_qn, stride_sg, stride_os, stride_om,
-                     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                     stride_xm, stride_qn, stride_sg, stride_om,
+                     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -69,9 +70,7 @@ def _lut_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     if HAS_BIAS:
         if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    offs_m = pid_m * BLOCK_M + rows
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
+    store_split_k(acc, out_ptr, ws_ptr, counters_ptr, pid_m * BLOCK_M + rows, offs_n, M, N, stride_om, SPLIT)
 
 
 def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -80,7 +79,9 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     """[M, K] x (fp16/bf16/fp32) times a lutN weight -> [M, N] in x.dtype.
 
     qweight int32 [N, bits*Kp/32] (bits one-bit planes), scales / zeros float16 [Kp/group, N].
-    M <= LUT_MAX_M: the lookup kernel; larger M: the dequant GEMM reading the same planes.
+    M <= LUT_MAX_M: the lookup kernel, unless benchmarks/tune.py measured the dequant GEMM
+    faster for this GPU, shape and M bucket (a tuned {"path": "gemm", ...} entry); larger M:
+    the dequant GEMM reading the same planes (its own tuned entries).
     `config` overrides {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"} of the lookup kernel.
     """
     n = qweight.shape[0]
@@ -90,17 +91,22 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, n))
-    if m > LUT_MAX_M and config is None:
+    tuned = None
+    if config is None and m <= LUT_MAX_M:
+        tuned = lookup(x.device, f"lut{bits}-g{group_size}-{x.dtype}", n, kp, m)
+        tuned = tuned if tuned and valid_config(tuned, group_size, kp, multi_group=False) else None
+    if config is None and (m > LUT_MAX_M or (tuned and tuned["path"] == "gemm")):
         return dequant_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
-                              in_features=in_features, one_bit_planes=True)
-    cfg = {**gemv_config(m, n, kp, group_size, x.device, max_block_m=LUT_MAX_M), **(config or {})}
+                              in_features=in_features, one_bit_planes=True, config=tuned)
+    cfg = {**gemv_config(m, n, kp, group_size, x.device, max_block_m=LUT_MAX_M), **(tuned or config or {})}
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group=False)
-    target, tiles_per_split, split_k = split_k_output(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"])
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
-    _lut_gemv_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, target,
-                           m, n, in_features, kp // 32, tiles_per_split,
-                           x.stride(0), qweight.stride(0), scales.stride(0),
-                           target.stride(0) if split_k > 1 else 0, n,
-                           BITS=bits, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
-                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
-    return reduce_split_k(target, split_k, x.dtype)
+    n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
+    out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"],
+                                                                        n_tiles * m_tiles)
+    _lut_gemv_kernel[(n_tiles, split_k, m_tiles)](x, qweight, scales, zeros, bias if bias is not None else scales, out,
+                                                  workspace, tickets, m, n, in_features, kp // 32, tiles_per_split,
+                                                  x.stride(0), qweight.stride(0), scales.stride(0), n,
+                                                  BITS=bits, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
+                                                  SPLIT=split_k > 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                                  BLOCK_K=cfg["BLOCK_K"], **launch_options(cfg))
+    return out

@@ -20,11 +20,14 @@ from pathlib import Path
 import torch
 
 M_BUCKETS = (1, 4, 16, 64, 256, 4096)
+#: launch options a config may set besides its path and tile sizes (upper-case constexprs)
+LAUNCH_KEYS = ("num_warps", "num_stages")
 TUNED_DIR = Path(__file__).with_name("tuned")
 ENV_VAR = "LOWBIT_TUNED_CONFIGS"
 _log = logging.getLogger(__name__)
 _forced: ContextVar[dict | None] = ContextVar("lowbit_forced_config", default=None)
 _last_key: ContextVar[str | None] = ContextVar("lowbit_last_config_key", default=None)
+_UNTUNED: dict = {}  # forced "config" meaning: no tuned entry, the launcher's defaults
 
 
 def m_bucket(m: int) -> int:
@@ -66,10 +69,25 @@ def lookup(device: torch.device, variant: str, n: int, kp: int, m: int) -> dict 
     key = config_key(variant, n, kp, m)
     _last_key.set(key)
     forced = _forced.get()
+    if forced is _UNTUNED:
+        return None
     if forced is not None:
         return dict(forced)
     entry = _read_table(table_path(device)).get(key)
-    return {k: v for k, v in entry.items() if k == "path" or k.isupper()} if isinstance(entry, dict) else None
+    return ({k: v for k, v in entry.items() if k == "path" or k.isupper() or k in LAUNCH_KEYS}
+            if isinstance(entry, dict) else None)
+
+
+def launch_options(cfg: dict) -> dict:
+    """The num_warps / num_stages of a config, as keyword arguments of a Triton launch."""
+    return {k: cfg[k] for k in LAUNCH_KEYS if k in cfg}
+
+
+def valid_launch_options(cfg: dict) -> bool:
+    """num_warps a power of two in 1..16 and num_stages in 1..8, where given."""
+    warps, stages = cfg.get("num_warps", 4), cfg.get("num_stages", 2)
+    return (isinstance(warps, int) and warps in (1, 2, 4, 8, 16)
+            and isinstance(stages, int) and 1 <= stages <= 8)
 
 
 def last_key() -> str | None:
@@ -78,9 +96,10 @@ def last_key() -> str | None:
 
 
 @contextmanager
-def force(config: dict):
-    """Every lookup inside returns `config` (the tuner's candidates)."""
-    token = _forced.set(dict(config))
+def force(config: dict | None):
+    """Every lookup inside returns `config` (the tuner's candidates); None: no lookup finds an
+    entry, so the launchers' defaults apply (the tuner's baseline)."""
+    token = _forced.set(_UNTUNED if config is None else dict(config))
     try:
         yield
     finally:

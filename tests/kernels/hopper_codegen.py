@@ -17,6 +17,7 @@ from lowbit.kernels import dfloat11, fp8_w8a8, lut_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+SPLIT_K_POINTERS = {"ws_ptr": "*fp32", "counters_ptr": "*i32"}  # lowbit/kernels/split_k.py (GEMVs compiled split)
 
 
 def _compile(kernel, pointer_types: dict, constexprs: dict, unaligned=()):
@@ -41,20 +42,23 @@ def compile_act_quant():
 def compile_lut(bits: int):
     return _compile(lut_gemm._lut_gemv_kernel,
                     {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "bias_ptr": "*bf16",
-                     "out_ptr": "*bf16"},
-                    {"BITS": bits, "HAS_BIAS": True, "GROUP_SIZE": 128, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128},
+                     "out_ptr": "*bf16", **SPLIT_K_POINTERS},
+                    {"BITS": bits, "HAS_BIAS": True, "GROUP_SIZE": 128, "SPLIT": True, "BLOCK_M": 1, "BLOCK_N": 32,
+                     "BLOCK_K": 128},
                     unaligned=("M", "tiles_per_split"))
 
 
 def compile_dfloat11(kind: str):
-    """kind "decode": the multi-layer decoder; "gemv": the fused decode + GEMV (bf16 x, M=1)."""
+    """kind "decode": the multi-layer decoder; "gemv": the fused decode + GEMV (M=1, split-K;
+    fp32 activations and output, so any 16-bit global store would be a decoded weight)."""
     if kind == "decode":
         return _compile(dfloat11._decode_kernel, {"layers_ptr": "*i64", "out_ptr": "*i16"},
                         {"SEGMENT": 256, "CODE_BITS": 10, "BLOCK": dfloat11.DECODE_BLOCK})
     return _compile(dfloat11._decode_gemv_kernel,
-                    {"x_ptr": "*bf16", "words_ptr": "*i32", "sign_ptr": "*u8", "offsets_ptr": "*i32",
-                     "table_ptr": "*i16", "out_ptr": "*fp32"},
-                    {"SEGMENT": 256, "CODE_BITS": 10, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_J": 8},
+                    {"x_ptr": "*fp32", "words_ptr": "*i32", "sign_ptr": "*u8", "offsets_ptr": "*i32",
+                     "table_ptr": "*i16", "bias_ptr": "*fp32", "out_ptr": "*fp32", **SPLIT_K_POINTERS},
+                    {"SEGMENT": 256, "CODE_BITS": 10, "HAS_BIAS": True, "SPLIT": True, "BLOCK_M": 1, "BLOCK_N": 16,
+                     "BLOCK_J": 8},
                     unaligned=("M", "segments_per_row", "code_words"))
 
 
@@ -67,12 +71,12 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                       SCALE_GROUP_N=1, SCALE_KIND=scale_kind, HAS_TENSOR_SCALE=scale_kind == "e4m3",
                       ONE_BIT_PLANES=False)
     if path == "gemv":
-        constexprs.update(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128)
+        constexprs.update(SPLIT=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=128)
     else:
         constexprs.update(DOT_FP32=act == "fp32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
     scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"
     pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_type, "z_ptr": scale_type,
-                     "ts_ptr": "*fp32", "bias_ptr": ACT[act], "out_ptr": ACT[act]}
+                     "ts_ptr": "*fp32", "bias_ptr": ACT[act], "out_ptr": ACT[act], **SPLIT_K_POINTERS}
     return _compile(kernel, pointer_types, constexprs, unaligned=("M", "tiles_per_split"))
 
 

@@ -112,12 +112,14 @@ def test_lut_kernel_gathers_on_chip(hopper, bits):
     ptx = _ptx(hopper, "lut", bits)
     loads = re.findall(r"ld\.global\S*", ptx)
     assert "ld.global.b32" in loads and not any(".b8" in ld or ".u8" in ld for ld in loads)
-    assert len(loads) <= 8, loads
-    assert set(re.findall(r"st\.global\S*", ptx)) == {"st.global.b16"}
+    assert len(loads) <= 9, loads  # + the split-K partial sums, read back by the reducing program
+    # the bf16 output and the fp32 split-K partial sums
+    assert set(re.findall(r"st\.global\S*", ptx)) == {"st.global.b16", "st.global.b32"}
 
 
 def test_dfloat11_fused_gemv_never_writes_the_weight(hopper):
-    """The fused decode + GEMV stores only its fp32 partial sums: decoded weights stay on chip."""
+    """The fused decode + GEMV (compiled with fp32 activations and output) stores only 32-bit
+    values, its partial sums and output: the 16-bit decoded weights stay on chip."""
     ptx = _ptx(hopper, "dfloat11", "gemv")
     stores = re.findall(r"st\.global[.\w]*", ptx)
     assert stores and all(".b16" not in op and ".u16" not in op for op in stores), stores
@@ -127,3 +129,20 @@ def test_dfloat11_fused_gemv_never_writes_the_weight(hopper):
 def test_dfloat11_decoder_stores_bf16_words(hopper):
     ptx = _ptx(hopper, "dfloat11", "decode")
     assert re.findall(r"st\.global[.\w]*\.b16", ptx)
+
+
+@pytest.mark.parametrize("variant", [["gemv", 4, False, "fp16", "int"], ["gemv", 4, True, "bf16", "e2m1", "e8m0"],
+                                     ["lut", 2], ["dfloat11", "gemv"]], ids=lambda v: "-".join(map(str, v)))
+def test_split_k_reduces_in_one_launch_with_ordered_tickets(hopper, variant):
+    """lowbit/kernels/split_k.py's semaphore, as compiled: partial sums stored, a barrier of the
+    program's threads, then one thread's acq_rel ticket at GPU scope; the reducing program reads
+    the partials bypassing L1 and resets the counter. No second launch is needed."""
+    ptx = _ptx(hopper, *variant)
+    ops = re.findall(r"(st\.global\.b32|bar\.sync|atom\.global\.gpu\.acq_rel\.add|ld\.global\.cg|"
+                     r"atom\.global\.gpu\.acq_rel\.exch)", ptx)
+    ticket = ops.index("atom.global.gpu.acq_rel.add")
+    partial_store = max(i for i, op in enumerate(ops[:ticket]) if op == "st.global.b32")
+    assert "bar.sync" in ops[partial_store:ticket]
+    reads = [i for i, op in enumerate(ops) if op == "ld.global.cg"]
+    assert reads and min(reads) > ticket and ops.index("atom.global.gpu.acq_rel.exch") > max(reads)
+    assert re.search(r"@%p\d+ atom\.global\.gpu\.acq_rel\.add", ptx)  # predicated: one thread takes the ticket

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One GPU session's measurements in parts that each fit a 10-minute command (30 device-minutes
+# in all: run them in this order, fetch the results after each, see benchmarks/README.md).
+#
+#   bash benchmarks/gpu_session.sh tests tune          # ~9 min: `gpu` tests, then kernel tuning
+#   bash benchmarks/gpu_session.sh gemm-targets        # ~8 min: the formats with issue-8 targets, every M
+#   bash benchmarks/gpu_session.sh e2e dfloat11        # ~8 min: end to end, then the dfloat11 decoder
+#   bash benchmarks/gpu_session.sh gemm-rest           # the other formats (a later session if time is short)
+#
+# Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
+# results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
+# GPU image lacks (torchao, gemlite, dfloat11, dahuffman) come from .whl/ when it is carried
+# (benchmarks/fetch_wheels.sh fills it); without them those competitors are recorded as errors.
+set -u
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/lowbit-gpu}"
+mkdir -p "$out/results"
+export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
+
+TARGET_FORMATS="int4 int6 int8 fp8 fp8:act=fp8 mxfp4 nvfp4 lut2 dfloat11"
+OTHER_FORMATS="int2 int3 int5 int7 fp8_e5m2 fp8:block=128,act=fp8 mxint8 mxfp8 mxfp6 lut1 lut3 lut4 nf4"
+
+run_part() {  # name, time limit (s), command...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "== $name: $* (limit ${limit}s)"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - start))s" | tee -a "$out/$name.log"
+}
+
+for part in "$@"; do
+  case "$part" in
+    tests) run_part tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    tune) run_part tune 330 python3 benchmarks/tune.py --budget-s 270 ;;
+    gemm-targets) run_part gemm-targets 540 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS \
+                    --out-dir "$out/results" ;;
+    gemm-rest) run_part gemm-rest 540 python3 benchmarks/bench_gemm.py --formats $OTHER_FORMATS \
+                 --out-dir "$out/results" ;;
+    e2e) run_part e2e 420 python3 benchmarks/bench_e2e.py --out-dir "$out/results" ;;
+    dfloat11) run_part dfloat11 150 python3 benchmarks/bench_dfloat11.py --out-dir "$out/results" ;;
+    *) echo "unknown part $part (tests tune gemm-targets gemm-rest e2e dfloat11)" >&2; exit 2 ;;
+  esac
+done
+cp lowbit/kernels/tuned/*.json "$out/results/" 2>/dev/null
+tar czf "$out/results.tgz" -C "$out" results && rm -rf "$out/results"

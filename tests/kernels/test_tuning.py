@@ -1,0 +1,98 @@
+"""Tuned launch configs: the launchers take valid tuned entries (path, tiles, num_warps /
+num_stages) and ignore invalid ones; the LUT launcher can be sent to the dequant GEMM by a
+measurement; the tuner's coordinate descent finds the best point and skips pruned ones."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.kernels import tuning
+from lowbit.kernels.dequant_gemm import pick_config
+
+from ..conftest import kernel_devices
+
+DEVICES = kernel_devices()
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tuned_table(tmp_path, monkeypatch):
+    """write(configs) puts a tuned-config table in place for this test only."""
+    path = tmp_path / "tuned.json"
+    monkeypatch.setenv(tuning.ENV_VAR, str(path))
+
+    def write(configs: dict) -> None:
+        path.write_text(json.dumps({"configs": configs}))
+        tuning._read_table.cache_clear()
+
+    yield write
+    tuning._read_table.cache_clear()
+
+
+def _key_of(x, packed) -> str:
+    tuning._last_key.set(None)
+    lowbit.linear(x, packed, backend="triton")
+    return tuning.last_key()
+
+
+@pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+def test_launch_options_are_taken_and_checked(tuned_table):
+    device = torch.device(DEVICES[0])
+    gemv = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 2, "num_stages": 1}
+    variant = "int4-asym-g128-float-torch.float32"
+    tuned_table({f"{variant}/37x384/m1": {**gemv, "us": 1.0, "format": "int4"}})
+    assert pick_config(1, 37, 384, 128, device, variant=variant) == gemv
+    with tuning.force(None):  # the tuner's baseline: the defaults, whatever the table holds
+        assert pick_config(1, 37, 384, 128, device, variant=variant) == pick_config(1, 37, 384, 128, device)
+    tuned_table({f"{variant}/37x384/m1": {**gemv, "num_warps": 3}})  # not a power of two: ignored
+    assert "num_warps" not in pick_config(1, 37, 384, 128, device, variant=variant)
+    tuned_table({f"{variant}/37x384/m1": {**gemv, "num_stages": 0}})
+    assert "num_stages" not in pick_config(1, 37, 384, 128, device, variant=variant)
+    w, x = torch.randn(37, 300, device=device) * 0.02, torch.randn(1, 300, device=device)
+    packed = lowbit.get_format("int4").quantize(w)
+    tuned_table({f"{variant}/37x384/m1": gemv})
+    ref = F.linear(x, lowbit.get_format("int4").dequantize(packed))
+    torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+def test_lut_launcher_follows_a_measured_path(tuned_table):
+    """At M <= 16 the LUT launcher looks up its own key; a tuned "gemm" entry sends it to the
+    dequant GEMM on the same bit planes, a "gemv" entry sets the lookup kernel's tiles."""
+    device = torch.device(DEVICES[0])
+    w, x = torch.randn(40, 256, device=device) * 0.02, torch.randn(2, 256, device=device)
+    fmt = lowbit.get_format("lut2")
+    packed = fmt.quantize(w)
+    ref = F.linear(x, fmt.dequantize(packed))
+    tuned_table({})
+    key = _key_of(x, packed)
+    assert key == "lut2-g128-torch.float32/40x256/m4"
+    for entry in ({"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32},
+                  {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 1}):
+        tuned_table({key: entry})
+        took = _key_of(x, packed)  # the last lookup: the dequant GEMM's own key when it ran
+        assert took.startswith("int2-1bit-") == (entry["path"] == "gemm")
+        torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_descent_finds_the_best_point_and_skips_pruned_ones():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.tune import descend
+
+    cost = {"A": {1: 5.0, 2: 3.0, 4: 4.0}, "B": {1: 2.0, 2: 1.0, 8: 0.5}}
+
+    def measure(cfg):
+        if cfg["B"] == 8:  # e.g. a tile that fails the correctness gate
+            return None
+        return cost["A"][cfg["A"]] + cost["B"][cfg["B"]]
+
+    best, us = descend(measure, {"A": 1, "B": 1}, {"A": (1, 2, 4), "B": (1, 2, 8)})
+    assert best == {"A": 2, "B": 2} and us == 4.0
+    assert descend(lambda cfg: None, {"A": 1}, {"A": (1, 2)}) == (None, None)
+    # a pruned start point still lets the descent find a measurable neighbour
+    best, us = descend(lambda cfg: None if cfg["A"] == 1 else float(cfg["A"]), {"A": 1}, {"A": (1, 2, 4)})
+    assert best == {"A": 2} and us == 2.0
