@@ -125,17 +125,26 @@ def time_us(fn, device: torch.device, rep_ms: float | None = None) -> tuple[floa
     return samples[1], samples[0], samples[-1]
 
 
+_last_case: dict = {}  # the weight and its packing of the last (spec, shape): reused over the M values
+
+
 def make_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     """Seeded weight [N, K] and activations [M, K], and the weight packed per `spec`:
-    (w, x, format name, options, Format, PackedWeight)."""
+    (w, x, format name, options, Format, PackedWeight). The weight and packing of the previous
+    call are reused when only M changed (benchmarks loop over M innermost)."""
     import lowbit
 
-    gen = torch.Generator(device=device).manual_seed(0)
-    w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * 0.02
-    x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
     fmt_name, options = parse_format_spec(spec, args)
-    fmt = lowbit.get_format(fmt_name)
-    return w, x, fmt_name, options, fmt, fmt.quantize(w, **options)
+    key = (spec, n, k, str(device), dtype, tuple(sorted(options.items())))
+    if _last_case.get("key") != key:
+        _last_case.clear()
+        gen = torch.Generator(device=device).manual_seed(0)
+        w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * 0.02
+        fmt = lowbit.get_format(fmt_name)
+        _last_case.update(key=key, w=w, fmt=fmt, packed=fmt.quantize(w, **options), competitors={})
+    gen = torch.Generator(device=device).manual_seed(m)
+    x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+    return _last_case["w"], x, fmt_name, options, _last_case["fmt"], _last_case["packed"]
 
 
 def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak,
@@ -182,21 +191,30 @@ def time_competitors(fmt_name: str, options: dict, w, x, packed, exact, device, 
     {"name", "us", "max_rel_err_vs_exact", "lowbit_speedup"} or {"name", "error"}. Their
     quantizers differ from lowbit's, so their error is taken against the unquantized product
     (as lowbit's max_rel_err_vs_exact is), and an entry whose error is far above lowbit's
-    (> 4x + 1e-3) is recorded as an error instead of a time."""
+    (> 4x + 1e-3) is recorded as an error instead of a time. Each library's layer is built once
+    per weight (make_case's cache) and reused over the M values."""
     from benchmarks.competitors import competitors
 
+    built = _last_case.setdefault("competitors", {}) if _last_case.get("w") is w else {}
     entries = []
     for name, build in competitors(fmt_name):
         try:
-            fn = build(options, w, x, packed)
-            if fn is None:
+            if name not in built:
+                try:
+                    built[name] = build(options, w, packed)
+                except Exception as exc:  # remembered: a library that cannot build this weight fails once
+                    built[name] = exc
+            if isinstance(built[name], Exception):
+                raise built[name]
+            run = built[name]
+            if run is None:
                 continue
-            err = relative_error(fn(), exact)
+            err = relative_error(run(x), exact)
             if not err <= 4 * lowbit_err + 1e-3:
                 entries.append({"name": name, "error": f"wrong result: max_rel_err_vs_exact {err:.3g} "
                                                        f"(lowbit: {lowbit_err:.3g})"})
                 continue
-            us, _, _ = time_us(fn, device)
+            us, _, _ = time_us(lambda: run(x), device)
         except Exception as exc:  # not installed, or that library cannot run this case
             entries.append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue

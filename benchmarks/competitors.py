@@ -1,9 +1,10 @@
 """The same format in other libraries, timed in the same run as lowbit (GPU only).
 
-`competitors(name, options, w, x, packed)` lists (label, build) for the lowbit format `name`:
-build() sets the library's layer up and returns fn, where fn() computes x @ w^T with that
-library's kernel, or returns None when these options have no counterpart there. Import or
-set-up failures raise; bench_gemm records them in the row instead of failing.
+`competitors(name)` lists (label, build) for the lowbit format `name`: build(options, w, packed)
+sets the library's layer up for the weight w [N, K] (lowbit's `packed` of it at hand) and
+returns run, where run(x) computes x @ w^T with that library's kernel, or returns None when
+these options have no counterpart there. Set-up is done once per weight, whatever the M.
+Import or set-up failures raise; bench_gemm records them in the row instead of failing.
 
 | lowbit                     | competitors                                                           |
 |----------------------------|-----------------------------------------------------------------------|
@@ -38,7 +39,7 @@ def _linear(w: torch.Tensor) -> nn.Linear:
 
 
 def _torchao(make_config):
-    def build(options, w, x, packed):
+    def build(options, w, packed):
         from torchao.quantization import quantize_
 
         config = make_config(options)
@@ -46,7 +47,7 @@ def _torchao(make_config):
             return None
         linear = _linear(w)
         quantize_(linear, config)
-        return lambda: linear(x)
+        return linear
 
     return build
 
@@ -72,11 +73,11 @@ def _torchao_fp8(options):
             else Float8WeightOnlyConfig())
 
 
-def _torchao_nf4(options, w, x, packed):
+def _torchao_nf4(options, w, packed):
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
     weight = to_nf4(w, block_size=64, scaler_block_size=256)
-    return lambda: F.linear(x, weight)
+    return lambda x: F.linear(x, weight)
 
 
 def gemlite_int_weights(packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,27 +113,21 @@ def _gemlite():
     return gemlite.helper
 
 
-def _gemlite_int(options, w, x, packed):
-    A16Wn = _gemlite().A16Wn
-
+def _gemlite_int(options, w, packed):
     from lowbit.formats import get_format
 
     bits = get_format(packed.format).bits
     if bits not in (2, 4, 8):
         return None
     codes, scales, zeros = gemlite_int_weights(packed)
-    layer = A16Wn(device=w.device, dtype=w.dtype).from_weights(codes, scales, zeros, W_nbits=bits,
-                                                                group_size=packed.attrs["group_size"])
-    return lambda: layer(x)
+    return _gemlite().A16Wn(device=w.device, dtype=w.dtype).from_weights(codes, scales, zeros, W_nbits=bits,
+                                                                          group_size=packed.attrs["group_size"])
 
 
 def _gemlite_from_linear(make_processor):
-    def build(options, w, x, packed):
+    def build(options, w, packed):
         processor = make_processor(options, w)
-        if processor is None:
-            return None
-        layer = processor.from_linear(_linear(w))
-        return lambda: layer(x)
+        return None if processor is None else processor.from_linear(_linear(w))
 
     return build
 
@@ -182,17 +177,17 @@ def dfloat11_package_decoder(w: torch.Tensor):
     return decode, out
 
 
-def _dfloat11_package(options, w, x, packed):
+def _dfloat11_package(options, w, packed):
     decode, out = dfloat11_package_decoder(w)
 
-    def run():
+    def run(x):
         decode()
         return F.linear(x, out.view(w.shape))
 
     return run
 
 
-#: lowbit format name -> [(competitor label, build(options, w, x, packed) -> fn | None)]
+#: lowbit format name -> [(competitor label, build(options, w, packed) -> run(x) | None)]
 COMPETITORS = {
     "int2": [("gemlite-a16w2", _gemlite_int)],
     "int4": [("torchao-int4wo", _torchao(_torchao_int4)), ("gemlite-a16w4", _gemlite_int)],

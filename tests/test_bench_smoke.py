@@ -125,8 +125,8 @@ def test_competitors_compute_the_same_product():
     for name, label, bound in (("int8", "torchao-int8wo", 0.02), ("fp8", "torchao-float8", 0.06),
                                ("nf4", "torchao-nf4", 0.2)):
         build = dict(competitors(name))[label]
-        fn = build({}, w, x, lowbit.get_format(name).quantize(w))
-        assert float((fn().float() - exact).abs().max() / exact.abs().max()) < bound
+        run = build({}, w, lowbit.get_format(name).quantize(w))
+        assert float((run(x).float() - exact).abs().max() / exact.abs().max()) < bound
     assert competitors("lut2") == [] and competitors("int6") == []
     packed = lowbit.get_format("fp8").quantize(w, act="fp8")
     entries = time_competitors("fp8", {"act": "fp8"}, w, x, packed, exact, torch.device("cpu"), 1.0, 0.05)
@@ -259,3 +259,34 @@ def test_bench_e2e_static_cache_decode_matches_transformers_generate():
             tokens.append(out.logits[:, -1:].argmax(-1))
     assert result["decode_mode"] == "eager" and result["tokens"].shape == (2, 6)
     assert torch.equal(result["tokens"], torch.cat(tokens, dim=1))
+
+
+def test_bench_gemm_builds_each_weight_once_over_m(monkeypatch):
+    """Benchmarks loop over M innermost: the weight, lowbit's packing and each competitor's layer
+    are built once per (format, shape), not once per M (the dfloat11 package's encoder alone
+    takes a minute per Llama-3-8B MLP weight)."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import bench_gemm, competitors
+
+    builds = []
+
+    def build(options, w, packed):
+        builds.append(w.shape)
+        return lambda x: torch.nn.functional.linear(x, w)
+
+    monkeypatch.setitem(competitors.COMPETITORS, "int8", [("counted", build)])
+    args = argparse.Namespace(group_size=128, symmetric=False)
+    cpu = torch.device("cpu")
+    cases = [bench_gemm.make_case("int8", 16, 256, m, args, cpu, torch.float32) for m in (1, 4)]
+    assert cases[0][5] is cases[1][5] and cases[0][1].shape == (1, 256) and cases[1][1].shape == (4, 256)
+    for w, x, name, options, fmt, packed in cases:
+        exact = torch.nn.functional.linear(x, w)
+        (entry,) = bench_gemm.time_competitors(name, options, w, x, packed, exact, cpu, 1.0, 0.01)
+        assert entry["name"] == "counted" and entry["max_rel_err_vs_exact"] == 0
+    assert builds == [(16, 256)]
+    other = bench_gemm.make_case("int8", 16, 512, 1, args, cpu, torch.float32)
+    assert other[5] is not cases[0][5]

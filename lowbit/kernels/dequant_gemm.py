@@ -264,12 +264,15 @@ def _block_k(group_size: int, kp: int, preferred: int, multi_group: bool) -> int
 def gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
                 max_block_m: int = GEMV_MAX_M) -> dict:
     """Tile sizes of a split-K GEMV (this module's, and the LUT kernel's): 32 output features
-    per program, K tiles of up to 128, enough K splits to fill the GPU twice over."""
+    per program, K tiles of up to 128, enough K splits for ~4 programs per SM (a GEMV waits on
+    its loads; more resident programs keep more bytes in flight, and since the splits are
+    reduced inside the launch an extra split costs only its partial sums). A default, not a
+    measurement: benchmarks/tune.py replaces it per GPU and shape."""
     block_n = 32
     block_k = _block_k(group_size, kp, 128, multi_group)
     k_tiles = kp // block_k
     # Never more splits than K tiles.
-    split_k = max(1, min(k_tiles, triton.cdiv(2 * num_sms(device), triton.cdiv(n, block_n))))
+    split_k = max(1, min(k_tiles, triton.cdiv(4 * num_sms(device), triton.cdiv(n, block_n))))
     return {"BLOCK_M": min(triton.next_power_of_2(m), max_block_m), "BLOCK_N": block_n, "BLOCK_K": block_k,
             "SPLIT_K": split_k}
 
