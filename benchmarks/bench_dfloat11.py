@@ -9,9 +9,10 @@ CPU, in one run:
   bytes / bf16 bytes, each checked lossless;
 - encoder: lowbit's encoder vs the `dfloat11` package's (its dfloat11_utils, loaded directly;
   needs `dahuffman`) on the same bf16 tensor, median of --repeats runs, and both sizes.
-GPU (CUDA only): on the llama3-8b shapes, lowbit's decode kernel (weights/s, output GB/s), the
-`dfloat11` package's decode kernel on the same weights when cupy is importable, and
-lowbit.linear with dfloat11 at M in --m vs bf16 F.linear.
+GPU (CUDA only): on the llama3-8b shapes and for each --segments size (more, shorter segments
+mean more parallel lanes and fewer serial steps per lane, at 32 offset bits per segment),
+lowbit's decode kernel (weights/s, output GB/s), the `dfloat11` package's decode kernel on the
+same weights when cupy is importable, and lowbit.linear with dfloat11 at M in --m vs bf16.
 Output: JSON {"env", "cpu", "results"} + markdown in --out-dir (default benchmarks/results).
 """
 from __future__ import annotations
@@ -91,41 +92,48 @@ def encoder_speed(fmt, shape: tuple[int, int], repeats: int) -> dict:
     return row
 
 
-def gpu_rows(fmt, m_values: list[int], peak) -> list[dict]:
+def gpu_rows(fmt, shape_list, m_values: list[int], segments: list[int], device: torch.device, peak) -> list[dict]:
+    """Per shape and segment size: the decode kernel (lossless check, weights/s, GB/s; the
+    package's decoder once per shape) and lowbit.linear at each M vs bf16 F.linear. (Run on
+    CUDA; tests run it on tiny shapes through the Triton interpreter.)"""
     import lowbit
     from lowbit.formats.dfloat11 import CODE_BITS
     from lowbit.kernels.dfloat11 import decode_weight
 
     rows = []
-    for shape, n, k in shapes(["llama3-8b"]):
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).bfloat16()
-        packed = fmt.quantize(w)
-        t = packed.tensors
+    for shape, n, k in shape_list:
+        gen = torch.Generator(device=device).manual_seed(0)
+        w = (torch.randn(n, k, device=device, generator=gen) * 0.02).bfloat16()
+        xs = {m: torch.randn(m, k, device=device, generator=gen).bfloat16() for m in m_values}
+        bf16_us = {m: time_us(lambda: F.linear(xs[m], w), device)[0] for m in m_values}
+        for i, segment in enumerate(segments):
+            packed = fmt.quantize(w, segment=segment)
+            t = packed.tensors
 
-        def decode():
-            return decode_weight(t["exponent_code"], t["sign_mantissa"], t["segment_offsets"], t["decode_table"],
-                                 segment=packed.attrs["segment"], code_bits=CODE_BITS)
+            def decode():
+                return decode_weight(t["exponent_code"], t["sign_mantissa"], t["segment_offsets"], t["decode_table"],
+                                     segment=segment, code_bits=CODE_BITS)
 
-        row = {"format": "dfloat11", "shape": shape, "N": n, "K": k, "kind": "decode",
-               "lossless": bool(torch.equal(decode().view(torch.int16), w.view(torch.int16)))}
-        us, _, _ = time_us(decode, torch.device("cuda"))
-        row.update({"us": us, "weights_per_s": n * k / (us * 1e-6),
-                    "gbps": (packed.nbytes + 2 * n * k) / (us * 1e-6) / 1e9,
-                    "competitor": _package_decode_us(w)})
-        rows.append(row)
-        for m in m_values:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-            y = lowbit.linear(x, packed)
-            ref = F.linear(x.float(), w.float())
-            err = float((y.float() - ref).abs().max() / ref.abs().max())
-            us, _, _ = time_us(lambda: lowbit.linear(x, packed), torch.device("cuda"))
-            bf16_us, _, _ = time_us(lambda: F.linear(x, w), torch.device("cuda"))
-            moved = packed.nbytes + 2 * (m * k + m * n)
-            gbps = moved / (us * 1e-6) / 1e9
-            rows.append({"format": "dfloat11", "shape": shape, "M": m, "N": n, "K": k, "kind": "linear", "us": us,
-                         "bf16_us": bf16_us, "speedup": bf16_us / us, "gbps": gbps,
-                         "bw_pct": None if peak is None else 100 * gbps / peak, "max_rel_err": err})
+            row = {"format": "dfloat11", "segment": segment, "shape": shape, "N": n, "K": k, "kind": "decode",
+                   "bits_per_weight": 8 * packed.nbytes / (n * k),
+                   "lossless": bool(torch.equal(decode().view(torch.int16), w.view(torch.int16)))}
+            us, _, _ = time_us(decode, device)
+            row.update({"us": us, "weights_per_s": n * k / (us * 1e-6),
+                        "gbps": (packed.nbytes + 2 * n * k) / (us * 1e-6) / 1e9})
+            if i == 0:
+                row["competitor"] = _package_decode_us(w)
+            rows.append(row)
+            for m, x in xs.items():
+                y = lowbit.linear(x, packed)
+                ref = F.linear(x.float(), w.float())
+                err = float((y.float() - ref).abs().max() / ref.abs().max())
+                us, _, _ = time_us(lambda: lowbit.linear(x, packed), device)
+                moved = packed.nbytes + 2 * (m * k + m * n)
+                gbps = moved / (us * 1e-6) / 1e9
+                rows.append({"format": "dfloat11", "segment": segment, "shape": shape, "M": m, "N": n, "K": k,
+                             "kind": "linear", "us": us, "bf16_us": bf16_us[m], "speedup": bf16_us[m] / us,
+                             "gbps": gbps, "bw_pct": None if peak is None else 100 * gbps / peak,
+                             "max_rel_err": err})
     return rows
 
 
@@ -166,10 +174,11 @@ def write_markdown(path: Path, report: dict) -> None:
     if not report["results"]:
         lines.append("No GPU in this run: decoder and linear timings are pending a GPU run.")
     else:
-        lines += ["| shape | kind | M | us | bf16 us | speedup | GB/s | package us |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["| shape | segment | kind | M | us | bf16 us | speedup | GB/s | package us |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in report["results"]:
             comp = r.get("competitor", {}).get("us")
-            lines.append(f"| {r['shape']} | {r['kind']} | {r.get('M', '')} | {r['us']:.1f} | "
+            lines.append(f"| {r['shape']} | {r['segment']} | {r['kind']} | {r.get('M', '')} | {r['us']:.1f} | "
                          f"{r.get('bf16_us', float('nan')):.1f} | {r.get('speedup', float('nan')):.2f} | "
                          f"{r['gbps']:.0f} | {'' if comp is None else f'{comp:.1f}'} |")
     path.write_text("\n".join(lines) + "\n")
@@ -183,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--encode-shape", type=int, nargs=2, default=[4096, 4096])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--m", nargs="+", type=int, default=[1, 4, 16, 64])
+    p.add_argument("--segments", nargs="+", type=int, default=[256, 128, 64],
+                   help="segment sizes timed on the GPU (the format's default is 256)")
     p.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results (a temp dir with --smoke)")
     args = p.parse_args(argv)
     fmt = lowbit.get_format("dfloat11")
@@ -193,7 +204,8 @@ def main(argv=None) -> int:
         env["device"] = "cpu"
     encode_shape = (64, 1024) if args.smoke else tuple(args.encode_shape)
     report = {"env": env, "cpu": {"minilm": minilm_sizes(fmt), "encoder": encoder_speed(fmt, encode_shape, args.repeats)},
-              "results": gpu_rows(fmt, args.m, peak_gbps(env["device"])) if gpu else []}
+              "results": gpu_rows(fmt, shapes(["llama3-8b"]), args.m, args.segments, device, peak_gbps(env["device"]))
+              if gpu else []}
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="lowbit-df11-")) if args.smoke else REPO / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = ("smoke-" if args.smoke else "") + f"dfloat11-{env['device'].replace(' ', '_')}-{env['date'][:10]}"
