@@ -22,8 +22,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 
-TARGET_FORMATS="int4 int6 int8 fp8 fp8:act=fp8 mxfp4 nvfp4 lut2 dfloat11"
-OTHER_FORMATS="mxint8 int2 int3 int5 int7 fp8_e5m2 fp8:block=128,act=fp8 mxfp8 mxfp6 lut1 lut3 lut4 nf4 dfloat11:segment=64"
+TARGET_FORMATS="int4 int6 int8 fp8 fp8:act=fp8 mxfp4 nvfp4 lut2 mxint8 int2 dfloat11"
+OTHER_FORMATS="int3 int5 int7 fp8_e5m2 fp8:block=128,act=fp8 mxfp8 mxfp6 lut1 lut3 lut4 nf4 dfloat11:segment=64"
 
 run_part() {  # name, time limit (s), command...
   local name=$1 limit=$2 start=$SECONDS
