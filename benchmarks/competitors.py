@@ -9,7 +9,7 @@ Import or set-up failures raise; bench_gemm records them in the row instead of f
 | lowbit                     | competitors                                                           |
 |----------------------------|-----------------------------------------------------------------------|
 | int2 / int4 / int8         | gemlite A16Wn (fed lowbit's own codes, scales and zero points)      |
-| int4 (asymmetric)          | torchao Int4WeightOnlyConfig (same group size; tinygemm)              |
+| int4 (asymmetric)          | torchao Int4WeightOnlyConfig (same group size): tinygemm and fbgemm packings |
 | int8                       | torchao Int8WeightOnlyConfig                                          |
 | fp8 (per channel)          | torchao Float8WeightOnlyConfig, gemlite A16W8_FP8                     |
 | fp8 act="fp8" (per channel)| torchao Float8DynamicActivationFloat8WeightConfig(PerRow), gemlite A8W8_fp8_dynamic |
@@ -52,10 +52,17 @@ def _torchao(make_config):
     return build
 
 
-def _torchao_int4(options):
-    from torchao.quantization import Int4WeightOnlyConfig
+def _torchao_int4(packing: str):
+    """torchao int4 weight-only: "tile_packed_to_4d" is tinygemm (torch's own
+    _weight_int4pack_mm), "plain" needs fbgemm-gpu-genai's kernels."""
+    def make(options):
+        from torchao.quantization import Int4WeightOnlyConfig
 
-    return None if options.get("symmetric") else Int4WeightOnlyConfig(group_size=options.get("group_size", 128))
+        if options.get("symmetric"):
+            return None
+        return Int4WeightOnlyConfig(group_size=options.get("group_size", 128), int4_packing_format=packing)
+
+    return make
 
 
 def _torchao_int8(options):
@@ -190,7 +197,8 @@ def _dfloat11_package(options, w, packed):
 #: lowbit format name -> [(competitor label, build(options, w, packed) -> run(x) | None)]
 COMPETITORS = {
     "int2": [("gemlite-a16w2", _gemlite_int)],
-    "int4": [("torchao-int4wo", _torchao(_torchao_int4)), ("gemlite-a16w4", _gemlite_int)],
+    "int4": [("torchao-int4wo-tinygemm", _torchao(_torchao_int4("tile_packed_to_4d"))),
+             ("torchao-int4wo-fbgemm", _torchao(_torchao_int4("plain"))), ("gemlite-a16w4", _gemlite_int)],
     "int8": [("torchao-int8wo", _torchao(_torchao_int8)), ("gemlite-a16w8", _gemlite_int)],
     "fp8": [("torchao-float8", _torchao(_torchao_fp8)), ("gemlite-fp8", _gemlite_from_linear(_gemlite_fp8))],
     "mxfp8": [("gemlite-a16w8-mxfp", _gemlite_from_linear(_gemlite_mx("A16W8_MXFP")))],
