@@ -5,8 +5,8 @@
   python benchmarks/tune.py --formats int4 nvfp4 --sets llama3-8b qwen2.5-7b --budget-s 300
   TRITON_INTERPRET=1 python benchmarks/tune.py --smoke --out /tmp/t.json   # CPU check of the machinery
 
-For every (format, shape, M bucket) a coordinate descent runs from the launcher's default over
-each path's search space (SPACES: split-K GEMV tiles, split count and warps for small M; tensor-
+For every (format, shape, M bucket) a coordinate descent runs from a start point near the
+launcher's default over each path's search space (SPACES: split-K GEMV tiles, split count and warps for small M; tensor-
 core GEMM tiles, warps and pipeline stages for every M), so the GEMV / GEMM choice per M is
 measured, not assumed. Each candidate runs through lowbit.linear under `tuning.force`; one whose
 output misses the correctness gate (max relative error vs the fp32 reference, as in bench_gemm)
@@ -75,9 +75,9 @@ def descend(measure, start: dict, space: dict, rounds: int = 2) -> tuple[dict | 
         improved = False
         for key, values in space.items():
             for value in values:
-                if best is not None and value == best.get(key):
+                if value == best.get(key):
                     continue
-                candidate = {**(best or start), key: value}
+                candidate = {**best, key: value}
                 us = measure(candidate)
                 if us is not None and (best_us is None or us < best_us):
                     best, best_us, improved = candidate, us, True
