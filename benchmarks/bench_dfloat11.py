@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.bench_gemm import env_info, peak_gbps, time_us  # noqa: E402
+from benchmarks.bench_gemm import bandwidth, env_info, peak_gbps, relative_error, time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
 from lowbit.integrations.dfloat11_package import package_encode, package_encoder  # noqa: E402
 
@@ -126,14 +126,11 @@ def gpu_rows(fmt, shape_list, m_values: list[int], segments: list[int], device: 
             for m, x in xs.items():
                 y = lowbit.linear(x, packed)
                 ref = F.linear(x.float(), w.float())
-                err = float((y.float() - ref).abs().max() / ref.abs().max())
+                err = relative_error(y, ref)
                 us, _, _ = time_us(lambda: lowbit.linear(x, packed), device)
-                moved = packed.nbytes + 2 * (m * k + m * n)
-                gbps = moved / (us * 1e-6) / 1e9
                 rows.append({"format": "dfloat11", "segment": segment, "shape": shape, "M": m, "N": n, "K": k,
                              "kind": "linear", "us": us, "bf16_us": bf16_us[m], "speedup": bf16_us[m] / us,
-                             "gbps": gbps, "bw_pct": None if peak is None else 100 * gbps / peak,
-                             "max_rel_err": err})
+                             **bandwidth(packed.nbytes + 2 * (m * k + m * n), us, peak), "max_rel_err": err})
     return rows
 
 

@@ -175,10 +175,15 @@ def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype
         row["competitors"] = entries
         row["competitor"] = min(timed, key=lambda e: e["us"]) if timed else None
     moved = packed.nbytes + x.numel() * x.element_size() + m * n * x.element_size()
-    gbps = moved / (us * 1e-6) / 1e9
     row.update({"us": us, "us_p20": us_p20, "us_p80": us_p80, "bf16_us": bf16_us, "speedup": bf16_us / us,
-                "gbps": gbps, "bw_pct": None if peak is None else 100 * gbps / peak})
+                **bandwidth(moved, us, peak)})
     return row
+
+
+def bandwidth(moved: int, us: float, peak: float | None) -> dict:
+    """{"gbps", "bw_pct"} of `moved` bytes in `us` microseconds (bw_pct None without a known peak)."""
+    gbps = moved / (us * 1e-6) / 1e9
+    return {"gbps": gbps, "bw_pct": None if peak is None else 100 * gbps / peak}
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:

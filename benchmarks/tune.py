@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.bench_gemm import REL_TOL, env_info, make_case, time_us  # noqa: E402
+from benchmarks.bench_gemm import REL_TOL, env_info, make_case, relative_error, time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
 
 # the formats with speed targets, most important first (a --budget-s cut drops the last ones)
@@ -110,8 +110,7 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
             seen[tag] = None
             try:
                 with tuning.force(cfg):
-                    err = float((lowbit.linear(x, packed, backend="triton").float() - ref).abs().max()
-                                / ref.abs().max())
+                    err = relative_error(lowbit.linear(x, packed, backend="triton"), ref)
                     if err <= REL_TOL[dtype]:
                         seen[tag], errors[tag] = time_us(lambda: lowbit.linear(x, packed, backend="triton"),
                                                          device, rep)[0], err

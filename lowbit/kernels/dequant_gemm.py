@@ -282,13 +282,21 @@ def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, 
     """Path and tile sizes for an [m, kp] x [n, kp]^T problem: the tuned config for this GPU,
     kernel `variant` and M bucket when benchmarks/tune.py measured one (lowbit/kernels/tuning.py),
     else defaults. multi_group: tiles may span several scale groups (no zero points)."""
-    tuned = lookup(device, variant, n, kp, m) if variant else None
-    if tuned and valid_config(tuned, group_size, kp, multi_group):
+    tuned = tuned_config(device, variant, n, kp, m, group_size, multi_group) if variant else None
+    if tuned:
         return tuned
     if m <= GEMV_MAX_M:
         return {"path": "gemv", **gemv_config(m, n, kp, group_size, device, multi_group)}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": _block_k(group_size, kp, 64, multi_group)}
+
+
+def tuned_config(device: torch.device, variant: str, n: int, kp: int, m: int, group_size: int,
+                 multi_group: bool) -> dict | None:
+    """The tuned entry for this launch (lowbit/kernels/tuning.py) if there is one this launch can
+    take, else None."""
+    tuned = lookup(device, variant, n, kp, m)
+    return tuned if tuned and valid_config(tuned, group_size, kp, multi_group) else None
 
 
 def valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool) -> bool:

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant_gemm import _plane_tile, check_block_k, check_operands, dequant_matmul, gemv_config, valid_config
+from .dequant_gemm import _plane_tile, check_block_k, check_operands, dequant_matmul, gemv_config, tuned_config
 from .split_k import split_k_buffers, store_split_k
-from .tuning import launch_options, lookup
+from .tuning import launch_options
 
 #: up to this many rows the lookup kernel runs; above it, the dequant GEMM (tensor cores) wins
 LUT_MAX_M = 16
@@ -93,8 +93,7 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         return x.new_empty((0, n))
     tuned = None
     if config is None and m <= LUT_MAX_M:
-        tuned = lookup(x.device, f"lut{bits}-g{group_size}-{x.dtype}", n, kp, m)
-        tuned = tuned if tuned and valid_config(tuned, group_size, kp, multi_group=False) else None
+        tuned = tuned_config(x.device, f"lut{bits}-g{group_size}-{x.dtype}", n, kp, m, group_size, False)
     if config is None and (m > LUT_MAX_M or (tuned and tuned["path"] == "gemm")):
         return dequant_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
                               in_features=in_features, one_bit_planes=True, config=tuned)
