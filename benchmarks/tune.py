@@ -51,7 +51,8 @@ TUNE_REP_MS = 20  # do_bench repetitions per candidate (bench_gemm uses do_bench
 
 def start_points(m: int, smoke: bool) -> list[dict]:
     """Where the descent starts on each path (close to the launchers' defaults)."""
-    gemv = {"path": "gemv", "BLOCK_M": min(1 << (m - 1).bit_length(), 4), "BLOCK_N": 32, "BLOCK_K": 128,
+    block_m = min(1 << (m - 1).bit_length(), 4)
+    gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": max(32, 128 // block_m),
             "SPLIT_K": 8, "num_warps": 4, "num_stages": 2}
     gemm = {"path": "gemm", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
             "num_stages": 3}

@@ -5,8 +5,10 @@ One kernel family for every element type (ELEMENT: "int" codes of any width BITS
 optional fp32 tensor scale) and scale layout (per row and K group, or per SCALE_GROUP_N rows), all
 constexprs, two paths:
   * `_gemv_kernel`: small M, split-K; each program reduces a K slice of BLOCK_N output
-    features with a broadcast multiply + sum (no tensor cores needed at M <= 4); the splits
-    are reduced inside the same launch (lowbit/kernels/split_k.py).
+    features with broadcast multiplies (no tensor cores needed at M <= 4), accumulated per
+    element and summed once after its K loop (a sum per K tile would cost cross-thread
+    shuffles and shared-memory round trips every tile); the splits are reduced inside the same
+    launch (lowbit/kernels/split_k.py).
   * `_gemm_kernel`: larger M, tiles dequantized in registers then fed to `tl.dot`.
 Both load the bit planes written by `lowbit.formats.bitpack` (8-bit elements: 4 per int32 word,
 LSB first) and decode them through `_dequant_tile`.
@@ -70,15 +72,18 @@ def _decode(codes, ELEMENT: tl.constexpr, BITS: tl.constexpr):
     """Element decoder: int32 codes -> fp32 values up to the constant `_element_factor`, which
     `_dequant_tile` folds into the (float / E4M3, so bounded) scale instead of multiplying every
     element.
-      "int":  the unsigned code (the caller subtracts the zero point).
+      "int":  the unsigned code + 2^23 (the caller subtracts 2^23 + the zero point in one add).
       "sint": a BITS-wide two's-complement code.
       "e4m3", "e5m2", "e2m3", "e2m1": small floats, see `_decode_minifloat`.
-      "nf4":  QLoRA's NormalFloat-4 codebook (lowbit.formats.nf4.NF4_CODEBOOK)."""
+      "nf4":  QLoRA's NormalFloat-4 codebook (lowbit.formats.nf4.NF4_CODEBOOK).
+    Integers become floats as code | 0x4B000000 reinterpreted (= 2^23 + code, exact): an integer
+    op at full rate instead of an int -> float convert (quarter rate on NVIDIA GPUs)."""
     if ELEMENT == "int":
-        return codes.to(tl.float32)
+        return (codes | 0x4B000000).to(tl.float32, bitcast=True)
     elif ELEMENT == "sint":
         half = 1 << (BITS - 1)
-        return (((codes + half) & ((1 << BITS) - 1)) - half).to(tl.float32)
+        biased = (((codes + half) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True)
+        return biased - (8388608.0 + half)
     elif ELEMENT == "e4m3":
         return _decode_minifloat(codes, 4, 3)
     elif ELEMENT == "e5m2":
@@ -161,12 +166,12 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         group = k0 // GROUP_SIZE
         raw = tl.load(s_ptr + group * stride_sg + scale_offs, mask=n_mask, other=0)
         scale = _decode_scale(raw, SCALE_KIND) * factor
-        if ELEMENT == "int":
+        if ELEMENT == "int":  # values hold code + 2^23
             if SYMMETRIC:
-                values -= 1 << (BITS - 1)
+                values -= 8388608.0 + (1 << (BITS - 1))
             else:
                 zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                values -= zero[:, None]
+                values -= (8388608.0 + zero)[:, None]
         return values * scale[:, None]
     else:
         GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
@@ -195,7 +200,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     k_tiles = words_per_bit * 32 // BLOCK_K
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, k_tiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    products = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -203,7 +208,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
                           stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N, SCALE_KIND,
                           ONE_BIT_PLANES, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        products += x[:, None, :] * w[None, :, :]
+    acc = tl.sum(products, axis=2)
     if HAS_TENSOR_SCALE:
         acc *= tl.load(ts_ptr).to(tl.float32)
     if HAS_BIAS:
@@ -262,19 +268,21 @@ def _block_k(group_size: int, kp: int, preferred: int, multi_group: bool) -> int
 
 
 def gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
-                max_block_m: int = GEMV_MAX_M) -> dict:
+                max_block_m: int = GEMV_MAX_M, holds_products: bool = True) -> dict:
     """Tile sizes of a split-K GEMV (this module's, and the LUT kernel's): 32 output features
     per program, K tiles of up to 128, enough K splits for ~4 programs per SM (a GEMV waits on
     its loads; more resident programs keep more bytes in flight, and since the splits are
-    reduced inside the launch an extra split costs only its partial sums). A default, not a
-    measurement: benchmarks/tune.py replaces it per GPU and shape."""
+    reduced inside the launch an extra split costs only its partial sums). holds_products: the
+    kernel keeps a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 tile of products in registers (this
+    module's GEMV), so BLOCK_K shrinks as BLOCK_M grows: 32 products per thread of 4 warps.
+    A default, not a measurement: benchmarks/tune.py replaces it per GPU and shape."""
+    block_m = min(triton.next_power_of_2(m), max_block_m)
     block_n = 32
-    block_k = _block_k(group_size, kp, 128, multi_group)
+    block_k = _block_k(group_size, kp, max(32, 128 // block_m) if holds_products else 128, multi_group)
     k_tiles = kp // block_k
     # Never more splits than K tiles.
     split_k = max(1, min(k_tiles, triton.cdiv(4 * num_sms(device), triton.cdiv(n, block_n))))
-    return {"BLOCK_M": min(triton.next_power_of_2(m), max_block_m), "BLOCK_N": block_n, "BLOCK_K": block_k,
-            "SPLIT_K": split_k}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}
 
 
 def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,

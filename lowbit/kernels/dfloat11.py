@@ -1,17 +1,21 @@
 """Triton DFloat11 decoders (format: lowbit/formats/dfloat11.py).
 
 One lane per segment of `segment` weights: a lane starts at its segment's stored bit offset
-and decodes one weight per step, so every lane runs the same `segment` steps in lockstep (no
-prefix sums, no divergence). A step reads the two stream words under the lane's position,
-looks the next CODE_BITS bits up in the 2 KiB decode table (cache-resident), and joins the
-exponent with the raw sign|mantissa byte.
+and decodes one weight per step, so the lanes of a program run in lockstep (no prefix sums,
+no divergence). A lane keeps its next stream bits in a 64-bit buffer: a step looks the top
+CODE_BITS bits up in the 2 KiB decode table (cache-resident), shifts the code out, and loads
+the next stream word only once 32 or fewer bits remain (about every tenth step). The lanes of
+a warp read segments far apart, so every per-weight global access costs a cache line of its
+own: the sign|mantissa bytes (and the decoder's bf16 results) move as one vector per lane
+per chunk of weights instead.
 
 - `_decode_kernel` writes bf16 weights. It takes a table of layers (addresses of each layer's
   fields and output, plus its sizes), so the Linear weights of a whole transformer block
   decode in one launch into one reused buffer (lowbit/block_decode.py).
 - `_decode_gemv_kernel` fuses decoding with a GEMV for small M: the bf16 weight never
-  reaches memory; each program reduces its K segments into fp32 partial sums (deterministic
-  split-K, reduced inside the launch: lowbit/kernels/split_k.py).
+  reaches memory. A program's lanes are GEMV_BLOCK_N rows at the same segment column, so the
+  activations a step needs are one broadcast load; programs along axis 1 take segment
+  columns and are reduced inside the launch (deterministic split-K: lowbit/kernels/split_k.py).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
+from .runtime import num_sms
 from .split_k import split_k_buffers, store_split_k
 
 #: largest M the fused decode + GEMV takes; above it, decode to bf16 and use the bf16 GEMM
@@ -30,19 +35,16 @@ FUSED_MAX_M = 4
 #: columns of the layer table
 LAYER_FIELDS = ("words", "sign_mantissa", "segment_offsets", "decode_table", "out_offset", "segments", "k",
                 "segments_per_row", "code_words")
-DECODE_BLOCK = 64
-
-
-@triton.jit
-def _next_code(words_ptr, code_words, table_ptr, position, CODE_BITS: tl.constexpr):
-    """Per lane: (exponent byte, code length) of the code at int64 stream bit `position`."""
-    word = position >> 5
-    w0 = tl.load(words_ptr + word, mask=word < code_words, other=0).to(tl.uint32, bitcast=True)
-    w1 = tl.load(words_ptr + word + 1, mask=word + 1 < code_words, other=0).to(tl.uint32, bitcast=True)
-    window = (w0.to(tl.uint64) << 32) | w1.to(tl.uint64)
-    peek = (window >> (64 - CODE_BITS - (position & 31)).to(tl.uint64)) & ((1 << CODE_BITS) - 1)
-    entry = tl.load(table_ptr + peek.to(tl.int32)).to(tl.int32)
-    return entry & 0xFF, (entry >> 8) & 0xFF
+#: weights a lane decodes per vector access: the fused GEMV loads their sign|mantissa bytes
+#: as one 128-bit vector; the decoder stores its bf16 results as one (8 weights)
+GEMV_CHUNK = 16
+DECODE_CHUNK = 8
+#: lanes (segments) per program of the decoder, and rows per program of the fused GEMV: one
+#: per thread of 4 warps
+DECODE_BLOCK = 128
+GEMV_BLOCK_N = 128
+#: threads one SM keeps resident (H100/H200): the fused GEMV's parallelism is its lanes
+RESIDENT_LANES_PER_SM = 2048
 
 
 @triton.jit
@@ -52,8 +54,48 @@ def _bf16_bits(symbol, sign_mantissa):
 
 
 @triton.jit
-def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    layer = layers_ptr + tl.program_id(1) * 9  # one row of LAYER_FIELDS
+def _start_segment(words_ptr, code_words, position):
+    """Bit-buffer state (buf, deficit, next_word) of lanes starting at stream bit `position`."""
+    word = position >> 5
+    w0 = tl.load(words_ptr + word).to(tl.uint32, bitcast=True)
+    w1 = tl.load(words_ptr + word + 1, mask=word + 1 < code_words, other=0).to(tl.uint32, bitcast=True)
+    buf = ((w0.to(tl.uint64) << 32) | w1.to(tl.uint64)) << (position & 31).to(tl.uint64)
+    return buf, (position & 31) - 32, word + 2
+
+
+@triton.jit
+def _take_code(buf, deficit, next_word, words_ptr, code_words, table_ptr, CODE_BITS: tl.constexpr,
+               GUARD: tl.constexpr):
+    """One decode step per lane of a bit buffer -> (exponent byte, buf, deficit, next_word).
+
+    `buf` (uint64) holds the lane's next stream bits left-aligned, 32 - `deficit` of them valid
+    (always more than 32 on entry). The code under the top CODE_BITS bits is looked up and
+    shifted out; once 32 or fewer bits remain (deficit >= 0), stream word `next_word` is loaded
+    below them. GUARD: mask that load to the stream's `code_words` words (needed only when a
+    lane decodes on past its segment's last code)."""
+    # uint16: a zero-extending load (entries are non-negative)
+    entry = tl.load(table_ptr + (buf >> (64 - CODE_BITS)).to(tl.int32)).to(tl.uint16, bitcast=True).to(tl.int32)
+    length = entry >> 8  # entries are symbol | length << 8
+    buf = buf << length.to(tl.uint64)
+    deficit += length
+    refill = deficit >= 0
+    if GUARD:
+        refill = refill & (next_word < code_words)
+    fresh = tl.load(words_ptr + next_word, mask=refill, other=0).to(tl.uint32, bitcast=True)
+    # deficit & 63 is a valid shift amount also when no word was loaded (fresh is then 0)
+    buf = buf | (fresh.to(tl.uint64) << (deficit & 63).to(tl.uint64))
+    deficit -= tl.where(refill, 32, 0)
+    next_word += refill.to(tl.int32)
+    return entry & 0xFF, buf, deficit, next_word
+
+
+@triton.jit
+def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr,
+                   CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Program (i, l) decodes segments i*BLOCK.. of layer l (a row of LAYER_FIELDS), one per
+    lane. ALIGNED: every layer's K, output offset and sign_mantissa address are multiples of
+    CHUNK, so each lane's CHUNK weights are one vector store and their sign bytes one vector load."""
+    layer = layers_ptr + tl.program_id(1) * 9
     words_ptr = tl.load(layer + 0).to(tl.pointer_type(tl.int32))
     sign_ptr = tl.load(layer + 1).to(tl.pointer_type(tl.uint8))
     offsets_ptr = tl.load(layer + 2).to(tl.pointer_type(tl.int32))
@@ -62,52 +104,98 @@ def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.con
     n_segments = tl.load(layer + 5)
     k = tl.load(layer + 6)
     segments_per_row = tl.load(layer + 7)
-    code_words = tl.load(layer + 8)
+    code_words = tl.load(layer + 8).to(tl.int32)  # < 2^26 (stream positions are int32 bits)
+    if ALIGNED:
+        sign_ptr = tl.multiple_of(sign_ptr, CHUNK)
+        k = tl.multiple_of(k, CHUNK)
+        out_offset = tl.multiple_of(out_offset, CHUNK)
 
     seg = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     active = seg < n_segments
-    col0 = (seg % segments_per_row) * SEGMENT
-    first = (seg // segments_per_row) * k + col0  # within the layer
+    lane_seg = tl.minimum(seg, n_segments - 1)  # idle lanes decode the last segment, unstored
+    col0 = (lane_seg % segments_per_row) * SEGMENT
+    first = (lane_seg // segments_per_row) * k + col0  # within the layer
     count = tl.minimum(k - col0, SEGMENT)
-    position = tl.load(offsets_ptr + seg, mask=active, other=0).to(tl.int64)
-    for i in range(SEGMENT):
-        symbol, length = _next_code(words_ptr, code_words, table_ptr, position, CODE_BITS)
-        keep = active & (i < count)
-        sign_mantissa = tl.load(sign_ptr + first + i, mask=keep, other=0).to(tl.int32)
-        tl.store(out_ptr + out_offset + first + i, _bf16_bits(symbol, sign_mantissa).to(tl.int16), mask=keep)
-        position += length
+    buf, deficit, next_word = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg))
+    u = tl.arange(0, CHUNK)
+    for i in range(0, SEGMENT, CHUNK):
+        if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
+            keep = (active & (i < count))[:, None]
+        else:
+            keep = active[:, None] & ((i + u)[None, :] < count[:, None])
+        sign_mantissa = tl.load(sign_ptr + first[:, None] + i + u[None, :], mask=keep, other=0).to(tl.int32)
+        bits = tl.zeros((BLOCK, CHUNK), dtype=tl.int32)
+        for c in tl.static_range(CHUNK):
+            # Lanes past their segment's last code decode on (guarded) and are not stored.
+            symbol, buf, deficit, next_word = _take_code(buf, deficit, next_word, words_ptr, code_words, table_ptr,
+                                                         CODE_BITS, True)
+            byte = tl.sum(tl.where(u[None, :] == c, sign_mantissa, 0), axis=1)  # column c: no data movement
+            bits = tl.where(u[None, :] == c, _bf16_bits(symbol, byte)[:, None], bits)
+        tl.store(out_ptr + out_offset + first[:, None] + i + u[None, :], bits.to(tl.int16), mask=keep)
+
+
+@triton.jit
+def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col, left, sign_ptrs, words_ptr,
+                code_words, table_ptr, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr):
+    """Decode CHUNK weights per lane (columns col.. of each row) and add their products with x
+    into acc [BLOCK_M, BLOCK_N]. TAIL: only the first `left` columns are weights."""
+    u = tl.arange(0, CHUNK)
+    # one vector load of CHUNK sign|mantissa bytes per lane, not CHUNK byte loads
+    sign_mantissa = tl.load(sign_ptrs[:, None] + u[None, :], mask=(u < left)[None, :] if TAIL else None,
+                            other=0 if TAIL else None).to(tl.int32)
+    for c in tl.static_range(CHUNK):
+        symbol, buf, deficit, next_word = _take_code(buf, deficit, next_word, words_ptr, code_words,
+                                                     table_ptr, CODE_BITS, TAIL)
+        byte = tl.sum(tl.where(u[None, :] == c, sign_mantissa, 0), axis=1)  # column c: no data movement
+        w = (_bf16_bits(symbol, byte) << 16).to(tl.float32, bitcast=True)
+        rows_m = M
+        if TAIL:
+            w = tl.where(c < left, w, 0.0)  # past the segment: garbage, possibly Inf/NaN
+            rows_m = tl.where(c < left, M, 0)  # and no x to load
+        x = tl.load(x_ptr + m * stride_xm + col + c, mask=m < rows_m, other=0.0).to(tl.float32)
+        acc += x[:, None] * w[None, :]
+    return acc, buf, deficit, next_word
+
+
+@triton.jit
+def _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, m, M, K, words_ptr, sign_ptr, offsets_ptr, table_ptr,
+                 segments_per_row, code_words, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + x[:, segment seg] @ (segment seg of rows lane_rows, decoded)^T."""
+    buf, deficit, next_word = _start_segment(words_ptr, code_words,
+                                             tl.load(offsets_ptr + lane_rows * segments_per_row + seg))
+    col0 = seg * SEGMENT
+    count = tl.minimum(K - col0, SEGMENT)
+    sign_ptrs = sign_ptr + lane_rows * K + col0
+    full = count // CHUNK * CHUNK
+    for i in range(0, full, CHUNK):
+        acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col0 + i,
+                                                   CHUNK, sign_ptrs + i, words_ptr, code_words, table_ptr, CODE_BITS,
+                                                   CHUNK, False)
+    if full < count:  # the last segment of a row, when K is not a multiple of CHUNK
+        acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M,
+                                                   col0 + full, count - full, sign_ptrs + full, words_ptr, code_words,
+                                                   table_ptr, CODE_BITS, CHUNK, True)
+    return acc
 
 
 @triton.jit
 def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
-                        M, N, K, segments_per_row, code_words, stride_xm,
+                        M, N, K, segments_per_row, code_words, stride_xm, segments_per_split,
                         SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    segs = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     m = tl.arange(0, BLOCK_M)
-    lanes = (rows < N)[:, None] & (segs < segments_per_row)[None, :]  # [BLOCK_N, BLOCK_J]
-    seg_index = rows.to(tl.int64)[:, None] * segments_per_row + segs[None, :]
-    position = tl.load(offsets_ptr + seg_index, mask=lanes, other=0).to(tl.int64)
-    col0 = segs * SEGMENT
-    first = rows.to(tl.int64)[:, None] * K + col0[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_J), dtype=tl.float32)
-    for i in range(SEGMENT):
-        symbol, length = _next_code(words_ptr, code_words, table_ptr, position, CODE_BITS)
-        col = col0 + i
-        keep = lanes & (col < K)[None, :]
-        sign_mantissa = tl.load(sign_ptr + first + i, mask=keep, other=0).to(tl.int32)
-        w = (_bf16_bits(symbol, sign_mantissa) << 16).to(tl.float32, bitcast=True)
-        w = tl.where(keep, w, 0.0)  # masked lanes decode garbage, possibly Inf/NaN
-        x = tl.load(x_ptr + m[:, None] * stride_xm + col[None, :],
-                    mask=(m < M)[:, None] & (col < K)[None, :], other=0.0).to(tl.float32)
-        acc += w[None, :, :] * x[:, None, :]
-        position += length
-    partial = tl.sum(acc, axis=2)
+    # Lanes past the last row decode row N-1 (in bounds, finite) and are masked at the store only.
+    lane_rows = tl.minimum(rows, N - 1).to(tl.int64)
+    first = tl.program_id(1) * segments_per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for seg in range(first, tl.minimum(first + segments_per_split, segments_per_row)):
+        acc = _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, m, M, K, words_ptr, sign_ptr, offsets_ptr, table_ptr,
+                           segments_per_row, code_words, SEGMENT, CODE_BITS, CHUNK)
     if HAS_BIAS:
         if tl.program_id(1) == 0:  # the bias goes into exactly one partial sum
-            partial += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-    store_split_k(partial, out_ptr, ws_ptr, counters_ptr, m, rows, M, N, N, SPLIT)
+            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+    store_split_k(acc, out_ptr, ws_ptr, counters_ptr, m, rows, M, N, N, SPLIT)
 
 
 def _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment) -> tuple[int, int]:
@@ -151,8 +239,10 @@ def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, 
     if out.dtype != torch.bfloat16 or not out.is_contiguous():
         raise InputError("the output must be a contiguous bf16 tensor")
     grid = (triton.cdiv(max(row[5] for row in rows), DECODE_BLOCK), len(rows))
+    aligned = all(row[1] % DECODE_CHUNK == 0 and row[4] % DECODE_CHUNK == 0 and row[6] % DECODE_CHUNK == 0
+                  for row in rows)
     _decode_kernel[grid](_layer_table(tuple(rows), out.device), out.view(torch.int16), SEGMENT=segment,
-                         CODE_BITS=code_bits, BLOCK=DECODE_BLOCK)
+                         CODE_BITS=code_bits, BLOCK=DECODE_BLOCK, CHUNK=DECODE_CHUNK, ALIGNED=aligned)
 
 
 def decode_weight(words, sign_mantissa, segment_offsets, decode_table, *, segment: int, code_bits: int) -> torch.Tensor:
@@ -175,14 +265,18 @@ def dfloat11_matmul(x, words, sign_mantissa, segment_offsets, decode_table, bias
                                code_bits=code_bits)
         return F.linear(x, weight.to(x.dtype), bias)
     x = x.contiguous()
-    block_n, block_j = 16, 8
-    segment_blocks = triton.cdiv(segment_offsets.shape[1], block_j)
-    n_tiles = triton.cdiv(n, block_n)
-    out, workspace, tickets, _, splits = split_k_buffers(x, n, segment_blocks, segment_blocks, n_tiles)
+    n_tiles = triton.cdiv(n, GEMV_BLOCK_N)
+    segments = segment_offsets.shape[1]
+    # One segment column per program while the lanes fit on the GPU at once, so that the most
+    # decode chains run side by side; beyond that, programs walk several segments each.
+    lanes = n_tiles * GEMV_BLOCK_N * segments
+    per_split = max(1, lanes // (RESIDENT_LANES_PER_SM * num_sms(x.device)))
+    out, workspace, tickets, per_split, splits = split_k_buffers(x, n, segments, triton.cdiv(segments, per_split),
+                                                                 n_tiles)
     _decode_gemv_kernel[(n_tiles, splits)](x, words, sign_mantissa, segment_offsets, decode_table,
                                            bias if bias is not None else x, out, workspace, tickets,
-                                           m, n, k, segment_offsets.shape[1], words.numel(), x.stride(0),
+                                           m, n, k, segments, words.numel(), x.stride(0), per_split,
                                            SEGMENT=segment, CODE_BITS=code_bits, HAS_BIAS=bias is not None,
                                            SPLIT=splits > 1, BLOCK_M=triton.next_power_of_2(m),
-                                           BLOCK_N=block_n, BLOCK_J=block_j)
+                                           BLOCK_N=GEMV_BLOCK_N, CHUNK=GEMV_CHUNK)
     return out

@@ -97,7 +97,8 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if config is None and (m > LUT_MAX_M or (tuned and tuned["path"] == "gemm")):
         return dequant_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
                               in_features=in_features, one_bit_planes=True, config=tuned)
-    cfg = {**gemv_config(m, n, kp, group_size, x.device, max_block_m=LUT_MAX_M), **(tuned or config or {})}
+    cfg = {**gemv_config(m, n, kp, group_size, x.device, max_block_m=LUT_MAX_M, holds_products=False),
+           **(tuned or config or {})}
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group=False)
     n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
     out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"],

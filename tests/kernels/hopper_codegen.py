@@ -49,17 +49,18 @@ def compile_lut(bits: int):
 
 
 def compile_dfloat11(kind: str):
-    """kind "decode": the multi-layer decoder; "gemv": the fused decode + GEMV (M=1, split-K;
+    """kind "decode": the multi-layer decoder (aligned layers); "gemv": the fused decode + GEMV (M=1, split-K;
     fp32 activations and output, so any 16-bit global store would be a decoded weight)."""
     if kind == "decode":
         return _compile(dfloat11._decode_kernel, {"layers_ptr": "*i64", "out_ptr": "*i16"},
-                        {"SEGMENT": 256, "CODE_BITS": 10, "BLOCK": dfloat11.DECODE_BLOCK})
+                        {"SEGMENT": 256, "CODE_BITS": 10, "BLOCK": dfloat11.DECODE_BLOCK,
+                         "CHUNK": dfloat11.DECODE_CHUNK, "ALIGNED": True})
     return _compile(dfloat11._decode_gemv_kernel,
                     {"x_ptr": "*fp32", "words_ptr": "*i32", "sign_ptr": "*u8", "offsets_ptr": "*i32",
                      "table_ptr": "*i16", "bias_ptr": "*fp32", "out_ptr": "*fp32", **SPLIT_K_POINTERS},
-                    {"SEGMENT": 256, "CODE_BITS": 10, "HAS_BIAS": True, "SPLIT": True, "BLOCK_M": 1, "BLOCK_N": 16,
-                     "BLOCK_J": 8},
-                    unaligned=("M", "segments_per_row", "code_words"))
+                    {"SEGMENT": 256, "CODE_BITS": 10, "HAS_BIAS": True, "SPLIT": True, "BLOCK_M": 1,
+                     "BLOCK_N": dfloat11.GEMV_BLOCK_N, "CHUNK": dfloat11.GEMV_CHUNK},
+                    unaligned=("M", "segments_per_row", "code_words", "segments_per_split"))
 
 
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float"):

@@ -10,9 +10,12 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from lowbit.kernels import dfloat11
 
 REPO = Path(__file__).resolve().parents[2]
 INT_VARIANTS = [[path, b, s, a, "int"] for path in ("gemv", "gemm") for b in range(2, 9)
@@ -73,6 +76,26 @@ def test_gemv_loads_each_packed_word_once_with_vector_loads(hopper, bits):
     assert len(re.findall(r"ld\.global(?:\.nc)?\.v4\.b32", ptx)) >= 1
 
 
+def _loop_bodies(ptx):
+    """The PTX between each label and a later branch back to it: the bodies of the loops."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\$L__\w+):", line))}
+    return ["\n".join(lines[labels[m.group(1)]:i]) for i, line in enumerate(lines)
+            if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)) and labels.get(m.group(1), i) < i]
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv"], ids=lambda v: "-".join(map(str, v)))
+def test_gemv_k_loop_has_no_cross_thread_sum(hopper, variant):
+    """The dequant GEMV accumulates products per element and sums over K once, after its K
+    loop: the loop that loads the packed words holds no warp shuffles (a tl.sum per K tile
+    compiled to ~7 shuffles and adds per weight). Integer codes become floats by an OR and a
+    reinterpret, never an int -> float convert (quarter rate on NVIDIA GPUs)."""
+    k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if re.search(r"ld\.global\S*\.v\d", body)]
+    assert len(k_loops) == 1
+    assert "shfl.sync" not in k_loops[0]
+    assert not re.search(r"cvt\.rn\.f32\.[su]32", k_loops[0])
+
+
 @pytest.mark.parametrize("bits", [3, 5, 6, 7])
 def test_multi_plane_widths_never_gather_per_code(hopper, bits):
     ptx = _ptx(hopper, "gemv", bits, True, "bf16")
@@ -126,9 +149,32 @@ def test_dfloat11_fused_gemv_never_writes_the_weight(hopper):
     assert "wgmma" not in ptx  # a GEMV: no tensor-core path involved
 
 
-def test_dfloat11_decoder_stores_bf16_words(hopper):
-    ptx = _ptx(hopper, "dfloat11", "decode")
-    assert re.findall(r"st\.global[.\w]*\.b16", ptx)
+def _global_ops(ptx):
+    """Counter of the global loads and stores in `ptx`, a predicated one marked with a leading '@'."""
+    return Counter(re.sub(r"@%p\d+ ", "@", op) for op in re.findall(r"(?:@%p\d+ )?(?:ld|st)\.global[.\w]*", ptx))
+
+
+def test_dfloat11_decoder_moves_weights_as_vectors(hopper):
+    """Aligned layers: per 8 weights a lane loads their sign|mantissa bytes as one 64-bit vector
+    and stores the 8 bf16 results as one 128-bit vector (lanes hold segments far apart, so
+    per-weight byte accesses would each touch another cache line). Stream words arrive only
+    when the lane's bit buffer runs low (predicated loads), plus 2 to start the segment."""
+    ops = _global_ops(_ptx(hopper, "dfloat11", "decode"))
+    assert ops["@st.global.v4.b32"] == 1 and ops["@ld.global.v2.b32"] == 1
+    assert not [op for op in ops if op.endswith((".b8", ".u8")) or op.startswith("st.global") and "v4" not in op]
+    assert ops["ld.global.b16"] == dfloat11.DECODE_CHUNK  # the decode table: one lookup per weight
+    assert ops["@ld.global.b32"] >= dfloat11.DECODE_CHUNK  # the refills (+ the segment start)
+
+
+def test_dfloat11_fused_gemv_loads_sign_bytes_as_vectors(hopper):
+    """Per 16 weights a lane loads their sign|mantissa bytes as one 128-bit vector, and reads
+    stream words only when its bit buffer runs low: one table lookup, one predicated refill
+    and one activation load per weight, no byte loads."""
+    ops = _global_ops(_ptx(hopper, "dfloat11", "gemv"))
+    assert ops["ld.global.v4.b32"] + ops["@ld.global.v4.b32"] >= 1
+    assert not [op for op in ops if op.endswith((".b8", ".u8"))]
+    # the unmasked chunk and the tail chunk: 16 table lookups each
+    assert ops["ld.global.b16"] == 2 * dfloat11.GEMV_CHUNK
 
 
 @pytest.mark.parametrize("variant", [["gemv", 4, False, "fp16", "int"], ["gemv", 4, True, "bf16", "e2m1", "e8m0"],

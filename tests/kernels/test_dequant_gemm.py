@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.errors import InputError, KernelUnavailableError
 from lowbit.formats import get_format
-from lowbit.kernels.dequant_gemm import dequant_matmul, pick_config
+from lowbit.kernels.dequant_gemm import dequant_matmul, gemv_config, pick_config
 
 from ..conftest import kernel_devices, requires_gpu
 
@@ -130,6 +130,17 @@ def test_pick_config_paths():
     assert pick_config(5, 4096, 4096, 128, torch.device("cpu"))["path"] == "gemm"
     cfg = pick_config(1, 64, 4096, 32, torch.device("cpu"))
     assert 32 % cfg["BLOCK_K"] == 0
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_gemv_default_keeps_32_products_per_thread(m):
+    """The GEMV holds a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 product tile in registers, so its default
+    K tile shrinks as M grows (at M=4 with K tiles of 128 it needs ~254 registers per thread);
+    the LUT kernel, which holds no such tile, keeps K tiles of 128."""
+    cfg = pick_config(m, 4096, 4096, 128, torch.device("cpu"))
+    assert cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] == 32 * 128  # 4 warps
+    lut = gemv_config(m, 4096, 4096, 128, torch.device("cpu"), max_block_m=16, holds_products=False)
+    assert lut["BLOCK_K"] == 128
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,6 +9,7 @@ from torch import nn
 import lowbit
 from lowbit.block_decode import BlockDecompressor, enable_block_decompression
 from lowbit.formats.dfloat11 import CODE_BITS
+from lowbit.kernels import dfloat11 as dfloat11_kernels
 from lowbit.kernels.dfloat11 import FUSED_MAX_M, decode_weight
 
 from ..conftest import kernel_devices, make_tiny_llama, requires_gpu
@@ -36,7 +37,8 @@ def test_decoder_restores_every_bf16_pattern(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,segment", [((37, 300), 64), ((5, 1000), 256), ((64, 65), 128), ((1, 7), 64)])
+@pytest.mark.parametrize("shape,segment", [((37, 300), 64), ((5, 1000), 256), ((64, 65), 128), ((1, 7), 64),
+                                           ((20, 208), 64), ((130, 256), 128)])  # K % 8 == 0: vector stores
 def test_decoder_matches_reference(device, shape, segment):
     gen = torch.Generator().manual_seed(shape[1])
     w = (torch.randn(shape, generator=gen) * torch.logspace(-4, 2, shape[1])).bfloat16()
@@ -47,14 +49,22 @@ def test_decoder_matches_reference(device, shape, segment):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (3, torch.float32), (FUSED_MAX_M, torch.float16)])
-def test_fused_gemv_equals_f_linear(device, m, dtype):
+@pytest.mark.parametrize("n,k,segment,lanes_per_sm", [
+    (37, 300, 64, None),   # N odd; the last segment ends in a partial chunk (300 = 4*64 + 2*16 + 12)
+    (200, 512, 128, None),  # two row tiles, the second partly past N; whole chunks only
+    (37, 300, 64, 64),      # a lane budget so small that every program walks all 5 segments (no split)
+    (200, 512, 64, 1024),   # 2 segments per program, 4 splits
+])
+def test_fused_gemv_equals_f_linear(device, m, dtype, n, k, segment, lanes_per_sm, monkeypatch):
+    if lanes_per_sm is not None:
+        monkeypatch.setattr(dfloat11_kernels, "RESIDENT_LANES_PER_SM", lanes_per_sm)
     gen = torch.Generator().manual_seed(m)
-    w = (torch.randn(37, 300, generator=gen) * 0.05).bfloat16()
-    x, b = torch.randn(m, 300, generator=gen), torch.randn(37, generator=gen)
-    p = FMT.quantize(w, segment=64)
+    w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+    x, b = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    p = FMT.quantize(w, segment=segment)
     ref = F.linear(x.to(dtype).float(), w.float(), b.to(dtype).float())
     y = lowbit.linear(x.to(device, dtype), p.to(device), b.to(device, dtype), backend="triton")
-    assert y.dtype == dtype and y.shape == (m, 37)
+    assert y.dtype == dtype and y.shape == (m, n)
     assert (y.float().cpu() - ref).abs().max().item() <= TOL[dtype] * ref.abs().max().item()
 
 
