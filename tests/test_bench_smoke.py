@@ -301,7 +301,7 @@ def test_bench_dfloat11_gpu_rows_on_tiny_shapes():
 
     sys.path.insert(0, str(REPO))
     import lowbit
-    from benchmarks.bench_dfloat11 import gpu_rows, write_markdown
+    from benchmarks.bench_dfloat11 import gpu_rows
 
     rows = gpu_rows(lowbit.get_format("dfloat11"), [("smoke/odd", 8, 200)], [1, 3], [64, 128], torch.device("cpu"), None)
     assert [(r["kind"], r["segment"], r.get("M")) for r in rows] == [
@@ -311,3 +311,34 @@ def test_bench_dfloat11_gpu_rows_on_tiny_shapes():
     assert all(r["lossless"] and r["us"] > 0 and r["bits_per_weight"] > 8 for r in decodes)  # (+ a 2 KiB table)
     assert "error" in decodes[0]["competitor"] and "competitor" not in decodes[1]
     assert all(r["max_rel_err"] < 1e-2 for r in rows if r["kind"] == "linear")  # bf16 output rounding
+
+
+def test_sass_counts_finds_the_innermost_largest_loop():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.sass_counts import hot_loop
+
+    sass = "\n".join(f"        /*{addr:04x}*/                   {op} ;" for addr, op in [
+        (0x00, "MOV R1, R2"), (0x10, "LDG.E R3, desc[UR4][R4.64]"),  # outer loop 0x10..0x70
+        (0x20, "FFMA R5, R5, R3, R5"), (0x30, "IADD3 R6, R6, 0x1, RZ"), (0x40, "BRA 0x20"),  # inner loop
+        (0x50, "SHFL.BFLY PT, R7, R7, 0x1, 0x1f"), (0x60, "ISETP.GE.AND P0, PT, R6, 0x4, PT"),
+        (0x70, "@!P0 BRA 0x10"), (0x80, "EXIT")])
+    assert hot_loop(sass) == ["FFMA", "IADD3", "BRA"]
+
+
+def test_sass_counts_of_compiled_kernels(tmp_path):
+    """benchmarks/sass_counts.py compiles for sm_90 offline (no GPU) and counts the hot loop."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sass_counts.py"), "--kernels", "gemv-int4",
+                           "dfloat11-decode", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=REPO)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "cuobjdump" in proc.stderr):
+        pytest.skip(f"this triton install cannot compile for CUDA: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("sass-sm90-*.json")
+    rows = {row["kernel"]: row for row in json.loads(result.read_text())["results"]}
+    assert set(rows) == {"gemv-int4", "dfloat11-decode"}
+    gemv = rows["gemv-int4"]
+    assert 1 <= gemv["per_weight"]["fp32 fma"] and gemv["instructions_per_weight"] < 20
+    assert gemv["per_weight"]["shuffles"] == 0 and gemv["per_weight"]["int->float"] == 0
+    assert 0 < rows["dfloat11-decode"]["per_weight"]["global loads"] < 3 and gemv["registers"] > 0
+    assert list(tmp_path.glob("sass-sm90-*.md"))

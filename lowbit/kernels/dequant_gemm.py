@@ -203,12 +203,14 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     products = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        # x is loaded once per output feature of the tile (L1 hits): that load sets the layout,
+        # in which each thread holds whole packed words, so no word passes through shared memory
+        x_ptrs = x_ptr + offs_m[:, None, None] * stride_xm + offs_k[None, None, :] + 0 * offs_n[None, :, None]
+        x = tl.load(x_ptrs, mask=(offs_m[:, None, None] < M) & (offs_k[None, None, :] < K), other=0.0).to(tl.float32)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
                           stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N, SCALE_KIND,
                           ONE_BIT_PLANES, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
-        products += x[:, None, :] * w[None, :, :]
+        products += x * w[None, :, :]
     acc = tl.sum(products, axis=2)
     if HAS_TENSOR_SCALE:
         acc *= tl.load(ts_ptr).to(tl.float32)

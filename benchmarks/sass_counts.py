@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Static cost of lowbit's hot loops on Hopper, without a GPU: SASS instructions per weight.
+
+Every kernel variant is compiled for sm_90 the way tests/kernels/hopper_codegen.py does it
+(Triton's bundled ptxas, the signatures and alignment the JIT sees for real shapes), then
+disassembled with Triton's bundled cuobjdump. Its hot loop, the largest loop that contains no
+other loop, is counted: SASS instructions per weight per thread, the kinds that decide where the
+time goes (global and shared loads, shuffles, barriers, int -> float converts), and registers.
+
+These are issue-slot counts, not timings. A GEMV at M=1 must stay under a few instructions per
+weight to run at memory speed (an H200 issues ~3.4e13 thread-instructions/s and streams an int4
+weight at ~1e13 weights/s); bench_gemm.py on a GPU is what measures speed.
+
+    python benchmarks/sass_counts.py [--kernels gemv-int4 dfloat11-gemv ...] [--out-dir DIR]
+
+Output: JSON {"env", "results"} + markdown, benchmarks/results/sass-sm90-<date>.* by default.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import triton  # noqa: E402
+
+from lowbit.kernels import dfloat11  # noqa: E402
+from tests.kernels import hopper_codegen as codegen  # noqa: E402
+
+THREADS = 128  # 4 warps, as hopper_codegen compiles
+GEMV_WEIGHTS = 32 * 128  # hopper_codegen's GEMV and LUT tiles: BLOCK_N=32, BLOCK_K=128, BLOCK_M=1
+
+#: name -> (compile the variant, weights one trip of its hot loop covers per thread)
+KERNELS = {
+    # the integer formats' default: asymmetric (a zero point per group), bf16 activations
+    "gemv-int2": (lambda: codegen.compile_variant("gemv", 2, False, "bf16", "int"), GEMV_WEIGHTS // THREADS),
+    "gemv-int4": (lambda: codegen.compile_variant("gemv", 4, False, "bf16", "int"), GEMV_WEIGHTS // THREADS),
+    "gemv-int4-symmetric": (lambda: codegen.compile_variant("gemv", 4, True, "bf16", "int"),
+                            GEMV_WEIGHTS // THREADS),
+    "gemv-int6": (lambda: codegen.compile_variant("gemv", 6, False, "bf16", "int"), GEMV_WEIGHTS // THREADS),
+    "gemv-int8": (lambda: codegen.compile_variant("gemv", 8, False, "bf16", "int"), GEMV_WEIGHTS // THREADS),
+    "gemv-fp8": (lambda: codegen.compile_variant("gemv", 8, True, "bf16", "e4m3"), GEMV_WEIGHTS // THREADS),
+    "gemv-mxint8": (lambda: codegen.compile_variant("gemv", 8, True, "bf16", "sint", "e8m0"),
+                    GEMV_WEIGHTS // THREADS),
+    "gemv-mxfp4": (lambda: codegen.compile_variant("gemv", 4, True, "bf16", "e2m1", "e8m0"),
+                   GEMV_WEIGHTS // THREADS),
+    "gemv-nvfp4": (lambda: codegen.compile_variant("gemv", 4, True, "bf16", "e2m1", "e4m3"),
+                   GEMV_WEIGHTS // THREADS),
+    "gemv-nf4": (lambda: codegen.compile_variant("gemv", 4, True, "bf16", "nf4"), GEMV_WEIGHTS // THREADS),
+    "lut2": (lambda: codegen.compile_lut(2), GEMV_WEIGHTS // THREADS),
+    "lut4": (lambda: codegen.compile_lut(4), GEMV_WEIGHTS // THREADS),
+    # one lane (row or segment) per thread; the hot loop decodes one chunk per lane
+    "dfloat11-gemv": (lambda: codegen.compile_dfloat11("gemv"), dfloat11.GEMV_CHUNK),
+    "dfloat11-decode": (lambda: codegen.compile_dfloat11("decode"), dfloat11.DECODE_CHUNK),
+}
+#: instruction kinds reported per weight (SASS opcode prefixes)
+KINDS = {"global loads": "LDG", "shared loads": "LDS", "shuffles": "SHFL", "barriers": "BAR",
+         "int->float": "I2F", "fp32 fma": "FFMA"}
+_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);")
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([_tool("cuobjdump"), flag, str(path)], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def hot_loop(sass: str) -> list[str]:
+    """Opcodes of the largest loop (a backward branch's range) that contains no other loop."""
+    code = [(int(m.group(1), 16), m.group(2), m.group(3)) for line in sass.splitlines() if (m := _LINE.match(line))]
+    loops = []
+    for address, opcode, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    innermost = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    if not innermost:
+        return []
+    lo, hi = max(innermost, key=lambda span: span[1] - span[0])
+    return [opcode for address, opcode, _ in code if lo <= address <= hi]
+
+
+def count(name: str) -> dict:
+    """The hot-loop counts of kernel `name` (a key of KERNELS)."""
+    build, weights = KERNELS[name]
+    compiled = build()
+    loop = hot_loop(_cuobjdump(compiled.asm["cubin"], "-sass"))
+    registers = re.search(r"REG:(\d+)", _cuobjdump(compiled.asm["cubin"], "-res-usage"))
+    opcodes = collections.Counter(op.split(".")[0] for op in loop)
+    return {"kernel": name, "weights_per_trip": weights, "instructions_per_weight": round(len(loop) / weights, 2),
+            "per_weight": {kind: round(sum(n for op, n in opcodes.items() if op.startswith(prefix)) / weights, 2)
+                           for kind, prefix in KINDS.items()},
+            "registers": int(registers.group(1)) if registers else None}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# Hot-loop SASS per weight (sm_90, compiled offline; instruction counts, not timings)", "",
+             "| kernel | instructions / weight | " + " | ".join(KINDS) + " | registers |",
+             "|---|---|" + "---|" * len(KINDS) + "---|"]
+    for row in rows:
+        lines.append(f"| {row['kernel']} | {row['instructions_per_weight']} | "
+                     + " | ".join(str(row["per_weight"][kind]) for kind in KINDS) + f" | {row['registers']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=list(KERNELS))
+    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the kernels must compile for the GPU, not run in the interpreter")
+    rows = [count(name) for name in args.kernels]
+    day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    env = {"target": "sm_90", "triton": triton.__version__, "date": day,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                    text=True).stdout.strip() or None}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"sass-sm90-{day}"
+    stem.with_suffix(".json").write_text(json.dumps({"env": env, "results": rows}, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(rows))
+    sys.stdout.write(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
