@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.bench_gemm import REL_TOL, env_info, make_case, relative_error, time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
+from lowbit.kernels.dequant_gemm import GEMV_MAX_PRODUCTS_PER_THREAD, gemv_products_per_thread  # noqa: E402
 
 # the formats with speed targets, most important first (a --budget-s cut drops the last ones)
 DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxint8"]
@@ -105,8 +106,13 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     seen: dict[str, float | None] = {}
     errors: dict[str, float] = {}
 
+    holds_products = not key.startswith("lut")  # the dequant GEMV keeps a product tile in registers
+
     def measure(cfg: dict) -> float | None:
         tag = json.dumps(cfg, sort_keys=True)
+        if (holds_products and cfg["path"] == "gemv"
+                and gemv_products_per_thread(cfg) > GEMV_MAX_PRODUCTS_PER_THREAD):
+            seen[tag] = None  # pruned unmeasured: a tile this large spills registers
         if tag not in seen:
             seen[tag] = None
             try:

@@ -26,6 +26,9 @@ from .split_k import split_k_buffers, store_split_k
 from .tuning import launch_options, lookup, valid_launch_options
 
 GEMV_MAX_M = 4
+#: fp32 products per thread the GEMV's [BLOCK_M, BLOCK_N, BLOCK_K] tile may hold: the default
+#: (gemv_config) holds 32; benchmarks/tune.py does not try tiles above this (they spill)
+GEMV_MAX_PRODUCTS_PER_THREAD = 64
 
 
 @triton.jit
@@ -285,6 +288,11 @@ def gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, 
     # Never more splits than K tiles.
     split_k = max(1, min(k_tiles, triton.cdiv(4 * num_sms(device), triton.cdiv(n, block_n))))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}
+
+
+def gemv_products_per_thread(cfg: dict) -> float:
+    """fp32 products per thread that a GEMV config's tile keeps in registers."""
+    return cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] / (32 * cfg.get("num_warps", 4))
 
 
 def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.errors import InputError, KernelUnavailableError
 from lowbit.formats import get_format
-from lowbit.kernels.dequant_gemm import dequant_matmul, gemv_config, pick_config
+from lowbit.kernels.dequant_gemm import (GEMV_MAX_PRODUCTS_PER_THREAD, dequant_matmul, gemv_config,
+                                         gemv_products_per_thread, pick_config)
 
 from ..conftest import kernel_devices, requires_gpu
 
@@ -139,6 +140,7 @@ def test_gemv_default_keeps_32_products_per_thread(m):
     the LUT kernel, which holds no such tile, keeps K tiles of 128."""
     cfg = pick_config(m, 4096, 4096, 128, torch.device("cpu"))
     assert cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] == 32 * 128  # 4 warps
+    assert gemv_products_per_thread(cfg) == 32 <= GEMV_MAX_PRODUCTS_PER_THREAD  # what tune.py may try
     lut = gemv_config(m, 4096, 4096, 128, torch.device("cpu"), max_block_m=16, holds_products=False)
     assert lut["BLOCK_K"] == 128
 
