@@ -1,7 +1,7 @@
 """Generic dequantize-in-register matmul: y = x @ dequant(W)^T (+ bias).
 
 One kernel family for every element type (ELEMENT: "int" codes of any width BITS, two's-complement
-"sint", small floats "e4m3" / "e5m2" / "e2m3" / "e2m1"), scale decoder (float, E8M0 or E4M3 bytes,
+"sint", small floats "e4m3" / "e5m2" / "e2m3" / "e2m1", the "nf4" codebook), scale decoder (float, E8M0 or E4M3 bytes,
 optional fp32 tensor scale) and scale layout (per row and K group, or per SCALE_GROUP_N rows), all
 constexprs, two paths:
   * `_gemv_kernel`: small M, split-K; each program reduces a K slice of BLOCK_N output
@@ -16,11 +16,14 @@ The launcher `dequant_matmul` validates, picks path / tile sizes and launches.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ..errors import InputError
+from ..formats.nf4 import NF4_CODEBOOK
 from .runtime import interpreting, num_sms
 from .split_k import split_k_buffers, store_split_k
 from .tuning import launch_options, lookup, valid_launch_options
@@ -58,19 +61,6 @@ def _decode_minifloat(codes, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr):
 
 
 @triton.jit
-def _select16(codes, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
-    """A 16-entry codebook in registers: a 4-level select tree on the bits of each 4-bit code."""
-    b0 = (codes & 1) != 0
-    b1 = (codes & 2) != 0
-    b2 = (codes & 4) != 0
-    lo = tl.where(b2, tl.where(b1, tl.where(b0, v7, v6), tl.where(b0, v5, v4)),
-                  tl.where(b1, tl.where(b0, v3, v2), tl.where(b0, v1, v0)))
-    hi = tl.where(b2, tl.where(b1, tl.where(b0, v15, v14), tl.where(b0, v13, v12)),
-                  tl.where(b1, tl.where(b0, v11, v10), tl.where(b0, v9, v8)))
-    return tl.where((codes & 8) != 0, hi, lo)
-
-
-@triton.jit
 def _decode(codes, ELEMENT: tl.constexpr, BITS: tl.constexpr):
     """Element decoder: int32 codes -> fp32 values up to the constant `_element_factor`, which
     `_dequant_tile` folds into the (float / E4M3, so bounded) scale instead of multiplying every
@@ -78,7 +68,7 @@ def _decode(codes, ELEMENT: tl.constexpr, BITS: tl.constexpr):
       "int":  the unsigned code + 2^23 (the caller subtracts 2^23 + the zero point in one add).
       "sint": a BITS-wide two's-complement code.
       "e4m3", "e5m2", "e2m3", "e2m1": small floats, see `_decode_minifloat`.
-      "nf4":  QLoRA's NormalFloat-4 codebook (lowbit.formats.nf4.NF4_CODEBOOK).
+    ("nf4" codes are looked up in the codebook by `_dequant_tile`.)
     Integers become floats as code | 0x4B000000 reinterpreted (= 2^23 + code, exact): an integer
     op at full rate instead of an int -> float convert (quarter rate on NVIDIA GPUs)."""
     if ELEMENT == "int":
@@ -93,11 +83,6 @@ def _decode(codes, ELEMENT: tl.constexpr, BITS: tl.constexpr):
         return _decode_minifloat(codes, 5, 2)
     elif ELEMENT == "e2m3":
         return _decode_minifloat(codes, 2, 3)
-    elif ELEMENT == "nf4":
-        return _select16(codes, -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                         -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                         0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-                         0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
     else:
         tl.static_assert(ELEMENT == "e2m1", "unknown ELEMENT")
         return _decode_minifloat(codes, 2, 1)
@@ -158,7 +143,12 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
             codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 4), mask, 2, BLOCK_N, BLOCK_K) << (BITS & 4)
         if BITS & 1:
             codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 6), mask, 1, BLOCK_N, BLOCK_K) << (BITS & 6)
-    values = _decode(codes, ELEMENT, BITS)
+    if ELEMENT == "nf4":
+        # z_ptr is the fp32 [16] codebook: a gather within 64 bytes (one cache sector pair per
+        # warp), where a 15-select tree cost ~10 instructions and ~190 registers per thread
+        values = tl.load(z_ptr + codes)
+    else:
+        values = _decode(codes, ELEMENT, BITS)
     factor = _element_factor(ELEMENT, BITS)
     if SCALE_KIND == "e8m0":
         # E8M0 scales reach 2^127: scale * factor could overflow, so scale the elements instead.
@@ -346,6 +336,11 @@ ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4, 
 SCALE_KINDS = ("float", "e8m0", "e4m3")
 
 
+@functools.lru_cache(maxsize=None)
+def _nf4_codebook(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
+
+
 def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor | None, bias: torch.Tensor | None, *, bits: int,
                    group_size: int, in_features: int, element: str = "int", scale_group_n: int = 1,
@@ -356,7 +351,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     qweight int32 [N, Kp*bits/32] (bit planes, see lowbit/formats/bitpack.py; one_bit_planes: the
       LUT formats' b one-bit planes).
     element: "int" (w = (code - zero) * scale), "sint" (two's complement k/64, MX INT8) or a
-      small float "e4m3" / "e5m2" / "e2m3" / "e2m1" (w = value(code) * scale).
+      small float "e4m3" / "e5m2" / "e2m3" / "e2m1" (w = value(code) * scale), or "nf4" (w =
+      NF4_CODEBOOK[code] * scale).
     scales [Kp/group_size, ceil(N/scale_group_n)]: any float dtype (scale_kind "float") or uint8
       bytes of E8M0 exponents / E4M3 values (scale_kind "e8m0" / "e4m3").
     zeros float16 [Kp/group_size, N] (asymmetric "int" only, else None).
@@ -381,7 +377,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     variant = f"{element}{bits}{'-1bit' if one_bit_planes else ''}-{'sym' if zeros is None else 'asym'}-g{group_size}-{scale_kind}-{x.dtype}"
     cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group, variant), **(config or {})}
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
-    zeros_arg = zeros if zeros is not None else scales  # never read when symmetric
+    # z_ptr: the zero points (asymmetric "int"), the codebook ("nf4"), else never read
+    zeros_arg = zeros if zeros is not None else _nf4_codebook(x.device) if element == "nf4" else scales
     bias_arg = bias if bias is not None else scales  # never read without bias
     ts_arg = tensor_scale if tensor_scale is not None else scales  # never read without one
     common = dict(BITS=bits, ELEMENT=element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
