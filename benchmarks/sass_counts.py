@@ -36,28 +36,30 @@ import triton  # noqa: E402
 from lowbit.kernels import dfloat11  # noqa: E402
 from tests.kernels import hopper_codegen as codegen  # noqa: E402
 
-THREADS = 128  # 4 warps, as hopper_codegen compiles
-GEMV_WEIGHTS = 32 * 128  # hopper_codegen's GEMV and LUT tiles: BLOCK_N=32, BLOCK_K=128, BLOCK_M=1
+#: weights per thread in one trip of a GEMV / LUT K loop: hopper_codegen's tiles (BLOCK_N=32,
+#: BLOCK_K=128, BLOCK_M=1) over 4 warps
+GEMV_PER_THREAD = 32 * 128 // 128
+
+
+def _gemv(bits: int, symmetric: bool, element: str, scale_kind: str = "float"):
+    return (lambda: codegen.compile_variant("gemv", bits, symmetric, "bf16", element, scale_kind), GEMV_PER_THREAD)
+
 
 #: name -> (compile the variant, weights one trip of its hot loop covers per thread)
 KERNELS = {
-    # the integer formats' default: asymmetric (a zero point per group), bf16 activations
-    "gemv-int2": (lambda: codegen.compile_variant("gemv", 2, False, "bf16", "int"), GEMV_WEIGHTS // THREADS),
-    "gemv-int4": (lambda: codegen.compile_variant("gemv", 4, False, "bf16", "int"), GEMV_WEIGHTS // THREADS),
-    "gemv-int4-symmetric": (lambda: codegen.compile_variant("gemv", 4, True, "bf16", "int"),
-                            GEMV_WEIGHTS // THREADS),
-    "gemv-int6": (lambda: codegen.compile_variant("gemv", 6, False, "bf16", "int"), GEMV_WEIGHTS // THREADS),
-    "gemv-int8": (lambda: codegen.compile_variant("gemv", 8, False, "bf16", "int"), GEMV_WEIGHTS // THREADS),
-    "gemv-fp8": (lambda: codegen.compile_variant("gemv", 8, True, "bf16", "e4m3"), GEMV_WEIGHTS // THREADS),
-    "gemv-mxint8": (lambda: codegen.compile_variant("gemv", 8, True, "bf16", "sint", "e8m0"),
-                    GEMV_WEIGHTS // THREADS),
-    "gemv-mxfp4": (lambda: codegen.compile_variant("gemv", 4, True, "bf16", "e2m1", "e8m0"),
-                   GEMV_WEIGHTS // THREADS),
-    "gemv-nvfp4": (lambda: codegen.compile_variant("gemv", 4, True, "bf16", "e2m1", "e4m3"),
-                   GEMV_WEIGHTS // THREADS),
-    "gemv-nf4": (lambda: codegen.compile_variant("gemv", 4, True, "bf16", "nf4"), GEMV_WEIGHTS // THREADS),
-    "lut2": (lambda: codegen.compile_lut(2), GEMV_WEIGHTS // THREADS),
-    "lut4": (lambda: codegen.compile_lut(4), GEMV_WEIGHTS // THREADS),
+    # the integer formats' default: asymmetric (a zero point per group); bf16 activations throughout
+    "gemv-int2": _gemv(2, False, "int"),
+    "gemv-int4": _gemv(4, False, "int"),
+    "gemv-int4-symmetric": _gemv(4, True, "int"),
+    "gemv-int6": _gemv(6, False, "int"),
+    "gemv-int8": _gemv(8, False, "int"),
+    "gemv-fp8": _gemv(8, True, "e4m3"),
+    "gemv-mxint8": _gemv(8, True, "sint", "e8m0"),
+    "gemv-mxfp4": _gemv(4, True, "e2m1", "e8m0"),
+    "gemv-nvfp4": _gemv(4, True, "e2m1", "e4m3"),
+    "gemv-nf4": _gemv(4, True, "nf4"),
+    "lut2": (lambda: codegen.compile_lut(2), GEMV_PER_THREAD),
+    "lut4": (lambda: codegen.compile_lut(4), GEMV_PER_THREAD),
     # one lane (row or segment) per thread; the hot loop decodes one chunk per lane
     "dfloat11-gemv": (lambda: codegen.compile_dfloat11("gemv"), dfloat11.GEMV_CHUNK),
     "dfloat11-decode": (lambda: codegen.compile_dfloat11("decode"), dfloat11.DECODE_CHUNK),

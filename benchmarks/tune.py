@@ -34,7 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.bench_gemm import REL_TOL, env_info, make_case, relative_error, time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
-from lowbit.kernels.dequant_gemm import GEMV_MAX_PRODUCTS_PER_THREAD, gemv_products_per_thread  # noqa: E402
+from lowbit.kernels.dequant_gemm import (  # noqa: E402
+    GEMV_MAX_PRODUCTS_PER_THREAD, gemv_block_k, gemv_products_per_thread)
 
 # the formats with speed targets, most important first (a --budget-s cut drops the last ones)
 DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxint8"]
@@ -53,7 +54,7 @@ TUNE_REP_MS = 20  # do_bench repetitions per candidate (bench_gemm uses do_bench
 def start_points(m: int, smoke: bool) -> list[dict]:
     """Where the descent starts on each path (close to the launchers' defaults)."""
     block_m = min(1 << (m - 1).bit_length(), 4)
-    gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": max(32, 128 // block_m),
+    gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": gemv_block_k(block_m),
             "SPLIT_K": 8, "num_warps": 4, "num_stages": 2}
     gemm = {"path": "gemm", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
             "num_stages": 3}

@@ -262,6 +262,11 @@ def _block_k(group_size: int, kp: int, preferred: int, multi_group: bool) -> int
     return block
 
 
+def gemv_block_k(block_m: int) -> int:
+    """The GEMV's default K tile for BLOCK_M rows: 32 products per thread of 4 warps at BLOCK_N=32."""
+    return max(32, 128 // block_m)
+
+
 def gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
                 max_block_m: int = GEMV_MAX_M, holds_products: bool = True) -> dict:
     """Tile sizes of a split-K GEMV (this module's, and the LUT kernel's): 32 output features
@@ -273,7 +278,7 @@ def gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, 
     A default, not a measurement: benchmarks/tune.py replaces it per GPU and shape."""
     block_m = min(triton.next_power_of_2(m), max_block_m)
     block_n = 32
-    block_k = _block_k(group_size, kp, max(32, 128 // block_m) if holds_products else 128, multi_group)
+    block_k = _block_k(group_size, kp, gemv_block_k(block_m) if holds_products else 128, multi_group)
     k_tiles = kp // block_k
     # Never more splits than K tiles.
     split_k = max(1, min(k_tiles, triton.cdiv(4 * num_sms(device), triton.cdiv(n, block_n))))

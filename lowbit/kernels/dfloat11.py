@@ -54,6 +54,13 @@ def _bf16_bits(symbol, sign_mantissa):
 
 
 @triton.jit
+def _column(tile, u, c: tl.constexpr):
+    """Column c of a [B, CHUNK] tile whose rows each sit in one thread (u = arange(CHUNK)): the
+    select folds to a register pick, no data moves."""
+    return tl.sum(tl.where(u[None, :] == c, tile, 0), axis=1)
+
+
+@triton.jit
 def _start_segment(words_ptr, code_words, position):
     """Bit-buffer state (buf, deficit, next_word) of lanes starting at stream bit `position`."""
     word = position >> 5
@@ -129,7 +136,7 @@ def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.con
             # Lanes past their segment's last code decode on (guarded) and are not stored.
             symbol, buf, deficit, next_word = _take_code(buf, deficit, next_word, words_ptr, code_words, table_ptr,
                                                          CODE_BITS, True)
-            byte = tl.sum(tl.where(u[None, :] == c, sign_mantissa, 0), axis=1)  # column c: no data movement
+            byte = _column(sign_mantissa, u, c)
             bits = tl.where(u[None, :] == c, _bf16_bits(symbol, byte)[:, None], bits)
         tl.store(out_ptr + out_offset + first[:, None] + i + u[None, :], bits.to(tl.int16), mask=keep)
 
@@ -146,7 +153,7 @@ def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col, left,
     for c in tl.static_range(CHUNK):
         symbol, buf, deficit, next_word = _take_code(buf, deficit, next_word, words_ptr, code_words,
                                                      table_ptr, CODE_BITS, TAIL)
-        byte = tl.sum(tl.where(u[None, :] == c, sign_mantissa, 0), axis=1)  # column c: no data movement
+        byte = _column(sign_mantissa, u, c)
         w = (_bf16_bits(symbol, byte) << 16).to(tl.float32, bitcast=True)
         rows_m = M
         if TAIL:
