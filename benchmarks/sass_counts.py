@@ -33,16 +33,20 @@ sys.path.insert(0, str(REPO))
 
 import triton  # noqa: E402
 
-from lowbit.kernels import dfloat11  # noqa: E402
+from lowbit.kernels import dequant_gemm, dfloat11  # noqa: E402
 from tests.kernels import hopper_codegen as codegen  # noqa: E402
 
-#: weights per thread in one trip of a GEMV / LUT K loop: hopper_codegen's tiles (BLOCK_N=32,
+#: weights per thread in one trip of the LUT kernel's K loop: hopper_codegen's tiles (BLOCK_N=32,
 #: BLOCK_K=128, BLOCK_M=1) over 4 warps
-GEMV_PER_THREAD = 32 * 128 // 128
+LUT_PER_THREAD = 32 * 128 // 128
 
 
 def _gemv(bits: int, symmetric: bool, element: str, scale_kind: str = "float"):
-    return (lambda: codegen.compile_variant("gemv", bits, symmetric, "bf16", element, scale_kind), GEMV_PER_THREAD)
+    """A dequant GEMV variant: one trip of its K loop is one column (COLUMN_K weights) of each of
+    the thread's BLOCK_N rows."""
+    group = {"e8m0": 32, "e4m3": 16}.get(scale_kind, 128 if element == "int" else 4096)
+    weights = codegen.GEMV_BLOCK_N * dequant_gemm.gemv_column_k(bits, group)
+    return (lambda: codegen.compile_variant("gemv", bits, symmetric, "bf16", element, scale_kind), weights)
 
 
 #: name -> (compile the variant, weights one trip of its hot loop covers per thread)
@@ -58,8 +62,8 @@ KERNELS = {
     "gemv-mxfp4": _gemv(4, True, "e2m1", "e8m0"),
     "gemv-nvfp4": _gemv(4, True, "e2m1", "e4m3"),
     "gemv-nf4": _gemv(4, True, "nf4"),
-    "lut2": (lambda: codegen.compile_lut(2), GEMV_PER_THREAD),
-    "lut4": (lambda: codegen.compile_lut(4), GEMV_PER_THREAD),
+    "lut2": (lambda: codegen.compile_lut(2), LUT_PER_THREAD),
+    "lut4": (lambda: codegen.compile_lut(4), LUT_PER_THREAD),
     # one lane (row or segment) per thread; the hot loop decodes one chunk per lane
     "dfloat11-gemv": (lambda: codegen.compile_dfloat11("gemv"), dfloat11.GEMV_CHUNK),
     "dfloat11-decode": (lambda: codegen.compile_dfloat11("decode"), dfloat11.DECODE_CHUNK),
@@ -83,7 +87,10 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 def hot_loop(sass: str) -> list[str]:
-    """Opcodes of the largest loop (a backward branch's range) that contains no other loop."""
+    """Opcodes of the hot loop: of the loops (backward branches' ranges) that contain no other
+    loop, the first at least half as long as the longest. The dequant GEMV compiles its K loop
+    twice, the unmasked loop over whole tiles first and then the slightly longer masked one
+    for the last, partial tile, which runs at most once per program."""
     code = [(int(m.group(1), 16), m.group(2), m.group(3)) for line in sass.splitlines() if (m := _LINE.match(line))]
     loops = []
     for address, opcode, operands in code:
@@ -93,7 +100,8 @@ def hot_loop(sass: str) -> list[str]:
     innermost = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
     if not innermost:
         return []
-    lo, hi = max(innermost, key=lambda span: span[1] - span[0])
+    longest = max(hi - lo for lo, hi in innermost)
+    lo, hi = min(span for span in innermost if 2 * (span[1] - span[0]) >= longest)
     return [opcode for address, opcode, _ in code if lo <= address <= hi]
 
 

@@ -6,9 +6,10 @@
   TRITON_INTERPRET=1 python benchmarks/tune.py --smoke --out /tmp/t.json   # CPU check of the machinery
 
 For every (format, shape, M bucket) a coordinate descent runs from a start point near the
-launcher's default over each path's search space (SPACES: split-K GEMV tiles, split count and warps for small M; tensor-
-core GEMM tiles, warps and pipeline stages for every M), so the GEMV / GEMM choice per M is
-measured, not assumed. Each candidate runs through lowbit.linear under `tuning.force`; one whose
+launcher's default over each path's search space (SPACES: for small M the split-K GEMV's rows
+per program, column length, split count and warps, or the LUT kernel's tiles; tensor-core GEMM
+tiles, warps and pipeline stages for every M), so the GEMV / GEMM choice per M is measured, not
+assumed. Each candidate runs through lowbit.linear under `tuning.force`; one whose
 output misses the correctness gate (max relative error vs the fp32 reference, as in bench_gemm)
 or fails to launch is pruned. The fastest survivor (triton.testing.do_bench median) is written
 with its time and the default's into lowbit/kernels/tuned/<gpu>.json, which the launchers read,
@@ -34,40 +35,48 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.bench_gemm import REL_TOL, env_info, make_case, relative_error, time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
-from lowbit.kernels.dequant_gemm import (  # noqa: E402
-    GEMV_MAX_PRODUCTS_PER_THREAD, gemv_block_k, gemv_products_per_thread)
+from lowbit.kernels.dequant_gemm import GEMV_MAX_ROWS_PER_THREAD  # noqa: E402
 
 # the formats with speed targets, most important first (a --budget-s cut drops the last ones)
 DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxint8"]
 #: path -> parameter -> values tried by the descent (GEMV only for M <= GEMV_MAX_TUNED_M)
 SPACES = {
-    "gemv": {"BLOCK_N": (8, 16, 32, 64), "BLOCK_K": (64, 128, 256, 512), "SPLIT_K": (1, 2, 4, 8, 16, 32),
-             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)},
+    "gemv": {"BLOCK_N": (2, 4, 8, 16, 32), "COLUMN_K": (4, 8, 16, 32, 64), "SPLIT_K": (1, 2, 4, 8, 16, 32),
+             "num_warps": (1, 2, 4, 8)},
+    "lut": {"BLOCK_N": (8, 16, 32, 64), "BLOCK_K": (64, 128, 256, 512), "SPLIT_K": (1, 2, 4, 8, 16, 32),
+            "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)},
     "gemm": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),
              "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
 }
-SMOKE_SPACES = {"gemv": {"BLOCK_N": (16, 32), "SPLIT_K": (1, 2)}, "gemm": {"BLOCK_M": (16, 32)}}
+SMOKE_SPACES = {"gemv": {"BLOCK_N": (8, 16), "SPLIT_K": (1, 2)}, "lut": {"BLOCK_N": (16, 32), "SPLIT_K": (1, 2)},
+                "gemm": {"BLOCK_M": (16, 32)}}
 GEMV_MAX_TUNED_M = 16
 TUNE_REP_MS = 20  # do_bench repetitions per candidate (bench_gemm uses do_bench's default 100 ms)
 
 
-def start_points(m: int, smoke: bool) -> list[dict]:
-    """Where the descent starts on each path (close to the launchers' defaults)."""
-    block_m = min(1 << (m - 1).bit_length(), 4)
-    gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": gemv_block_k(block_m),
-            "SPLIT_K": 8, "num_warps": 4, "num_stages": 2}
+def start_points(m: int, smoke: bool, lut: bool = False) -> list[dict]:
+    """Where the descent starts on each path (close to the launchers' defaults); lut: the small-M
+    path is the LUT kernel (its "gemv" entries have K tiles, not columns)."""
+    block_m = min(1 << (m - 1).bit_length(), 16 if lut else 4)
+    if lut:
+        gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4,
+                "num_stages": 2}
+    else:
+        gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": max(2, 16 // block_m), "COLUMN_K": 32, "SPLIT_K": 2,
+                "num_warps": 4}
     gemm = {"path": "gemm", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
             "num_stages": 3}
     if smoke:
-        gemv.update(BLOCK_N=16, BLOCK_K=64, SPLIT_K=1)
+        gemv.update(BLOCK_N=16, SPLIT_K=1, **({"BLOCK_K": 64} if lut else {"COLUMN_K": 8, "num_warps": 1}))
         gemm.update(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     return [gemv, gemm] if m <= GEMV_MAX_TUNED_M else [gemm]
 
 
-def space_for(m: int) -> dict:
-    """SPACES without GEMM row tiles far taller than M (they only multiply padding)."""
+def space_for(m: int, lut: bool = False) -> dict:
+    """SPACES without GEMM row tiles far taller than M (they only multiply padding); lut: the
+    small-M path is the LUT kernel's."""
     gemm = {**SPACES["gemm"], "BLOCK_M": tuple(b for b in SPACES["gemm"]["BLOCK_M"] if b <= max(16, 2 * m))}
-    return {"gemv": SPACES["gemv"], "gemm": gemm}
+    return {"gemv": SPACES["lut" if lut else "gemv"], "gemm": gemm}
 
 
 def descend(measure, start: dict, space: dict, rounds: int = 2) -> tuple[dict | None, float | None]:
@@ -107,13 +116,12 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     seen: dict[str, float | None] = {}
     errors: dict[str, float] = {}
 
-    holds_products = not key.startswith("lut")  # the dequant GEMV keeps a product tile in registers
+    lut = key.startswith("lut")  # the small-M path is the LUT kernel, not the dequant GEMV
 
     def measure(cfg: dict) -> float | None:
         tag = json.dumps(cfg, sort_keys=True)
-        if (holds_products and cfg["path"] == "gemv"
-                and gemv_products_per_thread(cfg) > GEMV_MAX_PRODUCTS_PER_THREAD):
-            seen[tag] = None  # pruned unmeasured: a tile this large spills registers
+        if not lut and cfg["path"] == "gemv" and cfg["BLOCK_M"] * cfg["BLOCK_N"] > GEMV_MAX_ROWS_PER_THREAD:
+            seen[tag] = None  # pruned unmeasured: this many sums per thread spill registers
         if tag not in seen:
             seen[tag] = None
             try:
@@ -126,9 +134,10 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
                 pass
         return seen[tag]
 
-    spaces = SMOKE_SPACES if args.smoke else space_for(m)
+    spaces = ({**SMOKE_SPACES, "gemv": SMOKE_SPACES["lut" if lut else "gemv"]} if args.smoke
+              else space_for(m, lut))
     best, best_us = None, None
-    for start in start_points(m, args.smoke):
+    for start in start_points(m, args.smoke, lut):
         cfg, us = descend(measure, start, spaces[start["path"]], rounds=1 if args.smoke else 2)
         if us is not None and (best_us is None or us < best_us):
             best, best_us = cfg, us

@@ -313,7 +313,10 @@ def test_bench_dfloat11_gpu_rows_on_tiny_shapes():
     assert all(r["max_rel_err"] < 1e-2 for r in rows if r["kind"] == "linear")  # bf16 output rounding
 
 
-def test_sass_counts_finds_the_innermost_largest_loop():
+def test_sass_counts_finds_the_hot_loop():
+    """The first innermost loop at least half as long as the longest: an outer loop and a short
+    innermost one do not count, and a later, longer copy (the GEMV's masked last tile) loses
+    to the first."""
     sys.path.insert(0, str(REPO))
     from benchmarks.sass_counts import hot_loop
 
@@ -321,7 +324,9 @@ def test_sass_counts_finds_the_innermost_largest_loop():
         (0x00, "MOV R1, R2"), (0x10, "LDG.E R3, desc[UR4][R4.64]"),  # outer loop 0x10..0x70
         (0x20, "FFMA R5, R5, R3, R5"), (0x30, "IADD3 R6, R6, 0x1, RZ"), (0x40, "BRA 0x20"),  # inner loop
         (0x50, "SHFL.BFLY PT, R7, R7, 0x1, 0x1f"), (0x60, "ISETP.GE.AND P0, PT, R6, 0x4, PT"),
-        (0x70, "@!P0 BRA 0x10"), (0x80, "EXIT")])
+        (0x70, "@!P0 BRA 0x10"), (0x80, "IADD3 R6, R6, 0x1, RZ"), (0x90, "BRA 0x80"),  # short loop
+        (0xa0, "FFMA R5, R5, R3, R5"), (0xb0, "FSEL R5, R5, RZ, P1"), (0xc0, "IADD3 R6, R6, 0x1, RZ"),
+        (0xd0, "BRA 0xa0"), (0xe0, "EXIT")])  # the longer copy
     assert hot_loop(sass) == ["FFMA", "IADD3", "BRA"]
 
 
@@ -338,7 +343,7 @@ def test_sass_counts_of_compiled_kernels(tmp_path):
     rows = {row["kernel"]: row for row in json.loads(result.read_text())["results"]}
     assert set(rows) == {"gemv-int4", "dfloat11-decode"}
     gemv = rows["gemv-int4"]
-    assert 1 <= gemv["per_weight"]["fp32 fma"] and gemv["instructions_per_weight"] < 20
-    assert gemv["per_weight"]["shuffles"] == 0 and gemv["per_weight"]["int->float"] == 0
+    assert 1 <= gemv["per_weight"]["fp32 fma"] and gemv["instructions_per_weight"] < 6
+    assert all(gemv["per_weight"][kind] == 0 for kind in ("shuffles", "int->float", "shared loads", "barriers"))
     assert 0 < rows["dfloat11-decode"]["per_weight"]["global loads"] < 3 and gemv["registers"] > 0
     assert list(tmp_path.glob("sass-sm90-*.md"))

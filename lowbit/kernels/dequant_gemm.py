@@ -29,9 +29,9 @@ from .split_k import split_k_buffers, store_split_k
 from .tuning import launch_options, lookup, valid_launch_options
 
 GEMV_MAX_M = 4
-#: fp32 products per thread the GEMV's [BLOCK_M, BLOCK_N, BLOCK_K] tile may hold: the default
-#: (gemv_config) holds 32; benchmarks/tune.py does not try tiles above this (they spill)
-GEMV_MAX_PRODUCTS_PER_THREAD = 64
+#: BLOCK_M * BLOCK_N, the (batch row, output row) pairs one GEMV thread sums, that
+#: benchmarks/tune.py may try: each holds two fp32 sums in registers (~170 registers at 32)
+GEMV_MAX_ROWS_PER_THREAD = 32
 
 
 @triton.jit
@@ -176,41 +176,211 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
 
 
 @triton.jit
+def _word(qw_ptr, rows, col, plane_start, stride_qn, one, WORDS_PER_COLUMN: tl.constexpr, INDEX: tl.constexpr):
+    """Word INDEX of each thread's column in one bit plane, for every row: [1, BLOCK_N, COLUMNS]
+    int32. Word offsets are multiplied by the runtime 1 `one`: with no contiguity to see, the
+    compiler loads the words in the activations' layout (one column per thread, its rows in
+    registers) instead of a vectorised one that would send every decoded weight through shared
+    memory to meet the activations."""
+    return tl.load(qw_ptr + rows * stride_qn + (col * WORDS_PER_COLUMN) * one + plane_start + INDEX)
+
+
+@triton.jit
+def _window(window, qw_ptr, rows, col, plane_start, stride_qn, one, KK: tl.constexpr, WIDTH: tl.constexpr,
+            COLUMN_K: tl.constexpr, SINT: tl.constexpr):
+    """The bits of one plane that code KK of a column is read from (integer fast path of
+    `_column_sums`): the next word where a word starts, the word shifted down past the codes
+    already read where they reach bit 23, else `window` unchanged."""
+    PER_WORD: tl.constexpr = 32 // WIDTH
+    WINDOW: tl.constexpr = 23 // WIDTH  # codes readable in place: pos + WIDTH <= 23
+    if KK % PER_WORD == 0:
+        window = _word(qw_ptr, rows, col, plane_start, stride_qn, one, COLUMN_K * WIDTH // 32, KK // PER_WORD)
+        if SINT:
+            window ^= -2139062144  # 0x80808080: every byte + 128, two's complement -> offset binary
+    elif (KK % PER_WORD) % WINDOW == 0:
+        window = window >> (WINDOW * WIDTH)
+    return window
+
+
+@triton.jit
+def _plane_fma(sums, window, x, magic, KK: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr,
+               OFFSET: tl.constexpr):
+    """sums + (plane bits of code KK << SHIFT) * x, minus OFFSET * x (the first plane carries
+    the offset). (window & (mask << pos)) | magic reinterpreted is 2^23 + bits * 2^pos, exactly:
+    one LOP3 and one FADD, and the 2^(SHIFT - pos) rides on x, which all the thread's rows share."""
+    PER_WORD: tl.constexpr = 32 // WIDTH
+    WINDOW: tl.constexpr = 23 // WIDTH
+    pos: tl.constexpr = ((KK % PER_WORD) % WINDOW) * WIDTH
+    bits = ((window & (((1 << WIDTH) - 1) << pos)) | magic).to(tl.float32, bitcast=True)
+    if SHIFT != pos:
+        x = x * (2.0 ** (SHIFT - pos))
+    return tl.fma(bits - (8388608.0 + OFFSET * (1 << pos)), x, sums)
+
+
+@triton.jit
+def _minifloat_in_word(word, INDEX: tl.constexpr, ELEMENT: tl.constexpr, BITS: tl.constexpr):
+    """Small float INDEX of a word of BITS-wide codes (E4M3 / E5M2 / E2M1) -> fp32 value * 2^(bias - 15),
+    as `_decode_minifloat` gives, in three integer ops instead of six: the code is shifted to the
+    top of the word, then arithmetically down so its exponent and mantissa land in fp16 position
+    and its sign bit spreads over bits 15 and up; a mask keeps the fp16 fields and the sign."""
+    EXP: tl.constexpr = 4 if ELEMENT == "e4m3" else 5 if ELEMENT == "e5m2" else 2
+    MAN: tl.constexpr = BITS - 1 - EXP
+    pos: tl.constexpr = INDEX * BITS
+    if pos != 32 - BITS:
+        word = word << (32 - BITS - pos)
+    bits = (word >> (21 - EXP)) & (0x8000 | (((1 << (BITS - 1)) - 1) << (10 - MAN)))
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_bit, stride_xm, stride_qn, one,
+                 magic, BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr, MASK_X: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+    """For each thread's column of COLUMN_K consecutive K (col [1, 1, COLUMNS]) and each of its
+    rows: sum_k value(code) * x [BLOCK_M, BLOCK_N, COLUMNS] fp32, and sum_k x [BLOCK_M, 1, COLUMNS]
+    (zero for all but asymmetric "int"). value is the element before scaling, up to
+    `_element_factor`; asymmetric "int" leaves out the zero point (the caller subtracts
+    zero * sum_k x once per column instead of once per weight).
+
+    Integer elements ("int", "sint") never shift a code out of its word: each bit plane adds its
+    bits through `_plane_fma` (a LOP3, an FADD and the FFMA per weight and plane). `magic` is
+    0x4B000000 passed at run time so it sits in a register: LOP3 takes one immediate, which the
+    mask needs. Other elements extract each code, then `_decode` it."""
+    INTEGER: tl.constexpr = ELEMENT == "int" or ELEMENT == "sint"
+    ZERO_POINT: tl.constexpr = ELEMENT == "int" and not SYMMETRIC
+    # subtracted from every code: the symmetric zero point, or sint's sign flip
+    OFFSET: tl.constexpr = 0 if ZERO_POINT else (1 << (BITS - 1))
+    PER_WORD: tl.constexpr = 32 // BITS
+    k0 = col * COLUMN_K
+    sums = tl.zeros((BLOCK_M, BLOCK_N, COLUMNS), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M, 1, COLUMNS), dtype=tl.float32)
+    # the current word (or window of one) of each bit plane
+    w8 = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.int32)
+    w4 = w8
+    w2 = w8
+    w1 = w8
+    for kk in tl.static_range(COLUMN_K):
+        if MASK_X:
+            x = tl.load(x_ptr + x_rows * stride_xm + k0 + kk, mask=x_mask & (k0 + kk < K), other=0.0)
+        else:
+            x = tl.load(x_ptr + x_rows * stride_xm + k0 + kk)
+        x = x.to(tl.float32)  # [BLOCK_M, 1, COLUMNS]
+        if ZERO_POINT:
+            x_sum += x
+        if INTEGER and BITS == 8:
+            w8 = _window(w8, qw_ptr, rows, col, 0, stride_qn, one, kk, 8, COLUMN_K, ELEMENT == "sint")
+            sums = _plane_fma(sums, w8, x, magic, kk, 8, 0, OFFSET)
+        elif INTEGER:
+            if BITS & 4:
+                w4 = _window(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
+                sums = _plane_fma(sums, w4, x, magic, kk, 4, 0, OFFSET)
+            if BITS & 2:
+                w2 = _window(w2, qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, kk, 2, COLUMN_K, False)
+                sums = _plane_fma(sums, w2, x, magic, kk, 2, BITS & 4, 0 if BITS & 4 else OFFSET)
+            if BITS & 1:
+                w1 = _window(w1, qw_ptr, rows, col, words_per_bit * (BITS & 6), stride_qn, one, kk, 1, COLUMN_K, False)
+                sums = _plane_fma(sums, w1, x, magic, kk, 1, BITS & 6, 0 if BITS & 6 else OFFSET)
+        elif ELEMENT == "e4m3" or ELEMENT == "e5m2" or ELEMENT == "e2m1":
+            if kk % PER_WORD == 0:
+                w8 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // PER_WORD, kk // PER_WORD)
+            sums = tl.fma(_minifloat_in_word(w8, kk % PER_WORD, ELEMENT, BITS), x, sums)
+        else:
+            if BITS == 8:
+                if kk % 4 == 0:
+                    w8 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // 4, kk // 4)
+                code = (w8 >> ((kk % 4) * 8)) & 255
+            else:
+                code = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.int32)
+                if BITS & 4:
+                    if kk % 8 == 0:
+                        w4 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // 8, kk // 8)
+                    code |= (w4 >> ((kk % 8) * 4)) & 15
+                if BITS & 2:
+                    if kk % 16 == 0:
+                        w2 = _word(qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, COLUMN_K // 16,
+                                   kk // 16)
+                    code |= ((w2 >> ((kk % 16) * 2)) & 3) << (BITS & 4)
+            if ELEMENT == "nf4":
+                value = tl.load(z_ptr + code)  # z_ptr: the fp32 codebook (see `_dequant_tile`)
+            else:
+                value = _decode(code, ELEMENT, BITS)
+            sums = tl.fma(value, x, sums)
+    return sums, x_sum
+
+
+@triton.jit
+def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit,
+               stride_xm, stride_qn, stride_sg, one, magic,
+               BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_SIZE: tl.constexpr,
+               SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr, MASKED: tl.constexpr, PADDED_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N, COLUMNS] plus K tile t (COLUMNS columns of COLUMN_K). MASKED: the
+    tile runs past the last column (those columns add nothing); PADDED_K: x has K < Kp columns."""
+    col = (t * COLUMNS + tl.arange(0, COLUMNS))[None, None, :]
+    in_range = col < columns
+    if MASKED:
+        col = tl.minimum(col, columns - 1)  # weight and scale loads stay in bounds
+    sums, x_sum = _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, in_range, K, words_per_bit, stride_xm,
+                               stride_qn, one, magic, BITS, ELEMENT, SYMMETRIC, MASKED or PADDED_K,
+                               BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+    group = col * COLUMN_K // GROUP_SIZE
+    scale_rows = rows if SCALE_GROUP_N == 1 else rows // SCALE_GROUP_N
+    scale = _decode_scale(tl.load(s_ptr + group * stride_sg + scale_rows), SCALE_KIND)  # [1, BLOCK_N, COLUMNS]
+    factor = _element_factor(ELEMENT, BITS)
+    if SCALE_KIND == "e8m0":
+        sums = sums * factor  # E8M0 scales reach 2^127: scale * factor could overflow
+    else:
+        scale = scale * factor
+    if ELEMENT == "int" and not SYMMETRIC:
+        zero = tl.load(z_ptr + group * stride_sg + rows).to(tl.float32)
+        sums = tl.fma(-zero, x_sum, sums)
+    if MASKED:
+        sums = tl.where(in_range, sums, 0.0)  # a clamped column's weights may decode to NaN
+    return tl.fma(scale, sums, acc)
+
+
+@triton.jit(do_not_specialize=["one", "magic"])  # both must stay run-time values, see their use
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
-                 M, N, K, words_per_bit, tiles_per_split,
-                 stride_xm, stride_qn, stride_sg, stride_om,
+                 M, N, K, words_per_bit, columns, tiles_per_split,
+                 stride_xm, stride_qn, stride_sg, stride_om, one, magic,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
-                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
-                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, SPLIT: tl.constexpr,
+                 PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+    """Split-K GEMV. The K axis is cut into columns of COLUMN_K consecutive values and each thread
+    takes one column of a tile (COLUMNS = the program's threads) for all BLOCK_N rows: its
+    activations are loaded and converted once and used for every row held in its registers,
+    weights and activations share one layout (nothing passes through shared memory), and each
+    column is scaled once (per-element products need no scale multiply). Rows and activations
+    beyond N / M are clamped to the last one (loads need no masks), the stores are masked."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    k_tiles = words_per_bit * 32 // BLOCK_K
+    x_rows = tl.minimum(offs_m, M - 1)[:, None, None]
+    rows = tl.minimum(offs_n, N - 1)[None, :, None]
+    k_tiles = tl.cdiv(columns, COLUMNS)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, k_tiles)
-    products = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for t in range(t_start, t_end):
-        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        # x is loaded once per output feature of the tile (L1 hits): that load sets the layout,
-        # in which each thread holds whole packed words, so no word passes through shared memory
-        x_ptrs = x_ptr + offs_m[:, None, None] * stride_xm + offs_k[None, None, :] + 0 * offs_n[None, :, None]
-        x = tl.load(x_ptrs, mask=(offs_m[:, None, None] < M) & (offs_k[None, None, :] < K), other=0.0).to(tl.float32)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
-                          stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N, SCALE_KIND,
-                          ONE_BIT_PLANES, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
-        products += x * w[None, :, :]
-    acc = tl.sum(products, axis=2)
+    full_end = tl.minimum(t_end, columns // COLUMNS)  # tiles before it hold no column past the last
+    acc = tl.zeros((BLOCK_M, BLOCK_N, COLUMNS), dtype=tl.float32)
+    for t in range(t_start, full_end):
+        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit, stride_xm,
+                         stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
+                         SCALE_KIND, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+    for t in range(tl.maximum(t_start, full_end), t_end):  # the last, partial tile (at most one)
+        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit, stride_xm,
+                         stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
+                         SCALE_KIND, True, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+    out = tl.sum(acc, axis=2)
     if HAS_TENSOR_SCALE:
-        acc *= tl.load(ts_ptr).to(tl.float32)
+        out *= tl.load(ts_ptr).to(tl.float32)
     if HAS_BIAS:
         if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    store_split_k(acc, out_ptr, ws_ptr, counters_ptr, offs_m, offs_n, M, N, stride_om, SPLIT)
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    store_split_k(out, out_ptr, ws_ptr, counters_ptr, offs_m, offs_n, M, N, stride_om, SPLIT)
 
 
 @triton.jit
@@ -262,63 +432,105 @@ def _block_k(group_size: int, kp: int, preferred: int, multi_group: bool) -> int
     return block
 
 
-def gemv_block_k(block_m: int) -> int:
-    """The GEMV's default K tile for BLOCK_M rows: 32 products per thread of 4 warps at BLOCK_N=32."""
-    return max(32, 128 // block_m)
+def min_column_k(bits: int) -> int:
+    """Fewest K a GEMV column may hold for `bits`-wide codes: whole words of the narrowest bit plane."""
+    return 4 if bits == 8 else 32 // (bits & -bits)
 
 
-def gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
-                max_block_m: int = GEMV_MAX_M, holds_products: bool = True) -> dict:
-    """Tile sizes of a split-K GEMV (this module's, and the LUT kernel's): 32 output features
-    per program, K tiles of up to 128, enough K splits for ~4 programs per SM (a GEMV waits on
-    its loads; more resident programs keep more bytes in flight, and since the splits are
-    reduced inside the launch an extra split costs only its partial sums). holds_products: the
-    kernel keeps a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 tile of products in registers (this
-    module's GEMV), so BLOCK_K shrinks as BLOCK_M grows: 32 products per thread of 4 warps.
-    A default, not a measurement: benchmarks/tune.py replaces it per GPU and shape."""
+def gemv_column_k(bits: int, group_size: int, longest: int = 32) -> int | None:
+    """Longest power-of-two GEMV column (<= longest) that holds whole words of every bit plane
+    and lies inside one scale group; None if there is none (then the GEMM path runs)."""
+    column_k = longest
+    while column_k >= min_column_k(bits):
+        if group_size % column_k == 0:
+            return column_k
+        column_k //= 2
+    return None
+
+
+def gemv_columns(cfg: dict) -> int:
+    """Columns per GEMV tile: one per thread."""
+    return 32 * cfg.get("num_warps", 4)
+
+
+def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: torch.device) -> dict | None:
+    """Default tiles of the split-K dequant GEMV, or None if it cannot take this variant.
+    16 rows per program at M=1 (8 at M=2, 4 at M=4): every activation a thread loads serves
+    that many weights, and 2 * BLOCK_M * BLOCK_N fp32 sums stay in registers; columns of 32 K,
+    shortened and then fewer rows per program until the grid has two programs per SM; enough K
+    splits for ~4 programs per SM (since the splits are reduced inside the launch an extra split
+    costs only its partial sums). A default, not a measurement: benchmarks/tune.py replaces it
+    per GPU and shape."""
+    column_k = gemv_column_k(bits, group_size)
+    if column_k is None:
+        return None
+    block_m = min(triton.next_power_of_2(m), GEMV_MAX_M)
+    block_n = 16 // block_m
+    sms = num_sms(device)
+
+    def k_tiles() -> int:
+        return triton.cdiv(kp // column_k, 128)
+
+    while triton.cdiv(n, block_n) * k_tiles() < 2 * sms and column_k // 2 >= min_column_k(bits):
+        column_k //= 2
+    while triton.cdiv(n, block_n) * k_tiles() < 2 * sms and block_n > 2:
+        block_n //= 2
+    split_k = max(1, min(k_tiles(), triton.cdiv(4 * sms, triton.cdiv(n, block_n))))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "COLUMN_K": column_k, "SPLIT_K": split_k}
+
+
+def lut_gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, max_block_m: int) -> dict:
+    """Default tiles of the LUT GEMV (lowbit/kernels/lut_gemm.py): 32 output features per
+    program, K tiles of up to 128 inside one group, splits for ~4 programs per SM."""
     block_m = min(triton.next_power_of_2(m), max_block_m)
-    block_n = 32
-    block_k = _block_k(group_size, kp, gemv_block_k(block_m) if holds_products else 128, multi_group)
-    k_tiles = kp // block_k
-    # Never more splits than K tiles.
-    split_k = max(1, min(k_tiles, triton.cdiv(4 * num_sms(device), triton.cdiv(n, block_n))))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}
-
-
-def gemv_products_per_thread(cfg: dict) -> float:
-    """fp32 products per thread that a GEMV config's tile keeps in registers."""
-    return cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] / (32 * cfg.get("num_warps", 4))
+    block_k = _block_k(group_size, kp, 128, multi_group=False)
+    n_tiles = triton.cdiv(n, 32)
+    split_k = max(1, min(kp // block_k, triton.cdiv(4 * num_sms(device), n_tiles)))
+    return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": split_k}
 
 
 def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
-                variant: str | None = None) -> dict:
-    """Path and tile sizes for an [m, kp] x [n, kp]^T problem: the tuned config for this GPU,
-    kernel `variant` and M bucket when benchmarks/tune.py measured one (lowbit/kernels/tuning.py),
-    else defaults. multi_group: tiles may span several scale groups (no zero points)."""
-    tuned = tuned_config(device, variant, n, kp, m, group_size, multi_group) if variant else None
+                variant: str | None = None, bits: int = 4) -> dict:
+    """Path and tile sizes for an [m, kp] x [n, kp]^T problem of `bits`-wide codes: the tuned config
+    for this GPU, kernel `variant` and M bucket when benchmarks/tune.py measured one
+    (lowbit/kernels/tuning.py), else defaults. multi_group: GEMM tiles may span several scale
+    groups (no zero points)."""
+    tuned = tuned_config(device, variant, n, kp, m, group_size, multi_group, bits) if variant else None
     if tuned:
         return tuned
-    if m <= GEMV_MAX_M:
-        return {"path": "gemv", **gemv_config(m, n, kp, group_size, device, multi_group)}
+    gemv = gemv_config(m, n, kp, bits, group_size, device) if m <= GEMV_MAX_M else None
+    if gemv:
+        return {"path": "gemv", **gemv}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": _block_k(group_size, kp, 64, multi_group)}
 
 
 def tuned_config(device: torch.device, variant: str, n: int, kp: int, m: int, group_size: int,
-                 multi_group: bool) -> dict | None:
+                 multi_group: bool, bits: int, lut: bool = False) -> dict | None:
     """The tuned entry for this launch (lowbit/kernels/tuning.py) if there is one this launch can
     take, else None."""
     tuned = lookup(device, variant, n, kp, m)
-    return tuned if tuned and valid_config(tuned, group_size, kp, multi_group) else None
+    return tuned if tuned and valid_config(tuned, group_size, kp, multi_group, bits, lut) else None
 
 
-def valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool) -> bool:
-    """A tuned entry this launch can take (a stale or hand-edited table must not break it)."""
-    keys = {"path", "BLOCK_M", "BLOCK_N", "BLOCK_K"} | ({"SPLIT_K"} if cfg.get("path") == "gemv" else set())
-    return (cfg.get("path") in ("gemv", "gemm") and keys <= set(cfg)
-            and all(isinstance(cfg[k], int) and cfg[k] > 0 for k in keys - {"path"})
-            and cfg["BLOCK_K"] >= 32 and not cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1)
-            and _tile_fits(cfg["BLOCK_K"], group_size, kp, multi_group) and valid_launch_options(cfg))
+#: the tile keys of each path's configs (besides "path" and the launch options)
+CONFIG_KEYS = {"gemv": ("BLOCK_M", "BLOCK_N", "COLUMN_K", "SPLIT_K"), "gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+               "lut": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")}
+
+
+def valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool, bits: int, lut: bool = False) -> bool:
+    """A tuned entry this launch can take (a stale or hand-edited table must not break it).
+    lut: a "gemv" entry is the LUT kernel's (lowbit/kernels/lut_gemm.py), with a BLOCK_K."""
+    path = cfg.get("path")
+    keys = CONFIG_KEYS.get("lut" if lut and path == "gemv" else path)
+    if keys is None or not set(keys) <= set(cfg) or not all(isinstance(cfg[k], int) and cfg[k] > 0 for k in keys):
+        return False
+    if not valid_launch_options(cfg):
+        return False
+    if "COLUMN_K" in keys:
+        return check_column_k(cfg["COLUMN_K"], bits, group_size) is None
+    return cfg["BLOCK_K"] >= 32 and not cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1) and _tile_fits(
+        cfg["BLOCK_K"], group_size, kp, multi_group)
 
 
 def check_operands(x: torch.Tensor, qweight: torch.Tensor, kp: int, bits: int, in_features: int) -> None:
@@ -327,6 +539,14 @@ def check_operands(x: torch.Tensor, qweight: torch.Tensor, kp: int, bits: int, i
         raise InputError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
     if qweight.shape[1] * 32 != kp * bits:
         raise InputError(f"qweight shape {tuple(qweight.shape)} does not hold {kp} {bits}-bit codes per row")
+
+
+def check_column_k(column_k: int, bits: int, group_size: int) -> str | None:
+    """Why a GEMV column of column_k K cannot serve `bits`-wide codes in groups of group_size, or None."""
+    if column_k < min_column_k(bits) or column_k & (column_k - 1) or group_size % column_k:
+        return (f"COLUMN_K={column_k} must be a power of two >= {min_column_k(bits)} (whole words of each bit "
+                f"plane of {bits}-bit codes) dividing the group size {group_size}")
+    return None
 
 
 def check_block_k(block_k: int, group_size: int, kp: int, multi_group: bool) -> None:
@@ -339,6 +559,8 @@ def check_block_k(block_k: int, group_size: int, kp: int, multi_group: bool) -> 
 #: element decoder -> the code width it needs (None: any width 2..8)
 ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4, "nf4": 4}
 SCALE_KINDS = ("float", "e8m0", "e4m3")
+#: 2^23 as fp32 bits, a kernel argument so the GEMV holds it in a register (see `_column_sums`)
+MAGIC = 0x4B000000
 
 
 @functools.lru_cache(maxsize=None)
@@ -380,31 +602,38 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return x.new_empty((0, n))
     multi_group = element != "int"
     variant = f"{element}{bits}{'-1bit' if one_bit_planes else ''}-{'sym' if zeros is None else 'asym'}-g{group_size}-{scale_kind}-{x.dtype}"
-    cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group, variant), **(config or {})}
-    check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
+    cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group, variant, bits), **(config or {})}
+    if one_bit_planes and cfg["path"] == "gemv":
+        raise InputError("the LUT formats' one-bit planes have no dequant GEMV (lowbit/kernels/lut_gemm.py has one)")
     # z_ptr: the zero points (asymmetric "int"), the codebook ("nf4"), else never read
     zeros_arg = zeros if zeros is not None else _nf4_codebook(x.device) if element == "nf4" else scales
     bias_arg = bias if bias is not None else scales  # never read without bias
     ts_arg = tensor_scale if tensor_scale is not None else scales  # never read without one
     common = dict(BITS=bits, ELEMENT=element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
                   GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n, SCALE_KIND=scale_kind,
-                  HAS_TENSOR_SCALE=tensor_scale is not None, ONE_BIT_PLANES=one_bit_planes,
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **launch_options(cfg))
+                  HAS_TENSOR_SCALE=tensor_scale is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                  **launch_options(cfg))
     words_per_bit = kp // 32
     if cfg["path"] == "gemv":
+        problem = check_column_k(cfg["COLUMN_K"], bits, group_size)
+        if problem:
+            raise InputError(problem)
+        columns = kp // cfg["COLUMN_K"]
         n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
-        out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"],
-                                                                            n_tiles * m_tiles)
+        out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(
+            x, n, triton.cdiv(columns, gemv_columns(cfg)), cfg["SPLIT_K"], n_tiles * m_tiles)
         _gemv_kernel[(n_tiles, split_k, m_tiles)](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out, workspace,
-                                                  tickets, m, n, in_features, words_per_bit, tiles_per_split,
-                                                  x.stride(0), qweight.stride(0), scales.stride(0), n,
-                                                  SPLIT=split_k > 1, **common)
+                                                  tickets, m, n, in_features, words_per_bit, columns, tiles_per_split,
+                                                  x.stride(0), qweight.stride(0), scales.stride(0), n, 1, MAGIC,
+                                                  SPLIT=split_k > 1, PADDED_K=in_features != kp,
+                                                  COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"], **common)
         return out
+    check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     dot_fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 tl.dot is wrong
     _gemm_kernel[grid](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out,
                        m, n, in_features, words_per_bit,
                        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-                       DOT_FP32=dot_fp32, **common)
+                       ONE_BIT_PLANES=one_bit_planes, DOT_FP32=dot_fp32, BLOCK_K=cfg["BLOCK_K"], **common)
     return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant_gemm import _plane_tile, check_block_k, check_operands, dequant_matmul, gemv_config, tuned_config
+from .dequant_gemm import _plane_tile, check_block_k, check_operands, dequant_matmul, lut_gemv_config, tuned_config
 from .split_k import split_k_buffers, store_split_k
 from .tuning import launch_options
 
@@ -93,12 +93,11 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         return x.new_empty((0, n))
     tuned = None
     if config is None and m <= LUT_MAX_M:
-        tuned = tuned_config(x.device, f"lut{bits}-g{group_size}-{x.dtype}", n, kp, m, group_size, False)
+        tuned = tuned_config(x.device, f"lut{bits}-g{group_size}-{x.dtype}", n, kp, m, group_size, False, bits, lut=True)
     if config is None and (m > LUT_MAX_M or (tuned and tuned["path"] == "gemm")):
         return dequant_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
                               in_features=in_features, one_bit_planes=True, config=tuned)
-    cfg = {**gemv_config(m, n, kp, group_size, x.device, max_block_m=LUT_MAX_M, holds_products=False),
-           **(tuned or config or {})}
+    cfg = {**lut_gemv_config(m, n, kp, group_size, x.device, LUT_MAX_M), **(tuned or config or {})}
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group=False)
     n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
     out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"],

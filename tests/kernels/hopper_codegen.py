@@ -17,6 +17,7 @@ from lowbit.kernels import dfloat11, fp8_w8a8, lut_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+GEMV_BLOCK_N = 16  # gemv_config's rows per program at M=1
 SPLIT_K_POINTERS = {"ws_ptr": "*fp32", "counters_ptr": "*i32"}  # lowbit/kernels/split_k.py (GEMVs compiled split)
 
 
@@ -65,20 +66,21 @@ def compile_dfloat11(kind: str):
 
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float"):
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
-    32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale)."""
+    32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale). The GEMV with the
+    launcher's default tiles at M=1 for a Llama-3-8B q_proj (16 rows, columns of 32 K or the group)."""
     kernel = kernels._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = {"e8m0": 32, "e4m3": 16}.get(scale_kind, 128 if element == "int" else 4096)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
-                      SCALE_GROUP_N=1, SCALE_KIND=scale_kind, HAS_TENSOR_SCALE=scale_kind == "e4m3",
-                      ONE_BIT_PLANES=False)
+                      SCALE_GROUP_N=1, SCALE_KIND=scale_kind, HAS_TENSOR_SCALE=scale_kind == "e4m3")
     if path == "gemv":
-        constexprs.update(SPLIT=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=128)
+        constexprs.update(SPLIT=True, PADDED_K=False, BLOCK_M=1, BLOCK_N=GEMV_BLOCK_N,
+                          COLUMNS=kernels.gemv_columns({}), COLUMN_K=kernels.gemv_column_k(bits, group))
     else:
-        constexprs.update(DOT_FP32=act == "fp32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+        constexprs.update(ONE_BIT_PLANES=False, DOT_FP32=act == "fp32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
     scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"
     pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_type, "z_ptr": scale_type,
                      "ts_ptr": "*fp32", "bias_ptr": ACT[act], "out_ptr": ACT[act], **SPLIT_K_POINTERS}
-    return _compile(kernel, pointer_types, constexprs, unaligned=("M", "tiles_per_split"))
+    return _compile(kernel, pointer_types, constexprs, unaligned=("M", "tiles_per_split", "one"))
 
 
 def main(argv):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.errors import InputError, KernelUnavailableError
 from lowbit.formats import get_format
-from lowbit.kernels.dequant_gemm import (GEMV_MAX_PRODUCTS_PER_THREAD, dequant_matmul, gemv_config,
-                                         gemv_products_per_thread, pick_config)
+from lowbit.kernels import dequant_gemm
+from lowbit.kernels.dequant_gemm import GEMV_MAX_ROWS_PER_THREAD, dequant_matmul, lut_gemv_config, pick_config
 
 from ..conftest import kernel_devices, requires_gpu
 
@@ -58,7 +58,8 @@ def test_linear_triton_matches_reference(device, bits, m, symmetric):
 def test_both_paths_at_any_m(device, path, m, dtype):
     for bits in (3, 4, 6):
         p, x, b, ref = _case(bits, m, False, dtype, device, seed=bits)
-        cfg = {"path": path, "BLOCK_M": 4 if path == "gemv" else 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4}
+        cfg = ({"path": "gemv", "BLOCK_M": 4, "BLOCK_N": 16, "COLUMN_K": 32, "SPLIT_K": 4, "num_warps": 1}
+               if path == "gemv" else {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32})
         y = dequant_matmul(x, p.qweight, p.scales, p.tensors.get("zeros"), b, bits=bits, group_size=128,
                            in_features=K, config=cfg)
         _assert_close(y, ref, dtype)
@@ -67,10 +68,22 @@ def test_both_paths_at_any_m(device, path, m, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("split_k", [1, 2, 5, 64])
 def test_split_k_counts_bias_once(device, split_k):
-    p, x, b, ref = _case(5, 2, True, torch.float32, device, group_size=32)
-    cfg = {"path": "gemv", "BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k}
-    y = dequant_matmul(x, p.qweight, p.scales, None, b, bits=5, group_size=32, in_features=K, config=cfg)
+    """K=3000 in columns of 32 (5-bit codes: whole words of the 1-bit plane), 32 per tile: two
+    whole tiles and a partial one, split up to 3 ways."""
+    p, x, b, ref = _case(5, 2, True, torch.float32, device, group_size=32, k=3000)
+    cfg = {"path": "gemv", "BLOCK_M": 2, "BLOCK_N": 32, "COLUMN_K": 32, "SPLIT_K": split_k, "num_warps": 1}
+    y = dequant_matmul(x, p.qweight, p.scales, None, b, bits=5, group_size=32, in_features=3000, config=cfg)
     _assert_close(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [{"COLUMN_K": 4}, {"COLUMN_K": 24}, {"COLUMN_K": 64}])
+def test_gemv_rejects_columns_it_cannot_take(device, bad):
+    """int4 in groups of 32: a column must hold whole words (>= 8), be a power of two and lie in one group."""
+    p, x, b, _ = _case(4, 1, False, torch.float32, device, group_size=32)
+    cfg = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "SPLIT_K": 1, **bad}
+    with pytest.raises(InputError, match="COLUMN_K"):
+        dequant_matmul(x, p.qweight, p.scales, p.zeros, b, bits=4, group_size=32, in_features=K, config=cfg)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,23 +139,29 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_pick_config_paths():
-    assert pick_config(1, 4096, 4096, 128, torch.device("cpu"))["path"] == "gemv"
-    assert pick_config(4, 4096, 4096, 128, torch.device("cpu"))["path"] == "gemv"
-    assert pick_config(5, 4096, 4096, 128, torch.device("cpu"))["path"] == "gemm"
-    cfg = pick_config(1, 64, 4096, 32, torch.device("cpu"))
-    assert 32 % cfg["BLOCK_K"] == 0
+    cpu = torch.device("cpu")
+    assert pick_config(1, 4096, 4096, 128, cpu)["path"] == "gemv"
+    assert pick_config(4, 4096, 4096, 128, cpu)["path"] == "gemv"
+    assert pick_config(5, 4096, 4096, 128, cpu)["path"] == "gemm"
+    assert pick_config(1, 64, 4096, 16, cpu)["COLUMN_K"] == 16  # inside a group of 16
+    assert pick_config(1, 64, 4096, 32, cpu, bits=6)["COLUMN_K"] == 32
+    # 3-bit codes need columns of 32 (whole words of their 1-bit plane): none fits groups of 16
+    assert pick_config(1, 64, 4096, 16, cpu, bits=3)["path"] == "gemm"
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
-def test_gemv_default_keeps_32_products_per_thread(m):
-    """The GEMV holds a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 product tile in registers, so its default
-    K tile shrinks as M grows (at M=4 with K tiles of 128 it needs ~254 registers per thread);
-    the LUT kernel, which holds no such tile, keeps K tiles of 128."""
+def test_gemv_default_tiles(m, monkeypatch):
+    """16 rows per thread at M=1, 8 at M=2, 4 at M=3-4 (within what tune.py may try), columns of
+    32; on a 132-SM GPU a k/v projection (N=1024) still gets two programs per SM; the LUT
+    kernel keeps K tiles of 128."""
     cfg = pick_config(m, 4096, 4096, 128, torch.device("cpu"))
-    assert cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] == 32 * 128  # 4 warps
-    assert gemv_products_per_thread(cfg) == 32 <= GEMV_MAX_PRODUCTS_PER_THREAD  # what tune.py may try
-    lut = gemv_config(m, 4096, 4096, 128, torch.device("cpu"), max_block_m=16, holds_products=False)
-    assert lut["BLOCK_K"] == 128
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["COLUMN_K"]) == ({1: 1, 2: 2}.get(m, 4), {1: 16, 2: 8}.get(m, 4), 32)
+    assert cfg["BLOCK_M"] * cfg["BLOCK_N"] <= GEMV_MAX_ROWS_PER_THREAD
+    monkeypatch.setattr(dequant_gemm, "num_sms", lambda device: 132)
+    kv = pick_config(m, 1024, 4096, 128, torch.device("cpu"))
+    programs = -(-1024 // kv["BLOCK_N"]) * min(kv["SPLIT_K"], -(-4096 // (kv["COLUMN_K"] * 128)))
+    assert programs >= 2 * 132
+    assert lut_gemv_config(m, 4096, 4096, 128, torch.device("cpu"), 16)["BLOCK_K"] == 128
 
 
 @pytest.mark.parametrize("device", DEVICES)

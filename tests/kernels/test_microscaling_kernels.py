@@ -52,14 +52,16 @@ def test_kernel_with_act_and_rotate_options(device, name, options):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path,block_k", [("gemv", 32), ("gemv", 128), ("gemm", 32), ("gemm", 64)])
+@pytest.mark.parametrize("path,tile", [("gemv", 8), ("gemv", 16), ("gemm", 32), ("gemm", 64)])
 @pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
-def test_tiles_spanning_several_blocks(device, path, block_k, name):
-    """BLOCK_K 64/128 covers 2-8 scale blocks per tile; 32 covers one (mx) or two (nvfp4)."""
+def test_tiles_spanning_several_blocks(device, path, tile, name):
+    """GEMM: BLOCK_K 64 covers 2 (mx) or 4 (nvfp4) scale blocks per tile, 32 one or two. GEMV:
+    columns of 8 / 16 K lie inside a block, a tile of 32 columns spans several."""
     gen = torch.Generator().manual_seed(2)
     w, x = torch.randn(33, 256, generator=gen), torch.randn(6, 256, generator=gen)
     p = get_format(name).quantize(w)
-    cfg = {"path": path, "BLOCK_M": 8 if path == "gemv" else 16, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": 3}
+    cfg = ({"path": "gemv", "BLOCK_M": 8, "BLOCK_N": 16, "COLUMN_K": tile, "SPLIT_K": 3, "num_warps": 1}
+           if path == "gemv" else {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": tile})
     fmt = get_format(name)
     y = dequant_matmul(x.to(device), p.qweight.to(device), p.scales.view(torch.uint8).to(device), None, None,
                        bits=4, group_size=fmt.block, in_features=256, element="e2m1", scale_kind=fmt.scale_kind,

@@ -23,7 +23,8 @@ def _run(name: str, packed, x, bias, split: int):
     if name == "int4":
         return dequant_matmul(x, fields["qweight"], fields["scales"], fields["zeros"], bias, bits=4, group_size=32,
                               in_features=packed.shape[1],
-                              config={"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split})
+                              config={"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "COLUMN_K": 8, "SPLIT_K": split,
+                                      "num_warps": 1})
     if name == "lut2":
         return lut_matmul(x, fields["qweight"], fields["scales"], fields["zeros"], bias, bits=2, group_size=32,
                           in_features=packed.shape[1],
@@ -74,7 +75,7 @@ def test_gpu_split_k_stress(m):
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
     packed = lowbit.get_format("int4").quantize(w)
     f = packed.tensors
-    cfg = {"path": "gemv", "BLOCK_M": min(m, 4), "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 32}
+    cfg = {"path": "gemv", "BLOCK_M": min(m, 4), "BLOCK_N": 4, "COLUMN_K": 8, "SPLIT_K": 16, "num_warps": 1}
     first = dequant_matmul(x, f["qweight"], f["scales"], f["zeros"], None, bits=4, group_size=128, in_features=4096,
                            config=cfg)
     ref = F.linear(x.float(), lowbit.get_format("int4").dequantize(packed).float())

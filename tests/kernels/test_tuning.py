@@ -42,7 +42,7 @@ def _key_of(x, packed) -> str:
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
 def test_launch_options_are_taken_and_checked(tuned_table):
     device = torch.device(DEVICES[0])
-    gemv = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 2, "num_stages": 1}
+    gemv = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "COLUMN_K": 16, "SPLIT_K": 2, "num_warps": 2, "num_stages": 1}
     variant = "int4-asym-g128-float-torch.float32"
     tuned_table({f"{variant}/37x384/m1": {**gemv, "us": 1.0, "format": "int4"}})
     assert pick_config(1, 37, 384, 128, device, variant=variant) == gemv
@@ -52,6 +52,10 @@ def test_launch_options_are_taken_and_checked(tuned_table):
     assert "num_warps" not in pick_config(1, 37, 384, 128, device, variant=variant)
     tuned_table({f"{variant}/37x384/m1": {**gemv, "num_stages": 0}})
     assert "num_stages" not in pick_config(1, 37, 384, 128, device, variant=variant)
+    stale = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}  # the GEMV before COLUMN_K
+    for entry in (stale, {**gemv, "COLUMN_K": 4}, {**gemv, "COLUMN_K": 256}):  # no column / too short / past a group
+        tuned_table({f"{variant}/37x384/m1": entry})
+        assert pick_config(1, 37, 384, 128, device, variant=variant) == pick_config(1, 37, 384, 128, device)
     w, x = torch.randn(37, 300, device=device) * 0.02, torch.randn(1, 300, device=device)
     packed = lowbit.get_format("int4").quantize(w)
     tuned_table({f"{variant}/37x384/m1": gemv})
