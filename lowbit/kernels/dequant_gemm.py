@@ -4,14 +4,13 @@ One kernel family for every element type (ELEMENT: "int" codes of any width BITS
 "sint", small floats "e4m3" / "e5m2" / "e2m3" / "e2m1", the "nf4" codebook), scale decoder (float, E8M0 or E4M3 bytes,
 optional fp32 tensor scale) and scale layout (per row and K group, or per SCALE_GROUP_N rows), all
 constexprs, two paths:
-  * `_gemv_kernel`: small M, split-K; each program reduces a K slice of BLOCK_N output
-    features with broadcast multiplies (no tensor cores needed at M <= 4), accumulated per
-    element and summed once after its K loop (a sum per K tile would cost cross-thread
-    shuffles and shared-memory round trips every tile); the splits are reduced inside the same
-    launch (lowbit/kernels/split_k.py).
-  * `_gemm_kernel`: larger M, tiles dequantized in registers then fed to `tl.dot`.
-Both load the bit planes written by `lowbit.formats.bitpack` (8-bit elements: 4 per int32 word,
-LSB first) and decode them through `_dequant_tile`.
+  * `_gemv_kernel`: small M (no tensor cores needed at M <= 4), split-K; each thread sums a
+    column of COLUMN_K consecutive K for all BLOCK_N rows of its program, in registers, and
+    the sums are reduced across threads once, after the K loop (see `_column_sums`); the
+    splits are reduced inside the same launch (lowbit/kernels/split_k.py).
+  * `_gemm_kernel`: larger M, tiles dequantized in registers (`_dequant_tile`) then fed to `tl.dot`.
+Both read the bit planes written by `lowbit.formats.bitpack` (8-bit elements: 4 per int32 word,
+LSB first), each packed word loaded once.
 The launcher `dequant_matmul` validates, picks path / tile sizes and launches.
 """
 from __future__ import annotations
@@ -178,10 +177,10 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
 @triton.jit
 def _word(qw_ptr, rows, col, plane_start, stride_qn, one, WORDS_PER_COLUMN: tl.constexpr, INDEX: tl.constexpr):
     """Word INDEX of each thread's column in one bit plane, for every row: [1, BLOCK_N, COLUMNS]
-    int32. Word offsets are multiplied by the runtime 1 `one`: with no contiguity to see, the
-    compiler loads the words in the activations' layout (one column per thread, its rows in
+    int32. The column's offset is multiplied by the run-time 1 `one`: with no contiguity to see,
+    the compiler loads the words in the activations' layout (one column per thread, its rows in
     registers) instead of a vectorised one that would send every decoded weight through shared
-    memory to meet the activations."""
+    memory to meet the activations. The word index stays a constant offset (no address math)."""
     return tl.load(qw_ptr + rows * stride_qn + (col * WORDS_PER_COLUMN) * one + plane_start + INDEX)
 
 
