@@ -244,7 +244,8 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     Integer elements ("int", "sint") never shift a code out of its word: each bit plane adds its
     bits through `_plane_fma` (a LOP3, an FADD and the FFMA per weight and plane). `magic` is
     0x4B000000 passed at run time so it sits in a register: LOP3 takes one immediate, which the
-    mask needs. Other elements extract each code, then `_decode` it."""
+    mask needs. E4M3 / E5M2 / E2M1 decode in place too (`_minifloat_in_word`); "nf4" and "e2m3"
+    extract each code, then look it up / `_decode` it."""
     INTEGER: tl.constexpr = ELEMENT == "int" or ELEMENT == "sint"
     ZERO_POINT: tl.constexpr = ELEMENT == "int" and not SYMMETRIC
     # subtracted from every code: the symmetric zero point, or sint's sign flip
@@ -283,22 +284,18 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
             if kk % PER_WORD == 0:
                 w8 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // PER_WORD, kk // PER_WORD)
             sums = tl.fma(_minifloat_in_word(w8, kk % PER_WORD, ELEMENT, BITS), x, sums)
-        else:
-            if BITS == 8:
-                if kk % 4 == 0:
-                    w8 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // 4, kk // 4)
-                code = (w8 >> ((kk % 4) * 8)) & 255
-            else:
-                code = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.int32)
-                if BITS & 4:
-                    if kk % 8 == 0:
-                        w4 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // 8, kk // 8)
-                    code |= (w4 >> ((kk % 8) * 4)) & 15
-                if BITS & 2:
-                    if kk % 16 == 0:
-                        w2 = _word(qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, COLUMN_K // 16,
-                                   kk // 16)
-                    code |= ((w2 >> ((kk % 16) * 2)) & 3) << (BITS & 4)
+        else:  # "nf4" (one 4-bit plane) and "e2m3" (4-bit + 2-bit planes): the code, then its value
+            tl.static_assert(BITS & 1 == 0 and BITS < 8, "no 1-bit or 8-bit plane here")
+            code = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.int32)
+            if BITS & 4:
+                if kk % 8 == 0:
+                    w4 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // 8, kk // 8)
+                code |= (w4 >> ((kk % 8) * 4)) & 15
+            if BITS & 2:
+                if kk % 16 == 0:
+                    w2 = _word(qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, COLUMN_K // 16,
+                               kk // 16)
+                code |= ((w2 >> ((kk % 16) * 2)) & 3) << (BITS & 4)
             if ELEMENT == "nf4":
                 value = tl.load(z_ptr + code)  # z_ptr: the fp32 codebook (see `_dequant_tile`)
             else:
