@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import triton  # noqa: E402
 
-from lowbit.kernels import dequant_gemm, dfloat11  # noqa: E402
+from lowbit.kernels import dfloat11  # noqa: E402
 from tests.kernels import hopper_codegen as codegen  # noqa: E402
 
 #: weights per thread in one trip of the LUT kernel's K loop: hopper_codegen's tiles (BLOCK_N=32,
@@ -44,8 +44,7 @@ LUT_PER_THREAD = 32 * 128 // 128
 def _gemv(bits: int, symmetric: bool, element: str, scale_kind: str = "float"):
     """A dequant GEMV variant: one trip of its K loop is one column (COLUMN_K weights) of each of
     the thread's BLOCK_N rows."""
-    group = {"e8m0": 32, "e4m3": 16}.get(scale_kind, 128 if element == "int" else 4096)
-    weights = codegen.GEMV_BLOCK_N * dequant_gemm.gemv_column_k(bits, group)
+    weights = codegen.GEMV_BLOCK_N * codegen.variant_column_k(bits, element, scale_kind)
     return (lambda: codegen.compile_variant("gemv", bits, symmetric, "bf16", element, scale_kind), weights)
 
 

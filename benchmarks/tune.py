@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.bench_gemm import REL_TOL, env_info, make_case, relative_error, time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
-from lowbit.kernels.dequant_gemm import GEMV_MAX_ROWS_PER_THREAD  # noqa: E402
+from lowbit.kernels.dequant_gemm import GEMV_COLUMN_K, GEMV_MAX_ROWS_PER_THREAD, gemv_block_n  # noqa: E402
 
 # the formats with speed targets, most important first (a --budget-s cut drops the last ones)
 DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxint8"]
@@ -62,7 +62,7 @@ def start_points(m: int, smoke: bool, lut: bool = False) -> list[dict]:
         gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4,
                 "num_stages": 2}
     else:
-        gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": max(2, 16 // block_m), "COLUMN_K": 32, "SPLIT_K": 2,
+        gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": gemv_block_n(block_m), "COLUMN_K": GEMV_COLUMN_K, "SPLIT_K": 2,
                 "num_warps": 4}
     gemm = {"path": "gemm", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
             "num_stages": 3}

@@ -31,6 +31,8 @@ GEMV_MAX_M = 4
 #: BLOCK_M * BLOCK_N, the (batch row, output row) pairs one GEMV thread sums, that
 #: benchmarks/tune.py may try: each holds two fp32 sums in registers (~170 registers at 32)
 GEMV_MAX_ROWS_PER_THREAD = 32
+#: the GEMV's default (and longest) column: K values one thread reads per row and tile
+GEMV_COLUMN_K = 32
 
 
 @triton.jit
@@ -433,7 +435,7 @@ def min_column_k(bits: int) -> int:
     return 4 if bits == 8 else 32 // (bits & -bits)
 
 
-def gemv_column_k(bits: int, group_size: int, longest: int = 32) -> int | None:
+def gemv_column_k(bits: int, group_size: int, longest: int = GEMV_COLUMN_K) -> int | None:
     """Longest power-of-two GEMV column (<= longest) that holds whole words of every bit plane
     and lies inside one scale group; None if there is none (then the GEMM path runs)."""
     column_k = longest
@@ -449,6 +451,11 @@ def gemv_columns(cfg: dict) -> int:
     return 32 * cfg.get("num_warps", 4)
 
 
+def gemv_block_n(block_m: int) -> int:
+    """The GEMV's default rows per program for BLOCK_M batch rows: 16 (batch row, row) pairs per thread."""
+    return 16 // block_m
+
+
 def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: torch.device) -> dict | None:
     """Default tiles of the split-K dequant GEMV, or None if it cannot take this variant.
     16 rows per program at M=1 (8 at M=2, 4 at M=4): every activation a thread loads serves
@@ -461,11 +468,11 @@ def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: tor
     if column_k is None:
         return None
     block_m = min(triton.next_power_of_2(m), GEMV_MAX_M)
-    block_n = 16 // block_m
+    block_n = gemv_block_n(block_m)
     sms = num_sms(device)
 
     def k_tiles() -> int:
-        return triton.cdiv(kp // column_k, 128)
+        return triton.cdiv(kp // column_k, gemv_columns({}))
 
     while triton.cdiv(n, block_n) * k_tiles() < 2 * sms and column_k // 2 >= min_column_k(bits):
         column_k //= 2
@@ -473,16 +480,6 @@ def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: tor
         block_n //= 2
     split_k = max(1, min(k_tiles(), triton.cdiv(4 * sms, triton.cdiv(n, block_n))))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "COLUMN_K": column_k, "SPLIT_K": split_k}
-
-
-def lut_gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, max_block_m: int) -> dict:
-    """Default tiles of the LUT GEMV (lowbit/kernels/lut_gemm.py): 32 output features per
-    program, K tiles of up to 128 inside one group, splits for ~4 programs per SM."""
-    block_m = min(triton.next_power_of_2(m), max_block_m)
-    block_k = _block_k(group_size, kp, 128, multi_group=False)
-    n_tiles = triton.cdiv(n, 32)
-    split_k = max(1, min(kp // block_k, triton.cdiv(4 * num_sms(device), n_tiles)))
-    return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": split_k}
 
 
 def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,

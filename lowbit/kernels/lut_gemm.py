@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant_gemm import _plane_tile, check_block_k, check_operands, dequant_matmul, lut_gemv_config, tuned_config
+from .dequant_gemm import _block_k, _plane_tile, check_block_k, check_operands, dequant_matmul, tuned_config
+from .runtime import num_sms
 from .split_k import split_k_buffers, store_split_k
 from .tuning import launch_options
 
@@ -71,6 +72,16 @@ def _lut_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cou
         if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     store_split_k(acc, out_ptr, ws_ptr, counters_ptr, pid_m * BLOCK_M + rows, offs_n, M, N, stride_om, SPLIT)
+
+
+def lut_gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, max_block_m: int) -> dict:
+    """Default tiles of the LUT GEMV (`_lut_gemv_kernel`): 32 output features per
+    program, K tiles of up to 128 inside one group, splits for ~4 programs per SM."""
+    block_m = min(triton.next_power_of_2(m), max_block_m)
+    block_k = _block_k(group_size, kp, 128, multi_group=False)
+    n_tiles = triton.cdiv(n, 32)
+    split_k = max(1, min(kp // block_k, triton.cdiv(4 * num_sms(device), n_tiles)))
+    return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": split_k}
 
 
 def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

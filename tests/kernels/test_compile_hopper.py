@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lowbit.kernels import dequant_gemm, dfloat11
+from lowbit.kernels import dfloat11
 
 from . import hopper_codegen
 
@@ -90,8 +90,7 @@ def test_gemv_k_loop_stays_in_registers(hopper, variant):
     barriers; and integer codes become floats by an OR and a reinterpret, never an int -> float
     convert (quarter rate on NVIDIA GPUs)."""
     _, bits, _, act, element, *scale = variant
-    group = {"e8m0": 32, "e4m3": 16}.get(scale[0] if scale else None, 128 if element == "int" else 4096)
-    column_k = dequant_gemm.gemv_column_k(bits, group)
+    column_k = hopper_codegen.variant_column_k(bits, element, *scale)
     rows = hopper_codegen.GEMV_BLOCK_N
     expected = (rows * column_k * bits // 32 + (column_k if act == "fp32" else 0)
                 + (rows if element != "int" and not scale else 0) + (rows * column_k if element == "nf4" else 0))

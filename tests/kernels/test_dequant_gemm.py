@@ -13,7 +13,8 @@ import lowbit
 from lowbit.errors import InputError, KernelUnavailableError
 from lowbit.formats import get_format
 from lowbit.kernels import dequant_gemm
-from lowbit.kernels.dequant_gemm import GEMV_MAX_ROWS_PER_THREAD, dequant_matmul, lut_gemv_config, pick_config
+from lowbit.kernels.dequant_gemm import GEMV_MAX_ROWS_PER_THREAD, dequant_matmul, pick_config
+from lowbit.kernels.lut_gemm import lut_gemv_config
 
 from ..conftest import kernel_devices, requires_gpu
 
