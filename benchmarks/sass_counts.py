@@ -41,11 +41,12 @@ from tests.kernels import hopper_codegen as codegen  # noqa: E402
 LUT_PER_THREAD = 32 * 128 // 128
 
 
-def _gemv(bits: int, symmetric: bool, element: str, scale_kind: str = "float"):
+def _gemv(bits: int, symmetric: bool, element: str, scale_kind: str = "float", one_bit_planes: bool = False):
     """A dequant GEMV variant: one trip of its K loop is one column (COLUMN_K weights) of each of
     the thread's BLOCK_N rows."""
-    weights = codegen.GEMV_BLOCK_N * codegen.variant_column_k(bits, element, scale_kind)
-    return (lambda: codegen.compile_variant("gemv", bits, symmetric, "bf16", element, scale_kind), weights)
+    weights = codegen.GEMV_BLOCK_N * codegen.variant_column_k(bits, element, scale_kind, one_bit_planes)
+    return (lambda: codegen.compile_variant("gemv", bits, symmetric, "bf16", element, scale_kind, one_bit_planes),
+            weights)
 
 
 #: name -> (compile the variant, weights one trip of its hot loop covers per thread)
@@ -61,8 +62,11 @@ KERNELS = {
     "gemv-mxfp4": _gemv(4, True, "e2m1", "e8m0"),
     "gemv-nvfp4": _gemv(4, True, "e2m1", "e4m3"),
     "gemv-nf4": _gemv(4, True, "nf4"),
-    "lut2": (lambda: codegen.compile_lut(2), LUT_PER_THREAD),
-    "lut4": (lambda: codegen.compile_lut(4), LUT_PER_THREAD),
+    # the LUT formats: the dequant GEMV on their one-bit planes (the default), the table-lookup kernel
+    "gemv-lut2": _gemv(2, False, "int", one_bit_planes=True),
+    "gemv-lut4": _gemv(4, False, "int", one_bit_planes=True),
+    "lookup-lut2": (lambda: codegen.compile_lut(2), LUT_PER_THREAD),
+    "lookup-lut4": (lambda: codegen.compile_lut(4), LUT_PER_THREAD),
     # one lane (row or segment) per thread; the hot loop decodes one chunk per lane
     "dfloat11-gemv": (lambda: codegen.compile_dfloat11("gemv"), dfloat11.GEMV_CHUNK),
     "dfloat11-decode": (lambda: codegen.compile_dfloat11("decode"), dfloat11.DECODE_CHUNK),

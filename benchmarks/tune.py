@@ -7,9 +7,9 @@
 
 For every (format, shape, M bucket) a coordinate descent runs from a start point near the
 launcher's default over each path's search space (SPACES: for small M the split-K GEMV's rows
-per program, column length, split count and warps, or the LUT kernel's tiles; tensor-core GEMM
-tiles, warps and pipeline stages for every M), so the GEMV / GEMM choice per M is measured, not
-assumed. Each candidate runs through lowbit.linear under `tuning.force`; one whose
+per program, column length, split count and warps, and for the LUT formats also the
+table-lookup kernel's tiles; tensor-core GEMM tiles, warps and pipeline stages for every M),
+so the GEMV / lookup / GEMM choice per M is measured, not assumed. Each candidate runs through lowbit.linear under `tuning.force`; one whose
 output misses the correctness gate (max relative error vs the fp32 reference, as in bench_gemm)
 or fails to launch is pruned. The fastest survivor (triton.testing.do_bench median) is written
 with its time and the default's into lowbit/kernels/tuned/<gpu>.json, which the launchers read,
@@ -36,10 +36,12 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.bench_gemm import REL_TOL, env_info, make_case, relative_error, time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
 from lowbit.kernels.dequant_gemm import GEMV_COLUMN_K, GEMV_MAX_ROWS_PER_THREAD, gemv_block_n  # noqa: E402
+from lowbit.kernels.lut_gemm import LUT_MAX_M  # noqa: E402
 
 # the formats with speed targets, most important first (a --budget-s cut drops the last ones)
 DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxint8"]
-#: path -> parameter -> values tried by the descent (GEMV only for M <= GEMV_MAX_TUNED_M)
+#: path -> parameter -> values tried by the descent (GEMV only for M <= GEMV_MAX_TUNED_M, the
+#: LUT formats' lookup kernel for M <= LUT_MAX_M)
 SPACES = {
     "gemv": {"BLOCK_N": (2, 4, 8, 16, 32), "COLUMN_K": (4, 8, 16, 32, 64), "SPLIT_K": (1, 2, 4, 8, 16, 32),
              "num_warps": (1, 2, 4, 8)},
@@ -55,28 +57,27 @@ TUNE_REP_MS = 20  # do_bench repetitions per candidate (bench_gemm uses do_bench
 
 
 def start_points(m: int, smoke: bool, lut: bool = False) -> list[dict]:
-    """Where the descent starts on each path (close to the launchers' defaults); lut: the small-M
-    path is the LUT kernel (its "gemv" entries have K tiles, not columns)."""
-    block_m = min(1 << (m - 1).bit_length(), 16 if lut else 4)
-    if lut:
-        gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4,
-                "num_stages": 2}
-    else:
-        gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": gemv_block_n(block_m), "COLUMN_K": GEMV_COLUMN_K, "SPLIT_K": 2,
-                "num_warps": 4}
+    """Where the descent starts on each path (close to the launchers' defaults); lut: a LUT
+    format, which also has the table-lookup kernel (path "lut") for M <= LUT_MAX_M."""
+    block_m = min(1 << (m - 1).bit_length(), 4)
+    # a LUT format's GEMV columns hold whole 32-bit words of its one-bit planes
+    gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": gemv_block_n(block_m), "COLUMN_K": GEMV_COLUMN_K,
+            "SPLIT_K": 2, "num_warps": 4}
+    lookup = {"path": "lut", "BLOCK_M": min(1 << (m - 1).bit_length(), LUT_MAX_M), "BLOCK_N": 32, "BLOCK_K": 128,
+              "SPLIT_K": 8, "num_warps": 4, "num_stages": 2}
     gemm = {"path": "gemm", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
             "num_stages": 3}
     if smoke:
-        gemv.update(BLOCK_N=16, SPLIT_K=1, **({"BLOCK_K": 64} if lut else {"COLUMN_K": 8, "num_warps": 1}))
+        gemv.update(BLOCK_N=16, SPLIT_K=1, COLUMN_K=32 if lut else 8, num_warps=1)
+        lookup.update(BLOCK_N=16, SPLIT_K=1, BLOCK_K=64)
         gemm.update(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
-    return [gemv, gemm] if m <= GEMV_MAX_TUNED_M else [gemm]
+    return (([gemv] if m <= GEMV_MAX_TUNED_M else []) + ([lookup] if lut and m <= LUT_MAX_M else []) + [gemm])
 
 
-def space_for(m: int, lut: bool = False) -> dict:
-    """SPACES without GEMM row tiles far taller than M (they only multiply padding); lut: the
-    small-M path is the LUT kernel's."""
+def space_for(m: int) -> dict:
+    """SPACES without GEMM row tiles far taller than M (they only multiply padding)."""
     gemm = {**SPACES["gemm"], "BLOCK_M": tuple(b for b in SPACES["gemm"]["BLOCK_M"] if b <= max(16, 2 * m))}
-    return {"gemv": SPACES["lut" if lut else "gemv"], "gemm": gemm}
+    return {**SPACES, "gemm": gemm}
 
 
 def descend(measure, start: dict, space: dict, rounds: int = 2) -> tuple[dict | None, float | None]:
@@ -116,11 +117,11 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     seen: dict[str, float | None] = {}
     errors: dict[str, float] = {}
 
-    lut = key.startswith("lut")  # the small-M path is the LUT kernel, not the dequant GEMV
+    lut = key.startswith("lut")  # a LUT format: the lookup kernel is a candidate too
 
     def measure(cfg: dict) -> float | None:
         tag = json.dumps(cfg, sort_keys=True)
-        if not lut and cfg["path"] == "gemv" and cfg["BLOCK_M"] * cfg["BLOCK_N"] > GEMV_MAX_ROWS_PER_THREAD:
+        if cfg["path"] == "gemv" and cfg["BLOCK_M"] * cfg["BLOCK_N"] > GEMV_MAX_ROWS_PER_THREAD:
             seen[tag] = None  # pruned unmeasured: this many sums per thread spill registers
         if tag not in seen:
             seen[tag] = None
@@ -134,8 +135,7 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
                 pass
         return seen[tag]
 
-    spaces = ({**SMOKE_SPACES, "gemv": SMOKE_SPACES["lut" if lut else "gemv"]} if args.smoke
-              else space_for(m, lut))
+    spaces = SMOKE_SPACES if args.smoke else space_for(m)
     best, best_us = None, None
     for start in start_points(m, args.smoke, lut):
         cfg, us = descend(measure, start, spaces[start["path"]], rounds=1 if args.smoke else 2)

@@ -60,7 +60,8 @@ def lut_linear(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """[M, K] x times a lutN weight -> [M, N]: table-lookup kernel (small M) or dequant GEMM."""
+    """[M, K] x times a lutN weight -> [M, N]: the dequant GEMV / GEMM on its one-bit planes, or the
+    table-lookup kernel where tuning measured it faster (lowbit/kernels/lut_gemm.py)."""
     from .kernels.lut_gemm import lut_matmul
 
     return lut_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size, in_features=in_features)

@@ -2,7 +2,8 @@
 (same codes, scales and zero points, default group 128), stored as b one-bit planes so the
 kernel can use 4 weights of a plane as a 4-bit index into a table of activation sums
 (T-MAC identity: code = sum_j 2^j bit_j). `lutN` and `intN` of the same width dequantize to the
-same values; only the layout and the kernel (lowbit/kernels/lut_gemm.py) differ.
+same values; only the layout and the kernels (lowbit/kernels/lut_gemm.py picks the lookup kernel
+or the dequant kernels on the same planes, per tuning) differ.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .integer import IntFormat
 
 
 class LutFormat(IntFormat):
-    """`lut{bits}`: intN-asymmetric codes in one-bit planes, multiplied by table lookup."""
+    """`lut{bits}`: intN-asymmetric codes in one-bit planes (table lookup or merged-plane dequant)."""
 
     ONE_BIT_PLANES = True
 

@@ -219,6 +219,47 @@ def _plane_fma(sums, window, x, magic, KK: tl.constexpr, WIDTH: tl.constexpr, SH
 
 
 @triton.jit
+def _plane_pair(qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, COLUMN_K: tl.constexpr,
+                INDEX: tl.constexpr):
+    """Word INDEX of two one-bit planes (the LUT formats' layout; plane_start = the lower plane's
+    first word) merged into two words of 2-bit codes, so `_plane_fma` reads them as it reads an
+    int2 plane: `even` holds the codes of the word's even K (K 2q at bits 2q, 2q+1), `odd` those of
+    its odd K. Four integer ops per 32 K instead of a LOP3 + FADD + FFMA per weight and plane."""
+    low = _word(qw_ptr, rows, col, plane_start, stride_qn, one, COLUMN_K // 32, INDEX)
+    high = _word(qw_ptr, rows, col, plane_start + words_per_bit, stride_qn, one, COLUMN_K // 32, INDEX)
+    # bits of `a` where mask is set, of `b` elsewhere, as b ^ ((a ^ b) & mask): one LOP3. The mask
+    # is a run-time value (times `one`) so the compiler keeps this form instead of rewriting it as
+    # two ANDs with complementary constants, which ptxas cannot fuse into one LOP3
+    mask = 0x55555555 * one
+    high_up = high << 1
+    even = high_up ^ ((low ^ high_up) & mask)
+    odd = high ^ (((low >> 1) ^ high) & mask)
+    return even, odd
+
+
+@triton.jit
+def _pair_fma(sums, even, odd, qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, x, magic,
+              KK: tl.constexpr, SHIFT: tl.constexpr, OFFSET: tl.constexpr, COLUMN_K: tl.constexpr):
+    """`_plane_fma` for code KK of a column on the pair of one-bit planes from plane_start (their
+    bits << SHIFT): the pair is merged at each word (`_plane_pair`); KK's code is 2-bit code
+    (KK % 32) // 2 of the merged word of KK's parity. Returns (sums, even, odd)."""
+    SLOT: tl.constexpr = (KK % 32) // 2
+    WINDOW: tl.constexpr = 23 // 2  # as in `_window`: the codes from here on are shifted down
+    if KK % 32 == 0:
+        even, odd = _plane_pair(qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, COLUMN_K, KK // 32)
+    if SLOT == WINDOW:
+        if KK % 2 == 0:
+            even = even >> (2 * WINDOW)
+        else:
+            odd = odd >> (2 * WINDOW)
+    if KK % 2 == 0:
+        sums = _plane_fma(sums, even, x, magic, SLOT, 2, SHIFT, OFFSET)
+    else:
+        sums = _plane_fma(sums, odd, x, magic, SLOT, 2, SHIFT, OFFSET)
+    return sums, even, odd
+
+
+@triton.jit
 def _minifloat_in_word(word, INDEX: tl.constexpr, ELEMENT: tl.constexpr, BITS: tl.constexpr):
     """Small float INDEX of a word of BITS-wide codes (E4M3 / E5M2 / E2M1) -> fp32 value * 2^(bias - 15),
     as `_decode_minifloat` gives, in three integer ops instead of six: the code is shifted to the
@@ -235,8 +276,8 @@ def _minifloat_in_word(word, INDEX: tl.constexpr, ELEMENT: tl.constexpr, BITS: t
 
 @triton.jit
 def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_bit, stride_xm, stride_qn, one,
-                 magic, BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr, MASK_X: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+                 magic, BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
+                 ONE_BIT_PLANES: tl.constexpr, MASK_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
     """For each thread's column of COLUMN_K consecutive K (col [1, 1, COLUMNS]) and each of its
     rows: sum_k value(code) * x [BLOCK_M, BLOCK_N, COLUMNS] fp32, and sum_k x [BLOCK_M, 1, COLUMNS]
     (zero for all but asymmetric "int"). value is the element before scaling, up to
@@ -246,7 +287,8 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     Integer elements ("int", "sint") never shift a code out of its word: each bit plane adds its
     bits through `_plane_fma` (a LOP3, an FADD and the FFMA per weight and plane). `magic` is
     0x4B000000 passed at run time so it sits in a register: LOP3 takes one immediate, which the
-    mask needs. E4M3 / E5M2 / E2M1 decode in place too (`_minifloat_in_word`); "nf4" and "e2m3"
+    mask needs. The LUT formats' one-bit planes are merged in pairs into 2-bit codes first
+    (`_pair_fma`). E4M3 / E5M2 / E2M1 decode in place too (`_minifloat_in_word`); "nf4" and "e2m3"
     extract each code, then look it up / `_decode` it."""
     INTEGER: tl.constexpr = ELEMENT == "int" or ELEMENT == "sint"
     ZERO_POINT: tl.constexpr = ELEMENT == "int" and not SYMMETRIC
@@ -261,6 +303,10 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     w4 = w8
     w2 = w8
     w1 = w8
+    even0 = w8  # merged one-bit plane pairs (0, 1) and (2, 3), see `_pair_fma`
+    odd0 = w8
+    even1 = w8
+    odd1 = w8
     for kk in tl.static_range(COLUMN_K):
         if MASK_X:
             x = tl.load(x_ptr + x_rows * stride_xm + k0 + kk, mask=x_mask & (k0 + kk < K), other=0.0)
@@ -269,7 +315,18 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
         x = x.to(tl.float32)  # [BLOCK_M, 1, COLUMNS]
         if ZERO_POINT:
             x_sum += x
-        if INTEGER and BITS == 8:
+        if INTEGER and ONE_BIT_PLANES:
+            tl.static_assert(BITS <= 4, "the LUT formats have at most 4 one-bit planes")
+            if BITS >= 2:
+                sums, even0, odd0 = _pair_fma(sums, even0, odd0, qw_ptr, rows, col, 0, words_per_bit, stride_qn, one, x,
+                                              magic, kk, 0, OFFSET, COLUMN_K)
+            if BITS == 4:
+                sums, even1, odd1 = _pair_fma(sums, even1, odd1, qw_ptr, rows, col, 2 * words_per_bit, words_per_bit,
+                                              stride_qn, one, x, magic, kk, 2, 0, COLUMN_K)
+            if BITS % 2:  # the top plane of lut1 / lut3
+                w1 = _window(w1, qw_ptr, rows, col, words_per_bit * (BITS - 1), stride_qn, one, kk, 1, COLUMN_K, False)
+                sums = _plane_fma(sums, w1, x, magic, kk, 1, BITS - 1, 0 if BITS > 1 else OFFSET)
+        elif INTEGER and BITS == 8:
             w8 = _window(w8, qw_ptr, rows, col, 0, stride_qn, one, kk, 8, COLUMN_K, ELEMENT == "sint")
             sums = _plane_fma(sums, w8, x, magic, kk, 8, 0, OFFSET)
         elif INTEGER:
@@ -310,8 +367,9 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
 def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit,
                stride_xm, stride_qn, stride_sg, one, magic,
                BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_SIZE: tl.constexpr,
-               SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr, MASKED: tl.constexpr, PADDED_K: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+               SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
+               MASKED: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N, COLUMNS] plus K tile t (COLUMNS columns of COLUMN_K). MASKED: the
     tile runs past the last column (those columns add nothing); PADDED_K: x has K < Kp columns."""
     col = (t * COLUMNS + tl.arange(0, COLUMNS))[None, None, :]
@@ -319,7 +377,7 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, wo
     if MASKED:
         col = tl.minimum(col, columns - 1)  # weight and scale loads stay in bounds
     sums, x_sum = _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, in_range, K, words_per_bit, stride_xm,
-                               stride_qn, one, magic, BITS, ELEMENT, SYMMETRIC, MASKED or PADDED_K,
+                               stride_qn, one, magic, BITS, ELEMENT, SYMMETRIC, ONE_BIT_PLANES, MASKED or PADDED_K,
                                BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
     group = col * COLUMN_K // GROUP_SIZE
     scale_rows = rows if SCALE_GROUP_N == 1 else rows // SCALE_GROUP_N
@@ -343,8 +401,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
                  stride_xm, stride_qn, stride_sg, stride_om, one, magic,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
-                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, SPLIT: tl.constexpr,
-                 PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
+                 SPLIT: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
     """Split-K GEMV. The K axis is cut into columns of COLUMN_K consecutive values and each thread
     takes one column of a tile (COLUMNS = the program's threads) for all BLOCK_N rows: its
@@ -367,11 +425,11 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     for t in range(t_start, full_end):
         acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit, stride_xm,
                          stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                         SCALE_KIND, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+                         SCALE_KIND, ONE_BIT_PLANES, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
     for t in range(tl.maximum(t_start, full_end), t_end):  # the last, partial tile (at most one)
         acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit, stride_xm,
                          stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                         SCALE_KIND, True, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+                         SCALE_KIND, ONE_BIT_PLANES, True, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
     out = tl.sum(acc, axis=2)
     if HAS_TENSOR_SCALE:
         out *= tl.load(ts_ptr).to(tl.float32)
@@ -483,12 +541,13 @@ def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: tor
 
 
 def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
-                variant: str | None = None, bits: int = 4) -> dict:
-    """Path and tile sizes for an [m, kp] x [n, kp]^T problem of `bits`-wide codes: the tuned config
+                variant: str | None = None, bits: int = 4, lut: bool = False) -> dict:
+    """Path and tile sizes for an [m, kp] x [n, kp]^T problem of `bits`-wide codes (1 for the LUT
+    formats: the narrowest bit plane decides the GEMV's shortest column): the tuned config
     for this GPU, kernel `variant` and M bucket when benchmarks/tune.py measured one
     (lowbit/kernels/tuning.py), else defaults. multi_group: GEMM tiles may span several scale
-    groups (no zero points)."""
-    tuned = tuned_config(device, variant, n, kp, m, group_size, multi_group, bits) if variant else None
+    groups (no zero points); lut: the launch also has the table-lookup kernel (a tuned "lut" path)."""
+    tuned = tuned_config(device, variant, n, kp, m, group_size, multi_group, bits, lut) if variant else None
     if tuned:
         return tuned
     gemv = gemv_config(m, n, kp, bits, group_size, device) if m <= GEMV_MAX_M else None
@@ -506,16 +565,18 @@ def tuned_config(device: torch.device, variant: str, n: int, kp: int, m: int, gr
     return tuned if tuned and valid_config(tuned, group_size, kp, multi_group, bits, lut) else None
 
 
-#: the tile keys of each path's configs (besides "path" and the launch options)
+#: the tile keys of each path's configs (besides "path" and the launch options); "lut" is the LUT
+#: formats' table-lookup kernel (lowbit/kernels/lut_gemm.py)
 CONFIG_KEYS = {"gemv": ("BLOCK_M", "BLOCK_N", "COLUMN_K", "SPLIT_K"), "gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                "lut": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")}
 
 
 def valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool, bits: int, lut: bool = False) -> bool:
     """A tuned entry this launch can take (a stale or hand-edited table must not break it).
-    lut: a "gemv" entry is the LUT kernel's (lowbit/kernels/lut_gemm.py), with a BLOCK_K."""
+    bits: the narrowest bit plane's code width (1 for the LUT formats); lut: a "lut" path (the
+    table-lookup kernel) is one this launch has."""
     path = cfg.get("path")
-    keys = CONFIG_KEYS.get("lut" if lut and path == "gemv" else path)
+    keys = CONFIG_KEYS.get(path) if path != "lut" or lut else None
     if keys is None or not set(keys) <= set(cfg) or not all(isinstance(cfg[k], int) and cfg[k] > 0 for k in keys):
         return False
     if not valid_launch_options(cfg):
@@ -577,7 +638,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
       bytes of E8M0 exponents / E4M3 values (scale_kind "e8m0" / "e4m3").
     zeros float16 [Kp/group_size, N] (asymmetric "int" only, else None).
     tensor_scale: fp32 [1] multiplying the whole product (NVFP4), or None. bias [N] or None.
-    `config` overrides the path / tile choice (keys as returned by `pick_config`).
+    `config`: a whole config (with a "path", keys as returned by `pick_config`) replaces the path
+      / tile choice; one without a path overrides the keys it has.
     """
     width = ELEMENTS.get(element, -1)
     if width == -1 or (width is not None and bits != width) or (element != "int" and zeros is not None):
@@ -595,20 +657,25 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return x.new_empty((0, n))
     multi_group = element != "int"
     variant = f"{element}{bits}{'-1bit' if one_bit_planes else ''}-{'sym' if zeros is None else 'asym'}-g{group_size}-{scale_kind}-{x.dtype}"
-    cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group, variant, bits), **(config or {})}
-    if one_bit_planes and cfg["path"] == "gemv":
-        raise InputError("the LUT formats' one-bit planes have no dequant GEMV (lowbit/kernels/lut_gemm.py has one)")
+    # GEMV columns hold whole words of the narrowest bit plane: one bit wide in the LUT formats' layout
+    plane_bits = 1 if one_bit_planes else bits
+    if config and "path" in config:  # a whole config (the LUT launcher's pick): no lookup of our own
+        cfg = dict(config)
+    else:
+        cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group, variant, plane_bits), **(config or {})}
+    if cfg["path"] not in ("gemv", "gemm"):
+        raise InputError(f"config path must be 'gemv' or 'gemm', got {cfg['path']!r}")
     # z_ptr: the zero points (asymmetric "int"), the codebook ("nf4"), else never read
     zeros_arg = zeros if zeros is not None else _nf4_codebook(x.device) if element == "nf4" else scales
     bias_arg = bias if bias is not None else scales  # never read without bias
     ts_arg = tensor_scale if tensor_scale is not None else scales  # never read without one
     common = dict(BITS=bits, ELEMENT=element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
                   GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n, SCALE_KIND=scale_kind,
-                  HAS_TENSOR_SCALE=tensor_scale is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  **launch_options(cfg))
+                  HAS_TENSOR_SCALE=tensor_scale is not None, ONE_BIT_PLANES=one_bit_planes, BLOCK_M=cfg["BLOCK_M"],
+                  BLOCK_N=cfg["BLOCK_N"], **launch_options(cfg))
     words_per_bit = kp // 32
     if cfg["path"] == "gemv":
-        problem = check_column_k(cfg["COLUMN_K"], bits, group_size)
+        problem = check_column_k(cfg["COLUMN_K"], plane_bits, group_size)
         if problem:
             raise InputError(problem)
         columns = kp // cfg["COLUMN_K"]
@@ -628,5 +695,5 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _gemm_kernel[grid](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out,
                        m, n, in_features, words_per_bit,
                        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-                       ONE_BIT_PLANES=one_bit_planes, DOT_FP32=dot_fp32, BLOCK_K=cfg["BLOCK_K"], **common)
+                       DOT_FP32=dot_fp32, BLOCK_K=cfg["BLOCK_K"], **common)
     return out

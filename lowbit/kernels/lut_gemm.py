@@ -10,7 +10,14 @@ and the asymmetric zero point costs one more table entry, table[group, 15] = sum
     y_n = sum_groups scale * (sum_k code_k x_k - zero * sum_k x_k).
 The table is built inside the kernel per K tile (no separate launch, nothing written to memory)
 in fp32, and indexed with `tl.gather`. Split-K with the deterministic in-launch reduction of
-lowbit/kernels/split_k.py, as in the dequant GEMV. Large M goes to the dequant GEMM instead (`lut_matmul`).
+lowbit/kernels/split_k.py, as in the dequant GEMV.
+
+`lut_matmul` runs this kernel only where benchmarks/tune.py measured it fastest. By default the
+dequant kernels read the same planes, because on NVIDIA GPUs Triton has no register-indexed
+table: `tl.gather` lowers to warp shuffles (plus shared memory to move the indices into the
+gather's layout), about 10.8 SASS instructions per weight for lut2 on sm_90, where the split-K
+GEMV merging each pair of planes into 2-bit codes needs about 4.2
+(benchmarks/results/sass-sm90-*.md). The GPU tuning run decides per shape and M.
 """
 from __future__ import annotations
 
@@ -18,12 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant_gemm import _block_k, _plane_tile, check_block_k, check_operands, dequant_matmul, tuned_config
+from .dequant_gemm import _block_k, _plane_tile, check_block_k, check_operands, dequant_matmul, pick_config
+from ..errors import InputError
 from .runtime import num_sms
 from .split_k import split_k_buffers, store_split_k
 from .tuning import launch_options
 
-#: up to this many rows the lookup kernel runs; above it, the dequant GEMM (tensor cores) wins
+#: benchmarks/tune.py tries the lookup kernel up to this many rows (its work grows with M; the
+#: tensor-core GEMM's does not)
 LUT_MAX_M = 16
 
 
@@ -90,10 +99,11 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     """[M, K] x (fp16/bf16/fp32) times a lutN weight -> [M, N] in x.dtype.
 
     qweight int32 [N, bits*Kp/32] (bits one-bit planes), scales / zeros float16 [Kp/group, N].
-    M <= LUT_MAX_M: the lookup kernel, unless benchmarks/tune.py measured the dequant GEMM
-    faster for this GPU, shape and M bucket (a tuned {"path": "gemm", ...} entry); larger M:
-    the dequant GEMM reading the same planes (its own tuned entries).
-    `config` overrides {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"} of the lookup kernel.
+    The path is the tuned entry benchmarks/tune.py measured fastest for this GPU, shape and M
+    bucket, else the defaults of the dequant kernels reading the same planes (the split-K GEMV,
+    which merges plane pairs into 2-bit codes, up to M=4; the tensor-core GEMM above). A
+    {"path": "lut", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"} entry runs the table-lookup
+    kernel. `config` replaces the choice (a "lut" config may leave out tiles: `lut_gemv_config`).
     """
     n = qweight.shape[0]
     kp = scales.shape[0] * group_size
@@ -102,13 +112,14 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, n))
-    tuned = None
-    if config is None and m <= LUT_MAX_M:
-        tuned = tuned_config(x.device, f"lut{bits}-g{group_size}-{x.dtype}", n, kp, m, group_size, False, bits, lut=True)
-    if config is None and (m > LUT_MAX_M or (tuned and tuned["path"] == "gemm")):
+    if config is not None and config.get("path") not in ("gemv", "lut", "gemm"):
+        raise InputError(f"a LUT launch config needs a path 'gemv', 'lut' or 'gemm', got {config!r}")
+    cfg = config or pick_config(m, n, kp, group_size, x.device, False, f"lut{bits}-g{group_size}-{x.dtype}", bits=1,
+                                lut=True)
+    if cfg.get("path") != "lut":
         return dequant_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
-                              in_features=in_features, one_bit_planes=True, config=tuned)
-    cfg = {**lut_gemv_config(m, n, kp, group_size, x.device, LUT_MAX_M), **(tuned or config or {})}
+                              in_features=in_features, one_bit_planes=True, config=cfg)
+    cfg = {**lut_gemv_config(m, n, kp, group_size, x.device, LUT_MAX_M), **cfg}
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group=False)
     n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
     out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"],

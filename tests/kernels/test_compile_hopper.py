@@ -28,7 +28,8 @@ MX_VARIANTS = [[path, bits, True, "bf16", element, scale] for path in ("gemv", "
                for bits, element, scale in [(4, "e2m1", "e8m0"), (4, "e2m1", "e4m3"), (6, "e2m3", "e8m0"),
                                             (8, "sint", "e8m0"), (8, "e4m3", "e8m0")]]
 NF4_VARIANTS = [[path, 4, True, "bf16", "nf4"] for path in ("gemv", "gemm")]
-LUT_VARIANTS = [["lut", b] for b in range(1, 5)]
+# the table-lookup kernel, and the dequant GEMV on the LUT formats' one-bit planes
+LUT_VARIANTS = [["lut", b] for b in range(1, 5)] + [["gemv", b, False, "bf16", "int", "float", True] for b in range(1, 5)]
 DF11_VARIANTS = [["dfloat11", "decode"], ["dfloat11", "gemv"]]
 VARIANTS = INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + NF4_VARIANTS + LUT_VARIANTS + DF11_VARIANTS + [["act_quant"]]
 
@@ -45,11 +46,12 @@ def hopper():
     return json.loads(proc.stdout)
 
 
-def _ptx(hopper, path, bits=None, symmetric=None, act=None, element="int", scale_kind=None):
+def _ptx(hopper, path, bits=None, symmetric=None, act=None, element="int", scale_kind=None, one_bit_planes=False):
     if path in ("lut", "dfloat11"):
         return _checked(hopper[f"{path}-{bits}"])
     key = path if path == "act_quant" else f"{path}-{bits}-{symmetric}-{act}-{element}"
     key += f"-{scale_kind}" if scale_kind else ""
+    key += "-True" if one_bit_planes else ""
     return _checked(hopper[key])
 
 
@@ -89,11 +91,11 @@ def test_gemv_k_loop_stays_in_registers(hopper, variant):
     passes through shared memory inside the loop: no shuffles, shared-memory accesses or
     barriers; and integer codes become floats by an OR and a reinterpret, never an int -> float
     convert (quarter rate on NVIDIA GPUs)."""
-    _, bits, _, act, element, *scale = variant
-    column_k = hopper_codegen.variant_column_k(bits, element, *scale)
+    _, bits, _, act, element, *scale_and_planes = variant
+    column_k = hopper_codegen.variant_column_k(bits, element, *scale_and_planes)
     rows = hopper_codegen.GEMV_BLOCK_N
     expected = (rows * column_k * bits // 32 + (column_k if act == "fp32" else 0)
-                + (rows if element != "int" and not scale else 0) + (rows * column_k if element == "nf4" else 0))
+                + (rows if element != "int" and not scale_and_planes else 0) + (rows * column_k if element == "nf4" else 0))
     k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if re.search(_WORD_LOAD, body)]
     assert len(k_loops) == 2
     for body in k_loops:

@@ -1,5 +1,5 @@
-"""The LUT kernel (table lookup, small M) and the one-bit-plane dequant GEMM (large M) for
-lut1-lut4, and nf4 through the generic dequant kernel, against F.linear on the dequantized
+"""The LUT formats' kernels (the table-lookup kernel; the dequant GEMV and GEMM on one-bit planes)
+for lut1-lut4, and nf4 through the generic dequant kernel, against F.linear on the dequantized
 weight. Interpreter on CPU; `gpu` tests add real shapes."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.formats import get_format
-from lowbit.kernels.lut_gemm import LUT_MAX_M, lut_matmul
+from lowbit.kernels.lut_gemm import lut_matmul
 
 from ..conftest import kernel_devices, requires_gpu
 
@@ -45,14 +45,34 @@ def test_lookup_kernel_any_m_and_split(device, bits, m, split_k):
     w, x = torch.randn(33, 256, generator=gen), torch.randn(m, 256, generator=gen)
     fmt = get_format(f"lut{bits}")
     p = fmt.quantize(w, group_size=64)
-    cfg = {"BLOCK_M": min(16, 1 << (m - 1).bit_length()), "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": split_k}
+    cfg = {"path": "lut", "BLOCK_M": min(16, 1 << (m - 1).bit_length()), "BLOCK_N": 16, "BLOCK_K": 64,
+           "SPLIT_K": split_k}
     y = lut_matmul(x.to(device), p.qweight.to(device), p.scales.to(device), p.zeros.to(device), None, bits=bits,
                    group_size=64, in_features=256, config=cfg)
     _assert_close(y, F.linear(x, fmt.dequantize(p)), torch.float32)
 
 
-def test_path_rule():
-    assert LUT_MAX_M == 16
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("m,split_k,column_k", [(1, 1, 32), (2, 3, 64), (4, 2, 32)])
+def test_one_bit_plane_gemv(device, bits, m, split_k, column_k):
+    """The dequant GEMV on the LUT formats' planes (merged in pairs into 2-bit codes, an odd top
+    plane alone), the default at small M: K = 300 pads to 320, so the last tile is partial."""
+    gen = torch.Generator().manual_seed(10 + bits)
+    w, x, b = torch.randn(21, 300, generator=gen), torch.randn(m, 300, generator=gen), torch.randn(21, generator=gen)
+    fmt = get_format(f"lut{bits}")
+    p = fmt.quantize(w, group_size=64)
+    cfg = {"path": "gemv", "BLOCK_M": m, "BLOCK_N": 4, "COLUMN_K": column_k, "SPLIT_K": split_k, "num_warps": 1}
+    y = lut_matmul(x.to(device), p.qweight.to(device), p.scales.to(device), p.zeros.to(device), b.to(device),
+                   bits=bits, group_size=64, in_features=300, config=cfg)
+    _assert_close(y, F.linear(x, fmt.dequantize(p), b), torch.float32)
+
+
+def test_launch_config_needs_a_path():
+    p = get_format("lut2").quantize(torch.randn(8, 64), group_size=32)
+    with pytest.raises(lowbit.LowbitError, match="needs a path"):
+        lut_matmul(torch.randn(1, 64), p.qweight, p.scales, p.zeros, None, bits=2, group_size=32, in_features=64,
+                   config={"BLOCK_N": 16})
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -28,7 +28,7 @@ def _run(name: str, packed, x, bias, split: int):
     if name == "lut2":
         return lut_matmul(x, fields["qweight"], fields["scales"], fields["zeros"], bias, bits=2, group_size=32,
                           in_features=packed.shape[1],
-                          config={"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split})
+                          config={"path": "lut", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split})
     return dfloat11_matmul(x, fields["exponent_code"], fields["sign_mantissa"], fields["segment_offsets"],
                            fields["decode_table"], bias, segment=packed.attrs["segment"], code_bits=10)
 

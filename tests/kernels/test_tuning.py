@@ -1,6 +1,5 @@
 """Tuned launch configs: the launchers take valid tuned entries (path, tiles, num_warps /
-num_stages) and ignore invalid ones; the LUT launcher can be sent to the dequant GEMM by a
-measurement; the tuner's coordinate descent finds the best point and skips pruned ones."""
+num_stages) and ignore invalid ones; the LUT launcher runs the path a measurement chose; the tuner's coordinate descent finds the best point and skips pruned ones."""
 import json
 import sys
 from pathlib import Path
@@ -64,23 +63,37 @@ def test_launch_options_are_taken_and_checked(tuned_table):
 
 
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
-def test_lut_launcher_follows_a_measured_path(tuned_table):
-    """At M <= 16 the LUT launcher looks up its own key; a tuned "gemm" entry sends it to the
-    dequant GEMM on the same bit planes, a "gemv" entry sets the lookup kernel's tiles."""
+def test_lut_launcher_follows_a_measured_path(tuned_table, monkeypatch):
+    """The LUT launcher looks up its own key at every M and runs the path of a tuned entry: "gemv"
+    and "gemm" the dequant kernels on the same bit planes (handed the whole entry, so they look
+    up nothing of their own), "lut" the table-lookup kernel; no entry: the dequant defaults."""
+    from lowbit.kernels import lut_gemm
+
     device = torch.device(DEVICES[0])
     w, x = torch.randn(40, 256, device=device) * 0.02, torch.randn(2, 256, device=device)
     fmt = lowbit.get_format("lut2")
     packed = fmt.quantize(w)
     ref = F.linear(x, fmt.dequantize(packed))
+    dequant_configs = []  # the config of every call the launcher makes to the dequant kernels
+    real_dequant = lut_gemm.dequant_matmul
+    monkeypatch.setattr(lut_gemm, "dequant_matmul",
+                        lambda *a, config, **kw: dequant_configs.append(config) or real_dequant(*a, config=config, **kw))
     tuned_table({})
     key = _key_of(x, packed)
     assert key == "lut2-g128-torch.float32/40x256/m4"
+    assert [c["path"] for c in dequant_configs] == ["gemv"]  # the default at M=2
     for entry in ({"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32},
-                  {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 1}):
+                  {"path": "gemv", "BLOCK_M": 2, "BLOCK_N": 4, "COLUMN_K": 32, "SPLIT_K": 2, "num_warps": 1},
+                  {"path": "lut", "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 1}):
         tuned_table({key: entry})
-        took = _key_of(x, packed)  # the last lookup: the dequant GEMM's own key when it ran
-        assert took.startswith("int2-1bit-") == (entry["path"] == "gemm")
+        dequant_configs.clear()
+        assert _key_of(x, packed) == key  # the only lookup
+        assert dequant_configs == ([] if entry["path"] == "lut" else [entry])
         torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
+    tuned_table({key: {"path": "gemv", "BLOCK_M": 2, "BLOCK_N": 4, "COLUMN_K": 16, "SPLIT_K": 2}})
+    dequant_configs.clear()
+    lowbit.linear(x, packed, backend="triton")  # a column shorter than a plane's word: ignored
+    assert dequant_configs[0]["COLUMN_K"] == 32
 
 
 def test_descent_finds_the_best_point_and_skips_pruned_ones():
@@ -100,3 +113,13 @@ def test_descent_finds_the_best_point_and_skips_pruned_ones():
     # a pruned start point still lets the descent find a measurable neighbour
     best, us = descend(lambda cfg: None if cfg["A"] == 1 else float(cfg["A"]), {"A": 1}, {"A": (1, 2, 4)})
     assert best == {"A": 2} and us == 2.0
+
+
+def test_tuner_tries_the_lookup_kernel_for_lut_formats_up_to_lut_max_m():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.tune import start_points
+    from lowbit.kernels.lut_gemm import LUT_MAX_M
+
+    assert [s["path"] for s in start_points(LUT_MAX_M, False, lut=True)] == ["gemv", "lut", "gemm"]
+    assert [s["path"] for s in start_points(LUT_MAX_M + 1, False, lut=True)] == ["gemm"]
+    assert [s["path"] for s in start_points(1, False)] == ["gemv", "gemm"]
