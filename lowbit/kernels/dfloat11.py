@@ -3,8 +3,9 @@
 One lane per segment of `segment` weights: a lane starts at its segment's stored bit offset
 and decodes one weight per step, so the lanes of a program run in lockstep (no prefix sums,
 no divergence). A lane keeps its next stream bits in a 64-bit buffer: a step looks the top
-CODE_BITS bits up in the 2 KiB decode table (cache-resident), shifts the code out, and loads
-the next stream word only once 32 or fewer bits remain (about every tenth step). The lanes of
+CODE_BITS bits up in the 2 KiB decode table (cache-resident) and shifts the code out; every
+32 // CODE_BITS steps (3 for 10-bit codes) the lane checks its buffer and loads the next
+stream word once 32 or fewer bits remain (about every tenth step). The lanes of
 a warp read segments far apart, so every per-weight global access costs a cache line of its
 own: the sign|mantissa bytes (and the decoder's bf16 results) move as one vector per lane
 per chunk of weights instead.
@@ -48,9 +49,13 @@ RESIDENT_LANES_PER_SM = 2048
 
 
 @triton.jit
-def _bf16_bits(symbol, sign_mantissa):
-    """Exponent byte + sign|mantissa byte (int32 lanes) -> the 16 bf16 bits, in an int32."""
-    return ((sign_mantissa & 0x80) << 8) | (symbol << 7) | (sign_mantissa & 0x7F)
+def _bf16_pair(symbol_a, symbol_b, byte_a, byte_b):
+    """Two weights' exponent bytes + sign|mantissa bytes (int32 lanes) -> their bf16 bits as the
+    low and high halves of one int32: the two sign|mantissa bytes are placed with one byte
+    permute and masked together, the exponents added in."""
+    pair = byte_a | (byte_b << 16)  # sign|mantissa at bits 0-7 and 16-23
+    bits = ((pair << 8) & -2147450880) | (pair & 0x7F007F)  # signs at bits 15 / 31 (0x80008000), mantissas
+    return bits + (symbol_a << 7) + (symbol_b << 23)  # exponents at bits 7-14 / 23-30
 
 
 @triton.jit
@@ -71,29 +76,32 @@ def _start_segment(words_ptr, code_words, position):
 
 
 @triton.jit
-def _take_code(buf, deficit, next_word, words_ptr, code_words, table_ptr, CODE_BITS: tl.constexpr,
-               GUARD: tl.constexpr):
-    """One decode step per lane of a bit buffer -> (exponent byte, buf, deficit, next_word).
+def _take_code(buf, deficit, table_ptr, CODE_BITS: tl.constexpr):
+    """One decode step per lane of a bit buffer -> (exponent byte, buf, deficit).
 
     `buf` (uint64) holds the lane's next stream bits left-aligned, 32 - `deficit` of them valid
-    (always more than 32 on entry). The code under the top CODE_BITS bits is looked up and
-    shifted out; once 32 or fewer bits remain (deficit >= 0), stream word `next_word` is loaded
-    below them. GUARD: mask that load to the stream's `code_words` words (needed only when a
-    lane decodes on past its segment's last code)."""
+    (at least CODE_BITS on entry, see `_refill`). The code under the top CODE_BITS bits is looked
+    up and shifted out."""
     # uint16: a zero-extending load (entries are non-negative)
     entry = tl.load(table_ptr + (buf >> (64 - CODE_BITS)).to(tl.int32)).to(tl.uint16, bitcast=True).to(tl.int32)
     length = entry >> 8  # entries are symbol | length << 8
-    buf = buf << length.to(tl.uint64)
-    deficit += length
+    return entry & 0xFF, buf << length.to(tl.uint64), deficit + length
+
+
+@triton.jit
+def _refill(buf, deficit, next_word, words_ptr, code_words, GUARD: tl.constexpr):
+    """Once 32 or fewer bits of `buf` remain (deficit >= 0), load stream word `next_word` below
+    them -> (buf, deficit, next_word). After it more than 32 bits are valid, enough for
+    `32 // CODE_BITS` steps of `_take_code`, so a lane refills once per that many steps instead
+    of checking at every step. GUARD: mask the load to the stream's `code_words` words (needed
+    only when a lane decodes on past its segment's last code)."""
     refill = deficit >= 0
     if GUARD:
         refill = refill & (next_word < code_words)
     fresh = tl.load(words_ptr + next_word, mask=refill, other=0).to(tl.uint32, bitcast=True)
     # deficit & 63 is a valid shift amount also when no word was loaded (fresh is then 0)
     buf = buf | (fresh.to(tl.uint64) << (deficit & 63).to(tl.uint64))
-    deficit -= tl.where(refill, 32, 0)
-    next_word += refill.to(tl.int32)
-    return entry & 0xFF, buf, deficit, next_word
+    return buf, deficit - tl.where(refill, 32, 0), next_word + refill.to(tl.int32)
 
 
 @triton.jit
@@ -124,7 +132,10 @@ def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.con
     first = (lane_seg // segments_per_row) * k + col0  # within the layer
     count = tl.minimum(k - col0, SEGMENT)
     buf, deficit, next_word = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg))
+    tl.static_assert(CHUNK % 4 == 0, "weights pair up within groups of 4")
     u = tl.arange(0, CHUNK)
+    held_0 = deficit * 0  # the exponent bytes of weights 4j and 4j + 1, until their pairs are decoded
+    held_1 = held_0
     for i in range(0, SEGMENT, CHUNK):
         if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
             keep = (active & (i < count))[:, None]
@@ -134,10 +145,19 @@ def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.con
         bits = tl.zeros((BLOCK, CHUNK), dtype=tl.int32)
         for c in tl.static_range(CHUNK):
             # Lanes past their segment's last code decode on (guarded) and are not stored.
-            symbol, buf, deficit, next_word = _take_code(buf, deficit, next_word, words_ptr, code_words, table_ptr,
-                                                         CODE_BITS, True)
-            byte = _column(sign_mantissa, u, c)
-            bits = tl.where(u[None, :] == c, _bf16_bits(symbol, byte)[:, None], bits)
+            if c % (32 // CODE_BITS) == 0:
+                buf, deficit, next_word = _refill(buf, deficit, next_word, words_ptr, code_words, True)
+            symbol, buf, deficit = _take_code(buf, deficit, table_ptr, CODE_BITS)
+            # weights c and c + 2 of every 4 are built as a pair (`_bf16_pair`) once both are decoded
+            if c % 4 == 0:
+                held_0 = symbol
+            elif c % 4 == 1:
+                held_1 = symbol
+            else:
+                pair = _bf16_pair(held_0 if c % 4 == 2 else held_1, symbol, _column(sign_mantissa, u, c - 2),
+                                  _column(sign_mantissa, u, c))
+                bits = tl.where(u[None, :] == c - 2, (pair & 0xFFFF)[:, None], bits)
+                bits = tl.where(u[None, :] == c, (pair >> 16)[:, None], bits)
         tl.store(out_ptr + out_offset + first[:, None] + i + u[None, :], bits.to(tl.int16), mask=keep)
 
 
@@ -146,22 +166,43 @@ def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col, left,
                 code_words, table_ptr, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr):
     """Decode CHUNK weights per lane (columns col.. of each row) and add their products with x
     into acc [BLOCK_M, BLOCK_N]. TAIL: only the first `left` columns are weights."""
+    tl.static_assert(CHUNK % 4 == 0, "weights pair up within groups of 4")
     u = tl.arange(0, CHUNK)
+    held_0 = deficit * 0  # the exponent bytes of weights 4j and 4j + 1, until their pairs are decoded
+    held_1 = held_0
     # one vector load of CHUNK sign|mantissa bytes per lane, not CHUNK byte loads
     sign_mantissa = tl.load(sign_ptrs[:, None] + u[None, :], mask=(u < left)[None, :] if TAIL else None,
                             other=0 if TAIL else None).to(tl.int32)
     for c in tl.static_range(CHUNK):
-        symbol, buf, deficit, next_word = _take_code(buf, deficit, next_word, words_ptr, code_words,
-                                                     table_ptr, CODE_BITS, TAIL)
-        byte = _column(sign_mantissa, u, c)
-        w = (_bf16_bits(symbol, byte) << 16).to(tl.float32, bitcast=True)
-        rows_m = M
-        if TAIL:
-            w = tl.where(c < left, w, 0.0)  # past the segment: garbage, possibly Inf/NaN
-            rows_m = tl.where(c < left, M, 0)  # and no x to load
-        x = tl.load(x_ptr + m * stride_xm + col + c, mask=m < rows_m, other=0.0).to(tl.float32)
-        acc += x[:, None] * w[None, :]
+        if c % (32 // CODE_BITS) == 0:
+            buf, deficit, next_word = _refill(buf, deficit, next_word, words_ptr, code_words, TAIL)
+        symbol, buf, deficit = _take_code(buf, deficit, table_ptr, CODE_BITS)
+        # weights c and c + 2 of every 4 are built as a pair (`_bf16_pair`) once both are decoded
+        if c % 4 == 0:
+            held_0 = symbol
+        elif c % 4 == 1:
+            held_1 = symbol
+        else:
+            bits = _bf16_pair(held_0 if c % 4 == 2 else held_1, symbol, _column(sign_mantissa, u, c - 2),
+                              _column(sign_mantissa, u, c))
+            # bf16 is the top half of fp32
+            acc = _add_product(acc, (bits << 16).to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col, left,
+                               c - 2, TAIL)
+            acc = _add_product(acc, (bits & -65536).to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col,
+                               left, c, TAIL)
     return acc, buf, deficit, next_word
+
+
+@triton.jit
+def _add_product(acc, w, x_ptr, stride_xm, m, M, col, left, C: tl.constexpr, TAIL: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + x[:, col + C] * w [BLOCK_N] (the lanes' weights at column col + C).
+    TAIL: columns from `left` on are past the segment (weights garbage, possibly Inf/NaN)."""
+    rows_m = M
+    if TAIL:
+        w = tl.where(C < left, w, 0.0)
+        rows_m = tl.where(C < left, M, 0)  # and no x to load
+    x = tl.load(x_ptr + m * stride_xm + col + C, mask=m < rows_m, other=0.0).to(tl.float32)
+    return acc + x[:, None] * w[None, :]
 
 
 @triton.jit

@@ -13,6 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lowbit.kernels import dequant_gemm as kernels
+from lowbit.formats.dfloat11 import CODE_BITS
 from lowbit.kernels import dfloat11, fp8_w8a8, lut_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -54,12 +55,12 @@ def compile_dfloat11(kind: str):
     fp32 activations and output, so any 16-bit global store would be a decoded weight)."""
     if kind == "decode":
         return _compile(dfloat11._decode_kernel, {"layers_ptr": "*i64", "out_ptr": "*i16"},
-                        {"SEGMENT": 256, "CODE_BITS": 10, "BLOCK": dfloat11.DECODE_BLOCK,
+                        {"SEGMENT": 256, "CODE_BITS": CODE_BITS, "BLOCK": dfloat11.DECODE_BLOCK,
                          "CHUNK": dfloat11.DECODE_CHUNK, "ALIGNED": True})
     return _compile(dfloat11._decode_gemv_kernel,
                     {"x_ptr": "*fp32", "words_ptr": "*i32", "sign_ptr": "*u8", "offsets_ptr": "*i32",
                      "table_ptr": "*i16", "bias_ptr": "*fp32", "out_ptr": "*fp32", **SPLIT_K_POINTERS},
-                    {"SEGMENT": 256, "CODE_BITS": 10, "HAS_BIAS": True, "SPLIT": True, "BLOCK_M": 1,
+                    {"SEGMENT": 256, "CODE_BITS": CODE_BITS, "HAS_BIAS": True, "SPLIT": True, "BLOCK_M": 1,
                      "BLOCK_N": dfloat11.GEMV_BLOCK_N, "CHUNK": dfloat11.GEMV_CHUNK},
                     unaligned=("M", "segments_per_row", "code_words", "segments_per_split"))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lowbit.formats.dfloat11 import CODE_BITS
 from lowbit.kernels import dfloat11
 
 from . import hopper_codegen
@@ -158,18 +159,20 @@ def test_dfloat11_decoder_moves_weights_as_vectors(hopper):
     """Aligned layers: per 8 weights a lane loads their sign|mantissa bytes as one 64-bit vector
     and stores the 8 bf16 results as one 128-bit vector (lanes hold segments far apart, so
     per-weight byte accesses would each touch another cache line). Stream words arrive only
-    when the lane's bit buffer runs low (predicated loads), plus 2 to start the segment."""
+    when the lane's bit buffer runs low (predicated loads, one check per 32 // CODE_BITS = 3
+    steps: 3 per 8 weights), plus 2 to start the segment (one predicated)."""
     ops = _global_ops(_ptx(hopper, "dfloat11", "decode"))
     assert ops["@st.global.v4.b32"] == 1 and ops["@ld.global.v2.b32"] == 1
     assert not [op for op in ops if op.endswith((".b8", ".u8")) or op.startswith("st.global") and "v4" not in op]
     assert ops["ld.global.b16"] == dfloat11.DECODE_CHUNK  # the decode table: one lookup per weight
-    assert ops["@ld.global.b32"] >= dfloat11.DECODE_CHUNK  # the refills (+ the segment start)
+    refills = -(-dfloat11.DECODE_CHUNK // (32 // CODE_BITS))
+    assert ops["@ld.global.b32"] == refills + 1  # (+ the segment start's second word)
 
 
 def test_dfloat11_fused_gemv_loads_sign_bytes_as_vectors(hopper):
     """Per 16 weights a lane loads their sign|mantissa bytes as one 128-bit vector, and reads
-    stream words only when its bit buffer runs low: one table lookup, one predicated refill
-    and one activation load per weight, no byte loads."""
+    stream words only when its bit buffer runs low: one table lookup and one activation load
+    per weight, a predicated refill per 3, no byte loads."""
     ops = _global_ops(_ptx(hopper, "dfloat11", "gemv"))
     assert ops["ld.global.v4.b32"] + ops["@ld.global.v4.b32"] >= 1
     assert not [op for op in ops if op.endswith((".b8", ".u8"))]
