@@ -219,6 +219,32 @@ def _plane_fma(sums, window, x, magic, KK: tl.constexpr, WIDTH: tl.constexpr, SH
 
 
 @triton.jit
+def _spread_to_nibbles(word, HALF: tl.constexpr):
+    """The 8 2-bit codes in half HALF (0: bits 0-15, 1: bits 16-31) of `word`, spread out to
+    nibble spacing: code j at bits 4j, 4j + 1."""
+    if HALF:
+        word = word >> 16
+    spread = word & 0xFFFF
+    spread = (spread | (spread << 8)) & 0x00FF00FF
+    spread = (spread | (spread << 4)) & 0x0F0F0F0F
+    return (spread | (spread << 2)) & 0x33333333
+
+
+@triton.jit
+def _six_bit_fma(sums, low, high, x, KK: tl.constexpr, OFFSET: tl.constexpr):
+    """`_plane_fma` for code KK of a column on the 4-bit and 2-bit planes at once: `low` is the
+    4-bit plane's window (`_window`), `high` its 2-bit codes spread so that each sits right above
+    its code's 4 low bits (`_spread_to_nibbles`, shifted) with 0x4B000000 OR-ed in. Two LOP3s
+    put the 6-bit code into one float, 2^23 + code * 2^pos; then one FADD and the FFMA, where the
+    planes one at a time take two of each."""
+    pos: tl.constexpr = ((KK % 8) % (23 // 4)) * 4
+    bits = ((low & (15 << pos)) | (high & ((3 << (pos + 4)) | 0x4B000000))).to(tl.float32, bitcast=True)
+    if pos != 0:
+        x = x * (2.0 ** -pos)
+    return tl.fma(bits - (8388608.0 + OFFSET * (1 << pos)), x, sums)
+
+
+@triton.jit
 def _plane_pair(qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, COLUMN_K: tl.constexpr,
                 INDEX: tl.constexpr):
     """Word INDEX of two one-bit planes (the LUT formats' layout; plane_start = the lower plane's
@@ -338,6 +364,8 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     odd0 = w8
     even1 = w8
     odd1 = w8
+    spread = w8  # int6 / int7: the 2-bit codes of the current 4-bit word, see `_six_bit_fma`
+    high = w8
     pending = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.float32)  # a decoded pair's second value
     for kk in tl.static_range(COLUMN_K):
         if MINIFLOAT:  # step kk reads K in pair order: 0, 16 // BITS, 1, 1 + 16 // BITS, ...
@@ -361,6 +389,19 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
         elif INTEGER and BITS == 8:
             w8 = _window(w8, qw_ptr, rows, col, 0, stride_qn, one, kk, 8, COLUMN_K, ELEMENT == "sint")
             sums = _plane_fma(sums, w8, x, magic, kk, 8, 0, OFFSET)
+        elif INTEGER and BITS & 6 == 6:  # int6, int7: the 4-bit and 2-bit planes read as one 6-bit code
+            w4 = _window(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
+            if kk % 16 == 0:
+                w2 = _word(qw_ptr, rows, col, words_per_bit * 4, stride_qn, one, COLUMN_K // 16, kk // 16)
+            if kk % 8 == 0:  # the 2-bit codes of the 4-bit plane's new word, each right above its low bits
+                spread = _spread_to_nibbles(w2, (kk // 8) % 2)
+                high = ((spread << 4) & 0xFFFFFF) | magic  # the codes of the first window (bits < 24)
+            elif kk % 8 == 23 // 4:  # where `_window` shifts the 4-bit plane's word down by 20
+                high = (spread >> 16) | magic
+            sums = _six_bit_fma(sums, w4, high, x, kk, OFFSET)
+            if BITS & 1:
+                w1 = _window(w1, qw_ptr, rows, col, words_per_bit * 6, stride_qn, one, kk, 1, COLUMN_K, False)
+                sums = _plane_fma(sums, w1, x, magic, kk, 1, 6, 0)
         elif INTEGER:
             if BITS & 4:
                 w4 = _window(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
