@@ -9,9 +9,9 @@ For every (format, shape, M bucket) a coordinate descent runs from a start point
 launcher's default over each path's search space (SPACES: for small M the split-K GEMV's rows
 per program, column length, split count and warps, and for the LUT formats also the
 table-lookup kernel's tiles; tensor-core GEMM tiles, warps and pipeline stages for every M),
-so the GEMV / lookup / GEMM choice per M is measured, not assumed. Each candidate runs through lowbit.linear under `tuning.force`; one whose
-output misses the correctness gate (max relative error vs the fp32 reference, as in bench_gemm)
-or fails to launch is pruned. The fastest survivor (triton.testing.do_bench median) is written
+so the GEMV / lookup / GEMM choice per M is measured, not assumed. Each candidate runs through
+lowbit.linear under `tuning.force`; one whose output misses the correctness gate (max relative
+error vs the fp32 reference, as in bench_gemm) or fails to launch is pruned. The fastest survivor (triton.testing.do_bench median) is written
 with its time and the default's into lowbit/kernels/tuned/<gpu>.json, which the launchers read,
 but only when it beats the default (otherwise the entry is removed and the defaults apply).
 Cases run M=1 first (the issue's targets), then larger M; the table is rewritten after every
@@ -60,7 +60,7 @@ def start_points(m: int, smoke: bool, lut: bool = False) -> list[dict]:
     """Where the descent starts on each path (close to the launchers' defaults); lut: a LUT
     format, which also has the table-lookup kernel (path "lut") for M <= LUT_MAX_M."""
     block_m = min(1 << (m - 1).bit_length(), 4)
-    # a LUT format's GEMV columns hold whole 32-bit words of its one-bit planes
+    # (GEMV_COLUMN_K = 32 suits the LUT formats too: one whole word of each one-bit plane)
     gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": gemv_block_n(block_m), "COLUMN_K": GEMV_COLUMN_K,
             "SPLIT_K": 2, "num_warps": 4}
     lookup = {"path": "lut", "BLOCK_M": min(1 << (m - 1).bit_length(), LUT_MAX_M), "BLOCK_N": 32, "BLOCK_K": 128,

@@ -160,7 +160,8 @@ def test_gemlite_gets_lowbit_int_weights(bits, symmetric):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="smoke mode is the CPU interpreter run")
 def test_tune_smoke_writes_configs_the_launcher_reads(tmp_path, monkeypatch):
     """The tuner measures candidates through lowbit.linear and files the winners under the keys
-    the launcher looks up; with the table in place the launcher takes them (still correct)."""
+    the launcher looks up (for lut2 also the lookup kernel's, M <= 16); with the table in place
+    the launcher takes them (still correct)."""
     import torch
 
     import lowbit
@@ -169,18 +170,19 @@ def test_tune_smoke_writes_configs_the_launcher_reads(tmp_path, monkeypatch):
 
     out = tmp_path / "tuned.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tune.py"), "--smoke", "--formats", "int4",
-                           "dfloat11", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                           "lut2", "dfloat11", "--out", str(out)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads(out.read_text())
     assert set(table["env"]) == {"device", "torch", "triton", "commit", "date"}
-    measured = table["measured"]  # every int4 case measured; dfloat11 has no dequant-kernel config
-    assert sorted((r["shape"], r["M"]) for r in measured) == [(s, m) for s in ("smoke/odd", "smoke/square")
-                                                              for m in (1, 17)]
+    measured = table["measured"]  # every int4 / lut2 case measured; dfloat11 has no dequant-kernel config
+    assert sorted((r["format"], r["shape"], r["M"]) for r in measured) == [
+        (f, s, m) for f in ("int4", "lut2") for s in ("smoke/odd", "smoke/square") for m in (1, 17)]
     assert all(r["candidates_kept"] >= 1 and r["default_us"] > 0 for r in measured)
     for key, entry in table["configs"].items():
-        assert key.startswith("int4-asym-g128-float-torch.float32/") and entry["us"] < entry["default_us"]
-        assert entry["max_rel_err"] < 1e-4 and entry["path"] in ("gemv", "gemm")
+        assert key.split("/")[0] in ("int4-asym-g128-float-torch.float32", "lut2-g128-torch.float32")
+        assert entry["us"] < entry["default_us"] and entry["max_rel_err"] < 1e-4
+        assert entry["path"] in (("gemv", "lut", "gemm") if key.startswith("lut2") else ("gemv", "gemm"))
     # a hand-written table is read by the launcher for its key
     w, x = torch.randn(37, 300) * 0.02, torch.randn(1, 300)
     packed = lowbit.get_format("int4").quantize(w)

@@ -250,7 +250,8 @@ def _plane_pair(qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, C
     """Word INDEX of two one-bit planes (the LUT formats' layout; plane_start = the lower plane's
     first word) merged into two words of 2-bit codes, so `_plane_fma` reads them as it reads an
     int2 plane: `even` holds the codes of the word's even K (K 2q at bits 2q, 2q+1), `odd` those of
-    its odd K. Four integer ops per 32 K instead of a LOP3 + FADD + FFMA per weight and plane."""
+    its odd K. Four integer ops per 32 K of a row, instead of a LOP3 + FADD + FFMA per weight and
+    plane."""
     low = _word(qw_ptr, rows, col, plane_start, stride_qn, one, COLUMN_K // 32, INDEX)
     high = _word(qw_ptr, rows, col, plane_start + words_per_bit, stride_qn, one, COLUMN_K // 32, INDEX)
     # bits of `a` where mask is set, of `b` elsewhere, as b ^ ((a ^ b) & mask): one LOP3. The mask
@@ -302,7 +303,7 @@ def _minifloat_pair(word, INDEX: tl.constexpr, ELEMENT: tl.constexpr, BITS: tl.c
     move into fp16 position in one go, the first into the word's low half and the second into its
     high half: one shift and mask place the exponent and mantissa fields, another shift places the
     signs, which a single LOP3 masks in (E5M2 needs one shift for both); then each half is
-    converted. About 1 integer op per weight, where decoding one code at a time took 3."""
+    converted: two shifts and two LOP3s per pair, where one code at a time took three ops each."""
     EXP: tl.constexpr = 4 if ELEMENT == "e4m3" else 5 if ELEMENT == "e5m2" else 2
     MAN: tl.constexpr = BITS - 1 - EXP
     pos: tl.constexpr = INDEX * BITS
@@ -332,7 +333,8 @@ def _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, KK: tl.constexpr, MASK_X:
 @triton.jit
 def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_bit, stride_xm, stride_qn, one,
                  magic, BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
-                 ONE_BIT_PLANES: tl.constexpr, MASK_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+                 ONE_BIT_PLANES: tl.constexpr, MASK_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
     """For each thread's column of COLUMN_K consecutive K (col [1, 1, COLUMNS]) and each of its
     rows: sum_k value(code) * x [BLOCK_M, BLOCK_N, COLUMNS] fp32, and sum_k x [BLOCK_M, 1, COLUMNS]
     (zero for all but asymmetric "int"). value is the element before scaling, up to
@@ -650,8 +652,8 @@ CONFIG_KEYS = {"gemv": ("BLOCK_M", "BLOCK_N", "COLUMN_K", "SPLIT_K"), "gemm": ("
 
 def valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool, bits: int, lut: bool = False) -> bool:
     """A tuned entry this launch can take (a stale or hand-edited table must not break it).
-    bits: the narrowest bit plane's code width (1 for the LUT formats); lut: a "lut" path (the
-    table-lookup kernel) is one this launch has."""
+    bits: the code width (1 for the LUT formats: their planes are one bit wide); lut: a "lut" path
+    (the table-lookup kernel) is one this launch has."""
     path = cfg.get("path")
     keys = CONFIG_KEYS.get(path) if path != "lut" or lut else None
     if keys is None or not set(keys) <= set(cfg) or not all(isinstance(cfg[k], int) and cfg[k] > 0 for k in keys):

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant_gemm import _block_k, _plane_tile, check_block_k, check_operands, dequant_matmul, pick_config
 from ..errors import InputError
+from .dequant_gemm import _block_k, _plane_tile, check_block_k, check_operands, dequant_matmul, pick_config
 from .runtime import num_sms
 from .split_k import split_k_buffers, store_split_k
 from .tuning import launch_options
