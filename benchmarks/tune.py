@@ -7,15 +7,16 @@
 
 For every (format, shape, M bucket) a coordinate descent runs from a start point near the
 launcher's default over each path's search space (SPACES: for small M the split-K GEMV's rows
-per program, column length, split count and warps, and for the LUT formats also the
-table-lookup kernel's tiles; tensor-core GEMM tiles, warps and pipeline stages for every M),
-so the GEMV / lookup / GEMM choice per M is measured, not assumed. Each candidate runs through
-lowbit.linear under `tuning.force`; one whose output misses the correctness gate (max relative
-error vs the fp32 reference, as in bench_gemm) or fails to launch is pruned. The fastest survivor (triton.testing.do_bench median) is written
-with its time and the default's into lowbit/kernels/tuned/<gpu>.json, which the launchers read,
-but only when it beats the default (otherwise the entry is removed and the defaults apply).
-Cases run M=1 first (the issue's targets), then larger M; the table is rewritten after every
-case and no case starts after --budget-s, so a run cut short keeps what it measured.
+per program, column length, split count and warps, and for the LUT formats also the table-lookup
+kernel's tiles; tensor-core GEMM tiles, warps and pipeline stages for every M), so the GEMV /
+lookup / GEMM choice per M is measured, not assumed. Each candidate runs through lowbit.linear
+under `tuning.force`; one whose output misses the correctness gate (max relative error vs the
+fp32 reference, as in bench_gemm) or fails to launch is pruned. The fastest survivor
+(triton.testing.do_bench median) is written with its time and the default's into
+lowbit/kernels/tuned/<gpu>.json, which the launchers read, but only when it beats the default
+(otherwise the entry is removed and the defaults apply). Cases run M=1 first (the issue's
+targets), then larger M; the table is rewritten after every case and no case starts after
+--budget-s, so a run cut short keeps what it measured.
 dfloat11's decoder and the W8A8 tensor-core path have no entry here (their launchers read none).
 """
 from __future__ import annotations

@@ -105,6 +105,29 @@ def _refill(buf, deficit, next_word, words_ptr, code_words, GUARD: tl.constexpr)
 
 
 @triton.jit
+def _decode_step(buf, deficit, next_word, held_0, held_1, sign_mantissa, u, words_ptr, code_words, table_ptr,
+                 C: tl.constexpr, CODE_BITS: tl.constexpr, GUARD: tl.constexpr):
+    """Step C of a chunk of CHUNK weights per lane (sign|mantissa bytes [lanes, CHUNK], u =
+    arange(CHUNK)): a refill check every 32 // CODE_BITS steps (`_refill`), then one code
+    (`_take_code`) -> (pair, buf, deficit, next_word, held_0, held_1). Weights C - 2 and C of
+    every 4 are assembled together (`_bf16_pair`) once both are decoded, so `pair` holds their
+    bf16 bits at steps with C % 4 >= 2 only; held_0 / held_1 keep the exponent bytes of the
+    first two weights of the 4 until then."""
+    if C % (32 // CODE_BITS) == 0:
+        buf, deficit, next_word = _refill(buf, deficit, next_word, words_ptr, code_words, GUARD)
+    symbol, buf, deficit = _take_code(buf, deficit, table_ptr, CODE_BITS)
+    pair = symbol  # (not a pair: read only at C % 4 >= 2)
+    if C % 4 == 0:
+        held_0 = symbol
+    elif C % 4 == 1:
+        held_1 = symbol
+    else:
+        pair = _bf16_pair(held_0 if C % 4 == 2 else held_1, symbol, _column(sign_mantissa, u, C - 2),
+                          _column(sign_mantissa, u, C))
+    return pair, buf, deficit, next_word, held_0, held_1
+
+
+@triton.jit
 def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr,
                    CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
     """Program (i, l) decodes segments i*BLOCK.. of layer l (a row of LAYER_FIELDS), one per
@@ -145,17 +168,10 @@ def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.con
         bits = tl.zeros((BLOCK, CHUNK), dtype=tl.int32)
         for c in tl.static_range(CHUNK):
             # Lanes past their segment's last code decode on (guarded) and are not stored.
-            if c % (32 // CODE_BITS) == 0:
-                buf, deficit, next_word = _refill(buf, deficit, next_word, words_ptr, code_words, True)
-            symbol, buf, deficit = _take_code(buf, deficit, table_ptr, CODE_BITS)
-            # weights c and c + 2 of every 4 are built as a pair (`_bf16_pair`) once both are decoded
-            if c % 4 == 0:
-                held_0 = symbol
-            elif c % 4 == 1:
-                held_1 = symbol
-            else:
-                pair = _bf16_pair(held_0 if c % 4 == 2 else held_1, symbol, _column(sign_mantissa, u, c - 2),
-                                  _column(sign_mantissa, u, c))
+            pair, buf, deficit, next_word, held_0, held_1 = _decode_step(
+                buf, deficit, next_word, held_0, held_1, sign_mantissa, u, words_ptr, code_words, table_ptr, c,
+                CODE_BITS, True)
+            if c % 4 >= 2:
                 bits = tl.where(u[None, :] == c - 2, (pair & 0xFFFF)[:, None], bits)
                 bits = tl.where(u[None, :] == c, (pair >> 16)[:, None], bits)
         tl.store(out_ptr + out_offset + first[:, None] + i + u[None, :], bits.to(tl.int16), mask=keep)
@@ -174,21 +190,13 @@ def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col, left,
     sign_mantissa = tl.load(sign_ptrs[:, None] + u[None, :], mask=(u < left)[None, :] if TAIL else None,
                             other=0 if TAIL else None).to(tl.int32)
     for c in tl.static_range(CHUNK):
-        if c % (32 // CODE_BITS) == 0:
-            buf, deficit, next_word = _refill(buf, deficit, next_word, words_ptr, code_words, TAIL)
-        symbol, buf, deficit = _take_code(buf, deficit, table_ptr, CODE_BITS)
-        # weights c and c + 2 of every 4 are built as a pair (`_bf16_pair`) once both are decoded
-        if c % 4 == 0:
-            held_0 = symbol
-        elif c % 4 == 1:
-            held_1 = symbol
-        else:
-            bits = _bf16_pair(held_0 if c % 4 == 2 else held_1, symbol, _column(sign_mantissa, u, c - 2),
-                              _column(sign_mantissa, u, c))
-            # bf16 is the top half of fp32
-            acc = _add_product(acc, (bits << 16).to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col, left,
+        pair, buf, deficit, next_word, held_0, held_1 = _decode_step(
+            buf, deficit, next_word, held_0, held_1, sign_mantissa, u, words_ptr, code_words, table_ptr, c,
+            CODE_BITS, TAIL)
+        if c % 4 >= 2:  # bf16 is the top half of fp32
+            acc = _add_product(acc, (pair << 16).to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col, left,
                                c - 2, TAIL)
-            acc = _add_product(acc, (bits & -65536).to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col,
+            acc = _add_product(acc, (pair & -65536).to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col,
                                left, c, TAIL)
     return acc, buf, deficit, next_word
 
