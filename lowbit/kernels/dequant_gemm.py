@@ -231,17 +231,17 @@ def _spread_to_nibbles(word, HALF: tl.constexpr):
 
 
 @triton.jit
-def _six_bit_fma(sums, low, high, x, KK: tl.constexpr, OFFSET: tl.constexpr):
-    """`_plane_fma` for code KK of a column on the 4-bit and 2-bit planes at once: `low` is the
-    4-bit plane's window (`_window`), `high` its 2-bit codes spread so that each sits right above
-    its code's 4 low bits (`_spread_to_nibbles`, shifted) with 0x4B000000 OR-ed in. Two LOP3s
-    put the 6-bit code into one float, 2^23 + code * 2^pos; then one FADD and the FFMA, where the
-    planes one at a time take two of each."""
-    pos: tl.constexpr = ((KK % 8) % (23 // 4)) * 4
-    bits = ((low & (15 << pos)) | (high & ((3 << (pos + 4)) | 0x4B000000))).to(tl.float32, bitcast=True)
-    if pos != 0:
-        x = x * (2.0 ** -pos)
-    return tl.fma(bits - (8388608.0 + OFFSET * (1 << pos)), x, sums)
+def _two_field_fma(sums, low, high, x, POS: tl.constexpr, LOW_BITS: tl.constexpr, OFFSET: tl.constexpr):
+    """`_plane_fma` for a code whose low LOW_BITS bits sit at POS in `low` and whose top 2 bits
+    sit right above them in `high`, which has 0x4B000000 OR-ed in (int6 / int7: the 4-bit plane
+    and its spread 2-bit codes; lut4: its two merged plane pairs). Two LOP3s put the whole code
+    into one float, 2^23 + code * 2^POS; then one FADD and the FFMA, where the parts one at a
+    time take two of each. Bits of `high` above bit 23 do no harm: the mask keeps only the
+    0x4B000000 positions there, which the OR already set."""
+    bits = ((low & (((1 << LOW_BITS) - 1) << POS)) | (high & ((3 << (POS + LOW_BITS)) | 0x4B000000)))
+    if POS != 0:
+        x = x * (2.0 ** -POS)
+    return tl.fma(bits.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET * (1 << POS)), x, sums)
 
 
 @triton.jit
@@ -284,6 +284,35 @@ def _pair_fma(sums, even, odd, qw_ptr, rows, col, plane_start, words_per_bit, st
     else:
         sums = _plane_fma(sums, odd, x, magic, SLOT, 2, SHIFT, OFFSET)
     return sums, even, odd
+
+
+@triton.jit
+def _lut4_fma(sums, even0, odd0, even1, odd1, high, high_odd, qw_ptr, rows, col, words_per_bit, stride_qn, one, x,
+              magic, KK: tl.constexpr, OFFSET: tl.constexpr, COLUMN_K: tl.constexpr):
+    """lut4's code KK of a column: its plane pairs (0, 1) and (2, 3) are merged at each word
+    (`_plane_pair`), and the second pair's codes, shifted up by 2 and with 0x4B000000 OR-ed in
+    (high / high_odd, by K's parity), sit right above the first's, so `_two_field_fma` reads the
+    4-bit code at once. Returns the sums and the updated merged words."""
+    SLOT: tl.constexpr = (KK % 32) // 2  # in the merged words of KK's parity, as in `_pair_fma`
+    WINDOW: tl.constexpr = (23 - 4) // 2 + 1  # codes read in place: pos = 2 * slot, pos + 4 <= 23
+    if KK % 32 == 0:
+        even0, odd0 = _plane_pair(qw_ptr, rows, col, 0, words_per_bit, stride_qn, one, COLUMN_K, KK // 32)
+        even1, odd1 = _plane_pair(qw_ptr, rows, col, 2 * words_per_bit, words_per_bit, stride_qn, one, COLUMN_K,
+                                  KK // 32)
+        high = (even1 << 2) | magic
+        high_odd = (odd1 << 2) | magic
+    if SLOT == WINDOW:  # the rest of the word, shifted down
+        if KK % 2 == 0:
+            even0 = even0 >> (2 * WINDOW)
+            high = (even1 >> (2 * WINDOW - 2)) | magic
+        else:
+            odd0 = odd0 >> (2 * WINDOW)
+            high_odd = (odd1 >> (2 * WINDOW - 2)) | magic
+    if KK % 2 == 0:
+        sums = _two_field_fma(sums, even0, high, x, 2 * (SLOT % WINDOW), 2, OFFSET)
+    else:
+        sums = _two_field_fma(sums, odd0, high_odd, x, 2 * (SLOT % WINDOW), 2, OFFSET)
+    return sums, even0, odd0, even1, odd1, high, high_odd
 
 
 @triton.jit
@@ -366,8 +395,9 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     odd0 = w8
     even1 = w8
     odd1 = w8
-    spread = w8  # int6 / int7: the 2-bit codes of the current 4-bit word, see `_six_bit_fma`
-    high = w8
+    spread = w8  # int6 / int7: the 2-bit codes of the current 4-bit word, see `_two_field_fma`
+    high = w8  # the top 2 bits of int6 / int7 codes, of lut4's even-K codes
+    high_odd = w8  # of lut4's odd-K codes
     pending = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.float32)  # a decoded pair's second value
     for kk in tl.static_range(COLUMN_K):
         if MINIFLOAT:  # step kk reads K in pair order: 0, 16 // BITS, 1, 1 + 16 // BITS, ...
@@ -377,14 +407,15 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
             x = _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, kk, MASK_X)
         if ZERO_POINT:
             x_sum += x
-        if INTEGER and ONE_BIT_PLANES:
-            tl.static_assert(BITS <= 4, "the LUT formats have at most 4 one-bit planes")
+        if INTEGER and ONE_BIT_PLANES and BITS == 4:  # lut4: both merged pairs read as one 4-bit code
+            sums, even0, odd0, even1, odd1, high, high_odd = _lut4_fma(
+                sums, even0, odd0, even1, odd1, high, high_odd, qw_ptr, rows, col, words_per_bit, stride_qn, one, x,
+                magic, kk, OFFSET, COLUMN_K)
+        elif INTEGER and ONE_BIT_PLANES:
+            tl.static_assert(BITS <= 3, "the LUT formats have at most 4 one-bit planes")
             if BITS >= 2:
                 sums, even0, odd0 = _pair_fma(sums, even0, odd0, qw_ptr, rows, col, 0, words_per_bit, stride_qn, one, x,
                                               magic, kk, 0, OFFSET, COLUMN_K)
-            if BITS == 4:
-                sums, even1, odd1 = _pair_fma(sums, even1, odd1, qw_ptr, rows, col, 2 * words_per_bit, words_per_bit,
-                                              stride_qn, one, x, magic, kk, 2, 0, COLUMN_K)
             if BITS % 2:  # the top plane of lut1 / lut3
                 w1 = _window(w1, qw_ptr, rows, col, words_per_bit * (BITS - 1), stride_qn, one, kk, 1, COLUMN_K, False)
                 sums = _plane_fma(sums, w1, x, magic, kk, 1, BITS - 1, 0 if BITS > 1 else OFFSET)
@@ -397,10 +428,10 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
                 w2 = _word(qw_ptr, rows, col, words_per_bit * 4, stride_qn, one, COLUMN_K // 16, kk // 16)
             if kk % 8 == 0:  # the 2-bit codes of the 4-bit plane's new word, each right above its low bits
                 spread = _spread_to_nibbles(w2, (kk // 8) % 2)
-                high = ((spread << 4) & 0xFFFFFF) | magic  # the codes of the first window (bits < 24)
+                high = (spread << 4) | magic
             elif kk % 8 == 23 // 4:  # where `_window` shifts the 4-bit plane's word down by 20
                 high = (spread >> 16) | magic
-            sums = _six_bit_fma(sums, w4, high, x, kk, OFFSET)
+            sums = _two_field_fma(sums, w4, high, x, ((kk % 8) % (23 // 4)) * 4, 4, OFFSET)
             if BITS & 1:
                 w1 = _window(w1, qw_ptr, rows, col, words_per_bit * 6, stride_qn, one, kk, 1, COLUMN_K, False)
                 sums = _plane_fma(sums, w1, x, magic, kk, 1, 6, 0)
