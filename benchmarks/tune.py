@@ -60,11 +60,12 @@ TUNE_REP_MS = 20  # do_bench repetitions per candidate (bench_gemm uses do_bench
 def start_points(m: int, smoke: bool, lut: bool = False) -> list[dict]:
     """Where the descent starts on each path (close to the launchers' defaults); lut: a LUT
     format, which also has the table-lookup kernel (path "lut") for M <= LUT_MAX_M."""
-    block_m = min(1 << (m - 1).bit_length(), 4)
+    m_pow2 = 1 << (m - 1).bit_length()
+    block_m = min(m_pow2, 4)
     # (GEMV_COLUMN_K = 32 suits the LUT formats too: one whole word of each one-bit plane)
     gemv = {"path": "gemv", "BLOCK_M": block_m, "BLOCK_N": gemv_block_n(block_m), "COLUMN_K": GEMV_COLUMN_K,
             "SPLIT_K": 2, "num_warps": 4}
-    lookup = {"path": "lut", "BLOCK_M": min(1 << (m - 1).bit_length(), LUT_MAX_M), "BLOCK_N": 32, "BLOCK_K": 128,
+    lookup = {"path": "lut", "BLOCK_M": min(m_pow2, LUT_MAX_M), "BLOCK_N": 32, "BLOCK_K": 128,
               "SPLIT_K": 8, "num_warps": 4, "num_stages": 2}
     gemm = {"path": "gemm", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
             "num_stages": 3}

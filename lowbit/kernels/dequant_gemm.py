@@ -265,24 +265,24 @@ def _plane_pair(qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, C
 
 
 @triton.jit
-def _pair_fma(sums, even, odd, qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, x, magic,
-              KK: tl.constexpr, SHIFT: tl.constexpr, OFFSET: tl.constexpr, COLUMN_K: tl.constexpr):
-    """`_plane_fma` for code KK of a column on the pair of one-bit planes from plane_start (their
-    bits << SHIFT): the pair is merged at each word (`_plane_pair`); KK's code is 2-bit code
-    (KK % 32) // 2 of the merged word of KK's parity. Returns (sums, even, odd)."""
+def _pair_fma(sums, even, odd, qw_ptr, rows, col, words_per_bit, stride_qn, one, x, magic, KK: tl.constexpr,
+              OFFSET: tl.constexpr, COLUMN_K: tl.constexpr):
+    """`_plane_fma` for code KK of a column on one-bit planes 0 and 1 (lut2, lut3): the pair is
+    merged at each word (`_plane_pair`); KK's code is 2-bit code (KK % 32) // 2 of the merged
+    word of KK's parity. Returns (sums, even, odd)."""
     SLOT: tl.constexpr = (KK % 32) // 2
     WINDOW: tl.constexpr = 23 // 2  # as in `_window`: the codes from here on are shifted down
     if KK % 32 == 0:
-        even, odd = _plane_pair(qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, COLUMN_K, KK // 32)
+        even, odd = _plane_pair(qw_ptr, rows, col, 0, words_per_bit, stride_qn, one, COLUMN_K, KK // 32)
     if SLOT == WINDOW:
         if KK % 2 == 0:
             even = even >> (2 * WINDOW)
         else:
             odd = odd >> (2 * WINDOW)
     if KK % 2 == 0:
-        sums = _plane_fma(sums, even, x, magic, SLOT, 2, SHIFT, OFFSET)
+        sums = _plane_fma(sums, even, x, magic, SLOT, 2, 0, OFFSET)
     else:
-        sums = _plane_fma(sums, odd, x, magic, SLOT, 2, SHIFT, OFFSET)
+        sums = _plane_fma(sums, odd, x, magic, SLOT, 2, 0, OFFSET)
     return sums, even, odd
 
 
@@ -391,7 +391,7 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     w4 = w8
     w2 = w8
     w1 = w8
-    even0 = w8  # merged one-bit plane pairs (0, 1) and (2, 3), see `_pair_fma`
+    even0 = w8  # merged one-bit plane pairs (0, 1) and (2, 3), see `_pair_fma` / `_lut4_fma`
     odd0 = w8
     even1 = w8
     odd1 = w8
@@ -412,10 +412,10 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
                 sums, even0, odd0, even1, odd1, high, high_odd, qw_ptr, rows, col, words_per_bit, stride_qn, one, x,
                 magic, kk, OFFSET, COLUMN_K)
         elif INTEGER and ONE_BIT_PLANES:
-            tl.static_assert(BITS <= 3, "the LUT formats have at most 4 one-bit planes")
+            tl.static_assert(BITS <= 3, "lut1 - lut3 here (lut4 has the branch above)")
             if BITS >= 2:
-                sums, even0, odd0 = _pair_fma(sums, even0, odd0, qw_ptr, rows, col, 0, words_per_bit, stride_qn, one, x,
-                                              magic, kk, 0, OFFSET, COLUMN_K)
+                sums, even0, odd0 = _pair_fma(sums, even0, odd0, qw_ptr, rows, col, words_per_bit, stride_qn, one, x,
+                                              magic, kk, OFFSET, COLUMN_K)
             if BITS % 2:  # the top plane of lut1 / lut3
                 w1 = _window(w1, qw_ptr, rows, col, words_per_bit * (BITS - 1), stride_qn, one, kk, 1, COLUMN_K, False)
                 sums = _plane_fma(sums, w1, x, magic, kk, 1, BITS - 1, 0 if BITS > 1 else OFFSET)
