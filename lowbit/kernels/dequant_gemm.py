@@ -507,19 +507,22 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, wo
 
 @triton.jit(do_not_specialize=["one", "magic"])  # both must stay run-time values, see their use
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
-                 M, N, K, words_per_bit, columns, tiles_per_split,
-                 stride_xm, stride_qn, stride_sg, stride_om, one, magic,
+                 M, N, K, columns, tiles_per_split, stride_xm, stride_qn, stride_sg, stride_om, one, magic,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
                  SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
-                 SPLIT: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+                 WORDS_PER_BIT: tl.constexpr, SPLIT: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
     """Split-K GEMV. The K axis is cut into columns of COLUMN_K consecutive values and each thread
     takes one column of a tile (COLUMNS = the program's threads) for all BLOCK_N rows: its
     activations are loaded and converted once and used for every row held in its registers,
     weights and activations share one layout (nothing passes through shared memory), and each
     column is scaled once (per-element products need no scale multiply). Rows and activations
-    beyond N / M are clamped to the last one (loads need no masks), the stores are masked."""
+    beyond N / M are clamped to the last one (loads need no masks), the stores are masked.
+    WORDS_PER_BIT (Kp / 32, the words of one bit plane in a row) is a constexpr so that a row's
+    second and later planes sit at constant offsets from its first (folded into the loads, where a
+    run-time offset costs a 64-bit add per row and plane): one compile per distinct K, for codes
+    with more than one plane (the launcher passes 0 for the others, which never read it)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -533,11 +536,11 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     full_end = tl.minimum(t_end, columns // COLUMNS)  # tiles before it hold no column past the last
     acc = tl.zeros((BLOCK_M, BLOCK_N, COLUMNS), dtype=tl.float32)
     for t in range(t_start, full_end):
-        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit, stride_xm,
+        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, WORDS_PER_BIT, stride_xm,
                          stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
                          SCALE_KIND, ONE_BIT_PLANES, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
     for t in range(tl.maximum(t_start, full_end), t_end):  # the last, partial tile (at most one)
-        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit, stride_xm,
+        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, WORDS_PER_BIT, stride_xm,
                          stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
                          SCALE_KIND, ONE_BIT_PLANES, True, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
     out = tl.sum(acc, axis=2)
@@ -789,13 +792,16 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         if problem:
             raise InputError(problem)
         columns = kp // cfg["COLUMN_K"]
+        # the GEMV compiles per K only where it has later bit planes to find (single-plane codes ignore it)
+        planes = bits if one_bit_planes else bin(bits).count("1")
         n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
         out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(
             x, n, triton.cdiv(columns, gemv_columns(cfg)), cfg["SPLIT_K"], n_tiles * m_tiles)
         _gemv_kernel[(n_tiles, split_k, m_tiles)](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out, workspace,
-                                                  tickets, m, n, in_features, words_per_bit, columns, tiles_per_split,
+                                                  tickets, m, n, in_features, columns, tiles_per_split,
                                                   x.stride(0), qweight.stride(0), scales.stride(0), n, 1, MAGIC,
-                                                  SPLIT=split_k > 1, PADDED_K=in_features != kp,
+                                                  WORDS_PER_BIT=words_per_bit if planes > 1 else 0, SPLIT=split_k > 1,
+                                                  PADDED_K=in_features != kp,
                                                   COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"], **common)
         return out
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)

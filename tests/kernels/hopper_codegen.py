@@ -19,6 +19,7 @@ from lowbit.kernels import dfloat11, fp8_w8a8, lut_gemm
 HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 GEMV_BLOCK_N = 16  # gemv_config's rows per program at M=1
+GEMV_K = 4096  # the GEMV is compiled per K: a Llama-3-8B q_proj's
 SPLIT_K_POINTERS = {"ws_ptr": "*fp32", "counters_ptr": "*i32"}  # lowbit/kernels/split_k.py (GEMVs compiled split)
 
 
@@ -67,13 +68,13 @@ def compile_dfloat11(kind: str):
 
 def variant_column_k(bits: int, element: str, scale_kind: str = "float", one_bit_planes: bool = False) -> int:
     """The GEMV column `compile_variant` compiles a variant with: the launcher's default for its
-    group (int: 128; fp8: per channel, 4096; microscaling: E8M0 blocks of 32, NVFP4's E4M3 of 16)
+    group (int: 128; fp8: per channel, GEMV_K; microscaling: E8M0 blocks of 32, NVFP4's E4M3 of 16)
     and narrowest bit plane (one bit wide in the LUT formats' layout)."""
     return kernels.gemv_column_k(1 if one_bit_planes else bits, _group(element, scale_kind))
 
 
 def _group(element: str, scale_kind: str) -> int:
-    return {"e8m0": 32, "e4m3": 16}.get(scale_kind, 128 if element == "int" else 4096)
+    return {"e8m0": 32, "e4m3": 16}.get(scale_kind, 128 if element == "int" else GEMV_K)
 
 
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float",
@@ -81,14 +82,14 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
-    Llama-3-8B q_proj (16 rows, columns of 32 K or the group)."""
+    Llama-3-8B q_proj (K = GEMV_K; 16 rows, columns of 32 K or the group)."""
     kernel = kernels._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
                       SCALE_GROUP_N=1, SCALE_KIND=scale_kind, HAS_TENSOR_SCALE=scale_kind == "e4m3",
                       ONE_BIT_PLANES=one_bit_planes)
     if path == "gemv":
-        constexprs.update(SPLIT=True, PADDED_K=False, BLOCK_M=1, BLOCK_N=GEMV_BLOCK_N,
+        constexprs.update(WORDS_PER_BIT=GEMV_K // 32, SPLIT=True, PADDED_K=False, BLOCK_M=1, BLOCK_N=GEMV_BLOCK_N,
                           COLUMNS=kernels.gemv_columns({}),
                           COLUMN_K=variant_column_k(bits, element, scale_kind, one_bit_planes))
     else:
