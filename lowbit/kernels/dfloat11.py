@@ -44,18 +44,23 @@ DECODE_CHUNK = 8
 #: per thread of 4 warps
 DECODE_BLOCK = 128
 GEMV_BLOCK_N = 128
+#: the sign and mantissa bits of an fp32 whose top half is a bf16 (0x807F0000 as int32), a kernel
+#: argument so that it sits in a register (see `_weight_bits`)
+WEIGHT_FIELDS = -2139160576
 #: threads one SM keeps resident (H100/H200): the fused GEMV's parallelism is its lanes
 RESIDENT_LANES_PER_SM = 2048
 
 
 @triton.jit
-def _bf16_pair(symbol_a, symbol_b, byte_a, byte_b):
-    """Two weights' exponent bytes + sign|mantissa bytes (int32 lanes) -> their bf16 bits as the
-    low and high halves of one int32: the two sign|mantissa bytes are placed with one byte
-    permute and masked together, the exponents added in."""
-    pair = byte_a | (byte_b << 16)  # sign|mantissa at bits 0-7 and 16-23
-    bits = ((pair << 8) & -2147450880) | (pair & 0x7F007F)  # signs at bits 15 / 31 (0x80008000), mantissas
-    return bits + (symbol_a << 7) + (symbol_b << 23)  # exponents at bits 7-14 / 23-30
+def _weight_bits(entry, byte, fields):
+    """A decoded weight as fp32 bits (its bf16 in the top half), from its decode-table entry
+    (symbol | length << 8, int32) and sign|mantissa byte (int32). The byte is copied to bits
+    16-23 and 24-31 (one multiply) and the entry shifted so its symbol, the exponent, lands
+    on bits 23-30; one LOP3 then keeps the byte's copy where `fields` (0x807F0000: the sign at
+    bit 31, the mantissa at 16-22) is set and the entry elsewhere. `fields` is a run-time value
+    so that it sits in a register: LOP3 takes one immediate. The entry's length bits shifted
+    to 31 and above are masked off or shifted out."""
+    return ((byte * 0x01010000) & fields) | ((entry << 23) & ~fields)
 
 
 @triton.jit
@@ -77,15 +82,15 @@ def _start_segment(words_ptr, code_words, position):
 
 @triton.jit
 def _take_code(buf, deficit, table_ptr, CODE_BITS: tl.constexpr):
-    """One decode step per lane of a bit buffer -> (exponent byte, buf, deficit).
+    """One decode step per lane of a bit buffer -> (decode-table entry, buf, deficit).
 
     `buf` (uint64) holds the lane's next stream bits left-aligned, 32 - `deficit` of them valid
     (at least CODE_BITS on entry, see `_refill`). The code under the top CODE_BITS bits is looked
-    up and shifted out."""
+    up and shifted out. Entries are symbol | length << 8 (`_weight_bits` reads the symbol)."""
     # uint16: a zero-extending load (entries are non-negative)
     entry = tl.load(table_ptr + (buf >> (64 - CODE_BITS)).to(tl.int32)).to(tl.uint16, bitcast=True).to(tl.int32)
-    length = entry >> 8  # entries are symbol | length << 8
-    return entry & 0xFF, buf << length.to(tl.uint64), deficit + length
+    length = entry >> 8
+    return entry, buf << length.to(tl.uint64), deficit + length
 
 
 @triton.jit
@@ -105,30 +110,19 @@ def _refill(buf, deficit, next_word, words_ptr, code_words, GUARD: tl.constexpr)
 
 
 @triton.jit
-def _decode_step(buf, deficit, next_word, held_0, held_1, sign_mantissa, u, words_ptr, code_words, table_ptr,
+def _decode_step(buf, deficit, next_word, sign_mantissa, u, words_ptr, code_words, table_ptr, fields,
                  C: tl.constexpr, CODE_BITS: tl.constexpr, GUARD: tl.constexpr):
-    """Step C of a chunk of CHUNK weights per lane (sign|mantissa bytes [lanes, CHUNK], u =
+    """Step C of a chunk of weights per lane (sign|mantissa bytes [lanes, CHUNK], u =
     arange(CHUNK)): a refill check every 32 // CODE_BITS steps (`_refill`), then one code
-    (`_take_code`) -> (pair, buf, deficit, next_word, held_0, held_1). Weights C - 2 and C of
-    every 4 are assembled together (`_bf16_pair`) once both are decoded, so `pair` holds their
-    bf16 bits at steps with C % 4 >= 2 only; held_0 / held_1 keep the exponent bytes of the
-    first two weights of the 4 until then."""
+    (`_take_code`) -> (weight C as fp32 bits (`_weight_bits`), buf, deficit, next_word)."""
     if C % (32 // CODE_BITS) == 0:
         buf, deficit, next_word = _refill(buf, deficit, next_word, words_ptr, code_words, GUARD)
-    symbol, buf, deficit = _take_code(buf, deficit, table_ptr, CODE_BITS)
-    pair = symbol  # (not a pair: read only at C % 4 >= 2)
-    if C % 4 == 0:
-        held_0 = symbol
-    elif C % 4 == 1:
-        held_1 = symbol
-    else:
-        pair = _bf16_pair(held_0 if C % 4 == 2 else held_1, symbol, _column(sign_mantissa, u, C - 2),
-                          _column(sign_mantissa, u, C))
-    return pair, buf, deficit, next_word, held_0, held_1
+    entry, buf, deficit = _take_code(buf, deficit, table_ptr, CODE_BITS)
+    return _weight_bits(entry, _column(sign_mantissa, u, C), fields), buf, deficit, next_word
 
 
 @triton.jit
-def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr,
+def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr,
                    CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
     """Program (i, l) decodes segments i*BLOCK.. of layer l (a row of LAYER_FIELDS), one per
     lane. ALIGNED: every layer's K, output offset and sign_mantissa address are multiples of
@@ -155,10 +149,7 @@ def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.con
     first = (lane_seg // segments_per_row) * k + col0  # within the layer
     count = tl.minimum(k - col0, SEGMENT)
     buf, deficit, next_word = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg))
-    tl.static_assert(CHUNK % 4 == 0, "weights pair up within groups of 4")
     u = tl.arange(0, CHUNK)
-    held_0 = deficit * 0  # the exponent bytes of weights 4j and 4j + 1, until their pairs are decoded
-    held_1 = held_0
     for i in range(0, SEGMENT, CHUNK):
         if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
             keep = (active & (i < count))[:, None]
@@ -168,36 +159,25 @@ def _decode_kernel(layers_ptr, out_ptr, SEGMENT: tl.constexpr, CODE_BITS: tl.con
         bits = tl.zeros((BLOCK, CHUNK), dtype=tl.int32)
         for c in tl.static_range(CHUNK):
             # Lanes past their segment's last code decode on (guarded) and are not stored.
-            pair, buf, deficit, next_word, held_0, held_1 = _decode_step(
-                buf, deficit, next_word, held_0, held_1, sign_mantissa, u, words_ptr, code_words, table_ptr, c,
-                CODE_BITS, True)
-            if c % 4 >= 2:
-                bits = tl.where(u[None, :] == c - 2, (pair & 0xFFFF)[:, None], bits)
-                bits = tl.where(u[None, :] == c, (pair >> 16)[:, None], bits)
+            weight, buf, deficit, next_word = _decode_step(buf, deficit, next_word, sign_mantissa, u, words_ptr,
+                                                           code_words, table_ptr, fields, c, CODE_BITS, True)
+            bits = tl.where(u[None, :] == c, (weight >> 16)[:, None], bits)  # bf16: the top half
         tl.store(out_ptr + out_offset + first[:, None] + i + u[None, :], bits.to(tl.int16), mask=keep)
 
 
 @triton.jit
 def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col, left, sign_ptrs, words_ptr,
-                code_words, table_ptr, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr):
+                code_words, table_ptr, fields, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr):
     """Decode CHUNK weights per lane (columns col.. of each row) and add their products with x
     into acc [BLOCK_M, BLOCK_N]. TAIL: only the first `left` columns are weights."""
-    tl.static_assert(CHUNK % 4 == 0, "weights pair up within groups of 4")
     u = tl.arange(0, CHUNK)
-    held_0 = deficit * 0  # the exponent bytes of weights 4j and 4j + 1, until their pairs are decoded
-    held_1 = held_0
     # one vector load of CHUNK sign|mantissa bytes per lane, not CHUNK byte loads
     sign_mantissa = tl.load(sign_ptrs[:, None] + u[None, :], mask=(u < left)[None, :] if TAIL else None,
                             other=0 if TAIL else None).to(tl.int32)
     for c in tl.static_range(CHUNK):
-        pair, buf, deficit, next_word, held_0, held_1 = _decode_step(
-            buf, deficit, next_word, held_0, held_1, sign_mantissa, u, words_ptr, code_words, table_ptr, c,
-            CODE_BITS, TAIL)
-        if c % 4 >= 2:  # bf16 is the top half of fp32
-            acc = _add_product(acc, (pair << 16).to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col, left,
-                               c - 2, TAIL)
-            acc = _add_product(acc, (pair & -65536).to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col,
-                               left, c, TAIL)
+        weight, buf, deficit, next_word = _decode_step(buf, deficit, next_word, sign_mantissa, u, words_ptr,
+                                                       code_words, table_ptr, fields, c, CODE_BITS, TAIL)
+        acc = _add_product(acc, weight.to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col, left, c, TAIL)
     return acc, buf, deficit, next_word
 
 
@@ -215,7 +195,8 @@ def _add_product(acc, w, x_ptr, stride_xm, m, M, col, left, C: tl.constexpr, TAI
 
 @triton.jit
 def _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, m, M, K, words_ptr, sign_ptr, offsets_ptr, table_ptr,
-                 segments_per_row, code_words, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr):
+                 segments_per_row, code_words, fields, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr,
+                 CHUNK: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] + x[:, segment seg] @ (segment seg of rows lane_rows, decoded)^T."""
     buf, deficit, next_word = _start_segment(words_ptr, code_words,
                                              tl.load(offsets_ptr + lane_rows * segments_per_row + seg))
@@ -225,18 +206,18 @@ def _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, m, M, K, words_ptr, sign
     full = count // CHUNK * CHUNK
     for i in range(0, full, CHUNK):
         acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col0 + i,
-                                                   CHUNK, sign_ptrs + i, words_ptr, code_words, table_ptr, CODE_BITS,
-                                                   CHUNK, False)
+                                                   CHUNK, sign_ptrs + i, words_ptr, code_words, table_ptr, fields,
+                                                   CODE_BITS, CHUNK, False)
     if full < count:  # the last segment of a row, when K is not a multiple of CHUNK
         acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M,
                                                    col0 + full, count - full, sign_ptrs + full, words_ptr, code_words,
-                                                   table_ptr, CODE_BITS, CHUNK, True)
+                                                   table_ptr, fields, CODE_BITS, CHUNK, True)
     return acc
 
 
 @triton.jit
 def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
-                        M, N, K, segments_per_row, code_words, stride_xm, segments_per_split,
+                        M, N, K, segments_per_row, code_words, stride_xm, segments_per_split, fields,
                         SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,7 +228,7 @@ def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, bias
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for seg in range(first, tl.minimum(first + segments_per_split, segments_per_row)):
         acc = _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, m, M, K, words_ptr, sign_ptr, offsets_ptr, table_ptr,
-                           segments_per_row, code_words, SEGMENT, CODE_BITS, CHUNK)
+                           segments_per_row, code_words, fields, SEGMENT, CODE_BITS, CHUNK)
     if HAS_BIAS:
         if tl.program_id(1) == 0:  # the bias goes into exactly one partial sum
             acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
@@ -297,7 +278,7 @@ def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, 
     grid = (triton.cdiv(max(row[5] for row in rows), DECODE_BLOCK), len(rows))
     aligned = all(row[1] % DECODE_CHUNK == 0 and row[4] % DECODE_CHUNK == 0 and row[6] % DECODE_CHUNK == 0
                   for row in rows)
-    _decode_kernel[grid](_layer_table(tuple(rows), out.device), out.view(torch.int16), SEGMENT=segment,
+    _decode_kernel[grid](_layer_table(tuple(rows), out.device), out.view(torch.int16), WEIGHT_FIELDS, SEGMENT=segment,
                          CODE_BITS=code_bits, BLOCK=DECODE_BLOCK, CHUNK=DECODE_CHUNK, ALIGNED=aligned)
 
 
@@ -331,7 +312,7 @@ def dfloat11_matmul(x, words, sign_mantissa, segment_offsets, decode_table, bias
                                                                  n_tiles)
     _decode_gemv_kernel[(n_tiles, splits)](x, words, sign_mantissa, segment_offsets, decode_table,
                                            bias if bias is not None else x, out, workspace, tickets,
-                                           m, n, k, segments, words.numel(), x.stride(0), per_split,
+                                           m, n, k, segments, words.numel(), x.stride(0), per_split, WEIGHT_FIELDS,
                                            SEGMENT=segment, CODE_BITS=code_bits, HAS_BIAS=bias is not None,
                                            SPLIT=splits > 1, BLOCK_M=triton.next_power_of_2(m),
                                            BLOCK_N=GEMV_BLOCK_N, CHUNK=GEMV_CHUNK)
