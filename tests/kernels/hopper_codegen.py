@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 
 from lowbit.kernels import dequant_gemm as kernels
 from lowbit.formats.dfloat11 import CODE_BITS
-from lowbit.kernels import dfloat11, fp8_w8a8, lut_gemm
+from lowbit.kernels import dequant_gemv, dfloat11, fp8_w8a8, lut_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -83,7 +83,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
     Llama-3-8B q_proj (K = GEMV_K; 16 rows, columns of 32 K or the group)."""
-    kernel = kernels._gemv_kernel if path == "gemv" else kernels._gemm_kernel
+    kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
                       SCALE_GROUP_N=1, SCALE_KIND=scale_kind, HAS_TENSOR_SCALE=scale_kind == "e4m3",

@@ -1,0 +1,389 @@
+"""The split-K dequant GEMV for small M (the launcher, `dequant_matmul` in
+lowbit/kernels/dequant_gemm.py, picks it at M <= GEMV_MAX_M).
+
+Each thread sums a column of COLUMN_K consecutive K for all BLOCK_N rows of its program, in
+registers (`_column_sums`: one decoder per code layout, reading each packed word once), and
+the sums are reduced across threads once, after the K loop; the splits are reduced inside the
+same launch (lowbit/kernels/split_k.py).
+"""
+import triton
+import triton.language as tl
+
+from .element_decode import _decode, _decode_scale, _element_factor
+from .split_k import store_split_k
+
+
+@triton.jit
+def _word(qw_ptr, rows, col, plane_start, stride_qn, one, WORDS_PER_COLUMN: tl.constexpr, INDEX: tl.constexpr):
+    """Word INDEX of each thread's column in one bit plane, for every row: [1, BLOCK_N, COLUMNS]
+    int32. The column's offset is multiplied by the run-time 1 `one`: with no contiguity to see,
+    the compiler loads the words in the activations' layout (one column per thread, its rows in
+    registers) instead of a vectorised one that would send every decoded weight through shared
+    memory to meet the activations. The word index stays a constant offset (no address math)."""
+    return tl.load(qw_ptr + rows * stride_qn + (col * WORDS_PER_COLUMN) * one + plane_start + INDEX)
+
+
+@triton.jit
+def _window(window, qw_ptr, rows, col, plane_start, stride_qn, one, KK: tl.constexpr, WIDTH: tl.constexpr,
+            COLUMN_K: tl.constexpr, SINT: tl.constexpr):
+    """The bits of one plane that code KK of a column is read from (integer fast path of
+    `_column_sums`): the next word where a word starts, the word shifted down past the codes
+    already read where they reach bit 23, else `window` unchanged."""
+    PER_WORD: tl.constexpr = 32 // WIDTH
+    WINDOW: tl.constexpr = 23 // WIDTH  # codes readable in place: pos + WIDTH <= 23
+    if KK % PER_WORD == 0:
+        window = _word(qw_ptr, rows, col, plane_start, stride_qn, one, COLUMN_K * WIDTH // 32, KK // PER_WORD)
+        if SINT:
+            window ^= -2139062144  # 0x80808080: every byte + 128, two's complement -> offset binary
+    elif (KK % PER_WORD) % WINDOW == 0:
+        window = window >> (WINDOW * WIDTH)
+    return window
+
+
+@triton.jit
+def _plane_fma(sums, window, x, magic, KK: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr,
+               OFFSET: tl.constexpr):
+    """sums + (plane bits of code KK << SHIFT) * x, minus OFFSET * x (the first plane carries
+    the offset). (window & (mask << pos)) | magic reinterpreted is 2^23 + bits * 2^pos, exactly:
+    one LOP3 and one FADD, and the 2^(SHIFT - pos) rides on x, which all the thread's rows share."""
+    PER_WORD: tl.constexpr = 32 // WIDTH
+    WINDOW: tl.constexpr = 23 // WIDTH
+    pos: tl.constexpr = ((KK % PER_WORD) % WINDOW) * WIDTH
+    bits = ((window & (((1 << WIDTH) - 1) << pos)) | magic).to(tl.float32, bitcast=True)
+    if SHIFT != pos:
+        x = x * (2.0 ** (SHIFT - pos))
+    return tl.fma(bits - (8388608.0 + OFFSET * (1 << pos)), x, sums)
+
+
+@triton.jit
+def _spread_to_nibbles(word, HALF: tl.constexpr):
+    """The 8 2-bit codes in half HALF (0: bits 0-15, 1: bits 16-31) of `word`, spread out to
+    nibble spacing: code j at bits 4j, 4j + 1."""
+    if HALF:
+        word = word >> 16
+    spread = word & 0xFFFF
+    spread = (spread | (spread << 8)) & 0x00FF00FF
+    spread = (spread | (spread << 4)) & 0x0F0F0F0F
+    return (spread | (spread << 2)) & 0x33333333
+
+
+@triton.jit
+def _two_field_fma(sums, low, high, x, POS: tl.constexpr, LOW_BITS: tl.constexpr, OFFSET: tl.constexpr):
+    """`_plane_fma` for a code whose low LOW_BITS bits sit at POS in `low` and whose top 2 bits
+    sit right above them in `high`, which has 0x4B000000 OR-ed in (int6 / int7: the 4-bit plane
+    and its spread 2-bit codes; lut4: its two merged plane pairs). Two LOP3s put the whole code
+    into one float, 2^23 + code * 2^POS; then one FADD and the FFMA, where the parts one at a
+    time take two of each. Bits of `high` above bit 23 do no harm: the mask keeps only the
+    0x4B000000 positions there, which the OR already set."""
+    bits = ((low & (((1 << LOW_BITS) - 1) << POS)) | (high & ((3 << (POS + LOW_BITS)) | 0x4B000000)))
+    if POS != 0:
+        x = x * (2.0 ** -POS)
+    return tl.fma(bits.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET * (1 << POS)), x, sums)
+
+
+@triton.jit
+def _plane_pair(qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, COLUMN_K: tl.constexpr,
+                INDEX: tl.constexpr):
+    """Word INDEX of two one-bit planes (the LUT formats' layout; plane_start = the lower plane's
+    first word) merged into two words of 2-bit codes, so `_plane_fma` reads them as it reads an
+    int2 plane: `even` holds the codes of the word's even K (K 2q at bits 2q, 2q+1), `odd` those of
+    its odd K. Four integer ops per 32 K of a row, instead of a LOP3 + FADD + FFMA per weight and
+    plane."""
+    low = _word(qw_ptr, rows, col, plane_start, stride_qn, one, COLUMN_K // 32, INDEX)
+    high = _word(qw_ptr, rows, col, plane_start + words_per_bit, stride_qn, one, COLUMN_K // 32, INDEX)
+    # bits of `a` where mask is set, of `b` elsewhere, as b ^ ((a ^ b) & mask): one LOP3. The mask
+    # is a run-time value (times `one`) so the compiler keeps this form instead of rewriting it as
+    # two ANDs with complementary constants, which ptxas cannot fuse into one LOP3
+    mask = 0x55555555 * one
+    high_up = high << 1
+    even = high_up ^ ((low ^ high_up) & mask)
+    odd = high ^ (((low >> 1) ^ high) & mask)
+    return even, odd
+
+
+@triton.jit
+def _pair_fma(sums, even, odd, qw_ptr, rows, col, words_per_bit, stride_qn, one, x, magic, KK: tl.constexpr,
+              OFFSET: tl.constexpr, COLUMN_K: tl.constexpr):
+    """`_plane_fma` for code KK of a column on one-bit planes 0 and 1 (lut2, lut3): the pair is
+    merged at each word (`_plane_pair`); KK's code is 2-bit code (KK % 32) // 2 of the merged
+    word of KK's parity. Returns (sums, even, odd)."""
+    SLOT: tl.constexpr = (KK % 32) // 2
+    WINDOW: tl.constexpr = 23 // 2  # as in `_window`: the codes from here on are shifted down
+    if KK % 32 == 0:
+        even, odd = _plane_pair(qw_ptr, rows, col, 0, words_per_bit, stride_qn, one, COLUMN_K, KK // 32)
+    if SLOT == WINDOW:
+        if KK % 2 == 0:
+            even = even >> (2 * WINDOW)
+        else:
+            odd = odd >> (2 * WINDOW)
+    if KK % 2 == 0:
+        sums = _plane_fma(sums, even, x, magic, SLOT, 2, 0, OFFSET)
+    else:
+        sums = _plane_fma(sums, odd, x, magic, SLOT, 2, 0, OFFSET)
+    return sums, even, odd
+
+
+@triton.jit
+def _lut4_fma(sums, even0, odd0, even1, odd1, high, high_odd, qw_ptr, rows, col, words_per_bit, stride_qn, one, x,
+              magic, KK: tl.constexpr, OFFSET: tl.constexpr, COLUMN_K: tl.constexpr):
+    """lut4's code KK of a column: its plane pairs (0, 1) and (2, 3) are merged at each word
+    (`_plane_pair`), and the second pair's codes, shifted up by 2 and with 0x4B000000 OR-ed in
+    (high / high_odd, by K's parity), sit right above the first's, so `_two_field_fma` reads the
+    4-bit code at once. Returns the sums and the updated merged words."""
+    SLOT: tl.constexpr = (KK % 32) // 2  # in the merged words of KK's parity, as in `_pair_fma`
+    WINDOW: tl.constexpr = (23 - 4) // 2 + 1  # codes read in place: pos = 2 * slot, pos + 4 <= 23
+    if KK % 32 == 0:
+        even0, odd0 = _plane_pair(qw_ptr, rows, col, 0, words_per_bit, stride_qn, one, COLUMN_K, KK // 32)
+        even1, odd1 = _plane_pair(qw_ptr, rows, col, 2 * words_per_bit, words_per_bit, stride_qn, one, COLUMN_K,
+                                  KK // 32)
+        high = (even1 << 2) | magic
+        high_odd = (odd1 << 2) | magic
+    if SLOT == WINDOW:  # the rest of the word, shifted down
+        if KK % 2 == 0:
+            even0 = even0 >> (2 * WINDOW)
+            high = (even1 >> (2 * WINDOW - 2)) | magic
+        else:
+            odd0 = odd0 >> (2 * WINDOW)
+            high_odd = (odd1 >> (2 * WINDOW - 2)) | magic
+    if KK % 2 == 0:
+        sums = _two_field_fma(sums, even0, high, x, 2 * (SLOT % WINDOW), 2, OFFSET)
+    else:
+        sums = _two_field_fma(sums, odd0, high_odd, x, 2 * (SLOT % WINDOW), 2, OFFSET)
+    return sums, even0, odd0, even1, odd1, high, high_odd
+
+
+@triton.jit
+def _shifted(word, SHIFT: tl.constexpr):
+    """word << SHIFT, or >> -SHIFT for a negative SHIFT (the bits that matter are masked after)."""
+    if SHIFT > 0:
+        word = word << SHIFT
+    elif SHIFT < 0:
+        word = word >> -SHIFT
+    return word
+
+
+@triton.jit
+def _minifloat_pair(word, INDEX: tl.constexpr, ELEMENT: tl.constexpr, BITS: tl.constexpr):
+    """Small floats INDEX and INDEX + 16 // BITS of a word of BITS-wide codes (E4M3 / E5M2 / E2M1),
+    which lie 16 bits apart -> two fp32 values * 2^(bias - 15), as `_decode_minifloat` gives. Both
+    move into fp16 position in one go, the first into the word's low half and the second into its
+    high half: one shift and mask place the exponent and mantissa fields, another shift places the
+    signs, which a single LOP3 masks in (E5M2 needs one shift for both); then each half is
+    converted: two shifts and two LOP3s per pair, where one code at a time took three ops each."""
+    EXP: tl.constexpr = 4 if ELEMENT == "e4m3" else 5 if ELEMENT == "e5m2" else 2
+    MAN: tl.constexpr = BITS - 1 - EXP
+    pos: tl.constexpr = INDEX * BITS
+    FIELD_SHIFT: tl.constexpr = 10 - MAN - pos  # the code's low bit -> the fp16 mantissa's
+    SIGN_SHIFT: tl.constexpr = 16 - BITS - pos  # the code's sign bit -> bit 15
+    FIELDS: tl.constexpr = (((1 << (BITS - 1)) - 1) << (10 - MAN)) * 0x10001  # exponent + mantissa, both halves
+    SIGNS: tl.constexpr = -2147450880  # 0x80008000 as int32
+    if SIGN_SHIFT == FIELD_SHIFT:
+        halves = _shifted(word, FIELD_SHIFT) & (FIELDS | SIGNS)
+    else:
+        halves = (_shifted(word, FIELD_SHIFT) & FIELDS) | (_shifted(word, SIGN_SHIFT) & SIGNS)
+    low = halves.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = (halves >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, KK: tl.constexpr, MASK_X: tl.constexpr):
+    """The activations at K = k0 + KK of each thread's column: [BLOCK_M, 1, COLUMNS] fp32."""
+    if MASK_X:
+        x = tl.load(x_ptr + x_rows * stride_xm + k0 + KK, mask=x_mask & (k0 + KK < K), other=0.0)
+    else:
+        x = tl.load(x_ptr + x_rows * stride_xm + k0 + KK)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_bit, stride_xm, stride_qn, one,
+                 magic, BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
+                 ONE_BIT_PLANES: tl.constexpr, MASK_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+    """For each thread's column of COLUMN_K consecutive K (col [1, 1, COLUMNS]) and each of its
+    rows: sum_k value(code) * x [BLOCK_M, BLOCK_N, COLUMNS] fp32, and sum_k x [BLOCK_M, 1, COLUMNS]
+    (zero for all but asymmetric "int"). value is the element before scaling, up to
+    `_element_factor`; asymmetric "int" leaves out the zero point (the caller subtracts
+    zero * sum_k x once per column instead of once per weight).
+
+    Integer elements ("int", "sint") never shift a code out of its word: each bit plane adds its
+    bits through `_plane_fma` (a LOP3, an FADD and the FFMA per weight and plane). `magic` is
+    0x4B000000 passed at run time so it sits in a register: LOP3 takes one immediate, which the
+    mask needs. The LUT formats' one-bit planes are merged in pairs into 2-bit codes first
+    (`_pair_fma`). E4M3 / E5M2 / E2M1 decode two codes at a time (`_minifloat_pair`), so their
+    column is walked in pair order (K, K + 16 // BITS, K + 1, ...); "nf4" and "e2m3" extract each
+    code, then look it up / `_decode` it."""
+    MINIFLOAT: tl.constexpr = ELEMENT == "e4m3" or ELEMENT == "e5m2" or ELEMENT == "e2m1"
+    INTEGER: tl.constexpr = ELEMENT == "int" or ELEMENT == "sint"
+    ZERO_POINT: tl.constexpr = ELEMENT == "int" and not SYMMETRIC
+    # subtracted from every code: the symmetric zero point, or sint's sign flip
+    OFFSET: tl.constexpr = 0 if ZERO_POINT else (1 << (BITS - 1))
+    PER_WORD: tl.constexpr = 32 // BITS
+    k0 = col * COLUMN_K
+    sums = tl.zeros((BLOCK_M, BLOCK_N, COLUMNS), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M, 1, COLUMNS), dtype=tl.float32)
+    # the current word (or window of one) of each bit plane
+    w8 = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.int32)
+    w4 = w8
+    w2 = w8
+    w1 = w8
+    even0 = w8  # merged one-bit plane pairs (0, 1) and (2, 3), see `_pair_fma` / `_lut4_fma`
+    odd0 = w8
+    even1 = w8
+    odd1 = w8
+    spread = w8  # int6 / int7: the 2-bit codes of the current 4-bit word, see `_two_field_fma`
+    high = w8  # the top 2 bits of int6 / int7 codes, of lut4's even-K codes
+    high_odd = w8  # of lut4's odd-K codes
+    pending = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.float32)  # a decoded pair's second value
+    for kk in tl.static_range(COLUMN_K):
+        if MINIFLOAT:  # step kk reads K in pair order: 0, 16 // BITS, 1, 1 + 16 // BITS, ...
+            x = _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm,
+                          (kk // PER_WORD) * PER_WORD + (kk % PER_WORD) // 2 + (kk % 2) * (16 // BITS), MASK_X)
+        else:
+            x = _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, kk, MASK_X)
+        if ZERO_POINT:
+            x_sum += x
+        if INTEGER and ONE_BIT_PLANES and BITS == 4:  # lut4: both merged pairs read as one 4-bit code
+            sums, even0, odd0, even1, odd1, high, high_odd = _lut4_fma(
+                sums, even0, odd0, even1, odd1, high, high_odd, qw_ptr, rows, col, words_per_bit, stride_qn, one, x,
+                magic, kk, OFFSET, COLUMN_K)
+        elif INTEGER and ONE_BIT_PLANES:
+            tl.static_assert(BITS <= 3, "lut1 - lut3 here (lut4 has the branch above)")
+            if BITS >= 2:
+                sums, even0, odd0 = _pair_fma(sums, even0, odd0, qw_ptr, rows, col, words_per_bit, stride_qn, one, x,
+                                              magic, kk, OFFSET, COLUMN_K)
+            if BITS % 2:  # the top plane of lut1 / lut3
+                w1 = _window(w1, qw_ptr, rows, col, words_per_bit * (BITS - 1), stride_qn, one, kk, 1, COLUMN_K, False)
+                sums = _plane_fma(sums, w1, x, magic, kk, 1, BITS - 1, 0 if BITS > 1 else OFFSET)
+        elif INTEGER and BITS == 8:
+            w8 = _window(w8, qw_ptr, rows, col, 0, stride_qn, one, kk, 8, COLUMN_K, ELEMENT == "sint")
+            sums = _plane_fma(sums, w8, x, magic, kk, 8, 0, OFFSET)
+        elif INTEGER and BITS & 6 == 6:  # int6, int7: the 4-bit and 2-bit planes read as one 6-bit code
+            w4 = _window(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
+            if kk % 16 == 0:
+                w2 = _word(qw_ptr, rows, col, words_per_bit * 4, stride_qn, one, COLUMN_K // 16, kk // 16)
+            if kk % 8 == 0:  # the 2-bit codes of the 4-bit plane's new word, each right above its low bits
+                spread = _spread_to_nibbles(w2, (kk // 8) % 2)
+                high = (spread << 4) | magic
+            elif kk % 8 == 23 // 4:  # where `_window` shifts the 4-bit plane's word down by 20
+                high = (spread >> 16) | magic
+            sums = _two_field_fma(sums, w4, high, x, ((kk % 8) % (23 // 4)) * 4, 4, OFFSET)
+            if BITS & 1:
+                w1 = _window(w1, qw_ptr, rows, col, words_per_bit * 6, stride_qn, one, kk, 1, COLUMN_K, False)
+                sums = _plane_fma(sums, w1, x, magic, kk, 1, 6, 0)
+        elif INTEGER:
+            if BITS & 4:
+                w4 = _window(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
+                sums = _plane_fma(sums, w4, x, magic, kk, 4, 0, OFFSET)
+            if BITS & 2:
+                w2 = _window(w2, qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, kk, 2, COLUMN_K, False)
+                sums = _plane_fma(sums, w2, x, magic, kk, 2, BITS & 4, 0 if BITS & 4 else OFFSET)
+            if BITS & 1:
+                w1 = _window(w1, qw_ptr, rows, col, words_per_bit * (BITS & 6), stride_qn, one, kk, 1, COLUMN_K, False)
+                sums = _plane_fma(sums, w1, x, magic, kk, 1, BITS & 6, 0 if BITS & 6 else OFFSET)
+        elif MINIFLOAT:
+            if kk % PER_WORD == 0:
+                w8 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // PER_WORD, kk // PER_WORD)
+            if kk % 2 == 0:
+                value, pending = _minifloat_pair(w8, (kk % PER_WORD) // 2, ELEMENT, BITS)
+            else:
+                value = pending
+            sums = tl.fma(value, x, sums)
+        else:  # "nf4" (one 4-bit plane) and "e2m3" (4-bit + 2-bit planes): the code, then its value
+            tl.static_assert(BITS & 1 == 0 and BITS < 8, "no 1-bit or 8-bit plane here")
+            code = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.int32)
+            if BITS & 4:
+                if kk % 8 == 0:
+                    w4 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // 8, kk // 8)
+                code |= (w4 >> ((kk % 8) * 4)) & 15
+            if BITS & 2:
+                if kk % 16 == 0:
+                    w2 = _word(qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, COLUMN_K // 16,
+                               kk // 16)
+                code |= ((w2 >> ((kk % 16) * 2)) & 3) << (BITS & 4)
+            if ELEMENT == "nf4":
+                value = tl.load(z_ptr + code)  # z_ptr: the fp32 codebook (see `_dequant_tile`)
+            else:
+                value = _decode(code, ELEMENT, BITS)
+            sums = tl.fma(value, x, sums)
+    return sums, x_sum
+
+
+@triton.jit
+def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit,
+               stride_xm, stride_qn, stride_sg, one, magic,
+               BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_SIZE: tl.constexpr,
+               SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
+               MASKED: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N, COLUMNS] plus K tile t (COLUMNS columns of COLUMN_K). MASKED: the
+    tile runs past the last column (those columns add nothing); PADDED_K: x has K < Kp columns."""
+    col = (t * COLUMNS + tl.arange(0, COLUMNS))[None, None, :]
+    in_range = col < columns
+    if MASKED:
+        col = tl.minimum(col, columns - 1)  # weight and scale loads stay in bounds
+    sums, x_sum = _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, in_range, K, words_per_bit, stride_xm,
+                               stride_qn, one, magic, BITS, ELEMENT, SYMMETRIC, ONE_BIT_PLANES, MASKED or PADDED_K,
+                               BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+    group = col * COLUMN_K // GROUP_SIZE
+    scale_rows = rows if SCALE_GROUP_N == 1 else rows // SCALE_GROUP_N
+    scale = _decode_scale(tl.load(s_ptr + group * stride_sg + scale_rows), SCALE_KIND)  # [1, BLOCK_N, COLUMNS]
+    factor = _element_factor(ELEMENT, BITS)
+    if SCALE_KIND == "e8m0":
+        sums = sums * factor  # E8M0 scales reach 2^127: scale * factor could overflow
+    else:
+        scale = scale * factor
+    if ELEMENT == "int" and not SYMMETRIC:
+        zero = tl.load(z_ptr + group * stride_sg + rows).to(tl.float32)
+        sums = tl.fma(-zero, x_sum, sums)
+    if MASKED:
+        sums = tl.where(in_range, sums, 0.0)  # a clamped column's weights may decode to NaN
+    return tl.fma(scale, sums, acc)
+
+
+@triton.jit(do_not_specialize=["one", "magic"])  # both must stay run-time values, see their use
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
+                 M, N, K, columns, tiles_per_split, stride_xm, stride_qn, stride_sg, stride_om, one, magic,
+                 BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
+                 SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
+                 WORDS_PER_BIT: tl.constexpr, SPLIT: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+    """Split-K GEMV. The K axis is cut into columns of COLUMN_K consecutive values and each thread
+    takes one column of a tile (COLUMNS = the program's threads) for all BLOCK_N rows: its
+    activations are loaded and converted once and used for every row held in its registers,
+    weights and activations share one layout (nothing passes through shared memory), and each
+    column is scaled once (per-element products need no scale multiply). Rows and activations
+    beyond N / M are clamped to the last one (loads need no masks), the stores are masked.
+    WORDS_PER_BIT (Kp / 32, the words of one bit plane in a row) is a constexpr so that a row's
+    second and later planes sit at constant offsets from its first (folded into the loads, where a
+    run-time offset costs a 64-bit add per row and plane): one compile per distinct K, for codes
+    with more than one plane (the launcher passes 0 for the others, which never read it)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = tl.minimum(offs_m, M - 1)[:, None, None]
+    rows = tl.minimum(offs_n, N - 1)[None, :, None]
+    k_tiles = tl.cdiv(columns, COLUMNS)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, k_tiles)
+    full_end = tl.minimum(t_end, columns // COLUMNS)  # tiles before it hold no column past the last
+    acc = tl.zeros((BLOCK_M, BLOCK_N, COLUMNS), dtype=tl.float32)
+    for t in range(t_start, full_end):
+        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, WORDS_PER_BIT, stride_xm,
+                         stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
+                         SCALE_KIND, ONE_BIT_PLANES, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+    for t in range(tl.maximum(t_start, full_end), t_end):  # the last, partial tile (at most one)
+        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, WORDS_PER_BIT, stride_xm,
+                         stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
+                         SCALE_KIND, ONE_BIT_PLANES, True, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+    out = tl.sum(acc, axis=2)
+    if HAS_TENSOR_SCALE:
+        out *= tl.load(ts_ptr).to(tl.float32)
+    if HAS_BIAS:
+        if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    store_split_k(out, out_ptr, ws_ptr, counters_ptr, offs_m, offs_n, M, N, stride_om, SPLIT)
