@@ -24,11 +24,12 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
+from ..formats import bitpack
 from ..formats.nf4 import NF4_CODEBOOK
 from .dequant_gemv import _gemv_kernel
 from .element_decode import _decode, _decode_scale, _element_factor
 from .runtime import interpreting, num_sms
-from .split_k import split_k_buffers
+from .split_k import default_splits, split_k_buffers
 from .tuning import launch_options, lookup, valid_launch_options
 
 GEMV_MAX_M = 4
@@ -190,10 +191,9 @@ def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: tor
     """Default tiles of the split-K dequant GEMV, or None if it cannot take this variant.
     16 rows per program at M=1 (8 at M=2, 4 at M=4): every activation a thread loads serves
     that many weights, and 2 * BLOCK_M * BLOCK_N fp32 sums stay in registers; columns of 32 K,
-    shortened and then fewer rows per program until the grid has two programs per SM; enough K
-    splits for ~4 programs per SM (since the splits are reduced inside the launch an extra split
-    costs only its partial sums). A default, not a measurement: benchmarks/tune.py replaces it
-    per GPU and shape."""
+    shortened and then fewer rows per program until the grid has two programs per SM;
+    `default_splits` K splits. A default, not a measurement: benchmarks/tune.py replaces it per
+    GPU and shape."""
     column_k = gemv_column_k(bits, group_size)
     if column_k is None:
         return None
@@ -208,8 +208,8 @@ def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: tor
         column_k //= 2
     while triton.cdiv(n, block_n) * k_tiles() < 2 * sms and block_n > 2:
         block_n //= 2
-    split_k = max(1, min(k_tiles(), triton.cdiv(4 * sms, triton.cdiv(n, block_n))))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "COLUMN_K": column_k, "SPLIT_K": split_k}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "COLUMN_K": column_k,
+            "SPLIT_K": default_splits(k_tiles(), triton.cdiv(n, block_n), sms)}
 
 
 def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
@@ -352,7 +352,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             raise InputError(problem)
         columns = kp // cfg["COLUMN_K"]
         # the GEMV compiles per K only where it has later bit planes to find (single-plane codes ignore it)
-        planes = bits if one_bit_planes else bin(bits).count("1")
+        planes = len(bitpack.planes(bits, one_bit_planes))
         n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
         out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(
             x, n, triton.cdiv(columns, gemv_columns(cfg)), cfg["SPLIT_K"], n_tiles * m_tiles)

@@ -16,7 +16,7 @@ lowbit/kernels/split_k.py, as in the dequant GEMV.
 dequant kernels read the same planes, because on NVIDIA GPUs Triton has no register-indexed
 table: `tl.gather` lowers to warp shuffles (plus shared memory to move the indices into the
 gather's layout), about 10.8 SASS instructions per weight for lut2 on sm_90, where the split-K
-GEMV merging each pair of planes into 2-bit codes needs about 4.2
+GEMV merging each pair of planes into 2-bit codes needs about 4.1
 (benchmarks/results/sass-sm90-*.md). The GPU tuning run decides per shape and M.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import triton.language as tl
 from ..errors import InputError
 from .dequant_gemm import _block_k, _plane_tile, check_block_k, check_operands, dequant_matmul, pick_config
 from .runtime import num_sms
-from .split_k import split_k_buffers, store_split_k
+from .split_k import default_splits, split_k_buffers, store_split_k
 from .tuning import launch_options
 
 #: benchmarks/tune.py tries the lookup kernel up to this many rows (its work grows with M; the
@@ -83,14 +83,12 @@ def _lut_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cou
     store_split_k(acc, out_ptr, ws_ptr, counters_ptr, pid_m * BLOCK_M + rows, offs_n, M, N, stride_om, SPLIT)
 
 
-def lut_gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device, max_block_m: int) -> dict:
-    """Default tiles of the LUT GEMV (`_lut_gemv_kernel`): 32 output features per
-    program, K tiles of up to 128 inside one group, splits for ~4 programs per SM."""
-    block_m = min(triton.next_power_of_2(m), max_block_m)
+def lut_gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.device) -> dict:
+    """Default tiles of the LUT GEMV (`_lut_gemv_kernel`): up to LUT_MAX_M batch rows and 32
+    output features per program, K tiles of up to 128 inside one group, `default_splits`."""
     block_k = _block_k(group_size, kp, 128, multi_group=False)
-    n_tiles = triton.cdiv(n, 32)
-    split_k = max(1, min(kp // block_k, triton.cdiv(4 * num_sms(device), n_tiles)))
-    return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": split_k}
+    return {"BLOCK_M": min(triton.next_power_of_2(m), LUT_MAX_M), "BLOCK_N": 32, "BLOCK_K": block_k,
+            "SPLIT_K": default_splits(kp // block_k, triton.cdiv(n, 32), num_sms(device))}
 
 
 def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -119,7 +117,7 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if cfg.get("path") != "lut":
         return dequant_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
                               in_features=in_features, one_bit_planes=True, config=cfg)
-    cfg = {**lut_gemv_config(m, n, kp, group_size, x.device, LUT_MAX_M), **cfg}
+    cfg = {**lut_gemv_config(m, n, kp, group_size, x.device), **cfg}
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group=False)
     n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
     out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"],

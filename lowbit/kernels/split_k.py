@@ -63,6 +63,13 @@ def counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
+def default_splits(k_tiles: int, output_tiles: int, sms: int) -> int:
+    """The split-K GEMVs' default split count: enough programs for ~4 per SM (a GEMV waits on its
+    loads, and more resident programs keep more bytes in flight; an extra split costs only its
+    partial sums, reduced inside the launch), never more splits than K tiles."""
+    return max(1, min(k_tiles, triton.cdiv(4 * sms, output_tiles)))
+
+
 def split_k_buffers(x: torch.Tensor, n: int, k_tiles: int, requested: int, tiles: int):
     """(out, workspace, counters, tiles_per_split, split_k) for a split-K launch over `tiles`
     output tiles: out [M, N] in x.dtype; with one split the workspace and counters are `out`
