@@ -8,7 +8,7 @@
 For every (format, shape, M bucket) a coordinate descent runs from a start point near the
 launcher's default over each path's search space (SPACES: for small M the split-K GEMV's rows
 per program, column length, split count and warps, and for the LUT formats also the table-lookup
-kernel's tiles; tensor-core GEMM tiles, warps and pipeline stages for every M), so the GEMV /
+kernel's tiles; tensor-core GEMM tiles, K splits, warps and pipeline stages for every M), so the GEMV /
 lookup / GEMM choice per M is measured, not assumed. Each candidate runs through lowbit.linear
 under `tuning.force`; one whose output misses the correctness gate (max relative error vs the
 fp32 reference, as in bench_gemm) or fails to launch is pruned. The fastest survivor
@@ -49,10 +49,10 @@ SPACES = {
     "lut": {"BLOCK_N": (8, 16, 32, 64), "BLOCK_K": (64, 128, 256, 512), "SPLIT_K": (1, 2, 4, 8, 16, 32),
             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)},
     "gemm": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),
-             "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
+             "SPLIT_K": (1, 2, 4, 8, 16), "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
 }
 SMOKE_SPACES = {"gemv": {"BLOCK_N": (8, 16), "SPLIT_K": (1, 2)}, "lut": {"BLOCK_N": (16, 32), "SPLIT_K": (1, 2)},
-                "gemm": {"BLOCK_M": (16, 32)}}
+                "gemm": {"BLOCK_M": (16, 32), "SPLIT_K": (1, 2)}}
 GEMV_MAX_TUNED_M = 16
 TUNE_REP_MS = 20  # do_bench repetitions per candidate (bench_gemm uses do_bench's default 100 ms)
 
@@ -67,12 +67,12 @@ def start_points(m: int, smoke: bool, lut: bool = False) -> list[dict]:
             "SPLIT_K": 2, "num_warps": 4}
     lookup = {"path": "lut", "BLOCK_M": min(m_pow2, LUT_MAX_M), "BLOCK_N": 32, "BLOCK_K": 128,
               "SPLIT_K": 8, "num_warps": 4, "num_stages": 2}
-    gemm = {"path": "gemm", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
-            "num_stages": 3}
+    gemm = {"path": "gemm", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64,
+            "SPLIT_K": 4 if m <= 64 else 1, "num_warps": 4, "num_stages": 3}
     if smoke:
         gemv.update(BLOCK_N=16, SPLIT_K=1, COLUMN_K=32 if lut else 8, num_warps=1)
         lookup.update(BLOCK_N=16, SPLIT_K=1, BLOCK_K=64)
-        gemm.update(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+        gemm.update(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1)
     return (([gemv] if m <= GEMV_MAX_TUNED_M else []) + ([lookup] if lut and m <= LUT_MAX_M else []) + [gemm])
 
 

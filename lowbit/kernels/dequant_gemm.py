@@ -9,7 +9,7 @@ constexprs, two paths:
     program, in registers, and the sums are reduced across threads once, after the K loop; the
     splits are reduced inside the same launch (lowbit/kernels/split_k.py).
   * `_gemm_kernel` (here): larger M, tiles dequantized in registers (`_dequant_tile`) then fed
-    to `tl.dot`.
+    to `tl.dot`; split-K too where the output tiles are fewer than the SMs.
 Both read the bit planes written by `lowbit.formats.bitpack` (8-bit elements: 4 per int32 word,
 LSB first), each packed word loaded once, and share the element / scale decoders of
 lowbit/kernels/element_decode.py. This file also holds the path and tile choice (defaults, or
@@ -29,7 +29,7 @@ from ..formats.nf4 import NF4_CODEBOOK
 from .dequant_gemv import _gemv_kernel
 from .element_decode import _decode, _decode_scale, _element_factor
 from .runtime import interpreting, num_sms
-from .split_k import default_splits, split_k_buffers
+from .split_k import default_splits, split_k_buffers, store_split_k
 from .tuning import launch_options, lookup, valid_launch_options
 
 GEMV_MAX_M = 4
@@ -113,22 +113,27 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
-                 M, N, K, words_per_bit,
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
+                 M, N, K, words_per_bit, tiles_per_split,
                  stride_xm, stride_qn, stride_sg, stride_om,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
                  SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
-                 DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                 DOT_FP32: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (m, s, n) computes output tile (m, n) over K tiles s * tiles_per_split onwards;
+    with SPLIT, the splits are reduced inside the launch (lowbit/kernels/split_k.py). Splitting K
+    keeps every SM streaming weights when M is small and N has fewer tiles than the GPU has SMs."""
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    k_tiles = words_per_bit * 32 // BLOCK_K
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, words_per_bit * 32 // BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(0, k_tiles):
+    for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
@@ -142,9 +147,9 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr,
     if HAS_TENSOR_SCALE:
         acc *= tl.load(ts_ptr).to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
+        if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    store_split_k(acc, out_ptr, ws_ptr, counters_ptr, offs_m, offs_n, M, N, stride_om, SPLIT)
 
 
 def _tile_fits(block_k: int, group_size: int, kp: int, multi_group: bool) -> bool:
@@ -226,7 +231,17 @@ def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, 
     if gemv:
         return {"path": "gemv", **gemv}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": _block_k(group_size, kp, 64, multi_group)}
+    block_k = _block_k(group_size, kp, 64, multi_group)
+    return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k,
+            "SPLIT_K": gemm_splits(kp // block_k, triton.cdiv(m, block_m) * triton.cdiv(n, 64), num_sms(device))}
+
+
+def gemm_splits(k_tiles: int, output_tiles: int, sms: int) -> int:
+    """The tensor-core GEMM's default split-K: none once the output tiles fill every SM (each
+    split adds an fp32 partial of its tile to write and read back), else enough splits for about
+    two programs per SM (a small-M tile, e.g. M=16 of a 1024-row k_proj, would leave most SMs
+    idle). A default, not a measurement: benchmarks/tune.py replaces it per GPU and shape."""
+    return 1 if output_tiles >= sms else default_splits(k_tiles, output_tiles, sms, programs_per_sm=2)
 
 
 def tuned_config(device: torch.device, variant: str, n: int, kp: int, m: int, group_size: int,
@@ -239,6 +254,7 @@ def tuned_config(device: torch.device, variant: str, n: int, kp: int, m: int, gr
 
 #: the tile keys of each path's configs (besides "path" and the launch options); "lut" is the LUT
 #: formats' table-lookup kernel (lowbit/kernels/lut_gemm.py)
+#: ("gemm" may leave out SPLIT_K: no split)
 CONFIG_KEYS = {"gemv": ("BLOCK_M", "BLOCK_N", "COLUMN_K", "SPLIT_K"), "gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                "lut": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")}
 
@@ -251,7 +267,8 @@ def valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool, bits: i
     keys = CONFIG_KEYS.get(path) if path != "lut" or lut else None
     if keys is None or not set(keys) <= set(cfg) or not all(isinstance(cfg[k], int) and cfg[k] > 0 for k in keys):
         return False
-    if not valid_launch_options(cfg):
+    split = cfg.get("SPLIT_K", 1)
+    if not valid_launch_options(cfg) or not isinstance(split, int) or split < 1:
         return False
     if "COLUMN_K" in keys:
         return check_column_k(cfg["COLUMN_K"], bits, group_size) is None
@@ -364,11 +381,12 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                                   COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"], **common)
         return out
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
+    out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(
+        x, n, kp // cfg["BLOCK_K"], cfg.get("SPLIT_K", 1), n_tiles * m_tiles)
     dot_fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 tl.dot is wrong
-    _gemm_kernel[grid](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out,
-                       m, n, in_features, words_per_bit,
-                       x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-                       DOT_FP32=dot_fp32, BLOCK_K=cfg["BLOCK_K"], **common)
+    _gemm_kernel[(m_tiles, split_k, n_tiles)](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out, workspace, tickets,
+                                              m, n, in_features, words_per_bit, tiles_per_split,
+                                              x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+                                              DOT_FP32=dot_fp32, SPLIT=split_k > 1, BLOCK_K=cfg["BLOCK_K"], **common)
     return out

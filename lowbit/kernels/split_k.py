@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import InputError
+
 _counters: dict[tuple, torch.Tensor] = {}
 _MIN_COUNTERS = 4096
 
@@ -63,17 +65,20 @@ def counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
-def default_splits(k_tiles: int, output_tiles: int, sms: int) -> int:
-    """The split-K GEMVs' default split count: enough programs for ~4 per SM (a GEMV waits on its
-    loads, and more resident programs keep more bytes in flight; an extra split costs only its
-    partial sums, reduced inside the launch), never more splits than K tiles."""
-    return max(1, min(k_tiles, triton.cdiv(4 * sms, output_tiles)))
+def default_splits(k_tiles: int, output_tiles: int, sms: int, programs_per_sm: int = 4) -> int:
+    """The default split count: enough programs for about `programs_per_sm` per SM (4 for the
+    split-K GEMVs: a GEMV waits on its loads, and more resident programs keep more bytes in
+    flight; an extra split costs only its partial sums, reduced inside the launch), never more
+    splits than K tiles."""
+    return max(1, min(k_tiles, triton.cdiv(programs_per_sm * sms, output_tiles)))
 
 
 def split_k_buffers(x: torch.Tensor, n: int, k_tiles: int, requested: int, tiles: int):
     """(out, workspace, counters, tiles_per_split, split_k) for a split-K launch over `tiles`
     output tiles: out [M, N] in x.dtype; with one split the workspace and counters are `out`
     (never read), else fp32 [split_k, M, N] and the stream's counters."""
+    if not isinstance(requested, int) or requested < 1:
+        raise InputError(f"SPLIT_K must be a positive integer, got {requested!r}")
     tiles_per_split = triton.cdiv(k_tiles, requested)
     split_k = triton.cdiv(k_tiles, tiles_per_split)
     m = x.shape[0]

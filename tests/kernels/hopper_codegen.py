@@ -20,7 +20,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 GEMV_BLOCK_N = 16  # gemv_config's rows per program at M=1
 GEMV_K = 4096  # the GEMV is compiled per K: a Llama-3-8B q_proj's
-SPLIT_K_POINTERS = {"ws_ptr": "*fp32", "counters_ptr": "*i32"}  # lowbit/kernels/split_k.py (GEMVs compiled split)
+SPLIT_K_POINTERS = {"ws_ptr": "*fp32", "counters_ptr": "*i32"}  # lowbit/kernels/split_k.py (kernels compiled split)
 
 
 def _compile(kernel, pointer_types: dict, constexprs: dict, unaligned=()):
@@ -93,7 +93,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                           COLUMNS=kernels.gemv_columns({}),
                           COLUMN_K=variant_column_k(bits, element, scale_kind, one_bit_planes))
     else:
-        constexprs.update(DOT_FP32=act == "fp32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+        constexprs.update(DOT_FP32=act == "fp32", SPLIT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
     scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"
     pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_type, "z_ptr": scale_type,
                      "ts_ptr": "*fp32", "bias_ptr": ACT[act], "out_ptr": ACT[act], **SPLIT_K_POINTERS}

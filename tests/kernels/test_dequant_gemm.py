@@ -67,14 +67,28 @@ def test_both_paths_at_any_m(device, path, m, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
 @pytest.mark.parametrize("split_k", [1, 2, 5, 64])
-def test_split_k_counts_bias_once(device, split_k):
-    """K=3000 in columns of 32 (5-bit codes: whole words of the 1-bit plane), 32 per tile: two
-    whole tiles and a partial one, split up to 3 ways."""
+def test_split_k_counts_bias_once(device, path, split_k):
+    """K=3000 (Kp=3008) of 5-bit codes. GEMV: columns of 32 (whole words of the 1-bit plane), 32
+    per tile: two whole tiles and a partial one, split up to 3 ways. GEMM: 94 K tiles of 32
+    (Kp/32), split unevenly (2 x 47, 5 x 19 minus one, 64 -> 47 x 2)."""
     p, x, b, ref = _case(5, 2, True, torch.float32, device, group_size=32, k=3000)
-    cfg = {"path": "gemv", "BLOCK_M": 2, "BLOCK_N": 32, "COLUMN_K": 32, "SPLIT_K": split_k, "num_warps": 1}
+    cfg = ({"path": "gemv", "BLOCK_M": 2, "BLOCK_N": 32, "COLUMN_K": 32, "SPLIT_K": split_k, "num_warps": 1}
+           if path == "gemv" else {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k})
     y = dequant_matmul(x, p.qweight, p.scales, None, b, bits=5, group_size=32, in_features=3000, config=cfg)
     _assert_close(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+@pytest.mark.parametrize("split_k", [0, -2, 2.5, "4"])
+def test_bad_split_k_is_a_clear_error(device, path, split_k):
+    p, x, b, _ = _case(4, 1, False, torch.float32, device, group_size=32)
+    cfg = ({"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "COLUMN_K": 8, "SPLIT_K": split_k}
+           if path == "gemv" else {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k})
+    with pytest.raises(InputError, match="SPLIT_K"):
+        dequant_matmul(x, p.qweight, p.scales, p.zeros, b, bits=4, group_size=32, in_features=K, config=cfg)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -148,6 +162,18 @@ def test_pick_config_paths():
     assert pick_config(1, 64, 4096, 32, cpu, bits=6)["COLUMN_K"] == 32
     # 3-bit codes need columns of 32 (whole words of their 1-bit plane): none fits groups of 16
     assert pick_config(1, 64, 4096, 16, cpu, bits=3)["path"] == "gemm"
+
+
+def test_gemm_default_split_k(monkeypatch):
+    """On a 132-SM GPU the GEMM splits K only while its output tiles leave SMs idle: M=16 of a
+    k/v projection (16 tiles of 64 rows) gets ~2 programs per SM; a large-N or large-M problem none."""
+    monkeypatch.setattr(dequant_gemm, "num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    kv = pick_config(16, 1024, 4096, 128, cpu)
+    assert kv["path"] == "gemm" and kv["SPLIT_K"] == 17  # cdiv(264, 16) of the 64 K tiles
+    assert pick_config(16, 14336, 4096, 128, cpu)["SPLIT_K"] == 1  # 224 tiles
+    assert pick_config(4096, 1024, 4096, 128, cpu)["SPLIT_K"] == 1
+    assert pick_config(16, 1024, 128, 128, cpu)["SPLIT_K"] == 2  # never more splits than K tiles
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])

@@ -1,4 +1,4 @@
-"""The in-launch split-K reduction (lowbit/kernels/split_k.py) of the GEMV kernels: one launch,
+"""The in-launch split-K reduction (lowbit/kernels/split_k.py) of the GEMVs and the GEMM: one launch,
 the same bits every run, counters back at zero afterwards, and a grid larger than the counter
 buffer grows it. On a GPU, a stress run checks the semaphore under real concurrency."""
 import pytest
@@ -20,11 +20,12 @@ pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no 
 def _run(name: str, packed, x, bias, split: int):
     """One GEMV of `packed` with `split` K splits through its kernel."""
     fields = packed.tensors
-    if name == "int4":
+    if name.startswith("int4"):
+        config = ({"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split}
+                  if name == "int4-gemm" else
+                  {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "COLUMN_K": 8, "SPLIT_K": split, "num_warps": 1})
         return dequant_matmul(x, fields["qweight"], fields["scales"], fields["zeros"], bias, bits=4, group_size=32,
-                              in_features=packed.shape[1],
-                              config={"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "COLUMN_K": 8, "SPLIT_K": split,
-                                      "num_warps": 1})
+                              in_features=packed.shape[1], config=config)
     if name == "lut2":
         return lut_matmul(x, fields["qweight"], fields["scales"], fields["zeros"], bias, bits=2, group_size=32,
                           in_features=packed.shape[1],
@@ -34,14 +35,14 @@ def _run(name: str, packed, x, bias, split: int):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["int4", "lut2", "dfloat11"])
-def test_split_k_is_one_deterministic_launch_that_resets_its_counters(device, name):
+@pytest.mark.parametrize("name,m", [("int4", 1), ("int4-gemm", 20), ("lut2", 1), ("dfloat11", 1)])
+def test_split_k_is_one_deterministic_launch_that_resets_its_counters(device, name, m):
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(40, 640, generator=gen) * 0.02).to(device)  # dfloat11: 10 segments of 64 per row, 2 splits
-    x = torch.randn(1, 640, generator=gen).to(device)
+    x = torch.randn(m, 640, generator=gen).to(device)  # int4-gemm: 2 x 3 output tiles, 20 K tiles in 4 splits
     bias = torch.randn(40, generator=gen).to(device)
     options = {"segment": 64, "cast": True} if name == "dfloat11" else {"group_size": 32}
-    fmt = lowbit.get_format(name)
+    fmt = lowbit.get_format(name.split("-")[0])
     packed = fmt.quantize(w, **options)
     ref = F.linear(x, fmt.dequantize(packed).float(), bias)
     split_k._counters.clear()
@@ -66,16 +67,17 @@ def test_counter_buffer_grows_for_large_grids(device):
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4])
-def test_gpu_split_k_stress(m):
-    """Hundreds of launches of a heavily split GEMV on a real shape give the same bits each time
-    (a missing barrier or fence in the semaphore would show up as a stale partial sum)."""
+@pytest.mark.parametrize("path,m", [("gemv", 1), ("gemv", 4), ("gemm", 16), ("gemm", 100)])
+def test_gpu_split_k_stress(path, m):
+    """Hundreds of launches of a heavily split GEMV / GEMM on a real shape give the same bits each
+    time (a missing barrier or fence in the semaphore would show up as a stale partial sum)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
     packed = lowbit.get_format("int4").quantize(w)
     f = packed.tensors
-    cfg = {"path": "gemv", "BLOCK_M": min(m, 4), "BLOCK_N": 4, "COLUMN_K": 8, "SPLIT_K": 16, "num_warps": 1}
+    cfg = ({"path": "gemv", "BLOCK_M": min(m, 4), "BLOCK_N": 4, "COLUMN_K": 8, "SPLIT_K": 16, "num_warps": 1}
+           if path == "gemv" else {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 16})
     first = dequant_matmul(x, f["qweight"], f["scales"], f["zeros"], None, bits=4, group_size=128, in_features=4096,
                            config=cfg)
     ref = F.linear(x.float(), lowbit.get_format("int4").dequantize(packed).float())
