@@ -49,6 +49,13 @@ def _gemv(bits: int, symmetric: bool, element: str, scale_kind: str = "float", o
             weights)
 
 
+def _gemm(bits: int, symmetric: bool, element: str, scale_kind: str = "float"):
+    """The tensor-core GEMM with the launcher's default tiles for 4 < M <= 16 (BLOCK_M=16, 64 x 64
+    weights per K step over 4 warps)."""
+    return (lambda: codegen.compile_variant("gemm", bits, symmetric, "bf16", element, scale_kind, gemm_block_m=16),
+            codegen.GEMM_TILE * codegen.GEMM_TILE // 128)
+
+
 #: name -> (compile the variant, weights one trip of its hot loop covers per thread)
 KERNELS = {
     # the integer formats' default: asymmetric (a zero point per group); bf16 activations throughout
@@ -67,13 +74,19 @@ KERNELS = {
     "gemv-lut4": _gemv(4, False, "int", one_bit_planes=True),
     "lookup-lut2": (lambda: codegen.compile_lut(2), LUT_PER_THREAD),
     "lookup-lut4": (lambda: codegen.compile_lut(4), LUT_PER_THREAD),
+    # the tensor-core GEMM at 4 < M <= 16: one trip dequantizes a 64 x 64 weight tile into shared memory
+    "gemm-int4": _gemm(4, False, "int"),
+    "gemm-int8": _gemm(8, False, "int"),
+    "gemm-fp8": _gemm(8, True, "e4m3"),
+    "gemm-mxfp4": _gemm(4, True, "e2m1", "e8m0"),
+    "gemm-nvfp4": _gemm(4, True, "e2m1", "e4m3"),
     # one lane (row or segment) per thread; the hot loop decodes one chunk per lane
     "dfloat11-gemv": (lambda: codegen.compile_dfloat11("gemv"), dfloat11.GEMV_CHUNK),
     "dfloat11-decode": (lambda: codegen.compile_dfloat11("decode"), dfloat11.DECODE_CHUNK),
 }
-#: instruction kinds reported per weight (SASS opcode prefixes)
-KINDS = {"global loads": "LDG", "shared loads": "LDS", "shuffles": "SHFL", "barriers": "BAR",
-         "int->float": "I2F", "fp32 fma": "FFMA"}
+#: instruction kinds reported per weight (SASS opcodes without their modifiers; LDGSTS: cp.async)
+KINDS = {"global loads": ("LDG", "LDGSTS"), "shared loads": ("LDS", "LDSM"), "shared stores": ("STS",),
+         "shuffles": ("SHFL",), "barriers": ("BAR",), "int->float": ("I2F", "I2FP"), "fp32 fma": ("FFMA",)}
 _LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);")
 
 
@@ -116,8 +129,7 @@ def count(name: str) -> dict:
     registers = re.search(r"REG:(\d+)", _cuobjdump(compiled.asm["cubin"], "-res-usage"))
     opcodes = collections.Counter(op.split(".")[0] for op in loop)
     return {"kernel": name, "weights_per_trip": weights, "instructions_per_weight": round(len(loop) / weights, 2),
-            "per_weight": {kind: round(sum(n for op, n in opcodes.items() if op.startswith(prefix)) / weights, 2)
-                           for kind, prefix in KINDS.items()},
+            "per_weight": {kind: round(sum(opcodes[op] for op in ops) / weights, 2) for kind, ops in KINDS.items()},
             "registers": int(registers.group(1)) if registers else None}
 
 

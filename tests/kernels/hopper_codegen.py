@@ -20,6 +20,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 GEMV_BLOCK_N = 16  # gemv_config's rows per program at M=1
 GEMV_K = 4096  # the GEMV is compiled per K: a Llama-3-8B q_proj's
+GEMM_TILE = 64  # the GEMM's BLOCK_N and BLOCK_K (the launcher's defaults)
 SPLIT_K_POINTERS = {"ws_ptr": "*fp32", "counters_ptr": "*i32"}  # lowbit/kernels/split_k.py (kernels compiled split)
 
 
@@ -78,11 +79,12 @@ def _group(element: str, scale_kind: str) -> int:
 
 
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float",
-                    one_bit_planes: bool = False):
+                    one_bit_planes: bool = False, gemm_block_m: int = 64):
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
-    Llama-3-8B q_proj (K = GEMV_K; 16 rows, columns of 32 K or the group)."""
+    Llama-3-8B q_proj (K = GEMV_K; 16 rows, columns of 32 K or the group); the GEMM with 64 x 64 x
+    GEMM_BLOCK_M tiles (64: Hopper's wgmma; the launcher's default at M <= 16 is 16)."""
     kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
@@ -93,7 +95,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                           COLUMNS=kernels.gemv_columns({}),
                           COLUMN_K=variant_column_k(bits, element, scale_kind, one_bit_planes))
     else:
-        constexprs.update(DOT_FP32=act == "fp32", SPLIT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+        constexprs.update(DOT_FP32=act == "fp32", SPLIT=True, BLOCK_M=gemm_block_m, BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE)
     scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"
     pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_type, "z_ptr": scale_type,
                      "ts_ptr": "*fp32", "bias_ptr": ACT[act], "out_ptr": ACT[act], **SPLIT_K_POINTERS}
