@@ -41,14 +41,34 @@ GEMV_COLUMN_K = 32
 
 
 @triton.jit
+def _codes_in_order(words, SHIFT: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, WIDTH: tl.constexpr):
+    """The COUNT WIDTH-bit codes at bits SHIFT, SHIFT + STRIDE, ... of each of `words` [R, W]:
+    [R, W * COUNT], code j of word w at column w * COUNT + j, built by interleaving the even and
+    the odd codes (recursively). Interleaving keeps a word's codes in the registers of the thread
+    that loaded it, in K order."""
+    if COUNT == 1:
+        return (words >> SHIFT) & ((1 << WIDTH) - 1)
+    else:
+        even = _codes_in_order(words, SHIFT, 2 * STRIDE, COUNT // 2, WIDTH)
+        odd = _codes_in_order(words, SHIFT + STRIDE, 2 * STRIDE, COUNT // 2, WIDTH)
+        return tl.interleave(even, odd)
+
+
+@triton.jit
 def _plane_tile(row_ptrs, k0, word_base, mask, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, INTERLEAVE: tl.constexpr):
     """[BLOCK_N, BLOCK_K] codes of one bit plane for K = k0 .. k0+BLOCK_K. Each packed word is
     loaded once (contiguous along K, so the loads vectorize) and split into its 32/WIDTH codes
-    in registers (LSB first), instead of re-loading the word once per code."""
+    in registers (LSB first), instead of re-loading the word once per code. INTERLEAVE: split by
+    `_codes_in_order`, so the dequantized tile reaches `tl.dot`'s shared memory in 16-byte stores
+    (sm_90 SASS: one 2-byte store per weight otherwise, where Triton's layout for the 3-D
+    broadcast + reshape spreads a word's codes over threads); `_dequant_tile` takes it where the
+    SASS counts came out lower (benchmarks/sass_counts.py)."""
     PER_WORD: tl.constexpr = 32 // WIDTH
     word_offs = word_base + k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
     words = tl.load(row_ptrs + word_offs[None, :], mask=mask, other=0)  # [BLOCK_N, BLOCK_K/PER_WORD]
+    if INTERLEAVE:
+        return _codes_in_order(words, 0, WIDTH, PER_WORD, WIDTH)
     shifts = tl.arange(0, PER_WORD) * WIDTH
     codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << WIDTH) - 1)
     return tl.reshape(codes, (BLOCK_N, BLOCK_K))
@@ -66,20 +86,25 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
     (microscaling blocks of 16 / 32)."""
     row_ptrs = qw_ptr + offs_n[:, None] * stride_qn
     mask = n_mask[:, None]
+    # one plane of 4 or 8 bits: interleaved codes cut 0.5-3.6 instructions per weight on sm_90; for
+    # narrower or several planes, and nf4's codebook gather, they came out even or worse
+    INTERLEAVE: tl.constexpr = (BITS == 4 or BITS == 8) and not ONE_BIT_PLANES and ELEMENT != "nf4"
     if ONE_BIT_PLANES:  # the LUT formats' layout: bit j of every code in plane j
         codes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
         for j in tl.static_range(BITS):
-            codes += _plane_tile(row_ptrs, k0, words_per_bit * j, mask, 1, BLOCK_N, BLOCK_K) << j
+            codes += _plane_tile(row_ptrs, k0, words_per_bit * j, mask, 1, BLOCK_N, BLOCK_K, False) << j
     elif BITS == 8:
-        codes = _plane_tile(row_ptrs, k0, 0, mask, 8, BLOCK_N, BLOCK_K)
+        codes = _plane_tile(row_ptrs, k0, 0, mask, 8, BLOCK_N, BLOCK_K, INTERLEAVE)
     else:
         codes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
         if BITS & 4:
-            codes += _plane_tile(row_ptrs, k0, 0, mask, 4, BLOCK_N, BLOCK_K)
+            codes += _plane_tile(row_ptrs, k0, 0, mask, 4, BLOCK_N, BLOCK_K, INTERLEAVE)
         if BITS & 2:
-            codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 4), mask, 2, BLOCK_N, BLOCK_K) << (BITS & 4)
+            codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 4), mask, 2, BLOCK_N, BLOCK_K,
+                                 False) << (BITS & 4)
         if BITS & 1:
-            codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 6), mask, 1, BLOCK_N, BLOCK_K) << (BITS & 6)
+            codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 6), mask, 1, BLOCK_N, BLOCK_K,
+                                 False) << (BITS & 6)
     if ELEMENT == "nf4":
         # z_ptr is the fp32 [16] codebook: a gather within 64 bytes (one cache sector pair per
         # warp), where a 15-select tree cost ~10 instructions and ~190 registers per thread

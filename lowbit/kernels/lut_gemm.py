@@ -73,7 +73,7 @@ def _lut_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cou
                 # 4 consecutive bits of plane j = one table index per group of 4 weights: the
                 # plane's words split into nibbles (K counted in groups of 4)
                 index = tl.trans(_plane_tile(row_ptrs, k0 // 4, words_per_plane * j, n_mask[:, None], 4,
-                                             BLOCK_N, BLOCK_K // 4))  # [BLOCK_K/4, BLOCK_N]
+                                             BLOCK_N, BLOCK_K // 4, False))  # [BLOCK_K/4, BLOCK_N]
                 dot += tl.gather(table, index, axis=1) * (1 << j)
             contrib = scale * (tl.sum(dot, axis=0) - zero * tl.sum(x, axis=0))  # [BLOCK_N]
             acc += tl.where(rows[:, None] == m, contrib[None, :], 0.0)

@@ -105,6 +105,20 @@ def test_gemv_k_loop_stays_in_registers(hopper, variant):
         assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemm" and v[1] in (4, 8) and v[3] != "fp32"
+                                     and v[4] != "nf4"], ids=lambda v: "-".join(map(str, v)))
+def test_gemm_stores_whole_words_of_weights(hopper, variant):
+    """A 4- or 8-bit plane's codes are split in their thread (`_codes_in_order`), so the dequantized
+    tile reaches the tensor cores through vector shared-memory stores (or none), not the 2-byte
+    store per weight (32 per thread and K step here) that a reshape across threads costs. NVFP4
+    stores its 2 decoded E4M3 block scales per step that way."""
+    weights_per_thread = hopper_codegen.GEMM_TILE ** 2 // 128
+    k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if "wgmma.mma_async" in body]
+    assert k_loops
+    for body in k_loops:
+        assert len(re.findall(r"st\.shared\.(?:b16|u16)", body)) <= weights_per_thread // 16
+
+
 @pytest.mark.parametrize("element", ["e4m3", "e5m2"])
 def test_fp8_weight_only_needs_no_fp8_hardware(hopper, element):
     """The FP8 decoder is integer ops + an fp16 reinterpret: no cvt from e4m3/e5m2, so the same
