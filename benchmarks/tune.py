@@ -77,8 +77,12 @@ def start_points(m: int, smoke: bool, lut: bool = False) -> list[dict]:
 
 
 def space_for(m: int) -> dict:
-    """SPACES without GEMM row tiles far taller than M (they only multiply padding)."""
+    """SPACES without GEMM row tiles far taller than M (they only multiply padding), nor GEMM K
+    splits above M=256, where the output tiles fill the GPU and a split's fp32 partials
+    (splits x M x N) would cost more than it saves."""
     gemm = {**SPACES["gemm"], "BLOCK_M": tuple(b for b in SPACES["gemm"]["BLOCK_M"] if b <= max(16, 2 * m))}
+    if m > 256:
+        gemm["SPLIT_K"] = (1,)
     return {**SPACES, "gemm": gemm}
 
 

@@ -123,3 +123,18 @@ def test_tuner_tries_the_lookup_kernel_for_lut_formats_up_to_lut_max_m():
     assert [s["path"] for s in start_points(LUT_MAX_M, False, lut=True)] == ["gemv", "lut", "gemm"]
     assert [s["path"] for s in start_points(LUT_MAX_M + 1, False, lut=True)] == ["gemm"]
     assert [s["path"] for s in start_points(1, False)] == ["gemv", "gemm"]
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 256, 4096])
+def test_tuner_start_points_lie_in_the_search_space(m):
+    """Every start value is one the descent can return to, and the GEMM splits K only up to
+    M=256 (beyond, its output tiles fill the GPU)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.tune import space_for, start_points
+
+    space = space_for(m)
+    for start in start_points(m, False, lut=True):
+        for key, values in space[start["path"]].items():
+            if key in start:
+                assert start[key] in values, (start["path"], key, start[key])
+    assert (space["gemm"]["SPLIT_K"] == (1,)) == (m > 256)
