@@ -29,7 +29,7 @@ from ..formats.nf4 import NF4_CODEBOOK
 from .dequant_gemv import _gemv_kernel
 from .element_decode import _decode, _decode_scale, _element_factor
 from .runtime import interpreting, num_sms
-from .split_k import default_splits, split_k_buffers, store_split_k
+from .split_k import default_splits, split_k_buffers, store_split_k, valid_split_count
 from .tuning import launch_options, lookup, valid_launch_options
 
 GEMV_MAX_M = 4
@@ -88,7 +88,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
     mask = n_mask[:, None]
     # one plane of 4 or 8 bits: interleaved codes cut 0.5-3.6 instructions per weight on sm_90; for
     # narrower or several planes, and nf4's codebook gather, they came out even or worse
-    INTERLEAVE: tl.constexpr = (BITS == 4 or BITS == 8) and not ONE_BIT_PLANES and ELEMENT != "nf4"
+    INTERLEAVE: tl.constexpr = (BITS == 4 or BITS == 8) and ELEMENT != "nf4"
     if ONE_BIT_PLANES:  # the LUT formats' layout: bit j of every code in plane j
         codes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
         for j in tl.static_range(BITS):
@@ -292,8 +292,7 @@ def valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool, bits: i
     keys = CONFIG_KEYS.get(path) if path != "lut" or lut else None
     if keys is None or not set(keys) <= set(cfg) or not all(isinstance(cfg[k], int) and cfg[k] > 0 for k in keys):
         return False
-    split = cfg.get("SPLIT_K", 1)
-    if not valid_launch_options(cfg) or not isinstance(split, int) or split < 1:
+    if not valid_launch_options(cfg) or not valid_split_count(cfg.get("SPLIT_K", 1)):
         return False
     if "COLUMN_K" in keys:
         return check_column_k(cfg["COLUMN_K"], bits, group_size) is None
@@ -388,6 +387,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   HAS_TENSOR_SCALE=tensor_scale is not None, ONE_BIT_PLANES=one_bit_planes, BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], **launch_options(cfg))
     words_per_bit = kp // 32
+    n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
     if cfg["path"] == "gemv":
         problem = check_column_k(cfg["COLUMN_K"], plane_bits, group_size)
         if problem:
@@ -395,7 +395,6 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         columns = kp // cfg["COLUMN_K"]
         # the GEMV compiles per K only where it has later bit planes to find (single-plane codes ignore it)
         planes = len(bitpack.planes(bits, one_bit_planes))
-        n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
         out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(
             x, n, triton.cdiv(columns, gemv_columns(cfg)), cfg["SPLIT_K"], n_tiles * m_tiles)
         _gemv_kernel[(n_tiles, split_k, m_tiles)](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out, workspace,
@@ -406,7 +405,6 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                                   COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"], **common)
         return out
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
-    n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
     out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(
         x, n, kp // cfg["BLOCK_K"], cfg.get("SPLIT_K", 1), n_tiles * m_tiles)
     dot_fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 tl.dot is wrong

@@ -73,11 +73,16 @@ def default_splits(k_tiles: int, output_tiles: int, sms: int, programs_per_sm: i
     return max(1, min(k_tiles, triton.cdiv(programs_per_sm * sms, output_tiles)))
 
 
+def valid_split_count(requested) -> bool:
+    """A split count a launch can take: a positive integer."""
+    return isinstance(requested, int) and requested >= 1
+
+
 def split_k_buffers(x: torch.Tensor, n: int, k_tiles: int, requested: int, tiles: int):
     """(out, workspace, counters, tiles_per_split, split_k) for a split-K launch over `tiles`
     output tiles: out [M, N] in x.dtype; with one split the workspace and counters are `out`
     (never read), else fp32 [split_k, M, N] and the stream's counters."""
-    if not isinstance(requested, int) or requested < 1:
+    if not valid_split_count(requested):
         raise InputError(f"SPLIT_K must be a positive integer, got {requested!r}")
     tiles_per_split = triton.cdiv(k_tiles, requested)
     split_k = triton.cdiv(k_tiles, tiles_per_split)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no 
 
 
 def _run(name: str, packed, x, bias, split: int):
-    """One GEMV of `packed` with `split` K splits through its kernel."""
+    """`packed` times x with `split` K splits through its kernel (int4-gemm: the tensor-core GEMM)."""
     fields = packed.tensors
     if name.startswith("int4"):
         config = ({"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split}

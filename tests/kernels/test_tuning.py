@@ -1,5 +1,6 @@
 """Tuned launch configs: the launchers take valid tuned entries (path, tiles, num_warps /
-num_stages) and ignore invalid ones; the LUT launcher runs the path a measurement chose; the tuner's coordinate descent finds the best point and skips pruned ones."""
+num_stages) and ignore invalid ones; the LUT launcher runs the path a measurement chose; the
+tuner's coordinate descent finds the best point and skips pruned ones."""
 import json
 import sys
 from pathlib import Path
