@@ -24,35 +24,50 @@ def _word(qw_ptr, rows, col, plane_start, stride_qn, one, WORDS_PER_COLUMN: tl.c
 
 
 @triton.jit
-def _window(window, qw_ptr, rows, col, plane_start, stride_qn, one, KK: tl.constexpr, WIDTH: tl.constexpr,
-            COLUMN_K: tl.constexpr, SINT: tl.constexpr):
-    """The bits of one plane that code KK of a column is read from (integer fast path of
-    `_column_sums`): the next word where a word starts, the word shifted down past the codes
-    already read where they reach bit 23, else `window` unchanged."""
-    PER_WORD: tl.constexpr = 32 // WIDTH
-    WINDOW: tl.constexpr = 23 // WIDTH  # codes readable in place: pos + WIDTH <= 23
-    if KK % PER_WORD == 0:
-        window = _word(qw_ptr, rows, col, plane_start, stride_qn, one, COLUMN_K * WIDTH // 32, KK // PER_WORD)
+def _plane_word(word, qw_ptr, rows, col, plane_start, stride_qn, one, KK: tl.constexpr, WIDTH: tl.constexpr,
+                COLUMN_K: tl.constexpr, SINT: tl.constexpr):
+    """The word of one plane that code KK of a column is read from: the next word where a word
+    starts, else `word` unchanged. SINT: two's complement codes, made offset binary."""
+    if KK % (32 // WIDTH) == 0:
+        word = _word(qw_ptr, rows, col, plane_start, stride_qn, one, COLUMN_K * WIDTH // 32, KK // (32 // WIDTH))
         if SINT:
-            window ^= -2139062144  # 0x80808080: every byte + 128, two's complement -> offset binary
-    elif (KK % PER_WORD) % WINDOW == 0:
-        window = window >> (WINDOW * WIDTH)
-    return window
+            word ^= -2139062144  # 0x80808080: every byte + 128, two's complement -> offset binary
+    return word
 
 
 @triton.jit
-def _plane_fma(sums, window, x, magic, KK: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr,
-               OFFSET: tl.constexpr):
-    """sums + (plane bits of code KK << SHIFT) * x, minus OFFSET * x (the first plane carries
-    the offset). (window & (mask << pos)) | magic reinterpreted is 2^23 + bits * 2^pos, exactly:
-    one LOP3 and one FADD, and the 2^(SHIFT - pos) rides on x, which all the thread's rows share."""
-    PER_WORD: tl.constexpr = 32 // WIDTH
-    WINDOW: tl.constexpr = 23 // WIDTH
-    pos: tl.constexpr = ((KK % PER_WORD) % WINDOW) * WIDTH
+def _plane_fma(sums, corr, word, window, x, magic, J: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr,
+               OFFSET: tl.constexpr, BITS: tl.constexpr, FOLD: tl.constexpr):
+    """sums + (code J of `word`, WIDTH bits, << SHIFT) * x, minus OFFSET * x (the first plane
+    carries the offset; BITS: the whole code's width); returns (sums, corr, window). Codes are
+    read from a window, `word` shifted so that they lie below bit 23, a new one every PER_WINDOW
+    codes. (window & (mask << pos)) | magic reinterpreted is 2^23 + bits * 2^pos, exactly, and
+    the 2^(SHIFT - pos) rides on x, which all the thread's rows share: a LOP3, an FADD taking off
+    the 2^23 + offset, and the FFMA per weight.
+
+    FOLD (16-bit activations; planes of up to 4 bits): no FADD. The FFMA takes the code's float
+    as it is, and the 2^23 + offset it carries goes into `corr` ([BLOCK_M, 1, COLUMNS], the same
+    for all the thread's rows: one FFMA per K, not per weight), which the column's sums lose at
+    its end. The products are exact, but the sums then hold ~2^(23 - pos + SHIFT) * x next to
+    codes of up to 2^BITS and lose low bits to it, so codes are read only from bit LOW up (more,
+    narrower windows: a shift per window). With LOW below, a Llama-width product keeps its error
+    under 2^-14 of its largest value (tests/kernels/test_dequant_gemm.py), 1/16 of an fp16 step."""
+    LOW: tl.constexpr = 17 + SHIFT - BITS  # from there 2^(23 - pos + SHIFT) <= 2^6 * 2^BITS
+    FOLDED: tl.constexpr = FOLD and 2 * WIDTH <= 23 - LOW
+    PER_WINDOW: tl.constexpr = (23 - LOW) // WIDTH if FOLDED else 23 // WIDTH
+    FIRST: tl.constexpr = 23 - PER_WINDOW * WIDTH if FOLDED else 0  # the bit a window's first code is at
+    if J % PER_WINDOW == 0:
+        window = _shifted(word, FIRST - J * WIDTH)
+    pos: tl.constexpr = FIRST + (J % PER_WINDOW) * WIDTH
     bits = ((window & (((1 << WIDTH) - 1) << pos)) | magic).to(tl.float32, bitcast=True)
     if SHIFT != pos:
         x = x * (2.0 ** (SHIFT - pos))
-    return tl.fma(bits - (8388608.0 + OFFSET * (1 << pos)), x, sums)
+    if FOLDED:
+        sums = tl.fma(bits, x, sums)
+        corr = tl.fma(x, 8388608.0 + OFFSET * (1 << pos), corr)
+    else:
+        sums = tl.fma(bits - (8388608.0 + OFFSET * (1 << pos)), x, sums)
+    return sums, corr, window
 
 
 @triton.jit
@@ -102,25 +117,21 @@ def _plane_pair(qw_ptr, rows, col, plane_start, words_per_bit, stride_qn, one, C
 
 
 @triton.jit
-def _pair_fma(sums, even, odd, qw_ptr, rows, col, words_per_bit, stride_qn, one, x, magic, KK: tl.constexpr,
-              OFFSET: tl.constexpr, COLUMN_K: tl.constexpr):
+def _pair_fma(sums, corr, even, odd, even_window, odd_window, qw_ptr, rows, col, words_per_bit, stride_qn, one, x,
+              magic, KK: tl.constexpr, OFFSET: tl.constexpr, COLUMN_K: tl.constexpr, BITS: tl.constexpr,
+              FOLD: tl.constexpr):
     """`_plane_fma` for code KK of a column on one-bit planes 0 and 1 (lut2, lut3): the pair is
     merged at each word (`_plane_pair`); KK's code is 2-bit code (KK % 32) // 2 of the merged
-    word of KK's parity. Returns (sums, even, odd)."""
-    SLOT: tl.constexpr = (KK % 32) // 2
-    WINDOW: tl.constexpr = 23 // 2  # as in `_window`: the codes from here on are shifted down
+    word of KK's parity. Returns (sums, corr, even, odd, even_window, odd_window)."""
     if KK % 32 == 0:
         even, odd = _plane_pair(qw_ptr, rows, col, 0, words_per_bit, stride_qn, one, COLUMN_K, KK // 32)
-    if SLOT == WINDOW:
-        if KK % 2 == 0:
-            even = even >> (2 * WINDOW)
-        else:
-            odd = odd >> (2 * WINDOW)
     if KK % 2 == 0:
-        sums = _plane_fma(sums, even, x, magic, SLOT, 2, 0, OFFSET)
+        sums, corr, even_window = _plane_fma(sums, corr, even, even_window, x, magic, (KK % 32) // 2, 2, 0, OFFSET,
+                                             BITS, FOLD)
     else:
-        sums = _plane_fma(sums, odd, x, magic, SLOT, 2, 0, OFFSET)
-    return sums, even, odd
+        sums, corr, odd_window = _plane_fma(sums, corr, odd, odd_window, x, magic, (KK % 32) // 2, 2, 0, OFFSET,
+                                            BITS, FOLD)
+    return sums, corr, even, odd, even_window, odd_window
 
 
 @triton.jit
@@ -208,26 +219,37 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     zero * sum_k x once per column instead of once per weight).
 
     Integer elements ("int", "sint") never shift a code out of its word: each bit plane adds its
-    bits through `_plane_fma` (a LOP3, an FADD and the FFMA per weight and plane). `magic` is
-    0x4B000000 passed at run time so it sits in a register: LOP3 takes one immediate, which the
-    mask needs. The LUT formats' one-bit planes are merged in pairs into 2-bit codes first
-    (`_pair_fma`). E4M3 / E5M2 / E2M1 decode two codes at a time (`_minifloat_pair`), so their
-    column is walked in pair order (K, K + 16 // BITS, K + 1, ...); "nf4" and "e2m3" extract each
-    code, then look it up / `_decode` it."""
+    bits through `_plane_fma` (a LOP3, an FADD and the FFMA per weight and plane; no FADD for
+    planes of up to 4 bits under 16-bit activations, FOLD). `magic` is 0x4B000000 passed at run
+    time so it sits in a register: LOP3 takes one immediate, which the mask needs. The LUT
+    formats' one-bit planes are merged in pairs into 2-bit codes first (`_pair_fma`). E4M3 /
+    E5M2 / E2M1 decode two codes at a time (`_minifloat_pair`), so their column is walked in pair
+    order (K, K + 16 // BITS, K + 1, ...); "nf4" and "e2m3" extract each code, then look it up /
+    `_decode` it."""
     MINIFLOAT: tl.constexpr = ELEMENT == "e4m3" or ELEMENT == "e5m2" or ELEMENT == "e2m1"
     INTEGER: tl.constexpr = ELEMENT == "int" or ELEMENT == "sint"
     ZERO_POINT: tl.constexpr = ELEMENT == "int" and not SYMMETRIC
     # subtracted from every code: the symmetric zero point, or sint's sign flip
     OFFSET: tl.constexpr = 0 if ZERO_POINT else (1 << (BITS - 1))
     PER_WORD: tl.constexpr = 32 // BITS
+    # 16-bit activations: the output rounds to 8 or 11 bits, so `_plane_fma` may trade the sums' low bits for
+    # its FADD (fp32 activations keep every bit)
+    FOLD: tl.constexpr = x_ptr.dtype.element_ty != tl.float32
     k0 = col * COLUMN_K
     sums = tl.zeros((BLOCK_M, BLOCK_N, COLUMNS), dtype=tl.float32)
+    corr = tl.zeros((BLOCK_M, 1, COLUMNS), dtype=tl.float32)  # what FOLD left in sums, see `_plane_fma`
     x_sum = tl.zeros((BLOCK_M, 1, COLUMNS), dtype=tl.float32)
-    # the current word (or window of one) of each bit plane
+    # the current word of each bit plane, and the window of it that codes are read from
     w8 = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.int32)
     w4 = w8
     w2 = w8
     w1 = w8
+    win8 = w8
+    win4 = w8
+    win2 = w8
+    win1 = w8
+    even_window = w8  # of even0 / odd0 in lut2 / lut3
+    odd_window = w8
     even0 = w8  # merged one-bit plane pairs (0, 1) and (2, 3), see `_pair_fma` / `_lut4_fma`
     odd0 = w8
     even1 = w8
@@ -251,37 +273,48 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
         elif INTEGER and ONE_BIT_PLANES:
             tl.static_assert(BITS <= 3, "lut1 - lut3 here (lut4 has the branch above)")
             if BITS >= 2:
-                sums, even0, odd0 = _pair_fma(sums, even0, odd0, qw_ptr, rows, col, words_per_bit, stride_qn, one, x,
-                                              magic, kk, OFFSET, COLUMN_K)
+                sums, corr, even0, odd0, even_window, odd_window = _pair_fma(
+                    sums, corr, even0, odd0, even_window, odd_window, qw_ptr, rows, col, words_per_bit, stride_qn, one,
+                    x, magic, kk, OFFSET, COLUMN_K, BITS, FOLD)
             if BITS % 2:  # the top plane of lut1 / lut3
-                w1 = _window(w1, qw_ptr, rows, col, words_per_bit * (BITS - 1), stride_qn, one, kk, 1, COLUMN_K, False)
-                sums = _plane_fma(sums, w1, x, magic, kk, 1, BITS - 1, 0 if BITS > 1 else OFFSET)
+                w1 = _plane_word(w1, qw_ptr, rows, col, words_per_bit * (BITS - 1), stride_qn, one, kk, 1, COLUMN_K,
+                                 False)
+                sums, corr, win1 = _plane_fma(sums, corr, w1, win1, x, magic, kk % 32, 1, BITS - 1,
+                                              0 if BITS > 1 else OFFSET, BITS, FOLD)
         elif INTEGER and BITS == 8:
-            w8 = _window(w8, qw_ptr, rows, col, 0, stride_qn, one, kk, 8, COLUMN_K, ELEMENT == "sint")
-            sums = _plane_fma(sums, w8, x, magic, kk, 8, 0, OFFSET)
+            w8 = _plane_word(w8, qw_ptr, rows, col, 0, stride_qn, one, kk, 8, COLUMN_K, ELEMENT == "sint")
+            sums, corr, win8 = _plane_fma(sums, corr, w8, win8, x, magic, kk % 4, 8, 0, OFFSET, BITS, FOLD)
         elif INTEGER and BITS & 6 == 6:  # int6, int7: the 4-bit and 2-bit planes read as one 6-bit code
-            w4 = _window(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
+            w4 = _plane_word(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
+            if kk % 8 == 0:  # codes at bits 0, 4, ..., 16 read in place (6 bits below bit 23), the rest shifted down
+                win4 = w4
+            elif kk % 8 == 23 // 4:
+                win4 = w4 >> 20
             if kk % 16 == 0:
                 w2 = _word(qw_ptr, rows, col, words_per_bit * 4, stride_qn, one, COLUMN_K // 16, kk // 16)
             if kk % 8 == 0:  # the 2-bit codes of the 4-bit plane's new word, each right above its low bits
                 spread = _spread_to_nibbles(w2, (kk // 8) % 2)
                 high = (spread << 4) | magic
-            elif kk % 8 == 23 // 4:  # where `_window` shifts the 4-bit plane's word down by 20
+            elif kk % 8 == 23 // 4:  # where the 4-bit plane's window moves down by 20
                 high = (spread >> 16) | magic
-            sums = _two_field_fma(sums, w4, high, x, ((kk % 8) % (23 // 4)) * 4, 4, OFFSET)
+            sums = _two_field_fma(sums, win4, high, x, ((kk % 8) % (23 // 4)) * 4, 4, OFFSET)
             if BITS & 1:
-                w1 = _window(w1, qw_ptr, rows, col, words_per_bit * 6, stride_qn, one, kk, 1, COLUMN_K, False)
-                sums = _plane_fma(sums, w1, x, magic, kk, 1, 6, 0)
+                w1 = _plane_word(w1, qw_ptr, rows, col, words_per_bit * 6, stride_qn, one, kk, 1, COLUMN_K, False)
+                sums, corr, win1 = _plane_fma(sums, corr, w1, win1, x, magic, kk % 32, 1, 6, 0, BITS, FOLD)
         elif INTEGER:
             if BITS & 4:
-                w4 = _window(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
-                sums = _plane_fma(sums, w4, x, magic, kk, 4, 0, OFFSET)
+                w4 = _plane_word(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
+                sums, corr, win4 = _plane_fma(sums, corr, w4, win4, x, magic, kk % 8, 4, 0, OFFSET, BITS, FOLD)
             if BITS & 2:
-                w2 = _window(w2, qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, kk, 2, COLUMN_K, False)
-                sums = _plane_fma(sums, w2, x, magic, kk, 2, BITS & 4, 0 if BITS & 4 else OFFSET)
+                w2 = _plane_word(w2, qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, kk, 2, COLUMN_K,
+                                 False)
+                sums, corr, win2 = _plane_fma(sums, corr, w2, win2, x, magic, kk % 16, 2, BITS & 4,
+                                              0 if BITS & 4 else OFFSET, BITS, FOLD)
             if BITS & 1:
-                w1 = _window(w1, qw_ptr, rows, col, words_per_bit * (BITS & 6), stride_qn, one, kk, 1, COLUMN_K, False)
-                sums = _plane_fma(sums, w1, x, magic, kk, 1, BITS & 6, 0 if BITS & 6 else OFFSET)
+                w1 = _plane_word(w1, qw_ptr, rows, col, words_per_bit * (BITS & 6), stride_qn, one, kk, 1, COLUMN_K,
+                                 False)
+                sums, corr, win1 = _plane_fma(sums, corr, w1, win1, x, magic, kk % 32, 1, BITS & 6,
+                                              0 if BITS & 6 else OFFSET, BITS, FOLD)
         elif MINIFLOAT:
             if kk % PER_WORD == 0:
                 w8 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // PER_WORD, kk // PER_WORD)
@@ -307,7 +340,7 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
             else:
                 value = _decode(code, ELEMENT, BITS)
             sums = tl.fma(value, x, sums)
-    return sums, x_sum
+    return sums - corr, x_sum
 
 
 @triton.jit
