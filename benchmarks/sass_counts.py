@@ -83,7 +83,8 @@ KERNELS = {
     "gemm-mxfp4": _gemm(4, True, "e2m1", "e8m0"),
     "gemm-nvfp4": _gemm(4, True, "e2m1", "e4m3"),
     # one lane (row or segment) per thread; the hot loop decodes one chunk per lane
-    "dfloat11-gemv": (lambda: codegen.compile_dfloat11("gemv"), dfloat11.GEMV_CHUNK),
+    # bf16 activations, as a bf16 model's (each lane converts every activation it uses)
+    "dfloat11-gemv": (lambda: codegen.compile_dfloat11("gemv", "bf16"), dfloat11.GEMV_CHUNK),
     "dfloat11-decode": (lambda: codegen.compile_dfloat11("decode"), dfloat11.DECODE_CHUNK),
 }
 #: instruction kinds reported per weight (SASS opcodes without their modifiers; LDGSTS: cp.async)

@@ -166,7 +166,7 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
 
 
 @triton.jit
-def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col, left, sign_ptrs, words_ptr,
+def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, x_rows, col, left, sign_ptrs, words_ptr,
                 code_words, table_ptr, fields, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr):
     """Decode CHUNK weights per lane (columns col.. of each row) and add their products with x
     into acc [BLOCK_M, BLOCK_N]. TAIL: only the first `left` columns are weights."""
@@ -177,24 +177,26 @@ def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col, left,
     for c in tl.static_range(CHUNK):
         weight, buf, deficit, next_word = _decode_step(buf, deficit, next_word, sign_mantissa, u, words_ptr,
                                                        code_words, table_ptr, fields, c, CODE_BITS, TAIL)
-        acc = _add_product(acc, weight.to(tl.float32, bitcast=True), x_ptr, stride_xm, m, M, col, left, c, TAIL)
+        acc = _add_product(acc, weight.to(tl.float32, bitcast=True), x_ptr, stride_xm, x_rows, col, left, c, TAIL)
     return acc, buf, deficit, next_word
 
 
 @triton.jit
-def _add_product(acc, w, x_ptr, stride_xm, m, M, col, left, C: tl.constexpr, TAIL: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] + x[:, col + C] * w [BLOCK_N] (the lanes' weights at column col + C).
-    TAIL: columns from `left` on are past the segment (weights garbage, possibly Inf/NaN)."""
-    rows_m = M
+def _add_product(acc, w, x_ptr, stride_xm, x_rows, col, left, C: tl.constexpr, TAIL: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + x[x_rows, col + C] * w [BLOCK_N] (the lanes' weights at column col
+    + C). x_rows are in bounds (clamped), so the load needs no mask, whose default each lane would
+    otherwise set per weight. TAIL: columns from `left` on are past the segment (weights garbage,
+    possibly Inf/NaN; no x to load)."""
     if TAIL:
         w = tl.where(C < left, w, 0.0)
-        rows_m = tl.where(C < left, M, 0)  # and no x to load
-    x = tl.load(x_ptr + m * stride_xm + col + C, mask=m < rows_m, other=0.0).to(tl.float32)
-    return acc + x[:, None] * w[None, :]
+        x = tl.load(x_ptr + x_rows * stride_xm + col + C, mask=tl.full(x_rows.shape, C, tl.int32) < left, other=0.0)
+    else:
+        x = tl.load(x_ptr + x_rows * stride_xm + col + C)
+    return acc + x.to(tl.float32)[:, None] * w[None, :]
 
 
 @triton.jit
-def _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, m, M, K, words_ptr, sign_ptr, offsets_ptr, table_ptr,
+def _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, x_rows, K, words_ptr, sign_ptr, offsets_ptr, table_ptr,
                  segments_per_row, code_words, fields, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr,
                  CHUNK: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] + x[:, segment seg] @ (segment seg of rows lane_rows, decoded)^T."""
@@ -205,11 +207,11 @@ def _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, m, M, K, words_ptr, sign
     sign_ptrs = sign_ptr + lane_rows * K + col0
     full = count // CHUNK * CHUNK
     for i in range(0, full, CHUNK):
-        acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M, col0 + i,
+        acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, x_rows, col0 + i,
                                                    CHUNK, sign_ptrs + i, words_ptr, code_words, table_ptr, fields,
                                                    CODE_BITS, CHUNK, False)
     if full < count:  # the last segment of a row, when K is not a multiple of CHUNK
-        acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, m, M,
+        acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, x_rows,
                                                    col0 + full, count - full, sign_ptrs + full, words_ptr, code_words,
                                                    table_ptr, fields, CODE_BITS, CHUNK, True)
     return acc
@@ -222,13 +224,14 @@ def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, bias
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
+    x_rows = tl.minimum(m, M - 1)  # rows of x past M read row M-1 and are not stored
     # Lanes past the last row decode row N-1 (in bounds, finite) and are masked at the store only.
     lane_rows = tl.minimum(rows, N - 1).to(tl.int64)
     first = tl.program_id(1) * segments_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for seg in range(first, tl.minimum(first + segments_per_split, segments_per_row)):
-        acc = _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, m, M, K, words_ptr, sign_ptr, offsets_ptr, table_ptr,
-                           segments_per_row, code_words, fields, SEGMENT, CODE_BITS, CHUNK)
+        acc = _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, x_rows, K, words_ptr, sign_ptr, offsets_ptr,
+                           table_ptr, segments_per_row, code_words, fields, SEGMENT, CODE_BITS, CHUNK)
     if HAS_BIAS:
         if tl.program_id(1) == 0:  # the bias goes into exactly one partial sum
             acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
@@ -297,6 +300,8 @@ def dfloat11_matmul(x, words, sign_mantissa, segment_offsets, decode_table, bias
     if x.dim() != 2 or x.shape[1] != k:
         raise InputError(f"expected x of shape [M, {k}], got {tuple(x.shape)}")
     m = x.shape[0]
+    if m == 0:
+        return x.new_empty((0, n))
     if m > FUSED_MAX_M:
         weight = decode_weight(words, sign_mantissa, segment_offsets, decode_table, segment=segment,
                                code_bits=code_bits)

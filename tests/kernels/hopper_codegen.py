@@ -52,16 +52,16 @@ def compile_lut(bits: int):
                     unaligned=("M", "tiles_per_split"))
 
 
-def compile_dfloat11(kind: str):
+def compile_dfloat11(kind: str, act: str = "fp32"):
     """kind "decode": the multi-layer decoder (aligned layers); "gemv": the fused decode + GEMV (M=1, split-K;
-    fp32 activations and output, so any 16-bit global store would be a decoded weight)."""
+    by default fp32 activations and output, so any 16-bit global store would be a decoded weight)."""
     if kind == "decode":
         return _compile(dfloat11._decode_kernel, {"layers_ptr": "*i64", "out_ptr": "*i16"},
                         {"SEGMENT": 256, "CODE_BITS": CODE_BITS, "BLOCK": dfloat11.DECODE_BLOCK,
                          "CHUNK": dfloat11.DECODE_CHUNK, "ALIGNED": True})
     return _compile(dfloat11._decode_gemv_kernel,
-                    {"x_ptr": "*fp32", "words_ptr": "*i32", "sign_ptr": "*u8", "offsets_ptr": "*i32",
-                     "table_ptr": "*i16", "bias_ptr": "*fp32", "out_ptr": "*fp32", **SPLIT_K_POINTERS},
+                    {"x_ptr": ACT[act], "words_ptr": "*i32", "sign_ptr": "*u8", "offsets_ptr": "*i32",
+                     "table_ptr": "*i16", "bias_ptr": ACT[act], "out_ptr": ACT[act], **SPLIT_K_POINTERS},
                     {"SEGMENT": 256, "CODE_BITS": CODE_BITS, "HAS_BIAS": True, "SPLIT": True, "BLOCK_M": 1,
                      "BLOCK_N": dfloat11.GEMV_BLOCK_N, "CHUNK": dfloat11.GEMV_CHUNK},
                     unaligned=("M", "segments_per_row", "code_words", "segments_per_split"))

@@ -79,6 +79,14 @@ def test_large_m_decodes_then_runs_bf16_linear_exactly(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_launches_nothing(device):
+    """The fused GEMV reads x's rows clamped to M - 1, so M = 0 must not reach it."""
+    p = FMT.quantize(torch.randn(33, 130).bfloat16(), segment=64).to(device)
+    y = lowbit.linear(torch.empty(0, 130, dtype=torch.bfloat16, device=device), p, None, backend="triton")
+    assert y.shape == (0, 33) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_custom_op_registration(device):
     p = FMT.quantize((torch.randn(40, 70) * 0.1).bfloat16(), segment=64).to(device)
     x = torch.randn(2, 70, device=device)
