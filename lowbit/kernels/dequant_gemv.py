@@ -36,6 +36,15 @@ def _plane_word(word, qw_ptr, rows, col, plane_start, stride_qn, one, KK: tl.con
 
 
 @triton.jit
+def _window(word, window, J: tl.constexpr, WIDTH: tl.constexpr, PER_WINDOW: tl.constexpr, FIRST: tl.constexpr):
+    """The bits code J of `word` (WIDTH bits each) is read from: at every PER_WINDOW-th code,
+    `word` shifted so that code J lies at bit FIRST; else `window` unchanged."""
+    if J % PER_WINDOW == 0:
+        window = _shifted(word, FIRST - J * WIDTH)
+    return window
+
+
+@triton.jit
 def _plane_fma(sums, corr, word, window, x, magic, J: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr,
                OFFSET: tl.constexpr, BITS: tl.constexpr, FOLD: tl.constexpr):
     """sums + (code J of `word`, WIDTH bits, << SHIFT) * x, minus OFFSET * x (the first plane
@@ -56,8 +65,7 @@ def _plane_fma(sums, corr, word, window, x, magic, J: tl.constexpr, WIDTH: tl.co
     FOLDED: tl.constexpr = FOLD and 2 * WIDTH <= 23 - LOW
     PER_WINDOW: tl.constexpr = (23 - LOW) // WIDTH if FOLDED else 23 // WIDTH
     FIRST: tl.constexpr = 23 - PER_WINDOW * WIDTH if FOLDED else 0  # the bit a window's first code is at
-    if J % PER_WINDOW == 0:
-        window = _shifted(word, FIRST - J * WIDTH)
+    window = _window(word, window, J, WIDTH, PER_WINDOW, FIRST)
     pos: tl.constexpr = FIRST + (J % PER_WINDOW) * WIDTH
     bits = ((window & (((1 << WIDTH) - 1) << pos)) | magic).to(tl.float32, bitcast=True)
     if SHIFT != pos:
@@ -286,10 +294,8 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
             sums, corr, win8 = _plane_fma(sums, corr, w8, win8, x, magic, kk % 4, 8, 0, OFFSET, BITS, FOLD)
         elif INTEGER and BITS & 6 == 6:  # int6, int7: the 4-bit and 2-bit planes read as one 6-bit code
             w4 = _plane_word(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
-            if kk % 8 == 0:  # codes at bits 0, 4, ..., 16 read in place (6 bits below bit 23), the rest shifted down
-                win4 = w4
-            elif kk % 8 == 23 // 4:
-                win4 = w4 >> 20
+            # codes at bits 0, 4, ..., 16 read in place (6 bits below bit 23), the rest shifted down
+            win4 = _window(w4, win4, kk % 8, 4, 23 // 4, 0)
             if kk % 16 == 0:
                 w2 = _word(qw_ptr, rows, col, words_per_bit * 4, stride_qn, one, COLUMN_K // 16, kk // 16)
             if kk % 8 == 0:  # the 2-bit codes of the 4-bit plane's new word, each right above its low bits
