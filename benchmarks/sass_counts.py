@@ -6,12 +6,13 @@ Every kernel variant is compiled for sm_90 the way tests/kernels/hopper_codegen.
 disassembled with Triton's bundled cuobjdump. Its hot loop, the largest loop that contains no
 other loop, is counted: SASS instructions per weight per thread, the kinds that decide where the
 time goes (global and shared loads, shuffles, barriers, int -> float converts, integer-ALU
-instructions), and registers.
+instructions, integer multiply-adds), and registers.
 
 These are issue-slot counts, not timings. A GEMV at M=1 must stay under a few instructions per
 weight to run at memory speed (an H200 issues ~3.4e13 thread-instructions/s and streams an int4
 weight at ~1e13 weights/s), and under half as many integer-ALU instructions, which issue at half
-that rate; bench_gemm.py on a GPU is what measures speed.
+that rate (as do integer multiply-adds, on another pipe); bench_gemm.py on a GPU is what
+measures speed.
 
     python benchmarks/sass_counts.py [--kernels gemv-int4 dfloat11-gemv ...] [--out-dir DIR]
 
@@ -92,7 +93,10 @@ KINDS = {"global loads": ("LDG", "LDGSTS"), "shared loads": ("LDS", "LDSM"), "sh
          "shuffles": ("SHFL",), "barriers": ("BAR",), "int->float": ("I2F", "I2FP"), "fp32 fma": ("FFMA",),
          # the integer ALU pipe (add / logic / shift / compare / select / move, not IMAD): 16 lanes per SM
          # quarter on Volta to Hopper, so it takes one warp instruction every other cycle
-         "integer ALU": ("IADD3", "LEA", "LOP3", "MOV", "PLOP3", "PRMT", "SEL", "SGXT", "SHF", "ISETP", "FSEL")}
+         "integer ALU": ("IADD3", "LEA", "LOP3", "MOV", "PLOP3", "PRMT", "SEL", "SGXT", "SHF", "ISETP", "FSEL"),
+         # integer multiply-adds (also the compiler's IMAD.MOV / IMAD.SHL / IMAD.X) run on the FMA-heavy
+         # pipe, also 16 lanes per SM quarter: a second half-rate bound, beside the ALU's
+         "IMAD": ("IMAD",)}
 _LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);")
 
 

@@ -2,13 +2,14 @@
 
 One lane per segment of `segment` weights: a lane starts at its segment's stored bit offset
 and decodes one weight per step, so the lanes of a program run in lockstep (no prefix sums,
-no divergence). A lane keeps its next stream bits in a 64-bit buffer: a step looks the top
-CODE_BITS bits up in the 2 KiB decode table (cache-resident) and shifts the code out; every
-32 // CODE_BITS steps (3 for 10-bit codes) the lane checks its buffer and loads the next
-stream word once 32 or fewer bits remain (about every tenth step). The lanes of
-a warp read segments far apart, so every per-weight global access costs a cache line of its
-own: the sign|mantissa bytes (and the decoder's bf16 results) move as one vector per lane
-per chunk of weights instead.
+no divergence). A lane keeps its next stream bits right-aligned in a 64-bit buffer and a count
+of them: a step looks the CODE_BITS bits under that count up in the 2 KiB decode table
+(cache-resident) with one funnel shift and takes the code's length off the count, and the
+buffer itself never shifts by a code. Every 32 // CODE_BITS steps (3 for 10-bit codes) the lane
+checks the count and, once 32 or fewer bits remain, moves them up a word and loads the next
+stream word below (about every tenth step). The lanes of a warp read segments far apart, so
+every per-weight global access costs a cache line of its own: the sign|mantissa bytes (and the
+decoder's bf16 results) move as one vector per lane per chunk of weights instead.
 
 - `_decode_kernel` writes bf16 weights. It takes a table of layers (addresses of each layer's
   fields and output, plus its sizes), so the Linear weights of a whole transformer block
@@ -71,54 +72,61 @@ def _column(tile, u, c: tl.constexpr):
 
 
 @triton.jit
-def _start_segment(words_ptr, code_words, position):
-    """Bit-buffer state (buf, deficit, next_word) of lanes starting at stream bit `position`."""
+def _start_segment(words_ptr, code_words, position, CODE_BITS: tl.constexpr):
+    """Bit-buffer state (buf, shift, next_word) of lanes starting at stream bit `position` (see
+    `_take_code`): the two words around it, 64 - (position & 31) of their bits unread."""
     word = position >> 5
     w0 = tl.load(words_ptr + word).to(tl.uint32, bitcast=True)
     w1 = tl.load(words_ptr + word + 1, mask=word + 1 < code_words, other=0).to(tl.uint32, bitcast=True)
-    buf = ((w0.to(tl.uint64) << 32) | w1.to(tl.uint64)) << (position & 31).to(tl.uint64)
-    return buf, (position & 31) - 32, word + 2
+    buf = (w0.to(tl.uint64) << 32) | w1.to(tl.uint64)
+    return buf, 64 - (position & 31) - CODE_BITS - 1, word + 2
 
 
 @triton.jit
-def _take_code(buf, deficit, table_ptr, CODE_BITS: tl.constexpr):
-    """One decode step per lane of a bit buffer -> (decode-table entry, buf, deficit).
+def _take_code(buf, shift, table_ptr, CODE_BITS: tl.constexpr):
+    """One decode step per lane of a bit buffer -> (decode-table entry, shift).
 
-    `buf` (uint64) holds the lane's next stream bits left-aligned, 32 - `deficit` of them valid
-    (at least CODE_BITS on entry, see `_refill`). The code under the top CODE_BITS bits is looked
-    up and shifted out. Entries are symbol | length << 8 (`_weight_bits` reads the symbol)."""
+    `buf` (uint64) holds the lane's stream bits right-aligned: its low shift + CODE_BITS + 1
+    bits are unread (at least CODE_BITS + 1, see `_refill`), the bits above them spent.
+    `buf >> shift` (one funnel shift) brings the next CODE_BITS bits to bits 1..CODE_BITS, which
+    is the byte offset of their int16 table entry, and the code's length is taken off `shift`:
+    the buffer never moves by a code (a 64-bit shift by a variable amount costs two
+    instructions). Entries are symbol | length << 8 (`_weight_bits` reads the symbol)."""
+    offset = ((buf >> shift.to(tl.uint64)) & (2**(CODE_BITS + 1) - 2)).to(tl.int32)
     # uint16: a zero-extending load (entries are non-negative)
-    entry = tl.load(table_ptr + (buf >> (64 - CODE_BITS)).to(tl.int32)).to(tl.uint16, bitcast=True).to(tl.int32)
-    length = entry >> 8
-    return entry, buf << length.to(tl.uint64), deficit + length
+    entry = tl.load((table_ptr.to(tl.pointer_type(tl.int8)) + offset).to(tl.pointer_type(tl.int16)))
+    entry = entry.to(tl.uint16, bitcast=True).to(tl.int32)
+    return entry, shift - (entry >> 8)
 
 
 @triton.jit
-def _refill(buf, deficit, next_word, words_ptr, code_words, GUARD: tl.constexpr):
-    """Once 32 or fewer bits of `buf` remain (deficit >= 0), load stream word `next_word` below
-    them -> (buf, deficit, next_word). After it more than 32 bits are valid, enough for
-    `32 // CODE_BITS` steps of `_take_code`, so a lane refills once per that many steps instead
-    of checking at every step. GUARD: mask the load to the stream's `code_words` words (needed
-    only when a lane decodes on past its segment's last code)."""
-    refill = deficit >= 0
+def _refill(buf, shift, next_word, words_ptr, code_words, CODE_BITS: tl.constexpr, GUARD: tl.constexpr):
+    """Once 32 or fewer bits of `buf` are unread (all in its low word), move them up a word and
+    load stream word `next_word` below them -> (buf, shift, next_word). Either way more than 32
+    bits are then unread, enough for the `32 // CODE_BITS` steps of `_take_code` until the next
+    check (each needs CODE_BITS + 1), so a lane checks once per that many steps. GUARD: mask the
+    load to the stream's `code_words` words (needed only when a lane decodes on past its
+    segment's last code: it then moves in zeros, decodes garbage that is never used, and its
+    shift stays in range)."""
+    refill = shift <= 32 - CODE_BITS - 1
+    load = refill
     if GUARD:
-        refill = refill & (next_word < code_words)
-    fresh = tl.load(words_ptr + next_word, mask=refill, other=0).to(tl.uint32, bitcast=True)
-    # deficit & 63 is a valid shift amount also when no word was loaded (fresh is then 0)
-    buf = buf | (fresh.to(tl.uint64) << (deficit & 63).to(tl.uint64))
-    return buf, deficit - tl.where(refill, 32, 0), next_word + refill.to(tl.int32)
+        load = load & (next_word < code_words)
+    fresh = tl.load(words_ptr + next_word, mask=load, other=0)
+    buf = tl.where(refill, (buf << 32) | fresh.to(tl.uint32, bitcast=True).to(tl.uint64), buf)
+    return buf, shift + tl.where(refill, 32, 0), next_word + refill.to(tl.int32)
 
 
 @triton.jit
-def _decode_step(buf, deficit, next_word, sign_mantissa, u, words_ptr, code_words, table_ptr, fields,
+def _decode_step(buf, shift, next_word, sign_mantissa, u, words_ptr, code_words, table_ptr, fields,
                  C: tl.constexpr, CODE_BITS: tl.constexpr, GUARD: tl.constexpr):
     """Step C of a chunk of weights per lane (sign|mantissa bytes [lanes, CHUNK], u =
     arange(CHUNK)): a refill check every 32 // CODE_BITS steps (`_refill`), then one code
-    (`_take_code`) -> (weight C as fp32 bits (`_weight_bits`), buf, deficit, next_word)."""
+    (`_take_code`) -> (weight C as fp32 bits (`_weight_bits`), buf, shift, next_word)."""
     if C % (32 // CODE_BITS) == 0:
-        buf, deficit, next_word = _refill(buf, deficit, next_word, words_ptr, code_words, GUARD)
-    entry, buf, deficit = _take_code(buf, deficit, table_ptr, CODE_BITS)
-    return _weight_bits(entry, _column(sign_mantissa, u, C), fields), buf, deficit, next_word
+        buf, shift, next_word = _refill(buf, shift, next_word, words_ptr, code_words, CODE_BITS, GUARD)
+    entry, shift = _take_code(buf, shift, table_ptr, CODE_BITS)
+    return _weight_bits(entry, _column(sign_mantissa, u, C), fields), buf, shift, next_word
 
 
 @triton.jit
@@ -148,7 +156,7 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
     col0 = (lane_seg % segments_per_row) * SEGMENT
     first = (lane_seg // segments_per_row) * k + col0  # within the layer
     count = tl.minimum(k - col0, SEGMENT)
-    buf, deficit, next_word = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg))
+    buf, shift, next_word = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg), CODE_BITS)
     u = tl.arange(0, CHUNK)
     for i in range(0, SEGMENT, CHUNK):
         if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
@@ -159,14 +167,14 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
         bits = tl.zeros((BLOCK, CHUNK), dtype=tl.int32)
         for c in tl.static_range(CHUNK):
             # Lanes past their segment's last code decode on (guarded) and are not stored.
-            weight, buf, deficit, next_word = _decode_step(buf, deficit, next_word, sign_mantissa, u, words_ptr,
+            weight, buf, shift, next_word = _decode_step(buf, shift, next_word, sign_mantissa, u, words_ptr,
                                                            code_words, table_ptr, fields, c, CODE_BITS, True)
             bits = tl.where(u[None, :] == c, (weight >> 16)[:, None], bits)  # bf16: the top half
         tl.store(out_ptr + out_offset + first[:, None] + i + u[None, :], bits.to(tl.int16), mask=keep)
 
 
 @triton.jit
-def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, x_rows, col, left, sign_ptrs, words_ptr,
+def _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows, col, left, sign_ptrs, words_ptr,
                 code_words, table_ptr, fields, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr):
     """Decode CHUNK weights per lane (columns col.. of each row) and add their products with x
     into acc [BLOCK_M, BLOCK_N]. TAIL: only the first `left` columns are weights."""
@@ -175,10 +183,10 @@ def _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, x_rows, col, lef
     sign_mantissa = tl.load(sign_ptrs[:, None] + u[None, :], mask=(u < left)[None, :] if TAIL else None,
                             other=0 if TAIL else None).to(tl.int32)
     for c in tl.static_range(CHUNK):
-        weight, buf, deficit, next_word = _decode_step(buf, deficit, next_word, sign_mantissa, u, words_ptr,
+        weight, buf, shift, next_word = _decode_step(buf, shift, next_word, sign_mantissa, u, words_ptr,
                                                        code_words, table_ptr, fields, c, CODE_BITS, TAIL)
         acc = _add_product(acc, weight.to(tl.float32, bitcast=True), x_ptr, stride_xm, x_rows, col, left, c, TAIL)
-    return acc, buf, deficit, next_word
+    return acc, buf, shift, next_word
 
 
 @triton.jit
@@ -200,18 +208,18 @@ def _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, x_rows, K, words_ptr, si
                  segments_per_row, code_words, fields, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr,
                  CHUNK: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] + x[:, segment seg] @ (segment seg of rows lane_rows, decoded)^T."""
-    buf, deficit, next_word = _start_segment(words_ptr, code_words,
-                                             tl.load(offsets_ptr + lane_rows * segments_per_row + seg))
+    buf, shift, next_word = _start_segment(words_ptr, code_words,
+                                           tl.load(offsets_ptr + lane_rows * segments_per_row + seg), CODE_BITS)
     col0 = seg * SEGMENT
     count = tl.minimum(K - col0, SEGMENT)
     sign_ptrs = sign_ptr + lane_rows * K + col0
     full = count // CHUNK * CHUNK
     for i in range(0, full, CHUNK):
-        acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, x_rows, col0 + i,
+        acc, buf, shift, next_word = _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows, col0 + i,
                                                    CHUNK, sign_ptrs + i, words_ptr, code_words, table_ptr, fields,
                                                    CODE_BITS, CHUNK, False)
     if full < count:  # the last segment of a row, when K is not a multiple of CHUNK
-        acc, buf, deficit, next_word = _gemv_chunk(acc, buf, deficit, next_word, x_ptr, stride_xm, x_rows,
+        acc, buf, shift, next_word = _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows,
                                                    col0 + full, count - full, sign_ptrs + full, words_ptr, code_words,
                                                    table_ptr, fields, CODE_BITS, CHUNK, True)
     return acc

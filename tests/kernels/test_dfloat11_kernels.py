@@ -47,6 +47,44 @@ def test_decoder_matches_reference(device, shape, segment):
     assert torch.equal(_bits(_decode(p.to(device))), _bits(FMT.dequantize(p)))
 
 
+def _runs_of_longest_codes(n: int, k: int) -> torch.Tensor:
+    """bf16 [n, k] whose exponents have halving frequencies (120: 1/2, 121: 1/4, 119: 1/8, ...),
+    so the rarest get codes of the length limit, CODE_BITS. Those are placed in three runs, at
+    different bit alignments of the stream: a lane then decodes dozens of longest codes in a
+    row, down to the fewest buffered bits its refill schedule allows."""
+    gen = torch.Generator().manual_seed(k)
+    symbols = torch.tensor([120, 121, 119, 122, 118, 123, 117, 124, 116, 125, 115, 126, 114])
+    counts = [n * k >> (i + 1) for i in range(len(symbols))]
+    counts[0] += n * k - sum(counts)
+    rare = (torch.arange(len(symbols)) >= 9).repeat_interleave(torch.tensor(counts))
+    exponent = symbols.repeat_interleave(torch.tensor(counts))
+    common = exponent[~rare][torch.randperm(int((~rare).sum()), generator=gen)]
+    runs = exponent[rare].tensor_split(3)
+    cuts = sorted(torch.randint(0, common.numel(), (3,), generator=gen).tolist())
+    pieces = [common[:cuts[0]], runs[0], common[cuts[0]:cuts[1]], runs[1], common[cuts[1]:cuts[2]], runs[2],
+              common[cuts[2]:]]
+    sign_mantissa = torch.randint(0, 256, (n * k,), generator=gen)
+    bits = ((sign_mantissa & 0x80) << 8) | (torch.cat(pieces) << 7) | (sign_mantissa & 0x7F)
+    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16).reshape(n, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_of_longest_codes_decode_exactly(device):
+    w = _runs_of_longest_codes(16, 2048)
+    p = FMT.quantize(w, segment=256)
+    lengths = torch.zeros(256, dtype=torch.int32)
+    for entry in p.decode_table.to(torch.int32).tolist():
+        lengths[entry & 0xFF] = entry >> 8
+    stream_lengths = lengths[(w.view(torch.int16).to(torch.int32) >> 7) & 0xFF].flatten()
+    longest_run = max(len(run) for run in "".join("x" if l == CODE_BITS else " " for l in stream_lengths.tolist()).split())
+    assert longest_run >= 15  # the premise: runs of longest codes (the generator makes three of 20)
+    assert torch.equal(_bits(_decode(p.to(device))), _bits(w))
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1))
+    y = lowbit.linear(x.to(device), p.to(device), None, backend="triton")
+    ref = F.linear(x, w.float())
+    assert (y.cpu() - ref).abs().max().item() <= TOL[torch.float32] * ref.abs().max().item()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (3, torch.float32), (FUSED_MAX_M, torch.float16)])
 @pytest.mark.parametrize("n,k,segment,lanes_per_sm", [
