@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .api import replace_layer
 from .errors import CheckpointError, LowbitError
+from .formats import get_format
 from .linear import QuantLinear
 from .packed import dtype_name
 
@@ -340,6 +341,13 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise _fail(mpath, "tensors", f"tensor(s) left without data: {leftover[:5]}")
+    for name in manifest["layers"]:
+        layer = model.get_submodule(name)
+        try:
+            get_format(layer.format).check_data(layer.packed)
+        except LowbitError as exc:
+            files = {stored[key]["file"] for key in (f"{name}.{field}" for field in layer.packed.tensors) if key in stored}
+            raise _fail(folder / files.pop() if len(files) == 1 else mpath, name, str(exc)) from None
     from .integrations.transformers import attach_hf_config
 
     attach_hf_config(model)  # so save_pretrained of a loaded model writes quantization_config

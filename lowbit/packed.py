@@ -115,13 +115,16 @@ class PackedWeight:
     def from_state_dict(cls, state: dict[str, torch.Tensor], metadata: Any, prefix: str = "") -> "PackedWeight":
         """Inverse of `state_dict` + `metadata`: rebuild from `{prefix}{field}` tensors.
 
-        Validates the metadata and every declared field (FormatError on any mismatch)."""
+        Validates the metadata, every declared field and the values a kernel could not take
+        safely (`Format.check_data`; FormatError on any problem)."""
         fmt, shape, dtype, attrs = parse_metadata(metadata)
         names = fmt.field_specs(shape, attrs)
         missing = [f"{prefix}{n}" for n in names if f"{prefix}{n}" not in state]
         if missing:
             raise FormatError(f"{fmt.name}: state dict lacks {missing}")
-        return cls(fmt.name, shape, dtype, attrs, {n: state[f"{prefix}{n}"] for n in names})
+        packed = cls(fmt.name, shape, dtype, attrs, {n: state[f"{prefix}{n}"] for n in names})
+        fmt.check_data(packed)
+        return packed
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensors, JSON-serialisable (what a manifest stores per layer)."""

@@ -240,6 +240,47 @@ def test_unknown_transformers_class_is_refused(tmp_path):
         lowbit.load(tmp_path / "m")
 
 
+def _saved_dfloat11_mlp(path: Path) -> Path:
+    lowbit.save(lowbit.quantize(_mlp().bfloat16(), "dfloat11", progress=False), path)
+    return path
+
+
+def test_dfloat11_checkpoint_whose_codes_overrun_the_stream_is_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    path = _saved_dfloat11_mlp(tmp_path / "ck")
+    words = load_file(str(path / "model.safetensors"))["0.exponent_code"]
+    words[-6:-1] = -1  # all-ones bits: the longest code, so the last row's segment runs past the end
+    _rewrite_tensor(path, "0.exponent_code", words)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: 0: dfloat11 field 'exponent_code': segment 0 of "
+                                              r"row 95 decodes past the end"):
+        lowbit.load(path, model=_mlp().bfloat16())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_dfloat11_loader_against_corrupt_field_values(tmp_path_factory, data):
+    """Up to 4 bytes of a dfloat11 layer's stream, segment offsets or decode table changed: the
+    load raises LowbitError or gives a model whose forward pass runs (the checks the loader
+    makes are what keep the decoders inside the stream)."""
+    from safetensors.torch import load_file, save_file
+
+    path = _saved_dfloat11_mlp(tmp_path_factory.mktemp("fuzz") / "ck")
+    tensors = load_file(str(path / "model.safetensors"))
+    key = data.draw(st.sampled_from([f"{layer}.{field}" for layer in (0, 2)
+                                     for field in ("exponent_code", "segment_offsets", "decode_table")]))
+    raw = tensors[key].flatten().view(torch.uint8)
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, raw.numel() - 1))] = data.draw(st.integers(0, 255))
+    tensors[key] = raw.view(tensors[key].dtype).reshape(tensors[key].shape)
+    save_file(tensors, str(path / "model.safetensors"))
+    try:
+        model = lowbit.load(path, model=_mlp().bfloat16())
+    except LowbitError:
+        return
+    assert model(torch.randn(3, 64).bfloat16()).shape == (3, 33)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_loader_against_random_corruption(tmp_path_factory, data):

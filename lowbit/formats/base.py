@@ -81,6 +81,11 @@ class Format:
         """The tensor fields (dtype, shape) a weight of `shape` with `attrs` packs into."""
         raise NotImplementedError
 
+    def check_data(self, packed: PackedWeight) -> None:
+        """FormatError for field values a kernel could not take safely: the checks a stored file
+        needs beyond dtypes and shapes (checked whenever a PackedWeight is built). By default
+        every value is safe (codes and scales are only decoded, never used as addresses)."""
+
     # -- the spec ---------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
         """Quantize a [N, K] float weight. `name` appears in error messages."""

@@ -162,6 +162,15 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
         missing = [name for name in self.plan if not isinstance(model.get_submodule(name), QuantLinear)]
         if missing:
             raise LowbitError(f"lowbit: these layers were never loaded, so not quantized: {missing[:5]}")
+        if self.pre_quantized:  # the file's values, as lowbit.load checks them
+            from ..formats import get_format
+
+            for name, module in model.named_modules():
+                if isinstance(module, QuantLinear):
+                    try:
+                        get_format(module.format).check_data(module.packed)
+                    except LowbitError as exc:
+                        raise FormatError(f"{name}: {exc}") from None
         self.quantization_config.layers = _layer_entries(model)
         return model
 

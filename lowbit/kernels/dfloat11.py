@@ -107,7 +107,9 @@ def _refill(buf, shift, next_word, words_ptr, code_words, CODE_BITS: tl.constexp
     check (each needs CODE_BITS + 1), so a lane checks once per that many steps. GUARD: mask the
     load to the stream's `code_words` words (needed only when a lane decodes on past its
     segment's last code: it then moves in zeros, decodes garbage that is never used, and its
-    shift stays in range)."""
+    shift stays in range). Unguarded, a lane reads at most the word after the one its last code
+    ends in: the stream's padding word, as long as no segment's codes run past the stream's
+    end, which loading a file checks (lowbit/formats/dfloat11.py `check_stream`)."""
     refill = shift <= 32 - CODE_BITS - 1
     load = refill
     if GUARD:

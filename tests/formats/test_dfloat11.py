@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import lowbit
 from lowbit.errors import FormatError, WeightError
 from lowbit.formats import dfloat11, huffman
+from lowbit.packed import PackedWeight
 
 FMT = lowbit.get_format("dfloat11")
 
@@ -107,6 +108,7 @@ def test_every_bf16_bit_pattern_round_trips(shape):
     p = FMT.quantize(w)
     assert same_bits(FMT.dequantize(p), w)
     assert p.exponent_code.dtype == torch.int32 and p.sign_mantissa.shape == shape
+    FMT.check_data(p)
 
 
 @pytest.mark.parametrize("segment", dfloat11.SEGMENTS)
@@ -128,6 +130,7 @@ def test_random_shapes_round_trip(n, k, segment, kind, seed):
         w = torch.full((n, k), -0.0, dtype=torch.bfloat16)
     p = FMT.quantize(w, segment=segment)
     assert same_bits(FMT.dequantize(p), w)
+    FMT.check_data(p)  # what the encoder writes is what the loader accepts
 
 
 def test_many_chunks_and_odd_element_counts(monkeypatch):
@@ -183,6 +186,36 @@ def test_bad_attrs_are_refused():
         FMT.check_attrs((4, 4), {"segment": 256, "code_words": -3})
     with pytest.raises(FormatError):
         FMT.check_attrs((4, 4), {"segment": 256})
+
+
+def _damaged(p, field: str, edit):
+    tensors = {name: t.clone() for name, t in p.tensors.items()}
+    edit(tensors[field])
+    return PackedWeight(p.format, p.shape, p.dtype, p.attrs, tensors)
+
+
+def _set(index, value):
+    return lambda t: t.__setitem__(index, value)
+
+
+# decode_table entries are symbol | length << 8; the stream ends with one zero word
+STORED_DAMAGE = {
+    "code length 11": ("decode_table", _set(7, 7 | 11 << 8), r"'decode_table': entry 7 has code length 11, over"),
+    "negative entry": ("decode_table", _set(9, -1), r"entry 9 has code length 255"),
+    "negative offset": ("segment_offsets", _set((1, 0), -8), r"segment 0 of row 1 starts at bit -8, outside"),
+    "offset past the end": ("segment_offsets", _set((7, 1), 2**30), r"segment 1 of row 7 starts at bit 1073741824"),
+    # all-ones bits are the longest code: the last segment's codes no longer fit the stream
+    "stream tail": ("exponent_code", _set(slice(-6, -1), -1), r"'exponent_code': segment 1 of row 7 decodes past the end"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORED_DAMAGE))
+def test_check_data_refuses_values_a_kernel_cannot_take(case):
+    field, edit, message = STORED_DAMAGE[case]
+    p = FMT.quantize((torch.randn(8, 512, generator=torch.Generator().manual_seed(0)) * 0.05).bfloat16())
+    FMT.check_data(p)
+    with pytest.raises(FormatError, match=message):
+        FMT.check_data(_damaged(p, field, edit))
 
 
 def test_meta_and_empty_weights_are_refused():

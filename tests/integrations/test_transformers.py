@@ -172,6 +172,19 @@ def test_bad_quantization_config_raises_lowbit_error(llama_dir, tmp_path, edit, 
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
 
 
+def test_from_pretrained_refuses_dfloat11_codes_that_overrun_the_stream(llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lowbit.quantize(_llama(llama_dir), "dfloat11", progress=False).save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.layers.1.mlp.down_proj.exponent_code"][-6:-1] = -1  # all ones: the longest code
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(LowbitError, match=r"model\.layers\.1\.mlp\.down_proj: dfloat11 field 'exponent_code': "
+                                          r"segment \d+ of row \d+ decodes past the end"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
 def test_quantize_while_loading_checks_the_load_dtype_first(llama_dir):
     with pytest.raises(WeightError, match="model.layers.0.*bfloat16 weights only"):
         AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32,
