@@ -3,9 +3,9 @@
 One lane per segment of `segment` weights: a lane starts at its segment's stored bit offset
 and decodes one weight per step, so the lanes of a program run in lockstep (no prefix sums,
 no divergence). A lane keeps its next stream bits right-aligned in a 64-bit buffer and a count
-of them: a step looks the CODE_BITS bits under that count up in the 2 KiB decode table
+of them: a step looks the CODE_BITS bits under that count up in the 512 B decode table
 (cache-resident) with one funnel shift and takes the code's length off the count, and the
-buffer itself never shifts by a code. Every 32 // CODE_BITS steps (3 for 10-bit codes) the lane
+buffer itself never shifts by a code. Every 32 // CODE_BITS steps (4 for 8-bit codes) the lane
 checks the count and, once 32 or fewer bits remain, moves them up a word and loads the next
 stream word below (about every tenth step). The lanes of a warp read segments far apart, so
 every per-weight global access costs a cache line of its own: the sign|mantissa bytes (and the

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import lowbit
 from lowbit.errors import FormatError, WeightError
 from lowbit.formats import dfloat11, huffman
+from lowbit.formats.dfloat11 import CODE_BITS
 from lowbit.packed import PackedWeight
 
 FMT = lowbit.get_format("dfloat11")
@@ -46,12 +47,13 @@ def test_code_lengths_are_optimal_when_the_limit_does_not_bind():
     assert sorted(lengths[[3, 7, 100, 200, 201]].tolist()) == [1, 2, 3, 4, 4]
 
 
-def test_length_limit_is_respected_and_the_code_is_complete():
+@pytest.mark.parametrize("limit", sorted({CODE_BITS, 10}))
+def test_length_limit_is_respected_and_the_code_is_complete(limit):
     counts = torch.zeros(256, dtype=torch.int64)
     counts[:40] = torch.tensor([2**i for i in range(40)])  # a Fibonacci-like skew: unrestricted depth 39
-    lengths = huffman.limited_code_lengths(counts, 10)
+    lengths = huffman.limited_code_lengths(counts, limit)
     used = lengths[:40]
-    assert int(used.max()) == 10 and int(used.min()) >= 1
+    assert int(used.max()) == limit and int(used.min()) >= 1
     assert sum(2.0 ** -int(n) for n in used) == 1.0  # Kraft equality: no wasted code space
     assert int((lengths * counts).sum()) >= huffman_cost(counts.tolist())
 
@@ -200,7 +202,8 @@ def _set(index, value):
 
 # decode_table entries are symbol | length << 8; the stream ends with one zero word
 STORED_DAMAGE = {
-    "code length 11": ("decode_table", _set(7, 7 | 11 << 8), r"'decode_table': entry 7 has code length 11, over"),
+    "code too long": ("decode_table", _set(7, 7 | (CODE_BITS + 1) << 8),
+                      rf"'decode_table': entry 7 has code length {CODE_BITS + 1}, over"),
     "negative entry": ("decode_table", _set(9, -1), r"entry 9 has code length 255"),
     "negative offset": ("segment_offsets", _set((1, 0), -8), r"segment 0 of row 1 starts at bit -8, outside"),
     "offset past the end": ("segment_offsets", _set((7, 1), 2**30), r"segment 1 of row 7 starts at bit 1073741824"),

@@ -173,8 +173,8 @@ def test_dfloat11_decoder_moves_weights_as_vectors(hopper):
     """Aligned layers: per 8 weights a lane loads their sign|mantissa bytes as one 64-bit vector
     and stores the 8 bf16 results as one 128-bit vector (lanes hold segments far apart, so
     per-weight byte accesses would each touch another cache line). Stream words arrive only
-    when the lane's bit buffer runs low (predicated loads, one check per 32 // CODE_BITS = 3
-    steps: 3 per 8 weights), plus 2 to start the segment (one predicated)."""
+    when the lane's bit buffer runs low (predicated loads, one check per 32 // CODE_BITS = 4
+    steps: 2 per 8 weights), plus 2 to start the segment (one predicated)."""
     ops = _global_ops(_ptx(hopper, "dfloat11", "decode"))
     assert ops["@st.global.v4.b32"] == 1 and ops["@ld.global.v2.b32"] == 1
     assert not [op for op in ops if op.endswith((".b8", ".u8")) or op.startswith("st.global") and "v4" not in op]
@@ -186,7 +186,7 @@ def test_dfloat11_decoder_moves_weights_as_vectors(hopper):
 def test_dfloat11_fused_gemv_loads_sign_bytes_as_vectors(hopper):
     """Per 16 weights a lane loads their sign|mantissa bytes as one 128-bit vector, and reads
     stream words only when its bit buffer runs low: one table lookup and one activation load
-    per weight, a predicated refill per 3, no byte loads."""
+    per weight, a predicated refill per 32 // CODE_BITS = 4, no byte loads."""
     ops = _global_ops(_ptx(hopper, "dfloat11", "gemv"))
     assert ops["ld.global.v4.b32"] + ops["@ld.global.v4.b32"] >= 1
     assert not [op for op in ops if op.endswith((".b8", ".u8"))]
