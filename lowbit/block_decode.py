@@ -72,7 +72,8 @@ class BlockDecompressor:
             for layer, start in zip(self.layers, starts):
                 segment = layer.attrs["segment"]
                 rows_by_segment.setdefault(segment, []).append(layer_row(
-                    layer.exponent_code, layer.sign_mantissa, layer.segment_offsets, layer.decode_table, start, segment))
+                    layer.exponent_code, layer.sign_mantissa, layer.segment_offsets, layer.decode_table, start, segment,
+                    CODE_BITS))
             for segment, rows in rows_by_segment.items():
                 decode_layers(rows, buffer, segment, CODE_BITS)
         else:  # no Triton here: the reference decoder, layer by layer

@@ -184,24 +184,40 @@ def _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows, col, left,
     # one vector load of CHUNK sign|mantissa bytes per lane, not CHUNK byte loads
     sign_mantissa = tl.load(sign_ptrs[:, None] + u[None, :], mask=(u < left)[None, :] if TAIL else None,
                             other=0 if TAIL else None).to(tl.int32)
+    VECTOR: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth  # activations per 16 bytes
+    v = tl.arange(0, VECTOR)
     for c in tl.static_range(CHUNK):
         weight, buf, shift, next_word = _decode_step(buf, shift, next_word, sign_mantissa, u, words_ptr,
                                                        code_words, table_ptr, fields, c, CODE_BITS, TAIL)
-        acc = _add_product(acc, weight.to(tl.float32, bitcast=True), x_ptr, stride_xm, x_rows, col, left, c, TAIL)
+        w = weight.to(tl.float32, bitcast=True)
+        if TAIL:
+            acc = _add_tail_product(acc, w, x_ptr, stride_xm, x_rows, col, left, c)
+        else:
+            if c % VECTOR == 0:
+                x_bits = _activation_vector(x_ptr, stride_xm, x_rows, col + c, sign_ptrs, v)
+            x = tl.sum(tl.where(v[None, None, :] == c % VECTOR, x_bits, 0), axis=2).to(x_bits.dtype)
+            acc = acc + x.to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32) * w[None, :]
     return acc, buf, shift, next_word
 
 
 @triton.jit
-def _add_product(acc, w, x_ptr, stride_xm, x_rows, col, left, C: tl.constexpr, TAIL: tl.constexpr):
+def _activation_vector(x_ptr, stride_xm, x_rows, col, lanes_like, v):
+    """x[x_rows, col + v] as integer bits [BLOCK_M, lanes, VECTOR] (v = arange(VECTOR), 16 bytes):
+    every lane loads the same vector, one broadcast request per VECTOR columns instead of one per
+    column, and holds all of it, so a column is a register pick (the select folds; integer bits,
+    as adding a float 0 would not fold). x_rows are in bounds (clamped): no mask."""
+    lanes = tl.zeros(lanes_like.shape, tl.int32)
+    x = tl.load(x_ptr + x_rows[:, None, None] * stride_xm + col + lanes[None, :, None] + v[None, None, :])
+    return x.to(tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32, bitcast=True)
+
+
+@triton.jit
+def _add_tail_product(acc, w, x_ptr, stride_xm, x_rows, col, left, C: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] + x[x_rows, col + C] * w [BLOCK_N] (the lanes' weights at column col
-    + C). x_rows are in bounds (clamped), so the load needs no mask, whose default each lane would
-    otherwise set per weight. TAIL: columns from `left` on are past the segment (weights garbage,
-    possibly Inf/NaN; no x to load)."""
-    if TAIL:
-        w = tl.where(C < left, w, 0.0)
-        x = tl.load(x_ptr + x_rows * stride_xm + col + C, mask=tl.full(x_rows.shape, C, tl.int32) < left, other=0.0)
-    else:
-        x = tl.load(x_ptr + x_rows * stride_xm + col + C)
+    + C) in a segment's last, partial chunk: columns from `left` on are past the segment (weights
+    garbage, possibly Inf/NaN; no x to load)."""
+    w = tl.where(C < left, w, 0.0)
+    x = tl.load(x_ptr + x_rows * stride_xm + col + C, mask=tl.full(x_rows.shape, C, tl.int32) < left, other=0.0)
     return acc + x.to(tl.float32)[:, None] * w[None, :]
 
 
@@ -248,8 +264,9 @@ def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, bias
     store_split_k(acc, out_ptr, ws_ptr, counters_ptr, m, rows, M, N, N, SPLIT)
 
 
-def _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment) -> tuple[int, int]:
-    """InputError unless the fields fit together; returns (N, K)."""
+def _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment, code_bits) -> tuple[int, int]:
+    """InputError unless the fields fit together (the table is indexed by code_bits stream bits);
+    returns (N, K)."""
     if sign_mantissa.dim() != 2 or sign_mantissa.dtype != torch.uint8:
         raise InputError(f"sign_mantissa must be uint8 [N, K], got {sign_mantissa.dtype} {tuple(sign_mantissa.shape)}")
     n, k = sign_mantissa.shape
@@ -258,16 +275,20 @@ def _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment) 
                          f"{segment_offsets.dtype} {tuple(segment_offsets.shape)}")
     if words.dim() != 1 or words.dtype != torch.int32 or decode_table.dtype != torch.int16:
         raise InputError("exponent_code must be int32 [W] and decode_table int16")
+    if decode_table.shape != (2**code_bits,):
+        raise InputError(f"decode_table must have 2^code_bits = {2**code_bits} entries, got "
+                         f"{tuple(decode_table.shape)}")
     for t in (words, sign_mantissa, segment_offsets, decode_table):
         if not t.is_contiguous():
             raise InputError("dfloat11 fields must be contiguous")
     return n, k
 
 
-def layer_row(words, sign_mantissa, segment_offsets, decode_table, out_offset: int, segment: int) -> tuple[int, ...]:
+def layer_row(words, sign_mantissa, segment_offsets, decode_table, out_offset: int, segment: int,
+              code_bits: int) -> tuple[int, ...]:
     """One row of the layer table (LAYER_FIELDS) for `_decode_kernel`: the field addresses,
     where the layer's [N, K] weight starts in the output (elements), and the sizes."""
-    _, k = _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment)
+    _, k = _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment, code_bits)
     return (words.data_ptr(), sign_mantissa.data_ptr(), segment_offsets.data_ptr(), decode_table.data_ptr(),
             out_offset, segment_offsets.numel(), k, segment_offsets.shape[1], words.numel())
 
@@ -280,7 +301,7 @@ def _layer_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> tor
 
 
 def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, code_bits: int) -> None:
-    """Decode the layers `rows` (from `layer_row`, all with this `segment`) into the contiguous
+    """Decode the layers `rows` (from `layer_row`, all with this `segment` and `code_bits`) into the contiguous
     bf16 tensor `out` in one launch."""
     for row in rows:
         n = row[5] // row[7]
@@ -298,7 +319,8 @@ def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, 
 def decode_weight(words, sign_mantissa, segment_offsets, decode_table, *, segment: int, code_bits: int) -> torch.Tensor:
     """One dfloat11 weight -> bf16 [N, K] (a fresh tensor)."""
     out = torch.empty(sign_mantissa.shape, dtype=torch.bfloat16, device=sign_mantissa.device)
-    decode_layers([layer_row(words, sign_mantissa, segment_offsets, decode_table, 0, segment)], out, segment, code_bits)
+    decode_layers([layer_row(words, sign_mantissa, segment_offsets, decode_table, 0, segment, code_bits)], out, segment,
+                  code_bits)
     return out
 
 
@@ -306,7 +328,7 @@ def dfloat11_matmul(x, words, sign_mantissa, segment_offsets, decode_table, bias
                     code_bits: int) -> torch.Tensor:
     """[M, K] x times a dfloat11 weight -> [M, N] in x.dtype: fused decode + GEMV for
     M <= FUSED_MAX_M, otherwise decode to bf16 and F.linear."""
-    n, k = _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment)
+    n, k = _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment, code_bits)
     if x.dim() != 2 or x.shape[1] != k:
         raise InputError(f"expected x of shape [M, {k}], got {tuple(x.shape)}")
     m = x.shape[0]

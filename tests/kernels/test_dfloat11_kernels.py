@@ -8,6 +8,7 @@ from torch import nn
 
 import lowbit
 from lowbit.block_decode import BlockDecompressor, enable_block_decompression
+from lowbit.errors import InputError
 from lowbit.formats.dfloat11 import CODE_BITS
 from lowbit.kernels import dfloat11 as dfloat11_kernels
 from lowbit.kernels.dfloat11 import FUSED_MAX_M, decode_weight
@@ -122,6 +123,16 @@ def test_empty_batch_launches_nothing(device):
     p = FMT.quantize(torch.randn(33, 130).bfloat16(), segment=64).to(device)
     y = lowbit.linear(torch.empty(0, 130, dtype=torch.bfloat16, device=device), p, None, backend="triton")
     assert y.shape == (0, 33) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_table_of_another_code_width_is_refused(device):
+    """The kernels index decode_table by code_bits stream bits: a mismatch would read past it."""
+    p = FMT.quantize(torch.randn(33, 130).bfloat16(), segment=64).to(device)
+    x = torch.randn(1, 130, device=device)
+    with pytest.raises(InputError, match=rf"decode_table must have 2\^code_bits = {2**(CODE_BITS + 2)} entries"):
+        dfloat11_kernels.dfloat11_matmul(x, p.exponent_code, p.sign_mantissa, p.segment_offsets, p.decode_table,
+                                         None, segment=64, code_bits=CODE_BITS + 2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
+from lowbit.formats.dfloat11 import CODE_BITS
 from lowbit.kernels import split_k
 from lowbit.kernels.dequant_gemm import dequant_matmul
 from lowbit.kernels.dfloat11 import dfloat11_matmul
@@ -31,7 +32,7 @@ def _run(name: str, packed, x, bias, split: int):
                           in_features=packed.shape[1],
                           config={"path": "lut", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split})
     return dfloat11_matmul(x, fields["exponent_code"], fields["sign_mantissa"], fields["segment_offsets"],
-                           fields["decode_table"], bias, segment=packed.attrs["segment"], code_bits=10)
+                           fields["decode_table"], bias, segment=packed.attrs["segment"], code_bits=CODE_BITS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
