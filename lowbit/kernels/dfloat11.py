@@ -7,16 +7,18 @@ of them: a step looks the CODE_BITS bits under that count up in the 512 B decode
 (cache-resident) with one funnel shift and takes the code's length off the count, and the
 buffer itself never shifts by a code. Every 32 // CODE_BITS steps (4 for 8-bit codes) the lane
 checks the count and, once 32 or fewer bits remain, moves them up a word and loads the next
-stream word below (about every tenth step). The lanes of a warp read segments far apart, so
-every per-weight global access costs a cache line of its own: the sign|mantissa bytes (and the
-decoder's bf16 results) move as one vector per lane per chunk of weights instead.
+stream word below (about every twelfth step: codes average under 3 bits). The lanes of a warp
+read segments far apart, so every per-weight global access costs a cache line of its own: the
+sign|mantissa bytes (and the decoder's bf16 results) move as one vector per lane per chunk of
+weights instead.
 
 - `_decode_kernel` writes bf16 weights. It takes a table of layers (addresses of each layer's
   fields and output, plus its sizes), so the Linear weights of a whole transformer block
   decode in one launch into one reused buffer (lowbit/block_decode.py).
 - `_decode_gemv_kernel` fuses decoding with a GEMV for small M: the bf16 weight never
   reaches memory. A program's lanes are GEMV_BLOCK_N rows at the same segment column, so the
-  activations a step needs are one broadcast load; programs along axis 1 take segment
+  activations are the same for every lane: one broadcast 16-byte vector per 8 (fp32: 4)
+  steps, each lane picking its step's column from registers; programs along axis 1 take segment
   columns and are reduced inside the launch (deterministic split-K: lowbit/kernels/split_k.py).
 """
 from __future__ import annotations
