@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session's measurements in parts that each fit a 10-minute command (30 device-minutes
-# in all: run them in this order, fetch the results after each, see benchmarks/README.md).
+# in all: run them in this order, fetch the results after each, see README.md, Benchmarks).
 #
 #   bash benchmarks/gpu_session.sh tests tune          # ~9 min: `gpu` tests, then kernel tuning
 #   bash benchmarks/gpu_session.sh gemm-targets        # ~8 min: the formats with issue-8 targets, every M
 #   bash benchmarks/gpu_session.sh e2e dfloat11        # ~8 min: end to end, then the dfloat11 decoder
 #   bash benchmarks/gpu_session.sh gemm-rest           # the other formats (a later session if time is short)
+#   bash benchmarks/gpu_session.sh profile             # ~3 min: Nsight Compute on the at-risk GEMVs, if installed
 #
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
 # results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
@@ -24,6 +25,17 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$out/gpu.t
 
 TARGET_FORMATS="int4 int6 int8 fp8 fp8:act=fp8 mxfp4 nvfp4 lut2 mxint8 int2 dfloat11"
 OTHER_FORMATS="int3 int5 int7 fp8_e5m2 fp8:block=128,act=fp8 mxfp8 mxfp6 lut1 lut3 lut4 nf4 dfloat11:segment=64"
+# int6 and dfloat11 at M=1 on Llama-3-8B's gate_proj, each twice (the profile part's 4 launches)
+PROFILE_GEMVS='
+import torch, lowbit
+w = (torch.randn(14336, 4096, device="cuda") * 0.02).bfloat16()
+x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+for fmt in ("int6", "dfloat11"):
+    packed = lowbit.get_format(fmt).quantize(w)
+    for _ in range(2):
+        lowbit.linear(x, packed, None)
+torch.cuda.synchronize()
+'
 
 run_part() {  # name, time limit (s), command...
   local name=$1 limit=$2 start=$SECONDS
@@ -43,7 +55,15 @@ for part in "$@"; do
                  --out-dir "$out/results" ;;
     e2e) run_part e2e 420 python3 benchmarks/bench_e2e.py --out-dir "$out/results" ;;
     dfloat11) run_part dfloat11 150 python3 benchmarks/bench_dfloat11.py --out-dir "$out/results" ;;
-    *) echo "unknown part $part (tests tune gemm-targets gemm-rest e2e dfloat11)" >&2; exit 2 ;;
+    profile)  # what limits the GEMVs nearest their targets at M=1 (int6; dfloat11: its table gather in L1?)
+      if command -v ncu >/dev/null; then
+        run_part profile 240 ncu --kernel-name regex:"_decode_gemv_kernel|_gemv_kernel" --launch-count 4 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
+          --section InstructionStats --section WarpStateStats python3 -c "$PROFILE_GEMVS"
+      else
+        echo "== profile: ncu is not installed" | tee "$out/profile.log"
+      fi ;;
+    *) echo "unknown part $part (tests tune gemm-targets gemm-rest e2e dfloat11 profile)" >&2; exit 2 ;;
   esac
 done
 cp lowbit/kernels/tuned/*.json "$out/results/" 2>/dev/null
