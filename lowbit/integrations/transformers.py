@@ -166,11 +166,15 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
             from ..formats import get_format
 
             for name, module in model.named_modules():
-                if isinstance(module, QuantLinear):
-                    try:
-                        get_format(module.format).check_data(module.packed)
-                    except LowbitError as exc:
-                        raise FormatError(f"{name}: {exc}") from None
+                if not isinstance(module, QuantLinear):
+                    continue
+                packed = module.packed
+                if any(t.is_meta for t in packed.tensors.values()):
+                    continue  # data offloaded and not loaded here: nothing to check
+                try:
+                    get_format(module.format).check_data(packed)
+                except LowbitError as exc:
+                    raise FormatError(f"{name}: {exc}") from None
         self.quantization_config.layers = _layer_entries(model)
         return model
 

@@ -185,6 +185,16 @@ def test_from_pretrained_refuses_dfloat11_codes_that_overrun_the_stream(llama_di
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
 
 
+def test_the_after_load_check_skips_layers_whose_data_is_offloaded():
+    """A layer offloaded by accelerate may still be on the meta device when loading ends: there
+    is no data to check yet, and no crash."""
+    layer = lowbit.QuantLinear.from_linear(torch.nn.Linear(64, 8).bfloat16(), "dfloat11", segment=64)
+    model = torch.nn.Sequential(lowbit.QuantLinear.from_metadata(layer.metadata()))  # buffers on meta
+    quantizer = LowbitHfQuantizer(lowbit.HfQuantConfig("dfloat11"), pre_quantized=True)
+    assert quantizer._process_model_after_weight_loading(model) is model
+    assert quantizer.quantization_config.layers == {"0": layer.metadata()}
+
+
 def test_quantize_while_loading_checks_the_load_dtype_first(llama_dir):
     with pytest.raises(WeightError, match="model.layers.0.*bfloat16 weights only"):
         AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32,
