@@ -82,9 +82,10 @@ class Format:
         raise NotImplementedError
 
     def check_data(self, packed: PackedWeight) -> None:
-        """FormatError for field values a kernel could not take safely: the checks a stored file
-        needs beyond dtypes and shapes (checked whenever a PackedWeight is built). By default
-        every value is safe (codes and scales are only decoded, never used as addresses)."""
+        """FormatError for field values a kernel could not take safely: what data read from a file
+        needs beyond the dtypes and shapes every PackedWeight checks when built. Run on loaded
+        data (lowbit.load, from_pretrained, PackedWeight.from_state_dict). By default every value
+        is safe (codes and scales are only decoded, never used as addresses)."""
 
     # -- the spec ---------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
