@@ -172,7 +172,8 @@ def check_stream(packed: PackedWeight) -> None:
     per tensor) are decoded: about 0.5 ms for a 4096 x 4096 weight."""
     k = packed.shape[1]
     segment = packed.attrs["segment"]
-    lengths = (packed.decode_table.cpu().to(torch.int64) & 0xFFFF) >> 8
+    entries = packed.decode_table.cpu().to(torch.int64) & 0xFFFF
+    lengths = entries >> 8
     bad = torch.nonzero(lengths > CODE_BITS).flatten()  # 0: an entry no complete code reaches
     if bad.numel():
         raise FormatError(f"dfloat11 field 'decode_table': entry {int(bad[0])} has code length "
@@ -188,7 +189,7 @@ def check_stream(packed: PackedWeight) -> None:
     if not near:
         return
     # A few segments, each walked code by code: plain ints beat per-step tensor ops here.
-    table = (packed.decode_table.cpu().to(torch.int64) & 0xFFFF).tolist()
+    table = entries.tolist()
     first_word = min(int(offsets[row, column]) for row, column in near) >> 5
     words = (packed.exponent_code[first_word:].cpu().to(torch.int64) & 0xFFFFFFFF).tolist() + [0]
     for row, column in near:

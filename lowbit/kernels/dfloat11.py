@@ -68,9 +68,10 @@ def _weight_bits(entry, byte, fields):
 
 @triton.jit
 def _column(tile, u, c: tl.constexpr):
-    """Column c of a [B, CHUNK] tile whose rows each sit in one thread (u = arange(CHUNK)): the
-    select folds to a register pick, no data moves."""
-    return tl.sum(tl.where(u[None, :] == c, tile, 0), axis=1)
+    """Column c of the last axis of an integer tile whose last axis sits in one thread (u =
+    arange of its length): the select folds to a register pick, no data moves. Integer, as
+    adding a float 0 would not fold."""
+    return tl.sum(tl.where(u == c, tile, 0), axis=len(tile.shape) - 1).to(tile.dtype)
 
 
 @triton.jit
@@ -197,8 +198,8 @@ def _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows, col, left,
         else:
             if c % VECTOR == 0:
                 x_bits = _activation_vector(x_ptr, stride_xm, x_rows, col + c, sign_ptrs, v)
-            x = tl.sum(tl.where(v[None, None, :] == c % VECTOR, x_bits, 0), axis=2).to(x_bits.dtype)
-            acc = acc + x.to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32) * w[None, :]
+            x = _column(x_bits, v, c % VECTOR).to(x_ptr.dtype.element_ty, bitcast=True)
+            acc = acc + x.to(tl.float32) * w[None, :]
     return acc, buf, shift, next_word
 
 
@@ -206,8 +207,8 @@ def _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows, col, left,
 def _activation_vector(x_ptr, stride_xm, x_rows, col, lanes_like, v):
     """x[x_rows, col + v] as integer bits [BLOCK_M, lanes, VECTOR] (v = arange(VECTOR), 16 bytes):
     every lane loads the same vector, one broadcast request per VECTOR columns instead of one per
-    column, and holds all of it, so a column is a register pick (the select folds; integer bits,
-    as adding a float 0 would not fold). x_rows are in bounds (clamped): no mask."""
+    column, and holds all of it, so a column is a register pick (`_column`). x_rows are in bounds
+    (clamped): no mask."""
     lanes = tl.zeros(lanes_like.shape, tl.int32)
     x = tl.load(x_ptr + x_rows[:, None, None] * stride_xm + col + lanes[None, :, None] + v[None, None, :])
     return x.to(tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32, bitcast=True)

@@ -9,7 +9,7 @@ from torch import nn
 import lowbit
 from lowbit.block_decode import BlockDecompressor, enable_block_decompression
 from lowbit.errors import InputError
-from lowbit.formats.dfloat11 import CODE_BITS
+from lowbit.formats.dfloat11 import CODE_BITS, join_bf16
 from lowbit.kernels import dfloat11 as dfloat11_kernels
 from lowbit.kernels.dfloat11 import FUSED_MAX_M, decode_weight
 
@@ -64,9 +64,8 @@ def _runs_of_longest_codes(n: int, k: int) -> torch.Tensor:
     cuts = sorted(torch.randint(0, common.numel(), (3,), generator=gen).tolist())
     pieces = [common[:cuts[0]], runs[0], common[cuts[0]:cuts[1]], runs[1], common[cuts[1]:cuts[2]], runs[2],
               common[cuts[2]:]]
-    sign_mantissa = torch.randint(0, 256, (n * k,), generator=gen)
-    bits = ((sign_mantissa & 0x80) << 8) | (torch.cat(pieces) << 7) | (sign_mantissa & 0x7F)
-    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16).reshape(n, k)
+    sign_mantissa = torch.randint(0, 256, (n * k,), generator=gen, dtype=torch.uint8)
+    return join_bf16(torch.cat(pieces), sign_mantissa).reshape(n, k)
 
 
 @pytest.mark.parametrize("device", DEVICES)
