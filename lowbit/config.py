@@ -8,7 +8,10 @@ from typing import Any, Mapping
 from .errors import FormatError
 from .formats import get_format
 
-CONFIG_VERSION = 1
+#: 2: saved `quantization_config.layers` entries record their packed layout (see lowbit/io.py's
+#: FORMAT_VERSION); the schema is unchanged, so version-1 configs are still read.
+CONFIG_VERSION = 2
+READABLE_CONFIG_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,9 @@ class QuantConfig:
             object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "skip", tuple(self.skip))
         object.__setattr__(self, "overrides", dict(self.overrides))
-        if self.version != CONFIG_VERSION:
-            raise FormatError(f"QuantConfig version {self.version!r} is not supported (this lowbit reads {CONFIG_VERSION})")
+        if self.version not in READABLE_CONFIG_VERSIONS or isinstance(self.version, bool):
+            raise FormatError(f"QuantConfig version {self.version!r} is not supported "
+                              f"(this lowbit reads {list(READABLE_CONFIG_VERSIONS)})")
         get_format(self.format).check_options(self.options)
         for pattern in self.skip:
             if not isinstance(pattern, str):

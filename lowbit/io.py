@@ -31,7 +31,11 @@ from .linear import QuantLinear
 from .packed import dtype_name
 
 MANIFEST = "lowbit.json"
-FORMAT_VERSION = 1
+#: 2: every layer entry records its packed layout (`Format.layout`). Version-1 folders still load,
+#: except layers in a layout that has changed since (int6 / int7 / mxfp6: CheckpointError); the bump
+#: makes lowbit versions that read only version 1 refuse new folders instead of misreading them.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 _DTYPES = {dtype_name(d): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
@@ -200,8 +204,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         if not isinstance(manifest.get(key), kind):
             raise _fail(path, key, f"missing or not a {kind.__name__}")
     version = manifest["lowbit"].get("format_version")
-    if version != FORMAT_VERSION:
-        raise _fail(path, "lowbit.format_version", f"{version!r} is not supported (this lowbit reads {FORMAT_VERSION})")
+    if version not in READABLE_FORMAT_VERSIONS or isinstance(version, bool):
+        raise _fail(path, "lowbit.format_version",
+                    f"{version!r} is not supported (this lowbit reads {list(READABLE_FORMAT_VERSIONS)})")
     for name, entry in manifest["tensors"].items():
         if not (isinstance(entry, dict) and entry.get("dtype") in _DTYPES and isinstance(entry.get("file"), str)
                 and isinstance(entry.get("shape"), list) and all(isinstance(s, int) and s >= 0 for s in entry["shape"])):

@@ -23,8 +23,9 @@ WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 def parse_metadata(metadata: Any):
-    """Validate `{"format", "shape", "dtype", "attrs"}` (as `PackedWeight.metadata()` writes it,
-    e.g. read back from JSON) -> (Format, (N, K), dtype, attrs). FormatError on anything off."""
+    """Validate `{"format", "shape", "dtype", "attrs", "layout"}` (as `PackedWeight.metadata()`
+    writes it, e.g. read back from JSON) -> (Format, (N, K), dtype, attrs). FormatError on
+    anything off. A missing "layout" is layout 1 (what lowbit wrote before it recorded one)."""
     from .formats import get_format
 
     if not isinstance(metadata, dict) or not {"format", "shape", "dtype", "attrs"} <= set(metadata):
@@ -38,6 +39,13 @@ def parse_metadata(metadata: Any):
     if dtype is None:
         raise FormatError(f"{fmt.name}: unsupported weight dtype {metadata['dtype']!r}")
     shape = (shape[0], shape[1])
+    layout = metadata.get("layout", 1)
+    if isinstance(layout, bool) or not isinstance(layout, int):
+        raise FormatError(f"{fmt.name}: layout must be an integer, got {layout!r}")
+    if layout != fmt.layout:
+        by = "an older lowbit: quantize the original weights again" if layout < fmt.layout else "a newer lowbit"
+        raise FormatError(f"{fmt.name}: packed layout {layout} is not the one this lowbit reads ({fmt.layout}); "
+                          f"it was written by {by}")
     attrs = metadata["attrs"]
     return fmt, shape, dtype, fmt.check_attrs(shape, dict(attrs) if isinstance(attrs, dict) else attrs)
 
@@ -128,9 +136,12 @@ class PackedWeight:
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensors, JSON-serialisable (what a manifest stores per layer)."""
+        from .formats import get_format
+
         return {
             "format": self.format,
             "shape": list(self.shape),
             "dtype": dtype_name(self.dtype),
             "attrs": dict(self.attrs),
+            "layout": get_format(self.format).layout,
         }

@@ -64,6 +64,11 @@ def test_bad_config_raises_lowbit_error(kwargs):
 def test_config_version_is_checked():
     with pytest.raises(FormatError, match="version"):
         lowbit.QuantConfig.from_dict({"format": "int4", "version": 99})
+    with pytest.raises(FormatError, match="version"):
+        lowbit.QuantConfig.from_dict({"format": "int4", "version": True})
+    # version 1 (before layers recorded their packed layout) has the same schema and still reads
+    assert lowbit.QuantConfig.from_dict({"format": "int4", "version": 1}).version == 1
+    assert lowbit.QuantConfig("int4").version == 2
 
 
 def test_nan_weight_error_names_the_layer():

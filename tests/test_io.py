@@ -227,6 +227,29 @@ def test_damaged_checkpoint_raises_checkpoint_error(saved_mlp, case):
         lowbit.load(saved_mlp[1], model=_mlp())
 
 
+def _as_format_version_1(manifest):
+    """What lowbit wrote before format version 2: no per-layer packed layout."""
+    manifest["lowbit"]["format_version"] = 1
+    for entry in manifest["layers"].values():
+        del entry["layout"]
+
+
+@pytest.mark.parametrize("second", ["int3", "int6", "int7", "mxfp6"])
+def test_format_version_1_loads_unless_a_layout_changed(tmp_path, second):
+    """Version-1 folders still load, except layers whose packed layout changed since (int6, int7
+    and mxfp6 moved to a nibble-aligned 2-bit plane): those are refused, never misread."""
+    model = lowbit.quantize(_mlp(), "int4", progress=False, overrides={"2": second})
+    lowbit.save(model, tmp_path / "ck")
+    _edit_manifest(tmp_path / "ck", _as_format_version_1)
+    if second == "int3":
+        x = torch.randn(5, 64)
+        assert torch.equal(lowbit.load(tmp_path / "ck", model=_mlp())(x), model(x))
+    else:
+        with pytest.raises(CheckpointError, match=rf"layers\.2: {second}: packed layout 1 is not the one this "
+                                                  r"lowbit reads \(2\); it was written by an older lowbit"):
+            lowbit.load(tmp_path / "ck", model=_mlp())
+
+
 def test_load_of_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         lowbit.load(tmp_path / "nope")

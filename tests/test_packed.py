@@ -32,7 +32,7 @@ def test_state_dict_and_metadata():
     sd = p.state_dict("layer.")
     assert set(sd) == {"layer.qweight", "layer.scales", "layer.zeros"}
     assert p.metadata() == {"format": "int4", "shape": [8, 256], "dtype": "float32",
-                            "attrs": {"group_size": 128, "symmetric": False}}
+                            "attrs": {"group_size": 128, "symmetric": False}, "layout": 1}
 
 
 def test_field_access_and_missing_field():
@@ -70,6 +70,9 @@ def test_from_state_dict_inverts_state_dict():
     lambda m, s: m["attrs"].update(group_size=7),
     lambda m, s: s.pop("blk.scales"),
     lambda m, s: m.pop("attrs"),
+    lambda m, s: m.update(layout=2),
+    lambda m, s: m.update(layout="1"),
+    lambda m, s: m.update(layout=True),
 ])
 def test_from_state_dict_validates(edit):
     p = _packed()
@@ -77,3 +80,21 @@ def test_from_state_dict_validates(edit):
     edit(meta, state)
     with pytest.raises(FormatError):
         PackedWeight.from_state_dict(state, meta, prefix="blk.")
+
+
+@pytest.mark.parametrize("fmt,layout", [("int6", 2), ("int7", 2), ("mxfp6", 2), ("int4", 1), ("int3", 1),
+                                        ("lut4", 1), ("mxfp4", 1), ("nf4", 1), ("dfloat11", 1)])
+def test_metadata_records_the_packed_layout(fmt, layout):
+    """Layout 2 is the nibble-aligned 2-bit plane (bitpack.py); entries without "layout" were
+    written before layouts were recorded, in layout 1, so those formats' layers are refused."""
+    w = torch.randn(8, 64, dtype=torch.bfloat16)
+    p = get_format(fmt).quantize(w)
+    meta = p.metadata()
+    assert meta["layout"] == layout
+    del meta["layout"]
+    if layout == 1:
+        assert PackedWeight.from_state_dict(p.state_dict(), meta).metadata() == p.metadata()
+    else:
+        with pytest.raises(FormatError, match=rf"{fmt}: packed layout 1 is not the one this lowbit reads \(2\); "
+                                              r"it was written by an older lowbit"):
+            PackedWeight.from_state_dict(p.state_dict(), meta)

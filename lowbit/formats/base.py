@@ -45,6 +45,9 @@ class Format:
     #: default of every option, for formats whose options are exactly their ATTRS (the methods
     #: below then need only `check_values`); formats with shorthands override the methods
     DEFAULTS: dict[str, Any] = {}
+    #: the number of this format's packed layout, stored with every layer (`PackedWeight.metadata`);
+    #: a layer stored in another layout is refused at load. Raise it when stored tensors change meaning.
+    layout: int = 1
 
     # -- options / attributes -------------------------------------------------------------
     def check_values(self, values: dict[str, Any]) -> None:

@@ -59,6 +59,7 @@ class IntFormat(Format):
     def __init__(self, bits: int, prefix: str = "int"):
         self.bits = bits
         self.name = f"{prefix}{bits}"
+        self.layout = bitpack.layout_version(bits, self.ONE_BIT_PLANES)
 
     # -- options / attributes -------------------------------------------------------------
     def check_options(self, options: dict[str, Any]) -> None:

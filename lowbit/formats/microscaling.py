@@ -153,6 +153,7 @@ class MicroscalingFormat(Format):
         self.codec = codec
         self.block = block
         self.scale_kind = scale_kind  # "e8m0" or "e4m3" (NVFP4, two-level with a tensor scale)
+        self.layout = bitpack.layout_version(codec.bits)
 
     # -- options / attributes -------------------------------------------------------------
     def check_values(self, values: dict[str, Any]) -> None:

@@ -175,7 +175,9 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
                     get_format(module.format).check_data(packed)
                 except LowbitError as exc:
                     raise FormatError(f"{name}: {exc}") from None
+        # the layers as this lowbit holds them, so save_pretrained writes the current layouts and version
         self.quantization_config.layers = _layer_entries(model)
+        self.quantization_config.version = CONFIG_VERSION
         return model
 
     def is_serializable(self, safe_serialization=None):
@@ -208,7 +210,7 @@ def attach_hf_config(model: nn.Module, config: QuantConfig | None = None) -> Non
     if config is None:  # e.g. after lowbit.load: `layers` is what matters, format is informative
         config = QuantConfig(sorted(entry["format"] for entry in layers.values())[0])
     hf_config = HfQuantConfig(format=config.format, options=dict(config.options), skip=list(config.skip),
-                              overrides=dict(config.overrides), layers=layers, version=config.version)
+                              overrides=dict(config.overrides), layers=layers, version=CONFIG_VERSION)
     model.config.quantization_config = hf_config
     model.hf_quantizer = LowbitHfQuantizer(hf_config, pre_quantized=True)
     model.is_quantized = True

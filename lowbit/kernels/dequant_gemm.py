@@ -56,20 +56,22 @@ def _codes_in_order(words, SHIFT: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.
 
 @triton.jit
 def _plane_tile(row_ptrs, k0, word_base, mask, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, INTERLEAVE: tl.constexpr):
+                BLOCK_K: tl.constexpr, INTERLEAVE: tl.constexpr, NIBBLES: tl.constexpr = False):
     """[BLOCK_N, BLOCK_K] codes of one bit plane for K = k0 .. k0+BLOCK_K. Each packed word is
     loaded once (contiguous along K, so the loads vectorize) and split into its 32/WIDTH codes
     in registers (LSB first), instead of re-loading the word once per code. INTERLEAVE: split by
     `_codes_in_order`, so the dequantized tile reaches `tl.dot`'s shared memory in 16-byte stores
     (sm_90 SASS: one 2-byte store per weight otherwise, where Triton's layout for the 3-D
     broadcast + reshape spreads a word's codes over threads); `_dequant_tile` takes it where the
-    SASS counts came out lower (benchmarks/sass_counts.py)."""
+    SASS counts came out lower (benchmarks/sass_counts.py). NIBBLES: a nibble-aligned 2-bit plane
+    (int6, int7, e2m3; see bitpack.py), code j of a word at bit 4 (j % 8) + 2 (j // 8)."""
     PER_WORD: tl.constexpr = 32 // WIDTH
     word_offs = word_base + k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
     words = tl.load(row_ptrs + word_offs[None, :], mask=mask, other=0)  # [BLOCK_N, BLOCK_K/PER_WORD]
     if INTERLEAVE:
         return _codes_in_order(words, 0, WIDTH, PER_WORD, WIDTH)
-    shifts = tl.arange(0, PER_WORD) * WIDTH
+    slot = tl.arange(0, PER_WORD)
+    shifts = (slot % 8) * 4 + (slot // 8) * 2 if NIBBLES else slot * WIDTH
     codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << WIDTH) - 1)
     return tl.reshape(codes, (BLOCK_N, BLOCK_K))
 
@@ -101,7 +103,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
             codes += _plane_tile(row_ptrs, k0, 0, mask, 4, BLOCK_N, BLOCK_K, INTERLEAVE)
         if BITS & 2:
             codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 4), mask, 2, BLOCK_N, BLOCK_K,
-                                 False) << (BITS & 4)
+                                 False, (BITS & 6) == 6) << (BITS & 4)
         if BITS & 1:
             codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 6), mask, 1, BLOCK_N, BLOCK_K,
                                  False) << (BITS & 6)

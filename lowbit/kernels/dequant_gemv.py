@@ -79,25 +79,13 @@ def _plane_fma(sums, corr, word, window, x, magic, J: tl.constexpr, WIDTH: tl.co
 
 
 @triton.jit
-def _spread_to_nibbles(word, HALF: tl.constexpr):
-    """The 8 2-bit codes in half HALF (0: bits 0-15, 1: bits 16-31) of `word`, spread out to
-    nibble spacing: code j at bits 4j, 4j + 1."""
-    if HALF:
-        word = word >> 16
-    spread = word & 0xFFFF
-    spread = (spread | (spread << 8)) & 0x00FF00FF
-    spread = (spread | (spread << 4)) & 0x0F0F0F0F
-    return (spread | (spread << 2)) & 0x33333333
-
-
-@triton.jit
 def _two_field_fma(sums, low, high, x, POS: tl.constexpr, LOW_BITS: tl.constexpr, OFFSET: tl.constexpr):
     """`_plane_fma` for a code whose low LOW_BITS bits sit at POS in `low` and whose top 2 bits
     sit right above them in `high`, which has 0x4B000000 OR-ed in (int6 / int7: the 4-bit plane
-    and its spread 2-bit codes; lut4: its two merged plane pairs). Two LOP3s put the whole code
-    into one float, 2^23 + code * 2^POS; then one FADD and the FFMA, where the parts one at a
-    time take two of each. Bits of `high` above bit 23 do no harm: the mask keeps only the
-    0x4B000000 positions there, which the OR already set."""
+    and the shifted nibble-aligned 2-bit plane; lut4: its two merged plane pairs). Two LOP3s put
+    the whole code into one float, 2^23 + code * 2^POS; then one FADD and the FFMA, where the
+    parts one at a time take two of each. Other bits of `high` do no harm: the mask keeps only
+    the code's 2 bits and, above bit 23, the 0x4B000000 positions, which the OR already set."""
     bits = ((low & (((1 << LOW_BITS) - 1) << POS)) | (high & ((3 << (POS + LOW_BITS)) | 0x4B000000)))
     if POS != 0:
         x = x * (2.0 ** -POS)
@@ -262,7 +250,6 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     odd0 = w8
     even1 = w8
     odd1 = w8
-    spread = w8  # int6 / int7: the 2-bit codes of the current 4-bit word, see `_two_field_fma`
     high = w8  # the top 2 bits of int6 / int7 codes, of lut4's even-K codes
     high_odd = w8  # of lut4's odd-K codes
     pending = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.float32)  # a decoded pair's second value
@@ -298,11 +285,13 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
             win4 = _window(w4, win4, kk % 8, 4, 23 // 4, 0)
             if kk % 16 == 0:
                 w2 = _word(qw_ptr, rows, col, words_per_bit * 4, stride_qn, one, COLUMN_K // 16, kk // 16)
-            if kk % 8 == 0:  # the 2-bit codes of the 4-bit plane's new word, each right above its low bits
-                spread = _spread_to_nibbles(w2, (kk // 8) % 2)
-                high = (spread << 4) | magic
+            # The 2-bit plane is nibble-aligned (bitpack.py): the top bits of the 4-bit word's code j
+            # sit at bit 4j (first 8 codes of w2) or 4j + 2 (second 8); one shift puts them right
+            # above the low bits. `_two_field_fma` masks out the other half's codes.
+            if kk % 8 == 0:
+                high = (w2 << (4 - 2 * ((kk // 8) % 2))) | magic
             elif kk % 8 == 23 // 4:  # where the 4-bit plane's window moves down by 20
-                high = (spread >> 16) | magic
+                high = (w2 >> (16 + 2 * ((kk // 8) % 2))) | magic
             sums = _two_field_fma(sums, win4, high, x, ((kk % 8) % (23 // 4)) * 4, 4, OFFSET)
             if BITS & 1:
                 w1 = _plane_word(w1, qw_ptr, rows, col, words_per_bit * 6, stride_qn, one, kk, 1, COLUMN_K, False)
@@ -337,10 +326,11 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
                     w4 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // 8, kk // 8)
                 code |= (w4 >> ((kk % 8) * 4)) & 15
             if BITS & 2:
+                tl.static_assert(BITS == 6, "a 2-bit plane here is e2m3's, above its 4-bit plane")
                 if kk % 16 == 0:
-                    w2 = _word(qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, COLUMN_K // 16,
-                               kk // 16)
-                code |= ((w2 >> ((kk % 16) * 2)) & 3) << (BITS & 4)
+                    w2 = _word(qw_ptr, rows, col, words_per_bit * 4, stride_qn, one, COLUMN_K // 16, kk // 16)
+                # e2m3's 2-bit plane is nibble-aligned (bitpack.py): code j of 16 at 4 (j % 8) + 2 (j // 8)
+                code |= ((w2 >> ((kk % 8) * 4 + ((kk % 16) // 8) * 2)) & 3) << 4
             if ELEMENT == "nf4":
                 value = tl.load(z_ptr + code)  # z_ptr: the fp32 codebook (see `_dequant_tile`)
             else:

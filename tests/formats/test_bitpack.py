@@ -33,11 +33,30 @@ def test_golden_4bit_lsb_first():
     assert words.tolist() == [[0xA8816CAF - 2**32, 0, 0, 0]]
 
 
-def test_golden_6bit_is_a_4bit_plane_then_a_2bit_plane():
+def test_golden_6bit_is_a_4bit_plane_then_a_nibble_aligned_2bit_plane():
     codes = torch.zeros(1, 32, dtype=torch.int32)
-    codes[0, 0] = 0b101101  # low nibble 0b1101 -> 4-bit plane, high bits 0b10 -> 2-bit plane
-    codes[0, 17] = 0b110000  # only high bits: second word of the 2-bit plane, slot 1
-    assert bitpack.pack(codes, 6).tolist() == [[0b1101, 0, 0, 0, 0b10, 0b11 << 2]]
+    codes[0, 0] = 0b101101  # low nibble 0b1101 -> 4-bit plane, high bits 0b10 -> 2-bit plane slot 0 (bit 0)
+    codes[0, 9] = 0b010000  # 2-bit plane word 0, slot 9: the second 8 codes sit 2 bits above the first 8
+    codes[0, 17] = 0b110000  # 2-bit plane word 1, slot 1: bit 4
+    assert bitpack.pack(codes, 6).tolist() == [[0b1101, 0, 0, 0, 0b10 | 0b01 << 6, 0b11 << 4]]
+
+
+@pytest.mark.parametrize("bits,one_bit,nibbles", [(6, False, True), (7, False, True), (3, False, False),
+                                                   (2, False, False), (6, True, False)])
+def test_2bit_plane_slot_positions(bits, one_bit, nibbles):
+    """Slot j of the 2-bit plane at bit 4 (j % 8) + 2 (j // 8) for int6 / int7 (layout 2), at 2j
+    elsewhere (layout 1; the LUT formats have no 2-bit plane)."""
+    assert bitpack.nibble_aligned(bits, one_bit) == nibbles
+    assert bitpack.layout_version(bits, one_bit) == (2 if nibbles else 1)
+    if one_bit:
+        return
+    lo = dict((w, lo) for w, lo in bitpack.planes(bits))[2]
+    start = lo  # a plane starts at word Kp * lo / 32, here Kp = 32
+    for j in range(16):
+        codes = torch.zeros(1, 32, dtype=torch.int32)
+        codes[0, j] = 1 << lo  # lowest bit of the 2-bit field only
+        word = bitpack.pack(codes, bits)[0, start].item()
+        assert word == 1 << ((j % 8) * 4 + (j // 8) * 2 if nibbles else 2 * j)
 
 
 def test_golden_8bit_top_byte_sets_sign_bit():

@@ -172,6 +172,36 @@ def test_bad_quantization_config_raises_lowbit_error(llama_dir, tmp_path, edit, 
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
 
 
+@pytest.mark.parametrize("down_proj", ["int3", "int6"])
+def test_config_version_1_loads_unless_a_layout_changed(llama_dir, tmp_path, down_proj):
+    """A checkpoint saved before layouts were recorded (config version 1, no per-layer "layout")
+    loads, except layers whose packed layout changed since (int6 here), which are refused; a
+    loaded one saves again as version 2 with every layer's layout."""
+    model = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], overrides={"*.down_proj": down_proj},
+                            progress=False)
+    model.save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    quant = config["quantization_config"]
+    layouts = {name.rpartition(".")[2]: entry["layout"] for name, entry in quant["layers"].items()}
+    assert quant["version"] == 2 and layouts["up_proj"] == 1 and layouts["down_proj"] == (2 if down_proj == "int6" else 1)
+    quant["version"] = 1
+    for entry in quant["layers"].values():
+        del entry["layout"]
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    if down_proj == "int6":
+        with pytest.raises(LowbitError, match=r"layers\.model\.layers\.0\.mlp\.down_proj: int6: packed layout 1 "
+                                              r"is not the one this lowbit reads \(2\)"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        return
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+    loaded.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert again["version"] == 2
+    assert again["layers"] == {name: {**entry, "layout": 1} for name, entry in quant["layers"].items()}
+
+
 def test_from_pretrained_refuses_dfloat11_codes_that_overrun_the_stream(llama_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
