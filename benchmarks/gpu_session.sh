@@ -25,12 +25,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$out/gpu.t
 
 TARGET_FORMATS="int4 int6 int8 fp8 fp8:act=fp8 mxfp4 nvfp4 lut2 mxint8 int2 dfloat11"
 OTHER_FORMATS="int3 int5 int7 fp8_e5m2 fp8:block=128,act=fp8 mxfp8 mxfp6 lut1 lut3 lut4 nf4 dfloat11:segment=64"
-# int6 and dfloat11 at M=1 on Llama-3-8B's gate_proj, each twice (the profile part's 4 launches)
+# nvfp4, int6 and dfloat11 at M=1 on Llama-3-8B's gate_proj, each twice (the profile part's 6 launches)
 PROFILE_GEMVS='
 import torch, lowbit
 w = (torch.randn(14336, 4096, device="cuda") * 0.02).bfloat16()
 x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-for fmt in ("int6", "dfloat11"):
+for fmt in ("nvfp4", "int6", "dfloat11"):
     packed = lowbit.get_format(fmt).quantize(w)
     for _ in range(2):
         lowbit.linear(x, packed, None)
@@ -55,9 +55,9 @@ for part in "$@"; do
                  --out-dir "$out/results" ;;
     e2e) run_part e2e 420 python3 benchmarks/bench_e2e.py --out-dir "$out/results" ;;
     dfloat11) run_part dfloat11 150 python3 benchmarks/bench_dfloat11.py --out-dir "$out/results" ;;
-    profile)  # what limits the GEMVs nearest their targets at M=1 (int6; dfloat11: its table gather in L1?)
+    profile)  # what limits the GEMVs nearest their targets at M=1 (nvfp4, int6; dfloat11: its table gather in L1?)
       if command -v ncu >/dev/null; then
-        run_part profile 240 ncu --kernel-name regex:"_decode_gemv_kernel|_gemv_kernel" --launch-count 4 \
+        run_part profile 240 ncu --kernel-name regex:"_decode_gemv_kernel|_gemv_kernel" --launch-count 6 \
           --section SpeedOfLight --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
           --section InstructionStats --section WarpStateStats python3 -c "$PROFILE_GEMVS"
       else
