@@ -404,7 +404,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                                   x.stride(0), qweight.stride(0), scales.stride(0), n, 1, MAGIC,
                                                   WORDS_PER_BIT=words_per_bit if planes > 1 else 0, SPLIT=split_k > 1,
                                                   PADDED_K=in_features != kp,
-                                                  COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"], **common)
+                                                  COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"],
+                                                  PTX=not interpreting(), **common)
         return out
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
     out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(

@@ -170,7 +170,7 @@ def _shifted(word, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _minifloat_pair(word, INDEX: tl.constexpr, ELEMENT: tl.constexpr, BITS: tl.constexpr):
+def _minifloat_pair(word, INDEX: tl.constexpr, ELEMENT: tl.constexpr, BITS: tl.constexpr, PTX: tl.constexpr):
     """Small floats INDEX and INDEX + 16 // BITS of a word of BITS-wide codes (E4M3 / E5M2 / E2M1),
     which lie 16 bits apart -> two fp32 values * 2^(bias - 15), as `_decode_minifloat` gives. Both
     move into fp16 position in one go, the first into the word's low half and the second into its
@@ -188,6 +188,20 @@ def _minifloat_pair(word, INDEX: tl.constexpr, ELEMENT: tl.constexpr, BITS: tl.c
         halves = _shifted(word, FIELD_SHIFT) & (FIELDS | SIGNS)
     else:
         halves = (_shifted(word, FIELD_SHIFT) & FIELDS) | (_shifted(word, SIGN_SHIFT) & SIGNS)
+    return _fp16_pair_to_fp32(halves, PTX)
+
+
+@triton.jit
+def _fp16_pair_to_fp32(halves, PTX: tl.constexpr):
+    """The two fp16 values in the low and high halves of int32 `halves` -> (low, high) fp32.
+    PTX (compiled kernels): two `cvt.f32.f16` of the register's halves, one HADD2.F32 each. With tl
+    ops, LLVM packs the low (high) halves of two rows into one register first, one PRMT per two
+    weights more (sm_90: fp8 / mxfp4 / nvfp4 GEMV 4.90 / 4.95 / 5.46 -> 4.63 / 4.64 / 5.13
+    instructions per weight). The interpreter runs no PTX: it takes the tl ops, the same values."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }",
+            "=r,=r,r", [halves], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
     low = halves.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     high = (halves >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return low, high
@@ -207,7 +221,7 @@ def _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, KK: tl.constexpr, MASK_X:
 def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_bit, stride_xm, stride_qn, one,
                  magic, BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  ONE_BIT_PLANES: tl.constexpr, MASK_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+                 COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr, PTX: tl.constexpr):
     """For each thread's column of COLUMN_K consecutive K (col [1, 1, COLUMNS]) and each of its
     rows: sum_k value(code) * x [BLOCK_M, BLOCK_N, COLUMNS] fp32, and sum_k x [BLOCK_M, 1, COLUMNS]
     (zero for all but asymmetric "int"). value is the element before scaling, up to
@@ -221,7 +235,7 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     formats' one-bit planes are merged in pairs into 2-bit codes first (`_pair_fma`). E4M3 /
     E5M2 / E2M1 decode two codes at a time (`_minifloat_pair`), so their column is walked in pair
     order (K, K + 16 // BITS, K + 1, ...); "nf4" and "e2m3" extract each code, then look it up /
-    `_decode` it."""
+    `_decode` it. PTX: the kernel is compiled (not interpreted), see `_fp16_pair_to_fp32`."""
     MINIFLOAT: tl.constexpr = ELEMENT == "e4m3" or ELEMENT == "e5m2" or ELEMENT == "e2m1"
     INTEGER: tl.constexpr = ELEMENT == "int" or ELEMENT == "sint"
     ZERO_POINT: tl.constexpr = ELEMENT == "int" and not SYMMETRIC
@@ -314,7 +328,7 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
             if kk % PER_WORD == 0:
                 w8 = _word(qw_ptr, rows, col, 0, stride_qn, one, COLUMN_K // PER_WORD, kk // PER_WORD)
             if kk % 2 == 0:
-                value, pending = _minifloat_pair(w8, (kk % PER_WORD) // 2, ELEMENT, BITS)
+                value, pending = _minifloat_pair(w8, (kk % PER_WORD) // 2, ELEMENT, BITS, PTX)
             else:
                 value = pending
             sums = tl.fma(value, x, sums)
@@ -345,7 +359,7 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, wo
                BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_SIZE: tl.constexpr,
                SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
                MASKED: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+               COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr, PTX: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N, COLUMNS] plus K tile t (COLUMNS columns of COLUMN_K). MASKED: the
     tile runs past the last column (those columns add nothing); PADDED_K: x has K < Kp columns."""
     col = (t * COLUMNS + tl.arange(0, COLUMNS))[None, None, :]
@@ -354,7 +368,7 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, wo
         col = tl.minimum(col, columns - 1)  # weight and scale loads stay in bounds
     sums, x_sum = _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, in_range, K, words_per_bit, stride_xm,
                                stride_qn, one, magic, BITS, ELEMENT, SYMMETRIC, ONE_BIT_PLANES, MASKED or PADDED_K,
-                               BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+                               BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K, PTX)
     group = col * COLUMN_K // GROUP_SIZE
     scale_rows = rows if SCALE_GROUP_N == 1 else rows // SCALE_GROUP_N
     scale = _decode_scale(tl.load(s_ptr + group * stride_sg + scale_rows), SCALE_KIND)  # [1, BLOCK_N, COLUMNS]
@@ -378,7 +392,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
                  SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
                  WORDS_PER_BIT: tl.constexpr, SPLIT: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr, PTX: tl.constexpr):
     """Split-K GEMV. The K axis is cut into columns of COLUMN_K consecutive values and each thread
     takes one column of a tile (COLUMNS = the program's threads) for all BLOCK_N rows: its
     activations are loaded and converted once and used for every row held in its registers,
@@ -388,7 +402,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     WORDS_PER_BIT (Kp / 32, the words of one bit plane in a row) is a constexpr so that a row's
     second and later planes sit at constant offsets from its first (folded into the loads, where a
     run-time offset costs a 64-bit add per row and plane): one compile per distinct K, for codes
-    with more than one plane (the launcher passes 0 for the others, which never read it)."""
+    with more than one plane (the launcher passes 0 for the others, which never read it). PTX:
+    compiled, not interpreted (inline PTX allowed; `_fp16_pair_to_fp32`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -404,11 +419,13 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     for t in range(t_start, full_end):
         acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, WORDS_PER_BIT, stride_xm,
                          stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                         SCALE_KIND, ONE_BIT_PLANES, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+                         SCALE_KIND, ONE_BIT_PLANES, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K,
+                         PTX)
     for t in range(tl.maximum(t_start, full_end), t_end):  # the last, partial tile (at most one)
         acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, WORDS_PER_BIT, stride_xm,
                          stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                         SCALE_KIND, ONE_BIT_PLANES, True, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K)
+                         SCALE_KIND, ONE_BIT_PLANES, True, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K,
+                         PTX)
     out = tl.sum(acc, axis=2)
     if HAS_TENSOR_SCALE:
         out *= tl.load(ts_ptr).to(tl.float32)

@@ -93,7 +93,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     if path == "gemv":
         constexprs.update(WORDS_PER_BIT=GEMV_K // 32, SPLIT=True, PADDED_K=False, BLOCK_M=1, BLOCK_N=GEMV_BLOCK_N,
                           COLUMNS=kernels.gemv_columns({}),
-                          COLUMN_K=variant_column_k(bits, element, scale_kind, one_bit_planes))
+                          COLUMN_K=variant_column_k(bits, element, scale_kind, one_bit_planes), PTX=True)
     else:
         constexprs.update(DOT_FP32=act == "fp32", SPLIT=True, BLOCK_M=gemm_block_m, BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE)
     scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"

@@ -105,6 +105,22 @@ def test_gemv_k_loop_stays_in_registers(hopper, variant):
         assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv" and v[4] in ("e4m3", "e5m2", "e2m1")],
+                         ids=lambda v: "-".join(map(str, v)))
+def test_gemv_small_floats_convert_from_their_own_register(hopper, variant):
+    """A decoded pair of small floats (two fp16 halves of one register) converts to fp32 in place
+    (`_fp16_pair_to_fp32`, inline PTX): no prmt.b32 in the K loops, where tl ops let LLVM pack
+    two rows' halves into one register first, a prmt per two weights."""
+    _, bits, _, act, element, *rest = variant
+    rows = hopper_codegen.GEMV_BLOCK_N
+    column_k = hopper_codegen.variant_column_k(bits, element, *rest)
+    k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if re.search(_WORD_LOAD, body)]
+    assert len(k_loops) == 2
+    for body in k_loops:
+        assert len(re.findall(r"cvt\.f32\.f16", body)) >= rows * column_k
+        assert "prmt.b32" not in body
+
+
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemm" and v[1] in (4, 8) and v[3] != "fp32"
                                      and v[4] != "nf4"], ids=lambda v: "-".join(map(str, v)))
 def test_gemm_stores_whole_words_of_weights(hopper, variant):
