@@ -196,7 +196,7 @@ def _fp16_pair_to_fp32(halves, PTX: tl.constexpr):
     """The two fp16 values in the low and high halves of int32 `halves` -> (low, high) fp32.
     PTX (compiled kernels): two `cvt.f32.f16` of the register's halves, one HADD2.F32 each. With tl
     ops, LLVM packs the low (high) halves of two rows into one register first, one PRMT per two
-    weights more (sm_90: fp8 / mxfp4 / nvfp4 GEMV 4.90 / 4.95 / 5.46 -> 4.63 / 4.64 / 5.13
+    weights more (sm_90: fp8 / mxfp4 / nvfp4 GEMV 4.90 / 4.95 / 5.46 -> 4.62 / 4.64 / 5.13
     instructions per weight). The interpreter runs no PTX: it takes the tl ops, the same values."""
     if PTX:
         return tl.inline_asm_elementwise(
