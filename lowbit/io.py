@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from .api import replace_layer
 from .errors import CheckpointError, LowbitError
-from .formats import get_format
 from .linear import QuantLinear
 from .packed import dtype_name
 
@@ -349,7 +348,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     for name in manifest["layers"]:
         layer = model.get_submodule(name)
         try:
-            get_format(layer.format).check_data(layer.packed)
+            layer.packed.check_data()
         except LowbitError as exc:
             files = {stored[key]["file"] for key in (f"{name}.{field}" for field in layer.packed.tensors) if key in stored}
             raise _fail(folder / files.pop() if len(files) == 1 else mpath, name, str(exc)) from None

@@ -131,8 +131,15 @@ class PackedWeight:
         if missing:
             raise FormatError(f"{fmt.name}: state dict lacks {missing}")
         packed = cls(fmt.name, shape, dtype, attrs, {n: state[f"{prefix}{n}"] for n in names})
-        fmt.check_data(packed)
+        packed.check_data()
         return packed
+
+    def check_data(self) -> None:
+        """FormatError for field values a kernel could not take safely (`Format.check_data`); run
+        on data read from a file (lowbit.load, from_pretrained, from_state_dict)."""
+        from .formats import get_format
+
+        get_format(self.format).check_data(self)
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensors, JSON-serialisable (what a manifest stores per layer)."""

@@ -46,10 +46,10 @@ def layout_version(bits: int, one_bit: bool = False) -> int:
     return 2 if nibble_aligned(bits, one_bit) else 1
 
 
-def _slot_shifts(width: int, nibbles: bool, device: torch.device) -> torch.Tensor:
-    """[32/width] int64: the bit position of each code slot of a word, in K order."""
+def _slot_shifts(width: int, bits: int, one_bit: bool, device: torch.device) -> torch.Tensor:
+    """[32/width] int64: the bit position of each code slot of a plane's word, in K order."""
     slot = torch.arange(32 // width, device=device, dtype=torch.int64)
-    if nibbles:  # width 2: slots 0-7 at nibble bases, 8-15 two bits above them
+    if width == 2 and nibble_aligned(bits, one_bit):  # slots 0-7 at nibble bases, 8-15 two bits above
         return (slot % 8) * 4 + (slot // 8) * 2
     return slot * width
 
@@ -64,7 +64,7 @@ def pack(codes: torch.Tensor, bits: int, one_bit: bool = False) -> torch.Tensor:
     for width, lo in planes(bits, one_bit):
         per_word = 32 // width
         field = ((codes >> lo) & ((1 << width) - 1)).reshape(n, kp // per_word, per_word)
-        shifts = _slot_shifts(width, width == 2 and nibble_aligned(bits, one_bit), codes.device)
+        shifts = _slot_shifts(width, bits, one_bit, codes.device)
         words = (field << shifts).sum(dim=-1)  # disjoint bit ranges: sum == bitwise or
         parts.append(words)
     words = torch.cat(parts, dim=1)
@@ -82,7 +82,7 @@ def unpack(words: torch.Tensor, bits: int, kp: int, one_bit: bool = False) -> to
         per_word = 32 // width
         count = kp // per_word
         plane_words = words[:, start : start + count]
-        shifts = _slot_shifts(width, width == 2 and nibble_aligned(bits, one_bit), words.device)
+        shifts = _slot_shifts(width, bits, one_bit, words.device)
         field = (plane_words.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
         codes |= field.reshape(n, kp) << lo
         start += count

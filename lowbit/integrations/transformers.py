@@ -163,8 +163,6 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
         if missing:
             raise LowbitError(f"lowbit: these layers were never loaded, so not quantized: {missing[:5]}")
         if self.pre_quantized:  # the file's values, as lowbit.load checks them
-            from ..formats import get_format
-
             for name, module in model.named_modules():
                 if not isinstance(module, QuantLinear):
                     continue
@@ -172,7 +170,7 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
                 if any(t.is_meta for t in packed.tensors.values()):
                     continue  # data offloaded and not loaded here: nothing to check
                 try:
-                    get_format(module.format).check_data(packed)
+                    packed.check_data()
                 except LowbitError as exc:
                     raise FormatError(f"{name}: {exc}") from None
         # the layers as this lowbit holds them, so save_pretrained writes the current layouts and version
@@ -210,7 +208,7 @@ def attach_hf_config(model: nn.Module, config: QuantConfig | None = None) -> Non
     if config is None:  # e.g. after lowbit.load: `layers` is what matters, format is informative
         config = QuantConfig(sorted(entry["format"] for entry in layers.values())[0])
     hf_config = HfQuantConfig(format=config.format, options=dict(config.options), skip=list(config.skip),
-                              overrides=dict(config.overrides), layers=layers, version=CONFIG_VERSION)
+                              overrides=dict(config.overrides), layers=layers)  # current version: layers as held now
     model.config.quantization_config = hf_config
     model.hf_quantizer = LowbitHfQuantizer(hf_config, pre_quantized=True)
     model.is_quantized = True
