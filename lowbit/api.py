@@ -8,7 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .errors import FormatError, LowbitError
+from .errors import FormatError, LowbitError, check_module
 from .linear import QuantLinear
 
 
@@ -26,7 +26,7 @@ def replace_layer(model: nn.Module, qualified_name: str, layer: QuantLinear) -> 
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
-def quantize(model: nn.Module, config: str | QuantConfig, *, skip: list[str] | tuple[str, ...] | None = None,
+def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[str] | tuple[str, ...] | None = None,
              overrides: dict[str, Any] | None = None, progress: bool = True, **options: Any) -> nn.Module:
     """Quantize every nn.Linear of `model` in place and return the model.
 
@@ -35,11 +35,13 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: list[str] | t
     overrides: glob pattern -> format name or {"format": name, **options}.
     Errors name the layer. Shows a progress bar unless progress=False.
     """
+    check_module(model)
     if isinstance(config, QuantConfig):
         if skip is not None or overrides is not None or options:
             raise FormatError("pass skip / overrides / options inside the QuantConfig, not beside it")
     else:
-        config = QuantConfig(config, options=options, skip=tuple(skip or ()), overrides=overrides or {})
+        config = QuantConfig(config, options=options, skip=() if skip is None else skip,
+                             overrides={} if overrides is None else overrides)
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
     for name, linear in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
                              disable=not progress):

@@ -13,12 +13,13 @@ per-layer `lowbit::dfloat11_linear` op runs instead.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, check_module
 from .formats import get_format
 from .formats.dfloat11 import CODE_BITS
 from .kernels.runtime import interpreting
@@ -107,6 +108,11 @@ def enable_block_decompression(model: nn.Module, min_tokens: int | None = None) 
     """Hook every block (child of an nn.ModuleList) holding dfloat11 layers; returns the
     decompressors (call `.remove()` on each to undo). min_tokens: decode per block only for
     calls with at least this many tokens (default: above the fused GEMV's largest M)."""
+    check_module(model)
     blocks = [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module]
-    return [BlockDecompressor(b, min_tokens) for b in blocks
-            if any(isinstance(m, QuantLinear) and m.format == "dfloat11" for m in b.modules())]
+    hooked = [BlockDecompressor(b, min_tokens) for b in blocks
+              if any(isinstance(m, QuantLinear) and m.format == "dfloat11" for m in b.modules())]
+    if not hooked:
+        warnings.warn("enable_block_decompression: no block (child of an nn.ModuleList) holds dfloat11 "
+                      "layers; nothing was hooked", stacklevel=2)
+    return hooked

@@ -19,15 +19,20 @@ def load_hf_folder(path: Path) -> nn.Module:
 
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path}: not a Hugging Face model folder (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    cls = None
-    for arch in getattr(config, "architectures", None) or []:
-        candidate = getattr(transformers, arch, None)
-        if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
-            cls = candidate
-            break
-    cls = cls or transformers.AutoModel
-    return cls.from_pretrained(path, dtype="auto", local_files_only=True).eval()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        cls = None
+        for arch in getattr(config, "architectures", None) or []:
+            candidate = getattr(transformers, str(arch), None)
+            if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
+                cls = candidate
+                break
+        cls = cls or transformers.AutoModel
+        return cls.from_pretrained(path, dtype="auto", local_files_only=True).eval()
+    except LowbitError:
+        raise
+    except Exception as exc:  # transformers' own errors for a folder it cannot read
+        raise LowbitError(f"{path}: transformers could not load the model: {exc}") from None
 
 
 #: CLI flags that become format options: valued ones when given, switches when set
@@ -87,17 +92,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .formats import get_format
+    from .errors import CheckpointError
     from .io import MANIFEST, _read_manifest
+    from .packed import parse_metadata
 
     folder = Path(args.path)
     manifest = _read_manifest(folder)
     rows = []
     total_bytes = total_weights = 0
     for name, entry in manifest["layers"].items():
-        fmt = get_format(entry["format"])
-        shape = tuple(entry["shape"])
-        specs = fmt.field_specs(shape, fmt.check_attrs(shape, entry["attrs"]))
+        try:
+            fmt, shape, _, attrs = parse_metadata(entry)
+        except LowbitError as exc:
+            raise CheckpointError(f"{folder / MANIFEST}: layers.{name}: {exc}") from None
+        specs = fmt.field_specs(shape, attrs)
         nbytes = sum(spec.nbytes for spec in specs.values())
         total_bytes += nbytes
         total_weights += shape[0] * shape[1]

@@ -14,6 +14,24 @@ CONFIG_VERSION = 2
 READABLE_CONFIG_VERSIONS = (1, 2)
 
 
+def as_mapping(value: Any, field: str) -> dict[str, Any]:
+    """A copy of `value` (options, overrides, ...: a mapping, e.g. read from JSON); FormatError naming
+    `field` for anything else."""
+    if not isinstance(value, Mapping):
+        raise FormatError(f"{field} must be a mapping (a JSON object), got {value!r}")
+    return dict(value)
+
+
+def as_patterns(value: Any, field: str) -> tuple[str, ...]:
+    """skip patterns: one glob string or a list / tuple of them -> tuple. A lone string is one
+    pattern (iterating it would make one pattern per character); FormatError naming `field` else."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise FormatError(f"{field} must be a glob pattern or a list of them, got {value!r}")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """format: default registry name; options: that format's options (e.g. group_size);
@@ -28,18 +46,13 @@ class QuantConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "options", dict(self.options))
-        if isinstance(self.skip, str):
-            object.__setattr__(self, "skip", (self.skip,))
-        object.__setattr__(self, "skip", tuple(self.skip))
-        object.__setattr__(self, "overrides", dict(self.overrides))
+        object.__setattr__(self, "options", as_mapping(self.options, "options"))
+        object.__setattr__(self, "skip", as_patterns(self.skip, "skip"))
+        object.__setattr__(self, "overrides", as_mapping(self.overrides, "overrides"))
         if self.version not in READABLE_CONFIG_VERSIONS or isinstance(self.version, bool):
             raise FormatError(f"QuantConfig version {self.version!r} is not supported "
                               f"(this lowbit reads {list(READABLE_CONFIG_VERSIONS)})")
         get_format(self.format).check_options(self.options)
-        for pattern in self.skip:
-            if not isinstance(pattern, str):
-                raise FormatError(f"skip patterns must be strings, got {pattern!r}")
         for pattern, spec in self.overrides.items():
             if not isinstance(pattern, str):
                 raise FormatError(f"override patterns must be strings, got {pattern!r}")
@@ -77,5 +90,5 @@ class QuantConfig:
         unknown = set(data) - {"version", "format", "options", "skip", "overrides"}
         if unknown or "format" not in data:
             raise FormatError(f"QuantConfig dict needs 'format' and accepts no keys {sorted(unknown)}")
-        return cls(format=data["format"], options=data.get("options", {}), skip=tuple(data.get("skip", ())),
+        return cls(format=data["format"], options=data.get("options", {}), skip=data.get("skip", ()),
                    overrides=data.get("overrides", {}), version=data.get("version", CONFIG_VERSION))

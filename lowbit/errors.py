@@ -14,7 +14,16 @@ class WeightError(LowbitError, ValueError):
 
 
 class InputError(LowbitError, ValueError):
-    """An activation or bias that does not fit the packed weight it meets."""
+    """An argument that does not fit: an activation or bias that does not fit the packed weight it
+    meets, a model that is not an nn.Module, a device that does not exist here."""
+
+
+def check_module(model: object, what: str = "model") -> None:
+    """InputError unless `model` is a torch nn.Module (caught before it fails deep inside)."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
 
 
 class CheckpointError(LowbitError):

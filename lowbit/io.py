@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .api import replace_layer
-from .errors import CheckpointError, LowbitError
+from .errors import CheckpointError, InputError, LowbitError, check_module
 from .linear import QuantLinear
 from .packed import dtype_name
 
@@ -109,10 +109,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     previous contents of `out_dir` are untouched. An existing regular file, or a non-empty
     folder that is not a lowbit checkpoint, is refused.
     """
+    check_module(model)
     out_dir = Path(out_dir)
     _check_target(out_dir)
-    if max_shard_bytes <= 0:
-        raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise CheckpointError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
     tensors, aliases = _unique_tensors(model)
     on_meta = [name for name, t in tensors.items() if t.device.type == "meta"]
     if on_meta:
@@ -282,6 +283,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     transformers' from_pretrained.
     """
     folder = Path(path)
+    device = _target_device(device)
+    if model is not None:
+        check_module(model, "load(..., model=)")
     if not (folder / MANIFEST).is_file():
         from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
 
@@ -358,6 +362,17 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     return model.eval()
 
 
+def _target_device(device: Any) -> torch.device:
+    """`device` as a torch.device that exists on this machine; InputError before anything is read."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device} was asked for, but CUDA is not available here")
+    return device
+
+
 def _is_saved_pretrained(folder: Path) -> bool:
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -371,11 +386,17 @@ def _load_pretrained(folder: Path, device: str | torch.device) -> nn.Module:
     config = json.loads((folder / "config.json").read_text())
     model_class = _transformers_class(folder / "config.json", (config.get("architectures") or [None])[0])
     try:
-        model = model_class.from_pretrained(folder, local_files_only=True)
+        model, info = model_class.from_pretrained(folder, local_files_only=True, output_loading_info=True)
     except LowbitError:
         raise
     except Exception as exc:
         raise _fail(folder, "<checkpoint>", f"transformers could not load it: {exc}") from None
+    # transformers only warns about these (and initializes what is missing); lowbit.load refuses,
+    # as it does for its own folders: a save_pretrained folder holds exactly the model's tensors
+    problems = [f"{kind.replace('_', ' ')}: {sorted(map(str, info[kind]))[:5]}"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(kind)]
+    if problems:
+        raise _fail(folder, "<checkpoint>", "; ".join(problems))
     return model.to(device).eval()
 
 

@@ -123,6 +123,8 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     (CPU tensors need TRITON_INTERPRET=1); "torch" forces the reference
     F.linear(x, dequantize(W)).
     """
+    if not isinstance(packed, PackedWeight):
+        raise InputError(f"packed must be a PackedWeight (Format.quantize's result), got {type(packed).__name__}")
     n, k = packed.shape
     if not isinstance(x, torch.Tensor):
         raise InputError(f"x must be a tensor, got {type(x).__name__}")
@@ -133,8 +135,10 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     if x.device != packed.device:
         raise InputError(f"x is on {x.device} but the packed weight is on {packed.device}")
     if bias is not None:
-        if bias.shape != (n,):
-            raise InputError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+        if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
+            raise InputError(f"bias must be a tensor of shape ({n},), got {getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.device != x.device:
+            raise InputError(f"bias is on {bias.device} but x is on {x.device}")
         bias = bias.to(x.dtype)
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")

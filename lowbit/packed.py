@@ -35,7 +35,7 @@ def parse_metadata(metadata: Any):
     if not (isinstance(shape, (list, tuple)) and len(shape) == 2
             and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise FormatError(f"{fmt.name}: shape must be [out_features, in_features] positive ints, got {shape!r}")
-    dtype = WEIGHT_DTYPES.get(metadata["dtype"])
+    dtype = WEIGHT_DTYPES.get(metadata["dtype"]) if isinstance(metadata["dtype"], str) else None
     if dtype is None:
         raise FormatError(f"{fmt.name}: unsupported weight dtype {metadata['dtype']!r}")
     shape = (shape[0], shape[1])

@@ -41,7 +41,34 @@ def test_skip_and_overrides_by_glob():
     assert f["0.down_proj"] == "int8" and f["1.down_proj"] == "int8"
     assert f["0.up_proj"] == "int4" and f["1.up_proj"] == "int6"
     assert model[1].up_proj.attrs["group_size"] == 32
-    assert model[0].up_proj.attrs["group_size"] == 128
+    assert model[0].up_proj.attrs["group_size"] == 64  # the default 128 is longer than the 64-wide row
+
+
+def test_quantize_needs_a_module():
+    with pytest.raises(lowbit.LowbitError, match="model must be a torch.nn.Module, got dict"):
+        lowbit.quantize({"0": nn.Linear(64, 8)}, "int4")
+
+
+def test_a_lone_skip_string_is_one_pattern():
+    """skip="2" means the layer called 2, not one pattern per character."""
+    assert _formats(lowbit.quantize(_model(), "int4", skip="*.gate", progress=False))["0.gate"] == "dense"
+    assert lowbit.QuantConfig("int4", skip="lm_head").skip == ("lm_head",)
+    assert lowbit.QuantConfig.from_dict({"format": "int4", "skip": "lm_head"}).skip == ("lm_head",)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("options", ["group_size", 64], "options must be a mapping"),
+    ("options", 0, "options must be a mapping"),
+    ("overrides", "*.gate", "overrides must be a mapping"),
+    ("overrides", [["*.gate", "int8"]], "overrides must be a mapping"),
+    ("skip", 5, "skip must be a glob pattern or a list of them"),
+    ("skip", {"lm_head": True}, "skip must be a glob pattern or a list of them"),
+    ("skip", ["lm_head", 3], "skip must be a glob pattern or a list of them"),
+])
+def test_config_fields_of_the_wrong_type_are_format_errors(field, value, match):
+    """What from_dict reads from JSON can have any type: each wrong one is named, never a TypeError."""
+    with pytest.raises(FormatError, match=match):
+        lowbit.QuantConfig.from_dict({"format": "int4", field: value})
 
 
 def test_quant_config_object_and_round_trip():

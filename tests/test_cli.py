@@ -41,7 +41,8 @@ def test_quantize_fp8_w8a8_block(tiny_llama_dir, tmp_path, capsys):
     assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "fp8", "--act", "fp8", "--block", "128"]) == 0
     assert "quantized layers: 15 (fp8)" in capsys.readouterr().out
     layer = lowbit.load(out).model.layers[1].self_attn.q_proj
-    assert layer.format == "fp8" and layer.attrs == {"block": 128, "act": "fp8"}
+    # a 128 x 128 tile is larger than the whole 96 x 96 weight: stored as the one 96 x 96 tile
+    assert layer.format == "fp8" and layer.attrs == {"block": 96, "act": "fp8"}
     assert layer.qweight.dtype == torch.float8_e4m3fn and layer.scales.shape == (1, 1)
     # options a format does not take are a one-line error naming the layer
     assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "bad"), "--format", "int4", "--act", "fp8"]) == 2
@@ -72,6 +73,21 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert "manifest missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quantize", "out", "--format", "int42"])
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')  # transformers refuses it
+    assert main(["quantize", str(tmp_path), str(tmp_path / "o"), "--format", "int4"]) == 2
+    assert f"{tmp_path}: transformers could not load the model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_names_a_malformed_layer_entry(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "int4"]) == 0
+    manifest = json.loads((out / "lowbit.json").read_text())
+    manifest["layers"]["model.layers.0.mlp.up_proj"]["shape"] = "64x128"
+    (out / "lowbit.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 2
+    assert "lowbit.json: layers.model.layers.0.mlp.up_proj: int4: shape must be" in capsys.readouterr().err
 
 
 def test_script_quantizes_the_default_model(tmp_path):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
-from lowbit.errors import CheckpointError, LowbitError
+from lowbit.errors import CheckpointError, InputError, LowbitError
 from lowbit.io import MANIFEST
 
 from .conftest import make_tiny_llama
@@ -248,6 +248,22 @@ def test_format_version_1_loads_unless_a_layout_changed(tmp_path, second):
         with pytest.raises(CheckpointError, match=rf"layers\.2: {second}: packed layout 1 is not the one this "
                                                   r"lowbit reads \(2\); it was written by an older lowbit"):
             lowbit.load(tmp_path / "ck", model=_mlp())
+
+
+def test_bad_arguments_are_input_errors_before_anything_is_written_or_read(saved_mlp, tmp_path):
+    model, folder = saved_mlp
+    with pytest.raises(InputError, match="model must be a torch.nn.Module, got str"):
+        lowbit.save("model", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="max_shard_bytes must be a positive int, got '1GB'"):
+        lowbit.save(model, tmp_path / "out", max_shard_bytes="1GB")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="device 'gpu0' is not a torch device"):
+        lowbit.load(folder, device="gpu0")
+    with pytest.raises(InputError, match=r"load\(\.\.\., model=\) must be a torch.nn.Module"):
+        lowbit.load(folder, model={"0": None})
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available here"):
+            lowbit.load(folder, device="cuda")
 
 
 def test_load_of_missing_folder(tmp_path):

@@ -73,6 +73,8 @@ def test_from_state_dict_inverts_state_dict():
     lambda m, s: m.update(layout=2),
     lambda m, s: m.update(layout="1"),
     lambda m, s: m.update(layout=True),
+    lambda m, s: m.update(dtype={}),
+    lambda m, s: m.update(dtype=["float32"]),
 ])
 def test_from_state_dict_validates(edit):
     p = _packed()
@@ -97,4 +99,17 @@ def test_metadata_records_the_packed_layout(fmt, layout):
     else:
         with pytest.raises(FormatError, match=rf"{fmt}: packed layout 1 is not the one this lowbit reads \(2\); "
                                               r"it was written by an older lowbit"):
+            PackedWeight.from_state_dict(p.state_dict(), meta)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "lut2", "fp8", "mxfp4", "nvfp4", "nf4", "dfloat11"])
+@pytest.mark.parametrize("value", [[], ["x"], {}, {"a": 1}])
+def test_an_attribute_given_a_json_list_or_object_is_a_format_error(fmt, value):
+    """No format attribute takes a list or an object: each is refused as such, naming the format,
+    including where the check is a lookup in a set of names (a list is unhashable there)."""
+    p = get_format(fmt).quantize(torch.randn(8, 64, dtype=torch.bfloat16))
+    for attr in p.attrs:
+        meta = p.metadata()
+        meta["attrs"][attr] = value
+        with pytest.raises(FormatError, match=fmt):
             PackedWeight.from_state_dict(p.state_dict(), meta)

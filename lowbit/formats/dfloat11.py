@@ -214,7 +214,8 @@ class DFloat11Format(Format):
         unknown = set(options) - set(self.OPTIONS)
         if unknown:
             raise FormatError(f"dfloat11: unknown option(s) {sorted(unknown)}; accepted: {list(self.OPTIONS)}")
-        if options.get("segment", DEFAULT_SEGMENT) not in SEGMENTS or isinstance(options.get("segment"), bool):
+        segment = options.get("segment", DEFAULT_SEGMENT)
+        if isinstance(segment, bool) or not isinstance(segment, int) or segment not in SEGMENTS:  # not 64.0
             raise FormatError(f"dfloat11: segment must be one of {SEGMENTS}, got {options['segment']!r}")
         if not isinstance(options.get("cast", False), bool):
             raise FormatError(f"dfloat11: cast must be a bool, got {options['cast']!r}")

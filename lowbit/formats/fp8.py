@@ -94,6 +94,15 @@ class Fp8Format(Format):
         if act not in _ACTS:
             raise FormatError(f"{self.name}: act must be one of {_ACTS}, got {act!r}")
 
+    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().resolve_attrs(shape, options)
+        # a tile larger than the whole (32-padded) weight is that one tile, stored as such: the
+        # same single scale, without padding the weight out to the block
+        whole = max(padded_k(shape[0], 32), padded_k(shape[1], 32))
+        if attrs["block"] is not None and attrs["block"] > whole:
+            attrs["block"] = whole
+        return attrs
+
     def padded_k(self, k: int, block: int | None) -> int:
         return padded_k(k, block or 32)
 

@@ -74,7 +74,10 @@ class IntFormat(Format):
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         self.check_options(options)
         gs = options.get("group_size", DEFAULT_GROUP_SIZE)
-        if gs == -1:  # per output channel: one group spanning K (padded to a multiple of 32)
+        # -1 is one group per output channel, spanning K padded to a multiple of 32; so is any group
+        # longer than that, stored as such: the row is not padded out to the group (group_size=2**20
+        # would otherwise pack a 64-wide layer into 2**20 codes per row)
+        if gs == -1 or gs > padded_k(shape[1], 32):
             gs = padded_k(shape[1], 32)
         return {"group_size": gs, "symmetric": options.get("symmetric", False)}
 

@@ -158,7 +158,7 @@ class MicroscalingFormat(Format):
     # -- options / attributes -------------------------------------------------------------
     def check_values(self, values: dict[str, Any]) -> None:
         act, rotate = values["act"], values["rotate"]
-        if act is not None and act not in MICROSCALING_FORMATS:
+        if act is not None and not (isinstance(act, str) and act in MICROSCALING_FORMATS):
             raise FormatError(f"{self.name}: act must be None or one of {sorted(MICROSCALING_FORMATS)}, got {act!r}")
         if rotate not in _ROTATIONS:
             raise FormatError(f"{self.name}: rotate must be one of {_ROTATIONS}, got {rotate!r}")

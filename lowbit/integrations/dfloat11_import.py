@@ -130,14 +130,23 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(df11, dict):
         raise _fail(f"{path}: dfloat11_config", "missing or not an object")
     tpb, bpt, patterns = df11.get("threads_per_block"), df11.get("bytes_per_thread"), df11.get("pattern_dict")
-    if not (isinstance(tpb, list) and len(tpb) == 1 and isinstance(tpb[0], int) and tpb[0] > 0):
+    if not (isinstance(tpb, list) and len(tpb) == 1 and _is_int(tpb[0]) and tpb[0] > 0):
         raise _fail(f"{path}: dfloat11_config.threads_per_block", f"expected [positive int], got {tpb!r}")
-    if not (isinstance(bpt, int) and 1 <= bpt <= 64):
+    if not (_is_int(bpt) and 1 <= bpt <= 64):
         raise _fail(f"{path}: dfloat11_config.bytes_per_thread", f"expected an int in [1, 64], got {bpt!r}")
     if not (isinstance(patterns, dict) and all(isinstance(v, list) and all(isinstance(a, str) for a in v)
                                                for v in patterns.values())):
         raise _fail(f"{path}: dfloat11_config.pattern_dict", "expected {regex: [sub-module paths]}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise _fail(f"{path}: dfloat11_config.pattern_dict", f"{pattern!r} is not a regular expression ({exc})") from None
     return config, df11
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..api import replace_layer
-from ..config import CONFIG_VERSION, QuantConfig
+from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
 from ..errors import FormatError, LowbitError
 from ..linear import QuantLinear
 
@@ -48,20 +48,22 @@ class HfQuantConfig(QuantizationConfigMixin if QuantizationConfigMixin else obje
     format entry; a checkpoint with `layers` is loaded as is, without one it is quantized while
     loading. Unknown formats, options or versions raise LowbitError."""
 
-    def __init__(self, format: str = "int4", group_size: int | None = None, skip: list[str] | None = None,
+    def __init__(self, format: str = "int4", group_size: int | None = None, skip: str | list[str] | None = None,
                  overrides: dict[str, Any] | None = None, layers: dict[str, Any] | None = None,
                  version: int = CONFIG_VERSION, options: dict[str, Any] | None = None, **format_options: Any):
         format_options.pop("quant_method", None)
-        options = {**(options or {}), **format_options}
+        options = {**as_mapping({} if options is None else options, "quantization_config.options"), **format_options}
         if group_size is not None:
             options["group_size"] = group_size
         self.quant_method = QUANT_METHOD
         self.version = version
         self.format = format
         self.options = options
-        self.skip = list(skip or [])
-        self.overrides = dict(overrides or {})
-        self.layers = dict(layers) if layers else None
+        self.skip = list(as_patterns([] if skip is None else skip, "quantization_config.skip"))
+        self.overrides = as_mapping({} if overrides is None else overrides, "quantization_config.overrides")
+        if layers is not None:
+            layers = as_mapping(layers, "quantization_config.layers")
+        self.layers = layers or None  # {}: nothing quantized yet, as when absent
         self.quant_config()  # validates format, options, skip, overrides and version
         for name in self.layers or {}:
             self.layer(name)  # validates every entry
@@ -115,6 +117,26 @@ class _QuantizeOnLoad(ConversionOps if ConversionOps else object):
         return {}
 
 
+def _check_loaded_layer(name: str, layer: QuantLinear) -> None:
+    """FormatError unless every tensor of a pre-quantized layer came from the checkpoint and holds
+    values a kernel can take. transformers only warns about missing keys and leaves such a tensor
+    uninitialized (torch.empty): a layer declared with a field or bias the file lacks would compute
+    with garbage. Loaded tensors carry transformers' `_is_hf_initialized` flag (what keeps its own
+    weight init off them); tensors still on meta are offloaded and not loaded here: skipped."""
+    packed = layer.packed
+    tensors = {**packed.tensors, **({} if layer.bias is None else {"bias": layer.bias})}
+    if any(t.is_meta for t in tensors.values()):
+        return
+    absent = [field for field, t in tensors.items() if not getattr(t, "_is_hf_initialized", False)]
+    if absent:
+        raise FormatError(f"{name}: the checkpoint has no {absent} for this layer, which quantization_config.layers "
+                          f"declares as {layer.metadata()}")
+    try:
+        packed.check_data()
+    except LowbitError as exc:
+        raise FormatError(f"{name}: {exc}") from None
+
+
 class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
     """transformers quantizer for lowbit formats (see the module docstring)."""
 
@@ -164,15 +186,8 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
             raise LowbitError(f"lowbit: these layers were never loaded, so not quantized: {missing[:5]}")
         if self.pre_quantized:  # the file's values, as lowbit.load checks them
             for name, module in model.named_modules():
-                if not isinstance(module, QuantLinear):
-                    continue
-                packed = module.packed
-                if any(t.is_meta for t in packed.tensors.values()):
-                    continue  # data offloaded and not loaded here: nothing to check
-                try:
-                    packed.check_data()
-                except LowbitError as exc:
-                    raise FormatError(f"{name}: {exc}") from None
+                if isinstance(module, QuantLinear):
+                    _check_loaded_layer(name, module)
         # the layers as this lowbit holds them, so save_pretrained writes the current layouts and version
         self.quantization_config.layers = _layer_entries(model)
         self.quantization_config.version = CONFIG_VERSION

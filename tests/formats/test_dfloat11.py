@@ -177,7 +177,8 @@ def test_other_dtypes_need_an_explicit_cast():
     assert p.dtype == torch.bfloat16 and same_bits(FMT.dequantize(p), w.bfloat16())
 
 
-@pytest.mark.parametrize("options", [{"segment": 100}, {"segment": True}, {"cast": "yes"}, {"group_size": 64}])
+@pytest.mark.parametrize("options", [{"segment": 100}, {"segment": True}, {"segment": 64.0}, {"segment": [64]},
+                                     {"cast": "yes"}, {"group_size": 64}])
 def test_bad_options(options):
     with pytest.raises(FormatError):
         FMT.quantize(torch.randn(4, 40).bfloat16(), **options)

@@ -142,6 +142,15 @@ def test_bad_options_raise(options):
         get_format("fp8").quantize(torch.randn(4, 64), **options)
 
 
+def test_a_block_larger_than_the_weight_is_one_tile():
+    """block=2**40 on a 6 x 100 weight: one scale, stored as the 128 x 128 tile that covers the
+    (32-padded) weight, with the same values as block=128."""
+    w, fp8 = torch.randn(6, 100), get_format("fp8")
+    p = fp8.quantize(w, block=2**40)
+    assert p.attrs["block"] == 128 and p.scales.shape == (1, 1) and p.qweight.shape == (6, 128)
+    assert torch.equal(fp8.dequantize(p), fp8.dequantize(fp8.quantize(w, block=128)))
+
+
 def test_tiny_weights_never_get_a_zero_scale():
     w = torch.full((2, 32), 1e-44)  # amax / 448 underflows fp32
     p = get_format("fp8").quantize(w)

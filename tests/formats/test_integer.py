@@ -140,6 +140,18 @@ def test_per_channel_group_spans_padded_k():
     assert p.attrs["group_size"] == 128 and p.scales.shape == (1, 6)
 
 
+@pytest.mark.parametrize("group_size", [256, 4096, 2**40])
+def test_a_group_longer_than_the_row_is_one_group_per_row(group_size):
+    """Stored as per channel (the group spans K padded to 32), not padded out to the group: the
+    same one group per row without the wasted codes (2**40 would not fit in memory)."""
+    w = torch.randn(6, 100)
+    p = get_format("int3").quantize(w, group_size=group_size)
+    per_channel = get_format("int3").quantize(w, group_size=-1)
+    assert p.attrs == per_channel.attrs == {"group_size": 128, "symmetric": False}
+    assert p.qweight.shape == (6, 128 * 3 // 32)
+    assert all(torch.equal(p.tensors[f], per_channel.tensors[f]) for f in p.tensors)
+
+
 @pytest.mark.parametrize("bits,mean_bound", [(2, 0.53), (3, 0.23), (4, 0.108), (5, 0.052), (6, 0.026),
                                              (7, 0.013), (8, 0.0064)])
 def test_minilm_weight_error(minilm_weights, bits, mean_bound):

@@ -128,3 +128,7 @@ def test_missing_field_and_bad_config(original, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="bytes_per_thread"):
         lowbit.load(folder)
+    config["dfloat11_config"].update(bytes_per_thread=BYTES_PER_THREAD, pattern_dict={r"model\.layers\.(\d+": []})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"dfloat11_config\.pattern_dict: .* is not a regular expression"):
+        lowbit.load(folder)

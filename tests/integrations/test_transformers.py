@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import lowbit
 from lowbit.cli import main as cli_main
-from lowbit.errors import FormatError, LowbitError, WeightError
+from lowbit.errors import CheckpointError, FormatError, LowbitError, WeightError
 from lowbit.integrations.transformers import LowbitHfQuantizer
 
 from ..conftest import make_tiny_llama, requires_gpu
@@ -148,7 +148,7 @@ def test_device_map_auto_with_offload(llama_dir, tmp_path):
     with torch.no_grad():
         expected = model(IDS).logits
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="auto")
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="auto", max_memory={"cpu": "200KB"},
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="auto", max_memory={"cpu": "120KB"},
                                                      offload_folder=str(tmp_path / "offload"))
     assert "disk" in set(offloaded.hf_device_map.values())
     with torch.no_grad():
@@ -161,15 +161,41 @@ def test_device_map_auto_with_offload(llama_dir, tmp_path):
     (lambda q: q.update(version=99), "version 99"),
     (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(format="int99"), "layers.model.layers.0.mlp.up_proj"),
     (lambda q: q.update(options={"group_size": 7}), "group_size"),
+    (lambda q: q.update(options="group_size=64"), "quantization_config.options must be a mapping"),
+    (lambda q: q.update(skip=5), "quantization_config.skip must be a glob pattern"),
+    (lambda q: q.update(overrides=[["*", "int8"]]), "quantization_config.overrides must be a mapping"),
+    (lambda q: q.update(layers=list(q["layers"])), "quantization_config.layers must be a mapping"),
+    # a field the file lacks: transformers would only warn and leave it uninitialized (torch.empty)
+    (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(bias=True),
+     r"model\.layers\.0\.mlp\.up_proj: the checkpoint has no \['bias'\] for this layer"),
 ])
 def test_bad_quantization_config_raises_lowbit_error(llama_dir, tmp_path, edit, match):
+    folder = _saved_int4_with_edited_config(llama_dir, tmp_path, edit)
+    with pytest.raises(LowbitError, match=match):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def _saved_int4_with_edited_config(llama_dir, tmp_path, edit):
+    """save_pretrained of the int4 tiny Llama, then `edit(quantization_config)` in its config.json."""
     model = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], progress=False)
     model.save_pretrained(tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     edit(config["quantization_config"])
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LowbitError, match=match):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    return tmp_path / "q"
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda q: q["layers"].pop("model.layers.0.mlp.up_proj"),
+     r"missing keys: \['model\.layers\.0\.mlp\.up_proj\.weight'\]; unexpected keys: \['model\.layers\.0\.mlp\.up_proj\.qweight'"),
+    (lambda q: q["layers"]["model.layers.0.mlp.up_proj"]["attrs"].update(symmetric=True), r"unexpected keys: .*up_proj\.zeros"),
+])
+def test_lowbit_load_refuses_what_from_pretrained_only_warns_about(llama_dir, tmp_path, edit, match):
+    """A save_pretrained folder whose config and tensors disagree: transformers loads it with a
+    warning (a plain Linear initialized at random, or the zeros ignored), lowbit.load refuses."""
+    folder = _saved_int4_with_edited_config(llama_dir, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=match):
+        lowbit.load(folder)
 
 
 @pytest.mark.parametrize("down_proj", ["int3", "int6"])

@@ -164,6 +164,8 @@ def test_torch_backend_is_the_reference():
     lambda x, b: (x[:, :-1], b, None),                # wrong K
     lambda x, b: (x.to(torch.int32), b, None),        # integer activations
     lambda x, b: (x, b[:-1], None),                   # wrong bias length
+    lambda x, b: (x, b.tolist(), None),               # bias not a tensor
+    lambda x, b: (x, b.to("meta"), None),             # bias on another device than x
     lambda x, b: (x, b, "cuda-please"),               # unknown backend
 ])
 def test_bad_inputs_raise(bad):
@@ -171,6 +173,11 @@ def test_bad_inputs_raise(bad):
     x, b, backend = bad(x, b)
     with pytest.raises(InputError):
         lowbit.linear(x, p, b, backend=backend)
+
+
+def test_a_packed_weight_is_required():
+    with pytest.raises(InputError, match="packed must be a PackedWeight"):
+        lowbit.linear(torch.randn(2, 64), torch.randn(8, 64))
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

@@ -203,6 +203,11 @@ def test_enable_block_decompression_finds_transformer_blocks():
         d.remove()
 
 
+def test_enable_block_decompression_warns_when_there_is_nothing_to_hook():
+    with pytest.warns(UserWarning, match="no block .* holds dfloat11 layers"):
+        assert enable_block_decompression(make_tiny_llama()) == []
+
+
 def test_block_decompressor_needs_dfloat11_layers():
     with pytest.raises(lowbit.LowbitError, match="no dfloat11 layers"):
         BlockDecompressor(nn.Sequential(nn.Linear(4, 4)))
