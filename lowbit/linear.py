@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FormatError
+from .errors import FormatError, LowbitError
 from .formats import get_format
 from .packed import PackedWeight, parse_metadata
 
@@ -100,6 +100,24 @@ class QuantLinear(nn.Module):
                     moved = tensor.to(device=moved.device)
                 self._buffers[name] = moved
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # load_state_dict would cast a packed field into its buffer (float codes truncated into
+        # int32) or, with assign=True, take any dtype; packed fields are never cast, so a dtype
+        # other than the declared one is refused. The loaded values are then checked as
+        # lowbit.load checks them (Format.check_data: values a kernel uses as addresses).
+        for name, spec in self._fields.items():
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.dtype != spec.dtype:
+                raise FormatError(f"{prefix}{name}: {self.format} stores this field as {spec.dtype}, the state "
+                                  f"dict holds {value.dtype} (packed fields are never cast)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        packed = self.packed
+        if not any(t.is_meta for t in packed.tensors.values()):
+            try:
+                packed.check_data()
+            except LowbitError as exc:
+                raise FormatError(f"{prefix.rstrip('.') or 'layer'}: {exc}") from None
 
     def extra_repr(self) -> str:
         n, k = self.out_features, self.in_features

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.errors import FormatError
 from lowbit.formats import get_format
 
 
@@ -56,3 +57,30 @@ def test_model_dtype_casts_do_not_touch_packed_fields(fmt):
 def test_meta_construction_has_declared_shapes():
     q = lowbit.QuantLinear(300, 37, "int3", {"group_size": 128, "symmetric": False}, device="meta")
     assert q.qweight.shape == (37, 384 * 3 // 32) and q.scales.shape == (3, 37) and q.zeros.shape == (3, 37)
+
+
+def test_load_state_dict_round_trips_and_never_casts_a_packed_field():
+    """torch's load_state_dict casts into a buffer (float codes would be truncated into int32) and,
+    with assign=True, takes any dtype: a packed field of another dtype is refused instead."""
+    model = lowbit.quantize(nn.Sequential(_layer()), "int4", progress=False)
+    state = model.state_dict()
+    fresh = lowbit.quantize(nn.Sequential(_layer(bias=True)), "int4", progress=False)
+    fresh[0].qweight.zero_()
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 300)
+    assert torch.equal(fresh(x), model(x))
+    for assign, dtype in [(False, torch.float32), (True, torch.int64)]:
+        bad = {**state, "0.qweight": state["0.qweight"].to(dtype)}
+        with pytest.raises(FormatError, match=rf"0\.qweight: int4 stores this field as torch.int32, the state dict "
+                                              rf"holds {dtype}"):
+            fresh.load_state_dict(bad, assign=assign)
+
+
+def test_load_state_dict_checks_values_a_kernel_uses_as_addresses():
+    """A dfloat11 segment offset past the end of the stream, arriving through load_state_dict, is
+    refused as lowbit.load refuses it (the fused GEMV reads the stream unguarded)."""
+    layer = lowbit.QuantLinear.from_linear(nn.Linear(512, 8, bias=False).bfloat16(), "dfloat11")
+    state = {name: t.clone() for name, t in layer.state_dict().items()}
+    state["segment_offsets"][7, 1] = 2**30
+    with pytest.raises(FormatError, match=r"layer: dfloat11 field 'segment_offsets': segment 1 of row 7 starts at bit"):
+        lowbit.QuantLinear.from_metadata(layer.metadata()).load_state_dict(state, assign=True)
