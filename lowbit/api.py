@@ -1,6 +1,8 @@
 """lowbit.quantize(): swap a model's nn.Linear layers for QuantLinear, in place."""
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +12,8 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .errors import FormatError, LowbitError, check_module
 from .linear import QuantLinear
+
+logger = logging.getLogger(__name__)
 
 
 def replace_layer(model: nn.Module, qualified_name: str, layer: QuantLinear) -> None:
@@ -26,12 +30,35 @@ def replace_layer(model: nn.Module, qualified_name: str, layer: QuantLinear) -> 
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
+def tied_linears(model: nn.Module) -> set[str]:
+    """Qualified names of the nn.Linear layers whose weight is tied to another parameter (lm_head
+    with tie_word_embeddings): the same tensor under two names, or a tie a transformers model
+    declares (`all_tied_weights_keys`, also on the meta device before the tie is made). These stay
+    in full precision: quantizing the Linear would untie it, store the weight twice (the
+    embedding keeps its copy), and transformers re-ties by name when it loads the model. Logged
+    (INFO) when there are any."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = {name for name, m in model.named_modules() if type(m) is nn.Linear and uses[id(m.weight)] > 1}
+    declared = getattr(model, "all_tied_weights_keys", None)
+    for key in (*declared.keys(), *declared.values()) if isinstance(declared, dict) else ():
+        name = str(key).removesuffix(".weight")
+        try:
+            if type(model.get_submodule(name)) is nn.Linear:
+                tied.add(name)
+        except AttributeError:
+            continue
+    if tied:
+        logger.info("lowbit: leaving %s in full precision: tied to another parameter", sorted(tied))
+    return tied
+
+
 def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[str] | tuple[str, ...] | None = None,
              overrides: dict[str, Any] | None = None, progress: bool = True, **options: Any) -> nn.Module:
     """Quantize every nn.Linear of `model` in place and return the model.
 
     config: a format name (with `options`, e.g. group_size=128) or a QuantConfig.
-    skip: glob patterns of qualified names to leave alone (e.g. ["lm_head", "*.gate"]).
+    skip: glob patterns of qualified names to leave alone (e.g. ["lm_head", "*.gate"]). Linear
+    layers whose weight is tied to another parameter are always left alone (`tied_linears`).
     overrides: glob pattern -> format name or {"format": name, **options}.
     Errors name the layer. Shows a progress bar unless progress=False.
     """
@@ -42,7 +69,8 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
     else:
         config = QuantConfig(config, options=options, skip=() if skip is None else skip,
                              overrides={} if overrides is None else overrides)
-    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
+    tied = tied_linears(model)
+    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear and name not in tied]
     for name, linear in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
                              disable=not progress):
         plan = config.layer_plan(name)

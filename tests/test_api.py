@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.api import tied_linears
 from lowbit.errors import FormatError, WeightError
 
 
@@ -47,6 +48,23 @@ def test_skip_and_overrides_by_glob():
 def test_quantize_needs_a_module():
     with pytest.raises(lowbit.LowbitError, match="model must be a torch.nn.Module, got dict"):
         lowbit.quantize({"0": nn.Linear(64, 8)}, "int4")
+
+
+def test_a_linear_whose_weight_is_shared_stays_dense():
+    """The same weight under two names (a head tied to an embedding, or one module reached
+    twice): replacing the Linear at one name would leave the dense weight stored as well."""
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.body, self.head = nn.Embedding(8, 64), nn.Linear(64, 64), nn.Linear(64, 8, bias=False)
+            self.head.weight = self.embed.weight
+            self.twice = nn.Sequential(self.body, nn.ReLU(), self.body)
+
+    model = TiedHead()
+    assert tied_linears(model) == {"head", "body"}
+    lowbit.quantize(model, "int4", progress=False)
+    assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
+    assert model.twice[0] is model.twice[2] is model.body and type(model.body) is nn.Linear
 
 
 def test_a_lone_skip_string_is_one_pattern():

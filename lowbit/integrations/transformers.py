@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import replace_layer
+from ..api import replace_layer, tied_linears
 from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
 from ..errors import FormatError, LowbitError
 from ..linear import QuantLinear
@@ -164,8 +164,9 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
         from ..formats import get_format
 
         quant_config = config.quant_config()
+        tied = tied_linears(model)  # not in the checkpoint under their own name: left tied, full precision
         for name, module in model.named_modules():
-            if type(module) is nn.Linear:
+            if type(module) is nn.Linear and name not in tied:
                 plan = quant_config.layer_plan(name)
                 if plan is not None:
                     # fail before anything loads, naming the layer (e.g. dfloat11 on an fp32 load)

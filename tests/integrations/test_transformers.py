@@ -142,6 +142,34 @@ def test_cli_output_loads_with_from_pretrained(tmp_path):
     assert isinstance(model.encoder.layer[0].attention.self.query, lowbit.QuantLinear)
 
 
+def test_a_tied_lm_head_stays_tied_through_every_path(tmp_path, caplog):
+    """tie_word_embeddings=True (Llama-3.2, Qwen2.5 small models): lm_head shares the embedding.
+    It is left tied in full precision by lowbit.quantize and by quantize-while-loading, so every
+    save / load path gives the same logits (quantizing it broke from_pretrained, which re-ties by
+    name, and stored the weight twice)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    with caplog.at_level("INFO", logger="lowbit.api"):
+        model = lowbit.quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), "int4", progress=False)
+    assert "leaving ['lm_head'] in full precision: tied to another parameter" in caplog.text
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        expected = model(IDS).logits
+    model.save_pretrained(tmp_path / "hf")
+    lowbit.save(model, tmp_path / "lb")
+    on_load = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=lowbit.HfQuantConfig("int4"))
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), lowbit.load(tmp_path / "hf"),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "lb"), lowbit.load(tmp_path / "lb"), on_load):
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert isinstance(loaded.model.layers[0].mlp.up_proj, lowbit.QuantLinear)
+        with torch.no_grad():
+            assert torch.equal(loaded(IDS).logits, expected)
+
+
 def test_device_map_auto_with_offload(llama_dir, tmp_path):
     model = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], progress=False)
     model.save_pretrained(tmp_path / "q")
