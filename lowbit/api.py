@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,9 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
                              overrides={} if overrides is None else overrides)
     tied = tied_linears(model)
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear and name not in tied]
+    if not targets:
+        warnings.warn(f"lowbit.quantize: {type(model).__name__} has no nn.Linear layer to quantize (already "
+                      "quantized? transformers' Conv1D, as in GPT-2, is not an nn.Linear)", stacklevel=2)
     for name, linear in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
                              disable=not progress):
         plan = config.layer_plan(name)

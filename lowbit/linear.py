@@ -6,9 +6,42 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FormatError, LowbitError
+from .errors import FormatError, InputError, LowbitError
 from .formats import get_format
 from .packed import PackedWeight, parse_metadata
+
+
+class WeightStandIn(torch.Tensor):
+    """`QuantLinear.weight`: the original weight's shape, dtype and device, and no values. Model
+    code that reads those runs unchanged (T5 casts its feed-forward input to `wo.weight.dtype`);
+    any computation with it raises InputError. (A meta tensor would not do: torch takes one in a
+    CPU matmul and returns uninitialized memory.)"""
+
+    _METADATA = frozenset({torch.Tensor.dtype.__get__, torch.Tensor.shape.__get__, torch.Tensor.device.__get__,
+                           torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndim.__get__, torch.Tensor.numel,
+                           torch.Tensor.is_meta.__get__, torch.Tensor.is_cuda.__get__, torch.Tensor.layout.__get__,
+                           torch.Tensor.requires_grad.__get__, torch.Tensor.is_floating_point,
+                           torch.Tensor.element_size})
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> "WeightStandIn":
+        stand_in = torch.Tensor._make_subclass(cls, torch.empty((), dtype=dtype, device=device).expand(*shape))
+        # transformers' "has its values, do not initialize" flag (its init functions check it):
+        # the values are the packed fields, loaded from the checkpoint
+        stand_in._is_hf_initialized = True
+        return stand_in
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise InputError(f"QuantLinear.weight stands in for a packed weight and has no values "
+                         f"({getattr(func, '__name__', func)}): call the layer, or dequantize its packed weight "
+                         f"(lowbit.get_format(layer.format).dequantize(layer.packed))")
+
+    def __repr__(self) -> str:
+        return f"WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
 class QuantLinear(nn.Module):
@@ -72,6 +105,13 @@ class QuantLinear(nn.Module):
         """Quantize an nn.Linear's weight into `format` (options as the format accepts)."""
         packed = get_format(format).quantize(linear.weight.detach(), name=name, **options)
         return cls.from_packed(packed, None if linear.bias is None else linear.bias.detach())
+
+    @property
+    def weight(self) -> WeightStandIn:
+        """[out_features, in_features] in the original weight's dtype, on the packed weight's
+        device, without values (`WeightStandIn`): for model code that reads `.weight.dtype`."""
+        device = next(iter(self._buffers[name] for name in self._fields)).device
+        return WeightStandIn((self.out_features, self.in_features), self.weight_dtype, device)
 
     @property
     def packed(self) -> PackedWeight:

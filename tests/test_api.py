@@ -67,6 +67,11 @@ def test_a_linear_whose_weight_is_shared_stays_dense():
     assert model.twice[0] is model.twice[2] is model.body and type(model.body) is nn.Linear
 
 
+def test_a_model_without_linear_layers_gets_a_warning():
+    with pytest.warns(UserWarning, match="Sequential has no nn.Linear layer to quantize"):
+        lowbit.quantize(nn.Sequential(nn.Conv1d(4, 4, 1)), "int4", progress=False)
+
+
 def test_a_lone_skip_string_is_one_pattern():
     """skip="2" means the layer called 2, not one pattern per character."""
     assert _formats(lowbit.quantize(_model(), "int4", skip="*.gate", progress=False))["0.gate"] == "dense"

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.errors import FormatError
+from lowbit.errors import FormatError, InputError
 from lowbit.formats import get_format
 
 
@@ -57,6 +57,20 @@ def test_model_dtype_casts_do_not_touch_packed_fields(fmt):
 def test_meta_construction_has_declared_shapes():
     q = lowbit.QuantLinear(300, 37, "int3", {"group_size": 128, "symmetric": False}, device="meta")
     assert q.qweight.shape == (37, 384 * 3 // 32) and q.scales.shape == (3, 37) and q.zeros.shape == (3, 37)
+
+
+def test_weight_stands_in_with_the_original_shape_dtype_and_device_but_no_values():
+    """Model code reads `.weight.dtype` of a Linear (T5's feed-forward); the values are not there,
+    so computing with it raises (a meta tensor in a CPU matmul returned uninitialized memory)."""
+    q = lowbit.QuantLinear.from_linear(_layer(dtype=torch.bfloat16), "int4")
+    w = q.weight
+    assert isinstance(w, torch.Tensor) and w.shape == (37, 300) and w.dtype == torch.bfloat16
+    assert w.device == q.qweight.device and w.dim() == 2 and "weight" not in q.state_dict()
+    x = torch.randn(2, 300, dtype=torch.bfloat16)
+    for compute in (lambda: torch.nn.functional.linear(x, w), lambda: x @ w.t(), lambda: w.float(), lambda: w.data):
+        with pytest.raises(InputError, match="QuantLinear.weight stands in for a packed weight and has no values"):
+            compute()
+    assert repr(w) == "WeightStandIn(shape=(37, 300), dtype=torch.bfloat16, device=cpu)"
 
 
 def test_load_state_dict_round_trips_and_never_casts_a_packed_field():

@@ -170,6 +170,28 @@ def test_a_tied_lm_head_stays_tied_through_every_path(tmp_path, caplog):
             assert torch.equal(loaded(IDS).logits, expected)
 
 
+def test_t5_which_reads_its_linear_weight_dtype_round_trips(tmp_path):
+    """T5's feed-forward casts its input to `wo.weight.dtype`: QuantLinear.weight is a meta
+    stand-in with that dtype, so an encoder-decoder quantizes, saves and loads every way."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path / "base")
+    model = lowbit.quantize(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "base"), "int4", progress=False)
+    assert isinstance(model.encoder.block[0].layer[1].DenseReluDense.wo, lowbit.QuantLinear)
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=IDS, decoder_input_ids=IDS[:, :3]).logits
+
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "q")
+    on_load = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "base", quantization_config=lowbit.HfQuantConfig("int4"))
+    for loaded in (AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "q"), lowbit.load(tmp_path / "q"), on_load):
+        assert torch.equal(logits(loaded), expected)
+
+
 def test_device_map_auto_with_offload(llama_dir, tmp_path):
     model = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], progress=False)
     model.save_pretrained(tmp_path / "q")
