@@ -105,13 +105,16 @@ class BlockDecompressor:
 
 
 def enable_block_decompression(model: nn.Module, min_tokens: int | None = None) -> list[BlockDecompressor]:
-    """Hook every block (child of an nn.ModuleList) holding dfloat11 layers; returns the
+    """Hook every outermost block (child of an nn.ModuleList) holding dfloat11 layers; returns the
     decompressors (call `.remove()` on each to undo). min_tokens: decode per block only for
     calls with at least this many tokens (default: above the fused GEMV's largest M)."""
     check_module(model)
-    blocks = [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module]
-    hooked = [BlockDecompressor(b, min_tokens) for b in blocks
-              if any(isinstance(m, QuantLinear) and m.format == "dfloat11" for m in b.modules())]
+    blocks = [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module
+              if any(isinstance(m, QuantLinear) and m.format == "dfloat11" for m in child.modules())]
+    # only the outermost: a block inside another (T5's sub-layers inside a T5Block) would decode
+    # its layers a second time into the shared buffer
+    inner = {id(m) for b in blocks for m in b.modules() if m is not b}
+    hooked = [BlockDecompressor(b, min_tokens) for b in blocks if id(b) not in inner]
     if not hooked:
         warnings.warn("enable_block_decompression: no block (child of an nn.ModuleList) holds dfloat11 "
                       "layers; nothing was hooked", stacklevel=2)

@@ -203,6 +203,33 @@ def test_enable_block_decompression_finds_transformer_blocks():
         d.remove()
 
 
+def test_nested_blocks_are_hooked_once_at_the_outermost(monkeypatch):
+    """A T5Block holds its sub-layers in another ModuleList: only the T5Blocks are hooked, so each
+    weight is decoded once per call (the sub-layers' own hooks decoded them a second time)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    model = lowbit.quantize(T5ForConditionalGeneration(config).bfloat16().eval(), "dfloat11", skip=["lm_head"],
+                            progress=False)
+    ids = torch.randint(0, 64, (1, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids, decoder_input_ids=ids).logits
+    decompressors = enable_block_decompression(model, min_tokens=1)
+    assert [len(d.layers) for d in decompressors] == [6, 10]  # the encoder's and the decoder's T5Block
+    decoded, decode = [], BlockDecompressor.decode
+
+    def counting_decode(self):
+        decoded.extend(self.layers)
+        return decode(self)
+
+    monkeypatch.setattr(BlockDecompressor, "decode", counting_decode)
+    monkeypatch.setattr("lowbit.block_decode.interpreting", lambda: False)  # the torch decoder: this is about hooks
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, expected)
+    assert len(decoded) == len({id(m) for m in decoded}) == 6 + 10  # the encoder / decoder block's layers
+
+
 def test_enable_block_decompression_warns_when_there_is_nothing_to_hook():
     with pytest.warns(UserWarning, match="no block .* holds dfloat11 layers"):
         assert enable_block_decompression(make_tiny_llama()) == []
