@@ -12,39 +12,39 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import FormatError, LowbitError, check_module
-from .linear import QuantLinear
+from .linear import QuantLinear, linear_shape
 
 logger = logging.getLogger(__name__)
 
 
 def replace_layer(model: nn.Module, qualified_name: str, layer: QuantLinear) -> None:
-    """Put `layer` where `model` has an nn.Linear (or QuantLinear) of the same shape; FormatError
+    """Put `layer` where `model` has an nn.Linear, Conv1D or QuantLinear of the same shape; FormatError
     when there is no such module or it does not match."""
     try:
         current = model.get_submodule(qualified_name)
     except AttributeError:
         raise FormatError("no such module in the model") from None
-    if (not isinstance(current, (nn.Linear, QuantLinear))
-            or (current.out_features, current.in_features) != (layer.out_features, layer.in_features)):
+    shape = (current.out_features, current.in_features) if isinstance(current, QuantLinear) else linear_shape(current)
+    if shape != (layer.out_features, layer.in_features):
         raise FormatError(f"does not match the model's {current!r}")
     parent_name, _, child = qualified_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
 def tied_linears(model: nn.Module) -> set[str]:
-    """Qualified names of the nn.Linear layers whose weight is tied to another parameter (lm_head
+    """Qualified names of the Linear (or Conv1D) layers whose weight is tied to another parameter (lm_head
     with tie_word_embeddings): the same tensor under two names, or a tie a transformers model
     declares (`all_tied_weights_keys`, also on the meta device before the tie is made). These stay
     in full precision: quantizing the Linear would untie it, store the weight twice (the
     embedding keeps its copy), and transformers re-ties by name when it loads the model. Logged
     (INFO) when there are any."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    tied = {name for name, m in model.named_modules() if type(m) is nn.Linear and uses[id(m.weight)] > 1}
+    tied = {name for name, m in model.named_modules() if linear_shape(m) and uses[id(m.weight)] > 1}
     declared = getattr(model, "all_tied_weights_keys", None)
     for key in (*declared.keys(), *declared.values()) if isinstance(declared, dict) else ():
         name = str(key).removesuffix(".weight")
         try:
-            if type(model.get_submodule(name)) is nn.Linear:
+            if linear_shape(model.get_submodule(name)):
                 tied.add(name)
         except AttributeError:
             continue
@@ -55,7 +55,7 @@ def tied_linears(model: nn.Module) -> set[str]:
 
 def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[str] | tuple[str, ...] | None = None,
              overrides: dict[str, Any] | None = None, progress: bool = True, **options: Any) -> nn.Module:
-    """Quantize every nn.Linear of `model` in place and return the model.
+    """Quantize every nn.Linear (and transformers Conv1D) of `model` in place and return the model.
 
     config: a format name (with `options`, e.g. group_size=128) or a QuantConfig.
     skip: glob patterns of qualified names to leave alone (e.g. ["lm_head", "*.gate"]). Linear
@@ -71,10 +71,10 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
         config = QuantConfig(config, options=options, skip=() if skip is None else skip,
                              overrides={} if overrides is None else overrides)
     tied = tied_linears(model)
-    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear and name not in tied]
+    targets = [(name, mod) for name, mod in model.named_modules() if linear_shape(mod) and name not in tied]
     if not targets:
-        warnings.warn(f"lowbit.quantize: {type(model).__name__} has no nn.Linear layer to quantize (already "
-                      "quantized? transformers' Conv1D, as in GPT-2, is not an nn.Linear)", stacklevel=2)
+        warnings.warn(f"lowbit.quantize: {type(model).__name__} has no nn.Linear (or Conv1D) layer to quantize "
+                      "(already quantized?)", stacklevel=2)
     for name, linear in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
                              disable=not progress):
         plan = config.layer_plan(name)

@@ -91,20 +91,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_layers(folder: Path) -> tuple[str, dict, str]:
+    """(where the entries are, {layer: entry}, what wrote the folder) of a lowbit.save folder
+    (lowbit.json) or a save_pretrained one (config.json's quantization_config.layers)."""
+    from .errors import CheckpointError
+    from .io import MANIFEST, _is_saved_pretrained, _read_manifest
+
+    if not (folder / MANIFEST).is_file() and _is_saved_pretrained(folder):
+        config = json.loads((folder / "config.json").read_text())
+        layers = config["quantization_config"].get("layers")
+        if not isinstance(layers, dict):
+            raise CheckpointError(f"{folder / 'config.json'}: quantization_config.layers: missing or not an object")
+        return f"{folder / 'config.json'}: quantization_config.layers", layers, \
+            f"save_pretrained: {(config.get('architectures') or ['?'])[0]}"
+    manifest = _read_manifest(folder)
+    model = manifest["model"]
+    return f"{folder / MANIFEST}: layers", manifest["layers"], f"{model.get('kind')}: {model.get('class')}"
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .errors import CheckpointError
-    from .io import MANIFEST, _read_manifest
     from .packed import parse_metadata
 
     folder = Path(args.path)
-    manifest = _read_manifest(folder)
+    where, layers, written_by = _saved_layers(folder)
     rows = []
     total_bytes = total_weights = 0
-    for name, entry in manifest["layers"].items():
+    for name, entry in layers.items():
         try:
             fmt, shape, _, attrs = parse_metadata(entry)
         except LowbitError as exc:
-            raise CheckpointError(f"{folder / MANIFEST}: layers.{name}: {exc}") from None
+            raise CheckpointError(f"{where}.{name}: {exc}") from None
         specs = fmt.field_specs(shape, attrs)
         nbytes = sum(spec.nbytes for spec in specs.values())
         total_bytes += nbytes
@@ -116,12 +133,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(line(h.ljust(w) for h, w in zip(header, widths)))
     for row in rows:
         print(line(c.ljust(w) for c, w in zip(row, widths)))
-    model_entry = manifest["model"]
-    print(f"\n{len(rows)} quantized layer(s) in {folder / MANIFEST} ({model_entry.get('kind')}: {model_entry.get('class')})")
+    print(f"\n{len(rows)} quantized layer(s) in {folder} ({written_by})")
     if total_weights:
         print(f"packed: {total_bytes} bytes, {total_bytes * 8 / total_weights:.3f} bits/weight")
     if args.json:
-        print(json.dumps(manifest["layers"], indent=1))
+        print(json.dumps(layers, indent=1))
     return 0
 
 

@@ -11,6 +11,23 @@ from .formats import get_format
 from .packed import PackedWeight, parse_metadata
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out_features, in_features) of a layer QuantLinear replaces: exactly nn.Linear, or
+    transformers' Conv1D (GPT-2: y = x @ W + b with W stored [in, out]); None for anything else."""
+    if type(module) is nn.Linear:
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils":
+        return module.nf, module.weight.shape[0]
+    return None
+
+
+def linear_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The [out_features, in_features] weight of a layer `linear_shape` accepts (a Conv1D's stored
+    [in, out] transposed); `weight`: that layer's weight tensor from elsewhere (a checkpoint)."""
+    weight = module.weight if weight is None else weight
+    return weight if type(module) is nn.Linear else weight.t()
+
+
 class WeightStandIn(torch.Tensor):
     """`QuantLinear.weight`: the original weight's shape, dtype and device, and no values. Model
     code that reads those runs unchanged (T5 casts its feed-forward input to `wo.weight.dtype`);
@@ -101,9 +118,12 @@ class QuantLinear(nn.Module):
         return {**self.packed.metadata(), "bias": self.bias is not None}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, format: str, *, name: str = "weight", **options: Any) -> "QuantLinear":
-        """Quantize an nn.Linear's weight into `format` (options as the format accepts)."""
-        packed = get_format(format).quantize(linear.weight.detach(), name=name, **options)
+    def from_linear(cls, linear: nn.Module, format: str, *, name: str = "weight", **options: Any) -> "QuantLinear":
+        """Quantize an nn.Linear's (or transformers Conv1D's) weight into `format` (options as the
+        format accepts)."""
+        if linear_shape(linear) is None:
+            raise InputError(f"{name}: expected an nn.Linear (or transformers Conv1D), got {type(linear).__name__}")
+        packed = get_format(format).quantize(linear_weight(linear).detach(), name=name, **options)
         return cls.from_packed(packed, None if linear.bias is None else linear.bias.detach())
 
     @property

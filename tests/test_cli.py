@@ -33,7 +33,12 @@ def test_quantize_and_inspect_local_llama(tiny_llama_dir, tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
     assert "model.layers.0.mlp.gate_proj" in table and "160x96" in table and "int4" in table
-    assert "14 quantized layer(s)" in table
+    assert "14 quantized layer(s)" in table and "(transformers: LlamaForCausalLM)" in table
+    # a save_pretrained folder has no lowbit.json: its config.json's quantization_config is read
+    loaded.save_pretrained(tmp_path / "hf")
+    assert main(["inspect", str(tmp_path / "hf")]) == 0
+    hf_table = capsys.readouterr().out.replace("save_pretrained: ", "transformers: ")
+    assert sorted(hf_table.splitlines()) == sorted(table.replace(str(out), str(tmp_path / "hf")).splitlines())
 
 
 def test_quantize_fp8_w8a8_block(tiny_llama_dir, tmp_path, capsys):

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, LowbitError
 from ..formats.dfloat11 import DEFAULT_SEGMENT, join_bf16
+from ..linear import linear_shape
 
 DF11_FIELDS = ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions")
 #: byte-table entries at or above this point to another table (the package's convention)
@@ -253,8 +254,8 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
         weight = model.get_submodule(name).weight
         if not torch.equal(weight.view(torch.int16), state[f"{name}.weight"].view(torch.int16)):
             raise _fail(f"{name}.weight", f"the model holds {weight.dtype} weights, not the decoded bf16 ones")
-    linears = {n for n in decoded if isinstance(model.get_submodule(n), nn.Linear)}
-    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears]
+    linears = {n for n in decoded if linear_shape(model.get_submodule(n))}
+    skip = [n for n, m in model.named_modules() if linear_shape(m) and n not in linears]
     quantize(model, "dfloat11", segment=segment, skip=skip, progress=len(linears) > 8)
     return model.to(device).eval()
 

@@ -4,7 +4,7 @@
   skip, overrides) and, for a quantized model, `layers`: each quantized layer's format, shape,
   dtype, attributes and bias flag (the same entries as lowbit.json's `layers`).
 - `LowbitHfQuantizer` (an `HfQuantizer`):
-  * pre-quantized checkpoints: before weights load, the meta model's nn.Linear layers named in
+  * pre-quantized checkpoints: before weights load, the meta model's Linear / Conv1D layers named in
     `layers` become QuantLinear with the declared buffers; transformers then fills those buffers
     from the safetensors keys `{layer}.{field}` like any other tensor (no cast: the buffers'
     dtypes are the format's);
@@ -26,7 +26,7 @@ from torch import nn
 from ..api import replace_layer, tied_linears
 from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
 from ..errors import FormatError, LowbitError
-from ..linear import QuantLinear
+from ..linear import QuantLinear, linear_shape, linear_weight
 
 try:  # transformers is a dependency, but keep `import lowbit` working without it
     from transformers.core_model_loading import ConversionOps
@@ -104,8 +104,9 @@ class _QuantizeOnLoad(ConversionOps if ConversionOps else object):
         layer_name = (full_layer_name or key).rpartition(".")[0]
         linear = model.get_submodule(layer_name)
         fmt_name, options = self.hf_quantizer.plan[layer_name]
-        packed = get_format(fmt_name).quantize(weight, name=layer_name, **options)
-        layer = QuantLinear(linear.in_features, linear.out_features, fmt_name, packed.attrs,
+        packed = get_format(fmt_name).quantize(linear_weight(linear, weight), name=layer_name, **options)
+        out_features, in_features = linear_shape(linear)
+        layer = QuantLinear(in_features, out_features, fmt_name, packed.attrs,
                             bias=linear.bias is not None, dtype=packed.dtype, device="meta")
         for field, tensor in packed.tensors.items():
             layer._buffers[field] = tensor
@@ -166,7 +167,7 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
         quant_config = config.quant_config()
         tied = tied_linears(model)  # not in the checkpoint under their own name: left tied, full precision
         for name, module in model.named_modules():
-            if type(module) is nn.Linear and name not in tied:
+            if linear_shape(module) and name not in tied:
                 plan = quant_config.layer_plan(name)
                 if plan is not None:
                     # fail before anything loads, naming the layer (e.g. dfloat11 on an fp32 load)

@@ -192,6 +192,27 @@ def test_t5_which_reads_its_linear_weight_dtype_round_trips(tmp_path):
         assert torch.equal(logits(loaded), expected)
 
 
+def test_gpt2_conv1d_layers_quantize_and_round_trip(tmp_path):
+    """GPT-2's projections are transformers' Conv1D (y = x @ W + b, W stored [in, out]): they are
+    quantized from the transposed weight (int8 logits stay close to the dense ones, which a
+    square c_proj quantized untransposed would not) and load back every way."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4)).save_pretrained(tmp_path / "base")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    model = lowbit.quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), "int8", progress=False)
+    assert isinstance(model.transformer.h[0].attn.c_proj, lowbit.QuantLinear)  # lm_head stays tied to wte
+    with torch.no_grad():
+        expected, reference = model(IDS).logits, dense(IDS).logits
+    assert (expected - reference).abs().max() < 0.02 * reference.abs().max()
+    model.save_pretrained(tmp_path / "q")
+    on_load = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=lowbit.HfQuantConfig("int8"))
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "q"), lowbit.load(tmp_path / "q"), on_load):
+        with torch.no_grad():
+            assert torch.equal(loaded(IDS).logits, expected)
+
+
 def test_device_map_auto_with_offload(llama_dir, tmp_path):
     model = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], progress=False)
     model.save_pretrained(tmp_path / "q")
