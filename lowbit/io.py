@@ -5,6 +5,7 @@ Folder layout:
                                     per-layer format / shape / dtype / attrs, every tensor's
                                     dtype, shape and file, aliases of tied tensors
   model.safetensors                 or model-00001-of-0000N.safetensors when sharded
+  non-persistent-buffers.safetensors  the non-persistent buffers, when there are any
 Keys are `{qualified_name}.{field}`. Every unique parameter and buffer is stored (non-persistent
 buffers too), so `load` rebuilds the module from the manifest alone. Nothing read from the folder
 is executed: safetensors and JSON only, model classes are looked up by name in `transformers`.
@@ -30,6 +31,10 @@ from .linear import QuantLinear
 from .packed import dtype_name
 
 MANIFEST = "lowbit.json"
+#: non-persistent buffers (rotary inv_freq, ...): load needs them, as it builds the model on the
+#: meta device; from_pretrained computes them itself and reported them as unexpected keys, so
+#: they live apart from the shards it reads
+NON_PERSISTENT_FILE = "non-persistent-buffers.safetensors"
 #: 2: every layer entry records its packed layout (`Format.layout`). Version-1 folders still load,
 #: except layers in a layout that has changed since (int6 / int7 / mxfp6: CheckpointError); the bump
 #: makes lowbit versions that read only version 1 refuse new folders instead of misreading them.
@@ -59,6 +64,12 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
+def _non_persistent_buffers(model: nn.Module) -> set[str]:
+    """Qualified names of the buffers registered with persistent=False."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules(remove_duplicate=False)
+            for name in module._non_persistent_buffers_set}
+
+
 def _model_entry(model: nn.Module) -> dict[str, Any]:
     try:
         from transformers import PreTrainedModel
@@ -66,6 +77,9 @@ def _model_entry(model: nn.Module) -> dict[str, Any]:
         PreTrainedModel = ()
     if isinstance(model, PreTrainedModel):
         config = json.loads(model.config.to_json_string(use_diff=False))
+        # as save_pretrained records it: the dtype the model holds now (a model built from a config
+        # has none, and from_pretrained then took the first float tensor's, a float16 scale)
+        config["dtype"] = dtype_name(model.dtype)
         return {"kind": "transformers", "class": type(model).__name__, "config": config}
     return {"kind": "module", "class": type(model).__name__}
 
@@ -119,9 +133,13 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     if on_meta:
         raise CheckpointError(f"cannot save {on_meta[:5]}: on the meta device (no data)")
     layers = {name: mod.metadata() for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
-    groups = _shards(tensors, max_shard_bytes)
+    non_persistent = sorted(_non_persistent_buffers(model) & set(tensors))
+    groups = _shards({n: t for n, t in tensors.items() if n not in non_persistent}, max_shard_bytes)
     files = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    if non_persistent:
+        groups.append(non_persistent)
+        files.append(NON_PERSISTENT_FILE)
     manifest = {
         "lowbit": {"format_version": FORMAT_VERSION, "library_version": _library_version()},
         "model": _model_entry(model),
@@ -152,9 +170,10 @@ def _write_transformers_files(folder: Path, manifest: dict[str, Any], files: lis
     if entry["kind"] != "transformers":
         return
     (folder / "config.json").write_text(json.dumps({**entry["config"], "architectures": [entry["class"]]}, indent=1))
-    if len(files) > 1:
+    if len([f for f in files if f != NON_PERSISTENT_FILE]) > 1:
         index = {"metadata": {"producer": "lowbit"},
-                 "weight_map": {name: e["file"] for name, e in manifest["tensors"].items()}}
+                 "weight_map": {name: e["file"] for name, e in manifest["tensors"].items()
+                                if e["file"] != NON_PERSISTENT_FILE}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 

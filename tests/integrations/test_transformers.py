@@ -136,6 +136,24 @@ def test_lowbit_save_and_save_pretrained_read_each_other(llama_dir, tmp_path):
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")(IDS).logits, expected)
 
 
+def test_from_pretrained_of_a_lowbit_save_folder_keeps_dtype_and_reports_no_unexpected_keys(tmp_path):
+    """A model built from a config has no config dtype: from_pretrained then took the first float
+    tensor's (a float16 scale) and loaded the norms in float16. lowbit.save records the model's
+    dtype as save_pretrained does, and keeps the non-persistent buffers (rotary inv_freq, which
+    lowbit.load needs) out of the files from_pretrained reads, which it reported as unexpected."""
+    model = lowbit.quantize(make_tiny_llama(), "int4", progress=False)
+    assert model.config.dtype is None
+    with torch.no_grad():
+        expected = model(IDS).logits
+    lowbit.save(model, tmp_path / "lowbit")
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "lowbit", output_loading_info=True)
+    assert loaded.model.norm.weight.dtype == torch.float32
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, expected)
+        assert torch.equal(lowbit.load(tmp_path / "lowbit")(IDS).logits, expected)
+
+
 def test_cli_output_loads_with_from_pretrained(tmp_path):
     assert cli_main(["quantize", str(tmp_path / "out"), "--format", "int8"]) == 0
     model = AutoModel.from_pretrained(tmp_path / "out")
