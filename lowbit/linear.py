@@ -130,7 +130,7 @@ class QuantLinear(nn.Module):
     def weight(self) -> WeightStandIn:
         """[out_features, in_features] in the original weight's dtype, on the packed weight's
         device, without values (`WeightStandIn`): for model code that reads `.weight.dtype`."""
-        device = next(iter(self._buffers[name] for name in self._fields)).device
+        device = self._buffers[next(iter(self._fields))].device
         return WeightStandIn((self.out_features, self.in_features), self.weight_dtype, device)
 
     @property

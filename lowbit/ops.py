@@ -136,7 +136,8 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
         raise InputError(f"x is on {x.device} but the packed weight is on {packed.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
-            raise InputError(f"bias must be a tensor of shape ({n},), got {getattr(bias, 'shape', type(bias).__name__)}")
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise InputError(f"bias must be a tensor of shape ({n},), got {got}")
         if bias.device != x.device:
             raise InputError(f"bias is on {bias.device} but x is on {x.device}")
         bias = bias.to(x.dtype)

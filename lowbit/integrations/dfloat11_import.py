@@ -142,7 +142,8 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise _fail(f"{path}: dfloat11_config.pattern_dict", f"{pattern!r} is not a regular expression ({exc})") from None
+            raise _fail(f"{path}: dfloat11_config.pattern_dict",
+                        f"{pattern!r} is not a regular expression ({exc})") from None
     return config, df11
 
 
