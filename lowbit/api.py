@@ -70,11 +70,12 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
     else:
         config = QuantConfig(config, options=options, skip=() if skip is None else skip,
                              overrides={} if overrides is None else overrides)
-    tied = tied_linears(model)
-    targets = [(name, mod) for name, mod in model.named_modules() if linear_shape(mod) and name not in tied]
-    if not targets:
+    linears = [(name, mod) for name, mod in model.named_modules() if linear_shape(mod)]
+    if not linears:
         warnings.warn(f"lowbit.quantize: {type(model).__name__} has no nn.Linear (or Conv1D) layer to quantize "
                       "(already quantized?)", stacklevel=2)
+    tied = tied_linears(model)  # logged
+    targets = [(name, mod) for name, mod in linears if name not in tied]
     for name, linear in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
                              disable=not progress):
         plan = config.layer_plan(name)
