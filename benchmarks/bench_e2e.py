@@ -198,6 +198,12 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args(argv)
     args.formats = args.formats or DEFAULT_FORMATS
+    from lowbit.formats import formats
+
+    unknown = [f for f in args.formats if f not in formats()]
+    if unknown:  # before the bf16 baseline is built and timed
+        print(f"bench_e2e: unknown format(s) {unknown}; known: {', '.join(formats())}", file=sys.stderr)
+        return 2
     if args.smoke:
         device = torch.device("cpu")
         args.width, args.layers, args.prompt, args.new, args.repeats = "smoke", 2, 8, 4, 1

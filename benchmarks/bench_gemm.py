@@ -62,6 +62,21 @@ def parse_format_spec(spec: str, args) -> tuple[str, dict]:
     return name, options
 
 
+def check_format_specs(specs: list[str], args) -> list[str]:
+    """One line per spec whose format or options lowbit refuses (empty when all are valid)."""
+    from lowbit.errors import LowbitError
+    from lowbit.formats import get_format
+
+    problems = []
+    for spec in specs:
+        name, options = parse_format_spec(spec, args)
+        try:
+            get_format(name).check_options(options)
+        except LowbitError as exc:
+            problems.append(f"--formats {spec}: {exc}")
+    return problems
+
+
 def reference(fmt, packed, x):
     """fp32 reference of the path lowbit.linear takes for this M: the W8A8 emulation where the
     act="fp8" kernel uses FP8 tensor cores, else F.linear(x, dequantize(W))."""
@@ -320,6 +335,11 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     formats = args.formats or DEFAULT_FORMATS
+    problems = check_format_specs(formats, args) + [f"--m {m}: not a positive number of rows" for m in args.m if m < 1]
+    for problem in problems:
+        print(f"bench_gemm: {problem}", file=sys.stderr)
+    if problems:
+        return 2  # before any case runs: a typo must not cost GPU time case by case
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("--smoke runs Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)

@@ -52,6 +52,16 @@ def test_bench_gemm_output_merges_runs_of_the_same_day(tmp_path):
     assert "| int4 | 1 | 3.20x | >= 3.0x | met |" in (tmp_path / "run.md").read_text()
 
 
+def test_bench_gemm_refuses_a_bad_format_spec_before_running_any_case(tmp_path):
+    """A typo in --formats used to run every case of that spec to a FAILED row; on a GPU lease
+    that is device time. Specs are checked first, with lowbit's own error."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gemm.py"), "--smoke", "--formats", "int4",
+                           "fp8:act=fp9", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 2 and "--formats fp8:act=fp9: fp8: act must be one of" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_gemm_refuses_gpu_mode_without_gpu():
     import torch
 
@@ -95,6 +105,12 @@ def test_bench_e2e_smoke(tmp_path):
     assert all(r["logits_cos_vs_bf16"] > 0.99999 for r in lossless)  # lossless weights, same reference math
     assert all(0.9 < r["logits_cos_vs_bf16"] < 1 for r in rows if r["format"] == "int4")
     assert list(tmp_path.glob("*.md"))
+
+
+def test_bench_e2e_refuses_an_unknown_format_first(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--smoke", "--formats", "int4",
+                           "int44", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown format(s) ['int44']" in proc.stderr and not list(tmp_path.iterdir())
 
 
 def test_bench_e2e_refuses_gpu_mode_without_gpu():
