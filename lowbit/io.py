@@ -152,7 +152,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        for f, names in tqdm(list(zip(files, groups)), desc="lowbit save", unit="shard", disable=len(files) < 2):
+        for f, names in tqdm(list(zip(files, groups)), desc="lowbit save", unit="file", disable=_single_shard(files)):
             _write_shard(tmp / f, names, tensors)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _write_transformers_files(tmp, manifest, files)
@@ -163,6 +163,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     return out_dir
 
 
+def _single_shard(files) -> bool:
+    """No progress bar for one shard (plus the small non-persistent-buffers file)."""
+    return len([f for f in files if f != NON_PERSISTENT_FILE]) < 2
+
+
 def _write_transformers_files(folder: Path, manifest: dict[str, Any], files: list[str]) -> None:
     """For transformers models, the files from_pretrained reads besides the shards: config.json
     (with `quantization_config`) and, when sharded, model.safetensors.index.json."""
@@ -170,7 +175,7 @@ def _write_transformers_files(folder: Path, manifest: dict[str, Any], files: lis
     if entry["kind"] != "transformers":
         return
     (folder / "config.json").write_text(json.dumps({**entry["config"], "architectures": [entry["class"]]}, indent=1))
-    if len([f for f in files if f != NON_PERSISTENT_FILE]) > 1:
+    if not _single_shard(files):
         index = {"metadata": {"producer": "lowbit"},
                  "weight_map": {name: e["file"] for name, e in manifest["tensors"].items()
                                 if e["file"] != NON_PERSISTENT_FILE}}
@@ -351,7 +356,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         if (exact and stored_dtype != want.dtype) or want.is_floating_point() != stored_dtype.is_floating_point:
             raise _fail(fpath, name, f"dtype {entry['dtype']} does not fit the model's {want.dtype}")
 
-    for f in tqdm(sorted(headers), desc="lowbit load", unit="shard", disable=len(headers) < 2):
+    for f in tqdm(sorted(headers), desc="lowbit load", unit="file", disable=_single_shard(headers)):
         fpath = folder / f
         try:
             with safe_open(str(fpath), framework="pt", device=str(device)) as handle:
