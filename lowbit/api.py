@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import FormatError, LowbitError, check_module
-from .linear import QuantLinear, linear_shape
+from .linear import QuantLinear, is_quantize_target, linear_shape
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,12 @@ def tied_linears(model: nn.Module) -> set[str]:
     embedding keeps its copy), and transformers re-ties by name when it loads the model. Logged
     (INFO) when there are any."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    tied = {name for name, m in model.named_modules() if linear_shape(m) and uses[id(m.weight)] > 1}
+    tied = {name for name, m in model.named_modules() if is_quantize_target(m) and uses[id(m.weight)] > 1}
     declared = getattr(model, "all_tied_weights_keys", None)
     for key in (*declared.keys(), *declared.values()) if isinstance(declared, dict) else ():
         name = str(key).removesuffix(".weight")
         try:
-            if linear_shape(model.get_submodule(name)):
+            if is_quantize_target(model.get_submodule(name)):
                 tied.add(name)
         except AttributeError:
             continue
@@ -70,7 +70,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
     else:
         config = QuantConfig(config, options=options, skip=() if skip is None else skip,
                              overrides={} if overrides is None else overrides)
-    linears = [(name, mod) for name, mod in model.named_modules() if linear_shape(mod)]
+    linears = [(name, mod) for name, mod in model.named_modules() if is_quantize_target(mod)]
     if not linears:
         warnings.warn(f"lowbit.quantize: {type(model).__name__} has no nn.Linear (or Conv1D) layer to quantize "
                       "(already quantized?)", stacklevel=2)

@@ -1,6 +1,7 @@
 """QuantLinear: drop-in nn.Linear replacement holding a PackedWeight as registered buffers."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -11,21 +12,32 @@ from .formats import get_format
 from .packed import PackedWeight, parse_metadata
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2: y = x @ W + b with W stored [in, out])."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils"
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(out_features, in_features) of a layer QuantLinear replaces: exactly nn.Linear, or
-    transformers' Conv1D (GPT-2: y = x @ W + b with W stored [in, out]); None for anything else."""
-    if type(module) is nn.Linear:
+    """(out_features, in_features) of a layer a QuantLinear can stand in for: an nn.Linear or
+    transformers' Conv1D; None for anything else."""
+    if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    if type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils":
+    if _is_conv1d(module):
         return module.nf, module.weight.shape[0]
     return None
+
+
+def is_quantize_target(module: nn.Module) -> bool:
+    """The layers lowbit.quantize replaces: exactly nn.Linear or Conv1D. Subclasses stay: their
+    parents may read the weight directly (nn.MultiheadAttention's out_proj)."""
+    return type(module) is nn.Linear or _is_conv1d(module)
 
 
 def linear_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The [out_features, in_features] weight of a layer `linear_shape` accepts (a Conv1D's stored
     [in, out] transposed); `weight`: that layer's weight tensor from elsewhere (a checkpoint)."""
     weight = module.weight if weight is None else weight
-    return weight if type(module) is nn.Linear else weight.t()
+    return weight if isinstance(module, nn.Linear) else weight.t()
 
 
 class WeightStandIn(torch.Tensor):
@@ -59,6 +71,13 @@ class WeightStandIn(torch.Tensor):
 
     def __repr__(self) -> str:
         return f"WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+@functools.lru_cache(maxsize=1024)
+def _weight_stand_in(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> WeightStandIn:
+    """One stand-in per shape, dtype and device, not an allocation per `.weight` read (T5 reads it
+    in every forward); sharing is safe, as nothing can be done with one but read those three."""
+    return WeightStandIn(shape, dtype, device)
 
 
 class QuantLinear(nn.Module):
@@ -131,7 +150,7 @@ class QuantLinear(nn.Module):
         """[out_features, in_features] in the original weight's dtype, on the packed weight's
         device, without values (`WeightStandIn`): for model code that reads `.weight.dtype`."""
         device = self._buffers[next(iter(self._fields))].device
-        return WeightStandIn((self.out_features, self.in_features), self.weight_dtype, device)
+        return _weight_stand_in((self.out_features, self.in_features), self.weight_dtype, device)
 
     @property
     def packed(self) -> PackedWeight:
@@ -172,12 +191,18 @@ class QuantLinear(nn.Module):
                 raise FormatError(f"{prefix}{name}: {self.format} stores this field as {spec.dtype}, the state "
                                   f"dict holds {value.dtype} (packed fields are never cast)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.check_loaded_data(prefix.rstrip(".") or "layer")
+
+    def check_loaded_data(self, name: str) -> None:
+        """FormatError naming `name` when loaded packed values could not safely reach a kernel
+        (`PackedWeight.check_data`); nothing to check while a field is on meta (offloaded)."""
         packed = self.packed
-        if not any(t.is_meta for t in packed.tensors.values()):
-            try:
-                packed.check_data()
-            except LowbitError as exc:
-                raise FormatError(f"{prefix.rstrip('.') or 'layer'}: {exc}") from None
+        if any(t.is_meta for t in packed.tensors.values()):
+            return
+        try:
+            packed.check_data()
+        except LowbitError as exc:
+            raise FormatError(f"{name}: {exc}") from None
 
     def extra_repr(self) -> str:
         n, k = self.out_features, self.in_features

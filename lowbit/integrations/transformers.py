@@ -26,7 +26,7 @@ from torch import nn
 from ..api import replace_layer, tied_linears
 from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
 from ..errors import FormatError, LowbitError
-from ..linear import QuantLinear, linear_shape, linear_weight
+from ..linear import QuantLinear, is_quantize_target, linear_shape, linear_weight
 
 try:  # transformers is a dependency, but keep `import lowbit` working without it
     from transformers.core_model_loading import ConversionOps
@@ -124,18 +124,14 @@ def _check_loaded_layer(name: str, layer: QuantLinear) -> None:
     uninitialized (torch.empty): a layer declared with a field or bias the file lacks would compute
     with garbage. Loaded tensors carry transformers' `_is_hf_initialized` flag (what keeps its own
     weight init off them); tensors still on meta are offloaded and not loaded here: skipped."""
-    packed = layer.packed
-    tensors = {**packed.tensors, **({} if layer.bias is None else {"bias": layer.bias})}
+    tensors = {**layer.packed.tensors, **({} if layer.bias is None else {"bias": layer.bias})}
     if any(t.is_meta for t in tensors.values()):
         return
     absent = [field for field, t in tensors.items() if not getattr(t, "_is_hf_initialized", False)]
     if absent:
         raise FormatError(f"{name}: the checkpoint has no {absent} for this layer, which quantization_config.layers "
                           f"declares as {layer.metadata()}")
-    try:
-        packed.check_data()
-    except LowbitError as exc:
-        raise FormatError(f"{name}: {exc}") from None
+    layer.check_loaded_data(name)
 
 
 class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
@@ -167,7 +163,7 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
         quant_config = config.quant_config()
         tied = tied_linears(model)  # not in the checkpoint under their own name: left tied, full precision
         for name, module in model.named_modules():
-            if linear_shape(module) and name not in tied:
+            if is_quantize_target(module) and name not in tied:
                 plan = quant_config.layer_plan(name)
                 if plan is not None:
                     # fail before anything loads, naming the layer (e.g. dfloat11 on an fp32 load)
