@@ -1,4 +1,4 @@
-"""lowbit.quantize(): swap a model's nn.Linear layers for QuantLinear, in place."""
+"""lowbit.quantize(): swap a model's nn.Linear layers (and MoE expert weights) for QuantLinear, in place."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import experts
 from .config import QuantConfig
 from .errors import FormatError, LowbitError, check_module
 from .linear import QuantLinear, is_quantize_target, linear_shape
@@ -29,6 +30,42 @@ def replace_layer(model: nn.Module, qualified_name: str, layer: QuantLinear) -> 
         raise FormatError(f"does not match the model's {current!r}")
     parent_name, _, child = qualified_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def place_layers(model: nn.Module, layers: dict[str, QuantLinear], field: str) -> None:
+    """Put every QuantLinear of `layers` (qualified name -> layer, e.g. read from a checkpoint's
+    `field`) into `model`: `replace_layer` for Linear / Conv1D names, and for the slots of a fused
+    MoE weight (`experts.slot_name`) all of that weight's experts at once. FormatError naming
+    `{field}.{name}` when a layer has no place, or a fused weight does not get one layer per expert."""
+    fused: dict[tuple[str, str], dict[int, QuantLinear]] = {}
+    for name, layer in layers.items():
+        slot = experts.parse_slot(name)
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            if slot is not None:  # an expert of a fused weight the model still holds in full precision
+                fused.setdefault(slot[:2], {})[slot[2]] = layer
+                continue
+        try:
+            replace_layer(model, name, layer)
+        except LowbitError as exc:
+            raise FormatError(f"{field}.{name}: {exc}") from None
+    for (experts_name, weight_name), by_index in fused.items():
+        where = f"{field}.{experts.slot_name(experts_name, weight_name, min(by_index))}"
+        try:
+            module = model.get_submodule(experts_name)
+        except AttributeError:
+            raise FormatError(f"{where}: no such module in the model") from None
+        if not experts.is_experts_module(module) or weight_name not in experts.fused_weight_names(module):
+            raise FormatError(f"{where}: the model's {type(module).__name__} has no fused expert weight {weight_name!r}")
+        count = experts.expert_shape(module, weight_name)[0]
+        if sorted(by_index) != list(range(count)):
+            raise FormatError(f"{where}: {experts_name}.{weight_name} has {count} experts, {field} declares "
+                              f"experts {sorted(by_index)}")
+        try:
+            experts.install(module, weight_name, [by_index[index] for index in range(count)])
+        except LowbitError as exc:
+            raise FormatError(f"{where}: {exc}") from None
 
 
 def tied_linears(model: nn.Module) -> set[str]:
@@ -55,7 +92,9 @@ def tied_linears(model: nn.Module) -> set[str]:
 
 def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[str] | tuple[str, ...] | None = None,
              overrides: dict[str, Any] | None = None, progress: bool = True, **options: Any) -> nn.Module:
-    """Quantize every nn.Linear (and transformers Conv1D) of `model` in place and return the model.
+    """Quantize every nn.Linear (and transformers Conv1D) of `model` in place and return the model;
+    the fused expert weights of transformers MoE layers too (lowbit/experts.py: one QuantLinear per
+    expert, named `{experts}.gate_up_proj` / `.down_proj` in skip and override patterns).
 
     config: a format name (with `options`, e.g. group_size=128) or a QuantConfig.
     skip: glob patterns of qualified names to leave alone (e.g. ["lm_head", "*.gate"]). Linear
@@ -71,19 +110,27 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
         config = QuantConfig(config, options=options, skip=() if skip is None else skip,
                              overrides={} if overrides is None else overrides)
     linears = [(name, mod) for name, mod in model.named_modules() if is_quantize_target(mod)]
-    if not linears:
-        warnings.warn(f"lowbit.quantize: {type(model).__name__} has no nn.Linear (or Conv1D) layer to quantize "
-                      "(already quantized?)", stacklevel=2)
+    fused = experts.fused_weights(model)
+    if not linears and not fused:
+        warnings.warn(f"lowbit.quantize: {type(model).__name__} has no nn.Linear (or Conv1D) layer or MoE expert "
+                      "weight to quantize (already quantized?)", stacklevel=2)
+    unsupported = experts.unsupported_experts(model)
+    if unsupported:
+        warnings.warn(f"lowbit.quantize: leaving the expert weights of {unsupported[:3]} in full precision: "
+                      "3-D expert weights without transformers' experts interface", stacklevel=2)
     tied = tied_linears(model)  # logged
-    targets = [(name, mod) for name, mod in linears if name not in tied]
-    for name, linear in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
-                             disable=not progress):
+    targets = [(name, mod, None) for name, mod in linears if name not in tied] + fused
+    for name, module, weight_name in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
+                                          disable=not progress):
         plan = config.layer_plan(name)
         if plan is None:
             continue
         fmt, layer_options = plan
         try:
-            quantized = QuantLinear.from_linear(linear, fmt, name=name, **layer_options)
+            if weight_name is not None:  # a fused MoE weight: one QuantLinear per expert
+                experts.quantize_fused_weight(module, weight_name, fmt, name=name, **layer_options)
+                continue
+            quantized = QuantLinear.from_linear(module, fmt, name=name, **layer_options)
         except LowbitError as exc:
             if name in str(exc):
                 raise

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import replace_layer
+from .api import place_layers
 from .errors import CheckpointError, InputError, LowbitError, check_module
 from .linear import QuantLinear
 from .packed import dtype_name
@@ -324,11 +324,16 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
             raise _fail(mpath, "model.kind", f"{manifest['model'].get('kind')!r} checkpoints need load(..., model=skeleton)")
         model = _build_transformers_model(mpath, manifest["model"])
 
+    layers = {}
     for name, entry in manifest["layers"].items():
         try:
-            replace_layer(model, name, QuantLinear.from_metadata(entry))
+            layers[name] = QuantLinear.from_metadata(entry)
         except LowbitError as exc:
             raise _fail(mpath, f"layers.{name}", str(exc)) from None
+    try:
+        place_layers(model, layers, "layers")
+    except LowbitError as exc:
+        raise CheckpointError(f"{mpath}: {exc}") from None
 
     expected, aliases = _unique_tensors(model)
     stored = manifest["tensors"]

@@ -41,7 +41,8 @@ def linear_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torc
 
 
 class WeightStandIn(torch.Tensor):
-    """`QuantLinear.weight`: the original weight's shape, dtype and device, and no values. Model
+    """`QuantLinear.weight` (and a quantized fused expert weight, lowbit/experts.py): the original
+    weight's shape, dtype and device, and no values. Model
     code that reads those runs unchanged (T5 casts its feed-forward input to `wo.weight.dtype`);
     any computation with it raises InputError. (A meta tensor would not do: torch takes one in a
     CPU matmul and returns uninitialized memory.)"""
@@ -53,7 +54,7 @@ class WeightStandIn(torch.Tensor):
                            torch.Tensor.element_size})
 
     @staticmethod
-    def __new__(cls, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> "WeightStandIn":
+    def __new__(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> "WeightStandIn":
         stand_in = torch.Tensor._make_subclass(cls, torch.empty((), dtype=dtype, device=device).expand(*shape))
         # transformers' "has its values, do not initialize" flag (its init functions check it):
         # the values are the packed fields, loaded from the checkpoint
@@ -65,16 +66,17 @@ class WeightStandIn(torch.Tensor):
         if func in cls._METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
-        raise InputError(f"QuantLinear.weight stands in for a packed weight and has no values "
-                         f"({getattr(func, '__name__', func)}): call the layer, or dequantize its packed weight "
-                         f"(lowbit.get_format(layer.format).dequantize(layer.packed))")
+        raise InputError(f"this weight (a QuantLinear's, or a quantized MoE layer's fused expert weight) stands "
+                         f"in for a packed weight and has no values ({getattr(func, '__name__', func)}): call the "
+                         f"layer, or dequantize its packed weight (lowbit.get_format(layer.format).dequantize("
+                         f"layer.packed), for each QuantLinear)")
 
     def __repr__(self) -> str:
         return f"WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
 @functools.lru_cache(maxsize=1024)
-def _weight_stand_in(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> WeightStandIn:
+def weight_stand_in(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> WeightStandIn:
     """One stand-in per shape, dtype and device, not an allocation per `.weight` read (T5 reads it
     in every forward); sharing is safe, as nothing can be done with one but read those three."""
     return WeightStandIn(shape, dtype, device)
@@ -150,7 +152,7 @@ class QuantLinear(nn.Module):
         """[out_features, in_features] in the original weight's dtype, on the packed weight's
         device, without values (`WeightStandIn`): for model code that reads `.weight.dtype`."""
         device = self._buffers[next(iter(self._fields))].device
-        return _weight_stand_in((self.out_features, self.in_features), self.weight_dtype, device)
+        return weight_stand_in((self.out_features, self.in_features), self.weight_dtype, device)
 
     @property
     def packed(self) -> PackedWeight:

@@ -72,7 +72,8 @@ def test_a_linear_whose_weight_is_shared_stays_dense():
 
 
 def test_a_model_without_linear_layers_gets_a_warning():
-    with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear \(or Conv1D\) layer to quantize"):
+    with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear \(or Conv1D\) layer or MoE expert weight "
+                                         r"to quantize"):
         lowbit.quantize(nn.Sequential(nn.Conv1d(4, 4, 1)), "int4", progress=False)
 
 

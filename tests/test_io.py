@@ -87,14 +87,14 @@ def test_llama_round_trip_identical_logits(tmp_path, dtype):
 
 def test_loaded_cpu_tensors_are_aligned_so_logits_match_bit_for_bit(tmp_path):
     """A CPU load maps safetensors data in place at 8-byte offsets; Mixtral's grouped expert
-    matmul then took another code path and its fp32 logits came back 7e-8 off. load copies every
-    misaligned tensor into an aligned allocation."""
+    matmul (experts left in full precision here) then took another code path and its fp32 logits
+    came back 7e-8 off. load copies every misaligned tensor into an aligned allocation."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    model = lowbit.quantize(MixtralForCausalLM(config).eval(), "int4", progress=False)
+    model = lowbit.quantize(MixtralForCausalLM(config).eval(), "int4", skip="*.experts.*", progress=False)
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits

@@ -68,7 +68,7 @@ def test_weight_stands_in_with_the_original_shape_dtype_and_device_but_no_values
     assert w.device == q.qweight.device and w.dim() == 2 and "weight" not in q.state_dict()
     x = torch.randn(2, 300, dtype=torch.bfloat16)
     for compute in (lambda: torch.nn.functional.linear(x, w), lambda: x @ w.t(), lambda: w.float(), lambda: w.data):
-        with pytest.raises(InputError, match="QuantLinear.weight stands in for a packed weight and has no values"):
+        with pytest.raises(InputError, match="stands in for a packed weight and has no values"):
             compute()
     assert repr(w) == "WeightStandIn(shape=(37, 300), dtype=torch.bfloat16, device=cpu)"
 

@@ -10,7 +10,9 @@
     dtypes are the format's);
   * quantize while loading (`from_pretrained(..., quantization_config=HfQuantConfig("int4"))`):
     each target Linear's weight is quantized as it arrives from the checkpoint and the layer is
-    swapped for a QuantLinear on the spot, so the full-precision model is never materialized.
+    swapped for a QuantLinear on the spot, so the full-precision model is never materialized; a
+    MoE layer's fused expert weight likewise, once transformers has merged it from the file's
+    per-expert tensors (lowbit/experts.py).
 - `attach_hf_config(model)`: lowbit.quantize / lowbit.load call it on transformers models, so
   `model.save_pretrained(d)` writes `quantization_config` and the packed buffers.
 
@@ -23,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import replace_layer, tied_linears
+from ..api import place_layers, replace_layer, tied_linears
 from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
 from ..errors import FormatError, LowbitError
+from ..experts import fused_weights, quantize_fused_weight, quantized_weights
 from ..linear import QuantLinear, is_quantize_target, linear_shape, linear_weight
 
 try:  # transformers is a dependency, but keep `import lowbit` working without it
@@ -101,6 +104,14 @@ class _QuantizeOnLoad(ConversionOps if ConversionOps else object):
 
         key, value = next(iter(input_dict.items()))
         weight = value[0] if isinstance(value, list) else value
+        if key in self.hf_quantizer.fused:  # a MoE layer's fused expert weight, merged from the file's experts
+            fmt_name, options = self.hf_quantizer.plan[key]
+            experts_name, _, weight_name = key.rpartition(".")
+            quantize_fused_weight(model.get_submodule(experts_name), weight_name, fmt_name, name=key, weight=weight,
+                                  **options)
+            if missing_keys is not None:
+                missing_keys.discard(key)
+            return {}
         layer_name = (full_layer_name or key).rpartition(".")[0]
         linear = model.get_submodule(layer_name)
         fmt_name, options = self.hf_quantizer.plan[layer_name]
@@ -141,7 +152,9 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
 
     def __init__(self, quantization_config: HfQuantConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
+        #: quantize-on-load targets: Linear / Conv1D layer names and fused expert weight names -> (format, options)
         self.plan: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.fused: set[str] = set()  # the fused expert weights among them
 
     def validate_environment(self, *args, **kwargs):
         return
@@ -151,12 +164,7 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
         if self.pre_quantized:
             if config.layers is None:
                 raise FormatError("quantization_config (lowbit) of a saved model lacks 'layers'")
-            for name in config.layers:
-                layer = config.layer(name)
-                try:
-                    replace_layer(model, name, layer)
-                except LowbitError as exc:
-                    raise FormatError(f"quantization_config.layers.{name}: {exc}") from None
+            place_layers(model, {name: config.layer(name) for name in config.layers}, "quantization_config.layers")
             return model
         from ..formats import get_format
 
@@ -169,17 +177,25 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
                     # fail before anything loads, naming the layer (e.g. dfloat11 on an fp32 load)
                     get_format(plan[0]).check_weight_dtype(module.weight.dtype, plan[1], name)
                     self.plan[name] = plan
+        for name, module, weight_name in fused_weights(model):
+            plan = quant_config.layer_plan(name)
+            if plan is not None:
+                get_format(plan[0]).check_weight_dtype(module._parameters[weight_name].dtype, plan[1], name)
+                self.plan[name] = plan
+                self.fused.add(name)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
         layer, _, leaf = param_name.rpartition(".")
-        return not self.pre_quantized and leaf == "weight" and layer in self.plan
+        return param_name in self.fused or (leaf == "weight" and layer in self.plan and layer not in self.fused)
 
     def get_quantize_ops(self):
         return _QuantizeOnLoad(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        missing = [name for name in self.plan if not isinstance(model.get_submodule(name), QuantLinear)]
+        missing = [name for name in self.plan if not self._quantized(model, name)]
         if missing:
             raise LowbitError(f"lowbit: these layers were never loaded, so not quantized: {missing[:5]}")
         if self.pre_quantized:  # the file's values, as lowbit.load checks them
@@ -190,6 +206,12 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
         self.quantization_config.layers = _layer_entries(model)
         self.quantization_config.version = CONFIG_VERSION
         return model
+
+    def _quantized(self, model: nn.Module, name: str) -> bool:
+        if name in self.fused:
+            experts_name, _, weight_name = name.rpartition(".")
+            return weight_name in quantized_weights(model.get_submodule(experts_name))
+        return isinstance(model.get_submodule(name), QuantLinear)
 
     def is_serializable(self, safe_serialization=None):
         return True

@@ -1,0 +1,206 @@
+"""Mixture-of-experts layers: transformers' fused expert weights, quantized one expert at a time.
+
+transformers (5.x) stores a MoE layer's experts as one module with 3-D parameters, `gate_up_proj`
+(or `up_proj`) and `down_proj`: [E, N, K], or [E, K, N] when the module's `is_transposed` is set.
+Such a module is marked by `@use_experts_implementation`, which gives it the flags read here
+(`has_gate`, `has_bias`, `is_transposed`, `has_post_expert_norm`) and its gate (`_apply_gate`:
+model-specific clamps and interleaving).
+
+Quantizing one of these weights turns each expert's [N, K] slice into a bias-less QuantLinear,
+held at `{experts}.quantized.{weight}.{expert}` (so every save / load path treats it as any
+other QuantLinear, and its checkpoint keys match none of transformers' expert-merging
+patterns); the 3-D parameter goes, and reading it gives a `WeightStandIn` of its shape. The
+module keeps its attributes, biases and gate; its class becomes a subclass of its own class
+(`QuantizedExperts` first) whose forward runs each routed expert through its QuantLinears.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FormatError, InputError
+from .linear import QuantLinear, weight_stand_in
+
+#: the fused weights of transformers' experts modules, in the order the forward uses them
+WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
+#: the module that holds the quantized experts, under the experts module
+CONTAINER = "quantized"
+_SLOT = re.compile(rf"^(?:(.*)\.)?{CONTAINER}\.({'|'.join(WEIGHT_NAMES)})\.(\d+)$")
+
+
+def fused_weight_names(module: nn.Module) -> list[str]:
+    """The fused (3-D) expert weights `module` holds in full precision, in WEIGHT_NAMES order."""
+    return [name for name in WEIGHT_NAMES
+            if isinstance(module._parameters.get(name), torch.Tensor) and module._parameters[name].dim() == 3]
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """A transformers experts module lowbit can quantize: the `@use_experts_implementation` flags
+    and 3-D expert weights (fused, or already quantized)."""
+    flags = ("num_experts", "has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate")
+    return all(hasattr(module, flag) for flag in flags) and (
+        bool(fused_weight_names(module)) or isinstance(module, QuantizedExperts))
+
+
+def unsupported_experts(model: nn.Module) -> list[str]:
+    """Names of modules holding 3-D expert weights without transformers' experts interface (e.g.
+    Llama 4's): lowbit leaves those in full precision."""
+    return [name for name, module in model.named_modules()
+            if fused_weight_names(module) and not is_experts_module(module)]
+
+
+def expert_shape(module: nn.Module, weight_name: str) -> tuple[int, int, int]:
+    """(experts E, out_features N, in_features K) of one fused weight (quantized or not)."""
+    quantized = quantized_weights(module).get(weight_name)
+    if quantized is not None:
+        return len(quantized), quantized[0].out_features, quantized[0].in_features
+    experts, rows, cols = module._parameters[weight_name].shape
+    return (experts, cols, rows) if module.is_transposed else (experts, rows, cols)
+
+
+def expert_weight(module: nn.Module, weight_name: str, expert: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert `expert`'s [N, K] slice of a fused weight (of `weight`, e.g. from a checkpoint, if given)."""
+    weight = module._parameters[weight_name] if weight is None else weight
+    return weight[expert].t() if module.is_transposed else weight[expert]
+
+
+def quantized_weights(module: nn.Module) -> dict[str, nn.ModuleList]:
+    """weight name -> its per-expert QuantLinear layers, for the quantized weights of `module`."""
+    container = module._modules.get(CONTAINER) if isinstance(module, QuantizedExperts) else None
+    return dict(container.items()) if container is not None else {}
+
+
+def slot_name(experts_name: str, weight_name: str, expert: int) -> str:
+    """Qualified name of the QuantLinear for one expert of one weight."""
+    slot = f"{CONTAINER}.{weight_name}.{expert}"
+    return f"{experts_name}.{slot}" if experts_name else slot
+
+
+def parse_slot(name: str) -> tuple[str, str, int] | None:
+    """(experts module name, weight name, expert) of a `slot_name`, None for any other name."""
+    match = _SLOT.match(name)
+    return None if match is None else (match.group(1) or "", match.group(2), int(match.group(3)))
+
+
+def fused_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name `{experts}.{weight}`, experts module, weight name) of every fused expert
+    weight of `model` that lowbit can quantize (the name skip / override patterns match)."""
+    return [(f"{name}.{weight_name}" if name else weight_name, module, weight_name)
+            for name, module in model.named_modules() if is_experts_module(module)
+            for weight_name in fused_weight_names(module)]
+
+
+def quantize_fused_weight(module: nn.Module, weight_name: str, format: str, *, name: str,
+                          weight: torch.Tensor | None = None, **options: Any) -> None:
+    """Quantize every expert of `module`'s fused weight `weight_name` (or of `weight`, the same
+    weight read from a checkpoint) into `format` and `install` the layers; errors name `name`."""
+    from .formats import get_format
+
+    fmt = get_format(format)
+    layers = [QuantLinear.from_packed(fmt.quantize(expert_weight(module, weight_name, expert, weight).detach(),
+                                                   name=f"{name} (expert {expert})", **options))
+              for expert in range(expert_shape(module, weight_name)[0])]
+    install(module, weight_name, layers)
+
+
+def install(module: nn.Module, weight_name: str, layers: list[QuantLinear]) -> None:
+    """Replace `module`'s fused weight `weight_name` by `layers` (one QuantLinear per expert, in
+    expert order); FormatError unless they are bias-less and fit the weight's [E, N, K]."""
+    if weight_name not in fused_weight_names(module):
+        raise FormatError(f"{weight_name} is not a fused expert weight of this {type(module).__name__} "
+                          "(already quantized?)")
+    experts, n, k = expert_shape(module, weight_name)
+    if len(layers) != experts:
+        raise FormatError(f"{weight_name}: {len(layers)} quantized experts for a module of {experts}")
+    for index, layer in enumerate(layers):
+        if (layer.out_features, layer.in_features) != (n, k) or layer.bias is not None:
+            raise FormatError(f"{weight_name}.{index}: expected a bias-less [{n}, {k}] QuantLinear (biases stay "
+                              f"in the experts module), got {layer!r}")
+    if not isinstance(module, QuantizedExperts):
+        module.__class__ = _quantized_class(type(module))
+        module.add_module(CONTAINER, nn.ModuleDict())
+    del module._parameters[weight_name]
+    module._modules[CONTAINER][weight_name] = nn.ModuleList(layers)
+
+
+@functools.cache
+def _quantized_class(experts_class: type) -> type:
+    return type(f"Quantized{experts_class.__name__}", (QuantizedExperts, experts_class),
+                {"__module__": __name__, "__doc__": f"{experts_class.__name__} with quantized experts.",
+                 "experts_class": experts_class})
+
+
+def _new_quantized(experts_class: type) -> nn.Module:
+    """An empty instance of the quantized subclass of `experts_class`, for unpickling."""
+    return object.__new__(_quantized_class(experts_class))
+
+
+class QuantizedExperts(nn.Module):
+    """Mixed in before a transformers experts class once one of its weights is quantized (see the
+    module docstring). Forward: hidden_states [T, H], top_k_index [T, k] (int), top_k_weights
+    [T, k] -> [T, H] in hidden_states' dtype, as the class's own forward computes it."""
+
+    experts_class: type  # the transformers class this one extends (set by _quantized_class)
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # the class is made at run time, so pickle (torch.save(model)) cannot name it: record the
+        # class it extends, and remake it when unpickling
+        return _new_quantized, (self.experts_class,), self.__getstate__()
+
+    def __getattr__(self, name: str) -> Any:
+        if "_modules" not in self.__dict__:  # not set up yet (unpickling): nothing to stand in for
+            raise AttributeError(name)
+        quantized = quantized_weights(self).get(name)
+        if quantized is None:
+            return super().__getattr__(name)
+        experts, n, k = expert_shape(self, name)
+        first = quantized[0]
+        # model code may read the weight's shape / dtype / device (transformers' init skips it)
+        return weight_stand_in((experts, k, n) if self.is_transposed else (experts, n, k),
+                                first.weight_dtype, first.weight.device)
+
+    def _project(self, weight_name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        quantized = quantized_weights(self).get(weight_name)
+        if quantized is not None:
+            y = quantized[expert](x)
+        else:  # a weight left in full precision (skip patterns)
+            y = nn.functional.linear(x, expert_weight(self, weight_name, expert).to(x.dtype))
+        if self.has_bias:
+            y = y + getattr(self, f"{weight_name}_bias")[expert].to(y.dtype)
+        return y
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_is_expert_parallel", False):
+            raise InputError(f"{type(self).__name__}: lowbit's quantized experts do not support expert parallelism")
+        tokens, top_k = top_k_index.shape
+        expert_ids = top_k_index.reshape(-1)
+        # the (token, choice) pairs grouped by expert; each expert's rows then go through its layers at once
+        order = torch.argsort(expert_ids, stable=True)
+        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+        if len(counts) > self.num_experts:
+            raise InputError(f"{type(self).__name__}: expert index {len(counts) - 1} routed to a module of "
+                             f"{self.num_experts} experts")
+        rows = hidden_states[order // top_k]
+        up = "gate_up_proj" if self.has_gate else "up_proj"
+        outputs, start = [], 0
+        for expert, count in enumerate(counts):
+            if count:
+                h = self._project(up, expert, rows[start:start + count])
+                h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+                outputs.append(self._project("down_proj", expert, h))
+            start += count
+        if not outputs:  # no tokens
+            return torch.zeros_like(hidden_states)
+        out = torch.cat(outputs)
+        if self.has_post_expert_norm:
+            out = self.post_expert_norm(out)
+        weighted = out.float() * top_k_weights.reshape(-1)[order].unsqueeze(-1).float()
+        # back in (token, choice) order, each token's choices summed in fp32 (as transformers'
+        # grouped forward does; a sum, not index_add_, so the result is deterministic on GPUs)
+        unsorted = torch.empty_like(weighted)
+        unsorted[order] = weighted
+        return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)

@@ -1,0 +1,190 @@
+"""MoE layers: transformers' fused 3-D expert weights quantized one QuantLinear per expert
+(lowbit/experts.py), against the unquantized model holding the dequantized weights, and through
+every save / load path bit for bit."""
+import copy
+import io
+import json
+import warnings
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import lowbit
+from lowbit import experts
+from lowbit.errors import CheckpointError, InputError
+
+from ..conftest import requires_gpu
+
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+#: Mixtral: [E, N, K] gate_up / down; Qwen3-MoE: also shared-expert Linear layers; GPT-OSS:
+#: transposed [E, K, N] weights, biases and an interleaved, clamped gate
+CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_COMMON, moe_intermediate_size=32, num_experts=4,
+                                                     num_experts_per_tok=2, head_dim=16),
+    "gpt_oss": lambda: transformers.GptOssConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+}
+IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _model(arch, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=dtype).eval()
+    with torch.no_grad():  # transformers initializes GPT-OSS's expert biases to zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("_proj_bias"):
+                param.normal_(std=0.5)
+    return model
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _dequantized_reference(original, quantized):
+    """`original` with every weight that `quantized` holds packed set to its dequantized value, run
+    by transformers' own code (the experts' fused weights included)."""
+    reference = copy.deepcopy(original)
+    for name, layer in quantized.named_modules():
+        if not isinstance(layer, lowbit.QuantLinear):
+            continue
+        weight = lowbit.get_format(layer.format).dequantize(layer.packed)
+        slot = experts.parse_slot(name)
+        with torch.no_grad():
+            if slot is None:
+                reference.get_submodule(name).weight.copy_(weight)
+            else:
+                module = reference.get_submodule(slot[0])
+                module._parameters[slot[1]][slot[2]] = weight.t() if module.is_transposed else weight
+    return reference
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_quantized_experts_compute_what_transformers_computes_with_the_dequantized_weights(arch):
+    original = _model(arch)
+    quantized = lowbit.quantize(copy.deepcopy(original), "int4", progress=False)
+    module = quantized.model.layers[0].mlp.experts
+    assert type(module).__name__.startswith("Quantized") and isinstance(module, type(original.model.layers[0].mlp.experts))
+    assert set(experts.quantized_weights(module)) == {"gate_up_proj", "down_proj"}
+    assert not experts.fused_weight_names(module)  # the full-precision 3-D weights are gone
+    reference = _dequantized_reference(original, quantized)
+    torch.testing.assert_close(_logits(quantized), _logits(reference), rtol=1e-5, atol=1e-5)
+    # and it is a real quantization: the int4 model differs from the original
+    assert (_logits(quantized) - _logits(original)).abs().max() > 1e-3
+    expected_slots = {experts.slot_name(f"model.layers.{i}.mlp.experts", w, e)
+                      for i in range(2) for w in ("gate_up_proj", "down_proj") for e in range(4)}
+    assert expected_slots <= {n for n, m in quantized.named_modules() if isinstance(m, lowbit.QuantLinear)}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("fmt", ["int4", "dfloat11"])
+def test_every_save_and_load_path_gives_the_same_logits(arch, fmt, tmp_path):
+    dtype = torch.bfloat16 if fmt == "dfloat11" else torch.float32
+    _model(arch, dtype).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype).eval()
+    lowbit.quantize(model, fmt, progress=False)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "hf")
+    lowbit.save(model, tmp_path / "lowbit")
+    loaders = {
+        "from_pretrained(save_pretrained)": lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+        "lowbit.load(save_pretrained)": lambda: lowbit.load(tmp_path / "hf"),
+        "lowbit.load(lowbit.save)": lambda: lowbit.load(tmp_path / "lowbit"),
+        "from_pretrained(lowbit.save)": lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "lowbit"),
+        "quantize while loading": lambda: AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", dtype=dtype, quantization_config=lowbit.HfQuantConfig(fmt)),
+    }
+    for label, load in loaders.items():
+        loaded = load().eval()
+        assert experts.quantized_weights(loaded.model.layers[1].mlp.experts), label
+        assert torch.equal(_logits(loaded), expected), label
+
+
+def test_skip_and_override_patterns_name_the_fused_weight(tmp_path):
+    original = _model("mixtral")
+    quantized = lowbit.quantize(copy.deepcopy(original), "int4", skip="*.experts.down_proj",
+                                overrides={"model.layers.1.mlp.experts.*": "int8"}, progress=False)
+    first, second = quantized.model.layers[0].mlp.experts, quantized.model.layers[1].mlp.experts
+    assert experts.fused_weight_names(first) == ["down_proj"]  # left in full precision
+    assert {layer.format for layer in experts.quantized_weights(first)["gate_up_proj"]} == {"int4"}
+    assert {layer.format for layer in experts.quantized_weights(second)["gate_up_proj"]} == {"int8"}
+    torch.testing.assert_close(_logits(quantized), _logits(_dequantized_reference(original, quantized)),
+                               rtol=1e-5, atol=1e-5)
+    lowbit.save(quantized, tmp_path / "mixed")
+    assert torch.equal(_logits(lowbit.load(tmp_path / "mixed")), _logits(quantized))
+
+
+def test_a_quantized_fused_weight_reads_as_a_stand_in():
+    model = lowbit.quantize(_model("gpt_oss", torch.bfloat16), "int8", progress=False)
+    module = model.model.layers[0].mlp.experts
+    stand_in = module.gate_up_proj  # GPT-OSS stores it transposed: [E, K, 2 * I]
+    assert (tuple(stand_in.shape), stand_in.dtype) == ((4, 64, 256), torch.bfloat16)
+    assert getattr(stand_in, "_is_hf_initialized", False)  # transformers' init leaves it alone
+    with pytest.raises(InputError, match="stands in for a packed weight"):
+        stand_in.sum()
+    assert module.gate_up_proj_bias.shape == (4, 256)  # biases stay in the experts module, in full precision
+
+
+def test_dfloat11_experts_decode_per_block_to_the_original_bits(monkeypatch):
+    # the block decoder's reference path (its Triton kernel is tested in tests/kernels, and takes
+    # minutes in the interpreter for a whole model)
+    monkeypatch.setattr("lowbit.block_decode.interpreting", lambda: False)
+    original = _model("mixtral", torch.bfloat16)
+    model = lowbit.quantize(copy.deepcopy(original), "dfloat11", progress=False)
+    expected = _logits(original)
+    assert torch.equal(_logits(model), expected)  # lossless: the experts' own bf16 weights
+    hooks = lowbit.enable_block_decompression(model, min_tokens=1)
+    assert len(hooks) == 2  # the decoder layers, not each expert's layer
+    assert sum(len(hook.layers) for hook in hooks) == 2 * (4 + 2 * 4)  # attention + every expert's layers
+    assert torch.equal(_logits(model), expected)
+
+
+def test_a_quantized_moe_model_deep_copies_and_pickles():
+    model = lowbit.quantize(_model("mixtral"), "int4", progress=False)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the quantized experts class is made at run time: it pickles by the class it extends
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert type(copied.model.layers[0].mlp.experts) is type(model.model.layers[0].mlp.experts)
+        assert torch.equal(_logits(copied), _logits(model))
+
+
+def test_a_checkpoint_missing_an_expert_is_refused(tmp_path):
+    lowbit.save(lowbit.quantize(_model("mixtral"), "int4", progress=False), tmp_path / "q")
+    manifest_path = tmp_path / "q" / "lowbit.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["layers"]["model.layers.0.mlp.experts.quantized.down_proj.2"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.experts\.down_proj has 4 experts, layers "
+                                              r"declares experts \[0, 1, 3\]"):
+        lowbit.load(tmp_path / "q")
+
+
+def test_expert_weights_without_the_transformers_interface_stay_and_warn():
+    class HandRolledExperts(nn.Module):  # 3-D expert weights, but none of transformers' experts flags
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 32, 16))
+            self.proj = nn.Linear(16, 16)
+
+    model = HandRolledExperts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowbit.quantize(model, "int4", progress=False)
+    assert any("3-D expert weights without transformers' experts interface" in str(w.message) for w in caught)
+    assert isinstance(model.gate_up_proj, nn.Parameter) and isinstance(model.proj, lowbit.QuantLinear)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_quantized_experts_match_the_cpu_result():
+    model = lowbit.quantize(_model("qwen3_moe", torch.bfloat16), "int4", progress=False)
+    expected = _logits(model).float()
+    with torch.no_grad():
+        on_gpu = model.cuda()(IDS.cuda()).logits.float().cpu()
+    torch.testing.assert_close(on_gpu, expected, rtol=5e-2, atol=5e-2)
