@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import lowbit
 from lowbit import experts
-from lowbit.errors import CheckpointError, InputError
+from lowbit.errors import CheckpointError, FormatError, InputError
 
 from ..conftest import requires_gpu
 
@@ -155,14 +155,24 @@ def test_a_quantized_moe_model_deep_copies_and_pickles():
 
 
 def test_a_checkpoint_missing_an_expert_is_refused(tmp_path):
-    lowbit.save(lowbit.quantize(_model("mixtral"), "int4", progress=False), tmp_path / "q")
-    manifest_path = tmp_path / "q" / "lowbit.json"
+    model = lowbit.quantize(_model("mixtral"), "int4", progress=False)
+    lowbit.save(model, tmp_path / "lowbit")
+    model.save_pretrained(tmp_path / "hf")
+    dropped = "model.layers.0.mlp.experts.quantized.down_proj.2"
+    manifest_path = tmp_path / "lowbit" / "lowbit.json"
     manifest = json.loads(manifest_path.read_text())
-    del manifest["layers"]["model.layers.0.mlp.experts.quantized.down_proj.2"]
+    del manifest["layers"][dropped]
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.experts\.down_proj has 4 experts, layers "
                                               r"declares experts \[0, 1, 3\]"):
-        lowbit.load(tmp_path / "q")
+        lowbit.load(tmp_path / "lowbit")
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["quantization_config"]["layers"][dropped]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(FormatError, match=r"down_proj has 4 experts, quantization_config\.layers declares experts "
+                                          r"\[0, 1, 3\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
 
 
 def test_expert_weights_without_the_transformers_interface_stay_and_warn():
