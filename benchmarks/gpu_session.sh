@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh gemm-targets        # ~8 min: the formats with issue-8 targets, every M
 #   bash benchmarks/gpu_session.sh e2e dfloat11        # ~8 min: end to end, then the dfloat11 decoder
 #   bash benchmarks/gpu_session.sh gemm-rest           # the other formats (a later session if time is short)
+#   bash benchmarks/gpu_session.sh e2e-moe             # ~6 min: Mixtral-8x7B width (4 layers), quantized experts, eager
 #   bash benchmarks/gpu_session.sh profile             # ~3 min: Nsight Compute on the at-risk GEMVs, if installed
 #
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
@@ -54,6 +55,8 @@ for part in "$@"; do
     gemm-rest) run_part gemm-rest 540 python3 benchmarks/bench_gemm.py --formats $OTHER_FORMATS \
                  --out-dir "$out/results" ;;
     e2e) run_part e2e 420 python3 benchmarks/bench_e2e.py --out-dir "$out/results" ;;
+    e2e-moe) run_part e2e-moe 420 python3 benchmarks/bench_e2e.py --width mixtral-8x7b --layers 4 --no-graphs \
+               --formats int4 int8 fp8 nvfp4 --out-dir "$out/results" ;;
     dfloat11) run_part dfloat11 150 python3 benchmarks/bench_dfloat11.py --out-dir "$out/results" ;;
     profile)  # what limits the GEMVs nearest their targets at M=1 (nvfp4, int6; dfloat11: its table gather in L1?)
       if command -v ncu >/dev/null; then
@@ -63,7 +66,7 @@ for part in "$@"; do
       else
         echo "== profile: ncu is not installed" | tee "$out/profile.log"
       fi ;;
-    *) echo "unknown part $part (tests tune gemm-targets gemm-rest e2e dfloat11 profile)" >&2; exit 2 ;;
+    *) echo "unknown part $part (tests tune gemm-targets gemm-rest e2e e2e-moe dfloat11 profile)" >&2; exit 2 ;;
   esac
 done
 cp lowbit/kernels/tuned/*.json "$out/results/" 2>/dev/null

@@ -107,6 +107,20 @@ def test_bench_e2e_smoke(tmp_path):
     assert list(tmp_path.glob("*.md"))
 
 
+def test_bench_e2e_smoke_moe(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--smoke", "--width",
+                           "mixtral-8x7b", "--formats", "int4", "--out-dir", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("*.json")
+    data = json.loads(result.read_text())
+    assert [(r["format"], r["shape"], r["batch"]) for r in data["results"]] == [
+        (f, "smoke-moe/2-layers", b) for f in ("bf16", "int4") for b in (1, 2)]
+    assert all(0.9 < r["logits_cos_vs_bf16"] < 1 for r in data["results"] if r["format"] == "int4")
+    assert data["targets"] == []  # the issue-8 target is the Llama model's
+    assert "target is for the Llama width" in next(tmp_path.glob("*.md")).read_text()
+
+
 def test_bench_e2e_refuses_an_unknown_format_first(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--smoke", "--formats", "int4",
                            "int44", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
