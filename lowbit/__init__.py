@@ -1,5 +1,5 @@
 """lowbit: low-precision quantized inference for PyTorch and Hugging Face models."""
-from .api import quantize
+from .api import dequantize, quantize
 from .block_decode import enable_block_decompression
 from .config import QuantConfig
 from .errors import LowbitError
@@ -20,6 +20,7 @@ __all__ = [
     "PackedWeight",
     "QuantConfig",
     "QuantLinear",
+    "dequantize",
     "enable_block_decompression",
     "formats",
     "get_format",

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import experts
 from .config import QuantConfig
-from .errors import FormatError, LowbitError, check_module
+from .errors import FormatError, InputError, LowbitError, check_module
 from .linear import QuantLinear, is_quantize_target, linear_shape
 
 logger = logging.getLogger(__name__)
@@ -140,6 +142,61 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
 
     attach_hf_config(model, config)  # transformers models: save_pretrained writes quantization_config
     return model
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Undo lowbit.quantize in place and return the model: every QuantLinear becomes the nn.Linear
+    (or transformers Conv1D, where the model's class builds one there) holding its dequantized
+    weight, every quantized MoE experts module gets its fused 3-D weights back, dfloat11 block
+    decompression hooks are removed, and a transformers model loses its quantization_config (so
+    save_pretrained writes a plain model; `model.dequantize()` calls this). dtype: of the restored
+    weights and biases (float16 / bfloat16 / float32; default each layer's original dtype).
+    Lossless for dfloat11; for the other formats the weights keep their quantization error, and
+    activation quantization (fp8 / mxfp4 / nvfp4 with `act`) is gone."""
+    from .block_decode import remove_block_decompression
+    from .formats import get_format
+    from .packed import WEIGHT_DTYPES
+
+    check_module(model)
+    if dtype is not None and dtype not in WEIGHT_DTYPES.values():
+        raise InputError(f"dequantize: dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}")
+    remove_block_decompression(model)
+    for module in list(model.modules()):
+        if isinstance(module, experts.QuantizedExperts):
+            experts.dequantize_experts(module, dtype)
+    conv1d = _conv1d_names(model)
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+        weight = get_format(layer.format).dequantize(layer.packed).to(dtype or layer.weight_dtype)
+        bias = None if layer.bias is None else layer.bias.detach().to(weight.dtype)
+        if name in conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            with torch.device("meta"):
+                restored = Conv1D(layer.out_features, layer.in_features)
+            restored.weight = nn.Parameter(weight.t().contiguous())  # Conv1D stores [in, out]
+            restored.bias = nn.Parameter(torch.zeros_like(weight[:, 0]) if bias is None else bias)
+        else:
+            restored = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+            restored.weight = nn.Parameter(weight)
+            if bias is not None:
+                restored.bias = nn.Parameter(bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, restored)
+    from .integrations.transformers import detach_hf_config
+
+    detach_hf_config(model)
+    return model
+
+
+def _conv1d_names(model: nn.Module) -> set[str]:
+    """Names of the layers a transformers model's class builds as Conv1D (GPT-2's projections):
+    read from a skeleton of the class on the meta device, built only when its modeling code uses
+    Conv1D at all."""
+    if getattr(sys.modules.get(type(model).__module__), "Conv1D", None) is None or not hasattr(model, "config"):
+        return set()
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    return {name for name, module in skeleton.named_modules() if type(module).__name__ == "Conv1D"}
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,14 @@ def enable_block_decompression(model: nn.Module, min_tokens: int | None = None) 
         warnings.warn("enable_block_decompression: no block (child of an nn.ModuleList) holds dfloat11 "
                       "layers; nothing was hooked", stacklevel=2)
     return hooked
+
+
+def remove_block_decompression(model: nn.Module) -> int:
+    """Remove every BlockDecompressor hooked on `model`'s modules (lowbit.dequantize does, as the
+    layers it decodes are gone); returns how many."""
+    hooked = {id(hook.__self__): hook.__self__ for module in model.modules()
+              for hook in module._forward_pre_hooks.values()
+              if isinstance(getattr(hook, "__self__", None), BlockDecompressor)}
+    for decompressor in hooked.values():
+        decompressor.remove()
+    return len(hooked)

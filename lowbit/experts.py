@@ -127,6 +127,31 @@ def install(module: nn.Module, weight_name: str, layers: list[QuantLinear]) -> N
     module._modules[CONTAINER][weight_name] = nn.ModuleList(layers)
 
 
+def dequantize_experts(module: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Undo `install` on a quantized experts module, in place: its fused weights come back as 3-D
+    parameters holding the dequantized experts (in `dtype`, default their original dtype; the
+    expert biases are cast too when `dtype` is given) and it gets its own class back."""
+    from .formats import get_format
+
+    for weight_name, layers in quantized_weights(module).items():
+        weights = [get_format(layer.format).dequantize(layer.packed) for layer in layers]
+        fused = torch.stack([w.t() if module.is_transposed else w for w in weights])
+        module._parameters[weight_name] = nn.Parameter(fused.to(dtype or layers[0].weight_dtype))
+        bias = module._parameters.get(f"{weight_name}_bias")
+        if dtype is not None and bias is not None:
+            module._parameters[f"{weight_name}_bias"] = nn.Parameter(bias.detach().to(dtype))
+    # each restored weight just before its bias, as the class registers them (the state dict's key order)
+    restored, order = set(quantized_weights(module)), {}
+    for key in module._parameters:
+        if key.removesuffix("_bias") in restored:
+            order.setdefault(key.removesuffix("_bias"))
+        order.setdefault(key)
+    for key in order:  # re-inserted in that order
+        module._parameters[key] = module._parameters.pop(key)
+    del module._modules[CONTAINER]
+    module.__class__ = module.experts_class
+
+
 @functools.cache
 def _quantized_class(experts_class: type) -> type:
     return type(f"Quantized{experts_class.__name__}", (QuantizedExperts, experts_class),

@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -6,7 +7,7 @@ from torch import nn
 
 import lowbit
 from lowbit.api import tied_linears
-from lowbit.errors import FormatError, WeightError
+from lowbit.errors import FormatError, InputError, WeightError
 
 
 class Block(nn.Module):
@@ -161,3 +162,48 @@ def test_summarize_counts_packed_bits_and_every_tensor():
     # symmetric int4, group 32: 4 bits + one fp16 scale per 32 weights; K=96 and 64 need no padding
     assert summary.bits_per_weight == pytest.approx(4 + 16 / 32)
     assert summary.total_bytes < dense.total_bytes / 4
+
+
+def test_dequantize_restores_linear_layers_with_the_dequantized_weights():
+    model = lowbit.quantize(_model(), "int4", skip="0.gate", progress=False)
+    packed = {n: (lowbit.get_format(m.format).dequantize(m.packed), m.bias)
+              for n, m in model.named_modules() if isinstance(m, lowbit.QuantLinear)}
+    x = torch.randn(3, 64)
+    expected = model(x)
+    assert lowbit.dequantize(model) is model
+    assert not any(isinstance(m, lowbit.QuantLinear) for m in model.modules())
+    for name, (weight, bias) in packed.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.Linear and torch.equal(layer.weight, weight) and torch.equal(layer.bias, bias)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dequantize_dfloat11_gives_back_the_original_model_and_layer_kinds(tmp_path):
+    """Lossless, so every tensor is the original's; GPT-2's Conv1D layers come back as Conv1D
+    (stored [in, out]), so save_pretrained / from_pretrained of the result work as for the original."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4)).to(torch.bfloat16).eval()
+    model = lowbit.quantize(copy.deepcopy(original), "dfloat11", progress=False)
+    lowbit.enable_block_decompression(model, min_tokens=1)
+    model = model.dequantize()  # transformers' API
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert model.state_dict().keys() == original.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
+    assert not model.is_quantized and not hasattr(model.config, "quantization_config")
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the block decompression hooks went too
+    model.save_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in (tmp_path / "plain" / "config.json").read_text()
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()(ids).logits,
+                           original(ids).logits)
+
+
+def test_dequantize_to_a_dtype_and_refuses_others():
+    model = lowbit.quantize(_model(), "int8", progress=False)
+    with pytest.raises(InputError, match="dtype must be one of"):
+        lowbit.dequantize(model, torch.int8)
+    lowbit.dequantize(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

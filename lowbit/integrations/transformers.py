@@ -213,6 +213,12 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
             return weight_name in quantized_weights(model.get_submodule(experts_name))
         return isinstance(model.get_submodule(name), QuantLinear)
 
+    def _dequantize(self, model, dtype=None):
+        """`model.dequantize()`: lowbit.dequantize (transformers passes the model's dtype)."""
+        from ..api import dequantize
+
+        return dequantize(model, dtype)
+
     def is_serializable(self, safe_serialization=None):
         return True
 
@@ -248,6 +254,17 @@ def attach_hf_config(model: nn.Module, config: QuantConfig | None = None) -> Non
     model.hf_quantizer = LowbitHfQuantizer(hf_config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+
+
+def detach_hf_config(model: nn.Module) -> None:
+    """Undo `attach_hf_config` (lowbit.dequantize): a plain model again for save_pretrained."""
+    if not isinstance(getattr(getattr(model, "config", None), "quantization_config", None), HfQuantConfig):
+        return
+    del model.config.quantization_config
+    for attribute in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    model.is_quantized = False
 
 
 def register() -> None:

@@ -144,6 +144,17 @@ def test_dfloat11_experts_decode_per_block_to_the_original_bits(monkeypatch):
     assert torch.equal(_logits(model), expected)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_dequantize_gives_back_the_fused_weights_and_the_experts_class(arch):
+    original = _model(arch, torch.bfloat16)
+    model = lowbit.dequantize(lowbit.quantize(copy.deepcopy(original), "dfloat11", progress=False))  # lossless
+    module = model.model.layers[0].mlp.experts
+    assert type(module) is type(original.model.layers[0].mlp.experts) and not experts.quantized_weights(module)
+    assert list(model.state_dict()) == list(original.state_dict())  # each weight before its bias again
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
+    assert torch.equal(_logits(model), _logits(original))
+
+
 def test_a_quantized_moe_model_deep_copies_and_pickles():
     model = lowbit.quantize(_model("mixtral"), "int4", progress=False)
     buffer = io.BytesIO()
