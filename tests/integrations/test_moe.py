@@ -81,6 +81,27 @@ def test_quantized_experts_compute_what_transformers_computes_with_the_dequantiz
     assert expected_slots <= {n for n, m in quantized.named_modules() if isinstance(m, lowbit.QuantLinear)}
 
 
+@pytest.mark.parametrize("tokens,routing", [(5, "one expert for all"), (1, "random"), (0, "random"), (40, "random")])
+def test_routing_edge_cases_match_transformers(tokens, routing):
+    original = _model("gpt_oss")
+    quantized = lowbit.quantize(copy.deepcopy(original), "int8", progress=False)
+    reference = _dequantized_reference(original, quantized).model.layers[0].mlp.experts
+    module = quantized.model.layers[0].mlp.experts
+    generator = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, 64, generator=generator)
+    if routing == "one expert for all":
+        top_k_index = torch.tensor([[3, 1]] * tokens)
+    else:
+        top_k_index = torch.rand(tokens, 4, generator=generator).argsort(dim=1)[:, :2]  # 2 distinct experts
+    top_k_weights = torch.rand(tokens, 2, generator=generator)
+    with torch.no_grad():
+        out = module(hidden, top_k_index, top_k_weights)
+        torch.testing.assert_close(out, reference(hidden, top_k_index, top_k_weights), rtol=1e-5, atol=1e-5)
+    assert out.shape == (tokens, 64)
+    with pytest.raises(InputError, match="expert index 4 routed to a module of 4 experts"):
+        module(torch.randn(1, 64), torch.tensor([[4, 0]]), torch.ones(1, 2))
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("fmt", ["int4", "dfloat11"])
 def test_every_save_and_load_path_gives_the_same_logits(arch, fmt, tmp_path):
@@ -211,7 +232,7 @@ def test_gpu_quantized_experts_match_the_cpu_result(arch):
     module = model.model.layers[0].mlp.experts
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(24, 64, generator=generator).bfloat16()
-    top_k_index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(24)])
+    top_k_index = torch.rand(24, 4, generator=generator).argsort(dim=1)[:, :2]  # 2 distinct experts per token
     top_k_weights = torch.rand(24, 2, generator=generator).bfloat16()
     with torch.no_grad():
         expected = module(hidden, top_k_index, top_k_weights).float()
