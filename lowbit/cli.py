@@ -111,29 +111,40 @@ def _saved_layers(folder: Path) -> tuple[str, dict, str]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .errors import CheckpointError
+    from .experts import parse_slot
     from .packed import parse_metadata
 
     folder = Path(args.path)
     where, layers, written_by = _saved_layers(folder)
-    rows = []
+    # one row per layer; the experts of a MoE weight (experts.slot_name) in one row per weight,
+    # format and shape: [E experts, bytes summed]
+    grouped: dict[tuple, list[int]] = {}  # row key -> [experts, bytes, weights]
     total_bytes = total_weights = 0
     for name, entry in layers.items():
         try:
             fmt, shape, _, attrs = parse_metadata(entry)
         except LowbitError as exc:
             raise CheckpointError(f"{where}.{name}: {exc}") from None
-        specs = fmt.field_specs(shape, attrs)
-        nbytes = sum(spec.nbytes for spec in specs.values())
+        nbytes = sum(spec.nbytes for spec in fmt.field_specs(shape, attrs).values())
         total_bytes += nbytes
         total_weights += shape[0] * shape[1]
-        rows.append((name, entry["format"], f"{shape[0]}x{shape[1]}", str(nbytes), f"{nbytes * 8 / (shape[0] * shape[1]):.3f}"))
+        slot = parse_slot(name)
+        key = (name, None) if slot is None else (f"{slot[0]}.{slot[1]}" if slot[0] else slot[1], True)
+        counts = grouped.setdefault((*key, fmt.name, shape), [0, 0, 0])
+        counts[0] += 1
+        counts[1] += nbytes
+        counts[2] += shape[0] * shape[1]
+    rows = [(name if not fused else f"{name} [{experts} experts]", fmt_name,
+             f"{experts}x{shape[0]}x{shape[1]}" if fused else f"{shape[0]}x{shape[1]}", str(nbytes),
+             f"{nbytes * 8 / weights:.3f}")
+            for (name, fused, fmt_name, shape), (experts, nbytes, weights) in grouped.items()]
     header = ("layer", "format", "shape", "bytes", "bits/weight")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = "  ".join
     print(line(h.ljust(w) for h, w in zip(header, widths)))
     for row in rows:
         print(line(c.ljust(w) for c, w in zip(row, widths)))
-    print(f"\n{len(rows)} quantized layer(s) in {folder} ({written_by})")
+    print(f"\n{len(layers)} quantized layer(s) in {folder} ({written_by})")
     if total_weights:
         print(f"packed: {total_bytes} bytes, {total_bytes * 8 / total_weights:.3f} bits/weight")
     if args.json:

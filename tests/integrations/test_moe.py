@@ -165,6 +165,22 @@ def test_dfloat11_experts_decode_per_block_to_the_original_bits(monkeypatch):
     assert torch.equal(_logits(model), expected)
 
 
+def test_inspect_shows_one_row_per_fused_weight(tmp_path, capsys):
+    from lowbit.cli import main
+
+    model = lowbit.quantize(_model("mixtral"), "int4", overrides={"*.down_proj": "int8"}, progress=False)
+    model.save_pretrained(tmp_path / "hf")
+    assert main(["inspect", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("model.")}
+    codes, scale_and_zero = 256 * 64 // 2, 256 * 2 * 2  # int4 codes; an fp16 scale and zero per row
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"] == ["[4", "experts]", "int4", "4x256x64",
+                                                                str(4 * (codes + scale_and_zero)), "4.500"]
+    assert rows["model.layers.1.mlp.experts.down_proj"][:4] == ["[4", "experts]", "int8", "4x64x128"]
+    assert not any("quantized." in name for name in rows)
+    assert "25 quantized layer(s)" in out  # 2 x (4 attention + 2 x 4 experts) + lm_head
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_dequantize_gives_back_the_fused_weights_and_the_experts_class(arch):
     original = _model(arch, torch.bfloat16)
