@@ -129,8 +129,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         total_bytes += nbytes
         total_weights += shape[0] * shape[1]
         slot = parse_slot(name)
-        key = (name, None) if slot is None else (f"{slot[0]}.{slot[1]}" if slot[0] else slot[1], True)
-        counts = grouped.setdefault((*key, fmt.name, shape), [0, 0, 0])
+        row_name, fused = (name, False) if slot is None else (".".join(filter(None, slot[:2])), True)
+        counts = grouped.setdefault((row_name, fused, fmt.name, shape), [0, 0, 0])
         counts[0] += 1
         counts[1] += nbytes
         counts[2] += shape[0] * shape[1]

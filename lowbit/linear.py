@@ -42,10 +42,10 @@ def linear_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torc
 
 class WeightStandIn(torch.Tensor):
     """`QuantLinear.weight` (and a quantized fused expert weight, lowbit/experts.py): the original
-    weight's shape, dtype and device, and no values. Model
-    code that reads those runs unchanged (T5 casts its feed-forward input to `wo.weight.dtype`);
-    any computation with it raises InputError. (A meta tensor would not do: torch takes one in a
-    CPU matmul and returns uninitialized memory.)"""
+    weight's shape, dtype and device, and no values. Model code that reads those runs unchanged
+    (T5 casts its feed-forward input to `wo.weight.dtype`); any computation with it raises
+    InputError. (A meta tensor would not do: torch takes one in a CPU matmul and returns
+    uninitialized memory.)"""
 
     _METADATA = frozenset({torch.Tensor.dtype.__get__, torch.Tensor.shape.__get__, torch.Tensor.device.__get__,
                            torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndim.__get__, torch.Tensor.numel,
