@@ -20,8 +20,9 @@ from ..conftest import requires_gpu
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)
-#: Mixtral: [E, N, K] gate_up / down; Qwen3-MoE: also shared-expert Linear layers; GPT-OSS:
-#: transposed [E, K, N] weights, biases and an interleaved, clamped gate
+#: Mixtral: [E, N, K] gate_up / down; Qwen3-MoE: the same layout, its own expert width
+#: (moe_intermediate_size); GPT-OSS: transposed [E, K, N] weights, biases and an interleaved,
+#: clamped gate
 CONFIGS = {
     "mixtral": lambda: transformers.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_COMMON, moe_intermediate_size=32, num_experts=4,
