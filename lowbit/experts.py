@@ -29,7 +29,7 @@ from .linear import QuantLinear, weight_stand_in
 WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 #: the module that holds the quantized experts, under the experts module
 CONTAINER = "quantized"
-_SLOT = re.compile(rf"^(?:(.*)\.)?{CONTAINER}\.({'|'.join(WEIGHT_NAMES)})\.(\d+)$")
+_SLOT = re.compile(rf"^(?:(.*)\.)?{CONTAINER}\.({'|'.join(WEIGHT_NAMES)})\.(0|[1-9][0-9]*)$")  # as ModuleList names them
 
 
 def fused_weight_names(module: nn.Module) -> list[str]:

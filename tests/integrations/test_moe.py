@@ -224,6 +224,23 @@ def test_a_checkpoint_missing_an_expert_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda layers, slot: layers.__setitem__(slot + "7", layers[slot + "0"]), r"declares experts \[0, 1, 2, 3, 7\]"),
+    (lambda layers, slot: layers.__setitem__(slot + "01", layers.pop(slot + "1")), r"down_proj\.01: no such module"),
+    (lambda layers, slot: layers.__setitem__(slot + "2", {**layers[slot + "2"], "bias": True}), "bias-less"),
+    (lambda layers, slot: layers.__setitem__(slot.replace("down", "up") + "0", layers[slot + "0"]),
+     "no fused expert weight 'up_proj'"),
+])
+def test_malformed_expert_entries_are_refused(tmp_path, edit, match):
+    lowbit.save(lowbit.quantize(_model("gpt_oss"), "int4", progress=False), tmp_path / "q")
+    manifest_path = tmp_path / "q" / "lowbit.json"
+    manifest = json.loads(manifest_path.read_text())
+    edit(manifest["layers"], "model.layers.0.mlp.experts.quantized.down_proj.")
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=match):
+        lowbit.load(tmp_path / "q")
+
+
 def test_expert_weights_without_the_transformers_interface_stay_and_warn():
     class HandRolledExperts(nn.Module):  # 3-D expert weights, but none of transformers' experts flags
         def __init__(self):
