@@ -59,7 +59,8 @@ def place_layers(model: nn.Module, layers: dict[str, QuantLinear], field: str) -
         except AttributeError:
             raise FormatError(f"{where}: no such module in the model") from None
         if not experts.is_experts_module(module) or weight_name not in experts.fused_weight_names(module):
-            raise FormatError(f"{where}: the model's {type(module).__name__} has no fused expert weight {weight_name!r}")
+            raise FormatError(f"{where}: the model's {type(module).__name__} has no fused expert weight "
+                              f"{weight_name!r}")
         count = experts.expert_shape(module, weight_name)[0]
         if sorted(by_index) != list(range(count)):
             raise FormatError(f"{where}: {experts_name}.{weight_name} has {count} experts, {field} declares "

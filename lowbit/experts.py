@@ -29,7 +29,8 @@ from .linear import QuantLinear, weight_stand_in
 WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 #: the module that holds the quantized experts, under the experts module
 CONTAINER = "quantized"
-_SLOT = re.compile(rf"^(?:(.*)\.)?{CONTAINER}\.({'|'.join(WEIGHT_NAMES)})\.(0|[1-9][0-9]*)$")  # as ModuleList names them
+#: `{experts}.quantized.{weight}.{expert}`, the expert index written as ModuleList names it (no "01")
+_SLOT = re.compile(rf"^(?:(.*)\.)?{CONTAINER}\.({'|'.join(WEIGHT_NAMES)})\.(0|[1-9][0-9]*)$")
 
 
 def fused_weight_names(module: nn.Module) -> list[str]:
@@ -198,7 +199,8 @@ class QuantizedExperts(nn.Module):
             y = y + getattr(self, f"{weight_name}_bias")[expert].to(y.dtype)
         return y
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_is_expert_parallel", False):
             raise InputError(f"{type(self).__name__}: lowbit's quantized experts do not support expert parallelism")
         tokens, top_k = top_k_index.shape

@@ -70,7 +70,8 @@ def test_quantized_experts_compute_what_transformers_computes_with_the_dequantiz
     original = _model(arch)
     quantized = lowbit.quantize(copy.deepcopy(original), "int4", progress=False)
     module = quantized.model.layers[0].mlp.experts
-    assert type(module).__name__.startswith("Quantized") and isinstance(module, type(original.model.layers[0].mlp.experts))
+    assert type(module).__name__.startswith("Quantized")
+    assert isinstance(module, type(original.model.layers[0].mlp.experts))
     assert set(experts.quantized_weights(module)) == {"gate_up_proj", "down_proj"}
     assert not experts.fused_weight_names(module)  # the full-precision 3-D weights are gone
     reference = _dequantized_reference(original, quantized)
