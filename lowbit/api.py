@@ -30,8 +30,7 @@ def replace_layer(model: nn.Module, qualified_name: str, layer: QuantLinear) -> 
     shape = (current.out_features, current.in_features) if isinstance(current, QuantLinear) else linear_shape(current)
     if shape != (layer.out_features, layer.in_features):
         raise FormatError(f"does not match the model's {current!r}")
-    parent_name, _, child = qualified_name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    model.set_submodule(qualified_name, layer)
 
 
 def place_layers(model: nn.Module, layers: dict[str, QuantLinear], field: str) -> None:
@@ -58,14 +57,12 @@ def place_layers(model: nn.Module, layers: dict[str, QuantLinear], field: str) -
             module = model.get_submodule(experts_name)
         except AttributeError:
             raise FormatError(f"{where}: no such module in the model") from None
-        if not experts.is_experts_module(module) or weight_name not in experts.fused_weight_names(module):
-            raise FormatError(f"{where}: the model's {type(module).__name__} has no fused expert weight "
-                              f"{weight_name!r}")
-        count = experts.expert_shape(module, weight_name)[0]
-        if sorted(by_index) != list(range(count)):
-            raise FormatError(f"{where}: {experts_name}.{weight_name} has {count} experts, {field} declares "
-                              f"experts {sorted(by_index)}")
         try:
+            experts.check_fused_weight(module, weight_name)
+            count = experts.expert_shape(module, weight_name)[0]
+            if sorted(by_index) != list(range(count)):
+                raise FormatError(f"{experts_name}.{weight_name} has {count} experts, {field} declares "
+                                  f"experts {sorted(by_index)}")
             experts.install(module, weight_name, [by_index[index] for index in range(count)])
         except LowbitError as exc:
             raise FormatError(f"{where}: {exc}") from None
@@ -181,8 +178,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
             restored.weight = nn.Parameter(weight)
             if bias is not None:
                 restored.bias = nn.Parameter(bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, restored)
+        model.set_submodule(name, restored)
     from .integrations.transformers import detach_hf_config
 
     detach_hf_config(model)

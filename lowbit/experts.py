@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -69,10 +69,11 @@ def expert_weight(module: nn.Module, weight_name: str, expert: int, weight: torc
     return weight[expert].t() if module.is_transposed else weight[expert]
 
 
-def quantized_weights(module: nn.Module) -> dict[str, nn.ModuleList]:
-    """weight name -> its per-expert QuantLinear layers, for the quantized weights of `module`."""
+def quantized_weights(module: nn.Module) -> Mapping[str, nn.ModuleList]:
+    """weight name -> its per-expert QuantLinear layers, for the quantized weights of `module` (a
+    live view, not a copy: the forward reads it per expert)."""
     container = module._modules.get(CONTAINER) if isinstance(module, QuantizedExperts) else None
-    return dict(container.items()) if container is not None else {}
+    return container._modules if container is not None else {}
 
 
 def slot_name(experts_name: str, weight_name: str, expert: int) -> str:
@@ -108,12 +109,17 @@ def quantize_fused_weight(module: nn.Module, weight_name: str, format: str, *, n
     install(module, weight_name, layers)
 
 
+def check_fused_weight(module: nn.Module, weight_name: str) -> None:
+    """FormatError unless `module` is an experts module holding `weight_name` in full precision."""
+    if not is_experts_module(module) or weight_name not in fused_weight_names(module):
+        raise FormatError(f"the model's {type(module).__name__} has no fused expert weight {weight_name!r} "
+                          "(or it is quantized already)")
+
+
 def install(module: nn.Module, weight_name: str, layers: list[QuantLinear]) -> None:
     """Replace `module`'s fused weight `weight_name` by `layers` (one QuantLinear per expert, in
     expert order); FormatError unless they are bias-less and fit the weight's [E, N, K]."""
-    if weight_name not in fused_weight_names(module):
-        raise FormatError(f"{weight_name} is not a fused expert weight of this {type(module).__name__} "
-                          "(already quantized?)")
+    check_fused_weight(module, weight_name)
     experts, n, k = expert_shape(module, weight_name)
     if len(layers) != experts:
         raise FormatError(f"{weight_name}: {len(layers)} quantized experts for a module of {experts}")
@@ -178,9 +184,8 @@ class QuantizedExperts(nn.Module):
         return _new_quantized, (self.experts_class,), self.__getstate__()
 
     def __getattr__(self, name: str) -> Any:
-        if "_modules" not in self.__dict__:  # not set up yet (unpickling): nothing to stand in for
-            raise AttributeError(name)
-        quantized = quantized_weights(self).get(name)
+        # nn.Module resolves every submodule / parameter read (self.act_fn, biases) through here
+        quantized = quantized_weights(self).get(name) if name in WEIGHT_NAMES and "_modules" in self.__dict__ else None
         if quantized is None:
             return super().__getattr__(name)
         experts, n, k = expert_shape(self, name)
