@@ -11,6 +11,7 @@ Import or set-up failures raise; bench_gemm records them in the row instead of f
 | int2 / int4 / int8         | gemlite A16Wn (fed lowbit's own codes, scales and zero points)      |
 | int4 (asymmetric)          | torchao Int4WeightOnlyConfig (same group size): tinygemm and fbgemm packings |
 | int8                       | torchao Int8WeightOnlyConfig                                          |
+| int8 act="int8" (symmetric, per channel) | torchao Int8DynamicActivationInt8WeightConfig, gemlite A8W8_int8_dynamic |
 | fp8 (per channel)          | torchao Float8WeightOnlyConfig, gemlite A16W8_FP8                     |
 | fp8 act="fp8" (per channel)| torchao Float8DynamicActivationFloat8WeightConfig(PerRow), gemlite A8W8_fp8_dynamic |
 | mxfp8 / mxfp4 / nvfp4      | gemlite A16W8_MXFP / A16W4_MXFP / A16W4_NVFP (weight-only)            |
@@ -58,17 +59,29 @@ def _torchao_int4(packing: str):
     def make(options):
         from torchao.quantization import Int4WeightOnlyConfig
 
-        if options.get("symmetric"):
+        if options.get("symmetric") or options.get("act"):
             return None
         return Int4WeightOnlyConfig(group_size=options.get("group_size", 128), int4_packing_format=packing)
 
     return make
 
 
+def _w8a8_per_channel(options) -> bool:
+    """lowbit options of the usual W8A8 int8 recipe: per-token int8 activations, symmetric
+    per-channel int8 weights (what torchao's and gemlite's dynamic int8 layers do)."""
+    return options.get("act") == "int8" and options.get("symmetric") is True and options.get("group_size") == -1
+
+
 def _torchao_int8(options):
     from torchao.quantization import Int8WeightOnlyConfig
 
-    return Int8WeightOnlyConfig()
+    return None if options.get("act") else Int8WeightOnlyConfig()
+
+
+def _torchao_int8_dynamic(options):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return Int8DynamicActivationInt8WeightConfig() if _w8a8_per_channel(options) else None
 
 
 def _torchao_fp8(options):
@@ -124,8 +137,8 @@ def _gemlite_int(options, w, packed):
     from lowbit.formats import get_format
 
     bits = get_format(packed.format).bits
-    if bits not in (2, 4, 8):
-        return None
+    if bits not in (2, 4, 8) or options.get("act"):
+        return None  # gemlite's A16Wn: lowbit's weight-only rows only
     codes, scales, zeros = gemlite_int_weights(packed)
     return _gemlite().A16Wn(device=w.device, dtype=w.dtype).from_weights(codes, scales, zeros, W_nbits=bits,
                                                                           group_size=packed.attrs["group_size"])
@@ -137,6 +150,10 @@ def _gemlite_from_linear(make_processor):
         return None if processor is None else processor.from_linear(_linear(w))
 
     return build
+
+
+def _gemlite_int8_dynamic(options, w):
+    return _gemlite().A8W8_int8_dynamic(device=w.device, dtype=w.dtype) if _w8a8_per_channel(options) else None
 
 
 def _gemlite_fp8(options, w):
@@ -199,7 +216,9 @@ COMPETITORS = {
     "int2": [("gemlite-a16w2", _gemlite_int)],
     "int4": [("torchao-int4wo-tinygemm", _torchao(_torchao_int4("tile_packed_to_4d"))),
              ("torchao-int4wo-fbgemm", _torchao(_torchao_int4("plain"))), ("gemlite-a16w4", _gemlite_int)],
-    "int8": [("torchao-int8wo", _torchao(_torchao_int8)), ("gemlite-a16w8", _gemlite_int)],
+    "int8": [("torchao-int8wo", _torchao(_torchao_int8)), ("gemlite-a16w8", _gemlite_int),
+             ("torchao-int8-dynamic", _torchao(_torchao_int8_dynamic)),
+             ("gemlite-a8w8-int8", _gemlite_from_linear(_gemlite_int8_dynamic))],
     "fp8": [("torchao-float8", _torchao(_torchao_fp8)), ("gemlite-fp8", _gemlite_from_linear(_gemlite_fp8))],
     "mxfp8": [("gemlite-a16w8-mxfp", _gemlite_from_linear(_gemlite_mx("A16W8_MXFP")))],
     "mxfp4": [("gemlite-a16w4-mxfp", _gemlite_from_linear(_gemlite_mx("A16W4_MXFP")))],

@@ -51,8 +51,19 @@ def test_quantize_fp8_w8a8_block(tiny_llama_dir, tmp_path, capsys):
     assert layer.qweight.dtype == torch.float8_e4m3fn and layer.scales.shape == (1, 1)
     # options a format does not take are a one-line error naming the layer
     assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "bad"), "--format", "int4", "--act", "fp8"]) == 2
+    assert "int4: act must be one of (None, 'int8'), got 'fp8'" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "bad"), "--format", "nf4", "--act", "int8"]) == 2
     assert "unknown option(s) ['act']" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_quantize_int8_activations(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "w8a8"
+    assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "int8", "--act", "int8", "--symmetric",
+                 "--group-size", "-1"]) == 0
+    assert "quantized layers: 15 (int8)" in capsys.readouterr().out
+    layer = lowbit.load(out).model.layers[1].self_attn.q_proj
+    assert layer.attrs == {"group_size": 96, "symmetric": True, "act": "int8"}
 
 
 def test_quantize_mxfp4_with_rotation_and_fake_quantized_activations(tiny_llama_dir, tmp_path):

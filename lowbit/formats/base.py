@@ -45,6 +45,9 @@ class Format:
     #: default of every option, for formats whose options are exactly their ATTRS (the methods
     #: below then need only `check_values`); formats with shorthands override the methods
     DEFAULTS: dict[str, Any] = {}
+    #: ATTRS a layer stores only when set (added after layers without them were written, which
+    #: stay valid and are still written the same way)
+    OPTIONAL_ATTRS: tuple[str, ...] = ()
     #: the number of this format's packed layout, stored with every layer (`PackedWeight.metadata`);
     #: a layer stored in another layout is refused at load. Raise it when stored tensors change meaning.
     layout: int = 1
@@ -76,9 +79,11 @@ class Format:
             raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(self.ATTRS)}")
 
     def check_attr_keys(self, attrs: Any) -> None:
-        """FormatError unless attrs is a dict with exactly the ATTRS keys."""
-        if not isinstance(attrs, dict) or set(attrs) != set(self.ATTRS):
-            raise FormatError(f"{self.name}: attrs must have exactly the keys {list(self.ATTRS)}, got {attrs!r}")
+        """FormatError unless attrs is a dict with the ATTRS keys (OPTIONAL_ATTRS may be absent)."""
+        required = [a for a in self.ATTRS if a not in self.OPTIONAL_ATTRS]
+        if not isinstance(attrs, dict) or not set(required) <= set(attrs) <= set(self.ATTRS):
+            optional = f" (optional: {list(self.OPTIONAL_ATTRS)})" if self.OPTIONAL_ATTRS else ""
+            raise FormatError(f"{self.name}: attrs must have the keys {required}{optional} and no others, got {attrs!r}")
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         """The tensor fields (dtype, shape) a weight of `shape` with `attrs` packs into."""

@@ -31,20 +31,14 @@ import torch.nn.functional as F
 from ..errors import FormatError
 from ..packed import PackedWeight
 from . import register_format
+from .activations import dequantize_activations, safe_scale
 from .base import FieldSpec, Format
 from .integer import padded_k
 
 SCALE_DTYPE = torch.float32
 ACT_DTYPE = torch.float8_e4m3fn
 ACT_MAX = torch.finfo(ACT_DTYPE).max  # 448
-_TINY = torch.finfo(SCALE_DTYPE).tiny  # a scale never underflows to 0 (w / 0 would be NaN)
 _ACTS = (None, "fp8")
-
-
-def safe_scale(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
-    """fp32 amax (>= 0) -> fp32 scale amax / fp8_max; 1 for an all-zero group; never below
-    the smallest normal fp32."""
-    return torch.where(amax > 0, amax / fp8_max, torch.ones_like(amax)).clamp(min=_TINY)
 
 
 def cast_fp8(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -65,13 +59,6 @@ def quantize_activations(x: torch.Tensor, kp: int, group: int | None = None) -> 
     xf = F.pad(x.float(), (0, kp - k)).reshape(m, kp // group, group)
     scale = safe_scale(xf.abs().amax(dim=-1, keepdim=True), ACT_MAX)
     return cast_fp8(xf / scale, ACT_DTYPE).reshape(m, kp), scale.squeeze(-1)
-
-
-def dequantize_activations(xq: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Inverse of `quantize_activations`: [M, kp] fp32 values xq * scale."""
-    m, kp = xq.shape
-    groups = scales.shape[1]
-    return (xq.float().reshape(m, groups, kp // groups) * scales.unsqueeze(-1)).reshape(m, kp)
 
 
 class Fp8Format(Format):

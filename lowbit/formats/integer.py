@@ -17,6 +17,12 @@ zero are representable and z lies in [0, qmax]).
 Packed fields: qweight int32 [N, Kp*b/32] (bit planes, see bitpack.py), scales float16 [G, N],
 zeros float16 [G, N] (asymmetric only). Scales are group-major so a kernel tile's scales are
 one contiguous load along N.
+
+Option `act="int8"` (W8A8 for int8, W4A8 for int4, ...): activations are quantized too,
+dynamically, per token, to symmetric int8 (lowbit.formats.activations.quantize_activations_int8).
+The torch reference emulates exactly that rounding; on CUDA the kernel path is chosen per M (see
+`lowbit.kernels.int8_act`). The attribute is stored only when set, so weight-only layers keep
+the manifest entries lowbit wrote before the option existed.
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ import torch
 from ..errors import FormatError, WeightError
 from ..packed import PackedWeight
 from . import bitpack, register_format
+from .activations import dequantize_activations, quantize_activations_int8
 from .base import FieldSpec, Format
 
 DEFAULT_GROUP_SIZE = 128
 SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24
 _MAX_SCALE = torch.finfo(SCALE_DTYPE).max
+_ACTS = (None, "int8")
 
 
 def padded_k(k: int, group_size: int) -> int:
@@ -52,7 +60,8 @@ def _round_scale_up(scale: torch.Tensor) -> torch.Tensor:
 class IntFormat(Format):
     """`int{bits}`: group-wise integer weights, symmetric or asymmetric."""
 
-    ATTRS = ("group_size", "symmetric")
+    ATTRS = ("group_size", "symmetric", "act")
+    OPTIONAL_ATTRS = ("act",)
     #: bit-plane layout of qweight (see bitpack.py); the LUT formats use one-bit planes
     ONE_BIT_PLANES = False
 
@@ -70,6 +79,8 @@ class IntFormat(Format):
         sym = options.get("symmetric", False)
         if not isinstance(sym, bool) or (sym and self.bits == 1):
             raise FormatError(f"{self.name}: symmetric must be a bool (False for 1 bit), got {sym!r}")
+        if options.get("act") not in _ACTS:
+            raise FormatError(f"{self.name}: act must be one of {_ACTS}, got {options['act']!r}")
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         self.check_options(options)
@@ -79,7 +90,10 @@ class IntFormat(Format):
         # would otherwise pack a 64-wide layer into 2**20 codes per row)
         if gs == -1 or gs > padded_k(shape[1], 32):
             gs = padded_k(shape[1], 32)
-        return {"group_size": gs, "symmetric": options.get("symmetric", False)}
+        attrs = {"group_size": gs, "symmetric": options.get("symmetric", False)}
+        if options.get("act") is not None:
+            attrs["act"] = options["act"]
+        return attrs
 
     def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
         self.check_attr_keys(attrs)
@@ -88,6 +102,8 @@ class IntFormat(Format):
             raise FormatError(f"{self.name}: group_size must be a positive multiple of 32, got {gs!r}")
         if not isinstance(attrs["symmetric"], bool):
             raise FormatError(f"{self.name}: symmetric must be a bool, got {attrs['symmetric']!r}")
+        if "act" in attrs and attrs["act"] != "int8":  # stored only when set
+            raise FormatError(f"{self.name}: act must be 'int8' when present, got {attrs['act']!r}")
         return attrs
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
@@ -149,12 +165,25 @@ class IntFormat(Format):
         w = (codes - zero) * scale
         return w.reshape(n, kp)[:, :k].to(packed.dtype)
 
+    def reference_linear(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """Weight-only: F.linear(x, dequantize(W)). act="int8": x is quantized per token first and
+        the product is taken in fp32 — the W8A8 numerics."""
+        if packed.attrs.get("act") is None:
+            return super().reference_linear(x, packed, bias)
+        n, k = packed.shape
+        x2d = x.reshape(-1, k)
+        x_hat = dequantize_activations(*quantize_activations_int8(x2d, k))
+        y = torch.nn.functional.linear(x_hat, self.dequantize(packed).float(), None if bias is None else bias.float())
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
-        return torch.ops.lowbit.dequant_linear(
-            x2d, packed.qweight, packed.scales, packed.tensors.get("zeros"), None, bias,
-            self.bits, "int", packed.attrs["group_size"], 1, "float", packed.shape[1],
-        )
+        zeros, group_size = packed.tensors.get("zeros"), packed.attrs["group_size"]
+        if packed.attrs.get("act") == "int8":
+            return torch.ops.lowbit.int8_act_linear(x2d, packed.qweight, packed.scales, zeros, bias, self.bits,
+                                                    group_size, packed.shape[1])
+        return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, packed.scales, zeros, None, bias, self.bits,
+                                               "int", group_size, 1, "float", packed.shape[1])
 
 
 for _bits in range(2, 9):

@@ -20,6 +20,8 @@ class LutFormat(IntFormat):
     """`lut{bits}`: intN-asymmetric codes in one-bit planes (table lookup or merged-plane dequant)."""
 
     ONE_BIT_PLANES = True
+    ATTRS = ("group_size", "symmetric")  # no act="int8": the lookup kernel sums 16-bit activations
+    OPTIONAL_ATTRS = ()
 
     def __init__(self, bits: int):
         super().__init__(bits, prefix="lut")

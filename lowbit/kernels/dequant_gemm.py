@@ -77,15 +77,11 @@ def _plane_tile(row_ptrs, k0, word_base, mask, WIDTH: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, stride_sg,
-                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
-                  GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr,
-                  ONE_BIT_PLANES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 weights [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K. Plane p of a row
+def _code_tile(qw_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, BITS: tl.constexpr, ELEMENT: tl.constexpr,
+               ONE_BIT_PLANES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 codes [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K. Plane p of a row
     starts at word words_per_bit * (low bit of p), see lowbit/formats/bitpack.py; BITS and the
-    plane split are compile-time. Scales are [K groups, ceil(N / SCALE_GROUP_N)]; a tile lies
-    inside one group (GROUP_SIZE >= BLOCK_K) or covers BLOCK_K / GROUP_SIZE whole groups
-    (microscaling blocks of 16 / 32)."""
+    plane split are compile-time."""
     row_ptrs = qw_ptr + offs_n[:, None] * stride_qn
     mask = n_mask[:, None]
     # one plane of 4 or 8 bits: interleaved codes cut 0.5-3.6 instructions per weight on sm_90; for
@@ -107,6 +103,21 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         if BITS & 1:
             codes += _plane_tile(row_ptrs, k0, words_per_bit * (BITS & 6), mask, 1, BLOCK_N, BLOCK_K,
                                  False) << (BITS & 6)
+    return codes
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, stride_sg,
+                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr,
+                  ONE_BIT_PLANES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 weights [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K (codes as
+    `_code_tile` reads them). Scales are [K groups, ceil(N / SCALE_GROUP_N)]; a tile lies inside
+    one group (GROUP_SIZE >= BLOCK_K) or covers BLOCK_K / GROUP_SIZE whole groups (microscaling
+    blocks of 16 / 32)."""
+    codes = _code_tile(qw_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, BITS, ELEMENT, ONE_BIT_PLANES,
+                       BLOCK_N, BLOCK_K)
+    mask = n_mask[:, None]
     if ELEMENT == "nf4":
         # z_ptr is the fp32 [16] codebook: a gather within 64 bytes (one cache sector pair per
         # warp), where a 15-select tree cost ~10 instructions and ~190 registers per thread
@@ -140,17 +151,36 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
+def _int8_group_sum(iacc, xsum, s_ptr, z_ptr, group, offs_n, n_mask, stride_sg, BITS: tl.constexpr,
+                    SYMMETRIC: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] share of one scale group (before the activations' per-row scales):
+    iacc int32 [BLOCK_M, BLOCK_N], sums of int8 activation codes times centred weight codes
+    (code - 2^(BITS-1)) over K in the group; xsum int32 [BLOCK_M], the activation codes' sums
+    there. An asymmetric group's weights are (code - z) * s = (centred - (z - 2^(BITS-1))) * s."""
+    if not SYMMETRIC:
+        zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.int32) - (1 << (BITS - 1))
+        iacc -= xsum[:, None] * zero[None, :]
+    scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return iacc.to(tl.float32) * scale[None, :]
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, xs_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
                  M, N, K, words_per_bit, tiles_per_split,
                  stride_xm, stride_qn, stride_sg, stride_om,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
                  SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
-                 DOT_FP32: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 DOT_FP32: tl.constexpr, ACT_INT8: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (m, s, n) computes output tile (m, n) over K tiles s * tiles_per_split onwards;
     with SPLIT, the splits are reduced inside the launch (lowbit/kernels/split_k.py). Splitting K
-    keeps every SM streaming weights when M is small and N has fewer tiles than the GPU has SMs."""
+    keeps every SM streaming weights when M is small and N has fewer tiles than the GPU has SMs.
+    ACT_INT8 ("int" codes only): x holds int8 activation codes and xs_ptr their fp32 per-row
+    scales; the K loop runs on int8 tensor cores into an int32 accumulator, which is scaled into
+    the fp32 one (`_int8_group_sum`) at the end of each scale group, of the split, and every
+    FLUSH_K within a group (so it cannot overflow: 127 * 255 * 2^15 < 2^31)."""
+    FLUSH_K: tl.constexpr = 32768
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -160,19 +190,38 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, words_per_bit * 32 // BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACT_INT8:
+        iacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = tl.trans(_dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
-                                   stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                                   SCALE_KIND, ONE_BIT_PLANES, BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+        if ACT_INT8:
+            codes = _code_tile(qw_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn, BITS, "int", False,
+                               BLOCK_N, BLOCK_K)
+            centred = (codes - (1 << (BITS - 1))).to(tl.int8)  # exact for BITS <= 8
+            iacc = tl.dot(x, tl.trans(centred), iacc, out_dtype=tl.int32)
+            if not SYMMETRIC:
+                xsum += tl.sum(x.to(tl.int32), axis=1)
+            k_end = (t + 1) * BLOCK_K
+            if (k_end % GROUP_SIZE) % FLUSH_K == 0 or t == t_end - 1:
+                acc += _int8_group_sum(iacc, xsum, s_ptr, z_ptr, t * BLOCK_K // GROUP_SIZE, offs_n, n_mask, stride_sg,
+                                       BITS, SYMMETRIC)
+                iacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+                xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
+            w = tl.trans(_dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
+                                       stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
+                                       SCALE_KIND, ONE_BIT_PLANES, BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
+            if DOT_FP32:
+                acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w.to(x.dtype), acc)
     if HAS_TENSOR_SCALE:
         acc *= tl.load(ts_ptr).to(tl.float32)
+    if ACT_INT8:
+        acc *= tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if HAS_BIAS:
         if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -245,16 +294,17 @@ def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: tor
 
 
 def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
-                variant: str | None = None, bits: int = 4, lut: bool = False) -> dict:
+                variant: str | None = None, bits: int = 4, lut: bool = False, allow_gemv: bool = True) -> dict:
     """Path and tile sizes for an [m, kp] x [n, kp]^T problem of `bits`-wide codes (1 for the LUT
     formats: the narrowest bit plane decides the GEMV's shortest column): the tuned config
     for this GPU, kernel `variant` and M bucket when benchmarks/tune.py measured one
     (lowbit/kernels/tuning.py), else defaults. multi_group: GEMM tiles may span several scale
-    groups (no zero points); lut: the launch also has the table-lookup kernel (a tuned "lut" path)."""
+    groups (no zero points); lut: the launch also has the table-lookup kernel (a tuned "lut" path);
+    allow_gemv: the launch has the GEMV path (not with int8 activations)."""
     tuned = tuned_config(device, variant, n, kp, m, group_size, multi_group, bits, lut) if variant else None
-    if tuned:
+    if tuned and (allow_gemv or tuned["path"] != "gemv"):
         return tuned
-    gemv = gemv_config(m, n, kp, bits, group_size, device) if m <= GEMV_MAX_M else None
+    gemv = gemv_config(m, n, kp, bits, group_size, device) if allow_gemv and m <= GEMV_MAX_M else None
     if gemv:
         return {"path": "gemv", **gemv}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -341,7 +391,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor | None, bias: torch.Tensor | None, *, bits: int,
                    group_size: int, in_features: int, element: str = "int", scale_group_n: int = 1,
                    scale_kind: str = "float", tensor_scale: torch.Tensor | None = None,
-                   one_bit_planes: bool = False, config: dict | None = None) -> torch.Tensor:
+                   one_bit_planes: bool = False, config: dict | None = None,
+                   act_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """[M, K] x (fp16/bf16/fp32) times the packed [N, K] weight -> [M, N] in x.dtype.
 
     qweight int32 [N, Kp*bits/32] (bit planes, see lowbit/formats/bitpack.py; one_bit_planes: the
@@ -355,10 +406,18 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     tensor_scale: fp32 [1] multiplying the whole product (NVFP4), or None. bias [N] or None.
     `config`: a whole config (with a "path", keys as returned by `pick_config`) replaces the path
       / tile choice; one without a path overrides the keys it has.
+    act_scales: fp32 [M, 1] with x int8 activation codes [M, K] (lowbit/kernels/act_quant.py):
+      the int8 tensor-core GEMM (element "int" in the bit-plane layout, float scales; always the
+      GEMM path); the output is then [M, N] in out_dtype.
     """
     width = ELEMENTS.get(element, -1)
     if width == -1 or (width is not None and bits != width) or (element != "int" and zeros is not None):
         raise InputError(f"element={element!r} with bits={bits}, zeros={zeros is not None} is not a kernel variant")
+    act_int8 = act_scales is not None
+    if act_int8 and (element != "int" or one_bit_planes or tensor_scale is not None or scale_kind != "float"
+                     or x.dtype != torch.int8 or out_dtype is None or act_scales.shape != (x.shape[0], 1)):
+        raise InputError(f"int8 activations take int8 x with fp32 act_scales [M, 1], an out_dtype and float-scaled "
+                         f"'int' codes; got x {x.dtype}, act_scales {tuple(act_scales.shape)}, element {element!r}")
     if scale_kind not in SCALE_KINDS:
         raise InputError(f"scale_kind must be one of {SCALE_KINDS}, got {scale_kind!r}")
     n = qweight.shape[0]
@@ -369,21 +428,25 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x = x.contiguous()
     m = x.shape[0]
     if m == 0:
-        return x.new_empty((0, n))
+        return x.new_empty((0, n), dtype=out_dtype or x.dtype)
     multi_group = element != "int"
-    variant = f"{element}{bits}{'-1bit' if one_bit_planes else ''}-{'sym' if zeros is None else 'asym'}-g{group_size}-{scale_kind}-{x.dtype}"
+    act = f"-a8-{out_dtype}" if act_int8 else f"-{x.dtype}"
+    variant = f"{element}{bits}{'-1bit' if one_bit_planes else ''}-{'sym' if zeros is None else 'asym'}-g{group_size}-{scale_kind}{act}"
     # GEMV columns hold whole words of the narrowest bit plane: one bit wide in the LUT formats' layout
     plane_bits = 1 if one_bit_planes else bits
     if config and "path" in config:  # a whole config (the LUT launcher's pick): no lookup of our own
         cfg = dict(config)
     else:
-        cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group, variant, plane_bits), **(config or {})}
-    if cfg["path"] not in ("gemv", "gemm"):
-        raise InputError(f"config path must be 'gemv' or 'gemm', got {cfg['path']!r}")
+        cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group, variant, plane_bits,
+                             allow_gemv=not act_int8),
+               **(config or {})}
+    if cfg["path"] not in (("gemm",) if act_int8 else ("gemv", "gemm")):
+        raise InputError(f"config path must be 'gemv' or 'gemm' ('gemm' with int8 activations), got {cfg['path']!r}")
     # z_ptr: the zero points (asymmetric "int"), the codebook ("nf4"), else never read
     zeros_arg = zeros if zeros is not None else _nf4_codebook(x.device) if element == "nf4" else scales
     bias_arg = bias if bias is not None else scales  # never read without bias
     ts_arg = tensor_scale if tensor_scale is not None else scales  # never read without one
+    xs_arg = act_scales if act_int8 else scales  # never read without int8 activations
     common = dict(BITS=bits, ELEMENT=element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
                   GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n, SCALE_KIND=scale_kind,
                   HAS_TENSOR_SCALE=tensor_scale is not None, ONE_BIT_PLANES=one_bit_planes, BLOCK_M=cfg["BLOCK_M"],
@@ -409,10 +472,11 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return out
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
     out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(
-        x, n, kp // cfg["BLOCK_K"], cfg.get("SPLIT_K", 1), n_tiles * m_tiles)
+        x, n, kp // cfg["BLOCK_K"], cfg.get("SPLIT_K", 1), n_tiles * m_tiles, out_dtype)
     dot_fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 tl.dot is wrong
-    _gemm_kernel[(m_tiles, split_k, n_tiles)](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out, workspace, tickets,
-                                              m, n, in_features, words_per_bit, tiles_per_split,
+    _gemm_kernel[(m_tiles, split_k, n_tiles)](x, qweight, scales, zeros_arg, ts_arg, xs_arg, bias_arg, out, workspace,
+                                              tickets, m, n, in_features, words_per_bit, tiles_per_split,
                                               x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-                                              DOT_FP32=dot_fp32, SPLIT=split_k > 1, BLOCK_K=cfg["BLOCK_K"], **common)
+                                              DOT_FP32=dot_fp32, ACT_INT8=act_int8, SPLIT=split_k > 1,
+                                              BLOCK_K=cfg["BLOCK_K"], **common)
     return out

@@ -1,6 +1,5 @@
 """FP8 matmul for the `fp8` / `fp8_e5m2` formats: the per-M choice between W8A8 on FP8 tensor
-cores and the weight-only (W8A16) dequant kernel, and the Triton kernel that quantizes
-activations for the W8A8 path.
+cores and the weight-only (W8A16) dequant kernel.
 
 Path rule (`fp8_matmul`), for a layer quantized with act="fp8" on CUDA:
   * M < W8A8_MIN_M: weight-only Triton kernel (GEMV / GEMM of `dequant_gemm`). Small M is
@@ -9,7 +8,7 @@ Path rule (`fp8_matmul`), for a layer quantized with act="fp8" on CUDA:
     so these rows are (slightly) more accurate than the W8A8 reference.
   * M >= W8A8_MIN_M on a GPU whose `torch._scaled_mm` passes a one-time probe (sm89+; per
     channel: row-wise scales; block=128: DeepSeek-style 1x128 / 128x128 block scales): the
-    fused Triton kernel `_act_quant_kernel` writes E4M3 activations and fp32 scales, then
+    Triton kernel of lowbit/kernels/act_quant.py writes E4M3 activations and fp32 scales, then
     `torch._scaled_mm` (row-major A, column-major B) multiplies on FP8 tensor cores.
   * Anything else (no FP8 tensor cores, other block sizes, N not a multiple of 16): weight-only.
 Without act="fp8" it is always the weight-only kernel.
@@ -20,84 +19,21 @@ import functools
 import logging
 
 import torch
-import triton
-import triton.language as tl
 
 from ..errors import InputError
+from .act_quant import quantize_activations_triton
 from .dequant_gemm import dequant_matmul
 
 logger = logging.getLogger(__name__)
 
 W8A8_MIN_M = 32
-E4M3_MAX = tl.constexpr(448.0)
-_FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32, as in formats.fp8.safe_scale
-
-
-@triton.jit
-def _encode_e4m3(v):
-    """fp32 values in [-448, 448] -> E4M3FN codes (int32 0..255), round to nearest even.
-    Bit arithmetic rather than a fp8 cast: the interpreter casts differently from torch, and
-    it is exact on every GPU."""
-    sign = (v.to(tl.int32, bitcast=True) >> 24) & 0x80
-    a = tl.abs(v)
-    a_bits = a.to(tl.int32, bitcast=True)
-    # Normal range: keep 3 mantissa bits with round-half-even, then rebias the exponent 127 -> 7.
-    normal = ((a_bits + 0x7FFFF + ((a_bits >> 20) & 1)) >> 20) - ((127 - 7) << 3)
-    # Subnormal range (a < 2^-6): code = rne(a * 2^9); adding 2^23 makes the fp32 add round it.
-    subnormal = (a * 512.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
-    return tl.where(a < 0.015625, subnormal, normal) | sign
-
-
-@triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, group, stride_xm, stride_qm, stride_sm,
-                      BLOCK: tl.constexpr):
-    """One program per (row, K group): amax pass, then scale / clamp / encode pass."""
-    row = tl.program_id(0)
-    g = tl.program_id(1)
-    start = g * group
-    x_row = x_ptr + row * stride_xm
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, group, BLOCK):
-        in_group = k0 + tl.arange(0, BLOCK) < group
-        offs = start + k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_row + offs, mask=in_group & (offs < K), other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    amax_all = tl.max(amax, axis=0)
-    scale = tl.where(amax_all > 0, tl.math.div_rn(amax_all, E4M3_MAX), 1.0)
-    scale = tl.maximum(scale, _FP32_TINY)
-    tl.store(s_ptr + row * stride_sm + g, scale)
-    for k0 in range(0, group, BLOCK):
-        in_group = k0 + tl.arange(0, BLOCK) < group
-        offs = start + k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_row + offs, mask=in_group & (offs < K), other=0.0).to(tl.float32)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -E4M3_MAX), E4M3_MAX)
-        tl.store(q_ptr + row * stride_qm + offs, _encode_e4m3(v).to(tl.uint8), mask=in_group)
-
-
-def quantize_activations_fp8(x: torch.Tensor, kp: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `lowbit.formats.fp8.quantize_activations` (bit-identical).
-
-    x: [M, K] float16 / bfloat16 / float32, K <= kp. Returns (float8_e4m3fn [M, kp],
-    float32 scales [M, kp // group] or [M, 1] when group is None).
-    """
-    m, k = x.shape
-    group = group or kp
-    if k > kp or kp % group:
-        raise InputError(f"cannot quantize activations of width {k} into {kp} columns in groups of {group}")
-    x = x.contiguous()
-    q = torch.empty((m, kp), dtype=torch.uint8, device=x.device)
-    s = torch.empty((m, kp // group), dtype=torch.float32, device=x.device)
-    if m:
-        block = min(1024, triton.next_power_of_2(group))
-        _act_quant_kernel[(m, kp // group)](x, q, s, k, group, x.stride(0), q.stride(0), s.stride(0), BLOCK=block)
-    return q.view(torch.float8_e4m3fn), s
 
 
 def scaled_mm_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, block: int | None) -> torch.Tensor:
     """W8A8 product on FP8 tensor cores: [M, K] x, qweight float8 [N, Kp], scales fp32 [1, N]
     (per channel) or [Kp/128, N/128] (block=128). Returns bfloat16 [M, N] (cuBLAS's row-wise
     scaled GEMM writes bf16)."""
-    xq, xs = quantize_activations_fp8(x, qweight.shape[1], block)
+    xq, xs = quantize_activations_triton(x, qweight.shape[1], block, "e4m3")
     if block is None:
         return torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=scales, out_dtype=torch.bfloat16)
     from torch.nn.functional import ScalingType, scaled_mm
@@ -114,7 +50,8 @@ def w8a8_supported(device: torch.device, weight_dtype: torch.dtype, block: int |
     fp32 emulation. A failing probe is logged once and the weight-only kernel is used instead."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9) or block not in (None, 128):
         return False
-    from ..formats.fp8 import cast_fp8, dequantize_activations, quantize_activations, safe_scale
+    from ..formats.activations import dequantize_activations, safe_scale
+    from ..formats.fp8 import cast_fp8, quantize_activations
 
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(40, 384, device=device, generator=gen, dtype=torch.bfloat16)

@@ -78,16 +78,17 @@ def valid_split_count(requested) -> bool:
     return isinstance(requested, int) and requested >= 1
 
 
-def split_k_buffers(x: torch.Tensor, n: int, k_tiles: int, requested: int, tiles: int):
+def split_k_buffers(x: torch.Tensor, n: int, k_tiles: int, requested: int, tiles: int,
+                    out_dtype: torch.dtype | None = None):
     """(out, workspace, counters, tiles_per_split, split_k) for a split-K launch over `tiles`
-    output tiles: out [M, N] in x.dtype; with one split the workspace and counters are `out`
-    (never read), else fp32 [split_k, M, N] and the stream's counters."""
+    output tiles: out [M, N] in out_dtype (default x.dtype); with one split the workspace and
+    counters are `out` (never read), else fp32 [split_k, M, N] and the stream's counters."""
     if not valid_split_count(requested):
         raise InputError(f"SPLIT_K must be a positive integer, got {requested!r}")
     tiles_per_split = triton.cdiv(k_tiles, requested)
     split_k = triton.cdiv(k_tiles, tiles_per_split)
     m = x.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    out = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
     if split_k == 1:
         return out, out, out, tiles_per_split, 1
     workspace = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)

@@ -1,7 +1,7 @@
 """Compile lowbit's kernels for Hopper (sm_90) ahead of time, without a GPU.
 
 Run as a script (with TRITON_INTERPRET unset, so kernels are real JIT functions):
-    python -m tests.kernels.hopper_codegen '[["gemv", 4, true, "bf16", "int"], ["act_quant"], ...]'
+    python -m tests.kernels.hopper_codegen '[["gemv", 4, true, "bf16", "int"], ["act_quant", "int8"], ...]'
 prints {"gemv-4-True-bf16-int": {"ptx": ..., "cubin_bytes": n} | {"error": ...}, ...} as JSON.
 Signatures and alignment specialisation mirror what the JIT sees for real shapes.
 """
@@ -14,10 +14,10 @@ from triton.compiler import ASTSource
 
 from lowbit.kernels import dequant_gemm as kernels
 from lowbit.formats.dfloat11 import CODE_BITS
-from lowbit.kernels import dequant_gemv, dfloat11, fp8_w8a8, lut_gemm
+from lowbit.kernels import act_quant, dequant_gemv, dfloat11, lut_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
-ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "int8": "*i8"}
 GEMV_BLOCK_N = 16  # gemv_config's rows per program at M=1
 GEMV_K = 4096  # the GEMV is compiled per K: a Llama-3-8B q_proj's
 GEMM_TILE = 64  # the GEMM's BLOCK_N and BLOCK_K (the launcher's defaults)
@@ -38,9 +38,10 @@ def _compile(kernel, pointer_types: dict, constexprs: dict, unaligned=()):
                           target=HOPPER, options={"num_warps": 4})
 
 
-def compile_act_quant():
-    return _compile(fp8_w8a8._act_quant_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32"},
-                    {"BLOCK": 1024}, unaligned=("stride_sm",))
+def compile_act_quant(encoding: str):
+    return _compile(act_quant._act_quant_kernel,
+                    {"x_ptr": "*bf16", "q_ptr": "*u8" if encoding == "e4m3" else "*i8", "s_ptr": "*fp32"},
+                    {"ENCODING": encoding, "BLOCK": 1024}, unaligned=("stride_sm",))
 
 
 def compile_lut(bits: int):
@@ -84,7 +85,8 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
     Llama-3-8B q_proj (K = GEMV_K; 16 rows, columns of 32 K or the group); the GEMM with 64 x 64 x
-    GEMM_BLOCK_M tiles (64: Hopper's wgmma; the launcher's default at M <= 16 is 16)."""
+    GEMM_BLOCK_M tiles (64: Hopper's wgmma; the launcher's default at M <= 16 is 16). act "int8":
+    the GEMM on int8 activation codes (act="int8" layers; bf16 output)."""
     kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
@@ -95,10 +97,12 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                           COLUMNS=kernels.gemv_columns({}),
                           COLUMN_K=variant_column_k(bits, element, scale_kind, one_bit_planes), PTX=True)
     else:
-        constexprs.update(DOT_FP32=act == "fp32", SPLIT=True, BLOCK_M=gemm_block_m, BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE)
+        constexprs.update(DOT_FP32=act == "fp32", ACT_INT8=act == "int8", SPLIT=True, BLOCK_M=gemm_block_m,
+                          BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE)
     scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"
+    out = "*bf16" if act == "int8" else ACT[act]
     pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_type, "z_ptr": scale_type,
-                     "ts_ptr": "*fp32", "bias_ptr": ACT[act], "out_ptr": ACT[act], **SPLIT_K_POINTERS}
+                     "ts_ptr": "*fp32", "xs_ptr": "*fp32", "bias_ptr": out, "out_ptr": out, **SPLIT_K_POINTERS}
     return _compile(kernel, pointer_types, constexprs, unaligned=("M", "tiles_per_split", "one"))
 
 
@@ -107,8 +111,8 @@ def main(argv):
     for variant in json.loads(argv[1]):
         key = "-".join(str(v) for v in variant)
         try:
-            if variant == ["act_quant"]:
-                compiled = compile_act_quant()
+            if variant[0] == "act_quant":
+                compiled = compile_act_quant(variant[1])
             elif variant[0] == "dfloat11":
                 compiled = compile_dfloat11(variant[1])
             elif variant[0] == "lut":

@@ -32,7 +32,14 @@ NF4_VARIANTS = [[path, 4, True, "bf16", "nf4"] for path in ("gemv", "gemm")]
 # the table-lookup kernel, and the dequant GEMV on the LUT formats' one-bit planes
 LUT_VARIANTS = [["lut", b] for b in range(1, 5)] + [["gemv", b, False, "bf16", "int", "float", True] for b in range(1, 5)]
 DF11_VARIANTS = [["dfloat11", "decode"], ["dfloat11", "gemv"]]
-VARIANTS = INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + NF4_VARIANTS + LUT_VARIANTS + DF11_VARIANTS + [["act_quant"]]
+# act="int8": the GEMM on int8 activation codes
+INT8_ACT_VARIANTS = [["gemm", b, s, "int8", "int"] for b, s in [(8, True), (4, False), (6, False), (3, True)]]
+VARIANTS = (INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + NF4_VARIANTS + LUT_VARIANTS + DF11_VARIANTS + INT8_ACT_VARIANTS
+            + [["act_quant", "e4m3"], ["act_quant", "int8"]])
+
+
+# one xdist worker runs this module (`make test` uses --dist loadgroup), so the variants compile once
+pytestmark = pytest.mark.xdist_group("hopper-codegen")
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +55,9 @@ def hopper():
 
 
 def _ptx(hopper, path, bits=None, symmetric=None, act=None, element="int", scale_kind=None, one_bit_planes=False):
-    if path in ("lut", "dfloat11"):
+    if path in ("lut", "dfloat11", "act_quant"):
         return _checked(hopper[f"{path}-{bits}"])
-    key = path if path == "act_quant" else f"{path}-{bits}-{symmetric}-{act}-{element}"
+    key = f"{path}-{bits}-{symmetric}-{act}-{element}"
     key += f"-{scale_kind}" if scale_kind else ""
     key += "-True" if one_bit_planes else ""
     return _checked(hopper[key])
@@ -144,9 +151,21 @@ def test_fp8_weight_only_needs_no_fp8_hardware(hopper, element):
     assert "wgmma.mma_async" in _ptx(hopper, "gemm", 8, True, "bf16", element)
 
 
-def test_activation_quant_uses_exact_division(hopper):
-    ptx = _ptx(hopper, "act_quant")
+@pytest.mark.parametrize("encoding", ["e4m3", "int8"])
+def test_activation_quant_uses_exact_division(hopper, encoding):
+    ptx = _ptx(hopper, "act_quant", encoding)
     assert "div.rn.f32" in ptx and "div.approx" not in ptx and "div.full" not in ptx
+
+
+@pytest.mark.parametrize("variant", INT8_ACT_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_int8_activation_gemm_uses_int8_tensor_cores(hopper, variant):
+    """act="int8": the K loop multiplies int8 x int8 -> int32 on Hopper tensor cores (wgmma .s8),
+    never on 16-bit ones."""
+    k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if "wgmma.mma_async" in body]
+    assert k_loops
+    for body in k_loops:
+        assert re.search(r"wgmma\.mma_async\S*\.s32\.s8\.s8", body)
+        assert not re.search(r"wgmma\.mma_async\S*\.(?:bf16|f16)", body)
 
 
 @pytest.mark.parametrize("scale_kind", ["e8m0", "e4m3"])

@@ -12,7 +12,8 @@ import lowbit
 from lowbit.formats import get_format
 from lowbit.formats.fp8 import quantize_activations
 from lowbit.kernels import fp8_w8a8
-from lowbit.kernels.fp8_w8a8 import fp8_matmul, quantize_activations_fp8, scaled_mm_w8a8
+from lowbit.kernels.act_quant import quantize_activations_triton
+from lowbit.kernels.fp8_w8a8 import fp8_matmul, scaled_mm_w8a8
 
 from ..conftest import kernel_devices, requires_gpu
 
@@ -92,7 +93,7 @@ def test_activation_quant_kernel_is_bit_exact(device, dtype, group):
     x = _hard_activations(6, 300, dtype)
     kp = 384
     q_ref, s_ref = quantize_activations(x, kp, group)
-    q, s = quantize_activations_fp8(x.to(device), kp, group)
+    q, s = quantize_activations_triton(x.to(device), kp, group)
     assert q.dtype == torch.float8_e4m3fn and q.shape == (6, kp)
     assert torch.equal(s.cpu(), s_ref)
     assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
@@ -108,7 +109,7 @@ def test_activation_encoder_on_every_value_and_midpoint(device):
     row = torch.cat([probes, -probes])
     x = row.unsqueeze(0)
     kp = -(-x.shape[1] // 32) * 32
-    q, s = quantize_activations_fp8(x.to(device), kp)
+    q, s = quantize_activations_triton(x.to(device), kp)
     assert s.item() == 1.0
     expected = F.pad(row, (0, kp - row.numel())).to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(q.cpu().view(torch.uint8)[0], expected)

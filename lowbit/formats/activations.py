@@ -1,0 +1,42 @@
+"""Dynamic activation quantization shared by the W8A8 paths (the torch spec; the Triton kernel
+of lowbit/kernels/act_quant.py matches it bit for bit).
+
+Each token (row), or each 1 x group slice of it along K, gets `scale = amax / qmax` (fp32; 1 for
+an all-zero slice, never below the smallest normal fp32), and its values are divided by it,
+clamped to [-qmax, qmax] and rounded to the element type: E4M3 for `act="fp8"`
+(lowbit.formats.fp8.quantize_activations), int8 with qmax 127 and ties-to-even for
+`act="int8"` (`quantize_activations_int8`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT8_MAX = 127  # symmetric int8 codes: -128 is never used, so negation is exact
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """fp32 amax (>= 0) -> fp32 scale amax / qmax; 1 for an all-zero group; never below the
+    smallest normal fp32 (x / scale is never NaN)."""
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).clamp(min=_TINY)
+
+
+def quantize_activations_int8(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token symmetric int8 quantization.
+
+    x: [M, K] float16 / bfloat16 / float32 with K <= kp; zero-padded to kp columns.
+    Returns (xq int8 [M, kp] in [-127, 127], scales float32 [M, 1]); x ~ xq * scale.
+    """
+    m, k = x.shape
+    xf = F.pad(x.float(), (0, kp - k))
+    scale = safe_scale(xf.abs().amax(dim=1, keepdim=True), INT8_MAX)
+    return torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def dequantize_activations(xq: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of the activation quantizers: xq [M, kp] (fp8 or int8) and scales fp32
+    [M, groups] -> [M, kp] fp32 values xq * scale."""
+    m, kp = xq.shape
+    groups = scales.shape[1]
+    return (xq.float().reshape(m, groups, kp // groups) * scales.unsqueeze(-1)).reshape(m, kp)
