@@ -130,7 +130,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         total_weights += shape[0] * shape[1]
         slot = parse_slot(name)
         row_name, fused = (name, False) if slot is None else (".".join(filter(None, slot[:2])), True)
-        counts = grouped.setdefault((row_name, fused, fmt.name, shape), [0, 0, 0])
+        # formats that also quantize activations at run time say so (W8A8 is not weight-only)
+        shown = f"{fmt.name} act={attrs['act']}" if attrs.get("act") else fmt.name
+        counts = grouped.setdefault((row_name, fused, shown, shape), [0, 0, 0])
         counts[0] += 1
         counts[1] += nbytes
         counts[2] += shape[0] * shape[1]

@@ -64,6 +64,9 @@ def test_quantize_int8_activations(tiny_llama_dir, tmp_path, capsys):
     assert "quantized layers: 15 (int8)" in capsys.readouterr().out
     layer = lowbit.load(out).model.layers[1].self_attn.q_proj
     assert layer.attrs == {"group_size": 96, "symmetric": True, "act": "int8"}
+    assert main(["inspect", str(out)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "self_attn.q_proj" in line]
+    assert rows and all(row[1:3] == ["int8", "act=int8"] for row in rows)
 
 
 def test_quantize_mxfp4_with_rotation_and_fake_quantized_activations(tiny_llama_dir, tmp_path):
