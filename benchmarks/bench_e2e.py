@@ -3,6 +3,7 @@
 
   python benchmarks/bench_e2e.py                      # GPU: the whole Llama-3-8B (32 layers), batch 1 and 16
   python benchmarks/bench_e2e.py --formats int4 fp8 dfloat11 --layers 8 --batch 1 --new 128
+  python benchmarks/bench_e2e.py --formats int8:act=int8,symmetric=true,group_size=-1 --batch 16   # W8A8 prefill
   python benchmarks/bench_e2e.py --width mixtral-8x7b --layers 4 --no-graphs   # MoE (quantized experts)
   python benchmarks/bench_e2e.py --smoke [--width qwen3-30b-a3b]   # tiny model on CPU (torch backend), CI
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_gemm import env_info  # noqa: E402
+from benchmarks.bench_gemm import check_format_specs, env_info, parse_format_spec  # noqa: E402
 from benchmarks.targets import e2e_summary  # noqa: E402
 
 #: width name -> (transformers architecture, config fields); the smoke widths are the tiny CPU stand-ins
@@ -150,11 +151,12 @@ def bench(args, device: torch.device) -> list[dict]:
     import lowbit
 
     rows, baseline = [], {}
-    for fmt in ["bf16"] + args.formats:
+    for fmt in ["bf16"] + args.formats:  # format specs as bench_gemm takes them ("fp8:act=fp8")
         model = build_model(args.width, args.layers, device)
         if fmt != "bf16":
-            lowbit.quantize(model, fmt, skip=["lm_head"], progress=False)
-            if fmt == "dfloat11":
+            name, options = parse_format_spec(fmt, args)
+            lowbit.quantize(model, name, skip=["lm_head"], progress=False, **options)
+            if name == "dfloat11":
                 lowbit.enable_block_decompression(model)
         with torch.no_grad():
             for batch in args.batch:
@@ -204,7 +206,10 @@ def write_markdown(path: Path, env: dict, rows: list[dict], summary: list[dict])
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU (torch reference backend)")
-    p.add_argument("--formats", nargs="+", default=None, help="default: " + " ".join(DEFAULT_FORMATS))
+    p.add_argument("--formats", nargs="+", default=None, help="format specs as bench_gemm takes them "
+                   "(int8:act=int8,symmetric=true); default: " + " ".join(DEFAULT_FORMATS))
+    p.add_argument("--group-size", type=int, default=128, help="int / lut formats, unless a spec sets it")
+    p.add_argument("--symmetric", action="store_true", help="int formats, unless a spec sets it")
     p.add_argument("--width", default="llama3-8b", choices=[w for w in WIDTHS if not w.startswith("smoke")])
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32: the whole Llama-3-8B)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 16])
@@ -216,11 +221,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args(argv)
     args.formats = args.formats or DEFAULT_FORMATS
-    from lowbit.formats import formats
-
-    unknown = [f for f in args.formats if f not in formats()]
-    if unknown:  # before the bf16 baseline is built and timed
-        print(f"bench_e2e: unknown format(s) {unknown}; known: {', '.join(formats())}", file=sys.stderr)
+    problems = check_format_specs(args.formats, args)
+    if problems:  # before the bf16 baseline is built and timed
+        print("bench_e2e: " + "\n".join(problems), file=sys.stderr)
         return 2
     if args.smoke:
         device = torch.device("cpu")

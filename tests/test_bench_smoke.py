@@ -88,14 +88,17 @@ def test_bench_dfloat11_smoke(tmp_path):
 
 def test_bench_e2e_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--smoke", "--formats", "int4",
-                           "dfloat11", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                           "dfloat11", "int8:act=int8,symmetric=true,group_size=-1", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # torch reference
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("*.json")
     data = json.loads(result.read_text())
     assert set(data["env"]) == {"device", "torch", "triton", "commit", "date"}
     rows = data["results"]
-    assert [(r["format"], r["batch"]) for r in rows] == [(f, b) for f in ("bf16", "int4", "dfloat11") for b in (1, 2)]
+    w8a8 = "int8:act=int8,symmetric=true,group_size=-1"
+    assert [(r["format"], r["batch"]) for r in rows] == [(f, b) for f in ("bf16", "int4", "dfloat11", w8a8)
+                                                         for b in (1, 2)]
     for row in rows:
         assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["decode_speedup"] > 0
         assert row["decode_mode"] == "eager"  # CUDA graphs only on a GPU
@@ -103,7 +106,7 @@ def test_bench_e2e_smoke(tmp_path):
                                 "decode_speedup": rows[2]["decode_speedup"]}]
     lossless = [r for r in rows if r["format"] == "dfloat11"]
     assert all(r["logits_cos_vs_bf16"] > 0.99999 for r in lossless)  # lossless weights, same reference math
-    assert all(0.9 < r["logits_cos_vs_bf16"] < 1 for r in rows if r["format"] == "int4")
+    assert all(0.9 < r["logits_cos_vs_bf16"] < 1 for r in rows if r["format"] in ("int4", w8a8))
     assert list(tmp_path.glob("*.md"))
 
 
@@ -124,7 +127,7 @@ def test_bench_e2e_smoke_moe(tmp_path):
 def test_bench_e2e_refuses_an_unknown_format_first(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--smoke", "--formats", "int4",
                            "int44", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "unknown format(s) ['int44']" in proc.stderr and not list(tmp_path.iterdir())
+    assert proc.returncode == 2 and "unknown format 'int44'" in proc.stderr and not list(tmp_path.iterdir())
 
 
 def test_bench_e2e_refuses_gpu_mode_without_gpu():
