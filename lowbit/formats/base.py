@@ -109,6 +109,15 @@ class Format:
         F.linear(x, dequantize(W)); formats that also quantize activations override it."""
         return torch.nn.functional.linear(x, self.dequantize(packed).to(x.dtype), bias)
 
+    @staticmethod
+    def fp32_linear(x: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+        """The reference product of formats that also quantize activations: x_hat [M, K'] (x
+        [..., K] flattened and quantized as the format does it) times the fp32 weight [N, K'],
+        plus bias, all in fp32 -> [..., N] in x.dtype."""
+        y = torch.nn.functional.linear(x_hat, weight, None if bias is None else bias.float())
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(
         self, x2d: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None

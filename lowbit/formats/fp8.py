@@ -135,12 +135,9 @@ class Fp8Format(Format):
         1 x block group) first and the product is taken in fp32 — the W8A8 numerics."""
         if packed.attrs["act"] is None:
             return super().reference_linear(x, packed, bias)
-        n, k = packed.shape
-        block = packed.attrs["block"]
-        x2d = x.reshape(-1, k)
-        x_hat = dequantize_activations(*quantize_activations(x2d, self.padded_k(k, block), block))[:, :k]
-        y = F.linear(x_hat, self.dequantize(packed).float(), None if bias is None else bias.float())
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        k, block = packed.shape[1], packed.attrs["block"]
+        x_hat = dequantize_activations(*quantize_activations(x.reshape(-1, k), self.padded_k(k, block), block))
+        return self.fp32_linear(x, x_hat[:, :k], self.dequantize(packed).float(), bias)
 
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):

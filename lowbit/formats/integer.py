@@ -170,11 +170,9 @@ class IntFormat(Format):
         the product is taken in fp32 — the W8A8 numerics."""
         if packed.attrs.get("act") is None:
             return super().reference_linear(x, packed, bias)
-        n, k = packed.shape
-        x2d = x.reshape(-1, k)
-        x_hat = dequantize_activations(*quantize_activations_int8(x2d, k))
-        y = torch.nn.functional.linear(x_hat, self.dequantize(packed).float(), None if bias is None else bias.float())
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        k = packed.shape[1]
+        x_hat = dequantize_activations(*quantize_activations_int8(x.reshape(-1, k), k))
+        return self.fp32_linear(x, x_hat, self.dequantize(packed).float(), bias)
 
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):

@@ -249,10 +249,9 @@ class MicroscalingFormat(Format):
         attrs = packed.attrs
         if attrs["act"] is None and attrs["rotate"] is None:
             return super().reference_linear(x, packed, bias)
-        n, k = packed.shape
-        x2d = self._prepare(x.reshape(-1, k), padded_k(k, 32), attrs)
-        y = F.linear(x2d, self.stored_weight(packed), None if bias is None else bias.float())
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        k = packed.shape[1]
+        return self.fp32_linear(x, self._prepare(x.reshape(-1, k), padded_k(k, 32), attrs), self.stored_weight(packed),
+                                bias)
 
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):

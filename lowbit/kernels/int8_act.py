@@ -13,14 +13,17 @@ Path rule (`int8_act_matmul`), the same as the fp8 formats' (lowbit/kernels/fp8_
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .act_quant import quantize_activations_triton
-from .dequant_gemm import dequant_matmul
+from .dequant_gemm import check_operands, dequant_matmul
 from .fp8_w8a8 import W8A8_MIN_M
 from .runtime import interpreting
 
 
+@functools.lru_cache(maxsize=None)
 def int8_tensor_cores(device: torch.device) -> bool:
     """Whether Triton's int8 dot runs on `device`: sm80+ GPUs, or the interpreter on CPU."""
     if device.type == "cuda":
@@ -37,7 +40,8 @@ def int8_act_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     bias: torch.Tensor | None, *, bits: int, group_size: int, in_features: int) -> torch.Tensor:
     """[M, K] x (fp16/bf16/fp32) times an "int" bit-plane weight (as `dequant_matmul` takes it)
     -> [M, N] in x.dtype, by the path rule in the module docstring."""
-    if x.dim() == 2 and x.shape[1] == in_features and takes_int8_path(x.shape[0], x.device):
+    check_operands(x, qweight, scales.shape[0] * group_size, bits, in_features)
+    if takes_int8_path(x.shape[0], x.device):
         xq, xs = quantize_activations_triton(x, in_features, None, "int8")
         return dequant_matmul(xq, qweight, scales, zeros, bias, bits=bits, group_size=group_size,
                               in_features=in_features, act_scales=xs, out_dtype=x.dtype)
