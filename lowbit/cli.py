@@ -36,7 +36,7 @@ def load_hf_folder(path: Path) -> nn.Module:
 
 
 #: CLI flags that become format options: valued ones when given, switches when set
-_VALUE_OPTIONS = ("group_size", "block", "act", "rotate", "segment")
+_VALUE_OPTIONS = ("group_size", "block", "act", "rotate", "segment", "method")
 _SWITCH_OPTIONS = ("symmetric", "double_quant", "cast")
 
 
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", required=True, choices=formats())
     q.add_argument("--group-size", type=int, default=None, help="weights per scale along K (-1: per channel)")
     q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
+    q.add_argument("--method", default=None, choices=["rtn", "mse"], help="int / lut formats: how each group's range "
+                   "is chosen ('rtn': its min/max; 'mse': the clipped range with the least squared error)")
     q.add_argument("--block", type=int, default=None, help="fp8: one scale per BLOCK x BLOCK tile (e.g. 128) "
                    "instead of per output channel")
     q.add_argument("--act", default=None, help="also quantize activations at run time (fp8 formats: 'fp8' = W8A8; "

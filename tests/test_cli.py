@@ -69,6 +69,23 @@ def test_quantize_int8_activations(tiny_llama_dir, tmp_path, capsys):
     assert rows and all(row[1:3] == ["int8", "act=int8"] for row in rows)
 
 
+def test_quantize_mse_method(tiny_llama_dir, tmp_path, capsys):
+    """--method mse reaches the quantizer (the saved codes are its codes, not rtn's) and is not
+    stored; formats without the option refuse it in one line."""
+    from lowbit.cli import load_hf_folder
+
+    out = tmp_path / "mse"
+    assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "int3", "--method", "mse", "--group-size", "32"]) == 0
+    layer = lowbit.load(out).model.layers[1].mlp.up_proj
+    assert layer.attrs == {"group_size": 32, "symmetric": False}
+    weight = load_hf_folder(tiny_llama_dir).model.layers[1].mlp.up_proj.weight.detach()
+    fmt = lowbit.get_format("int3")
+    assert torch.equal(layer.qweight, fmt.quantize(weight, group_size=32, method="mse").qweight)
+    assert not torch.equal(layer.qweight, fmt.quantize(weight, group_size=32).qweight)
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "bad"), "--format", "nf4", "--method", "mse"]) == 2
+    assert "unknown option(s) ['method']" in capsys.readouterr().err
+
+
 def test_quantize_mxfp4_with_rotation_and_fake_quantized_activations(tiny_llama_dir, tmp_path):
     out = tmp_path / "mx"
     assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "mxfp4", "--act", "mxfp4",

@@ -48,6 +48,9 @@ class Format:
     #: ATTRS a layer stores only when set (added after layers without them were written, which
     #: stay valid and are still written the same way)
     OPTIONAL_ATTRS: tuple[str, ...] = ()
+    #: options that only steer how the quantizer picks codes and scales, never stored: a layer
+    #: decodes the same way whatever they were (e.g. the integer formats' `method`)
+    QUANTIZER_OPTIONS: tuple[str, ...] = ()
     #: the number of this format's packed layout, stored with every layer (`PackedWeight.metadata`);
     #: a layer stored in another layout is refused at load. Raise it when stored tensors change meaning.
     layout: int = 1
@@ -73,10 +76,11 @@ class Format:
         return attrs
 
     def check_option_names(self, options: dict[str, Any]) -> None:
-        """FormatError for option names this format does not take (its options are its ATTRS)."""
-        unknown = set(options) - set(self.ATTRS)
+        """FormatError for option names this format does not take (its ATTRS and QUANTIZER_OPTIONS)."""
+        accepted = sorted({*self.ATTRS, *self.QUANTIZER_OPTIONS})
+        unknown = set(options) - set(accepted)
         if unknown:
-            raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(self.ATTRS)}")
+            raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {accepted}")
 
     def check_attr_keys(self, attrs: Any) -> None:
         """FormatError unless attrs is a dict with the ATTRS keys (OPTIONAL_ATTRS may be absent)."""

@@ -18,6 +18,15 @@ Packed fields: qweight int32 [N, Kp*b/32] (bit planes, see bitpack.py), scales f
 zeros float16 [G, N] (asymmetric only). Scales are group-major so a kernel tile's scales are
 one contiguous load along N.
 
+Option `method` (how the range [lo, hi] / amax of each group is chosen; not stored, a layer
+decodes the same way whatever it was):
+  "rtn" (default): the group's min/max as above, DESIGN.md's rule.
+  "mse": the range scaled by the factor in MSE_SHRINK (1, 0.975, ..., 0.5) that gives the group
+         the least squared weight error; values outside the shrunk range clip. Zero points stay
+         integers in [0, qmax], so every kernel runs unchanged. Factor 1 is tried first and only
+         a strictly lower error replaces it, so no group gets worse than with "rtn". It pays at
+         2-5 bits; at 6-8 bits nearly every group keeps its full range.
+
 Option `act="int8"` (W8A8 for int8, W4A8 for int4, ...): activations are quantized too,
 dynamically, per token, to symmetric int8 (lowbit.formats.activations.quantize_activations_int8).
 The torch reference emulates exactly that rounding; on CUDA the kernel path is chosen per M (see
@@ -41,6 +50,9 @@ SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24
 _MAX_SCALE = torch.finfo(SCALE_DTYPE).max
 _ACTS = (None, "int8")
+METHODS = ("rtn", "mse")
+#: range factors method="mse" tries per group, largest first (1 = the "rtn" range)
+MSE_SHRINK = tuple(1.0 - 0.025 * i for i in range(21))
 
 
 def padded_k(k: int, group_size: int) -> int:
@@ -62,6 +74,7 @@ class IntFormat(Format):
 
     ATTRS = ("group_size", "symmetric", "act")
     OPTIONAL_ATTRS = ("act",)
+    QUANTIZER_OPTIONS = ("method",)
     #: bit-plane layout of qweight (see bitpack.py); the LUT formats use one-bit planes
     ONE_BIT_PLANES = False
 
@@ -81,6 +94,8 @@ class IntFormat(Format):
             raise FormatError(f"{self.name}: symmetric must be a bool (False for 1 bit), got {sym!r}")
         if options.get("act") not in _ACTS:
             raise FormatError(f"{self.name}: act must be one of {_ACTS}, got {options['act']!r}")
+        if options.get("method", "rtn") not in METHODS:
+            raise FormatError(f"{self.name}: method must be one of {METHODS}, got {options['method']!r}")
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         self.check_options(options)
@@ -123,34 +138,61 @@ class IntFormat(Format):
         weight = self.check_weight(weight, name)
         n, k = weight.shape
         attrs = self.resolve_attrs((n, k), options)
-        gs = attrs["group_size"]
+        gs, symmetric = attrs["group_size"], attrs["symmetric"]
         kp = padded_k(k, gs)
         w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // gs, gs)
 
-        if attrs["symmetric"]:
-            qmax = 2 ** (self.bits - 1) - 1
-            scale = w.abs().amax(dim=-1) / qmax
+        if symmetric:
+            hi = w.abs().amax(dim=-1)
+            lo = -hi
         else:
-            qmax = 2**self.bits - 1
             lo = w.amin(dim=-1).clamp(max=0.0)
             hi = w.amax(dim=-1).clamp(min=0.0)
-            scale = (hi - lo) / qmax
-        if bool((scale > _MAX_SCALE).any()):
+        if bool((self._scale(lo, hi, symmetric) > _MAX_SCALE).any()):
             raise WeightError(f"{name}: values too large for float16 group scales (|w| up to {float(weight.abs().max()):.3g})")
-        scale16 = _round_scale_up(scale.clamp(min=_MIN_SCALE))
-        s = scale16.float().unsqueeze(-1)
+        if options.get("method") == "mse":
+            factor = self._mse_factor(w, lo, hi, symmetric)
+            lo, hi = lo * factor, hi * factor
+        codes, scale16, zero = self._quantize_groups(w, lo, hi, symmetric)
 
-        tensors: dict[str, torch.Tensor] = {}
-        if attrs["symmetric"]:
-            offset = 2 ** (self.bits - 1)
-            codes = torch.round(w / s).clamp(-qmax, qmax) + offset
-        else:
-            zero = torch.round(-lo.unsqueeze(-1) / s).clamp(0, qmax)
-            codes = (torch.round(w / s) + zero).clamp(0, qmax)
+        tensors = {"scales": scale16.t().contiguous()}
+        if not symmetric:
             tensors["zeros"] = zero.squeeze(-1).to(SCALE_DTYPE).t().contiguous()
-        tensors["scales"] = scale16.t().contiguous()
         tensors["qweight"] = bitpack.pack(codes.reshape(n, kp).to(torch.int32), self.bits, self.ONE_BIT_PLANES)
         return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
+
+    def _scale(self, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> torch.Tensor:
+        """fp32 scales of groups with range [lo, hi] (symmetric: lo = -hi = -amax)."""
+        return hi / (2 ** (self.bits - 1) - 1) if symmetric else (hi - lo) / (2**self.bits - 1)
+
+    def _quantize_groups(self, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool):
+        """w fp32 [N, G, gs], ranges lo / hi [N, G] -> (codes fp32 [N, G, gs] in [0, 2^b - 1],
+        float16 scales [N, G], fp32 zero points [N, G, 1] (symmetric: the constant 2^(b-1)));
+        the weights decode as (codes - zero) * scale."""
+        scale16 = _round_scale_up(self._scale(lo, hi, symmetric).clamp(min=_MIN_SCALE))
+        s = scale16.float().unsqueeze(-1)
+        if symmetric:
+            qmax, offset = 2 ** (self.bits - 1) - 1, 2 ** (self.bits - 1)
+            return torch.round(w / s).clamp(-qmax, qmax) + offset, scale16, torch.full_like(s, offset)
+        qmax = 2**self.bits - 1
+        zero = torch.round(-lo.unsqueeze(-1) / s).clamp(0, qmax)
+        return (torch.round(w / s) + zero).clamp(0, qmax), scale16, zero
+
+    def _mse_factor(self, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> torch.Tensor:
+        """fp32 [N, G] factor from MSE_SHRINK per group: the one whose shrunk range [lo*f, hi*f]
+        quantizes the group with the least squared error (the first such, so 1 on ties). The
+        caller shrinks the range by exactly these fp32 products, so it gets the chosen codes."""
+        best_err = best = None
+        for value in MSE_SHRINK:
+            factor = torch.full_like(lo, value)
+            codes, scale16, zero = self._quantize_groups(w, lo * factor, hi * factor, symmetric)
+            err = codes.sub_(zero).mul_(scale16.float().unsqueeze(-1)).sub_(w).square_().sum(dim=-1)
+            if best is None:
+                best_err, best = err, factor
+                continue
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, factor, best)
+        return best
 
     def dequantize(self, packed: PackedWeight) -> torch.Tensor:
         n, k = packed.shape
