@@ -227,6 +227,10 @@ DAMAGE = {
         lambda p: (_rewrite_tensor(p, "0.qweight", torch.zeros(96, 7, dtype=torch.int32)),
                    _edit_manifest(p, lambda m: m["tensors"]["0.qweight"].update(shape=[96, 7]))),
         r"0\.qweight: shape \[96, 7\] does not fit"),
+    "fractional zero point of an int8-activation layer": (
+        lambda p: (_edit_manifest(p, lambda m: m["layers"]["0"]["attrs"].update(act="int8")),
+                   _rewrite_tensor(p, "0.zeros", torch.full((1, 96), 2.5, dtype=torch.float16))),
+        r"model\.safetensors: 0: int4: zeros\[0, 0\] = 2\.5: layers with act='int8' need integer zero points"),
     "extra tensor": (lambda p: _edit_manifest(p, lambda m: m["tensors"].update(
         {"9.weight": {"dtype": "float32", "shape": [1], "file": "model.safetensors"}})), r"does not have: \['9\.weight'\]"),
     "missing tensor": (lambda p: _edit_manifest(p, lambda m: m["tensors"].pop("0.bias")), r"missing tensor.*0\.bias"),

@@ -133,6 +133,20 @@ class IntFormat(Format):
             specs["zeros"] = FieldSpec(SCALE_DTYPE, (groups, n))
         return specs
 
+    def check_data(self, packed: PackedWeight) -> None:
+        """act="int8" layers: FormatError unless every zero point is an integer in [0, 2^b - 1], as
+        the quantizer writes them. Their GEMM subtracts the zero point in int32 arithmetic, where a
+        fraction would be cut off and a large value overflow (a silently wrong product); weight-only
+        kernels decode any float16 zero point as the reference does."""
+        if packed.attrs.get("act") != "int8" or "zeros" not in packed.tensors:
+            return
+        zeros = packed.zeros.float()
+        bad = ~((zeros == zeros.round()) & (zeros >= 0) & (zeros <= 2**self.bits - 1))  # NaN is bad too
+        if bool(bad.any()):
+            group, column = (int(i) for i in bad.nonzero()[0])
+            raise FormatError(f"{self.name}: zeros[{group}, {column}] = {float(zeros[group, column])!r}: layers with "
+                              f"act='int8' need integer zero points in [0, {2**self.bits - 1}]")
+
     # -- the spec ---------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
         weight = self.check_weight(weight, name)

@@ -10,6 +10,7 @@ from lowbit.errors import FormatError, LowbitError, WeightError
 from lowbit.formats import bitpack, get_format
 from lowbit.formats import integer
 from lowbit.formats.integer import padded_k
+from lowbit.packed import PackedWeight
 
 INT_FORMATS = [f"int{b}" for b in range(2, 9)]
 
@@ -199,6 +200,23 @@ def test_act_int8_is_stored_only_when_set():
         fmt.quantize(w, act="fp8")
     with pytest.raises(FormatError, match="unknown option.*act"):
         get_format("lut2").quantize(w, act="int8")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_act_int8_layers_refuse_zero_points_their_gemm_cannot_take(bits):
+    """The int8 GEMM applies zero points in int32: loaded data must hold integers in [0, 2^b - 1]
+    (what the quantizer writes, method="mse" included); weight-only layers take any value."""
+    fmt = get_format(f"int{bits}")
+    w = _outlier_weights(8, 96, seed=bits)
+    for method in ("rtn", "mse"):
+        fmt.check_data(fmt.quantize(w, act="int8", group_size=32, method=method))
+    for value, column in ((0.5, 3), (-1.0, 0), (2.0**bits, 7), (float("nan"), 5)):
+        p = fmt.quantize(w, act="int8", group_size=32)
+        p.zeros[1, column] = value
+        with pytest.raises(FormatError, match=rf"zeros\[1, {column}\] = .*need integer zero points in \[0, {2**bits - 1}\]"):
+            fmt.check_data(p)
+        weight_only = PackedWeight(p.format, p.shape, p.dtype, {"group_size": 32, "symmetric": False}, p.tensors)
+        fmt.check_data(weight_only)  # decoded in float by every weight-only kernel, as by the reference
 
 
 def test_act_int8_reference_quantizes_each_token():
