@@ -1,4 +1,4 @@
-"""benchmarks/bench_gemm.py --smoke stays green on CPU (through the Triton interpreter)."""
+"""The benchmark scripts' --smoke runs stay green on CPU (bench_gemm through the Triton interpreter)."""
 import json
 import os
 import subprocess
@@ -84,6 +84,29 @@ def test_bench_dfloat11_smoke(tmp_path):
     assert encoder["lowbit_weights_per_s"] > 0 and encoder["package_s"] > 0  # the package is a test dependency
     assert abs(encoder["size_vs_package"]) < 0.05
     assert data["results"] == [] and "pending a GPU run" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_bench_accuracy_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_accuracy.py"), "--smoke", "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("*.json")
+    data = json.loads(result.read_text())
+    assert set(data["env"]) == {"torch", "triton", "commit", "date"} and data["sentences"] == 30
+    rtn, mse = data["results"]
+    assert (rtn["format"], mse["format"]) == ("int4", "int4:method=mse")
+    assert rtn["bits_per_weight"] == mse["bits_per_weight"] == 4.25
+    # MiniLM, 30 sentences (measured): weight error 0.1067 -> 0.1009, min cosine 0.9421 -> 0.9548
+    assert mse["weight_rel_err"] < rtn["weight_rel_err"] <= 0.108
+    assert 0.94 < rtn["cos_min"] < mse["cos_min"] <= 1.0
+    assert 0 < rtn["similarity_change_mean"] <= rtn["similarity_change_max"] < 0.2
+    assert "| int4:method=mse | 4.250 |" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_bench_accuracy_refuses_a_bad_format_spec(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_accuracy.py"), "--formats", "int4:method=gptq",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "method must be one of" in proc.stderr and not list(tmp_path.iterdir())
 
 
 def test_bench_e2e_smoke(tmp_path):
