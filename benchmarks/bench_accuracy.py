@@ -40,8 +40,9 @@ from benchmarks.bench_gemm import check_format_specs, env_info, parse_format_spe
 VARIANTS = ["int2:method=mse", "int3:method=mse", "int4:method=mse", "int5:method=mse", "int4:symmetric=true",
             "int4:symmetric=true,method=mse", "int4:group_size=32", "lut2:method=mse",
             "int8:act=int8,symmetric=true,group_size=-1", "int4:act=int8", "fp8:act=fp8", "fp8:block=128",
-            "mxfp8:act=mxfp8", "mxfp4:act=mxfp4", "mxfp4:act=mxfp4,rotate=hadamard", "nvfp4:act=nvfp4",
-            "nf4:double_quant=true"]
+            "mxint8:act=mxint8", "mxint8:act=mxint8,rotate=hadamard", "mxfp8:act=mxfp8", "mxfp8:act=mxfp8,rotate=hadamard",
+            "mxfp4:rotate=hadamard", "mxfp4:act=mxfp4", "mxfp4:act=mxfp4,rotate=hadamard", "nvfp4:act=nvfp4",
+            "nvfp4:act=nvfp4,rotate=hadamard", "nf4:double_quant=true"]
 SMOKE_FORMATS = ["int4", "int4:method=mse"]
 
 #: sentences of varied topic and length (DEMO_SENTENCES is added to them)
