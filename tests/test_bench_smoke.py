@@ -52,24 +52,30 @@ def test_bench_gemm_output_merges_runs_of_the_same_day(tmp_path):
     assert "| int4 | 1 | 3.20x | >= 3.0x | met |" in (tmp_path / "run.md").read_text()
 
 
-def test_bench_gemm_refuses_a_bad_format_spec_before_running_any_case(tmp_path):
+def _bench_main(script: str):
+    """main(argv) of benchmarks/<script>.py, called in this process (the argument checks below
+    return before any kernel runs; the --smoke tests above run the scripts as programs)."""
+    sys.path.insert(0, str(REPO))
+    import importlib
+
+    return importlib.import_module(f"benchmarks.{script}").main
+
+
+def test_bench_gemm_refuses_a_bad_format_spec_before_running_any_case(tmp_path, capsys):
     """A typo in --formats used to run every case of that spec to a FAILED row; on a GPU lease
     that is device time. Specs are checked first, with lowbit's own error."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gemm.py"), "--smoke", "--formats", "int4",
-                           "fp8:act=fp9", "--out-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 2 and "--formats fp8:act=fp9: fp8: act must be one of" in proc.stderr
+    assert _bench_main("bench_gemm")(["--smoke", "--formats", "int4", "fp8:act=fp9", "--out-dir", str(tmp_path)]) == 2
+    assert "--formats fp8:act=fp9: fp8: act must be one of" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
-def test_bench_gemm_refuses_gpu_mode_without_gpu():
+def test_bench_gemm_refuses_gpu_mode_without_gpu(capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gemm.py"), "--formats", "int4"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "only taken on a GPU" in proc.stderr
+    assert _bench_main("bench_gemm")(["--formats", "int4"]) == 2
+    assert "only taken on a GPU" in capsys.readouterr().err
 
 
 def test_bench_dfloat11_smoke(tmp_path):
@@ -87,9 +93,7 @@ def test_bench_dfloat11_smoke(tmp_path):
 
 
 def test_bench_accuracy_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_accuracy.py"), "--smoke", "--out-dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _bench_main("bench_accuracy")(["--smoke", "--out-dir", str(tmp_path)]) == 0  # runs no Triton kernel
     (result,) = tmp_path.glob("*.json")
     data = json.loads(result.read_text())
     assert set(data["env"]) == {"torch", "triton", "commit", "date"} and data["sentences"] == 30
@@ -103,10 +107,9 @@ def test_bench_accuracy_smoke(tmp_path):
     assert "| int4:method=mse | 4.250 |" in next(tmp_path.glob("*.md")).read_text()
 
 
-def test_bench_accuracy_refuses_a_bad_format_spec(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_accuracy.py"), "--formats", "int4:method=gptq",
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and "method must be one of" in proc.stderr and not list(tmp_path.iterdir())
+def test_bench_accuracy_refuses_a_bad_format_spec(tmp_path, capsys):
+    assert _bench_main("bench_accuracy")(["--formats", "int4:method=gptq", "--out-dir", str(tmp_path)]) == 2
+    assert "method must be one of" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_bench_e2e_smoke(tmp_path):
@@ -147,20 +150,18 @@ def test_bench_e2e_smoke_moe(tmp_path):
     assert "target is for the Llama width" in next(tmp_path.glob("*.md")).read_text()
 
 
-def test_bench_e2e_refuses_an_unknown_format_first(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--smoke", "--formats", "int4",
-                           "int44", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "unknown format 'int44'" in proc.stderr and not list(tmp_path.iterdir())
+def test_bench_e2e_refuses_an_unknown_format_first(tmp_path, capsys):
+    assert _bench_main("bench_e2e")(["--smoke", "--formats", "int4", "int44", "--out-dir", str(tmp_path)]) == 2
+    assert "unknown format 'int44'" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
-def test_bench_e2e_refuses_gpu_mode_without_gpu():
+def test_bench_e2e_refuses_gpu_mode_without_gpu(capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py")], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2 and "only taken on a GPU" in proc.stderr
+    assert _bench_main("bench_e2e")([]) == 2
+    assert "only taken on a GPU" in capsys.readouterr().err
 
 
 def test_competitors_compute_the_same_product():
