@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import math
 import sys
@@ -144,7 +143,6 @@ def main(argv=None) -> int:
     reference = sentence_embeddings(model, tokenizer, sentences)
     rows = [measure(spec, model, tokenizer, sentences, reference) for spec in tqdm(specs, desc="bench_accuracy")]
     env = {key: value for key, value in env_info(torch.device("cpu")).items() if key != "device"}
-    env["date"] = env.get("date") or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     report = {"env": env, "model": "all-MiniLM-L6-v2", "sentences": len(sentences), "results": rows}
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="lowbit-accuracy-")) if args.smoke
                                else REPO / "benchmarks" / "results")
