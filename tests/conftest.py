@@ -7,6 +7,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _share_cores_between_workers():
+    """Under pytest-xdist every worker is a process, and torch starts one intra-op thread per core
+    in each: N workers then run N x cores threads that wait on each other (MiniLM forwards ran
+    ~10x slower with 2 workers on 2 cores). Give each worker, and the scripts it starts, its share."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        torch.set_num_threads(int(threads))
+        os.environ["OMP_NUM_THREADS"] = threads
+
+
+_share_cores_between_workers()
+
 import pytest  # noqa: E402
 
 
