@@ -14,7 +14,8 @@ Linear layers quantized:
   by; mean and largest over all pairs).
 The numbers come from the torch reference of each format (the spec; the Triton kernels are tested
 against it), so they hold on any device. Formats with `act=...` include their activation
-quantization. Output: JSON {"env", "results"} + markdown in --out-dir (default benchmarks/results).
+quantization; method=gptq calibrates on lowbit's built-in sentences (lowbit/data, none of them
+evaluated here). Output: JSON {"env", "results"} + markdown in --out-dir (default benchmarks/results).
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ from tqdm.auto import tqdm  # noqa: E402
 from benchmarks.bench_gemm import check_format_specs, env_info, parse_format_spec  # noqa: E402
 
 #: option variants measured beside every registered format at its defaults
-VARIANTS = ["int2:method=mse", "int3:method=mse", "int4:method=mse", "int5:method=mse", "int4:symmetric=true",
-            "int4:symmetric=true,method=mse", "int4:group_size=32", "lut2:method=mse",
+VARIANTS = ["int2:method=mse", "int3:method=mse", "int4:method=mse", "int5:method=mse", "int2:method=gptq",
+            "int3:method=gptq", "int4:method=gptq", "int4:symmetric=true", "int4:symmetric=true,method=mse",
+            "int4:symmetric=true,method=gptq", "int4:group_size=32", "lut2:method=mse", "lut2:method=gptq",
             "int8:act=int8,symmetric=true,group_size=-1", "int4:act=int8", "fp8:act=fp8", "fp8:block=128",
             "mxint8:act=mxint8", "mxint8:act=mxint8,rotate=hadamard", "mxfp8:act=mxfp8", "mxfp8:act=mxfp8,rotate=hadamard",
             "mxfp4:rotate=hadamard", "mxfp4:act=mxfp4", "mxfp4:act=mxfp4,rotate=hadamard", "nvfp4:act=nvfp4",
@@ -100,9 +102,12 @@ def measure(spec: str, model, tokenizer, sentences: list[str], reference: torch.
     """One result row: quantize a copy of `model` with `spec` and compare it with the fp32 one."""
     import lowbit
     from lowbit.api import summarize
+    from lowbit.calibration import builtin_sentences, tokenized_batches
     from lowbit.default_model import sentence_embeddings
 
     name, options = parse_format_spec(spec, SimpleNamespace(group_size=128, symmetric=False))
+    if options.get("method") == "gptq":  # calibrated on lowbit's built-in sentences, none of `sentences`
+        options["calibration"] = tokenized_batches(tokenizer, builtin_sentences())
     quantized = lowbit.quantize(copy.deepcopy(model), name, progress=False, **options)
     embeddings = sentence_embeddings(quantized, tokenizer, sentences)
     cosine = (embeddings * reference).sum(dim=-1)
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     specs = SMOKE_FORMATS if args.smoke else args.formats or [*lowbit.formats(), *VARIANTS]
-    problems = check_format_specs(specs, SimpleNamespace(group_size=128, symmetric=False))
+    problems = check_format_specs(specs, SimpleNamespace(group_size=128, symmetric=False), calibrated=True)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 2

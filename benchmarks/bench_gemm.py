@@ -63,8 +63,9 @@ def parse_format_spec(spec: str, args) -> tuple[str, dict]:
     return name, options
 
 
-def check_format_specs(specs: list[str], args) -> list[str]:
-    """One line per spec whose format or options lowbit refuses (empty when all are valid)."""
+def check_format_specs(specs: list[str], args, calibrated: bool = False) -> list[str]:
+    """One line per spec whose format or options lowbit refuses (empty when all are valid).
+    method=gptq needs calibration batches, which only a benchmark with a model has (calibrated)."""
     from lowbit.errors import LowbitError
     from lowbit.formats import get_format
 
@@ -75,6 +76,10 @@ def check_format_specs(specs: list[str], args) -> list[str]:
             get_format(name).check_options(options)
         except LowbitError as exc:
             problems.append(f"--formats {spec}: {exc}")
+            continue
+        if options.get("method") == "gptq" and not calibrated:
+            problems.append(f"--formats {spec}: method=gptq needs calibration data, which this benchmark has not "
+                            "(its codes run through the same kernels as rtn's: time the spec without it)")
     return problems
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import experts
+from .calibration import check_batches, collect_hessians, hessian_chunks
 from .config import QuantConfig
 from .errors import FormatError, InputError, LowbitError, check_module
 from .linear import QuantLinear, is_quantize_target, linear_shape
@@ -91,7 +92,8 @@ def tied_linears(model: nn.Module) -> set[str]:
 
 
 def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[str] | tuple[str, ...] | None = None,
-             overrides: dict[str, Any] | None = None, progress: bool = True, **options: Any) -> nn.Module:
+             overrides: dict[str, Any] | None = None, progress: bool = True, calibration: Any = None,
+             **options: Any) -> nn.Module:
     """Quantize every nn.Linear (and transformers Conv1D) of `model` in place and return the model;
     the fused expert weights of transformers MoE layers too (lowbit/experts.py: one QuantLinear per
     expert, named `{experts}.gate_up_proj` / `.down_proj` in skip and override patterns).
@@ -100,6 +102,11 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
     skip: glob patterns of qualified names to leave alone (e.g. ["lm_head", "*.gate"]). Linear
     layers whose weight is tied to another parameter are always left alone (`tied_linears`).
     overrides: glob pattern -> format name or {"format": name, **options}.
+    calibration: for method="gptq" (int / lut formats), the batches the model runs on to collect
+    each layer's input Hessian: a list of tensors (model(batch)) or dicts (model(**batch)), on the
+    model's device. Layers are calibrated in model order, in passes of at most
+    calibration.HESSIAN_BUDGET_BYTES of Hessians; each pass runs with the earlier passes' layers
+    already quantized.
     Errors name the layer. Shows a progress bar unless progress=False.
     """
     check_module(model)
@@ -120,6 +127,8 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
                       "3-D expert weights without transformers' experts interface", stacklevel=2)
     tied = tied_linears(model)  # logged
     targets = [(name, mod, None) for name, mod in linears if name not in tied] + fused
+    calibrated = _calibrated_layers(targets, config, calibration)
+    hessians: dict[str, torch.Tensor] = {}
     for name, module, weight_name in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
                                           disable=not progress):
         plan = config.layer_plan(name)
@@ -127,6 +136,12 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
             continue
         fmt, layer_options = plan
         try:
+            if name in calibrated.chunk_of:
+                if name not in hessians:  # the next pass: this layer and the ones after it that fit
+                    chunk = calibrated.chunk_of[name]
+                    hessians = collect_hessians(model, {n: model.get_submodule(n) for n in chunk},
+                                                calibrated.batches, progress)
+                layer_options["hessian"] = hessians.pop(name)
             if weight_name is not None:  # a fused MoE weight: one QuantLinear per expert
                 experts.quantize_fused_weight(module, weight_name, fmt, name=name, **layer_options)
                 continue
@@ -140,6 +155,39 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
 
     attach_hf_config(model, config)  # transformers models: save_pretrained writes quantization_config
     return model
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """The method="gptq" layers of a quantize call: layer name -> the names calibrated in the
+    same pass (hessian_chunks), and the checked batches."""
+
+    chunk_of: dict[str, list[str]]
+    batches: list[Any]
+
+
+def _calibrated_layers(targets: list, config: QuantConfig, calibration: Any) -> _Calibration:
+    """The gptq plan of `targets` (name, module, fused weight name or None); FormatError / InputError
+    for a gptq layer that cannot be calibrated (a fused MoE weight, no calibration batches) and for
+    calibration batches nothing would use."""
+    layers = []
+    for name, module, weight_name in targets:
+        plan = config.layer_plan(name)
+        if plan is None or plan[1].get("method") != "gptq":
+            continue
+        if weight_name is not None:
+            raise FormatError(f"layer '{name}': method='gptq' does not support fused MoE expert weights; "
+                              "skip them or give them another method with an override")
+        layers.append((name, linear_shape(module)[1]))
+    if not layers:
+        if calibration is not None:
+            raise InputError("calibration batches are only used by method='gptq', which no layer has")
+        return _Calibration({}, [])
+    if calibration is None:
+        raise InputError(f"layer '{layers[0][0]}': method='gptq' needs calibration=[batches] to collect the "
+                         "layers' input Hessians")
+    batches = check_batches(calibration)
+    return _Calibration({name: chunk for chunk in hessian_chunks(layers) for name in chunk}, batches)
 
 
 def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 from torch import nn
 
 from .errors import LowbitError
+
+logger = logging.getLogger(__name__)
 
 
 def load_hf_folder(path: Path) -> nn.Module:
@@ -46,6 +49,32 @@ def _format_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _calibration_batches(model_dir: Path, text_file: str | None) -> list[dict]:
+    """--method gptq: the lines of `text_file` (or lowbit's built-in sentences), tokenized by the
+    model folder's tokenizer, 16 to a batch. LowbitError naming the file when it cannot be read
+    or has no text, or when the folder has no tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .calibration import builtin_sentences, tokenized_batches
+
+    if text_file is None:
+        logger.info("lowbit: calibrating on the built-in sentences (pass --calibration FILE for text of your domain)")
+        sentences = builtin_sentences()
+    else:
+        try:
+            sentences = [line for line in Path(text_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LowbitError(f"--calibration {text_file}: cannot read it: {exc}") from None
+        if not sentences:
+            raise LowbitError(f"--calibration {text_file}: no text (one calibration sample per line)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # transformers' own errors for a folder without a tokenizer
+        raise LowbitError(f"{model_dir}: --method gptq tokenizes calibration text, but the folder's tokenizer "
+                          f"could not be loaded: {exc}") from None
+    return tokenized_batches(tokenizer, sentences)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, io
     from .default_model import default_model_path
@@ -57,9 +86,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         raise LowbitError("usage: lowbit quantize [MODEL] OUT --format FORMAT (MODEL defaults to the embedded MiniLM)")
     start = time.perf_counter()
+    options = _format_options(args)
+    if args.calibration is not None and options.get("method") != "gptq":
+        raise LowbitError("--calibration is only used with --method gptq")
+    calibration = _calibration_batches(model_dir, args.calibration) if options.get("method") == "gptq" else None
     model = load_hf_folder(model_dir)
     before = api.summarize(model).total_bytes
-    api.quantize(model, args.format, skip=args.skip, **_format_options(args))
+    api.quantize(model, args.format, skip=args.skip, calibration=calibration, **options)
     io.save(model, out_dir, max_shard_bytes=args.max_shard_bytes)
     after = api.summarize(model)
     print(f"model:            {model_dir}")
@@ -164,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", required=True, choices=formats())
     q.add_argument("--group-size", type=int, default=None, help="weights per scale along K (-1: per channel)")
     q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
-    q.add_argument("--method", default=None, choices=["rtn", "mse"], help="int / lut formats: how each group's range "
-                   "is chosen ('rtn': its min/max; 'mse': the clipped range with the least squared error)")
+    q.add_argument("--method", default=None, choices=["rtn", "mse", "gptq"], help="int / lut formats: how codes are "
+                   "chosen ('rtn': each group's min/max range; 'mse': the clipped range with the least squared error; "
+                   "'gptq': GPTQ on calibration text, with 'mse' ranges)")
+    q.add_argument("--calibration", default=None, metavar="FILE", help="--method gptq: UTF-8 text, one calibration "
+                   "sample per line (default: lowbit's built-in English sentences)")
     q.add_argument("--block", type=int, default=None, help="fp8: one scale per BLOCK x BLOCK tile (e.g. 128) "
                    "instead of per output channel")
     q.add_argument("--act", default=None, help="also quantize activations at run time (fp8 formats: 'fp8' = W8A8; "

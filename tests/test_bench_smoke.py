@@ -64,8 +64,11 @@ def _bench_main(script: str):
 def test_bench_gemm_refuses_a_bad_format_spec_before_running_any_case(tmp_path, capsys):
     """A typo in --formats used to run every case of that spec to a FAILED row; on a GPU lease
     that is device time. Specs are checked first, with lowbit's own error."""
-    assert _bench_main("bench_gemm")(["--smoke", "--formats", "int4", "fp8:act=fp9", "--out-dir", str(tmp_path)]) == 2
-    assert "--formats fp8:act=fp9: fp8: act must be one of" in capsys.readouterr().err
+    assert _bench_main("bench_gemm")(["--smoke", "--formats", "int4", "fp8:act=fp9", "int4:method=gptq", "--out-dir",
+                                      str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--formats fp8:act=fp9: fp8: act must be one of" in err
+    assert "--formats int4:method=gptq: method=gptq needs calibration data" in err  # bench_accuracy calibrates
     assert not list(tmp_path.iterdir())
 
 
@@ -108,7 +111,7 @@ def test_bench_accuracy_smoke(tmp_path):
 
 
 def test_bench_accuracy_refuses_a_bad_format_spec(tmp_path, capsys):
-    assert _bench_main("bench_accuracy")(["--formats", "int4:method=gptq", "--out-dir", str(tmp_path)]) == 2
+    assert _bench_main("bench_accuracy")(["--formats", "int4:method=awq", "--out-dir", str(tmp_path)]) == 2
     assert "method must be one of" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 

@@ -86,6 +86,45 @@ def test_quantize_mse_method(tiny_llama_dir, tmp_path, capsys):
     assert "unknown option(s) ['method']" in capsys.readouterr().err
 
 
+def test_quantize_gptq_method_calibrates_on_the_given_text(minilm, tmp_path, capsys):
+    """--method gptq tokenizes --calibration's lines with the folder's tokenizer (16 to a batch)
+    and saves the codes lowbit.quantize picks from those batches; without the file it takes the
+    built-in sentences. Misuse is one line and exit 2, with nothing written."""
+    from lowbit import calibration
+    from lowbit.cli import _calibration_batches
+    from lowbit.default_model import default_model_path
+
+    model, tok = minilm
+    lines = calibration.builtin_sentences()[:20]
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    out = tmp_path / "gptq"
+    assert main(["quantize", str(out), "--format", "int4", "--method", "gptq", "--calibration", str(text)]) == 0
+    import copy
+
+    expected = lowbit.quantize(copy.deepcopy(model), "int4", method="gptq", progress=False,
+                               calibration=calibration.tokenized_batches(tok, lines))
+    saved = lowbit.load(out)
+    for name in ("encoder.layer.0.attention.self.query", "encoder.layer.5.output.dense"):
+        assert torch.equal(saved.get_submodule(name).qweight, expected.get_submodule(name).qweight), name
+    builtin = _calibration_batches(default_model_path(), None)
+    assert len(builtin) == 11 and builtin[0]["input_ids"].shape[0] == 16
+
+    capsys.readouterr()
+    assert main(["quantize", str(tmp_path / "a"), "--format", "int4", "--calibration", str(text)]) == 2
+    assert "--calibration is only used with --method gptq" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "b"), "--format", "int4", "--method", "gptq", "--calibration",
+                 str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt: cannot read it" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_quantize_gptq_needs_the_folders_tokenizer(tiny_llama_dir, tmp_path, capsys):
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--format", "int4", "--method", "gptq"]) == 2
+    assert "tokenizes calibration text, but the folder's tokenizer could not be loaded" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
 def test_quantize_mxfp4_with_rotation_and_fake_quantized_activations(tiny_llama_dir, tmp_path):
     out = tmp_path / "mx"
     assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "mxfp4", "--act", "mxfp4",

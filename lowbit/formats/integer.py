@@ -26,6 +26,10 @@ decodes the same way whatever it was):
          integers in [0, qmax], so every kernel runs unchanged. Factor 1 is tried first and only
          a strictly lower error replaces it, so no group gets worse than with "rtn". It pays at
          2-5 bits; at 6-8 bits nearly every group keeps its full range.
+  "gptq": GPTQ (lowbit/formats/gptq.py) with the layer's input Hessian (`hessian=`, which
+         lowbit.quantize collects from calibration batches): codes chosen column by column so
+         the layer's output error on the calibration inputs shrinks; each group's range is
+         "mse"'s search, run on the group as GPTQ's updates left it. Same layout and rules.
 
 Option `act="int8"` (W8A8 for int8, W4A8 for int4, ...): activations are quantized too,
 dynamically, per token, to symmetric int8 (lowbit.formats.activations.quantize_activations_int8).
@@ -41,7 +45,7 @@ import torch
 
 from ..errors import FormatError, WeightError
 from ..packed import PackedWeight
-from . import bitpack, register_format
+from . import bitpack, gptq, register_format
 from .activations import dequantize_activations, quantize_activations_int8
 from .base import FieldSpec, Format
 
@@ -50,7 +54,7 @@ SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24
 _MAX_SCALE = torch.finfo(SCALE_DTYPE).max
 _ACTS = (None, "int8")
-METHODS = ("rtn", "mse")
+METHODS = ("rtn", "mse", "gptq")
 #: range factors method="mse" tries per group, largest first (1 = the "rtn" range)
 MSE_SHRINK = tuple(1.0 - 0.025 * i for i in range(21))
 
@@ -148,49 +152,77 @@ class IntFormat(Format):
                               f"act='int8' need integer zero points in [0, {2**self.bits - 1}]")
 
     # -- the spec ---------------------------------------------------------------------------
-    def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", hessian: torch.Tensor | None = None,
+                 **options: Any) -> PackedWeight:
+        """[N, K] float weight -> PackedWeight. hessian: fp32 [K, K] Gram matrix of the layer's
+        inputs (X^T X / rows), needed by method="gptq" and only by it."""
         weight = self.check_weight(weight, name)
         n, k = weight.shape
         attrs = self.resolve_attrs((n, k), options)
         gs, symmetric = attrs["group_size"], attrs["symmetric"]
+        method = options.get("method", "rtn")
+        if (method == "gptq") != (hessian is not None):
+            raise FormatError(f"{name}: method='gptq' needs the layer's input Hessian (lowbit.quantize(model, ..., "
+                              "method='gptq', calibration=batches) collects it); other methods take none"
+                              if hessian is None else f"{name}: a hessian is only used by method='gptq', not {method!r}")
         kp = padded_k(k, gs)
         w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // gs, gs)
 
-        if symmetric:
-            hi = w.abs().amax(dim=-1)
-            lo = -hi
-        else:
-            lo = w.amin(dim=-1).clamp(max=0.0)
-            hi = w.amax(dim=-1).clamp(min=0.0)
+        lo, hi = self._group_range(w, symmetric)
         if bool((self._scale(lo, hi, symmetric) > _MAX_SCALE).any()):
             raise WeightError(f"{name}: values too large for float16 group scales (|w| up to {float(weight.abs().max()):.3g})")
-        if options.get("method") == "mse":
-            factor = self._mse_factor(w, lo, hi, symmetric)
-            lo, hi = lo * factor, hi * factor
-        codes, scale16, zero = self._quantize_groups(w, lo, hi, symmetric)
+        if method == "gptq":
+            codes, scale16, zero = gptq.solve(
+                w.reshape(n, kp), gptq.check_hessian(hessian, k, name), gs,
+                lambda group: self._searched_group_params(group, symmetric),
+                lambda column, scale, zero: self._codes(column, scale, zero, symmetric), name)
+            if not bool(torch.isfinite(scale16).all()):  # error feedback grew a group past float16 scales
+                raise WeightError(f"{name}: gptq pushed a group's values past float16 scales; use method='rtn'")
+        else:
+            if method == "mse":
+                factor = self._mse_factor(w, lo, hi, symmetric)
+                lo, hi = lo * factor, hi * factor
+            codes, scale16, zero = self._quantize_groups(w, lo, hi, symmetric)
 
         tensors = {"scales": scale16.t().contiguous()}
         if not symmetric:
-            tensors["zeros"] = zero.squeeze(-1).to(SCALE_DTYPE).t().contiguous()
+            tensors["zeros"] = zero.reshape(n, -1).to(SCALE_DTYPE).t().contiguous()
         tensors["qweight"] = bitpack.pack(codes.reshape(n, kp).to(torch.int32), self.bits, self.ONE_BIT_PLANES)
         return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
+
+    @staticmethod
+    def _group_range(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 weights [..., gs] -> the rule's range (lo, hi) [...] of each group: [-amax, amax]
+        when symmetric, else [min(w_min, 0), max(w_max, 0)]."""
+        if symmetric:
+            hi = w.abs().amax(dim=-1)
+            return -hi, hi
+        return w.amin(dim=-1).clamp(max=0.0), w.amax(dim=-1).clamp(min=0.0)
 
     def _scale(self, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> torch.Tensor:
         """fp32 scales of groups with range [lo, hi] (symmetric: lo = -hi = -amax)."""
         return hi / (2 ** (self.bits - 1) - 1) if symmetric else (hi - lo) / (2**self.bits - 1)
 
+    def _group_params(self, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ranges lo / hi [...] -> (float16 scales [...], fp32 zero points [...]; symmetric: the
+        constant 2^(b-1))."""
+        scale16 = _round_scale_up(self._scale(lo, hi, symmetric).clamp(min=_MIN_SCALE))
+        if symmetric:
+            return scale16, torch.full_like(lo, 2 ** (self.bits - 1))
+        return scale16, torch.round(-lo / scale16.float()).clamp(0, 2**self.bits - 1)
+
+    def _codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool) -> torch.Tensor:
+        """fp32 codes round(w / scale) + zero, clamped to [0, 2^b - 1] ([1, 2^b - 1] when symmetric:
+        q in [-qmax, qmax]); scale / zero fp32, broadcast against w."""
+        return (torch.round(w / scale) + zero).clamp(1 if symmetric else 0, 2**self.bits - 1)
+
     def _quantize_groups(self, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool):
         """w fp32 [N, G, gs], ranges lo / hi [N, G] -> (codes fp32 [N, G, gs] in [0, 2^b - 1],
-        float16 scales [N, G], fp32 zero points [N, G, 1] (symmetric: the constant 2^(b-1)));
-        the weights decode as (codes - zero) * scale."""
-        scale16 = _round_scale_up(self._scale(lo, hi, symmetric).clamp(min=_MIN_SCALE))
-        s = scale16.float().unsqueeze(-1)
-        if symmetric:
-            qmax, offset = 2 ** (self.bits - 1) - 1, 2 ** (self.bits - 1)
-            return torch.round(w / s).clamp(-qmax, qmax) + offset, scale16, torch.full_like(s, offset)
-        qmax = 2**self.bits - 1
-        zero = torch.round(-lo.unsqueeze(-1) / s).clamp(0, qmax)
-        return (torch.round(w / s) + zero).clamp(0, qmax), scale16, zero
+        float16 scales [N, G], fp32 zero points [N, G, 1]); the weights decode as
+        (codes - zero) * scale."""
+        scale16, zero = self._group_params(lo, hi, symmetric)
+        zero = zero.unsqueeze(-1)
+        return self._codes(w, scale16.float().unsqueeze(-1), zero, symmetric), scale16, zero
 
     def _mse_factor(self, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> torch.Tensor:
         """fp32 [N, G] factor from MSE_SHRINK per group: the one whose shrunk range [lo*f, hi*f]
@@ -207,6 +239,13 @@ class IntFormat(Format):
             better = err < best_err
             best_err, best = torch.where(better, err, best_err), torch.where(better, factor, best)
         return best
+
+    def _searched_group_params(self, group: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One group fp32 [N, gs] -> (float16 scales [N], fp32 zero points [N]) of its range shrunk
+        by its `_mse_factor`: how method="gptq" sets each group's range when it reaches it."""
+        lo, hi = self._group_range(group, symmetric)
+        factor = self._mse_factor(group.unsqueeze(1), lo.unsqueeze(1), hi.unsqueeze(1), symmetric).squeeze(1)
+        return self._group_params(lo * factor, hi * factor, symmetric)
 
     def dequantize(self, packed: PackedWeight) -> torch.Tensor:
         n, k = packed.shape

@@ -170,17 +170,25 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
 
         quant_config = config.quant_config()
         tied = tied_linears(model)  # not in the checkpoint under their own name: left tied, full precision
+
+        def check_plan(name: str, plan: tuple[str, dict[str, Any]], dtype: torch.dtype) -> None:
+            """Fail before anything loads, naming the layer (e.g. dfloat11 on an fp32 load)."""
+            if plan[1].get("method") == "gptq":
+                raise FormatError(f"layer '{name}': method='gptq' needs calibration batches, which quantizing while "
+                                  "loading cannot run: load the model, then lowbit.quantize(model, ..., method='gptq', "
+                                  "calibration=...)")
+            get_format(plan[0]).check_weight_dtype(dtype, plan[1], name)
+
         for name, module in model.named_modules():
             if is_quantize_target(module) and name not in tied:
                 plan = quant_config.layer_plan(name)
                 if plan is not None:
-                    # fail before anything loads, naming the layer (e.g. dfloat11 on an fp32 load)
-                    get_format(plan[0]).check_weight_dtype(module.weight.dtype, plan[1], name)
+                    check_plan(name, plan, module.weight.dtype)
                     self.plan[name] = plan
         for name, module, weight_name in fused_weights(model):
             plan = quant_config.layer_plan(name)
             if plan is not None:
-                get_format(plan[0]).check_weight_dtype(module._parameters[weight_name].dtype, plan[1], name)
+                check_plan(name, plan, module._parameters[weight_name].dtype)
                 self.plan[name] = plan
                 self.fused.add(name)
         return model

@@ -304,7 +304,7 @@ def test_mse_method_picks_the_least_error_factor_of_its_grid(symmetric, monkeypa
 def test_mse_method_option_is_checked_and_limited_to_integer_formats():
     w = torch.randn(4, 64)
     with pytest.raises(FormatError, match="method must be one of"):
-        get_format("int4").quantize(w, method="gptq")
+        get_format("int4").quantize(w, method="awq")
     with pytest.raises(FormatError, match="unknown option.*method"):
         get_format("nf4").quantize(w, method="mse")
     config = lowbit.QuantConfig("lut2", options={"method": "mse", "group_size": 32})

@@ -1,0 +1,103 @@
+"""Input Hessians of a model's layers from calibration batches (for method="gptq")."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import InputError, LowbitError
+
+#: the most fp32 Hessian bytes one calibration pass collects: later layers wait for another pass
+#: (Llama-3-8B's down_proj alone holds 14336^2 * 4 bytes = 0.8 GiB)
+HESSIAN_BUDGET_BYTES = 2 * 2**30
+
+
+def builtin_sentences() -> list[str]:
+    """163 short English sentences on everyday topics, written for lowbit (lowbit/data): a
+    calibration set that ships with the package, for when no text of the model's own domain is
+    at hand. Real workloads calibrate better on their own text."""
+    text = (Path(__file__).parent / "data" / "calibration_sentences.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def tokenized_batches(tokenizer: Any, sentences: list[str], batch_size: int = 16) -> list[dict]:
+    """Calibration batches for lowbit.quantize(..., calibration=...): the sentences tokenized
+    `batch_size` at a time (padded to the longest in each batch; padding tokens count too)."""
+    return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, return_tensors="pt"))
+            for i in range(0, len(sentences), batch_size)]
+
+
+def check_batches(calibration: Any) -> list[Any]:
+    """The calibration batches as a list: each a tensor (called as model(batch)) or a dict of
+    keyword arguments (model(**batch), e.g. a tokenizer's output). InputError otherwise."""
+    if isinstance(calibration, (torch.Tensor, dict)):
+        calibration = [calibration]
+    if not isinstance(calibration, Sequence) or isinstance(calibration, str) or not calibration:
+        raise InputError("calibration must be a non-empty list of batches (tensors, or dicts of model inputs), "
+                         f"got {type(calibration).__name__}")
+    for index, batch in enumerate(calibration):
+        if not isinstance(batch, (torch.Tensor, dict)):
+            raise InputError(f"calibration[{index}]: expected a tensor or a dict of model inputs, "
+                             f"got {type(batch).__name__}")
+    return list(calibration)
+
+
+def hessian_chunks(layers: list[tuple[str, int]], budget: int = HESSIAN_BUDGET_BYTES) -> list[list[str]]:
+    """(name, input width K) in model order -> consecutive runs of names whose fp32 [K, K]
+    Hessians fit `budget` together (a layer larger than the budget gets a run of its own)."""
+    chunks: list[list[str]] = []
+    used = budget
+    for name, k in layers:
+        size = 4 * k * k
+        if used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return chunks
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: list[Any],
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """Run `model` over every batch (in eval mode, without gradients) and return, for each named
+    layer (nn.Linear or transformers Conv1D), H = X^T X / rows: fp32 [K, K] on the layer's
+    device, X its inputs [rows, K] over all batches (every token counts, padding included).
+    InputError naming the batch when the model's forward fails on it, or a layer never runs."""
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = dict.fromkeys(layers, 0)
+
+    def accumulate(name: str, inputs: tuple) -> None:
+        x = inputs[0].detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        if name not in sums:
+            sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        sums[name].addmm_(x.t(), x)
+        rows[name] += x.shape[0]
+
+    training = model.training
+    model.eval()  # dropout off: the Hessian of the inputs the layer sees at inference
+    try:
+        with ExitStack() as hooks:
+            for name, module in layers.items():
+                handle = module.register_forward_pre_hook(lambda _m, inputs, name=name: accumulate(name, inputs))
+                hooks.callback(handle.remove)
+            for index, batch in enumerate(tqdm(batches, desc="lowbit calibrate", unit="batch", disable=not progress)):
+                try:
+                    model(**batch) if isinstance(batch, dict) else model(batch)
+                except LowbitError:
+                    raise
+                except Exception as exc:
+                    raise InputError(f"calibration[{index}]: the model's forward failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(training)
+    unused = [name for name, count in rows.items() if count == 0]
+    if unused:
+        raise InputError(f"layer '{unused[0]}' received no input from the calibration batches "
+                         "(method='gptq' needs its inputs; skip it or use another method)")
+    return {name: sums[name] / rows[name] for name in layers}

@@ -1,0 +1,93 @@
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323) for the group-wise integer and LUT formats.
+
+Round-to-nearest minimises each weight's own error. GPTQ minimises the layer's *output* error on
+calibration inputs X, ||X W^T - X W_hat^T||^2, which only depends on W through the Hessian
+H = X^T X / rows. It quantizes one column (input channel) at a time and spreads that column's
+rounding error over the columns not yet quantized, in proportion to the inverse Hessian, so the
+inputs that move together absorb each other's error. The codes, scales and zero points it picks
+use the format's layout and rules unchanged (a group's scale and zero point follow the format's
+range rule, applied to the group as it stands when its first column is reached), so every
+kernel and checkpoint reads them as any other layer.
+
+Not implemented: activation reordering (act-order) and GPTQ's lazy batching across groups (a
+block here never spans two groups).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import WeightError
+
+#: fraction of the mean Hessian diagonal added to the diagonal (GPTQ's default "percdamp"):
+#: keeps the Cholesky factorisation stable when some inputs are (nearly) collinear
+DAMPING = 0.1
+#: columns per block: errors reach the columns past a block in one matrix product at its end
+BLOCK_COLUMNS = 128
+
+
+def check_hessian(hessian: object, k: int, name: str) -> torch.Tensor:
+    """The Hessian as fp32 [K, K]; WeightError naming the layer unless it is a finite square
+    tensor of the layer's input width K."""
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
+        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise WeightError(f"{name}: hessian must be a [{k}, {k}] tensor (the layer's input width), got {shape}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise WeightError(f"{name}: hessian has non-finite values (NaN/Inf in the calibration activations?)")
+    return hessian.float()
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, kp: int, name: str = "weight") -> torch.Tensor:
+    """fp32 [K, K] Hessian -> fp32 [Kp, Kp] upper Cholesky factor U of its damped inverse
+    (H + damping * mean(diag H) * I)^-1 = U^T U. Inputs that never fired (zero diagonal) and the
+    padding columns past K get a unit diagonal: they take no error and pass none on. WeightError
+    naming the layer when the damped Hessian is not positive definite (not a Gram matrix)."""
+    k = hessian.shape[0]
+    h = torch.zeros(kp, kp, dtype=torch.float64, device=hessian.device)
+    h[:k, :k] = hessian
+    diagonal = h.diagonal()
+    diagonal[diagonal <= 0] = 1.0
+    diagonal += DAMPING * diagonal.mean()
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        raise WeightError(f"{name}: hessian is not positive semi-definite (expected X^T X of the layer's inputs)")
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+
+
+def solve(weight: torch.Tensor, hessian: torch.Tensor, group_size: int,
+          group_params: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+          codes_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], name: str = "weight"):
+    """GPTQ codes of a padded weight.
+
+    weight: fp32 [N, Kp] (K zero-padded to whole groups); hessian: fp32 [K, K].
+    group_params(group fp32 [N, group_size]) -> (float16 scales [N], fp32 zero points [N]): the
+    format's rule for one group's range. codes_of(column fp32 [N], scale fp32 [N], zero [N]) ->
+    fp32 codes [N] (round and clamp); a code decodes as (code - zero) * scale.
+    Returns (codes fp32 [N, Kp], float16 scales [N, G], fp32 zero points [N, G]); name: the
+    layer, for errors.
+    """
+    n, kp = weight.shape
+    u = inverse_hessian_factor(hessian, kp, name)
+    w = weight.clone()
+    codes = torch.empty_like(w)
+    scales, zeros = [], []
+    start = 0
+    while start < kp:
+        if start % group_size == 0:  # every earlier column's error has reached this group
+            scale16, zero = group_params(w[:, start:start + group_size])
+            scales.append(scale16)
+            zeros.append(zero)
+            scale = scale16.float()
+        end = min(start + BLOCK_COLUMNS, (start // group_size + 1) * group_size, kp)
+        block = w[:, start:end]  # a view: in-block updates land in w
+        errors = torch.empty_like(block)
+        for j in range(end - start):
+            column = block[:, j]
+            code = codes_of(column, scale, zero)
+            codes[:, start + j] = code
+            errors[:, j] = (column - (code - zero) * scale) / u[start + j, start + j]
+            block[:, j + 1:] -= errors[:, j:j + 1] * u[start + j, start + j + 1:end]
+        w[:, end:] -= errors @ u[start:end, end:]
+        start = end
+    return codes, torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
