@@ -163,8 +163,8 @@ class IntFormat(Format):
         method = options.get("method", "rtn")
         if (method == "gptq") != (hessian is not None):
             raise FormatError(f"{name}: method='gptq' needs the layer's input Hessian (lowbit.quantize(model, ..., "
-                              "method='gptq', calibration=batches) collects it); other methods take none"
-                              if hessian is None else f"{name}: a hessian is only used by method='gptq', not {method!r}")
+                              "method='gptq', calibration=batches) collects it)" if hessian is None
+                              else f"{name}: a hessian is only used by method='gptq', not {method!r}")
         kp = padded_k(k, gs)
         w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // gs, gs)
 
