@@ -1,4 +1,5 @@
 """lowbit: low-precision quantized inference for PyTorch and Hugging Face models."""
+from . import calibration  # calibration.tokenized_batches / builtin_sentences for method="gptq"
 from .api import dequantize, quantize
 from .block_decode import enable_block_decompression
 from .config import QuantConfig
@@ -20,6 +21,7 @@ __all__ = [
     "PackedWeight",
     "QuantConfig",
     "QuantLinear",
+    "calibration",
     "dequantize",
     "enable_block_decompression",
     "formats",
