@@ -197,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", required=True, choices=formats())
     q.add_argument("--group-size", type=int, default=None, help="weights per scale along K (-1: per channel)")
     q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
-    q.add_argument("--method", default=None, choices=["rtn", "mse", "gptq"], help="int / lut formats: how codes are "
-                   "chosen ('rtn': each group's min/max range; 'mse': the clipped range with the least squared error; "
-                   "'gptq': GPTQ on calibration text, with 'mse' ranges)")
+    q.add_argument("--method", default=None, choices=["rtn", "mse", "gptq"], help="how codes are chosen: 'rtn' "
+                   "(default); int / lut formats: 'mse', the clipped group range with the least squared error; int / "
+                   "lut / microscaling formats: 'gptq', GPTQ on calibration text")
     q.add_argument("--calibration", default=None, metavar="FILE", help="--method gptq: UTF-8 text, one calibration "
                    "sample per line (default: lowbit's built-in English sentences)")
     q.add_argument("--block", type=int, default=None, help="fp8: one scale per BLOCK x BLOCK tile (e.g. 128) "

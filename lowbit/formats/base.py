@@ -60,9 +60,10 @@ class Format:
         """FormatError for a complete set of option values (DEFAULTS filled in) that is invalid."""
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
-        """User options (may be partial / use shorthands) -> complete, validated attrs."""
+        """User options (may be partial / use shorthands) -> complete, validated attrs (without
+        QUANTIZER_OPTIONS, which are never stored)."""
         self.check_options(options)
-        return {**self.DEFAULTS, **options}
+        return {key: value for key, value in {**self.DEFAULTS, **options}.items() if key not in self.QUANTIZER_OPTIONS}
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Raise FormatError for option names or values this format does not accept."""

@@ -1,4 +1,5 @@
-"""GPTQ (Frantar et al., 2022, arXiv:2210.17323) for the group-wise integer and LUT formats.
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323) for the formats whose scale groups run along K:
+the integer and LUT formats, and the microscaling formats.
 
 Round-to-nearest minimises each weight's own error. GPTQ minimises the layer's *output* error on
 calibration inputs X, ||X W^T - X W_hat^T||^2, which only depends on W through the Hessian
@@ -14,7 +15,7 @@ block here never spans two groups).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -56,38 +57,36 @@ def inverse_hessian_factor(hessian: torch.Tensor, kp: int, name: str = "weight")
 
 
 def solve(weight: torch.Tensor, hessian: torch.Tensor, group_size: int,
-          group_params: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-          codes_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], name: str = "weight"):
-    """GPTQ codes of a padded weight.
+          group_params: Callable[[torch.Tensor], Any],
+          round_column: Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]], name: str = "weight"):
+    """GPTQ codes of a padded weight, for any format whose groups run along K.
 
     weight: fp32 [N, Kp] (K zero-padded to whole groups); hessian: fp32 [K, K].
-    group_params(group fp32 [N, group_size]) -> (float16 scales [N], fp32 zero points [N]): the
-    format's rule for one group's range. codes_of(column fp32 [N], scale fp32 [N], zero [N]) ->
-    fp32 codes [N] (round and clamp); a code decodes as (code - zero) * scale.
-    Returns (codes fp32 [N, Kp], float16 scales [N, G], fp32 zero points [N, G]); name: the
-    layer, for errors.
+    group_params(group fp32 [N, group_size]) -> the format's parameters of one group (scales,
+    zero points, ...), by its rule for the group as it stands. round_column(column fp32 [N],
+    params) -> (codes [N], the fp32 values [N] they decode to).
+    Returns (codes [N, Kp] in round_column's dtype, [params of each group, in K order]); name:
+    the layer, for errors.
     """
     n, kp = weight.shape
     u = inverse_hessian_factor(hessian, kp, name)
     w = weight.clone()
-    codes = torch.empty_like(w)
-    scales, zeros = [], []
+    codes, params = None, []
     start = 0
     while start < kp:
         if start % group_size == 0:  # every earlier column's error has reached this group
-            scale16, zero = group_params(w[:, start:start + group_size])
-            scales.append(scale16)
-            zeros.append(zero)
-            scale = scale16.float()
+            params.append(group_params(w[:, start:start + group_size]))
         end = min(start + BLOCK_COLUMNS, (start // group_size + 1) * group_size, kp)
         block = w[:, start:end]  # a view: in-block updates land in w
         errors = torch.empty_like(block)
         for j in range(end - start):
             column = block[:, j]
-            code = codes_of(column, scale, zero)
+            code, value = round_column(column, params[-1])
+            if codes is None:
+                codes = torch.empty(n, kp, dtype=code.dtype, device=w.device)
             codes[:, start + j] = code
-            errors[:, j] = (column - (code - zero) * scale) / u[start + j, start + j]
+            errors[:, j] = (column - value) / u[start + j, start + j]
             block[:, j + 1:] -= errors[:, j:j + 1] * u[start + j, start + j + 1:end]
         w[:, end:] -= errors @ u[start:end, end:]
         start = end
-    return codes, torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
+    return codes, params

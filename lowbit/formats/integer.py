@@ -172,10 +172,14 @@ class IntFormat(Format):
         if bool((self._scale(lo, hi, symmetric) > _MAX_SCALE).any()):
             raise WeightError(f"{name}: values too large for float16 group scales (|w| up to {float(weight.abs().max()):.3g})")
         if method == "gptq":
-            codes, scale16, zero = gptq.solve(
-                w.reshape(n, kp), gptq.check_hessian(hessian, k, name), gs,
-                lambda group: self._searched_group_params(group, symmetric),
-                lambda column, scale, zero: self._codes(column, scale, zero, symmetric), name)
+            def round_column(column, params):
+                scale, zero = params[0].float(), params[1]
+                codes = self._codes(column, scale, zero, symmetric)
+                return codes, (codes - zero) * scale
+
+            codes, params = gptq.solve(w.reshape(n, kp), gptq.check_hessian(hessian, k, name), gs,
+                                       lambda group: self._searched_group_params(group, symmetric), round_column, name)
+            scale16, zero = (torch.stack(field, dim=1) for field in zip(*params))  # [N, G] each
             if not bool(torch.isfinite(scale16).all()):  # error feedback grew a group past float16 scales
                 raise WeightError(f"{name}: gptq pushed a group's values past float16 scales; use method='rtn'")
         else:

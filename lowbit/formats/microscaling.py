@@ -29,6 +29,8 @@ Options (accuracy studies; the seed paper "INT v.s. FP"):
   rotate="hadamard": a block Hadamard transform along K (block = the format's block), applied to
       the weight before quantization and to activations at run time. H is orthogonal, so
       (x H)(W H)^T = x W^T; dequantize() returns the weight in the original basis.
+  method="gptq" (not stored): GPTQ (lowbit/formats/gptq.py) on the layer's input Hessian; each
+      block's scale follows the rules above on the block as GPTQ's updates left it.
 """
 from __future__ import annotations
 
@@ -42,11 +44,12 @@ import torch.nn.functional as F
 
 from ..errors import FormatError
 from ..packed import PackedWeight
-from . import bitpack, register_format
+from . import bitpack, gptq, register_format
 from .base import FieldSpec, Format
 from .integer import padded_k
 
 _ROTATIONS = (None, "hadamard")
+_METHODS = ("rtn", "gptq")
 _E4M3_MAX = 448.0
 _E4M3_MIN_NORMAL = 2.0**-6
 
@@ -147,6 +150,7 @@ class MicroscalingFormat(Format):
 
     ATTRS = ("act", "rotate")
     DEFAULTS = {"act": None, "rotate": None}
+    QUANTIZER_OPTIONS = ("method",)
 
     def __init__(self, name: str, codec: ElementCodec, block: int, scale_kind: str):
         self.name = name
@@ -162,6 +166,8 @@ class MicroscalingFormat(Format):
             raise FormatError(f"{self.name}: act must be None or one of {sorted(MICROSCALING_FORMATS)}, got {act!r}")
         if rotate not in _ROTATIONS:
             raise FormatError(f"{self.name}: rotate must be one of {_ROTATIONS}, got {rotate!r}")
+        if values.get("method", "rtn") not in _METHODS:
+            raise FormatError(f"{self.name}: method must be one of {_METHODS}, got {values['method']!r}")
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape
@@ -174,33 +180,49 @@ class MicroscalingFormat(Format):
         return specs
 
     # -- the spec ---------------------------------------------------------------------------
-    def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def encode(self, w: torch.Tensor, tensor_scale: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """[R, Kp] fp32 (Kp a multiple of the block) -> (codes int32 [R, Kp], block scales
-        [R, Kp/block] (uint8 E8M0 bytes or float8_e4m3fn), tensor scale fp32 [1] or None)."""
+        [R, Kp/block] (uint8 E8M0 bytes or float8_e4m3fn), tensor scale fp32 [1] or None).
+        nvfp4: tensor_scale given is used instead of the one w's amax sets."""
         r, kp = w.shape
         blocks = w.reshape(r, kp // self.block, self.block)
-        amax = blocks.abs().amax(dim=-1)
+        scales, tensor_scale = self.block_scales(blocks.abs().amax(dim=-1), tensor_scale)
+        return self.encode_elements(blocks, scales, tensor_scale).reshape(r, kp), scales, tensor_scale
+
+    def block_scales(self, amax: torch.Tensor, tensor_scale: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block amax fp32 [R, B] -> (stored block scales [R, B]: uint8 E8M0 bytes or
+        float8_e4m3fn, tensor scale fp32 [1] (nvfp4: from the amax of all blocks unless given)
+        or None)."""
         if self.scale_kind == "e8m0":
             exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127
-            e = (exponent - self.codec.emax).clamp(-127, 127)
-            codes = self.codec.encode(blocks / _pow2(e).unsqueeze(-1))
-            return codes.reshape(r, kp), (e + 127).to(torch.uint8), None
-        w_amax = amax.amax()
-        t = torch.where(w_amax > 0, w_amax / (_E4M3_MAX * self.codec.max_value), 1.0).reshape(1)
-        s = ((amax / self.codec.max_value) / t).clamp(_E4M3_MIN_NORMAL, _E4M3_MAX).to(torch.float8_e4m3fn)
-        reciprocal = (1.0 / t) / s.float()
-        codes = self.codec.encode((blocks * reciprocal.unsqueeze(-1)).clamp(-self.codec.max_value, self.codec.max_value))
-        return codes.reshape(r, kp), s, t
+            return (exponent - self.codec.emax).clamp(-127, 127).add(127).to(torch.uint8), None
+        if tensor_scale is None:
+            w_amax = amax.amax()
+            tensor_scale = torch.where(w_amax > 0, w_amax / (_E4M3_MAX * self.codec.max_value), 1.0).reshape(1)
+        s = ((amax / self.codec.max_value) / tensor_scale).clamp(_E4M3_MIN_NORMAL, _E4M3_MAX).to(torch.float8_e4m3fn)
+        return s, tensor_scale
+
+    def encode_elements(self, blocks: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor | None
+                        ) -> torch.Tensor:
+        """fp32 blocks [R, B, b] and their stored scales [R, B] -> element codes int32 [R, B, b]."""
+        if self.scale_kind == "e8m0":
+            return self.codec.encode(blocks / _pow2(scales.int() - 127).unsqueeze(-1))
+        reciprocal = (1.0 / tensor_scale) / scales.float()
+        return self.codec.encode((blocks * reciprocal.unsqueeze(-1)).clamp(-self.codec.max_value, self.codec.max_value))
+
+    def scale_values(self, scales: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
+        """Stored block scales [...] -> the fp32 factors their elements decode with [...]."""
+        if self.scale_kind == "e8m0":
+            return _pow2(scales.int() - 127)
+        return scales.float() * tensor_scale
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
         """Inverse of `encode`: [R, Kp] fp32."""
         r, kp = codes.shape
         values = self.codec.decode(codes).reshape(r, kp // self.block, self.block)
-        if self.scale_kind == "e8m0":
-            scale = _pow2(scales.int() - 127)
-        else:
-            scale = scales.float() * tensor_scale
-        return (values * scale.unsqueeze(-1)).reshape(r, kp)
+        return (values * self.scale_values(scales, tensor_scale).unsqueeze(-1)).reshape(r, kp)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """[M, Kp] fp32 activations -> the values this format represents (dynamic, per block)."""
@@ -215,20 +237,53 @@ class MicroscalingFormat(Format):
             x = MICROSCALING_FORMATS[attrs["act"]].fake_quantize(x)
         return x
 
-    def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", hessian: torch.Tensor | None = None,
+                 **options: Any) -> PackedWeight:
+        """[N, K] float weight -> PackedWeight. hessian: fp32 [K, K] Gram matrix of the layer's
+        inputs (X^T X / rows), needed by method="gptq" and only by it."""
         weight = self.check_weight(weight, name)
         n, k = weight.shape
         attrs = self.resolve_attrs((n, k), options)
+        method = options.get("method", "rtn")
+        if (method == "gptq") != (hessian is not None):
+            raise FormatError(f"{name}: method='gptq' needs the layer's input Hessian (lowbit.quantize(model, ..., "
+                              "method='gptq', calibration=batches) collects it)" if hessian is None
+                              else f"{name}: a hessian is only used by method='gptq', not {method!r}")
         kp = padded_k(k, 32)
         w = F.pad(weight.float(), (0, kp - k))
         if attrs["rotate"] == "hadamard":
             w = rotate_blocks(w, self.block)
-        codes, scales, tensor_scale = self.encode(w)
+        if method == "gptq":
+            codes, scales, tensor_scale = self._gptq_encode(w, gptq.check_hessian(hessian, k, name), attrs, name)
+        else:
+            codes, scales, tensor_scale = self.encode(w)
         tensors = {"qweight": bitpack.pack(codes & ((1 << self.codec.bits) - 1), self.codec.bits),
                    "scales": scales.t().contiguous()}
         if tensor_scale is not None:
             tensors["tensor_scale"] = tensor_scale
         return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
+
+    def _gptq_encode(self, w: torch.Tensor, hessian: torch.Tensor, attrs: dict[str, Any], name: str):
+        """`encode` of the stored weight w fp32 [N, Kp] with codes chosen by GPTQ (gptq.py): each
+        block's scale by the format's rule on the block as GPTQ's updates left it; nvfp4's tensor
+        scale from the weight before any update. With rotate="hadamard" the Hessian is rotated
+        as the inputs are (R^T H R). With act=..., H is that of the unquantized activations."""
+        n, kp = w.shape
+        k = hessian.shape[0]
+        if attrs["rotate"] == "hadamard":
+            hessian = F.pad(hessian, (0, kp - k, 0, kp - k))
+            hessian = rotate_blocks(rotate_blocks(hessian, self.block).t(), self.block).t()
+        tensor_scale = self.block_scales(w.reshape(n, kp // self.block, self.block).abs().amax(dim=-1))[1]
+
+        def round_column(column, scales):  # column [N], scales [N, 1] (this block's)
+            codes = self.encode_elements(column.reshape(n, 1, 1), scales, tensor_scale).reshape(n)
+            return codes, self.codec.decode(codes) * self.scale_values(scales, tensor_scale).reshape(n)
+
+        codes, params = gptq.solve(w, hessian, self.block,
+                                   lambda block: self.block_scales(block.abs().amax(dim=-1, keepdim=True),
+                                                                   tensor_scale)[0],
+                                   round_column, name)
+        return codes, torch.cat(params, dim=1), tensor_scale
 
     def stored_weight(self, packed: PackedWeight) -> torch.Tensor:
         """[N, Kp] fp32: the weight as stored (rotated when rotate="hadamard", K padding kept)."""
