@@ -19,13 +19,22 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import WeightError
+from ..errors import FormatError, WeightError
 
 #: fraction of the mean Hessian diagonal added to the diagonal (GPTQ's default "percdamp"):
 #: keeps the Cholesky factorisation stable when some inputs are (nearly) collinear
 DAMPING = 0.1
 #: columns per block: errors reach the columns past a block in one matrix product at its end
 BLOCK_COLUMNS = 128
+
+
+def check_method(method: str, hessian: object, name: str) -> None:
+    """FormatError naming the layer unless a Hessian is given exactly when method is "gptq"."""
+    if method == "gptq" and hessian is None:
+        raise FormatError(f"{name}: method='gptq' needs the layer's input Hessian (lowbit.quantize(model, ..., "
+                          "method='gptq', calibration=batches) collects it)")
+    if method != "gptq" and hessian is not None:
+        raise FormatError(f"{name}: a hessian is only used by method='gptq', not {method!r}")
 
 
 def check_hessian(hessian: object, k: int, name: str) -> torch.Tensor:

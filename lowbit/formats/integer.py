@@ -161,10 +161,7 @@ class IntFormat(Format):
         attrs = self.resolve_attrs((n, k), options)
         gs, symmetric = attrs["group_size"], attrs["symmetric"]
         method = options.get("method", "rtn")
-        if (method == "gptq") != (hessian is not None):
-            raise FormatError(f"{name}: method='gptq' needs the layer's input Hessian (lowbit.quantize(model, ..., "
-                              "method='gptq', calibration=batches) collects it)" if hessian is None
-                              else f"{name}: a hessian is only used by method='gptq', not {method!r}")
+        gptq.check_method(method, hessian, name)
         kp = padded_k(k, gs)
         w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // gs, gs)
 

@@ -245,10 +245,7 @@ class MicroscalingFormat(Format):
         n, k = weight.shape
         attrs = self.resolve_attrs((n, k), options)
         method = options.get("method", "rtn")
-        if (method == "gptq") != (hessian is not None):
-            raise FormatError(f"{name}: method='gptq' needs the layer's input Hessian (lowbit.quantize(model, ..., "
-                              "method='gptq', calibration=batches) collects it)" if hessian is None
-                              else f"{name}: a hessian is only used by method='gptq', not {method!r}")
+        gptq.check_method(method, hessian, name)
         kp = padded_k(k, 32)
         w = F.pad(weight.float(), (0, kp - k))
         if attrs["rotate"] == "hadamard":
