@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
     q.add_argument("--method", default=None, choices=["rtn", "mse", "gptq"], help="how codes are chosen: 'rtn' "
                    "(default); int / lut formats: 'mse', the clipped group range with the least squared error; int / "
-                   "lut / microscaling formats: 'gptq', GPTQ on calibration text")
+                   "lut / microscaling / nf4 formats: 'gptq', GPTQ on calibration text")
     q.add_argument("--calibration", default=None, metavar="FILE", help="--method gptq: UTF-8 text, one calibration "
                    "sample per line (default: lowbit's built-in English sentences)")
     q.add_argument("--block", type=int, default=None, help="fp8: one scale per BLOCK x BLOCK tile (e.g. 128) "

@@ -13,6 +13,9 @@ quantized symmetrically to int8 with one fp32 scale (QLoRA uses an 8-bit float c
 Packed fields: qweight int32 [N, Kp/8] (one 4-bit plane, bitpack.py), and either absmax
 float32 [Kp/64, N] or absmax_q int8 [Kp/64, N] + absmax_scale float32 [ceil(G*N/256)] +
 absmax_mean float32 [1].
+
+Option method="gptq" (not stored; not with double_quant): codes chosen by GPTQ on the layer's
+input Hessian (lowbit/formats/gptq.py), same layout and rules.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import FormatError
 from ..packed import PackedWeight
-from . import bitpack, register_format
+from . import bitpack, gptq, register_format
 from .base import FieldSpec, Format
 from .integer import padded_k
 
@@ -34,6 +37,7 @@ NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.7229568362236023, 1.0)
 BLOCK = 64
 DQ_BLOCK = 256
+_METHODS = ("rtn", "gptq")
 
 
 def codebook(device=None) -> torch.Tensor:
@@ -53,10 +57,17 @@ class NF4Format(Format):
     name = "nf4"
     ATTRS = ("double_quant",)
     DEFAULTS = {"double_quant": False}
+    QUANTIZER_OPTIONS = ("method",)
 
     def check_values(self, values: dict[str, Any]) -> None:
         if not isinstance(values["double_quant"], bool):
             raise FormatError(f"nf4: double_quant must be a bool, got {values['double_quant']!r}")
+        method = values.get("method", "rtn")
+        if method not in _METHODS:
+            raise FormatError(f"nf4: method must be one of {_METHODS}, got {method!r}")
+        if method == "gptq" and values["double_quant"]:
+            # double quantization needs every block's absmax before any is stored, GPTQ sets them one by one
+            raise FormatError("nf4: method='gptq' does not combine with double_quant=True")
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape
@@ -71,14 +82,24 @@ class NF4Format(Format):
             specs["absmax"] = FieldSpec(torch.float32, (groups, n))
         return specs
 
-    def quantize(self, weight: torch.Tensor, *, name: str = "weight", **options: Any) -> PackedWeight:
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", hessian: torch.Tensor | None = None,
+                 **options: Any) -> PackedWeight:
+        """[N, K] float weight -> PackedWeight. hessian: fp32 [K, K] Gram matrix of the layer's
+        inputs (X^T X / rows), needed by method="gptq" (GPTQ, lowbit/formats/gptq.py: each
+        block's absmax from the block as GPTQ's updates left it) and only by it."""
         weight = self.check_weight(weight, name)
         n, k = weight.shape
         attrs = self.resolve_attrs((n, k), options)
+        method = options.get("method", "rtn")
+        gptq.check_method(method, hessian, name)
         kp = padded_k(k, BLOCK)
-        blocks = F.pad(weight.float(), (0, kp - k)).reshape(n, kp // BLOCK, BLOCK)
-        absmax = blocks.abs().amax(dim=-1)
-        absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        w = F.pad(weight.float(), (0, kp - k))
+        if method == "gptq":
+            codes, absmax = self._gptq_codes(w, gptq.check_hessian(hessian, k, name), name)
+            return PackedWeight(self.name, (n, k), weight.dtype, attrs,
+                                {"absmax": absmax.t().contiguous(), "qweight": bitpack.pack(codes, 4)})
+        blocks = w.reshape(n, kp // BLOCK, BLOCK)
+        absmax = self._block_absmax(blocks)
         tensors: dict[str, torch.Tensor] = {}
         if attrs["double_quant"]:
             q, scale, mean = self._double_quantize(absmax.t().contiguous())
@@ -89,6 +110,24 @@ class NF4Format(Format):
         codes = nearest_code((blocks / absmax.unsqueeze(-1)).clamp(-1, 1)).reshape(n, kp)
         tensors["qweight"] = bitpack.pack(codes, 4)
         return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
+
+    @staticmethod
+    def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
+        """fp32 blocks [..., 64] -> their absmax [...] (1 for an all-zero block)."""
+        absmax = blocks.abs().amax(dim=-1)
+        return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+
+    def _gptq_codes(self, w: torch.Tensor, hessian: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded weight fp32 [N, Kp] -> (int32 codes [N, Kp], fp32 absmax [N, Kp/64]) by GPTQ."""
+        book = codebook(w.device)
+
+        def round_column(column, absmax):  # column [N], absmax [N, 1] (this block's)
+            codes = nearest_code((column / absmax[:, 0]).clamp(-1, 1))
+            return codes, book[codes.long()] * absmax[:, 0]
+
+        codes, params = gptq.solve(w, hessian, BLOCK, lambda block: self._block_absmax(block).unsqueeze(-1),
+                                   round_column, name)
+        return codes, torch.cat(params, dim=1)
 
     @staticmethod
     def _double_quantize(absmax: torch.Tensor):

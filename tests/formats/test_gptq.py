@@ -17,7 +17,7 @@ from lowbit.formats import gptq as gptq_module
 WIDTH_CASES = [("int4", {}), ("int3", {"group_size": 32}), ("int4", {"symmetric": True}), ("int2", {"group_size": 64}),
                ("int8", {"group_size": -1}), ("lut2", {}), ("int6", {"group_size": 96})]
 MICROSCALING_CASES = [("mxfp4", {}), ("nvfp4", {}), ("mxfp4", {"rotate": "hadamard"}), ("mxfp6", {}),
-                      ("mxint8", {"act": "mxint8"})]
+                      ("mxint8", {"act": "mxint8"}), ("nf4", {})]
 
 
 def _correlated_inputs(k: int, rows: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -37,12 +37,12 @@ def _output_error(x, w, w_hat) -> float:
     return float((x @ (w - w_hat).t()).square().sum() / (x @ w.t()).square().sum())
 
 
-def _unpacked_element_codes(fmt, packed) -> torch.Tensor:
-    """fp64 element codes [N, Kp] of a packed microscaling weight."""
+def _unpacked_element_codes(fmt, packed, bits=None, multiple=32) -> torch.Tensor:
+    """fp64 element codes [N, Kp] of a packed microscaling (or nf4: bits=4, multiple=64) weight."""
     from lowbit.formats import bitpack
 
-    kp = -(-packed.shape[1] // 32) * 32
-    return bitpack.unpack(packed.qweight, fmt.codec.bits, kp).double()
+    kp = -(-packed.shape[1] // multiple) * multiple
+    return bitpack.unpack(packed.qweight, bits or fmt.codec.bits, kp).double()
 
 
 def _unpacked_codes(fmt, packed) -> torch.Tensor:
@@ -94,6 +94,23 @@ def _int_direct(fmt, w, hessian, packed):
                         lambda group: fmt._searched_group_params(group, symmetric), round_column)
 
 
+def _nf4_direct(w, hessian):
+    """_direct_gptq with NF4's rules (absmax per block of 64, nearest code value)."""
+    from lowbit.formats.nf4 import codebook, nearest_code
+
+    kp = -(-w.shape[1] // 64) * 64
+
+    def round_column(column, absmax):
+        codes = nearest_code((column / absmax).clamp(-1, 1))
+        return codes, codebook()[codes.long()] * absmax
+
+    def block_absmax(block):
+        absmax = block.abs().amax(dim=-1)
+        return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+
+    return _direct_gptq(torch.nn.functional.pad(w, (0, kp - w.shape[1])), hessian, 64, block_absmax, round_column)
+
+
 def _microscaling_direct(fmt, w, hessian, packed):
     """_direct_gptq with the microscaling rules (scale per block by the spec, elements encoded)."""
     from lowbit.formats.microscaling import rotate_blocks
@@ -118,7 +135,7 @@ def _microscaling_direct(fmt, w, hessian, packed):
 
 @pytest.mark.parametrize("name,options", [("int4", {}), ("int3", {"group_size": 32}), ("int4", {"symmetric": True}),
                                           ("lut2", {"group_size": 64}), ("mxfp4", {}), ("nvfp4", {}),
-                                          ("mxint8", {"rotate": "hadamard"})])
+                                          ("mxint8", {"rotate": "hadamard"}), ("nf4", {})])
 def test_solver_matches_the_direct_update(name, options):
     """Cholesky factor + blocks + lazy updates give the paper's codes (fp32 vs fp64: a few codes
     may round the other way, so nearly all must agree, and the output error must drop)."""
@@ -129,6 +146,8 @@ def test_solver_matches_the_direct_update(name, options):
     packed = fmt.quantize(w, method="gptq", hessian=hessian, **options)
     if name.startswith(("int", "lut")):
         codes, direct = _unpacked_codes(fmt, packed), _int_direct(fmt, w, hessian, packed)
+    elif name == "nf4":
+        codes, direct = _unpacked_element_codes(fmt, packed, bits=4, multiple=64), _nf4_direct(w, hessian)
     else:
         codes, direct = _unpacked_element_codes(fmt, packed), _microscaling_direct(fmt, w, hessian, packed)
     agree = float((codes == direct).double().mean())
@@ -138,10 +157,10 @@ def test_solver_matches_the_direct_update(name, options):
 
 
 @pytest.mark.parametrize("name,options", [("mxfp4", {}), ("nvfp4", {}), ("mxint8", {"rotate": "hadamard"}),
-                                          ("mxfp6", {"act": "mxfp6"})])
-def test_identity_hessian_is_round_to_nearest_for_microscaling(name, options):
-    """Microscaling scales follow the spec rule (no range search): with an identity Hessian
-    (rotated: still the identity) GPTQ's layer equals the plain quantizer's, byte for byte."""
+                                          ("mxfp6", {"act": "mxfp6"}), ("nf4", {})])
+def test_identity_hessian_is_round_to_nearest_for_microscaling_and_nf4(name, options):
+    """Microscaling and NF4 scales follow the spec rule (no range search): with an identity
+    Hessian (rotated: still the identity) GPTQ's layer equals the plain quantizer's, byte for byte."""
     fmt = get_format(name)
     w = _weight(40, 320)
     gptq = fmt.quantize(w, method="gptq", hessian=torch.eye(320), **options)
@@ -219,7 +238,9 @@ def test_hessian_and_method_errors():
     with pytest.raises(WeightError, match="not positive semi-definite"):
         fmt.quantize(w, method="gptq", hessian=indefinite)
     with pytest.raises(FormatError, match="unknown option"):
-        get_format("nf4").quantize(w, method="gptq")
+        get_format("fp8").quantize(w, method="gptq")
+    with pytest.raises(FormatError, match="nf4: method='gptq' does not combine with double_quant"):
+        get_format("nf4").quantize(w, method="gptq", double_quant=True, hessian=torch.eye(64))
     with pytest.raises(FormatError, match="nvfp4: method must be one of"):
         get_format("nvfp4").quantize(w, method="mse")
     with pytest.raises(FormatError, match="layer.1: method='gptq' needs the layer's input Hessian"):

@@ -306,7 +306,7 @@ def test_mse_method_option_is_checked_and_limited_to_integer_formats():
     with pytest.raises(FormatError, match="method must be one of"):
         get_format("int4").quantize(w, method="awq")
     with pytest.raises(FormatError, match="unknown option.*method"):
-        get_format("nf4").quantize(w, method="mse")
+        get_format("fp8").quantize(w, method="mse")
     config = lowbit.QuantConfig("lut2", options={"method": "mse", "group_size": 32})
     assert lowbit.QuantConfig.from_dict(config.to_dict()) == config
 
