@@ -51,6 +51,9 @@ class Format:
     #: options that only steer how the quantizer picks codes and scales, never stored: a layer
     #: decodes the same way whatever they were (e.g. the integer formats' `method`)
     QUANTIZER_OPTIONS: tuple[str, ...] = ()
+    #: values the `method` quantizer option takes, "rtn" (the default) first; formats with
+    #: "method" in QUANTIZER_OPTIONS set it
+    METHODS: tuple[str, ...] = ("rtn",)
     #: the number of this format's packed layout, stored with every layer (`PackedWeight.metadata`);
     #: a layer stored in another layout is refused at load. Raise it when stored tensors change meaning.
     layout: int = 1
@@ -77,11 +80,14 @@ class Format:
         return attrs
 
     def check_option_names(self, options: dict[str, Any]) -> None:
-        """FormatError for option names this format does not take (its ATTRS and QUANTIZER_OPTIONS)."""
+        """FormatError for option names this format does not take (its ATTRS and QUANTIZER_OPTIONS),
+        and for a `method` not in METHODS."""
         accepted = sorted({*self.ATTRS, *self.QUANTIZER_OPTIONS})
         unknown = set(options) - set(accepted)
         if unknown:
             raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {accepted}")
+        if options.get("method", "rtn") not in self.METHODS:
+            raise FormatError(f"{self.name}: method must be one of {self.METHODS}, got {options['method']!r}")
 
     def check_attr_keys(self, attrs: Any) -> None:
         """FormatError unless attrs is a dict with the ATTRS keys (OPTIONAL_ATTRS may be absent)."""

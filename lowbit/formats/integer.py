@@ -54,7 +54,6 @@ SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24
 _MAX_SCALE = torch.finfo(SCALE_DTYPE).max
 _ACTS = (None, "int8")
-METHODS = ("rtn", "mse", "gptq")
 #: range factors method="mse" tries per group, largest first (1 = the "rtn" range)
 MSE_SHRINK = tuple(1.0 - 0.025 * i for i in range(21))
 
@@ -79,6 +78,7 @@ class IntFormat(Format):
     ATTRS = ("group_size", "symmetric", "act")
     OPTIONAL_ATTRS = ("act",)
     QUANTIZER_OPTIONS = ("method",)
+    METHODS = ("rtn", "mse", "gptq")
     #: bit-plane layout of qweight (see bitpack.py); the LUT formats use one-bit planes
     ONE_BIT_PLANES = False
 
@@ -98,8 +98,6 @@ class IntFormat(Format):
             raise FormatError(f"{self.name}: symmetric must be a bool (False for 1 bit), got {sym!r}")
         if options.get("act") not in _ACTS:
             raise FormatError(f"{self.name}: act must be one of {_ACTS}, got {options['act']!r}")
-        if options.get("method", "rtn") not in METHODS:
-            raise FormatError(f"{self.name}: method must be one of {METHODS}, got {options['method']!r}")
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         self.check_options(options)
@@ -169,14 +167,18 @@ class IntFormat(Format):
         if bool((self._scale(lo, hi, symmetric) > _MAX_SCALE).any()):
             raise WeightError(f"{name}: values too large for float16 group scales (|w| up to {float(weight.abs().max()):.3g})")
         if method == "gptq":
+            def group_params(group):  # (float16 scales, fp32 zero points, fp32 scales) [N] each
+                scale16, zero = self._searched_group_params(group, symmetric)
+                return scale16, zero, scale16.float()
+
             def round_column(column, params):
-                scale, zero = params[0].float(), params[1]
+                _, zero, scale = params
                 codes = self._codes(column, scale, zero, symmetric)
                 return codes, (codes - zero) * scale
 
-            codes, params = gptq.solve(w.reshape(n, kp), gptq.check_hessian(hessian, k, name), gs,
-                                       lambda group: self._searched_group_params(group, symmetric), round_column, name)
-            scale16, zero = (torch.stack(field, dim=1) for field in zip(*params))  # [N, G] each
+            codes, params = gptq.solve(w.reshape(n, kp), gptq.check_hessian(hessian, k, name), gs, group_params,
+                                       round_column, name)
+            scale16, zero = (torch.stack([p[i] for p in params], dim=1) for i in (0, 1))  # [N, G] each
             if not bool(torch.isfinite(scale16).all()):  # error feedback grew a group past float16 scales
                 raise WeightError(f"{name}: gptq pushed a group's values past float16 scales; use method='rtn'")
         else:

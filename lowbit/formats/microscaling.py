@@ -49,7 +49,6 @@ from .base import FieldSpec, Format
 from .integer import padded_k
 
 _ROTATIONS = (None, "hadamard")
-_METHODS = ("rtn", "gptq")
 _E4M3_MAX = 448.0
 _E4M3_MIN_NORMAL = 2.0**-6
 
@@ -151,6 +150,7 @@ class MicroscalingFormat(Format):
     ATTRS = ("act", "rotate")
     DEFAULTS = {"act": None, "rotate": None}
     QUANTIZER_OPTIONS = ("method",)
+    METHODS = ("rtn", "gptq")
 
     def __init__(self, name: str, codec: ElementCodec, block: int, scale_kind: str):
         self.name = name
@@ -166,8 +166,6 @@ class MicroscalingFormat(Format):
             raise FormatError(f"{self.name}: act must be None or one of {sorted(MICROSCALING_FORMATS)}, got {act!r}")
         if rotate not in _ROTATIONS:
             raise FormatError(f"{self.name}: rotate must be one of {_ROTATIONS}, got {rotate!r}")
-        if values.get("method", "rtn") not in _METHODS:
-            raise FormatError(f"{self.name}: method must be one of {_METHODS}, got {values['method']!r}")
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape
@@ -272,15 +270,17 @@ class MicroscalingFormat(Format):
             hessian = rotate_blocks(rotate_blocks(hessian, self.block).t(), self.block).t()
         tensor_scale = self.block_scales(w.reshape(n, kp // self.block, self.block).abs().amax(dim=-1))[1]
 
-        def round_column(column, scales):  # column [N], scales [N, 1] (this block's)
-            codes = self.encode_elements(column.reshape(n, 1, 1), scales, tensor_scale).reshape(n)
-            return codes, self.codec.decode(codes) * self.scale_values(scales, tensor_scale).reshape(n)
+        def group_params(block):  # (stored scales [N, 1], the fp32 factors they decode with [N])
+            scales = self.block_scales(block.abs().amax(dim=-1, keepdim=True), tensor_scale)[0]
+            return scales, self.scale_values(scales, tensor_scale).reshape(n)
 
-        codes, params = gptq.solve(w, hessian, self.block,
-                                   lambda block: self.block_scales(block.abs().amax(dim=-1, keepdim=True),
-                                                                   tensor_scale)[0],
-                                   round_column, name)
-        return codes, torch.cat(params, dim=1), tensor_scale
+        def round_column(column, params):  # column [N]
+            scales, factors = params
+            codes = self.encode_elements(column.reshape(n, 1, 1), scales, tensor_scale).reshape(n)
+            return codes, self.codec.decode(codes) * factors
+
+        codes, params = gptq.solve(w, hessian, self.block, group_params, round_column, name)
+        return codes, torch.cat([scales for scales, _ in params], dim=1), tensor_scale
 
     def stored_weight(self, packed: PackedWeight) -> torch.Tensor:
         """[N, Kp] fp32: the weight as stored (rotated when rotate="hadamard", K padding kept)."""

@@ -37,7 +37,6 @@ NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.7229568362236023, 1.0)
 BLOCK = 64
 DQ_BLOCK = 256
-_METHODS = ("rtn", "gptq")
 
 
 def codebook(device=None) -> torch.Tensor:
@@ -58,14 +57,12 @@ class NF4Format(Format):
     ATTRS = ("double_quant",)
     DEFAULTS = {"double_quant": False}
     QUANTIZER_OPTIONS = ("method",)
+    METHODS = ("rtn", "gptq")
 
     def check_values(self, values: dict[str, Any]) -> None:
         if not isinstance(values["double_quant"], bool):
             raise FormatError(f"nf4: double_quant must be a bool, got {values['double_quant']!r}")
-        method = values.get("method", "rtn")
-        if method not in _METHODS:
-            raise FormatError(f"nf4: method must be one of {_METHODS}, got {method!r}")
-        if method == "gptq" and values["double_quant"]:
+        if values.get("method") == "gptq" and values["double_quant"]:
             # double quantization needs every block's absmax before any is stored, GPTQ sets them one by one
             raise FormatError("nf4: method='gptq' does not combine with double_quant=True")
 
