@@ -30,12 +30,14 @@ Options (accuracy studies; the seed paper "INT v.s. FP"):
       the weight before quantization and to activations at run time. H is orthogonal, so
       (x H)(W H)^T = x W^T; dequantize() returns the weight in the original basis.
   method="gptq" (not stored): GPTQ (lowbit/formats/gptq.py) on the layer's input Hessian; each
-      block's scale follows the rules above on the block as GPTQ's updates left it.
+      block's scale follows the rules above on the block as GPTQ's updates left it. mxfp4 with
+      gptq and no rotation warns (GPTQ_WITHOUT_ROTATION_WARNING).
 """
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,6 +51,13 @@ from .base import FieldSpec, Format
 from .integer import padded_k
 
 _ROTATIONS = (None, "hadamard")
+#: measured on MiniLM (README, microscaling formats): one massive activation ([CLS], one channel)
+#: dominates a layer's Hessian, mxfp4's E8M0 blocks round that channel's weights coarsely, and
+#: GPTQ moves the error onto every other token
+GPTQ_WITHOUT_ROTATION_WARNING = (
+    "mxfp4 with method='gptq' and no rotation lost accuracy against method='rtn' on MiniLM (min embedding "
+    "cosine 0.79 vs 0.96), whose [CLS] token carries a massive activation; rotate='hadamard' with gptq gave 0.97 "
+    "there. Measure it on your model (README: microscaling formats, GPTQ)")
 _E4M3_MAX = 448.0
 _E4M3_MIN_NORMAL = 2.0**-6
 
@@ -249,6 +258,8 @@ class MicroscalingFormat(Format):
         if attrs["rotate"] == "hadamard":
             w = rotate_blocks(w, self.block)
         if method == "gptq":
+            if self.name == "mxfp4" and attrs["rotate"] is None:
+                warnings.warn(GPTQ_WITHOUT_ROTATION_WARNING, stacklevel=2)
             codes, scales, tensor_scale = self._gptq_encode(w, gptq.check_hessian(hessian, k, name), attrs, name)
         else:
             codes, scales, tensor_scale = self.encode(w)

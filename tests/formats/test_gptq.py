@@ -13,6 +13,10 @@ from lowbit import calibration
 from lowbit.errors import FormatError, InputError, WeightError
 from lowbit.formats import get_format
 from lowbit.formats import gptq as gptq_module
+from lowbit.formats.microscaling import GPTQ_WITHOUT_ROTATION_WARNING
+
+# the solver tests use unrotated mxfp4 on purpose; test_mxfp4_gptq_without_rotation_warns checks the warning
+pytestmark = pytest.mark.filterwarnings("ignore:mxfp4 with method='gptq'")
 
 WIDTH_CASES = [("int4", {}), ("int3", {"group_size": 32}), ("int4", {"symmetric": True}), ("int2", {"group_size": 64}),
                ("int8", {"group_size": -1}), ("lut2", {}), ("int6", {"group_size": 96})]
@@ -293,6 +297,22 @@ def test_minilm_gptq_makes_hadamard_rotation_pay_for_mxfp4(minilm):
                                     **extra)
         cosines[method] = float((sentence_embeddings(quantized, tok, DEMO_SENTENCES) * ref).sum(-1).min())
     assert cosines["gptq"] >= 0.96 > cosines["rtn"], cosines
+
+
+def test_mxfp4_gptq_without_rotation_warns():
+    """The one combination measured to lose accuracy on MiniLM warns; the rotated one and the
+    other block formats do not."""
+    import warnings
+
+    w, hessian = _weight(16, 64), torch.eye(64)
+    with pytest.warns(UserWarning) as caught:
+        get_format("mxfp4").quantize(w, method="gptq", hessian=hessian)
+    assert [str(c.message) for c in caught] == [GPTQ_WITHOUT_ROTATION_WARNING]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_format("mxfp4").quantize(w, method="gptq", hessian=hessian, rotate="hadamard")
+        get_format("nvfp4").quantize(w, method="gptq", hessian=hessian)
+        get_format("mxfp4").quantize(w)
 
 
 class _TwoLayers(nn.Module):
