@@ -38,11 +38,13 @@ VARIANTS = (INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + NF4_VARIANTS + LUT_VARIA
             + [["act_quant", "e4m3"], ["act_quant", "int8"]])
 
 
-# one xdist worker runs this module (`make test` uses --dist loadgroup), so the variants compile once
+# one xdist worker runs this module (`make test` uses --dist loadgroup), so the variants compile
+# once (~3 minutes on 2 cores with a cold Triton cache); the fixture is session-scoped so that a
+# worker never compiles them twice, even if its tests of this module are not run back to back
 pytestmark = pytest.mark.xdist_group("hopper-codegen")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hopper():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
