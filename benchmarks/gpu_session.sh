@@ -49,7 +49,8 @@ run_part() {  # name, time limit (s), command...
 
 for part in "$@"; do
   case "$part" in
-    tests) run_part tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    # -v: one line per test as it finishes, so a run cut off by the limit still shows what passed
+    tests) run_part tests 240 python3 -m pytest -v -m gpu -p no:cacheprovider --durations=15 tests ;;
     tune) run_part tune 330 python3 benchmarks/tune.py --budget-s 270 ;;
     gemm-targets) run_part gemm-targets 540 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS \
                     --out-dir "$out/results" ;;
