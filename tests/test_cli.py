@@ -165,6 +165,22 @@ def test_inspect_names_a_malformed_layer_entry(tiny_llama_dir, tmp_path, capsys)
     assert "lowbit.json: layers.model.layers.0.mlp.up_proj: int4: shape must be" in capsys.readouterr().err
 
 
+def test_demo_runs_as_the_quick_start_does(tmp_path):
+    """`make demo` (scripts/demo.py): every row is printed, each reloaded model gives the same
+    embeddings (the script exits 1 otherwise), and the calibrated int4 row beats plain int4."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        label, _, rest = line.partition("  ")  # labels hold single spaces ("int4 gptq"), columns are padded
+        fields = rest.split()
+        if len(fields) >= 7 and fields[5] == "same":
+            rows[label.strip()] = float(fields[3])  # min cosine
+    assert set(rows) == {"int8", "fp8", "mxfp8", "int4", "int4 mse", "int4 gptq", "nvfp4", "mxfp4"}, proc.stdout
+    assert rows["int4 gptq"] > rows["int4"] and rows["int8"] > 0.999, rows
+
+
 def test_script_quantizes_the_default_model(tmp_path):
     """scripts/quantize.py with no MODEL uses the embedded MiniLM; run as a user would."""
     out = tmp_path / "minilm-int8"
