@@ -243,8 +243,8 @@ def check_quantizing_on_device_matches_the_cpu(device: str, fmt: str, options: d
             for field, tensor in expected.tensors.items():
                 assert torch.equal(packed.tensors[field].cpu(), tensor), (name, field)
         else:
-            fmt_ = lowbit.get_format(fmt)
-            same = fmt_.dequantize(packed).cpu() == fmt_.dequantize(expected)
+            spec = lowbit.get_format(fmt)
+            same = spec.dequantize(packed).cpu() == spec.dequantize(expected)
             assert same.float().mean() >= agreement, (name, float(same.float().mean()))
 
 
