@@ -106,7 +106,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
     each layer's input Hessian: a list of tensors (model(batch)) or dicts (model(**batch)), on the
     model's device. Layers are calibrated in model order, in passes of at most
     calibration.HESSIAN_BUDGET_BYTES of Hessians; each pass runs with the earlier passes' layers
-    already quantized.
+    already quantized. A fused MoE weight gets one Hessian per expert, from the tokens routed to it.
     Errors name the layer. Shows a progress bar unless progress=False.
     """
     check_module(model)
@@ -126,7 +126,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
         warnings.warn(f"lowbit.quantize: leaving the expert weights of {unsupported[:3]} in full precision: "
                       "3-D expert weights without transformers' experts interface", stacklevel=2)
     tied = tied_linears(model)  # logged
-    targets = [(name, mod, None) for name, mod in linears if name not in tied] + fused
+    targets = _in_model_order(model, [(name, mod, None) for name, mod in linears if name not in tied] + fused)
     calibrated = _calibrated_layers(targets, config, calibration)
     hessians: dict[str, torch.Tensor] = {}
     for name, module, weight_name in tqdm(targets, desc=f"lowbit quantize ({config.format})", unit="layer",
@@ -139,7 +139,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
             if name in calibrated.chunk_of:
                 if name not in hessians:  # the next pass: this layer and the ones after it that fit
                     chunk = calibrated.chunk_of[name]
-                    hessians = collect_hessians(model, {n: model.get_submodule(n) for n in chunk},
+                    hessians = collect_hessians(model, {n: calibrated.modules[n] for n in chunk},
                                                 calibrated.batches, progress)
                 layer_options["hessian"] = hessians.pop(name)
             if weight_name is not None:  # a fused MoE weight: one QuantLinear per expert
@@ -157,37 +157,53 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
     return model
 
 
+def _in_model_order(model: nn.Module, targets: list) -> list:
+    """`targets` (name, module, fused weight name or None) in the order model.named_modules()
+    lists them, a fused weight where its experts module is: gptq's passes calibrate each layer on
+    the model with the layers before it already quantized."""
+    position = {name: index for index, (name, _) in enumerate(model.named_modules())}
+
+    def owner(target: tuple) -> str:
+        name, _, weight_name = target
+        return name if weight_name is None else name[:-len(weight_name)].rstrip(".")
+
+    return sorted(targets, key=lambda target: position[owner(target)])
+
+
 @dataclass(frozen=True)
 class _Calibration:
     """The method="gptq" layers of a quantize call: layer name -> the names calibrated in the
-    same pass (hessian_chunks), and the checked batches."""
+    same pass (hessian_chunks), layer name -> the module whose inputs give its Hessian (the
+    experts module for a fused expert weight), and the checked batches."""
 
     chunk_of: dict[str, list[str]]
+    modules: dict[str, nn.Module]
     batches: list[Any]
 
 
 def _calibrated_layers(targets: list, config: QuantConfig, calibration: Any) -> _Calibration:
-    """The gptq plan of `targets` (name, module, fused weight name or None); FormatError / InputError
-    for a gptq layer that cannot be calibrated (a fused MoE weight, no calibration batches) and for
-    calibration batches nothing would use."""
-    layers = []
+    """The gptq plan of `targets` (name, module, fused weight name or None); InputError for gptq
+    layers without calibration batches and for calibration batches nothing would use."""
+    layers, modules = [], {}
     for name, module, weight_name in targets:
         plan = config.layer_plan(name)
         if plan is None or plan[1].get("method") != "gptq":
             continue
-        if weight_name is not None:
-            raise FormatError(f"layer '{name}': method='gptq' does not support fused MoE expert weights; "
-                              "skip them or give them another method with an override")
-        layers.append((name, linear_shape(module)[1]))
+        if weight_name is None:
+            layers.append((name, linear_shape(module)[1], 1))
+        else:  # one Hessian per expert
+            count, _, k = experts.expert_shape(module, weight_name)
+            layers.append((name, k, count))
+        modules[name] = module
     if not layers:
         if calibration is not None:
             raise InputError("calibration batches are only used by method='gptq', which no layer has")
-        return _Calibration({}, [])
+        return _Calibration({}, {}, [])
     if calibration is None:
         raise InputError(f"layer '{layers[0][0]}': method='gptq' needs calibration=[batches] to collect the "
                          "layers' input Hessians")
     batches = check_batches(calibration)
-    return _Calibration({name: chunk for chunk in hessian_chunks(layers) for name in chunk}, batches)
+    return _Calibration({name: chunk for chunk in hessian_chunks(layers) for name in chunk}, modules, batches)
 
 
 def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

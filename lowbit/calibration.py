@@ -1,6 +1,7 @@
 """Input Hessians of a model's layers from calibration batches (for method="gptq")."""
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import experts
 from .errors import InputError, LowbitError
 
 #: the most fp32 Hessian bytes one calibration pass collects: later layers wait for another pass
@@ -46,13 +48,14 @@ def check_batches(calibration: Any) -> list[Any]:
     return list(calibration)
 
 
-def hessian_chunks(layers: list[tuple[str, int]], budget: int = HESSIAN_BUDGET_BYTES) -> list[list[str]]:
-    """(name, input width K) in model order -> consecutive runs of names whose fp32 [K, K]
-    Hessians fit `budget` together (a layer larger than the budget gets a run of its own)."""
+def hessian_chunks(layers: list[tuple[str, int, int]], budget: int = HESSIAN_BUDGET_BYTES) -> list[list[str]]:
+    """(name, input width K, Hessians: 1, or a fused expert weight's expert count) in model order
+    -> consecutive runs of names whose fp32 [K, K] Hessians fit `budget` together (a layer larger
+    than the budget gets a run of its own)."""
     chunks: list[list[str]] = []
     used = budget
-    for name, k in layers:
-        size = 4 * k * k
+    for name, k, copies in layers:
+        size = 4 * k * k * copies
         if used + size > budget:
             chunks.append([])
             used = 0
@@ -67,24 +70,48 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: li
     """Run `model` over every batch (in eval mode, without gradients) and return, for each named
     layer (nn.Linear or transformers Conv1D), H = X^T X / rows: fp32 [K, K] on the layer's
     device, X its inputs [rows, K] over all batches (every token counts, padding included).
+    A name `{experts}.{weight}` mapped to a transformers experts module (lowbit/experts.py) gets
+    one Hessian per expert, fp32 [E, K, K], from the tokens routed to it (all zeros for an expert
+    no token reached, with a warning naming how many).
     InputError naming the batch when the model's forward fails on it, or a layer never runs."""
     sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = dict.fromkeys(layers, 0)
+    rows: dict[str, torch.Tensor] = {}
 
-    def accumulate(name: str, inputs: tuple) -> None:
-        x = inputs[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
+    def start(name: str, k: int, device: torch.device, copies: tuple[int, ...] = ()) -> None:
         if name not in sums:
-            sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        sums[name].addmm_(x.t(), x)
-        rows[name] += x.shape[0]
+            sums[name] = torch.zeros(*copies, k, k, device=device)
+            rows[name] = torch.zeros(copies, dtype=torch.int64)
+
+    def accumulate(name: str, x: torch.Tensor, expert: int | None = None) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        (sums[name] if expert is None else sums[name][expert]).addmm_(x.t(), x)
+        rows[name][() if expert is None else expert] += x.shape[0]
+
+    def accumulate_linear(name: str, x: torch.Tensor) -> None:
+        start(name, x.shape[-1], x.device)
+        accumulate(name, x)
+
+    def accumulate_experts(name: str, weight_name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
+        hidden = inputs["hidden_states"]
+        k = experts.expert_shape(module, weight_name)[2]
+        start(name, k, hidden.device, (module.num_experts,))  # the module ran: every expert has a Hessian
+        for expert, x in experts.routed_rows(module, hidden, inputs["top_k_index"])[1].items():
+            accumulate(name, experts.hidden_activations(module, expert, x) if weight_name == "down_proj" else x, expert)
 
     training = model.training
     model.eval()  # dropout off: the Hessian of the inputs the layer sees at inference
     try:
         with ExitStack() as hooks:
             for name, module in layers.items():
-                handle = module.register_forward_pre_hook(lambda _m, inputs, name=name: accumulate(name, inputs))
+                if experts.is_experts_module(module):
+                    weight_name = name.rsplit(".", 1)[-1]
+                    handle = module.register_forward_pre_hook(
+                        lambda m, args, kwargs, name=name, weight_name=weight_name:
+                            accumulate_experts(name, weight_name, m, args, kwargs), with_kwargs=True)
+                else:
+                    handle = module.register_forward_pre_hook(
+                        lambda _m, inputs, name=name: accumulate_linear(name, inputs[0]))
                 hooks.callback(handle.remove)
             for index, batch in enumerate(tqdm(batches, desc="lowbit calibrate", unit="batch", disable=not progress)):
                 try:
@@ -96,8 +123,19 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: li
                                      f"{type(exc).__name__}: {exc}") from exc
     finally:
         model.train(training)
-    unused = [name for name, count in rows.items() if count == 0]
+    unused = [name for name in layers if name not in sums or int(rows[name].sum()) == 0]
     if unused:
         raise InputError(f"layer '{unused[0]}' received no input from the calibration batches "
                          "(method='gptq' needs its inputs; skip it or use another method)")
-    return {name: sums[name] / rows[name] for name in layers}
+    for name, counts in rows.items():
+        unreached = int((counts == 0).sum()) if counts.dim() else 0
+        if unreached:
+            warnings.warn(f"{name}: {unreached} of {len(counts)} experts received no calibration token; GPTQ gives "
+                          "them its plain rounding, without error feedback (more calibration text reaches more "
+                          "experts)", stacklevel=3)
+
+    def mean(name: str) -> torch.Tensor:
+        counts = rows[name].clamp(min=1).to(sums[name].device, torch.float32)
+        return sums[name] / (counts.reshape(-1, 1, 1) if counts.dim() else counts)
+
+    return {name: mean(name) for name in layers}

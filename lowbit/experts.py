@@ -16,6 +16,7 @@ module keeps its attributes, biases and gate; its class becomes a subclass of it
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from typing import Any, Mapping
 
@@ -97,15 +98,22 @@ def fused_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 
 def quantize_fused_weight(module: nn.Module, weight_name: str, format: str, *, name: str,
-                          weight: torch.Tensor | None = None, **options: Any) -> None:
+                          weight: torch.Tensor | None = None, hessian: torch.Tensor | None = None,
+                          **options: Any) -> None:
     """Quantize every expert of `module`'s fused weight `weight_name` (or of `weight`, the same
-    weight read from a checkpoint) into `format` and `install` the layers; errors name `name`."""
+    weight read from a checkpoint) into `format` and `install` the layers; errors name `name`.
+    hessian: method="gptq"'s per-expert input Hessians, fp32 [E, K, K]."""
     from .formats import get_format
 
     fmt = get_format(format)
+    count = expert_shape(module, weight_name)[0]
+    if hessian is not None and (not isinstance(hessian, torch.Tensor) or hessian.dim() != 3 or len(hessian) != count):
+        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise FormatError(f"{name}: expected one Hessian per expert, [{count}, K, K], got {shape}")
+    per_expert = [{} if hessian is None else {"hessian": hessian[expert]} for expert in range(count)]
     layers = [QuantLinear.from_packed(fmt.quantize(expert_weight(module, weight_name, expert, weight).detach(),
-                                                   name=f"{name} (expert {expert})", **options))
-              for expert in range(expert_shape(module, weight_name)[0])]
+                                                   name=f"{name} (expert {expert})", **options, **per_expert[expert]))
+              for expert in range(count)]
     install(module, weight_name, layers)
 
 
@@ -159,6 +167,44 @@ def dequantize_experts(module: nn.Module, dtype: torch.dtype | None = None) -> N
     module.__class__ = module.experts_class
 
 
+def routed_rows(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The experts' inputs: (order [T*k], the (token, choice) pairs sorted by expert; expert ->
+    its rows of hidden_states [count, H], in that order, for the experts with at least one row).
+    InputError for an expert index the module does not have."""
+    top_k = top_k_index.shape[1]
+    expert_ids = top_k_index.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=module.num_experts).tolist()
+    if len(counts) > module.num_experts:
+        raise InputError(f"{type(module).__name__}: expert index {len(counts) - 1} routed to a module of "
+                         f"{module.num_experts} experts")
+    rows = hidden_states[order // top_k]
+    starts = itertools.accumulate(counts, initial=0)
+    return order, {expert: rows[start:start + count] for expert, (start, count) in enumerate(zip(starts, counts))
+                   if count}
+
+
+def project(module: nn.Module, weight_name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """x [rows, K] through one expert's slice of `weight_name` (quantized or in full precision)
+    and its bias: [rows, N] in x's dtype."""
+    quantized = quantized_weights(module).get(weight_name)
+    if quantized is not None:
+        y = quantized[expert](x)
+    else:  # not quantized (yet, or left in full precision by skip patterns)
+        y = nn.functional.linear(x, expert_weight(module, weight_name, expert).to(x.dtype))
+    if module.has_bias:
+        y = y + getattr(module, f"{weight_name}_bias")[expert].to(y.dtype)
+    return y
+
+
+def hidden_activations(module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """One expert's down_proj inputs [rows, I] for its routed rows x [rows, H]: the up (or fused
+    gate-up) projection, then the module's gate or activation."""
+    h = project(module, "gate_up_proj" if module.has_gate else "up_proj", expert, x)
+    return module._apply_gate(h) if module.has_gate else module.act_fn(h)
+
+
 @functools.cache
 def _quantized_class(experts_class: type) -> type:
     return type(f"Quantized{experts_class.__name__}", (QuantizedExperts, experts_class),
@@ -194,37 +240,14 @@ class QuantizedExperts(nn.Module):
         return weight_stand_in((experts, k, n) if self.is_transposed else (experts, n, k),
                                 first.weight_dtype, first.weight.device)
 
-    def _project(self, weight_name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        quantized = quantized_weights(self).get(weight_name)
-        if quantized is not None:
-            y = quantized[expert](x)
-        else:  # a weight left in full precision (skip patterns)
-            y = nn.functional.linear(x, expert_weight(self, weight_name, expert).to(x.dtype))
-        if self.has_bias:
-            y = y + getattr(self, f"{weight_name}_bias")[expert].to(y.dtype)
-        return y
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_is_expert_parallel", False):
             raise InputError(f"{type(self).__name__}: lowbit's quantized experts do not support expert parallelism")
         tokens, top_k = top_k_index.shape
-        expert_ids = top_k_index.reshape(-1)
-        # the (token, choice) pairs grouped by expert; each expert's rows then go through its layers at once
-        order = torch.argsort(expert_ids, stable=True)
-        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-        if len(counts) > self.num_experts:
-            raise InputError(f"{type(self).__name__}: expert index {len(counts) - 1} routed to a module of "
-                             f"{self.num_experts} experts")
-        rows = hidden_states[order // top_k]
-        up = "gate_up_proj" if self.has_gate else "up_proj"
-        outputs, start = [], 0
-        for expert, count in enumerate(counts):
-            if count:
-                h = self._project(up, expert, rows[start:start + count])
-                h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-                outputs.append(self._project("down_proj", expert, h))
-            start += count
+        order, rows_of = routed_rows(self, hidden_states, top_k_index)
+        outputs = [project(self, "down_proj", expert, hidden_activations(self, expert, rows))
+                   for expert, rows in rows_of.items()]
         if not outputs:  # no tokens
             return torch.zeros_like(hidden_states)
         out = torch.cat(outputs)

@@ -257,6 +257,104 @@ def test_expert_weights_without_the_transformers_interface_stay_and_warn():
     assert isinstance(model.gate_up_proj, nn.Parameter) and isinstance(model.proj, lowbit.QuantLinear)
 
 
+# --- method="gptq": one Hessian per expert, from the tokens routed to it -------------------------
+
+def _experts_inputs(model, ids):
+    """(experts module of layer 0, its (hidden_states [T, H], top_k_index [T, k], top_k_weights) on `ids`)."""
+    module = model.model.layers[0].mlp.experts
+    seen = []
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return module, seen[0]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_expert_hessians_come_from_the_tokens_routed_to_each_expert(arch):
+    """Written out here with transformers' own gate: gate_up_proj's Hessian is X_e^T X_e / n_e over
+    the rows routed to expert e; down_proj's is that of the gated activations of those rows."""
+    from lowbit.calibration import collect_hessians
+
+    model = _model(arch)
+    module, (hidden, top_k_index, _) = _experts_inputs(model, IDS)
+    name = "model.layers.0.mlp.experts"
+    hessians = collect_hessians(model, {f"{name}.gate_up_proj": module, f"{name}.down_proj": module}, [IDS], False)
+    for expert in range(module.num_experts):
+        x = hidden[(top_k_index == expert).any(dim=-1)]
+        weight = module.gate_up_proj[expert]
+        up = x @ (weight if module.is_transposed else weight.t())
+        if module.has_bias:
+            up = up + module.gate_up_proj_bias[expert]
+        h = module._apply_gate(up)
+        assert len(x) > 0
+        torch.testing.assert_close(hessians[f"{name}.gate_up_proj"][expert], x.t() @ x / len(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hessians[f"{name}.down_proj"][expert], h.t() @ h / len(h), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_gptq_lowers_the_experts_output_error(arch):
+    """On the calibration tokens, the experts module quantized with GPTQ is closer to the original
+    than with mse (the ranges GPTQ starts from for int formats)."""
+    original = _model(arch)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    module, inputs = _experts_inputs(original, ids)
+    with torch.no_grad():
+        reference = module(*inputs)
+    errors = {}
+    for method in ("mse", "gptq"):
+        extra = {"calibration": [ids]} if method == "gptq" else {}
+        quantized = lowbit.quantize(copy.deepcopy(original), "int4", group_size=32, method=method, progress=False,
+                                    **extra)
+        with torch.no_grad():
+            errors[method] = float((quantized.model.layers[0].mlp.experts(*inputs) - reference).norm())
+    assert errors["gptq"] < 0.8 * errors["mse"], errors
+
+
+def test_gptq_passes_follow_the_model_order_experts_included(monkeypatch):
+    """One Hessian per pass: each layer's pass runs after every layer before it in the model is
+    quantized, a fused expert weight in its experts module's place (not after all Linears)."""
+    from lowbit import calibration
+
+    model = _model("mixtral")
+    passes = []
+    real_collect = calibration.collect_hessians
+
+    def collect(model_, layers, batches, progress):
+        passes.extend(layers)
+        return real_collect(model_, layers, batches, progress)
+
+    monkeypatch.setattr("lowbit.api.collect_hessians", collect)
+    monkeypatch.setattr("lowbit.api.hessian_chunks", lambda layers: calibration.hessian_chunks(layers, budget=1))
+    lowbit.quantize(model, "int4", group_size=32, method="gptq", calibration=[IDS], skip=["lm_head", "*.gate"],
+                    progress=False)
+    block = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert passes == [f"model.layers.{layer}.{name}" for layer in range(2) for name in block]
+
+
+def test_experts_no_calibration_token_reached_get_plain_rounding_and_a_warning():
+    """One token reaches 2 of each layer's 4 experts: the other two are quantized as with no error
+    feedback (for int4: mse's ranges and rounding), with a warning naming the weight."""
+    original = _model("mixtral")
+    ids = torch.tensor([[5]])
+    _, (_, top_k_index, _) = _experts_inputs(original, ids)
+    unreached = sorted(set(range(4)) - set(top_k_index.reshape(-1).tolist()))
+    assert len(unreached) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantized = lowbit.quantize(copy.deepcopy(original), "int4", group_size=32, method="gptq", calibration=[ids],
+                                    progress=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj: 2 of 4 experts received no calibration token" in "\n".join(
+        str(warning.message) for warning in caught)
+    fmt = lowbit.get_format("int4")
+    layers = experts.quantized_weights(quantized.model.layers[0].mlp.experts)["gate_up_proj"]
+    for expert in range(4):
+        weight = experts.expert_weight(original.model.layers[0].mlp.experts, "gate_up_proj", expert)
+        plain = fmt.quantize(weight.detach(), group_size=32, method="mse").qweight
+        assert torch.equal(layers[expert].qweight, plain) == (expert in unreached), expert
+
+
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
