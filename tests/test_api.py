@@ -222,17 +222,18 @@ def _packed_layers(model) -> dict:
 
 
 def check_quantizing_on_device_matches_the_cpu(device: str, fmt: str, options: dict, calibrate: bool = False,
-                                               agreement: float = 1.0) -> None:
-    """Quantize the same tiny Llama (bf16) on the CPU and on `device`; the packed tensors stay on
-    `device` and match the CPU's bit for bit (agreement=1.0), or, where fp32 sums may round
-    differently between devices, dequantize to the same values in at least `agreement` of the
-    weights. calibrate: method="gptq" on calibration batches on each device."""
+                                               agreement: float = 1.0, make_model=None) -> None:
+    """Quantize the same model (default: a tiny bf16 Llama; make_model() builds another) on the
+    CPU and on `device`; the packed tensors stay on `device` and match the CPU's bit for bit
+    (agreement=1.0), or, where fp32 sums may round differently between devices, dequantize to the
+    same values in at least `agreement` of the weights. calibrate: method="gptq" on calibration
+    batches on each device."""
     ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+    make_model = make_model or (lambda: make_tiny_llama(dtype=torch.bfloat16))
     layers = []
     for where in ("cpu", device):
         extra = {"method": "gptq", "calibration": [ids.to(where)]} if calibrate else {}
-        model = lowbit.quantize(make_tiny_llama(dtype=torch.bfloat16).to(where), fmt, skip=["lm_head"],
-                                progress=False, **options, **extra)
+        model = lowbit.quantize(make_model().to(where), fmt, skip=["lm_head"], progress=False, **options, **extra)
         layers.append(_packed_layers(model))
     on_cpu, on_device = layers
     assert on_cpu.keys() == on_device.keys() and on_cpu

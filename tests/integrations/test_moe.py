@@ -371,3 +371,13 @@ def test_gpu_quantized_experts_match_the_cpu_result(arch):
         expected = module(hidden, top_k_index, top_k_weights).float()
         on_gpu = module.cuda()(hidden.cuda(), top_k_index.cuda(), top_k_weights.cuda()).float().cpu()
     assert (on_gpu - expected).norm() / expected.norm() < 1e-2
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_gptq_experts_on_cuda_match_the_cpu():
+    """Routing, per-expert Hessians and GPTQ on the GPU give nearly the CPU's codes."""
+    from ..test_api import check_quantizing_on_device_matches_the_cpu
+
+    check_quantizing_on_device_matches_the_cpu("cuda", "int4", {"group_size": 32}, calibrate=True, agreement=0.97,
+                                               make_model=lambda: _model("mixtral", torch.bfloat16))
