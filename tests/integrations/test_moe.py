@@ -270,7 +270,7 @@ def _experts_inputs(model, ids):
     return module, seen[0]
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", CONFIGS)
 def test_expert_hessians_come_from_the_tokens_routed_to_each_expert(arch):
     """Written out here with transformers' own gate: gate_up_proj's Hessian is X_e^T X_e / n_e over
     the rows routed to expert e; down_proj's is that of the gated activations of those rows."""
@@ -292,7 +292,7 @@ def test_expert_hessians_come_from_the_tokens_routed_to_each_expert(arch):
         torch.testing.assert_close(hessians[f"{name}.down_proj"][expert], h.t() @ h / len(h), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", CONFIGS)
 def test_gptq_lowers_the_experts_output_error(arch):
     """On the calibration tokens, the experts module quantized with GPTQ is closer to the original
     than with mse (the ranges GPTQ starts from for int formats)."""
