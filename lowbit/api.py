@@ -159,15 +159,10 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
 
 def _in_model_order(model: nn.Module, targets: list) -> list:
     """`targets` (name, module, fused weight name or None) in the order model.named_modules()
-    lists them, a fused weight where its experts module is: gptq's passes calibrate each layer on
-    the model with the layers before it already quantized."""
-    position = {name: index for index, (name, _) in enumerate(model.named_modules())}
-
-    def owner(target: tuple) -> str:
-        name, _, weight_name = target
-        return name if weight_name is None else name[:-len(weight_name)].rstrip(".")
-
-    return sorted(targets, key=lambda target: position[owner(target)])
+    lists their modules (a fused weight's module is its experts module): gptq's passes calibrate
+    each layer on the model with the layers before it already quantized."""
+    position = {module: index for index, module in enumerate(model.modules())}
+    return sorted(targets, key=lambda target: position[target[1]])
 
 
 @dataclass(frozen=True)

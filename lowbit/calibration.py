@@ -91,27 +91,34 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: li
         start(name, x.shape[-1], x.device)
         accumulate(name, x)
 
-    def accumulate_experts(name: str, weight_name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def accumulate_experts(module: nn.Module, weights: list[tuple[str, str]], args: tuple, kwargs: dict) -> None:
+        """weights: (layer name, fused weight name) of the module's calibrated weights; the tokens
+        are routed once for all of them."""
         inputs = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
         hidden = inputs["hidden_states"]
-        k = experts.expert_shape(module, weight_name)[2]
-        start(name, k, hidden.device, (module.num_experts,))  # the module ran: every expert has a Hessian
+        for name, weight_name in weights:  # the module ran: every expert has a Hessian
+            start(name, experts.expert_shape(module, weight_name)[2], hidden.device, (module.num_experts,))
         for expert, x in experts.routed_rows(module, hidden, inputs["top_k_index"])[1].items():
-            accumulate(name, experts.hidden_activations(module, expert, x) if weight_name == "down_proj" else x, expert)
+            for name, weight_name in weights:
+                accumulate(name, experts.hidden_activations(module, expert, x) if weight_name == "down_proj" else x,
+                           expert)
 
     training = model.training
     model.eval()  # dropout off: the Hessian of the inputs the layer sees at inference
     try:
         with ExitStack() as hooks:
+            fused: dict[nn.Module, list[tuple[str, str]]] = {}  # experts module -> its calibrated weights
             for name, module in layers.items():
                 if experts.is_experts_module(module):
-                    weight_name = name.rsplit(".", 1)[-1]
-                    handle = module.register_forward_pre_hook(
-                        lambda m, args, kwargs, name=name, weight_name=weight_name:
-                            accumulate_experts(name, weight_name, m, args, kwargs), with_kwargs=True)
-                else:
-                    handle = module.register_forward_pre_hook(
-                        lambda _m, inputs, name=name: accumulate_linear(name, inputs[0]))
+                    fused.setdefault(module, []).append((name, name.rsplit(".", 1)[-1]))
+                    continue
+                handle = module.register_forward_pre_hook(
+                    lambda _m, inputs, name=name: accumulate_linear(name, inputs[0]))
+                hooks.callback(handle.remove)
+            for module, weights in fused.items():
+                handle = module.register_forward_pre_hook(
+                    lambda m, args, kwargs, weights=weights: accumulate_experts(m, weights, args, kwargs),
+                    with_kwargs=True)
                 hooks.callback(handle.remove)
             for index, batch in enumerate(tqdm(batches, desc="lowbit calibrate", unit="batch", disable=not progress)):
                 try:
