@@ -128,15 +128,14 @@ def _saved_layers(folder: Path) -> tuple[str, dict, str]:
     """(where the entries are, {layer: entry}, what wrote the folder) of a lowbit.save folder
     (lowbit.json) or a save_pretrained one (config.json's quantization_config.layers)."""
     from .errors import CheckpointError
-    from .io import MANIFEST, _is_saved_pretrained, _read_manifest
+    from .io import MANIFEST, _read_manifest, architecture, saved_pretrained_config
 
-    if not (folder / MANIFEST).is_file() and _is_saved_pretrained(folder):
-        config = json.loads((folder / "config.json").read_text())
+    config = None if (folder / MANIFEST).is_file() else saved_pretrained_config(folder)
+    if config is not None:
         layers = config["quantization_config"].get("layers")
         if not isinstance(layers, dict):
             raise CheckpointError(f"{folder / 'config.json'}: quantization_config.layers: missing or not an object")
-        return f"{folder / 'config.json'}: quantization_config.layers", layers, \
-            f"save_pretrained: {(config.get('architectures') or ['?'])[0]}"
+        return f"{folder / 'config.json'}: quantization_config.layers", layers, f"save_pretrained: {architecture(config)}"
     manifest = _read_manifest(folder)
     model = manifest["model"]
     return f"{folder / MANIFEST}: layers", manifest["layers"], f"{model.get('kind')}: {model.get('class')}"

@@ -232,7 +232,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise _fail(path, "lowbit.format_version",
                     f"{version!r} is not supported (this lowbit reads {list(READABLE_FORMAT_VERSIONS)})")
     for name, entry in manifest["tensors"].items():
-        if not (isinstance(entry, dict) and entry.get("dtype") in _DTYPES and isinstance(entry.get("file"), str)
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] in _DTYPES
+                and isinstance(entry.get("file"), str)
                 and isinstance(entry.get("shape"), list) and all(isinstance(s, int) and s >= 0 for s in entry["shape"])):
             raise _fail(path, f"tensors.{name}", f"malformed entry {entry!r}")
         if "/" in entry["file"] or "\\" in entry["file"] or entry["file"].startswith("."):
@@ -240,27 +241,36 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _transformers_class(path: Path, name: Any, field: str = "architectures"):
+def transformers_class(path: Path, name: Any, field: str = "architectures") -> type:
     """The transformers PreTrainedModel class called `name` (looked up by name, never imported
-    from the folder)."""
+    from the folder); CheckpointError naming `path` and `field` for anything else."""
     import transformers
 
-    cls = getattr(transformers, str(name), None)
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise _fail(path, field, f"{name!r} is not a transformers model class")
     return cls
 
 
-def _build_transformers_model(path: Path, entry: dict[str, Any]) -> nn.Module:
-    cls = _transformers_class(path, entry.get("class"), "model.class")
-    if not isinstance(entry.get("config"), dict):
-        raise _fail(path, "model.config", "missing or not an object")
+def architecture(config: dict[str, Any]) -> Any:
+    """The class name config.json's `architectures` lists first (the raw value when it is not a
+    non-empty list, for `transformers_class` to refuse)."""
+    names = config.get("architectures")
+    return names[0] if isinstance(names, list) and names else names
+
+
+def build_meta_model(path: Path, cls: type, config: Any, field: str) -> nn.Module:
+    """`cls` built on the meta device from `config` (a JSON object); CheckpointError naming `path`
+    and `field` when it is not an object or transformers rejects it (a negative size, an unknown
+    rope type, ...)."""
+    if not isinstance(config, dict):
+        raise _fail(path, field, "missing or not an object")
     try:
-        config = cls.config_class.from_dict(entry["config"])
+        model_config = cls.config_class.from_dict(config)
         with torch.device("meta"):
-            return cls(config)
-    except Exception as exc:  # a config transformers rejects
-        raise _fail(path, "model.config", f"transformers could not build {cls.__name__}: {exc}") from None
+            return cls(model_config)
+    except Exception as exc:  # transformers' own errors: ValueError, KeyError, RuntimeError, AssertionError...
+        raise _fail(path, field, f"transformers could not build {cls.__name__}: {exc}") from None
 
 
 def _read_headers(folder: Path, files: set[str]) -> dict[str, dict[str, tuple[str, list[int]]]]:
@@ -281,9 +291,10 @@ def _read_headers(folder: Path, files: set[str]) -> dict[str, dict[str, tuple[st
     return headers
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-              "U8": "uint8", "BOOL": "bool"}
+#: safetensors header dtype -> the manifest's dtype name
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -315,14 +326,17 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
 
         if is_dfloat11_folder(folder):  # a checkpoint of the `dfloat11` package: import it
             return load_dfloat11(folder, model=model, device=device)
-        if model is None and _is_saved_pretrained(folder):  # written by save_pretrained
-            return _load_pretrained(folder, device)
+        config = saved_pretrained_config(folder)
+        if model is None and config is not None:  # written by save_pretrained
+            return _load_pretrained(folder, config, device)
     manifest = _read_manifest(folder)
     mpath = folder / MANIFEST
     if model is None:
         if manifest["model"].get("kind") != "transformers":
             raise _fail(mpath, "model.kind", f"{manifest['model'].get('kind')!r} checkpoints need load(..., model=skeleton)")
-        model = _build_transformers_model(mpath, manifest["model"])
+        entry = manifest["model"]
+        model = build_meta_model(mpath, transformers_class(mpath, entry.get("class"), "model.class"), entry.get("config"),
+                                 "model.config")
 
     layers = {}
     for name, entry in manifest["layers"].items():
@@ -349,7 +363,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         header = headers[entry["file"]].get(name)
         if header is None:
             raise _fail(fpath, name, "tensor missing from file")
-        if _ST_DTYPES.get(header[0]) != entry["dtype"] or header[1] != entry["shape"]:
+        if SAFETENSORS_DTYPES.get(header[0]) != entry["dtype"] or header[1] != entry["shape"]:
             raise _fail(fpath, name, f"file holds {header[0]} {header[1]}, manifest says {entry['dtype']} {entry['shape']}")
         want = expected[name]
         if list(want.shape) != entry["shape"]:
@@ -403,18 +417,20 @@ def _target_device(device: Any) -> torch.device:
     return device
 
 
-def _is_saved_pretrained(folder: Path) -> bool:
+def saved_pretrained_config(folder: Path) -> dict[str, Any] | None:
+    """config.json of a folder written by save_pretrained from a lowbit model (its
+    quantization_config is lowbit's), else None."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == "lowbit"
+        return None
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return config if isinstance(quantization, dict) and quantization.get("quant_method") == "lowbit" else None
 
 
-def _load_pretrained(folder: Path, device: str | torch.device) -> nn.Module:
+def _load_pretrained(folder: Path, config: dict[str, Any], device: str | torch.device) -> nn.Module:
     """A transformers folder with a lowbit quantization_config, through from_pretrained."""
-    config = json.loads((folder / "config.json").read_text())
-    model_class = _transformers_class(folder / "config.json", (config.get("architectures") or [None])[0])
+    model_class = transformers_class(folder / "config.json", architecture(config))
     try:
         model, info = model_class.from_pretrained(folder, local_files_only=True, output_loading_info=True)
     except LowbitError:

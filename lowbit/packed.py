@@ -18,6 +18,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+#: the largest out_features / in_features a stored shape may claim (kernels index rows and columns
+#: in int32); a bound, so a damaged manifest cannot overflow the buffers built from it
+MAX_DIM = 2**31 - 1
+
 #: dtypes a quantized weight may have had (what dequantize returns), by manifest name.
 WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -33,8 +37,8 @@ def parse_metadata(metadata: Any):
     fmt = get_format(metadata["format"])
     shape = metadata["shape"]
     if not (isinstance(shape, (list, tuple)) and len(shape) == 2
-            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
-        raise FormatError(f"{fmt.name}: shape must be [out_features, in_features] positive ints, got {shape!r}")
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_DIM for d in shape)):
+        raise FormatError(f"{fmt.name}: shape must be [out_features, in_features], ints in 1..{MAX_DIM}, got {shape!r}")
     dtype = WEIGHT_DTYPES.get(metadata["dtype"]) if isinstance(metadata["dtype"], str) else None
     if dtype is None:
         raise FormatError(f"{fmt.name}: unsupported weight dtype {metadata['dtype']!r}")

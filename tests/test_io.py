@@ -206,6 +206,12 @@ DAMAGE = {
                   r"layers\.0: int4: group_size"),
     "bad layer shape": (lambda p: _edit_manifest(p, lambda m: m["layers"]["0"].update(shape=[96])),
                         r"layers\.0: int4: shape must be"),
+    "layer shape beyond int32": (lambda p: _edit_manifest(p, lambda m: m["layers"]["0"].update(shape=[2**70, 64])),
+                                 r"layers\.0: int4: shape must be \[out_features, in_features\], ints in 1\.\.2147483647"),
+    "group size beyond int32": (lambda p: _edit_manifest(p, lambda m: m["layers"]["0"]["attrs"].update(group_size=2**70)),
+                                r"layers\.0: int4: group_size must be a positive multiple of 32 up to 2147483647"),
+    "tensor dtype not a string": (lambda p: _edit_manifest(p, lambda m: m["tensors"]["0.bias"].update(dtype=[])),
+                                  r"tensors\.0\.bias: malformed entry"),
     "no such layer": (lambda p: _edit_manifest(p, lambda m: m["layers"].update({"7": m["layers"]["0"]})),
                       r"layers\.7: no such module"),
     "path in file name": (lambda p: _edit_manifest(p, lambda m: m["tensors"]["0.bias"].update(file="../x")),
@@ -343,6 +349,41 @@ def test_dfloat11_loader_against_corrupt_field_values(tmp_path_factory, data):
     except LowbitError:
         return
     assert model(torch.randn(3, 64).bfloat16()).shape == (3, 33)
+
+
+def _json_paths(node, prefix=()):
+    """Every path (tuple of keys / indices) into a JSON value, the root's () included."""
+    yield prefix
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from _json_paths(child, prefix + (key,))
+
+
+_ODD_JSON = st.one_of(st.none(), st.booleans(), st.integers(-2**80, 2**80), st.floats(allow_nan=False),
+                      st.text(max_size=8), st.just([]), st.just({}), st.lists(st.integers(-3, 3), max_size=3),
+                      st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_loader_against_manifest_values_of_any_type(tmp_path_factory, data):
+    """Any value of the manifest (a layer's shape, an attr, a tensor's dtype, ...) replaced by a
+    JSON value of any type or size gives LowbitError or a successful load, never another
+    exception (this found a list as a tensor dtype -> TypeError, shapes and group sizes past
+    int64 -> an overflow in torch.empty)."""
+    path = tmp_path_factory.mktemp("fuzz") / "ck"
+    lowbit.save(lowbit.quantize(_mlp(), "int4", progress=False, overrides={"2": "nvfp4"}), path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    where = data.draw(st.sampled_from([p for p in _json_paths(manifest) if p]))
+    node = manifest
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = data.draw(_ODD_JSON)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    try:
+        lowbit.load(path, model=_mlp())
+    except LowbitError:
+        pass
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FormatError
-from ..packed import PackedWeight
+from ..packed import MAX_DIM, PackedWeight
 from . import register_format
 from .activations import dequantize_activations, safe_scale
 from .base import FieldSpec, Format
@@ -80,6 +80,14 @@ class Fp8Format(Format):
             raise FormatError(f"{self.name}: block must be None (per channel) or a positive multiple of 32, got {block!r}")
         if act not in _ACTS:
             raise FormatError(f"{self.name}: act must be one of {_ACTS}, got {act!r}")
+
+    def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
+        attrs = super().check_attrs(shape, attrs)
+        # resolve_attrs stores at most the whole weight's tile; bounded so a damaged entry cannot
+        # overflow the buffers built from it
+        if attrs["block"] is not None and attrs["block"] > MAX_DIM:
+            raise FormatError(f"{self.name}: block must be at most {MAX_DIM}, got {attrs['block']!r}")
+        return attrs
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         attrs = super().resolve_attrs(shape, options)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, WeightError
-from ..packed import PackedWeight
+from ..packed import MAX_DIM, PackedWeight
 from . import bitpack, gptq, register_format
 from .activations import dequantize_activations, quantize_activations_int8
 from .base import FieldSpec, Format
@@ -115,8 +115,8 @@ class IntFormat(Format):
     def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
         self.check_attr_keys(attrs)
         gs = attrs["group_size"]
-        if isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 32:
-            raise FormatError(f"{self.name}: group_size must be a positive multiple of 32, got {gs!r}")
+        if isinstance(gs, bool) or not isinstance(gs, int) or not 0 < gs <= MAX_DIM or gs % 32:
+            raise FormatError(f"{self.name}: group_size must be a positive multiple of 32 up to {MAX_DIM}, got {gs!r}")
         if not isinstance(attrs["symmetric"], bool):
             raise FormatError(f"{self.name}: symmetric must be a bool, got {attrs['symmetric']!r}")
         if "act" in attrs and attrs["act"] != "int8":  # stored only when set

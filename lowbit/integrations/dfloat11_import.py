@@ -170,20 +170,16 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _model_class(folder: Path, config: dict[str, Any]):
-    """(transformers class, its config object) named by config.json."""
-    import transformers
+def _skeleton(folder: Path, config: dict[str, Any]) -> nn.Module:
+    """The meta-device model config.json describes (class looked up by name in transformers)."""
+    from ..io import architecture, build_meta_model, transformers_class
 
-    hf_config = {k: v for k, v in config.items() if k != "dfloat11_config"}
-    arch = (hf_config.get("architectures") or [None])[0]
-    cls = getattr(transformers, str(arch), None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise _fail(f"{folder / 'config.json'}: architectures", f"{arch!r} is not a transformers model class; "
-                    "pass load(..., model=skeleton) with a bf16 model of the right shape")
+    path = folder / "config.json"
     try:
-        return cls, cls.config_class.from_dict(hf_config)
-    except Exception as exc:  # a config transformers rejects
-        raise _fail(f"{folder / 'config.json'}", f"transformers rejects the config: {exc}") from None
+        cls = transformers_class(path, architecture(config))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; pass load(..., model=skeleton) with a bf16 model of the right shape") from None
+    return build_meta_model(path, cls, {k: v for k, v in config.items() if k != "dfloat11_config"}, "<model config>")
 
 
 def _expected_tensors(skeleton: nn.Module) -> tuple[dict[str, torch.Size], set[str]]:
@@ -209,12 +205,7 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
 
     folder = Path(path)
     config, df11 = _read_config(folder)
-    if model is None:
-        cls, model_config = _model_class(folder, config)
-        with torch.device("meta"):
-            skeleton = cls(model_config)
-    else:
-        skeleton = model
+    skeleton = _skeleton(folder, config) if model is None else model
     shapes, aliases = _expected_tensors(skeleton)
     tensors = _read_tensors(folder)
     compressed = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".encoded_exponent")})
@@ -242,8 +233,9 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
     if missing or extra:
         raise _fail(str(folder), f"does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
     if model is None:
+        cls = type(skeleton)
         try:
-            model = cls.from_pretrained(None, config=model_config, state_dict=state, dtype=torch.bfloat16)
+            model = cls.from_pretrained(None, config=skeleton.config, state_dict=state, dtype=torch.bfloat16)
         except Exception as exc:
             raise _fail(str(folder), f"transformers could not build {cls.__name__}: {exc}") from None
     else:

@@ -30,6 +30,7 @@ from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
 from ..errors import FormatError, LowbitError
 from ..experts import fused_weights, quantize_fused_weight, quantized_weights
 from ..linear import QuantLinear, is_quantize_target, linear_shape, linear_weight
+from ..packed import dtype_name
 
 try:  # transformers is a dependency, but keep `import lowbit` working without it
     from transformers.core_model_loading import ConversionOps
@@ -129,6 +130,38 @@ class _QuantizeOnLoad(ConversionOps if ConversionOps else object):
         return {}
 
 
+def _check_checkpoint_keys(layers: dict[str, QuantLinear], checkpoint_files: Any) -> None:
+    """FormatError naming the file and key when a safetensors file holds, for a layer that
+    quantization_config.layers declares, a tensor that layer does not have (e.g. `zeros` beside
+    an entry that says symmetric) or a packed field of another dtype or shape than declared.
+    transformers would only warn about an unexpected key and compute without it (a silently wrong
+    layer), and report a mismatched one without naming lowbit's entry. Reads the file headers
+    only; fields the file lacks are caught after loading (`_check_loaded_layer`)."""
+    from safetensors import safe_open
+
+    from ..io import SAFETENSORS_DTYPES
+
+    declared = {name: set(layer.state_dict(keep_vars=True)) for name, layer in layers.items()}
+    for path in checkpoint_files or ():
+        if not str(path).endswith(".safetensors"):
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            headers = {key: handle.get_slice(key) for key in handle.keys()}
+            for key, header in headers.items():
+                name, _, field = key.rpartition(".")
+                if name not in layers:
+                    continue
+                layer = layers[name]
+                if field not in declared[name]:
+                    raise FormatError(f"{path}: {key}: the checkpoint holds '{field}' for layer {name}, which "
+                                      f"quantization_config.layers declares without it: {layer.metadata()}")
+                spec = layer._fields.get(field)
+                stored = (SAFETENSORS_DTYPES.get(header.get_dtype()), list(header.get_shape()))
+                if spec is not None and stored != (dtype_name(spec.dtype), list(spec.shape)):
+                    raise FormatError(f"{path}: {key}: holds {stored[0]} {stored[1]}, but quantization_config.layers "
+                                      f"declares {dtype_name(spec.dtype)} {list(spec.shape)} for it: {layer.metadata()}")
+
+
 def _check_loaded_layer(name: str, layer: QuantLinear) -> None:
     """FormatError unless every tensor of a pre-quantized layer came from the checkpoint and holds
     values a kernel can take. transformers only warns about missing keys and leaves such a tensor
@@ -164,7 +197,9 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
         if self.pre_quantized:
             if config.layers is None:
                 raise FormatError("quantization_config (lowbit) of a saved model lacks 'layers'")
-            place_layers(model, {name: config.layer(name) for name in config.layers}, "quantization_config.layers")
+            layers = {name: config.layer(name) for name in config.layers}
+            _check_checkpoint_keys(layers, kwargs.get("checkpoint_files"))
+            place_layers(model, layers, "quantization_config.layers")
             return model
         from ..formats import get_format
 

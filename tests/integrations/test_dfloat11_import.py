@@ -36,6 +36,7 @@ def _bits(t):
     return t.view(torch.int16)
 
 
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")  # in the package's own code
 def test_decoder_reads_the_package_stream_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     # enough weights for several 512-thread blocks, with a heavy tail of rare exponents
@@ -131,4 +132,22 @@ def test_missing_field_and_bad_config(original, tmp_path):
     config["dfloat11_config"].update(bytes_per_thread=BYTES_PER_THREAD, pattern_dict={r"model\.layers\.(\d+": []})
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"dfloat11_config\.pattern_dict: .* is not a regular expression"):
+        lowbit.load(folder)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(architectures=1.5),
+     r"config\.json: architectures: 1\.5 is not a transformers model class; pass load\(\.\.\., model=skeleton\)"),
+    # transformers' own errors building the model (a negative size, an unknown rope type) were not wrapped
+    (lambda c: c.update(vocab_size=-1), r"config\.json: <model config>: transformers could not build LlamaForCausalLM"),
+    (lambda c: c["rope_parameters"].update(rope_type=None),
+     r"config\.json: <model config>: transformers could not build LlamaForCausalLM"),
+])
+def test_a_model_config_transformers_cannot_build_is_a_checkpoint_error(original, tmp_path, edit, match):
+    folder = tmp_path / "bad-config"
+    write_df11_folder(original, folder, LAYER_PATTERN)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
         lowbit.load(folder)

@@ -256,6 +256,14 @@ def test_device_map_auto_with_offload(llama_dir, tmp_path):
     # a field the file lacks: transformers would only warn and leave it uninitialized (torch.empty)
     (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(bias=True),
      r"model\.layers\.0\.mlp\.up_proj: the checkpoint has no \['bias'\] for this layer"),
+    # a field the entry does not declare: transformers would only warn and compute without it
+    (lambda q: q["layers"]["model.layers.0.mlp.up_proj"]["attrs"].update(symmetric=True),
+     r"model\.safetensors: model\.layers\.0\.mlp\.up_proj\.zeros: the checkpoint holds 'zeros' for layer "
+     r"model\.layers\.0\.mlp\.up_proj, which quantization_config\.layers declares without it"),
+    # fields of another shape than the entry declares: named with the entry, before anything loads
+    (lambda q: q["layers"]["model.layers.0.mlp.up_proj"]["attrs"].update(group_size=32),
+     r"model\.layers\.0\.mlp\.up_proj\.scales: holds float16 \[1, 160\], but quantization_config\.layers "
+     r"declares float16 \[3, 160\]"),
 ])
 def test_bad_quantization_config_raises_lowbit_error(llama_dir, tmp_path, edit, match):
     folder = _saved_int4_with_edited_config(llama_dir, tmp_path, edit)
@@ -276,14 +284,33 @@ def _saved_int4_with_edited_config(llama_dir, tmp_path, edit):
 @pytest.mark.parametrize("edit,match", [
     (lambda q: q["layers"].pop("model.layers.0.mlp.up_proj"),
      r"missing keys: \['model\.layers\.0\.mlp\.up_proj\.weight'\]; unexpected keys: \['model\.layers\.0\.mlp\.up_proj\.qweight'"),
-    (lambda q: q["layers"]["model.layers.0.mlp.up_proj"]["attrs"].update(symmetric=True), r"unexpected keys: .*up_proj\.zeros"),
 ])
 def test_lowbit_load_refuses_what_from_pretrained_only_warns_about(llama_dir, tmp_path, edit, match):
-    """A save_pretrained folder whose config and tensors disagree: transformers loads it with a
-    warning (a plain Linear initialized at random, or the zeros ignored), lowbit.load refuses."""
+    """A save_pretrained folder whose config leaves out a layer the tensors quantize: transformers
+    loads it with a warning (a plain Linear initialized at random), lowbit.load refuses."""
     folder = _saved_int4_with_edited_config(llama_dir, tmp_path, edit)
     with pytest.raises(CheckpointError, match=match):
         lowbit.load(folder)
+
+
+@pytest.mark.parametrize("edit,match", [
+    # not lowbit's quantization_config: not a lowbit folder at all
+    (lambda c: c.update(quantization_config="lowbit"), r"lowbit\.json: manifest missing"),
+    (lambda c: c.update(architectures=1.5), r"config\.json: architectures: 1\.5 is not a transformers model class"),
+    (lambda c: c.update(architectures=[]), r"config\.json: architectures: \[\] is not a transformers model class"),
+])
+def test_lowbit_load_and_inspect_of_a_damaged_config_json(llama_dir, tmp_path, capsys, edit, match):
+    """config.json values of the wrong type are CheckpointErrors naming the field, in lowbit.load
+    and `lowbit inspect` (were AttributeError / TypeError)."""
+    folder = _saved_int4_with_edited_config(llama_dir, tmp_path, lambda q: None)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        lowbit.load(folder)
+    if "architectures" not in match:  # inspect reads the layers only, not the class
+        assert cli_main(["inspect", str(folder)]) == 2
+        assert "lowbit: error:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("down_proj", ["int3", "int6"])
