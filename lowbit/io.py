@@ -124,7 +124,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     folder that is not a lowbit checkpoint, is refused.
     """
     check_module(model)
-    out_dir = Path(out_dir)
+    out_dir = _as_path(out_dir, "save(..., out_dir)")
     _check_target(out_dir)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
@@ -317,7 +317,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     `save_pretrained` (config.json with a lowbit quantization_config) is read through
     transformers' from_pretrained.
     """
-    folder = Path(path)
+    folder = _as_path(path, "load(path)")
     device = _target_device(device)
     if model is not None:
         check_module(model, "load(..., model=)")
@@ -404,6 +404,13 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
 
     attach_hf_config(model)  # so save_pretrained of a loaded model writes quantization_config
     return model.eval()
+
+
+def _as_path(value: Any, what: str) -> Path:
+    """`value` as a Path; InputError for anything but a str or os.PathLike."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InputError(f"{what} must be a str or os.PathLike, got {type(value).__name__}")
+    return Path(value)
 
 
 def _target_device(device: Any) -> torch.device:

@@ -287,7 +287,11 @@ def test_bad_arguments_are_input_errors_before_anything_is_written_or_read(saved
         lowbit.save("model", tmp_path / "out")
     with pytest.raises(CheckpointError, match="max_shard_bytes must be a positive int, got '1GB'"):
         lowbit.save(model, tmp_path / "out", max_shard_bytes="1GB")
+    with pytest.raises(InputError, match=r"save\(\.\.\., out_dir\) must be a str or os\.PathLike, got int"):
+        lowbit.save(model, 3)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match=r"load\(path\) must be a str or os\.PathLike, got NoneType"):
+        lowbit.load(None)
     with pytest.raises(InputError, match="device 'gpu0' is not a torch device"):
         lowbit.load(folder, device="gpu0")
     with pytest.raises(InputError, match=r"load\(\.\.\., model=\) must be a torch.nn.Module"):

@@ -113,3 +113,17 @@ def test_an_attribute_given_a_json_list_or_object_is_a_format_error(fmt, value):
         meta["attrs"][attr] = value
         with pytest.raises(FormatError, match=fmt):
             PackedWeight.from_state_dict(p.state_dict(), meta)
+
+
+@pytest.mark.parametrize("fmt", ["int2", "int4", "int8", "lut2", "fp8", "mxfp4", "mxint8", "nvfp4", "nf4", "dfloat11"])
+def test_dequantize_refuses_another_formats_weight(fmt):
+    """Format.dequantize of another format's PackedWeight (int2 reading int4 fields decoded a wrong
+    answer silently; others crashed deep in the unpacking) or of a non-PackedWeight."""
+    other = get_format("int4" if fmt != "int4" else "nf4").quantize(torch.randn(8, 64))
+    with pytest.raises(FormatError, match=rf"{fmt}\.dequantize: expected a PackedWeight of format '{fmt}', "
+                                          rf"got format '{other.format}'"):
+        get_format(fmt).dequantize(other)
+    with pytest.raises(FormatError, match=rf"{fmt}\.dequantize: .* got NoneType"):
+        get_format(fmt).dequantize(None)
+    own = get_format(fmt).quantize(torch.randn(8, 64, dtype=torch.bfloat16))
+    assert get_format(fmt).dequantize(own).shape == (8, 64)

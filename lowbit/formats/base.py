@@ -112,7 +112,16 @@ class Format:
         raise NotImplementedError
 
     def dequantize(self, packed: PackedWeight) -> torch.Tensor:
-        """[N, K] tensor in packed.dtype: the exact values the format represents."""
+        """[N, K] tensor in packed.dtype: the exact values the format represents. FormatError for
+        anything but a PackedWeight of this format (another format's fields would decode into a
+        wrong answer or a crash deep in the unpacking)."""
+        if not isinstance(packed, PackedWeight) or packed.format != self.name:
+            got = f"format {packed.format!r}" if isinstance(packed, PackedWeight) else type(packed).__name__
+            raise FormatError(f"{self.name}.dequantize: expected a PackedWeight of format {self.name!r}, got {got}")
+        return self._dequantize(packed)
+
+    def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
+        """`dequantize` of a PackedWeight known to be of this format."""
         raise NotImplementedError
 
     def reference_linear(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -256,7 +256,7 @@ class DFloat11Format(Format):
         return PackedWeight(self.name, tuple(weight.shape), torch.bfloat16,
                             {"segment": segment, "code_words": code_words}, tensors)
 
-    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+    def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
         return decode(packed)
 
     def check_data(self, packed: PackedWeight) -> None:

@@ -131,7 +131,7 @@ class Fp8Format(Format):
         q = cast_fp8(w / self._expand_scales(scales, n, kp, block), self.dtype)
         return PackedWeight(self.name, (n, k), weight.dtype, attrs, {"qweight": q, "scales": scales})
 
-    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+    def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
         n, k = packed.shape
         block = packed.attrs["block"]
         kp = self.padded_k(k, block)

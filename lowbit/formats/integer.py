@@ -250,7 +250,7 @@ class IntFormat(Format):
         factor = self._mse_factor(group.unsqueeze(1), lo.unsqueeze(1), hi.unsqueeze(1), symmetric).squeeze(1)
         return self._group_params(lo * factor, hi * factor, symmetric)
 
-    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+    def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
         n, k = packed.shape
         gs = packed.attrs["group_size"]
         kp = padded_k(k, gs)

@@ -300,7 +300,7 @@ class MicroscalingFormat(Format):
         codes = bitpack.unpack(packed.qweight, self.codec.bits, kp)
         return self.decode(codes, packed.scales.t(), packed.tensors.get("tensor_scale"))
 
-    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+    def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
         w = self.stored_weight(packed)
         if packed.attrs["rotate"] == "hadamard":
             w = rotate_blocks(w, self.block)  # H is its own inverse

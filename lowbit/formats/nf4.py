@@ -146,7 +146,7 @@ class NF4Format(Format):
         scale = tensors["absmax_scale"].repeat_interleave(DQ_BLOCK)[: q.numel()].reshape(q.shape)
         return q.float() * scale + tensors["absmax_mean"]
 
-    def dequantize(self, packed: PackedWeight) -> torch.Tensor:
+    def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
         n, k = packed.shape
         kp = padded_k(k, BLOCK)
         values = codebook(packed.qweight.device)[bitpack.unpack(packed.qweight, 4, kp).long()]

@@ -36,7 +36,6 @@ def _bits(t):
     return t.view(torch.int16)
 
 
-@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")  # in the package's own code
 def test_decoder_reads_the_package_stream_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     # enough weights for several 512-thread blocks, with a heavy tail of rare exponents
