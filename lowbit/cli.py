@@ -78,6 +78,7 @@ def _calibration_batches(model_dir: Path, text_file: str | None) -> list[dict]:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, io
     from .default_model import default_model_path
+    from .formats import get_format
 
     if len(args.paths) == 1:
         model_dir, out_dir = default_model_path(), Path(args.paths[0])
@@ -87,6 +88,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise LowbitError("usage: lowbit quantize [MODEL] OUT --format FORMAT (MODEL defaults to the embedded MiniLM)")
     start = time.perf_counter()
     options = _format_options(args)
+    # what would fail only at the end, checked before the model loads (minutes to hours on big models)
+    get_format(args.format).check_options(options)
+    io.check_save_target(out_dir)
     if args.calibration is not None and options.get("method") != "gptq":
         raise LowbitError("--calibration is only used with --method gptq")
     calibration = _calibration_batches(model_dir, args.calibration) if options.get("method") == "gptq" else None
@@ -108,6 +112,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import api, io
+    from .formats import get_format
     from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
 
     source, out_dir = Path(args.source), Path(args.out)
@@ -115,6 +120,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise LowbitError(f"{source}: not a dfloat11 package folder (no config.json with dfloat11_config)")
     start = time.perf_counter()
     options = {} if args.segment is None else {"segment": args.segment}
+    get_format("dfloat11").check_options(options)
+    io.check_save_target(out_dir)
     model = load_dfloat11(source, **options)
     io.save(model, out_dir)
     summary = api.summarize(model)

@@ -109,7 +109,9 @@ def _write_shard(path: Path, names: list[str], tensors: dict[str, torch.Tensor])
     save_file(shard, str(path), metadata={"format": "pt", "producer": "lowbit"})
 
 
-def _check_target(out_dir: Path) -> None:
+def check_save_target(out_dir: Path) -> None:
+    """CheckpointError unless `save` may write `out_dir` (absent, empty, or a lowbit checkpoint);
+    the CLI asks before it spends time loading and quantizing."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: exists and is not a directory; refusing to overwrite it")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
@@ -125,7 +127,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     """
     check_module(model)
     out_dir = _as_path(out_dir, "save(..., out_dir)")
-    _check_target(out_dir)
+    check_save_target(out_dir)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
     tensors, aliases = _unique_tensors(model)

@@ -154,6 +154,25 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command,message", [
+    (["quantize", "{missing}", "{foreign}", "--format", "int4"], "{foreign}: non-empty directory that is not a lowbit"),
+    (["quantize", "{missing}", "{out}", "--format", "int4", "--block", "128"], "int4: unknown option(s) ['block']"),
+    (["quantize", "{missing}", "{out}", "--format", "dfloat11", "--segment", "100"], "dfloat11: segment must be one of"),
+    (["convert", "{df11}", "{foreign}"], "{foreign}: non-empty directory that is not a lowbit"),
+])
+def test_what_would_fail_at_the_end_fails_before_the_model_loads(tmp_path, capsys, command, message):
+    """A refused output folder or format option is reported before anything is loaded (the model
+    folder here does not even exist), not after minutes of loading and quantizing a big model."""
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    (tmp_path / "df11").mkdir()
+    (tmp_path / "df11" / "config.json").write_text(json.dumps({"dfloat11_config": {}}))  # never read this far
+    paths = {name: str(tmp_path / name) for name in ("missing", "foreign", "out", "df11")}
+    assert main([arg.format(**paths) for arg in command]) == 2
+    assert message.format(**paths) in capsys.readouterr().err
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
 def test_inspect_names_a_malformed_layer_entry(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "int4"]) == 0
