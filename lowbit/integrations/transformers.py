@@ -310,10 +310,29 @@ def detach_hf_config(model: nn.Module) -> None:
     model.is_quantized = False
 
 
+#: the oldest transformers lowbit is tested with: 5.19 and older route MoE experts through another
+#: interface (tests/integrations/test_moe.py fails there), 4.x lacks the loading API used here
+MIN_TRANSFORMERS = "5.20"
+
+
 def register() -> None:
-    """Register the config and quantizer under quant_method "lowbit" (no-op when already done)."""
-    if HfQuantizer is None:
+    """Register the config and quantizer under quant_method "lowbit" (no-op when already done);
+    a warning instead when the installed transformers is older than MIN_TRANSFORMERS."""
+    import warnings
+
+    try:
+        import transformers
+        from packaging.version import Version
+    except ImportError:  # pragma: no cover - both are dependencies
         return
+
+    if HfQuantizer is None or Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        warnings.warn(f"lowbit needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}: upgrade "
+                      f"it (pip install 'transformers>={MIN_TRANSFORMERS},<6'); older ones route MoE experts another "
+                      "way (MoE quantization gives wrong results there) and 4.x lacks the loading API that "
+                      "from_pretrained / save_pretrained of lowbit models use", stacklevel=3)
+        if HfQuantizer is None:
+            return
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(HfQuantConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

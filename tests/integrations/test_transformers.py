@@ -425,3 +425,22 @@ def test_gpu_device_map_auto(llama_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(on_gpu(IDS.cuda()).logits.float().cpu(), model(IDS).logits.float(),
                                    rtol=5e-2, atol=5e-2)
+
+
+def test_an_older_transformers_is_reported_at_import(monkeypatch):
+    """With a transformers older than the tested minimum (5.19 routes MoE experts another way and
+    its MoE results were wrong), lowbit says so instead of misbehaving quietly; the tested one
+    registers without a warning."""
+    import warnings
+
+    import transformers
+
+    from lowbit.integrations.transformers import MIN_TRANSFORMERS, register
+
+    monkeypatch.setattr(transformers, "__version__", "5.19.0")
+    with pytest.warns(UserWarning, match=rf"lowbit needs transformers >= {MIN_TRANSFORMERS}, found 5\.19\.0"):
+        register()
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register()
