@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Fill .whl/ (git-ignored) with the competitor libraries the GPU image lacks, as wheels for its
 # Python 3.12 / x86-64, so a device call can carry them (benchmarks/gpu_session.sh installs them).
+# Also transformers: the image's 5.17 is older than lowbit's minimum (5.20; its MoE experts
+# interface differs), and 5.23's requirements (huggingface-hub >=1.31, tokenizers 0.23, regex,
+# safetensors 0.8) are met by the image's own packages, as its pip list in the device notes shows.
 # gemlite ships only a source archive: it is pure Python, so a wheel is built from it here.
 set -eu
 cd "$(dirname "$0")/.."
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-  -d .whl torchao==0.18.0 dfloat11==0.5.0 dahuffman==0.4.2
+  -d .whl torchao==0.18.0 dfloat11==0.5.0 dahuffman==0.4.2 transformers==5.23.0
 python3 -m pip wheel -q --no-deps -w .whl gemlite==0.6.0.post2
 ls -l .whl

@@ -11,8 +11,10 @@
 #
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
 # results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
-# GPU image lacks (torchao, gemlite, dfloat11, dahuffman) come from .whl/ when it is carried
-# (benchmarks/fetch_wheels.sh fills it); without them those competitors are recorded as errors.
+# GPU image lacks (torchao, gemlite, dfloat11, dahuffman), and transformers 5.23 (the image has
+# 5.17, older than lowbit's minimum 5.20), come from .whl/ when it is carried
+# (benchmarks/fetch_wheels.sh fills it); without them those competitors are recorded as errors
+# and `import lowbit` warns about the old transformers (the MoE tests and e2e-moe would fail).
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/lowbit-gpu}"
@@ -23,6 +25,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
+python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__,
+  "transformers", transformers.__version__, transformers.__file__)' >>"$out/gpu.txt" 2>&1
 
 TARGET_FORMATS="int4 int6 int8 fp8 fp8:act=fp8 mxfp4 nvfp4 lut2 mxint8 int2 dfloat11"
 OTHER_FORMATS="int3 int5 int7 fp8_e5m2 fp8:block=128,act=fp8 int8:act=int8,symmetric=true,group_size=-1 int4:act=int8
