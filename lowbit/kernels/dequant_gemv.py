@@ -12,6 +12,22 @@ import triton.language as tl
 from .element_decode import _decode, _decode_scale, _element_factor
 from .split_k import store_split_k
 
+#: Triton before 3.7 orders the dimensions of a load whose addresses show no contiguity first to
+#: last (3.7 on: last to first), so a [1, BLOCK_N, COLUMNS] load spread its rows across threads and
+#: every decoded weight went through shared memory to meet the activations (ldmatrix / stmatrix
+#: and barriers in the K loop, tests/kernels/test_compile_hopper.py). There `_load_by_column`
+#: loads through transposed pointers instead, which that order lays out one column per thread.
+_TRANSPOSED_LOADS = tl.constexpr(tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7))
+
+
+@triton.jit
+def _load_by_column(ptrs):
+    """tl.load of [1, BLOCK_N, COLUMNS] pointers with no contiguity to see, in the K loop's layout
+    (one column per thread, its rows in registers) under every Triton (`_TRANSPOSED_LOADS`)."""
+    if _TRANSPOSED_LOADS:
+        return tl.permute(tl.load(tl.permute(ptrs, (0, 2, 1))), (0, 2, 1))
+    return tl.load(ptrs)
+
 
 @triton.jit
 def _word(qw_ptr, rows, col, plane_start, stride_qn, one, WORDS_PER_COLUMN: tl.constexpr, INDEX: tl.constexpr):
@@ -20,7 +36,7 @@ def _word(qw_ptr, rows, col, plane_start, stride_qn, one, WORDS_PER_COLUMN: tl.c
     the compiler loads the words in the activations' layout (one column per thread, its rows in
     registers) instead of a vectorised one that would send every decoded weight through shared
     memory to meet the activations. The word index stays a constant offset (no address math)."""
-    return tl.load(qw_ptr + rows * stride_qn + (col * WORDS_PER_COLUMN) * one + plane_start + INDEX)
+    return _load_by_column(qw_ptr + rows * stride_qn + (col * WORDS_PER_COLUMN) * one + plane_start + INDEX)
 
 
 @triton.jit
@@ -346,7 +362,7 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
                 # e2m3's 2-bit plane is nibble-aligned (bitpack.py): code j of 16 at 4 (j % 8) + 2 (j // 8)
                 code |= ((w2 >> ((kk % 8) * 4 + ((kk % 16) // 8) * 2)) & 3) << 4
             if ELEMENT == "nf4":
-                value = tl.load(z_ptr + code)  # z_ptr: the fp32 codebook (see `_dequant_tile`)
+                value = _load_by_column(z_ptr + code)  # z_ptr: the fp32 codebook (see `_dequant_tile`)
             else:
                 value = _decode(code, ELEMENT, BITS)
             sums = tl.fma(value, x, sums)
@@ -371,14 +387,16 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, wo
                                BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K, PTX)
     group = col * COLUMN_K // GROUP_SIZE
     scale_rows = rows if SCALE_GROUP_N == 1 else rows // SCALE_GROUP_N
-    scale = _decode_scale(tl.load(s_ptr + group * stride_sg + scale_rows), SCALE_KIND)  # [1, BLOCK_N, COLUMNS]
+    if _TRANSPOSED_LOADS:  # consecutive rows' scales are contiguous: hidden, so they load like the words
+        scale_rows *= one
+    scale = _decode_scale(_load_by_column(s_ptr + group * stride_sg + scale_rows), SCALE_KIND)  # [1, BLOCK_N, COLUMNS]
     factor = _element_factor(ELEMENT, BITS)
     if SCALE_KIND == "e8m0":
         sums = sums * factor  # E8M0 scales reach 2^127: scale * factor could overflow
     else:
         scale = scale * factor
     if ELEMENT == "int" and not SYMMETRIC:
-        zero = tl.load(z_ptr + group * stride_sg + rows).to(tl.float32)
+        zero = _load_by_column(z_ptr + group * stride_sg + rows * (one if _TRANSPOSED_LOADS else 1)).to(tl.float32)
         sums = tl.fma(-zero, x_sum, sums)
     if MASKED:
         sums = tl.where(in_range, sums, 0.0)  # a clamped column's weights may decode to NaN

@@ -243,3 +243,24 @@ def test_gpu_real_shapes(bits, m, n, k):
     for dtype, symmetric in itertools.product((torch.float16, torch.bfloat16), (True, False)):
         p, x, b, ref = _case(bits, m, symmetric, dtype, "cuda", n=n, k=k)
         _assert_close(lowbit.linear(x, p, b), ref, dtype)
+
+
+@pytest.mark.parametrize("fmt,options", [("int4", {}), ("int3", {"symmetric": True}), ("int6", {}), ("nf4", {}),
+                                         ("nvfp4", {}), ("mxfp4", {}), ("fp8", {}), ("lut2", {})])
+def test_gemv_transposed_loads_give_the_same_values(monkeypatch, fmt, options):
+    """Under Triton < 3.7 (the GPU image's 3.6) the GEMV loads words, scales, zero points and the
+    nf4 codebook through transposed pointers (dequant_gemv._TRANSPOSED_LOADS, a layout choice):
+    forced on in the interpreter, it gives what the reference gives. On a GPU the other path is
+    compiled and already under test, so this runs on the interpreter only."""
+    import triton.language as tl
+
+    from lowbit.kernels import dequant_gemv
+
+    if "cpu" not in DEVICES:
+        pytest.skip("checks the interpreter's path; compiled kernels read the flag once")
+    monkeypatch.setattr(dequant_gemv, "_TRANSPOSED_LOADS", tl.constexpr(True))
+    gen = torch.Generator().manual_seed(3)
+    p = get_format(fmt).quantize(torch.randn(N, K, generator=gen), **options)
+    x = torch.randn(1, K, generator=gen, dtype=torch.float32).bfloat16()
+    ref = F.linear(x.float(), get_format(fmt).dequantize(p).float())
+    _assert_close(lowbit.linear(x, p, None, backend="triton"), ref, torch.bfloat16)
