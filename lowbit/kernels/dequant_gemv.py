@@ -13,20 +13,30 @@ from .element_decode import _decode, _decode_scale, _element_factor
 from .split_k import store_split_k
 
 #: Triton before 3.7 orders the dimensions of a load whose addresses show no contiguity first to
-#: last (3.7 on: last to first), so a [1, BLOCK_N, COLUMNS] load spread its rows across threads and
-#: every decoded weight went through shared memory to meet the activations (ldmatrix / stmatrix
-#: and barriers in the K loop, tests/kernels/test_compile_hopper.py). There `_load_by_column`
-#: loads through transposed pointers instead, which that order lays out one column per thread.
+#: last (3.7 on: last to first), so a [1, BLOCK_N, COLUMNS] word load spread its rows (and a
+#: [BLOCK_M, 1, COLUMNS] activation load its M) across threads, and every decoded weight went
+#: through shared memory to meet the other operand (ldmatrix / stmatrix and barriers in the K loop,
+#: tests/kernels/test_compile_hopper.py). There `_load_by_column` loads through pointers with the
+#: column axis moved first, which that order lays out one column per thread.
 _TRANSPOSED_LOADS = tl.constexpr(tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7))
 
 
 @triton.jit
 def _load_by_column(ptrs):
-    """tl.load of [1, BLOCK_N, COLUMNS] pointers with no contiguity to see, in the K loop's layout
-    (one column per thread, its rows in registers) under every Triton (`_TRANSPOSED_LOADS`)."""
+    """tl.load of [*, *, COLUMNS] pointers with no contiguity to see, in the K loop's layout (one
+    column per thread, its rows and M in registers) under every Triton (`_TRANSPOSED_LOADS`)."""
     if _TRANSPOSED_LOADS:
-        return tl.permute(tl.load(tl.permute(ptrs, (0, 2, 1))), (0, 2, 1))
+        return tl.permute(tl.load(tl.permute(ptrs, (2, 1, 0))), (2, 1, 0))
     return tl.load(ptrs)
+
+
+@triton.jit
+def _masked_load_by_column(ptrs, mask, other):
+    """`_load_by_column` with a mask (broadcastable to `ptrs`) and the value of masked-off elements."""
+    if _TRANSPOSED_LOADS:
+        return tl.permute(tl.load(tl.permute(ptrs, (2, 1, 0)), mask=tl.permute(mask, (2, 1, 0)), other=other),
+                          (2, 1, 0))
+    return tl.load(ptrs, mask=mask, other=other)
 
 
 @triton.jit
@@ -227,9 +237,9 @@ def _fp16_pair_to_fp32(halves, PTX: tl.constexpr):
 def _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, KK: tl.constexpr, MASK_X: tl.constexpr):
     """The activations at K = k0 + KK of each thread's column: [BLOCK_M, 1, COLUMNS] fp32."""
     if MASK_X:
-        x = tl.load(x_ptr + x_rows * stride_xm + k0 + KK, mask=x_mask & (k0 + KK < K), other=0.0)
+        x = _masked_load_by_column(x_ptr + x_rows * stride_xm + k0 + KK, x_mask & (k0 + KK < K), 0.0)
     else:
-        x = tl.load(x_ptr + x_rows * stride_xm + k0 + KK)
+        x = _load_by_column(x_ptr + x_rows * stride_xm + k0 + KK)
     return x.to(tl.float32)
 
 

@@ -36,6 +36,9 @@ DF11_VARIANTS = [["dfloat11", "decode"], ["dfloat11", "gemv"]]
 INT8_ACT_VARIANTS = [["gemm", b, s, "int8", "int"] for b, s in [(8, True), (4, False), (6, False), (3, True)]]
 VARIANTS = (INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + NF4_VARIANTS + LUT_VARIANTS + DF11_VARIANTS + INT8_ACT_VARIANTS
             + [["act_quant", "e4m3"], ["act_quant", "int8"]])
+# the GEMV at M = 2 and 4 (BLOCK_M activation rows per program): compile_variant's gemv_block_m
+GEMV_BLOCK_M_VARIANTS = [["gemv", 4, False, "bf16", "int", "float", False, 64, m] for m in (2, 4)]
+GEMV_BLOCK_M_VARIANTS += [["gemv", 8, True, "fp16", "e4m3", "float", False, 64, 4]]
 
 
 # one xdist worker runs this module (`make test` uses --dist loadgroup), so the variants compile
@@ -48,7 +51,8 @@ pytestmark = pytest.mark.xdist_group("hopper-codegen")
 def hopper():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_codegen", json.dumps(VARIANTS)],
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_codegen",
+                           json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     if proc.returncode != 0 and "ptxas" in proc.stderr:
         pytest.skip(f"this triton install cannot compile for CUDA: {proc.stderr[-300:]}")
@@ -112,6 +116,18 @@ def test_gemv_k_loop_stays_in_registers(hopper, variant):
         assert len(re.findall(_WORD_LOAD, body)) == expected
         assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|bar\.sync", body)
         assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
+
+
+@pytest.mark.parametrize("variant", GEMV_BLOCK_M_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_gemv_k_loop_stays_in_registers_at_m_up_to_4(hopper, variant):
+    """With 2 or 4 activation rows per program the K loops still keep everything in registers
+    (under Triton 3.6 the activation load's M went across threads until it too loaded with the
+    column axis first, `dequant_gemv._load_by_column`)."""
+    k_loops = [body for body in _loop_bodies(_checked(hopper["-".join(map(str, variant))]))
+               if re.search(_WORD_LOAD, body)]
+    assert len(k_loops) == 2
+    for body in k_loops:
+        assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|(?:ld|st)matrix|bar\.sync", body)
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv" and v[4] in ("e4m3", "e5m2", "e2m1")],

@@ -247,11 +247,14 @@ def test_gpu_real_shapes(bits, m, n, k):
 
 @pytest.mark.parametrize("fmt,options", [("int4", {}), ("int3", {"symmetric": True}), ("int6", {}), ("nf4", {}),
                                          ("nvfp4", {}), ("mxfp4", {}), ("fp8", {}), ("lut2", {})])
-def test_gemv_transposed_loads_give_the_same_values(monkeypatch, fmt, options):
-    """Under Triton < 3.7 (the GPU image's 3.6) the GEMV loads words, scales, zero points and the
-    nf4 codebook through transposed pointers (dequant_gemv._TRANSPOSED_LOADS, a layout choice):
-    forced on in the interpreter, it gives what the reference gives. On a GPU the other path is
-    compiled and already under test, so this runs on the interpreter only."""
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_transposed_loads_give_the_same_values(monkeypatch, fmt, options, m):
+    """Under Triton < 3.7 (the GPU image's 3.6) the GEMV loads activations, words, scales, zero
+    points and the nf4 codebook through pointers with the column axis first
+    (dequant_gemv._TRANSPOSED_LOADS, a layout choice): forced on in the interpreter, it gives what
+    the reference gives, at M=1 and at M=3 (4 activation rows, the 4th masked off; K=300 leaves
+    the last tile's activations masked too). On a GPU the other path is compiled and already
+    under test, so this runs on the interpreter only."""
     import triton.language as tl
 
     from lowbit.kernels import dequant_gemv
@@ -261,6 +264,6 @@ def test_gemv_transposed_loads_give_the_same_values(monkeypatch, fmt, options):
     monkeypatch.setattr(dequant_gemv, "_TRANSPOSED_LOADS", tl.constexpr(True))
     gen = torch.Generator().manual_seed(3)
     p = get_format(fmt).quantize(torch.randn(N, K, generator=gen), **options)
-    x = torch.randn(1, K, generator=gen, dtype=torch.float32).bfloat16()
+    x = torch.randn(m, K, generator=gen, dtype=torch.float32).bfloat16()
     ref = F.linear(x.float(), get_format(fmt).dequantize(p).float())
     _assert_close(lowbit.linear(x, p, None, backend="triton"), ref, torch.bfloat16)
