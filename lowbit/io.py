@@ -275,8 +275,9 @@ def build_meta_model(path: Path, cls: type, config: Any, field: str) -> nn.Modul
         raise _fail(path, field, f"transformers could not build {cls.__name__}: {exc}") from None
 
 
-def _read_headers(folder: Path, files: set[str]) -> dict[str, dict[str, tuple[str, list[int]]]]:
-    """{file: {key: (dtype name, shape)}} from the safetensors headers (no tensor data read)."""
+def read_headers(folder: Path, files: set[str]) -> dict[str, dict[str, tuple[str, list[int]]]]:
+    """{file: {key: (safetensors dtype name, shape)}} from the safetensors headers (no tensor data
+    read); CheckpointError naming the file when one is missing or damaged."""
     headers = {}
     for f in sorted(files):
         fpath = folder / f
@@ -359,7 +360,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         raise _fail(mpath, "tensors", f"missing tensor(s) the model needs: {missing[:5]}")
     if extra:
         raise _fail(mpath, "tensors", f"tensor(s) the model does not have: {extra[:5]}")
-    headers = _read_headers(folder, {e["file"] for e in stored.values()})
+    headers = read_headers(folder, {e["file"] for e in stored.values()})
     for name, entry in stored.items():
         fpath = folder / entry["file"]
         header = headers[entry["file"]].get(name)

@@ -137,29 +137,29 @@ def _check_checkpoint_keys(layers: dict[str, QuantLinear], checkpoint_files: Any
     transformers would only warn about an unexpected key and compute without it (a silently wrong
     layer), and report a mismatched one without naming lowbit's entry. Reads the file headers
     only; fields the file lacks are caught after loading (`_check_loaded_layer`)."""
-    from safetensors import safe_open
+    from pathlib import Path
 
-    from ..io import SAFETENSORS_DTYPES
+    from ..io import SAFETENSORS_DTYPES, read_headers
 
-    declared = {name: set(layer.state_dict(keep_vars=True)) for name, layer in layers.items()}
-    for path in checkpoint_files or ():
-        if not str(path).endswith(".safetensors"):
+    for path in map(Path, checkpoint_files or ()):
+        if path.suffix != ".safetensors":
             continue
-        with safe_open(str(path), framework="pt") as handle:
-            headers = {key: handle.get_slice(key) for key in handle.keys()}
-            for key, header in headers.items():
-                name, _, field = key.rpartition(".")
-                if name not in layers:
-                    continue
-                layer = layers[name]
-                if field not in declared[name]:
-                    raise FormatError(f"{path}: {key}: the checkpoint holds '{field}' for layer {name}, which "
-                                      f"quantization_config.layers declares without it: {layer.metadata()}")
-                spec = layer._fields.get(field)
-                stored = (SAFETENSORS_DTYPES.get(header.get_dtype()), list(header.get_shape()))
-                if spec is not None and stored != (dtype_name(spec.dtype), list(spec.shape)):
-                    raise FormatError(f"{path}: {key}: holds {stored[0]} {stored[1]}, but quantization_config.layers "
-                                      f"declares {dtype_name(spec.dtype)} {list(spec.shape)} for it: {layer.metadata()}")
+        for key, (dtype, shape) in read_headers(path.parent, {path.name})[path.name].items():
+            name, _, field = key.rpartition(".")
+            if name not in layers:
+                continue
+            layer = layers[name]
+            if field == "bias" and layer.bias is not None:  # its dtype follows the model's
+                continue
+            fields = layer.packed.tensors  # the declared packed fields, on the meta device
+            if field not in fields:
+                raise FormatError(f"{path}: {key}: the checkpoint holds '{field}' for layer {name}, which "
+                                  f"quantization_config.layers declares without it: {layer.metadata()}")
+            stored = (SAFETENSORS_DTYPES.get(dtype), shape)
+            declared = (dtype_name(fields[field].dtype), list(fields[field].shape))
+            if stored != declared:
+                raise FormatError(f"{path}: {key}: holds {stored[0]} {stored[1]}, but quantization_config.layers "
+                                  f"declares {declared[0]} {declared[1]} for it: {layer.metadata()}")
 
 
 def _check_loaded_layer(name: str, layer: QuantLinear) -> None:
