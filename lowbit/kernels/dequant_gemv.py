@@ -396,9 +396,10 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, wo
                                stride_qn, one, magic, BITS, ELEMENT, SYMMETRIC, ONE_BIT_PLANES, MASKED or PADDED_K,
                                BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K, PTX)
     group = col * COLUMN_K // GROUP_SIZE
-    scale_rows = rows if SCALE_GROUP_N == 1 else rows // SCALE_GROUP_N
-    if _TRANSPOSED_LOADS:  # consecutive rows' scales are contiguous: hidden, so they load like the words
-        scale_rows *= one
+    # consecutive rows' scales and zero points are contiguous: with _TRANSPOSED_LOADS that is hidden
+    # (times the run-time 1), so they load like the words
+    param_rows = rows * one if _TRANSPOSED_LOADS else rows
+    scale_rows = param_rows if SCALE_GROUP_N == 1 else param_rows // SCALE_GROUP_N
     scale = _decode_scale(_load_by_column(s_ptr + group * stride_sg + scale_rows), SCALE_KIND)  # [1, BLOCK_N, COLUMNS]
     factor = _element_factor(ELEMENT, BITS)
     if SCALE_KIND == "e8m0":
@@ -406,7 +407,7 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, wo
     else:
         scale = scale * factor
     if ELEMENT == "int" and not SYMMETRIC:
-        zero = _load_by_column(z_ptr + group * stride_sg + rows * (one if _TRANSPOSED_LOADS else 1)).to(tl.float32)
+        zero = _load_by_column(z_ptr + group * stride_sg + param_rows).to(tl.float32)
         sums = tl.fma(-zero, x_sum, sums)
     if MASKED:
         sums = tl.where(in_range, sums, 0.0)  # a clamped column's weights may decode to NaN
