@@ -90,7 +90,8 @@ class PackedWeight:
         """Build without re-validating fields, for hot paths whose tensors were validated when
         they were created (QuantLinear.forward: its buffers keep their declared dtype/shape)."""
         obj = cls.__new__(cls)
-        obj.__dict__.update(format=format, shape=shape, dtype=dtype, attrs=attrs, tensors=tensors)
+        # plain attribute stores: torch.compile (2.11) cannot trace a __dict__.update here
+        obj.format, obj.shape, obj.dtype, obj.attrs, obj.tensors = format, shape, dtype, attrs, tensors
         return obj
 
     def __getattr__(self, name: str) -> torch.Tensor:

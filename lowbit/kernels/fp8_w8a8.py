@@ -67,7 +67,7 @@ def w8a8_supported(device: torch.device, weight_dtype: torch.dtype, block: int |
     expected = dequantize_activations(*quantize_activations(x, 384, block)) @ (qweight.float() * w_scale).t()
     try:
         got = scaled_mm_w8a8(x, qweight, scales, block).float()
-    except (RuntimeError, NotImplementedError, ValueError) as exc:
+    except (RuntimeError, NotImplementedError, ValueError, ImportError) as exc:  # ImportError: no F.scaled_mm
         logger.warning("W8A8 torch._scaled_mm unavailable on %s (%s, block=%s): %s; using the weight-only "
                        "FP8 kernel", torch.cuda.get_device_name(device), weight_dtype, block, exc)
         return False
