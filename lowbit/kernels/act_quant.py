@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
+from .runtime import FP_FUSION
 
 E4M3_MAX = tl.constexpr(448.0)
 INT8_MAX = tl.constexpr(127.0)
@@ -89,5 +90,5 @@ def quantize_activations_triton(x: torch.Tensor, kp: int, group: int | None = No
     if m:
         block = min(1024, triton.next_power_of_2(group))
         _act_quant_kernel[(m, kp // group)](x, q, s, k, group, x.stride(0), q.stride(0), s.stride(0),
-                                            ENCODING=encoding, BLOCK=block)
+                                            ENCODING=encoding, BLOCK=block, **FP_FUSION)
     return (q.view(torch.float8_e4m3fn) if encoding == "e4m3" else q), s

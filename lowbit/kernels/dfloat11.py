@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
-from .runtime import num_sms
+from .runtime import FP_FUSION, num_sms
 from .split_k import split_k_buffers, store_split_k
 
 #: largest M the fused decode + GEMV takes; above it, decode to bf16 and use the bf16 GEMM
@@ -316,7 +316,7 @@ def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, 
     aligned = all(row[1] % DECODE_CHUNK == 0 and row[4] % DECODE_CHUNK == 0 and row[6] % DECODE_CHUNK == 0
                   for row in rows)
     _decode_kernel[grid](_layer_table(tuple(rows), out.device), out.view(torch.int16), WEIGHT_FIELDS, SEGMENT=segment,
-                         CODE_BITS=code_bits, BLOCK=DECODE_BLOCK, CHUNK=DECODE_CHUNK, ALIGNED=aligned)
+                         CODE_BITS=code_bits, BLOCK=DECODE_BLOCK, CHUNK=DECODE_CHUNK, ALIGNED=aligned, **FP_FUSION)
 
 
 def decode_weight(words, sign_mantissa, segment_offsets, decode_table, *, segment: int, code_bits: int) -> torch.Tensor:
@@ -355,5 +355,5 @@ def dfloat11_matmul(x, words, sign_mantissa, segment_offsets, decode_table, bias
                                            m, n, k, segments, words.numel(), x.stride(0), per_split, WEIGHT_FIELDS,
                                            SEGMENT=segment, CODE_BITS=code_bits, HAS_BIAS=bias is not None,
                                            SPLIT=splits > 1, BLOCK_M=triton.next_power_of_2(m),
-                                           BLOCK_N=GEMV_BLOCK_N, CHUNK=GEMV_CHUNK)
+                                           BLOCK_N=GEMV_BLOCK_N, CHUNK=GEMV_CHUNK, **FP_FUSION)
     return out

@@ -8,6 +8,11 @@ import torch
 
 from ..errors import KernelUnavailableError
 
+# Fused multiply-adds, asked for at every launch (and in the offline codegen checks): Triton 3.9
+# warns at each kernel's first compile, when neither the launch nor TRITON_DEFAULT_FP_FUSION says,
+# that 3.10 will turn them off by default. The kernels were tuned, and their SASS counted, with them on.
+FP_FUSION = {"enable_fp_fusion": True}
+
 
 def interpreting() -> bool:
     """True when Triton's CPU interpreter is on (TRITON_INTERPRET=1 before kernels were defined)."""

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .runtime import FP_FUSION
+
 M_BUCKETS = (1, 4, 16, 64, 256, 4096)
 #: launch options a config may set besides its path and tile sizes (upper-case constexprs)
 LAUNCH_KEYS = ("num_warps", "num_stages")
@@ -79,8 +81,9 @@ def lookup(device: torch.device, variant: str, n: int, kp: int, m: int) -> dict 
 
 
 def launch_options(cfg: dict) -> dict:
-    """The num_warps / num_stages of a config, as keyword arguments of a Triton launch."""
-    return {k: cfg[k] for k in LAUNCH_KEYS if k in cfg}
+    """The num_warps / num_stages of a config, as keyword arguments of a Triton launch (with
+    fused multiply-adds on: `runtime.FP_FUSION`)."""
+    return {**FP_FUSION, **{k: cfg[k] for k in LAUNCH_KEYS if k in cfg}}
 
 
 def valid_launch_options(cfg: dict) -> bool:

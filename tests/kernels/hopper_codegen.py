@@ -15,6 +15,7 @@ from triton.compiler import ASTSource
 from lowbit.kernels import dequant_gemm as kernels
 from lowbit.formats.dfloat11 import CODE_BITS
 from lowbit.kernels import act_quant, dequant_gemv, dfloat11, lut_gemm
+from lowbit.kernels.runtime import FP_FUSION
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "int8": "*i8"}
@@ -35,7 +36,7 @@ def _compile(kernel, pointer_types: dict, constexprs: dict, unaligned=()):
             attrs[(i,)] = [["tt.divisibility", 16]]
     consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs),
-                          target=HOPPER, options={"num_warps": 4})
+                          target=HOPPER, options={"num_warps": 4, **FP_FUSION})
 
 
 def compile_act_quant(encoding: str):

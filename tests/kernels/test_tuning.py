@@ -139,3 +139,40 @@ def test_tuner_start_points_lie_in_the_search_space(m):
             if key in start:
                 assert start[key] in values, (start["path"], key, start[key])
     assert (space["gemm"]["SPLIT_K"] == (1,)) == (m > 256)
+
+
+@pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+def test_every_kernel_launch_asks_for_fused_multiply_adds(monkeypatch):
+    """Every launch site passes enable_fp_fusion=True (Triton 3.10 turns fusion off by default,
+    3.9 warns when a launch leaves it unset). Records the keyword arguments of each launch of the
+    GEMV, GEMM, LUT lookup, dfloat11 decode and fused GEMV, and activation-quantization kernels."""
+    from triton.runtime.interpreter import GridExecutor
+    from triton.runtime.jit import JITFunction
+
+    # Compiled launches go through JITFunction.run, interpreted ones through GridExecutor
+    # (InterpretedFunction.run is an instance attribute before Triton 3.6, so it is not patched).
+    launches = []
+    for cls, method in ((JITFunction, "run"), (GridExecutor, "__call__")):
+        real_launch = getattr(cls, method)
+
+        def recording_launch(self, *args, _real_launch=real_launch, **kwargs):
+            launches.append((self.fn.__name__, kwargs.get("enable_fp_fusion")))
+            return _real_launch(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, recording_launch)
+    device = torch.device(DEVICES[0])
+    w = torch.randn(40, 256, device=device) * 0.02
+    for fmt, options, rows, config in (
+            ("int4", {}, 1, {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "COLUMN_K": 32, "SPLIT_K": 1}),
+            ("int4", {}, 3, {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),
+            ("int4", {"act": "int8"}, 32, None),  # W8A8 from M = W8A8_MIN_M: activation quantization
+            ("lut2", {}, 1, {"path": "lut", "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 1}),
+            ("dfloat11", {}, 1, None), ("dfloat11", {}, 64, None)):
+        packed = lowbit.get_format(fmt).quantize(w.bfloat16() if fmt == "dfloat11" else w, **options)
+        x = torch.randn(rows, 256, device=device, dtype=packed.dtype)
+        with tuning.force(config):
+            lowbit.linear(x, packed, backend="triton")
+    kernels = {name for name, _ in launches}
+    assert {"_gemv_kernel", "_gemm_kernel", "_act_quant_kernel", "_lut_gemv_kernel", "_decode_gemv_kernel",
+            "_decode_kernel"} <= kernels, kernels
+    assert all(fusion is True for _, fusion in launches), launches
