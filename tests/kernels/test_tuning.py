@@ -143,9 +143,10 @@ def test_tuner_start_points_lie_in_the_search_space(m):
 
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
 def test_every_kernel_launch_asks_for_fused_multiply_adds(monkeypatch):
-    """Every launch site passes enable_fp_fusion=True (Triton 3.10 turns fusion off by default,
-    3.9 warns when a launch leaves it unset). Records the keyword arguments of each launch of the
-    GEMV, GEMM, LUT lookup, dfloat11 decode and fused GEMV, and activation-quantization kernels."""
+    """Every launch site passes enable_fp_fusion=True (Triton 3.9 warns, when a launch leaves it
+    unset, that 3.10 will turn fusion off by default). Records the keyword arguments of each
+    launch of the GEMV, GEMM, LUT lookup, dfloat11 decode and fused GEMV, and activation-
+    quantization kernels."""
     from triton.runtime.interpreter import GridExecutor
     from triton.runtime.jit import JITFunction
 
