@@ -9,7 +9,9 @@ Calls with at most FUSED_MAX_M tokens skip the block decode: there each layer's 
 decode + GEMV reads the compressed weight only once, which is faster.
 
 This is an eager-mode optimization (forward hooks); under torch.compile, leave it off and the
-per-layer `lowbit::dfloat11_linear` op runs instead.
+per-layer `lowbit::dfloat11_linear` op runs instead. A layer whose call autograd records (a
+gradient is wanted) also runs that op: the decoded slices do not outlive the block, which its
+backward pass does.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .formats import get_format
 from .formats.dfloat11 import CODE_BITS
 from .kernels.runtime import interpreting
 from .linear import QuantLinear
+from .ops import records_gradient
 
 #: one reused bf16 decode buffer per device, grown to the largest block seen
 _BUFFERS: dict[torch.device, torch.Tensor] = {}
@@ -37,12 +40,10 @@ def _shared_buffer(device: torch.device, numel: int) -> torch.Tensor:
     return buffer[:numel]
 
 
-def _tokens(args: tuple, kwargs: dict) -> int | None:
-    """Rows the block's Linear layers will see: the hidden states' numel / hidden size."""
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The block's input hidden states [..., H] (its first argument), None if it takes none."""
     hidden = kwargs.get("hidden_states", args[0] if args else None)
-    if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1 and hidden.shape[-1]:
-        return hidden.numel() // hidden.shape[-1]
-    return None
+    return hidden if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1 and hidden.shape[-1] else None
 
 
 class BlockDecompressor:
@@ -96,8 +97,12 @@ class BlockDecompressor:
             handle.remove()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        tokens = _tokens(args, kwargs)
-        if tokens is None or tokens >= self.min_tokens:
+        hidden = _hidden_states(args, kwargs)
+        if hidden is None:
+            self.decode()
+        # while autograd records, every layer runs lowbit.linear instead (QuantLinear.forward): a
+        # decode would be wasted
+        elif hidden.numel() // hidden.shape[-1] >= self.min_tokens and not records_gradient(hidden, None):
             self.decode()
 
     def _after(self, module: nn.Module, args: tuple, output: Any) -> None:

@@ -161,9 +161,11 @@ class QuantLinear(nn.Module):
                             self.attrs, {name: self._buffers[name] for name in self._fields})
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        from .ops import linear
+        from .ops import linear, records_gradient
 
-        if self.decoded_weight is not None and backend is None:
+        # a block-decoded weight is a view of a buffer the next block overwrites: autograd must
+        # not keep it for the backward pass, so a recorded call takes lowbit.linear's path
+        if self.decoded_weight is not None and backend is None and not records_gradient(x, self.bias):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, self.decoded_weight.to(x.dtype), bias)
         return linear(x, self.packed, self.bias, backend=backend)

@@ -1,7 +1,8 @@
 """lowbit.linear(): dispatch to the Triton kernel (CUDA) or the torch reference (CPU).
 
-The Triton launcher is registered as the custom op `lowbit::dequant_linear` with a fake
-implementation, so torch.compile traces through lowbit layers without a graph break.
+The Triton launchers are registered as custom ops (`lowbit::dequant_linear`, ...) with fake
+implementations, so torch.compile traces through lowbit layers without a graph break. Where
+autograd records, `FrozenWeightLinear` gives x (and bias) their gradients on every backend.
 """
 from __future__ import annotations
 
@@ -135,6 +136,74 @@ def dfloat11_linear(
 dfloat11_linear.register_fake(_fake_linear)
 
 
+@torch.library.custom_op("lowbit::dfloat11_decode", mutates_args=())
+def dfloat11_decode(
+    sign_mantissa: torch.Tensor,
+    exponent_code: torch.Tensor,
+    segment_offsets: torch.Tensor,
+    decode_table: torch.Tensor,
+    segment: int,
+    code_bits: int,
+) -> torch.Tensor:
+    """A dfloat11 weight -> its bf16 [N, K] values through the Triton decoder (the backward pass's
+    weight; an op so that torch.compile traces it)."""
+    from .kernels.dfloat11 import decode_weight
+
+    return decode_weight(exponent_code, sign_mantissa, segment_offsets, decode_table, segment=segment,
+                         code_bits=code_bits)
+
+
+@dfloat11_decode.register_fake
+def _fake_dfloat11_decode(sign_mantissa: torch.Tensor, *args) -> torch.Tensor:
+    return torch.empty_like(sign_mantissa, dtype=torch.bfloat16)
+
+
+class FrozenWeightLinear(torch.autograd.Function):
+    """y = lowbit.linear(x, W, bias) with gradients for x and bias; the packed weight is frozen.
+
+    grad_x = grad_y @ W_hat in x.dtype, W_hat = the format's dequantized [N, K] weight, rebuilt in
+    the backward pass (nothing [N, K] is kept between the passes). For weight-only formats this is
+    the exact gradient of the reference F.linear(x, W_hat); where the format also quantizes x
+    (act=...) it is the straight-through estimator, as in quantization-aware training: the rounding
+    of x has no useful derivative (zero almost everywhere; autograd through the reference's scale
+    computation gives noise). Same gradient on the torch and Triton backends."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight, backend: str) -> torch.Tensor:
+        ctx.packed, ctx.backend = packed, backend
+        return _dispatch(x, packed, bias, backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = get_format(ctx.packed.format).backward_weight(ctx.packed, ctx.backend)
+            grad_x = torch.matmul(grad_y, weight.to(grad_y.dtype))
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None
+
+
+def records_gradient(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd records a product with x and bias (grad mode on and one of them needs it)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _dispatch(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """The forward product on `backend` ("torch" or "triton"), inputs already checked."""
+    fmt = get_format(packed.format)
+    if backend == "torch":
+        return fmt.reference_linear(x, packed, bias)
+
+    from .kernels.runtime import check_triton_device
+
+    check_triton_device(x.device)
+    n, k = packed.shape
+    y = fmt.triton_linear(x.reshape(-1, k), packed, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for a packed W of shape [N, K].
@@ -143,6 +212,7 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     backend: None = Triton on CUDA, torch reference elsewhere; "triton" forces the kernel
     (CPU tensors need TRITON_INTERPRET=1); "torch" forces the reference
     F.linear(x, dequantize(W)).
+    Differentiable in x and bias on both backends (`FrozenWeightLinear`); W gets no gradient.
     """
     if not isinstance(packed, PackedWeight):
         raise InputError(f"packed must be a PackedWeight (Format.quantize's result), got {type(packed).__name__}")
@@ -166,12 +236,6 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend is None:
         backend = "triton" if x.is_cuda else "torch"
-    fmt = get_format(packed.format)
-    if backend == "torch":
-        return fmt.reference_linear(x, packed, bias)
-
-    from .kernels.runtime import check_triton_device
-
-    check_triton_device(x.device)
-    y = fmt.triton_linear(x.reshape(-1, k), packed, bias)
-    return y.reshape(*x.shape[:-1], n)
+    if records_gradient(x, bias):
+        return FrozenWeightLinear.apply(x, bias, packed, backend)
+    return _dispatch(x, packed, bias, backend)

@@ -120,6 +120,11 @@ class Format:
             raise FormatError(f"{self.name}.dequantize: expected a PackedWeight of format {self.name!r}, got {got}")
         return self._dequantize(packed)
 
+    def backward_weight(self, packed: PackedWeight, backend: str) -> torch.Tensor:
+        """[N, K] W_hat for the backward pass of `lowbit.linear` on `backend` ("torch" or
+        "triton"): the dequantized weight; a format with a faster decoder on that backend uses it."""
+        return self._dequantize(packed)
+
     def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
         """`dequantize` of a PackedWeight known to be of this format."""
         raise NotImplementedError

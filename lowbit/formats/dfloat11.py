@@ -262,6 +262,13 @@ class DFloat11Format(Format):
     def check_data(self, packed: PackedWeight) -> None:
         check_stream(packed)
 
+    def backward_weight(self, packed: PackedWeight, backend: str) -> torch.Tensor:
+        if backend == "torch":
+            return self._dequantize(packed)
+        t = packed.tensors  # the Triton decoder: the reference decodes step by step, slow on a GPU
+        return torch.ops.lowbit.dfloat11_decode(t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
+                                                t["decode_table"], packed.attrs["segment"], CODE_BITS)
+
     def triton_linear(self, x2d, packed, bias):
         t = packed.tensors
         return torch.ops.lowbit.dfloat11_linear(x2d, t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
