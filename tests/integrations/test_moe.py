@@ -83,6 +83,22 @@ def test_quantized_experts_compute_what_transformers_computes_with_the_dequantiz
     assert expected_slots <= {n for n, m in quantized.named_modules() if isinstance(m, lowbit.QuantLinear)}
 
 
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_gradients_pass_through_quantized_experts(arch):
+    """Every parameter left in full precision (router, norms, attention biases, embeddings) gets the
+    gradient transformers computes with the dequantized weights (tests/test_gradients.py: layers)."""
+    original = _model(arch)
+    quantized = lowbit.quantize(copy.deepcopy(original), "int4", skip=["*attn*", "lm_head"], progress=False)
+    grads = []
+    for model in (quantized, _dequantized_reference(original, quantized)):
+        model(IDS).logits.square().mean().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    router = [name for name in grads[0] if ".mlp." in name and ".experts." not in name]  # gate / router
+    assert router and "model.layers.0.mlp.experts.down_proj" not in grads[0]
+    trained = {name: grads[1][name] for name in grads[0]}  # the reference also trains its dequantized weights
+    torch.testing.assert_close(grads[0], trained, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("tokens,routing", [(5, "one expert for all"), (1, "random"), (0, "random"), (40, "random")])
 def test_routing_edge_cases_match_transformers(tokens, routing):
     original = _model("gpt_oss")
