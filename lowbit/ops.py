@@ -208,7 +208,8 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
            backend: str | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for a packed W of shape [N, K].
 
-    x: [..., K] float16 / bfloat16 / float32; returns [..., N] in x.dtype.
+    x: [..., K] float16 / bfloat16 / float32; returns [..., N] in x.dtype (under torch.autocast,
+    in its dtype, as nn.Linear).
     backend: None = Triton on CUDA, torch reference elsewhere; "triton" forces the kernel
     (CPU tensors need TRITON_INTERPRET=1); "torch" forces the reference
     F.linear(x, dequantize(W)).
@@ -225,6 +226,11 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
         raise InputError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={k}")
     if x.device != packed.device:
         raise InputError(f"x is on {x.device} but the packed weight is on {packed.device}")
+    if torch.is_autocast_enabled(x.device.type):
+        # as nn.Linear under autocast: the product in the autocast dtype, computed with autocast off
+        # (the Triton ops know nothing of it, and the reference's own fp32 products must stay fp32)
+        with torch.autocast(x.device.type, enabled=False):
+            return linear(x.to(torch.get_autocast_dtype(x.device.type)), packed, bias, backend)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__

@@ -6,6 +6,8 @@ import lowbit
 from lowbit.errors import FormatError, InputError
 from lowbit.formats import get_format
 
+from .conftest import requires_gpu
+
 
 def _layer(bias=True, dtype=torch.float32):
     torch.manual_seed(0)
@@ -27,6 +29,37 @@ def test_activation_dtypes(act_dtype):
     q = lowbit.QuantLinear.from_linear(_layer(), "int8")
     y = q(torch.randn(3, 300).to(act_dtype))
     assert y.dtype == act_dtype and y.shape == (3, 37)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fmt,options", [("int4", {}), ("fp8", {"act": "fp8"}), ("nvfp4", {"act": "nvfp4"}),
+                                         ("dfloat11", {})], ids=lambda v: str(v))
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_computes_in_its_dtype_as_nn_linear(fmt, options, backend, autocast_dtype):
+    """Under torch.autocast an fp32 x is multiplied in the autocast dtype, as nn.Linear does, on both
+    backends (the Triton ops are not autocast-aware: they returned fp32), and the reference's own
+    fp32 product (act=) stays fp32 inside: the layer on x cast by hand, without autocast."""
+    dense = _layer().to(torch.bfloat16 if fmt == "dfloat11" else torch.float32)
+    q = lowbit.QuantLinear.from_linear(dense, fmt, **options)
+    x = torch.randn(3, 300)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y = q(x, backend=backend)
+        assert dense(x.to(dense.weight.dtype)).dtype == autocast_dtype
+    assert y.dtype == autocast_dtype
+    assert torch.equal(y, q(x.to(autocast_dtype), backend=backend))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "dfloat11"])
+def test_gpu_autocast_runs_the_kernel_in_its_dtype(fmt):
+    dense = nn.Linear(4096, 1024).to(torch.bfloat16 if fmt == "dfloat11" else torch.float32)
+    q = lowbit.QuantLinear.from_linear(dense, fmt).cuda()
+    x = torch.randn(16, 4096, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, q(x.bfloat16()))
 
 
 def test_extra_repr_shows_format_and_bits():
