@@ -264,7 +264,7 @@ class DFloat11Format(Format):
 
     def backward_weight(self, packed: PackedWeight, backend: str) -> torch.Tensor:
         if backend == "torch":
-            return self._dequantize(packed)
+            return super().backward_weight(packed, backend)
         t = packed.tensors  # the Triton decoder: the reference decodes step by step, slow on a GPU
         return torch.ops.lowbit.dfloat11_decode(t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
                                                 t["decode_table"], packed.attrs["segment"], CODE_BITS)
