@@ -15,6 +15,18 @@ __version__ = "0.1.0"
 
 _register_with_transformers()
 
+
+def __getattr__(name: str):
+    """`lowbit.lora_config` (lowbit/integrations/peft_lora.py) imports peft, an optional dependency,
+    only when first used."""
+    if name == "lora_config":
+        try:
+            from .integrations.peft_lora import lora_config
+        except ImportError as error:
+            raise LowbitError(f"lowbit.lora_config needs peft (pip install 'lowbit[lora]'): {error}") from error
+        return lora_config
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
 __all__ = [
     "HfQuantConfig",
     "LowbitError",

@@ -267,7 +267,9 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """True: adapters (lowbit.lora_config) train over the frozen quantized layers, so transformers'
+        Trainer accepts a lowbit model with PEFT adapters (and still refuses one without)."""
+        return True
 
     @property
     def is_compileable(self) -> bool:
@@ -300,14 +302,17 @@ def attach_hf_config(model: nn.Module, config: QuantConfig | None = None) -> Non
 
 
 def detach_hf_config(model: nn.Module) -> None:
-    """Undo `attach_hf_config` (lowbit.dequantize): a plain model again for save_pretrained."""
-    if not isinstance(getattr(getattr(model, "config", None), "quantization_config", None), HfQuantConfig):
-        return
-    del model.config.quantization_config
-    for attribute in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attribute):
-            delattr(model, attribute)
-    model.is_quantized = False
+    """Undo `attach_hf_config` (lowbit.dequantize): a plain model again for save_pretrained. The
+    transformers model may sit inside `model` (a peft PeftModel wraps one), so every submodule's own
+    attributes are looked at, none read through a wrapper's attribute forwarding."""
+    for module in model.modules():
+        config = vars(module).get("config")
+        if isinstance(getattr(config, "quantization_config", None), HfQuantConfig):
+            del config.quantization_config
+        if isinstance(vars(module).get("hf_quantizer"), LowbitHfQuantizer):
+            del module.hf_quantizer
+            vars(module).pop("quantization_method", None)
+            module.is_quantized = False
 
 
 #: the oldest transformers lowbit is tested with: 5.19 and older route MoE experts through another

@@ -1,0 +1,202 @@
+"""LoRA adapters (peft) over lowbit layers: `lowbit.lora_config` registers LoraQuantLinear for
+QuantLinear. The reference is the same adapter over the dequantized weights (lowbit.dequantize of a
+copy: PEFT's own LoRA layer over nn.Linear), which a lowbit base must match in outputs and in the
+adapter's gradients."""
+import copy
+import sys
+import warnings
+
+import pytest
+import torch
+
+import lowbit
+
+from ..conftest import make_tiny_llama
+
+peft = pytest.importorskip("peft", reason="peft is a test dependency (pyproject [test]); the GPU image lacks it")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from lowbit.integrations.peft_lora import LoraQuantLinear  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _peft_llama(fmt="int4", seed=0, **options):
+    """A tiny int4 Llama (lm_head in full precision) with LoRA adapters whose B is not zero (a fresh
+    adapter adds nothing, which would hide a missing term)."""
+    model = lowbit.quantize(make_tiny_llama(seed), fmt, skip=["lm_head"], progress=False, **options)
+    with warnings.catch_warnings():  # PEFT's "Unsupported layer type ..., proceed at your own risk" would be wrong
+        warnings.filterwarnings("error", message="Unsupported layer type")
+        model = get_peft_model(model, lowbit.lora_config(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    return model
+
+
+def _loss_and_adapter_grads(model, ids):
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _assert_adapters_learn_as_over_the_dequantized_weights(model, ids, activations_rounded=False):
+    """Loss and adapter gradients of `model` (LoRA over lowbit layers) against a copy whose lowbit
+    layers are dequantized (PEFT's own LoRA layer over nn.Linear)."""
+    reference = lowbit.dequantize(copy.deepcopy(model))
+    assert not any(isinstance(m, lowbit.QuantLinear) for m in reference.modules())
+    for name, parameter in reference.named_parameters():  # the restored nn.Linear weights learn by default
+        parameter.requires_grad_("lora_" in name)
+    loss, grads = _loss_and_adapter_grads(model, ids)
+    reference_loss, reference_grads = _loss_and_adapter_grads(reference, ids)
+    assert sorted(grads) == sorted(reference_grads) and all("lora_" in name for name in grads)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    if activations_rounded:
+        # act= formats round x in the forward and pass the straight-through gradient, which the
+        # reference does not: the loss differs by that rounding, the gradients agree less closely
+        torch.testing.assert_close(grads, reference_grads, rtol=0.1, atol=2e-3)
+    else:
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grads, reference_grads, rtol=1e-4, atol=1e-6)
+    return grads
+
+
+@pytest.mark.parametrize("fmt,options", [("int4", {}), ("nf4", {}), ("fp8", {"act": "fp8"}),
+                                         ("mxfp4", {}), ("int8", {"act": "int8", "symmetric": True})],
+                         ids=lambda v: str(v))
+def test_adapters_over_a_quantized_llama_match_them_over_the_dequantized_one(fmt, options):
+    model = _peft_llama(fmt, **options)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraQuantLinear) and isinstance(layer.base_layer, lowbit.QuantLinear)
+    grads = _assert_adapters_learn_as_over_the_dequantized_weights(model, IDS, activations_rounded="act" in options)
+    assert len(grads) == 12  # 3 targets x 2 layers x (A, B)
+
+
+def test_adapters_on_the_attention_of_a_moe_model_with_quantized_experts():
+    from .test_moe import IDS as MOE_IDS, _model
+
+    model = lowbit.quantize(_model("mixtral"), "int4", group_size=32, skip=["lm_head"], progress=False)
+    with pytest.raises(ValueError, match="is not supported"):  # PEFT's: the experts' container, not a layer
+        get_peft_model(copy.deepcopy(model), lowbit.lora_config(LoraConfig(r=4, target_modules=["down_proj"])))
+    model = get_peft_model(model, lowbit.lora_config(LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights="gaussian")))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    _assert_adapters_learn_as_over_the_dequantized_weights(model, MOE_IDS)
+
+
+def test_a_lora_layer_runs_its_base_on_the_triton_backend():
+    torch.manual_seed(0)
+    base = lowbit.QuantLinear.from_linear(torch.nn.Linear(96, 40), "int4", group_size=32)
+    model = torch.nn.Sequential(base)
+    model = peft.inject_adapter_in_model(lowbit.lora_config(LoraConfig(r=4, target_modules=["0"])), model)
+    layer = model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight, 0, 0.1)
+    x = torch.randn(3, 96, requires_grad=True)
+    y = layer(x, backend="triton")
+    adapter = layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+    torch.testing.assert_close(y, lowbit.linear(x, base.packed, base.bias, backend="torch") + adapter,
+                               rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0 and x.grad is not None
+
+
+def test_training_moves_the_adapters_and_leaves_the_packed_weights_bit_equal():
+    model = _peft_llama()
+    packed_before = {n: b.clone() for n, b in model.named_buffers()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss, _ = _loss_and_adapter_grads(model, IDS)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(b, packed_before[n]) for n, b in model.named_buffers())
+
+
+def test_an_adapter_saved_after_training_loads_onto_the_reloaded_base(tmp_path):
+    base = lowbit.quantize(make_tiny_llama(), "int4", skip=["lm_head"], progress=False)
+    base.save_pretrained(tmp_path / "base")
+    model = _peft_llama()
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    with torch.no_grad():
+        expected = model(IDS).logits
+
+    from transformers import LlamaForCausalLM
+
+    with pytest.raises(ValueError, match="is not supported"):  # PEFT's own: the saved config cannot register
+        PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    for load in (LlamaForCausalLM.from_pretrained, lowbit.load):
+        config = lowbit.lora_config(LoraConfig.from_pretrained(tmp_path / "adapter"))
+        reloaded = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter", config=config)
+        with torch.no_grad():
+            assert torch.equal(reloaded(IDS).logits, expected)
+
+
+def test_trainer_takes_a_lowbit_model_with_adapters_and_refuses_one_without(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 256, (8, 12))]
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    bare = lowbit.quantize(make_tiny_llama(), "nf4", skip=["lm_head"], progress=False)
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=bare, args=args, train_dataset=data)
+
+    for attach in ("get_peft_model", "add_adapter"):  # peft's wrapper, transformers' own adapter API
+        model = lowbit.quantize(make_tiny_llama(), "nf4", skip=["lm_head"], progress=False)
+        config = lowbit.lora_config(LoraConfig(r=4, target_modules=TARGETS))
+        if attach == "get_peft_model":
+            model = get_peft_model(model, config)
+        else:
+            model.add_adapter(config)
+        adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+        assert len(adapters) == 6
+        Trainer(model=model, args=args, train_dataset=data).train()
+        assert all(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if n in adapters)
+
+
+def test_merging_needs_the_dequantized_base():
+    model = _peft_llama()
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+    with pytest.raises(lowbit.LowbitError, match=r"lowbit.dequantize\(model\) first"):
+        model.merge_and_unload()
+    merged = lowbit.dequantize(model).merge_and_unload()
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert not merged.is_quantized and not hasattr(merged.config, "quantization_config")
+    assert not any(isinstance(m, (lowbit.QuantLinear, LoraQuantLinear)) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, unmerged, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' starts from the full-precision weight"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+    ({"use_dora": True}, "DoraLinearVariant .* is not supported on lowbit layers"),
+])
+def test_what_needs_the_full_precision_weight_is_refused(options, match):
+    model = lowbit.quantize(make_tiny_llama(), "int4", skip=["lm_head"], progress=False)
+    with pytest.raises(lowbit.LowbitError, match=match):
+        get_peft_model(model, lowbit.lora_config(LoraConfig(r=4, target_modules=TARGETS, **options)))
+
+
+def test_lora_config_without_peft_names_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    monkeypatch.delitem(sys.modules, "lowbit.integrations.peft_lora")
+    with pytest.raises(lowbit.LowbitError, match=r"needs peft \(pip install 'lowbit\[lora\]'\)"):
+        lowbit.lora_config
+
+
+def test_lora_config_takes_a_lora_config():
+    with pytest.raises(lowbit.LowbitError, match="takes a peft LoraConfig, got dict"):
+        lowbit.lora_config({"r": 4})
