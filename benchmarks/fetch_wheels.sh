@@ -4,12 +4,14 @@
 # Also transformers: the image's 5.17 is older than lowbit's minimum (5.20; its MoE experts
 # interface differs), and 5.23's requirements (huggingface-hub >=1.31, tokenizers 0.23, regex,
 # safetensors 0.8) are met by the image's own packages, as its pip list in the device notes shows.
+# Also peft 0.21.2: the image has a peft of its own version, and lowbit.lora_config is tested with 0.21
+# (the LoRA `gpu` test in tests/integrations/test_peft.py; accelerate, which peft needs, is in the image).
 # gemlite ships only a source archive: it is pure Python, so a wheel is built from it here.
 set -eu
 cd "$(dirname "$0")/.."
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-  -d .whl torchao==0.18.0 dfloat11==0.5.0 dahuffman==0.4.2 transformers==5.23.0
+  -d .whl torchao==0.18.0 dfloat11==0.5.0 dahuffman==0.4.2 transformers==5.23.0 peft==0.21.2
 python3 -m pip wheel -q --no-deps -w .whl gemlite==0.6.0.post2
 ls -l .whl

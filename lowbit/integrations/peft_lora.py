@@ -29,33 +29,36 @@ class LoraQuantLinear(PeftLoraLinear):
     `lowbit.dequantize(model)` the base is an nn.Linear again and PEFT's merge works as usual."""
 
     def _get_in_out_features(self, module: Any) -> tuple[int, int]:
+        """(in_features, out_features) of the base, without PEFT's "Unsupported layer type" warning."""
         return module.in_features, module.out_features
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
+        #: the layer's qualified name, for error messages (PEFT passes it on each adapter it adds)
+        self.target_name = kwargs.get("target_name") or getattr(self, "target_name", "a lowbit layer")
         init = config.init_lora_weights
         if (isinstance(self.get_base_layer(), QuantLinear) and isinstance(init, str)
                 and init.lower().startswith(_INITS_FROM_THE_BASE_WEIGHT)):
-            raise LowbitError(f"LoRA adapter {adapter_name!r} on {kwargs.get('target_name') or 'a lowbit layer'}: "
-                              f"init_lora_weights={init!r} starts from the full-precision weight, and this "
-                              f"layer holds a packed {self.get_base_layer().format} one; use the default "
-                              f"initialization (init_lora_weights=True or 'gaussian')")
+            raise LowbitError(f"LoRA adapter {adapter_name!r} on {self.target_name}: init_lora_weights={init!r} "
+                              f"starts from the full-precision weight, and this layer holds a packed "
+                              f"{self.get_base_layer().format} one; use the default initialization "
+                              f"(init_lora_weights=True or 'gaussian')")
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
-    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> None:
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> Any:
         variant = super().resolve_lora_variant(config=config, **kwargs)
         if variant is not None and isinstance(self.get_base_layer(), QuantLinear):
-            raise LowbitError(f"{type(variant).__name__} (a LoRA variant: DoRA, VeLoRA, ...) is not supported "
-                              f"on lowbit layers: they hold a packed {self.get_base_layer().format} weight, and "
-                              f"the variant reads the full-precision one; use plain LoRA")
+            raise LowbitError(f"LoRA on {self.target_name}: {type(variant).__name__} (a LoRA variant: DoRA, "
+                              f"VeLoRA, ...) reads the full-precision weight, and this layer holds a packed "
+                              f"{self.get_base_layer().format} one; use plain LoRA")
         return variant
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
         if isinstance(base, QuantLinear):
-            # merging into packed weights would round W + BA to the format again and lose the adapter's
-            # small update to that rounding; merging into the dequantized weights keeps it
-            raise LowbitError(f"merging a LoRA adapter into a lowbit layer ({base.format}) would quantize the "
-                              f"merged weight again: call lowbit.dequantize(model) first (the base layers "
+            # merging into packed weights would round W + BA to the format again: a second rounding on
+            # top of the first, which the adapter was trained to correct for
+            raise LowbitError(f"merging a LoRA adapter into {self.target_name} ({base.format}) would quantize "
+                              f"the merged weight again: call lowbit.dequantize(model) first (the base layers "
                               f"become nn.Linear with the dequantized weights), then merge (merge_and_unload), "
                               f"and quantize the merged model again if you want it quantized")
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)

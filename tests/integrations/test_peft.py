@@ -11,7 +11,7 @@ import torch
 
 import lowbit
 
-from ..conftest import make_tiny_llama
+from ..conftest import make_tiny_llama, requires_gpu
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency (pyproject [test]); the GPU image lacks it")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -21,10 +21,10 @@ from lowbit.integrations.peft_lora import LoraQuantLinear  # noqa: E402
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def _peft_llama(fmt="int4", seed=0, **options):
-    """A tiny int4 Llama (lm_head in full precision) with LoRA adapters whose B is not zero (a fresh
-    adapter adds nothing, which would hide a missing term)."""
-    model = lowbit.quantize(make_tiny_llama(seed), fmt, skip=["lm_head"], progress=False, **options)
+def _peft_llama(fmt="int4", dtype=torch.float32, **options):
+    """A tiny quantized Llama (lm_head in full precision) with LoRA adapters whose B is not zero (a
+    fresh adapter adds nothing, which would hide a missing term)."""
+    model = lowbit.quantize(make_tiny_llama(dtype=dtype), fmt, skip=["lm_head"], progress=False, **options)
     with warnings.catch_warnings():  # PEFT's "Unsupported layer type ..., proceed at your own risk" would be wrong
         warnings.filterwarnings("error", message="Unsupported layer type")
         model = get_peft_model(model, lowbit.lora_config(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
@@ -45,17 +45,21 @@ def _loss_and_adapter_grads(model, ids):
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def _assert_adapters_learn_as_over_the_dequantized_weights(model, ids, activations_rounded=False):
-    """Loss and adapter gradients of `model` (LoRA over lowbit layers) against a copy whose lowbit
-    layers are dequantized (PEFT's own LoRA layer over nn.Linear)."""
+def _with_the_dequantized_reference(model, ids):
+    """(loss, adapter grads) of `model` (LoRA over lowbit layers) and of a copy whose lowbit layers are
+    dequantized (PEFT's own LoRA layer over nn.Linear), after checking both have the same adapters."""
     reference = lowbit.dequantize(copy.deepcopy(model))
     assert not any(isinstance(m, lowbit.QuantLinear) for m in reference.modules())
     for name, parameter in reference.named_parameters():  # the restored nn.Linear weights learn by default
         parameter.requires_grad_("lora_" in name)
-    loss, grads = _loss_and_adapter_grads(model, ids)
-    reference_loss, reference_grads = _loss_and_adapter_grads(reference, ids)
+    (loss, grads), (reference_loss, reference_grads) = (_loss_and_adapter_grads(m, ids) for m in (model, reference))
     assert sorted(grads) == sorted(reference_grads) and all("lora_" in name for name in grads)
     assert all(g.abs().sum() > 0 for g in grads.values())
+    return loss, grads, reference_loss, reference_grads
+
+
+def _assert_adapters_learn_as_over_the_dequantized_weights(model, ids, activations_rounded=False):
+    loss, grads, reference_loss, reference_grads = _with_the_dequantized_reference(model, ids)
     if activations_rounded:
         # act= formats round x in the forward and pass the straight-through gradient, which the
         # reference does not: the loss differs by that rounding, the gradients agree less closely
@@ -169,7 +173,8 @@ def test_merging_needs_the_dequantized_base():
     model.eval()
     with torch.no_grad():
         unmerged = model(IDS).logits
-    with pytest.raises(lowbit.LowbitError, match=r"lowbit.dequantize\(model\) first"):
+    with pytest.raises(lowbit.LowbitError, match=r"into model.layers.0.self_attn.q_proj \(int4\) would quantize .* "
+                                                 r"lowbit.dequantize\(model\) first"):
         model.merge_and_unload()
     merged = lowbit.dequantize(model).merge_and_unload()
     assert type(merged).__name__ == "LlamaForCausalLM"
@@ -180,9 +185,10 @@ def test_merging_needs_the_dequantized_base():
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' starts from the full-precision weight"),
+    ({"init_lora_weights": "pissa"}, "on model.layers.0.self_attn.q_proj: init_lora_weights='pissa' starts from "
+                                     "the full-precision weight"),
     ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
-    ({"use_dora": True}, "DoraLinearVariant .* is not supported on lowbit layers"),
+    ({"use_dora": True}, r"LoRA on model.layers.0.self_attn.q_proj: DoraLinearVariant .* use plain LoRA"),
 ])
 def test_what_needs_the_full_precision_weight_is_refused(options, match):
     model = lowbit.quantize(make_tiny_llama(), "int4", skip=["lm_head"], progress=False)
@@ -200,3 +206,19 @@ def test_lora_config_without_peft_names_what_to_install(monkeypatch):
 def test_lora_config_takes_a_lora_config():
     with pytest.raises(lowbit.LowbitError, match="takes a peft LoraConfig, got dict"):
         lowbit.lora_config({"r": 4})
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,options", [("int4", {}), ("nvfp4", {}), ("fp8", {"act": "fp8"}), ("dfloat11", {})],
+                         ids=lambda v: str(v))
+def test_gpu_adapters_over_the_triton_kernels_match_them_over_the_dequantized_weights(fmt, options):
+    """bf16 on CUDA: the lowbit layers run the Triton kernels forward and backward, the reference
+    cuBLAS; both sum in other orders, so agreement is to a share of each gradient's largest entry."""
+    model = _peft_llama(fmt, dtype=torch.bfloat16, **options).cuda()
+    loss, grads, reference_loss, reference_grads = _with_the_dequantized_reference(model, IDS.cuda())
+    share = 0.15 if "act" in options else 0.03
+    torch.testing.assert_close(loss, reference_loss, rtol=share, atol=0)
+    for name, grad in grads.items():
+        error = (grad.float() - reference_grads[name].float()).abs().max()
+        assert error <= share * reference_grads[name].float().abs().max(), name
