@@ -55,8 +55,8 @@ class LoraQuantLinear(PeftLoraLinear):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
         if isinstance(base, QuantLinear):
-            # merging into packed weights would round W + BA to the format again: a second rounding on
-            # top of the first, which the adapter was trained to correct for
+            # merging into packed weights would round W_hat + scaling * BA to the format again: a second
+            # rounding, which the adapter was not trained with
             raise LowbitError(f"merging a LoRA adapter into {self.target_name} ({base.format}) would quantize "
                               f"the merged weight again: call lowbit.dequantize(model) first (the base layers "
                               f"become nn.Linear with the dequantized weights), then merge (merge_and_unload), "
