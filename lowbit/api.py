@@ -16,7 +16,7 @@ from . import experts
 from .calibration import check_batches, collect_hessians, hessian_chunks
 from .config import QuantConfig
 from .errors import FormatError, InputError, LowbitError, check_module
-from .linear import QuantLinear, is_quantize_target, linear_shape
+from .linear import QuantLinear, is_conv1d, is_quantize_target, linear_shape
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,8 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         weight = get_format(layer.format).dequantize(layer.packed).to(dtype or layer.weight_dtype)
         bias = None if layer.bias is None else layer.bias.detach().to(weight.dtype)
-        if name in conv1d:
+        # a peft LoRA layer holds the layer it wraps as `base_layer`: the model's class names the wrapper
+        if name.removesuffix(".base_layer") in conv1d:
             from transformers.pytorch_utils import Conv1D
 
             with torch.device("meta"):
@@ -245,14 +246,21 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def _conv1d_names(model: nn.Module) -> set[str]:
-    """Names of the layers a transformers model's class builds as Conv1D (GPT-2's projections):
-    read from a skeleton of the class on the meta device, built only when its modeling code uses
-    Conv1D at all."""
-    if getattr(sys.modules.get(type(model).__module__), "Conv1D", None) is None or not hasattr(model, "config"):
-        return set()
-    with torch.device("meta"):
-        skeleton = type(model)(model.config)
-    return {name for name, module in skeleton.named_modules() if type(module).__name__ == "Conv1D"}
+    """Names in `model` of the layers a transformers model's class builds as Conv1D (GPT-2's
+    projections): read from a skeleton of the class on the meta device, built only when its
+    modeling code uses Conv1D at all. The transformers model may sit inside `model` (a peft
+    PeftModel holds it two levels down)."""
+    from transformers import PreTrainedModel
+
+    for prefix, module in model.named_modules():  # the outermost transformers model first
+        if isinstance(module, PreTrainedModel):
+            if getattr(sys.modules.get(type(module).__module__), "Conv1D", None) is None:
+                return set()
+            with torch.device("meta"):
+                skeleton = type(module)(module.config)
+            return {f"{prefix}.{name}" if prefix else name
+                    for name, layer in skeleton.named_modules() if is_conv1d(layer)}
+    return set()
 
 
 @dataclass(frozen=True)

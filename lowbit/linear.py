@@ -12,7 +12,7 @@ from .formats import get_format
 from .packed import PackedWeight, parse_metadata
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2: y = x @ W + b with W stored [in, out])."""
     return type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils"
 
@@ -22,7 +22,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     transformers' Conv1D; None for anything else."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return module.nf, module.weight.shape[0]
     return None
 
@@ -30,7 +30,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 def is_quantize_target(module: nn.Module) -> bool:
     """The layers lowbit.quantize replaces: exactly nn.Linear or Conv1D. Subclasses stay: their
     parents may read the weight directly (nn.MultiheadAttention's out_proj)."""
-    return type(module) is nn.Linear or _is_conv1d(module)
+    return type(module) is nn.Linear or is_conv1d(module)
 
 
 def linear_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 
 from ..errors import InputError, LowbitError
-from ..linear import QuantLinear
+from ..linear import QuantLinear, is_conv1d
 
 #: `init_lora_weights` values that build the adapter from the base layer's full-precision weight
 #: (PiSSA, CorDA, OLoRA, MiCA, LoftQ, orthogonal, LoRA-GA): a QuantLinear holds a packed one
@@ -27,6 +27,17 @@ class LoraQuantLinear(PeftLoraLinear):
     Plain LoRA only: variants (DoRA, ...) and initializations that read the base weight need the
     full-precision weight, and so does merging; those raise LowbitError on a quantized base. After
     `lowbit.dequantize(model)` the base is an nn.Linear again and PEFT's merge works as usual."""
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the base stores its weight [in, out], which merging needs to know: only a Conv1D
+        that lowbit.dequantize restored (GPT-2). The adapter itself is the same over any base, so
+        LoraConfig's fan_in_fan_out (which PEFT sets for a Conv1D target) is not used."""
+        return is_conv1d(self.get_base_layer())
+
+    @fan_in_fan_out.setter
+    def fan_in_fan_out(self, value: bool) -> None:
+        pass  # PEFT's __init__ assigns LoraConfig's value; the base decides (above)
 
     def _get_in_out_features(self, module: Any) -> tuple[int, int]:
         """(in_features, out_features) of the base, without PEFT's "Unsupported layer type" warning."""

@@ -184,6 +184,34 @@ def test_merging_needs_the_dequantized_base():
         torch.testing.assert_close(merged(IDS).logits, unmerged, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])  # PEFT wants True for a Conv1D target; lowbit's base decides
+def test_gpt2_conv1d_layers_take_adapters_and_merge_back_into_conv1d(fan_in_fan_out, tmp_path):
+    """GPT-2's projections (transformers' Conv1D, weight stored [in, out]) quantize to QuantLinear;
+    lowbit.dequantize of the PEFT model gives the Conv1D back, and the merge adds the adapter in
+    that layout (c_proj is square: a transposed update would not fail, it would be wrong)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = lowbit.quantize(GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4)).eval(),
+                            "int4", group_size=32, progress=False)  # eval: no dropout, so both runs see the same
+    config = LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=fan_in_fan_out)
+    model = get_peft_model(model, lowbit.lora_config(config))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    _assert_adapters_learn_as_over_the_dequantized_weights(model, IDS)
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+    merged = lowbit.dequantize(model).merge_and_unload()
+    assert isinstance(merged.transformer.h[0].attn.c_proj, Conv1D) and isinstance(merged.transformer.h[0].mlp.c_fc, Conv1D)
+    merged.save_pretrained(tmp_path / "merged")
+    for candidate in (merged, AutoModelForCausalLM.from_pretrained(tmp_path / "merged")):
+        with torch.no_grad():
+            torch.testing.assert_close(candidate(IDS).logits, unmerged, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("options,match", [
     ({"init_lora_weights": "pissa"}, "on model.layers.0.self_attn.q_proj: init_lora_weights='pissa' starts from "
                                      "the full-precision weight"),
