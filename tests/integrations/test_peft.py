@@ -13,7 +13,7 @@ import lowbit
 
 from ..conftest import make_tiny_llama, requires_gpu
 
-peft = pytest.importorskip("peft", reason="peft is a test dependency (pyproject [test]); the GPU image lacks it")
+peft = pytest.importorskip("peft", reason="peft: a test dependency (pyproject [test]) and the `lora` extra")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from lowbit.integrations.peft_lora import LoraQuantLinear  # noqa: E402
