@@ -245,22 +245,25 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     return model
 
 
+def transformers_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(qualified name, module) of the outermost transformers PreTrainedModel in `model`: `model`
+    itself ("", model), or one a wrapper holds (a peft PeftModel, two levels down); None if none."""
+    from transformers import PreTrainedModel
+
+    return next(((name, m) for name, m in model.named_modules() if isinstance(m, PreTrainedModel)), None)
+
+
 def _conv1d_names(model: nn.Module) -> set[str]:
     """Names in `model` of the layers a transformers model's class builds as Conv1D (GPT-2's
     projections): read from a skeleton of the class on the meta device, built only when its
-    modeling code uses Conv1D at all. The transformers model may sit inside `model` (a peft
-    PeftModel holds it two levels down)."""
-    from transformers import PreTrainedModel
-
-    for prefix, module in model.named_modules():  # the outermost transformers model first
-        if isinstance(module, PreTrainedModel):
-            if getattr(sys.modules.get(type(module).__module__), "Conv1D", None) is None:
-                return set()
-            with torch.device("meta"):
-                skeleton = type(module)(module.config)
-            return {f"{prefix}.{name}" if prefix else name
-                    for name, layer in skeleton.named_modules() if is_conv1d(layer)}
-    return set()
+    modeling code uses Conv1D at all."""
+    found = transformers_model(model)
+    if found is None or getattr(sys.modules.get(type(found[1]).__module__), "Conv1D", None) is None:
+        return set()
+    prefix, inner = found
+    with torch.device("meta"):
+        skeleton = type(inner)(inner.config)
+    return {f"{prefix}.{name}" if prefix else name for name, layer in skeleton.named_modules() if is_conv1d(layer)}
 
 
 @dataclass(frozen=True)

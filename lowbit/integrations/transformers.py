@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import place_layers, replace_layer, tied_linears
+from ..api import place_layers, replace_layer, tied_linears, transformers_model
 from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
 from ..errors import FormatError, LowbitError
 from ..experts import fused_weights, quantize_fused_weight, quantized_weights
@@ -303,16 +303,16 @@ def attach_hf_config(model: nn.Module, config: QuantConfig | None = None) -> Non
 
 def detach_hf_config(model: nn.Module) -> None:
     """Undo `attach_hf_config` (lowbit.dequantize): a plain model again for save_pretrained. The
-    transformers model may sit inside `model` (a peft PeftModel wraps one), so every submodule's own
-    attributes are looked at, none read through a wrapper's attribute forwarding."""
-    for module in model.modules():
-        config = vars(module).get("config")
-        if isinstance(getattr(config, "quantization_config", None), HfQuantConfig):
-            del config.quantization_config
-        if isinstance(vars(module).get("hf_quantizer"), LowbitHfQuantizer):
-            del module.hf_quantizer
-            vars(module).pop("quantization_method", None)
-            module.is_quantized = False
+    transformers model may sit inside `model` (`api.transformers_model`: a peft PeftModel)."""
+    found = transformers_model(model)
+    if found is None or not isinstance(getattr(found[1].config, "quantization_config", None), HfQuantConfig):
+        return
+    inner = found[1]
+    del inner.config.quantization_config
+    for attribute in ("hf_quantizer", "quantization_method"):
+        if hasattr(inner, attribute):
+            delattr(inner, attribute)
+    inner.is_quantized = False
 
 
 #: the oldest transformers lowbit is tested with: 5.19 and older route MoE experts through another

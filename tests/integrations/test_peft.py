@@ -21,18 +21,23 @@ from lowbit.integrations.peft_lora import LoraQuantLinear  # noqa: E402
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def _peft_llama(fmt="int4", dtype=torch.float32, **options):
-    """A tiny quantized Llama (lm_head in full precision) with LoRA adapters whose B is not zero (a
-    fresh adapter adds nothing, which would hide a missing term)."""
-    model = lowbit.quantize(make_tiny_llama(dtype=dtype), fmt, skip=["lm_head"], progress=False, **options)
-    with warnings.catch_warnings():  # PEFT's "Unsupported layer type ..., proceed at your own risk" would be wrong
-        warnings.filterwarnings("error", message="Unsupported layer type")
-        model = get_peft_model(model, lowbit.lora_config(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
+def _with_nonzero_b(model):
+    """`model` with every LoRA B drawn at random: a fresh adapter (B = 0) adds nothing, which would
+    hide a missing term."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
     return model
+
+
+def _peft_llama(fmt="int4", dtype=torch.float32, **options):
+    """A tiny quantized Llama (lm_head in full precision) with LoRA adapters whose B is not zero."""
+    model = lowbit.quantize(make_tiny_llama(dtype=dtype), fmt, skip=["lm_head"], progress=False, **options)
+    with warnings.catch_warnings():  # PEFT's "Unsupported layer type ..., proceed at your own risk" would be wrong
+        warnings.filterwarnings("error", message="Unsupported layer type")
+        model = get_peft_model(model, lowbit.lora_config(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
+    return _with_nonzero_b(model)
 
 
 def _loss_and_adapter_grads(model, ids):
@@ -89,10 +94,7 @@ def test_adapters_on_the_attention_of_a_moe_model_with_quantized_experts():
         get_peft_model(copy.deepcopy(model), lowbit.lora_config(LoraConfig(r=4, target_modules=["down_proj"])))
     model = get_peft_model(model, lowbit.lora_config(LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                 init_lora_weights="gaussian")))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    _with_nonzero_b(model)
     _assert_adapters_learn_as_over_the_dequantized_weights(model, MOE_IDS)
 
 
@@ -197,10 +199,7 @@ def test_gpt2_conv1d_layers_take_adapters_and_merge_back_into_conv1d(fan_in_fan_
                             "int4", group_size=32, progress=False)  # eval: no dropout, so both runs see the same
     config = LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=fan_in_fan_out)
     model = get_peft_model(model, lowbit.lora_config(config))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    _with_nonzero_b(model)
     _assert_adapters_learn_as_over_the_dequantized_weights(model, IDS)
     with torch.no_grad():
         unmerged = model(IDS).logits
