@@ -127,6 +127,54 @@ def test_training_moves_the_adapters_and_leaves_the_packed_weights_bit_equal():
     assert all(torch.equal(b, packed_before[n]) for n, b in model.named_buffers())
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")  # its new name is not in 5.20
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("fmt", ["int4", "dfloat11"])
+def test_activation_checkpointing_gives_the_adapters_the_same_gradients(fmt, use_reentrant):
+    """Checkpointing recomputes each decoder layer in the backward pass (the reentrant kind runs the
+    first forward under no_grad); dfloat11 runs with block decompression on, whose hooks decode in
+    that first pass and must step aside in the recomputation that autograd records."""
+    model = _peft_llama(fmt, dtype=torch.bfloat16 if fmt == "dfloat11" else torch.float32)
+    model.train()
+    loss, grads = _loss_and_adapter_grads(model, IDS)
+    if fmt == "dfloat11":
+        assert len(lowbit.enable_block_decompression(model)) == 2
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:  # the reentrant kind needs an input that requires grad, as PEFT's QLoRA recipe sets up
+        model.enable_input_require_grads()
+    calls = []  # a checkpointed layer runs twice: in the forward pass and again in the backward
+    model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.register_forward_hook(
+        lambda *_: calls.append(torch.is_grad_enabled()))
+    checkpointed_loss, checkpointed_grads = _loss_and_adapter_grads(model, IDS)
+    assert calls == [not use_reentrant, True] and len(grads) == 12
+    assert torch.equal(checkpointed_loss, loss)
+    assert all(torch.equal(checkpointed_grads[name], grad) for name, grad in grads.items())
+
+
+def test_peft_prepare_model_for_kbit_training_leaves_the_packed_weights_alone():
+    """PEFT's QLoRA preparation casts every bf16 / fp16 parameter to fp32 (norms, embeddings, the
+    head, QuantLinear biases); lowbit's packed weights are buffers and keep their bits, and the model
+    then trains its adapters. (PEFT enables checkpointing there only for the quantizers it knows,
+    so the README says to call gradient_checkpointing_enable yourself.)"""
+    from peft import prepare_model_for_kbit_training
+
+    model = lowbit.quantize(make_tiny_llama(dtype=torch.bfloat16), "int4", skip=["lm_head"], progress=False)
+    def packed_buffers():
+        return {f"{layer}.{field}": buffer for layer, module in model.named_modules()
+                if isinstance(module, lowbit.QuantLinear) for field, buffer in module.named_buffers()}
+
+    before = {name: buffer.clone() for name, buffer in packed_buffers().items()}
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    after = packed_buffers()
+    assert len(before) == 14 * 3 and sorted(after) == sorted(before)  # 14 layers x (codes, scales, zeros)
+    assert all(after[name].dtype == buffer.dtype and torch.equal(after[name], buffer) for name, buffer in before.items())
+    model = _with_nonzero_b(get_peft_model(model, lowbit.lora_config(LoraConfig(r=4, target_modules=TARGETS))))
+    model.train()
+    _, grads = _loss_and_adapter_grads(model, IDS)
+    assert len(grads) == 12 and all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads.values())
+
+
 def test_an_adapter_saved_after_training_loads_onto_the_reloaded_base(tmp_path):
     base = lowbit.quantize(make_tiny_llama(), "int4", skip=["lm_head"], progress=False)
     base.save_pretrained(tmp_path / "base")
