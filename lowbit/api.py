@@ -245,25 +245,32 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     return model
 
 
-def transformers_model(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """(qualified name, module) of the outermost transformers PreTrainedModel in `model`: `model`
-    itself ("", model), or one a wrapper holds (a peft PeftModel, two levels down); None if none."""
+def transformers_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of each outermost transformers PreTrainedModel in `model`: `model`
+    itself [("", model)], or the ones a wrapper holds (a peft PeftModel, a sentence-transformers
+    SentenceTransformer); [] if none. Models nested in one of these (a vision tower) are its parts."""
     from transformers import PreTrainedModel
 
-    return next(((name, m) for name, m in model.named_modules() if isinstance(m, PreTrainedModel)), None)
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():  # parents come before their children
+        inside = any(outer == "" or name.startswith(f"{outer}.") for outer, _ in found)
+        if isinstance(module, PreTrainedModel) and not inside:
+            found.append((name, module))
+    return found
 
 
 def _conv1d_names(model: nn.Module) -> set[str]:
     """Names in `model` of the layers a transformers model's class builds as Conv1D (GPT-2's
-    projections): read from a skeleton of the class on the meta device, built only when its
-    modeling code uses Conv1D at all."""
-    found = transformers_model(model)
-    if found is None or getattr(sys.modules.get(type(found[1]).__module__), "Conv1D", None) is None:
-        return set()
-    prefix, inner = found
-    with torch.device("meta"):
-        skeleton = type(inner)(inner.config)
-    return {f"{prefix}.{name}" if prefix else name for name, layer in skeleton.named_modules() if is_conv1d(layer)}
+    projections): read from a skeleton of each transformers model's class on the meta device,
+    built only when its modeling code uses Conv1D at all."""
+    names = set()
+    for prefix, inner in transformers_models(model):
+        if getattr(sys.modules.get(type(inner).__module__), "Conv1D", None) is None:
+            continue
+        with torch.device("meta"):
+            skeleton = type(inner)(inner.config)
+        names |= {f"{prefix}.{name}" if prefix else name for name, layer in skeleton.named_modules() if is_conv1d(layer)}
+    return names
 
 
 @dataclass(frozen=True)

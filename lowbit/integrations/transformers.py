@@ -13,8 +13,8 @@
     swapped for a QuantLinear on the spot, so the full-precision model is never materialized; a
     MoE layer's fused expert weight likewise, once transformers has merged it from the file's
     per-expert tensors (lowbit/experts.py).
-- `attach_hf_config(model)`: lowbit.quantize / lowbit.load call it on transformers models, so
-  `model.save_pretrained(d)` writes `quantization_config` and the packed buffers.
+- `attach_hf_config(model)`: lowbit.quantize / lowbit.load call it on transformers models (or on
+  wrappers holding them), so `save_pretrained(d)` writes `quantization_config` and the packed buffers.
 
 Both are registered with transformers when lowbit is imported (once per process).
 """
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import place_layers, replace_layer, tied_linears, transformers_model
+from ..api import place_layers, replace_layer, tied_linears, transformers_models
 from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
 from ..errors import FormatError, LowbitError
 from ..experts import fused_weights, quantize_fused_weight, quantized_weights
@@ -277,42 +277,49 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
 
 
 def attach_hf_config(model: nn.Module, config: QuantConfig | None = None) -> None:
-    """Mark a transformers model holding QuantLinear layers as lowbit-quantized, so that
-    save_pretrained writes `quantization_config` (with every layer's entry) and the buffers."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
+    """Mark each transformers model in `model` that holds QuantLinear layers as lowbit-quantized, so
+    that its save_pretrained writes `quantization_config` (with every layer's entry) and the buffers.
+    `model` may be one (the usual case) or a wrapper holding them (`api.transformers_models`: a
+    SentenceTransformer saves its transformer with save_pretrained, which must carry the config)."""
+    if HfQuantizer is None:  # pragma: no cover
         return
-    if not isinstance(model, PreTrainedModel) or HfQuantizer is None:
-        return
-    layers = _layer_entries(model)
-    if not layers:
-        return
-    previous = getattr(model.config, "quantization_config", None)
-    if config is None and isinstance(previous, HfQuantConfig):
-        config = previous.quant_config()
-    if config is None:  # e.g. after lowbit.load: `layers` is what matters, format is informative
-        config = QuantConfig(sorted(entry["format"] for entry in layers.values())[0])
-    hf_config = HfQuantConfig(format=config.format, options=dict(config.options), skip=list(config.skip),
-                              overrides=dict(config.overrides), layers=layers)  # current version: layers as held now
-    model.config.quantization_config = hf_config
-    model.hf_quantizer = LowbitHfQuantizer(hf_config, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
+    inners = transformers_models(model)
+    outside = [name for name in _layer_entries(model)
+               if not any(prefix == "" or name.startswith(f"{prefix}.") for prefix, _ in inners)]
+    if inners and outside:  # e.g. a sentence-transformers Dense head: its own save writes a plain state dict
+        import warnings
+
+        warnings.warn(f"quantized layers outside the transformers model(s) {[p for p, _ in inners]}: {outside[:5]}; "
+                      "save_pretrained cannot record them, so a wrapper that saves its parts its own way "
+                      "(SentenceTransformer.save) writes them where its loader expects nn.Linear weights: "
+                      "skip them or save the whole model with lowbit.save", stacklevel=3)
+    for _, inner in inners:
+        layers = _layer_entries(inner)
+        if not layers:
+            continue
+        previous = getattr(inner.config, "quantization_config", None)
+        inner_config = previous.quant_config() if config is None and isinstance(previous, HfQuantConfig) else config
+        if inner_config is None:  # e.g. after lowbit.load: `layers` is what matters, format is informative
+            inner_config = QuantConfig(sorted(entry["format"] for entry in layers.values())[0])
+        hf_config = HfQuantConfig(format=inner_config.format, options=dict(inner_config.options),
+                                  skip=list(inner_config.skip), overrides=dict(inner_config.overrides),
+                                  layers=layers)  # current version: layers as held now
+        inner.config.quantization_config = hf_config
+        inner.hf_quantizer = LowbitHfQuantizer(hf_config, pre_quantized=True)
+        inner.is_quantized = True
+        inner.quantization_method = QUANT_METHOD
 
 
 def detach_hf_config(model: nn.Module) -> None:
-    """Undo `attach_hf_config` (lowbit.dequantize): a plain model again for save_pretrained. The
-    transformers model may sit inside `model` (`api.transformers_model`: a peft PeftModel)."""
-    found = transformers_model(model)
-    if found is None or not isinstance(getattr(found[1].config, "quantization_config", None), HfQuantConfig):
-        return
-    inner = found[1]
-    del inner.config.quantization_config
-    for attribute in ("hf_quantizer", "quantization_method"):
-        if hasattr(inner, attribute):
-            delattr(inner, attribute)
-    inner.is_quantized = False
+    """Undo `attach_hf_config` (lowbit.dequantize): plain models again for save_pretrained."""
+    for _, inner in transformers_models(model):
+        if not isinstance(getattr(inner.config, "quantization_config", None), HfQuantConfig):
+            continue
+        del inner.config.quantization_config
+        for attribute in ("hf_quantizer", "quantization_method"):
+            if hasattr(inner, attribute):
+                delattr(inner, attribute)
+        inner.is_quantized = False
 
 
 #: the oldest transformers lowbit is tested with: 5.19 and older route MoE experts through another

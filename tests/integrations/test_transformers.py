@@ -135,6 +135,26 @@ def test_lowbit_save_and_save_pretrained_read_each_other(llama_dir, tmp_path):
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")(IDS).logits, expected)
 
 
+def test_each_transformers_model_inside_a_wrapper_saves_its_own_quantization_config(llama_dir, tmp_path):
+    """A wrapper (here a ModuleDict; sentence-transformers, see its test) holding transformers
+    models: each one's save_pretrained writes its own layers, named from it, and reloads bit-equal;
+    lowbit.dequantize takes the config off each again."""
+    wrapper = torch.nn.ModuleDict({"first": _llama(llama_dir), "second": make_tiny_llama(seed=1)})
+    lowbit.quantize(wrapper, "int4", skip=["*lm_head", "second.model.layers.1.*"], progress=False)
+    for name, count in (("first", 14), ("second", 7)):
+        model = wrapper[name]
+        with torch.no_grad():
+            expected = model(IDS).logits
+        model.save_pretrained(tmp_path / name)
+        layers = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]["layers"]
+        assert len(layers) == count and all(layer.startswith("model.layers.") for layer in layers)
+        with torch.no_grad():
+            assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / name)(IDS).logits, expected)
+    lowbit.dequantize(wrapper)
+    assert not any(hasattr(wrapper[name].config, "quantization_config") or wrapper[name].is_quantized
+                   for name in wrapper)
+
+
 def test_from_pretrained_of_a_lowbit_save_folder_keeps_dtype_and_reports_no_unexpected_keys(tmp_path):
     """A model built from a config has no config dtype: from_pretrained then took the first float
     tensor's (a float16 scale) and loaded the norms in float16. lowbit.save records the model's
