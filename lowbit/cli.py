@@ -75,6 +75,12 @@ def _calibration_batches(model_dir: Path, text_file: str | None) -> list[dict]:
     return tokenized_batches(tokenizer, sentences)
 
 
+def _listing(files: dict, shown: int = 6) -> str:
+    names = sorted(files)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) + more) if names else "nothing (no tokenizer or other files beside the weights)"
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api, io
     from .default_model import default_model_path
@@ -97,10 +103,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model = load_hf_folder(model_dir)
     before = api.summarize(model).total_bytes
     api.quantize(model, args.format, skip=args.skip, calibration=calibration, **options)
-    io.save(model, out_dir, max_shard_bytes=args.max_shard_bytes)
+    companions = io.companion_files(model_dir)  # the tokenizer etc., so the folder is a whole model
+    io.save(model, out_dir, max_shard_bytes=args.max_shard_bytes, extra_files=companions)
     after = api.summarize(model)
     print(f"model:            {model_dir}")
     print(f"saved to:         {out_dir}")
+    print(f"copied along:     {_listing(companions)}")
     print(f"quantized layers: {after.quantized_layers} ({args.format})")
     print(f"size before:      {before / 2**20:.2f} MiB")
     print(f"size after:       {after.total_bytes / 2**20:.2f} MiB ({after.total_bytes / before:.1%})")
@@ -123,9 +131,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     get_format("dfloat11").check_options(options)
     io.check_save_target(out_dir)
     model = load_dfloat11(source, **options)
-    io.save(model, out_dir)
+    companions = io.companion_files(source)
+    io.save(model, out_dir, extra_files=companions)
     summary = api.summarize(model)
     print(f"converted:        {source} (dfloat11 package) -> {out_dir} (lowbit)")
+    print(f"copied along:     {_listing(companions)}")
     print(f"dfloat11 layers:  {summary.quantized_layers}, {summary.bits_per_weight:.3f} bits/weight, weights bit-identical")
     print(f"time:             {time.perf_counter() - start:.1f} s")
     return 0

@@ -6,6 +6,8 @@ Folder layout:
                                     dtype, shape and file, aliases of tied tensors
   model.safetensors                 or model-00001-of-0000N.safetensors when sharded
   non-persistent-buffers.safetensors  the non-persistent buffers, when there are any
+  config.json (+ model.safetensors.index.json when sharded)  for transformers models
+  anything passed as extra_files    e.g. the source folder's tokenizer (`companion_files`)
 Keys are `{qualified_name}.{field}`. Every unique parameter and buffer is stored (non-persistent
 buffers too), so `load` rebuilds the module from the manifest alone. Nothing read from the folder
 is executed: safetensors and JSON only, model classes are looked up by name in `transformers`.
@@ -13,9 +15,11 @@ is executed: safetensors and JSON only, model classes are looked up by name in `
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,8 @@ from .api import place_layers
 from .errors import CheckpointError, InputError, LowbitError, check_module
 from .linear import QuantLinear
 from .packed import dtype_name
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "lowbit.json"
 #: non-persistent buffers (rotary inv_freq, ...): load needs them, as it builds the model on the
@@ -118,18 +124,22 @@ def check_save_target(out_dir: Path) -> None:
         raise CheckpointError(f"{out_dir}: non-empty directory that is not a lowbit checkpoint; refusing to replace it")
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+         extra_files: Mapping[str, str | os.PathLike] | None = None) -> Path:
     """Save `model` (quantized or not) to `out_dir` atomically; returns the folder path.
 
     Writes into a temporary sibling folder and renames it into place: on any failure the
     previous contents of `out_dir` are untouched. An existing regular file, or a non-empty
-    folder that is not a lowbit checkpoint, is refused.
+    folder that is not a lowbit checkpoint, is refused. extra_files: {relative path in the
+    folder: source file} copied in within the same atomic write (a tokenizer, e.g. from
+    `companion_files`); a path that save writes itself, or one leaving the folder, is refused.
     """
     check_module(model)
     out_dir = _as_path(out_dir, "save(..., out_dir)")
     check_save_target(out_dir)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+    extra = _checked_extra_files(extra_files or {})
     tensors, aliases = _unique_tensors(model)
     on_meta = [name for name, t in tensors.items() if t.device.type == "meta"]
     if on_meta:
@@ -158,11 +168,64 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
             _write_shard(tmp / f, names, tensors)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _write_transformers_files(tmp, manifest, files)
+        for name, source in extra.items():
+            if (tmp / name).exists():  # config.json, the shards, ...: save's own files win
+                raise CheckpointError(f"extra_files[{name!r}]: save writes {name} itself")
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / name)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _checked_extra_files(extra_files: Mapping[str, str | os.PathLike]) -> dict[str, Path]:
+    """{relative POSIX path: existing source file}, or CheckpointError naming the bad entry."""
+    if not isinstance(extra_files, Mapping):
+        raise CheckpointError(f"extra_files must map folder-relative paths to files, got {type(extra_files).__name__}")
+    checked = {}
+    for name, source in extra_files.items():
+        parts = Path(name).parts if isinstance(name, str) else ()
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise CheckpointError(f"extra_files: {name!r} is not a relative path inside the folder")
+        source = _as_path(source, f"extra_files[{name!r}]")
+        if not source.is_file():
+            raise CheckpointError(f"extra_files[{name!r}]: {source} is not a file")
+        checked[Path(name).as_posix()] = source
+    return checked
+
+
+#: weight files in the formats Hugging Face folders ship (the source model's full-precision tensors)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot",
+                    ".tflite")
+
+
+def companion_files(folder: Path) -> dict[str, Path]:
+    """The files of a Hugging Face model folder that a quantized copy needs besides its weights and
+    config.json, as `save(..., extra_files=)` takes them: every top-level file that is not a weight
+    file or a weight index (tokenizer, generation_config.json, chat template, model card, license,
+    sentence-transformers' module list), and the folders of the sentence-transformers modules that
+    modules.json names (pooling, normalize, a Dense head, which stay as they are). Other folders
+    (onnx/, openvino/: exports of the full-precision weights) are left out, and logged."""
+    files = {f.name: f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")
+             and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
+             and f.name not in ("config.json", MANIFEST)}
+    module_dirs = set()
+    try:
+        modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else []
+        module_dirs = {m["path"] for m in modules if isinstance(m, dict) and isinstance(m.get("path"), str) and m["path"]}
+    except (OSError, ValueError, TypeError) as exc:  # not a sentence-transformers folder after all
+        logger.warning("%s: modules.json is unreadable (%s); its module folders are not copied", folder, exc)
+    left_out = []
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        if sub.name not in module_dirs:
+            left_out.append(f"{sub.name}/")
+            continue
+        files.update({f.relative_to(folder).as_posix(): f for f in sorted(sub.rglob("*")) if f.is_file()})
+    if left_out:
+        logger.info("%s: not copied: %s (only the sentence-transformers module folders are)", folder, left_out)
+    return files
 
 
 def _single_shard(files) -> bool:

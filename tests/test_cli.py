@@ -41,6 +41,29 @@ def test_quantize_and_inspect_local_llama(tiny_llama_dir, tmp_path, capsys):
     assert sorted(hf_table.splitlines()) == sorted(table.replace(str(out), str(tmp_path / "hf")).splitlines())
 
 
+def test_quantize_takes_the_tokenizer_and_the_other_files_along(tmp_path, capsys):
+    """The default model's folder is a sentence-transformers one: the output gets its tokenizer and
+    module files, not its weights (see test_sentence_transformers for loading it as one)."""
+    from transformers import AutoTokenizer
+
+    from lowbit.default_model import default_model_path
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(out), "--format", "int8"]) == 0
+    assert "copied along:     1_Pooling/config.json, README.md" in capsys.readouterr().out
+    source = default_model_path()
+    for name in ("tokenizer.json", "vocab.txt", "modules.json", "1_Pooling/config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "int8"
+    text = "lowbit keeps the tokenizer"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(source)(text)["input_ids"]
+    from transformers import pipeline
+
+    extractor = pipeline("feature-extraction", model=str(out))  # finds model and tokenizer in the one folder
+    assert isinstance(extractor.model.encoder.layer[0].attention.self.query, lowbit.QuantLinear)
+    assert torch.tensor(extractor(text)).shape == (1, len(AutoTokenizer.from_pretrained(source)(text)["input_ids"]), 384)
+
+
 def test_quantize_fp8_w8a8_block(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "fp8"
     assert main(["quantize", str(tiny_llama_dir), str(out), "--format", "fp8", "--act", "fp8", "--block", "128"]) == 0

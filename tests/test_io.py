@@ -281,6 +281,56 @@ def test_format_version_1_loads_unless_a_layout_changed(tmp_path, second):
             lowbit.load(tmp_path / "ck", model=_mlp())
 
 
+def test_extra_files_are_copied_in_the_same_atomic_write(saved_mlp, tmp_path):
+    model, path = saved_mlp
+    (tmp_path / "tok.json").write_text('{"vocab": 3}')
+    (tmp_path / "pool.json").write_text("{}")
+    lowbit.save(model, path, extra_files={"tokenizer.json": tmp_path / "tok.json", "1_Pooling/config.json":
+                                          str(tmp_path / "pool.json")})
+    assert (path / "tokenizer.json").read_text() == '{"vocab": 3}' and (path / "1_Pooling" / "config.json").is_file()
+    assert lowbit.load(path, model=_mlp())[0].format == "int4"  # the loader ignores files the manifest does not list
+
+    before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    for extra, match in [({"model.safetensors": tmp_path / "tok.json"}, r"\['model.safetensors'\]: save writes"),
+                         ({"../outside.json": tmp_path / "tok.json"}, "'../outside.json' is not a relative path"),
+                         ({str(tmp_path / "abs.json"): tmp_path / "tok.json"}, "is not a relative path"),
+                         ({"./lowbit.json": tmp_path / "tok.json"}, r"\['lowbit.json'\]: save writes lowbit.json itself"),
+                         ({"vocab.txt": tmp_path / "missing.txt"}, r"\['vocab.txt'\]: .*missing.txt is not a file")]:
+        with pytest.raises(CheckpointError, match=match):
+            lowbit.save(lowbit.quantize(_mlp(), "int8", progress=False), path, extra_files=extra)
+        assert {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "pool.json", "tok.json"]  # no temp folders left
+
+
+def test_companion_files_of_a_hugging_face_folder(tmp_path, caplog):
+    """What a quantized copy of a folder takes along: not the weights in any format, their index,
+    config.json (save writes its own) or exports of the weights; the sentence-transformers module
+    folders that modules.json names, whole."""
+    from lowbit.io import companion_files
+
+    names = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+             "tf_model.h5", "flax_model.msgpack", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+             "chat_template.jinja", "README.md", "LICENSE", ".gitattributes", "onnx/model.onnx", "onnx/config.json",
+             "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    (tmp_path / "modules.json").write_text(json.dumps([{"idx": 0, "path": ""}, {"idx": 1, "path": "1_Pooling"},
+                                                        {"idx": 2, "path": "2_Dense"}, {"idx": 3, "path": "3_Normalize"}]))
+    with caplog.at_level("INFO", logger="lowbit.io"):
+        files = companion_files(tmp_path)
+    assert sorted(files) == ["1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors", "LICENSE",
+                             "README.md", "chat_template.jinja", "generation_config.json", "modules.json",
+                             "tokenizer.json", "tokenizer_config.json"]
+    assert all(files[name] == tmp_path / name for name in files)
+    assert "not copied: ['onnx/']" in caplog.text
+
+    (tmp_path / "modules.json").write_text("[{")
+    with caplog.at_level("WARNING", logger="lowbit.io"):
+        assert "1_Pooling/config.json" not in companion_files(tmp_path)
+    assert "modules.json is unreadable" in caplog.text
+
+
 def test_bad_arguments_are_input_errors_before_anything_is_written_or_read(saved_mlp, tmp_path):
     model, folder = saved_mlp
     with pytest.raises(InputError, match="model must be a torch.nn.Module, got str"):

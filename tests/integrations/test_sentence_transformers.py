@@ -89,3 +89,12 @@ def test_a_quantized_layer_outside_the_transformer_is_warned_about_and_can_be_sk
     model.save(str(tmp_path / "st"))
     reloaded = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert _quantized_layers(reloaded) == MINILM_LINEARS and torch.equal(_embed(reloaded), expected)
+
+
+def test_the_cli_output_of_a_sentence_transformers_folder_loads_as_one(int8_encoder, tmp_path):
+    from lowbit.cli import main
+
+    assert main(["quantize", str(default_model_path()), str(tmp_path / "q"), "--format", "int8"]) == 0
+    reloaded = SentenceTransformer(str(tmp_path / "q"), device="cpu")
+    assert _quantized_layers(reloaded) == MINILM_LINEARS
+    assert torch.equal(_embed(reloaded), _embed(int8_encoder))
