@@ -167,7 +167,9 @@ class Format:
         if weight.shape[0] == 0 or weight.shape[1] == 0:
             raise WeightError(f"{name}: empty weight of shape {tuple(weight.shape)}")
         if weight.device.type == "meta":
-            raise WeightError(f"{name}: weight is on the meta device (no values to quantize)")
+            raise WeightError(f"{name}: weight is on the meta device (no values to quantize; offloaded by a "
+                              "device_map? quantize while loading instead: from_pretrained(..., "
+                              "quantization_config=lowbit.HfQuantConfig(format=...)))")
         bad = ~torch.isfinite(weight)
         if bool(bad.any()):
             row, col = (int(i) for i in bad.nonzero()[0])

@@ -264,6 +264,22 @@ def test_device_map_auto_with_offload(llama_dir, tmp_path):
         assert torch.equal(offloaded(IDS).logits, expected)
 
 
+def test_an_offloaded_model_is_quantized_while_loading_not_after(llama_dir, tmp_path):
+    """A device_map that offloads to disk leaves the weights on the meta device: lowbit.quantize
+    says so and points to quantizing while loading, which works there (equal logits)."""
+    offload = {"device_map": "auto", "max_memory": {"cpu": "120KB"}, "offload_folder": str(tmp_path / "offload")}
+    with pytest.raises(WeightError, match=r"model\.layers\.0\.self_attn\.q_proj: weight is on the meta device .* "
+                                          r"quantization_config=lowbit\.HfQuantConfig"):
+        lowbit.quantize(AutoModelForCausalLM.from_pretrained(llama_dir, **offload), "int4", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, **offload, quantization_config=lowbit.HfQuantConfig(
+        format="int4", skip=["lm_head"]))
+    assert "disk" in set(model.hf_device_map.values())
+    assert sum(isinstance(m, lowbit.QuantLinear) for m in model.modules()) == 14
+    with torch.no_grad():
+        expected = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], progress=False)(IDS).logits
+        assert torch.equal(model(IDS).logits, expected)
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda q: q.update(format="int99"), "unknown format 'int99'"),
     (lambda q: q.update(version=99), "version 99"),
