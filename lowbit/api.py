@@ -100,7 +100,8 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
 
     config: a format name (with `options`, e.g. group_size=128) or a QuantConfig.
     skip: glob patterns of qualified names to leave alone (e.g. ["lm_head", "*.gate"]). Linear
-    layers whose weight is tied to another parameter are always left alone (`tied_linears`).
+    layers whose weight is tied to another parameter are always left alone (`tied_linears`), and so
+    are layers already quantized (a second call quantizes only what the first one skipped).
     overrides: glob pattern -> format name or {"format": name, **options}.
     calibration: for method="gptq" (int / lut / microscaling / nf4 formats), the batches the model runs on to collect
     each layer's input Hessian: a list of tensors (model(batch)) or dicts (model(**batch)), on the

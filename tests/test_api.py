@@ -266,3 +266,19 @@ def test_gpu_gptq_on_cuda_matches_the_cpu(fmt, options):
     """Calibration and GPTQ run on the model's device; a rounding that flips between devices
     propagates to later columns, so codes agree nearly, not exactly."""
     check_quantizing_on_device_matches_the_cpu("cuda", fmt, options, calibrate=True, agreement=0.97)
+
+
+def test_a_second_quantize_quantizes_only_what_the_first_skipped(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = lowbit.quantize(make_tiny_llama(), "int4", skip=["lm_head"], progress=False)
+    first = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    lowbit.quantize(model, "int8", progress=False)
+    assert all(torch.equal(buffer, first[name]) for name, buffer in model.named_buffers() if name in first)
+    formats = {name: m.format for name, m in model.named_modules() if isinstance(m, lowbit.QuantLinear)}
+    assert formats.pop("lm_head") == "int8" and len(formats) == 14 and set(formats.values()) == {"int4"}
+    assert {e["format"] for e in model.config.quantization_config.layers.values()} == {"int4", "int8"}
+    ids = torch.randint(0, 256, (1, 6))
+    model.save_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
