@@ -254,10 +254,14 @@ def transformers_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():  # parents come before their children
-        inside = any(outer == "" or name.startswith(f"{outer}.") for outer, _ in found)
-        if isinstance(module, PreTrainedModel) and not inside:
+        if isinstance(module, PreTrainedModel) and not any(within(name, outer) for outer, _ in found):
             found.append((name, module))
     return found
+
+
+def within(name: str, prefix: str) -> bool:
+    """Whether the qualified name `name` lies in the submodule named `prefix` ("": the whole model)."""
+    return prefix == "" or name.startswith(f"{prefix}.")
 
 
 def _conv1d_names(model: nn.Module) -> set[str]:

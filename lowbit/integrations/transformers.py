@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import place_layers, replace_layer, tied_linears, transformers_models
+from ..api import place_layers, replace_layer, tied_linears, transformers_models, within
 from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
 from ..errors import FormatError, LowbitError
 from ..experts import fused_weights, quantize_fused_weight, quantized_weights
@@ -284,8 +284,8 @@ def attach_hf_config(model: nn.Module, config: QuantConfig | None = None) -> Non
     if HfQuantizer is None:  # pragma: no cover
         return
     inners = transformers_models(model)
-    outside = [name for name in _layer_entries(model)
-               if not any(prefix == "" or name.startswith(f"{prefix}.") for prefix, _ in inners)]
+    outside = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)
+               and not any(within(name, prefix) for prefix, _ in inners)]
     if inners and outside:  # e.g. a sentence-transformers Dense head: its own save writes a plain state dict
         import warnings
 
