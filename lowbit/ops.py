@@ -144,9 +144,15 @@ def dfloat11_decode(
     decode_table: torch.Tensor,
     segment: int,
     code_bits: int,
+    backend: str,
 ) -> torch.Tensor:
-    """A dfloat11 weight -> its bf16 [N, K] values through the Triton decoder (the backward pass's
-    weight; an op so that torch.compile traces it)."""
+    """A dfloat11 weight -> its bf16 [N, K] values: the reference decoder (backend "torch") or the
+    Triton one ("triton"). An op so that torch.compile and torch.export see one node: traced, the
+    reference's loop over a segment's weights would unroll into thousands of nodes per layer."""
+    if backend == "torch":
+        from .formats.dfloat11 import decode
+
+        return decode(sign_mantissa, exponent_code, segment_offsets, decode_table, segment, code_bits)
     from .kernels.dfloat11 import decode_weight
 
     return decode_weight(exponent_code, sign_mantissa, segment_offsets, decode_table, segment=segment,

@@ -103,12 +103,10 @@ def test_block_decompression_steps_aside_while_gradients_are_recorded(monkeypatc
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
 
 
-# dfloat11 on the Triton backend only: its backward has its own op there (lowbit::dfloat11_decode),
-# and tracing the reference decoder's step loop takes seconds
 @pytest.mark.parametrize("fmt,options,backend", [
     ("int4", {}, None), ("int4", {}, "triton"), ("fp8", {"act": "fp8"}, None), ("fp8", {"act": "fp8"}, "triton"),
     ("mxfp4", {"rotate": "hadamard"}, None), ("mxfp4", {"rotate": "hadamard"}, "triton"),
-    ("dfloat11", {"segment": 64}, "triton")], ids=lambda v: str(v))
+    ("dfloat11", {"segment": 64}, None), ("dfloat11", {"segment": 64}, "triton")], ids=lambda v: str(v))
 def test_compiled_layer_gradients_without_graph_break(fmt, options, backend):
     torch._dynamo.reset()
     torch.manual_seed(0)

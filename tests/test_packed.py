@@ -5,6 +5,8 @@ from lowbit.errors import FormatError
 from lowbit.formats import get_format
 from lowbit.packed import PackedWeight
 
+from .test_io import EVERY_FORMAT
+
 
 def _packed(bits=4, symmetric=False, n=8, k=256):
     return get_format(f"int{bits}").quantize(torch.randn(n, k), symmetric=symmetric)
@@ -16,6 +18,16 @@ def test_bits_per_weight_counts_scales_and_zeros(bits, symmetric, expected):
     p = _packed(bits, symmetric)
     assert p.bits_per_weight == pytest.approx(expected)
     assert p.nbytes == sum(t.numel() * t.element_size() for t in p.tensors.values())
+
+
+@pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
+def test_every_packed_field_owns_exactly_its_storage(fmt, options):
+    """A field that is a view into a larger tensor holds memory bits_per_weight does not count, and
+    torch.save / torch.export write the whole storage (nf4's double-quantized absmax once did)."""
+    p = get_format(fmt).quantize(torch.randn(33, 130).bfloat16(), **options)
+    for name, tensor in p.tensors.items():
+        assert tensor.is_contiguous(), name
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
 
 
 def test_to_keeps_dtypes_and_values():

@@ -142,26 +142,27 @@ def encode(weight: torch.Tensor, segment: int, name: str = "weight") -> tuple[di
     return {key: t.to(weight.device) for key, t in tensors.items()}, stream.size
 
 
-def decode(packed: PackedWeight) -> torch.Tensor:
-    """The reference decoder: packed dfloat11 -> bf16 [N, K], bit-exact.
+def decode(sign_mantissa: torch.Tensor, exponent_code: torch.Tensor, segment_offsets: torch.Tensor,
+           decode_table: torch.Tensor, segment: int, code_bits: int = CODE_BITS) -> torch.Tensor:
+    """The reference decoder: a dfloat11 weight's fields -> bf16 [N, K], bit-exact (reached
+    through the op `lowbit::dfloat11_decode`, backend "torch").
 
     Vectorized over segments: step i decodes weight i of every segment at once (the same
     schedule the Triton kernel runs, one lane per segment)."""
-    n, k = packed.shape
-    segment = packed.attrs["segment"]
-    words = packed.exponent_code.to(torch.int64) & 0xFFFFFFFF
-    table = packed.decode_table.to(torch.int64)
+    n, k = sign_mantissa.shape
+    words = exponent_code.to(torch.int64) & 0xFFFFFFFF
+    table = decode_table.to(torch.int64)
     last_word = words.numel() - 1
-    position = packed.segment_offsets.flatten().to(torch.int64)
+    position = segment_offsets.flatten().to(torch.int64)
     exponent = torch.empty((position.numel(), segment), dtype=torch.int64, device=words.device)
     for i in range(segment):
         word = position >> 5
         window = (words[word.clamp(max=last_word)] << 32) | words[(word + 1).clamp(max=last_word)]
-        entry = table[(window >> (64 - CODE_BITS - (position & 31))) & (2**CODE_BITS - 1)]
+        entry = table[(window >> (64 - code_bits - (position & 31))) & (2**code_bits - 1)]
         exponent[:, i] = entry & 0xFF
         position = position + (entry >> 8)
     exponent = exponent.reshape(n, -1)[:, :k]
-    return join_bf16(exponent, packed.sign_mantissa)
+    return join_bf16(exponent, sign_mantissa)
 
 
 def check_stream(packed: PackedWeight) -> None:
@@ -257,17 +258,19 @@ class DFloat11Format(Format):
                             {"segment": segment, "code_words": code_words}, tensors)
 
     def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
-        return decode(packed)
+        return self._decode(packed, "torch")
 
     def check_data(self, packed: PackedWeight) -> None:
         check_stream(packed)
 
     def backward_weight(self, packed: PackedWeight, backend: str) -> torch.Tensor:
-        if backend == "torch":
-            return super().backward_weight(packed, backend)
-        t = packed.tensors  # the Triton decoder: the reference decodes step by step, slow on a GPU
+        return self._decode(packed, backend)  # Triton: the reference decodes step by step, slow on a GPU
+
+    @staticmethod
+    def _decode(packed: PackedWeight, backend: str) -> torch.Tensor:
+        t = packed.tensors
         return torch.ops.lowbit.dfloat11_decode(t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
-                                                t["decode_table"], packed.attrs["segment"], CODE_BITS)
+                                                t["decode_table"], packed.attrs["segment"], CODE_BITS, backend)
 
     def triton_linear(self, x2d, packed, bias):
         t = packed.tensors

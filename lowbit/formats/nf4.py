@@ -135,7 +135,8 @@ class NF4Format(Format):
         amax = padded.abs().amax(dim=-1)
         scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
         q = torch.round(padded / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-        return q.flatten()[: flat.numel()].reshape(absmax.shape), scale, mean
+        # clone: a view would keep the padded storage alive, and torch.save / torch.export write all of it
+        return q.flatten()[: flat.numel()].reshape(absmax.shape).clone(), scale, mean
 
     @staticmethod
     def _absmax(tensors: dict[str, torch.Tensor]) -> torch.Tensor:

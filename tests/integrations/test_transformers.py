@@ -1,5 +1,5 @@
 """transformers integration: save_pretrained / from_pretrained for every format, quantize while
-loading, generate, one on-disk format with lowbit.save/load, device_map, torch.compile."""
+loading, generate, one on-disk format with lowbit.save/load, device_map, torch.compile, torch.export."""
 import copy
 import json
 
@@ -12,7 +12,7 @@ from lowbit.cli import main as cli_main
 from lowbit.errors import CheckpointError, FormatError, LowbitError, WeightError
 from lowbit.integrations.transformers import LowbitHfQuantizer
 
-from ..conftest import make_tiny_llama, requires_gpu
+from ..conftest import kernel_devices, make_tiny_llama, requires_gpu
 from ..test_io import EVERY_FORMAT
 
 
@@ -448,6 +448,78 @@ def test_gpu_compiled_layer_runs_triton_without_graph_break(fmt, options):
     x = torch.randn(16, 4096, dtype=torch.bfloat16, device="cuda")
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x), rtol=2e-2, atol=2e-2)
+
+
+def _exported(module, x, path):
+    """torch.export of module(x) with a dynamic batch, saved to path and loaded back."""
+    program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    return torch.export.load(path)
+
+
+def _lowbit_ops(program):
+    return [str(node.target) for node in program.graph.nodes
+            if node.op == "call_function" and str(node.target).startswith("lowbit.")]
+
+
+@pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
+def test_exported_layer_saves_reloads_and_takes_another_batch(fmt, options, tmp_path):
+    torch.manual_seed(0)
+    layer = lowbit.QuantLinear.from_linear(torch.nn.Linear(96, 40).bfloat16(), fmt, **options)
+    program = _exported(layer, torch.randn(3, 96, dtype=torch.bfloat16), tmp_path / "layer.pt2")
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    torch.testing.assert_close(program.module()(x), layer(x), rtol=0, atol=0)
+
+
+class _TritonLayer(torch.nn.Module):
+    """A QuantLinear forced onto the Triton backend (on a GPU it is the default)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x, backend="triton")
+
+
+@pytest.mark.skipif(not kernel_devices(), reason="Triton cannot run here (no CUDA, no interpreter)")
+@pytest.mark.parametrize("fmt,options", [("int4", {}), ("fp8", {"act": "fp8"}), ("lut2", {}), ("dfloat11", {})],
+                         ids=lambda v: str(v))
+def test_exported_triton_layer_keeps_its_kernel_op(fmt, options, tmp_path):
+    """Exported on the Triton backend, the program calls lowbit's op (the kernel), not a decomposition."""
+    device = kernel_devices()[0]
+    torch.manual_seed(0)
+    layer = _TritonLayer(lowbit.QuantLinear.from_linear(torch.nn.Linear(96, 40).bfloat16(), fmt, **options).to(device))
+    program = _exported(layer, torch.randn(3, 96, dtype=torch.bfloat16, device=device), tmp_path / "layer.pt2")
+    assert len(_lowbit_ops(program)) == 1
+    x = torch.randn(5, 96, dtype=torch.bfloat16, device=device)
+    torch.testing.assert_close(program.module()(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "dfloat11"])
+def test_exported_llama_saves_and_reloads(llama_dir, tmp_path, fmt):
+    """A whole quantized model through torch.export, .pt2 save and load: the same logits. dfloat11's
+    reference decoder is one op per layer in the graph (traced, its step loop unrolled into thousands
+    of nodes per layer: minutes to export a tiny model)."""
+    model = lowbit.quantize(_llama(llama_dir), fmt, skip=["lm_head"], progress=False)
+    program = torch.export.export(model, (IDS,), kwargs={"use_cache": False})
+    if fmt == "dfloat11":
+        assert _lowbit_ops(program) == ["lowbit.dfloat11_decode.default"] * sum(isinstance(m, lowbit.QuantLinear) for m in model.modules())
+    torch.export.save(program, tmp_path / "model.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(tmp_path / "model.pt2").module()(IDS, use_cache=False).logits,
+                                   model(IDS, use_cache=False).logits, rtol=0, atol=0)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
+def test_gpu_exported_layer_calls_lowbit_kernels(fmt, options, tmp_path):
+    layer = lowbit.QuantLinear.from_linear(torch.nn.Linear(4096, 1024).bfloat16(), fmt, **options).cuda()
+    program = _exported(layer, torch.randn(16, 4096, dtype=torch.bfloat16, device="cuda"), tmp_path / "layer.pt2")
+    assert _lowbit_ops(program)
+    x = torch.randn(4, 4096, dtype=torch.bfloat16, device="cuda")
+    torch.testing.assert_close(program.module()(x), layer(x), rtol=0, atol=0)
 
 
 @requires_gpu

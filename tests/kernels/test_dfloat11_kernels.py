@@ -141,8 +141,10 @@ def test_custom_op_registration(device):
     args = (x, p.sign_mantissa, p.exponent_code, p.segment_offsets, p.decode_table, None, 64, CODE_BITS)
     torch.library.opcheck(torch.ops.lowbit.dfloat11_linear.default, args, test_utils=("test_faketensor",))
     fields = (p.sign_mantissa, p.exponent_code, p.segment_offsets, p.decode_table, 64, CODE_BITS)
-    torch.library.opcheck(torch.ops.lowbit.dfloat11_decode.default, fields, test_utils=("test_faketensor",))
-    assert torch.equal(torch.ops.lowbit.dfloat11_decode(*fields).cpu(), FMT.dequantize(p.to("cpu")))
+    for backend in ("torch", "triton"):
+        torch.library.opcheck(torch.ops.lowbit.dfloat11_decode.default, (*fields, backend),
+                              test_utils=("test_faketensor",))
+    assert torch.equal(torch.ops.lowbit.dfloat11_decode(*fields, "triton").cpu(), FMT.dequantize(p.to("cpu")))
 
 
 @pytest.mark.parametrize("backend", [None, "triton"])
