@@ -8,8 +8,9 @@ a plain bf16 F.linear on its slice, and the slices are released when the block r
 Calls with at most FUSED_MAX_M tokens skip the block decode: there each layer's fused
 decode + GEMV reads the compressed weight only once, which is faster.
 
-This is an eager-mode optimization (forward hooks); under torch.compile, leave it off and the
-per-layer `lowbit::dfloat11_linear` op runs instead. A layer whose call autograd records (a
+This is an eager-mode optimization (forward hooks): under torch.compile and torch.export the
+hooks step aside and each layer's own op runs (`lowbit::dfloat11_linear`; a traced decode into
+the shared buffer would be a graph break, or a buffer the exported program captures). A layer whose call autograd records (a
 gradient is wanted) also runs that op: the decoded slices do not outlive the block, which its
 backward pass does.
 """
@@ -97,6 +98,8 @@ class BlockDecompressor:
             handle.remove()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if torch.compiler.is_compiling():  # traced: each layer's own op (see the module docstring)
+            return
         hidden = _hidden_states(args, kwargs)
         if hidden is None:
             self.decode()
@@ -106,7 +109,8 @@ class BlockDecompressor:
             self.decode()
 
     def _after(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.release()
+        if not torch.compiler.is_compiling():
+            self.release()
 
 
 def enable_block_decompression(model: nn.Module, min_tokens: int | None = None) -> list[BlockDecompressor]:

@@ -235,6 +235,29 @@ def test_nested_blocks_are_hooked_once_at_the_outermost(monkeypatch):
     assert len(decoded) == len({id(m) for m in decoded}) == 6 + 10  # the encoder / decoder block's layers
 
 
+def test_block_decompression_steps_aside_under_torch_compile_and_export(monkeypatch):
+    """Traced, the hooks leave each layer to its own op (a traced decode into the shared buffer was
+    an error under torch.compile): with min_tokens=1 every eager call decodes per block, a compiled
+    (fullgraph) or exported one never does, and all give the logits of the unhooked model."""
+    torch._dynamo.reset()
+    model = lowbit.quantize(make_tiny_llama(dtype=torch.bfloat16).eval(), "dfloat11", skip=["lm_head"], progress=False)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    enable_block_decompression(model, min_tokens=1)
+    decoded, decode = [], BlockDecompressor.decode
+    monkeypatch.setattr(BlockDecompressor, "decode", lambda self: decoded.append(self) or decode(self))
+    monkeypatch.setattr("lowbit.block_decode.interpreting", lambda: False)  # the torch decoder: this is about hooks
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, expected)
+        assert len(decoded) == 2
+        assert torch.equal(compiled(ids, use_cache=False).logits, expected)
+        program = torch.export.export(model, (ids,), kwargs={"use_cache": False})
+        assert torch.equal(program.module()(ids, use_cache=False).logits, expected)
+    assert len(decoded) == 2
+
+
 def test_enable_block_decompression_warns_when_there_is_nothing_to_hook():
     with pytest.warns(UserWarning, match="no block .* holds dfloat11 layers"):
         assert enable_block_decompression(make_tiny_llama()) == []
