@@ -10,9 +10,9 @@ decode + GEMV reads the compressed weight only once, which is faster.
 
 This is an eager-mode optimization (forward hooks): under torch.compile and torch.export the
 hooks step aside and each layer's own op runs (`lowbit::dfloat11_linear`; a traced decode into
-the shared buffer would be a graph break, or a buffer the exported program captures). A layer whose call autograd records (a
-gradient is wanted) also runs that op: the decoded slices do not outlive the block, which its
-backward pass does.
+the shared buffer would be a graph break, or a buffer the exported program captures). A layer
+whose call autograd records (a gradient is wanted) also runs that op: the decoded slices do not
+outlive the block, which its backward pass does.
 """
 from __future__ import annotations
 

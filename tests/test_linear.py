@@ -7,6 +7,7 @@ from lowbit.errors import FormatError, InputError
 from lowbit.formats import get_format
 
 from .conftest import requires_gpu
+from .test_io import EVERY_FORMAT
 
 
 def _layer(bias=True, dtype=torch.float32):
@@ -47,6 +48,30 @@ def test_autocast_computes_in_its_dtype_as_nn_linear(fmt, options, autocast_dtyp
         assert dense(x.to(dense.weight.dtype)).dtype == autocast_dtype
     assert y.dtype == autocast_dtype
     assert torch.equal(y, q(x.to(autocast_dtype), backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
+def test_an_empty_batch_gives_an_empty_output(fmt, options, backend):
+    """Zero tokens (an empty batch, a padded-away chunk) give a [..., 0, N] output and gradient, as
+    nn.Linear does; nvfp4 activations once failed taking the amax of no values."""
+    q = lowbit.QuantLinear.from_linear(nn.Linear(64, 48).bfloat16(), fmt, **options)
+    for shape in [(0, 64), (2, 0, 64)]:
+        x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
+        y = q(x, backend=backend)
+        assert y.shape == (*shape[:-1], 48) and y.dtype == torch.bfloat16
+        y.sum().backward()
+        assert x.grad.shape == shape
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
+def test_gpu_an_empty_batch_launches_nothing_and_gives_an_empty_output(fmt, options):
+    q = lowbit.QuantLinear.from_linear(nn.Linear(4096, 1024).bfloat16(), fmt, **options).cuda()
+    y = q(torch.randn(0, 4096, dtype=torch.bfloat16, device="cuda"))
+    torch.cuda.synchronize()
+    assert y.shape == (0, 1024) and y.is_cuda
 
 
 @requires_gpu

@@ -206,7 +206,7 @@ class MicroscalingFormat(Format):
             exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127
             return (exponent - self.codec.emax).clamp(-127, 127).add(127).to(torch.uint8), None
         if tensor_scale is None:
-            w_amax = amax.amax()
+            w_amax = amax.amax() if amax.numel() else amax.new_zeros(())  # activations: M may be 0
             tensor_scale = torch.where(w_amax > 0, w_amax / (_E4M3_MAX * self.codec.max_value), 1.0).reshape(1)
         s = ((amax / self.codec.max_value) / tensor_scale).clamp(_E4M3_MIN_NORMAL, _E4M3_MAX).to(torch.float8_e4m3fn)
         return s, tensor_scale
