@@ -244,6 +244,10 @@ class QuantizedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_is_expert_parallel", False):
             raise InputError(f"{type(self).__name__}: lowbit's quantized experts do not support expert parallelism")
+        if torch.compiler.is_exporting():  # else a data-dependent-shape error deep in torch
+            raise InputError(f"{type(self).__name__}: torch.export cannot trace lowbit's quantized experts yet (each "
+                             f"expert's share of the tokens is read on the host); torch.compile runs them, with graph "
+                             f"breaks")
         tokens, top_k = top_k_index.shape
         order, rows_of = routed_rows(self, hidden_states, top_k_index)
         outputs = [project(self, "down_proj", expert, hidden_activations(self, expert, rows))

@@ -220,6 +220,18 @@ def test_a_quantized_moe_model_deep_copies_and_pickles():
         assert torch.equal(_logits(copied), _logits(model))
 
 
+def test_torch_compile_runs_quantized_experts_and_torch_export_says_it_cannot():
+    """The routing reads each expert's token count on the host: torch.compile breaks the graph there
+    and gives the eager logits; torch.export, which cannot break, gets a LowbitError naming the
+    experts instead of a data-dependent-shape error from deep inside torch."""
+    torch._dynamo.reset()
+    model = lowbit.quantize(_model("mixtral"), "int4", skip=["lm_head"], progress=False)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, backend="eager")(IDS).logits, model(IDS).logits)
+    with pytest.raises(lowbit.LowbitError, match="MixtralExperts.*torch.export cannot trace"):
+        torch.export.export(model, (IDS,), kwargs={"use_cache": False})
+
+
 def test_a_checkpoint_missing_an_expert_is_refused(tmp_path):
     model = lowbit.quantize(_model("mixtral"), "int4", progress=False)
     lowbit.save(model, tmp_path / "lowbit")
