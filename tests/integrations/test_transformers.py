@@ -498,17 +498,21 @@ def test_exported_triton_layer_keeps_its_kernel_op(fmt, options, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["int4", "dfloat11"])
 def test_exported_llama_saves_and_reloads(llama_dir, tmp_path, fmt):
-    """A whole quantized model through torch.export, .pt2 save and load: the same logits. dfloat11's
-    reference decoder is one op per layer in the graph (traced, its step loop unrolled into thousands
-    of nodes per layer: minutes to export a tiny model)."""
+    """A whole quantized model through torch.export (dynamic batch and length), .pt2 save and load:
+    the same logits for another shape. dfloat11's reference decoder is one op per layer in the graph
+    (traced, its step loop unrolled into thousands of nodes per layer: minutes to export a tiny model)."""
     model = lowbit.quantize(_llama(llama_dir), fmt, skip=["lm_head"], progress=False)
-    program = torch.export.export(model, (IDS,), kwargs={"use_cache": False})
+    dims = {"input_ids": {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("length", max=512)},
+            "use_cache": None}
+    program = torch.export.export(model, (), kwargs={"input_ids": IDS, "use_cache": False}, dynamic_shapes=dims)
     if fmt == "dfloat11":
-        assert _lowbit_ops(program) == ["lowbit.dfloat11_decode.default"] * sum(isinstance(m, lowbit.QuantLinear) for m in model.modules())
+        layers = sum(isinstance(m, lowbit.QuantLinear) for m in model.modules())
+        assert _lowbit_ops(program) == ["lowbit.dfloat11_decode.default"] * layers
     torch.export.save(program, tmp_path / "model.pt2")
+    other = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(1))  # another batch and length
     with torch.no_grad():
-        torch.testing.assert_close(torch.export.load(tmp_path / "model.pt2").module()(IDS, use_cache=False).logits,
-                                   model(IDS, use_cache=False).logits, rtol=0, atol=0)
+        torch.testing.assert_close(torch.export.load(tmp_path / "model.pt2").module()(input_ids=other, use_cache=False)
+                                   .logits, model(other, use_cache=False).logits, rtol=0, atol=0)
 
 
 @requires_gpu
