@@ -34,6 +34,19 @@ def kernel_devices():
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture
+def block_decodes(monkeypatch):
+    """The BlockDecompressor of every block decode, in call order; blocks decode with the torch
+    reference decoder (these tests are about the hooks: the Triton decoder takes minutes in the
+    interpreter for a whole model)."""
+    from lowbit.block_decode import BlockDecompressor
+
+    decoded, decode = [], BlockDecompressor.decode
+    monkeypatch.setattr(BlockDecompressor, "decode", lambda self: decoded.append(self) or decode(self))
+    monkeypatch.setattr("lowbit.block_decode.interpreting", lambda: False)
+    return decoded
+
+
 @pytest.fixture(scope="session")
 def minilm_weights():
     """The real all-MiniLM-L6-v2 Linear weights {name: [N, K] float32}."""

@@ -69,17 +69,12 @@ def test_quantized_minilm_passes_the_dequantized_models_gradients_to_its_embeddi
 
 
 @pytest.mark.parametrize("embeddings_learn", [True, False])
-def test_block_decompression_steps_aside_while_gradients_are_recorded(monkeypatch, embeddings_learn):
+def test_block_decompression_steps_aside_while_gradients_are_recorded(block_decodes, embeddings_learn):
     """The block-decoded weights are views of one buffer that the next block's decode overwrites, so
     autograd must not keep them: a block whose input records gradients skips the decode
     (embeddings_learn), and a layer whose input records them inside a decoded block (after the
     first norm, whose weight learns) runs its own path. An unrecorded call between the forward and
     the backward pass (which decodes every block) then leaves the gradients as the per-layer run's."""
-    from lowbit.block_decode import BlockDecompressor
-
-    monkeypatch.setattr("lowbit.block_decode.interpreting", lambda: False)  # the torch decoder: this is about hooks
-    decode, decoded = BlockDecompressor.decode, []
-    monkeypatch.setattr(BlockDecompressor, "decode", lambda self: decoded.append(self) or decode(self))
     # segment=64: the reference decoder takes one step per weight of a segment
     model = lowbit.quantize(make_tiny_llama(dtype=torch.bfloat16), "dfloat11", segment=64, skip=["lm_head"],
                             progress=False)
@@ -97,7 +92,7 @@ def test_block_decompression_steps_aside_while_gradients_are_recorded(monkeypatc
         for hook in hooks:
             hook.remove()
     # recorded: frozen embeddings leave the first block's input unrecorded, so it decodes; then 2 unrecorded
-    assert len(decoded) == (0 if embeddings_learn else 1) + 2
+    assert len(block_decodes) == (0 if embeddings_learn else 1) + 2
     assert "model.layers.0.input_layernorm.weight" in grads[0]
     assert ("model.embed_tokens.weight" in grads[0]) == embeddings_learn
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

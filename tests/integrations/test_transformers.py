@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 import lowbit
+from lowbit.api import summarize
 from lowbit.cli import main as cli_main
 from lowbit.errors import CheckpointError, FormatError, LowbitError, WeightError
 from lowbit.integrations.transformers import LowbitHfQuantizer
@@ -506,8 +507,7 @@ def test_exported_llama_saves_and_reloads(llama_dir, tmp_path, fmt):
             "use_cache": None}
     program = torch.export.export(model, (), kwargs={"input_ids": IDS, "use_cache": False}, dynamic_shapes=dims)
     if fmt == "dfloat11":
-        layers = sum(isinstance(m, lowbit.QuantLinear) for m in model.modules())
-        assert _lowbit_ops(program) == ["lowbit.dfloat11_decode.default"] * layers
+        assert _lowbit_ops(program) == ["lowbit.dfloat11_decode.default"] * summarize(model).quantized_layers
     torch.export.save(program, tmp_path / "model.pt2")
     other = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(1))  # another batch and length
     with torch.no_grad():

@@ -208,7 +208,7 @@ def test_enable_block_decompression_finds_transformer_blocks():
         d.remove()
 
 
-def test_nested_blocks_are_hooked_once_at_the_outermost(monkeypatch):
+def test_nested_blocks_are_hooked_once_at_the_outermost(block_decodes):
     """A T5Block holds its sub-layers in another ModuleList: only the T5Blocks are hooked, so each
     weight is decoded once per call (the sub-layers' own hooks decoded them a second time)."""
     from transformers import T5Config, T5ForConditionalGeneration
@@ -222,20 +222,13 @@ def test_nested_blocks_are_hooked_once_at_the_outermost(monkeypatch):
         expected = model(input_ids=ids, decoder_input_ids=ids).logits
     decompressors = enable_block_decompression(model, min_tokens=1)
     assert [len(d.layers) for d in decompressors] == [6, 10]  # the encoder's and the decoder's T5Block
-    decoded, decode = [], BlockDecompressor.decode
-
-    def counting_decode(self):
-        decoded.extend(self.layers)
-        return decode(self)
-
-    monkeypatch.setattr(BlockDecompressor, "decode", counting_decode)
-    monkeypatch.setattr("lowbit.block_decode.interpreting", lambda: False)  # the torch decoder: this is about hooks
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, expected)
+    decoded = [layer for decompressor in block_decodes for layer in decompressor.layers]
     assert len(decoded) == len({id(m) for m in decoded}) == 6 + 10  # the encoder / decoder block's layers
 
 
-def test_block_decompression_steps_aside_under_torch_compile_and_export(monkeypatch):
+def test_block_decompression_steps_aside_under_torch_compile_and_export(block_decodes):
     """Traced, the hooks leave each layer to its own op (a traced decode into the shared buffer was
     an error under torch.compile): with min_tokens=1 every eager call decodes per block, a compiled
     (fullgraph) or exported one never does, and all give the logits of the unhooked model."""
@@ -245,17 +238,14 @@ def test_block_decompression_steps_aside_under_torch_compile_and_export(monkeypa
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
     enable_block_decompression(model, min_tokens=1)
-    decoded, decode = [], BlockDecompressor.decode
-    monkeypatch.setattr(BlockDecompressor, "decode", lambda self: decoded.append(self) or decode(self))
-    monkeypatch.setattr("lowbit.block_decode.interpreting", lambda: False)  # the torch decoder: this is about hooks
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert torch.equal(model(ids, use_cache=False).logits, expected)
-        assert len(decoded) == 2
+        assert len(block_decodes) == 2
         assert torch.equal(compiled(ids, use_cache=False).logits, expected)
         program = torch.export.export(model, (ids,), kwargs={"use_cache": False})
         assert torch.equal(program.module()(ids, use_cache=False).logits, expected)
-    assert len(decoded) == 2
+    assert len(block_decodes) == 2
 
 
 def test_enable_block_decompression_warns_when_there_is_nothing_to_hook():
