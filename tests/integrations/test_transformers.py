@@ -1,7 +1,9 @@
 """transformers integration: save_pretrained / from_pretrained for every format, quantize while
-loading, generate, one on-disk format with lowbit.save/load, device_map, torch.compile, torch.export."""
+loading, generate, one on-disk format with lowbit.save/load, device_map, torch.compile, torch.export,
+AOTInductor."""
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -513,6 +515,61 @@ def test_exported_llama_saves_and_reloads(llama_dir, tmp_path, fmt):
     with torch.no_grad():
         torch.testing.assert_close(torch.export.load(tmp_path / "model.pt2").module()(input_ids=other, use_cache=False)
                                    .logits, model(other, use_cache=False).logits, rtol=0, atol=0)
+
+
+class _EveryLayer(torch.nn.Module):
+    """Runs one input through several layers: one AOTInductor compile covers them all."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x):
+        return tuple(layer(x) for layer in self.layers)
+
+
+def _aoti_packaged(module, x, path):
+    """module(x) exported with a dynamic batch, compiled ahead of time by AOTInductor into the
+    package `path`, and loaded back. Inductor keeps fused intermediates in fp32 where eager rounds
+    them to bf16 (the activation quantizers differ by a bf16 ulp); emulating eager's casts makes
+    the package's result comparable bit for bit."""
+    program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return torch._inductor.aoti_load_package(package)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="AOTInductor on CPU needs a C++ compiler")
+def test_aoti_package_of_every_format_matches_eager(tmp_path):
+    """AOTInductor (torch.export, then inductor's C++ code in a .pt2 package) runs every format's
+    layer, and, through the interpreter, two layers on the Triton backend (an op opaque to inductor,
+    which the package calls back): the outputs of another batch size equal eager's bit for bit."""
+    torch.manual_seed(0)
+    layers = [lowbit.QuantLinear.from_linear(torch.nn.Linear(96, 40).bfloat16(), fmt, **options)
+              for fmt, options in EVERY_FORMAT]
+    names = [f"{fmt} {options}" for fmt, options in EVERY_FORMAT]
+    if kernel_devices() == ["cpu"]:
+        layers += [_TritonLayer(lowbit.QuantLinear.from_linear(torch.nn.Linear(96, 40).bfloat16(), fmt))
+                   for fmt in ("int4", "dfloat11")]
+        names += ["int4 on triton", "dfloat11 on triton"]
+    module = _EveryLayer(layers)
+    package = _aoti_packaged(module, torch.randn(3, 96, dtype=torch.bfloat16), tmp_path / "layers.pt2")
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    for name, got, want in zip(names, package(x), module(x), strict=True):
+        assert torch.equal(got, want), name
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_aoti_package_of_every_format_matches_eager(tmp_path):
+    torch.manual_seed(0)
+    module = _EveryLayer([lowbit.QuantLinear.from_linear(torch.nn.Linear(4096, 1024).bfloat16(), fmt, **options)
+                          for fmt, options in EVERY_FORMAT]).cuda()
+    package = _aoti_packaged(module, torch.randn(16, 4096, dtype=torch.bfloat16, device="cuda"),
+                             tmp_path / "layers.pt2")
+    x = torch.randn(4, 4096, dtype=torch.bfloat16, device="cuda")
+    for (fmt, options), got, want in zip(EVERY_FORMAT, package(x), module(x), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{fmt} {options}: {m}")
 
 
 @requires_gpu
