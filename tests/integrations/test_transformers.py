@@ -442,6 +442,31 @@ def test_compiled_layer_has_no_graph_break(fmt, options):
     torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
 
 
+MIXED_FORMATS = {"*.down_proj": "dfloat11", "*.o_proj": {"format": "nvfp4", "act": "nvfp4"},
+                 "*.k_proj": {"format": "fp8", "act": "fp8"}}  # the other layers int4
+
+
+def test_inductor_compiled_generate_with_static_cache_matches_eager():
+    """transformers' fast decode recipe, a static KV cache and `torch.compile(model.forward,
+    fullgraph=True)` with inductor, on a model mixing formats (weight-only, activation-quantized,
+    dfloat11's decoder op): greedy generate gives eager's logits bit for bit (with inductor emulating
+    eager's bf16 casts, see `_aoti_packaged`)."""
+    model = lowbit.quantize(make_tiny_llama(dtype=torch.bfloat16), "int4", skip=["lm_head"], overrides=MIXED_FORMATS,
+                            progress=False)
+    assert {layer.format for layer in model.modules() if isinstance(layer, lowbit.QuantLinear)} == {
+        "int4", "dfloat11", "nvfp4", "fp8"}
+    options = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
+                   output_logits=True, attention_mask=torch.ones_like(IDS), pad_token_id=0)
+    eager = model.generate(IDS, **options)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        compiled = model.generate(IDS, **options)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for step, (got, want) in enumerate(zip(compiled.logits, eager.logits, strict=True)):
+        assert torch.equal(got, want), f"decode step {step}"
+
+
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,options", EVERY_FORMAT, ids=lambda v: str(v))
