@@ -4,6 +4,8 @@ AOTInductor."""
 import copy
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -591,6 +593,31 @@ def test_aoti_package_of_each_format_family_matches_eager(tmp_path):
     x = torch.randn(5, 96, dtype=torch.bfloat16)
     for name, got, want in zip(names, package(x), module(x), strict=True):
         assert torch.equal(got, want), name
+
+
+_RUN_PACKAGE_WITHOUT_LOWBIT = """
+import sys, torch
+package = torch._inductor.aoti_load_package(sys.argv[1])
+x, want = torch.load(sys.argv[2])
+assert "lowbit" not in sys.modules
+print(torch.equal(package(x), want))
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="AOTInductor on CPU needs a C++ compiler")
+def test_aoti_package_of_a_torch_backend_layer_runs_without_lowbit(tmp_path):
+    """On the torch backend a weight-only layer is plain aten ops (unpack, scale, matmul): its
+    AOTInductor package runs in a process that never imports lowbit. (dfloat11's decoder and the
+    Triton kernels are Python custom ops: their packages need `import lowbit`.)"""
+    torch.manual_seed(0)
+    layer = lowbit.QuantLinear.from_linear(torch.nn.Linear(96, 40).bfloat16(), "int4")
+    _aoti_packaged(layer, torch.randn(3, 96, dtype=torch.bfloat16), tmp_path / "int4.pt2")
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    torch.save((x, layer(x)), tmp_path / "io.pt")
+    run = subprocess.run([sys.executable, "-c", _RUN_PACKAGE_WITHOUT_LOWBIT, str(tmp_path / "int4.pt2"),
+                          str(tmp_path / "io.pt")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True"]
 
 
 @requires_gpu
