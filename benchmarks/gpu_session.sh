@@ -54,8 +54,8 @@ run_part() {  # name, time limit (s), command...
 for part in "$@"; do
   case "$part" in
     # -v: one line per test as it finishes, so a run cut off by the limit still shows what passed
-    tests) run_part tests 240 python3 -m pytest -v -m gpu -p no:cacheprovider --durations=15 tests ;;
-    tune) run_part tune 330 python3 benchmarks/tune.py --budget-s 270 ;;
+    tests) run_part tests 270 python3 -m pytest -v -m gpu -p no:cacheprovider --durations=15 tests ;;
+    tune) run_part tune 300 python3 benchmarks/tune.py --budget-s 240 ;;
     gemm-targets) run_part gemm-targets 540 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS \
                     --out-dir "$out/results" ;;
     gemm-rest) run_part gemm-rest 540 python3 benchmarks/bench_gemm.py --formats $OTHER_FORMATS \

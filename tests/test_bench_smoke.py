@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import requires_gpu
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -321,6 +323,43 @@ def test_bench_e2e_static_cache_decode_matches_transformers_generate():
             tokens.append(out.logits[:, -1:].argmax(-1))
     assert result["decode_mode"] == "eager" and result["tokens"].shape == (2, 6)
     assert torch.equal(result["tokens"], torch.cat(tokens, dim=1))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8:act=fp8", "nvfp4:act=nvfp4", "mxfp4", "lut2", "dfloat11"])
+def test_gpu_cuda_graph_decode_gives_the_eager_tokens(fmt):
+    """bench_e2e times decode as one CUDA graph replayed: on a 2-layer Llama of width 1024 quantized
+    as bench_e2e does, the replays (split-K workspaces and counters, dfloat11's block buffer,
+    activation scales, whichever paths the launchers pick here) give the greedy tokens of the same
+    steps run eagerly, at batch 1 and 4."""
+    import argparse
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(REPO))
+    import lowbit
+    from benchmarks.bench_e2e import run_one
+    from benchmarks.bench_gemm import parse_format_spec
+
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
+                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=1024,
+                                      max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    name, options = parse_format_spec(fmt, argparse.Namespace(group_size=128, symmetric=False))  # bench_e2e's defaults
+    lowbit.quantize(model, name, skip=["lm_head"], progress=False, **options)
+    if name == "dfloat11":
+        lowbit.enable_block_decompression(model)
+    cuda = torch.device("cuda")
+    with torch.no_grad():
+        for batch in (1, 4):
+            graphed, eager = (run_one(model, batch=batch, prompt=16, new=8, repeats=1, device=cuda, graphs=graphs)
+                              for graphs in (True, False))
+            assert graphed["decode_mode"] == "cuda-graph", graphed.get("graph_error")
+            assert torch.equal(graphed["tokens"], eager["tokens"]), f"batch {batch}"
 
 
 def test_bench_gemm_builds_each_weight_once_over_m(monkeypatch):
