@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from benchmarks.bench_gemm import check_format_specs, env_info, parse_format_spec  # noqa: E402
 from benchmarks.targets import e2e_summary  # noqa: E402
 
-#: width name -> (transformers architecture, config fields); the smoke widths are the tiny CPU stand-ins
+#: width name -> (transformers architecture, config fields); the smoke widths are the tests' stand-ins
 WIDTHS = {
     "llama3-8b": ("Llama", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                                 num_key_value_heads=8, vocab_size=128256)),
@@ -56,6 +56,9 @@ WIDTHS = {
     "smoke-moe": ("Mixtral", dict(hidden_size=64, intermediate_size=160, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=256, num_local_experts=4,
                                   num_experts_per_tok=2)),
+    # wide enough for the launchers' GPU paths (GEMV, split-K): the CUDA-graph replay test's model
+    "smoke-wide": ("Llama", dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
+                                 num_key_value_heads=2, vocab_size=1024)),
 }
 DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "lut2", "dfloat11"]
 
@@ -147,17 +150,27 @@ def run_one(model, batch: int, prompt: int, new: int, repeats: int, device: torc
             "last_logits": last_logits, "tokens": tokens}
 
 
+def prepare_model(spec: str, args, device: torch.device):
+    """build_model(args.width, args.layers) with every Linear but lm_head quantized to `spec` (a
+    format spec as bench_gemm takes it, "fp8:act=fp8"; "bf16": left as built); dfloat11 with
+    block decompression, as it is meant to run."""
+    import lowbit
+
+    model = build_model(args.width, args.layers, device)
+    if spec != "bf16":
+        name, options = parse_format_spec(spec, args)
+        lowbit.quantize(model, name, skip=["lm_head"], progress=False, **options)
+        if name == "dfloat11":
+            lowbit.enable_block_decompression(model)
+    return model
+
+
 def bench(args, device: torch.device) -> list[dict]:
     import lowbit
 
     rows, baseline = [], {}
-    for fmt in ["bf16"] + args.formats:  # format specs as bench_gemm takes them ("fp8:act=fp8")
-        model = build_model(args.width, args.layers, device)
-        if fmt != "bf16":
-            name, options = parse_format_spec(fmt, args)
-            lowbit.quantize(model, name, skip=["lm_head"], progress=False, **options)
-            if name == "dfloat11":
-                lowbit.enable_block_decompression(model)
+    for fmt in ["bf16"] + args.formats:
+        model = prepare_model(fmt, args, device)
         with torch.no_grad():
             for batch in args.batch:
                 if device.type == "cuda":

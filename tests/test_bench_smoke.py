@@ -336,24 +336,13 @@ def test_gpu_cuda_graph_decode_gives_the_eager_tokens(fmt):
     import argparse
 
     import torch
-    import transformers
 
     sys.path.insert(0, str(REPO))
-    import lowbit
-    from benchmarks.bench_e2e import run_one
-    from benchmarks.bench_gemm import parse_format_spec
+    from benchmarks.bench_e2e import prepare_model, run_one
 
-    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
-                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=1024,
-                                      max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
-    name, options = parse_format_spec(fmt, argparse.Namespace(group_size=128, symmetric=False))  # bench_e2e's defaults
-    lowbit.quantize(model, name, skip=["lm_head"], progress=False, **options)
-    if name == "dfloat11":
-        lowbit.enable_block_decompression(model)
     cuda = torch.device("cuda")
+    args = argparse.Namespace(width="smoke-wide", layers=2, group_size=128, symmetric=False)  # bench_e2e's defaults
+    model = prepare_model(fmt, args, cuda)
     with torch.no_grad():
         for batch in (1, 4):
             graphed, eager = (run_one(model, batch=batch, prompt=16, new=8, repeats=1, device=cuda, graphs=graphs)

@@ -480,10 +480,13 @@ def test_gpu_compiled_layer_runs_triton_without_graph_break(fmt, options):
     torch.testing.assert_close(compiled(x), layer(x), rtol=2e-2, atol=2e-2)
 
 
+def _export_with_dynamic_batch(module, x):
+    return torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
 def _exported(module, x, path):
     """torch.export of module(x) with a dynamic batch, saved to path and loaded back."""
-    program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, path)
+    torch.export.save(_export_with_dynamic_batch(module, x), path)
     return torch.export.load(path)
 
 
@@ -560,9 +563,9 @@ def _aoti_packaged(module, x, path):
     package `path`, and loaded back. Inductor keeps fused intermediates in fp32 where eager rounds
     them to bf16 (the activation quantizers differ by a bf16 ulp); emulating eager's casts makes
     the package's result comparable bit for bit."""
-    program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     with torch._inductor.config.patch(emulate_precision_casts=True):
-        package = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        package = torch._inductor.aoti_compile_and_package(_export_with_dynamic_batch(module, x),
+                                                           package_path=str(path))
     return torch._inductor.aoti_load_package(package)
 
 
