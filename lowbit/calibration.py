@@ -98,10 +98,12 @@ def collect_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: li
         hidden = inputs["hidden_states"]
         for name, weight_name in weights:  # the module ran: every expert has a Hessian
             start(name, experts.expert_shape(module, weight_name)[2], hidden.device, (module.num_experts,))
-        for expert, x in experts.routed_rows(module, hidden, inputs["top_k_index"])[1].items():
-            for name, weight_name in weights:
-                accumulate(name, experts.hidden_activations(module, expert, x) if weight_name == "down_proj" else x,
-                           expert)
+        routing = experts.route(module, hidden, inputs["top_k_index"])
+        for name, weight_name in weights:
+            x = experts.hidden_activations(module, routing) if weight_name == "down_proj" else routing.rows
+            for expert, rows in enumerate(x.split(routing.sizes)):
+                if len(rows):
+                    accumulate(name, rows, expert)
 
     training = model.training
     model.eval()  # dropout off: the Hessian of the inputs the layer sees at inference

@@ -11,19 +11,22 @@ held at `{experts}.quantized.{weight}.{expert}` (so every save / load path treat
 other QuantLinear, and its checkpoint keys match none of transformers' expert-merging
 patterns); the 3-D parameter goes, and reading it gives a `WeightStandIn` of its shape. The
 module keeps its attributes, biases and gate; its class becomes a subclass of its own class
-(`QuantizedExperts` first) whose forward runs each routed expert through its QuantLinears.
+(`QuantizedExperts` first) whose forward runs each routed expert through its QuantLinears
+(traced by torch.compile / torch.export: each weight's experts as one `lowbit::grouped_linear`
+op, lowbit/expert_ops.py, so the graph never holds a data-dependent shape).
 """
 from __future__ import annotations
 
 import functools
-import itertools
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from .errors import FormatError, InputError
+from .expert_ops import grouped_linear
 from .linear import QuantLinear, weight_stand_in
 
 #: the fused weights of transformers' experts modules, in the order the forward uses them
@@ -167,41 +170,64 @@ def dequantize_experts(module: nn.Module, dtype: torch.dtype | None = None) -> N
     module.__class__ = module.experts_class
 
 
-def routed_rows(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor
-                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """The experts' inputs: (order [T*k], the (token, choice) pairs sorted by expert; expert ->
-    its rows of hidden_states [count, H], in that order, for the experts with at least one row).
-    InputError for an expert index the module does not have."""
-    top_k = top_k_index.shape[1]
+@dataclass
+class Routing:
+    """The (token, choice) pairs of one MoE call, grouped by expert: S = tokens * top_k rows."""
+
+    order: torch.Tensor  # [S]: the pairs' positions in (token, choice) order, sorted by expert (stable)
+    expert_ids: torch.Tensor  # [S]: their experts, ascending
+    counts: torch.Tensor  # [E] int64: rows per expert
+    rows: torch.Tensor  # [S, H]: the pairs' hidden states
+    sizes: list[int] | None  # the counts read on the host, once per call (eager); None when traced
+
+
+def route(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> Routing:
+    """Group hidden_states [T, H] by the experts top_k_index [T, k] sends them to. InputError for an
+    expert index the module does not have (checked eagerly; traced, the count fails on the device)."""
     expert_ids = top_k_index.reshape(-1)
     order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=module.num_experts).tolist()
-    if len(counts) > module.num_experts:
-        raise InputError(f"{type(module).__name__}: expert index {len(counts) - 1} routed to a module of "
-                         f"{module.num_experts} experts")
-    rows = hidden_states[order // top_k]
-    starts = itertools.accumulate(counts, initial=0)
-    return order, {expert: rows[start:start + count] for expert, (start, count) in enumerate(zip(starts, counts))
-                   if count}
+    sizes = None
+    if torch.compiler.is_compiling():  # a static [E] shape (bincount's depends on the largest index)
+        counts = torch.zeros(module.num_experts, dtype=torch.int64, device=expert_ids.device)
+        counts = counts.index_add(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int64))
+    else:
+        counts = torch.bincount(expert_ids, minlength=module.num_experts)
+        if len(counts) > module.num_experts:
+            raise InputError(f"{type(module).__name__}: expert index {len(counts) - 1} routed to a module of "
+                             f"{module.num_experts} experts")
+        sizes = counts.tolist()
+    return Routing(order, expert_ids[order], counts, hidden_states[order // top_k_index.shape[1]], sizes)
 
 
-def project(module: nn.Module, weight_name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """x [rows, K] through one expert's slice of `weight_name` (quantized or in full precision)
-    and its bias: [rows, N] in x's dtype."""
+def project(module: nn.Module, weight_name: str, routing: Routing, x: torch.Tensor) -> torch.Tensor:
+    """x [S, K], grouped as `routing`, through each group's expert slice of `weight_name` (quantized
+    or in full precision) and its bias: [S, N] in x's dtype."""
     quantized = quantized_weights(module).get(weight_name)
-    if quantized is not None:
-        y = quantized[expert](x)
-    else:  # not quantized (yet, or left in full precision by skip patterns)
-        y = nn.functional.linear(x, expert_weight(module, weight_name, expert).to(x.dtype))
+    if quantized is not None and torch.compiler.is_compiling():
+        y = grouped_linear(x, routing.counts, quantized)  # one op node: no graph break
+    else:  # one call per expert with rows (traced, a host read here breaks the graph)
+        sizes = routing.counts.tolist() if routing.sizes is None else routing.sizes
+        outputs = [expert_linear(module, weight_name, expert, rows)
+                   for expert, rows in enumerate(x.split(sizes)) if len(rows)]
+        y = torch.cat(outputs) if outputs else x.new_empty((0, expert_shape(module, weight_name)[1]))
     if module.has_bias:
-        y = y + getattr(module, f"{weight_name}_bias")[expert].to(y.dtype)
+        y = y + getattr(module, f"{weight_name}_bias")[routing.expert_ids].to(y.dtype)
     return y
 
 
-def hidden_activations(module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """One expert's down_proj inputs [rows, I] for its routed rows x [rows, H]: the up (or fused
-    gate-up) projection, then the module's gate or activation."""
-    h = project(module, "gate_up_proj" if module.has_gate else "up_proj", expert, x)
+def expert_linear(module: nn.Module, weight_name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """x [rows, K] through one expert's slice of `weight_name`, bias-less: [rows, N] in x's dtype."""
+    quantized = quantized_weights(module).get(weight_name)
+    if quantized is not None:
+        return quantized[expert](x)
+    # not quantized (yet, or left in full precision by skip patterns)
+    return nn.functional.linear(x, expert_weight(module, weight_name, expert).to(x.dtype))
+
+
+def hidden_activations(module: nn.Module, routing: Routing) -> torch.Tensor:
+    """The down_proj inputs [S, I] of the routed rows: the up (or fused gate-up) projection, then
+    the module's gate or activation."""
+    h = project(module, "gate_up_proj" if module.has_gate else "up_proj", routing, routing.rows)
     return module._apply_gate(h) if module.has_gate else module.act_fn(h)
 
 
@@ -244,22 +270,19 @@ class QuantizedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_is_expert_parallel", False):
             raise InputError(f"{type(self).__name__}: lowbit's quantized experts do not support expert parallelism")
-        if torch.compiler.is_exporting():  # else a data-dependent-shape error deep in torch
-            raise InputError(f"{type(self).__name__}: torch.export cannot trace lowbit's quantized experts yet (each "
-                             f"expert's share of the tokens is read on the host); torch.compile runs them, with graph "
-                             f"breaks")
+        unquantized = fused_weight_names(self)
+        if unquantized and torch.compiler.is_exporting():  # else a data-dependent-shape error deep in torch
+            raise InputError(f"{type(self).__name__}: torch.export cannot trace full-precision expert weights "
+                             f"({', '.join(unquantized)}) beside quantized ones (they run one expert at a time, "
+                             f"reading the routing on the host): quantize them too")
         tokens, top_k = top_k_index.shape
-        order, rows_of = routed_rows(self, hidden_states, top_k_index)
-        outputs = [project(self, "down_proj", expert, hidden_activations(self, expert, rows))
-                   for expert, rows in rows_of.items()]
-        if not outputs:  # no tokens
-            return torch.zeros_like(hidden_states)
-        out = torch.cat(outputs)
+        routing = route(self, hidden_states, top_k_index)
+        out = project(self, "down_proj", routing, hidden_activations(self, routing))
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
-        weighted = out.float() * top_k_weights.reshape(-1)[order].unsqueeze(-1).float()
+        weighted = out.float() * top_k_weights.reshape(-1)[routing.order].unsqueeze(-1).float()
         # back in (token, choice) order, each token's choices summed in fp32 (as transformers'
         # grouped forward does; a sum, not index_add_, so the result is deterministic on GPUs)
         unsorted = torch.empty_like(weighted)
-        unsorted[order] = weighted
-        return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        unsorted[routing.order] = weighted
+        return unsorted.view(tokens, top_k, weighted.shape[-1]).sum(dim=1).to(hidden_states.dtype)

@@ -184,11 +184,22 @@ class FrozenWeightLinear(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = get_format(ctx.packed.format).backward_weight(ctx.packed, ctx.backend)
-            grad_x = torch.matmul(grad_y, weight.to(grad_y.dtype))
+            grad_x = input_gradient(grad_y, ctx.packed, ctx.backend)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None
+
+
+def input_gradient(grad_y: torch.Tensor, packed: PackedWeight, backend: str) -> torch.Tensor:
+    """grad_x = grad_y @ W_hat for y = lowbit.linear(x, W) on `backend`: [..., N] -> [..., K] in
+    grad_y's dtype (W_hat: the format's `backward_weight`, rebuilt here, not kept)."""
+    weight = get_format(packed.format).backward_weight(packed, backend)
+    return torch.matmul(grad_y, weight.to(grad_y.dtype))
+
+
+def default_backend(device: torch.device) -> str:
+    """The backend `lowbit.linear(backend=None)` takes on `device`: Triton on CUDA, else the torch reference."""
+    return "triton" if device.type == "cuda" else "torch"
 
 
 def records_gradient(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -247,7 +258,7 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend is None:
-        backend = "triton" if x.is_cuda else "torch"
+        backend = default_backend(x.device)
     if records_gradient(x, bias):
         return FrozenWeightLinear.apply(x, bias, packed, backend)
     return _dispatch(x, packed, bias, backend)

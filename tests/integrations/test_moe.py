@@ -220,15 +220,79 @@ def test_a_quantized_moe_model_deep_copies_and_pickles():
         assert torch.equal(_logits(copied), _logits(model))
 
 
-def test_torch_compile_runs_quantized_experts_and_torch_export_says_it_cannot():
-    """The routing reads each expert's token count on the host: torch.compile breaks the graph there
-    and gives the eager logits; torch.export, which cannot break, gets a LowbitError naming the
-    experts instead of a data-dependent-shape error from deep inside torch."""
+#: int4 gate-up and W8A8 int8 down projections: two formats, one quantizing activations inside the op
+_MIXED = lowbit.QuantConfig("int4", overrides={"*.experts.down_proj": {"format": "int8", "act": "int8"}},
+                            skip=["lm_head"])
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_quantized_experts_compile_with_fullgraph_and_export_to_the_eager_logits(arch, tmp_path):
+    """Each quantized fused weight is one `lowbit::grouped_linear` node, which reads the experts'
+    row counts on the host inside itself: torch.compile(fullgraph=True) and torch.export (dynamic
+    batch and length, .pt2 saved and loaded) give eager's logits bit for bit."""
     torch._dynamo.reset()
-    model = lowbit.quantize(_model("mixtral"), "int4", skip=["lm_head"], progress=False)
+    model = lowbit.quantize(_model(arch), _MIXED, progress=False)
+    dims = {"input_ids": {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("length", max=512)},
+            "use_cache": None}
+    program = torch.export.export(model, (), kwargs={"input_ids": IDS, "use_cache": False}, dynamic_shapes=dims)
+    grouped = [node for node in program.graph.nodes if node.target is torch.ops.lowbit.grouped_linear.default]
+    assert len(grouped) == 4  # 2 layers x (gate-up, down)
+    torch.export.save(program, tmp_path / "model.pt2")
+    other = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(1))  # another batch and length
     with torch.no_grad():
-        assert torch.equal(torch.compile(model, backend="eager")(IDS).logits, model(IDS).logits)
-    with pytest.raises(lowbit.LowbitError, match="MixtralExperts.*torch.export cannot trace"):
+        assert torch.equal(torch.compile(model, backend="eager", fullgraph=True)(IDS).logits, _logits(model))
+        exported = torch.export.load(tmp_path / "model.pt2").module()(input_ids=other, use_cache=False).logits
+        assert torch.equal(exported, model(other).logits)
+
+
+def test_gradients_through_compiled_quantized_experts_are_eagers():
+    """The op's backward (`lowbit::grouped_linear_input_grad`, each group times its expert's
+    dequantized weight) gives every trainable parameter eager's gradient, bit for bit."""
+    torch._dynamo.reset()
+    model = lowbit.quantize(_model("gpt_oss"), _MIXED, progress=False)
+    grads = []
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad()
+        run(IDS).logits.square().mean().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert any(".mlp.router." in name for name in grads[0])  # upstream of the experts
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_the_grouped_linear_op_passes_opcheck_and_matches_each_experts_layer():
+    """Rows grouped by expert (one expert without rows) through each expert's own layer; torch's
+    opcheck covers the schema, the fake implementation and the registered backward."""
+    from lowbit.expert_ops import grouped_linear, op_arguments
+
+    torch.manual_seed(0)
+    layers = [lowbit.QuantLinear.from_linear(nn.Linear(64, 24, bias=False), fmt, **options)
+              for fmt, options in [("int4", {}), ("lut2", {}), ("mxfp4", {}), ("int8", {"act": "int8"}), ("int3", {})]]
+    counts = torch.tensor([3, 0, 2, 1, 3])
+
+    def each_experts_layer(x):
+        return torch.cat([layers[0](x[:3]), layers[2](x[3:5]), layers[3](x[5:6]), layers[4](x[6:])])
+
+    x = torch.randn(9, 64, requires_grad=True)
+    y = grouped_linear(x, counts, layers)
+    assert torch.equal(y, each_experts_layer(x))
+    y.backward(torch.ones_like(y))
+    x_ = x.detach().requires_grad_()
+    each_experts_layer(x_).backward(torch.ones_like(y))
+    assert torch.equal(x.grad, x_.grad)
+    torch.library.opcheck(torch.ops.lowbit.grouped_linear.default, (x, counts, *op_arguments(layers), 24))
+
+
+def test_export_of_full_precision_experts_beside_quantized_ones_is_refused():
+    """A fused weight left in full precision runs one expert at a time, reading the routing on the
+    host: torch.export gets a LowbitError naming it instead of a data-dependent-shape error from
+    deep inside torch (torch.compile breaks the graph there and gives the eager logits)."""
+    torch._dynamo.reset()
+    model = lowbit.quantize(_model("mixtral"), "int4", skip=["lm_head", "*.experts.down_proj"], progress=False)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, backend="eager")(IDS).logits, _logits(model))
+    with pytest.raises(lowbit.LowbitError, match=r"MixtralExperts.*torch.export cannot trace .*\(down_proj\)"):
         torch.export.export(model, (IDS,), kwargs={"use_cache": False})
 
 
@@ -399,6 +463,24 @@ def test_gpu_quantized_experts_match_the_cpu_result(arch):
         expected = module(hidden, top_k_index, top_k_weights).float()
         on_gpu = module.cuda()(hidden.cuda(), top_k_index.cuda(), top_k_weights.cuda()).float().cpu()
     assert (on_gpu - expected).norm() / expected.norm() < 1e-2
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_compiled_quantized_experts_match_eager():
+    """On CUDA the op's groups run lowbit's Triton kernels and inductor compiles the routing, gate
+    and sums around them (the experts module alone, with the routing fixed, as above)."""
+    torch._dynamo.reset()
+    module = lowbit.quantize(_model("gpt_oss", torch.bfloat16), _MIXED, progress=False).model.layers[0].mlp.experts
+    module = module.cuda()
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(24, 64, generator=generator).bfloat16().cuda()
+    top_k_index = torch.rand(24, 4, generator=generator).argsort(dim=1)[:, :2].cuda()
+    top_k_weights = torch.rand(24, 2, generator=generator).bfloat16().cuda()
+    with torch.no_grad():
+        expected = module(hidden, top_k_index, top_k_weights).float()
+        compiled = torch.compile(module, fullgraph=True)(hidden, top_k_index, top_k_weights).float()
+    assert (compiled - expected).norm() / expected.norm() < 1e-2
 
 
 @requires_gpu
