@@ -232,8 +232,9 @@ def test_quantized_experts_compile_with_fullgraph_and_export_to_the_eager_logits
     batch and length, .pt2 saved and loaded) give eager's logits bit for bit."""
     torch._dynamo.reset()
     model = lowbit.quantize(_model(arch), _MIXED, progress=False)
-    dims = {"input_ids": {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("length", max=512)},
-            "use_cache": None}
+    # AUTO, not named Dims: torch 2.11 cannot prove a guard of transformers' grouped-query attention
+    # (repeat_kv) for a named length and refuses; the reload below takes another batch and length
+    dims = {"input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}, "use_cache": None}
     program = torch.export.export(model, (), kwargs={"input_ids": IDS, "use_cache": False}, dynamic_shapes=dims)
     grouped = [node for node in program.graph.nodes if node.target is torch.ops.lowbit.grouped_linear.default]
     assert len(grouped) == 4  # 2 layers x (gate-up, down)
