@@ -32,6 +32,12 @@ def kernel_devices():
 
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+#: torch older than 2.13 (the GPU image has 2.11), for what its inductor does differently on CPU
+TORCH_BEFORE_2_13 = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+#: torch.export of a model's input_ids with a dynamic batch and length. AUTO, not named Dims:
+#: torch 2.11 cannot prove a guard of transformers' grouped-query attention (repeat_kv) for a
+#: named length, and refuses
+DYNAMIC_BATCH_AND_LENGTH = {"input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}, "use_cache": None}
 
 
 @pytest.fixture

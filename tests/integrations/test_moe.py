@@ -16,7 +16,7 @@ import lowbit
 from lowbit import experts
 from lowbit.errors import CheckpointError, FormatError, InputError
 
-from ..conftest import requires_gpu
+from ..conftest import DYNAMIC_BATCH_AND_LENGTH, requires_gpu
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)
@@ -232,10 +232,8 @@ def test_quantized_experts_compile_with_fullgraph_and_export_to_the_eager_logits
     batch and length, .pt2 saved and loaded) give eager's logits bit for bit."""
     torch._dynamo.reset()
     model = lowbit.quantize(_model(arch), _MIXED, progress=False)
-    # AUTO, not named Dims: torch 2.11 cannot prove a guard of transformers' grouped-query attention
-    # (repeat_kv) for a named length and refuses; the reload below takes another batch and length
-    dims = {"input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}, "use_cache": None}
-    program = torch.export.export(model, (), kwargs={"input_ids": IDS, "use_cache": False}, dynamic_shapes=dims)
+    program = torch.export.export(model, (), kwargs={"input_ids": IDS, "use_cache": False},
+                                  dynamic_shapes=DYNAMIC_BATCH_AND_LENGTH)
     grouped = [node for node in program.graph.nodes if node.target is torch.ops.lowbit.grouped_linear.default]
     assert len(grouped) == 4  # 2 layers x (gate-up, down)
     torch.export.save(program, tmp_path / "model.pt2")

@@ -17,7 +17,7 @@ from lowbit.cli import main as cli_main
 from lowbit.errors import CheckpointError, FormatError, LowbitError, WeightError
 from lowbit.integrations.transformers import LowbitHfQuantizer
 
-from ..conftest import kernel_devices, make_tiny_llama, requires_gpu
+from ..conftest import DYNAMIC_BATCH_AND_LENGTH, TORCH_BEFORE_2_13, kernel_devices, make_tiny_llama, requires_gpu
 from ..test_io import EVERY_FORMAT
 
 
@@ -448,6 +448,8 @@ MIXED_FORMATS = {"*.down_proj": "dfloat11", "*.o_proj": {"format": "nvfp4", "act
                  "*.k_proj": {"format": "fp8", "act": "fp8"}}  # the other layers int4
 
 
+@pytest.mark.skipif(TORCH_BEFORE_2_13, reason="torch < 2.13's inductor does not give eager's bf16 logits on CPU, "
+                    "even for the unquantized model (measured on 2.11: up to 0.004 apart)")
 def test_inductor_compiled_generate_with_static_cache_matches_eager():
     """transformers' fast decode recipe, a static KV cache and `torch.compile(model.forward,
     fullgraph=True)` with inductor, on a model mixing formats (weight-only, activation-quantized,
@@ -535,9 +537,8 @@ def test_exported_llama_saves_and_reloads(llama_dir, tmp_path, fmt):
     the same logits for another shape. dfloat11's reference decoder is one op per layer in the graph
     (traced, its step loop unrolled into thousands of nodes per layer: minutes to export a tiny model)."""
     model = lowbit.quantize(_llama(llama_dir), fmt, skip=["lm_head"], progress=False)
-    dims = {"input_ids": {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("length", max=512)},
-            "use_cache": None}
-    program = torch.export.export(model, (), kwargs={"input_ids": IDS, "use_cache": False}, dynamic_shapes=dims)
+    program = torch.export.export(model, (), kwargs={"input_ids": IDS, "use_cache": False},
+                                  dynamic_shapes=DYNAMIC_BATCH_AND_LENGTH)
     if fmt == "dfloat11":
         assert _lowbit_ops(program) == ["lowbit.dfloat11_decode.default"] * summarize(model).quantized_layers
     torch.export.save(program, tmp_path / "model.pt2")
@@ -577,6 +578,8 @@ FORMAT_FAMILIES = [("int3", {}), ("int4", {"act": "int8"}), ("int8", {"act": "in
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="AOTInductor on CPU needs a C++ compiler")
+@pytest.mark.skipif(TORCH_BEFORE_2_13, reason="torch < 2.13's AOTInductor CPU wrapper does not declare "
+                    "at::Float8_e5m2 / Float8_e4m3fn: the fp8 layers' package fails to compile (measured on 2.11)")
 def test_aoti_package_of_each_format_family_matches_eager(tmp_path):
     """AOTInductor (torch.export, then inductor's C++ code in a .pt2 package) runs a layer of each
     format family and each activation option (every format exports, above; the C++ compile time
