@@ -16,10 +16,9 @@ from typing import Sequence
 
 import torch
 
-from .formats import get_format
 from .linear import QuantLinear
-from .ops import default_backend, input_gradient, linear
-from .packed import WEIGHT_DTYPES, PackedWeight
+from .ops import as_under_autocast, default_backend, input_gradient, linear
+from .packed import PackedWeight, parse_metadata
 
 
 @functools.lru_cache(maxsize=256)
@@ -27,9 +26,8 @@ def _layout(experts_json: str) -> tuple[tuple[str, tuple[int, int], torch.dtype,
     """(format, (N, K), dtype, attrs, field names in `field_specs` order) per expert, parsed once per layout."""
     layout = []
     for entry in json.loads(experts_json):
-        fmt, shape = get_format(entry["format"]), (entry["shape"][0], entry["shape"][1])
-        layout.append((fmt.name, shape, WEIGHT_DTYPES[entry["dtype"]], entry["attrs"],
-                       tuple(fmt.field_specs(shape, entry["attrs"]))))
+        fmt, shape, dtype, attrs = parse_metadata(entry)
+        layout.append((fmt.name, shape, dtype, attrs, tuple(fmt.field_specs(shape, attrs))))
     return tuple(layout)
 
 
@@ -103,8 +101,7 @@ def grouped_linear(x: torch.Tensor, counts: torch.Tensor, layers: Sequence[Quant
     through `layers[e]` (bias-less QuantLinears of one shape) in one `lowbit::grouped_linear` node.
     Under torch.autocast, computed in its dtype, as `lowbit.linear`."""
     if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):  # the op itself knows nothing of autocast
-            return grouped_linear(x.to(torch.get_autocast_dtype(x.device.type)), counts, layers)
+        return as_under_autocast(grouped_linear, x, counts, layers)
     return grouped_linear_op(x, counts, *op_arguments(layers), layers[0].out_features)
 
 

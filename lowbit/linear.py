@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import FormatError, InputError, LowbitError
 from .formats import get_format
-from .packed import PackedWeight, dtype_name, parse_metadata
+from .packed import PackedWeight, packed_metadata, parse_metadata
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -101,10 +101,9 @@ class QuantLinear(nn.Module):
         self.format = format
         self.attrs = fmt.check_attrs((out_features, in_features), dict(attrs))
         self.weight_dtype = dtype
-        #: the packed weight's format, shape, dtype and attrs as JSON, written once here: traced
-        #: code cannot call json.dumps, and lowbit::grouped_linear (MoE experts) takes this string
-        self.packed_json = json.dumps({"format": format, "shape": [out_features, in_features],
-                                       "dtype": dtype_name(dtype), "attrs": self.attrs})
+        #: the packed weight's metadata as JSON, written once here: traced code cannot call
+        #: json.dumps, and lowbit::grouped_linear (MoE experts) takes this string
+        self.packed_json = json.dumps(packed_metadata(format, (out_features, in_features), dtype, self.attrs))
         #: an already-decoded [N, K] weight that forward uses instead of the packed one, set
         #: for the duration of one block's forward by lowbit/block_decode.py
         self.decoded_weight: torch.Tensor | None = None

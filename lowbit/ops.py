@@ -202,6 +202,14 @@ def default_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+def as_under_autocast(product, x: torch.Tensor, *args):
+    """product(x, *args) as nn.Linear computes under torch.autocast: in the autocast dtype, with
+    autocast off inside (lowbit's ops know nothing of it, and the reference's own fp32 products
+    must stay fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return product(x.to(torch.get_autocast_dtype(x.device.type)), *args)
+
+
 def records_gradient(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether autograd records a product with x and bias (grad mode on and one of them needs it)."""
     return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
@@ -244,10 +252,7 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     if x.device != packed.device:
         raise InputError(f"x is on {x.device} but the packed weight is on {packed.device}")
     if torch.is_autocast_enabled(x.device.type):
-        # as nn.Linear under autocast: the product in the autocast dtype, computed with autocast off
-        # (the Triton ops know nothing of it, and the reference's own fp32 products must stay fp32)
-        with torch.autocast(x.device.type, enabled=False):
-            return linear(x.to(torch.get_autocast_dtype(x.device.type)), packed, bias, backend)
+        return as_under_autocast(linear, x, packed, bias, backend)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__

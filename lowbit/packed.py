@@ -54,6 +54,15 @@ def parse_metadata(metadata: Any):
     return fmt, shape, dtype, fmt.check_attrs(shape, dict(attrs) if isinstance(attrs, dict) else attrs)
 
 
+def packed_metadata(format: str, shape: tuple[int, int], dtype: torch.dtype, attrs: dict[str, Any]) -> dict[str, Any]:
+    """`{"format", "shape", "dtype", "attrs", "layout"}` of a packed weight, JSON-serialisable (what
+    a manifest stores per layer; `parse_metadata` reads it back)."""
+    from .formats import get_format
+
+    return {"format": format, "shape": list(shape), "dtype": dtype_name(dtype), "attrs": dict(attrs),
+            "layout": get_format(format).layout}
+
+
 @dataclass(eq=False)
 class PackedWeight:
     """Quantized weight of logical shape `shape` = (out_features N, in_features K).
@@ -148,12 +157,4 @@ class PackedWeight:
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensors, JSON-serialisable (what a manifest stores per layer)."""
-        from .formats import get_format
-
-        return {
-            "format": self.format,
-            "shape": list(self.shape),
-            "dtype": dtype_name(self.dtype),
-            "attrs": dict(self.attrs),
-            "layout": get_format(self.format).layout,
-        }
+        return packed_metadata(self.format, self.shape, self.dtype, self.attrs)

@@ -446,6 +446,15 @@ def test_experts_no_calibration_token_reached_get_plain_rounding_and_a_warning()
         assert torch.equal(layers[expert].qweight, plain) == (expert in unreached), expert
 
 
+def _fixed_routing():
+    """An experts module's inputs on the CPU, bf16: hidden states [24, 64], 2 distinct experts of 4
+    per token and their weights."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(24, 64, generator=generator).bfloat16()
+    top_k_index = torch.rand(24, 4, generator=generator).argsort(dim=1)[:, :2]
+    return hidden, top_k_index, torch.rand(24, 2, generator=generator).bfloat16()
+
+
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
@@ -454,10 +463,7 @@ def test_gpu_quantized_experts_match_the_cpu_result(arch):
     rounding differences between the CPU reference and the GPU kernels)."""
     model = lowbit.quantize(_model(arch, torch.bfloat16), "int4", progress=False)
     module = model.model.layers[0].mlp.experts
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(24, 64, generator=generator).bfloat16()
-    top_k_index = torch.rand(24, 4, generator=generator).argsort(dim=1)[:, :2]  # 2 distinct experts per token
-    top_k_weights = torch.rand(24, 2, generator=generator).bfloat16()
+    hidden, top_k_index, top_k_weights = _fixed_routing()
     with torch.no_grad():
         expected = module(hidden, top_k_index, top_k_weights).float()
         on_gpu = module.cuda()(hidden.cuda(), top_k_index.cuda(), top_k_weights.cuda()).float().cpu()
@@ -472,10 +478,7 @@ def test_gpu_compiled_quantized_experts_match_eager():
     torch._dynamo.reset()
     module = lowbit.quantize(_model("gpt_oss", torch.bfloat16), _MIXED, progress=False).model.layers[0].mlp.experts
     module = module.cuda()
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(24, 64, generator=generator).bfloat16().cuda()
-    top_k_index = torch.rand(24, 4, generator=generator).argsort(dim=1)[:, :2].cuda()
-    top_k_weights = torch.rand(24, 2, generator=generator).bfloat16().cuda()
+    hidden, top_k_index, top_k_weights = (t.cuda() for t in _fixed_routing())
     with torch.no_grad():
         expected = module(hidden, top_k_index, top_k_weights).float()
         compiled = torch.compile(module, fullgraph=True)(hidden, top_k_index, top_k_weights).float()
