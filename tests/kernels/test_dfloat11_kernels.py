@@ -89,9 +89,9 @@ def test_runs_of_longest_codes_decode_exactly(device):
 @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (3, torch.float32), (FUSED_MAX_M, torch.float16)])
 @pytest.mark.parametrize("n,k,segment,lanes_per_sm", [
     (37, 300, 64, None),   # N odd; the last segment ends in a partial chunk (300 = 4*64 + 2*16 + 12)
-    (200, 512, 128, None),  # two row tiles, the second partly past N; whole chunks only
+    (200, 256, 128, None),  # two row tiles, the second partly past N; whole chunks only
     (37, 300, 64, 64),      # a lane budget so small that every program walks all 5 segments (no split)
-    (200, 512, 64, 1024),   # 2 segments per program, 4 splits
+    (200, 256, 64, 512),    # 2 segments per program, 2 splits
 ])
 def test_fused_gemv_equals_f_linear(device, m, dtype, n, k, segment, lanes_per_sm, monkeypatch):
     if lanes_per_sm is not None:
