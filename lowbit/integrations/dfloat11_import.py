@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, LowbitError
 from ..formats.dfloat11 import DEFAULT_SEGMENT, join_bf16
 from ..linear import linear_shape
+from .foreign_folder import expected_tensors, fail as _fail, filled_model, read_config, read_tensors, skeleton
 
 DF11_FIELDS = ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions")
 #: byte-table entries at or above this point to another table (the package's convention)
@@ -49,10 +48,6 @@ def is_dfloat11_folder(path: str | Path) -> bool:
         return isinstance(json.loads(config.read_text()).get("dfloat11_config"), dict)
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
-
-
-def _fail(where: str, problem: str) -> CheckpointError:
-    return CheckpointError(f"{where}: {problem}")
 
 
 def decode_stream(fields: dict[str, torch.Tensor], bytes_per_thread: int, threads_per_block: int,
@@ -123,11 +118,8 @@ def _check_output_positions(raw: torch.Tensor, per_thread: np.ndarray, threads_p
 
 def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(str(path), f"unreadable ({exc})") from None
-    df11 = config.get("dfloat11_config") if isinstance(config, dict) else None
+    config = read_config(folder)
+    df11 = config.get("dfloat11_config")
     if not isinstance(df11, dict):
         raise _fail(f"{path}: dfloat11_config", "missing or not an object")
     tpb, bpt, patterns = df11.get("threads_per_block"), df11.get("bytes_per_thread"), df11.get("pattern_dict")
@@ -151,48 +143,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise _fail(str(folder), "no .safetensors files")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    if key in tensors:
-                        raise _fail(str(f), f"tensor {key!r} appears in two files")
-                    tensors[key] = handle.get_tensor(key)
-        except LowbitError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise _fail(str(f), f"unreadable safetensors file ({exc})") from None
-    return tensors
-
-
-def _skeleton(folder: Path, config: dict[str, Any]) -> nn.Module:
-    """The meta-device model config.json describes (class looked up by name in transformers)."""
-    from ..io import architecture, build_meta_model, transformers_class
-
-    path = folder / "config.json"
-    try:
-        cls = transformers_class(path, architecture(config))
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}; pass load(..., model=skeleton) with a bf16 model of the right shape") from None
-    return build_meta_model(path, cls, {k: v for k, v in config.items() if k != "dfloat11_config"}, "<model config>")
-
-
-def _expected_tensors(skeleton: nn.Module) -> tuple[dict[str, torch.Size], set[str]]:
-    """(shape of every state-dict entry, names that are tied aliases of an earlier entry)."""
-    first: dict[int, str] = {}
-    aliases = set()
-    for name, tensor in list(skeleton.named_parameters(remove_duplicate=False)) + list(skeleton.named_buffers(remove_duplicate=False)):
-        if id(tensor) in first:
-            aliases.add(name)
-        first.setdefault(id(tensor), name)
-    return {k: v.shape for k, v in skeleton.state_dict().items()}, aliases
-
-
 def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device = "cpu",
                   segment: int = DEFAULT_SEGMENT) -> nn.Module:
     """Read a `dfloat11` package folder -> model whose compressed Linear layers are lowbit
@@ -205,9 +155,9 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
 
     folder = Path(path)
     config, df11 = _read_config(folder)
-    skeleton = _skeleton(folder, config) if model is None else model
-    shapes, aliases = _expected_tensors(skeleton)
-    tensors = _read_tensors(folder)
+    skeleton_model = skeleton(folder, config, "dfloat11_config") if model is None else model
+    shapes, _ = expected_tensors(skeleton_model)
+    tensors = read_tensors(folder)
     compressed = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".encoded_exponent")})
     state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in DF11_FIELDS}
     decoded = []
@@ -228,21 +178,7 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
                             f"{'lacks' if key not in shapes else f'holds as {list(shapes[key])}'}")
             state[key] = weight.reshape(shapes[key])
             decoded.append(target)
-    missing = sorted(set(shapes) - set(state) - aliases)
-    extra = sorted(set(state) - set(shapes))
-    if missing or extra:
-        raise _fail(str(folder), f"does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    if model is None:
-        cls = type(skeleton)
-        try:
-            model = cls.from_pretrained(None, config=skeleton.config, state_dict=state, dtype=torch.bfloat16)
-        except Exception as exc:
-            raise _fail(str(folder), f"transformers could not build {cls.__name__}: {exc}") from None
-    else:
-        with torch.no_grad():
-            for name, tensor in model.state_dict().items():
-                if name in state:
-                    tensor.copy_(state[name])
+    model = filled_model(folder, skeleton_model, state, model, torch.bfloat16)
     for name in decoded:
         weight = model.get_submodule(name).weight
         if not torch.equal(weight.view(torch.int16), state[f"{name}.weight"].view(torch.int16)):

@@ -1,0 +1,176 @@
+"""Import a folder of a bitsandbytes 4-bit NF4 model (transformers' save_pretrained of a model
+loaded with BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), e.g. the Hub's
+"-bnb-4bit" checkpoints).
+
+config.json holds quantization_config {"quant_method": "bitsandbytes", ...}; for each 4-bit
+Linear M the safetensors files hold:
+  M.weight                         uint8 [N*K/2, 1]  the codes of the row-major [N, K] weight,
+                                                     two per byte, the first in the high nibble
+                                                     (another quant_storage dtype: the same bytes)
+  M.weight.absmax                  float32 [N*K/64]  one scale per 64 consecutive weights, or
+                                   uint8 [N*K/64]    with double quantization, where
+  M.weight.nested_absmax           float32           absmax = nested_quant_map[absmax_u8]
+  M.weight.nested_quant_map        float32 [256]              * nested_absmax[i // nested_blocksize]
+                                                              + nested_offset
+  M.weight.quant_map               float32 [16]      the code values (NF4's)
+  M.weight.quant_state.bitsandbytes__nf4   uint8     JSON: quant_type, blocksize, dtype, shape,
+                                                     nested_blocksize, nested_offset
+With K a multiple of 64, bitsandbytes' blocks are lowbit nf4's blocks along K: each layer becomes
+a lowbit `nf4` layer with the same codes and the fp32 absmax bitsandbytes multiplies with (its
+double quantization undone in its own fp32 arithmetic), so the dequantized weight is
+bitsandbytes' bit for bit. Refused with a CheckpointError naming the tensor or field: FP4 and
+8-bit (LLM.int8) folders, other block sizes, K not a multiple of 64, a code table other than
+NF4's. The other tensors keep their stored values; the whole model is materialized once in its
+stored dtype before the layers are swapped in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats import bitpack
+from ..formats.nf4 import BLOCK, codebook
+from ..linear import QuantLinear
+from ..packed import PackedWeight
+from .foreign_folder import fail, filled_model, read_config, read_tensors, skeleton
+
+QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def is_bitsandbytes_folder(path: str | Path) -> bool:
+    """True when `path` has a config.json whose quantization_config says quant_method "bitsandbytes"."""
+    try:
+        config = read_config(Path(path))
+    except Exception:
+        return False
+    quantization = config.get("quantization_config")
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes"
+
+
+def _check_config(folder: Path, config: dict[str, Any]) -> None:
+    quantization = config["quantization_config"]
+    where = f"{folder / 'config.json'}: quantization_config"
+    if quantization.get("load_in_8bit"):
+        raise fail(f"{where}.load_in_8bit", "8-bit (LLM.int8) bitsandbytes checkpoints are not imported; "
+                   "lowbit imports 4-bit NF4 ones (quantize the original model with lowbit's int8 instead)")
+    if quantization.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise fail(f"{where}.bnb_4bit_quant_type", f"{quantization.get('bnb_4bit_quant_type')!r}: only 'nf4' has a "
+                   "lowbit format (bitsandbytes' FP4 code table is not one of lowbit's)")
+
+
+def _quant_state(key: str, raw: torch.Tensor) -> dict[str, Any]:
+    """The JSON a `...quant_state.bitsandbytes__nf4` tensor holds, checked."""
+    try:
+        state = json.loads(bytes(raw.flatten().to(torch.uint8).tolist()))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(key, f"not a JSON quant state ({exc})") from None
+    if not isinstance(state, dict):
+        raise fail(key, "not a JSON object")
+    if state.get("quant_type") != "nf4":
+        raise fail(f"{key}: quant_type", f"{state.get('quant_type')!r}: only 'nf4' has a lowbit format")
+    if state.get("blocksize") != BLOCK:
+        raise fail(f"{key}: blocksize", f"{state.get('blocksize')!r}: lowbit's nf4 takes blocks of {BLOCK}")
+    shape = state.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise fail(f"{key}: shape", f"expected [out_features, in_features], got {shape!r}")
+    if shape[1] % BLOCK:
+        raise fail(f"{key}: shape", f"in_features {shape[1]} is not a multiple of {BLOCK}: bitsandbytes' blocks "
+                   "then run across rows, which lowbit's nf4 blocks (along K) cannot hold")
+    if state.get("dtype") not in _DTYPES:
+        raise fail(f"{key}: dtype", f"expected one of {sorted(_DTYPES)}, got {state.get('dtype')!r}")
+    return state
+
+
+def _field(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int | None) -> torch.Tensor:
+    if key not in tensors:
+        raise fail(key, "missing")
+    tensor = tensors[key]
+    if tensor.dtype != dtype or (numel is not None and tensor.numel() != numel):
+        want = f"{dtype}" + ("" if numel is None else f" with {numel} values")
+        raise fail(key, f"expected {want}, got {tensor.dtype} {list(tensor.shape)}")
+    return tensor.flatten()
+
+
+def _block_absmax(tensors: dict[str, torch.Tensor], weight_key: str, state: dict[str, Any], blocks: int) -> torch.Tensor:
+    """The fp32 scale of each block of 64, as bitsandbytes multiplies with it."""
+    stored = tensors.get(f"{weight_key}.absmax")
+    if stored is not None and stored.dtype == torch.float32:
+        return _field(tensors, f"{weight_key}.absmax", torch.float32, blocks)
+    absmax_q = _field(tensors, f"{weight_key}.absmax", torch.uint8, blocks).long()
+    nested_map = _field(tensors, f"{weight_key}.nested_quant_map", torch.float32, 256)
+    nested_block = state.get("nested_blocksize")
+    offset = state.get("nested_offset")
+    if not (isinstance(nested_block, int) and nested_block > 0 and isinstance(offset, (int, float))):
+        raise fail(f"{weight_key}{QUANT_STATE_SUFFIX}nf4", "double quantization without an int nested_blocksize "
+                   "and a number nested_offset")
+    nested_absmax = _field(tensors, f"{weight_key}.nested_absmax", torch.float32, -(-blocks // nested_block))
+    # bitsandbytes: code[q] * absmax[block] in fp32, then += offset (an fp32 scalar)
+    scales = nested_map[absmax_q] * nested_absmax.repeat_interleave(nested_block)[:blocks]
+    return scales + torch.tensor(offset, dtype=torch.float32)
+
+
+def packed_nf4(tensors: dict[str, torch.Tensor], weight_key: str) -> PackedWeight:
+    """The bitsandbytes NF4 layer stored under `weight_key` (e.g. "model.layers.0.mlp.down_proj.weight")
+    as a lowbit `nf4` PackedWeight with the same codes and block scales."""
+    state_key = f"{weight_key}{QUANT_STATE_SUFFIX}nf4"
+    state = _quant_state(state_key, tensors[state_key])
+    n, k = state["shape"]
+    blocks = n * k // BLOCK
+    quant_map = _field(tensors, f"{weight_key}.quant_map", torch.float32, 16)
+    if not torch.equal(quant_map, codebook()):
+        raise fail(f"{weight_key}.quant_map", "is not NF4's code table")
+    raw = tensors.get(weight_key)
+    if raw is None:
+        raise fail(weight_key, "missing")
+    code_bytes = raw.contiguous().view(torch.uint8).flatten()  # any quant_storage dtype holds the same bytes
+    if code_bytes.numel() != n * k // 2:
+        raise fail(weight_key, f"{code_bytes.numel()} bytes of codes for a [{n}, {k}] weight (expected {n * k // 2})")
+    codes = torch.stack([code_bytes >> 4, code_bytes & 15], dim=1).reshape(n, k).to(torch.int32)
+    absmax = _block_absmax(tensors, weight_key, state, blocks).reshape(n, k // BLOCK)
+    return PackedWeight("nf4", (n, k), _DTYPES[state["dtype"]], {"double_quant": False},
+                        {"qweight": bitpack.pack(codes, 4), "absmax": absmax.t().contiguous()})
+
+
+def load_bitsandbytes(path: str | Path, *, model: nn.Module | None = None,
+                      device: str | torch.device = "cpu") -> nn.Module:
+    """Read a bitsandbytes 4-bit NF4 folder -> model whose 4-bit Linear layers are lowbit `nf4`
+    QuantLinears with bitsandbytes' codes and scales (dequantized weights bit-identical); the
+    other modules keep their stored tensors. model: optional skeleton to fill (needed when
+    config.json names no transformers class). CheckpointError naming the file, tensor or field
+    for anything it cannot import."""
+    folder = Path(path)
+    config = read_config(folder)
+    if not is_bitsandbytes_folder(folder):
+        raise fail(str(folder / "config.json"), "no quantization_config with quant_method 'bitsandbytes'")
+    _check_config(folder, config)
+    skeleton_model = skeleton(folder, config, "quantization_config") if model is None else model
+    tensors = read_tensors(folder)
+    for key in tensors:
+        if QUANT_STATE_SUFFIX in key and not key.endswith(f"{QUANT_STATE_SUFFIX}nf4"):
+            raise fail(key, "only NF4 layers are imported (bitsandbytes' FP4 code table is not a lowbit format)")
+    names = sorted(k[: -len(f".weight{QUANT_STATE_SUFFIX}nf4")] for k in tensors if k.endswith(f"{QUANT_STATE_SUFFIX}nf4"))
+    if not names:
+        raise fail(str(folder), "no 4-bit NF4 layers (no *.weight.quant_state.bitsandbytes__nf4 tensors)")
+    packed = {name: packed_nf4(tensors, f"{name}.weight")
+              for name in tqdm(names, desc="import bitsandbytes", unit="layer", disable=len(names) < 8)}
+    layer_fields = {f"{name}.weight{suffix}" for name in names for suffix in
+                    ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", f"{QUANT_STATE_SUFFIX}nf4")}
+    state = {k: v for k, v in tensors.items() if k not in layer_fields}
+    dtype = next(iter(packed.values())).dtype
+    # the full-precision model needs a weight in each layer's place until the QuantLinear replaces it
+    state.update({f"{name}.weight": torch.empty(p.shape, dtype=p.dtype) for name, p in packed.items()})
+    model = filled_model(folder, skeleton_model, state, model, dtype)
+    from ..api import replace_layer
+    from .transformers import attach_hf_config
+
+    for name, weight in packed.items():
+        bias = getattr(model.get_submodule(name), "bias", None)
+        replace_layer(model, name, QuantLinear.from_packed(weight, bias))
+    attach_hf_config(model)
+    return model.to(device).eval()

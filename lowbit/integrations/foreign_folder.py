@@ -1,0 +1,100 @@
+"""Shared steps of importing a Hugging Face folder written by another library (the dfloat11
+package, bitsandbytes): read its config.json and safetensors, build the model config.json
+describes, fill it with full-precision tensors. Nothing from the folder is executed: JSON and
+safetensors only, model classes looked up by name in transformers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import CheckpointError, LowbitError
+
+
+def fail(where: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{where}: {problem}")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json as a JSON object; CheckpointError naming the file otherwise."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(str(path), f"unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise fail(str(path), "not a JSON object")
+    return config
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's *.safetensors files, by key (CPU)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise fail(str(folder), "no .safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    if key in tensors:
+                        raise fail(str(f), f"tensor {key!r} appears in two files")
+                    tensors[key] = handle.get_tensor(key)
+        except LowbitError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise fail(str(f), f"unreadable safetensors file ({exc})") from None
+    return tensors
+
+
+def skeleton(folder: Path, config: dict[str, Any], library_key: str) -> nn.Module:
+    """The meta-device model config.json describes, without the library's own `library_key` entry."""
+    from ..io import architecture, build_meta_model, transformers_class
+
+    path = folder / "config.json"
+    try:
+        cls = transformers_class(path, architecture(config))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; pass load(..., model=skeleton) with a bf16 model of the right shape") from None
+    return build_meta_model(path, cls, {k: v for k, v in config.items() if k != library_key}, "<model config>")
+
+
+def expected_tensors(model: nn.Module) -> tuple[dict[str, torch.Size], set[str]]:
+    """(shape of every state-dict entry, names that are tied aliases of an earlier entry)."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if id(tensor) in first:
+            aliases.add(name)
+        first.setdefault(id(tensor), name)
+    return {k: v.shape for k, v in model.state_dict().items()}, aliases
+
+
+def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch.Tensor], model: nn.Module | None,
+                 dtype: torch.dtype) -> nn.Module:
+    """The model holding `state` (every state-dict entry but tied aliases): built by transformers'
+    from_pretrained from `skeleton_model`'s config (non-persistent buffers such as rotary tables
+    initialized its way) when `model` is None, else `model` filled in place."""
+    shapes, aliases = expected_tensors(skeleton_model)
+    missing = sorted(set(shapes) - set(state) - aliases)
+    extra = sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise fail(str(folder), f"does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, tensor in state.items():
+        if tensor.shape != shapes[key]:
+            raise fail(f"{folder}: {key}", f"shape {list(tensor.shape)} does not fit the model's {list(shapes[key])}")
+    if model is None:
+        cls = type(skeleton_model)
+        try:
+            return cls.from_pretrained(None, config=skeleton_model.config, state_dict=state, dtype=dtype)
+        except Exception as exc:
+            raise fail(str(folder), f"transformers could not build {cls.__name__}: {exc}") from None
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in state:
+                tensor.copy_(state[name])
+    return model

@@ -1,0 +1,168 @@
+"""Importing bitsandbytes 4-bit NF4 folders (lowbit/integrations/bnb_import.py): the folders are
+written by real bitsandbytes (its CPU backend) through transformers' BitsAndBytesConfig and
+save_pretrained."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit
+from lowbit.errors import CheckpointError
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def _bf16_llama_dir(path, hidden=128):
+    """A tiny bf16 Llama (K of every Linear a multiple of 64 when hidden is; tied embeddings)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).bfloat16().save_pretrained(path)
+    return path
+
+
+def _bnb_saved(source, out, **options):
+    """transformers + bitsandbytes: load `source` quantized to 4 bits, save it to `out`; (model, out)."""
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, **options)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu")
+    model.save_pretrained(out)
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    return _bf16_llama_dir(tmp_path_factory.mktemp("bf16"))
+
+
+def _four_bit_layers(model):
+    return {name: module for name, module in model.named_modules() if type(module).__name__ == "Linear4bit"}
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_folder_imports_with_bitsandbytes_weights_bit_for_bit(bf16_dir, tmp_path, double_quant):
+    bnb_model, folder = _bnb_saved(bf16_dir, tmp_path / "bnb", bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=double_quant)
+    model = lowbit.load(folder)
+    layers = _four_bit_layers(bnb_model)
+    assert len(layers) == 14  # 7 Linear per layer; lm_head (tied) stays bf16
+    for name, module in layers.items():
+        ours = model.get_submodule(name)
+        assert isinstance(ours, lowbit.QuantLinear) and ours.format == "nf4"
+        want = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        got = lowbit.get_format("nf4").dequantize(ours.packed)
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    # lowbit's nf4 layer is F.linear on that weight: the logits of a bf16 model holding the
+    # dequantized weights, bit for bit; bitsandbytes' own CPU matmul rounds differently
+    reference = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, module in layers.items():
+            reference.get_submodule(name).weight.copy_(bnb_functional.dequantize_4bit(module.weight.data,
+                                                                                       module.weight.quant_state))
+        logits, want = model(IDS).logits, reference(IDS).logits
+        bnb_logits = bnb_model(IDS).logits
+    assert torch.equal(logits, want)
+    assert (logits.float() - bnb_logits.float()).abs().max() <= 0.02 * bnb_logits.float().abs().max()
+
+
+def test_convert_command_writes_a_lowbit_folder(bf16_dir, tmp_path):
+    _, folder = _bnb_saved(bf16_dir, tmp_path / "bnb", bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    out = tmp_path / "lowbit"
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "convert", str(folder), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(bitsandbytes 4-bit)" in proc.stdout and "nf4 layers:       14" in proc.stdout
+    direct, converted = lowbit.load(folder), lowbit.load(out)
+    layers = json.loads((out / "lowbit.json").read_text())["layers"]
+    assert len(layers) == 14 and {entry["format"] for entry in layers.values()} == {"nf4"}
+    with torch.no_grad():
+        assert torch.equal(converted(IDS).logits, direct(IDS).logits)
+    # the converted folder is an ordinary lowbit one: it saves the transformers way too
+    converted.save_pretrained(tmp_path / "pretrained")
+    config = json.loads((tmp_path / "pretrained" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "lowbit"
+
+
+def test_fp4_and_8bit_folders_are_refused_by_name(bf16_dir, tmp_path):
+    _, fp4 = _bnb_saved(bf16_dir, tmp_path / "fp4", bnb_4bit_quant_type="fp4")
+    with pytest.raises(CheckpointError, match=r"bnb_4bit_quant_type.*'fp4'.*only 'nf4'"):
+        lowbit.load(fp4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        bf16_dir, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+    model.save_pretrained(tmp_path / "int8")
+    with pytest.raises(CheckpointError, match=r"quantization_config.load_in_8bit: 8-bit \(LLM.int8\)"):
+        lowbit.load(tmp_path / "int8")
+
+
+def test_rows_not_a_multiple_of_64_are_refused_naming_the_tensor(tmp_path):
+    """hidden 96: gate_proj's (and the attention's) 96-wide rows split bitsandbytes' 64-weight
+    blocks across rows. The first such layer in name order is named."""
+    source = _bf16_llama_dir(tmp_path / "bf16", hidden=96)
+    _, folder = _bnb_saved(source, tmp_path / "bnb", bnb_4bit_quant_type="nf4")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight\.quant_state\.bitsandbytes__nf4"
+                                              r": shape: in_features 96 is not a multiple of 64"):
+        lowbit.load(folder)
+
+
+def _rewrite(folder, edit):
+    """Apply edit(tensors) to the folder's model.safetensors (bitsandbytes' metadata kept)."""
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _state_json(tensors, key):
+    return json.loads(bytes(tensors[key].tolist()))
+
+
+def _set_state(tensors, key, state):
+    tensors[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("blocksize", r"down_proj\.weight\.quant_state\.bitsandbytes__nf4: blocksize: 128: lowbit's nf4 takes blocks of 64"),
+    ("quant_map", r"down_proj\.weight\.quant_map: is not NF4's code table"),
+    ("codes", r"down_proj\.weight: 12287 bytes of codes for a \[128, 192\] weight"),
+    ("json", r"down_proj\.weight\.quant_state\.bitsandbytes__nf4: not a JSON quant state"),
+    ("nested_absmax", r"down_proj\.weight\.nested_absmax: missing"),
+])
+def test_damaged_layers_are_refused_naming_the_tensor(bf16_dir, tmp_path, damage, message):
+    _, folder = _bnb_saved(bf16_dir, tmp_path / "bnb", bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    prefix = "model.layers.1.mlp.down_proj.weight"
+    state_key = f"{prefix}.quant_state.bitsandbytes__nf4"
+
+    def edit(tensors):
+        if damage == "blocksize":
+            _set_state(tensors, state_key, {**_state_json(tensors, state_key), "blocksize": 128})
+        elif damage == "quant_map":
+            tensors[f"{prefix}.quant_map"] = tensors[f"{prefix}.quant_map"].flip(0)
+        elif damage == "codes":
+            tensors[prefix] = tensors[prefix][:-1]
+        elif damage == "json":
+            tensors[state_key] = tensors[state_key][:-2]
+        else:
+            del tensors[f"{prefix}.nested_absmax"]
+
+    _rewrite(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+def test_convert_refuses_dfloat11_options_and_other_folders(bf16_dir, tmp_path, capsys):
+    from lowbit.cli import main as cli_main
+
+    _, folder = _bnb_saved(bf16_dir, tmp_path / "bnb", bnb_4bit_quant_type="nf4")
+    assert cli_main(["convert", str(folder), str(tmp_path / "a"), "--segment", "64"]) == 2
+    assert "--segment is a dfloat11 option" in capsys.readouterr().err
+    assert cli_main(["convert", str(bf16_dir), str(tmp_path / "b")]) == 2
+    assert "neither a dfloat11 package folder" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
