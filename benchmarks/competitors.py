@@ -15,7 +15,7 @@ Import or set-up failures raise; bench_gemm records them in the row instead of f
 | fp8 (per channel)          | torchao Float8WeightOnlyConfig, gemlite A16W8_FP8                     |
 | fp8 act="fp8" (per channel)| torchao Float8DynamicActivationFloat8WeightConfig(PerRow), gemlite A8W8_fp8_dynamic |
 | mxfp8 / mxfp4 / nvfp4      | gemlite A16W8_MXFP / A16W4_MXFP / A16W4_NVFP (weight-only)            |
-| nf4                        | torchao NF4Tensor (block 64, as QLoRA-in-torchao uses it)             |
+| nf4                        | torchao NF4Tensor (block 64, as QLoRA-in-torchao uses it); bitsandbytes matmul_4bit (Linear4bit's inference path: its GEMV kernel at M=1; double quantization as lowbit's option says) |
 | dfloat11                   | the dfloat11 package's cupy decoder, then bf16 F.linear (its forward hook) |
 
 gemlite autotunes a shape on its first call unless its bundled per-GPU config table covers the
@@ -98,6 +98,15 @@ def _torchao_nf4(options, w, packed):
 
     weight = to_nf4(w, block_size=64, scaler_block_size=256)
     return lambda x: F.linear(x, weight)
+
+
+def _bitsandbytes_nf4(options, w, packed):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+
+    codes, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                compress_statistics=bool(options.get("double_quant")))
+    return lambda x: bnb.matmul_4bit(x, codes.t(), quant_state=state)
 
 
 def gemlite_int_weights(packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,7 +232,7 @@ COMPETITORS = {
     "mxfp8": [("gemlite-a16w8-mxfp", _gemlite_from_linear(_gemlite_mx("A16W8_MXFP")))],
     "mxfp4": [("gemlite-a16w4-mxfp", _gemlite_from_linear(_gemlite_mx("A16W4_MXFP")))],
     "nvfp4": [("gemlite-a16w4-nvfp", _gemlite_from_linear(_gemlite_mx("A16W4_NVFP")))],
-    "nf4": [("torchao-nf4", _torchao_nf4)],
+    "nf4": [("torchao-nf4", _torchao_nf4), ("bitsandbytes-nf4", _bitsandbytes_nf4)],
     "dfloat11": [("dfloat11-package", _dfloat11_package)],
 }
 

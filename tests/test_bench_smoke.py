@@ -437,3 +437,24 @@ def test_sass_counts_of_compiled_kernels(tmp_path):
     assert all(gemv["per_weight"][kind] == 0 for kind in ("shuffles", "int->float", "shared loads", "barriers"))
     assert 0 < rows["dfloat11-decode"]["per_weight"]["global loads"] < 3 and gemv["registers"] > 0
     assert list(tmp_path.glob("sass-sm90-*.md"))
+
+
+def test_bitsandbytes_nf4_competitor_computes_x_times_its_weight():
+    """The bitsandbytes competitor (its CPU backend here) multiplies by the NF4 weight it
+    quantized with the double quantization asked for: bit for bit F.linear on bitsandbytes' own
+    dequantized weight."""
+    import torch
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    sys.path.insert(0, str(REPO))
+    from benchmarks.competitors import competitors
+
+    (build,) = [b for label, b in competitors("nf4") if label == "bitsandbytes-nf4"]
+    w = (torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    for double_quant in (False, True):
+        run = build({"double_quant": double_quant}, w, None)
+        codes, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+        weight = bnb_functional.dequantize_4bit(codes, state)
+        for m in (1, 5):
+            x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).bfloat16()
+            assert torch.equal(run(x), torch.nn.functional.linear(x, weight))
