@@ -55,7 +55,7 @@ _DTYPES = {dtype_name(d): d for d in (
 # ---------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------
-def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every parameter and buffer once (first name wins) + {alias name: stored name}."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -140,7 +140,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
     extra = _checked_extra_files(extra_files or {})
-    tensors, aliases = _unique_tensors(model)
+    tensors, aliases = unique_tensors(model)
     on_meta = [name for name, t in tensors.items() if t.device.type == "meta"]
     if on_meta:
         raise CheckpointError(f"cannot save {on_meta[:5]}: on the meta device (no data)")
@@ -419,7 +419,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     except LowbitError as exc:
         raise CheckpointError(f"{mpath}: {exc}") from None
 
-    expected, aliases = _unique_tensors(model)
+    expected, aliases = unique_tensors(model)
     stored = manifest["tensors"]
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))

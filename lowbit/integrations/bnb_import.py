@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import CheckpointError
 from ..formats import bitpack
 from ..formats.nf4 import BLOCK, codebook
 from ..linear import QuantLinear
@@ -47,7 +48,7 @@ def is_bitsandbytes_folder(path: str | Path) -> bool:
     """True when `path` has a config.json whose quantization_config says quant_method "bitsandbytes"."""
     try:
         config = read_config(Path(path))
-    except Exception:
+    except CheckpointError:  # no config.json, or not a JSON object
         return False
     quantization = config.get("quantization_config")
     return isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes"

@@ -20,7 +20,6 @@ JSON and safetensors only, model classes looked up by name in transformers.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import CheckpointError
 from ..formats.dfloat11 import DEFAULT_SEGMENT, join_bf16
 from ..linear import linear_shape
-from .foreign_folder import expected_tensors, fail as _fail, filled_model, read_config, read_tensors, skeleton
+from .foreign_folder import fail as _fail, filled_model, read_config, read_tensors, skeleton, state_shapes
 
 DF11_FIELDS = ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions")
 #: byte-table entries at or above this point to another table (the package's convention)
@@ -41,12 +41,9 @@ POINTER_BASE = 240
 
 def is_dfloat11_folder(path: str | Path) -> bool:
     """True when `path` has a config.json with a `dfloat11_config` object."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
     try:
-        return isinstance(json.loads(config.read_text()).get("dfloat11_config"), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return isinstance(read_config(Path(path)).get("dfloat11_config"), dict)
+    except CheckpointError:  # no config.json, or not a JSON object
         return False
 
 
@@ -156,7 +153,7 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
     folder = Path(path)
     config, df11 = _read_config(folder)
     skeleton_model = skeleton(folder, config, "dfloat11_config") if model is None else model
-    shapes, _ = expected_tensors(skeleton_model)
+    shapes = state_shapes(skeleton_model)
     tensors = read_tensors(folder)
     compressed = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".encoded_exponent")})
     state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in DF11_FIELDS}

@@ -63,15 +63,9 @@ def skeleton(folder: Path, config: dict[str, Any], library_key: str) -> nn.Modul
     return build_meta_model(path, cls, {k: v for k, v in config.items() if k != library_key}, "<model config>")
 
 
-def expected_tensors(model: nn.Module) -> tuple[dict[str, torch.Size], set[str]]:
-    """(shape of every state-dict entry, names that are tied aliases of an earlier entry)."""
-    first: dict[int, str] = {}
-    aliases = set()
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        if id(tensor) in first:
-            aliases.add(name)
-        first.setdefault(id(tensor), name)
-    return {k: v.shape for k, v in model.state_dict().items()}, aliases
+def state_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """The shape of every state-dict entry of `model` (tied aliases included)."""
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch.Tensor], model: nn.Module | None,
@@ -79,7 +73,9 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
     """The model holding `state` (every state-dict entry but tied aliases): built by transformers'
     from_pretrained from `skeleton_model`'s config (non-persistent buffers such as rotary tables
     initialized its way) when `model` is None, else `model` filled in place."""
-    shapes, aliases = expected_tensors(skeleton_model)
+    from ..io import unique_tensors
+
+    shapes, aliases = state_shapes(skeleton_model), set(unique_tensors(skeleton_model)[1])
     missing = sorted(set(shapes) - set(state) - aliases)
     extra = sorted(set(state) - set(shapes))
     if missing or extra:
