@@ -1,5 +1,5 @@
 """The `lowbit` command: quantize a Hugging Face folder and save it; convert a dfloat11 package
-folder or a bitsandbytes 4-bit NF4 folder; inspect a saved folder."""
+folder or a bitsandbytes (4-bit NF4 or 8-bit) folder; inspect a saved folder."""
 from __future__ import annotations
 
 import argparse
@@ -121,19 +121,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import api, io
     from .formats import get_format
-    from .integrations.bnb_import import is_bitsandbytes_folder, load_bitsandbytes
+    from .integrations.bnb_import import is_bitsandbytes_folder, load_bitsandbytes, target_format
     from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
 
     source, out_dir = Path(args.source), Path(args.out)
     if is_dfloat11_folder(source):
-        kind, fmt = "dfloat11 package", "dfloat11"
+        kind, fmt, fidelity = "dfloat11 package", "dfloat11", "weights bit-identical"
         options = {} if args.segment is None else {"segment": args.segment}
         get_format("dfloat11").check_options(options)
         load = lambda: load_dfloat11(source, **options)  # noqa: E731
     elif is_bitsandbytes_folder(source):
-        kind, fmt = "bitsandbytes 4-bit", "nf4"
+        fmt = target_format(source)
+        kind, fidelity = (("bitsandbytes 8-bit", "same codes, row scales rounded to float16") if fmt == "int8"
+                          else ("bitsandbytes 4-bit", "weights bit-identical"))
         if args.segment is not None:
-            raise LowbitError("--segment is a dfloat11 option; a bitsandbytes folder converts to nf4 as stored")
+            raise LowbitError(f"--segment is a dfloat11 option; a bitsandbytes folder converts to {fmt} as stored")
         load = lambda: load_bitsandbytes(source)  # noqa: E731
     else:
         raise LowbitError(f"{source}: neither a dfloat11 package folder (config.json with dfloat11_config) nor a "
@@ -146,8 +148,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     summary = api.summarize(model)
     print(f"converted:        {source} ({kind}) -> {out_dir} (lowbit)")
     print(f"copied along:     {_listing(companions)}")
-    print(f"{fmt + ' layers:':<18}{summary.quantized_layers}, {summary.bits_per_weight:.3f} bits/weight, "
-          "weights bit-identical")
+    print(f"{fmt + ' layers:':<18}{summary.quantized_layers}, {summary.bits_per_weight:.3f} bits/weight, {fidelity}")
     print(f"time:             {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -242,10 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="glob patterns of layers to keep in full precision")
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)
-    c = sub.add_parser("convert", help="convert a folder of the dfloat11 package, or a bitsandbytes 4-bit NF4 "
-                       "folder, into a lowbit folder")
+    c = sub.add_parser("convert", help="convert a folder of the dfloat11 package, or a bitsandbytes 4-bit NF4 or "
+                       "8-bit folder, into a lowbit folder")
     c.add_argument("source", help="folder written by the dfloat11 package (config.json with dfloat11_config), or "
-                   "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 model")
+                   "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model")
     c.add_argument("out", help="output folder (lowbit.save layout)")
     c.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")
     c.set_defaults(func=cmd_convert)

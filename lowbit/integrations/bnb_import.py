@@ -1,6 +1,6 @@
-"""Import a folder of a bitsandbytes 4-bit NF4 model (transformers' save_pretrained of a model
-loaded with BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), e.g. the Hub's
-"-bnb-4bit" checkpoints).
+"""Import a folder of a bitsandbytes model: transformers' save_pretrained of a model loaded with
+BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") (e.g. the Hub's "-bnb-4bit"
+checkpoints) or BitsAndBytesConfig(load_in_8bit=True) (LLM.int8).
 
 config.json holds quantization_config {"quant_method": "bitsandbytes", ...}; for each 4-bit
 Linear M the safetensors files hold:
@@ -18,10 +18,21 @@ Linear M the safetensors files hold:
 With K a multiple of 64, bitsandbytes' blocks are lowbit nf4's blocks along K: each layer becomes
 a lowbit `nf4` layer with the same codes and the fp32 absmax bitsandbytes multiplies with (its
 double quantization undone in its own fp32 arithmetic), so the dequantized weight is
-bitsandbytes' bit for bit. Refused with a CheckpointError naming the tensor or field: FP4 and
-8-bit (LLM.int8) folders, other block sizes, K not a multiple of 64, a code table other than
-NF4's. The other tensors keep their stored values; the whole model is materialized once in its
-stored dtype before the layers are swapped in.
+bitsandbytes' bit for bit.
+
+For each 8-bit Linear M:
+  M.weight         int8 [N, K]   codes q in [-127, 127]; bitsandbytes dequantizes q * SCB / 127
+  M.SCB            float32 [N]   each row's absmax
+  M.weight_format  uint8 []      the layout: 0 (row-major), the only one bitsandbytes saves
+Each becomes a lowbit `int8` layer, symmetric with one group per row (group_size=-1): the same
+codes, and the row scale SCB / 127 rounded to float16, lowbit's scale dtype (relative change at
+most 2^-11). lowbit's layer is weight-only: it does not quantize activations or split off
+outlier columns the way bitsandbytes' int8 matmul does.
+
+Refused with a CheckpointError naming the file, tensor or field: FP4 folders, other block sizes,
+K not a multiple of 64 (4-bit), a code table other than NF4's, damaged tensors. The other tensors
+keep their stored values; the whole model is materialized once in its stored dtype before the
+layers are swapped in.
 """
 from __future__ import annotations
 
@@ -35,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError
 from ..formats import bitpack
+from ..formats.integer import SCALE_DTYPE, padded_k
 from ..formats.nf4 import BLOCK, codebook
 from ..linear import QuantLinear
 from ..packed import PackedWeight
@@ -54,15 +66,32 @@ def is_bitsandbytes_folder(path: str | Path) -> bool:
     return isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes"
 
 
-def _check_config(folder: Path, config: dict[str, Any]) -> None:
+def _check_config(folder: Path, config: dict[str, Any]) -> str:
+    """The lowbit format the folder's quantized layers become: "int8" (8-bit) or "nf4" (4-bit)."""
     quantization = config["quantization_config"]
     where = f"{folder / 'config.json'}: quantization_config"
     if quantization.get("load_in_8bit"):
-        raise fail(f"{where}.load_in_8bit", "8-bit (LLM.int8) bitsandbytes checkpoints are not imported; "
-                   "lowbit imports 4-bit NF4 ones (quantize the original model with lowbit's int8 instead)")
+        return "int8"
     if quantization.get("bnb_4bit_quant_type", "nf4") != "nf4":
         raise fail(f"{where}.bnb_4bit_quant_type", f"{quantization.get('bnb_4bit_quant_type')!r}: only 'nf4' has a "
                    "lowbit format (bitsandbytes' FP4 code table is not one of lowbit's)")
+    return "nf4"
+
+
+def target_format(path: str | Path) -> str:
+    """The lowbit format a bitsandbytes folder's quantized layers import as: "nf4" or "int8";
+    CheckpointError for a folder lowbit cannot import (FP4)."""
+    folder = Path(path)
+    return _check_config(folder, read_config(folder))
+
+
+def _config_dtype(folder: Path, config: dict[str, Any]) -> torch.dtype:
+    """The model's dtype as config.json names it (transformers 5: "dtype", 4.x: "torch_dtype")."""
+    name = config.get("dtype", config.get("torch_dtype"))
+    if name not in _DTYPES:
+        raise fail(f"{folder / 'config.json'}: dtype", f"expected one of {sorted(_DTYPES)} (the 8-bit layers' "
+                   f"output dtype), got {name!r}")
+    return _DTYPES[name]
 
 
 def _quant_state(key: str, raw: torch.Tensor) -> dict[str, Any]:
@@ -138,30 +167,82 @@ def packed_nf4(tensors: dict[str, torch.Tensor], weight_key: str) -> PackedWeigh
                         {"qweight": bitpack.pack(codes, 4), "absmax": absmax.t().contiguous()})
 
 
+def packed_int8_rows(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> PackedWeight:
+    """The bitsandbytes 8-bit layer `name` (e.g. "model.layers.0.mlp.down_proj": tensors
+    name.weight, name.SCB, name.weight_format) as a lowbit `int8` PackedWeight of `dtype`:
+    symmetric, one group per row, the same codes, float16 row scales SCB / 127."""
+    weight_key, scb_key, format_key = f"{name}.weight", f"{name}.SCB", f"{name}.weight_format"
+    layout = tensors.get(format_key)
+    if layout is not None and (layout.numel() != 1 or int(layout.flatten()[0]) != 0):
+        raise fail(format_key, f"{layout.flatten().tolist()}: only the row-major layout (0) is imported")
+    codes = tensors.get(weight_key)
+    if codes is None:
+        raise fail(weight_key, "missing")
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise fail(weight_key, f"expected an int8 [out_features, in_features] matrix, got {codes.dtype} "
+                   f"{list(codes.shape)}")
+    if bool((codes == -128).any()):
+        raise fail(weight_key, "holds -128: bitsandbytes' row-wise codes lie in [-127, 127]")
+    n, k = codes.shape
+    absmax = _field(tensors, scb_key, torch.float32, n)
+    if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
+        raise fail(scb_key, "row absmax values must be finite and >= 0")
+    # bitsandbytes multiplies q * SCB by fp32 1/127; lowbit keeps the row scale SCB / 127 in float16
+    scales = (absmax / 127).to(SCALE_DTYPE)
+    if not bool(torch.isfinite(scales).all()):
+        raise fail(scb_key, f"row absmax up to {float(absmax.max()):.3g}: too large for float16 row scales")
+    kp = padded_k(k, 32)  # lowbit's group_size=-1: one group per row, K padded to a multiple of 32
+    unsigned = torch.nn.functional.pad(codes.to(torch.int32) + 128, (0, kp - k), value=128)  # pad decodes to 0
+    return PackedWeight("int8", (n, k), dtype, {"group_size": kp, "symmetric": True},
+                        {"qweight": bitpack.pack(unsigned, 8), "scales": scales.reshape(1, n)})
+
+
+def _nf4_layers(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, PackedWeight]:
+    for key in tensors:
+        if QUANT_STATE_SUFFIX in key and not key.endswith(f"{QUANT_STATE_SUFFIX}nf4"):
+            raise fail(key, "only NF4 layers are imported (bitsandbytes' FP4 code table is not a lowbit format)")
+    suffix = f".weight{QUANT_STATE_SUFFIX}nf4"
+    names = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+    return {name: packed_nf4(tensors, f"{name}.weight") for name in _progress(folder, names, "4-bit NF4", suffix)}
+
+
+def _int8_layers(folder: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, PackedWeight]:
+    names = sorted(k[: -len(".SCB")] for k in tensors if k.endswith(".SCB"))
+    return {name: packed_int8_rows(tensors, name, dtype) for name in _progress(folder, names, "8-bit", ".SCB")}
+
+
+def _progress(folder: Path, names: list[str], kind: str, suffix: str):
+    """`names` with a progress bar; CheckpointError naming the folder when there are none."""
+    if not names:
+        raise fail(str(folder), f"no {kind} layers (no *{suffix} tensors)")
+    return tqdm(names, desc="import bitsandbytes", unit="layer", disable=len(names) < 8)
+
+
+_LAYER_FIELDS = {"nf4": ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                         "weight.nested_quant_map", f"weight{QUANT_STATE_SUFFIX}nf4"),
+                 "int8": ("weight", "SCB", "weight_format")}
+
+
 def load_bitsandbytes(path: str | Path, *, model: nn.Module | None = None,
                       device: str | torch.device = "cpu") -> nn.Module:
-    """Read a bitsandbytes 4-bit NF4 folder -> model whose 4-bit Linear layers are lowbit `nf4`
-    QuantLinears with bitsandbytes' codes and scales (dequantized weights bit-identical); the
-    other modules keep their stored tensors. model: optional skeleton to fill (needed when
-    config.json names no transformers class). CheckpointError naming the file, tensor or field
-    for anything it cannot import."""
+    """Read a bitsandbytes folder -> model whose quantized Linear layers are lowbit QuantLinears:
+    `nf4` ones from 4-bit NF4 layers (bitsandbytes' codes and scales: dequantized weights
+    bit-identical), `int8` ones from 8-bit layers (the same codes, float16 row scales); the other
+    modules keep their stored tensors. model: optional skeleton to fill (needed when config.json
+    names no transformers class). CheckpointError naming the file, tensor or field for anything
+    it cannot import."""
     folder = Path(path)
     config = read_config(folder)
     if not is_bitsandbytes_folder(folder):
         raise fail(str(folder / "config.json"), "no quantization_config with quant_method 'bitsandbytes'")
-    _check_config(folder, config)
+    fmt = _check_config(folder, config)
     skeleton_model = skeleton(folder, config, "quantization_config") if model is None else model
     tensors = read_tensors(folder)
-    for key in tensors:
-        if QUANT_STATE_SUFFIX in key and not key.endswith(f"{QUANT_STATE_SUFFIX}nf4"):
-            raise fail(key, "only NF4 layers are imported (bitsandbytes' FP4 code table is not a lowbit format)")
-    names = sorted(k[: -len(f".weight{QUANT_STATE_SUFFIX}nf4")] for k in tensors if k.endswith(f"{QUANT_STATE_SUFFIX}nf4"))
-    if not names:
-        raise fail(str(folder), "no 4-bit NF4 layers (no *.weight.quant_state.bitsandbytes__nf4 tensors)")
-    packed = {name: packed_nf4(tensors, f"{name}.weight")
-              for name in tqdm(names, desc="import bitsandbytes", unit="layer", disable=len(names) < 8)}
-    layer_fields = {f"{name}.weight{suffix}" for name in names for suffix in
-                    ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", f"{QUANT_STATE_SUFFIX}nf4")}
+    if fmt == "int8":
+        packed = _int8_layers(folder, tensors, _config_dtype(folder, config))
+    else:
+        packed = _nf4_layers(folder, tensors)
+    layer_fields = {f"{name}.{field}" for name in packed for field in _LAYER_FIELDS[fmt]}
     state = {k: v for k, v in tensors.items() if k not in layer_fields}
     dtype = next(iter(packed.values())).dtype
     # the full-precision model needs a weight in each layer's place until the QuantLinear replaces it

@@ -1,7 +1,8 @@
-"""Importing bitsandbytes 4-bit NF4 folders (lowbit/integrations/bnb_import.py): the folders are
+"""Importing bitsandbytes 4-bit NF4 and 8-bit folders (lowbit/integrations/bnb_import.py): the folders are
 written by real bitsandbytes (its CPU backend) through transformers' BitsAndBytesConfig and
 save_pretrained."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.errors import CheckpointError
+from lowbit.formats import bitpack
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")
@@ -91,15 +93,106 @@ def test_convert_command_writes_a_lowbit_folder(bf16_dir, tmp_path):
     assert config["quantization_config"]["quant_method"] == "lowbit"
 
 
-def test_fp4_and_8bit_folders_are_refused_by_name(bf16_dir, tmp_path):
+def test_fp4_folders_are_refused_by_name(bf16_dir, tmp_path):
     _, fp4 = _bnb_saved(bf16_dir, tmp_path / "fp4", bnb_4bit_quant_type="fp4")
     with pytest.raises(CheckpointError, match=r"bnb_4bit_quant_type.*'fp4'.*only 'nf4'"):
         lowbit.load(fp4)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        bf16_dir, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
-    model.save_pretrained(tmp_path / "int8")
-    with pytest.raises(CheckpointError, match=r"quantization_config.load_in_8bit: 8-bit \(LLM.int8\)"):
-        lowbit.load(tmp_path / "int8")
+
+
+@pytest.fixture(scope="module")
+def int8_saved(bf16_dir, tmp_path_factory):
+    """(bitsandbytes' 8-bit model, its save_pretrained folder)."""
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=config, device_map="cpu")
+    folder = tmp_path_factory.mktemp("bnb8")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def _eight_bit_layers(model):
+    return {name: module for name, module in model.named_modules() if type(module).__name__ == "Linear8bitLt"}
+
+
+def test_8bit_folder_imports_as_int8_rows_with_the_same_codes(bf16_dir, int8_saved):
+    bnb_model, folder = int8_saved
+    model = lowbit.load(folder)
+    layers = _eight_bit_layers(bnb_model)
+    assert len(layers) == 14
+    for name, module in layers.items():
+        ours = model.get_submodule(name)
+        assert isinstance(ours, lowbit.QuantLinear) and ours.format == "int8"
+        packed, k = ours.packed, module.in_features
+        assert packed.attrs == {"group_size": 192 if k == 192 else 128, "symmetric": True}
+        codes = bitpack.unpack(packed.qweight, 8, packed.attrs["group_size"])[:, :k]
+        assert torch.equal(codes - 128, module.weight.data.int()), name
+        assert torch.equal(packed.scales[0], (module.weight.SCB / 127).half()), name
+        # bitsandbytes' weight is q * SCB / 127 in fp32; lowbit's rounds the row scale to float16
+        # (relative 2^-11 at most) and the product to the model's bf16 (2^-8)
+        want = bnb_functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
+        got = lowbit.get_format("int8").dequantize(packed)
+        assert got.dtype == torch.bfloat16
+        assert bool(((got.float() - want).abs() <= (2**-11 + 2**-8 + 2**-18) * want.abs()).all()), name
+    reference = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name in layers:
+            weight = lowbit.get_format("int8").dequantize(model.get_submodule(name).packed)
+            reference.get_submodule(name).weight.copy_(weight)
+        logits, want = model(IDS).logits, reference(IDS).logits
+        bnb_logits = bnb_model(IDS).logits  # int8 activations, outlier columns in float16
+    assert torch.equal(logits, want)
+    assert (logits.float() - bnb_logits.float()).abs().max() <= 0.02 * bnb_logits.float().abs().max()
+
+
+def test_convert_command_writes_an_int8_folder_from_an_8bit_one(int8_saved, tmp_path):
+    _, folder = int8_saved
+    out = tmp_path / "lowbit"
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "convert", str(folder), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(bitsandbytes 8-bit)" in proc.stdout
+    assert "int8 layers:      14" in proc.stdout and "row scales rounded to float16" in proc.stdout
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(out)(IDS).logits, lowbit.load(folder)(IDS).logits)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("layout", r"down_proj\.weight_format: \[1\]: only the row-major layout \(0\) is imported"),
+    ("minus_128", r"down_proj\.weight: holds -128"),
+    ("scb_length", r"down_proj\.SCB: expected torch\.float32 with 128 values, got torch\.float32 \[127\]"),
+    ("scb_inf", r"down_proj\.SCB: row absmax values must be finite and >= 0"),
+    ("scb_huge", r"down_proj\.SCB: row absmax up to 1e\+07: too large for float16 row scales"),
+    ("codes_dtype", r"down_proj\.weight: expected an int8 \[out_features, in_features\] matrix, got torch\.uint8"),
+])
+def test_damaged_8bit_layers_are_refused_naming_the_tensor(int8_saved, tmp_path, damage, message):
+    folder = tmp_path / "bnb8"
+    shutil.copytree(int8_saved[1], folder)
+    prefix = "model.layers.1.mlp.down_proj"
+
+    def edit(tensors):
+        if damage == "layout":
+            tensors[f"{prefix}.weight_format"] = torch.tensor(1, dtype=torch.uint8)
+        elif damage == "minus_128":
+            tensors[f"{prefix}.weight"][3, 5] = -128
+        elif damage == "scb_length":
+            tensors[f"{prefix}.SCB"] = tensors[f"{prefix}.SCB"][:-1]
+        elif damage in ("scb_inf", "scb_huge"):
+            tensors[f"{prefix}.SCB"][7] = float("inf") if damage == "scb_inf" else 1e7
+        else:
+            tensors[f"{prefix}.weight"] = tensors[f"{prefix}.weight"].view(torch.uint8)
+
+    _rewrite(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+def test_8bit_folder_without_a_dtype_is_refused_naming_the_field(int8_saved, tmp_path):
+    folder = tmp_path / "bnb8"
+    shutil.copytree(int8_saved[1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["dtype"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: dtype: expected one of .* got None"):
+        lowbit.load(folder)
 
 
 def test_rows_not_a_multiple_of_64_are_refused_naming_the_tensor(tmp_path):
