@@ -11,7 +11,7 @@ Import or set-up failures raise; bench_gemm records them in the row instead of f
 | int2 / int4 / int8         | gemlite A16Wn (fed lowbit's own codes, scales and zero points)      |
 | int4 (asymmetric)          | torchao Int4WeightOnlyConfig (same group size): tinygemm and fbgemm packings |
 | int8                       | torchao Int8WeightOnlyConfig                                          |
-| int8 act="int8" (symmetric, per channel) | torchao Int8DynamicActivationInt8WeightConfig, gemlite A8W8_int8_dynamic |
+| int8 act="int8" (symmetric, per channel) | torchao Int8DynamicActivationInt8WeightConfig, gemlite A8W8_int8_dynamic, bitsandbytes LLM.int8 (threshold 0: no float16 outlier columns) |
 | fp8 (per channel)          | torchao Float8WeightOnlyConfig, gemlite A16W8_FP8                     |
 | fp8 act="fp8" (per channel)| torchao Float8DynamicActivationFloat8WeightConfig(PerRow), gemlite A8W8_fp8_dynamic |
 | mxfp8 / mxfp4 / nvfp4      | gemlite A16W8_MXFP / A16W4_MXFP / A16W4_NVFP (weight-only)            |
@@ -107,6 +107,20 @@ def _bitsandbytes_nf4(options, w, packed):
     codes, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4",
                                                 compress_statistics=bool(options.get("double_quant")))
     return lambda x: bnb.matmul_4bit(x, codes.t(), quant_state=state)
+
+
+def _bitsandbytes_int8(options, w, packed):
+    """LLM.int8 with threshold 0 (no outlier columns split off in float16): Linear8bitLt's
+    inference path, per-token int8 activations times per-row int8 weights."""
+    if not _w8a8_per_channel(options):
+        return None
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+
+    codes, row_absmax, _ = bnb_functional.int8_vectorwise_quant(w.half())
+    state = bnb.MatmulLtState()
+    state.CB, state.SCB, state.threshold, state.has_fp16_weights, state.is_training = codes, row_absmax, 0.0, False, False
+    return lambda x: bnb.matmul(x, codes, state=state)
 
 
 def gemlite_int_weights(packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,7 +241,8 @@ COMPETITORS = {
              ("torchao-int4wo-fbgemm", _torchao(_torchao_int4("plain"))), ("gemlite-a16w4", _gemlite_int)],
     "int8": [("torchao-int8wo", _torchao(_torchao_int8)), ("gemlite-a16w8", _gemlite_int),
              ("torchao-int8-dynamic", _torchao(_torchao_int8_dynamic)),
-             ("gemlite-a8w8-int8", _gemlite_from_linear(_gemlite_int8_dynamic))],
+             ("gemlite-a8w8-int8", _gemlite_from_linear(_gemlite_int8_dynamic)),
+             ("bitsandbytes-int8", _bitsandbytes_int8)],
     "fp8": [("torchao-float8", _torchao(_torchao_fp8)), ("gemlite-fp8", _gemlite_from_linear(_gemlite_fp8))],
     "mxfp8": [("gemlite-a16w8-mxfp", _gemlite_from_linear(_gemlite_mx("A16W8_MXFP")))],
     "mxfp4": [("gemlite-a16w4-mxfp", _gemlite_from_linear(_gemlite_mx("A16W4_MXFP")))],

@@ -458,3 +458,27 @@ def test_bitsandbytes_nf4_competitor_computes_x_times_its_weight():
         for m in (1, 5):
             x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).bfloat16()
             assert torch.equal(run(x), torch.nn.functional.linear(x, weight))
+
+
+def test_bitsandbytes_int8_competitor_is_w8a8_per_channel():
+    """The bitsandbytes LLM.int8 competitor (CPU backend here) quantizes the weight per row and
+    every activation column per token to int8 (threshold 0): that W8A8 product up to its rounding
+    to float16 and then bf16; weight-only int8 options have no counterpart."""
+    import torch
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    sys.path.insert(0, str(REPO))
+    from benchmarks.competitors import competitors
+
+    (build,) = [b for label, b in competitors("int8") if label == "bitsandbytes-int8"]
+    w = (torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    assert build({"group_size": 128}, w, None) is None
+    run = build({"act": "int8", "symmetric": True, "group_size": -1}, w, None)
+    w_codes, w_absmax, _ = bnb_functional.int8_vectorwise_quant(w.half())
+    for m in (1, 5):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).bfloat16()
+        x[:, 7] = 9.0  # a column LLM.int8's usual threshold (6) would take out of int8
+        x_codes, x_absmax, _ = bnb_functional.int8_vectorwise_quant(x.half())
+        w8a8 = (x_codes.int() @ w_codes.int().t()).float() * x_absmax[:, None] * w_absmax[None] / 127**2
+        assert bool(((run(x).float() - w8a8).abs() <= (2**-8 + 2**-10) * w8a8.abs() + 1e-6).all())
+        assert (run(x).float() - x.float() @ w.float().t()).abs().max() < 0.05 * w8a8.abs().max()  # the outlier costs
