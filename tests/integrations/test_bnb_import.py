@@ -14,6 +14,8 @@ import lowbit
 from lowbit.errors import CheckpointError
 from lowbit.formats import bitpack
 
+from ..conftest import requires_gpu
+
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")
 
@@ -259,3 +261,25 @@ def test_convert_refuses_dfloat11_options_and_other_folders(bf16_dir, tmp_path, 
     assert cli_main(["convert", str(bf16_dir), str(tmp_path / "b")]) == 2
     assert "neither a dfloat11 package folder" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_imported_layers_match_the_cpu_import_and_bitsandbytes_cuda(bf16_dir, tmp_path, bits):
+    """A folder bitsandbytes quantized and saved on the GPU: lowbit's import runs its Triton kernels
+    there, close to the CPU import (torch reference) and to bitsandbytes' own CUDA layers."""
+    config = (transformers.BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
+              transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=torch.bfloat16))
+    bnb_model = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=config,
+                                                                  device_map="cuda")
+    bnb_model.save_pretrained(tmp_path / "bnb")
+    on_cpu, on_gpu = lowbit.load(tmp_path / "bnb"), lowbit.load(tmp_path / "bnb", device="cuda")
+    assert {m.format for m in on_gpu.modules() if isinstance(m, lowbit.QuantLinear)} == {"nf4" if bits == 4 else "int8"}
+    with torch.no_grad():
+        expected = on_cpu(IDS).logits.float()
+        got = on_gpu(IDS.cuda()).logits.float().cpu()
+        theirs = bnb_model(IDS.cuda()).logits.float().cpu()
+    assert (got - expected).norm() / expected.norm() < 1e-2
+    assert (got - theirs).abs().max() <= 0.02 * theirs.abs().max()
