@@ -12,7 +12,8 @@
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
 # results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
 # GPU image lacks (torchao, gemlite, dfloat11, dahuffman, bitsandbytes), transformers 5.23 (the image has
-# 5.17, older than lowbit's minimum 5.20) and peft 0.21.2 (the LoRA test's version), come from .whl/ when it is carried
+# 5.17, older than lowbit's minimum 5.20), peft 0.21.2 (the LoRA test's version) and compressed-tensors 0.20.0
+# (the compressed-tensors import's test) come from .whl/ when it is carried
 # (benchmarks/fetch_wheels.sh fills it); without them those competitors are recorded as errors
 # and `import lowbit` warns about the old transformers (the MoE tests and e2e-moe would fail).
 set -u

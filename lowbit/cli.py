@@ -1,5 +1,6 @@
 """The `lowbit` command: quantize a Hugging Face folder and save it; convert a dfloat11 package
-folder or a bitsandbytes (4-bit NF4 or 8-bit) folder; inspect a saved folder."""
+folder, a bitsandbytes (4-bit NF4 or 8-bit) or a compressed-tensors (pack-quantized) folder;
+inspect a saved folder."""
 from __future__ import annotations
 
 import argparse
@@ -121,7 +122,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import api, io
     from .formats import get_format
-    from .integrations.bnb_import import is_bitsandbytes_folder, load_bitsandbytes, target_format
+    from .integrations import bnb_import, ct_import
     from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
 
     source, out_dir = Path(args.source), Path(args.out)
@@ -130,16 +131,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
         options = {} if args.segment is None else {"segment": args.segment}
         get_format("dfloat11").check_options(options)
         load = lambda: load_dfloat11(source, **options)  # noqa: E731
-    elif is_bitsandbytes_folder(source):
-        fmt = target_format(source)
+    elif bnb_import.is_bitsandbytes_folder(source):
+        fmt = bnb_import.target_format(source)
         kind, fidelity = (("bitsandbytes 8-bit", "same codes, row scales rounded to float16") if fmt == "int8"
                           else ("bitsandbytes 4-bit", "weights bit-identical"))
         if args.segment is not None:
             raise LowbitError(f"--segment is a dfloat11 option; a bitsandbytes folder converts to {fmt} as stored")
-        load = lambda: load_bitsandbytes(source)  # noqa: E731
+        load = lambda: bnb_import.load_bitsandbytes(source)  # noqa: E731
+    elif ct_import.is_compressed_tensors_folder(source):
+        kind, fmt = "compressed-tensors", ct_import.target_format(source)
+        fidelity = "same codes and groups, float16 scales"
+        if args.segment is not None:
+            raise LowbitError(f"--segment is a dfloat11 option; a compressed-tensors folder converts to {fmt} "
+                              "as stored")
+        load = lambda: ct_import.load_compressed_tensors(source)  # noqa: E731
     else:
-        raise LowbitError(f"{source}: neither a dfloat11 package folder (config.json with dfloat11_config) nor a "
-                          "bitsandbytes one (config.json with quantization_config.quant_method 'bitsandbytes')")
+        raise LowbitError(f"{source}: not a dfloat11 package folder (config.json with dfloat11_config), nor a "
+                          "bitsandbytes or compressed-tensors one (config.json with quantization_config.quant_method "
+                          "'bitsandbytes' or 'compressed-tensors')")
     start = time.perf_counter()
     io.check_save_target(out_dir)
     model = load()
@@ -243,10 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="glob patterns of layers to keep in full precision")
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)
-    c = sub.add_parser("convert", help="convert a folder of the dfloat11 package, or a bitsandbytes 4-bit NF4 or "
-                       "8-bit folder, into a lowbit folder")
-    c.add_argument("source", help="folder written by the dfloat11 package (config.json with dfloat11_config), or "
-                   "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model")
+    c = sub.add_parser("convert", help="convert a folder of the dfloat11 package, a bitsandbytes 4-bit NF4 or "
+                       "8-bit folder, or a compressed-tensors pack-quantized one, into a lowbit folder")
+    c.add_argument("source", help="folder written by the dfloat11 package (config.json with dfloat11_config), "
+                   "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model, or "
+                   "by llm-compressor / compressed-tensors (integer weight-only, pack-quantized)")
     c.add_argument("out", help="output folder (lowbit.save layout)")
     c.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")
     c.set_defaults(func=cmd_convert)

@@ -379,8 +379,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     structure (it is filled in place; after a failed load it may be partly converted, so build
     a fresh one to retry). Every problem with the folder raises CheckpointError naming the file
     and field. A folder written by the `dfloat11` package (config.json with `dfloat11_config`)
-    is imported instead: lowbit/integrations/dfloat11_import.py; so is a bitsandbytes 4-bit NF4
-    or 8-bit folder (lowbit/integrations/bnb_import.py); a folder written by `save_pretrained`
+    is imported instead: lowbit/integrations/dfloat11_import.py; so are a bitsandbytes 4-bit NF4
+    or 8-bit folder (lowbit/integrations/bnb_import.py) and a compressed-tensors pack-quantized
+    one (lowbit/integrations/ct_import.py); a folder written by `save_pretrained`
     (config.json with a lowbit quantization_config) is read through transformers' from_pretrained.
     """
     folder = _as_path(path, "load(path)")
@@ -389,12 +390,15 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         check_module(model, "load(..., model=)")
     if not (folder / MANIFEST).is_file():
         from .integrations.bnb_import import is_bitsandbytes_folder, load_bitsandbytes
+        from .integrations.ct_import import is_compressed_tensors_folder, load_compressed_tensors
         from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
 
         if is_dfloat11_folder(folder):  # a checkpoint of the `dfloat11` package: import it
             return load_dfloat11(folder, model=model, device=device)
         if is_bitsandbytes_folder(folder):  # transformers' save_pretrained of a bitsandbytes model
             return load_bitsandbytes(folder, model=model, device=device)
+        if is_compressed_tensors_folder(folder):  # llm-compressor / vLLM's checkpoint format
+            return load_compressed_tensors(folder, model=model, device=device)
         config = saved_pretrained_config(folder)
         if model is None and config is not None:  # written by save_pretrained
             return _load_pretrained(folder, config, device)

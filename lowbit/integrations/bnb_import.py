@@ -48,12 +48,10 @@ from ..errors import CheckpointError
 from ..formats import bitpack
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..formats.nf4 import BLOCK, codebook
-from ..linear import QuantLinear
 from ..packed import PackedWeight
-from .foreign_folder import fail, filled_model, read_config, read_tensors, skeleton
+from .foreign_folder import DTYPES, config_dtype, fail, model_with_layers, read_config, read_tensors, skeleton
 
 QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__"
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def is_bitsandbytes_folder(path: str | Path) -> bool:
@@ -85,15 +83,6 @@ def target_format(path: str | Path) -> str:
     return _check_config(folder, read_config(folder))
 
 
-def _config_dtype(folder: Path, config: dict[str, Any]) -> torch.dtype:
-    """The model's dtype as config.json names it (transformers 5: "dtype", 4.x: "torch_dtype")."""
-    name = config.get("dtype", config.get("torch_dtype"))
-    if name not in _DTYPES:
-        raise fail(f"{folder / 'config.json'}: dtype", f"expected one of {sorted(_DTYPES)} (the 8-bit layers' "
-                   f"output dtype), got {name!r}")
-    return _DTYPES[name]
-
-
 def _quant_state(key: str, raw: torch.Tensor) -> dict[str, Any]:
     """The JSON a `...quant_state.bitsandbytes__nf4` tensor holds, checked."""
     try:
@@ -112,8 +101,8 @@ def _quant_state(key: str, raw: torch.Tensor) -> dict[str, Any]:
     if shape[1] % BLOCK:
         raise fail(f"{key}: shape", f"in_features {shape[1]} is not a multiple of {BLOCK}: bitsandbytes' blocks "
                    "then run across rows, which lowbit's nf4 blocks (along K) cannot hold")
-    if state.get("dtype") not in _DTYPES:
-        raise fail(f"{key}: dtype", f"expected one of {sorted(_DTYPES)}, got {state.get('dtype')!r}")
+    if state.get("dtype") not in DTYPES:
+        raise fail(f"{key}: dtype", f"expected one of {sorted(DTYPES)}, got {state.get('dtype')!r}")
     return state
 
 
@@ -163,7 +152,7 @@ def packed_nf4(tensors: dict[str, torch.Tensor], weight_key: str) -> PackedWeigh
         raise fail(weight_key, f"{code_bytes.numel()} bytes of codes for a [{n}, {k}] weight (expected {n * k // 2})")
     codes = torch.stack([code_bytes >> 4, code_bytes & 15], dim=1).reshape(n, k).to(torch.int32)
     absmax = _block_absmax(tensors, weight_key, state, blocks).reshape(n, k // BLOCK)
-    return PackedWeight("nf4", (n, k), _DTYPES[state["dtype"]], {"double_quant": False},
+    return PackedWeight("nf4", (n, k), DTYPES[state["dtype"]], {"double_quant": False},
                         {"qweight": bitpack.pack(codes, 4), "absmax": absmax.t().contiguous()})
 
 
@@ -239,20 +228,8 @@ def load_bitsandbytes(path: str | Path, *, model: nn.Module | None = None,
     skeleton_model = skeleton(folder, config, "quantization_config") if model is None else model
     tensors = read_tensors(folder)
     if fmt == "int8":
-        packed = _int8_layers(folder, tensors, _config_dtype(folder, config))
+        packed = _int8_layers(folder, tensors, config_dtype(folder, config, "the 8-bit layers' output dtype"))
     else:
         packed = _nf4_layers(folder, tensors)
     layer_fields = {f"{name}.{field}" for name in packed for field in _LAYER_FIELDS[fmt]}
-    state = {k: v for k, v in tensors.items() if k not in layer_fields}
-    dtype = next(iter(packed.values())).dtype
-    # the full-precision model needs a weight in each layer's place until the QuantLinear replaces it
-    state.update({f"{name}.weight": torch.empty(p.shape, dtype=p.dtype) for name, p in packed.items()})
-    model = filled_model(folder, skeleton_model, state, model, dtype)
-    from ..api import replace_layer
-    from .transformers import attach_hf_config
-
-    for name, weight in packed.items():
-        bias = getattr(model.get_submodule(name), "bias", None)
-        replace_layer(model, name, QuantLinear.from_packed(weight, bias))
-    attach_hf_config(model)
-    return model.to(device).eval()
+    return model_with_layers(folder, skeleton_model, tensors, layer_fields, packed, model).to(device).eval()

@@ -13,6 +13,11 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import CheckpointError, LowbitError
+from ..packed import PackedWeight
+
+
+#: the model dtypes config.json may name
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def fail(where: str, problem: str) -> CheckpointError:
@@ -29,6 +34,15 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise fail(str(path), "not a JSON object")
     return config
+
+
+def config_dtype(folder: Path, config: dict[str, Any], why: str) -> torch.dtype:
+    """The model dtype config.json names (transformers 5: "dtype", 4.x: "torch_dtype");
+    CheckpointError naming the field, and `why` it is needed, otherwise."""
+    name = config.get("dtype", config.get("torch_dtype"))
+    if name not in DTYPES:
+        raise fail(f"{folder / 'config.json'}: dtype", f"expected one of {sorted(DTYPES)} ({why}), got {name!r}")
+    return DTYPES[name]
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -93,4 +107,25 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
         for name, tensor in model.state_dict().items():
             if name in state:
                 tensor.copy_(state[name])
+    return model
+
+
+def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str, torch.Tensor],
+                      layer_fields: set[str], packed: dict[str, PackedWeight], model: nn.Module | None) -> nn.Module:
+    """The model holding the folder's `tensors`, with a QuantLinear of `packed[name]` (and the
+    stored bias) as each layer `name`; `layer_fields` are the tensor keys those layers were read
+    from. Every other tensor keeps its stored values and dtype; the model is materialized once in
+    the layers' dtype before they are swapped in."""
+    from ..api import replace_layer
+    from ..linear import QuantLinear
+    from .transformers import attach_hf_config
+
+    state = {k: v for k, v in tensors.items() if k not in layer_fields}
+    # the full-precision model needs a weight in each layer's place until the QuantLinear replaces it
+    state.update({f"{name}.weight": torch.empty(p.shape, dtype=p.dtype) for name, p in packed.items()})
+    model = filled_model(folder, skeleton_model, state, model, next(iter(packed.values())).dtype)
+    for name, weight in packed.items():
+        bias = getattr(model.get_submodule(name), "bias", None)
+        replace_layer(model, name, QuantLinear.from_packed(weight, bias))
+    attach_hf_config(model)
     return model

@@ -1,0 +1,226 @@
+"""Import a folder of a compressed-tensors model (the checkpoint format of llm-compressor and
+vLLM: config.json quantization_config {"quant_method": "compressed-tensors", ...}) whose quantized
+Linear layers are integer weight-only ("pack-quantized": W4A16, W8A16, W2A16).
+
+For each such Linear M (b = num_bits, G groups of group_size along K, the last one may be short):
+  M.weight_packed      int32 [N, ceil(K*b/32)]  the codes u = q + 2^(b-1) of each row as one
+                                                little-endian bit stream: code i at bits [i*b, i*b+b)
+  M.weight_scale       model dtype [N, G]       ([N, 1] with strategy "channel")
+  M.weight_zero_point  int32 [ceil(N*b/32), G]  asymmetric only: z + 2^(b-1), packed the same way
+                                                down each column
+  M.weight_shape       int64 [2]                [N, K]
+  M.weight_g_idx       int32 [K]                with actorder "group": each column's group
+and the weight is (q - z) * scale (z = 0 when symmetric), q in [-2^(b-1), 2^(b-1) - 1]. Each
+becomes a lowbit `int{b}` layer with the same codes u, the same groups (group_size=-1 for
+"channel") and the scales in float16: symmetric layers stay symmetric (their codes may include 0,
+i.e. q = -2^(b-1), which lowbit's reference and kernels decode by the same (u - 2^(b-1)) * scale),
+asymmetric ones store the zero points u_z = z + 2^(b-1) as lowbit's float16 zeros. A bf16 scale
+of at least 2^-17 is a float16 value, so the dequantized weights are compressed-tensors' bit for
+bit; a scale float16 cannot hold exactly is rounded to it, with a warning that counts them.
+
+Refused with a CheckpointError naming the file, tensor or field: other formats (float-quantized
+FP8, nvfp4-pack-quantized, naive-quantized, sparse), quantized activations, KV caches or
+transforms, widths other than 2, 4 and 8 (the dense packing of the others changed across
+compressed-tensors versions), group sizes that are not a multiple of 32, activation-ordered
+groups (g_idx not in K order), fused 3-D expert weights, damaged tensors.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats import bitpack
+from ..formats.integer import SCALE_DTYPE, padded_k
+from ..packed import PackedWeight
+from .foreign_folder import config_dtype, fail, model_with_layers, read_config, read_tensors, skeleton
+
+QUANT_METHOD = "compressed-tensors"
+FORMAT = "pack-quantized"
+LAYER_FIELDS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+_WIDTHS = (2, 4, 8)
+
+
+def is_compressed_tensors_folder(path: str | Path) -> bool:
+    """True when `path` has a config.json whose quantization_config says quant_method "compressed-tensors"."""
+    from ..errors import CheckpointError
+
+    try:
+        config = read_config(Path(path))
+    except CheckpointError:  # no config.json, or not a JSON object
+        return False
+    quantization = config.get("quantization_config")
+    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
+
+
+def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """{group name: (targets, weights args)} of the config groups, each checked to be an integer
+    weight-only pack-quantized scheme lowbit holds."""
+    where = f"{folder / 'config.json'}: quantization_config"
+    if quantization.get("quantization_status", "compressed") != "compressed":
+        raise fail(f"{where}.quantization_status", f"{quantization['quantization_status']!r}: only compressed "
+                   "checkpoints are imported")
+    for key in ("kv_cache_scheme", "transform_config", "sparsity_config"):
+        if quantization.get(key):
+            raise fail(f"{where}.{key}", "is set: lowbit imports weight quantization only")
+    groups = quantization.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise fail(f"{where}.config_groups", "missing or empty")
+    schemes = {}
+    for group_name, scheme in groups.items():
+        at = f"{where}.config_groups.{group_name}"
+        if not isinstance(scheme, dict):
+            raise fail(at, "not an object")
+        fmt = scheme.get("format") or quantization.get("format")
+        if fmt != FORMAT:
+            raise fail(f"{at}.format", f"{fmt!r}: only {FORMAT!r} (integer weights) is imported")
+        for key in ("input_activations", "output_activations"):
+            if scheme.get(key):
+                raise fail(f"{at}.{key}", "is set: lowbit imports weight-only schemes")
+        weights = scheme.get("weights")
+        if not isinstance(weights, dict):
+            raise fail(f"{at}.weights", "missing")
+        _check_weights(f"{at}.weights", weights)
+        targets = scheme.get("targets")
+        if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+            raise fail(f"{at}.targets", f"expected a list of names, got {targets!r}")
+        schemes[group_name] = (targets, weights)
+    return schemes
+
+
+def _check_weights(at: str, weights: dict[str, Any]) -> None:
+    if weights.get("type") != "int":
+        raise fail(f"{at}.type", f"{weights.get('type')!r}: only 'int' weights are imported")
+    if weights.get("num_bits") not in _WIDTHS:
+        raise fail(f"{at}.num_bits", f"{weights.get('num_bits')!r}: lowbit imports {list(_WIDTHS)}-bit packing")
+    if weights.get("dynamic"):
+        raise fail(f"{at}.dynamic", "dynamic weight quantization has no stored scales")
+    strategy = weights.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise fail(f"{at}.strategy", f"{strategy!r}: lowbit imports 'group' and 'channel'")
+    size = weights.get("group_size")
+    if strategy == "group" and not (isinstance(size, int) and size > 0 and size % 32 == 0):
+        raise fail(f"{at}.group_size", f"{size!r}: lowbit's groups are a positive multiple of 32 long")
+
+
+def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str], dict[str, Any]]],
+               folder: Path) -> dict[str, Any]:
+    """The weights args of the config group whose targets match layer `name` as compressed-tensors
+    matches them: the layer's name, "re:" + a regular expression, or its module class name."""
+    matches = {}
+    for group_name, (targets, weights) in schemes.items():
+        for target in targets:
+            if (target == name or target == type(module).__name__
+                    or (target.startswith("re:") and re.match(target[3:], name))):
+                matches[group_name] = weights
+    distinct = {repr(sorted(w.items())) for w in matches.values()}
+    if len(distinct) != 1:
+        problem = "no config group targets it" if not matches else f"config groups {sorted(matches)} all target it"
+        raise fail(f"{folder / 'config.json'}: quantization_config.config_groups", f"layer {name!r}: {problem}")
+    return next(iter(matches.values()))
+
+
+def _unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """int32 [R, W] bit streams -> int32 [R, count] unsigned codes (code i at bits [i*b, i*b+b))."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    codes = (words.to(torch.int64).unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return codes.reshape(words.shape[0], -1)[:, :count].to(torch.int32)
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, dtypes: tuple[torch.dtype, ...],
+            shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = tensors.get(key)
+    if tensor is None:
+        raise fail(key, "missing")
+    if tensor.dtype not in dtypes or tuple(tensor.shape) != shape:
+        raise fail(key, f"expected {' or '.join(str(d) for d in dtypes)} {list(shape)}, got {tensor.dtype} "
+                   f"{list(tensor.shape)}")
+    return tensor
+
+
+def packed_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, Any],
+                 dtype: torch.dtype) -> tuple[PackedWeight, int]:
+    """The pack-quantized layer `name` (tensors name.weight_packed, ...) with weights args
+    `weights` as a lowbit `int{b}` PackedWeight of `dtype`, and how many of its scales float16
+    could not hold exactly (rounded to nearest)."""
+    bits, offset = weights["num_bits"], 2 ** (weights["num_bits"] - 1)
+    shape = tensors.get(f"{name}.weight_shape")
+    if shape is None:
+        raise fail(f"{name}.weight_shape", "missing")
+    if shape.numel() == 3:
+        raise fail(f"{name}.weight_shape", "3-D: fused expert weights are not imported")
+    if shape.dim() != 1 or shape.numel() != 2 or shape.is_floating_point() or bool((shape <= 0).any()):
+        raise fail(f"{name}.weight_shape", f"{shape.tolist()} is not [out_features, in_features]")
+    n, k = (int(s) for s in shape)
+    group_size = weights["group_size"] if weights["strategy"] == "group" else padded_k(k, 32)
+    groups = -(-k // group_size)
+    codes = _unpack_codes(_tensor(tensors, f"{name}.weight_packed", (torch.int32,), (n, -(-k * bits // 32))), bits, k)
+    scale = _tensor(tensors, f"{name}.weight_scale", (torch.bfloat16, torch.float16, torch.float32), (n, groups))
+    if f"{name}.weight_g_idx" in tensors:
+        g_idx = _tensor(tensors, f"{name}.weight_g_idx", (torch.int32, torch.int64), (k,))
+        if not torch.equal(g_idx.long(), torch.arange(k) // group_size):
+            raise fail(f"{name}.weight_g_idx", "columns are not in group order (activation ordering): lowbit's "
+                       "groups are consecutive along K")
+    scale16 = scale.to(SCALE_DTYPE)
+    if not bool(torch.isfinite(scale16).all()):
+        raise fail(f"{name}.weight_scale", f"values up to {float(scale.float().abs().max()):.3g}: not finite in "
+                   "float16, lowbit's scale dtype")
+    inexact = int((scale16.float() != scale.float()).sum())
+    kp = padded_k(k, group_size)
+    unsigned = torch.nn.functional.pad(codes, (0, kp - k), value=offset)  # K's padding decodes to 0 (symmetric)
+    attrs = {"group_size": group_size, "symmetric": bool(weights.get("symmetric", True))}
+    fields = {"qweight": bitpack.pack(unsigned, bits), "scales": scale16.t().contiguous()}
+    if not attrs["symmetric"]:
+        packed_zeros = _tensor(tensors, f"{name}.weight_zero_point", (torch.int32,), (-(-n * bits // 32), groups))
+        fields["zeros"] = _unpack_codes(packed_zeros.t().contiguous(), bits, n).to(SCALE_DTYPE)  # [G, N]: z + 2^(b-1)
+    elif f"{name}.weight_zero_point" in tensors:
+        raise fail(f"{name}.weight_zero_point", "present in a symmetric scheme")
+    return PackedWeight(f"int{bits}", (n, k), dtype, attrs, fields), inexact
+
+
+def target_format(path: str | Path) -> str:
+    """The lowbit formats a compressed-tensors folder's layers import as, e.g. "int4" or
+    "int4/int8"; CheckpointError for a folder lowbit cannot import."""
+    folder = Path(path)
+    quantization = read_config(folder)["quantization_config"]
+    return "/".join(sorted({f"int{w['num_bits']}" for _, w in _weight_schemes(folder, quantization).values()}))
+
+
+def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
+                            device: str | torch.device = "cpu") -> nn.Module:
+    """Read a compressed-tensors pack-quantized folder -> model whose quantized Linear layers are
+    lowbit `int2` / `int4` / `int8` QuantLinears with the same codes, groups and (float16) scales;
+    the other modules keep their stored tensors. model: optional skeleton to fill (needed when
+    config.json names no transformers class). CheckpointError naming the file, tensor or field
+    for anything it cannot import."""
+    folder = Path(path)
+    config = read_config(folder)
+    if not is_compressed_tensors_folder(folder):
+        raise fail(str(folder / "config.json"), f"no quantization_config with quant_method {QUANT_METHOD!r}")
+    schemes = _weight_schemes(folder, config["quantization_config"])
+    dtype = config_dtype(folder, config, "the dequantized weights' dtype")
+    skeleton_model = skeleton(folder, config, "quantization_config") if model is None else model
+    tensors = read_tensors(folder)
+    names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    if not names:
+        raise fail(str(folder), "no pack-quantized layers (no *.weight_packed tensors)")
+    packed, inexact, total = {}, 0, 0
+    for name in tqdm(names, desc="import compressed-tensors", unit="layer", disable=len(names) < 8):
+        try:
+            module = skeleton_model.get_submodule(name)
+        except AttributeError:
+            raise fail(f"{name}.weight_packed", "the model has no such layer") from None
+        packed[name], rounded = packed_layer(tensors, name, _scheme_of(name, module, schemes, folder), dtype)
+        inexact, total = inexact + rounded, total + packed[name].scales.numel()
+    if inexact:
+        warnings.warn(f"{folder}: {inexact} of {total} weight scales are not float16 values (lowbit's scale dtype) "
+                      "and were rounded to the nearest one; those groups' weights differ from compressed-tensors' "
+                      "by that rounding", stacklevel=2)
+    layer_fields = {f"{name}.{field}" for name in packed for field in LAYER_FIELDS}
+    return model_with_layers(folder, skeleton_model, tensors, layer_fields, packed, model).to(device).eval()

@@ -1,0 +1,269 @@
+"""Importing compressed-tensors pack-quantized folders (lowbit/integrations/ct_import.py): the
+folders are written by compressed-tensors itself (its quantization lifecycle sets each layer up,
+min-max scales come from its calculate_qparams as llm-compressor's default observer computes them,
+its ModelCompressor packs them), and the oracle is transformers loading them with
+CompressedTensorsConfig(dequantize=True), i.e. compressed-tensors' own decompression."""
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit
+from lowbit.errors import CheckpointError
+from lowbit.formats import bitpack
+
+from ..conftest import kernel_devices, requires_gpu
+
+transformers = pytest.importorskip("transformers")
+ct_quantization = pytest.importorskip("compressed_tensors.quantization")
+ct_compressors = pytest.importorskip("compressed_tensors.compressors")
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
+from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+
+IDS = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def _bf16_llama_dir(path, hidden=128):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).bfloat16().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    return _bf16_llama_dir(tmp_path_factory.mktemp("bf16"))
+
+
+def _args(bits, symmetric=True, strategy="group", group_size=64):
+    return ct_quantization.QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
+                                            group_size=group_size if strategy == "group" else None)
+
+
+def _ct_saved(source, out, groups):
+    """compressed-tensors: quantize the bf16 model at `source` with `groups` ({name: (targets,
+    QuantizationArgs)}; min-max scales), pack it and save it to `out`."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    schemes = {name: ct_quantization.QuantizationScheme(targets=targets, weights=args)
+               for name, (targets, args) in groups.items()}
+    ct_quantization.apply_quantization_config(model, ct_quantization.QuantizationConfig(config_groups=schemes,
+                                                                                        ignore=["lm_head"]))
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        args, w = scheme.weights, module.weight.data
+        size = args.group_size if args.strategy == "group" else w.shape[1]
+        groups_of_w = w.reshape(w.shape[0], -1, size)  # compressed-tensors needs K % group_size == 0
+        scale, zero = calculate_qparams(groups_of_w.amin(-1), groups_of_w.amax(-1), args)
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    compressor = ct_compressors.ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(out)
+    return out
+
+
+def _decompressed(folder):
+    config = transformers.CompressedTensorsConfig(dequantize=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: the folder's own quantization_config is used
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
+                                                                 dtype=torch.bfloat16)
+
+
+def _quant_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, lowbit.QuantLinear)}
+
+
+@pytest.mark.parametrize("bits,symmetric,strategy", [(4, True, "group"), (4, False, "group"), (8, True, "channel"),
+                                                     (8, False, "channel"), (2, True, "group")])
+def test_pack_quantized_folder_imports_bit_for_bit(bf16_dir, tmp_path, bits, symmetric, strategy):
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], _args(bits, symmetric, strategy))})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = lowbit.load(folder)
+    assert not [w for w in caught if "float16 values" in str(w.message)]  # every bf16 scale is a float16 one
+    reference = _decompressed(folder)
+    layers = _quant_layers(model)
+    assert len(layers) == 14  # 7 Linear per layer; lm_head is ignored (and tied)
+    saw_lowest_code = False
+    for name, layer in layers.items():
+        packed = layer.packed
+        assert layer.format == f"int{bits}" and packed.attrs["symmetric"] is symmetric
+        k = packed.shape[1]
+        assert packed.attrs["group_size"] == (64 if strategy == "group" else -(-k // 32) * 32)
+        got = lowbit.get_format(layer.format).dequantize(packed)
+        want = reference.get_submodule(name).weight
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), name
+        codes = bitpack.unpack(packed.qweight, bits, packed.qweight.shape[1] * 32 // bits)
+        saw_lowest_code |= bool((codes == 0).any())
+    if symmetric:  # q = -2^(b-1): compressed-tensors' symmetric range, outside lowbit's own quantizer's
+        assert saw_lowest_code
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, reference(IDS).logits)
+
+
+@pytest.mark.skipif(not kernel_devices(), reason="Triton cannot run here")
+def test_triton_kernel_decodes_the_lowest_symmetric_code(bf16_dir, tmp_path):
+    """Symmetric layers imported from compressed-tensors hold code 0 (q = -8); the Triton kernel
+    decodes it as the reference does."""
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], _args(4))})
+    device = kernel_devices()[0]
+    packed = lowbit.load(folder).model.layers[0].self_attn.q_proj.packed.to(device)
+    assert bool((bitpack.unpack(packed.qweight.cpu(), 4, 128) == 0).any())
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1)).bfloat16().to(device)
+    expected = torch.nn.functional.linear(x.float(), lowbit.get_format("int4").dequantize(packed).float())
+    got = lowbit.linear(x, packed, None, backend="triton").float()
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_mixed_config_groups(tmp_path):
+    """Two config groups matched by regular expression, as compressed-tensors matches them: the
+    attention in int4 (asymmetric, groups of 32 on 96-wide rows), the MLP in int8 per channel."""
+    source = _bf16_llama_dir(tmp_path / "bf16", hidden=96)
+    folder = _ct_saved(source, tmp_path / "ct", {"attention": (["re:.*self_attn.*"],
+                                                               _args(4, symmetric=False, group_size=32)),
+                                                 "mlp": (["re:.*mlp.*"], _args(8, strategy="channel"))})
+    model = lowbit.load(folder)
+    formats = {name: layer.format for name, layer in _quant_layers(model).items()}
+    assert formats["model.layers.0.self_attn.q_proj"] == "int4" and formats["model.layers.1.mlp.down_proj"] == "int8"
+    assert set(formats.values()) == {"int4", "int8"} and len(formats) == 14
+    # the oracle is compressed-tensors' decompression of each layer with its group's scheme
+    # (transformers 5.23's dequantize=True loading applies one group's scheme to every layer)
+    stored = load_file(folder / "model.safetensors")
+    groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
+    for name, layer in _quant_layers(model).items():
+        (group,) = [g for g in groups.values() if ("self_attn" in g["targets"][0]) == ("self_attn" in name)]
+        scheme = ct_quantization.QuantizationScheme(**group)
+        fields = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+        state = {f: stored[f"{name}.{f}"] for f in fields if f"{name}.{f}" in stored}
+        want = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+        got = lowbit.get_format(layer.format).dequantize(layer.packed)
+        assert want.dtype == got.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), name
+
+
+def test_convert_command_writes_a_lowbit_folder(bf16_dir, tmp_path):
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], _args(4, symmetric=False))})
+    out = tmp_path / "lowbit"
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "convert", str(folder), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(compressed-tensors)" in proc.stdout and "int4 layers:      14" in proc.stdout
+    layers = json.loads((out / "lowbit.json").read_text())["layers"]
+    assert {entry["format"] for entry in layers.values()} == {"int4"}
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(out)(IDS).logits, lowbit.load(folder)(IDS).logits)
+
+
+@pytest.fixture(scope="module")
+def int4_folder(bf16_dir, tmp_path_factory):
+    return _ct_saved(bf16_dir, tmp_path_factory.mktemp("ct4"), {"group_0": (["Linear"], _args(4, symmetric=False))})
+
+
+def _copy(folder, tmp_path):
+    shutil.copytree(folder, tmp_path / "ct")
+    return tmp_path / "ct"
+
+
+def _edit_config(folder, edit):
+    config = json.loads((folder / "config.json").read_text())
+    edit(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _edit_tensors(folder, edit):
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+GROUP = "quantization_config.config_groups.group_0"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda q: q["config_groups"]["group_0"].update(format="float-quantized"),
+     rf"{GROUP}\.format: 'float-quantized': only 'pack-quantized'"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=3), rf"{GROUP}\.weights\.num_bits: 3"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
+     rf"{GROUP}\.weights\.group_size: 48: lowbit's groups are a positive multiple of 32"),
+    (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}),
+     rf"{GROUP}\.input_activations: is set: lowbit imports weight-only schemes"),
+    (lambda q: q.update(kv_cache_scheme={"num_bits": 8}), r"quantization_config\.kv_cache_scheme: is set"),
+    (lambda q: q["config_groups"]["group_0"].update(targets=["re:.*mlp.*"]),
+     r"config_groups: layer 'model\.layers\.0\.self_attn\.k_proj': no config group targets it"),
+])
+def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(int4_folder, tmp_path, edit, message):
+    folder = _copy(int4_folder, tmp_path)
+    _edit_config(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+LAYER = "model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("packed", rf"{LAYER}\.weight_packed: expected torch\.int32 \[128, 24\], got torch\.int32 \[128, 23\]"),
+    ("zero_point", rf"{LAYER}\.weight_zero_point: missing"),
+    ("g_idx", rf"{LAYER}\.weight_g_idx: columns are not in group order"),
+    ("scale", rf"{LAYER}\.weight_scale: values up to 9\.99e\+05: not finite in float16"),
+    ("experts", rf"{LAYER}\.weight_shape: 3-D: fused expert weights are not imported"),
+])
+def test_damaged_layers_are_refused_naming_the_tensor(int4_folder, tmp_path, damage, message):
+    folder = _copy(int4_folder, tmp_path)
+
+    def edit(tensors):
+        if damage == "packed":
+            tensors[f"{LAYER}.weight_packed"] = tensors[f"{LAYER}.weight_packed"][:, :-1].contiguous()
+        elif damage == "zero_point":
+            del tensors[f"{LAYER}.weight_zero_point"]
+        elif damage == "g_idx":
+            tensors[f"{LAYER}.weight_g_idx"] = (torch.arange(192) // 64).flip(0).to(torch.int32)
+        elif damage == "scale":
+            tensors[f"{LAYER}.weight_scale"][5, 1] = 1e6
+        else:
+            tensors[f"{LAYER}.weight_shape"] = torch.tensor([2, 128, 192])
+
+    _edit_tensors(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+def test_scales_float16_cannot_hold_are_rounded_with_a_warning(int4_folder, tmp_path):
+    """A bf16 scale below 2^-17 has more significant bits than a float16 subnormal: lowbit rounds
+    it to the nearest float16 and says how many it rounded."""
+    folder = _copy(int4_folder, tmp_path)
+    tiny = torch.tensor(3e-7, dtype=torch.bfloat16)
+    assert float(tiny.half()) != float(tiny)
+    _edit_tensors(folder, lambda tensors: tensors[f"{LAYER}.weight_scale"].__setitem__((5, 1), tiny))
+    with pytest.warns(UserWarning, match=r"1 of \d+ weight scales are not float16 values"):
+        model = lowbit.load(folder)
+    scales = model.get_submodule(LAYER).packed.scales
+    assert float(scales[1, 5]) == float(tiny.half())
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,symmetric,strategy", [(4, True, "group"), (8, False, "channel")])
+def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, bits, symmetric, strategy):
+    """On CUDA the imported layers run lowbit's Triton kernels: close to the CPU import (torch
+    reference), whose logits equal compressed-tensors' decompressed model's (tested above)."""
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], _args(bits, symmetric, strategy))})
+    on_cpu, on_gpu = lowbit.load(folder), lowbit.load(folder, device="cuda")
+    with torch.no_grad():
+        expected = on_cpu(IDS).logits.float()
+        got = on_gpu(IDS.cuda()).logits.float().cpu()
+    assert (got - expected).norm() / expected.norm() < 1e-2
