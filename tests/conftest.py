@@ -83,6 +83,19 @@ def make_tiny_llama(seed: int = 0, dtype=torch.float32):
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def bf16_llama_dir(path, hidden: int = 128):
+    """A Hugging Face folder of a tiny bf16 Llama with tied embeddings, for the imports of other
+    libraries' folders: every Linear's K is a multiple of 64 when `hidden` is (intermediate 192)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).bfloat16().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A local Hugging Face folder (config.json + model.safetensors) of a tiny Llama."""

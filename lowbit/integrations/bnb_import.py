@@ -44,24 +44,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError
 from ..formats import bitpack
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..formats.nf4 import BLOCK, codebook
 from ..packed import PackedWeight
-from .foreign_folder import DTYPES, config_dtype, fail, model_with_layers, read_config, read_tensors, skeleton
+from .foreign_folder import (DTYPES, config_dtype, fail, has_quant_method, model_with_layers, read_config, read_tensors,
+                             skeleton)
 
 QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__"
 
 
 def is_bitsandbytes_folder(path: str | Path) -> bool:
     """True when `path` has a config.json whose quantization_config says quant_method "bitsandbytes"."""
-    try:
-        config = read_config(Path(path))
-    except CheckpointError:  # no config.json, or not a JSON object
-        return False
-    quantization = config.get("quantization_config")
-    return isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes"
+    return has_quant_method(path, "bitsandbytes")
 
 
 def _check_config(folder: Path, config: dict[str, Any]) -> str:

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from ..formats import bitpack
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
-from .foreign_folder import config_dtype, fail, model_with_layers, read_config, read_tensors, skeleton
+from .foreign_folder import (config_dtype, fail, has_quant_method, model_with_layers, read_config, read_tensors,
+                             skeleton)
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
@@ -48,14 +49,7 @@ _WIDTHS = (2, 4, 8)
 
 def is_compressed_tensors_folder(path: str | Path) -> bool:
     """True when `path` has a config.json whose quantization_config says quant_method "compressed-tensors"."""
-    from ..errors import CheckpointError
-
-    try:
-        config = read_config(Path(path))
-    except CheckpointError:  # no config.json, or not a JSON object
-        return False
-    quantization = config.get("quantization_config")
-    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
+    return has_quant_method(path, QUANT_METHOD)
 
 
 def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tuple[list[str], dict[str, Any]]]:

@@ -36,6 +36,16 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def has_quant_method(path: str | Path, method: str) -> bool:
+    """True when `path` has a config.json whose quantization_config says quant_method `method`."""
+    try:
+        config = read_config(Path(path))
+    except CheckpointError:  # no config.json, or not a JSON object
+        return False
+    quantization = config.get("quantization_config")
+    return isinstance(quantization, dict) and quantization.get("quant_method") == method
+
+
 def config_dtype(folder: Path, config: dict[str, Any], why: str) -> torch.dtype:
     """The model dtype config.json names (transformers 5: "dtype", 4.x: "torch_dtype");
     CheckpointError naming the field, and `why` it is needed, otherwise."""

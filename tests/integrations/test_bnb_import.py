@@ -14,22 +14,12 @@ import lowbit
 from lowbit.errors import CheckpointError
 from lowbit.formats import bitpack
 
-from ..conftest import requires_gpu
+from ..conftest import bf16_llama_dir, requires_gpu
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")
 
 IDS = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
-
-
-def _bf16_llama_dir(path, hidden=128):
-    """A tiny bf16 Llama (K of every Linear a multiple of 64 when hidden is; tied embeddings)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=192, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).bfloat16().save_pretrained(path)
-    return path
 
 
 def _bnb_saved(source, out, **options):
@@ -42,7 +32,7 @@ def _bnb_saved(source, out, **options):
 
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory):
-    return _bf16_llama_dir(tmp_path_factory.mktemp("bf16"))
+    return bf16_llama_dir(tmp_path_factory.mktemp("bf16"))
 
 
 def _four_bit_layers(model):
@@ -200,7 +190,7 @@ def test_8bit_folder_without_a_dtype_is_refused_naming_the_field(int8_saved, tmp
 def test_rows_not_a_multiple_of_64_are_refused_naming_the_tensor(tmp_path):
     """hidden 96: gate_proj's (and the attention's) 96-wide rows split bitsandbytes' 64-weight
     blocks across rows. The first such layer in name order is named."""
-    source = _bf16_llama_dir(tmp_path / "bf16", hidden=96)
+    source = bf16_llama_dir(tmp_path / "bf16", hidden=96)
     _, folder = _bnb_saved(source, tmp_path / "bnb", bnb_4bit_quant_type="nf4")
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight\.quant_state\.bitsandbytes__nf4"
                                               r": shape: in_features 96 is not a multiple of 64"):

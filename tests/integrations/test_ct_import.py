@@ -17,7 +17,7 @@ import lowbit
 from lowbit.errors import CheckpointError
 from lowbit.formats import bitpack
 
-from ..conftest import kernel_devices, requires_gpu
+from ..conftest import bf16_llama_dir, kernel_devices, requires_gpu
 
 transformers = pytest.importorskip("transformers")
 ct_quantization = pytest.importorskip("compressed_tensors.quantization")
@@ -28,18 +28,9 @@ from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E40
 IDS = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-def _bf16_llama_dir(path, hidden=128):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=192, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).bfloat16().save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory):
-    return _bf16_llama_dir(tmp_path_factory.mktemp("bf16"))
+    return bf16_llama_dir(tmp_path_factory.mktemp("bf16"))
 
 
 def _args(bits, symmetric=True, strategy="group", group_size=64):
@@ -132,7 +123,7 @@ def test_triton_kernel_decodes_the_lowest_symmetric_code(bf16_dir, tmp_path):
 def test_mixed_config_groups(tmp_path):
     """Two config groups matched by regular expression, as compressed-tensors matches them: the
     attention in int4 (asymmetric, groups of 32 on 96-wide rows), the MLP in int8 per channel."""
-    source = _bf16_llama_dir(tmp_path / "bf16", hidden=96)
+    source = bf16_llama_dir(tmp_path / "bf16", hidden=96)
     folder = _ct_saved(source, tmp_path / "ct", {"attention": (["re:.*self_attn.*"],
                                                                _args(4, symmetric=False, group_size=32)),
                                                  "mlp": (["re:.*mlp.*"], _args(8, strategy="channel"))})
