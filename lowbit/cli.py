@@ -140,7 +140,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         load = lambda: bnb_import.load_bitsandbytes(source)  # noqa: E731
     elif ct_import.is_compressed_tensors_folder(source):
         kind, fmt = "compressed-tensors", ct_import.target_format(source)
-        fidelity = "same codes and groups, float16 scales"
+        fidelity = "same codes" + (", integer layers' scales in float16" if "int" in fmt else " and scales")
         if args.segment is not None:
             raise LowbitError(f"--segment is a dfloat11 option; a compressed-tensors folder converts to {fmt} "
                               "as stored")

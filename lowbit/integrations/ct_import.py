@@ -1,8 +1,9 @@
 """Import a folder of a compressed-tensors model (the checkpoint format of llm-compressor and
 vLLM: config.json quantization_config {"quant_method": "compressed-tensors", ...}) whose quantized
-Linear layers are integer weight-only ("pack-quantized": W4A16, W8A16, W2A16).
+Linear layers are integer weight-only ("pack-quantized": W4A16, W8A16, W2A16) or FP8
+("float-quantized": W8A16, or W8A8 with dynamic FP8 activations).
 
-For each such Linear M (b = num_bits, G groups of group_size along K, the last one may be short):
+For each pack-quantized Linear M (b = num_bits, G groups of group_size along K):
   M.weight_packed      int32 [N, ceil(K*b/32)]  the codes u = q + 2^(b-1) of each row as one
                                                 little-endian bit stream: code i at bits [i*b, i*b+b)
   M.weight_scale       model dtype [N, G]       ([N, 1] with strategy "channel")
@@ -18,11 +19,18 @@ asymmetric ones store the zero points u_z = z + 2^(b-1) as lowbit's float16 zero
 of at least 2^-17 is a float16 value, so the dequantized weights are compressed-tensors' bit for
 bit; a scale float16 cannot hold exactly is rounded to it, with a warning that counts them.
 
-Refused with a CheckpointError naming the file, tensor or field: other formats (float-quantized
-FP8, nvfp4-pack-quantized, naive-quantized, sparse), quantized activations, KV caches or
-transforms, widths other than 2, 4 and 8 (the dense packing of the others changed across
-compressed-tensors versions), group sizes that are not a multiple of 32, activation-ordered
-groups (g_idx not in K order), fused 3-D expert weights, damaged tensors.
+For each float-quantized Linear M: M.weight float8_e4m3fn [N, K] and M.weight_scale: [N, 1]
+("channel"), [1] ("tensor") or [ceil(N/B), ceil(K/B)] ("block", B x B); the weight is
+float(M.weight) * scale. Each becomes a lowbit `fp8` layer with the same elements and the scales
+in fp32 (exact), block=B for blocks, act="fp8" when the scheme's input activations are dynamic
+symmetric E4M3 per token (per group of B with block weights).
+
+Refused with a CheckpointError naming the file, tensor or field: other formats (nvfp4, naive,
+sparse), static activation scales, activations on integer layers, KV cache schemes, transforms,
+integer widths other than 2, 4 and 8 (compressed-tensors 0.20 packs the others across int32
+words; not imported until that layout is checked against other versions' folders), group sizes
+that are not a multiple of 32, activation-ordered groups (g_idx not in K order), fused 3-D
+expert weights, damaged tensors.
 """
 from __future__ import annotations
 
@@ -35,15 +43,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats import bitpack
+from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
 from .foreign_folder import (config_dtype, fail, has_quant_method, model_with_layers, read_config, read_tensors,
                              skeleton)
 
 QUANT_METHOD = "compressed-tensors"
-FORMAT = "pack-quantized"
-LAYER_FIELDS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+FORMATS = ("pack-quantized", "float-quantized")
+#: the tensors a quantized layer is read from (float-quantized: weight, weight_scale)
+LAYER_FIELDS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 _WIDTHS = (2, 4, 8)
 
 
@@ -53,15 +62,15 @@ def is_compressed_tensors_folder(path: str | Path) -> bool:
 
 
 def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tuple[list[str], dict[str, Any]]]:
-    """{group name: (targets, weights args)} of the config groups, each checked to be an integer
-    weight-only pack-quantized scheme lowbit holds."""
+    """{group name: (targets, scheme)} of the config groups, each checked to be one lowbit holds;
+    scheme: {"format": "pack-quantized" | "float-quantized", "weights": args, "act": None | "fp8"}."""
     where = f"{folder / 'config.json'}: quantization_config"
     if quantization.get("quantization_status", "compressed") != "compressed":
         raise fail(f"{where}.quantization_status", f"{quantization['quantization_status']!r}: only compressed "
                    "checkpoints are imported")
     for key in ("kv_cache_scheme", "transform_config", "sparsity_config"):
         if quantization.get(key):
-            raise fail(f"{where}.{key}", "is set: lowbit imports weight quantization only")
+            raise fail(f"{where}.{key}", "is set: lowbit imports weight and activation quantization only")
     groups = quantization.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise fail(f"{where}.config_groups", "missing or empty")
@@ -71,25 +80,25 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
         if not isinstance(scheme, dict):
             raise fail(at, "not an object")
         fmt = scheme.get("format") or quantization.get("format")
-        if fmt != FORMAT:
-            raise fail(f"{at}.format", f"{fmt!r}: only {FORMAT!r} (integer weights) is imported")
-        for key in ("input_activations", "output_activations"):
-            if scheme.get(key):
-                raise fail(f"{at}.{key}", "is set: lowbit imports weight-only schemes")
+        if fmt not in FORMATS:
+            raise fail(f"{at}.format", f"{fmt!r}: lowbit imports {' and '.join(map(repr, FORMATS))}")
         weights = scheme.get("weights")
         if not isinstance(weights, dict):
             raise fail(f"{at}.weights", "missing")
-        _check_weights(f"{at}.weights", weights)
+        (_check_int_weights if fmt == "pack-quantized" else _check_fp8_weights)(f"{at}.weights", weights)
+        if scheme.get("output_activations"):
+            raise fail(f"{at}.output_activations", "is set: lowbit does not quantize layer outputs")
+        act = _activation_rule(f"{at}.input_activations", scheme.get("input_activations"), fmt, weights)
         targets = scheme.get("targets")
         if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
             raise fail(f"{at}.targets", f"expected a list of names, got {targets!r}")
-        schemes[group_name] = (targets, weights)
+        schemes[group_name] = (targets, {"format": fmt, "weights": weights, "act": act})
     return schemes
 
 
-def _check_weights(at: str, weights: dict[str, Any]) -> None:
+def _check_int_weights(at: str, weights: dict[str, Any]) -> None:
     if weights.get("type") != "int":
-        raise fail(f"{at}.type", f"{weights.get('type')!r}: only 'int' weights are imported")
+        raise fail(f"{at}.type", f"{weights.get('type')!r}: pack-quantized layers hold 'int' weights")
     if weights.get("num_bits") not in _WIDTHS:
         raise fail(f"{at}.num_bits", f"{weights.get('num_bits')!r}: lowbit imports {list(_WIDTHS)}-bit packing")
     if weights.get("dynamic"):
@@ -102,17 +111,52 @@ def _check_weights(at: str, weights: dict[str, Any]) -> None:
         raise fail(f"{at}.group_size", f"{size!r}: lowbit's groups are a positive multiple of 32 long")
 
 
+def _check_fp8_weights(at: str, weights: dict[str, Any]) -> None:
+    if weights.get("type") != "float" or weights.get("num_bits") != 8:
+        raise fail(f"{at}", f"{weights.get('type')!r} {weights.get('num_bits')!r}-bit: lowbit imports 8-bit float "
+                   "(E4M3) float-quantized weights")
+    if weights.get("dynamic") or not weights.get("symmetric", True):
+        raise fail(f"{at}", "lowbit imports static symmetric FP8 weight scales")
+    strategy = weights.get("strategy")
+    if strategy not in ("channel", "tensor", "block"):
+        raise fail(f"{at}.strategy", f"{strategy!r}: lowbit imports 'channel', 'tensor' and 'block'")
+    block = weights.get("block_structure")
+    if strategy == "block" and not (isinstance(block, list) and len(block) == 2 and block[0] == block[1]
+                                    and isinstance(block[0], int) and block[0] > 0 and block[0] % 32 == 0):
+        raise fail(f"{at}.block_structure", f"{block!r}: lowbit's blocks are square, a multiple of 32 on a side")
+
+
+def _activation_rule(at: str, activations: Any, fmt: str, weights: dict[str, Any]) -> str | None:
+    """The lowbit `act` of a scheme's input_activations: None, or "fp8" for dynamic E4M3 per token
+    (per 1 x B group with B x B weight blocks), the rule of lowbit's fp8 act="fp8"."""
+    if not activations:
+        return None
+    if fmt != "float-quantized":
+        raise fail(at, "is set: lowbit imports integer layers weight-only")
+    if not isinstance(activations, dict):
+        raise fail(at, "not an object")
+    block = weights.get("block_structure") if weights.get("strategy") == "block" else None
+    rule = (activations.get("type"), activations.get("num_bits"), activations.get("dynamic"),
+            activations.get("symmetric", True), activations.get("strategy"), activations.get("group_size"))
+    wanted = ("float", 8, True, True, "token", None) if block is None else ("float", 8, True, True, "group", block[0])
+    if rule != wanted:
+        raise fail(at, "lowbit quantizes activations dynamically to E4M3, symmetric, "
+                   + ("per token" if block is None else f"per group of {block[0]} (the weight block)")
+                   + f"; got type/num_bits/dynamic/symmetric/strategy/group_size {list(rule)}")
+    return "fp8"
+
+
 def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str], dict[str, Any]]],
                folder: Path) -> dict[str, Any]:
-    """The weights args of the config group whose targets match layer `name` as compressed-tensors
+    """The scheme of the config group whose targets match layer `name` as compressed-tensors
     matches them: the layer's name, "re:" + a regular expression, or its module class name."""
     matches = {}
-    for group_name, (targets, weights) in schemes.items():
+    for group_name, (targets, scheme) in schemes.items():
         for target in targets:
             if (target == name or target == type(module).__name__
                     or (target.startswith("re:") and re.match(target[3:], name))):
-                matches[group_name] = weights
-    distinct = {repr(sorted(w.items())) for w in matches.values()}
+                matches[group_name] = scheme
+    distinct = {repr(scheme) for scheme in matches.values()}
     if len(distinct) != 1:
         problem = "no config group targets it" if not matches else f"config groups {sorted(matches)} all target it"
         raise fail(f"{folder / 'config.json'}: quantization_config.config_groups", f"layer {name!r}: {problem}")
@@ -138,8 +182,8 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, dtypes: tuple[torch.dtyp
     return tensor
 
 
-def packed_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, Any],
-                 dtype: torch.dtype) -> tuple[PackedWeight, int]:
+def int_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, Any],
+              dtype: torch.dtype) -> tuple[PackedWeight, int]:
     """The pack-quantized layer `name` (tensors name.weight_packed, ...) with weights args
     `weights` as a lowbit `int{b}` PackedWeight of `dtype`, and how many of its scales float16
     could not hold exactly (rounded to nearest)."""
@@ -178,21 +222,57 @@ def packed_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str,
     return PackedWeight(f"int{bits}", (n, k), dtype, attrs, fields), inexact
 
 
+def fp8_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, Any], act: str | None,
+              dtype: torch.dtype) -> PackedWeight:
+    """The float-quantized layer `name` (tensors name.weight float8_e4m3fn [N, K], name.weight_scale)
+    as a lowbit `fp8` PackedWeight of `dtype` with the same elements and fp32 scales: per channel
+    ("tensor": its one scale on every channel) or per B x B block."""
+    weight = tensors.get(f"{name}.weight")
+    if weight is None:
+        raise fail(f"{name}.weight", "missing")
+    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+        raise fail(f"{name}.weight", f"expected a float8_e4m3fn [out_features, in_features] matrix, got {weight.dtype} "
+                   f"{list(weight.shape)}")
+    n, k = weight.shape
+    fmt = get_format("fp8")
+    strategy = weights["strategy"]
+    side = weights["block_structure"][0] if strategy == "block" else None
+    # a block larger than the whole weight is its one tile, which lowbit stores as such
+    attrs = fmt.resolve_attrs((n, k), {"block": side, "act": act})
+    scale_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    if strategy == "block":
+        scales = _tensor(tensors, f"{name}.weight_scale", scale_dtypes, (-(-n // side), -(-k // side))).float().t()
+    elif strategy == "channel":
+        scales = _tensor(tensors, f"{name}.weight_scale", scale_dtypes, (n, 1)).float().reshape(1, n)
+    else:
+        scales = _tensor(tensors, f"{name}.weight_scale", scale_dtypes, (1,)).float().expand(1, n)
+    if not bool(torch.isfinite(scales).all()):
+        raise fail(f"{name}.weight_scale", "holds values that are not finite")
+    kp = fmt.padded_k(k, attrs["block"])
+    elements = torch.nn.functional.pad(weight.view(torch.uint8), (0, kp - k)).view(torch.float8_e4m3fn)  # +0.0
+    return PackedWeight("fp8", (n, k), dtype, attrs, {"qweight": elements, "scales": scales.contiguous()})
+
+
+def _lowbit_format(scheme: dict[str, Any]) -> str:
+    return f"int{scheme['weights']['num_bits']}" if scheme["format"] == "pack-quantized" else "fp8"
+
+
 def target_format(path: str | Path) -> str:
-    """The lowbit formats a compressed-tensors folder's layers import as, e.g. "int4" or
+    """The lowbit formats a compressed-tensors folder's layers import as, e.g. "int4", "fp8" or
     "int4/int8"; CheckpointError for a folder lowbit cannot import."""
     folder = Path(path)
     quantization = read_config(folder)["quantization_config"]
-    return "/".join(sorted({f"int{w['num_bits']}" for _, w in _weight_schemes(folder, quantization).values()}))
+    return "/".join(sorted({_lowbit_format(scheme) for _, scheme in _weight_schemes(folder, quantization).values()}))
 
 
 def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
                             device: str | torch.device = "cpu") -> nn.Module:
-    """Read a compressed-tensors pack-quantized folder -> model whose quantized Linear layers are
-    lowbit `int2` / `int4` / `int8` QuantLinears with the same codes, groups and (float16) scales;
-    the other modules keep their stored tensors. model: optional skeleton to fill (needed when
-    config.json names no transformers class). CheckpointError naming the file, tensor or field
-    for anything it cannot import."""
+    """Read a compressed-tensors folder -> model whose quantized Linear layers are lowbit QuantLinears:
+    `int2` / `int4` / `int8` from pack-quantized layers (the same codes and groups, float16 scales),
+    `fp8` from float-quantized ones (the same E4M3 elements and scales; act="fp8" for dynamic
+    per-token FP8 activations). The other modules keep their stored tensors. model: optional
+    skeleton to fill (needed when config.json names no transformers class). CheckpointError
+    naming the file, tensor or field for anything it cannot import."""
     folder = Path(path)
     config = read_config(folder)
     if not is_compressed_tensors_folder(folder):
@@ -201,16 +281,20 @@ def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
     dtype = config_dtype(folder, config, "the dequantized weights' dtype")
     skeleton_model = skeleton(folder, config, "quantization_config") if model is None else model
     tensors = read_tensors(folder)
-    names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    names = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
     if not names:
-        raise fail(str(folder), "no pack-quantized layers (no *.weight_packed tensors)")
+        raise fail(str(folder), "no quantized layers (no *.weight_scale tensors)")
     packed, inexact, total = {}, 0, 0
     for name in tqdm(names, desc="import compressed-tensors", unit="layer", disable=len(names) < 8):
         try:
             module = skeleton_model.get_submodule(name)
         except AttributeError:
-            raise fail(f"{name}.weight_packed", "the model has no such layer") from None
-        packed[name], rounded = packed_layer(tensors, name, _scheme_of(name, module, schemes, folder), dtype)
+            raise fail(f"{name}.weight_scale", "the model has no such layer") from None
+        scheme = _scheme_of(name, module, schemes, folder)
+        if scheme["format"] == "float-quantized":
+            packed[name] = fp8_layer(tensors, name, scheme["weights"], scheme["act"], dtype)
+            continue
+        packed[name], rounded = int_layer(tensors, name, scheme["weights"], dtype)
         inexact, total = inexact + rounded, total + packed[name].scales.numel()
     if inexact:
         warnings.warn(f"{folder}: {inexact} of {total} weight scales are not float16 values (lowbit's scale dtype) "

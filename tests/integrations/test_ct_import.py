@@ -38,26 +38,49 @@ def _args(bits, symmetric=True, strategy="group", group_size=64):
                                             group_size=group_size if strategy == "group" else None)
 
 
-def _ct_saved(source, out, groups):
+def _fp8_args(strategy, block=128):
+    """(weights, input activations) QuantizationArgs of FP8 W8A8 as llm-compressor's FP8_DYNAMIC /
+    FP8_BLOCK recipes write them."""
+    weights = ct_quantization.QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy,
+                                               block_structure=[block, block] if strategy == "block" else None)
+    activations = ct_quantization.QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=True,
+                                                   strategy="group" if strategy == "block" else "token",
+                                                   group_size=block if strategy == "block" else None)
+    return weights, activations
+
+
+def _min_max(args, w):
+    """The weight's min and max per scale group of `args` (as llm-compressor's observer takes them)."""
+    n, k = w.shape
+    if args.strategy == "tensor":
+        return w.amin().reshape(1), w.amax().reshape(1)
+    if args.strategy == "block":
+        side = args.block_structure[0]
+        tiles = torch.nn.functional.pad(w, (0, -k % side, 0, -n % side)).reshape(-(-n // side), side, -1, side)
+        return tiles.amin((1, 3)), tiles.amax((1, 3))
+    groups = w.reshape(n, -1, args.group_size if args.strategy == "group" else k)  # needs K % group_size == 0
+    return groups.amin(-1), groups.amax(-1)
+
+
+def _ct_saved(source, out, groups, fmt="pack-quantized"):
     """compressed-tensors: quantize the bf16 model at `source` with `groups` ({name: (targets,
-    QuantizationArgs)}; min-max scales), pack it and save it to `out`."""
+    weights QuantizationArgs[, input activations QuantizationArgs])}; min-max scales), compress
+    it to `fmt` and save it to `out`."""
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
-    schemes = {name: ct_quantization.QuantizationScheme(targets=targets, weights=args)
-               for name, (targets, args) in groups.items()}
+    schemes = {name: ct_quantization.QuantizationScheme(targets=targets, weights=args[0],
+                                                        input_activations=args[1] if len(args) > 1 else None)
+               for name, (targets, *args) in groups.items()}
     ct_quantization.apply_quantization_config(model, ct_quantization.QuantizationConfig(config_groups=schemes,
                                                                                         ignore=["lm_head"]))
     for module in model.modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None:
             continue
-        args, w = scheme.weights, module.weight.data
-        size = args.group_size if args.strategy == "group" else w.shape[1]
-        groups_of_w = w.reshape(w.shape[0], -1, size)  # compressed-tensors needs K % group_size == 0
-        scale, zero = calculate_qparams(groups_of_w.amin(-1), groups_of_w.amax(-1), args)
+        scale, zero = calculate_qparams(*_min_max(scheme.weights, module.weight.data), scheme.weights)
         module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    compressor = ct_compressors.ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor = ct_compressors.ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(out)
     compressor.update_config(out)
@@ -185,13 +208,15 @@ GROUP = "quantization_config.config_groups.group_0"
 
 
 @pytest.mark.parametrize("edit,message", [
+    (lambda q: q["config_groups"]["group_0"].update(format="nvfp4-pack-quantized"),
+     rf"{GROUP}\.format: 'nvfp4-pack-quantized': lowbit imports 'pack-quantized' and 'float-quantized'"),
     (lambda q: q["config_groups"]["group_0"].update(format="float-quantized"),
-     rf"{GROUP}\.format: 'float-quantized': only 'pack-quantized'"),
+     rf"{GROUP}\.weights: 'int' 4-bit: lowbit imports 8-bit float \(E4M3\) float-quantized weights"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=3), rf"{GROUP}\.weights\.num_bits: 3"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
      rf"{GROUP}\.weights\.group_size: 48: lowbit's groups are a positive multiple of 32"),
     (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}),
-     rf"{GROUP}\.input_activations: is set: lowbit imports weight-only schemes"),
+     rf"{GROUP}\.input_activations: is set: lowbit imports integer layers weight-only"),
     (lambda q: q.update(kv_cache_scheme={"num_bits": 8}), r"quantization_config\.kv_cache_scheme: is set"),
     (lambda q: q["config_groups"]["group_0"].update(targets=["re:.*mlp.*"]),
      r"config_groups: layer 'model\.layers\.0\.self_attn\.k_proj': no config group targets it"),
@@ -248,13 +273,75 @@ def test_scales_float16_cannot_hold_are_rounded_with_a_warning(int4_folder, tmp_
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,symmetric,strategy", [(4, True, "group"), (8, False, "channel")])
-def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, bits, symmetric, strategy):
-    """On CUDA the imported layers run lowbit's Triton kernels: close to the CPU import (torch
-    reference), whose logits equal compressed-tensors' decompressed model's (tested above)."""
-    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], _args(bits, symmetric, strategy))})
+@pytest.mark.parametrize("scheme", ["int4", "int8-asymmetric", "fp8-dynamic", "fp8-block"])
+def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, scheme):
+    """On CUDA the imported layers run lowbit's kernels: close to the CPU import (torch reference),
+    whose weights equal compressed-tensors' decompressed ones (tested above)."""
+    args = {"int4": (_args(4),), "int8-asymmetric": (_args(8, False, "channel"),),
+            "fp8-dynamic": _fp8_args("channel"), "fp8-block": _fp8_args("block")}[scheme]
+    fmt = "float-quantized" if scheme.startswith("fp8") else "pack-quantized"
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], *args)}, fmt=fmt)
     on_cpu, on_gpu = lowbit.load(folder), lowbit.load(folder, device="cuda")
     with torch.no_grad():
         expected = on_cpu(IDS).logits.float()
         got = on_gpu(IDS.cuda()).logits.float().cpu()
     assert (got - expected).norm() / expected.norm() < 1e-2
+
+
+@pytest.mark.parametrize("strategy,dynamic_activations", [("channel", True), ("tensor", True), ("block", True),
+                                                          ("channel", False)])
+def test_float_quantized_folder_imports_as_fp8(bf16_dir, tmp_path, strategy, dynamic_activations):
+    """FP8 (E4M3) weights per channel, per tensor or per 128 x 128 block, with dynamic FP8
+    activations (llm-compressor's FP8_DYNAMIC / FP8_BLOCK) or none (W8A16): lowbit `fp8` layers
+    with the same elements and scales, act="fp8" for the dynamic activations."""
+    weights, activations = _fp8_args(strategy)
+    scheme = (["Linear"], weights, activations) if dynamic_activations else (["Linear"], weights)
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": scheme}, fmt="float-quantized")
+    model, reference = lowbit.load(folder), _decompressed(folder)
+    layers = _quant_layers(model)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        assert layer.format == "fp8"
+        assert layer.packed.attrs == {"block": 128 if strategy == "block" else None,
+                                      "act": "fp8" if dynamic_activations else None}
+        got = lowbit.get_format("fp8").dequantize(layer.packed)
+        want = reference.get_submodule(name).weight
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), name
+    with torch.no_grad():
+        logits, want = model(IDS).logits.float(), reference(IDS).logits.float()
+    if dynamic_activations:  # lowbit also quantizes the activations; the decompressed model does not
+        assert (logits - want).norm() / want.norm() < 0.05
+    else:
+        assert torch.equal(logits, want)
+
+
+def test_static_activation_scales_are_refused(bf16_dir, tmp_path):
+    weights, activations = _fp8_args("channel")
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], weights, activations)},
+                       fmt="float-quantized")
+    _edit_config(folder, lambda q: q["config_groups"]["group_0"]["input_activations"].update(dynamic=False))
+    with pytest.raises(CheckpointError, match=rf"{GROUP}\.input_activations: lowbit quantizes activations "
+                                              r"dynamically to E4M3, symmetric, per token; got .*\[.float., 8, False"):
+        lowbit.load(folder)
+
+
+@pytest.mark.parametrize("strategy", ["channel", "block"])
+def test_fp8_activation_rule_is_compressed_tensors_dynamic_rule_in_fp32(strategy):
+    """act="fp8" quantizes activations as compressed-tensors' dynamic per-token (per group of
+    128 with block weights) E4M3 scheme does: on fp32 activations the quantize-dequantize
+    results are equal. (On bf16 ones compressed-tensors rounds the scale to bf16 first; lowbit
+    keeps it in fp32.)"""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    from lowbit.formats.activations import dequantize_activations
+    from lowbit.formats.fp8 import quantize_activations
+
+    _, args = _fp8_args(strategy)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0)) * 3
+    x[2, 17] = 40.0  # an outlier token
+    scale, zero = compute_dynamic_scales_and_zp(x.unsqueeze(0), args, None)
+    theirs = fake_quantize(x.unsqueeze(0), scale, zero, args)[0]
+    ours = dequantize_activations(*quantize_activations(x, 256, 128 if strategy == "block" else None))
+    assert torch.equal(ours, theirs)
