@@ -1,7 +1,9 @@
 """Import a folder of a compressed-tensors model (the checkpoint format of llm-compressor and
 vLLM: config.json quantization_config {"quant_method": "compressed-tensors", ...}) whose quantized
-Linear layers are integer weight-only ("pack-quantized": W4A16, W8A16, W2A16) or FP8
-("float-quantized": W8A16, or W8A8 with dynamic FP8 activations).
+Linear layers are integer weight-only ("pack-quantized": W4A16, W8A16, W2A16), int8 with dynamic
+int8 activations ("int-quantized": W8A8) or FP8 ("float-quantized": W8A8 with dynamic FP8
+activations; "naive-quantized": FP8 or integer codes stored one per int8 / fp8 element, which is
+what compressed-tensors writes for schemes without activations that it does not pack).
 
 For each pack-quantized Linear M (b = num_bits, G groups of group_size along K):
   M.weight_packed      int32 [N, ceil(K*b/32)]  the codes u = q + 2^(b-1) of each row as one
@@ -19,7 +21,12 @@ asymmetric ones store the zero points u_z = z + 2^(b-1) as lowbit's float16 zero
 of at least 2^-17 is a float16 value, so the dequantized weights are compressed-tensors' bit for
 bit; a scale float16 cannot hold exactly is rounded to it, with a warning that counts them.
 
-For each float-quantized Linear M: M.weight float8_e4m3fn [N, K] and M.weight_scale: [N, 1]
+int- and naive-quantized integer layers hold the same fields but q itself, one int8 per weight, as
+M.weight [N, K] (no weight_packed / weight_shape), and asymmetric zero points z as int8 [N, G];
+dynamic symmetric int8 activations per token become lowbit's act="int8" (lowbit's rule: scale
+amax / 127, codes in [-127, 127]; compressed-tensors' reference divides by 127.5).
+
+For each float- (or naive-) quantized FP8 Linear M: M.weight float8_e4m3fn [N, K] and M.weight_scale: [N, 1]
 ("channel"), [1] ("tensor") or [ceil(N/B), ceil(K/B)] ("block", B x B); the weight is
 float(M.weight) * scale. Each becomes a lowbit `fp8` layer with the same elements and the scales
 in fp32 (exact), block=B for blocks, act="fp8" when the scheme's input activations are dynamic
@@ -50,10 +57,12 @@ from .foreign_folder import (config_dtype, fail, has_quant_method, model_with_la
                              skeleton)
 
 QUANT_METHOD = "compressed-tensors"
-FORMATS = ("pack-quantized", "float-quantized")
+#: the formats imported -> the weight types their layers hold
+FORMATS = {"pack-quantized": ("int",), "int-quantized": ("int",), "float-quantized": ("float",),
+           "naive-quantized": ("int", "float")}
 #: the tensors a quantized layer is read from (float-quantized: weight, weight_scale)
 LAYER_FIELDS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-_WIDTHS = (2, 4, 8)
+_PACKED_WIDTHS = (2, 4, 8)
 
 
 def is_compressed_tensors_folder(path: str | Path) -> bool:
@@ -81,11 +90,17 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
             raise fail(at, "not an object")
         fmt = scheme.get("format") or quantization.get("format")
         if fmt not in FORMATS:
-            raise fail(f"{at}.format", f"{fmt!r}: lowbit imports {' and '.join(map(repr, FORMATS))}")
+            raise fail(f"{at}.format", f"{fmt!r}: lowbit imports {', '.join(map(repr, FORMATS))}")
         weights = scheme.get("weights")
         if not isinstance(weights, dict):
             raise fail(f"{at}.weights", "missing")
-        (_check_int_weights if fmt == "pack-quantized" else _check_fp8_weights)(f"{at}.weights", weights)
+        if weights.get("type") not in FORMATS[fmt]:
+            raise fail(f"{at}.weights.type", f"{weights.get('type')!r}: {fmt} layers hold {' or '.join(FORMATS[fmt])} "
+                       "weights")
+        if weights["type"] == "int":
+            _check_int_weights(f"{at}.weights", weights, packed=fmt == "pack-quantized")
+        else:
+            _check_fp8_weights(f"{at}.weights", weights)
         if scheme.get("output_activations"):
             raise fail(f"{at}.output_activations", "is set: lowbit does not quantize layer outputs")
         act = _activation_rule(f"{at}.input_activations", scheme.get("input_activations"), fmt, weights)
@@ -96,11 +111,11 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
     return schemes
 
 
-def _check_int_weights(at: str, weights: dict[str, Any]) -> None:
-    if weights.get("type") != "int":
-        raise fail(f"{at}.type", f"{weights.get('type')!r}: pack-quantized layers hold 'int' weights")
-    if weights.get("num_bits") not in _WIDTHS:
-        raise fail(f"{at}.num_bits", f"{weights.get('num_bits')!r}: lowbit imports {list(_WIDTHS)}-bit packing")
+def _check_int_weights(at: str, weights: dict[str, Any], packed: bool) -> None:
+    widths = _PACKED_WIDTHS if packed else range(2, 9)
+    if weights.get("num_bits") not in widths:
+        raise fail(f"{at}.num_bits", f"{weights.get('num_bits')!r}: lowbit imports {list(widths)}-bit "
+                   + ("packing" if packed else "weights"))
     if weights.get("dynamic"):
         raise fail(f"{at}.dynamic", "dynamic weight quantization has no stored scales")
     strategy = weights.get("strategy")
@@ -112,9 +127,8 @@ def _check_int_weights(at: str, weights: dict[str, Any]) -> None:
 
 
 def _check_fp8_weights(at: str, weights: dict[str, Any]) -> None:
-    if weights.get("type") != "float" or weights.get("num_bits") != 8:
-        raise fail(f"{at}", f"{weights.get('type')!r} {weights.get('num_bits')!r}-bit: lowbit imports 8-bit float "
-                   "(E4M3) float-quantized weights")
+    if weights.get("num_bits") != 8:
+        raise fail(f"{at}.num_bits", f"{weights.get('num_bits')!r}: lowbit imports 8-bit float (E4M3) weights")
     if weights.get("dynamic") or not weights.get("symmetric", True):
         raise fail(f"{at}", "lowbit imports static symmetric FP8 weight scales")
     strategy = weights.get("strategy")
@@ -127,23 +141,26 @@ def _check_fp8_weights(at: str, weights: dict[str, Any]) -> None:
 
 
 def _activation_rule(at: str, activations: Any, fmt: str, weights: dict[str, Any]) -> str | None:
-    """The lowbit `act` of a scheme's input_activations: None, or "fp8" for dynamic E4M3 per token
-    (per 1 x B group with B x B weight blocks), the rule of lowbit's fp8 act="fp8"."""
+    """The lowbit `act` of a scheme's input_activations: None; "fp8" for FP8 weights with dynamic
+    symmetric E4M3 activations per token (per 1 x B group with B x B weight blocks), the rule of
+    lowbit's fp8 act="fp8"; "int8" for unpacked integer weights with dynamic symmetric int8
+    activations per token, lowbit's act="int8"."""
     if not activations:
         return None
-    if fmt != "float-quantized":
-        raise fail(at, "is set: lowbit imports integer layers weight-only")
     if not isinstance(activations, dict):
         raise fail(at, "not an object")
+    if fmt == "pack-quantized":
+        raise fail(at, "is set: lowbit imports pack-quantized layers weight-only")
     block = weights.get("block_structure") if weights.get("strategy") == "block" else None
-    rule = (activations.get("type"), activations.get("num_bits"), activations.get("dynamic"),
-            activations.get("symmetric", True), activations.get("strategy"), activations.get("group_size"))
-    wanted = ("float", 8, True, True, "token", None) if block is None else ("float", 8, True, True, "group", block[0])
+    rule = [activations.get("type"), activations.get("num_bits"), activations.get("dynamic"),
+            activations.get("symmetric", True), activations.get("strategy"), activations.get("group_size")]
+    element = "float" if weights["type"] == "float" else "int"
+    wanted = [element, 8, True, True, "token", None] if block is None else [element, 8, True, True, "group", block[0]]
     if rule != wanted:
-        raise fail(at, "lowbit quantizes activations dynamically to E4M3, symmetric, "
-                   + ("per token" if block is None else f"per group of {block[0]} (the weight block)")
-                   + f"; got type/num_bits/dynamic/symmetric/strategy/group_size {list(rule)}")
-    return "fp8"
+        raise fail(at, f"lowbit quantizes activations dynamically to {'E4M3' if element == 'float' else 'int8'}, "
+                   "symmetric, " + ("per token" if block is None else f"per group of {block[0]} (the weight block)")
+                   + f"; got type/num_bits/dynamic/symmetric/strategy/group_size {rule}")
+    return "fp8" if element == "float" else "int8"
 
 
 def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str], dict[str, Any]]],
@@ -182,12 +199,21 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, dtypes: tuple[torch.dtyp
     return tensor
 
 
-def int_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, Any],
-              dtype: torch.dtype) -> tuple[PackedWeight, int]:
-    """The pack-quantized layer `name` (tensors name.weight_packed, ...) with weights args
-    `weights` as a lowbit `int{b}` PackedWeight of `dtype`, and how many of its scales float16
-    could not hold exactly (rounded to nearest)."""
-    bits, offset = weights["num_bits"], 2 ** (weights["num_bits"] - 1)
+def _int_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, packed: bool) -> torch.Tensor:
+    """A layer's integer codes u = q + 2^(b-1), int32 [N, K]: from name.weight_packed (with
+    name.weight_shape) when `packed`, else from name.weight (int8 q, as naive / int-quantized
+    layers store them)."""
+    if not packed:
+        weight = tensors.get(f"{name}.weight")
+        if weight is None:
+            raise fail(f"{name}.weight", "missing")
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise fail(f"{name}.weight", f"expected an int8 [out_features, in_features] matrix, got {weight.dtype} "
+                       f"{list(weight.shape)}")
+        q = weight.to(torch.int32)
+        if bool(((q < -(2 ** (bits - 1))) | (q >= 2 ** (bits - 1))).any()):
+            raise fail(f"{name}.weight", f"holds values outside the {bits}-bit range")
+        return q + 2 ** (bits - 1)
     shape = tensors.get(f"{name}.weight_shape")
     if shape is None:
         raise fail(f"{name}.weight_shape", "missing")
@@ -196,9 +222,20 @@ def int_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, An
     if shape.dim() != 1 or shape.numel() != 2 or shape.is_floating_point() or bool((shape <= 0).any()):
         raise fail(f"{name}.weight_shape", f"{shape.tolist()} is not [out_features, in_features]")
     n, k = (int(s) for s in shape)
+    return _unpack_codes(_tensor(tensors, f"{name}.weight_packed", (torch.int32,), (n, -(-k * bits // 32))), bits, k)
+
+
+def int_layer(tensors: dict[str, torch.Tensor], name: str, scheme: dict[str, Any],
+              dtype: torch.dtype) -> tuple[PackedWeight, int]:
+    """The integer layer `name` (pack-quantized: name.weight_packed, ...; int- / naive-quantized:
+    name.weight int8, ...) of `scheme` as a lowbit `int{b}` PackedWeight of `dtype`, and how
+    many of its scales float16 could not hold exactly (rounded to nearest)."""
+    weights, packed = scheme["weights"], scheme["format"] == "pack-quantized"
+    bits, offset = weights["num_bits"], 2 ** (weights["num_bits"] - 1)
+    codes = _int_codes(tensors, name, bits, packed)
+    n, k = codes.shape
     group_size = weights["group_size"] if weights["strategy"] == "group" else padded_k(k, 32)
     groups = -(-k // group_size)
-    codes = _unpack_codes(_tensor(tensors, f"{name}.weight_packed", (torch.int32,), (n, -(-k * bits // 32))), bits, k)
     scale = _tensor(tensors, f"{name}.weight_scale", (torch.bfloat16, torch.float16, torch.float32), (n, groups))
     if f"{name}.weight_g_idx" in tensors:
         g_idx = _tensor(tensors, f"{name}.weight_g_idx", (torch.int32, torch.int64), (k,))
@@ -213,12 +250,18 @@ def int_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, An
     kp = padded_k(k, group_size)
     unsigned = torch.nn.functional.pad(codes, (0, kp - k), value=offset)  # K's padding decodes to 0 (symmetric)
     attrs = {"group_size": group_size, "symmetric": bool(weights.get("symmetric", True))}
+    if scheme["act"] is not None:
+        attrs["act"] = scheme["act"]
     fields = {"qweight": bitpack.pack(unsigned, bits), "scales": scale16.t().contiguous()}
+    zero_key = f"{name}.weight_zero_point"
     if not attrs["symmetric"]:
-        packed_zeros = _tensor(tensors, f"{name}.weight_zero_point", (torch.int32,), (-(-n * bits // 32), groups))
-        fields["zeros"] = _unpack_codes(packed_zeros.t().contiguous(), bits, n).to(SCALE_DTYPE)  # [G, N]: z + 2^(b-1)
-    elif f"{name}.weight_zero_point" in tensors:
-        raise fail(f"{name}.weight_zero_point", "present in a symmetric scheme")
+        if packed:  # [ceil(N*b/32), G] packed down each column
+            zeros = _unpack_codes(_tensor(tensors, zero_key, (torch.int32,), (-(-n * bits // 32), groups)).t(), bits, n)
+        else:  # int8 z [N, G]
+            zeros = _tensor(tensors, zero_key, (torch.int8,), (n, groups)).t().to(torch.int32) + offset
+        fields["zeros"] = zeros.to(SCALE_DTYPE).contiguous()  # [G, N]: z + 2^(b-1)
+    elif zero_key in tensors:
+        raise fail(zero_key, "present in a symmetric scheme")
     return PackedWeight(f"int{bits}", (n, k), dtype, attrs, fields), inexact
 
 
@@ -254,7 +297,7 @@ def fp8_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, An
 
 
 def _lowbit_format(scheme: dict[str, Any]) -> str:
-    return f"int{scheme['weights']['num_bits']}" if scheme["format"] == "pack-quantized" else "fp8"
+    return "fp8" if scheme["weights"]["type"] == "float" else f"int{scheme['weights']['num_bits']}"
 
 
 def target_format(path: str | Path) -> str:
@@ -291,10 +334,10 @@ def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
         except AttributeError:
             raise fail(f"{name}.weight_scale", "the model has no such layer") from None
         scheme = _scheme_of(name, module, schemes, folder)
-        if scheme["format"] == "float-quantized":
+        if scheme["weights"]["type"] == "float":
             packed[name] = fp8_layer(tensors, name, scheme["weights"], scheme["act"], dtype)
             continue
-        packed[name], rounded = int_layer(tensors, name, scheme["weights"], dtype)
+        packed[name], rounded = int_layer(tensors, name, scheme, dtype)
         inexact, total = inexact + rounded, total + packed[name].scales.numel()
     if inexact:
         warnings.warn(f"{folder}: {inexact} of {total} weight scales are not float16 values (lowbit's scale dtype) "

@@ -3,6 +3,7 @@ folders are written by compressed-tensors itself (its quantization lifecycle set
 min-max scales come from its calculate_qparams as llm-compressor's default observer computes them,
 its ModelCompressor packs them), and the oracle is transformers loading them with
 CompressedTensorsConfig(dequantize=True), i.e. compressed-tensors' own decompression."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -65,7 +66,8 @@ def _min_max(args, w):
 def _ct_saved(source, out, groups, fmt="pack-quantized"):
     """compressed-tensors: quantize the bf16 model at `source` with `groups` ({name: (targets,
     weights QuantizationArgs[, input activations QuantizationArgs])}; min-max scales), compress
-    it to `fmt` and save it to `out`."""
+    it to `fmt` (None: the format compressed-tensors infers, as llm-compressor saves) and save it
+    to `out`."""
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     schemes = {name: ct_quantization.QuantizationScheme(targets=targets, weights=args[0],
                                                         input_activations=args[1] if len(args) > 1 else None)
@@ -209,14 +211,15 @@ GROUP = "quantization_config.config_groups.group_0"
 
 @pytest.mark.parametrize("edit,message", [
     (lambda q: q["config_groups"]["group_0"].update(format="nvfp4-pack-quantized"),
-     rf"{GROUP}\.format: 'nvfp4-pack-quantized': lowbit imports 'pack-quantized' and 'float-quantized'"),
+     rf"{GROUP}\.format: 'nvfp4-pack-quantized': lowbit imports 'pack-quantized', 'int-quantized', "
+     r"'float-quantized', 'naive-quantized'"),
     (lambda q: q["config_groups"]["group_0"].update(format="float-quantized"),
-     rf"{GROUP}\.weights: 'int' 4-bit: lowbit imports 8-bit float \(E4M3\) float-quantized weights"),
+     rf"{GROUP}\.weights\.type: 'int': float-quantized layers hold float weights"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=3), rf"{GROUP}\.weights\.num_bits: 3"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
      rf"{GROUP}\.weights\.group_size: 48: lowbit's groups are a positive multiple of 32"),
     (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}),
-     rf"{GROUP}\.input_activations: is set: lowbit imports integer layers weight-only"),
+     rf"{GROUP}\.input_activations: is set: lowbit imports pack-quantized layers weight-only"),
     (lambda q: q.update(kv_cache_scheme={"num_bits": 8}), r"quantization_config\.kv_cache_scheme: is set"),
     (lambda q: q["config_groups"]["group_0"].update(targets=["re:.*mlp.*"]),
      r"config_groups: layer 'model\.layers\.0\.self_attn\.k_proj': no config group targets it"),
@@ -273,14 +276,16 @@ def test_scales_float16_cannot_hold_are_rounded_with_a_warning(int4_folder, tmp_
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("scheme", ["int4", "int8-asymmetric", "fp8-dynamic", "fp8-block"])
+@pytest.mark.parametrize("scheme", ["int4", "int8-asymmetric", "w8a8-int8", "fp8-dynamic", "fp8-block"])
 def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, scheme):
     """On CUDA the imported layers run lowbit's kernels: close to the CPU import (torch reference),
     whose weights equal compressed-tensors' decompressed ones (tested above)."""
+    int8_tokens = ct_quantization.QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=True,
+                                                   strategy="token")
     args = {"int4": (_args(4),), "int8-asymmetric": (_args(8, False, "channel"),),
+            "w8a8-int8": (_args(8, strategy="channel"), int8_tokens),
             "fp8-dynamic": _fp8_args("channel"), "fp8-block": _fp8_args("block")}[scheme]
-    fmt = "float-quantized" if scheme.startswith("fp8") else "pack-quantized"
-    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], *args)}, fmt=fmt)
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], *args)}, fmt=None)  # as inferred
     on_cpu, on_gpu = lowbit.load(folder), lowbit.load(folder, device="cuda")
     with torch.no_grad():
         expected = on_cpu(IDS).logits.float()
@@ -345,3 +350,45 @@ def test_fp8_activation_rule_is_compressed_tensors_dynamic_rule_in_fp32(strategy
     theirs = fake_quantize(x.unsqueeze(0), scale, zero, args)[0]
     ours = dequantize_activations(*quantize_activations(x, 256, 128 if strategy == "block" else None))
     assert torch.equal(ours, theirs)
+
+
+def test_w8a8_int8_folder_imports_with_int8_activations(bf16_dir, tmp_path):
+    """llm-compressor's W8A8 int8 scheme (int8 weights per channel, dynamic int8 activations per
+    token), saved as compressed-tensors infers: "int-quantized", the int8 codes unpacked. lowbit:
+    `int8` act="int8" layers with the same codes and scales."""
+    weights = _args(8, strategy="channel")
+    activations = ct_quantization.QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=True,
+                                                   strategy="token")
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], weights, activations)}, fmt=None)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "int-quantized"
+    model, reference = lowbit.load(folder), _decompressed(folder)
+    for name, layer in _quant_layers(model).items():
+        assert layer.format == "int8" and layer.packed.attrs == {"group_size": 128 if "down" not in name else 192,
+                                                                 "symmetric": True, "act": "int8"}
+        got = lowbit.get_format("int8").dequantize(layer.packed)
+        assert torch.equal(got.view(torch.int16), reference.get_submodule(name).weight.view(torch.int16)), name
+    with torch.no_grad():  # lowbit also quantizes the activations; the decompressed model does not
+        logits, want = model(IDS).logits.float(), reference(IDS).logits.float()
+    assert (logits - want).norm() / want.norm() < 0.05
+    if kernel_devices():  # code 0 (q = -128) through the int8 GEMM (M >= 32), as the W8A8 reference has it
+        # an fp32 layer, so that the reference's dequantized weight is exact, as the kernel's is
+        packed = dataclasses.replace(model.model.layers[0].self_attn.q_proj.packed, dtype=torch.float32)
+        packed = packed.to(kernel_devices()[0])
+        assert bool((bitpack.unpack(packed.qweight.cpu(), 8, 128) == 0).any())
+        x = torch.randn(33, 128, generator=torch.Generator().manual_seed(2)).to(packed.qweight.device)
+        expected = lowbit.linear(x, packed, None, backend="torch")
+        got = lowbit.linear(x, packed, None, backend="triton")
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_fp8_weight_only_folder_saved_as_naive_quantized(bf16_dir, tmp_path):
+    """FP8 weights without activation quantization are saved as "naive-quantized" when
+    compressed-tensors infers the format: the same fp8 layers."""
+    weights, _ = _fp8_args("channel")
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], weights)}, fmt=None)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "naive-quantized"
+    model, reference = lowbit.load(folder), _decompressed(folder)
+    assert {layer.format for layer in _quant_layers(model).values()} == {"fp8"}
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, reference(IDS).logits)
