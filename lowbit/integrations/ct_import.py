@@ -199,18 +199,23 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, dtypes: tuple[torch.dtyp
     return tensor
 
 
+def _weight_matrix(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """name.weight, checked to be a [out_features, in_features] matrix of `dtype`."""
+    weight = tensors.get(f"{name}.weight")
+    if weight is None:
+        raise fail(f"{name}.weight", "missing")
+    if weight.dtype != dtype or weight.dim() != 2:
+        raise fail(f"{name}.weight", f"expected a {dtype} [out_features, in_features] matrix, got {weight.dtype} "
+                   f"{list(weight.shape)}")
+    return weight
+
+
 def _int_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, packed: bool) -> torch.Tensor:
     """A layer's integer codes u = q + 2^(b-1), int32 [N, K]: from name.weight_packed (with
     name.weight_shape) when `packed`, else from name.weight (int8 q, as naive / int-quantized
     layers store them)."""
     if not packed:
-        weight = tensors.get(f"{name}.weight")
-        if weight is None:
-            raise fail(f"{name}.weight", "missing")
-        if weight.dtype != torch.int8 or weight.dim() != 2:
-            raise fail(f"{name}.weight", f"expected an int8 [out_features, in_features] matrix, got {weight.dtype} "
-                       f"{list(weight.shape)}")
-        q = weight.to(torch.int32)
+        q = _weight_matrix(tensors, name, torch.int8).to(torch.int32)
         if bool(((q < -(2 ** (bits - 1))) | (q >= 2 ** (bits - 1))).any()):
             raise fail(f"{name}.weight", f"holds values outside the {bits}-bit range")
         return q + 2 ** (bits - 1)
@@ -270,12 +275,7 @@ def fp8_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, An
     """The float-quantized layer `name` (tensors name.weight float8_e4m3fn [N, K], name.weight_scale)
     as a lowbit `fp8` PackedWeight of `dtype` with the same elements and fp32 scales: per channel
     ("tensor": its one scale on every channel) or per B x B block."""
-    weight = tensors.get(f"{name}.weight")
-    if weight is None:
-        raise fail(f"{name}.weight", "missing")
-    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
-        raise fail(f"{name}.weight", f"expected a float8_e4m3fn [out_features, in_features] matrix, got {weight.dtype} "
-                   f"{list(weight.shape)}")
+    weight = _weight_matrix(tensors, name, torch.float8_e4m3fn)
     n, k = weight.shape
     fmt = get_format("fp8")
     strategy = weights["strategy"]
