@@ -1,5 +1,5 @@
 """The `lowbit` command: quantize a Hugging Face folder and save it; convert a dfloat11 package
-folder, a bitsandbytes (4-bit NF4 or 8-bit) or a compressed-tensors (pack-quantized) folder;
+folder, a bitsandbytes (4-bit NF4 or 8-bit) or a compressed-tensors (integer or FP8) folder;
 inspect a saved folder."""
 from __future__ import annotations
 
@@ -135,20 +135,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         fmt = bnb_import.target_format(source)
         kind, fidelity = (("bitsandbytes 8-bit", "same codes, row scales rounded to float16") if fmt == "int8"
                           else ("bitsandbytes 4-bit", "weights bit-identical"))
-        if args.segment is not None:
-            raise LowbitError(f"--segment is a dfloat11 option; a bitsandbytes folder converts to {fmt} as stored")
         load = lambda: bnb_import.load_bitsandbytes(source)  # noqa: E731
     elif ct_import.is_compressed_tensors_folder(source):
         kind, fmt = "compressed-tensors", ct_import.target_format(source)
         fidelity = "same codes" + (", integer layers' scales in float16" if "int" in fmt else " and scales")
-        if args.segment is not None:
-            raise LowbitError(f"--segment is a dfloat11 option; a compressed-tensors folder converts to {fmt} "
-                              "as stored")
         load = lambda: ct_import.load_compressed_tensors(source)  # noqa: E731
     else:
         raise LowbitError(f"{source}: not a dfloat11 package folder (config.json with dfloat11_config), nor a "
                           "bitsandbytes or compressed-tensors one (config.json with quantization_config.quant_method "
                           "'bitsandbytes' or 'compressed-tensors')")
+    if args.segment is not None and fmt != "dfloat11":
+        raise LowbitError(f"--segment is a dfloat11 option; a {kind} folder converts to {fmt} as stored")
     start = time.perf_counter()
     io.check_save_target(out_dir)
     model = load()
@@ -253,10 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)
     c = sub.add_parser("convert", help="convert a folder of the dfloat11 package, a bitsandbytes 4-bit NF4 or "
-                       "8-bit folder, or a compressed-tensors pack-quantized one, into a lowbit folder")
+                       "8-bit folder, or a compressed-tensors integer or FP8 one, into a lowbit folder")
     c.add_argument("source", help="folder written by the dfloat11 package (config.json with dfloat11_config), "
                    "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model, or "
-                   "by llm-compressor / compressed-tensors (integer weight-only, pack-quantized)")
+                   "by llm-compressor / compressed-tensors (W4A16, W8A8 int8, FP8)")
     c.add_argument("out", help="output folder (lowbit.save layout)")
     c.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")
     c.set_defaults(func=cmd_convert)

@@ -48,8 +48,8 @@ from ..formats import bitpack
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..formats.nf4 import BLOCK, codebook
 from ..packed import PackedWeight
-from .foreign_folder import (DTYPES, config_dtype, fail, has_quant_method, model_with_layers, read_config, read_tensors,
-                             skeleton)
+from .foreign_folder import (DTYPES, config_dtype, fail, has_quant_method, integer_layer, model_with_layers, read_config,
+                             read_tensors, skeleton, stored_tensor, weight_matrix)
 
 QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__"
 
@@ -101,14 +101,8 @@ def _quant_state(key: str, raw: torch.Tensor) -> dict[str, Any]:
     return state
 
 
-def _field(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int | None) -> torch.Tensor:
-    if key not in tensors:
-        raise fail(key, "missing")
-    tensor = tensors[key]
-    if tensor.dtype != dtype or (numel is not None and tensor.numel() != numel):
-        want = f"{dtype}" + ("" if numel is None else f" with {numel} values")
-        raise fail(key, f"expected {want}, got {tensor.dtype} {list(tensor.shape)}")
-    return tensor.flatten()
+def _field(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    return stored_tensor(tensors, key, (dtype,), numel=numel).flatten()
 
 
 def _block_absmax(tensors: dict[str, torch.Tensor], weight_key: str, state: dict[str, Any], blocks: int) -> torch.Tensor:
@@ -159,12 +153,7 @@ def packed_int8_rows(tensors: dict[str, torch.Tensor], name: str, dtype: torch.d
     layout = tensors.get(format_key)
     if layout is not None and (layout.numel() != 1 or int(layout.flatten()[0]) != 0):
         raise fail(format_key, f"{layout.flatten().tolist()}: only the row-major layout (0) is imported")
-    codes = tensors.get(weight_key)
-    if codes is None:
-        raise fail(weight_key, "missing")
-    if codes.dtype != torch.int8 or codes.dim() != 2:
-        raise fail(weight_key, f"expected an int8 [out_features, in_features] matrix, got {codes.dtype} "
-                   f"{list(codes.shape)}")
+    codes = weight_matrix(tensors, name, torch.int8)
     if bool((codes == -128).any()):
         raise fail(weight_key, "holds -128: bitsandbytes' row-wise codes lie in [-127, 127]")
     n, k = codes.shape
@@ -175,10 +164,8 @@ def packed_int8_rows(tensors: dict[str, torch.Tensor], name: str, dtype: torch.d
     scales = (absmax / 127).to(SCALE_DTYPE)
     if not bool(torch.isfinite(scales).all()):
         raise fail(scb_key, f"row absmax up to {float(absmax.max()):.3g}: too large for float16 row scales")
-    kp = padded_k(k, 32)  # lowbit's group_size=-1: one group per row, K padded to a multiple of 32
-    unsigned = torch.nn.functional.pad(codes.to(torch.int32) + 128, (0, kp - k), value=128)  # pad decodes to 0
-    return PackedWeight("int8", (n, k), dtype, {"group_size": kp, "symmetric": True},
-                        {"qweight": bitpack.pack(unsigned, 8), "scales": scales.reshape(1, n)})
+    # lowbit's group_size=-1: one group per row, K padded to a multiple of 32
+    return integer_layer(codes.to(torch.int32) + 128, 8, padded_k(k, 32), scales.reshape(n, 1), None, dtype)
 
 
 def _nf4_layers(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, PackedWeight]:

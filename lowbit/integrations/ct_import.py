@@ -50,11 +50,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats import bitpack, get_format
+from ..formats import get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
-from .foreign_folder import (config_dtype, fail, has_quant_method, model_with_layers, read_config, read_tensors,
-                             skeleton)
+from .foreign_folder import (config_dtype, fail, has_quant_method, integer_layer, model_with_layers, read_config,
+                             read_tensors, skeleton, stored_tensor, weight_matrix)
 
 QUANT_METHOD = "compressed-tensors"
 #: the formats imported -> the weight types their layers hold
@@ -63,6 +63,8 @@ FORMATS = {"pack-quantized": ("int",), "int-quantized": ("int",), "float-quantiz
 #: the tensors a quantized layer is read from (float-quantized: weight, weight_scale)
 LAYER_FIELDS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 _PACKED_WIDTHS = (2, 4, 8)
+#: the dtypes weight scales are stored in (the model's)
+SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def is_compressed_tensors_folder(path: str | Path) -> bool:
@@ -188,34 +190,12 @@ def _unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return codes.reshape(words.shape[0], -1)[:, :count].to(torch.int32)
 
 
-def _tensor(tensors: dict[str, torch.Tensor], key: str, dtypes: tuple[torch.dtype, ...],
-            shape: tuple[int, ...]) -> torch.Tensor:
-    tensor = tensors.get(key)
-    if tensor is None:
-        raise fail(key, "missing")
-    if tensor.dtype not in dtypes or tuple(tensor.shape) != shape:
-        raise fail(key, f"expected {' or '.join(str(d) for d in dtypes)} {list(shape)}, got {tensor.dtype} "
-                   f"{list(tensor.shape)}")
-    return tensor
-
-
-def _weight_matrix(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
-    """name.weight, checked to be a [out_features, in_features] matrix of `dtype`."""
-    weight = tensors.get(f"{name}.weight")
-    if weight is None:
-        raise fail(f"{name}.weight", "missing")
-    if weight.dtype != dtype or weight.dim() != 2:
-        raise fail(f"{name}.weight", f"expected a {dtype} [out_features, in_features] matrix, got {weight.dtype} "
-                   f"{list(weight.shape)}")
-    return weight
-
-
 def _int_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, packed: bool) -> torch.Tensor:
     """A layer's integer codes u = q + 2^(b-1), int32 [N, K]: from name.weight_packed (with
     name.weight_shape) when `packed`, else from name.weight (int8 q, as naive / int-quantized
     layers store them)."""
     if not packed:
-        q = _weight_matrix(tensors, name, torch.int8).to(torch.int32)
+        q = weight_matrix(tensors, name, torch.int8).to(torch.int32)
         if bool(((q < -(2 ** (bits - 1))) | (q >= 2 ** (bits - 1))).any()):
             raise fail(f"{name}.weight", f"holds values outside the {bits}-bit range")
         return q + 2 ** (bits - 1)
@@ -227,7 +207,8 @@ def _int_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, packed: b
     if shape.dim() != 1 or shape.numel() != 2 or shape.is_floating_point() or bool((shape <= 0).any()):
         raise fail(f"{name}.weight_shape", f"{shape.tolist()} is not [out_features, in_features]")
     n, k = (int(s) for s in shape)
-    return _unpack_codes(_tensor(tensors, f"{name}.weight_packed", (torch.int32,), (n, -(-k * bits // 32))), bits, k)
+    words = stored_tensor(tensors, f"{name}.weight_packed", (torch.int32,), shape=(n, -(-k * bits // 32)))
+    return _unpack_codes(words, bits, k)
 
 
 def int_layer(tensors: dict[str, torch.Tensor], name: str, scheme: dict[str, Any],
@@ -241,9 +222,9 @@ def int_layer(tensors: dict[str, torch.Tensor], name: str, scheme: dict[str, Any
     n, k = codes.shape
     group_size = weights["group_size"] if weights["strategy"] == "group" else padded_k(k, 32)
     groups = -(-k // group_size)
-    scale = _tensor(tensors, f"{name}.weight_scale", (torch.bfloat16, torch.float16, torch.float32), (n, groups))
+    scale = stored_tensor(tensors, f"{name}.weight_scale", SCALE_DTYPES, shape=(n, groups))
     if f"{name}.weight_g_idx" in tensors:
-        g_idx = _tensor(tensors, f"{name}.weight_g_idx", (torch.int32, torch.int64), (k,))
+        g_idx = stored_tensor(tensors, f"{name}.weight_g_idx", (torch.int32, torch.int64), shape=(k,))
         if not torch.equal(g_idx.long(), torch.arange(k) // group_size):
             raise fail(f"{name}.weight_g_idx", "columns are not in group order (activation ordering): lowbit's "
                        "groups are consecutive along K")
@@ -252,22 +233,17 @@ def int_layer(tensors: dict[str, torch.Tensor], name: str, scheme: dict[str, Any
         raise fail(f"{name}.weight_scale", f"values up to {float(scale.float().abs().max()):.3g}: not finite in "
                    "float16, lowbit's scale dtype")
     inexact = int((scale16.float() != scale.float()).sum())
-    kp = padded_k(k, group_size)
-    unsigned = torch.nn.functional.pad(codes, (0, kp - k), value=offset)  # K's padding decodes to 0 (symmetric)
-    attrs = {"group_size": group_size, "symmetric": bool(weights.get("symmetric", True))}
-    if scheme["act"] is not None:
-        attrs["act"] = scheme["act"]
-    fields = {"qweight": bitpack.pack(unsigned, bits), "scales": scale16.t().contiguous()}
-    zero_key = f"{name}.weight_zero_point"
-    if not attrs["symmetric"]:
-        if packed:  # [ceil(N*b/32), G] packed down each column
-            zeros = _unpack_codes(_tensor(tensors, zero_key, (torch.int32,), (-(-n * bits // 32), groups)).t(), bits, n)
+    zero_key, zeros = f"{name}.weight_zero_point", None
+    if not weights.get("symmetric", True):
+        if packed:  # [ceil(N*b/32), G], packed down each column
+            words = stored_tensor(tensors, zero_key, (torch.int32,), shape=(-(-n * bits // 32), groups))
+            zeros = _unpack_codes(words.t(), bits, n).t()
         else:  # int8 z [N, G]
-            zeros = _tensor(tensors, zero_key, (torch.int8,), (n, groups)).t().to(torch.int32) + offset
-        fields["zeros"] = zeros.to(SCALE_DTYPE).contiguous()  # [G, N]: z + 2^(b-1)
+            zeros = stored_tensor(tensors, zero_key, (torch.int8,), shape=(n, groups)).to(torch.int32) + offset
+        zeros = zeros.to(SCALE_DTYPE)  # z + 2^(b-1), [N, G]
     elif zero_key in tensors:
         raise fail(zero_key, "present in a symmetric scheme")
-    return PackedWeight(f"int{bits}", (n, k), dtype, attrs, fields), inexact
+    return integer_layer(codes, bits, group_size, scale16, zeros, dtype, scheme["act"]), inexact
 
 
 def fp8_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, Any], act: str | None,
@@ -275,20 +251,20 @@ def fp8_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, An
     """The float-quantized layer `name` (tensors name.weight float8_e4m3fn [N, K], name.weight_scale)
     as a lowbit `fp8` PackedWeight of `dtype` with the same elements and fp32 scales: per channel
     ("tensor": its one scale on every channel) or per B x B block."""
-    weight = _weight_matrix(tensors, name, torch.float8_e4m3fn)
+    weight = weight_matrix(tensors, name, torch.float8_e4m3fn)
     n, k = weight.shape
     fmt = get_format("fp8")
     strategy = weights["strategy"]
     side = weights["block_structure"][0] if strategy == "block" else None
     # a block larger than the whole weight is its one tile, which lowbit stores as such
     attrs = fmt.resolve_attrs((n, k), {"block": side, "act": act})
-    scale_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     if strategy == "block":
-        scales = _tensor(tensors, f"{name}.weight_scale", scale_dtypes, (-(-n // side), -(-k // side))).float().t()
+        scale_shape = (-(-n // side), -(-k // side))
+        scales = stored_tensor(tensors, f"{name}.weight_scale", SCALE_DTYPES, shape=scale_shape).float().t()
     elif strategy == "channel":
-        scales = _tensor(tensors, f"{name}.weight_scale", scale_dtypes, (n, 1)).float().reshape(1, n)
+        scales = stored_tensor(tensors, f"{name}.weight_scale", SCALE_DTYPES, shape=(n, 1)).float().reshape(1, n)
     else:
-        scales = _tensor(tensors, f"{name}.weight_scale", scale_dtypes, (1,)).float().expand(1, n)
+        scales = stored_tensor(tensors, f"{name}.weight_scale", SCALE_DTYPES, shape=(1,)).float().expand(1, n)
     if not bool(torch.isfinite(scales).all()):
         raise fail(f"{name}.weight_scale", "holds values that are not finite")
     kp = fmt.padded_k(k, attrs["block"])

@@ -1,7 +1,8 @@
 """Shared steps of importing a Hugging Face folder written by another library (the dfloat11
-package, bitsandbytes): read its config.json and safetensors, build the model config.json
-describes, fill it with full-precision tensors. Nothing from the folder is executed: JSON and
-safetensors only, model classes looked up by name in transformers."""
+package, bitsandbytes, compressed-tensors): read its config.json and safetensors, check the
+tensors a layer is read from, build lowbit integer layers from their codes, build the model
+config.json describes and fill it. Nothing from the folder is executed: JSON and safetensors
+only, model classes looked up by name in transformers."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,8 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import CheckpointError, LowbitError
+from ..formats import bitpack
+from ..formats.integer import padded_k
 from ..packed import PackedWeight
 
 
@@ -73,6 +76,51 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise fail(str(f), f"unreadable safetensors file ({exc})") from None
     return tensors
+
+
+def stored_tensor(tensors: dict[str, torch.Tensor], key: str, dtypes: tuple[torch.dtype, ...], *,
+                  shape: tuple[int, ...] | None = None, numel: int | None = None) -> torch.Tensor:
+    """tensors[key], checked to have one of `dtypes` and the given shape (or number of values);
+    CheckpointError naming the key otherwise."""
+    tensor = tensors.get(key)
+    if tensor is None:
+        raise fail(key, "missing")
+    if (tensor.dtype not in dtypes or (shape is not None and tuple(tensor.shape) != shape)
+            or (numel is not None and tensor.numel() != numel)):
+        want = " or ".join(str(d) for d in dtypes)
+        want += f" {list(shape)}" if shape is not None else "" if numel is None else f" with {numel} values"
+        raise fail(key, f"expected {want}, got {tensor.dtype} {list(tensor.shape)}")
+    return tensor
+
+
+def weight_matrix(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """tensors[name.weight], checked to be a [out_features, in_features] matrix of `dtype`."""
+    weight = tensors.get(f"{name}.weight")
+    if weight is None:
+        raise fail(f"{name}.weight", "missing")
+    if weight.dtype != dtype or weight.dim() != 2:
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise fail(f"{name}.weight", f"expected {'an' if dtype_name[0] in 'aeiou' else 'a'} {dtype_name} "
+                   f"[out_features, in_features] matrix, got {weight.dtype} {list(weight.shape)}")
+    return weight
+
+
+def integer_layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  dtype: torch.dtype, act: str | None = None) -> PackedWeight:
+    """A lowbit `int{bits}` PackedWeight of `dtype` from another library's codes: unsigned codes
+    int32 [N, K] in [0, 2^bits), float16 scales [N, G] and, when asymmetric, float16 zero points
+    [N, G] (else the constant 2^(bits-1)), G groups of `group_size` along K; act: "int8" or None."""
+    n, k = codes.shape
+    kp = padded_k(k, group_size)
+    # the padding codes decode to 0 in symmetric layers; lowbit's kernels never read them
+    unsigned = torch.nn.functional.pad(codes, (0, kp - k), value=2 ** (bits - 1))
+    attrs = {"group_size": group_size, "symmetric": zeros is None}
+    if act is not None:
+        attrs["act"] = act
+    fields = {"qweight": bitpack.pack(unsigned, bits), "scales": scales.t().contiguous()}
+    if zeros is not None:
+        fields["zeros"] = zeros.t().contiguous()
+    return PackedWeight(f"int{bits}", (n, k), dtype, attrs, fields)
 
 
 def skeleton(folder: Path, config: dict[str, Any], library_key: str) -> nn.Module:
