@@ -1,5 +1,5 @@
 """The `lowbit` command: quantize a Hugging Face folder and save it; convert a dfloat11 package
-folder, a bitsandbytes (4-bit NF4 or 8-bit) or a compressed-tensors (integer or FP8) folder;
+folder, a bitsandbytes (4-bit NF4 or 8-bit) or a compressed-tensors (integer, FP8, NVFP4 or MX) folder;
 inspect a saved folder."""
 from __future__ import annotations
 
@@ -250,10 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)
     c = sub.add_parser("convert", help="convert a folder of the dfloat11 package, a bitsandbytes 4-bit NF4 or "
-                       "8-bit folder, or a compressed-tensors integer or FP8 one, into a lowbit folder")
+                       "8-bit folder, or a compressed-tensors integer, FP8, NVFP4 or MX one, into a lowbit folder")
     c.add_argument("source", help="folder written by the dfloat11 package (config.json with dfloat11_config), "
                    "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model, or "
-                   "by llm-compressor / compressed-tensors (W4A16, W8A8 int8, FP8)")
+                   "by llm-compressor / compressed-tensors (W4A16, W8A8 int8, FP8, NVFP4A16, MXFP4 / MXFP6 / MXFP8)")
     c.add_argument("out", help="output folder (lowbit.save layout)")
     c.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")
     c.set_defaults(func=cmd_convert)

@@ -26,6 +26,11 @@ stream (element 2i in the low nibble). scales uint8 [Kp/block, N] (E8M0 bytes) o
 Options (accuracy studies; the seed paper "INT v.s. FP"):
   act="mxfp4" | "nvfp4" | "mxint8" | "mxfp8" | "mxfp6": activations are fake-quantized per block
       along K with that format's rules, in torch, on the fly (W4A4 / W8A8 numerics).
+  act_amax_round=m (MX activations only; stored only when set): before a block's E8M0 exponent is
+      read, its amax is rounded half up to m mantissa bits, so a block whose amax has mantissa
+      >= 2 - 2^-m gets the next power of two instead of saturating its largest elements. This is
+      compressed-tensors' dynamic MX activation rule (m=1 for MXFP4 and MXFP8, m=3 for MXFP6;
+      torchao's EVEN mode with m = the element's mantissa bits); unset is torchao's FLOOR.
   rotate="hadamard": a block Hadamard transform along K (block = the format's block), applied to
       the weight before quantization and to activations at run time. H is orthogonal, so
       (x H)(W H)^T = x W^T; dequantize() returns the weight in the original basis.
@@ -156,7 +161,8 @@ def _pow2(e: torch.Tensor) -> torch.Tensor:
 class MicroscalingFormat(Format):
     """Block-scaled formats: `mx*` (E8M0 scale per 32) and `nvfp4` (E4M3 per 16 + tensor scale)."""
 
-    ATTRS = ("act", "rotate")
+    ATTRS = ("act", "rotate", "act_amax_round")
+    OPTIONAL_ATTRS = ("act_amax_round",)
     DEFAULTS = {"act": None, "rotate": None}
     QUANTIZER_OPTIONS = ("method",)
     METHODS = ("rtn", "gptq")
@@ -175,6 +181,18 @@ class MicroscalingFormat(Format):
             raise FormatError(f"{self.name}: act must be None or one of {sorted(MICROSCALING_FORMATS)}, got {act!r}")
         if rotate not in _ROTATIONS:
             raise FormatError(f"{self.name}: rotate must be one of {_ROTATIONS}, got {rotate!r}")
+        amax_round = values.get("act_amax_round")
+        if amax_round is not None and not (isinstance(act, str) and act in MICROSCALING_FORMATS
+                                           and MICROSCALING_FORMATS[act].scale_kind == "e8m0"
+                                           and type(amax_round) is int and 1 <= amax_round <= 7):
+            raise FormatError(f"{self.name}: act_amax_round must be None, or 1 to 7 with an MX act (E8M0 scales), "
+                              f"got {amax_round!r} with act={act!r}")
+
+    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().resolve_attrs(shape, options)
+        if attrs.get("act_amax_round") is None:  # stored only when set: earlier layers stay valid as written
+            attrs.pop("act_amax_round", None)
+        return attrs
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape
@@ -187,23 +205,27 @@ class MicroscalingFormat(Format):
         return specs
 
     # -- the spec ---------------------------------------------------------------------------
-    def encode(self, w: torch.Tensor, tensor_scale: torch.Tensor | None = None
+    def encode(self, w: torch.Tensor, tensor_scale: torch.Tensor | None = None, amax_round: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """[R, Kp] fp32 (Kp a multiple of the block) -> (codes int32 [R, Kp], block scales
         [R, Kp/block] (uint8 E8M0 bytes or float8_e4m3fn), tensor scale fp32 [1] or None).
-        nvfp4: tensor_scale given is used instead of the one w's amax sets."""
+        nvfp4: tensor_scale given is used instead of the one w's amax sets. amax_round: see
+        act_amax_round (MX only)."""
         r, kp = w.shape
         blocks = w.reshape(r, kp // self.block, self.block)
-        scales, tensor_scale = self.block_scales(blocks.abs().amax(dim=-1), tensor_scale)
+        scales, tensor_scale = self.block_scales(blocks.abs().amax(dim=-1), tensor_scale, amax_round)
         return self.encode_elements(blocks, scales, tensor_scale).reshape(r, kp), scales, tensor_scale
 
-    def block_scales(self, amax: torch.Tensor, tensor_scale: torch.Tensor | None = None
+    def block_scales(self, amax: torch.Tensor, tensor_scale: torch.Tensor | None = None, amax_round: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Block amax fp32 [R, B] -> (stored block scales [R, B]: uint8 E8M0 bytes or
         float8_e4m3fn, tensor scale fp32 [1] (nvfp4: from the amax of all blocks unless given)
-        or None)."""
+        or None). amax_round: MX only, amax rounded half up to that many mantissa bits first."""
         if self.scale_kind == "e8m0":
-            exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127
+            bits = amax.view(torch.int32)
+            if amax_round is not None:  # a carry out of the mantissa bumps the exponent
+                bits = bits + (1 << (22 - amax_round))
+            exponent = ((bits >> 23) & 0xFF) - 127
             return (exponent - self.codec.emax).clamp(-127, 127).add(127).to(torch.uint8), None
         if tensor_scale is None:
             w_amax = amax.amax() if amax.numel() else amax.new_zeros(())  # activations: M may be 0
@@ -231,9 +253,10 @@ class MicroscalingFormat(Format):
         values = self.codec.decode(codes).reshape(r, kp // self.block, self.block)
         return (values * self.scale_values(scales, tensor_scale).unsqueeze(-1)).reshape(r, kp)
 
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """[M, Kp] fp32 activations -> the values this format represents (dynamic, per block)."""
-        return self.decode(*self.encode(x))
+    def fake_quantize(self, x: torch.Tensor, amax_round: int | None = None) -> torch.Tensor:
+        """[M, Kp] fp32 activations -> the values this format represents (dynamic, per block;
+        amax_round: see act_amax_round)."""
+        return self.decode(*self.encode(x, amax_round=amax_round))
 
     def _prepare(self, x: torch.Tensor, kp: int, attrs: dict[str, Any]) -> torch.Tensor:
         """[M, K] -> [M, Kp] fp32 as the stored weight sees it: zero-padded, rotated, fake-quantized."""
@@ -241,7 +264,7 @@ class MicroscalingFormat(Format):
         if attrs["rotate"] == "hadamard":
             x = rotate_blocks(x, self.block)
         if attrs["act"] is not None:
-            x = MICROSCALING_FORMATS[attrs["act"]].fake_quantize(x)
+            x = MICROSCALING_FORMATS[attrs["act"]].fake_quantize(x, attrs.get("act_amax_round"))
         return x
 
     def quantize(self, weight: torch.Tensor, *, name: str = "weight", hessian: torch.Tensor | None = None,

@@ -1,9 +1,12 @@
 """Import a folder of a compressed-tensors model (the checkpoint format of llm-compressor and
 vLLM: config.json quantization_config {"quant_method": "compressed-tensors", ...}) whose quantized
 Linear layers are integer weight-only ("pack-quantized": W4A16, W8A16, W2A16), int8 with dynamic
-int8 activations ("int-quantized": W8A8) or FP8 ("float-quantized": W8A8 with dynamic FP8
+int8 activations ("int-quantized": W8A8), FP8 ("float-quantized": W8A8 with dynamic FP8
 activations; "naive-quantized": FP8 or integer codes stored one per int8 / fp8 element, which is
-what compressed-tensors writes for schemes without activations that it does not pack).
+what compressed-tensors writes for schemes without activations that it does not pack), NVFP4
+weight-only ("nvfp4-pack-quantized": NVFP4A16) or MX ("mxfp4-pack-quantized",
+"mxfp6-pack-quantized", "mxfp8-quantized": MXFP4A16 / MXFP6A16 / MXFP8A16, and MXFP4 / MXFP8 /
+MXFP6A8 with dynamic MX activations).
 
 For each pack-quantized Linear M (b = num_bits, G groups of group_size along K):
   M.weight_packed      int32 [N, ceil(K*b/32)]  the codes u = q + 2^(b-1) of each row as one
@@ -32,8 +35,22 @@ float(M.weight) * scale. Each becomes a lowbit `fp8` layer with the same element
 in fp32 (exact), block=B for blocks, act="fp8" when the scheme's input activations are dynamic
 symmetric E4M3 per token (per group of B with block weights).
 
-Refused with a CheckpointError naming the file, tensor or field: other formats (nvfp4, naive,
-sparse), static activation scales, activations on integer layers, KV cache schemes, transforms,
+For each NVFP4 / MX Linear M (codes with the sign in the top bit: E2M1, E2M3, E4M3):
+  M.weight_packed        uint8 [N, K/2]   FP4: element 2i in the low nibble, 2i+1 in the high one
+                         uint8 [N, 3K/4]  FP6: four codes per three bytes, little-endian
+  M.weight               float8_e4m3fn [N, K]   MXFP8, instead of weight_packed
+  M.weight_scale         uint8 [N, K/32] E8M0 bytes (MX), float8_e4m3fn [N, K/16] (NVFP4)
+  M.weight_global_scale  fp32 [1]         NVFP4: g, the weight is e2m1 * weight_scale / g
+Each becomes the lowbit format of the same name with the same codes and block scales (nvfp4:
+tensor scale 1/g: compressed-tensors divides by g, lowbit multiplies by 1/g, which can differ in
+the last fp32 bit; the bf16 weights were equal in every folder tested and in 134M random E2M1 x
+E4M3 products under 8 random g). Dynamic
+MX activations of element E become act=E with act_amax_round: compressed-tensors' block exponent
+rule (lowbit/formats/microscaling.py), which lowbit's default FLOOR rule is not. NVFP4 activations (the
+NVFP4 W4A4 preset) have a calibrated static input_global_scale and are refused.
+
+Refused with a CheckpointError naming the file, tensor or field: other formats (sparse, marlin),
+static activation scales, activations on integer layers, KV cache schemes, transforms,
 integer widths other than 2, 4 and 8 (compressed-tensors 0.20 packs the others across int32
 words; not imported until that layout is checked against other versions' folders), group sizes
 that are not a multiple of 32, activation-ordered groups (g_idx not in K order), fused 3-D
@@ -47,10 +64,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats import get_format
+from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
 from .foreign_folder import (config_dtype, fail, has_quant_method, integer_layer, model_with_layers, read_config,
@@ -59,9 +77,20 @@ from .foreign_folder import (config_dtype, fail, has_quant_method, integer_layer
 QUANT_METHOD = "compressed-tensors"
 #: the formats imported -> the weight types their layers hold
 FORMATS = {"pack-quantized": ("int",), "int-quantized": ("int",), "float-quantized": ("float",),
-           "naive-quantized": ("int", "float")}
+           "naive-quantized": ("int", "float"), "nvfp4-pack-quantized": ("float",),
+           "mxfp4-pack-quantized": ("float",), "mxfp6-pack-quantized": ("float",), "mxfp8-quantized": ("float",)}
+#: the microscaled formats -> (lowbit format, element bits, weight strategy, block, scale dtype)
+MICROSCALED = {"nvfp4-pack-quantized": ("nvfp4", 4, "tensor_group", 16, "torch.float8_e4m3fn"),
+               "mxfp4-pack-quantized": ("mxfp4", 4, "group", 32, "torch.uint8"),
+               "mxfp6-pack-quantized": ("mxfp6", 6, "group", 32, "torch.uint8"),
+               "mxfp8-quantized": ("mxfp8", 8, "group", 32, "torch.uint8")}
+#: compressed-tensors' dynamic MX activation scales (generate_mx_scales) round the block amax half up
+#: to FP6's 3 mantissa bits for MXFP6 and to FP4's 1 bit otherwise (MXFP8 too) before taking its
+#: exponent: lowbit's act_amax_round
+MX_ACT_AMAX_ROUND = {"mxfp4": 1, "mxfp6": 3, "mxfp8": 1}
 #: the tensors a quantized layer is read from (float-quantized: weight, weight_scale)
-LAYER_FIELDS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+LAYER_FIELDS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
+                "weight_global_scale")
 _PACKED_WIDTHS = (2, 4, 8)
 #: the dtypes weight scales are stored in (the model's)
 SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -101,6 +130,8 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
                        "weights")
         if weights["type"] == "int":
             _check_int_weights(f"{at}.weights", weights, packed=fmt == "pack-quantized")
+        elif fmt in MICROSCALED:
+            _check_microscaled_weights(f"{at}.weights", weights, fmt)
         else:
             _check_fp8_weights(f"{at}.weights", weights)
         if scheme.get("output_activations"):
@@ -142,20 +173,44 @@ def _check_fp8_weights(at: str, weights: dict[str, Any]) -> None:
         raise fail(f"{at}.block_structure", f"{block!r}: lowbit's blocks are square, a multiple of 32 on a side")
 
 
+def _check_microscaled_weights(at: str, weights: dict[str, Any], fmt: str) -> None:
+    """The weights of a microscaled format are its elements in symmetric blocks along K with
+    stored scales, as compressed-tensors' NVFP4 / MX presets write them."""
+    _, bits, strategy, block, scale_dtype = MICROSCALED[fmt]
+    rule = [weights.get("num_bits"), weights.get("strategy"), weights.get("group_size"), weights.get("symmetric", True),
+            bool(weights.get("dynamic")), weights.get("scale_dtype")]
+    wanted = [bits, strategy, block, True, False, scale_dtype]
+    if rule != wanted:
+        raise fail(at, f"{fmt} weights are num_bits/strategy/group_size/symmetric/dynamic/scale_dtype {wanted}, "
+                   f"got {rule}")
+
+
 def _activation_rule(at: str, activations: Any, fmt: str, weights: dict[str, Any]) -> str | None:
     """The lowbit `act` of a scheme's input_activations: None; "fp8" for FP8 weights with dynamic
     symmetric E4M3 activations per token (per 1 x B group with B x B weight blocks), the rule of
     lowbit's fp8 act="fp8"; "int8" for unpacked integer weights with dynamic symmetric int8
-    activations per token, lowbit's act="int8"."""
+    activations per token, lowbit's act="int8"; "mxfp4" / "mxfp6" / "mxfp8" for MX weights with
+    dynamic MX activations of that element (blocks of 32, E8M0 scales), lowbit's act of that name."""
     if not activations:
         return None
     if not isinstance(activations, dict):
         raise fail(at, "not an object")
     if fmt == "pack-quantized":
         raise fail(at, "is set: lowbit imports pack-quantized layers weight-only")
-    block = weights.get("block_structure") if weights.get("strategy") == "block" else None
+    if fmt == "nvfp4-pack-quantized":
+        raise fail(at, "is set: NVFP4 activations have a calibrated (static) input_global_scale, which lowbit's "
+                   "act='nvfp4' does not hold; lowbit imports nvfp4-pack-quantized layers weight-only (NVFP4A16)")
     rule = [activations.get("type"), activations.get("num_bits"), activations.get("dynamic"),
             activations.get("symmetric", True), activations.get("strategy"), activations.get("group_size")]
+    if fmt in MICROSCALED:
+        elements = {4: "mxfp4", 6: "mxfp6", 8: "mxfp8"}
+        if (rule[0] == "float" and rule[1] in elements and rule[2:] == [True, True, "group", 32]
+                and activations.get("scale_dtype") == "torch.uint8"):
+            return elements[rule[1]]
+        raise fail(at, "lowbit quantizes MX activations dynamically to MXFP4, MXFP6 or MXFP8 (blocks of 32, E8M0 "
+                   "scales); got type/num_bits/dynamic/symmetric/strategy/group_size/scale_dtype "
+                   f"{rule + [activations.get('scale_dtype')]}")
+    block = weights.get("block_structure") if weights.get("strategy") == "block" else None
     element = "float" if weights["type"] == "float" else "int"
     wanted = [element, 8, True, True, "token", None] if block is None else [element, 8, True, True, "group", block[0]]
     if rule != wanted:
@@ -268,16 +323,72 @@ def fp8_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, An
     if not bool(torch.isfinite(scales).all()):
         raise fail(f"{name}.weight_scale", "holds values that are not finite")
     kp = fmt.padded_k(k, attrs["block"])
-    elements = torch.nn.functional.pad(weight.view(torch.uint8), (0, kp - k)).view(torch.float8_e4m3fn)  # +0.0
+    elements = F.pad(weight.view(torch.uint8), (0, kp - k)).view(torch.float8_e4m3fn)  # +0.0
     return PackedWeight("fp8", (n, k), dtype, attrs, {"qweight": elements, "scales": scales.contiguous()})
 
 
+def _element_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, n: int, k: int) -> torch.Tensor:
+    """A microscaled layer's element codes, int32 [N, K] (sign in the top bit): the 4-bit codes of
+    name.weight_packed (uint8 [N, K/2], element 2i in the low nibble), the 6-bit ones (uint8
+    [N, 3K/4], four codes per three bytes, little-endian) or the E4M3 bytes of name.weight
+    (float8_e4m3fn [N, K])."""
+    if bits == 8:
+        weight = weight_matrix(tensors, name, torch.float8_e4m3fn)
+        if tuple(weight.shape) != (n, k):
+            raise fail(f"{name}.weight", f"shape {list(weight.shape)} does not fit the model's {[n, k]}")
+        codes = weight.view(torch.uint8).to(torch.int32)
+        if bool(((codes & 0x7F) == 0x7F).any()):
+            raise fail(f"{name}.weight", "holds NaN elements")
+        return codes
+    per_bytes = 2 if bits == 4 else 4  # codes per 1 or 3 bytes
+    if k % per_bytes:
+        raise fail(f"{name}.weight_packed", f"in_features {k} is not a multiple of {per_bytes}, as {bits}-bit "
+                   "packing needs")
+    packed = stored_tensor(tensors, f"{name}.weight_packed", (torch.uint8,), shape=(n, k * bits // 8)).to(torch.int32)
+    if bits == 4:
+        return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(n, k)
+    triples = packed.reshape(n, k // 4, 3)
+    words = triples[..., 0] | triples[..., 1] << 8 | triples[..., 2] << 16
+    return torch.stack([(words >> shift) & 0x3F for shift in (0, 6, 12, 18)], dim=-1).reshape(n, k)
+
+
+def microscaled_layer(tensors: dict[str, torch.Tensor], name: str, fmt: str, shape: tuple[int, int], act: str | None,
+                      dtype: torch.dtype) -> PackedWeight:
+    """The nvfp4- / mxfp4- / mxfp6-pack-quantized or mxfp8-quantized layer `name` ([N, K] =
+    `shape`) as a lowbit nvfp4 / mxfp4 / mxfp6 / mxfp8 PackedWeight of `dtype` with the same
+    element codes and block scales: name.weight_scale [N, ceil(K/block)] holds E8M0 bytes (uint8)
+    or, for nvfp4, float8_e4m3fn scales, and nvfp4's name.weight_global_scale g (fp32 [1])
+    becomes lowbit's tensor scale 1/g (compressed-tensors divides by g; lowbit multiplies)."""
+    lowbit_name, bits, _, block, _ = MICROSCALED[fmt]
+    n, k = shape
+    kp = padded_k(k, 32)
+    codes = F.pad(_element_codes(tensors, name, bits, n, k), (0, kp - k))  # code 0 is +0.0
+    nvfp4 = lowbit_name == "nvfp4"
+    scale_dtype = torch.float8_e4m3fn if nvfp4 else torch.uint8
+    scales = stored_tensor(tensors, f"{name}.weight_scale", (scale_dtype,), shape=(n, -(-k // block)))
+    if bool((scales.float().isnan() if nvfp4 else scales == 255).any()):  # E8M0 0xFF is NaN
+        raise fail(f"{name}.weight_scale", "holds NaN scales")
+    # the padding blocks (zero elements) get scale byte 0, as lowbit's quantizer gives all-zero blocks
+    scales = F.pad(scales.view(torch.uint8), (0, kp // block - scales.shape[1])).view(scale_dtype)
+    fields = {"qweight": bitpack.pack(codes, bits), "scales": scales.t().contiguous()}
+    if nvfp4:
+        global_scale = stored_tensor(tensors, f"{name}.weight_global_scale", SCALE_DTYPES, shape=(1,)).float()
+        if not bool(torch.isfinite(global_scale).all() and (global_scale > 0).all()):
+            raise fail(f"{name}.weight_global_scale", f"{global_scale.item()!r} is not a finite positive scale")
+        fields["tensor_scale"] = 1.0 / global_scale
+    options = {"act": act} if act is None else {"act": act, "act_amax_round": MX_ACT_AMAX_ROUND[act]}
+    attrs = get_format(lowbit_name).resolve_attrs((n, k), options)
+    return PackedWeight(lowbit_name, (n, k), dtype, attrs, fields)
+
+
 def _lowbit_format(scheme: dict[str, Any]) -> str:
+    if scheme["format"] in MICROSCALED:
+        return MICROSCALED[scheme["format"]][0]
     return "fp8" if scheme["weights"]["type"] == "float" else f"int{scheme['weights']['num_bits']}"
 
 
 def target_format(path: str | Path) -> str:
-    """The lowbit formats a compressed-tensors folder's layers import as, e.g. "int4", "fp8" or
+    """The lowbit formats a compressed-tensors folder's layers import as, e.g. "int4", "nvfp4" or
     "int4/int8"; CheckpointError for a folder lowbit cannot import."""
     folder = Path(path)
     quantization = read_config(folder)["quantization_config"]
@@ -287,9 +398,10 @@ def target_format(path: str | Path) -> str:
 def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
                             device: str | torch.device = "cpu") -> nn.Module:
     """Read a compressed-tensors folder -> model whose quantized Linear layers are lowbit QuantLinears:
-    `int2` / `int4` / `int8` from pack-quantized layers (the same codes and groups, float16 scales),
+    `int2` / `int4` / `int8` from integer layers (the same codes and groups, float16 scales),
     `fp8` from float-quantized ones (the same E4M3 elements and scales; act="fp8" for dynamic
-    per-token FP8 activations). The other modules keep their stored tensors. model: optional
+    per-token FP8 activations), `nvfp4` / `mxfp4` / `mxfp6` / `mxfp8` from NVFP4 and MX ones (the
+    same codes and block scales; MX activations with compressed-tensors' rule). The other modules keep their stored tensors. model: optional
     skeleton to fill (needed when config.json names no transformers class). CheckpointError
     naming the file, tensor or field for anything it cannot import."""
     folder = Path(path)
@@ -310,6 +422,12 @@ def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
         except AttributeError:
             raise fail(f"{name}.weight_scale", "the model has no such layer") from None
         scheme = _scheme_of(name, module, schemes, folder)
+        if scheme["format"] in MICROSCALED:
+            shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
+            if len(shape) != 2:
+                raise fail(f"{name}.weight_scale", f"the model's {type(module).__name__} there is not a Linear layer")
+            packed[name] = microscaled_layer(tensors, name, scheme["format"], shape, scheme["act"], dtype)
+            continue
         if scheme["weights"]["type"] == "float":
             packed[name] = fp8_layer(tensors, name, scheme["weights"], scheme["act"], dtype)
             continue

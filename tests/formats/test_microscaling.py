@@ -11,6 +11,7 @@ import lowbit
 from lowbit.errors import FormatError, WeightError
 from lowbit.formats import bitpack, get_format
 from lowbit.formats.microscaling import E2M1, E2M3, E4M3, INT8, decode_minifloat, encode_minifloat, hadamard
+from lowbit.packed import PackedWeight
 
 MX = ["mxint8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"]
 
@@ -142,12 +143,12 @@ def _inputs(minilm_weights):
         yield name, minilm_weights[name]
 
 
-def _torchao_mx(w, name):
+def _torchao_mx(w, name, mode="FLOOR"):
     mx = _torchao()
     from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3
 
     elem = {"mxfp8": torch.float8_e4m3fn, "mxfp6": DTYPE_FP6_E2M3, "mxfp4": torch.float4_e2m1fn_x2}[name]
-    scale, data = mx.to_mx(w.contiguous(), elem, 32)
+    scale, data = mx.to_mx(w.contiguous(), elem, 32, scaling_mode=getattr(mx.ScaleCalculationMode, mode))
     scale = scale.view(torch.uint8)
     if name == "mxfp8":
         data = data.view(torch.uint8)
@@ -161,11 +162,26 @@ def _our_bytes(p):
     return p.qweight.view(torch.uint8)
 
 
+#: the element's mantissa bits: act_amax_round with this is torchao's EVEN scale mode
+_MANTISSA_BITS = {"mxfp8": 3, "mxfp6": 3, "mxfp4": 1}
+
+
+def _encoded(w, name, amax_round):
+    """PackedWeight of w [N, K] (K % 32 == 0) with block exponents from amax rounded to `amax_round` bits."""
+    fmt = get_format(name)
+    codes, scales, _ = fmt.encode(w, amax_round=amax_round)
+    qweight = bitpack.pack(codes & ((1 << fmt.codec.bits) - 1), fmt.codec.bits)
+    return PackedWeight(name, tuple(w.shape), w.dtype, {"act": None, "rotate": None},
+                        {"qweight": qweight, "scales": scales.t().contiguous()})
+
+
 @pytest.mark.parametrize("name", ["mxfp8", "mxfp6", "mxfp4"])
-def test_bit_exact_with_torchao_to_mx(minilm_weights, name):
+@pytest.mark.parametrize("mode", ["FLOOR", "EVEN"])
+def test_bit_exact_with_torchao_to_mx(minilm_weights, name, mode):
+    """FLOOR: the format's rule (weights, act). EVEN: act_amax_round = the element's mantissa bits."""
     for label, w in _inputs(minilm_weights):
-        p = get_format(name).quantize(w)
-        scale, data = _torchao_mx(w, name)
+        p = get_format(name).quantize(w) if mode == "FLOOR" else _encoded(w, name, _MANTISSA_BITS[name])
+        scale, data = _torchao_mx(w, name, mode)
         ours = p.scales.t()
         assert torch.equal(ours, scale), label
         # torchao divides by max(2^e, 2^-126) (the smallest normal fp32); the spec by 2^e. They
@@ -233,6 +249,30 @@ def test_non_finite_weights_raise(name):
 def test_bad_options(options):
     with pytest.raises(FormatError):
         get_format("mxfp4").quantize(torch.randn(2, 32), **options)
+
+
+@pytest.mark.parametrize("options", [{"act_amax_round": 1}, {"act": "nvfp4", "act_amax_round": 1},
+                                     {"act": "mxfp4", "act_amax_round": 0}, {"act": "mxfp4", "act_amax_round": True}])
+def test_act_amax_round_needs_an_mx_act(options):
+    with pytest.raises(FormatError, match="act_amax_round must be None, or 1 to 7 with an MX act"):
+        get_format("mxfp4").quantize(torch.randn(2, 32), **options)
+
+
+def test_act_amax_round_is_stored_only_when_set_and_rounds_activation_blocks(tmp_path):
+    """A block of activations with amax 7.9 (mantissa 1.975): FLOOR keeps 2^0 and saturates it to
+    6; act_amax_round=1 takes 2^1, where 7.9 is 8. Saved and loaded, the layer keeps the rule."""
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    floor = get_format("mxfp4").quantize(w, act="mxfp4")
+    rounded = get_format("mxfp4").quantize(w, act="mxfp4", act_amax_round=1)
+    assert "act_amax_round" not in floor.attrs and rounded.attrs["act_amax_round"] == 1
+    x = _block([7.9, 1.0])
+    w_hat = get_format("mxfp4").dequantize(floor)
+    torch.testing.assert_close(lowbit.linear(x, floor, backend="torch"), F.linear(_block([6.0, 1.0]), w_hat))
+    torch.testing.assert_close(lowbit.linear(x, rounded, backend="torch"), F.linear(_block([8.0, 1.0]), w_hat))
+    model = torch.nn.Sequential(lowbit.QuantLinear.from_packed(rounded, None))
+    lowbit.save(model, tmp_path / "saved")
+    loaded = lowbit.load(tmp_path / "saved", model=torch.nn.Sequential(torch.nn.Linear(32, 8, bias=False)))
+    assert loaded[0].packed.attrs == rounded.attrs
 
 
 def test_hadamard_is_orthonormal_and_symmetric():

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lowbit
+from lowbit.api import replace_layer
 from lowbit.errors import CheckpointError
 from lowbit.formats import bitpack
+from lowbit.integrations import ct_import
 
 from ..conftest import bf16_llama_dir, kernel_devices, requires_gpu
 
@@ -22,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 ct_quantization = pytest.importorskip("compressed_tensors.quantization")
 ct_compressors = pytest.importorskip("compressed_tensors.compressors")
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
-from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
 
 IDS = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -57,15 +59,23 @@ def _min_max(args, w):
         side = args.block_structure[0]
         tiles = torch.nn.functional.pad(w, (0, -k % side, 0, -n % side)).reshape(-(-n // side), side, -1, side)
         return tiles.amin((1, 3)), tiles.amax((1, 3))
-    groups = w.reshape(n, -1, args.group_size if args.strategy == "group" else k)  # needs K % group_size == 0
+    groups = w.reshape(n, -1, args.group_size if args.strategy in ("group", "tensor_group") else k)  # K % size == 0
     return groups.amin(-1), groups.amax(-1)
 
 
-def _ct_saved(source, out, groups, fmt="pack-quantized"):
+def _preset(name):
+    """(targets, weights[, input activations]) of one of compressed-tensors' preset schemes on every Linear."""
+    scheme = ct_quantization.preset_name_to_scheme(name, ["Linear"])
+    return (["Linear"], scheme.weights) + ((scheme.input_activations,) if scheme.input_activations else ())
+
+
+def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False):
     """compressed-tensors: quantize the bf16 model at `source` with `groups` ({name: (targets,
-    weights QuantizationArgs[, input activations QuantizationArgs])}; min-max scales), compress
-    it to `fmt` (None: the format compressed-tensors infers, as llm-compressor saves) and save it
-    to `out`."""
+    weights QuantizationArgs[, input activations QuantizationArgs])}; min-max scales, NVFP4's
+    global scale as llm-compressor's generate_gparam sets it), compress it to `fmt` (None: the
+    format compressed-tensors infers, as llm-compressor saves) and save it to `out`. qdq_logits:
+    also return the logits of IDS through the quantized model before compression, which runs
+    compressed-tensors' own quantize-dequantize forward (weights and activations)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     schemes = {name: ct_quantization.QuantizationScheme(targets=targets, weights=args[0],
                                                         input_activations=args[1] if len(args) > 1 else None)
@@ -76,15 +86,23 @@ def _ct_saved(source, out, groups, fmt="pack-quantized"):
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None:
             continue
-        scale, zero = calculate_qparams(*_min_max(scheme.weights, module.weight.data), scheme.weights)
+        global_scale = None
+        if hasattr(module, "weight_global_scale"):
+            global_scale = generate_gparam(module.weight.data.amin(), module.weight.data.amax())
+            module.weight_global_scale.data.copy_(global_scale)
+        scale, zero = calculate_qparams(*_min_max(scheme.weights, module.weight.data), scheme.weights,
+                                        global_scale=global_scale)
         module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    if qdq_logits:
+        with torch.no_grad():
+            logits = model(IDS).logits
     compressor = ct_compressors.ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(out)
     compressor.update_config(out)
-    return out
+    return (out, logits) if qdq_logits else out
 
 
 def _decompressed(folder):
@@ -209,9 +227,11 @@ GROUP = "quantization_config.config_groups.group_0"
 
 
 @pytest.mark.parametrize("edit,message", [
+    (lambda q: q["config_groups"]["group_0"].update(format="marlin-24"),
+     rf"{GROUP}\.format: 'marlin-24': lowbit imports 'pack-quantized', 'int-quantized', "
+     r"'float-quantized', 'naive-quantized', 'nvfp4-pack-quantized'"),
     (lambda q: q["config_groups"]["group_0"].update(format="nvfp4-pack-quantized"),
-     rf"{GROUP}\.format: 'nvfp4-pack-quantized': lowbit imports 'pack-quantized', 'int-quantized', "
-     r"'float-quantized', 'naive-quantized'"),
+     rf"{GROUP}\.weights\.type: 'int': nvfp4-pack-quantized layers hold float weights"),
     (lambda q: q["config_groups"]["group_0"].update(format="float-quantized"),
      rf"{GROUP}\.weights\.type: 'int': float-quantized layers hold float weights"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=3), rf"{GROUP}\.weights\.num_bits: 3"),
@@ -275,7 +295,8 @@ def test_scales_float16_cannot_hold_are_rounded_with_a_warning(int4_folder, tmp_
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("scheme", ["int4", "int8-asymmetric", "w8a8-int8", "fp8-dynamic", "fp8-block"])
+@pytest.mark.parametrize("scheme", ["int4", "int8-asymmetric", "w8a8-int8", "fp8-dynamic", "fp8-block", "NVFP4A16",
+                                    "MXFP4", "MXFP6A8"])
 def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, scheme):
     """On CUDA the imported layers run lowbit's kernels: close to the CPU import (torch reference),
     whose weights equal compressed-tensors' decompressed ones (tested above)."""
@@ -283,8 +304,9 @@ def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, scheme):
                                                    strategy="token")
     args = {"int4": (_args(4),), "int8-asymmetric": (_args(8, False, "channel"),),
             "w8a8-int8": (_args(8, strategy="channel"), int8_tokens),
-            "fp8-dynamic": _fp8_args("channel"), "fp8-block": _fp8_args("block")}[scheme]
-    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], *args)}, fmt=None)  # as inferred
+            "fp8-dynamic": _fp8_args("channel"), "fp8-block": _fp8_args("block")}.get(scheme)
+    targets_and_args = (["Linear"], *args) if args else _preset(scheme)
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": targets_and_args}, fmt=None)  # as inferred
     on_cpu, on_gpu = lowbit.load(folder), lowbit.load(folder, device="cuda")
     with torch.no_grad():
         expected = on_cpu(IDS).logits.float()
@@ -391,3 +413,140 @@ def test_fp8_weight_only_folder_saved_as_naive_quantized(bf16_dir, tmp_path):
     assert {layer.format for layer in _quant_layers(model).values()} == {"fp8"}
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, reference(IDS).logits)
+
+
+# -- NVFP4 and MX (microscaled FP4 / FP6 / FP8) ---------------------------------------------------
+
+MICROSCALED = {"NVFP4A16": ("nvfp4-pack-quantized", "nvfp4"), "MXFP4A16": ("mxfp4-pack-quantized", "mxfp4"),
+               "MXFP6A16": ("mxfp6-pack-quantized", "mxfp6"), "MXFP8A16": ("mxfp8-quantized", "mxfp8")}
+
+
+@pytest.mark.parametrize("preset", sorted(MICROSCALED))
+def test_microscaled_folder_imports_bit_for_bit(bf16_dir, tmp_path, preset):
+    """llm-compressor's weight-only NVFP4 / MX presets, saved in the format compressed-tensors
+    infers: lowbit layers of the same format with the same element codes and block scales
+    (nvfp4: tensor scale 1 / weight_global_scale), dequantized bit for bit as compressed-tensors
+    decompresses them."""
+    ct_format, lowbit_format = MICROSCALED[preset]
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": _preset(preset)}, fmt=None)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == ct_format
+    assert ct_import.target_format(folder) == lowbit_format  # what `lowbit convert` reports
+    model, reference = lowbit.load(folder), _decompressed(folder)
+    stored = load_file(folder / "model.safetensors")
+    layers = _quant_layers(model)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        assert layer.format == lowbit_format and layer.packed.attrs == {"act": None, "rotate": None}
+        got = lowbit.get_format(lowbit_format).dequantize(layer.packed)
+        want = reference.get_submodule(name).weight
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), name
+        if lowbit_format == "nvfp4":
+            assert torch.equal(layer.packed.tensors["tensor_scale"], 1 / stored[f"{name}.weight_global_scale"])
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, reference(IDS).logits)
+
+
+@pytest.mark.parametrize("preset,act,amax_round", [("MXFP4", "mxfp4", 1), ("MXFP8", "mxfp8", 1),
+                                                   ("MXFP6A8", "mxfp8", 1)])
+def test_mx_activations_import_with_compressed_tensors_rule(bf16_dir, tmp_path, preset, act, amax_round):
+    """MX weights with dynamic MX activations (llm-compressor's MXFP4, MXFP8, MXFP6A8): lowbit's
+    act of that element with act_amax_round, compressed-tensors' block-exponent rule; the logits
+    equal those of compressed-tensors' own quantize-dequantize forward, which lowbit's FLOOR rule
+    (act_amax_round unset) does not give."""
+    folder, qdq = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": _preset(preset)}, fmt=None, qdq_logits=True)
+    model = lowbit.load(folder)
+    for layer in _quant_layers(model).values():
+        assert layer.packed.attrs == {"act": act, "rotate": None, "act_amax_round": amax_round}
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, qdq)
+        for name, layer in _quant_layers(model).items():
+            floor = dataclasses.replace(layer.packed, attrs={"act": act, "rotate": None})
+            replace_layer(model, name, lowbit.QuantLinear.from_packed(floor, layer.bias))
+        assert not torch.equal(model(IDS).logits, qdq)
+
+
+@pytest.mark.parametrize("name,mantissa_bits", [("mxfp4", 1), ("mxfp6", 3), ("mxfp8", 1)])
+def test_mx_activation_rule_is_compressed_tensors_dynamic_rule(name, mantissa_bits):
+    """act_amax_round=m quantizes activations as compressed-tensors' dynamic MX scheme does (its
+    generate_mx_scales rounds the block amax to FP6's 3 mantissa bits for MXFP6, to FP4's 1
+    otherwise), in fp32 and bf16, blocks whose amax has mantissa >= 1.75 included."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    from lowbit.formats.microscaling import MICROSCALING_FORMATS
+
+    bits = {"mxfp4": 4, "mxfp6": 6, "mxfp8": 8}[name]
+    args = ct_quantization.QuantizationArgs(num_bits=bits, type="float", symmetric=True, dynamic=True,
+                                            strategy="group", group_size=32, scale_dtype=torch.uint8)
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(0)) * 3
+    x[1, :32] *= 7.9 / x[1, :32].abs().max()  # amax 7.9 = 1.975 * 4
+    x[2, 32:64] *= 1.8 / x[2, 32:64].abs().max()
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        scale, zero = compute_dynamic_scales_and_zp(xd.unsqueeze(0), args, None)
+        theirs = fake_quantize(xd.unsqueeze(0), scale, zero, args)[0].float()
+        ours = MICROSCALING_FORMATS[name].fake_quantize(xd.float(), mantissa_bits)
+        assert torch.equal(ours, theirs), dtype
+        assert not torch.equal(MICROSCALING_FORMATS[name].fake_quantize(xd.float()), theirs)  # FLOOR differs
+
+
+def test_nvfp4_activations_are_refused(bf16_dir, tmp_path):
+    """llm-compressor's NVFP4 (W4A4) calibrates a static input_global_scale; lowbit's act="nvfp4"
+    computes its tensor scale per call, so the scheme is refused rather than run differently."""
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": _preset("NVFP4")}, fmt=None)
+    with pytest.raises(CheckpointError, match=rf"{GROUP}\.input_activations: is set: NVFP4 activations have a "
+                                              r"calibrated \(static\) input_global_scale"):
+        lowbit.load(folder)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_folder(bf16_dir, tmp_path_factory):
+    return _ct_saved(bf16_dir, tmp_path_factory.mktemp("mxfp4"), {"group_0": _preset("MXFP4A16")}, fmt=None)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=64),
+     rf"{GROUP}\.weights: mxfp4-pack-quantized weights are num_bits/strategy/group_size/symmetric/dynamic/"
+     r"scale_dtype \[4, 'group', 32, True, False, 'torch\.uint8'\], got \[4, 'group', 64"),
+    (lambda q: q["config_groups"]["group_0"].update(input_activations=dict(
+        num_bits=8, type="float", symmetric=True, dynamic=True, strategy="group", group_size=128)),
+     rf"{GROUP}\.input_activations: lowbit quantizes MX activations dynamically to MXFP4, MXFP6 or MXFP8"),
+])
+def test_microscaled_schemes_lowbit_does_not_hold_are_refused(mxfp4_folder, tmp_path, edit, message):
+    folder = _copy(mxfp4_folder, tmp_path)
+    _edit_config(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("packed", rf"{LAYER}\.weight_packed: expected torch\.uint8 \[128, 96\], got torch\.uint8 \[128, 95\]"),
+    ("nan scale", rf"{LAYER}\.weight_scale: holds NaN scales"),
+])
+def test_damaged_microscaled_layers_are_refused_naming_the_tensor(mxfp4_folder, tmp_path, damage, message):
+    folder = _copy(mxfp4_folder, tmp_path)
+
+    def edit(tensors):
+        if damage == "packed":
+            tensors[f"{LAYER}.weight_packed"] = tensors[f"{LAYER}.weight_packed"][:, :-1].contiguous()
+        else:
+            tensors[f"{LAYER}.weight_scale"][3, 2] = 255  # E8M0 NaN
+
+    _edit_tensors(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+@pytest.mark.skipif(not kernel_devices(), reason="Triton cannot run here")
+@pytest.mark.parametrize("preset", ["NVFP4A16", "MXFP6A8"])
+def test_triton_kernels_run_imported_microscaled_layers(bf16_dir, tmp_path, preset):
+    """The imported layers through lowbit's Triton kernels (MXFP6A8: MXFP8 activations with
+    compressed-tensors' rule) match the torch reference."""
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": _preset(preset)}, fmt=None)
+    device = kernel_devices()[0]
+    packed = lowbit.load(folder).model.layers[1].mlp.down_proj.packed.to(device)
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(1)).bfloat16().to(device)
+    expected = lowbit.linear(x, packed, None, backend="torch").float()
+    got = lowbit.linear(x, packed, None, backend="triton").float()
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
