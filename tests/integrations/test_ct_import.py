@@ -206,6 +206,11 @@ def int4_folder(bf16_dir, tmp_path_factory):
     return _ct_saved(bf16_dir, tmp_path_factory.mktemp("ct4"), {"group_0": (["Linear"], _args(4, symmetric=False))})
 
 
+@pytest.fixture(scope="module")
+def mxfp4_folder(bf16_dir, tmp_path_factory):
+    return _ct_saved(bf16_dir, tmp_path_factory.mktemp("mxfp4"), {"group_0": _preset("MXFP4A16")}, fmt=None)
+
+
 def _copy(folder, tmp_path):
     shutil.copytree(folder, tmp_path / "ct")
     return tmp_path / "ct"
@@ -226,7 +231,7 @@ def _edit_tensors(folder, edit):
 GROUP = "quantization_config.config_groups.group_0"
 
 
-@pytest.mark.parametrize("edit,message", [
+@pytest.mark.parametrize("source,edit,message", [("int4_folder", *case) for case in [
     (lambda q: q["config_groups"]["group_0"].update(format="marlin-24"),
      rf"{GROUP}\.format: 'marlin-24': lowbit imports 'pack-quantized', 'int-quantized', "
      r"'float-quantized', 'naive-quantized', 'nvfp4-pack-quantized'"),
@@ -242,9 +247,16 @@ GROUP = "quantization_config.config_groups.group_0"
     (lambda q: q.update(kv_cache_scheme={"num_bits": 8}), r"quantization_config\.kv_cache_scheme: is set"),
     (lambda q: q["config_groups"]["group_0"].update(targets=["re:.*mlp.*"]),
      r"config_groups: layer 'model\.layers\.0\.self_attn\.k_proj': no config group targets it"),
-])
-def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(int4_folder, tmp_path, edit, message):
-    folder = _copy(int4_folder, tmp_path)
+]] + [("mxfp4_folder", *case) for case in [
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=64),
+     rf"{GROUP}\.weights: mxfp4-pack-quantized weights are num_bits/strategy/group_size/symmetric/dynamic/"
+     r"scale_dtype \[4, 'group', 32, True, False, 'torch\.uint8'\], got \[4, 'group', 64"),
+    (lambda q: q["config_groups"]["group_0"].update(input_activations=dict(
+        num_bits=8, type="float", symmetric=True, dynamic=True, strategy="group", group_size=128)),
+     rf"{GROUP}\.input_activations: lowbit quantizes MX activations dynamically to MXFP4, MXFP6 or MXFP8"),
+]])
+def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(request, tmp_path, source, edit, message):
+    folder = _copy(request.getfixturevalue(source), tmp_path)
     _edit_config(folder, edit)
     with pytest.raises(CheckpointError, match=message):
         lowbit.load(folder)
@@ -253,19 +265,23 @@ def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(int4_folder, 
 LAYER = "model.layers.1.mlp.down_proj"
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("packed", rf"{LAYER}\.weight_packed: expected torch\.int32 \[128, 24\], got torch\.int32 \[128, 23\]"),
-    ("zero_point", rf"{LAYER}\.weight_zero_point: missing"),
-    ("g_idx", rf"{LAYER}\.weight_g_idx: columns are not in group order"),
-    ("scale", rf"{LAYER}\.weight_scale: values up to 9\.99e\+05: not finite in float16"),
-    ("experts", rf"{LAYER}\.weight_shape: 3-D: fused expert weights are not imported"),
+@pytest.mark.parametrize("source,damage,message", [
+    ("int4_folder", "packed", rf"{LAYER}\.weight_packed: expected torch\.int32 \[128, 24\], got torch\.int32 \[128, 23\]"),
+    ("int4_folder", "zero_point", rf"{LAYER}\.weight_zero_point: missing"),
+    ("int4_folder", "g_idx", rf"{LAYER}\.weight_g_idx: columns are not in group order"),
+    ("int4_folder", "scale", rf"{LAYER}\.weight_scale: values up to 9\.99e\+05: not finite in float16"),
+    ("int4_folder", "experts", rf"{LAYER}\.weight_shape: 3-D: fused expert weights are not imported"),
+    ("mxfp4_folder", "packed", rf"{LAYER}\.weight_packed: expected torch\.uint8 \[128, 96\], got torch\.uint8 \[128, 95\]"),
+    ("mxfp4_folder", "nan scale", rf"{LAYER}\.weight_scale: holds NaN scales"),
 ])
-def test_damaged_layers_are_refused_naming_the_tensor(int4_folder, tmp_path, damage, message):
-    folder = _copy(int4_folder, tmp_path)
+def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source, damage, message):
+    folder = _copy(request.getfixturevalue(source), tmp_path)
 
     def edit(tensors):
         if damage == "packed":
             tensors[f"{LAYER}.weight_packed"] = tensors[f"{LAYER}.weight_packed"][:, :-1].contiguous()
+        elif damage == "nan scale":
+            tensors[f"{LAYER}.weight_scale"][3, 2] = 255  # E8M0 NaN
         elif damage == "zero_point":
             del tensors[f"{LAYER}.weight_zero_point"]
         elif damage == "g_idx":
@@ -497,44 +513,6 @@ def test_nvfp4_activations_are_refused(bf16_dir, tmp_path):
     folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": _preset("NVFP4")}, fmt=None)
     with pytest.raises(CheckpointError, match=rf"{GROUP}\.input_activations: is set: NVFP4 activations have a "
                                               r"calibrated \(static\) input_global_scale"):
-        lowbit.load(folder)
-
-
-@pytest.fixture(scope="module")
-def mxfp4_folder(bf16_dir, tmp_path_factory):
-    return _ct_saved(bf16_dir, tmp_path_factory.mktemp("mxfp4"), {"group_0": _preset("MXFP4A16")}, fmt=None)
-
-
-@pytest.mark.parametrize("edit,message", [
-    (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=64),
-     rf"{GROUP}\.weights: mxfp4-pack-quantized weights are num_bits/strategy/group_size/symmetric/dynamic/"
-     r"scale_dtype \[4, 'group', 32, True, False, 'torch\.uint8'\], got \[4, 'group', 64"),
-    (lambda q: q["config_groups"]["group_0"].update(input_activations=dict(
-        num_bits=8, type="float", symmetric=True, dynamic=True, strategy="group", group_size=128)),
-     rf"{GROUP}\.input_activations: lowbit quantizes MX activations dynamically to MXFP4, MXFP6 or MXFP8"),
-])
-def test_microscaled_schemes_lowbit_does_not_hold_are_refused(mxfp4_folder, tmp_path, edit, message):
-    folder = _copy(mxfp4_folder, tmp_path)
-    _edit_config(folder, edit)
-    with pytest.raises(CheckpointError, match=message):
-        lowbit.load(folder)
-
-
-@pytest.mark.parametrize("damage,message", [
-    ("packed", rf"{LAYER}\.weight_packed: expected torch\.uint8 \[128, 96\], got torch\.uint8 \[128, 95\]"),
-    ("nan scale", rf"{LAYER}\.weight_scale: holds NaN scales"),
-])
-def test_damaged_microscaled_layers_are_refused_naming_the_tensor(mxfp4_folder, tmp_path, damage, message):
-    folder = _copy(mxfp4_folder, tmp_path)
-
-    def edit(tensors):
-        if damage == "packed":
-            tensors[f"{LAYER}.weight_packed"] = tensors[f"{LAYER}.weight_packed"][:, :-1].contiguous()
-        else:
-            tensors[f"{LAYER}.weight_scale"][3, 2] = 255  # E8M0 NaN
-
-    _edit_tensors(folder, edit)
-    with pytest.raises(CheckpointError, match=message):
         lowbit.load(folder)
 
 
