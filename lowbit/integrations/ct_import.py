@@ -422,10 +422,10 @@ def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
         except AttributeError:
             raise fail(f"{name}.weight_scale", "the model has no such layer") from None
         scheme = _scheme_of(name, module, schemes, folder)
-        if scheme["format"] in MICROSCALED:
-            shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
-            if len(shape) != 2:
+        if scheme["format"] in MICROSCALED:  # no weight_shape is stored: the model gives [N, K]
+            if not isinstance(module, nn.Linear):
                 raise fail(f"{name}.weight_scale", f"the model's {type(module).__name__} there is not a Linear layer")
+            shape = (module.out_features, module.in_features)
             packed[name] = microscaled_layer(tensors, name, scheme["format"], shape, scheme["act"], dtype)
             continue
         if scheme["weights"]["type"] == "float":

@@ -187,16 +187,22 @@ def test_mixed_config_groups(tmp_path):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), name
 
 
-def test_convert_command_writes_a_lowbit_folder(bf16_dir, tmp_path, capsys):
+@pytest.mark.parametrize("scheme", ["int4", "MXFP4"])
+def test_convert_command_writes_a_lowbit_folder(bf16_dir, tmp_path, capsys, scheme):
+    """The converted folder loads to the same model (MXFP4: with its activation rule)."""
     from lowbit.cli import main as cli_main
 
-    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], _args(4, symmetric=False))})
+    group = (["Linear"], _args(4, symmetric=False)) if scheme == "int4" else _preset(scheme)
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": group}, fmt=None)
     out = tmp_path / "lowbit"
     assert cli_main(["convert", str(folder), str(out)]) == 0  # in process (the bnb test runs the entry point)
     stdout = capsys.readouterr().out
-    assert "(compressed-tensors)" in stdout and "int4 layers:      14" in stdout
+    fmt = "int4" if scheme == "int4" else "mxfp4"
+    assert "(compressed-tensors)" in stdout and f"{fmt + ' layers:':<18}14" in stdout
     layers = json.loads((out / "lowbit.json").read_text())["layers"]
-    assert {entry["format"] for entry in layers.values()} == {"int4"}
+    assert {entry["format"] for entry in layers.values()} == {fmt}
+    if scheme == "MXFP4":
+        assert {entry["attrs"]["act_amax_round"] for entry in layers.values()} == {1}
     with torch.no_grad():
         assert torch.equal(lowbit.load(out)(IDS).logits, lowbit.load(folder)(IDS).logits)
 
