@@ -1,6 +1,6 @@
 """Import a folder of a compressed-tensors model (the checkpoint format of llm-compressor and
 vLLM: config.json quantization_config {"quant_method": "compressed-tensors", ...}) whose quantized
-Linear layers are integer weight-only ("pack-quantized": W4A16, W8A16, W2A16), int8 with dynamic
+Linear layers are integer weight-only ("pack-quantized": W2A16 ... W8A16), int8 with dynamic
 int8 activations ("int-quantized": W8A8), FP8 ("float-quantized": W8A8 with dynamic FP8
 activations; "naive-quantized": FP8 or integer codes stored one per int8 / fp8 element, which is
 what compressed-tensors writes for schemes without activations that it does not pack), NVFP4
@@ -50,11 +50,11 @@ rule (lowbit/formats/microscaling.py), which lowbit's default FLOOR rule is not.
 NVFP4 W4A4 preset) have a calibrated static input_global_scale and are refused.
 
 Refused with a CheckpointError naming the file, tensor or field: other formats (sparse, marlin),
-static activation scales, activations on integer layers, KV cache schemes, transforms,
-integer widths other than 2, 4 and 8 (compressed-tensors 0.20 packs the others across int32
-words; not imported until that layout is checked against other versions' folders), group sizes
-that are not a multiple of 32, activation-ordered groups (g_idx not in K order), fused 3-D
-expert weights, damaged tensors.
+static activation scales, activations on integer layers, KV cache schemes, transforms, packed
+3/5/6/7-bit codes from folders of compressed-tensors before 0.20 (quantization_config.version;
+some earlier versions packed 32 // b codes per int32 word), group sizes that are not a multiple
+of 32, activation-ordered groups (g_idx not in K order), fused 3-D expert weights, damaged
+tensors.
 """
 from __future__ import annotations
 
@@ -91,7 +91,12 @@ MX_ACT_AMAX_ROUND = {"mxfp4": 1, "mxfp6": 3, "mxfp8": 1}
 #: the tensors a quantized layer is read from (float-quantized: weight, weight_scale)
 LAYER_FIELDS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
                 "weight_global_scale")
-_PACKED_WIDTHS = (2, 4, 8)
+#: widths whose codes never straddle an int32 word, packed alike by every compressed-tensors version
+_WORD_ALIGNED_WIDTHS = (2, 4, 8)
+#: compressed-tensors 0.20 packs 3/5/6/7-bit codes densely (code i at bit i*b of the row, across
+#: word boundaries); some earlier versions put 32 // b codes in each word. Those widths are
+#: imported from folders whose quantization_config.version is at least this.
+_DENSE_PACKING_VERSION = (0, 20)
 #: the dtypes weight scales are stored in (the model's)
 SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -129,7 +134,12 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
             raise fail(f"{at}.weights.type", f"{weights.get('type')!r}: {fmt} layers hold {' or '.join(FORMATS[fmt])} "
                        "weights")
         if weights["type"] == "int":
-            _check_int_weights(f"{at}.weights", weights, packed=fmt == "pack-quantized")
+            _check_int_weights(f"{at}.weights", weights)
+            if (fmt == "pack-quantized" and weights["num_bits"] not in _WORD_ALIGNED_WIDTHS
+                    and not _packs_densely(quantization.get("version"))):
+                raise fail(f"{where}.version", f"{quantization.get('version')!r}: lowbit imports packed "
+                           f"{weights['num_bits']}-bit codes from compressed-tensors 0.20 or later, which packs them "
+                           "densely (some earlier versions put 32 // num_bits codes in each int32 word)")
         elif fmt in MICROSCALED:
             _check_microscaled_weights(f"{at}.weights", weights, fmt)
         else:
@@ -144,11 +154,15 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
     return schemes
 
 
-def _check_int_weights(at: str, weights: dict[str, Any], packed: bool) -> None:
-    widths = _PACKED_WIDTHS if packed else range(2, 9)
-    if weights.get("num_bits") not in widths:
-        raise fail(f"{at}.num_bits", f"{weights.get('num_bits')!r}: lowbit imports {list(widths)}-bit "
-                   + ("packing" if packed else "weights"))
+def _packs_densely(version: Any) -> bool:
+    """Whether compressed-tensors `version` (e.g. "0.20.0") packs 3/5/6/7-bit codes as 0.20 does."""
+    match = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    return match is not None and (int(match[1]), int(match[2])) >= _DENSE_PACKING_VERSION
+
+
+def _check_int_weights(at: str, weights: dict[str, Any]) -> None:
+    if weights.get("num_bits") not in range(2, 9):
+        raise fail(f"{at}.num_bits", f"{weights.get('num_bits')!r}: lowbit imports 2- to 8-bit integer weights")
     if weights.get("dynamic"):
         raise fail(f"{at}.dynamic", "dynamic weight quantization has no stored scales")
     strategy = weights.get("strategy")
@@ -238,11 +252,13 @@ def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str],
 
 
 def _unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """int32 [R, W] bit streams -> int32 [R, count] unsigned codes (code i at bits [i*b, i*b+b))."""
-    per_word = 32 // bits
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    codes = (words.to(torch.int64).unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.reshape(words.shape[0], -1)[:, :count].to(torch.int32)
+    """int32 [R, W] dense bit streams -> int32 [R, count] unsigned codes: code i at bits
+    [i*b, i*b+b) of the row's words read as one little-endian stream (it may straddle two words)."""
+    stream = F.pad(words.to(torch.int64) & 0xFFFFFFFF, (0, 1))  # a zero word after the last
+    start = torch.arange(count, dtype=torch.int64) * bits
+    word = start // 32
+    pairs = stream[:, word] | (stream[:, word + 1] << 32)
+    return ((pairs >> (start % 32)) & (2**bits - 1)).to(torch.int32)
 
 
 def _int_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, packed: bool) -> torch.Tensor:
@@ -398,12 +414,13 @@ def target_format(path: str | Path) -> str:
 def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
                             device: str | torch.device = "cpu") -> nn.Module:
     """Read a compressed-tensors folder -> model whose quantized Linear layers are lowbit QuantLinears:
-    `int2` / `int4` / `int8` from integer layers (the same codes and groups, float16 scales),
-    `fp8` from float-quantized ones (the same E4M3 elements and scales; act="fp8" for dynamic
-    per-token FP8 activations), `nvfp4` / `mxfp4` / `mxfp6` / `mxfp8` from NVFP4 and MX ones (the
-    same codes and block scales; MX activations with compressed-tensors' rule). The other modules keep their stored tensors. model: optional
-    skeleton to fill (needed when config.json names no transformers class). CheckpointError
-    naming the file, tensor or field for anything it cannot import."""
+    `int2` ... `int8` from integer layers (the same codes and groups, float16 scales), `fp8`
+    from float-quantized ones (the same E4M3 elements and scales; act="fp8" for dynamic per-token
+    FP8 activations), `nvfp4` / `mxfp4` / `mxfp6` / `mxfp8` from NVFP4 and MX ones (the same
+    codes and block scales; MX activations with compressed-tensors' rule). The other modules keep
+    their stored tensors. model: optional skeleton to fill (needed when config.json names no
+    transformers class). CheckpointError naming the file, tensor or field for anything it cannot
+    import."""
     folder = Path(path)
     config = read_config(folder)
     if not is_compressed_tensors_folder(folder):

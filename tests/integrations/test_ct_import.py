@@ -118,7 +118,8 @@ def _quant_layers(model):
 
 
 @pytest.mark.parametrize("bits,symmetric,strategy", [(4, True, "group"), (4, False, "group"), (8, True, "channel"),
-                                                     (8, False, "channel"), (2, True, "group")])
+                                                     (8, False, "channel"), (2, True, "group"), (3, True, "group"),
+                                                     (5, False, "group"), (6, True, "channel"), (7, False, "channel")])
 def test_pack_quantized_folder_imports_bit_for_bit(bf16_dir, tmp_path, bits, symmetric, strategy):
     folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], _args(bits, symmetric, strategy))})
     with warnings.catch_warnings(record=True) as caught:
@@ -245,7 +246,10 @@ GROUP = "quantization_config.config_groups.group_0"
      rf"{GROUP}\.weights\.type: 'int': nvfp4-pack-quantized layers hold float weights"),
     (lambda q: q["config_groups"]["group_0"].update(format="float-quantized"),
      rf"{GROUP}\.weights\.type: 'int': float-quantized layers hold float weights"),
-    (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=3), rf"{GROUP}\.weights\.num_bits: 3"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=9),
+     rf"{GROUP}\.weights\.num_bits: 9: lowbit imports 2- to 8-bit integer weights"),
+    (lambda q: q.update(version="0.19.1") or q["config_groups"]["group_0"]["weights"].update(num_bits=3),
+     r"quantization_config\.version: '0\.19\.1': lowbit imports packed 3-bit codes from compressed-tensors 0\.20"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
      rf"{GROUP}\.weights\.group_size: 48: lowbit's groups are a positive multiple of 32"),
     (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}),
@@ -272,12 +276,14 @@ LAYER = "model.layers.1.mlp.down_proj"
 
 
 @pytest.mark.parametrize("source,damage,message", [
-    ("int4_folder", "packed", rf"{LAYER}\.weight_packed: expected torch\.int32 \[128, 24\], got torch\.int32 \[128, 23\]"),
+    ("int4_folder", "packed",
+     rf"{LAYER}\.weight_packed: expected torch\.int32 \[128, 24\], got torch\.int32 \[128, 23\]"),
     ("int4_folder", "zero_point", rf"{LAYER}\.weight_zero_point: missing"),
     ("int4_folder", "g_idx", rf"{LAYER}\.weight_g_idx: columns are not in group order"),
     ("int4_folder", "scale", rf"{LAYER}\.weight_scale: values up to 9\.99e\+05: not finite in float16"),
     ("int4_folder", "experts", rf"{LAYER}\.weight_shape: 3-D: fused expert weights are not imported"),
-    ("mxfp4_folder", "packed", rf"{LAYER}\.weight_packed: expected torch\.uint8 \[128, 96\], got torch\.uint8 \[128, 95\]"),
+    ("mxfp4_folder", "packed",
+     rf"{LAYER}\.weight_packed: expected torch\.uint8 \[128, 96\], got torch\.uint8 \[128, 95\]"),
     ("mxfp4_folder", "nan scale", rf"{LAYER}\.weight_scale: holds NaN scales"),
 ])
 def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source, damage, message):
