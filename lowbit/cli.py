@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "8-bit folder, or a compressed-tensors integer, FP8, NVFP4 or MX one, into a lowbit folder")
     c.add_argument("source", help="folder written by the dfloat11 package (config.json with dfloat11_config), "
                    "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model, or "
-                   "by llm-compressor / compressed-tensors (W2A16 ... W8A16, W8A8 int8, FP8, NVFP4A16, "
+                   "by llm-compressor / compressed-tensors (W2A16 ... W8A16, W8A8 int8, FP8, NVFP4, "
                    "MXFP4 / MXFP6 / MXFP8)")
     c.add_argument("out", help="output folder (lowbit.save layout)")
     c.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")

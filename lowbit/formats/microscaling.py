@@ -31,6 +31,9 @@ Options (accuracy studies; the seed paper "INT v.s. FP"):
       >= 2 - 2^-m gets the next power of two instead of saturating its largest elements. This is
       compressed-tensors' dynamic MX activation rule (m=1 for MXFP4 and MXFP8, m=3 for MXFP6;
       torchao's EVEN mode with m = the element's mantissa bits); unset is torchao's FLOOR.
+  act_tensor_scale=t (act="nvfp4" only; stored only when set): a static (calibrated) fp32 tensor
+      scale for the activations instead of one from each call's amax, as NVFP4 W4A4 checkpoints
+      store it (compressed-tensors' input_global_scale g, t = 1/g).
   rotate="hadamard": a block Hadamard transform along K (block = the format's block), applied to
       the weight before quantization and to activations at run time. H is orthogonal, so
       (x H)(W H)^T = x W^T; dequantize() returns the weight in the original basis.
@@ -161,8 +164,8 @@ def _pow2(e: torch.Tensor) -> torch.Tensor:
 class MicroscalingFormat(Format):
     """Block-scaled formats: `mx*` (E8M0 scale per 32) and `nvfp4` (E4M3 per 16 + tensor scale)."""
 
-    ATTRS = ("act", "rotate", "act_amax_round")
-    OPTIONAL_ATTRS = ("act_amax_round",)
+    ATTRS = ("act", "rotate", "act_amax_round", "act_tensor_scale")
+    OPTIONAL_ATTRS = ("act_amax_round", "act_tensor_scale")
     DEFAULTS = {"act": None, "rotate": None}
     QUANTIZER_OPTIONS = ("method",)
     METHODS = ("rtn", "gptq")
@@ -187,11 +190,17 @@ class MicroscalingFormat(Format):
                                            and type(amax_round) is int and 1 <= amax_round <= 7):
             raise FormatError(f"{self.name}: act_amax_round must be None, or 1 to 7 with an MX act (E8M0 scales), "
                               f"got {amax_round!r} with act={act!r}")
+        tensor_scale = values.get("act_tensor_scale")
+        if tensor_scale is not None and not (act == "nvfp4" and type(tensor_scale) is float
+                                             and math.isfinite(tensor_scale) and tensor_scale > 0):
+            raise FormatError(f"{self.name}: act_tensor_scale must be None, or a finite positive float with "
+                              f"act='nvfp4', got {tensor_scale!r} with act={act!r}")
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         attrs = super().resolve_attrs(shape, options)
-        if attrs.get("act_amax_round") is None:  # stored only when set: earlier layers stay valid as written
-            attrs.pop("act_amax_round", None)
+        for key in self.OPTIONAL_ATTRS:  # stored only when set: earlier layers stay valid as written
+            if attrs.get(key) is None:
+                attrs.pop(key, None)
         return attrs
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
@@ -253,10 +262,13 @@ class MicroscalingFormat(Format):
         values = self.codec.decode(codes).reshape(r, kp // self.block, self.block)
         return (values * self.scale_values(scales, tensor_scale).unsqueeze(-1)).reshape(r, kp)
 
-    def fake_quantize(self, x: torch.Tensor, amax_round: int | None = None) -> torch.Tensor:
+    def fake_quantize(self, x: torch.Tensor, amax_round: int | None = None, tensor_scale: float | None = None
+                      ) -> torch.Tensor:
         """[M, Kp] fp32 activations -> the values this format represents (dynamic, per block;
-        amax_round: see act_amax_round)."""
-        return self.decode(*self.encode(x, amax_round=amax_round))
+        amax_round: see act_amax_round; tensor_scale: nvfp4's static scale, see act_tensor_scale)."""
+        if tensor_scale is not None:
+            tensor_scale = torch.tensor([tensor_scale], dtype=torch.float32, device=x.device)
+        return self.decode(*self.encode(x, tensor_scale, amax_round))
 
     def _prepare(self, x: torch.Tensor, kp: int, attrs: dict[str, Any]) -> torch.Tensor:
         """[M, K] -> [M, Kp] fp32 as the stored weight sees it: zero-padded, rotated, fake-quantized."""
@@ -264,7 +276,8 @@ class MicroscalingFormat(Format):
         if attrs["rotate"] == "hadamard":
             x = rotate_blocks(x, self.block)
         if attrs["act"] is not None:
-            x = MICROSCALING_FORMATS[attrs["act"]].fake_quantize(x, attrs.get("act_amax_round"))
+            x = MICROSCALING_FORMATS[attrs["act"]].fake_quantize(x, attrs.get("act_amax_round"),
+                                                                 attrs.get("act_tensor_scale"))
         return x
 
     def quantize(self, weight: torch.Tensor, *, name: str = "weight", hessian: torch.Tensor | None = None,

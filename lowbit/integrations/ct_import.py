@@ -4,7 +4,7 @@ Linear layers are integer weight-only ("pack-quantized": W2A16 ... W8A16), int8 
 int8 activations ("int-quantized": W8A8), FP8 ("float-quantized": W8A8 with dynamic FP8
 activations; "naive-quantized": FP8 or integer codes stored one per int8 / fp8 element, which is
 what compressed-tensors writes for schemes without activations that it does not pack), NVFP4
-weight-only ("nvfp4-pack-quantized": NVFP4A16) or MX ("mxfp4-pack-quantized",
+("nvfp4-pack-quantized": NVFP4A16, and NVFP4 with calibrated activation scales) or MX ("mxfp4-pack-quantized",
 "mxfp6-pack-quantized", "mxfp8-quantized": MXFP4A16 / MXFP6A16 / MXFP8A16, and MXFP4 / MXFP8 /
 MXFP6A8 with dynamic MX activations).
 
@@ -46,8 +46,10 @@ tensor scale 1/g: compressed-tensors divides by g, lowbit multiplies by 1/g, whi
 the last fp32 bit; the bf16 weights were equal in every folder tested and in 134M random E2M1 x
 E4M3 products under 8 random g). Dynamic
 MX activations of element E become act=E with act_amax_round: compressed-tensors' block exponent
-rule (lowbit/formats/microscaling.py), which lowbit's default FLOOR rule is not. NVFP4 activations (the
-NVFP4 W4A4 preset) have a calibrated static input_global_scale and are refused.
+rule (lowbit/formats/microscaling.py), which lowbit's default FLOOR rule is not. NVFP4 activations
+(E4M3 scales of 16-blocks from each call, times the calibrated M.input_global_scale g_in) become
+act="nvfp4" with act_tensor_scale=1/g_in: compressed-tensors' rule in fp32 (its bf16 path rounds
+amax/6 and the fake-quantized values to bf16; lowbit keeps fp32).
 
 Refused with a CheckpointError naming the file, tensor or field: other formats (sparse, marlin),
 static activation scales, activations on integer layers, KV cache schemes, transforms, packed
@@ -90,7 +92,7 @@ MICROSCALED = {"nvfp4-pack-quantized": ("nvfp4", 4, "tensor_group", 16, "torch.f
 MX_ACT_AMAX_ROUND = {"mxfp4": 1, "mxfp6": 3, "mxfp8": 1}
 #: the tensors a quantized layer is read from (float-quantized: weight, weight_scale)
 LAYER_FIELDS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
-                "weight_global_scale")
+                "weight_global_scale", "input_global_scale")
 #: widths whose codes never straddle an int32 word, packed alike by every compressed-tensors version
 _WORD_ALIGNED_WIDTHS = (2, 4, 8)
 #: compressed-tensors 0.20 packs 3/5/6/7-bit codes densely (code i at bit i*b of the row, across
@@ -211,22 +213,26 @@ def _activation_rule(at: str, activations: Any, fmt: str, weights: dict[str, Any
         raise fail(at, "not an object")
     if fmt == "pack-quantized":
         raise fail(at, "is set: lowbit imports pack-quantized layers weight-only")
-    if fmt == "nvfp4-pack-quantized":
-        raise fail(at, "is set: NVFP4 activations have a calibrated (static) input_global_scale, which lowbit's "
-                   "act='nvfp4' does not hold; lowbit imports nvfp4-pack-quantized layers weight-only (NVFP4A16)")
     rule = [activations.get("type"), activations.get("num_bits"), activations.get("dynamic"),
-            activations.get("symmetric", True), activations.get("strategy"), activations.get("group_size")]
+            activations.get("symmetric", True), activations.get("strategy"), activations.get("group_size"),
+            activations.get("scale_dtype")]
+    if fmt == "nvfp4-pack-quantized":
+        wanted = ["float", 4, "local", True, "tensor_group", 16, "torch.float8_e4m3fn"]
+        if rule != wanted:
+            raise fail(at, "lowbit quantizes NVFP4 activations as compressed-tensors' NVFP4 scheme does (E4M3 "
+                       "scales of 16-blocks from each call, times the stored input_global_scale): type/num_bits/"
+                       f"dynamic/symmetric/strategy/group_size/scale_dtype {wanted}; got {rule}")
+        return "nvfp4"
     if fmt in MICROSCALED:
         elements = {4: "mxfp4", 6: "mxfp6", 8: "mxfp8"}
-        if (rule[0] == "float" and rule[1] in elements and rule[2:] == [True, True, "group", 32]
-                and activations.get("scale_dtype") == "torch.uint8"):
+        if rule[0] == "float" and rule[1] in elements and rule[2:] == [True, True, "group", 32, "torch.uint8"]:
             return elements[rule[1]]
         raise fail(at, "lowbit quantizes MX activations dynamically to MXFP4, MXFP6 or MXFP8 (blocks of 32, E8M0 "
-                   "scales); got type/num_bits/dynamic/symmetric/strategy/group_size/scale_dtype "
-                   f"{rule + [activations.get('scale_dtype')]}")
+                   f"scales); got type/num_bits/dynamic/symmetric/strategy/group_size/scale_dtype {rule}")
     block = weights.get("block_structure") if weights.get("strategy") == "block" else None
     element = "float" if weights["type"] == "float" else "int"
     wanted = [element, 8, True, True, "token", None] if block is None else [element, 8, True, True, "group", block[0]]
+    rule = rule[:6]  # the scale dtype is the model's
     if rule != wanted:
         raise fail(at, f"lowbit quantizes activations dynamically to {'E4M3' if element == 'float' else 'int8'}, "
                    "symmetric, " + ("per token" if block is None else f"per group of {block[0]} (the weight block)")
@@ -368,6 +374,14 @@ def _element_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, n: in
     return torch.stack([(words >> shift) & 0x3F for shift in (0, 6, 12, 18)], dim=-1).reshape(n, k)
 
 
+def _global_scale(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """An NVFP4 global scale g, fp32 [1], checked to be finite and positive."""
+    scale = stored_tensor(tensors, key, SCALE_DTYPES, shape=(1,)).float()
+    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        raise fail(key, f"{scale.item()!r} is not a finite positive scale")
+    return scale
+
+
 def microscaled_layer(tensors: dict[str, torch.Tensor], name: str, fmt: str, shape: tuple[int, int], act: str | None,
                       dtype: torch.dtype) -> PackedWeight:
     """The nvfp4- / mxfp4- / mxfp6-pack-quantized or mxfp8-quantized layer `name` ([N, K] =
@@ -387,12 +401,13 @@ def microscaled_layer(tensors: dict[str, torch.Tensor], name: str, fmt: str, sha
     # the padding blocks (zero elements) get scale byte 0, as lowbit's quantizer gives all-zero blocks
     scales = F.pad(scales.view(torch.uint8), (0, kp // block - scales.shape[1])).view(scale_dtype)
     fields = {"qweight": bitpack.pack(codes, bits), "scales": scales.t().contiguous()}
+    options: dict[str, Any] = {"act": act}
     if nvfp4:
-        global_scale = stored_tensor(tensors, f"{name}.weight_global_scale", SCALE_DTYPES, shape=(1,)).float()
-        if not bool(torch.isfinite(global_scale).all() and (global_scale > 0).all()):
-            raise fail(f"{name}.weight_global_scale", f"{global_scale.item()!r} is not a finite positive scale")
-        fields["tensor_scale"] = 1.0 / global_scale
-    options = {"act": act} if act is None else {"act": act, "act_amax_round": MX_ACT_AMAX_ROUND[act]}
+        fields["tensor_scale"] = 1.0 / _global_scale(tensors, f"{name}.weight_global_scale")
+        if act is not None:  # the calibrated activation scale
+            options["act_tensor_scale"] = float(1.0 / _global_scale(tensors, f"{name}.input_global_scale"))
+    elif act is not None:
+        options["act_amax_round"] = MX_ACT_AMAX_ROUND[act]
     attrs = get_format(lowbit_name).resolve_attrs((n, k), options)
     return PackedWeight(lowbit_name, (n, k), dtype, attrs, fields)
 

@@ -13,6 +13,8 @@ from lowbit.formats import bitpack, get_format
 from lowbit.formats.microscaling import E2M1, E2M3, E4M3, INT8, decode_minifloat, encode_minifloat, hadamard
 from lowbit.packed import PackedWeight
 
+from ..conftest import kernel_devices
+
 MX = ["mxint8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"]
 
 
@@ -256,6 +258,32 @@ def test_bad_options(options):
 def test_act_amax_round_needs_an_mx_act(options):
     with pytest.raises(FormatError, match="act_amax_round must be None, or 1 to 7 with an MX act"):
         get_format("mxfp4").quantize(torch.randn(2, 32), **options)
+
+
+@pytest.mark.parametrize("options", [{"act": "mxfp4", "act_tensor_scale": 0.5}, {"act_tensor_scale": 0.5},
+                                     {"act": "nvfp4", "act_tensor_scale": 0.0}, {"act": "nvfp4", "act_tensor_scale": 1}])
+def test_act_tensor_scale_needs_nvfp4_activations(options):
+    with pytest.raises(FormatError, match="act_tensor_scale must be None, or a finite positive float with act='nvfp4'"):
+        get_format("nvfp4").quantize(torch.randn(2, 32), **options)
+
+
+def test_act_tensor_scale_is_the_static_activation_scale():
+    """act="nvfp4" with act_tensor_scale=t quantizes activations with the tensor scale t (as a
+    calibrated checkpoint stores it) instead of one from each call's amax; the Triton path
+    (where it runs) agrees with the reference."""
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    fmt = get_format("nvfp4")
+    t = 0.5 * float(x.abs().amax()) / (448 * 6)  # a calibration that saw half this amax: the largest saturate
+    static = fmt.quantize(w, act="nvfp4", act_tensor_scale=t)
+    dynamic = fmt.quantize(w, act="nvfp4")
+    assert static.attrs["act_tensor_scale"] == t and "act_tensor_scale" not in dynamic.attrs
+    x_q = fmt.decode(*fmt.encode(x, tensor_scale=torch.tensor([t])))
+    assert not torch.equal(x_q, fmt.fake_quantize(x))
+    torch.testing.assert_close(lowbit.linear(x, static, backend="torch"), F.linear(x_q, fmt.dequantize(static)))
+    for device in kernel_devices():
+        got = lowbit.linear(x.to(device), static.to(device), backend="triton").cpu()
+        torch.testing.assert_close(got, F.linear(x_q, fmt.dequantize(static)), rtol=1e-4, atol=1e-4)
 
 
 def test_act_amax_round_is_stored_only_when_set_and_rounds_activation_blocks(tmp_path):

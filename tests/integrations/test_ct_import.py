@@ -69,20 +69,37 @@ def _preset(name):
     return (["Linear"], scheme.weights) + ((scheme.input_activations,) if scheme.input_activations else ())
 
 
-def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False):
-    """compressed-tensors: quantize the bf16 model at `source` with `groups` ({name: (targets,
-    weights QuantizationArgs[, input activations QuantizationArgs])}; min-max scales, NVFP4's
-    global scale as llm-compressor's generate_gparam sets it), compress it to `fmt` (None: the
-    format compressed-tensors infers, as llm-compressor saves) and save it to `out`. qdq_logits:
-    also return the logits of IDS through the quantized model before compression, which runs
-    compressed-tensors' own quantize-dequantize forward (weights and activations)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+def _input_amax(model):
+    """{Linear name: amax of its input on IDS}, the min-max calibration of static activation scales."""
+    amax = {}
+    def record(name):
+        return lambda module, inputs, output: amax.__setitem__(name, inputs[0].abs().amax())
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        model(IDS)
+    for hook in hooks:
+        hook.remove()
+    return amax
+
+
+def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False, dtype=torch.bfloat16):
+    """compressed-tensors: quantize the model at `source` (in `dtype`) with `groups` ({name:
+    (targets, weights QuantizationArgs[, input activations QuantizationArgs])}; min-max scales,
+    NVFP4's global scales as llm-compressor's generate_gparam sets them, the activations' from
+    the input amax on IDS), compress it to `fmt` (None: the format compressed-tensors infers, as
+    llm-compressor saves) and save it to `out`. qdq_logits: also return the logits of IDS through
+    the quantized model before compression, which runs compressed-tensors' own
+    quantize-dequantize forward (weights and activations)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    input_amax = _input_amax(model)
     schemes = {name: ct_quantization.QuantizationScheme(targets=targets, weights=args[0],
                                                         input_activations=args[1] if len(args) > 1 else None)
                for name, (targets, *args) in groups.items()}
     ct_quantization.apply_quantization_config(model, ct_quantization.QuantizationConfig(config_groups=schemes,
                                                                                         ignore=["lm_head"]))
-    for module in model.modules():
+    for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None:
             continue
@@ -92,6 +109,9 @@ def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False):
             module.weight_global_scale.data.copy_(global_scale)
         scale, zero = calculate_qparams(*_min_max(scheme.weights, module.weight.data), scheme.weights,
                                         global_scale=global_scale)
+        if hasattr(module, "input_global_scale"):
+            amax = input_amax[name].float()
+            module.input_global_scale.data.copy_(generate_gparam(-amax, amax))
         module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
@@ -324,7 +344,7 @@ def test_scales_float16_cannot_hold_are_rounded_with_a_warning(int4_folder, tmp_
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["int4", "int8-asymmetric", "w8a8-int8", "fp8-dynamic", "fp8-block", "NVFP4A16",
-                                    "MXFP4", "MXFP6A8"])
+                                    "NVFP4", "MXFP4", "MXFP6A8"])
 def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, scheme):
     """On CUDA the imported layers run lowbit's kernels: close to the CPU import (torch reference),
     whose weights equal compressed-tensors' decompressed ones (tested above)."""
@@ -519,12 +539,29 @@ def test_mx_activation_rule_is_compressed_tensors_dynamic_rule(name, mantissa_bi
         assert not torch.equal(MICROSCALING_FORMATS[name].fake_quantize(xd.float()), theirs)  # FLOOR differs
 
 
-def test_nvfp4_activations_are_refused(bf16_dir, tmp_path):
-    """llm-compressor's NVFP4 (W4A4) calibrates a static input_global_scale; lowbit's act="nvfp4"
-    computes its tensor scale per call, so the scheme is refused rather than run differently."""
-    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": _preset("NVFP4")}, fmt=None)
-    with pytest.raises(CheckpointError, match=rf"{GROUP}\.input_activations: is set: NVFP4 activations have a "
-                                              r"calibrated \(static\) input_global_scale"):
+def test_nvfp4_w4a4_imports_with_the_calibrated_activation_scale(bf16_dir, tmp_path):
+    """llm-compressor's NVFP4 (W4A4): E4M3 scales of 16-activation blocks from each call, times
+    the calibrated input_global_scale g -> lowbit act="nvfp4" with act_tensor_scale=1/g. On an
+    fp32 model the logits equal compressed-tensors' own quantize-dequantize forward up to fp32
+    rounding (its bf16 path rounds amax/6 and the results to bf16; see the README)."""
+    folder, qdq = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": _preset("NVFP4")}, fmt=None, qdq_logits=True,
+                            dtype=torch.float32)
+    stored = load_file(folder / "model.safetensors")
+    model = lowbit.load(folder)
+    for name, layer in _quant_layers(model).items():
+        t = float(1 / stored[f"{name}.input_global_scale"])
+        assert layer.packed.attrs == {"act": "nvfp4", "rotate": None, "act_tensor_scale": t}
+    with torch.no_grad():
+        logits = model(IDS).logits
+        assert (logits - qdq).norm() / qdq.norm() < 1e-5
+        weight_only = lowbit.load(folder)  # the same layers without the activation quantization
+        for name, layer in _quant_layers(weight_only).items():
+            plain = dataclasses.replace(layer.packed, attrs={"act": None, "rotate": None})
+            replace_layer(weight_only, name, lowbit.QuantLinear.from_packed(plain, layer.bias))
+        assert (weight_only(IDS).logits - qdq).norm() / qdq.norm() > 1e-3
+    _edit_config(folder, lambda q: q["config_groups"]["group_0"]["input_activations"].update(dynamic=True))
+    with pytest.raises(CheckpointError, match=rf"{GROUP}\.input_activations: lowbit quantizes NVFP4 activations as "
+                                              r"compressed-tensors' NVFP4 scheme does"):
         lowbit.load(folder)
 
 
