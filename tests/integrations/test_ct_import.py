@@ -168,6 +168,25 @@ def test_pack_quantized_folder_imports_bit_for_bit(bf16_dir, tmp_path, bits, sym
         assert torch.equal(model(IDS).logits, reference(IDS).logits)
 
 
+@pytest.mark.parametrize("bits,symmetric,strategy", [(8, True, "channel"), (4, False, "group")])
+def test_naive_quantized_integer_folder_imports_bit_for_bit(bf16_dir, tmp_path, bits, symmetric, strategy):
+    """Integer codes stored one per int8 ("naive-quantized": weight int8 [N, K], asymmetric zero
+    points int8 [N, G]) go through the int8-code path to the same layers as packed ones."""
+    folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], _args(bits, symmetric, strategy))},
+                       fmt="naive-quantized")
+    stored = load_file(folder / "model.safetensors")
+    assert stored["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    model, reference = lowbit.load(folder), _decompressed(folder)
+    layers = _quant_layers(model)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        assert layer.format == f"int{bits}" and layer.packed.attrs["symmetric"] is symmetric
+        got = lowbit.get_format(layer.format).dequantize(layer.packed)
+        assert torch.equal(got.view(torch.int16), reference.get_submodule(name).weight.view(torch.int16)), name
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, reference(IDS).logits)
+
+
 @pytest.mark.skipif(not kernel_devices(), reason="Triton cannot run here")
 def test_triton_kernel_decodes_the_lowest_symmetric_code(bf16_dir, tmp_path):
     """Symmetric layers imported from compressed-tensors hold code 0 (q = -8); the Triton kernel
