@@ -25,9 +25,10 @@ of at least 2^-17 is a float16 value, so the dequantized weights are compressed-
 bit; a scale float16 cannot hold exactly is rounded to it, with a warning that counts them.
 
 int- and naive-quantized integer layers hold the same fields but q itself, one int8 per weight, as
-M.weight [N, K] (no weight_packed / weight_shape), and asymmetric zero points z as int8 [N, G];
-dynamic symmetric int8 activations per token become lowbit's act="int8" (lowbit's rule: scale
-amax / 127, codes in [-127, 127]; compressed-tensors' reference divides by 127.5).
+M.weight [N, K] (no weight_packed / weight_shape), and asymmetric zero points z as int8 [N, G].
+On any integer layer, dynamic symmetric int8 activations per token (W8A8, W4A8) become lowbit's
+act="int8" (lowbit's rule: scale amax / 127, codes in [-127, 127]; compressed-tensors' reference
+divides by 127.5).
 
 For each float- (or naive-) quantized FP8 Linear M: M.weight float8_e4m3fn [N, K] and M.weight_scale: [N, 1]
 ("channel"), [1] ("tensor") or [ceil(N/B), ceil(K/B)] ("block", B x B); the weight is
@@ -52,7 +53,7 @@ act="nvfp4" with act_tensor_scale=1/g_in: compressed-tensors' rule in fp32 (its 
 amax/6 and the fake-quantized values to bf16; lowbit keeps fp32).
 
 Refused with a CheckpointError naming the file, tensor or field: other formats (sparse, marlin),
-static activation scales, activations on integer layers, KV cache schemes, transforms, packed
+static activation scales, integer layers' activations other than int8 per token, KV cache schemes, transforms, packed
 3/5/6/7-bit codes from folders of compressed-tensors before 0.20 (quantization_config.version;
 some earlier versions packed 32 // b codes per int32 word), group sizes that are not a multiple
 of 32, activation-ordered groups (g_idx not in K order), fused 3-D expert weights, damaged
@@ -204,15 +205,13 @@ def _check_microscaled_weights(at: str, weights: dict[str, Any], fmt: str) -> No
 def _activation_rule(at: str, activations: Any, fmt: str, weights: dict[str, Any]) -> str | None:
     """The lowbit `act` of a scheme's input_activations: None; "fp8" for FP8 weights with dynamic
     symmetric E4M3 activations per token (per 1 x B group with B x B weight blocks), the rule of
-    lowbit's fp8 act="fp8"; "int8" for unpacked integer weights with dynamic symmetric int8
+    lowbit's fp8 act="fp8"; "int8" for integer weights (W8A8, W4A8) with dynamic symmetric int8
     activations per token, lowbit's act="int8"; "mxfp4" / "mxfp6" / "mxfp8" for MX weights with
     dynamic MX activations of that element (blocks of 32, E8M0 scales), lowbit's act of that name."""
     if not activations:
         return None
     if not isinstance(activations, dict):
         raise fail(at, "not an object")
-    if fmt == "pack-quantized":
-        raise fail(at, "is set: lowbit imports pack-quantized layers weight-only")
     rule = [activations.get("type"), activations.get("num_bits"), activations.get("dynamic"),
             activations.get("symmetric", True), activations.get("strategy"), activations.get("group_size"),
             activations.get("scale_dtype")]

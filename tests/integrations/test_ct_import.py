@@ -291,8 +291,9 @@ GROUP = "quantization_config.config_groups.group_0"
      r"quantization_config\.version: '0\.19\.1': lowbit imports packed 3-bit codes from compressed-tensors 0\.20"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
      rf"{GROUP}\.weights\.group_size: 48: lowbit's groups are a positive multiple of 32"),
-    (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}),
-     rf"{GROUP}\.input_activations: is set: lowbit imports pack-quantized layers weight-only"),
+    (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 4, "type": "int"}),
+     rf"{GROUP}\.input_activations: lowbit quantizes activations dynamically to int8, symmetric, per token; "
+     r"got type/num_bits/dynamic/symmetric/strategy/group_size \['int', 4, None"),
     (lambda q: q.update(kv_cache_scheme={"num_bits": 8}), r"quantization_config\.kv_cache_scheme: is set"),
     (lambda q: q["config_groups"]["group_0"].update(targets=["re:.*mlp.*"]),
      r"config_groups: layer 'model\.layers\.0\.self_attn\.k_proj': no config group targets it"),
@@ -468,6 +469,26 @@ def test_w8a8_int8_folder_imports_with_int8_activations(bf16_dir, tmp_path):
         expected = lowbit.linear(x, packed, None, backend="torch")
         got = lowbit.linear(x, packed, None, backend="triton")
         assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("fmt", [None, "pack-quantized"])
+def test_w4a8_folder_imports_with_int8_activations(bf16_dir, tmp_path, fmt):
+    """llm-compressor's W4A8 (int4 weights in groups, dynamic int8 activations per token), saved
+    as compressed-tensors infers ("int-quantized") or packed: lowbit `int4` act="int8" layers,
+    whose logits are close to compressed-tensors' own quantize-dequantize forward (the rules
+    differ: lowbit's int8 scale is amax / 127, compressed-tensors' amax / 127.5)."""
+    activations = ct_quantization.QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=True,
+                                                   strategy="token")
+    folder, qdq = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (["Linear"], _args(4), activations)}, fmt=fmt,
+                            qdq_logits=True)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["format"] == fmt or (fmt is None and config["format"] == "int-quantized")
+    model = lowbit.load(folder)
+    for layer in _quant_layers(model).values():
+        assert layer.format == "int4" and layer.packed.attrs == {"group_size": 64, "symmetric": True, "act": "int8"}
+    with torch.no_grad():
+        logits = model(IDS).logits.float()
+    assert (logits - qdq.float()).norm() / qdq.float().norm() < 0.03
 
 
 def test_fp8_weight_only_folder_saved_as_naive_quantized(bf16_dir, tmp_path):
