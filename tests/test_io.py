@@ -50,7 +50,8 @@ def test_skeleton_must_match(saved_mlp):
 # Options beyond the defaults that change what is stored.
 EXTRA_OPTIONS = {"int8": [{"act": "int8", "symmetric": True, "group_size": -1}], "int4": [{"act": "int8"}, {"method": "mse"}],
                  "fp8": [{"block": 128, "act": "fp8"}, {"act": "fp8"}], "fp8_e5m2": [{"block": 32}],
-                 "mxfp4": [{"act": "mxfp4", "rotate": "hadamard"}], "nvfp4": [{"act": "nvfp4"}],
+                 "mxfp4": [{"act": "mxfp4", "rotate": "hadamard"}, {"act": "mxfp8", "act_amax_round": 1}],
+                 "nvfp4": [{"act": "nvfp4"}, {"act": "nvfp4", "act_tensor_scale": 0.002}],
                  "nf4": [{"double_quant": True}]}
 EVERY_FORMAT = [(f, {}) for f in lowbit.formats()] + [(f, o) for f, opts in EXTRA_OPTIONS.items() for o in opts]
 
