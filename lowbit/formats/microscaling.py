@@ -28,8 +28,8 @@ Options (accuracy studies; the seed paper "INT v.s. FP"):
       along K with that format's rules, in torch, on the fly (W4A4 / W8A8 numerics).
   act_amax_round=m (MX activations only; stored only when set): before a block's E8M0 exponent is
       read, its amax is rounded half up to m mantissa bits, so a block whose amax has mantissa
-      >= 2 - 2^-m gets the next power of two instead of saturating its largest elements. This is
-      compressed-tensors' dynamic MX activation rule (m=1 for MXFP4 and MXFP8, m=3 for MXFP6;
+      >= 2 - 2^-(m+1) (1.75 for m=1) gets the next power of two instead of saturating its largest
+      elements. This is compressed-tensors' dynamic MX activation rule (m=1 for MXFP4 and MXFP8, m=3 for MXFP6;
       torchao's EVEN mode with m = the element's mantissa bits); unset is torchao's FLOOR.
   act_tensor_scale=t (act="nvfp4" only; stored only when set): a static (calibrated) fp32 tensor
       scale for the activations instead of one from each call's amax, as NVFP4 W4A4 checkpoints
