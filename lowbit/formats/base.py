@@ -66,7 +66,9 @@ class Format:
         """User options (may be partial / use shorthands) -> complete, validated attrs (without
         QUANTIZER_OPTIONS, which are never stored)."""
         self.check_options(options)
-        return {key: value for key, value in {**self.DEFAULTS, **options}.items() if key not in self.QUANTIZER_OPTIONS}
+        # OPTIONAL_ATTRS are stored only when set, so layers written before they existed stay as written
+        return {key: value for key, value in {**self.DEFAULTS, **options}.items()
+                if key not in self.QUANTIZER_OPTIONS and not (key in self.OPTIONAL_ATTRS and value is None)}
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Raise FormatError for option names or values this format does not accept."""

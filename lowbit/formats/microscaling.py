@@ -196,13 +196,6 @@ class MicroscalingFormat(Format):
             raise FormatError(f"{self.name}: act_tensor_scale must be None, or a finite positive float with "
                               f"act='nvfp4', got {tensor_scale!r} with act={act!r}")
 
-    def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
-        attrs = super().resolve_attrs(shape, options)
-        for key in self.OPTIONAL_ATTRS:  # stored only when set: earlier layers stay valid as written
-            if attrs.get(key) is None:
-                attrs.pop(key, None)
-        return attrs
-
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape
         kp = padded_k(k, 32)
@@ -266,8 +259,8 @@ class MicroscalingFormat(Format):
                       ) -> torch.Tensor:
         """[M, Kp] fp32 activations -> the values this format represents (dynamic, per block;
         amax_round: see act_amax_round; tensor_scale: nvfp4's static scale, see act_tensor_scale)."""
-        if tensor_scale is not None:
-            tensor_scale = torch.tensor([tensor_scale], dtype=torch.float32, device=x.device)
+        if tensor_scale is not None:  # filled on x's device: no host-to-device copy (and sync) per call
+            tensor_scale = x.new_full((1,), tensor_scale, dtype=torch.float32)
         return self.decode(*self.encode(x, tensor_scale, amax_round))
 
     def _prepare(self, x: torch.Tensor, kp: int, attrs: dict[str, Any]) -> torch.Tensor:

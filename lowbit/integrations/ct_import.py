@@ -257,13 +257,15 @@ def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str],
 
 
 def _unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """int32 [R, W] dense bit streams -> int32 [R, count] unsigned codes: code i at bits
-    [i*b, i*b+b) of the row's words read as one little-endian stream (it may straddle two words)."""
-    stream = F.pad(words.to(torch.int64) & 0xFFFFFFFF, (0, 1))  # a zero word after the last
+    """int32 or uint8 [R, W] dense bit streams -> int32 [R, count] unsigned codes: code i at bits
+    [i*b, i*b+b) of the row's words read as one little-endian stream (it may straddle two words;
+    b <= the word width)."""
+    word_bits = torch.iinfo(words.dtype).bits
+    stream = F.pad(words.to(torch.int64) & (2**word_bits - 1), (0, 1))  # a zero word after the last
     start = torch.arange(count, dtype=torch.int64) * bits
-    word = start // 32
-    pairs = stream[:, word] | (stream[:, word + 1] << 32)
-    return ((pairs >> (start % 32)) & (2**bits - 1)).to(torch.int32)
+    word = start // word_bits
+    pairs = stream[:, word] | (stream[:, word + 1] << word_bits)
+    return ((pairs >> (start % word_bits)) & (2**bits - 1)).to(torch.int32)
 
 
 def _int_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, packed: bool) -> torch.Tensor:
@@ -354,23 +356,15 @@ def _element_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, n: in
     [N, 3K/4], four codes per three bytes, little-endian) or the E4M3 bytes of name.weight
     (float8_e4m3fn [N, K])."""
     if bits == 8:
-        weight = weight_matrix(tensors, name, torch.float8_e4m3fn)
-        if tuple(weight.shape) != (n, k):
-            raise fail(f"{name}.weight", f"shape {list(weight.shape)} does not fit the model's {[n, k]}")
-        codes = weight.view(torch.uint8).to(torch.int32)
+        codes = stored_tensor(tensors, f"{name}.weight", (torch.float8_e4m3fn,), shape=(n, k)).view(torch.uint8).int()
         if bool(((codes & 0x7F) == 0x7F).any()):
             raise fail(f"{name}.weight", "holds NaN elements")
         return codes
-    per_bytes = 2 if bits == 4 else 4  # codes per 1 or 3 bytes
-    if k % per_bytes:
-        raise fail(f"{name}.weight_packed", f"in_features {k} is not a multiple of {per_bytes}, as {bits}-bit "
-                   "packing needs")
-    packed = stored_tensor(tensors, f"{name}.weight_packed", (torch.uint8,), shape=(n, k * bits // 8)).to(torch.int32)
-    if bits == 4:
-        return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(n, k)
-    triples = packed.reshape(n, k // 4, 3)
-    words = triples[..., 0] | triples[..., 1] << 8 | triples[..., 2] << 16
-    return torch.stack([(words >> shift) & 0x3F for shift in (0, 6, 12, 18)], dim=-1).reshape(n, k)
+    if k * bits % 8:
+        raise fail(f"{name}.weight_packed", f"in_features {k} of {bits}-bit codes do not fill whole bytes")
+    # both packings are the bytes as one little-endian bit stream, as pack-quantized's int32 words are
+    return _unpack_codes(stored_tensor(tensors, f"{name}.weight_packed", (torch.uint8,), shape=(n, k * bits // 8)),
+                         bits, k)
 
 
 def _global_scale(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
