@@ -44,7 +44,7 @@ PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}
 DEFAULT_FORMATS = ([f"int{b}" for b in range(2, 9)] + ["int8:act=int8,symmetric=true,group_size=-1", "int4:act=int8"]
                    + ["fp8", "fp8_e5m2", "fp8:act=fp8", "fp8:block=128,act=fp8"]
-                   + ["mxint8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"] + [f"lut{b}" for b in range(1, 5)] + ["nf4", "dfloat11"])
+                   + ["mxint8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"] + [f"lut{b}" for b in range(1, 5)] + ["nf4", "bnb_fp4", "dfloat11"])
 
 
 def parse_format_spec(spec: str, args) -> tuple[str, dict]:

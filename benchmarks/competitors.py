@@ -16,6 +16,7 @@ Import or set-up failures raise; bench_gemm records them in the row instead of f
 | fp8 act="fp8" (per channel)| torchao Float8DynamicActivationFloat8WeightConfig(PerRow), gemlite A8W8_fp8_dynamic |
 | mxfp8 / mxfp4 / nvfp4      | gemlite A16W8_MXFP / A16W4_MXFP / A16W4_NVFP (weight-only)            |
 | nf4                        | torchao NF4Tensor (block 64, as QLoRA-in-torchao uses it); bitsandbytes matmul_4bit (Linear4bit's inference path: its GEMV kernel at M=1; double quantization as lowbit's option says) |
+| bnb_fp4                    | bitsandbytes matmul_4bit with quant_type="fp4" (as for nf4)           |
 | dfloat11                   | the dfloat11 package's cupy decoder, then bf16 F.linear (its forward hook) |
 
 gemlite autotunes a shape on its first call unless its bundled per-GPU config table covers the
@@ -100,13 +101,16 @@ def _torchao_nf4(options, w, packed):
     return lambda x: F.linear(x, weight)
 
 
-def _bitsandbytes_nf4(options, w, packed):
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnb_functional
+def _bitsandbytes_4bit(quant_type: str):
+    """bitsandbytes' Linear4bit inference path for `quant_type` ("nf4" or "fp4"), blocks of 64."""
+    def build(options, w, packed):
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnb_functional
 
-    codes, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4",
-                                                compress_statistics=bool(options.get("double_quant")))
-    return lambda x: bnb.matmul_4bit(x, codes.t(), quant_state=state)
+        codes, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type=quant_type,
+                                                    compress_statistics=bool(options.get("double_quant")))
+        return lambda x: bnb.matmul_4bit(x, codes.t(), quant_state=state)
+    return build
 
 
 def _bitsandbytes_int8(options, w, packed):
@@ -247,7 +251,8 @@ COMPETITORS = {
     "mxfp8": [("gemlite-a16w8-mxfp", _gemlite_from_linear(_gemlite_mx("A16W8_MXFP")))],
     "mxfp4": [("gemlite-a16w4-mxfp", _gemlite_from_linear(_gemlite_mx("A16W4_MXFP")))],
     "nvfp4": [("gemlite-a16w4-nvfp", _gemlite_from_linear(_gemlite_mx("A16W4_NVFP")))],
-    "nf4": [("torchao-nf4", _torchao_nf4), ("bitsandbytes-nf4", _bitsandbytes_nf4)],
+    "nf4": [("torchao-nf4", _torchao_nf4), ("bitsandbytes-nf4", _bitsandbytes_4bit("nf4"))],
+    "bnb_fp4": [("bitsandbytes-fp4", _bitsandbytes_4bit("fp4"))],
     "dfloat11": [("dfloat11-package", _dfloat11_package)],
 }
 

@@ -71,7 +71,7 @@ KERNELS = {
     "gemv-mxint8": _gemv(8, True, "sint", "e8m0"),
     "gemv-mxfp4": _gemv(4, True, "e2m1", "e8m0"),
     "gemv-nvfp4": _gemv(4, True, "e2m1", "e4m3"),
-    "gemv-nf4": _gemv(4, True, "nf4"),
+    "gemv-nf4": _gemv(4, True, "codebook"),  # bnb_fp4 runs the same variant
     # the LUT formats: the dequant GEMV on their one-bit planes (the default), the table-lookup kernel
     "gemv-lut2": _gemv(2, False, "int", one_bit_planes=True),
     "gemv-lut4": _gemv(4, False, "int", one_bit_planes=True),

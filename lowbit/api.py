@@ -103,7 +103,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
     layers whose weight is tied to another parameter are always left alone (`tied_linears`), and so
     are layers already quantized (a second call quantizes only what the first one skipped).
     overrides: glob pattern -> format name or {"format": name, **options}.
-    calibration: for method="gptq" (int / lut / microscaling / nf4 formats), the batches the model runs on to collect
+    calibration: for method="gptq" (int / lut / microscaling / nf4 / bnb_fp4 formats), the batches the model runs on to collect
     each layer's input Hessian: a list of tensors (model(batch)) or dicts (model(**batch)), on the
     model's device. Layers are calibrated in model order, in passes of at most
     calibration.HESSIAN_BUDGET_BYTES of Hessians; each pass runs with the earlier passes' layers

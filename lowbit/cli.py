@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
     q.add_argument("--method", default=None, choices=["rtn", "mse", "gptq"], help="how codes are chosen: 'rtn' "
                    "(default); int / lut formats: 'mse', the clipped group range with the least squared error; int / "
-                   "lut / microscaling / nf4 formats: 'gptq', GPTQ on calibration text")
+                   "lut / microscaling / nf4 / bnb_fp4 formats: 'gptq', GPTQ on calibration text")
     q.add_argument("--calibration", default=None, metavar="FILE", help="--method gptq: UTF-8 text, one calibration "
                    "sample per line (default: lowbit's built-in English sentences)")
     q.add_argument("--block", type=int, default=None, help="fp8: one scale per BLOCK x BLOCK tile (e.g. 128) "
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "format name, fake-quantized)")
     q.add_argument("--rotate", default=None, choices=["hadamard"], help="microscaling formats: block Hadamard "
                    "rotation along K (weights offline, activations at run time)")
-    q.add_argument("--double-quant", action="store_true", help="nf4: also quantize the block absmax values (8 bits)")
+    q.add_argument("--double-quant", action="store_true", help="nf4 / bnb_fp4: also quantize the block absmax values (8 bits)")
     q.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")
     q.add_argument("--cast", action="store_true", help="dfloat11: round fp16/fp32 weights to bf16 first (lossy)")
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="glob patterns of layers to keep in full precision")

@@ -439,8 +439,9 @@ def test_sass_counts_of_compiled_kernels(tmp_path):
     assert list(tmp_path.glob("sass-sm90-*.md"))
 
 
-def test_bitsandbytes_nf4_competitor_computes_x_times_its_weight():
-    """The bitsandbytes competitor (its CPU backend here) multiplies by the NF4 weight it
+@pytest.mark.parametrize("fmt,quant_type", [("nf4", "nf4"), ("bnb_fp4", "fp4")])
+def test_bitsandbytes_4bit_competitor_computes_x_times_its_weight(fmt, quant_type):
+    """The bitsandbytes competitor (its CPU backend here) multiplies by the NF4 / FP4 weight it
     quantized with the double quantization asked for: bit for bit F.linear on bitsandbytes' own
     dequantized weight."""
     import torch
@@ -449,11 +450,12 @@ def test_bitsandbytes_nf4_competitor_computes_x_times_its_weight():
     sys.path.insert(0, str(REPO))
     from benchmarks.competitors import competitors
 
-    (build,) = [b for label, b in competitors("nf4") if label == "bitsandbytes-nf4"]
+    (build,) = [b for label, b in competitors(fmt) if label == f"bitsandbytes-{quant_type}"]
     w = (torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     for double_quant in (False, True):
         run = build({"double_quant": double_quant}, w, None)
-        codes, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+        codes, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type=quant_type,
+                                                    compress_statistics=double_quant)
         weight = bnb_functional.dequantize_4bit(codes, state)
         for m in (1, 5):
             x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).bfloat16()

@@ -1,7 +1,8 @@
-"""NF4: QLoRA's 4-bit NormalFloat (the torch spec; DESIGN.md section 4).
+"""NF4: QLoRA's 4-bit NormalFloat (the torch spec; DESIGN.md section 4), and `CodebookFormat`,
+the 4-bit block-absmax codebook layout it shares with bitsandbytes' FP4 (lowbit/formats/bnb_fp4.py).
 
 Blocks of 64 consecutive weights along K share an absmax scale; each weight is w / absmax
-rounded to the nearest of the 16 NF4 code values (ties to the lower code). An all-zero block gets
+rounded to the nearest of the 16 code values (NF4: ties to the lower code). An all-zero block gets
 absmax 1. K is zero-padded to a multiple of 64.
 
 double_quant=True (QLoRA's double quantization) stores the fp32 absmax values themselves in
@@ -40,6 +41,7 @@ DQ_BLOCK = 256
 
 
 def codebook(device=None) -> torch.Tensor:
+    """NF4's 16 code values, fp32 [16]."""
     return torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
 
 
@@ -50,10 +52,13 @@ def nearest_code(normalized: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(normalized, midpoints, right=False).to(torch.int32)
 
 
-class NF4Format(Format):
-    """`nf4`: NormalFloat-4 codes with block-64 absmax (optionally double-quantized) scales."""
+class CodebookFormat(Format):
+    """4-bit codes into a table of 16 values in [-1, 1] with block-64 absmax (optionally
+    double-quantized) scales. Subclasses set `name`, `CODEBOOK` (the values of codes 0..15,
+    fp32-exact) and `nearest_code` (their rounding rule); the kernel launcher finds the table by
+    the format's name (lowbit/kernels/dequant_gemm.py, CODEBOOKS)."""
 
-    name = "nf4"
+    CODEBOOK: tuple[float, ...] = ()
     ATTRS = ("double_quant",)
     DEFAULTS = {"double_quant": False}
     QUANTIZER_OPTIONS = ("method",)
@@ -61,10 +66,18 @@ class NF4Format(Format):
 
     def check_values(self, values: dict[str, Any]) -> None:
         if not isinstance(values["double_quant"], bool):
-            raise FormatError(f"nf4: double_quant must be a bool, got {values['double_quant']!r}")
+            raise FormatError(f"{self.name}: double_quant must be a bool, got {values['double_quant']!r}")
         if values.get("method") == "gptq" and values["double_quant"]:
             # double quantization needs every block's absmax before any is stored, GPTQ sets them one by one
-            raise FormatError("nf4: method='gptq' does not combine with double_quant=True")
+            raise FormatError(f"{self.name}: method='gptq' does not combine with double_quant=True")
+
+    def codebook(self, device=None) -> torch.Tensor:
+        """The 16 code values, fp32 [16] (a new tensor)."""
+        return torch.tensor(self.CODEBOOK, dtype=torch.float32, device=device)
+
+    def nearest_code(self, normalized: torch.Tensor) -> torch.Tensor:
+        """fp32 values in [-1, 1] -> int32 codes 0..15 (the format's rounding rule)."""
+        raise NotImplementedError
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape
@@ -104,7 +117,7 @@ class NF4Format(Format):
             absmax = self._absmax(tensors).t()  # quantize against the absmax the kernel will see
         else:
             tensors["absmax"] = absmax.t().contiguous()
-        codes = nearest_code((blocks / absmax.unsqueeze(-1)).clamp(-1, 1)).reshape(n, kp)
+        codes = self.nearest_code((blocks / absmax.unsqueeze(-1)).clamp(-1, 1)).reshape(n, kp)
         tensors["qweight"] = bitpack.pack(codes, 4)
         return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
 
@@ -116,10 +129,10 @@ class NF4Format(Format):
 
     def _gptq_codes(self, w: torch.Tensor, hessian: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded weight fp32 [N, Kp] -> (int32 codes [N, Kp], fp32 absmax [N, Kp/64]) by GPTQ."""
-        book = codebook(w.device)
+        book = self.codebook(w.device)
 
         def round_column(column, absmax):  # column [N], absmax [N, 1] (this block's)
-            codes = nearest_code((column / absmax[:, 0]).clamp(-1, 1))
+            codes = self.nearest_code((column / absmax[:, 0]).clamp(-1, 1))
             return codes, book[codes.long()] * absmax[:, 0]
 
         codes, params = gptq.solve(w, hessian, BLOCK, lambda block: self._block_absmax(block).unsqueeze(-1),
@@ -150,7 +163,7 @@ class NF4Format(Format):
     def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
         n, k = packed.shape
         kp = padded_k(k, BLOCK)
-        values = codebook(packed.qweight.device)[bitpack.unpack(packed.qweight, 4, kp).long()]
+        values = self.codebook(packed.qweight.device)[bitpack.unpack(packed.qweight, 4, kp).long()]
         absmax = self._absmax(packed.tensors).t()  # [N, G]
         w = (values.reshape(n, kp // BLOCK, BLOCK) * absmax.unsqueeze(-1)).reshape(n, kp)
         return w[:, :k].to(packed.dtype)
@@ -158,8 +171,18 @@ class NF4Format(Format):
     def triton_linear(self, x2d, packed, bias):
         # double_quant: the [G, N] absmax is rebuilt in torch per call (N*K/64 values, tiny).
         absmax = self._absmax(packed.tensors)
-        return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, absmax, None, None, bias, 4, "nf4", BLOCK, 1,
+        return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, absmax, None, None, bias, 4, self.name, BLOCK, 1,
                                                "float", packed.shape[1])
+
+
+class NF4Format(CodebookFormat):
+    """`nf4`: NormalFloat-4 codes with block-64 absmax (optionally double-quantized) scales."""
+
+    name = "nf4"
+    CODEBOOK = NF4_CODEBOOK
+
+    def nearest_code(self, normalized: torch.Tensor) -> torch.Tensor:
+        return nearest_code(normalized)
 
 
 register_format(NF4Format())

@@ -1,7 +1,7 @@
 """Generic dequantize-in-register matmul: y = x @ dequant(W)^T (+ bias).
 
 One kernel family for every element type (ELEMENT: "int" codes of any width BITS, two's-complement
-"sint", small floats "e4m3" / "e5m2" / "e2m3" / "e2m1", the "nf4" codebook), scale decoder (float, E8M0 or E4M3 bytes,
+"sint", small floats "e4m3" / "e5m2" / "e2m3" / "e2m1", a 16-entry "codebook": nf4's, bnb_fp4's), scale decoder (float, E8M0 or E4M3 bytes,
 optional fp32 tensor scale) and scale layout (per row and K group, or per SCALE_GROUP_N rows), all
 constexprs, two paths:
   * `_gemv_kernel` (lowbit/kernels/dequant_gemv.py): small M (no tensor cores needed at M <= 4),
@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ..errors import InputError
 from ..formats import bitpack
+from ..formats.bnb_fp4 import BNB_FP4_CODEBOOK
 from ..formats.nf4 import NF4_CODEBOOK
 from .dequant_gemv import _gemv_kernel
 from .element_decode import _decode, _decode_scale, _element_factor
@@ -85,8 +86,8 @@ def _code_tile(qw_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, BITS: tl.co
     row_ptrs = qw_ptr + offs_n[:, None] * stride_qn
     mask = n_mask[:, None]
     # one plane of 4 or 8 bits: interleaved codes cut 0.5-3.6 instructions per weight on sm_90; for
-    # narrower or several planes, and nf4's codebook gather, they came out even or worse
-    INTERLEAVE: tl.constexpr = (BITS == 4 or BITS == 8) and ELEMENT != "nf4"
+    # narrower or several planes, and the codebook gather, they came out even or worse
+    INTERLEAVE: tl.constexpr = (BITS == 4 or BITS == 8) and ELEMENT != "codebook"
     if ONE_BIT_PLANES:  # the LUT formats' layout: bit j of every code in plane j
         codes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
         for j in tl.static_range(BITS):
@@ -118,7 +119,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
     codes = _code_tile(qw_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, BITS, ELEMENT, ONE_BIT_PLANES,
                        BLOCK_N, BLOCK_K)
     mask = n_mask[:, None]
-    if ELEMENT == "nf4":
+    if ELEMENT == "codebook":
         # z_ptr is the fp32 [16] codebook: a gather within 64 bytes (one cache sector pair per
         # warp), where a 15-select tree cost ~10 instructions and ~190 registers per thread
         values = tl.load(z_ptr + codes)
@@ -376,15 +377,18 @@ def check_block_k(block_k: int, group_size: int, kp: int, multi_group: bool) -> 
 
 
 #: element decoder -> the code width it needs (None: any width 2..8)
-ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4, "nf4": 4}
+ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4, "nf4": 4, "bnb_fp4": 4}
+#: the codebook elements: 4-bit codes looked up in these 16 fp32 values (the kernels' ELEMENT "codebook")
+CODEBOOKS = {"nf4": NF4_CODEBOOK, "bnb_fp4": BNB_FP4_CODEBOOK}
 SCALE_KINDS = ("float", "e8m0", "e4m3")
 #: 2^23 as fp32 bits, a kernel argument so the GEMV holds it in a register (see `_column_sums`)
 MAGIC = 0x4B000000
 
 
 @functools.lru_cache(maxsize=None)
-def _nf4_codebook(device: torch.device) -> torch.Tensor:
-    return torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
+def _codebook(element: str, device: torch.device) -> torch.Tensor:
+    """A codebook element's values, fp32 [16], made once per device (no host copy per call)."""
+    return torch.tensor(CODEBOOKS[element], dtype=torch.float32, device=device)
 
 
 def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -398,8 +402,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     qweight int32 [N, Kp*bits/32] (bit planes, see lowbit/formats/bitpack.py; one_bit_planes: the
       LUT formats' b one-bit planes).
     element: "int" (w = (code - zero) * scale), "sint" (two's complement k/64, MX INT8) or a
-      small float "e4m3" / "e5m2" / "e2m3" / "e2m1" (w = value(code) * scale), or "nf4" (w =
-      NF4_CODEBOOK[code] * scale).
+      small float "e4m3" / "e5m2" / "e2m3" / "e2m1" (w = value(code) * scale), or a codebook
+      "nf4" / "bnb_fp4" (w = CODEBOOKS[element][code] * scale).
     scales [Kp/group_size, ceil(N/scale_group_n)]: any float dtype (scale_kind "float") or uint8
       bytes of E8M0 exponents / E4M3 values (scale_kind "e8m0" / "e4m3").
     zeros float16 [Kp/group_size, N] (asymmetric "int" only, else None).
@@ -431,7 +435,9 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return x.new_empty((0, n), dtype=out_dtype or x.dtype)
     multi_group = element != "int"
     act = f"-a8-{out_dtype}" if act_int8 else f"-{x.dtype}"
-    variant = f"{element}{bits}{'-1bit' if one_bit_planes else ''}-{'sym' if zeros is None else 'asym'}-g{group_size}-{scale_kind}{act}"
+    # the codebook formats share one kernel (their table is an argument), so one tuned entry
+    kernel_element = "codebook" if element in CODEBOOKS else element
+    variant = f"{kernel_element}{bits}{'-1bit' if one_bit_planes else ''}-{'sym' if zeros is None else 'asym'}-g{group_size}-{scale_kind}{act}"
     # GEMV columns hold whole words of the narrowest bit plane: one bit wide in the LUT formats' layout
     plane_bits = 1 if one_bit_planes else bits
     if config and "path" in config:  # a whole config (the LUT launcher's pick): no lookup of our own
@@ -442,12 +448,12 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                **(config or {})}
     if cfg["path"] not in (("gemm",) if act_int8 else ("gemv", "gemm")):
         raise InputError(f"config path must be 'gemv' or 'gemm' ('gemm' with int8 activations), got {cfg['path']!r}")
-    # z_ptr: the zero points (asymmetric "int"), the codebook ("nf4"), else never read
-    zeros_arg = zeros if zeros is not None else _nf4_codebook(x.device) if element == "nf4" else scales
+    # z_ptr: the zero points (asymmetric "int"), the code values (a codebook element), else never read
+    zeros_arg = zeros if zeros is not None else _codebook(element, x.device) if element in CODEBOOKS else scales
     bias_arg = bias if bias is not None else scales  # never read without bias
     ts_arg = tensor_scale if tensor_scale is not None else scales  # never read without one
     xs_arg = act_scales if act_int8 else scales  # never read without int8 activations
-    common = dict(BITS=bits, ELEMENT=element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
+    common = dict(BITS=bits, ELEMENT=kernel_element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
                   GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n, SCALE_KIND=scale_kind,
                   HAS_TENSOR_SCALE=tensor_scale is not None, ONE_BIT_PLANES=one_bit_planes, BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], **launch_options(cfg))

@@ -260,7 +260,7 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     time so it sits in a register: LOP3 takes one immediate, which the mask needs. The LUT
     formats' one-bit planes are merged in pairs into 2-bit codes first (`_pair_fma`). E4M3 /
     E5M2 / E2M1 decode two codes at a time (`_minifloat_pair`), so their column is walked in pair
-    order (K, K + 16 // BITS, K + 1, ...); "nf4" and "e2m3" extract each code, then look it up /
+    order (K, K + 16 // BITS, K + 1, ...); "codebook" and "e2m3" extract each code, then look it up /
     `_decode` it. PTX: the kernel is compiled (not interpreted), see `_fp16_pair_to_fp32`."""
     MINIFLOAT: tl.constexpr = ELEMENT == "e4m3" or ELEMENT == "e5m2" or ELEMENT == "e2m1"
     INTEGER: tl.constexpr = ELEMENT == "int" or ELEMENT == "sint"
@@ -358,7 +358,7 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
             else:
                 value = pending
             sums = tl.fma(value, x, sums)
-        else:  # "nf4" (one 4-bit plane) and "e2m3" (4-bit + 2-bit planes): the code, then its value
+        else:  # "codebook" (one 4-bit plane) and "e2m3" (4-bit + 2-bit planes): the code, then its value
             tl.static_assert(BITS & 1 == 0 and BITS < 8, "no 1-bit or 8-bit plane here")
             code = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.int32)
             if BITS & 4:
@@ -371,7 +371,7 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
                     w2 = _word(qw_ptr, rows, col, words_per_bit * 4, stride_qn, one, COLUMN_K // 16, kk // 16)
                 # e2m3's 2-bit plane is nibble-aligned (bitpack.py): code j of 16 at 4 (j % 8) + 2 (j // 8)
                 code |= ((w2 >> ((kk % 8) * 4 + ((kk % 16) // 8) * 2)) & 3) << 4
-            if ELEMENT == "nf4":
+            if ELEMENT == "codebook":
                 value = _load_by_column(z_ptr + code)  # z_ptr: the fp32 codebook (see `_dequant_tile`)
             else:
                 value = _decode(code, ELEMENT, BITS)

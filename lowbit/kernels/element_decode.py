@@ -25,7 +25,7 @@ def _decode(codes, ELEMENT: tl.constexpr, BITS: tl.constexpr):
       "int":  the unsigned code + 2^23 (the caller subtracts 2^23 + the zero point in one add).
       "sint": a BITS-wide two's-complement code.
       "e4m3", "e5m2", "e2m3", "e2m1": small floats, see `_decode_minifloat`.
-    ("nf4" codes are looked up in the codebook by `_dequant_tile`.)
+    ("codebook" codes are looked up in the fp32 code values by `_dequant_tile`.)
     Integers become floats as code | 0x4B000000 reinterpreted (= 2^23 + code, exact): an integer
     op at full rate instead of an int -> float convert (quarter rate on NVIDIA GPUs)."""
     if ELEMENT == "int":

@@ -1,4 +1,4 @@
-"""Importing bitsandbytes 4-bit NF4 and 8-bit folders (lowbit/integrations/bnb_import.py): the folders are
+"""Importing bitsandbytes 4-bit NF4 / FP4 and 8-bit folders (lowbit/integrations/bnb_import.py): the folders are
 written by real bitsandbytes (its CPU backend) through transformers' BitsAndBytesConfig and
 save_pretrained."""
 import json
@@ -39,22 +39,26 @@ def _four_bit_layers(model):
     return {name: module for name, module in model.named_modules() if type(module).__name__ == "Linear4bit"}
 
 
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_folder_imports_with_bitsandbytes_weights_bit_for_bit(bf16_dir, tmp_path, double_quant):
-    bnb_model, folder = _bnb_saved(bf16_dir, tmp_path / "bnb", bnb_4bit_quant_type="nf4",
+FOUR_BIT = {"nf4": "nf4", "fp4": "bnb_fp4"}
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
+def test_4bit_folder_imports_with_bitsandbytes_weights_bit_for_bit(bf16_dir, tmp_path, quant_type, double_quant):
+    bnb_model, folder = _bnb_saved(bf16_dir, tmp_path / "bnb", bnb_4bit_quant_type=quant_type,
                                    bnb_4bit_use_double_quant=double_quant)
     model = lowbit.load(folder)
     layers = _four_bit_layers(bnb_model)
     assert len(layers) == 14  # 7 Linear per layer; lm_head (tied) stays bf16
+    fmt = lowbit.get_format(FOUR_BIT[quant_type])
     for name, module in layers.items():
         ours = model.get_submodule(name)
-        assert isinstance(ours, lowbit.QuantLinear) and ours.format == "nf4"
+        assert isinstance(ours, lowbit.QuantLinear) and ours.format == fmt.name
         want = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        got = lowbit.get_format("nf4").dequantize(ours.packed)
+        got = fmt.dequantize(ours.packed)
         assert got.dtype == want.dtype == torch.bfloat16
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), name
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
-    # lowbit's nf4 layer is F.linear on that weight: the logits of a bf16 model holding the
+    # lowbit's codebook layer is F.linear on that weight: the logits of a bf16 model holding the
     # dequantized weights, bit for bit; bitsandbytes' own CPU matmul rounds differently
     reference = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -85,10 +89,31 @@ def test_convert_command_writes_a_lowbit_folder(bf16_dir, tmp_path):
     assert config["quantization_config"]["quant_method"] == "lowbit"
 
 
-def test_fp4_folders_are_refused_by_name(bf16_dir, tmp_path):
-    _, fp4 = _bnb_saved(bf16_dir, tmp_path / "fp4", bnb_4bit_quant_type="fp4")
-    with pytest.raises(CheckpointError, match=r"bnb_4bit_quant_type.*'fp4'.*only 'nf4'"):
-        lowbit.load(fp4)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantizer_writes_bitsandbytes_codes(minilm_weights, quant_type):
+    """lowbit's nf4 / bnb_fp4 quantizers follow bitsandbytes' rounding: on MiniLM's weights they
+    write its codes (FP4's second zero, code 8, included) and its block absmax, bit for bit."""
+    fmt = lowbit.get_format(FOUR_BIT[quant_type])
+    for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.weight"):
+        w = minilm_weights[name]
+        n, k = w.shape
+        codes_u8, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+        flat = codes_u8.flatten()
+        theirs = torch.stack([flat >> 4, flat & 15], dim=1).reshape(n, k).int()
+        packed = fmt.quantize(w)
+        assert torch.equal(bitpack.unpack(packed.qweight, 4, k), theirs), name
+        assert torch.equal(packed.absmax.t().flatten(), state.absmax), name
+    if quant_type == "fp4":
+        assert bool((theirs == 8).any())  # the rule for values in (0, 1/384] was exercised
+
+
+def test_bad_4bit_quant_type_is_refused_naming_the_field(bf16_dir, tmp_path):
+    _, folder = _bnb_saved(bf16_dir, tmp_path / "bnb", bnb_4bit_quant_type="fp4")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["bnb_4bit_quant_type"] = "int4"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"bnb_4bit_quant_type: 'int4': expected one of \['fp4', 'nf4'\]"):
+        lowbit.load(folder)
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +240,11 @@ def _set_state(tensors, key, state):
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("blocksize", r"down_proj\.weight\.quant_state\.bitsandbytes__nf4: blocksize: 128: lowbit's nf4 takes blocks of 64"),
-    ("quant_map", r"down_proj\.weight\.quant_map: is not NF4's code table"),
+    ("blocksize", r"down_proj\.weight\.quant_state\.bitsandbytes__nf4: blocksize: 128: lowbit's codebook formats take "
+                  r"blocks of 64"),
+    ("quant_map", r"down_proj\.weight\.quant_map: is not bitsandbytes' NF4 code table"),
+    ("quant_type", r"down_proj\.weight\.quant_state\.bitsandbytes__nf4: quant_type: 'fp4', expected 'nf4'"),
+    ("other_layer", r"up_proj\.weight\.quant_state\.bitsandbytes__fp4: a layer of another quant type"),
     ("codes", r"down_proj\.weight: 12287 bytes of codes for a \[128, 192\] weight"),
     ("json", r"down_proj\.weight\.quant_state\.bitsandbytes__nf4: not a JSON quant state"),
     ("nested_absmax", r"down_proj\.weight\.nested_absmax: missing"),
@@ -231,6 +259,11 @@ def test_damaged_layers_are_refused_naming_the_tensor(bf16_dir, tmp_path, damage
             _set_state(tensors, state_key, {**_state_json(tensors, state_key), "blocksize": 128})
         elif damage == "quant_map":
             tensors[f"{prefix}.quant_map"] = tensors[f"{prefix}.quant_map"].flip(0)
+        elif damage == "quant_type":
+            _set_state(tensors, state_key, {**_state_json(tensors, state_key), "quant_type": "fp4"})
+        elif damage == "other_layer":
+            up = "model.layers.1.mlp.up_proj.weight.quant_state.bitsandbytes__"
+            tensors[f"{up}fp4"] = tensors.pop(f"{up}nf4")
         elif damage == "codes":
             tensors[prefix] = tensors[prefix][:-1]
         elif damage == "json":
@@ -256,18 +289,18 @@ def test_convert_refuses_dfloat11_options_and_other_folders(bf16_dir, tmp_path, 
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [4, 8])
-def test_gpu_imported_layers_match_the_cpu_import_and_bitsandbytes_cuda(bf16_dir, tmp_path, bits):
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "8bit"])
+def test_gpu_imported_layers_match_the_cpu_import_and_bitsandbytes_cuda(bf16_dir, tmp_path, kind):
     """A folder bitsandbytes quantized and saved on the GPU: lowbit's import runs its Triton kernels
     there, close to the CPU import (torch reference) and to bitsandbytes' own CUDA layers."""
-    config = (transformers.BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
-              transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    config = (transformers.BitsAndBytesConfig(load_in_8bit=True) if kind == "8bit" else
+              transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
                                               bnb_4bit_compute_dtype=torch.bfloat16))
     bnb_model = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=config,
                                                                   device_map="cuda")
     bnb_model.save_pretrained(tmp_path / "bnb")
     on_cpu, on_gpu = lowbit.load(tmp_path / "bnb"), lowbit.load(tmp_path / "bnb", device="cuda")
-    assert {m.format for m in on_gpu.modules() if isinstance(m, lowbit.QuantLinear)} == {"nf4" if bits == 4 else "int8"}
+    assert {m.format for m in on_gpu.modules() if isinstance(m, lowbit.QuantLinear)} == {FOUR_BIT.get(kind, "int8")}
     with torch.no_grad():
         expected = on_cpu(IDS).logits.float()
         got = on_gpu(IDS.cuda()).logits.float().cpu()

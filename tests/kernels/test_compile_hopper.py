@@ -28,13 +28,14 @@ FP8_VARIANTS = [[path, 8, True, a, e] for path in ("gemv", "gemm") for a in ("bf
 MX_VARIANTS = [[path, bits, True, "bf16", element, scale] for path in ("gemv", "gemm")
                for bits, element, scale in [(4, "e2m1", "e8m0"), (4, "e2m1", "e4m3"), (6, "e2m3", "e8m0"),
                                             (8, "sint", "e8m0"), (8, "e4m3", "e8m0")]]
-NF4_VARIANTS = [[path, 4, True, "bf16", "nf4"] for path in ("gemv", "gemm")]
+# nf4 and bnb_fp4: the 16-entry codebook lookup
+CODEBOOK_VARIANTS = [[path, 4, True, "bf16", "codebook"] for path in ("gemv", "gemm")]
 # the table-lookup kernel, and the dequant GEMV on the LUT formats' one-bit planes
 LUT_VARIANTS = [["lut", b] for b in range(1, 5)] + [["gemv", b, False, "bf16", "int", "float", True] for b in range(1, 5)]
 DF11_VARIANTS = [["dfloat11", "decode"], ["dfloat11", "gemv"]]
 # act="int8": the GEMM on int8 activation codes
 INT8_ACT_VARIANTS = [["gemm", b, s, "int8", "int"] for b, s in [(8, True), (4, False), (6, False), (3, True)]]
-VARIANTS = (INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + NF4_VARIANTS + LUT_VARIANTS + DF11_VARIANTS + INT8_ACT_VARIANTS
+VARIANTS = (INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + CODEBOOK_VARIANTS + LUT_VARIANTS + DF11_VARIANTS + INT8_ACT_VARIANTS
             + [["act_quant", "e4m3"], ["act_quant", "int8"]])
 # the GEMV at M = 2 and 4 (BLOCK_M activation rows per program): compile_variant's gemv_block_m
 GEMV_BLOCK_M_VARIANTS = [["gemv", 4, False, "bf16", "int", "float", False, 64, m] for m in (2, 4)]
@@ -100,7 +101,7 @@ _WORD_LOAD = r"ld\.global(?:\.nc)?\.b32"
 def test_gemv_k_loop_stays_in_registers(hopper, variant):
     """The dequant GEMV's two K loops (whole tiles, then the masked last tile) each load every
     packed word once: BLOCK_N rows x the column's words as 32-bit loads, plus the 32-bit
-    activations / scales / nf4 codebook lookups a variant has (a gather per code would load a
+    activations / scales / codebook lookups a variant has (a gather per code would load a
     word per code). Weights and activations share one layout, so nothing crosses threads or
     passes through shared memory inside the loop: no shuffles, shared-memory accesses or
     barriers; and integer codes become floats by an OR and a reinterpret, never an int -> float
@@ -109,7 +110,7 @@ def test_gemv_k_loop_stays_in_registers(hopper, variant):
     column_k = hopper_codegen.variant_column_k(bits, element, *scale_and_planes)
     rows = hopper_codegen.GEMV_BLOCK_N
     expected = (rows * column_k * bits // 32 + (column_k if act == "fp32" else 0)
-                + (rows if element != "int" and not scale_and_planes else 0) + (rows * column_k if element == "nf4" else 0))
+                + (rows if element != "int" and not scale_and_planes else 0) + (rows * column_k if element == "codebook" else 0))
     k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if re.search(_WORD_LOAD, body)]
     assert len(k_loops) == 2
     for body in k_loops:
@@ -147,7 +148,7 @@ def test_gemv_small_floats_convert_from_their_own_register(hopper, variant):
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemm" and v[1] in (4, 8) and v[3] != "fp32"
-                                     and v[4] != "nf4"], ids=lambda v: "-".join(map(str, v)))
+                                     and v[4] != "codebook"], ids=lambda v: "-".join(map(str, v)))
 def test_gemm_stores_whole_words_of_weights(hopper, variant):
     """A 4- or 8-bit plane's codes are split in their thread (`_codes_in_order`), so the dequantized
     tile reaches the tensor cores through vector shared-memory stores (or none), not the 2-byte

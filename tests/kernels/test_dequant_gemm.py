@@ -246,11 +246,11 @@ def test_gpu_real_shapes(bits, m, n, k):
 
 
 @pytest.mark.parametrize("fmt,options", [("int4", {}), ("int3", {"symmetric": True}), ("int6", {}), ("nf4", {}),
-                                         ("nvfp4", {}), ("mxfp4", {}), ("fp8", {}), ("lut2", {})])
+                                         ("bnb_fp4", {}), ("nvfp4", {}), ("mxfp4", {}), ("fp8", {}), ("lut2", {})])
 @pytest.mark.parametrize("m", [1, 3])
 def test_gemv_transposed_loads_give_the_same_values(monkeypatch, fmt, options, m):
     """Under Triton < 3.7 (the GPU image's 3.6) the GEMV loads activations, words, scales, zero
-    points and the nf4 codebook through pointers with the column axis first
+    points and the nf4 / bnb_fp4 code values through pointers with the column axis first
     (dequant_gemv._TRANSPOSED_LOADS, a layout choice): forced on in the interpreter, it gives what
     the reference gives, at M=1 and at M=3 (4 activation rows, the 4th masked off; K=300 leaves
     the last tile's activations masked too). On a GPU the other path is compiled and already

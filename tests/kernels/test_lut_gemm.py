@@ -1,5 +1,5 @@
 """The LUT formats' kernels (the table-lookup kernel; the dequant GEMV and GEMM on one-bit planes)
-for lut1-lut4, and nf4 through the generic dequant kernel, against F.linear on the dequantized
+for lut1-lut4, and the codebook formats nf4 / bnb_fp4 through the generic dequant kernel, against F.linear on the dequantized
 weight. Interpreter on CPU; `gpu` tests add real shapes."""
 import pytest
 import torch
@@ -24,7 +24,7 @@ def _assert_close(y, ref, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["lut1", "lut2", "lut3", "lut4", "nf4"])
+@pytest.mark.parametrize("name", ["lut1", "lut2", "lut3", "lut4", "nf4", "bnb_fp4"])
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_linear_equals_f_linear_on_dequantized_weight(device, name, m):
     dtype = DTYPES[(m + int(name[-1])) % 3]
@@ -76,10 +76,11 @@ def test_launch_config_needs_a_path():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_nf4_double_quant_kernel(device):
+@pytest.mark.parametrize("name", ["nf4", "bnb_fp4"])
+def test_codebook_double_quant_kernel(device, name):
     gen = torch.Generator().manual_seed(5)
     w, x = torch.randn(40, 200, generator=gen), torch.randn(2, 200, generator=gen)
-    fmt = get_format("nf4")
+    fmt = get_format(name)
     p = fmt.quantize(w, double_quant=True)
     _assert_close(lowbit.linear(x.to(device), p.to(device), backend="triton"), F.linear(x, fmt.dequantize(p)),
                   torch.float32)
@@ -95,7 +96,7 @@ def test_custom_op_registration(device):
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["lut2", "lut4", "nf4"])
+@pytest.mark.parametrize("name", ["lut2", "lut4", "nf4", "bnb_fp4"])
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (4, 1024, 4096), (16, 14336, 4096), (64, 4096, 4096)])
 def test_gpu_real_shapes(name, m, n, k):
     gen = torch.Generator(device="cuda").manual_seed(0)
