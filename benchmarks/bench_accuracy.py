@@ -45,7 +45,8 @@ VARIANTS = ["int2:method=mse", "int3:method=mse", "int4:method=mse", "int5:metho
             "mxfp4:rotate=hadamard", "mxfp4:act=mxfp4", "mxfp4:act=mxfp4,rotate=hadamard", "nvfp4:act=nvfp4",
             "nvfp4:act=nvfp4,rotate=hadamard", "mxfp4:method=gptq", "mxfp4:rotate=hadamard,method=gptq",
             "mxfp4:act=mxfp4,rotate=hadamard,method=gptq", "nvfp4:method=gptq", "nvfp4:act=nvfp4,method=gptq",
-            "nvfp4:act=nvfp4,rotate=hadamard,method=gptq", "mxfp6:method=gptq", "nf4:double_quant=true", "nf4:method=gptq"]
+            "nvfp4:act=nvfp4,rotate=hadamard,method=gptq", "mxfp6:method=gptq", "nf4:double_quant=true", "nf4:method=gptq",
+            "bnb_fp4:method=gptq"]
 SMOKE_FORMATS = ["int4", "int4:method=mse"]
 
 #: sentences of varied topic and length (DEMO_SENTENCES is added to them)
