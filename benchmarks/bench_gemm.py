@@ -42,7 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
              "A100-SXM4-80GB": 2039.0, "A100": 1555.0, "L40S": 864.0, "RTX 4090": 1008.0}
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}
-DEFAULT_FORMATS = ([f"int{b}" for b in range(2, 9)] + ["int8:act=int8,symmetric=true,group_size=-1", "int4:act=int8"]
+DEFAULT_FORMATS = ([f"int{b}" for b in range(2, 9)] + ["int8:act=int8,symmetric=true,group_size=-1", "int4:act=int8",
+                                                        "int4:act=fp8,symmetric=true"]
                    + ["fp8", "fp8_e5m2", "fp8:act=fp8", "fp8:block=128,act=fp8"]
                    + ["mxint8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"] + [f"lut{b}" for b in range(1, 5)] + ["nf4", "bnb_fp4", "dfloat11"])
 
@@ -85,15 +86,15 @@ def check_format_specs(specs: list[str], args, calibrated: bool = False) -> list
 
 def reference(fmt, packed, x):
     """fp32 reference of the path lowbit.linear takes for this M: the W8A8 emulation where the
-    act="fp8" kernel uses FP8 tensor cores or the act="int8" kernel int8 ones, else
-    F.linear(x, dequantize(W))."""
+    fp8 act="fp8" kernel uses FP8 tensor cores or the act="int8" kernel int8 ones, else
+    F.linear(x, dequantize(W)) (the integer formats' act="fp8" included: no FP8 x intN kernel yet)."""
     import lowbit
     from lowbit.kernels.fp8_w8a8 import takes_w8a8_path
     from lowbit.kernels.int8_act import takes_int8_path
 
     act = packed.attrs.get("act")
-    if act == "fp8" and takes_w8a8_path(x.shape[0], packed.shape[0], x.device, packed.qweight.dtype,
-                                        packed.attrs["block"]):
+    if act == "fp8" and packed.format.startswith("fp8") and takes_w8a8_path(
+            x.shape[0], packed.shape[0], x.device, packed.qweight.dtype, packed.attrs["block"]):
         return lowbit.linear(x.float(), packed, backend="torch"), "w8a8"
     if act == "int8" and takes_int8_path(x.shape[0], x.device):
         return lowbit.linear(x.float(), packed, backend="torch"), "w8a8-int8"

@@ -10,6 +10,7 @@ Import or set-up failures raise; bench_gemm records them in the row instead of f
 |----------------------------|-----------------------------------------------------------------------|
 | int2 / int4 / int8         | gemlite A16Wn (fed lowbit's own codes, scales and zero points)      |
 | int4 (asymmetric)          | torchao Int4WeightOnlyConfig (same group size): tinygemm and fbgemm packings |
+| int4 act="fp8" (group 128) | torchao Float8DynamicActivationInt4WeightConfig (fbgemm's FP8 x int4 kernel; preshuffled packing) |
 | int8                       | torchao Int8WeightOnlyConfig                                          |
 | int8 act="int8" (symmetric, per channel) | torchao Int8DynamicActivationInt8WeightConfig, gemlite A8W8_int8_dynamic, bitsandbytes LLM.int8 (threshold 0: no float16 outlier columns) |
 | fp8 (per channel)          | torchao Float8WeightOnlyConfig, gemlite A16W8_FP8                     |
@@ -65,6 +66,15 @@ def _torchao_int4(packing: str):
         return Int4WeightOnlyConfig(group_size=options.get("group_size", 128), int4_packing_format=packing)
 
     return make
+
+
+def _torchao_int4_fp8(options):
+    """W4AFP8: torchao's int4 groups of 128 with per-row E4M3 activations (fbgemm-gpu-genai)."""
+    from torchao.quantization import Float8DynamicActivationInt4WeightConfig
+
+    if options.get("act") != "fp8" or options.get("group_size", 128) != 128:
+        return None
+    return Float8DynamicActivationInt4WeightConfig()
 
 
 def _w8a8_per_channel(options) -> bool:
@@ -242,7 +252,8 @@ def _dfloat11_package(options, w, packed):
 COMPETITORS = {
     "int2": [("gemlite-a16w2", _gemlite_int)],
     "int4": [("torchao-int4wo-tinygemm", _torchao(_torchao_int4("tile_packed_to_4d"))),
-             ("torchao-int4wo-fbgemm", _torchao(_torchao_int4("plain"))), ("gemlite-a16w4", _gemlite_int)],
+             ("torchao-int4wo-fbgemm", _torchao(_torchao_int4("plain"))), ("gemlite-a16w4", _gemlite_int),
+             ("torchao-int4-fp8-dynamic", _torchao(_torchao_int4_fp8))],
     "int8": [("torchao-int8wo", _torchao(_torchao_int8)), ("gemlite-a16w8", _gemlite_int),
              ("torchao-int8-dynamic", _torchao(_torchao_int8_dynamic)),
              ("gemlite-a8w8-int8", _gemlite_from_linear(_gemlite_int8_dynamic)),

@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--block", type=int, default=None, help="fp8: one scale per BLOCK x BLOCK tile (e.g. 128) "
                    "instead of per output channel")
     q.add_argument("--act", default=None, help="also quantize activations at run time (fp8 formats: 'fp8' = W8A8; "
-                   "int formats: 'int8' = W8A8 / W4A8 on int8 tensor cores; microscaling formats: a microscaling "
+                   "int formats: 'int8' = W8A8 / W4A8 on int8 tensor cores, 'fp8' = W4AFP8; microscaling formats: a microscaling "
                    "format name, fake-quantized)")
     q.add_argument("--rotate", default=None, choices=["hadamard"], help="microscaling formats: block Hadamard "
                    "rotation along K (weights offline, activations at run time)")

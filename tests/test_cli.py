@@ -73,9 +73,15 @@ def test_quantize_fp8_w8a8_block(tiny_llama_dir, tmp_path, capsys):
     # a 128 x 128 tile is larger than the whole 96 x 96 weight: stored as the one 96 x 96 tile
     assert layer.format == "fp8" and layer.attrs == {"block": 96, "act": "fp8"}
     assert layer.qweight.dtype == torch.float8_e4m3fn and layer.scales.shape == (1, 1)
+    # W4AFP8: integer weights with E4M3 activations
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "w4afp8"), "--format", "int4", "--act", "fp8",
+                 "--symmetric"]) == 0
+    layer = lowbit.load(tmp_path / "w4afp8").model.layers[1].self_attn.q_proj
+    assert layer.format == "int4" and layer.attrs == {"group_size": 96, "symmetric": True, "act": "fp8"}
+    capsys.readouterr()
     # options a format does not take are a one-line error naming the layer
-    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "bad"), "--format", "int4", "--act", "fp8"]) == 2
-    assert "int4: act must be one of (None, 'int8'), got 'fp8'" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "bad"), "--format", "int4", "--act", "mxfp8"]) == 2
+    assert "int4: act must be one of (None, 'int8', 'fp8'), got 'mxfp8'" in capsys.readouterr().err
     assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "bad"), "--format", "nf4", "--act", "int8"]) == 2
     assert "unknown option(s) ['act']" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -48,7 +48,8 @@ def test_skeleton_must_match(saved_mlp):
 
 
 # Options beyond the defaults that change what is stored.
-EXTRA_OPTIONS = {"int8": [{"act": "int8", "symmetric": True, "group_size": -1}], "int4": [{"act": "int8"}, {"method": "mse"}],
+EXTRA_OPTIONS = {"int8": [{"act": "int8", "symmetric": True, "group_size": -1}],
+                 "int4": [{"act": "int8"}, {"method": "mse"}, {"act": "fp8", "symmetric": True}],
                  "fp8": [{"block": 128, "act": "fp8"}, {"act": "fp8"}], "fp8_e5m2": [{"block": 32}],
                  "mxfp4": [{"act": "mxfp4", "rotate": "hadamard"}, {"act": "mxfp8", "act_amax_round": 1}],
                  "nvfp4": [{"act": "nvfp4"}, {"act": "nvfp4", "act_tensor_scale": 0.002}],

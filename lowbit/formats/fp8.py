@@ -17,7 +17,8 @@ word, LSB first, exactly like the 8-bit integer plane), scales float32 [Kp/B, ce
 (per channel: [1, N]).
 
 Option `act="fp8"` (W8A8): activations are quantized too, dynamically, per token (block mode:
-per 1 x B group along K) with the same rule and E4M3 elements (`quantize_activations`). The
+per 1 x B group along K) with the same rule and E4M3 elements
+(lowbit.formats.activations.quantize_activations_fp8). The
 torch reference emulates exactly that rounding; on CUDA the kernel path is chosen per M (see
 `lowbit.kernels.fp8_w8a8`).
 """
@@ -31,34 +32,12 @@ import torch.nn.functional as F
 from ..errors import FormatError
 from ..packed import MAX_DIM, PackedWeight
 from . import register_format
-from .activations import dequantize_activations, safe_scale
+from .activations import cast_fp8, dequantize_activations, quantize_activations_fp8, safe_scale
 from .base import FieldSpec, Format
 from .integer import padded_k
 
 SCALE_DTYPE = torch.float32
-ACT_DTYPE = torch.float8_e4m3fn
-ACT_MAX = torch.finfo(ACT_DTYPE).max  # 448
 _ACTS = (None, "fp8")
-
-
-def cast_fp8(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 -> fp8 `dtype`, saturating: clamp to the finite range, then round to nearest even."""
-    fp8_max = torch.finfo(dtype).max
-    return values.clamp(-fp8_max, fp8_max).to(dtype)
-
-
-def quantize_activations(x: torch.Tensor, kp: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic E4M3 quantization of activations (the spec the Triton kernel matches bit for bit).
-
-    x: [M, K] float16 / bfloat16 / float32 with K <= kp; zero-padded to kp columns.
-    group: None = one scale per token (row); else one per 1 x group slice (group divides kp).
-    Returns (xq float8_e4m3fn [M, kp], scales float32 [M, kp // group] (or [M, 1])).
-    """
-    m, k = x.shape
-    group = group or kp
-    xf = F.pad(x.float(), (0, kp - k)).reshape(m, kp // group, group)
-    scale = safe_scale(xf.abs().amax(dim=-1, keepdim=True), ACT_MAX)
-    return cast_fp8(xf / scale, ACT_DTYPE).reshape(m, kp), scale.squeeze(-1)
 
 
 class Fp8Format(Format):
@@ -144,7 +123,7 @@ class Fp8Format(Format):
         if packed.attrs["act"] is None:
             return super().reference_linear(x, packed, bias)
         k, block = packed.shape[1], packed.attrs["block"]
-        x_hat = dequantize_activations(*quantize_activations(x.reshape(-1, k), self.padded_k(k, block), block))
+        x_hat = dequantize_activations(*quantize_activations_fp8(x.reshape(-1, k), self.padded_k(k, block), block))
         return self.fp32_linear(x, x_hat[:, :k], self.dequantize(packed).float(), bias)
 
     # -- kernels ------------------------------------------------------------------------------

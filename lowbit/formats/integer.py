@@ -34,8 +34,15 @@ decodes the same way whatever it was):
 Option `act="int8"` (W8A8 for int8, W4A8 for int4, ...): activations are quantized too,
 dynamically, per token, to symmetric int8 (lowbit.formats.activations.quantize_activations_int8).
 The torch reference emulates exactly that rounding; on CUDA the kernel path is chosen per M (see
-`lowbit.kernels.int8_act`). The attribute is stored only when set, so weight-only layers keep
-the manifest entries lowbit wrote before the option existed.
+`lowbit.kernels.int8_act`).
+Option `act="fp8"` (W4AFP8 for int4, as torchao's Float8DynamicActivationInt4WeightConfig and
+compressed-tensors' W4AFP8): activations are quantized dynamically per token to E4M3
+(lowbit.formats.activations.quantize_activations_fp8, fp8's act="fp8" rule), and the torch
+reference multiplies those values with the weight in fp32. There is no FP8 x intN tensor-core
+kernel yet: on CUDA every M runs the weight-only kernel on the 16-bit activations (the path
+act="int8" and fp8's act="fp8" take below M = 32), slightly more accurate than the reference.
+The attribute is stored only when set, so weight-only layers keep the manifest entries lowbit
+wrote before the option existed.
 """
 from __future__ import annotations
 
@@ -46,14 +53,16 @@ import torch
 from ..errors import FormatError, WeightError
 from ..packed import MAX_DIM, PackedWeight
 from . import bitpack, gptq, register_format
-from .activations import dequantize_activations, quantize_activations_int8
+from .activations import dequantize_activations, quantize_activations_fp8, quantize_activations_int8
 from .base import FieldSpec, Format
 
 DEFAULT_GROUP_SIZE = 128
 SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24
 _MAX_SCALE = torch.finfo(SCALE_DTYPE).max
-_ACTS = (None, "int8")
+_ACTS = (None, "int8", "fp8")
+#: act -> its dynamic per-token activation quantizer: x [M, K], kp -> (codes [M, kp], fp32 scales [M, 1])
+_ACT_QUANTIZERS = {"int8": quantize_activations_int8, "fp8": quantize_activations_fp8}
 #: range factors method="mse" tries per group, largest first (1 = the "rtn" range)
 MSE_SHRINK = tuple(1.0 - 0.025 * i for i in range(21))
 
@@ -119,8 +128,9 @@ class IntFormat(Format):
             raise FormatError(f"{self.name}: group_size must be a positive multiple of 32 up to {MAX_DIM}, got {gs!r}")
         if not isinstance(attrs["symmetric"], bool):
             raise FormatError(f"{self.name}: symmetric must be a bool, got {attrs['symmetric']!r}")
-        if "act" in attrs and attrs["act"] != "int8":  # stored only when set
-            raise FormatError(f"{self.name}: act must be 'int8' when present, got {attrs['act']!r}")
+        if "act" in attrs and attrs["act"] not in _ACT_QUANTIZERS:  # stored only when set
+            raise FormatError(f"{self.name}: act must be one of {sorted(_ACT_QUANTIZERS)} when present, "
+                              f"got {attrs['act']!r}")
         return attrs
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
@@ -264,12 +274,12 @@ class IntFormat(Format):
         return w.reshape(n, kp)[:, :k].to(packed.dtype)
 
     def reference_linear(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        """Weight-only: F.linear(x, dequantize(W)). act="int8": x is quantized per token first and
-        the product is taken in fp32 — the W8A8 numerics."""
+        """Weight-only: F.linear(x, dequantize(W)). act="int8" / "fp8": x is quantized per token
+        first and the product is taken in fp32 — the W8A8 / W4AFP8 numerics."""
         if packed.attrs.get("act") is None:
             return super().reference_linear(x, packed, bias)
         k = packed.shape[1]
-        x_hat = dequantize_activations(*quantize_activations_int8(x.reshape(-1, k), k))
+        x_hat = dequantize_activations(*_ACT_QUANTIZERS[packed.attrs["act"]](x.reshape(-1, k), k))
         return self.fp32_linear(x, x_hat, self.dequantize(packed).float(), bias)
 
     # -- kernels ------------------------------------------------------------------------------
@@ -278,6 +288,7 @@ class IntFormat(Format):
         if packed.attrs.get("act") == "int8":
             return torch.ops.lowbit.int8_act_linear(x2d, packed.qweight, packed.scales, zeros, bias, self.bits,
                                                     group_size, packed.shape[1])
+        # weight-only, and act="fp8" (no FP8 x intN kernel yet: the 16-bit activations, see the module doc)
         return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, packed.scales, zeros, None, bias, self.bits,
                                                "int", group_size, 1, "float", packed.shape[1])
 

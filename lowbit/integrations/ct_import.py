@@ -28,7 +28,7 @@ int- and naive-quantized integer layers hold the same fields but q itself, one i
 M.weight [N, K] (no weight_packed / weight_shape), and asymmetric zero points z as int8 [N, G].
 On any integer layer, dynamic symmetric int8 activations per token (W8A8, W4A8) become lowbit's
 act="int8" (lowbit's rule: scale amax / 127, codes in [-127, 127]; compressed-tensors' reference
-divides by 127.5).
+divides by 127.5), and dynamic symmetric E4M3 ones per token (W4AFP8) act="fp8" (the same rule).
 
 For each float- (or naive-) quantized FP8 Linear M: M.weight float8_e4m3fn [N, K] and M.weight_scale: [N, 1]
 ("channel"), [1] ("tensor") or [ceil(N/B), ceil(K/B)] ("block", B x B); the weight is
@@ -53,7 +53,7 @@ act="nvfp4" with act_tensor_scale=1/g_in: compressed-tensors' rule in fp32 (its 
 amax/6 and the fake-quantized values to bf16; lowbit keeps fp32).
 
 Refused with a CheckpointError naming the file, tensor or field: other formats (sparse, marlin),
-static activation scales, integer layers' activations other than int8 per token, KV cache schemes, transforms, packed
+static activation scales, integer layers' activations other than int8 or E4M3 per token, KV cache schemes, transforms, packed
 3/5/6/7-bit codes from folders of compressed-tensors before 0.20 (quantization_config.version;
 some earlier versions packed 32 // b codes per int32 word), group sizes that are not a multiple
 of 32, activation-ordered groups (g_idx not in K order), fused 3-D expert weights, damaged
@@ -202,11 +202,16 @@ def _check_microscaled_weights(at: str, weights: dict[str, Any], fmt: str) -> No
                    f"got {rule}")
 
 
+#: compressed-tensors' 8-bit activation type -> its name in messages
+ELEMENT_NAMES = {"float": "E4M3", "int": "int8"}
+
+
 def _activation_rule(at: str, activations: Any, fmt: str, weights: dict[str, Any]) -> str | None:
     """The lowbit `act` of a scheme's input_activations: None; "fp8" for FP8 weights with dynamic
     symmetric E4M3 activations per token (per 1 x B group with B x B weight blocks), the rule of
-    lowbit's fp8 act="fp8"; "int8" for integer weights (W8A8, W4A8) with dynamic symmetric int8
-    activations per token, lowbit's act="int8"; "mxfp4" / "mxfp6" / "mxfp8" for MX weights with
+    lowbit's fp8 act="fp8", and for integer weights with them per token (W4AFP8); "int8" for
+    integer weights (W8A8, W4A8) with dynamic symmetric int8 activations per token, lowbit's
+    act="int8"; "mxfp4" / "mxfp6" / "mxfp8" for MX weights with
     dynamic MX activations of that element (blocks of 32, E8M0 scales), lowbit's act of that name."""
     if not activations:
         return None
@@ -229,14 +234,16 @@ def _activation_rule(at: str, activations: Any, fmt: str, weights: dict[str, Any
         raise fail(at, "lowbit quantizes MX activations dynamically to MXFP4, MXFP6 or MXFP8 (blocks of 32, E8M0 "
                    f"scales); got type/num_bits/dynamic/symmetric/strategy/group_size/scale_dtype {rule}")
     block = weights.get("block_structure") if weights.get("strategy") == "block" else None
-    element = "float" if weights["type"] == "float" else "int"
-    wanted = [element, 8, True, True, "token", None] if block is None else [element, 8, True, True, "group", block[0]]
+    # FP8 weights take E4M3 activations; integer ones int8 (W8A8, W4A8) or E4M3 (W4AFP8)
+    elements = ["float"] if weights["type"] == "float" else ["int", "float"]
+    granularity = ["token", None] if block is None else ["group", block[0]]
     rule = rule[:6]  # the scale dtype is the model's
-    if rule != wanted:
-        raise fail(at, f"lowbit quantizes activations dynamically to {'E4M3' if element == 'float' else 'int8'}, "
-                   "symmetric, " + ("per token" if block is None else f"per group of {block[0]} (the weight block)")
-                   + f"; got type/num_bits/dynamic/symmetric/strategy/group_size {rule}")
-    return "fp8" if element == "float" else "int8"
+    for element in elements:
+        if rule == [element, 8, True, True, *granularity]:
+            return "fp8" if element == "float" else "int8"
+    raise fail(at, f"lowbit quantizes activations dynamically to {' or '.join(ELEMENT_NAMES[e] for e in elements)}, "
+               "symmetric, " + ("per token" if block is None else f"per group of {block[0]} (the weight block)")
+               + f"; got type/num_bits/dynamic/symmetric/strategy/group_size {rule}")
 
 
 def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str], dict[str, Any]]],

@@ -1,7 +1,7 @@
 """Triton kernel that quantizes activations at run time for the W8A8 paths: per token (or per
 1 x group slice along K), scale = amax / qmax, then E4M3 codes (act="fp8") or int8 codes
-(act="int8"), bit-identical to the torch spec (lowbit.formats.fp8.quantize_activations,
-lowbit.formats.activations.quantize_activations_int8). One kernel, the encoding a constexpr.
+(act="int8"), bit-identical to the torch spec (lowbit.formats.activations:
+quantize_activations_fp8, quantize_activations_int8). One kernel, the encoding a constexpr.
 """
 from __future__ import annotations
 

@@ -50,8 +50,7 @@ def w8a8_supported(device: torch.device, weight_dtype: torch.dtype, block: int |
     fp32 emulation. A failing probe is logged once and the weight-only kernel is used instead."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9) or block not in (None, 128):
         return False
-    from ..formats.activations import dequantize_activations, safe_scale
-    from ..formats.fp8 import cast_fp8, quantize_activations
+    from ..formats.activations import cast_fp8, dequantize_activations, quantize_activations_fp8, safe_scale
 
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(40, 384, device=device, generator=gen, dtype=torch.bfloat16)
@@ -64,7 +63,7 @@ def w8a8_supported(device: torch.device, weight_dtype: torch.dtype, block: int |
         scales = safe_scale(w.reshape(2, 128, 3, 128).abs().amax(dim=(1, 3)), fp8_max).t().contiguous()
         w_scale = scales.t().repeat_interleave(128, 0).repeat_interleave(128, 1)
     qweight = cast_fp8(w / w_scale, weight_dtype)
-    expected = dequantize_activations(*quantize_activations(x, 384, block)) @ (qweight.float() * w_scale).t()
+    expected = dequantize_activations(*quantize_activations_fp8(x, 384, block)) @ (qweight.float() * w_scale).t()
     try:
         got = scaled_mm_w8a8(x, qweight, scales, block).float()
     except (RuntimeError, NotImplementedError, ValueError, ImportError) as exc:  # ImportError: no F.scaled_mm

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import lowbit
 from lowbit.errors import FormatError, WeightError
 from lowbit.formats import get_format
-from lowbit.formats.fp8 import cast_fp8, dequantize_activations, quantize_activations
+from lowbit.formats.activations import cast_fp8, dequantize_activations, quantize_activations_fp8
 
 FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
@@ -161,7 +161,7 @@ def test_tiny_weights_never_get_a_zero_scale():
 
 def test_activation_quantization_golden():
     x = torch.tensor([[896.0, -1.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0]])
-    q, s = quantize_activations(x, 32)
+    q, s = quantize_activations_fp8(x, 32)
     assert s.tolist() == [[2.0], [1.0]]  # amax 896 -> 896/448; a zero token gets scale 1
     assert _bytes(q[0, :4]) == [0x7E, 0xB0, 0x28, 0x3C] and _bytes(q[1]) == [0] * 32
     assert torch.equal(dequantize_activations(q, s)[0, :4], torch.tensor([896.0, -1.0, 0.5, 3.0]))
@@ -170,8 +170,8 @@ def test_activation_quantization_golden():
 def test_activation_groups_are_independent():
     x = torch.randn(3, 256)
     x[:, 128:] *= 1000
-    _, s_token = quantize_activations(x, 256)
-    q, s_group = quantize_activations(x, 256, 128)
+    _, s_token = quantize_activations_fp8(x, 256)
+    q, s_group = quantize_activations_fp8(x, 256, 128)
     assert s_token.shape == (3, 1) and s_group.shape == (3, 2)
     assert torch.equal(s_group[:, 1], s_token[:, 0])
     torch.testing.assert_close(dequantize_activations(q, s_group), x, rtol=2**-4, atol=0)
@@ -197,7 +197,7 @@ def test_w8a8_reference_is_the_quantized_product():
     w = torch.randn(32, 96)
     x = torch.randn(5, 96)
     p = get_format("fp8").quantize(w, act="fp8")
-    xq, xs = quantize_activations(x, 96)
+    xq, xs = quantize_activations_fp8(x, 96)
     expected = (xq.float() @ p.qweight.float().t()) * xs * p.scales
     torch.testing.assert_close(lowbit.linear(x, p, backend="torch"), expected, rtol=1e-6, atol=1e-5)
 

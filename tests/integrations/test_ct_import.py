@@ -84,14 +84,15 @@ def _input_amax(model):
     return amax
 
 
-def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False, dtype=torch.bfloat16):
+def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False, dtype=torch.bfloat16, scale_dtype=None):
     """compressed-tensors: quantize the model at `source` (in `dtype`) with `groups` ({name:
     (targets, weights QuantizationArgs[, input activations QuantizationArgs])}; min-max scales,
     NVFP4's global scales as llm-compressor's generate_gparam sets them, the activations' from
     the input amax on IDS), compress it to `fmt` (None: the format compressed-tensors infers, as
     llm-compressor saves) and save it to `out`. qdq_logits: also return the logits of IDS through
     the quantized model before compression, which runs compressed-tensors' own
-    quantize-dequantize forward (weights and activations)."""
+    quantize-dequantize forward (weights and activations). scale_dtype: round the weight scales
+    through it first (float16: an fp32 model whose scales lowbit's integer layers hold exactly)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     input_amax = _input_amax(model)
     schemes = {name: ct_quantization.QuantizationScheme(targets=targets, weights=args[0],
@@ -109,6 +110,8 @@ def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False, dtype
             module.weight_global_scale.data.copy_(global_scale)
         scale, zero = calculate_qparams(*_min_max(scheme.weights, module.weight.data), scheme.weights,
                                         global_scale=global_scale)
+        if scale_dtype is not None:
+            scale = scale.to(scale_dtype).to(scale.dtype)
         if hasattr(module, "input_global_scale"):
             amax = input_amax[name].float()
             module.input_global_scale.data.copy_(generate_gparam(-amax, amax))
@@ -125,12 +128,11 @@ def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False, dtype
     return (out, logits) if qdq_logits else out
 
 
-def _decompressed(folder):
+def _decompressed(folder, dtype=torch.bfloat16):
     config = transformers.CompressedTensorsConfig(dequantize=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers: the folder's own quantization_config is used
-        return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
-                                                                 dtype=torch.bfloat16)
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype)
 
 
 def _quant_layers(model):
@@ -292,7 +294,7 @@ GROUP = "quantization_config.config_groups.group_0"
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
      rf"{GROUP}\.weights\.group_size: 48: lowbit's groups are a positive multiple of 32"),
     (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 4, "type": "int"}),
-     rf"{GROUP}\.input_activations: lowbit quantizes activations dynamically to int8, symmetric, per token; "
+     rf"{GROUP}\.input_activations: lowbit quantizes activations dynamically to int8 or E4M3, symmetric, per token; "
      r"got type/num_bits/dynamic/symmetric/strategy/group_size \['int', 4, None"),
     (lambda q: q.update(kv_cache_scheme={"num_bits": 8}), r"quantization_config\.kv_cache_scheme: is set"),
     (lambda q: q["config_groups"]["group_0"].update(targets=["re:.*mlp.*"]),
@@ -429,15 +431,14 @@ def test_fp8_activation_rule_is_compressed_tensors_dynamic_rule_in_fp32(strategy
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
-    from lowbit.formats.activations import dequantize_activations
-    from lowbit.formats.fp8 import quantize_activations
+    from lowbit.formats.activations import dequantize_activations, quantize_activations_fp8
 
     _, args = _fp8_args(strategy)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0)) * 3
     x[2, 17] = 40.0  # an outlier token
     scale, zero = compute_dynamic_scales_and_zp(x.unsqueeze(0), args, None)
     theirs = fake_quantize(x.unsqueeze(0), scale, zero, args)[0]
-    ours = dequantize_activations(*quantize_activations(x, 256, 128 if strategy == "block" else None))
+    ours = dequantize_activations(*quantize_activations_fp8(x, 256, 128 if strategy == "block" else None))
     assert torch.equal(ours, theirs)
 
 
@@ -489,6 +490,33 @@ def test_w4a8_folder_imports_with_int8_activations(bf16_dir, tmp_path, fmt):
     with torch.no_grad():
         logits = model(IDS).logits.float()
     assert (logits - qdq.float()).norm() / qdq.float().norm() < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4afp8_folder_imports_with_fp8_activations(bf16_dir, tmp_path, dtype):
+    """compressed-tensors' W4AFP8 preset (int4 weights in groups, symmetric; dynamic E4M3
+    activations per token; groups of 64 here, as the test model's K = 192 needs): lowbit `int4`
+    act="fp8" layers with the same weights. The activation rule is compressed-tensors' in fp32:
+    on an fp32 model (weight scales made float16 values) the logits equal its own
+    quantize-dequantize forward up to summation order. On bf16 activations it rounds each token's
+    scale and the fake-quantized values to bf16, lowbit keeps fp32: 3.6% of the logits' norm on
+    this tiny random model."""
+    targets, weights, activations = _preset("W4AFP8")
+    weights = weights.model_copy(update={"group_size": 64})
+    folder, qdq = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": (targets, weights, activations)}, fmt=None,
+                            qdq_logits=True, dtype=dtype, scale_dtype=torch.float16)
+    model, reference = lowbit.load(folder), _decompressed(folder, dtype)
+    layers = _quant_layers(model)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        assert layer.format == "int4" and layer.packed.attrs == {"group_size": 64, "symmetric": True,
+                                                                 "act": "fp8"}, name
+        got = lowbit.get_format("int4").dequantize(layer.packed)
+        assert got.dtype == dtype and torch.equal(got, reference.get_submodule(name).weight), name
+    with torch.no_grad():
+        logits = model(IDS).logits.float()
+    error = float((logits - qdq.float()).norm() / qdq.float().norm())
+    assert error < (1e-5 if dtype == torch.float32 else 0.05), error
 
 
 def test_fp8_weight_only_folder_saved_as_naive_quantized(bf16_dir, tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.formats import get_format
-from lowbit.formats.fp8 import quantize_activations
+from lowbit.formats.activations import quantize_activations_fp8
 from lowbit.kernels import fp8_w8a8
 from lowbit.kernels.act_quant import quantize_activations_triton
 from lowbit.kernels.fp8_w8a8 import fp8_matmul, scaled_mm_w8a8
@@ -92,7 +92,7 @@ def _hard_activations(m, k, dtype, seed=0):
 def test_activation_quant_kernel_is_bit_exact(device, dtype, group):
     x = _hard_activations(6, 300, dtype)
     kp = 384
-    q_ref, s_ref = quantize_activations(x, kp, group)
+    q_ref, s_ref = quantize_activations_fp8(x, kp, group)
     q, s = quantize_activations_triton(x.to(device), kp, group)
     assert q.dtype == torch.float8_e4m3fn and q.shape == (6, kp)
     assert torch.equal(s.cpu(), s_ref)
