@@ -379,8 +379,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     structure (it is filled in place; after a failed load it may be partly converted, so build
     a fresh one to retry). Every problem with the folder raises CheckpointError naming the file
     and field. A folder written by the `dfloat11` package (config.json with `dfloat11_config`)
-    is imported instead: lowbit/integrations/dfloat11_import.py; so are a bitsandbytes 4-bit NF4
-    or 8-bit folder (lowbit/integrations/bnb_import.py) and a compressed-tensors integer, FP8,
+    is imported instead: lowbit/integrations/dfloat11_import.py; so are a bitsandbytes 4-bit NF4 /
+    FP4 or 8-bit folder (lowbit/integrations/bnb_import.py) and a compressed-tensors integer, FP8,
     NVFP4 or MX one (lowbit/integrations/ct_import.py); a folder written by `save_pretrained`
     (config.json with a lowbit quantization_config) is read through transformers' from_pretrained.
     """

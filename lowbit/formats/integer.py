@@ -60,9 +60,9 @@ DEFAULT_GROUP_SIZE = 128
 SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24
 _MAX_SCALE = torch.finfo(SCALE_DTYPE).max
-_ACTS = (None, "int8", "fp8")
 #: act -> its dynamic per-token activation quantizer: x [M, K], kp -> (codes [M, kp], fp32 scales [M, 1])
 _ACT_QUANTIZERS = {"int8": quantize_activations_int8, "fp8": quantize_activations_fp8}
+_ACTS = (None, *_ACT_QUANTIZERS)
 #: range factors method="mse" tries per group, largest first (1 = the "rtn" range)
 MSE_SHRINK = tuple(1.0 - 0.025 * i for i in range(21))
 

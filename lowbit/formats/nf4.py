@@ -2,8 +2,9 @@
 the 4-bit block-absmax codebook layout it shares with bitsandbytes' FP4 (lowbit/formats/bnb_fp4.py).
 
 Blocks of 64 consecutive weights along K share an absmax scale; each weight is w / absmax
-rounded to the nearest of the 16 code values (NF4: ties to the lower code). An all-zero block gets
-absmax 1. K is zero-padded to a multiple of 64.
+rounded to the nearest of the 16 code values: with the codes in ascending value (a tie in code
+order), a midpoint goes to the lower one, bitsandbytes' rule (for NF4, whose table ascends, the
+lower code). An all-zero block gets absmax 1. K is zero-padded to a multiple of 64.
 
 double_quant=True (QLoRA's double quantization) stores the fp32 absmax values themselves in
 8 bits: the mean is subtracted, then each run of 256 consecutive values (group-major order) is
@@ -20,6 +21,7 @@ input Hessian (lowbit/formats/gptq.py), same layout and rules.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -40,23 +42,11 @@ BLOCK = 64
 DQ_BLOCK = 256
 
 
-def codebook(device=None) -> torch.Tensor:
-    """NF4's 16 code values, fp32 [16]."""
-    return torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
-
-
-def nearest_code(normalized: torch.Tensor) -> torch.Tensor:
-    """Values in [-1, 1] -> int32 codes of the nearest NF4 value (a midpoint goes to the lower code)."""
-    book = codebook(normalized.device)
-    midpoints = (book[1:] + book[:-1]) / 2
-    return torch.bucketize(normalized, midpoints, right=False).to(torch.int32)
-
-
 class CodebookFormat(Format):
     """4-bit codes into a table of 16 values in [-1, 1] with block-64 absmax (optionally
-    double-quantized) scales. Subclasses set `name`, `CODEBOOK` (the values of codes 0..15,
-    fp32-exact) and `nearest_code` (their rounding rule); the kernel launcher finds the table by
-    the format's name (lowbit/kernels/dequant_gemm.py, CODEBOOKS)."""
+    double-quantized) scales. Subclasses set `name` and `CODEBOOK` (the values of codes 0..15,
+    fp32-exact); the kernel launcher finds the table by the format's name
+    (lowbit/kernels/dequant_gemm.py, CODEBOOKS)."""
 
     CODEBOOK: tuple[float, ...] = ()
     ATTRS = ("double_quant",)
@@ -71,13 +61,21 @@ class CodebookFormat(Format):
             # double quantization needs every block's absmax before any is stored, GPTQ sets them one by one
             raise FormatError(f"{self.name}: method='gptq' does not combine with double_quant=True")
 
+    @functools.cached_property
+    def _ascending_codes(self) -> tuple[int, ...]:
+        """Codes 0..15 in ascending value, equal values (bnb_fp4's two zeros) in code order."""
+        return tuple(sorted(range(16), key=lambda code: (self.CODEBOOK[code], code)))
+
     def codebook(self, device=None) -> torch.Tensor:
         """The 16 code values, fp32 [16] (a new tensor)."""
         return torch.tensor(self.CODEBOOK, dtype=torch.float32, device=device)
 
     def nearest_code(self, normalized: torch.Tensor) -> torch.Tensor:
-        """fp32 values in [-1, 1] -> int32 codes 0..15 (the format's rounding rule)."""
-        raise NotImplementedError
+        """fp32 values in [-1, 1] -> int32 codes 0..15 of the nearest value (a midpoint to the lower
+        one; of equal values, the lower code)."""
+        order = torch.tensor(self._ascending_codes, dtype=torch.int32, device=normalized.device)
+        values = self.codebook(normalized.device)[order.long()]
+        return order[torch.bucketize(normalized, (values[1:] + values[:-1]) / 2, right=False)]
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape
@@ -180,9 +178,6 @@ class NF4Format(CodebookFormat):
 
     name = "nf4"
     CODEBOOK = NF4_CODEBOOK
-
-    def nearest_code(self, normalized: torch.Tensor) -> torch.Tensor:
-        return nearest_code(normalized)
 
 
 register_format(NF4Format())

@@ -109,7 +109,7 @@ def integer_layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch
                   dtype: torch.dtype, act: str | None = None) -> PackedWeight:
     """A lowbit `int{bits}` PackedWeight of `dtype` from another library's codes: unsigned codes
     int32 [N, K] in [0, 2^bits), float16 scales [N, G] and, when asymmetric, float16 zero points
-    [N, G] (else the constant 2^(bits-1)), G groups of `group_size` along K; act: "int8" or None."""
+    [N, G] (else the constant 2^(bits-1)), G groups of `group_size` along K; act: "int8", "fp8" or None."""
     n, k = codes.shape
     kp = padded_k(k, group_size)
     # the padding codes decode to 0 in symmetric layers; lowbit's kernels never read them

@@ -100,8 +100,7 @@ def _int_direct(fmt, w, hessian, packed):
 
 def _nf4_direct(w, hessian):
     """_direct_gptq with NF4's rules (absmax per block of 64, nearest code value)."""
-    from lowbit.formats.nf4 import codebook, nearest_code
-
+    codebook, nearest_code = get_format("nf4").codebook, get_format("nf4").nearest_code
     kp = -(-w.shape[1] // 64) * 64
 
     def round_column(column, absmax):

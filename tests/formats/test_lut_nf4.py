@@ -9,7 +9,9 @@ import lowbit
 from lowbit.errors import FormatError, WeightError
 from lowbit.formats import bitpack, get_format
 from lowbit.formats.bnb_fp4 import BNB_FP4_CODEBOOK
-from lowbit.formats.nf4 import NF4_CODEBOOK, codebook, nearest_code
+from lowbit.formats.nf4 import NF4_CODEBOOK
+
+codebook, nearest_code = get_format("nf4").codebook, get_format("nf4").nearest_code
 
 
 @settings(max_examples=40, deadline=None)
