@@ -85,31 +85,34 @@ def check_format_specs(specs: list[str], args, calibrated: bool = False) -> list
 
 
 def reference(fmt, packed, x):
-    """fp32 reference of the path lowbit.linear takes for this M: the W8A8 emulation where the
-    fp8 act="fp8" kernel uses FP8 tensor cores or the act="int8" kernel int8 ones, else
-    F.linear(x, dequantize(W)) (the integer formats' act="fp8" included: no FP8 x intN kernel yet)."""
+    """fp32 reference of the path lowbit.linear takes for this M: the quantized-activation
+    emulation where the fp8 act="fp8" kernel uses FP8 tensor cores or an integer format's
+    act="int8" / "fp8" kernel int8 / FP8 ones, else F.linear(x, dequantize(W))."""
     import lowbit
     from lowbit.kernels.fp8_w8a8 import takes_w8a8_path
-    from lowbit.kernels.int8_act import takes_int8_path
+    from lowbit.kernels.quantized_act import takes_quantized_act_path
 
     act = packed.attrs.get("act")
     if act == "fp8" and packed.format.startswith("fp8") and takes_w8a8_path(
             x.shape[0], packed.shape[0], x.device, packed.qweight.dtype, packed.attrs["block"]):
         return lowbit.linear(x.float(), packed, backend="torch"), "w8a8"
-    if act == "int8" and takes_int8_path(x.shape[0], x.device):
-        return lowbit.linear(x.float(), packed, backend="torch"), "w8a8-int8"
+    if act in ("int8", "fp8") and packed.format.startswith("int") and takes_quantized_act_path(
+            act, fmt.bits, x.shape[0], x.device):
+        return lowbit.linear(x.float(), packed, backend="torch"), {"int8": "w8a8-int8", "fp8": "fp8-act"}[act]
     return F.linear(x.float(), fmt.dequantize(packed).float()), "weight-only"
 
 
 def parse_args(argv=None):
-    from benchmarks.shapes import M_VALUES
+    from benchmarks.shapes import M_VALUES, SMOKE_M_VALUES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     p.add_argument("--formats", nargs="+", default=None,
                    help="format specs NAME[:OPTION=VALUE,...]; default: " + " ".join(DEFAULT_FORMATS))
     p.add_argument("--sets", nargs="+", default=["llama3-8b"])
-    p.add_argument("--m", nargs="+", type=int, default=M_VALUES)
+    p.add_argument("--m", nargs="+", type=int, default=None,
+                   help=f"batch rows; default: {' '.join(map(str, M_VALUES))} (GPU), "
+                        f"{' '.join(map(str, SMOKE_M_VALUES))} (--smoke)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results (GPU), a temp dir (smoke)")
@@ -345,11 +348,12 @@ def write_outputs(out_dir: Path, stem: str, env: dict, rows: list[dict], on_gpu:
 
 
 def main(argv=None) -> int:
-    from benchmarks.shapes import SMOKE_M_VALUES, shapes
+    from benchmarks.shapes import M_VALUES, SMOKE_M_VALUES, shapes
 
     args = parse_args(argv)
     formats = args.formats or DEFAULT_FORMATS
-    problems = check_format_specs(formats, args) + [f"--m {m}: not a positive number of rows" for m in args.m if m < 1]
+    problems = check_format_specs(formats, args)
+    problems += [f"--m {m}: not a positive number of rows" for m in args.m or () if m < 1]
     for problem in problems:
         print(f"bench_gemm: {problem}", file=sys.stderr)
     if problems:
@@ -359,14 +363,14 @@ def main(argv=None) -> int:
             print("--smoke runs Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
             return 2
         device, dtype = torch.device("cpu"), torch.float32
-        shape_list, m_values = shapes(["smoke"]), SMOKE_M_VALUES
+        shape_list, m_values = shapes(["smoke"]), args.m or SMOKE_M_VALUES
         out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="lowbit-bench-smoke-"))
     else:
         if not torch.cuda.is_available():
             print("GPU numbers are only taken on a GPU: no CUDA device here (use --smoke on CPU)", file=sys.stderr)
             return 2
         device, dtype = torch.device("cuda"), torch.bfloat16
-        shape_list, m_values = shapes(args.sets), args.m
+        shape_list, m_values = shapes(args.sets), args.m or M_VALUES
         out_dir = args.out_dir or REPO / "benchmarks" / "results"
     env = env_info(device)
     peak = peak_gbps(env["device"])

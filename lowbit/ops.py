@@ -93,25 +93,27 @@ def fp8_linear(
 fp8_linear.register_fake(_fake_linear)
 
 
-@torch.library.custom_op("lowbit::int8_act_linear", mutates_args=())
-def int8_act_linear(
+@torch.library.custom_op("lowbit::quantized_act_linear", mutates_args=())
+def quantized_act_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
     zeros: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
+    act: str,
     bits: int,
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """[M, K] x times an intN weight quantized with act="int8" -> [M, N]: int8 tensor cores or
-    the weight-only Triton kernel, chosen per M inside the op."""
-    from .kernels.int8_act import int8_act_matmul
+    """[M, K] x times an intN weight quantized with act="int8" / "fp8" -> [M, N]: int8 / FP8
+    tensor cores or the weight-only Triton kernel, chosen per M inside the op."""
+    from .kernels.quantized_act import quantized_act_matmul
 
-    return int8_act_matmul(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size, in_features=in_features)
+    return quantized_act_matmul(x, qweight, scales, zeros, bias, act=act, bits=bits, group_size=group_size,
+                                in_features=in_features)
 
 
-int8_act_linear.register_fake(_fake_linear)
+quantized_act_linear.register_fake(_fake_linear)
 
 
 @torch.library.custom_op("lowbit::dfloat11_linear", mutates_args=())

@@ -33,6 +33,24 @@ def test_bench_gemm_smoke(tmp_path):
     assert list(tmp_path.glob("*.md"))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="smoke mode is the CPU interpreter run")
+def test_bench_gemm_smoke_checks_the_quantized_activation_paths(tmp_path):
+    """--m in a smoke run: at M = 40 the integer formats' act="int8" / "fp8" layers take their
+    tensor-core GEMMs (interpreted), gated against the quantized-activation reference; M = 1 and
+    int6 act="fp8" (codes too wide for E4M3) stay weight-only."""
+    formats = ["int4:act=fp8,symmetric=true", "int6:act=fp8", "int4:act=int8"]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gemm.py"), "--smoke", "--m", "1", "40",
+                           "--formats", *formats, "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("*.json")
+    rows = json.loads(result.read_text())["results"]
+    expected = {(f, m): "weight-only" for f in formats for m in (1, 40)}
+    expected[formats[0], 40], expected[formats[2], 40] = "fp8-act", "w8a8-int8"
+    assert {(r["format"], r["M"]): r["path"] for r in rows} == expected
+    assert len(rows) == 3 * 2 * 2 and all(r["max_rel_err"] < 1e-5 for r in rows)
+
+
 def test_bench_gemm_output_merges_runs_of_the_same_day(tmp_path):
     """A GPU run split over several commands ends in one file: rows of an earlier run stay,
     rows of the same format, shape and M are replaced, and the target check covers both."""

@@ -33,14 +33,13 @@ decodes the same way whatever it was):
 
 Option `act="int8"` (W8A8 for int8, W4A8 for int4, ...): activations are quantized too,
 dynamically, per token, to symmetric int8 (lowbit.formats.activations.quantize_activations_int8).
-The torch reference emulates exactly that rounding; on CUDA the kernel path is chosen per M (see
-`lowbit.kernels.int8_act`).
+The torch reference emulates exactly that rounding.
 Option `act="fp8"` (W4AFP8 for int4, as torchao's Float8DynamicActivationInt4WeightConfig and
 compressed-tensors' W4AFP8): activations are quantized dynamically per token to E4M3
 (lowbit.formats.activations.quantize_activations_fp8, fp8's act="fp8" rule), and the torch
-reference multiplies those values with the weight in fp32. There is no FP8 x intN tensor-core
-kernel yet: on CUDA every M runs the weight-only kernel on the 16-bit activations (the path
-act="int8" and fp8's act="fp8" take below M = 32), slightly more accurate than the reference.
+reference multiplies those values with the weight in fp32.
+On CUDA both options choose their kernel per M (`lowbit.kernels.quantized_act`): int8 / FP8
+tensor cores from M = 32 (act="fp8" for widths up to 5 bits), else the weight-only kernel.
 The attribute is stored only when set, so weight-only layers keep the manifest entries lowbit
 wrote before the option existed.
 """
@@ -285,10 +284,9 @@ class IntFormat(Format):
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
         zeros, group_size = packed.tensors.get("zeros"), packed.attrs["group_size"]
-        if packed.attrs.get("act") == "int8":
-            return torch.ops.lowbit.int8_act_linear(x2d, packed.qweight, packed.scales, zeros, bias, self.bits,
-                                                    group_size, packed.shape[1])
-        # weight-only, and act="fp8" (no FP8 x intN kernel yet: the 16-bit activations, see the module doc)
+        if packed.attrs.get("act") is not None:
+            return torch.ops.lowbit.quantized_act_linear(x2d, packed.qweight, packed.scales, zeros, bias,
+                                                         packed.attrs["act"], self.bits, group_size, packed.shape[1])
         return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, packed.scales, zeros, None, bias, self.bits,
                                                "int", group_size, 1, "float", packed.shape[1])
 

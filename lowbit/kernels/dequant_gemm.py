@@ -152,17 +152,18 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
 
 
 @triton.jit
-def _int8_group_sum(iacc, xsum, s_ptr, z_ptr, group, offs_n, n_mask, stride_sg, BITS: tl.constexpr,
+def _code_group_sum(cacc, xsum, s_ptr, z_ptr, group, offs_n, n_mask, stride_sg, BITS: tl.constexpr,
                     SYMMETRIC: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] share of one scale group (before the activations' per-row scales):
-    iacc int32 [BLOCK_M, BLOCK_N], sums of int8 activation codes times centred weight codes
-    (code - 2^(BITS-1)) over K in the group; xsum int32 [BLOCK_M], the activation codes' sums
-    there. An asymmetric group's weights are (code - z) * s = (centred - (z - 2^(BITS-1))) * s."""
+    cacc [BLOCK_M, BLOCK_N], sums of activation codes times centred weight codes
+    (code - 2^(BITS-1)) over K in the group (int32 for int8 codes, fp32 for E4M3 ones); xsum
+    [BLOCK_M] (same dtype), the activation codes' sums there. An asymmetric group's weights are
+    (code - z) * s = (centred - (z - 2^(BITS-1))) * s."""
     if not SYMMETRIC:
-        zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.int32) - (1 << (BITS - 1))
-        iacc -= xsum[:, None] * zero[None, :]
+        zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(cacc.dtype)
+        cacc -= xsum[:, None] * (zero - (1 << (BITS - 1)))[None, :]
     scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    return iacc.to(tl.float32) * scale[None, :]
+    return cacc.to(tl.float32) * scale[None, :]
 
 
 @triton.jit
@@ -172,16 +173,20 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, xs_ptr, bias_ptr, out_ptr,
                  BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
                  SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
-                 DOT_FP32: tl.constexpr, ACT_INT8: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 DOT_FP32: tl.constexpr, ACT_CODES: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (m, s, n) computes output tile (m, n) over K tiles s * tiles_per_split onwards;
     with SPLIT, the splits are reduced inside the launch (lowbit/kernels/split_k.py). Splitting K
     keeps every SM streaming weights when M is small and N has fewer tiles than the GPU has SMs.
-    ACT_INT8 ("int" codes only): x holds int8 activation codes and xs_ptr their fp32 per-row
-    scales; the K loop runs on int8 tensor cores into an int32 accumulator, which is scaled into
-    the fp32 one (`_int8_group_sum`) at the end of each scale group, of the split, and every
-    FLUSH_K within a group (so it cannot overflow: 127 * 255 * 2^15 < 2^31)."""
-    FLUSH_K: tl.constexpr = 32768
+    ACT_CODES ("int" codes only): "" for 16/32-bit activations, else x holds activation codes,
+    "int8" or "e4m3", and xs_ptr their fp32 per-row scales. The K loop multiplies them with the
+    centred weight codes (code - 2^(BITS-1): exact in int8 for BITS <= 8, in E4M3 for BITS <= 5)
+    on int8 / FP8 tensor cores into a code accumulator (int32 / fp32), which is scaled into the
+    fp32 one (`_code_group_sum`) at the end of each scale group, of the split, and every FLUSH_K
+    within a group: int8 so the int32 sums cannot overflow (127 * 255 * 2^15 < 2^31); E4M3
+    because Hopper's FP8 tensor cores add with fewer bits than fp32 (Triton's default there
+    never promotes), so partial sums are promoted every 128 K (DeepSeek-V3's interval)."""
+    FLUSH_K: tl.constexpr = 32768 if ACT_CODES == "int8" else 128
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -191,26 +196,30 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, xs_ptr, bias_ptr, out_ptr,
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, words_per_bit * 32 // BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ACT_INT8:
-        iacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    if ACT_CODES != "":
+        CODE_ACC: tl.constexpr = tl.int32 if ACT_CODES == "int8" else tl.float32
+        cacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=CODE_ACC)
+        xsum = tl.zeros((BLOCK_M,), dtype=CODE_ACC)
     for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-        if ACT_INT8:
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if ACT_CODES != "":
             codes = _code_tile(qw_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn, BITS, "int", False,
                                BLOCK_N, BLOCK_K)
-            centred = (codes - (1 << (BITS - 1))).to(tl.int8)  # exact for BITS <= 8
-            iacc = tl.dot(x, tl.trans(centred), iacc, out_dtype=tl.int32)
+            centred = codes - (1 << (BITS - 1))
+            if ACT_CODES == "int8":
+                cacc = tl.dot(x, tl.trans(centred.to(tl.int8)), cacc, out_dtype=tl.int32)
+            else:  # small integers convert to E4M3 exactly; through fp16, which converts natively
+                cacc = tl.dot(x, tl.trans(centred.to(tl.float16).to(tl.float8e4nv)), cacc)
             if not SYMMETRIC:
-                xsum += tl.sum(x.to(tl.int32), axis=1)
+                xsum += tl.sum(x.to(CODE_ACC), axis=1)
             k_end = (t + 1) * BLOCK_K
             if (k_end % GROUP_SIZE) % FLUSH_K == 0 or t == t_end - 1:
-                acc += _int8_group_sum(iacc, xsum, s_ptr, z_ptr, t * BLOCK_K // GROUP_SIZE, offs_n, n_mask, stride_sg,
+                acc += _code_group_sum(cacc, xsum, s_ptr, z_ptr, t * BLOCK_K // GROUP_SIZE, offs_n, n_mask, stride_sg,
                                        BITS, SYMMETRIC)
-                iacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-                xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+                cacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=CODE_ACC)
+                xsum = tl.zeros((BLOCK_M,), dtype=CODE_ACC)
         else:
             w = tl.trans(_dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
                                        stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
@@ -221,7 +230,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, xs_ptr, bias_ptr, out_ptr,
                 acc = tl.dot(x, w.to(x.dtype), acc)
     if HAS_TENSOR_SCALE:
         acc *= tl.load(ts_ptr).to(tl.float32)
-    if ACT_INT8:
+    if ACT_CODES != "":
         acc *= tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if HAS_BIAS:
         if pid_k == 0:  # with split-K, the bias goes into exactly one partial sum
@@ -381,6 +390,10 @@ ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4, 
 #: the codebook elements: 4-bit codes looked up in these 16 fp32 values (the kernels' ELEMENT "codebook")
 CODEBOOKS = {"nf4": NF4_CODEBOOK, "bnb_fp4": BNB_FP4_CODEBOOK}
 SCALE_KINDS = ("float", "e8m0", "e4m3")
+#: activation-code dtype -> the GEMM's ACT_CODES (x holds quantized activations, see dequant_matmul)
+ACT_CODES = {torch.int8: "int8", torch.float8_e4m3fn: "e4m3"}
+#: widest weight codes the E4M3-activation GEMM takes: centred codes in [-16, 15] are exact in E4M3
+E4M3_MAX_BITS = 5
 #: 2^23 as fp32 bits, a kernel argument so the GEMV holds it in a register (see `_column_sums`)
 MAGIC = 0x4B000000
 
@@ -410,18 +423,24 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     tensor_scale: fp32 [1] multiplying the whole product (NVFP4), or None. bias [N] or None.
     `config`: a whole config (with a "path", keys as returned by `pick_config`) replaces the path
       / tile choice; one without a path overrides the keys it has.
-    act_scales: fp32 [M, 1] with x int8 activation codes [M, K] (lowbit/kernels/act_quant.py):
-      the int8 tensor-core GEMM (element "int" in the bit-plane layout, float scales; always the
-      GEMM path); the output is then [M, N] in out_dtype.
+    act_scales: fp32 [M, 1] with x activation codes [M, K], int8 or float8_e4m3fn
+      (lowbit/kernels/act_quant.py): the int8 / FP8 tensor-core GEMM (element "int" in the
+      bit-plane layout, float scales, at most 5 bits with E4M3 codes; always the GEMM path); the
+      output is then [M, N] in out_dtype.
     """
     width = ELEMENTS.get(element, -1)
     if width == -1 or (width is not None and bits != width) or (element != "int" and zeros is not None):
         raise InputError(f"element={element!r} with bits={bits}, zeros={zeros is not None} is not a kernel variant")
-    act_int8 = act_scales is not None
-    if act_int8 and (element != "int" or one_bit_planes or tensor_scale is not None or scale_kind != "float"
-                     or x.dtype != torch.int8 or out_dtype is None or act_scales.shape != (x.shape[0], 1)):
-        raise InputError(f"int8 activations take int8 x with fp32 act_scales [M, 1], an out_dtype and float-scaled "
-                         f"'int' codes; got x {x.dtype}, act_scales {tuple(act_scales.shape)}, element {element!r}")
+    act_codes = ACT_CODES.get(x.dtype) if act_scales is not None else ""
+    if act_scales is not None and (act_codes is None or element != "int" or one_bit_planes or tensor_scale is not None
+                                   or scale_kind != "float" or out_dtype is None
+                                   or act_scales.shape != (x.shape[0], 1)):
+        raise InputError(f"quantized activations take int8 or float8_e4m3fn x with fp32 act_scales [M, 1], an "
+                         f"out_dtype and float-scaled 'int' codes; got x {x.dtype}, act_scales "
+                         f"{tuple(act_scales.shape)}, element {element!r}")
+    if act_codes == "e4m3" and bits > E4M3_MAX_BITS:
+        raise InputError(f"E4M3 activations take weight codes of at most {E4M3_MAX_BITS} bits (centred codes "
+                         f"must be exact in E4M3), got bits={bits}")
     if scale_kind not in SCALE_KINDS:
         raise InputError(f"scale_kind must be one of {SCALE_KINDS}, got {scale_kind!r}")
     n = qweight.shape[0]
@@ -434,7 +453,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype or x.dtype)
     multi_group = element != "int"
-    act = f"-a8-{out_dtype}" if act_int8 else f"-{x.dtype}"
+    act = f"-{act_codes}-{out_dtype}" if act_codes else f"-{x.dtype}"
     # the codebook formats share one kernel (their table is an argument), so one tuned entry
     kernel_element = "codebook" if element in CODEBOOKS else element
     variant = f"{kernel_element}{bits}{'-1bit' if one_bit_planes else ''}-{'sym' if zeros is None else 'asym'}-g{group_size}-{scale_kind}{act}"
@@ -444,15 +463,16 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         cfg = dict(config)
     else:
         cfg = {**pick_config(m, n, kp, group_size, x.device, multi_group, variant, plane_bits,
-                             allow_gemv=not act_int8),
+                             allow_gemv=not act_codes),
                **(config or {})}
-    if cfg["path"] not in (("gemm",) if act_int8 else ("gemv", "gemm")):
-        raise InputError(f"config path must be 'gemv' or 'gemm' ('gemm' with int8 activations), got {cfg['path']!r}")
+    if cfg["path"] not in (("gemm",) if act_codes else ("gemv", "gemm")):
+        raise InputError(f"config path must be 'gemv' or 'gemm' ('gemm' with quantized activations), got "
+                         f"{cfg['path']!r}")
     # z_ptr: the zero points (asymmetric "int"), the code values (a codebook element), else never read
     zeros_arg = zeros if zeros is not None else _codebook(element, x.device) if element in CODEBOOKS else scales
     bias_arg = bias if bias is not None else scales  # never read without bias
     ts_arg = tensor_scale if tensor_scale is not None else scales  # never read without one
-    xs_arg = act_scales if act_int8 else scales  # never read without int8 activations
+    xs_arg = act_scales if act_codes else scales  # never read without quantized activations
     common = dict(BITS=bits, ELEMENT=kernel_element, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None,
                   GROUP_SIZE=group_size, SCALE_GROUP_N=scale_group_n, SCALE_KIND=scale_kind,
                   HAS_TENSOR_SCALE=tensor_scale is not None, ONE_BIT_PLANES=one_bit_planes, BLOCK_M=cfg["BLOCK_M"],
@@ -483,6 +503,6 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _gemm_kernel[(m_tiles, split_k, n_tiles)](x, qweight, scales, zeros_arg, ts_arg, xs_arg, bias_arg, out, workspace,
                                               tickets, m, n, in_features, words_per_bit, tiles_per_split,
                                               x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-                                              DOT_FP32=dot_fp32, ACT_INT8=act_int8, SPLIT=split_k > 1,
+                                              DOT_FP32=dot_fp32, ACT_CODES=act_codes, SPLIT=split_k > 1,
                                               BLOCK_K=cfg["BLOCK_K"], **common)
     return out

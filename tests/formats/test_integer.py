@@ -239,8 +239,8 @@ def test_act_int8_reference_quantizes_each_token():
 def test_act_fp8_reference_quantizes_each_token_to_e4m3():
     """W4AFP8 (torchao's Float8DynamicActivationInt4WeightConfig, compressed-tensors' W4AFP8): each
     token to E4M3 with its own scale amax/448, then the fp32 product with the dequantized weight.
-    On CUDA the weight-only kernel runs on the 16-bit activations (no FP8 x int4 kernel yet), so the
-    Triton path is close to the reference, not equal to it."""
+    (The FP8 tensor-core GEMM is tested against this reference in
+    tests/kernels/test_quantized_act.py.)"""
     gen = torch.Generator().manual_seed(0)
     w, x, b = torch.randn(6, 64, generator=gen), torch.randn(3, 2, 64, generator=gen), torch.randn(6, generator=gen)
     fmt = get_format("int4")

@@ -18,7 +18,9 @@ from lowbit.kernels import act_quant, dequant_gemv, dfloat11, lut_gemm
 from lowbit.kernels.runtime import FP_FUSION
 
 HOPPER = GPUTarget("cuda", 90, 32)
-ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "int8": "*i8"}
+ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "int8": "*i8", "e4m3": "*fp8e4nv"}
+#: activation codes (quantized activations: act="int8" / "fp8" layers)
+ACT_CODES = ("int8", "e4m3")
 GEMV_BLOCK_N = 16  # gemv_config's rows per program at M=1
 GEMV_K = 4096  # the GEMV is compiled per K: a Llama-3-8B q_proj's
 GEMM_TILE = 64  # the GEMM's BLOCK_N and BLOCK_K (the launcher's defaults)
@@ -86,8 +88,8 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
     Llama-3-8B q_proj (K = GEMV_K; 16 rows, columns of 32 K or the group); the GEMM with 64 x 64 x
-    GEMM_BLOCK_M tiles (64: Hopper's wgmma; the launcher's default at M <= 16 is 16). act "int8":
-    the GEMM on int8 activation codes (act="int8" layers; bf16 output). gemv_block_m: the GEMV's
+    GEMM_BLOCK_M tiles (64: Hopper's wgmma; the launcher's default at M <= 16 is 16). act "int8" /
+    "e4m3": the GEMM on int8 / E4M3 activation codes (act="int8" / "fp8" layers; bf16 output). gemv_block_m: the GEMV's
     activation rows (the launcher takes M up to 4 in one program)."""
     kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = _group(element, scale_kind)
@@ -100,10 +102,10 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                           COLUMNS=kernels.gemv_columns({}),
                           COLUMN_K=variant_column_k(bits, element, scale_kind, one_bit_planes), PTX=True)
     else:
-        constexprs.update(DOT_FP32=act == "fp32", ACT_INT8=act == "int8", SPLIT=True, BLOCK_M=gemm_block_m,
+        constexprs.update(DOT_FP32=act == "fp32", ACT_CODES=act if act in ACT_CODES else "", SPLIT=True, BLOCK_M=gemm_block_m,
                           BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE)
     scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"
-    out = "*bf16" if act == "int8" else ACT[act]
+    out = "*bf16" if act in ACT_CODES else ACT[act]
     pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_type, "z_ptr": scale_type,
                      "ts_ptr": "*fp32", "xs_ptr": "*fp32", "bias_ptr": out, "out_ptr": out, **SPLIT_K_POINTERS}
     return _compile(kernel, pointer_types, constexprs, unaligned=("M", "tiles_per_split", "one"))

@@ -33,10 +33,11 @@ CODEBOOK_VARIANTS = [[path, 4, True, "bf16", "codebook"] for path in ("gemv", "g
 # the table-lookup kernel, and the dequant GEMV on the LUT formats' one-bit planes
 LUT_VARIANTS = [["lut", b] for b in range(1, 5)] + [["gemv", b, False, "bf16", "int", "float", True] for b in range(1, 5)]
 DF11_VARIANTS = [["dfloat11", "decode"], ["dfloat11", "gemv"]]
-# act="int8": the GEMM on int8 activation codes
+# act="int8" / "fp8": the GEMM on int8 / E4M3 activation codes (E4M3: weight codes up to 5 bits)
 INT8_ACT_VARIANTS = [["gemm", b, s, "int8", "int"] for b, s in [(8, True), (4, False), (6, False), (3, True)]]
+FP8_ACT_VARIANTS = [["gemm", b, s, "e4m3", "int"] for b, s in [(4, True), (4, False), (5, False), (2, True)]]
 VARIANTS = (INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + CODEBOOK_VARIANTS + LUT_VARIANTS + DF11_VARIANTS + INT8_ACT_VARIANTS
-            + [["act_quant", "e4m3"], ["act_quant", "int8"]])
+            + FP8_ACT_VARIANTS + [["act_quant", "e4m3"], ["act_quant", "int8"]])
 # the GEMV at M = 2 and 4 (BLOCK_M activation rows per program): compile_variant's gemv_block_m
 GEMV_BLOCK_M_VARIANTS = [["gemv", 4, False, "bf16", "int", "float", False, 64, m] for m in (2, 4)]
 GEMV_BLOCK_M_VARIANTS += [["gemv", 8, True, "fp16", "e4m3", "float", False, 64, 4]]
@@ -185,6 +186,19 @@ def test_int8_activation_gemm_uses_int8_tensor_cores(hopper, variant):
     for body in k_loops:
         assert re.search(r"wgmma\.mma_async\S*\.s32\.s8\.s8", body)
         assert not re.search(r"wgmma\.mma_async\S*\.(?:bf16|f16)", body)
+
+
+@pytest.mark.parametrize("variant", FP8_ACT_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_fp8_activation_gemm_uses_fp8_tensor_cores(hopper, variant):
+    """act="fp8" on intN weights: the K loop multiplies E4M3 x E4M3 -> fp32 on Hopper tensor cores
+    (wgmma .e4m3), never on 16-bit ones, and the centred codes reach them through a native
+    conversion (cvt to e4m3x2), not a software encoder."""
+    k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if "wgmma.mma_async" in body]
+    assert k_loops
+    for body in k_loops:
+        assert re.search(r"wgmma\.mma_async\S*\.f32\.e4m3\.e4m3", body)
+        assert not re.search(r"wgmma\.mma_async\S*\.(?:bf16|f16)", body)
+        assert re.search(r"cvt\.rn\.satfinite\.e4m3x2\.f16x2", body)
 
 
 @pytest.mark.parametrize("scale_kind", ["e8m0", "e4m3"])
