@@ -41,7 +41,7 @@ def load_hf_folder(path: Path) -> nn.Module:
 
 #: CLI flags that become format options: valued ones when given, switches when set
 _VALUE_OPTIONS = ("group_size", "block", "act", "rotate", "segment", "method")
-_SWITCH_OPTIONS = ("symmetric", "double_quant", "cast")
+_SWITCH_OPTIONS = ("symmetric", "double_quant", "cast", "act_order")
 
 
 def _format_options(args: argparse.Namespace) -> dict:
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default=None, choices=["rtn", "mse", "gptq"], help="how codes are chosen: 'rtn' "
                    "(default); int / lut formats: 'mse', the clipped group range with the least squared error; int / "
                    "lut / microscaling / nf4 / bnb_fp4 formats: 'gptq', GPTQ on calibration text")
+    q.add_argument("--act-order", action="store_true", help="--method gptq: quantize the columns in order of "
+                   "decreasing input energy (GPTQ's desc_act, static groups; same layout)")
     q.add_argument("--calibration", default=None, metavar="FILE", help="--method gptq: UTF-8 text, one calibration "
                    "sample per line (default: lowbit's built-in English sentences)")
     q.add_argument("--block", type=int, default=None, help="fp8: one scale per BLOCK x BLOCK tile (e.g. 128) "

@@ -118,8 +118,8 @@ def test_quantize_mse_method(tiny_llama_dir, tmp_path, capsys):
 
 def test_quantize_gptq_method_calibrates_on_the_given_text(minilm, tmp_path, capsys):
     """--method gptq tokenizes --calibration's lines with the folder's tokenizer (16 to a batch)
-    and saves the codes lowbit.quantize picks from those batches; without the file it takes the
-    built-in sentences. Misuse is one line and exit 2, with nothing written."""
+    and saves the codes lowbit.quantize picks from those batches (here with --act-order); without
+    the file it takes the built-in sentences. Misuse is one line and exit 2, with nothing written."""
     from lowbit import calibration
     from lowbit.cli import _calibration_batches
     from lowbit.default_model import default_model_path
@@ -129,10 +129,11 @@ def test_quantize_gptq_method_calibrates_on_the_given_text(minilm, tmp_path, cap
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
     out = tmp_path / "gptq"
-    assert main(["quantize", str(out), "--format", "int4", "--method", "gptq", "--calibration", str(text)]) == 0
+    assert main(["quantize", str(out), "--format", "int4", "--method", "gptq", "--calibration", str(text),
+                 "--act-order"]) == 0
     import copy
 
-    expected = lowbit.quantize(copy.deepcopy(model), "int4", method="gptq", progress=False,
+    expected = lowbit.quantize(copy.deepcopy(model), "int4", method="gptq", progress=False, act_order=True,
                                calibration=calibration.tokenized_batches(tok, lines))
     saved = lowbit.load(out)
     for name in ("encoder.layer.0.attention.self.query", "encoder.layer.5.output.dense"):
@@ -146,7 +147,9 @@ def test_quantize_gptq_method_calibrates_on_the_given_text(minilm, tmp_path, cap
     assert main(["quantize", str(tmp_path / "b"), "--format", "int4", "--method", "gptq", "--calibration",
                  str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt: cannot read it" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["quantize", str(tmp_path / "c"), "--format", "int4", "--act-order"]) == 2
+    assert "int4: act_order=True orders GPTQ's columns: it needs method='gptq'" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_quantize_gptq_needs_the_folders_tokenizer(tiny_llama_dir, tmp_path, capsys):

@@ -52,7 +52,7 @@ class Format:
     #: decodes the same way whatever they were (e.g. the integer formats' `method`)
     QUANTIZER_OPTIONS: tuple[str, ...] = ()
     #: values the `method` quantizer option takes, "rtn" (the default) first; formats with
-    #: "method" in QUANTIZER_OPTIONS set it
+    #: "method" in QUANTIZER_OPTIONS set it (and take "act_order" when "gptq" is one)
     METHODS: tuple[str, ...] = ("rtn",)
     #: the number of this format's packed layout, stored with every layer (`PackedWeight.metadata`);
     #: a layer stored in another layout is refused at load. Raise it when stored tensors change meaning.
@@ -90,6 +90,12 @@ class Format:
             raise FormatError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {accepted}")
         if options.get("method", "rtn") not in self.METHODS:
             raise FormatError(f"{self.name}: method must be one of {self.METHODS}, got {options['method']!r}")
+        if "act_order" in options:  # GPTQ's column order (lowbit/formats/gptq.py)
+            if not isinstance(options["act_order"], bool):
+                raise FormatError(f"{self.name}: act_order must be a bool, got {options['act_order']!r}")
+            if options["act_order"] and options.get("method") != "gptq":
+                raise FormatError(f"{self.name}: act_order=True orders GPTQ's columns: it needs method='gptq', "
+                                  f"got method={options.get('method', 'rtn')!r}")
 
     def check_attr_keys(self, attrs: Any) -> None:
         """FormatError unless attrs is a dict with the ATTRS keys (OPTIONAL_ATTRS may be absent)."""

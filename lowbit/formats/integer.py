@@ -30,6 +30,8 @@ decodes the same way whatever it was):
          lowbit.quantize collects from calibration batches): codes chosen column by column so
          the layer's output error on the calibration inputs shrinks; each group's range is
          "mse"'s search, run on the group as GPTQ's updates left it. Same layout and rules.
+         Option act_order=True (not stored): columns by decreasing input energy, each
+         group's range "mse"'s search on the weight as given (gptq.py).
 
 Option `act="int8"` (W8A8 for int8, W4A8 for int4, ...): activations are quantized too,
 dynamically, per token, to symmetric int8 (lowbit.formats.activations.quantize_activations_int8).
@@ -85,7 +87,7 @@ class IntFormat(Format):
 
     ATTRS = ("group_size", "symmetric", "act")
     OPTIONAL_ATTRS = ("act",)
-    QUANTIZER_OPTIONS = ("method",)
+    QUANTIZER_OPTIONS = ("method", "act_order")
     METHODS = ("rtn", "mse", "gptq")
     #: bit-plane layout of qweight (see bitpack.py); the LUT formats use one-bit planes
     ONE_BIT_PLANES = False
@@ -186,7 +188,7 @@ class IntFormat(Format):
                 return codes, (codes - zero) * scale
 
             codes, params = gptq.solve(w.reshape(n, kp), gptq.check_hessian(hessian, k, name), gs, group_params,
-                                       round_column, name)
+                                       round_column, name, options.get("act_order", False))
             scale16, zero = (torch.stack([p[i] for p in params], dim=1) for i in (0, 1))  # [N, G] each
             if not bool(torch.isfinite(scale16).all()):  # error feedback grew a group past float16 scales
                 raise WeightError(f"{name}: gptq pushed a group's values past float16 scales; use method='rtn'")

@@ -39,7 +39,8 @@ Options (accuracy studies; the seed paper "INT v.s. FP"):
       (x H)(W H)^T = x W^T; dequantize() returns the weight in the original basis.
   method="gptq" (not stored): GPTQ (lowbit/formats/gptq.py) on the layer's input Hessian; each
       block's scale follows the rules above on the block as GPTQ's updates left it. mxfp4 with
-      gptq and no rotation warns (GPTQ_WITHOUT_ROTATION_WARNING).
+      gptq and no rotation warns (GPTQ_WITHOUT_ROTATION_WARNING). act_order=True (not stored):
+      gptq.py's column order, each block's scale from the weight as given.
 """
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ class MicroscalingFormat(Format):
     ATTRS = ("act", "rotate", "act_amax_round", "act_tensor_scale")
     OPTIONAL_ATTRS = ("act_amax_round", "act_tensor_scale")
     DEFAULTS = {"act": None, "rotate": None}
-    QUANTIZER_OPTIONS = ("method",)
+    QUANTIZER_OPTIONS = ("method", "act_order")
     METHODS = ("rtn", "gptq")
 
     def __init__(self, name: str, codec: ElementCodec, block: int, scale_kind: str):
@@ -289,7 +290,8 @@ class MicroscalingFormat(Format):
         if method == "gptq":
             if self.name == "mxfp4" and attrs["rotate"] is None:
                 warnings.warn(GPTQ_WITHOUT_ROTATION_WARNING, stacklevel=2)
-            codes, scales, tensor_scale = self._gptq_encode(w, gptq.check_hessian(hessian, k, name), attrs, name)
+            codes, scales, tensor_scale = self._gptq_encode(w, gptq.check_hessian(hessian, k, name), attrs, name,
+                                                            options.get("act_order", False))
         else:
             codes, scales, tensor_scale = self.encode(w)
         tensors = {"qweight": bitpack.pack(codes & ((1 << self.codec.bits) - 1), self.codec.bits),
@@ -298,7 +300,8 @@ class MicroscalingFormat(Format):
             tensors["tensor_scale"] = tensor_scale
         return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
 
-    def _gptq_encode(self, w: torch.Tensor, hessian: torch.Tensor, attrs: dict[str, Any], name: str):
+    def _gptq_encode(self, w: torch.Tensor, hessian: torch.Tensor, attrs: dict[str, Any], name: str,
+                     act_order: bool = False):
         """`encode` of the stored weight w fp32 [N, Kp] with codes chosen by GPTQ (gptq.py): each
         block's scale by the format's rule on the block as GPTQ's updates left it; nvfp4's tensor
         scale from the weight before any update. With rotate="hadamard" the Hessian is rotated
@@ -319,7 +322,7 @@ class MicroscalingFormat(Format):
             codes = self.encode_elements(column.reshape(n, 1, 1), scales, tensor_scale).reshape(n)
             return codes, self.codec.decode(codes) * factors
 
-        codes, params = gptq.solve(w, hessian, self.block, group_params, round_column, name)
+        codes, params = gptq.solve(w, hessian, self.block, group_params, round_column, name, act_order)
         return codes, torch.cat([scales for scales, _ in params], dim=1), tensor_scale
 
     def stored_weight(self, packed: PackedWeight) -> torch.Tensor:

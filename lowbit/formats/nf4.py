@@ -17,7 +17,8 @@ float32 [Kp/64, N] or absmax_q int8 [Kp/64, N] + absmax_scale float32 [ceil(G*N/
 absmax_mean float32 [1].
 
 Option method="gptq" (not stored; not with double_quant): codes chosen by GPTQ on the layer's
-input Hessian (lowbit/formats/gptq.py), same layout and rules.
+input Hessian (lowbit/formats/gptq.py), same layout and rules; with act_order=True in gptq.py's
+column order, each block's absmax from the weight as given.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class CodebookFormat(Format):
     CODEBOOK: tuple[float, ...] = ()
     ATTRS = ("double_quant",)
     DEFAULTS = {"double_quant": False}
-    QUANTIZER_OPTIONS = ("method",)
+    QUANTIZER_OPTIONS = ("method", "act_order")
     METHODS = ("rtn", "gptq")
 
     def check_values(self, values: dict[str, Any]) -> None:
@@ -103,7 +104,8 @@ class CodebookFormat(Format):
         kp = padded_k(k, BLOCK)
         w = F.pad(weight.float(), (0, kp - k))
         if method == "gptq":
-            codes, absmax = self._gptq_codes(w, gptq.check_hessian(hessian, k, name), name)
+            codes, absmax = self._gptq_codes(w, gptq.check_hessian(hessian, k, name), name,
+                                             options.get("act_order", False))
             return PackedWeight(self.name, (n, k), weight.dtype, attrs,
                                 {"absmax": absmax.t().contiguous(), "qweight": bitpack.pack(codes, 4)})
         blocks = w.reshape(n, kp // BLOCK, BLOCK)
@@ -125,8 +127,10 @@ class CodebookFormat(Format):
         absmax = blocks.abs().amax(dim=-1)
         return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
 
-    def _gptq_codes(self, w: torch.Tensor, hessian: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded weight fp32 [N, Kp] -> (int32 codes [N, Kp], fp32 absmax [N, Kp/64]) by GPTQ."""
+    def _gptq_codes(self, w: torch.Tensor, hessian: torch.Tensor, name: str,
+                    act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded weight fp32 [N, Kp] -> (int32 codes [N, Kp], fp32 absmax [N, Kp/64]) by GPTQ
+        (act_order: gptq.solve's)."""
         book = self.codebook(w.device)
 
         def round_column(column, absmax):  # column [N], absmax [N, 1] (this block's)
@@ -134,7 +138,7 @@ class CodebookFormat(Format):
             return codes, book[codes.long()] * absmax[:, 0]
 
         codes, params = gptq.solve(w, hessian, BLOCK, lambda block: self._block_absmax(block).unsqueeze(-1),
-                                   round_column, name)
+                                   round_column, name, act_order)
         return codes, torch.cat(params, dim=1)
 
     @staticmethod

@@ -58,33 +58,40 @@ def _unpacked_codes(fmt, packed) -> torch.Tensor:
     return bitpack.unpack(packed.qweight, fmt.bits, padded_k(k, packed.attrs["group_size"]), fmt.ONE_BIT_PLANES).double()
 
 
-def _direct_gptq(w, hessian, group_size, group_params, round_column):
+def _direct_gptq(w, hessian, group_size, group_params, round_column, act_order=False):
     """The paper's update written out in fp64, column by column, with the explicit inverse
     Hessian of the remaining columns (no Cholesky, no blocks): quantize column j, push
     err / Hinv[j, j] times row j of Hinv onto the later columns, remove j from Hinv. w fp32
-    [N, Kp] (padded); returns the codes [N, Kp] as fp64."""
+    [N, Kp] (padded); returns the codes [N, Kp] as fp64. act_order: the columns by decreasing
+    Hessian diagonal (padding last), every group's parameters from w as given."""
     n, kp = w.shape
     k = hessian.shape[0]
     h = torch.zeros(kp, kp, dtype=torch.float64)
     h[:k, :k] = hessian.double()
+    order = torch.argsort(h.diagonal().clone(), descending=True, stable=True) if act_order else torch.arange(kp)
+    static = [group_params(w[:, g:g + group_size]) for g in range(0, kp, group_size)]
+    h = h[order][:, order]
     diagonal = h.diagonal()
     diagonal[diagonal <= 0] = 1.0
     diagonal += gptq_module.DAMPING * diagonal.mean()
     h_inv = torch.linalg.inv(h)
-    work = w.double()
+    work = w.double()[:, order]
     codes = torch.empty(n, kp, dtype=torch.float64)
     for j in range(kp):
-        if j % group_size == 0:
+        column = int(order[j])
+        if act_order:
+            params = static[column // group_size]
+        elif j % group_size == 0:
             params = group_params(work[:, j:j + group_size].float())
         code, value = round_column(work[:, j].float(), params)
-        codes[:, j] = code.double()
+        codes[:, column] = code.double()
         err = (work[:, j] - value.double()) / h_inv[j, j]
         work[:, j:] -= err[:, None] * h_inv[j, j:][None, :]
         h_inv = h_inv - h_inv[:, j:j + 1] @ h_inv[j:j + 1, :] / h_inv[j, j]
     return codes
 
 
-def _int_direct(fmt, w, hessian, packed):
+def _int_direct(fmt, w, hessian, packed, act_order=False):
     """_direct_gptq with the integer formats' rules (mse-searched group ranges)."""
     gs, symmetric = packed.attrs["group_size"], packed.attrs["symmetric"]
     kp = -(-w.shape[1] // gs) * gs
@@ -95,10 +102,10 @@ def _int_direct(fmt, w, hessian, packed):
         return codes, (codes - zero) * scale
 
     return _direct_gptq(torch.nn.functional.pad(w, (0, kp - w.shape[1])), hessian, gs,
-                        lambda group: fmt._searched_group_params(group, symmetric), round_column)
+                        lambda group: fmt._searched_group_params(group, symmetric), round_column, act_order)
 
 
-def _nf4_direct(w, hessian):
+def _nf4_direct(w, hessian, act_order=False):
     """_direct_gptq with NF4's rules (absmax per block of 64, nearest code value)."""
     codebook, nearest_code = get_format("nf4").codebook, get_format("nf4").nearest_code
     kp = -(-w.shape[1] // 64) * 64
@@ -111,10 +118,11 @@ def _nf4_direct(w, hessian):
         absmax = block.abs().amax(dim=-1)
         return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
 
-    return _direct_gptq(torch.nn.functional.pad(w, (0, kp - w.shape[1])), hessian, 64, block_absmax, round_column)
+    return _direct_gptq(torch.nn.functional.pad(w, (0, kp - w.shape[1])), hessian, 64, block_absmax, round_column,
+                        act_order)
 
 
-def _microscaling_direct(fmt, w, hessian, packed):
+def _microscaling_direct(fmt, w, hessian, packed, act_order=False):
     """_direct_gptq with the microscaling rules (scale per block by the spec, elements encoded)."""
     from lowbit.formats.microscaling import rotate_blocks
 
@@ -133,26 +141,30 @@ def _microscaling_direct(fmt, w, hessian, packed):
 
     return _direct_gptq(w, hessian, fmt.block,
                         lambda block: fmt.block_scales(block.abs().amax(dim=-1, keepdim=True), tensor_scale)[0],
-                        round_column)
+                        round_column, act_order)
 
 
 @pytest.mark.parametrize("name,options", [("int4", {}), ("int3", {"group_size": 32}), ("int4", {"symmetric": True}),
                                           ("lut2", {"group_size": 64}), ("mxfp4", {}), ("nvfp4", {}),
                                           ("mxint8", {"rotate": "hadamard"}), ("nf4", {})])
-def test_solver_matches_the_direct_update(name, options):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_solver_matches_the_direct_update(name, options, act_order):
     """Cholesky factor + blocks + lazy updates give the paper's codes (fp32 vs fp64: a few codes
-    may round the other way, so nearly all must agree, and the output error must drop)."""
+    may round the other way, so nearly all must agree, and the output error must drop); with
+    act_order, in the permuted order with static groups."""
     fmt = get_format(name)
     n, k = 48, 200  # K not a multiple of the group: padding columns
     w, x = _weight(n, k), _correlated_inputs(k)
+    x *= torch.logspace(-1, 1, k)[torch.randperm(k, generator=torch.Generator().manual_seed(7))]  # uneven energies
     hessian = x.t() @ x / x.shape[0]
-    packed = fmt.quantize(w, method="gptq", hessian=hessian, **options)
+    packed = fmt.quantize(w, method="gptq", hessian=hessian, act_order=act_order, **options)
     if name.startswith(("int", "lut")):
-        codes, direct = _unpacked_codes(fmt, packed), _int_direct(fmt, w, hessian, packed)
+        codes, direct = _unpacked_codes(fmt, packed), _int_direct(fmt, w, hessian, packed, act_order)
     elif name == "nf4":
-        codes, direct = _unpacked_element_codes(fmt, packed, bits=4, multiple=64), _nf4_direct(w, hessian)
+        codes, direct = _unpacked_element_codes(fmt, packed, bits=4, multiple=64), _nf4_direct(w, hessian, act_order)
     else:
-        codes, direct = _unpacked_element_codes(fmt, packed), _microscaling_direct(fmt, w, hessian, packed)
+        codes, direct = (_unpacked_element_codes(fmt, packed),
+                         _microscaling_direct(fmt, w, hessian, packed, act_order))
     agree = float((codes == direct).double().mean())
     assert agree >= 0.99, agree
     rtn_error = _output_error(x, w, fmt.dequantize(fmt.quantize(w, **options)))
@@ -206,6 +218,79 @@ def test_output_error_on_correlated_inputs(name, options):
     if "zeros" in packed.tensors:
         zeros = packed.zeros.float()
         assert torch.equal(zeros, zeros.round()) and zeros.min() >= 0 and zeros.max() <= 2**fmt.bits - 1
+
+
+def _uneven_inputs(k: int, seed: int) -> torch.Tensor:
+    """_correlated_inputs with channel energies spread over two decades (a fixed spread: the same
+    distribution for every seed), so the order GPTQ takes the columns in matters."""
+    spread = torch.logspace(-1, 1, k)[torch.randperm(k, generator=torch.Generator().manual_seed(99))]
+    return _correlated_inputs(k, seed=seed) * spread
+
+
+def test_activation_order_is_by_decreasing_energy_with_padding_last():
+    hessian = torch.diag(torch.tensor([1.0, 5.0, 0.0, 5.0, 3.0]))
+    assert gptq_module.activation_order(hessian, 8).tolist() == [1, 3, 4, 0, 2, 5, 6, 7]
+
+
+@pytest.mark.parametrize("name,options", WIDTH_CASES + MICROSCALING_CASES)
+def test_act_order_groups_are_static(name, options):
+    """act_order sets every group's scale (and zero point) from the weight as given: the stored
+    scales equal the plain quantizer's (method="mse"'s range search for int / lut, the spec rule
+    otherwise), and the column taken first, which no error has reached, has its codes too."""
+    fmt = get_format(name)
+    n, k = 40, 320
+    w, x = _weight(n, k), _uneven_inputs(k, seed=0)
+    hessian = x.t() @ x / x.shape[0]
+    packed = fmt.quantize(w, method="gptq", hessian=hessian, act_order=True, **options)
+    plain = fmt.quantize(w, **({"method": "mse"} if name.startswith(("int", "lut")) else {}), **options)
+    for field, tensor in plain.tensors.items():
+        if field != "qweight":
+            assert torch.equal(packed.tensors[field].view(torch.uint8), tensor.view(torch.uint8)), field
+    if options.get("rotate") == "hadamard":  # GPTQ runs on the rotated weight, with the Hessian rotated too
+        from lowbit.formats.microscaling import rotate_blocks
+
+        r = rotate_blocks(torch.eye(k), fmt.block)
+        hessian = r.t() @ hessian @ r
+    first = int(gptq_module.activation_order(hessian, k)[0])
+    if name.startswith(("int", "lut")):
+        codes, plain_codes = _unpacked_codes(fmt, packed), _unpacked_codes(fmt, plain)
+    else:
+        bits, multiple = (4, 64) if name == "nf4" else (None, 32)
+        codes = _unpacked_element_codes(fmt, packed, bits, multiple)
+        plain_codes = _unpacked_element_codes(fmt, plain, bits, multiple)
+    assert torch.equal(codes[:, first], plain_codes[:, first])
+    assert not torch.equal(codes, plain_codes)
+
+
+@pytest.mark.parametrize("name,options", WIDTH_CASES + MICROSCALING_CASES)
+def test_act_order_lowers_the_output_error_on_uneven_inputs(name, options):
+    """Where input channels differ in energy (as in LLM activations), taking the strong ones first
+    lowers GPTQ's output error on held-out inputs of the same distribution. Measured ratio (act_order
+    / K order): 0.42-0.66 from 3 bits up; 0.95 for int2 and 0.98 for lut2 (two bits leave little
+    to move), 0.93 for Hadamard-rotated mxfp4 (the rotation evens the energies out)."""
+    fmt = get_format(name)
+    n, k = 64, 384
+    w = _weight(n, k)
+    calib, held_out = _uneven_inputs(k, seed=0), _uneven_inputs(k, seed=5)
+    hessian = calib.t() @ calib / calib.shape[0]
+    errors = {act_order: _output_error(held_out, w, fmt.dequantize(
+        fmt.quantize(w, method="gptq", hessian=hessian, act_order=act_order, **options))) for act_order in (False, True)}
+    bound = 0.995 if name in ("int2", "lut2") or options.get("rotate") else 0.75
+    assert errors[True] < bound * errors[False], errors
+
+
+def test_act_order_errors():
+    w = _weight(8, 64)
+    with pytest.raises(FormatError, match="int4: act_order=True orders GPTQ's columns: it needs method='gptq', got "
+                                          "method='mse'"):
+        get_format("int4").quantize(w, method="mse", act_order=True)
+    with pytest.raises(FormatError, match="nf4: act_order=True .* got method='rtn'"):
+        get_format("nf4").quantize(w, act_order=True)
+    with pytest.raises(FormatError, match="mxfp4: act_order must be a bool, got 'yes'"):
+        get_format("mxfp4").quantize(w, method="gptq", hessian=torch.eye(64), act_order="yes")
+    with pytest.raises(FormatError, match="unknown option"):
+        get_format("fp8").quantize(w, act_order=True)
+    assert "act_order" not in get_format("int4").quantize(w, act_order=False).attrs  # never stored
 
 
 def test_dead_inputs_and_padding_take_no_error():
@@ -390,15 +475,16 @@ def test_gptq_is_refused_for_quantize_while_loading(tmp_path):
             format="int4", method="gptq", skip=["*.experts.*"]))
 
 
-def test_gptq_model_saves_and_loads_like_any_other(tiny_llama_dir, tmp_path):
-    """The config records method='gptq' (an option, not an attribute); loading the saved folder
-    needs no calibration and gives the same logits."""
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_model_saves_and_loads_like_any_other(tiny_llama_dir, tmp_path, act_order):
+    """The config records method='gptq' (an option, not an attribute), and act_order; loading the
+    saved folder needs no calibration and gives the same logits."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
     lowbit.quantize(model, "int4", method="gptq", calibration=[ids, {"input_ids": ids[:1]}], group_size=32,
-                    skip=["lm_head"], progress=False)
+                    skip=["lm_head"], progress=False, act_order=act_order)
     with torch.no_grad():
         logits = model(ids).logits
     model.save_pretrained(tmp_path / "hf")
@@ -406,6 +492,7 @@ def test_gptq_model_saves_and_loads_like_any_other(tiny_llama_dir, tmp_path):
     for folder in ("hf", "lowbit"):
         config = json.loads((tmp_path / folder / "config.json").read_text())
         assert config["quantization_config"]["options"]["method"] == "gptq"
+        assert config["quantization_config"]["options"]["act_order"] is act_order
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder)
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, logits), folder
