@@ -11,13 +11,16 @@ per program, column length, split count and warps, and for the LUT formats also 
 kernel's tiles; tensor-core GEMM tiles, K splits, warps and pipeline stages for every M), so the GEMV /
 lookup / GEMM choice per M is measured, not assumed. Each candidate runs through lowbit.linear
 under `tuning.force`; one whose output misses the correctness gate (max relative error vs the
-fp32 reference, as in bench_gemm) or fails to launch is pruned. The fastest survivor
+fp32 reference of the path the launch takes, as in bench_gemm) or fails to launch is pruned. The fastest survivor
 (triton.testing.do_bench median) is written with its time and the default's into
 lowbit/kernels/tuned/<gpu>.json, which the launchers read, but only when it beats the default
 (otherwise the entry is removed and the defaults apply). Cases run M=1 first (the issue's
 targets), then larger M; the table is rewritten after every case and no case starts after
 --budget-s, so a run cut short keeps what it measured.
-dfloat11's decoder and the W8A8 tensor-core path have no entry here (their launchers read none).
+The integer formats' act="int8" / "fp8" specs are tuned from M = 32 up, where their GEMM on
+quantized activations runs (below, they launch the weight-only variant, tuned under the
+weight-only spec). dfloat11's decoder and the fp8 formats' W8A8 path (torch._scaled_mm) have no
+entry here (their launchers read none).
 """
 from __future__ import annotations
 
@@ -32,15 +35,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.bench_gemm import REL_TOL, env_info, make_case, relative_error, time_us  # noqa: E402
+from benchmarks.bench_gemm import (REL_TOL, env_info, make_case, parse_format_spec, reference,  # noqa: E402
+                                   relative_error, time_us)
 from benchmarks.shapes import shapes  # noqa: E402
 from lowbit.kernels.dequant_gemm import GEMV_COLUMN_K, GEMV_MAX_ROWS_PER_THREAD, gemv_block_n  # noqa: E402
+from lowbit.kernels.fp8_w8a8 import W8A8_MIN_M  # noqa: E402
 from lowbit.kernels.lut_gemm import LUT_MAX_M  # noqa: E402
 
 # the formats with speed targets, most important first (a --budget-s cut drops the last ones)
-DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxint8"]
+DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxint8", "int4:act=fp8,symmetric=true",
+                   "int4:act=int8"]
 #: path -> parameter -> values tried by the descent (GEMV only for M <= GEMV_MAX_TUNED_M, the
 #: LUT formats' lookup kernel for M <= LUT_MAX_M)
 SPACES = {
@@ -112,7 +117,7 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     from lowbit.kernels import tuning
 
     _, x, _, _, fmt, packed = make_case(spec, n, k, m, args, device, dtype)
-    ref = F.linear(x.float(), fmt.dequantize(packed).float())
+    ref, _ = reference(fmt, packed, x)
     # smoke: one interpreted call per timing (it checks the machinery; CPU times are not the point)
     timing = {"cpu_runs": 1} if args.smoke else {"rep_ms": TUNE_REP_MS}
     tuning._last_key.set(None)
@@ -155,6 +160,13 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
                         "best": entry, "candidates_kept": kept, "candidates_pruned": len(seen) - kept}
 
 
+def quantizes_activations(spec: str, args) -> bool:
+    """An integer format spec with act="int8" / "fp8": below W8A8_MIN_M it launches the
+    weight-only variant, so tune.py measures it from W8A8_MIN_M up only."""
+    name, options = parse_format_spec(spec, args)
+    return name.startswith("int") and options.get("act") in ("int8", "fp8")
+
+
 def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
@@ -165,7 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes and search spaces in the Triton interpreter")
     p.add_argument("--formats", nargs="+", default=None)
     p.add_argument("--sets", nargs="+", default=["llama3-8b"])
-    p.add_argument("--m", nargs="+", type=int, default=list(M_BUCKETS))
+    p.add_argument("--m", nargs="+", type=int, default=None,
+                   help=f"batch rows; default: {' '.join(map(str, M_BUCKETS))} (GPU), "
+                        f"{' '.join(map(str, SMOKE_M_VALUES))} (--smoke)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no case after this many seconds")
@@ -175,19 +189,20 @@ def main(argv=None) -> int:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("--smoke runs Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
             return 2
-        device, dtype, cases, m_values = torch.device("cpu"), torch.float32, shapes(["smoke"]), SMOKE_M_VALUES
+        device, dtype, cases, m_values = torch.device("cpu"), torch.float32, shapes(["smoke"]), args.m or SMOKE_M_VALUES
         formats = args.formats or ["int4"]
     else:
         if not torch.cuda.is_available():
             print("tuning measures a GPU: no CUDA device here (use --smoke on CPU)", file=sys.stderr)
             return 2
-        device, dtype, cases, m_values = torch.device("cuda"), torch.bfloat16, shapes(args.sets), args.m
+        device, dtype, cases, m_values = torch.device("cuda"), torch.bfloat16, shapes(args.sets), args.m or M_BUCKETS
         formats = args.formats or DEFAULT_FORMATS
     out = args.out or TUNED_DIR / f"{device_key(device)}.json"
     table = json.loads(out.read_text()) if out.is_file() else {}
     configs, measured = table.get("configs", {}), table.get("measured", [])
     # M=1 first: the issue's targets are at M=1, and a budget cut should cost the large-M cases
-    jobs = [(f, s, n, k, m) for m in sorted(m_values) for f in formats for (s, n, k) in cases]
+    jobs = [(f, s, n, k, m) for m in sorted(m_values) for f in formats for (s, n, k) in cases
+            if m >= W8A8_MIN_M or not quantizes_activations(f, args)]
     started, skipped = time.monotonic(), 0
     for spec, shape, n, k, m in tqdm(jobs, desc="tune", unit="case"):
         if time.monotonic() - started > args.budget_s:

@@ -285,6 +285,23 @@ def test_tune_smoke_writes_configs_the_launcher_reads(tmp_path, monkeypatch):
         tuning._read_table.cache_clear()
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="smoke mode is the CPU interpreter run")
+def test_tune_smoke_tunes_the_quantized_activation_gemm(tmp_path):
+    """An act="fp8" spec is tuned where its FP8 GEMM runs (M >= 32; below, its launches are the
+    weight-only variant), under that GEMM's key, and its candidates are gated against the W4AFP8
+    reference (against the weight-only one every candidate would be pruned)."""
+    out = tmp_path / "tuned.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tune.py"), "--smoke", "--m", "1", "40",
+                           "--formats", "int4:act=fp8,symmetric=true", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(out.read_text())["measured"]
+    assert sorted((r["shape"], r["M"]) for r in measured) == [("smoke/odd", 40), ("smoke/square", 40)]
+    for record in measured:
+        assert record["key"].startswith("int4-sym-g128-float-e4m3-torch.float32/") and record["key"].endswith("/m64")
+        assert record["candidates_kept"] >= 1 and record["best"]["max_rel_err"] < 1e-5
+
+
 def test_target_check_reads_m1_llama3_8b_rows():
     """The target table takes the median over the Llama-3-8B shapes at M=1 only, compares it with
     the issue's target, and never calls a target met off a GPU."""
