@@ -90,13 +90,13 @@ def reference(fmt, packed, x):
     act="int8" / "fp8" kernel int8 / FP8 ones, else F.linear(x, dequantize(W))."""
     import lowbit
     from lowbit.kernels.fp8_w8a8 import takes_w8a8_path
-    from lowbit.kernels.quantized_act import takes_quantized_act_path
+    from lowbit.kernels.quantized_act import ACT_KINDS, takes_quantized_act_path
 
     act = packed.attrs.get("act")
     if act == "fp8" and packed.format.startswith("fp8") and takes_w8a8_path(
             x.shape[0], packed.shape[0], x.device, packed.qweight.dtype, packed.attrs["block"]):
         return lowbit.linear(x.float(), packed, backend="torch"), "w8a8"
-    if act in ("int8", "fp8") and packed.format.startswith("int") and takes_quantized_act_path(
+    if act in ACT_KINDS and packed.format.startswith("int") and takes_quantized_act_path(
             act, fmt.bits, x.shape[0], x.device):
         return lowbit.linear(x.float(), packed, backend="torch"), {"int8": "w8a8-int8", "fp8": "fp8-act"}[act]
     return F.linear(x.float(), fmt.dequantize(packed).float()), "weight-only"

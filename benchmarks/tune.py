@@ -41,6 +41,7 @@ from benchmarks.bench_gemm import (REL_TOL, env_info, make_case, parse_format_sp
 from benchmarks.shapes import shapes  # noqa: E402
 from lowbit.kernels.dequant_gemm import GEMV_COLUMN_K, GEMV_MAX_ROWS_PER_THREAD, gemv_block_n  # noqa: E402
 from lowbit.kernels.fp8_w8a8 import W8A8_MIN_M  # noqa: E402
+from lowbit.kernels.quantized_act import ACT_KINDS  # noqa: E402
 from lowbit.kernels.lut_gemm import LUT_MAX_M  # noqa: E402
 
 # the formats with speed targets, most important first (a --budget-s cut drops the last ones)
@@ -164,7 +165,7 @@ def quantizes_activations(spec: str, args) -> bool:
     """An integer format spec with act="int8" / "fp8": below W8A8_MIN_M it launches the
     weight-only variant, so tune.py measures it from W8A8_MIN_M up only."""
     name, options = parse_format_spec(spec, args)
-    return name.startswith("int") and options.get("act") in ("int8", "fp8")
+    return name.startswith("int") and options.get("act") in ACT_KINDS
 
 
 def main(argv=None) -> int:

@@ -62,10 +62,13 @@ class CodebookFormat(Format):
             # double quantization needs every block's absmax before any is stored, GPTQ sets them one by one
             raise FormatError(f"{self.name}: method='gptq' does not combine with double_quant=True")
 
-    @functools.cached_property
-    def _ascending_codes(self) -> tuple[int, ...]:
-        """Codes 0..15 in ascending value, equal values (bnb_fp4's two zeros) in code order."""
-        return tuple(sorted(range(16), key=lambda code: (self.CODEBOOK[code], code)))
+    @functools.lru_cache(maxsize=None)  # GPTQ rounds column by column: no host copies per call
+    def _rounding_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int32 [16] codes in ascending value, equal values (bnb_fp4's two zeros) in code order;
+        fp32 [15] midpoints between neighbours in that order), on `device`."""
+        ascending = sorted(range(16), key=lambda code: (self.CODEBOOK[code], code))
+        values = self.codebook(device)[ascending]
+        return torch.tensor(ascending, dtype=torch.int32, device=device), (values[1:] + values[:-1]) / 2
 
     def codebook(self, device=None) -> torch.Tensor:
         """The 16 code values, fp32 [16] (a new tensor)."""
@@ -74,9 +77,8 @@ class CodebookFormat(Format):
     def nearest_code(self, normalized: torch.Tensor) -> torch.Tensor:
         """fp32 values in [-1, 1] -> int32 codes 0..15 of the nearest value (a midpoint to the lower
         one; of equal values, the lower code)."""
-        order = torch.tensor(self._ascending_codes, dtype=torch.int32, device=normalized.device)
-        values = self.codebook(normalized.device)[order.long()]
-        return order[torch.bucketize(normalized, (values[1:] + values[:-1]) / 2, right=False)]
+        order, midpoints = self._rounding_tables(normalized.device)
+        return order[torch.bucketize(normalized, midpoints, right=False)]
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
         n, k = shape

@@ -17,7 +17,7 @@ from lowbit.formats.activations import dequantize_activations, quantize_activati
 from lowbit.kernels.act_quant import quantize_activations_triton
 from lowbit.kernels.dequant_gemm import dequant_matmul
 from lowbit.kernels.fp8_w8a8 import W8A8_MIN_M
-from lowbit.kernels.quantized_act import takes_quantized_act_path
+from lowbit.kernels.quantized_act import ACT_KINDS, takes_quantized_act_path
 
 from ..conftest import kernel_devices, requires_gpu
 
@@ -29,8 +29,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 N, K = 37, 300
 
 
-ACTS = ["int8", "fp8"]
-ENCODING = {"int8": "int8", "fp8": "e4m3"}
+ACTS = list(ACT_KINDS)
 
 
 def _case(bits, m, dtype, device, symmetric=False, group_size=128, n=N, k=K, seed=0, act="int8"):
@@ -154,7 +153,7 @@ def test_any_gemm_tiles_and_split(device, act, cfg):
     """Several K tiles per scale group, split boundaries inside a group: the code sums are scaled
     at the end of each group and of each split (and E4M3's every 128 K)."""
     p, x, b = _case(5, 40, torch.float32, device, group_size=128, k=700, act=act)
-    xq, xs = quantize_activations_triton(x, 700, encoding=ENCODING[act])
+    xq, xs = quantize_activations_triton(x, 700, encoding=ACT_KINDS[act][0])
     y = dequant_matmul(xq, p.qweight, p.scales, p.zeros, b, bits=5, group_size=128, in_features=700,
                        act_scales=xs, out_dtype=torch.float32, config=cfg)
     _assert_close(y, _reference(x, p, b), torch.float32)
@@ -185,7 +184,7 @@ def test_long_rows_do_not_overflow_the_int32_sums(device):
 @pytest.mark.parametrize("act", ACTS)
 def test_launcher_refuses_inconsistent_activation_codes(device, act):
     p, x, _ = _case(4, 40, torch.float32, device, act=act)
-    xq, xs = quantize_activations_triton(x, K, encoding=ENCODING[act])
+    xq, xs = quantize_activations_triton(x, K, encoding=ACT_KINDS[act][0])
     with pytest.raises(InputError, match="quantized activations take int8 or float8_e4m3fn x"):
         dequant_matmul(x, p.qweight, p.scales, p.zeros, None, bits=4, group_size=128, in_features=K, act_scales=xs,
                        out_dtype=torch.float32)  # float x
