@@ -1,6 +1,6 @@
 """The `lowbit` command: quantize a Hugging Face folder and save it; convert a dfloat11 package
-folder, a bitsandbytes (4-bit NF4 or 8-bit) or a compressed-tensors (integer, FP8, NVFP4 or MX) folder;
-inspect a saved folder."""
+folder, a bitsandbytes (4-bit NF4 or 8-bit), a compressed-tensors (integer, FP8, NVFP4 or MX), a
+GPTQ or an AWQ folder; inspect a saved folder."""
 from __future__ import annotations
 
 import argparse
@@ -122,7 +122,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import api, io
     from .formats import get_format
-    from .integrations import bnb_import, ct_import
+    from .integrations import bnb_import, ct_import, gptq_awq_import
     from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
 
     source, out_dir = Path(args.source), Path(args.out)
@@ -140,10 +140,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         kind, fmt = "compressed-tensors", ct_import.target_format(source)
         fidelity = "same codes" + (", integer layers' scales in float16" if "int" in fmt else " and scales")
         load = lambda: ct_import.load_compressed_tensors(source)  # noqa: E731
+    elif gptq_awq_import.is_gptq_awq_folder(source):
+        kind, fmt = "GPTQ / AWQ", gptq_awq_import.target_format(source)
+        fidelity = "same codes and zero points, scales in float16"
+        load = lambda: gptq_awq_import.load_gptq_awq(source)  # noqa: E731
     else:
         raise LowbitError(f"{source}: not a dfloat11 package folder (config.json with dfloat11_config), nor a "
-                          "bitsandbytes or compressed-tensors one (config.json with quantization_config.quant_method "
-                          "'bitsandbytes' or 'compressed-tensors')")
+                          "bitsandbytes, compressed-tensors, GPTQ or AWQ one (config.json with "
+                          "quantization_config.quant_method 'bitsandbytes', 'compressed-tensors', 'gptq' or 'awq')")
     if args.segment is not None and fmt != "dfloat11":
         raise LowbitError(f"--segment is a dfloat11 option; a {kind} folder converts to {fmt} as stored")
     start = time.perf_counter()
@@ -252,11 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)
     c = sub.add_parser("convert", help="convert a folder of the dfloat11 package, a bitsandbytes 4-bit NF4 or "
-                       "8-bit folder, or a compressed-tensors integer, FP8, NVFP4 or MX one, into a lowbit folder")
+                       "8-bit folder, a compressed-tensors integer, FP8, NVFP4 or MX one, or a GPTQ or AWQ one, "
+                       "into a lowbit folder")
     c.add_argument("source", help="folder written by the dfloat11 package (config.json with dfloat11_config), "
                    "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model, or "
                    "by llm-compressor / compressed-tensors (W2A16 ... W8A16, W8A8 int8, FP8, NVFP4, "
-                   "MXFP4 / MXFP6 / MXFP8)")
+                   "MXFP4 / MXFP6 / MXFP8), or by AutoGPTQ / GPTQModel / AutoAWQ (GPTQ 2/3/4/8-bit, AWQ GEMM)")
     c.add_argument("out", help="output folder (lowbit.save layout)")
     c.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")
     c.set_defaults(func=cmd_convert)

@@ -381,7 +381,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     and field. A folder written by the `dfloat11` package (config.json with `dfloat11_config`)
     is imported instead: lowbit/integrations/dfloat11_import.py; so are a bitsandbytes 4-bit NF4 /
     FP4 or 8-bit folder (lowbit/integrations/bnb_import.py) and a compressed-tensors integer, FP8,
-    NVFP4 or MX one (lowbit/integrations/ct_import.py); a folder written by `save_pretrained`
+    NVFP4 or MX one (lowbit/integrations/ct_import.py) and a GPTQ or AWQ one
+    (lowbit/integrations/gptq_awq_import.py); a folder written by `save_pretrained`
     (config.json with a lowbit quantization_config) is read through transformers' from_pretrained.
     """
     folder = _as_path(path, "load(path)")
@@ -392,6 +393,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         from .integrations.bnb_import import is_bitsandbytes_folder, load_bitsandbytes
         from .integrations.ct_import import is_compressed_tensors_folder, load_compressed_tensors
         from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
+        from .integrations.gptq_awq_import import is_gptq_awq_folder, load_gptq_awq
 
         if is_dfloat11_folder(folder):  # a checkpoint of the `dfloat11` package: import it
             return load_dfloat11(folder, model=model, device=device)
@@ -399,6 +401,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
             return load_bitsandbytes(folder, model=model, device=device)
         if is_compressed_tensors_folder(folder):  # llm-compressor / vLLM's checkpoint format
             return load_compressed_tensors(folder, model=model, device=device)
+        if is_gptq_awq_folder(folder):  # AutoGPTQ / GPTQModel / AutoAWQ checkpoints
+            return load_gptq_awq(folder, model=model, device=device)
         config = saved_pretrained_config(folder)
         if model is None and config is not None:  # written by save_pretrained
             return _load_pretrained(folder, config, device)

@@ -75,7 +75,7 @@ from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
 from .foreign_folder import (config_dtype, fail, has_quant_method, integer_layer, model_with_layers, read_config,
-                             read_tensors, skeleton, stored_tensor, weight_matrix)
+                             read_tensors, skeleton, stored_tensor, unpack_bitstream, weight_matrix)
 
 QUANT_METHOD = "compressed-tensors"
 #: the formats imported -> the weight types their layers hold
@@ -263,18 +263,6 @@ def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str],
     return next(iter(matches.values()))
 
 
-def _unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """int32 or uint8 [R, W] dense bit streams -> int32 [R, count] unsigned codes: code i at bits
-    [i*b, i*b+b) of the row's words read as one little-endian stream (it may straddle two words;
-    b <= the word width)."""
-    word_bits = torch.iinfo(words.dtype).bits
-    stream = F.pad(words.to(torch.int64) & (2**word_bits - 1), (0, 1))  # a zero word after the last
-    start = torch.arange(count, dtype=torch.int64) * bits
-    word = start // word_bits
-    pairs = stream[:, word] | (stream[:, word + 1] << word_bits)
-    return ((pairs >> (start % word_bits)) & (2**bits - 1)).to(torch.int32)
-
-
 def _int_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, packed: bool) -> torch.Tensor:
     """A layer's integer codes u = q + 2^(b-1), int32 [N, K]: from name.weight_packed (with
     name.weight_shape) when `packed`, else from name.weight (int8 q, as naive / int-quantized
@@ -293,7 +281,7 @@ def _int_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, packed: b
         raise fail(f"{name}.weight_shape", f"{shape.tolist()} is not [out_features, in_features]")
     n, k = (int(s) for s in shape)
     words = stored_tensor(tensors, f"{name}.weight_packed", (torch.int32,), shape=(n, -(-k * bits // 32)))
-    return _unpack_codes(words, bits, k)
+    return unpack_bitstream(words, bits, k)
 
 
 def int_layer(tensors: dict[str, torch.Tensor], name: str, scheme: dict[str, Any],
@@ -322,7 +310,7 @@ def int_layer(tensors: dict[str, torch.Tensor], name: str, scheme: dict[str, Any
     if not weights.get("symmetric", True):
         if packed:  # [ceil(N*b/32), G], packed down each column
             words = stored_tensor(tensors, zero_key, (torch.int32,), shape=(-(-n * bits // 32), groups))
-            zeros = _unpack_codes(words.t(), bits, n).t()
+            zeros = unpack_bitstream(words.t(), bits, n).t()
         else:  # int8 z [N, G]
             zeros = stored_tensor(tensors, zero_key, (torch.int8,), shape=(n, groups)).to(torch.int32) + offset
         zeros = zeros.to(SCALE_DTYPE)  # z + 2^(b-1), [N, G]
@@ -370,7 +358,7 @@ def _element_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, n: in
     if k * bits % 8:
         raise fail(f"{name}.weight_packed", f"in_features {k} of {bits}-bit codes do not fill whole bytes")
     # both packings are the bytes as one little-endian bit stream, as pack-quantized's int32 words are
-    return _unpack_codes(stored_tensor(tensors, f"{name}.weight_packed", (torch.uint8,), shape=(n, k * bits // 8)),
+    return unpack_bitstream(stored_tensor(tensors, f"{name}.weight_packed", (torch.uint8,), shape=(n, k * bits // 8)),
                          bits, k)
 
 

@@ -105,6 +105,18 @@ def weight_matrix(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtyp
     return weight
 
 
+def unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """int32 or uint8 [R, W] dense bit streams -> int32 [R, count] unsigned codes: code i at bits
+    [i*b, i*b+b) of the row's words read as one little-endian stream (it may straddle two words;
+    b <= the word width)."""
+    word_bits = torch.iinfo(words.dtype).bits
+    stream = torch.nn.functional.pad(words.to(torch.int64) & (2**word_bits - 1), (0, 1))  # a zero word after the last
+    start = torch.arange(count, dtype=torch.int64) * bits
+    word = start // word_bits
+    pairs = stream[:, word] | (stream[:, word + 1] << word_bits)
+    return ((pairs >> (start % word_bits)) & (2**bits - 1)).to(torch.int32)
+
+
 def integer_layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor, zeros: torch.Tensor | None,
                   dtype: torch.dtype, act: str | None = None) -> PackedWeight:
     """A lowbit `int{bits}` PackedWeight of `dtype` from another library's codes: unsigned codes

@@ -1,0 +1,235 @@
+"""Import a folder of a GPTQ or AWQ model: the Hub's "-GPTQ" / "-AWQ" checkpoints, written by
+AutoGPTQ / GPTQModel (config.json quantization_config {"quant_method": "gptq", ...}) or AutoAWQ's
+GEMM layout ({"quant_method": "awq", "version": "gemm", ...}).
+
+For each GPTQ Linear M (b = bits in {2, 3, 4, 8}, G = ceil(K / group_size) groups, one with -1):
+  M.qweight  int32 [ceil(K*b/32), N]  the codes u of each column as one little-endian bit stream
+                                      down K: code k at bits [k*b, k*b+b) (3 bits: 32 codes per
+                                      three words, some straddling two)
+  M.qzeros   int32 [G, ceil(N*b/32)]  the zero points z of each group, packed the same way along N
+  M.scales   float16 [G, N]
+  M.g_idx    int32 [K]                each column's group
+  M.bias     float16 [N]              optional
+and the weight is (u - z) * scale. checkpoint_format "gptq" (v1, the default) stores z - 1:
+GPTQModel writes it by subtracting 0x11111111 (4 bits; 0x55555555, 0x01010101 for 2, 8) from
+each packed word and reads it back by adding that constant, borrows and carries included, so z = 0
+round-trips; lowbit reads it that way. 3-bit words are shifted per field, modulo 8, as GPTQModel
+does for them. "gptq_v2" stores z itself.
+
+For each AWQ GEMM Linear M (4 bits): M.qweight int32 [K, N/8] and M.qzeros int32 [G, N/8] hold
+eight codes per word along N, the word's nibble i holding column 8c + [0, 2, 4, 6, 1, 3, 5, 7][i];
+M.scales float16 [G, N]; the weight is (u - z) * scale, with z as stored.
+
+Each becomes a lowbit `int{b}` layer with the same codes and groups, the scales in float16 (other
+dtypes rounded to it, with a warning that counts inexact ones) and the zero points as lowbit's
+float16 zeros: symmetric when every zero point of the layer is 2^(b-1) (GPTQ's sym=True; the
+dequantized weight is the same either way, and symmetric layers skip the zero-point load).
+
+Refused with a CheckpointError naming the file, tensor or field: activation-ordered groups (g_idx
+not k // group_size: desc_act without static groups needs an input permutation that lowbit's
+layers do not hold), other checkpoint formats (marlin, bitblas, GPTQModel's planar gptq_p),
+other AWQ versions (gemv, gemv_fast, exllama, ipex, marlin), pack dtypes other than int32,
+GPTQModel's per-module `dynamic` overrides, group sizes that are not a multiple of 32, damaged
+tensors.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats.integer import SCALE_DTYPE, padded_k
+from ..packed import PackedWeight
+from .foreign_folder import (config_dtype, fail, has_quant_method, integer_layer, model_with_layers, read_config,
+                             read_tensors, skeleton, stored_tensor, unpack_bitstream)
+
+QUANT_METHODS = ("gptq", "awq")
+#: GPTQ's checkpoint_format -> whether its zero points are stored minus one (v1)
+GPTQ_FORMATS = {"gptq": True, "gptq_v2": False}
+GPTQ_BITS = (2, 3, 4, 8)
+#: AWQ GEMM's word slot i holds column 8c + AWQ_ORDER[i]; column 8c + j sits in slot AWQ_SLOT[j]
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_SLOT = tuple(AWQ_ORDER.index(j) for j in range(8))
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LAYER_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What quantization_config says about every quantized layer of the folder."""
+    method: str        # "gptq" or "awq"
+    bits: int
+    group_size: int    # -1: one group per row
+    zeros_minus_one: bool  # GPTQ v1
+
+
+def is_gptq_awq_folder(path: str | Path) -> bool:
+    """True when `path` has a config.json whose quantization_config says quant_method "gptq" or "awq"."""
+    return any(has_quant_method(path, method) for method in QUANT_METHODS)
+
+
+def _option(quantization: dict[str, Any], where: str, names: tuple[str, ...], default: Any) -> tuple[str, Any]:
+    """(field, value) of the first of `names` that quantization_config sets to something other
+    than null (AutoAWQ, transformers and GPTQModel spell some fields differently), else
+    (names[0], default)."""
+    for name in names:
+        if quantization.get(name) is not None:
+            return f"{where}.{name}", quantization[name]
+    return f"{where}.{names[0]}", default
+
+
+def read_scheme(folder: Path, config: dict[str, Any]) -> Scheme:
+    """The folder's Scheme, every field checked; CheckpointError naming the field otherwise."""
+    quantization = config.get("quantization_config")
+    where = f"{folder / 'config.json'}: quantization_config"
+    if not isinstance(quantization, dict) or quantization.get("quant_method") not in QUANT_METHODS:
+        raise fail(f"{where}.quant_method", f"expected one of {list(QUANT_METHODS)}")
+    method = quantization["quant_method"]
+    field, bits = _option(quantization, where, ("bits", "w_bit"), 4)
+    allowed = GPTQ_BITS if method == "gptq" else (4,)
+    if isinstance(bits, bool) or bits not in allowed:
+        raise fail(field, f"{bits!r}: lowbit imports {method.upper()} weights of {' / '.join(map(str, allowed))} bits")
+    field, group_size = _option(quantization, where, ("group_size", "q_group_size"), 128)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise fail(field, f"{group_size!r}: expected -1 (per channel) or a positive int")
+    if group_size > 0 and group_size % 32:
+        raise fail(field, f"{group_size}: lowbit's groups are a positive multiple of 32 (or -1, per channel)")
+    if method == "awq":
+        field, version = _option(quantization, where, ("version",), "gemm")
+        if not isinstance(version, str) or version.lower() != "gemm":
+            raise fail(field, f"{version!r}: lowbit imports AWQ's GEMM layout ('gemm')")
+        field, zero_point = _option(quantization, where, ("zero_point",), True)
+        if zero_point is not True:
+            raise fail(field, f"{zero_point!r}: lowbit imports AWQ GEMM layers with zero points (true)")
+        return Scheme(method, bits, group_size, False)
+    field, checkpoint_format = _option(quantization, where, ("checkpoint_format", "format"), "gptq")
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise fail(field, f"{checkpoint_format!r}: lowbit imports GPTQ's {' and '.join(map(repr, GPTQ_FORMATS))} "
+                   "layouts")
+    field, pack_dtype = _option(quantization, where, ("pack_dtype",), "int32")
+    if pack_dtype not in ("int32", "torch.int32"):
+        raise fail(field, f"{pack_dtype!r}: lowbit imports codes packed in int32 words")
+    field, dynamic = _option(quantization, where, ("dynamic",), None)
+    if dynamic:
+        raise fail(field, "per-module overrides are not imported")
+    return Scheme(method, bits, group_size, GPTQ_FORMATS[checkpoint_format])
+
+
+def target_format(path: str | Path) -> str:
+    """The lowbit format a GPTQ / AWQ folder's layers import as ("int4", ...); CheckpointError
+    for a folder lowbit cannot import."""
+    folder = Path(path)
+    return f"int{read_scheme(folder, read_config(folder)).bits}"
+
+
+def _groups(scheme: Scheme, k: int) -> tuple[int, int]:
+    """(the layer's number of groups G, lowbit's group_size) for K = k."""
+    if scheme.group_size == -1 or scheme.group_size >= k:
+        return 1, padded_k(k, 32)
+    return -(-k // scheme.group_size), scheme.group_size
+
+
+def _scales(tensors: dict[str, torch.Tensor], name: str, groups: int, n: int) -> tuple[torch.Tensor, int]:
+    """name.scales as float16 [groups, n], and how many float16 could not hold exactly."""
+    scales = stored_tensor(tensors, f"{name}.scales", SCALE_DTYPES, shape=(groups, n))
+    scales16 = scales.to(SCALE_DTYPE)
+    if not bool(torch.isfinite(scales16).all()):
+        raise fail(f"{name}.scales", f"values up to {float(scales.float().abs().max()):.3g}: not finite in float16, "
+                   "lowbit's scale dtype")
+    return scales16, int((scales16.float() != scales.float()).sum())
+
+
+def _v1_zero_points(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """GPTQ v1 qzeros int32 [G, W] (z - 1 stored) -> z, int32 [G, n] (see the module doc)."""
+    if bits == 3:
+        return (unpack_bitstream(words, bits, n) + 1) % 8
+    one_per_field = sum(1 << (bits * i) for i in range(32 // bits))
+    words = (words.to(torch.int64) + one_per_field) & 0xFFFFFFFF  # modulo 2^32, as int32 words add
+    return unpack_bitstream(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32), bits, n)
+
+
+def gptq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
+               dtype: torch.dtype) -> tuple[PackedWeight, int]:
+    """The GPTQ layer `name` (name.qweight, name.qzeros, name.scales, name.g_idx) as a lowbit
+    `int{b}` PackedWeight of `dtype`, and how many of its scales float16 could not hold exactly."""
+    bits = scheme.bits
+    qweight = stored_tensor(tensors, f"{name}.qweight", (torch.int32,))
+    if qweight.dim() != 2:
+        raise fail(f"{name}.qweight", f"expected a 2-D int32 tensor, got {list(qweight.shape)}")
+    n = qweight.shape[1]
+    g_idx = tensors.get(f"{name}.g_idx")
+    if g_idx is not None:
+        if g_idx.dim() != 1 or g_idx.dtype not in (torch.int32, torch.int64):
+            raise fail(f"{name}.g_idx", f"expected an int32 [in_features] tensor, got {g_idx.dtype} {list(g_idx.shape)}")
+        k = g_idx.numel()
+    else:  # GPTQModel may leave g_idx out when it is k // group_size
+        k = qweight.shape[0] * 32 // bits
+    stored_tensor(tensors, f"{name}.qweight", (torch.int32,), shape=(-(-k * bits // 32), n))
+    groups, group_size = _groups(scheme, k)
+    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group_size):
+        raise fail(f"{name}.g_idx", "columns are not in group order (desc_act without static groups): lowbit's "
+                   "groups are consecutive along K and its layers hold no input permutation")
+    scales, inexact = _scales(tensors, name, groups, n)
+    qzeros = stored_tensor(tensors, f"{name}.qzeros", (torch.int32,), shape=(groups, -(-n * bits // 32)))
+    zeros = _v1_zero_points(qzeros, bits, n) if scheme.zeros_minus_one else unpack_bitstream(qzeros, bits, n)
+    codes = unpack_bitstream(qweight.t(), bits, k)  # [N, K]
+    return _layer(codes, bits, group_size, scales, zeros, dtype), inexact
+
+
+def awq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
+              dtype: torch.dtype) -> tuple[PackedWeight, int]:
+    """The AWQ GEMM layer `name` (name.qweight, name.qzeros, name.scales) as a lowbit `int4`
+    PackedWeight of `dtype`, and how many of its scales float16 could not hold exactly."""
+    qweight = stored_tensor(tensors, f"{name}.qweight", (torch.int32,))
+    if qweight.dim() != 2:
+        raise fail(f"{name}.qweight", f"expected a 2-D int32 tensor, got {list(qweight.shape)}")
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    groups, group_size = _groups(scheme, k)
+    scales, inexact = _scales(tensors, name, groups, n)
+    qzeros = stored_tensor(tensors, f"{name}.qzeros", (torch.int32,), shape=(groups, n // 8))
+    # slot order -> column order: column 8c + j is slot AWQ_SLOT[j] of word c
+    columns = (torch.arange(n) // 8 * 8 + torch.tensor(AWQ_SLOT).repeat(n // 8))
+    codes = unpack_bitstream(qweight, 4, n)[:, columns].t()  # [N, K]
+    zeros = unpack_bitstream(qzeros, 4, n)[:, columns]
+    return _layer(codes, 4, group_size, scales, zeros, dtype), inexact
+
+
+def _layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor, zeros: torch.Tensor,
+           dtype: torch.dtype) -> PackedWeight:
+    """The lowbit layer of unsigned codes [N, K], float16 scales and integer zero points [G, N]:
+    symmetric when every zero point is 2^(b-1)."""
+    symmetric = bool((zeros == 2 ** (bits - 1)).all())
+    return integer_layer(codes, bits, group_size, scales.t(), None if symmetric else zeros.t().to(SCALE_DTYPE), dtype)
+
+
+def load_gptq_awq(path: str | Path, *, model: nn.Module | None = None,
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """Read a GPTQ or AWQ (GEMM) folder -> model whose quantized Linear layers are lowbit
+    `int{b}` QuantLinears with the same codes, groups and zero points (scales in float16); the
+    other modules keep their stored tensors. model: optional skeleton to fill (needed when
+    config.json names no transformers class). CheckpointError naming the file, tensor or field
+    for anything it cannot import."""
+    folder = Path(path)
+    config = read_config(folder)
+    scheme = read_scheme(folder, config)
+    dtype = config_dtype(folder, config, "the quantized layers' output dtype")
+    skeleton_model = skeleton(folder, config, "quantization_config") if model is None else model
+    tensors = read_tensors(folder)
+    names = sorted(key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight"))
+    if not names:
+        raise fail(str(folder), f"no {scheme.method.upper()} layers (no *.qweight tensors)")
+    read_layer = gptq_layer if scheme.method == "gptq" else awq_layer
+    packed, inexact, total = {}, 0, 0
+    for name in tqdm(names, desc=f"import {scheme.method.upper()}", unit="layer", disable=len(names) < 8):
+        packed[name], rounded = read_layer(tensors, name, scheme, dtype)
+        inexact, total = inexact + rounded, total + packed[name].scales.numel()
+    if inexact:
+        warnings.warn(f"{folder}: {inexact} of {total} scales are not float16 values (lowbit's scale dtype) and "
+                      "were rounded to the nearest one", stacklevel=2)
+    layer_fields = {f"{name}.{field}" for name in packed for field in LAYER_FIELDS}
+    return model_with_layers(folder, skeleton_model, tensors, layer_fields, packed, model).to(device).eval()

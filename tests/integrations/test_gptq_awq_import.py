@@ -1,0 +1,385 @@
+"""Importing GPTQ and AWQ (GEMM) folders (lowbit/integrations/gptq_awq_import.py).
+
+No GPTQ or AWQ writer installs here (GPTQModel needs a newer torch, AutoAWQ is deprecated and
+imports its whole model zoo), so the folders are written by this file's packers, which follow
+those libraries' loops: GPTQModel's `pack_original` (K-packed words, the 3-bit 10 + 1 + 10 + 1 +
+10 scheme, zero points packed along N) and its v2 -> v1 conversion (a constant subtracted from each
+packed word), AutoAWQ's `WQLinear_GEMM.from_linear` (the [0, 2, 4, 6, 1, 3, 5, 7] nibble order).
+The packers are written independently of the importer (loops over fields, not its bit streams);
+literal words pin the layouts; and the AWQ folders are also read by an independent reader:
+compressed-tensors' own AutoAWQ converter, whose output lowbit imports through its
+compressed-tensors path (tested there against compressed-tensors' decompression)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit
+from lowbit.errors import CheckpointError
+from lowbit.integrations import gptq_awq_import
+
+from ..conftest import kernel_devices, requires_gpu
+
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _model(dtype=torch.float16):
+    """A tiny Llama with biased attention projections (GPTQ folders store a Linear's bias beside
+    its codes); every Linear's K is 128 or 192."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      attention_bias=True, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _linears(model):
+    return {name: m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in LINEARS}
+
+
+def _pack_fields(values, bits):
+    """GPTQModel's packing loop: int [R, C] values in [0, 2^bits) -> int32 [ceil(R*bits/32), C],
+    packed down each column (2 / 4 / 8 bits: value 32/b*row + j at bits b*j of word `row`; 3 bits:
+    32 values per three words, values 10 and 21 split across two)."""
+    values = values.numpy().astype(np.int64)
+    words = np.zeros((-(-values.shape[0] * bits // 32), values.shape[1]), dtype=np.int64)
+    if bits != 3:
+        per_word = 32 // bits
+        for row in range(words.shape[0]):
+            for j in range(min(per_word, values.shape[0] - row * per_word)):
+                words[row] |= values[row * per_word + j] << (bits * j)
+    else:
+        i = row = 0
+        while row < words.shape[0]:
+            for j in range(10):
+                words[row] |= values[i + j] << (3 * j)
+            words[row] |= (values[i + 10] << 30) & 0xFFFFFFFF
+            words[row + 1] |= (values[i + 10] >> 2) & 1
+            for j in range(10):
+                words[row + 1] |= values[i + 11 + j] << (3 * j + 1)
+            words[row + 1] |= (values[i + 21] << 31) & 0xFFFFFFFF
+            words[row + 2] |= (values[i + 21] >> 1) & 3
+            for j in range(10):
+                words[row + 2] |= values[i + 22 + j] << (3 * j + 2)
+            i, row = i + 32, row + 3
+    return torch.from_numpy(words.astype(np.uint32).view(np.int32))
+
+
+def _v1_zeros(packed_zeros, zeros, bits):
+    """GPTQModel's v2 -> v1 conversion of packed zero points: each word minus one per field (its
+    borrows included) for 2 / 4 / 8 bits; each field minus one, modulo 8, for 3 bits."""
+    if bits == 3:
+        return _pack_fields((zeros - 1) % 8, 3).t()
+    one_per_field = sum(1 << (bits * i) for i in range(32 // bits))
+    words = (packed_zeros.numpy().view(np.uint32).astype(np.int64) - one_per_field) & 0xFFFFFFFF
+    return torch.from_numpy(words.astype(np.uint32).view(np.int32))
+
+
+def _random_layer(n, k, bits, groups, generator, symmetric):
+    """Random codes [N, K], zero points [N, G] (any value, 0 and 2^b - 1 included, unless
+    symmetric: 2^(b-1)) and float16 scales [N, G]."""
+    codes = torch.randint(0, 2**bits, (n, k), generator=generator)
+    zeros = (torch.full((n, groups), 2 ** (bits - 1)) if symmetric else
+             torch.randint(0, 2**bits, (n, groups), generator=generator))
+    # weights of about the same size at every width (a Llama's): |u - z| < 2^b
+    scales = ((torch.rand(n, groups, generator=generator) * 0.02 + 0.002) * 16 / 2**bits).half()
+    return codes, zeros, scales
+
+
+def _dequantized(codes, zeros, scales, group_size, dtype):
+    """(u - z) * scale, [N, K] in `dtype`, each column with its group's zero point and scale."""
+    k = codes.shape[1]
+    group = torch.arange(k) // (group_size if group_size > 0 else k)
+    return ((codes - zeros[:, group]).float() * scales[:, group].float()).to(dtype)
+
+
+def _hf_folder(model, out, quantization, layer_tensors, reference):
+    """Save `model` with the quantized layers' tensors in place of their weights; set each
+    layer's weight in `model` to `reference[name]` (the dequantized weight: the oracle model)."""
+    model.save_pretrained(out)  # config.json as transformers writes it
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (k.endswith(".weight") and k.removesuffix(".weight") in layer_tensors)}
+    for name, fields in layer_tensors.items():
+        state.update({f"{name}.{field}": tensor.contiguous() for field, tensor in fields.items()})
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (out / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        for name, weight in reference.items():
+            model.get_submodule(name).weight.copy_(weight)
+    return out
+
+
+def _gptq_folder(out, bits, group_size, checkpoint_format="gptq", symmetric=False, g_idx=True, seed=0):
+    """A GPTQ folder of `_model()`'s Linear layers (lm_head stays float16) written as GPTQModel
+    writes them; (folder, oracle model with the dequantized weights)."""
+    model, generator = _model(), torch.Generator().manual_seed(seed)
+    layer_tensors, reference = {}, {}
+    for name, linear in _linears(model).items():
+        n, k = linear.weight.shape
+        groups = 1 if group_size == -1 else -(-k // group_size)
+        codes, zeros, scales = _random_layer(n, k, bits, groups, generator, symmetric)
+        qzeros = _pack_fields(zeros, bits).t()  # [G, ceil(N*b/32)]: packed along N
+        if checkpoint_format == "gptq":
+            qzeros = _v1_zeros(qzeros, zeros, bits)
+        fields = {"qweight": _pack_fields(codes.t(), bits), "qzeros": qzeros, "scales": scales.t()}
+        if g_idx:
+            fields["g_idx"] = (torch.arange(k) // (group_size if group_size > 0 else k)).to(torch.int32)
+        layer_tensors[name] = fields
+        reference[name] = _dequantized(codes, zeros, scales, group_size, torch.float16)
+    quantization = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False,
+                    "sym": symmetric, "checkpoint_format": checkpoint_format, "damp_percent": 0.01}
+    return _hf_folder(model, out, quantization, layer_tensors, reference), model
+
+
+def _awq_pack(values):
+    """AutoAWQ's WQLinear_GEMM packing: int [R, C] 4-bit values -> int32 [R, C/8], word c's nibble
+    i holding column 8c + [0, 2, 4, 6, 1, 3, 5, 7][i]."""
+    values = values.numpy().astype(np.int64)
+    words = np.zeros((values.shape[0], values.shape[1] // 8), dtype=np.int64)
+    for col in range(words.shape[1]):
+        for i, column in enumerate([0, 2, 4, 6, 1, 3, 5, 7]):
+            words[:, col] |= values[:, col * 8 + column] << (4 * i)
+    return torch.from_numpy(words.astype(np.uint32).view(np.int32))
+
+
+def _awq_folder(out, group_size=64, seed=1):
+    """An AWQ GEMM folder of `_model()`'s Linear layers; (folder, oracle model)."""
+    model, generator = _model(), torch.Generator().manual_seed(seed)
+    layer_tensors, reference = {}, {}
+    for name, linear in _linears(model).items():
+        n, k = linear.weight.shape
+        codes, zeros, scales = _random_layer(n, k, 4, k // group_size, generator, symmetric=False)
+        layer_tensors[name] = {"qweight": _awq_pack(codes.t()), "qzeros": _awq_pack(zeros.t()), "scales": scales.t()}
+        reference[name] = _dequantized(codes, zeros, scales, group_size, torch.float16)
+    quantization = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                    "version": "gemm", "modules_to_not_convert": None}
+    return _hf_folder(model, out, quantization, layer_tensors, reference), model
+
+
+def _check_import(folder, oracle, bits, symmetric):
+    model = lowbit.load(folder)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, lowbit.QuantLinear)}
+    assert sorted(layers) == sorted(_linears(oracle))  # lm_head was not quantized
+    for name, layer in layers.items():
+        assert layer.format == f"int{bits}" and layer.packed.attrs["symmetric"] is symmetric, name
+        got = lowbit.get_format(layer.format).dequantize(layer.packed)
+        want = oracle.get_submodule(name).weight
+        assert got.dtype == want.dtype == torch.float16
+        assert torch.equal(got, want), name
+        bias = oracle.get_submodule(name).bias
+        assert (layer.bias is None) == (bias is None) and (bias is None or torch.equal(layer.bias, bias))
+    with torch.no_grad():
+        got, want = model(IDS).logits, oracle(IDS).logits
+    # the same weights; float16 matmuls round differently (lowbit's accumulate in fp32)
+    assert float((got - want).float().norm() / want.float().norm()) < 2e-3
+    return model
+
+
+@pytest.mark.parametrize("bits,group_size,checkpoint_format,symmetric", [
+    (4, 64, "gptq", False), (4, 128, "gptq", True), (4, -1, "gptq_v2", False), (3, 32, "gptq", False),
+    (3, 64, "gptq_v2", True), (2, 64, "gptq", False), (8, 128, "gptq", False), (8, -1, "gptq", True)])
+def test_gptq_folder_imports_with_the_same_weights(tmp_path, bits, group_size, checkpoint_format, symmetric):
+    """Every zero point from 0 to 2^b - 1 (v1: z = 0 is stored as -1, borrowing from the next
+    field); group 128 on K = 192 is a partial last group; sym=True becomes a symmetric layer."""
+    folder, oracle = _gptq_folder(tmp_path / "gptq", bits, group_size, checkpoint_format, symmetric)
+    _check_import(folder, oracle, bits, symmetric)
+
+
+def test_gptq_without_g_idx_imports(tmp_path):
+    folder, oracle = _gptq_folder(tmp_path / "gptq", 4, 64, g_idx=False)
+    _check_import(folder, oracle, 4, False)
+
+
+def test_literal_words_pin_the_layouts():
+    """Hand-written words: GPTQ's code k of a column at bits 4k of the column's word; a v1 zero-point
+    word 0xEEEEEEEF (GPTQModel's 0x00000000 - 0x11111111) holds eight zero points 0; AWQ's word
+    0x75316420 holds the columns 0..7 of its row in the nibble order [0, 2, 4, 6, 1, 3, 5, 7]."""
+    scheme = gptq_awq_import.Scheme("gptq", 4, 32, True)
+    n, k = 8, 32
+    qweight = torch.zeros(k // 8, n, dtype=torch.int32)
+    qweight[0, 0] = 0x76543210
+    tensors = {"m.qweight": qweight, "m.qzeros": torch.full((1, 1), -0x11111111, dtype=torch.int32),
+               "m.scales": torch.ones(1, n, dtype=torch.float16)}
+    packed, _ = gptq_awq_import.gptq_layer(tensors, "m", scheme, torch.float32)
+    weight = lowbit.get_format("int4").dequantize(packed)
+    assert weight[0, :8].tolist() == list(range(8)) and not weight[0, 8:].any() and not weight[1:].any()
+
+    awq = gptq_awq_import.Scheme("awq", 4, 32, False)
+    qweight = torch.zeros(k, 1, dtype=torch.int32)
+    qweight[0, 0] = 0x75316420
+    tensors = {"m.qweight": qweight, "m.qzeros": torch.zeros(1, 1, dtype=torch.int32),
+               "m.scales": torch.ones(1, n, dtype=torch.float16)}
+    packed, _ = gptq_awq_import.awq_layer(tensors, "m", awq, torch.float32)
+    weight = lowbit.get_format("int4").dequantize(packed)
+    assert weight[:, 0].tolist() == list(range(8)) and not weight[:, 1:].any()
+
+
+def test_awq_folder_imports_with_the_same_weights(tmp_path):
+    folder, oracle = _awq_folder(tmp_path / "awq")
+    _check_import(folder, oracle, 4, False)
+
+
+def test_awq_folder_matches_compressed_tensors_own_converter(tmp_path):
+    """compressed-tensors' AutoAWQConverter reads the AWQ folder independently (its unpacking and
+    reordering); lowbit's import of its output equals lowbit's import of the AWQ folder, field
+    for field."""
+    convert = pytest.importorskip("compressed_tensors.entrypoints.convert")
+    from compressed_tensors.entrypoints.convert.converters import AutoAWQConverter
+
+    folder, _ = _awq_folder(tmp_path / "awq")
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    convert.convert_checkpoint(folder, tmp_path / "ct", AutoAWQConverter.from_autoawq_config(config), max_workers=1)
+    via_ct, direct = lowbit.load(tmp_path / "ct"), lowbit.load(folder)
+    layers = {name: m for name, m in direct.named_modules() if isinstance(m, lowbit.QuantLinear)}
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        other = via_ct.get_submodule(name).packed
+        assert other.attrs == layer.packed.attrs and other.shape == layer.packed.shape, name
+        for field, tensor in layer.packed.tensors.items():
+            assert torch.equal(other.tensors[field], tensor), f"{name}.{field}"
+    with torch.no_grad():
+        assert torch.equal(via_ct(IDS).logits, direct(IDS).logits)
+
+
+@pytest.mark.skipif(not kernel_devices(), reason="Triton cannot run here")
+def test_triton_kernel_runs_an_imported_gptq_layer(tmp_path):
+    """An imported asymmetric 3-bit layer (zero points 0 included) through the Triton GEMM matches
+    the float16 weight's matmul."""
+    folder, oracle = _gptq_folder(tmp_path / "gptq", 3, 32)
+    device = kernel_devices()[0]
+    packed = lowbit.load(folder).model.layers[0].mlp.down_proj.packed.to(device)
+    assert not packed.attrs["symmetric"]
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(2)).half().to(device)
+    want = x.float() @ oracle.model.layers[0].mlp.down_proj.weight.float().t().to(device)
+    got = lowbit.linear(x, packed, None, backend="triton").float()
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+@pytest.fixture(scope="module")
+def gptq_folder(tmp_path_factory):
+    return _gptq_folder(tmp_path_factory.mktemp("gptq") / "gptq", 4, 64)[0]
+
+
+@pytest.fixture(scope="module")
+def awq_folder(tmp_path_factory):
+    return _awq_folder(tmp_path_factory.mktemp("awq") / "awq")[0]
+
+
+def _copy(folder, tmp_path):
+    shutil.copytree(folder, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+QC = r"quantization_config"
+
+
+@pytest.mark.parametrize("source,edit,message", [("gptq_folder", *case) for case in [
+    ({"bits": 5}, rf"{QC}\.bits: 5: lowbit imports GPTQ weights of 2 / 3 / 4 / 8 bits"),
+    ({"group_size": 48}, rf"{QC}\.group_size: 48: lowbit's groups are a positive multiple of 32"),
+    ({"group_size": 0}, rf"{QC}\.group_size: 0: expected -1 \(per channel\) or a positive int"),
+    ({"checkpoint_format": "marlin"}, rf"{QC}\.checkpoint_format: 'marlin': lowbit imports GPTQ's 'gptq' and "
+     "'gptq_v2' layouts"),
+    ({"checkpoint_format": None, "format": "gptq_p"}, rf"{QC}\.format: 'gptq_p': lowbit imports GPTQ's"),
+    ({"pack_dtype": "int16"}, rf"{QC}\.pack_dtype: 'int16': lowbit imports codes packed in int32 words"),
+    ({"dynamic": {"-:.*down_proj": {}}}, rf"{QC}\.dynamic: per-module overrides are not imported"),
+]] + [("awq_folder", *case) for case in [
+    ({"version": "gemv"}, rf"{QC}\.version: 'gemv': lowbit imports AWQ's GEMM layout"),
+    ({"bits": 3}, rf"{QC}\.bits: 3: lowbit imports AWQ weights of 4 bits"),
+    ({"zero_point": False}, rf"{QC}\.zero_point: False: lowbit imports AWQ GEMM layers with zero points"),
+]])
+def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(request, tmp_path, source, edit, message):
+    folder = _copy(request.getfixturevalue(source), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(edit)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+LAYER = "model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize("source,damage,message", [
+    ("gptq_folder", "act order", rf"{LAYER}\.g_idx: columns are not in group order \(desc_act without static groups\)"),
+    ("gptq_folder", "qweight", rf"{LAYER}\.qweight: expected torch\.int32 \[24, 128\], got torch\.int32 \[23, 128\]"),
+    ("gptq_folder", "qzeros", rf"{LAYER}\.qzeros: missing"),
+    ("gptq_folder", "g_idx dtype", rf"{LAYER}\.g_idx: expected an int32 \[in_features\] tensor, got torch\.float32"),
+    ("gptq_folder", "scale", rf"{LAYER}\.scales: values up to 1e\+06: not finite in float16"),
+    ("awq_folder", "qzeros", rf"{LAYER}\.qzeros: expected torch\.int32 \[3, 16\], got torch\.int32 \[2, 16\]"),
+    ("awq_folder", "qweight dtype", rf"{LAYER}\.qweight: expected torch\.int32, got torch\.float32"),
+])
+def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source, damage, message):
+    folder = _copy(request.getfixturevalue(source), tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    if damage == "act order":  # GPTQ's desc_act: each column's group follows the Hessian order
+        tensors[f"{LAYER}.g_idx"] = tensors[f"{LAYER}.g_idx"][torch.randperm(192)].contiguous()
+    elif damage == "qweight":
+        tensors[f"{LAYER}.qweight"] = tensors[f"{LAYER}.qweight"][:-1].contiguous()
+    elif damage in ("qzeros", "qweight dtype", "g_idx dtype"):
+        key = f"{LAYER}.{damage.split()[0]}"
+        if damage == "qzeros" and source == "gptq_folder":
+            del tensors[key]
+        elif damage == "qzeros":
+            tensors[key] = tensors[key][:-1].contiguous()
+        else:
+            tensors[key] = tensors[key].float()
+    else:
+        tensors[f"{LAYER}.scales"] = tensors[f"{LAYER}.scales"].float()
+        tensors[f"{LAYER}.scales"][0, 3] = 1e6
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+def test_convert_command_writes_a_lowbit_folder(gptq_folder, tmp_path, capsys):
+    from lowbit.cli import main as cli_main
+
+    out = tmp_path / "lowbit"
+    assert cli_main(["convert", str(gptq_folder), str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "(GPTQ / AWQ)" in stdout and f"{'int4 layers:':<18}14" in stdout
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(out)(IDS).logits, lowbit.load(gptq_folder)(IDS).logits)
+    bad = _copy(gptq_folder, tmp_path)
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["bits"] = 6
+    (bad / "config.json").write_text(json.dumps(config))
+    assert cli_main(["convert", str(bad), str(tmp_path / "refused")]) == 2
+    assert "quantization_config.bits: 6" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_scales_float16_cannot_hold_are_rounded_with_a_warning(gptq_folder, tmp_path):
+    folder = _copy(gptq_folder, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    scales = tensors[f"{LAYER}.scales"].float()
+    scales[1, 5] = 1 / 3  # not a float16 value
+    tensors[f"{LAYER}.scales"] = scales
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 of \d+ scales are not float16 values"):
+        model = lowbit.load(folder)
+    assert float(model.get_submodule(LAYER).packed.scales[1, 5]) == float(torch.tensor(1 / 3).half())
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("method,bits,group_size", [("gptq", 4, 128), ("gptq", 3, 32), ("gptq", 8, -1),
+                                                    ("awq", 4, 64)])
+def test_gpu_imported_layers_match_the_cpu_import(tmp_path, method, bits, group_size):
+    """On CUDA the imported layers run lowbit's kernels: close to the CPU import, whose weights
+    equal the oracle's (tested above)."""
+    folder = (_gptq_folder(tmp_path / "f", bits, group_size)[0] if method == "gptq" else
+              _awq_folder(tmp_path / "f", group_size)[0])
+    on_cpu, on_gpu = lowbit.load(folder), lowbit.load(folder, device="cuda")
+    with torch.no_grad():
+        expected = on_cpu(IDS).logits.float()
+        got = on_gpu(IDS.cuda()).logits.float().cpu()
+    assert (got - expected).norm() / expected.norm() < 1e-2
