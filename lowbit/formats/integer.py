@@ -44,6 +44,12 @@ On CUDA both options choose their kernel per M (`lowbit.kernels.quantized_act`):
 tensor cores from M = 32 (act="fp8" for widths up to 5 bits), else the weight-only kernel.
 The attribute is stored only when set, so weight-only layers keep the manifest entries lowbit
 wrote before the option existed.
+
+Attribute `permuted=True` (imports only: GPTQ's desc_act and compressed-tensors' actorder
+"group" checkpoints, whose groups gather columns from all over K): field perm int32 [K], stored
+column j is input feature perm[j]. The codes are stored in that order, so each group is
+consecutive; the kernels gather x[:, perm] first, and dequantize() returns the weight in input
+order. Stored only when set; lowbit's own quantizer never writes it.
 """
 from __future__ import annotations
 
@@ -85,8 +91,8 @@ def _round_scale_up(scale: torch.Tensor) -> torch.Tensor:
 class IntFormat(Format):
     """`int{bits}`: group-wise integer weights, symmetric or asymmetric."""
 
-    ATTRS = ("group_size", "symmetric", "act")
-    OPTIONAL_ATTRS = ("act",)
+    ATTRS = ("group_size", "symmetric", "act", "permuted")
+    OPTIONAL_ATTRS = ("act", "permuted")
     QUANTIZER_OPTIONS = ("method", "act_order")
     METHODS = ("rtn", "mse", "gptq")
     #: bit-plane layout of qweight (see bitpack.py); the LUT formats use one-bit planes
@@ -108,6 +114,9 @@ class IntFormat(Format):
             raise FormatError(f"{self.name}: symmetric must be a bool (False for 1 bit), got {sym!r}")
         if options.get("act") not in _ACTS:
             raise FormatError(f"{self.name}: act must be one of {_ACTS}, got {options['act']!r}")
+        if "permuted" in options:
+            raise FormatError(f"{self.name}: permuted is not a quantizer option (imports of activation-ordered "
+                              "checkpoints set it; see act_order for GPTQ's column order)")
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         self.check_options(options)
@@ -132,6 +141,8 @@ class IntFormat(Format):
         if "act" in attrs and attrs["act"] not in _ACT_QUANTIZERS:  # stored only when set
             raise FormatError(f"{self.name}: act must be one of {sorted(_ACT_QUANTIZERS)} when present, "
                               f"got {attrs['act']!r}")
+        if "permuted" in attrs and attrs["permuted"] is not True:  # stored only when set
+            raise FormatError(f"{self.name}: permuted must be true when present, got {attrs['permuted']!r}")
         return attrs
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
@@ -144,13 +155,21 @@ class IntFormat(Format):
         }
         if not attrs["symmetric"]:
             specs["zeros"] = FieldSpec(SCALE_DTYPE, (groups, n))
+        if attrs.get("permuted"):
+            specs["perm"] = FieldSpec(torch.int32, (k,))
         return specs
 
     def check_data(self, packed: PackedWeight) -> None:
-        """act="int8" layers: FormatError unless every zero point is an integer in [0, 2^b - 1], as
+        """FormatError unless a permuted layer's perm holds every input index once (the kernels
+        gather x by it: an index out of range would read past x). act="int8" layers: FormatError
+        unless every zero point is an integer in [0, 2^b - 1], as
         the quantizer writes them. Their GEMM subtracts the zero point in int32 arithmetic, where a
         fraction would be cut off and a large value overflow (a silently wrong product); weight-only
         kernels decode any float16 zero point as the reference does."""
+        if packed.attrs.get("permuted"):
+            k = packed.shape[1]
+            if not torch.equal(torch.sort(packed.perm.cpu().long()).values, torch.arange(k)):
+                raise FormatError(f"{self.name}: perm is not a permutation of the {k} input features")
         if packed.attrs.get("act") != "int8" or "zeros" not in packed.tensors:
             return
         zeros = packed.zeros.float()
@@ -272,7 +291,10 @@ class IntFormat(Format):
         else:
             zero = packed.zeros.t().float().unsqueeze(-1)
         w = (codes - zero) * scale
-        return w.reshape(n, kp)[:, :k].to(packed.dtype)
+        w = w.reshape(n, kp)[:, :k]
+        if packed.attrs.get("permuted"):  # stored column j is input feature perm[j]
+            w = torch.empty_like(w).index_copy_(1, packed.perm.long(), w)
+        return w.to(packed.dtype)
 
     def reference_linear(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         """Weight-only: F.linear(x, dequantize(W)). act="int8" / "fp8": x is quantized per token
@@ -286,6 +308,8 @@ class IntFormat(Format):
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
         zeros, group_size = packed.tensors.get("zeros"), packed.attrs["group_size"]
+        if packed.attrs.get("permuted"):  # the kernels read K in stored order
+            x2d = x2d.index_select(1, packed.perm)
         if packed.attrs.get("act") is not None:
             return torch.ops.lowbit.quantized_act_linear(x2d, packed.qweight, packed.scales, zeros, bias,
                                                          packed.attrs["act"], self.bits, group_size, packed.shape[1])

@@ -20,7 +20,9 @@ and the weight is (q - z) * scale (z = 0 when symmetric), q in [-2^(b-1), 2^(b-1
 becomes a lowbit `int{b}` layer with the same codes u, the same groups (group_size=-1 for
 "channel") and the scales in float16: symmetric layers stay symmetric (their codes may include 0,
 i.e. q = -2^(b-1), which lowbit's reference and kernels decode by the same (u - 2^(b-1)) * scale),
-asymmetric ones store the zero points u_z = z + 2^(b-1) as lowbit's float16 zeros. A bf16 scale
+asymmetric ones store the zero points u_z = z + 2^(b-1) as lowbit's float16 zeros. Activation-
+ordered groups (weight_g_idx not k // group_size) are stored in the order that makes each group
+consecutive, with that order as the layer's input permutation (`permuted`, integer.py). A bf16 scale
 of at least 2^-17 is a float16 value, so the dequantized weights are compressed-tensors' bit for
 bit; a scale float16 cannot hold exactly is rounded to it, with a warning that counts them.
 
@@ -56,8 +58,8 @@ Refused with a CheckpointError naming the file, tensor or field: other formats (
 static activation scales, integer layers' activations other than int8 or E4M3 per token, KV cache schemes, transforms, packed
 3/5/6/7-bit codes from folders of compressed-tensors before 0.20 (quantization_config.version;
 some earlier versions packed 32 // b codes per int32 word), group sizes that are not a multiple
-of 32, activation-ordered groups (g_idx not in K order), fused 3-D expert weights, damaged
-tensors.
+of 32, a weight_g_idx whose groups do not each hold group_size columns, fused 3-D expert
+weights, damaged tensors.
 """
 from __future__ import annotations
 
@@ -74,8 +76,8 @@ from tqdm.auto import tqdm
 from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
-from .foreign_folder import (config_dtype, fail, has_quant_method, integer_layer, model_with_layers, read_config,
-                             read_tensors, skeleton, stored_tensor, unpack_bitstream, weight_matrix)
+from .foreign_folder import (config_dtype, fail, group_order, has_quant_method, integer_layer, model_with_layers,
+                             read_config, read_tensors, skeleton, stored_tensor, unpack_bitstream, weight_matrix)
 
 QUANT_METHOD = "compressed-tensors"
 #: the formats imported -> the weight types their layers hold
@@ -296,11 +298,10 @@ def int_layer(tensors: dict[str, torch.Tensor], name: str, scheme: dict[str, Any
     group_size = weights["group_size"] if weights["strategy"] == "group" else padded_k(k, 32)
     groups = -(-k // group_size)
     scale = stored_tensor(tensors, f"{name}.weight_scale", SCALE_DTYPES, shape=(n, groups))
-    if f"{name}.weight_g_idx" in tensors:
+    perm = None
+    if f"{name}.weight_g_idx" in tensors:  # actorder "group": groups gather columns from all over K
         g_idx = stored_tensor(tensors, f"{name}.weight_g_idx", (torch.int32, torch.int64), shape=(k,))
-        if not torch.equal(g_idx.long(), torch.arange(k) // group_size):
-            raise fail(f"{name}.weight_g_idx", "columns are not in group order (activation ordering): lowbit's "
-                       "groups are consecutive along K")
+        perm = group_order(g_idx, group_size, f"{name}.weight_g_idx")
     scale16 = scale.to(SCALE_DTYPE)
     if not bool(torch.isfinite(scale16).all()):
         raise fail(f"{name}.weight_scale", f"values up to {float(scale.float().abs().max()):.3g}: not finite in "
@@ -316,7 +317,7 @@ def int_layer(tensors: dict[str, torch.Tensor], name: str, scheme: dict[str, Any
         zeros = zeros.to(SCALE_DTYPE)  # z + 2^(b-1), [N, G]
     elif zero_key in tensors:
         raise fail(zero_key, "present in a symmetric scheme")
-    return integer_layer(codes, bits, group_size, scale16, zeros, dtype, scheme["act"]), inexact
+    return integer_layer(codes, bits, group_size, scale16, zeros, dtype, scheme["act"], perm), inexact
 
 
 def fp8_layer(tensors: dict[str, torch.Tensor], name: str, weights: dict[str, Any], act: str | None,

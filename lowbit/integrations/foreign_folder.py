@@ -117,13 +117,34 @@ def unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor
     return ((pairs >> (start % word_bits)) & (2**bits - 1)).to(torch.int32)
 
 
+def group_order(g_idx: torch.Tensor, group_size: int, key: str) -> torch.Tensor | None:
+    """The column order that makes activation-ordered groups consecutive: None when `g_idx`
+    (int [K], each input column's group) is already k // group_size, else perm int32 [K] with
+    g_idx[perm] == k // group_size (GPTQ's desc_act: each group holds group_size columns picked
+    from all over K). CheckpointError naming `key` when no order does that."""
+    k = g_idx.numel()
+    in_order = torch.arange(k) // group_size
+    groups = g_idx.long()
+    if torch.equal(groups, in_order):
+        return None
+    perm = torch.argsort(groups, stable=True)
+    if not torch.equal(groups[perm], in_order):
+        raise fail(key, f"groups do not each hold {group_size} columns (the last one the rest): no column order "
+                   "makes them lowbit's consecutive groups")
+    return perm.to(torch.int32)
+
+
 def integer_layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  dtype: torch.dtype, act: str | None = None) -> PackedWeight:
+                  dtype: torch.dtype, act: str | None = None, perm: torch.Tensor | None = None) -> PackedWeight:
     """A lowbit `int{bits}` PackedWeight of `dtype` from another library's codes: unsigned codes
     int32 [N, K] in [0, 2^bits), float16 scales [N, G] and, when asymmetric, float16 zero points
-    [N, G] (else the constant 2^(bits-1)), G groups of `group_size` along K; act: "int8", "fp8" or None."""
+    [N, G] (else the constant 2^(bits-1)), G groups of `group_size` along K; act: "int8", "fp8" or
+    None. perm: int32 [K] from `group_order` for activation-ordered groups (the codes are given
+    in input order and stored in perm's)."""
     n, k = codes.shape
     kp = padded_k(k, group_size)
+    if perm is not None:
+        codes = codes[:, perm.long()]
     # the padding codes decode to 0 in symmetric layers; lowbit's kernels never read them
     unsigned = torch.nn.functional.pad(codes, (0, kp - k), value=2 ** (bits - 1))
     attrs = {"group_size": group_size, "symmetric": zeros is None}
@@ -132,6 +153,8 @@ def integer_layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch
     fields = {"qweight": bitpack.pack(unsigned, bits), "scales": scales.t().contiguous()}
     if zeros is not None:
         fields["zeros"] = zeros.t().contiguous()
+    if perm is not None:
+        attrs["permuted"], fields["perm"] = True, perm
     return PackedWeight(f"int{bits}", (n, k), dtype, attrs, fields)
 
 

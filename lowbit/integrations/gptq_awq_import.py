@@ -24,10 +24,12 @@ Each becomes a lowbit `int{b}` layer with the same codes and groups, the scales 
 dtypes rounded to it, with a warning that counts inexact ones) and the zero points as lowbit's
 float16 zeros: symmetric when every zero point of the layer is 2^(b-1) (GPTQ's sym=True; the
 dequantized weight is the same either way, and symmetric layers skip the zero-point load).
+desc_act without static groups (g_idx not k // group_size: each group gathers columns from all
+over K) is stored in the order that makes each group consecutive, with that order as the layer's
+input permutation (`permuted`, lowbit/formats/integer.py).
 
-Refused with a CheckpointError naming the file, tensor or field: activation-ordered groups (g_idx
-not k // group_size: desc_act without static groups needs an input permutation that lowbit's
-layers do not hold), other checkpoint formats (marlin, bitblas, GPTQModel's planar gptq_p),
+Refused with a CheckpointError naming the file, tensor or field: a g_idx whose groups do not each
+hold group_size columns, other checkpoint formats (marlin, bitblas, GPTQModel's planar gptq_p),
 other AWQ versions (gemv, gemv_fast, exllama, ipex, marlin), pack dtypes other than int32,
 GPTQModel's per-module `dynamic` overrides, group sizes that are not a multiple of 32, damaged
 tensors.
@@ -45,8 +47,8 @@ from tqdm.auto import tqdm
 
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
-from .foreign_folder import (config_dtype, fail, has_quant_method, integer_layer, model_with_layers, read_config,
-                             read_tensors, skeleton, stored_tensor, unpack_bitstream)
+from .foreign_folder import (config_dtype, fail, group_order, has_quant_method, integer_layer, model_with_layers,
+                             read_config, read_tensors, skeleton, stored_tensor, unpack_bitstream)
 
 QUANT_METHODS = ("gptq", "awq")
 #: GPTQ's checkpoint_format -> whether its zero points are stored minus one (v1)
@@ -171,14 +173,12 @@ def gptq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
         k = qweight.shape[0] * 32 // bits
     stored_tensor(tensors, f"{name}.qweight", (torch.int32,), shape=(-(-k * bits // 32), n))
     groups, group_size = _groups(scheme, k)
-    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group_size):
-        raise fail(f"{name}.g_idx", "columns are not in group order (desc_act without static groups): lowbit's "
-                   "groups are consecutive along K and its layers hold no input permutation")
+    perm = None if g_idx is None else group_order(g_idx, group_size, f"{name}.g_idx")
     scales, inexact = _scales(tensors, name, groups, n)
     qzeros = stored_tensor(tensors, f"{name}.qzeros", (torch.int32,), shape=(groups, -(-n * bits // 32)))
     zeros = _v1_zero_points(qzeros, bits, n) if scheme.zeros_minus_one else unpack_bitstream(qzeros, bits, n)
     codes = unpack_bitstream(qweight.t(), bits, k)  # [N, K]
-    return _layer(codes, bits, group_size, scales, zeros, dtype), inexact
+    return _layer(codes, bits, group_size, scales, zeros, dtype, perm), inexact
 
 
 def awq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
@@ -200,11 +200,12 @@ def awq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
 
 
 def _layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor, zeros: torch.Tensor,
-           dtype: torch.dtype) -> PackedWeight:
+           dtype: torch.dtype, perm: torch.Tensor | None = None) -> PackedWeight:
     """The lowbit layer of unsigned codes [N, K], float16 scales and integer zero points [G, N]:
-    symmetric when every zero point is 2^(b-1)."""
+    symmetric when every zero point is 2^(b-1); perm: activation order (`group_order`)."""
     symmetric = bool((zeros == 2 ** (bits - 1)).all())
-    return integer_layer(codes, bits, group_size, scales.t(), None if symmetric else zeros.t().to(SCALE_DTYPE), dtype)
+    return integer_layer(codes, bits, group_size, scales.t(), None if symmetric else zeros.t().to(SCALE_DTYPE),
+                         dtype, perm=perm)
 
 
 def load_gptq_awq(path: str | Path, *, model: nn.Module | None = None,

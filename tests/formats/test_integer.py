@@ -204,6 +204,21 @@ def test_act_is_stored_only_when_set():
         get_format("lut2").quantize(w, act="int8")
 
 
+def test_permuted_is_an_imported_attribute_not_a_quantizer_option():
+    """`permuted` (imports of activation-ordered checkpoints) is stored only as true, with its perm
+    field; the quantizer refuses it, and the LUT formats do not take it."""
+    fmt, w = get_format("int4"), torch.randn(8, 256)
+    attrs = {"group_size": 128, "symmetric": False, "permuted": True}
+    assert fmt.check_attrs((8, 256), dict(attrs)) == attrs
+    assert fmt.field_specs((8, 256), attrs)["perm"].shape == (256,)
+    with pytest.raises(FormatError, match="permuted must be true when present, got False"):
+        fmt.check_attrs((8, 256), {**attrs, "permuted": False})
+    with pytest.raises(FormatError, match="permuted is not a quantizer option"):
+        fmt.quantize(w, permuted=True)
+    with pytest.raises(FormatError, match="keys"):
+        get_format("lut4").check_attrs((8, 256), attrs)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_act_int8_layers_refuse_zero_points_their_gemm_cannot_take(bits):
     """The int8 GEMM applies zero points in int32: loaded data must hold integers in [0, 2^b - 1]

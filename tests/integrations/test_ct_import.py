@@ -321,7 +321,7 @@ LAYER = "model.layers.1.mlp.down_proj"
     ("int4_folder", "packed",
      rf"{LAYER}\.weight_packed: expected torch\.int32 \[128, 24\], got torch\.int32 \[128, 23\]"),
     ("int4_folder", "zero_point", rf"{LAYER}\.weight_zero_point: missing"),
-    ("int4_folder", "g_idx", rf"{LAYER}\.weight_g_idx: columns are not in group order"),
+    ("int4_folder", "g_idx", rf"{LAYER}\.weight_g_idx: groups do not each hold 64 columns"),
     ("int4_folder", "scale", rf"{LAYER}\.weight_scale: values up to 9\.99e\+05: not finite in float16"),
     ("int4_folder", "experts", rf"{LAYER}\.weight_shape: 3-D: fused expert weights are not imported"),
     ("mxfp4_folder", "packed",
@@ -339,7 +339,7 @@ def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source,
         elif damage == "zero_point":
             del tensors[f"{LAYER}.weight_zero_point"]
         elif damage == "g_idx":
-            tensors[f"{LAYER}.weight_g_idx"] = (torch.arange(192) // 64).flip(0).to(torch.int32)
+            tensors[f"{LAYER}.weight_g_idx"] = torch.zeros(192, dtype=torch.int32)  # one group of 192
         elif damage == "scale":
             tensors[f"{LAYER}.weight_scale"][5, 1] = 1e6
         else:
@@ -348,6 +348,27 @@ def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source,
     _edit_tensors(folder, edit)
     with pytest.raises(CheckpointError, match=message):
         lowbit.load(folder)
+
+
+def test_activation_ordered_groups_import_with_an_input_permutation(int4_folder, tmp_path):
+    """actorder "group" (weight_g_idx: each column's group, groups gathering columns from all over
+    K): the layer stores the order that makes its groups consecutive; its weight is
+    (q - z[g_idx[k]]) * scale[g_idx[k]] column by column (compressed-tensors 0.20's decompression
+    no longer reads g_idx, so the oracle is that rule on the codes of the plain import, which
+    equal compressed-tensors' above), and its logits follow."""
+    plain = lowbit.load(int4_folder).get_submodule(LAYER).packed
+    g_idx = torch.empty(192, dtype=torch.long)
+    g_idx[torch.randperm(192, generator=torch.Generator().manual_seed(0))] = torch.arange(192) // 64
+    folder = _copy(int4_folder, tmp_path)
+    _edit_tensors(folder, lambda tensors: tensors.__setitem__(f"{LAYER}.weight_g_idx", g_idx.to(torch.int32)))
+    model = lowbit.load(folder)
+    packed = model.get_submodule(LAYER).packed
+    assert packed.attrs["permuted"] is True
+    codes = bitpack.unpack(plain.qweight, 4, 192).float()
+    want = ((codes - plain.zeros.t().float()[:, g_idx]) * plain.scales.t().float()[:, g_idx]).bfloat16()
+    assert torch.equal(lowbit.get_format("int4").dequantize(packed), want)
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(1)).bfloat16()
+    torch.testing.assert_close(lowbit.linear(x, packed), torch.nn.functional.linear(x, want))
 
 
 def test_scales_float16_cannot_hold_are_rounded_with_a_warning(int4_folder, tmp_path):

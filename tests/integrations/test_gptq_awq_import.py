@@ -92,11 +92,22 @@ def _random_layer(n, k, bits, groups, generator, symmetric):
     return codes, zeros, scales
 
 
-def _dequantized(codes, zeros, scales, group_size, dtype):
-    """(u - z) * scale, [N, K] in `dtype`, each column with its group's zero point and scale."""
-    k = codes.shape[1]
-    group = torch.arange(k) // (group_size if group_size > 0 else k)
-    return ((codes - zeros[:, group]).float() * scales[:, group].float()).to(dtype)
+def _in_order(k, group_size):
+    """Each column's group when groups are consecutive: k // group_size."""
+    return torch.arange(k) // (group_size if group_size > 0 else k)
+
+
+def _activation_order(k, group_size, generator):
+    """GPTQ's desc_act g_idx: columns visited in a (here random) order, g_idx[order[i]] = i // group_size."""
+    order = torch.randperm(k, generator=generator)
+    g_idx = torch.empty(k, dtype=torch.long)
+    g_idx[order] = _in_order(k, group_size)
+    return g_idx
+
+
+def _dequantized(codes, zeros, scales, g_idx, dtype):
+    """(u - z) * scale, [N, K] in `dtype`, each column k with group g_idx[k]'s zero point and scale."""
+    return ((codes - zeros[:, g_idx]).float() * scales[:, g_idx].float()).to(dtype)
 
 
 def _hf_folder(model, out, quantization, layer_tensors, reference):
@@ -117,9 +128,11 @@ def _hf_folder(model, out, quantization, layer_tensors, reference):
     return out
 
 
-def _gptq_folder(out, bits, group_size, checkpoint_format="gptq", symmetric=False, g_idx=True, seed=0):
+def _gptq_folder(out, bits, group_size, checkpoint_format="gptq", symmetric=False, g_idx=True, seed=0,
+                 desc_act=False):
     """A GPTQ folder of `_model()`'s Linear layers (lm_head stays float16) written as GPTQModel
-    writes them; (folder, oracle model with the dequantized weights)."""
+    writes them (desc_act: groups in a random activation order); (folder, oracle model with the
+    dequantized weights)."""
     model, generator = _model(), torch.Generator().manual_seed(seed)
     layer_tensors, reference = {}, {}
     for name, linear in _linears(model).items():
@@ -130,11 +143,12 @@ def _gptq_folder(out, bits, group_size, checkpoint_format="gptq", symmetric=Fals
         if checkpoint_format == "gptq":
             qzeros = _v1_zeros(qzeros, zeros, bits)
         fields = {"qweight": _pack_fields(codes.t(), bits), "qzeros": qzeros, "scales": scales.t()}
+        groups_of = _activation_order(k, group_size, generator) if desc_act else _in_order(k, group_size)
         if g_idx:
-            fields["g_idx"] = (torch.arange(k) // (group_size if group_size > 0 else k)).to(torch.int32)
+            fields["g_idx"] = groups_of.to(torch.int32)
         layer_tensors[name] = fields
-        reference[name] = _dequantized(codes, zeros, scales, group_size, torch.float16)
-    quantization = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False,
+        reference[name] = _dequantized(codes, zeros, scales, groups_of, torch.float16)
+    quantization = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
                     "sym": symmetric, "checkpoint_format": checkpoint_format, "damp_percent": 0.01}
     return _hf_folder(model, out, quantization, layer_tensors, reference), model
 
@@ -158,7 +172,7 @@ def _awq_folder(out, group_size=64, seed=1):
         n, k = linear.weight.shape
         codes, zeros, scales = _random_layer(n, k, 4, k // group_size, generator, symmetric=False)
         layer_tensors[name] = {"qweight": _awq_pack(codes.t()), "qzeros": _awq_pack(zeros.t()), "scales": scales.t()}
-        reference[name] = _dequantized(codes, zeros, scales, group_size, torch.float16)
+        reference[name] = _dequantized(codes, zeros, scales, _in_order(k, group_size), torch.float16)
     quantization = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
                     "version": "gemm", "modules_to_not_convert": None}
     return _hf_folder(model, out, quantization, layer_tensors, reference), model
@@ -196,6 +210,67 @@ def test_gptq_folder_imports_with_the_same_weights(tmp_path, bits, group_size, c
 def test_gptq_without_g_idx_imports(tmp_path):
     folder, oracle = _gptq_folder(tmp_path / "gptq", 4, 64, g_idx=False)
     _check_import(folder, oracle, 4, False)
+
+
+@pytest.mark.parametrize("bits,group_size,checkpoint_format,symmetric", [
+    (4, 128, "gptq", False), (3, 32, "gptq", True), (8, 64, "gptq_v2", False)])
+def test_desc_act_folder_imports_with_an_input_permutation(tmp_path, bits, group_size, checkpoint_format, symmetric):
+    """desc_act without static groups: each group gathers columns from all over K. The layer
+    stores its codes in the order that makes every group consecutive and gathers x by it; its
+    dequantized weight (input order) equals the oracle's; lowbit.save and save_pretrained
+    folders keep the order."""
+    folder, oracle = _gptq_folder(tmp_path / "gptq", bits, group_size, checkpoint_format, symmetric, desc_act=True)
+    model = _check_import(folder, oracle, bits, symmetric)
+    for name, layer in _linears(model).items():
+        k = layer.packed.shape[1]
+        if k <= group_size:  # one group: any column order is group order
+            assert "permuted" not in layer.packed.attrs, name
+            continue
+        perm = layer.packed.perm
+        assert layer.packed.attrs["permuted"] is True and not torch.equal(perm.long(), torch.arange(k)), name
+    with torch.no_grad():
+        logits = model(IDS).logits
+    lowbit.save(model, tmp_path / "lowbit")
+    model.save_pretrained(tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for again in (lowbit.load(tmp_path / "lowbit"), reloaded):
+        assert torch.equal(again.get_submodule(LAYER).packed.perm, model.get_submodule(LAYER).packed.perm)
+        with torch.no_grad():
+            assert torch.equal(again(IDS).logits, logits)
+
+
+def test_permuted_layer_gradient_and_kernel_follow_the_input_order(tmp_path):
+    """x's gradient through a permuted layer is F.linear's with the oracle weight (torch backend;
+    the Triton backend too where it runs), and the Triton GEMM gathers x by perm."""
+    folder, oracle = _gptq_folder(tmp_path / "gptq", 4, 64, desc_act=True)
+    packed = lowbit.load(folder).get_submodule(LAYER).packed
+    weight = oracle.get_submodule(LAYER).weight.float()
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(3))
+    grad_y = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    want_y = x @ weight.t()
+    for backend in ["torch"] + (["triton"] if kernel_devices() else []):
+        xg = x.clone().requires_grad_()
+        y = lowbit.linear(xg, packed, None, backend=backend)
+        y.backward(grad_y)
+        # the kernel multiplies in the layer's float16 (a wrong column order is off by O(1))
+        tolerance = 1e-5 if backend == "torch" else 2e-3
+        assert (y.detach() - want_y).abs().max() <= tolerance * want_y.abs().max(), backend
+        torch.testing.assert_close(xg.grad, grad_y @ weight, rtol=1e-5, atol=1e-5)
+
+
+def test_a_perm_that_is_not_a_permutation_is_refused(tmp_path):
+    """perm is used as addresses into x: lowbit.load checks it holds every input index once."""
+    folder, _ = _gptq_folder(tmp_path / "gptq", 4, 64, desc_act=True)
+    lowbit.save(lowbit.load(folder), tmp_path / "lowbit")
+    files = list((tmp_path / "lowbit").glob("*.safetensors"))
+    for f in files:
+        tensors = load_file(f)
+        key = f"{LAYER}.perm"
+        if key in tensors:
+            tensors[key][0] = 191 if int(tensors[key][0]) != 191 else 190  # one index twice
+            save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"perm is not a permutation of the 192 input features"):
+        lowbit.load(tmp_path / "lowbit")
 
 
 def test_literal_words_pin_the_layouts():
@@ -308,7 +383,7 @@ LAYER = "model.layers.1.mlp.down_proj"
 
 
 @pytest.mark.parametrize("source,damage,message", [
-    ("gptq_folder", "act order", rf"{LAYER}\.g_idx: columns are not in group order \(desc_act without static groups\)"),
+    ("gptq_folder", "uneven groups", rf"{LAYER}\.g_idx: groups do not each hold 64 columns \(the last one the rest\)"),
     ("gptq_folder", "qweight", rf"{LAYER}\.qweight: expected torch\.int32 \[24, 128\], got torch\.int32 \[23, 128\]"),
     ("gptq_folder", "qzeros", rf"{LAYER}\.qzeros: missing"),
     ("gptq_folder", "g_idx dtype", rf"{LAYER}\.g_idx: expected an int32 \[in_features\] tensor, got torch\.float32"),
@@ -319,8 +394,8 @@ LAYER = "model.layers.1.mlp.down_proj"
 def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source, damage, message):
     folder = _copy(request.getfixturevalue(source), tmp_path)
     tensors = load_file(folder / "model.safetensors")
-    if damage == "act order":  # GPTQ's desc_act: each column's group follows the Hessian order
-        tensors[f"{LAYER}.g_idx"] = tensors[f"{LAYER}.g_idx"][torch.randperm(192)].contiguous()
+    if damage == "uneven groups":  # group 1 takes a column of group 0
+        tensors[f"{LAYER}.g_idx"][0] = 1
     elif damage == "qweight":
         tensors[f"{LAYER}.qweight"] = tensors[f"{LAYER}.qweight"][:-1].contiguous()
     elif damage in ("qzeros", "qweight dtype", "g_idx dtype"):
