@@ -447,12 +447,12 @@ def test_scales_float16_cannot_hold_are_rounded_with_a_warning(gptq_folder, tmp_
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("method,bits,group_size", [("gptq", 4, 128), ("gptq", 3, 32), ("gptq", 8, -1),
-                                                    ("awq", 4, 64)])
+                                                    ("gptq-desc_act", 4, 64), ("awq", 4, 64)])
 def test_gpu_imported_layers_match_the_cpu_import(tmp_path, method, bits, group_size):
-    """On CUDA the imported layers run lowbit's kernels: close to the CPU import, whose weights
-    equal the oracle's (tested above)."""
-    folder = (_gptq_folder(tmp_path / "f", bits, group_size)[0] if method == "gptq" else
-              _awq_folder(tmp_path / "f", group_size)[0])
+    """On CUDA the imported layers run lowbit's kernels (permuted ones after gathering x): close
+    to the CPU import, whose weights equal the oracle's (tested above)."""
+    folder = (_awq_folder(tmp_path / "f", group_size)[0] if method == "awq" else
+              _gptq_folder(tmp_path / "f", bits, group_size, desc_act=method.endswith("desc_act"))[0])
     on_cpu, on_gpu = lowbit.load(folder), lowbit.load(folder, device="cuda")
     with torch.no_grad():
         expected = on_cpu(IDS).logits.float()
