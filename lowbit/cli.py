@@ -126,6 +126,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
 
     source, out_dir = Path(args.source), Path(args.out)
+    settings_files = ()  # the source's own quantization settings: not copied along (they describe its layout)
     if is_dfloat11_folder(source):
         kind, fmt, fidelity = "dfloat11 package", "dfloat11", "weights bit-identical"
         options = {} if args.segment is None else {"segment": args.segment}
@@ -143,6 +144,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif gptq_awq_import.is_gptq_awq_folder(source):
         kind, fmt = "GPTQ / AWQ", gptq_awq_import.target_format(source)
         fidelity = "same codes and zero points, scales in float16"
+        settings_files = tuple(gptq_awq_import.SIDE_CONFIGS)
         load = lambda: gptq_awq_import.load_gptq_awq(source)  # noqa: E731
     else:
         raise LowbitError(f"{source}: not a dfloat11 package folder (config.json with dfloat11_config), nor a "
@@ -153,7 +155,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     io.check_save_target(out_dir)
     model = load()
-    companions = io.companion_files(source)
+    companions = {name: path for name, path in io.companion_files(source).items() if name not in settings_files}
     io.save(model, out_dir, extra_files=companions)
     summary = api.summarize(model)
     print(f"converted:        {source} ({kind}) -> {out_dir} (lowbit)")

@@ -27,9 +27,9 @@ def fail(where: str, problem: str) -> CheckpointError:
     return CheckpointError(f"{where}: {problem}")
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """config.json as a JSON object; CheckpointError naming the file otherwise."""
-    path = folder / "config.json"
+def read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:
+    """The folder's JSON file `name` as a JSON object; CheckpointError naming the file otherwise."""
+    path = folder / name
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -1,6 +1,8 @@
 """Import a folder of a GPTQ or AWQ model: the Hub's "-GPTQ" / "-AWQ" checkpoints, written by
 AutoGPTQ / GPTQModel (config.json quantization_config {"quant_method": "gptq", ...}) or AutoAWQ's
-GEMM layout ({"quant_method": "awq", "version": "gemm", ...}).
+GEMM layout ({"quant_method": "awq", "version": "gemm", ...}); in older folders config.json has
+no quantization_config and the settings sit in AutoGPTQ's quantize_config.json or AutoAWQ's
+quant_config.json (w_bit, q_group_size, version "GEMM").
 
 For each GPTQ Linear M (b = bits in {2, 3, 4, 8}, G = ceil(K / group_size) groups, one with -1):
   M.qweight  int32 [ceil(K*b/32), N]  the codes u of each column as one little-endian bit stream
@@ -45,6 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import CheckpointError
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
 from .foreign_folder import (config_dtype, fail, group_order, has_quant_method, integer_layer, model_with_layers,
@@ -70,9 +73,36 @@ class Scheme:
     zeros_minus_one: bool  # GPTQ v1
 
 
+#: the files older AutoGPTQ / AutoAWQ folders keep their settings in (config.json then has no
+#: quantization_config), and the quant_method each implies when it names none
+SIDE_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+
+
 def is_gptq_awq_folder(path: str | Path) -> bool:
-    """True when `path` has a config.json whose quantization_config says quant_method "gptq" or "awq"."""
-    return any(has_quant_method(path, method) for method in QUANT_METHODS)
+    """True when `path` has a config.json whose quantization_config says quant_method "gptq" or
+    "awq", or a config.json without quantization_config beside AutoGPTQ's quantize_config.json /
+    AutoAWQ's quant_config.json."""
+    if any(has_quant_method(path, method) for method in QUANT_METHODS):
+        return True
+    folder = Path(path)
+    try:
+        config = read_config(folder)
+    except CheckpointError:
+        return False
+    return "quantization_config" not in config and any((folder / name).is_file() for name in SIDE_CONFIGS)
+
+
+def _quantization_config(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(the settings, the prefix of their field names in errors): config.json's
+    quantization_config, else the side file of an older AutoGPTQ / AutoAWQ folder."""
+    if "quantization_config" in config:
+        return config["quantization_config"], f"{folder / 'config.json'}: quantization_config."
+    for name, method in SIDE_CONFIGS.items():
+        if (folder / name).is_file():
+            settings = read_config(folder, name)
+            return {"quant_method": method, **settings}, f"{folder / name}: "
+    raise fail(f"{folder / 'config.json'}: quantization_config", "missing (and no quantize_config.json / "
+               "quant_config.json beside it)")
 
 
 def _option(quantization: dict[str, Any], where: str, names: tuple[str, ...], default: Any) -> tuple[str, Any]:
@@ -81,16 +111,15 @@ def _option(quantization: dict[str, Any], where: str, names: tuple[str, ...], de
     (names[0], default)."""
     for name in names:
         if quantization.get(name) is not None:
-            return f"{where}.{name}", quantization[name]
-    return f"{where}.{names[0]}", default
+            return f"{where}{name}", quantization[name]
+    return f"{where}{names[0]}", default
 
 
 def read_scheme(folder: Path, config: dict[str, Any]) -> Scheme:
     """The folder's Scheme, every field checked; CheckpointError naming the field otherwise."""
-    quantization = config.get("quantization_config")
-    where = f"{folder / 'config.json'}: quantization_config"
+    quantization, where = _quantization_config(folder, config)
     if not isinstance(quantization, dict) or quantization.get("quant_method") not in QUANT_METHODS:
-        raise fail(f"{where}.quant_method", f"expected one of {list(QUANT_METHODS)}")
+        raise fail(f"{where}quant_method", f"expected one of {list(QUANT_METHODS)}")
     method = quantization["quant_method"]
     field, bits = _option(quantization, where, ("bits", "w_bit"), 4)
     allowed = GPTQ_BITS if method == "gptq" else (4,)

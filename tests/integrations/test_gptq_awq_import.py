@@ -273,6 +273,39 @@ def test_a_perm_that_is_not_a_permutation_is_refused(tmp_path):
         lowbit.load(tmp_path / "lowbit")
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_older_folders_with_a_side_config_import(tmp_path, method):
+    """AutoGPTQ-era folders keep their settings in quantize_config.json (and name the weights file
+    their own way), AutoAWQ's in quant_config.json (w_bit / q_group_size, version "GEMM"), with no
+    quantization_config in config.json."""
+    if method == "gptq":
+        folder, oracle = _gptq_folder(tmp_path / "f", 4, 128, desc_act=True)
+        side = ("quantize_config.json", {"bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": True,
+                                         "static_groups": False, "sym": False, "true_sequential": True,
+                                         "model_file_base_name": "gptq_model-4bit-128g"})
+        (folder / "model.safetensors").rename(folder / "gptq_model-4bit-128g.safetensors")
+    else:
+        folder, oracle = _awq_folder(tmp_path / "f", 64)
+        side = ("quant_config.json", {"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"})
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / side[0]).write_text(json.dumps(side[1]))
+    assert gptq_awq_import.is_gptq_awq_folder(folder)
+    model = _check_import(folder, oracle, 4, False)
+    from lowbit.cli import main as cli_main
+
+    assert cli_main(["convert", str(folder), str(tmp_path / "lowbit")]) == 0
+    assert not (tmp_path / "lowbit" / side[0]).exists()  # it describes the source's layout, not lowbit's
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "lowbit")(IDS).logits, model(IDS).logits)
+    side[1].update(w_bit=8) if method == "awq" else side[1].update(bits=5)
+    (folder / side[0]).write_text(json.dumps(side[1]))
+    field = "w_bit: 8" if method == "awq" else "bits: 5"
+    with pytest.raises(CheckpointError, match=rf"{side[0]}: {field}: lowbit imports"):
+        lowbit.load(folder)
+
+
 def test_literal_words_pin_the_layouts():
     """Hand-written words: GPTQ's code k of a column at bits 4k of the column's word; a v1 zero-point
     word 0xEEEEEEEF (GPTQModel's 0x00000000 - 0x11111111) holds eight zero points 0; AWQ's word
