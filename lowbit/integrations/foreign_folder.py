@@ -1,8 +1,9 @@
 """Shared steps of importing a Hugging Face folder written by another library (the dfloat11
-package, bitsandbytes, compressed-tensors): read its config.json and safetensors, check the
-tensors a layer is read from, build lowbit integer layers from their codes, build the model
-config.json describes and fill it. Nothing from the folder is executed: JSON and safetensors
-only, model classes looked up by name in transformers."""
+package, bitsandbytes, compressed-tensors, GPTQ / AWQ writers): read its config.json and
+safetensors, check the tensors a layer is read from, build lowbit integer layers from their
+codes, build the model config.json describes and fill it (checkpoint names mapped as transformers
+maps them, per-expert layers placed in lowbit's quantized experts). Nothing from the folder is
+executed: JSON and safetensors only, model classes looked up by name in transformers."""
 from __future__ import annotations
 
 import json
@@ -177,48 +178,127 @@ def state_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch.Tensor], model: nn.Module | None,
                  dtype: torch.dtype) -> nn.Module:
-    """The model holding `state` (every state-dict entry but tied aliases): built by transformers'
-    from_pretrained from `skeleton_model`'s config (non-persistent buffers such as rotary tables
-    initialized its way) when `model` is None, else `model` filled in place."""
+    """The model holding `state` (checkpoint keys: every state-dict entry but tied aliases, under
+    the names transformers' conversion mapping gives them, per-expert weights merged into fused
+    ones): built by transformers' from_pretrained from `skeleton_model`'s config (non-persistent
+    buffers such as rotary tables initialized its way, the mapping applied) when `model` is None,
+    else `model` filled in place (renamed keys only: merging is transformers')."""
     from ..io import unique_tensors
+    from .checkpoint_keys import CheckpointKeys
 
+    keys = CheckpointKeys(skeleton_model)
     shapes, aliases = state_shapes(skeleton_model), set(unique_tensors(skeleton_model)[1])
-    missing = sorted(set(shapes) - set(state) - aliases)
-    extra = sorted(set(state) - set(shapes))
+    targets = {key: keys.model_key(key) for key in state}
+    merged = {key for key, target in targets.items() if keys.is_merged(key)}
+    missing = sorted(set(shapes) - set(targets.values()) - aliases)
+    extra = sorted(key for key, target in targets.items() if target not in shapes)
     if missing or extra:
         raise fail(str(folder), f"does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
     for key, tensor in state.items():
-        if tensor.shape != shapes[key]:
-            raise fail(f"{folder}: {key}", f"shape {list(tensor.shape)} does not fit the model's {list(shapes[key])}")
+        if key not in merged and tensor.shape != shapes[targets[key]]:
+            raise fail(f"{folder}: {key}", f"shape {list(tensor.shape)} does not fit the model's "
+                       f"{list(shapes[targets[key]])}")
     if model is None:
         cls = type(skeleton_model)
         try:
             return cls.from_pretrained(None, config=skeleton_model.config, state_dict=state, dtype=dtype)
         except Exception as exc:
             raise fail(str(folder), f"transformers could not build {cls.__name__}: {exc}") from None
+    if merged:
+        raise fail(str(folder), f"per-expert weights ({sorted(merged)[0]}, ...) are merged by transformers' loading: "
+                   "load without model=")
+    by_target = {target: state[key] for key, target in targets.items()}
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if name in state:
-                tensor.copy_(state[name])
+            if name in by_target:
+                tensor.copy_(by_target[name])
     return model
+
+
+def stacked_rows(parts: list[PackedWeight], where: str) -> PackedWeight:
+    """Integer layers [N_i, K] with the same K, groups, perm and act -> one [sum N_i, K] layer
+    (a fused gate_up expert weight from its gate and up Linears); asymmetric if any part is."""
+    from ..formats import get_format
+
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if not all(p.format.startswith("int") for p in parts):
+        raise fail(where, f"its gate and up layers are {[p.format for p in parts]}: lowbit stacks them into one "
+                   "layer for integer formats only")
+    same = ("format", "dtype")
+    if (any(getattr(p, f) != getattr(first, f) for p in parts for f in same)
+            or any(p.shape[1] != first.shape[1] for p in parts)
+            or any({**p.attrs, "symmetric": 0} != {**first.attrs, "symmetric": 0} for p in parts)
+            or any(not torch.equal(p.tensors.get("perm", torch.empty(0)), first.tensors.get("perm", torch.empty(0)))
+                   for p in parts)):
+        raise fail(where, "its gate and up layers differ in format, dtype, in_features, groups, act or column order "
+                   f"({[(p.format, p.shape, p.attrs) for p in parts]}): lowbit holds them as one integer layer")
+    offset = 2 ** (get_format(first.format).bits - 1)
+    symmetric = all(p.attrs["symmetric"] for p in parts)
+    fields = {"qweight": torch.cat([p.qweight for p in parts]), "scales": torch.cat([p.scales for p in parts], dim=1)}
+    if not symmetric:
+        fields["zeros"] = torch.cat([p.zeros if "zeros" in p.tensors else torch.full_like(p.scales, offset)
+                                     for p in parts], dim=1)
+    if "perm" in first.tensors:
+        fields["perm"] = first.perm
+    return PackedWeight(first.format, (sum(p.shape[0] for p in parts), first.shape[1]), first.dtype,
+                        {**first.attrs, "symmetric": symmetric}, fields)
 
 
 def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str, torch.Tensor],
                       layer_fields: set[str], packed: dict[str, PackedWeight], model: nn.Module | None) -> nn.Module:
     """The model holding the folder's `tensors`, with a QuantLinear of `packed[name]` (and the
-    stored bias) as each layer `name`; `layer_fields` are the tensor keys those layers were read
-    from. Every other tensor keeps its stored values and dtype; the model is materialized once in
-    the layers' dtype before they are swapped in."""
+    stored bias) as each layer `name` (checkpoint names: a per-expert Linear that transformers
+    merges into a fused expert weight becomes that expert's layer in lowbit's quantized experts,
+    gate and up stacked); `layer_fields` are the tensor keys those layers were read from. Every
+    other tensor keeps its stored values and dtype; the model is materialized once in the layers'
+    dtype before they are swapped in."""
     from ..api import replace_layer
+    from ..errors import FormatError
+    from ..experts import expert_shape, install
     from ..linear import QuantLinear
+    from .checkpoint_keys import CheckpointKeys
     from .transformers import attach_hf_config
 
+    keys, targets = CheckpointKeys(skeleton_model), {}
+    for name in packed:
+        try:
+            targets[name] = keys.layer_target(name)
+        except ValueError as exc:
+            raise fail(f"{folder}: {name}", str(exc)) from None
+    # (experts module, fused weight) -> (parts per expert, {expert: {part: layer}})
+    fused: dict[tuple[str, str], tuple[int, dict[int, dict[int, PackedWeight]]]] = {}
+    for name, (_, piece) in targets.items():
+        if piece is not None:
+            experts = fused.setdefault((piece.experts, piece.weight), (piece.parts, {}))[1]
+            experts.setdefault(piece.expert, {})[piece.part] = packed[name]
+    for (experts_name, weight_name), (parts, experts) in fused.items():
+        count = expert_shape(skeleton_model.get_submodule(experts_name), weight_name)[0]
+        absent = [f"expert {e} part {p}" for e in range(count) for p in range(parts) if p not in experts.get(e, {})]
+        if absent:
+            raise fail(f"{folder}: {experts_name}.{weight_name}", f"no quantized layer for {absent[:3]}: lowbit "
+                       "quantizes a fused weight's experts together")
+        if len(experts) != count:
+            raise fail(f"{folder}: {experts_name}.{weight_name}", f"layers for experts {sorted(experts)[count:]} "
+                       f"beyond the module's {count}")
     state = {k: v for k, v in tensors.items() if k not in layer_fields}
     # the full-precision model needs a weight in each layer's place until the QuantLinear replaces it
+    # (transformers merges an expert's into the fused weight, which install() then replaces)
     state.update({f"{name}.weight": torch.empty(p.shape, dtype=p.dtype) for name, p in packed.items()})
     model = filled_model(folder, skeleton_model, state, model, next(iter(packed.values())).dtype)
     for name, weight in packed.items():
-        bias = getattr(model.get_submodule(name), "bias", None)
-        replace_layer(model, name, QuantLinear.from_packed(weight, bias))
+        target, piece = targets[name]
+        if piece is None:
+            bias = getattr(model.get_submodule(target), "bias", None)
+            replace_layer(model, target, QuantLinear.from_packed(weight, bias))
+    for (experts_name, weight_name), (parts, experts) in fused.items():
+        where = f"{folder}: {experts_name}.{weight_name}"
+        layers = [QuantLinear.from_packed(stacked_rows([experts[e][p] for p in range(parts)], f"{where} (expert {e})"))
+                  for e in range(len(experts))]
+        try:
+            install(model.get_submodule(experts_name), weight_name, layers)
+        except FormatError as exc:
+            raise fail(where, str(exc)) from None
     attach_hf_config(model)
     return model

@@ -491,3 +491,104 @@ def test_gpu_imported_layers_match_the_cpu_import(tmp_path, method, bits, group_
         expected = on_cpu(IDS).logits.float()
         got = on_gpu(IDS.cuda()).logits.float().cpu()
     assert (got - expected).norm() / expected.norm() < 1e-2
+
+
+# -- mixture-of-experts folders: per-expert Linear layers, merged by transformers into fused weights --
+PROJECTIONS = LINEARS + ("w1", "w2", "w3")
+
+
+def _moe_model(arch):
+    """A tiny float16 Mixtral (experts w1 / w2 / w3 under block_sparse_moe in its checkpoints) or
+    Qwen3-MoE (gate_proj / up_proj / down_proj under mlp.experts)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, num_experts_per_tok=2, tie_word_embeddings=False)
+    if arch == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=96, num_local_experts=4, **common)
+        return transformers.MixtralForCausalLM(config).half().eval()
+    config = transformers.Qwen3MoeConfig(intermediate_size=160, moe_intermediate_size=64, num_experts=4, **common)
+    return transformers.Qwen3MoeForCausalLM(config).half().eval()
+
+
+def _moe_gptq_folder(out, arch, desc_act=False, gate_up_orders="same"):
+    """A GPTQ folder of a tiny MoE model as GPTQ writers save them: every projection (attention,
+    each expert's gate / up / down) packed under its checkpoint name; (folder, oracle model
+    transformers builds from the dequantized weights under the same names). desc_act: activation
+    order, shared by an expert's gate and up (they see the same inputs, so GPTQ orders their
+    columns alike) unless gate_up_orders="differ"."""
+    model, generator = _moe_model(arch), torch.Generator().manual_seed(1)
+    model.save_pretrained(out)  # transformers writes the per-expert checkpoint names
+    stored = load_file(out / "model.safetensors")
+    rest, dequantized, fields, orders = {}, {}, {}, {}
+    for key, tensor in stored.items():
+        name = key.removesuffix(".weight")
+        if not (key.endswith(".weight") and tensor.dim() == 2 and name.rsplit(".", 1)[-1] in PROJECTIONS):
+            rest[key] = tensor
+            continue
+        n, k = tensor.shape
+        group_size, symmetric = 32, "w3" in name or "up_proj" in name  # gate / up stacked across the two kinds
+        codes, zeros, scales = _random_layer(n, k, 4, k // group_size, generator, symmetric)
+        g_idx = _in_order(k, group_size)
+        if desc_act:  # one order per expert input: gate and up share it
+            shared = name.replace("w3", "w1").replace("up_proj", "gate_proj")
+            if gate_up_orders == "differ" or shared not in orders:
+                orders[shared] = _activation_order(k, group_size, generator)
+            g_idx = orders[shared]
+        qzeros = _v1_zeros(_pack_fields(zeros, 4).t(), zeros, 4).contiguous()
+        fields.update({f"{name}.qweight": _pack_fields(codes.t(), 4), f"{name}.qzeros": qzeros,
+                       f"{name}.scales": scales.t().contiguous(), f"{name}.g_idx": g_idx.to(torch.int32)})
+        dequantized[key] = _dequantized(codes, zeros, scales, g_idx, torch.float16)
+    save_file({**rest, **fields}, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": desc_act,
+                                     "sym": False, "checkpoint_format": "gptq"}
+    (out / "config.json").write_text(json.dumps(config))
+    oracle = type(model).from_pretrained(None, config=model.config, state_dict={**rest, **dequantized},
+                                         dtype=torch.float16).eval()
+    return out, oracle
+
+
+@pytest.mark.parametrize("arch,desc_act", [("mixtral", False), ("qwen3_moe", True)])
+def test_moe_folder_experts_become_lowbit_quantized_experts(tmp_path, arch, desc_act):
+    """Each expert's gate and up Linears (Mixtral: w1, w3; Qwen3-MoE: gate_proj, up_proj) stack
+    into its gate_up_proj layer (symmetric up with asymmetric gate: asymmetric), down into
+    down_proj, in lowbit's quantized experts; every expert's weight equals the oracle's slice of
+    transformers' fused weight, the logits follow, and the model saves and reloads."""
+    from lowbit.experts import expert_weight, quantized_weights
+
+    folder, oracle = _moe_gptq_folder(tmp_path / "gptq", arch, desc_act)
+    model = lowbit.load(folder)
+    for layer in range(2):
+        ours, theirs = model.model.layers[layer].mlp.experts, oracle.model.layers[layer].mlp.experts
+        weights = quantized_weights(ours)
+        assert sorted(weights) == ["down_proj", "gate_up_proj"]
+        for weight_name, experts in weights.items():
+            assert len(experts) == 4
+            for index, expert in enumerate(experts):
+                got = lowbit.get_format("int4").dequantize(expert.packed)
+                assert torch.equal(got, expert_weight(theirs, weight_name, index)), (layer, weight_name, index)
+                assert expert.packed.attrs.get("permuted", False) is desc_act
+    with torch.no_grad():
+        got, want = model(IDS).logits, oracle(IDS).logits
+        assert float((got - want).float().norm() / want.float().norm()) < 2e-3
+        lowbit.save(model, tmp_path / "lowbit")
+        assert torch.equal(lowbit.load(tmp_path / "lowbit")(IDS).logits, got)
+
+
+def test_moe_gate_and_up_in_different_column_orders_are_refused(tmp_path):
+    folder, _ = _moe_gptq_folder(tmp_path / "gptq", "qwen3_moe", desc_act=True, gate_up_orders="differ")
+    with pytest.raises(CheckpointError, match=r"mlp\.experts\.gate_up_proj \(expert 0\): its gate and up layers "
+                                              r"differ in .* column order"):
+        lowbit.load(folder)
+
+
+def test_moe_folder_missing_an_expert_is_refused(tmp_path):
+    folder, _ = _moe_gptq_folder(tmp_path / "gptq", "mixtral")
+    tensors = load_file(folder / "model.safetensors")
+    prefix = "model.layers.1.block_sparse_moe.experts.2.w2"
+    for field in ("qweight", "qzeros", "scales", "g_idx"):
+        del tensors[f"{prefix}.{field}"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.down_proj: no quantized layer for "
+                                              r"\['expert 2 part 0'\]"):
+        lowbit.load(folder)
