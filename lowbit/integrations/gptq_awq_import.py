@@ -200,6 +200,8 @@ def gptq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
         k = g_idx.numel()
     else:  # GPTQModel may leave g_idx out when it is k // group_size
         k = qweight.shape[0] * 32 // bits
+    if k == 0 or n == 0:
+        raise fail(f"{name}.qweight", f"an empty layer ({n} out, {k} in features)")
     stored_tensor(tensors, f"{name}.qweight", (torch.int32,), shape=(-(-k * bits // 32), n))
     groups, group_size = _groups(scheme, k)
     perm = None if g_idx is None else group_order(g_idx, group_size, f"{name}.g_idx")
@@ -218,6 +220,8 @@ def awq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
     if qweight.dim() != 2:
         raise fail(f"{name}.qweight", f"expected a 2-D int32 tensor, got {list(qweight.shape)}")
     k, n = qweight.shape[0], qweight.shape[1] * 8
+    if k == 0 or n == 0:
+        raise fail(f"{name}.qweight", f"an empty layer ({n} out, {k} in features)")
     groups, group_size = _groups(scheme, k)
     scales, inexact = _scales(tensors, name, groups, n)
     qzeros = stored_tensor(tensors, f"{name}.qzeros", (torch.int32,), shape=(groups, n // 8))

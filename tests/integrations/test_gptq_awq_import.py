@@ -423,12 +423,18 @@ LAYER = "model.layers.1.mlp.down_proj"
     ("gptq_folder", "scale", rf"{LAYER}\.scales: values up to 1e\+06: not finite in float16"),
     ("awq_folder", "qzeros", rf"{LAYER}\.qzeros: expected torch\.int32 \[3, 16\], got torch\.int32 \[2, 16\]"),
     ("awq_folder", "qweight dtype", rf"{LAYER}\.qweight: expected torch\.int32, got torch\.float32"),
+    ("gptq_folder", "empty", rf"{LAYER}\.qweight: an empty layer \(128 out, 0 in features\)"),
+    ("awq_folder", "empty", rf"{LAYER}\.qweight: an empty layer \(0 out, 192 in features\)"),
 ])
 def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source, damage, message):
     folder = _copy(request.getfixturevalue(source), tmp_path)
     tensors = load_file(folder / "model.safetensors")
     if damage == "uneven groups":  # group 1 takes a column of group 0
         tensors[f"{LAYER}.g_idx"][0] = 1
+    elif damage == "empty" and source == "gptq_folder":
+        tensors[f"{LAYER}.g_idx"] = torch.zeros(0, dtype=torch.int32)
+    elif damage == "empty":
+        tensors[f"{LAYER}.qweight"] = torch.zeros(192, 0, dtype=torch.int32)
     elif damage == "qweight":
         tensors[f"{LAYER}.qweight"] = tensors[f"{LAYER}.qweight"][:-1].contiguous()
     elif damage in ("qzeros", "qweight dtype", "g_idx dtype"):
@@ -592,3 +598,16 @@ def test_moe_folder_missing_an_expert_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.down_proj: no quantized layer for "
                                               r"\['expert 2 part 0'\]"):
         lowbit.load(folder)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_imported_moe_matches_the_cpu_import(tmp_path):
+    """The imported Qwen3-MoE (desc_act experts) on CUDA: lowbit's grouped expert path and kernels,
+    close to the CPU import."""
+    folder, _ = _moe_gptq_folder(tmp_path / "gptq", "qwen3_moe", desc_act=True)
+    on_cpu, on_gpu = lowbit.load(folder), lowbit.load(folder, device="cuda")
+    with torch.no_grad():
+        expected = on_cpu(IDS).logits.float()
+        got = on_gpu(IDS.cuda()).logits.float().cpu()
+    assert (got - expected).norm() / expected.norm() < 1e-2
