@@ -7,7 +7,9 @@
   TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --smoke   # CPU, tiny shapes (CI)
 
 A format spec is NAME[:OPTION=VALUE,...] (options as the format's quantize() takes them; for
-int formats --group-size / --symmetric are the defaults). Each row is gated on correctness first
+int formats --group-size / --symmetric are the defaults). int formats also take permuted=true
+(benchmarks only): the layer of an activation-ordered checkpoint (GPTQ desc_act), its columns in a
+random order that x is gathered by before the kernel. Each row is gated on correctness first
 (max relative error vs the torch reference of the path the kernel takes, in fp32), then timed
 with triton.testing.do_bench (median and 20/80% quantiles; do_bench zeroes a 256 MB buffer
 before every run, so weights are not served from L2), next to bf16 F.linear (timed once per
@@ -64,15 +66,19 @@ def parse_format_spec(spec: str, args) -> tuple[str, dict]:
     return name, options
 
 
-def check_format_specs(specs: list[str], args, calibrated: bool = False) -> list[str]:
+def check_format_specs(specs: list[str], args, calibrated: bool = False, permuted: bool = False) -> list[str]:
     """One line per spec whose format or options lowbit refuses (empty when all are valid).
-    method=gptq needs calibration batches, which only a benchmark with a model has (calibrated)."""
+    method=gptq needs calibration batches, which only a benchmark with a model has (calibrated);
+    permuted=true only a kernel benchmark (`permuted`) builds."""
     from lowbit.errors import LowbitError
     from lowbit.formats import get_format
 
     problems = []
     for spec in specs:
         name, options = parse_format_spec(spec, args)
+        if permuted and options.pop("permuted", False) is not False and not name.startswith("int"):
+            problems.append(f"--formats {spec}: permuted=true is an int format's layout")
+            continue
         try:
             get_format(name).check_options(options)
         except LowbitError as exc:
@@ -166,16 +172,31 @@ def make_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     import lowbit
 
     fmt_name, options = parse_format_spec(spec, args)
+    permuted = options.pop("permuted", False)  # a layout, not a quantizer option
     key = (spec, n, k, str(device), dtype, tuple(sorted(options.items())))
     if _last_case.get("key") != key:
         _last_case.clear()
         gen = torch.Generator(device=device).manual_seed(0)
         w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * 0.02
         fmt = lowbit.get_format(fmt_name)
-        _last_case.update(key=key, w=w, fmt=fmt, packed=fmt.quantize(w, **options), competitors={})
+        _last_case.update(key=key, w=w, fmt=fmt, packed=packed_weight(fmt, w, options, permuted),
+                          competitors={})
     gen = torch.Generator(device=device).manual_seed(m)
     x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
     return _last_case["w"], x, fmt_name, options, _last_case["fmt"], _last_case["packed"]
+
+
+def packed_weight(fmt, w, options: dict, permuted: bool = False):
+    """fmt.quantize(w, **options); permuted: the layer an activation-ordered import gives, its
+    columns stored in a seeded random order that x is gathered by before the kernel."""
+    from lowbit.packed import PackedWeight
+
+    if not permuted:
+        return fmt.quantize(w, **options)
+    perm = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(1)).to(w.device, torch.int32)
+    stored = fmt.quantize(w[:, perm.long()], **options)
+    return PackedWeight(stored.format, stored.shape, stored.dtype, {**stored.attrs, "permuted": True},
+                        {**stored.tensors, "perm": perm})
 
 
 def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak,
@@ -352,7 +373,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     formats = args.formats or DEFAULT_FORMATS
-    problems = check_format_specs(formats, args)
+    problems = check_format_specs(formats, args, permuted=True)
     problems += [f"--m {m}: not a positive number of rows" for m in args.m or () if m < 1]
     for problem in problems:
         print(f"bench_gemm: {problem}", file=sys.stderr)

@@ -37,8 +37,9 @@ def test_bench_gemm_smoke(tmp_path):
 def test_bench_gemm_smoke_checks_the_quantized_activation_paths(tmp_path):
     """--m in a smoke run: at M = 40 the integer formats' act="int8" / "fp8" layers take their
     tensor-core GEMMs (interpreted), gated against the quantized-activation reference; M = 1 and
-    int6 act="fp8" (codes too wide for E4M3) stay weight-only."""
-    formats = ["int4:act=fp8,symmetric=true", "int6:act=fp8", "int4:act=int8"]
+    int6 act="fp8" (codes too wide for E4M3) stay weight-only. permuted=true (an activation-ordered
+    import's layout) gathers x first on both paths."""
+    formats = ["int4:act=fp8,symmetric=true", "int6:act=fp8", "int4:act=int8", "int4:permuted=true,act=int8"]
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gemm.py"), "--smoke", "--m", "1", "40",
                            "--formats", *formats, "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -46,9 +47,10 @@ def test_bench_gemm_smoke_checks_the_quantized_activation_paths(tmp_path):
     (result,) = tmp_path.glob("*.json")
     rows = json.loads(result.read_text())["results"]
     expected = {(f, m): "weight-only" for f in formats for m in (1, 40)}
-    expected[formats[0], 40], expected[formats[2], 40] = "fp8-act", "w8a8-int8"
+    expected[formats[0], 40] = "fp8-act"
+    expected[formats[2], 40] = expected[formats[3], 40] = "w8a8-int8"
     assert {(r["format"], r["M"]): r["path"] for r in rows} == expected
-    assert len(rows) == 3 * 2 * 2 and all(r["max_rel_err"] < 1e-5 for r in rows)
+    assert len(rows) == 4 * 2 * 2 and all(r["max_rel_err"] < 1e-5 for r in rows)
 
 
 def test_bench_gemm_output_merges_runs_of_the_same_day(tmp_path):
@@ -84,10 +86,11 @@ def _bench_main(script: str):
 def test_bench_gemm_refuses_a_bad_format_spec_before_running_any_case(tmp_path, capsys):
     """A typo in --formats used to run every case of that spec to a FAILED row; on a GPU lease
     that is device time. Specs are checked first, with lowbit's own error."""
-    assert _bench_main("bench_gemm")(["--smoke", "--formats", "int4", "fp8:act=fp9", "int4:method=gptq", "--out-dir",
-                                      str(tmp_path)]) == 2
+    assert _bench_main("bench_gemm")(["--smoke", "--formats", "int4", "fp8:act=fp9", "int4:method=gptq",
+                                      "lut2:permuted=true", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--formats fp8:act=fp9: fp8: act must be one of" in err
+    assert "--formats lut2:permuted=true: permuted=true is an int format's layout" in err
     assert "--formats int4:method=gptq: method=gptq needs calibration data" in err  # bench_accuracy calibrates
     assert not list(tmp_path.iterdir())
 
