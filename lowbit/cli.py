@@ -203,8 +203,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         total_weights += shape[0] * shape[1]
         slot = parse_slot(name)
         row_name, fused = (name, False) if slot is None else (".".join(filter(None, slot[:2])), True)
-        # formats that also quantize activations at run time say so (W8A8 is not weight-only)
-        shown = f"{fmt.name} act={attrs['act']}" if attrs.get("act") else fmt.name
+        # formats that also quantize activations at run time say so (W8A8 is not weight-only), and
+        # layers that gather x by an input permutation first (activation-ordered imports)
+        shown = " ".join([fmt.name] + ([f"act={attrs['act']}"] if attrs.get("act") else [])
+                         + (["permuted"] if attrs.get("permuted") else []))
         counts = grouped.setdefault((row_name, fused, shown, shape), [0, 0, 0])
         counts[0] += 1
         counts[1] += nbytes

@@ -453,6 +453,17 @@ def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source,
         lowbit.load(folder)
 
 
+def test_inspect_marks_permuted_layers(tmp_path, capsys):
+    from lowbit.cli import main as cli_main
+
+    folder, _ = _gptq_folder(tmp_path / "gptq", 4, 64, desc_act=True)
+    lowbit.save(lowbit.load(folder), tmp_path / "lowbit")
+    capsys.readouterr()
+    assert cli_main(["inspect", str(tmp_path / "lowbit")]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("model.")}
+    assert len(rows) == 14 and all("int4 permuted" in line for line in rows.values())  # K > 64: all permuted
+
+
 def test_convert_command_writes_a_lowbit_folder(gptq_folder, tmp_path, capsys):
     from lowbit.cli import main as cli_main
 
