@@ -31,8 +31,7 @@ outlier columns the way bitsandbytes' int8 matmul does.
 
 Refused with a CheckpointError naming the file, tensor or field: other block sizes, K not a
 multiple of 64 (4-bit), a code table other than the quant type's, damaged tensors. The other tensors
-keep their stored values; the whole model is materialized once in its stored dtype before the
-layers are swapped in.
+keep their stored values; the quantized layers' float weights are never allocated (foreign_folder.py).
 """
 from __future__ import annotations
 

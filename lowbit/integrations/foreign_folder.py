@@ -246,14 +246,19 @@ def stacked_rows(parts: list[PackedWeight], where: str) -> PackedWeight:
                         {**first.attrs, "symmetric": symmetric}, fields)
 
 
+def _placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `shape` that takes 1 element of memory (uninitialized: nothing reads it)."""
+    return torch.empty(1, dtype=dtype).expand(shape)
+
+
 def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str, torch.Tensor],
                       layer_fields: set[str], packed: dict[str, PackedWeight], model: nn.Module | None) -> nn.Module:
     """The model holding the folder's `tensors`, with a QuantLinear of `packed[name]` (and the
     stored bias) as each layer `name` (checkpoint names: a per-expert Linear that transformers
     merges into a fused expert weight becomes that expert's layer in lowbit's quantized experts,
     gate and up stacked); `layer_fields` are the tensor keys those layers were read from. Every
-    other tensor keeps its stored values and dtype; the model is materialized once in the layers'
-    dtype before they are swapped in."""
+    other tensor keeps its stored values and dtype; the layers' float weights are one-element
+    placeholders, never allocated."""
     from ..api import replace_layer
     from ..errors import FormatError
     from ..experts import expert_shape, install
@@ -283,10 +288,16 @@ def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str
             raise fail(f"{folder}: {experts_name}.{weight_name}", f"layers for experts {sorted(experts)[count:]} "
                        f"beyond the module's {count}")
     state = {k: v for k, v in tensors.items() if k not in layer_fields}
-    # the full-precision model needs a weight in each layer's place until the QuantLinear replaces it
-    # (transformers merges an expert's into the fused weight, which install() then replaces)
-    state.update({f"{name}.weight": torch.empty(p.shape, dtype=p.dtype) for name, p in packed.items()})
-    model = filled_model(folder, skeleton_model, state, model, next(iter(packed.values())).dtype)
+    # the full-precision model needs a weight in each layer's place until the QuantLinear replaces
+    # it: a one-element tensor expanded to the weight's shape, which from_pretrained keeps as the
+    # parameter (it assigns loaded tensors), so no float weight is ever allocated; a fused expert
+    # weight gets one under its model name (nothing for transformers to merge)
+    dtype = next(iter(packed.values())).dtype
+    shapes = state_shapes(skeleton_model)
+    state.update({f"{name}.weight": _placeholder(p.shape, dtype) for name, p in packed.items()
+                  if targets[name][1] is None})
+    state.update({f"{experts}.{weight}": _placeholder(shapes[f"{experts}.{weight}"], dtype) for experts, weight in fused})
+    model = filled_model(folder, skeleton_model, state, model, dtype)
     for name, weight in packed.items():
         target, piece = targets[name]
         if piece is None:

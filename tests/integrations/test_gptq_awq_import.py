@@ -622,3 +622,23 @@ def test_gpu_imported_moe_matches_the_cpu_import(tmp_path):
         expected = on_cpu(IDS).logits.float()
         got = on_gpu(IDS.cuda()).logits.float().cpu()
     assert (got - expected).norm() / expected.norm() < 1e-2
+
+
+@pytest.mark.parametrize("arch", [None, "qwen3_moe"])
+def test_quantized_layers_float_weights_are_never_allocated(tmp_path, monkeypatch, arch):
+    """The model is built around one-element placeholders of the quantized weights (transformers
+    keeps a loaded tensor as the parameter), so importing needs no float copy of them: every
+    Linear and fused expert weight a quantized layer replaces holds one element of storage."""
+    import lowbit.api
+    import lowbit.experts
+
+    replaced = []
+    replace_layer, install = lowbit.api.replace_layer, lowbit.experts.install
+    monkeypatch.setattr(lowbit.api, "replace_layer", lambda model, name, layer: (
+        replaced.append(model.get_submodule(name).weight.untyped_storage().nbytes()), replace_layer(model, name, layer)))
+    monkeypatch.setattr(lowbit.experts, "install", lambda module, weight_name, layers: (
+        replaced.append(getattr(module, weight_name).untyped_storage().nbytes()), install(module, weight_name, layers)))
+    folder = (_gptq_folder(tmp_path / "f", 4, 64)[0] if arch is None else
+              _moe_gptq_folder(tmp_path / "f", arch)[0])
+    lowbit.load(folder)
+    assert len(replaced) == (14 if arch is None else 8 + 4) and set(replaced) == {2}  # one float16 element each
