@@ -189,14 +189,12 @@ def make_case(spec: str, n: int, k: int, m: int, args, device, dtype):
 def packed_weight(fmt, w, options: dict, permuted: bool = False):
     """fmt.quantize(w, **options); permuted: the layer an activation-ordered import gives, its
     columns stored in a seeded random order that x is gathered by before the kernel."""
-    from lowbit.packed import PackedWeight
+    from lowbit.formats.integer import in_input_order
 
     if not permuted:
         return fmt.quantize(w, **options)
     perm = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(1)).to(w.device, torch.int32)
-    stored = fmt.quantize(w[:, perm.long()], **options)
-    return PackedWeight(stored.format, stored.shape, stored.dtype, {**stored.attrs, "permuted": True},
-                        {**stored.tensors, "perm": perm})
+    return in_input_order(fmt.quantize(w[:, perm.long()], **options), perm)
 
 
 def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype, peak,

@@ -88,6 +88,14 @@ def _round_scale_up(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(low, bumped, s16)
 
 
+def in_input_order(packed: PackedWeight, perm: torch.Tensor) -> PackedWeight:
+    """An int layer whose columns are stored in the order `perm` (int32 [K]: stored column j is
+    input feature perm[j]), as `packed` holds them, marked so (attr permuted, field perm): its
+    kernels gather x by perm and dequantize() returns the weight in input order."""
+    return PackedWeight(packed.format, packed.shape, packed.dtype, {**packed.attrs, "permuted": True},
+                        {**packed.tensors, "perm": perm})
+
+
 class IntFormat(Format):
     """`int{bits}`: group-wise integer weights, symmetric or asymmetric."""
 

@@ -41,15 +41,10 @@ class CheckpointKeys:
             self.renamings = [t for t in mapping if not isinstance(t, WeightConverter)]
             self.prefix, self.meta = model.base_model_prefix, dict.fromkeys(model.state_dict())
 
-    def model_key(self, key: str) -> str:
-        """The model's name for checkpoint tensor `key` (a fused weight's for a per-expert weight)."""
-        return self._rename(key)[0]
-
-    def is_merged(self, key: str) -> bool:
-        """Whether transformers merges checkpoint tensor `key` with others (per-expert weights)."""
-        return self._rename(key)[1] is not None
-
-    def _rename(self, key: str) -> tuple[str, str | None]:
+    def rename(self, key: str) -> tuple[str, str | None]:
+        """(the model's name for checkpoint tensor `key`, the converter pattern that matched it):
+        for a per-expert weight that transformers merges with others, the fused weight's name and
+        its pattern, else the pattern is None."""
         from transformers.core_model_loading import rename_source_key
 
         return rename_source_key(key, self.renamings, self.converters, self.prefix, self.meta)
@@ -58,7 +53,7 @@ class CheckpointKeys:
         """(the model's module name, None) for a checkpoint Linear `name` that transformers loads
         as a Linear; (the fused weight's key, its ExpertSlice) for a per-expert Linear it merges.
         ValueError for a merge other than stacking experts and concatenating parts along N."""
-        target, pattern = self._rename(f"{name}.weight")
+        target, pattern = self.rename(f"{name}.weight")
         if pattern is None:
             return target.removesuffix(".weight"), None
         converter = next(c for c in self.converters if pattern in c.source_patterns)

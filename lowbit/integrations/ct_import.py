@@ -76,8 +76,9 @@ from tqdm.auto import tqdm
 from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
-from .foreign_folder import (config_dtype, fail, group_order, has_quant_method, integer_layer, model_with_layers,
-                             read_config, read_tensors, skeleton, stored_tensor, unpack_bitstream, weight_matrix)
+from .foreign_folder import (SCALE_DTYPES, config_dtype, fail, float16_scales, group_order, has_quant_method,
+                             integer_layer, model_with_layers, read_config, read_tensors, skeleton, stored_tensor,
+                             unpack_bitstream, weight_matrix)
 
 QUANT_METHOD = "compressed-tensors"
 #: the formats imported -> the weight types their layers hold
@@ -103,7 +104,6 @@ _WORD_ALIGNED_WIDTHS = (2, 4, 8)
 #: imported from folders whose quantization_config.version is at least this.
 _DENSE_PACKING_VERSION = (0, 20)
 #: the dtypes weight scales are stored in (the model's)
-SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def is_compressed_tensors_folder(path: str | Path) -> bool:
@@ -297,16 +297,11 @@ def int_layer(tensors: dict[str, torch.Tensor], name: str, scheme: dict[str, Any
     n, k = codes.shape
     group_size = weights["group_size"] if weights["strategy"] == "group" else padded_k(k, 32)
     groups = -(-k // group_size)
-    scale = stored_tensor(tensors, f"{name}.weight_scale", SCALE_DTYPES, shape=(n, groups))
+    scale16, inexact = float16_scales(tensors, f"{name}.weight_scale", (n, groups))
     perm = None
     if f"{name}.weight_g_idx" in tensors:  # actorder "group": groups gather columns from all over K
         g_idx = stored_tensor(tensors, f"{name}.weight_g_idx", (torch.int32, torch.int64), shape=(k,))
         perm = group_order(g_idx, group_size, f"{name}.weight_g_idx")
-    scale16 = scale.to(SCALE_DTYPE)
-    if not bool(torch.isfinite(scale16).all()):
-        raise fail(f"{name}.weight_scale", f"values up to {float(scale.float().abs().max()):.3g}: not finite in "
-                   "float16, lowbit's scale dtype")
-    inexact = int((scale16.float() != scale.float()).sum())
     zero_key, zeros = f"{name}.weight_zero_point", None
     if not weights.get("symmetric", True):
         if packed:  # [ceil(N*b/32), G], packed down each column

@@ -16,12 +16,14 @@ from torch import nn
 
 from ..errors import CheckpointError, LowbitError
 from ..formats import bitpack
-from ..formats.integer import padded_k
+from ..formats.integer import SCALE_DTYPE, in_input_order, padded_k
 from ..packed import PackedWeight
 
 
 #: the model dtypes config.json may name
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: the dtypes other libraries store float scales in
+SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def fail(where: str, problem: str) -> CheckpointError:
@@ -106,6 +108,18 @@ def weight_matrix(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtyp
     return weight
 
 
+def float16_scales(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    """tensors[key] (SCALE_DTYPES, `shape`) in float16, lowbit's integer scale dtype, and how many
+    of its values float16 could not hold exactly (rounded to nearest); CheckpointError naming
+    `key` when one is not finite in float16."""
+    scales = stored_tensor(tensors, key, SCALE_DTYPES, shape=shape)
+    scales16 = scales.to(SCALE_DTYPE)
+    if not bool(torch.isfinite(scales16).all()):
+        raise fail(key, f"values up to {float(scales.float().abs().max()):.3g}: not finite in float16, lowbit's "
+                   "scale dtype")
+    return scales16, int((scales16.float() != scales.float()).sum())
+
+
 def unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """int32 or uint8 [R, W] dense bit streams -> int32 [R, count] unsigned codes: code i at bits
     [i*b, i*b+b) of the row's words read as one little-endian stream (it may straddle two words;
@@ -154,9 +168,8 @@ def integer_layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch
     fields = {"qweight": bitpack.pack(unsigned, bits), "scales": scales.t().contiguous()}
     if zeros is not None:
         fields["zeros"] = zeros.t().contiguous()
-    if perm is not None:
-        attrs["permuted"], fields["perm"] = True, perm
-    return PackedWeight(f"int{bits}", (n, k), dtype, attrs, fields)
+    layer = PackedWeight(f"int{bits}", (n, k), dtype, attrs, fields)
+    return layer if perm is None else in_input_order(layer, perm)
 
 
 def skeleton(folder: Path, config: dict[str, Any], library_key: str) -> nn.Module:
@@ -188,8 +201,9 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
 
     keys = CheckpointKeys(skeleton_model)
     shapes, aliases = state_shapes(skeleton_model), set(unique_tensors(skeleton_model)[1])
-    targets = {key: keys.model_key(key) for key in state}
-    merged = {key for key, target in targets.items() if keys.is_merged(key)}
+    renamed = {key: keys.rename(key) for key in state}
+    targets = {key: target for key, (target, _) in renamed.items()}
+    merged = {key for key, (_, pattern) in renamed.items() if pattern is not None}
     missing = sorted(set(shapes) - set(targets.values()) - aliases)
     extra = sorted(key for key, target in targets.items() if target not in shapes)
     if missing or extra:
@@ -226,12 +240,10 @@ def stacked_rows(parts: list[PackedWeight], where: str) -> PackedWeight:
     if not all(p.format.startswith("int") for p in parts):
         raise fail(where, f"its gate and up layers are {[p.format for p in parts]}: lowbit stacks them into one "
                    "layer for integer formats only")
-    same = ("format", "dtype")
-    if (any(getattr(p, f) != getattr(first, f) for p in parts for f in same)
-            or any(p.shape[1] != first.shape[1] for p in parts)
-            or any({**p.attrs, "symmetric": 0} != {**first.attrs, "symmetric": 0} for p in parts)
-            or any(not torch.equal(p.tensors.get("perm", torch.empty(0)), first.tensors.get("perm", torch.empty(0)))
-                   for p in parts)):
+    # attrs other than symmetric (groups, act, permuted) must agree, and so must perm where present
+    if any(p.format != first.format or p.dtype != first.dtype or p.shape[1] != first.shape[1]
+           or {**p.attrs, "symmetric": 0} != {**first.attrs, "symmetric": 0}
+           or ("perm" in first.tensors and not torch.equal(p.perm, first.perm)) for p in parts):
         raise fail(where, "its gate and up layers differ in format, dtype, in_features, groups, act or column order "
                    f"({[(p.format, p.shape, p.attrs) for p in parts]}): lowbit holds them as one integer layer")
     offset = 2 ** (get_format(first.format).bits - 1)

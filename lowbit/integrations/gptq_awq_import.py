@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
-from .foreign_folder import (config_dtype, fail, group_order, has_quant_method, integer_layer, model_with_layers,
-                             read_config, read_tensors, skeleton, stored_tensor, unpack_bitstream)
+from .foreign_folder import (config_dtype, fail, float16_scales, group_order, has_quant_method, integer_layer,
+                             model_with_layers, read_config, read_tensors, skeleton, stored_tensor, unpack_bitstream)
 
 QUANT_METHODS = ("gptq", "awq")
 #: GPTQ's checkpoint_format -> whether its zero points are stored minus one (v1)
@@ -60,7 +60,6 @@ GPTQ_BITS = (2, 3, 4, 8)
 #: AWQ GEMM's word slot i holds column 8c + AWQ_ORDER[i]; column 8c + j sits in slot AWQ_SLOT[j]
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_SLOT = tuple(AWQ_ORDER.index(j) for j in range(8))
-SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LAYER_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -165,16 +164,6 @@ def _groups(scheme: Scheme, k: int) -> tuple[int, int]:
     return -(-k // scheme.group_size), scheme.group_size
 
 
-def _scales(tensors: dict[str, torch.Tensor], name: str, groups: int, n: int) -> tuple[torch.Tensor, int]:
-    """name.scales as float16 [groups, n], and how many float16 could not hold exactly."""
-    scales = stored_tensor(tensors, f"{name}.scales", SCALE_DTYPES, shape=(groups, n))
-    scales16 = scales.to(SCALE_DTYPE)
-    if not bool(torch.isfinite(scales16).all()):
-        raise fail(f"{name}.scales", f"values up to {float(scales.float().abs().max()):.3g}: not finite in float16, "
-                   "lowbit's scale dtype")
-    return scales16, int((scales16.float() != scales.float()).sum())
-
-
 def _v1_zero_points(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """GPTQ v1 qzeros int32 [G, W] (z - 1 stored) -> z, int32 [G, n] (see the module doc)."""
     if bits == 3:
@@ -205,7 +194,7 @@ def gptq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
     stored_tensor(tensors, f"{name}.qweight", (torch.int32,), shape=(-(-k * bits // 32), n))
     groups, group_size = _groups(scheme, k)
     perm = None if g_idx is None else group_order(g_idx, group_size, f"{name}.g_idx")
-    scales, inexact = _scales(tensors, name, groups, n)
+    scales, inexact = float16_scales(tensors, f"{name}.scales", (groups, n))
     qzeros = stored_tensor(tensors, f"{name}.qzeros", (torch.int32,), shape=(groups, -(-n * bits // 32)))
     zeros = _v1_zero_points(qzeros, bits, n) if scheme.zeros_minus_one else unpack_bitstream(qzeros, bits, n)
     codes = unpack_bitstream(qweight.t(), bits, k)  # [N, K]
@@ -223,7 +212,7 @@ def awq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
     if k == 0 or n == 0:
         raise fail(f"{name}.qweight", f"an empty layer ({n} out, {k} in features)")
     groups, group_size = _groups(scheme, k)
-    scales, inexact = _scales(tensors, name, groups, n)
+    scales, inexact = float16_scales(tensors, f"{name}.scales", (groups, n))
     qzeros = stored_tensor(tensors, f"{name}.qzeros", (torch.int32,), shape=(groups, n // 8))
     # slot order -> column order: column 8c + j is slot AWQ_SLOT[j] of word c
     columns = (torch.arange(n) // 8 * 8 + torch.tensor(AWQ_SLOT).repeat(n // 8))

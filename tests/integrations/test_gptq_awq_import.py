@@ -128,6 +128,20 @@ def _hf_folder(model, out, quantization, layer_tensors, reference):
     return out
 
 
+def _gptq_fields(codes, zeros, scales, g_idx, bits, checkpoint_format="gptq"):
+    """A layer's GPTQ tensors {qweight, qzeros, scales[, g_idx]} from codes [N, K], zero points and
+    scales [N, G] and each column's group g_idx [K] (None: not stored), v1 zero points as GPTQModel
+    converts them."""
+    qzeros = _pack_fields(zeros, bits).t()  # [G, ceil(N*b/32)]: packed along N
+    if checkpoint_format == "gptq":
+        qzeros = _v1_zeros(qzeros, zeros, bits)
+    fields = {"qweight": _pack_fields(codes.t(), bits), "qzeros": qzeros.contiguous(),
+              "scales": scales.t().contiguous()}
+    if g_idx is not None:
+        fields["g_idx"] = g_idx.to(torch.int32)
+    return fields
+
+
 def _gptq_folder(out, bits, group_size, checkpoint_format="gptq", symmetric=False, g_idx=True, seed=0,
                  desc_act=False):
     """A GPTQ folder of `_model()`'s Linear layers (lm_head stays float16) written as GPTQModel
@@ -139,14 +153,8 @@ def _gptq_folder(out, bits, group_size, checkpoint_format="gptq", symmetric=Fals
         n, k = linear.weight.shape
         groups = 1 if group_size == -1 else -(-k // group_size)
         codes, zeros, scales = _random_layer(n, k, bits, groups, generator, symmetric)
-        qzeros = _pack_fields(zeros, bits).t()  # [G, ceil(N*b/32)]: packed along N
-        if checkpoint_format == "gptq":
-            qzeros = _v1_zeros(qzeros, zeros, bits)
-        fields = {"qweight": _pack_fields(codes.t(), bits), "qzeros": qzeros, "scales": scales.t()}
         groups_of = _activation_order(k, group_size, generator) if desc_act else _in_order(k, group_size)
-        if g_idx:
-            fields["g_idx"] = groups_of.to(torch.int32)
-        layer_tensors[name] = fields
+        layer_tensors[name] = _gptq_fields(codes, zeros, scales, groups_of if g_idx else None, bits, checkpoint_format)
         reference[name] = _dequantized(codes, zeros, scales, groups_of, torch.float16)
     quantization = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
                     "sym": symmetric, "checkpoint_format": checkpoint_format, "damp_percent": 0.01}
@@ -551,9 +559,8 @@ def _moe_gptq_folder(out, arch, desc_act=False, gate_up_orders="same"):
             if gate_up_orders == "differ" or shared not in orders:
                 orders[shared] = _activation_order(k, group_size, generator)
             g_idx = orders[shared]
-        qzeros = _v1_zeros(_pack_fields(zeros, 4).t(), zeros, 4).contiguous()
-        fields.update({f"{name}.qweight": _pack_fields(codes.t(), 4), f"{name}.qzeros": qzeros,
-                       f"{name}.scales": scales.t().contiguous(), f"{name}.g_idx": g_idx.to(torch.int32)})
+        layer_fields = _gptq_fields(codes, zeros, scales, g_idx, 4)
+        fields.update({f"{name}.{field}": tensor for field, tensor in layer_fields.items()})
         dequantized[key] = _dequantized(codes, zeros, scales, g_idx, torch.float16)
     save_file({**rest, **fields}, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
