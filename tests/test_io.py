@@ -15,6 +15,7 @@ from lowbit.errors import CheckpointError, InputError, LowbitError
 from lowbit.io import MANIFEST
 
 from .conftest import make_tiny_llama
+from .damage import replace_json_value
 
 
 def _mlp():
@@ -407,19 +408,6 @@ def test_dfloat11_loader_against_corrupt_field_values(tmp_path_factory, data):
     assert model(torch.randn(3, 64).bfloat16()).shape == (3, 33)
 
 
-def _json_paths(node, prefix=()):
-    """Every path (tuple of keys / indices) into a JSON value, the root's () included."""
-    yield prefix
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in children:
-        yield from _json_paths(child, prefix + (key,))
-
-
-_ODD_JSON = st.one_of(st.none(), st.booleans(), st.integers(-2**80, 2**80), st.floats(allow_nan=False),
-                      st.text(max_size=8), st.just([]), st.just({}), st.lists(st.integers(-3, 3), max_size=3),
-                      st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_loader_against_manifest_values_of_any_type(tmp_path_factory, data):
@@ -430,11 +418,7 @@ def test_loader_against_manifest_values_of_any_type(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("fuzz") / "ck"
     lowbit.save(lowbit.quantize(_mlp(), "int4", progress=False, overrides={"2": "nvfp4"}), path)
     manifest = json.loads((path / MANIFEST).read_text())
-    where = data.draw(st.sampled_from([p for p in _json_paths(manifest) if p]))
-    node = manifest
-    for key in where[:-1]:
-        node = node[key]
-    node[where[-1]] = data.draw(_ODD_JSON)
+    replace_json_value(data, manifest)
     (path / MANIFEST).write_text(json.dumps(manifest))
     try:
         lowbit.load(path, model=_mlp())

@@ -47,8 +47,8 @@ from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..formats.nf4 import BLOCK
 from ..packed import PackedWeight
-from .foreign_folder import (DTYPES, config_dtype, fail, has_quant_method, integer_layer, model_with_layers, read_config,
-                             read_tensors, skeleton, stored_tensor, weight_matrix)
+from .foreign_folder import (DTYPES, config_dtype, fail, has_quant_method, integer_layer, is_name_in, model_with_layers,
+                             read_config, read_tensors, skeleton, stored_tensor, weight_matrix)
 
 QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__"
 #: bitsandbytes' 4-bit quant_type -> the lowbit format its layers become
@@ -67,7 +67,7 @@ def _quant_kind(folder: Path, config: dict[str, Any]) -> str:
     if quantization.get("load_in_8bit"):
         return "8bit"
     quant_type = quantization.get("bnb_4bit_quant_type", "nf4")
-    if quant_type not in FOUR_BIT_FORMATS:
+    if not is_name_in(quant_type, FOUR_BIT_FORMATS):
         raise fail(f"{where}.bnb_4bit_quant_type", f"{quant_type!r}: expected one of {sorted(FOUR_BIT_FORMATS)}")
     return quant_type
 
@@ -99,7 +99,7 @@ def _quant_state(key: str, raw: torch.Tensor, quant_type: str) -> dict[str, Any]
     if shape[1] % BLOCK:
         raise fail(f"{key}: shape", f"in_features {shape[1]} is not a multiple of {BLOCK}: bitsandbytes' blocks "
                    "then run across rows, which lowbit's blocks (along K) cannot hold")
-    if state.get("dtype") not in DTYPES:
+    if not is_name_in(state.get("dtype"), DTYPES):
         raise fail(f"{key}: dtype", f"expected one of {sorted(DTYPES)}, got {state.get('dtype')!r}")
     return state
 
@@ -118,12 +118,13 @@ def _block_absmax(tensors: dict[str, torch.Tensor], weight_key: str, state_key: 
     nested_map = _field(tensors, f"{weight_key}.nested_quant_map", torch.float32, 256)
     nested_block = state.get("nested_blocksize")
     offset = state.get("nested_offset")
-    if not (isinstance(nested_block, int) and nested_block > 0 and isinstance(offset, (int, float))):
+    if not (isinstance(nested_block, int) and not isinstance(nested_block, bool) and nested_block > 0
+            and isinstance(offset, (int, float)) and not isinstance(offset, bool) and abs(offset) < 3e38):
         raise fail(state_key, "double quantization without an int nested_blocksize "
-                   "and a number nested_offset")
+                   "and a number nested_offset (finite in float32)")
     nested_absmax = _field(tensors, f"{weight_key}.nested_absmax", torch.float32, -(-blocks // nested_block))
     # bitsandbytes: code[q] * absmax[block] in fp32, then += offset (an fp32 scalar)
-    scales = nested_map[absmax_q] * nested_absmax.repeat_interleave(nested_block)[:blocks]
+    scales = nested_map[absmax_q] * nested_absmax[torch.arange(blocks) // nested_block]
     return scales + torch.tensor(offset, dtype=torch.float32)
 
 

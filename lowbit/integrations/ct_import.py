@@ -77,8 +77,8 @@ from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
 from .foreign_folder import (SCALE_DTYPES, config_dtype, fail, float16_scales, group_order, has_quant_method,
-                             integer_layer, model_with_layers, read_config, read_tensors, skeleton, stored_tensor,
-                             unpack_bitstream, weight_matrix)
+                             integer_layer, is_name_in, model_with_layers, read_config, read_tensors, skeleton,
+                             stored_tensor, unpack_bitstream, weight_matrix)
 
 QUANT_METHOD = "compressed-tensors"
 #: the formats imported -> the weight types their layers hold
@@ -130,7 +130,7 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
         if not isinstance(scheme, dict):
             raise fail(at, "not an object")
         fmt = scheme.get("format") or quantization.get("format")
-        if fmt not in FORMATS:
+        if not is_name_in(fmt, FORMATS):
             raise fail(f"{at}.format", f"{fmt!r}: lowbit imports {', '.join(map(repr, FORMATS))}")
         weights = scheme.get("weights")
         if not isinstance(weights, dict):

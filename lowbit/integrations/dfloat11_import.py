@@ -54,14 +54,14 @@ def decode_stream(fields: dict[str, torch.Tensor], bytes_per_thread: int, thread
     Thread t owns stream bits [t*C, (t+1)*C), C = 8*bytes_per_thread, and decodes every code
     that starts there, from bit t*C + gap[t]; the threads' outputs follow each other in
     order. Every step below decodes one code of every thread at once."""
-    luts = fields["luts"].numpy()
-    stream = fields["encoded_exponent"].numpy()
-    sign_mantissa = fields["sign_mantissa"]
-    if luts.ndim != 2 or luts.shape[1] != 256 or not 2 <= luts.shape[0] <= 256 - POINTER_BASE + 1:
-        raise _fail(f"{where}.luts", f"expected uint8 [T+1, 256] with 1 <= T <= 16, got {list(luts.shape)}")
+    luts = fields["luts"]
+    if (luts.dtype != torch.uint8 or luts.dim() != 2 or luts.shape[1] != 256
+            or not 2 <= luts.shape[0] <= 256 - POINTER_BASE + 1):
+        raise _fail(f"{where}.luts", f"expected uint8 [T+1, 256] with 1 <= T <= 16, got {luts.dtype} {list(luts.shape)}")
     for name in ("encoded_exponent", "sign_mantissa", "gaps", "output_positions"):
         if fields[name].dim() != 1 or fields[name].dtype != torch.uint8:
             raise _fail(f"{where}.{name}", f"expected a 1-D uint8 tensor, got {fields[name].dtype} {list(fields[name].shape)}")
+    luts, stream, sign_mantissa = luts.numpy(), fields["encoded_exponent"].numpy(), fields["sign_mantissa"]
     n_elements, chunk_bits = sign_mantissa.numel(), 8 * bytes_per_thread
     n_threads = -(-stream.size // bytes_per_thread)
     gap_bits = np.unpackbits(fields["gaps"].numpy())
@@ -70,6 +70,8 @@ def decode_stream(fields: dict[str, torch.Tensor], bytes_per_thread: int, thread
     gaps = gap_bits[: 5 * n_threads].reshape(-1, 5).astype(np.int64) @ (1 << np.arange(4, -1, -1))
     padded = np.concatenate([stream, np.zeros(8, np.uint8)]).astype(np.int64)
     tables, lengths = luts[:-1].astype(np.int64), luts[-1].astype(np.int64)
+    if (256 - tables[tables >= POINTER_BASE] >= len(tables)).any():
+        raise _fail(f"{where}.luts", f"an entry points past the last of its {len(tables)} tables")
     thread_end = (np.arange(n_threads, dtype=np.int64) + 1) * chunk_bits
     position = thread_end - chunk_bits + gaps
     symbols, decoded = [], []
@@ -92,6 +94,8 @@ def decode_stream(fields: dict[str, torch.Tensor], bytes_per_thread: int, thread
         position = np.where(active, position + length, position)
     else:
         raise _fail(f"{where}.encoded_exponent", "a thread decodes more codes than its chunk holds")
+    if not decoded:  # no thread starts a code (an empty stream, or every gap past its chunk)
+        raise _fail(f"{where}.encoded_exponent", f"decodes to 0 weights, sign_mantissa has {n_elements}")
     decoded_matrix = np.stack(decoded, axis=1)  # [threads, steps], thread-major like the outputs
     exponent = np.stack(symbols, axis=1)[decoded_matrix]
     if exponent.size < n_elements:
@@ -165,7 +169,11 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
         fields = {f: tensors[f"{module}.{f}"] for f in DF11_FIELDS}
         flat = decode_stream(fields, df11["bytes_per_thread"], df11["threads_per_block"][0], where=module)
         targets = _targets(module, df11["pattern_dict"])
-        splits = fields["split_positions"].tolist()
+        splits = fields["split_positions"]
+        if splits.dim() != 1 or splits.dtype not in (torch.int32, torch.int64):
+            raise _fail(f"{module}.split_positions", f"expected a 1-D integer tensor, got {splits.dtype} "
+                        f"{list(splits.shape)}")
+        splits = splits.tolist()
         if len(splits) != len(targets) - 1:
             raise _fail(f"{module}.split_positions", f"{len(splits) + 1} weights for {len(targets)} targets {targets}")
         for target, weight in zip(targets, torch.tensor_split(flat, splits)):

@@ -30,6 +30,12 @@ def fail(where: str, problem: str) -> CheckpointError:
     return CheckpointError(f"{where}: {problem}")
 
 
+def is_name_in(value: Any, table: Any) -> bool:
+    """True when `value`, read from a JSON file, is a string among `table`'s names (a dict's keys or
+    a tuple's items); False for any other JSON value, lists and objects (unhashable) included."""
+    return isinstance(value, str) and value in table
+
+
 def read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:
     """The folder's JSON file `name` as a JSON object; CheckpointError naming the file otherwise."""
     path = folder / name
@@ -56,7 +62,7 @@ def config_dtype(folder: Path, config: dict[str, Any], why: str) -> torch.dtype:
     """The model dtype config.json names (transformers 5: "dtype", 4.x: "torch_dtype");
     CheckpointError naming the field, and `why` it is needed, otherwise."""
     name = config.get("dtype", config.get("torch_dtype"))
-    if name not in DTYPES:
+    if not is_name_in(name, DTYPES):
         raise fail(f"{folder / 'config.json'}: dtype", f"expected one of {sorted(DTYPES)} ({why}), got {name!r}")
     return DTYPES[name]
 
@@ -105,6 +111,8 @@ def weight_matrix(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtyp
         dtype_name = str(dtype).removeprefix("torch.")
         raise fail(f"{name}.weight", f"expected {'an' if dtype_name[0] in 'aeiou' else 'a'} {dtype_name} "
                    f"[out_features, in_features] matrix, got {weight.dtype} {list(weight.shape)}")
+    if weight.numel() == 0:
+        raise fail(f"{name}.weight", f"an empty layer ({weight.shape[0]} out, {weight.shape[1]} in features)")
     return weight
 
 
@@ -200,7 +208,8 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
     from .checkpoint_keys import CheckpointKeys
 
     keys = CheckpointKeys(skeleton_model)
-    shapes, aliases = state_shapes(skeleton_model), set(unique_tensors(skeleton_model)[1])
+    expected, aliases = skeleton_model.state_dict(), set(unique_tensors(skeleton_model)[1])
+    shapes = {key: tensor.shape for key, tensor in expected.items()}
     renamed = {key: keys.rename(key) for key in state}
     targets = {key: target for key, (target, _) in renamed.items()}
     merged = {key for key, (_, pattern) in renamed.items() if pattern is not None}
@@ -209,9 +218,15 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
     if missing or extra:
         raise fail(str(folder), f"does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
     for key, tensor in state.items():
-        if key not in merged and tensor.shape != shapes[targets[key]]:
+        if key in merged:
+            continue
+        if tensor.shape != shapes[targets[key]]:
             raise fail(f"{folder}: {key}", f"shape {list(tensor.shape)} does not fit the model's "
                        f"{list(shapes[targets[key]])}")
+        # transformers would cast an integer tensor to the float model dtype (or a float one to an integer buffer's)
+        if tensor.is_floating_point() != expected[targets[key]].is_floating_point():
+            kind = "a floating-point" if expected[targets[key]].is_floating_point() else "an integer"
+            raise fail(f"{folder}: {key}", f"stored as {tensor.dtype}, where the model holds {kind} tensor")
     if model is None:
         cls = type(skeleton_model)
         try:
@@ -273,7 +288,7 @@ def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str
     placeholders, never allocated."""
     from ..api import replace_layer
     from ..errors import FormatError
-    from ..experts import expert_shape, install
+    from ..experts import check_fused_weight, expert_shape, install
     from ..linear import QuantLinear
     from .checkpoint_keys import CheckpointKeys
     from .transformers import attach_hf_config
@@ -291,14 +306,20 @@ def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str
             experts = fused.setdefault((piece.experts, piece.weight), (piece.parts, {}))[1]
             experts.setdefault(piece.expert, {})[piece.part] = packed[name]
     for (experts_name, weight_name), (parts, experts) in fused.items():
-        count = expert_shape(skeleton_model.get_submodule(experts_name), weight_name)[0]
+        where = f"{folder}: {experts_name}.{weight_name}"
+        try:  # transformers' mapping names the fused weight whether the model has it or not
+            module = skeleton_model.get_submodule(experts_name)
+            check_fused_weight(module, weight_name)
+        except AttributeError:
+            raise fail(where, "the model has no such experts module") from None
+        except FormatError as exc:
+            raise fail(where, str(exc)) from None
+        count = expert_shape(module, weight_name)[0]
         absent = [f"expert {e} part {p}" for e in range(count) for p in range(parts) if p not in experts.get(e, {})]
         if absent:
-            raise fail(f"{folder}: {experts_name}.{weight_name}", f"no quantized layer for {absent[:3]}: lowbit "
-                       "quantizes a fused weight's experts together")
+            raise fail(where, f"no quantized layer for {absent[:3]}: lowbit quantizes a fused weight's experts together")
         if len(experts) != count:
-            raise fail(f"{folder}: {experts_name}.{weight_name}", f"layers for experts {sorted(experts)[count:]} "
-                       f"beyond the module's {count}")
+            raise fail(where, f"layers for experts {sorted(experts)[count:]} beyond the module's {count}")
     state = {k: v for k, v in tensors.items() if k not in layer_fields}
     # the full-precision model needs a weight in each layer's place until the QuantLinear replaces
     # it: a one-element tensor expanded to the weight's shape, which from_pretrained keeps as the

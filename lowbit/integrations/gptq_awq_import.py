@@ -51,7 +51,8 @@ from ..errors import CheckpointError
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
 from .foreign_folder import (config_dtype, fail, float16_scales, group_order, has_quant_method, integer_layer,
-                             model_with_layers, read_config, read_tensors, skeleton, stored_tensor, unpack_bitstream)
+                             is_name_in, model_with_layers, read_config, read_tensors, skeleton, stored_tensor,
+                             unpack_bitstream)
 
 QUANT_METHODS = ("gptq", "awq")
 #: GPTQ's checkpoint_format -> whether its zero points are stored minus one (v1)
@@ -138,7 +139,7 @@ def read_scheme(folder: Path, config: dict[str, Any]) -> Scheme:
             raise fail(field, f"{zero_point!r}: lowbit imports AWQ GEMM layers with zero points (true)")
         return Scheme(method, bits, group_size, False)
     field, checkpoint_format = _option(quantization, where, ("checkpoint_format", "format"), "gptq")
-    if checkpoint_format not in GPTQ_FORMATS:
+    if not is_name_in(checkpoint_format, GPTQ_FORMATS):
         raise fail(field, f"{checkpoint_format!r}: lowbit imports GPTQ's {' and '.join(map(repr, GPTQ_FORMATS))} "
                    "layouts")
     field, pack_dtype = _option(quantization, where, ("pack_dtype",), "int32")

@@ -2,12 +2,15 @@
 written by real bitsandbytes (its CPU backend) through transformers' BitsAndBytesConfig and
 save_pretrained."""
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import lowbit
@@ -15,6 +18,7 @@ from lowbit.errors import CheckpointError
 from lowbit.formats import bitpack
 
 from ..conftest import bf16_llama_dir, requires_gpu
+from ..damage import damaged_copy, loads_and_runs_or_refuses
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")
@@ -107,12 +111,14 @@ def test_quantizer_writes_bitsandbytes_codes(minilm_weights, quant_type):
         assert bool((theirs == 8).any())  # the rule for values in (0, 1/384] was exercised
 
 
-def test_bad_4bit_quant_type_is_refused_naming_the_field(bf16_dir, tmp_path):
+@pytest.mark.parametrize("quant_type", ["int4", ["nf4"]])  # a list was a TypeError
+def test_bad_4bit_quant_type_is_refused_naming_the_field(bf16_dir, tmp_path, quant_type):
     _, folder = _bnb_saved(bf16_dir, tmp_path / "bnb", bnb_4bit_quant_type="fp4")
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["bnb_4bit_quant_type"] = "int4"
+    config["quantization_config"]["bnb_4bit_quant_type"] = quant_type
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"bnb_4bit_quant_type: 'int4': expected one of \['fp4', 'nf4'\]"):
+    with pytest.raises(CheckpointError, match=rf"bnb_4bit_quant_type: {re.escape(repr(quant_type))}: expected one "
+                                              r"of \['fp4', 'nf4'\]"):
         lowbit.load(folder)
 
 
@@ -180,6 +186,7 @@ def test_convert_command_writes_an_int8_folder_from_an_8bit_one(int8_saved, tmp_
     ("scb_inf", r"down_proj\.SCB: row absmax values must be finite and >= 0"),
     ("scb_huge", r"down_proj\.SCB: row absmax up to 1e\+07: too large for float16 row scales"),
     ("codes_dtype", r"down_proj\.weight: expected an int8 \[out_features, in_features\] matrix, got torch\.uint8"),
+    ("empty", r"down_proj\.weight: an empty layer \(128 out, 0 in features\)"),  # was a ZeroDivisionError
 ])
 def test_damaged_8bit_layers_are_refused_naming_the_tensor(int8_saved, tmp_path, damage, message):
     folder = tmp_path / "bnb8"
@@ -195,6 +202,8 @@ def test_damaged_8bit_layers_are_refused_naming_the_tensor(int8_saved, tmp_path,
             tensors[f"{prefix}.SCB"] = tensors[f"{prefix}.SCB"][:-1]
         elif damage in ("scb_inf", "scb_huge"):
             tensors[f"{prefix}.SCB"][7] = float("inf") if damage == "scb_inf" else 1e7
+        elif damage == "empty":
+            tensors[f"{prefix}.weight"] = tensors[f"{prefix}.weight"][:, :0].contiguous()
         else:
             tensors[f"{prefix}.weight"] = tensors[f"{prefix}.weight"].view(torch.uint8)
 
@@ -248,6 +257,10 @@ def _set_state(tensors, key, state):
     ("codes", r"down_proj\.weight: 12287 bytes of codes for a \[128, 192\] weight"),
     ("json", r"down_proj\.weight\.quant_state\.bitsandbytes__nf4: not a JSON quant state"),
     ("nested_absmax", r"down_proj\.weight\.nested_absmax: missing"),
+    # a nested block past the layer's blocks was an overflow in repeat_interleave
+    ("nested_blocksize", r"down_proj\.weight\.nested_absmax: expected torch\.float32 with 1 values, got "),
+    ("nested_offset", r"down_proj\.weight\.quant_state\.bitsandbytes__nf4: double quantization without an int "
+                      r"nested_blocksize and a number nested_offset \(finite in float32\)"),
 ])
 def test_damaged_layers_are_refused_naming_the_tensor(bf16_dir, tmp_path, damage, message):
     _, folder = _bnb_saved(bf16_dir, tmp_path / "bnb", bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
@@ -268,12 +281,36 @@ def test_damaged_layers_are_refused_naming_the_tensor(bf16_dir, tmp_path, damage
             tensors[prefix] = tensors[prefix][:-1]
         elif damage == "json":
             tensors[state_key] = tensors[state_key][:-2]
+        elif damage == "nested_blocksize":
+            _set_state(tensors, state_key, {**_state_json(tensors, state_key), "nested_blocksize": 2**70})
+        elif damage == "nested_offset":
+            _set_state(tensors, state_key, {**_state_json(tensors, state_key), "nested_offset": 1e39})
         else:
             del tensors[f"{prefix}.nested_absmax"]
 
     _rewrite(folder, edit)
     with pytest.raises(CheckpointError, match=message):
         lowbit.load(folder)
+
+
+@pytest.fixture(scope="module")
+def nf4_double_quant_folder(bf16_dir, tmp_path_factory):
+    return _bnb_saved(bf16_dir, tmp_path_factory.mktemp("nf4"), bnb_4bit_quant_type="nf4",
+                      bnb_4bit_use_double_quant=True)[1]
+
+
+@pytest.mark.parametrize("source", ["nf4_double_quant_folder", "int8_saved"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_import_against_random_damage(request, tmp_path_factory, source, data):
+    """Any config.json or quant-state value replaced by a JSON value of any type, or any tensor
+    cut, cast, reshaped, overwritten in places or removed: CheckpointError or a model that runs
+    (this found a list as quant_type -> TypeError, a huge nested_blocksize -> an overflow, an
+    8-bit weight of 0 columns -> ZeroDivisionError)."""
+    folder = tmp_path_factory.mktemp("damaged") / "folder"
+    saved = request.getfixturevalue(source)
+    damaged_copy(data, saved[1] if source == "int8_saved" else saved, folder, json_tensor_suffix=".quant_state.")
+    loads_and_runs_or_refuses(folder, IDS)
 
 
 def test_convert_refuses_dfloat11_options_and_other_folders(bf16_dir, tmp_path, capsys):

@@ -10,6 +10,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import lowbit
@@ -19,6 +21,7 @@ from lowbit.formats import bitpack
 from lowbit.integrations import ct_import
 
 from ..conftest import bf16_llama_dir, kernel_devices, requires_gpu
+from ..damage import damaged_copy, loads_and_runs_or_refuses
 
 transformers = pytest.importorskip("transformers")
 ct_quantization = pytest.importorskip("compressed_tensors.quantization")
@@ -259,6 +262,16 @@ def mxfp4_folder(bf16_dir, tmp_path_factory):
     return _ct_saved(bf16_dir, tmp_path_factory.mktemp("mxfp4"), {"group_0": _preset("MXFP4A16")}, fmt=None)
 
 
+@pytest.fixture(scope="module")
+def fp8_block_folder(bf16_dir, tmp_path_factory):
+    return _ct_saved(bf16_dir, tmp_path_factory.mktemp("fp8"), {"group_0": (["Linear"], *_fp8_args("block"))}, fmt=None)
+
+
+@pytest.fixture(scope="module")
+def w8a8_folder(bf16_dir, tmp_path_factory):
+    return _ct_saved(bf16_dir, tmp_path_factory.mktemp("w8a8"), {"group_0": _preset("W8A8")}, fmt=None)
+
+
 def _copy(folder, tmp_path):
     shutil.copytree(folder, tmp_path / "ct")
     return tmp_path / "ct"
@@ -283,6 +296,8 @@ GROUP = "quantization_config.config_groups.group_0"
     (lambda q: q["config_groups"]["group_0"].update(format="marlin-24"),
      rf"{GROUP}\.format: 'marlin-24': lowbit imports 'pack-quantized', 'int-quantized', "
      r"'float-quantized', 'naive-quantized', 'nvfp4-pack-quantized'"),
+    (lambda q: q["config_groups"]["group_0"].update(format=["pack-quantized"]),  # was a TypeError
+     rf"{GROUP}\.format: \['pack-quantized'\]: lowbit imports 'pack-quantized'"),
     (lambda q: q["config_groups"]["group_0"].update(format="nvfp4-pack-quantized"),
      rf"{GROUP}\.weights\.type: 'int': nvfp4-pack-quantized layers hold float weights"),
     (lambda q: q["config_groups"]["group_0"].update(format="float-quantized"),
@@ -327,6 +342,7 @@ LAYER = "model.layers.1.mlp.down_proj"
     ("mxfp4_folder", "packed",
      rf"{LAYER}\.weight_packed: expected torch\.uint8 \[128, 96\], got torch\.uint8 \[128, 95\]"),
     ("mxfp4_folder", "nan scale", rf"{LAYER}\.weight_scale: holds NaN scales"),
+    ("w8a8_folder", "empty", rf"{LAYER}\.weight: an empty layer \(128 out, 0 in features\)"),  # was ZeroDivisionError
 ])
 def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source, damage, message):
     folder = _copy(request.getfixturevalue(source), tmp_path)
@@ -342,12 +358,26 @@ def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source,
             tensors[f"{LAYER}.weight_g_idx"] = torch.zeros(192, dtype=torch.int32)  # one group of 192
         elif damage == "scale":
             tensors[f"{LAYER}.weight_scale"][5, 1] = 1e6
+        elif damage == "empty":
+            tensors[f"{LAYER}.weight"] = tensors[f"{LAYER}.weight"][:, :0].contiguous()
         else:
             tensors[f"{LAYER}.weight_shape"] = torch.tensor([2, 128, 192])
 
     _edit_tensors(folder, edit)
     with pytest.raises(CheckpointError, match=message):
         lowbit.load(folder)
+
+
+@pytest.mark.parametrize("source", ["int4_folder", "w8a8_folder", "fp8_block_folder", "mxfp4_folder"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_import_against_random_damage(request, tmp_path_factory, source, data):
+    """Any config.json value replaced by a JSON value of any type, or any tensor cut, cast,
+    reshaped, overwritten in places or removed: CheckpointError or a model that runs (this found
+    an object as a group's format -> TypeError, an int8 weight of 0 columns -> ZeroDivisionError)."""
+    folder = tmp_path_factory.mktemp("damaged") / "folder"
+    damaged_copy(data, request.getfixturevalue(source), folder)
+    loads_and_runs_or_refuses(folder, IDS)
 
 
 def test_activation_ordered_groups_import_with_an_input_permutation(int4_folder, tmp_path):

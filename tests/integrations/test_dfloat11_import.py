@@ -4,6 +4,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
@@ -13,6 +15,7 @@ from lowbit.errors import CheckpointError
 from lowbit.integrations.dfloat11_import import decode_stream
 
 from ..conftest import make_tiny_llama
+from ..damage import damaged_copy, loads_and_runs_or_refuses
 from .df11_package import BYTES_PER_THREAD, THREADS_PER_BLOCK, package_encode, write_df11_folder
 
 LAYER_PATTERN = {r"model\.layers\.\d+": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -106,6 +109,12 @@ def _damage(folder, key, edit):
     ("model.layers.1.luts", lambda t: t[:, :100].contiguous(), "luts"),
     ("model.layers.1.split_positions", lambda t: t[:2], "split_positions"),
     ("model.layers.0.sign_mantissa", lambda t: torch.cat([t, t]), "decodes to"),
+    # each was an error from numpy or torch: bf16 tables, tables pointing past the last one, an
+    # empty stream, float split positions
+    ("model.layers.1.luts", lambda t: t.bfloat16(), "luts: expected uint8 [T+1, 256]"),
+    ("model.layers.1.luts", lambda t: torch.cat([t[:1], t[-1:]]), "luts: an entry points past the last of its 1 tables"),
+    ("model.layers.0.encoded_exponent", lambda t: t[:0], "encoded_exponent: decodes to 0 weights"),
+    ("model.layers.0.split_positions", lambda t: t.float(), "split_positions: expected a 1-D integer tensor"),
 ])
 def test_damaged_folders_raise_checkpoint_errors(original, tmp_path, key, edit, message):
     folder = tmp_path / "damaged"
@@ -113,6 +122,17 @@ def test_damaged_folders_raise_checkpoint_errors(original, tmp_path, key, edit, 
     _damage(folder, key, edit)
     with pytest.raises(CheckpointError, match=re.escape(message)):
         lowbit.load(folder)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_import_against_random_damage(df11_dir, tmp_path_factory, data):
+    """Any config.json value replaced by a JSON value of any type, or any tensor cut, cast,
+    reshaped, overwritten in places or removed: CheckpointError or a model that runs (this found
+    the four cases above that numpy or torch refused first)."""
+    folder = tmp_path_factory.mktemp("damaged") / "folder"
+    damaged_copy(data, df11_dir, folder)
+    loads_and_runs_or_refuses(folder, torch.randint(0, 100, (2, 5)))
 
 
 def test_missing_field_and_bad_config(original, tmp_path):

@@ -15,6 +15,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import lowbit
@@ -22,6 +24,7 @@ from lowbit.errors import CheckpointError
 from lowbit.integrations import gptq_awq_import
 
 from ..conftest import kernel_devices, requires_gpu
+from ..damage import damaged_copy, loads_and_runs_or_refuses
 
 transformers = pytest.importorskip("transformers")
 
@@ -404,6 +407,7 @@ QC = r"quantization_config"
     ({"checkpoint_format": "marlin"}, rf"{QC}\.checkpoint_format: 'marlin': lowbit imports GPTQ's 'gptq' and "
      "'gptq_v2' layouts"),
     ({"checkpoint_format": None, "format": "gptq_p"}, rf"{QC}\.format: 'gptq_p': lowbit imports GPTQ's"),
+    ({"checkpoint_format": {}}, rf"{QC}\.checkpoint_format: {{}}: lowbit imports GPTQ's"),  # was a TypeError
     ({"pack_dtype": "int16"}, rf"{QC}\.pack_dtype: 'int16': lowbit imports codes packed in int32 words"),
     ({"dynamic": {"-:.*down_proj": {}}}, rf"{QC}\.dynamic: per-module overrides are not imported"),
 ]] + [("awq_folder", *case) for case in [
@@ -420,10 +424,22 @@ def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(request, tmp_
         lowbit.load(folder)
 
 
+def test_a_model_type_that_is_not_a_string_is_refused(gptq_folder, tmp_path):
+    """transformers keeps config.json's model_type as given and looks it up in dicts (was a TypeError)."""
+    folder = _copy(gptq_folder, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = []
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: <model config>: model_type \[\] is not a string"):
+        lowbit.load(folder)
+
+
 LAYER = "model.layers.1.mlp.down_proj"
 
 
 @pytest.mark.parametrize("source,damage,message", [
+    ("gptq_folder", "int8 norm", r"model\.norm\.weight: stored as torch\.int8, where the model holds a floating-point "
+                                r"tensor"),  # transformers cast it to float16
     ("gptq_folder", "uneven groups", rf"{LAYER}\.g_idx: groups do not each hold 64 columns \(the last one the rest\)"),
     ("gptq_folder", "qweight", rf"{LAYER}\.qweight: expected torch\.int32 \[24, 128\], got torch\.int32 \[23, 128\]"),
     ("gptq_folder", "qzeros", rf"{LAYER}\.qzeros: missing"),
@@ -437,7 +453,9 @@ LAYER = "model.layers.1.mlp.down_proj"
 def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source, damage, message):
     folder = _copy(request.getfixturevalue(source), tmp_path)
     tensors = load_file(folder / "model.safetensors")
-    if damage == "uneven groups":  # group 1 takes a column of group 0
+    if damage == "int8 norm":
+        tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
+    elif damage == "uneven groups":  # group 1 takes a column of group 0
         tensors[f"{LAYER}.g_idx"][0] = 1
     elif damage == "empty" and source == "gptq_folder":
         tensors[f"{LAYER}.g_idx"] = torch.zeros(0, dtype=torch.int32)
@@ -459,6 +477,30 @@ def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source,
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=message):
         lowbit.load(folder)
+
+
+@pytest.fixture(scope="module")
+def desc_act_folder(tmp_path_factory):
+    return _gptq_folder(tmp_path_factory.mktemp("desc_act") / "gptq", 3, 64, checkpoint_format="gptq_v2",
+                        desc_act=True)[0]
+
+
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory):
+    return _moe_gptq_folder(tmp_path_factory.mktemp("moe") / "gptq", "qwen3_moe", desc_act=True)[0]
+
+
+@pytest.mark.parametrize("source", ["gptq_folder", "desc_act_folder", "awq_folder", "moe_folder"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_import_against_random_damage(request, tmp_path_factory, source, data):
+    """Any config.json value replaced by a JSON value of any type, or any tensor cut, cast,
+    reshaped, overwritten in places or removed: CheckpointError or a model that runs (this found
+    an object as checkpoint_format and a list as model_type -> TypeError; and, with a smaller
+    num_hidden_layers, a MoE folder's experts the model lacks -> AttributeError)."""
+    folder = tmp_path_factory.mktemp("damaged") / "folder"
+    damaged_copy(data, request.getfixturevalue(source), folder)
+    loads_and_runs_or_refuses(folder, IDS)
 
 
 def test_inspect_marks_permuted_layers(tmp_path, capsys):
@@ -615,6 +657,17 @@ def test_moe_folder_missing_an_expert_is_refused(tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.down_proj: no quantized layer for "
                                               r"\['expert 2 part 0'\]"):
+        lowbit.load(folder)
+
+
+def test_moe_experts_the_model_lacks_are_refused(tmp_path):
+    """config.json with fewer layers than the folder holds (was an AttributeError)."""
+    folder, _ = _moe_gptq_folder(tmp_path / "gptq", "mixtral")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.\w+: the model has no such experts "
+                                              r"module"):
         lowbit.load(folder)
 
 

@@ -3,12 +3,16 @@ loading, generate, one on-disk format with lowbit.save/load, device_map, torch.c
 AOTInductor."""
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 import lowbit
@@ -18,6 +22,7 @@ from lowbit.errors import CheckpointError, FormatError, LowbitError, WeightError
 from lowbit.integrations.transformers import LowbitHfQuantizer
 
 from ..conftest import DYNAMIC_BATCH_AND_LENGTH, TORCH_BEFORE_2_13, kernel_devices, make_tiny_llama, requires_gpu
+from ..damage import damaged_copy, loads_and_runs_or_refuses
 from ..test_io import EVERY_FORMAT
 
 
@@ -334,6 +339,19 @@ def test_lowbit_load_refuses_what_from_pretrained_only_warns_about(llama_dir, tm
         lowbit.load(folder)
 
 
+@pytest.mark.parametrize("key", ["lm_head.weight", "model.norm.weight"])
+def test_lowbit_load_refuses_an_integer_tensor_in_a_float_parameter(llama_dir, tmp_path, key):
+    """from_pretrained keeps integer tensors as they are stored (quantizers' codes), so an int8
+    norm weight loaded and computed garbage, an int8 lm_head failed in F.linear; lowbit.load refuses."""
+    folder = _saved_int4_with_edited_config(llama_dir, tmp_path, lambda q: None)
+    tensors = load_file(folder / "model.safetensors")
+    tensors[key] = tensors[key].to(torch.int8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)}: stored as torch\.int8, where the model holds a "
+                                              r"floating-point parameter"):
+        lowbit.load(folder)
+
+
 @pytest.mark.parametrize("edit,match", [
     # not lowbit's quantization_config: not a lowbit folder at all
     (lambda c: c.update(quantization_config="lowbit"), r"lowbit\.json: manifest missing"),
@@ -352,6 +370,28 @@ def test_lowbit_load_and_inspect_of_a_damaged_config_json(llama_dir, tmp_path, c
     if "architectures" not in match:  # inspect reads the layers only, not the class
         assert cli_main(["inspect", str(folder)]) == 2
         assert "lowbit: error:" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mixed_formats_dir(llama_dir, tmp_path_factory):
+    """save_pretrained of the tiny bf16 Llama with a projection in each of seven formats."""
+    overrides = {"*.k_proj": "fp8", "*.v_proj": "dfloat11", "*.o_proj": "int3", "*.gate_proj": "mxfp4",
+                 "*.up_proj": "lut2", "*.down_proj": "nvfp4"}
+    model = lowbit.quantize(_llama(llama_dir), "int4", skip=["lm_head"], progress=False, overrides=overrides)
+    path = tmp_path_factory.mktemp("mixed") / "q"
+    model.save_pretrained(path)
+    return path
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_lowbit_load_of_a_damaged_save_pretrained_folder(mixed_formats_dir, tmp_path_factory, data):
+    """Any value of config.json that lowbit reads (its quantization_config: each layer's format,
+    shape, attrs) replaced by a JSON value of any type, or any tensor cut, cast, reshaped,
+    overwritten in places or removed: CheckpointError or a model that runs."""
+    folder = tmp_path_factory.mktemp("damaged") / "folder"
+    damaged_copy(data, mixed_formats_dir, folder)
+    loads_and_runs_or_refuses(folder, IDS)
 
 
 @pytest.mark.parametrize("down_proj", ["int3", "int6"])
