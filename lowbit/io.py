@@ -529,20 +529,8 @@ def _load_pretrained(folder: Path, config: dict[str, Any], device: str | torch.d
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(kind)]
     if problems:
         raise _fail(folder, "<checkpoint>", "; ".join(problems))
-    check_float_parameters(model, str(folder))
     _align_cpu_tensors(model)
     return model.to(device).eval()
-
-
-def check_float_parameters(model: nn.Module, where: str) -> None:
-    """CheckpointError naming the parameter when one of `model`'s is not floating point: from_pretrained
-    casts stored float tensors to the model's dtype but keeps integer ones (quantizers' codes) as
-    they are, so an integer tensor in a float weight's place would load, and compute garbage or
-    fail deep in the forward (lowbit's own integer fields are buffers, never parameters)."""
-    for name, parameter in model.named_parameters():
-        if not parameter.is_floating_point():
-            raise CheckpointError(f"{where}: {name}: stored as {parameter.dtype}, where the model holds a floating-point "
-                                  "parameter")
 
 
 #: what CPU kernels vectorize for; torch's CPU allocator aligns to it

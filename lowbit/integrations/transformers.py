@@ -27,7 +27,7 @@ from torch import nn
 
 from ..api import place_layers, replace_layer, tied_linears, transformers_models, within
 from ..config import CONFIG_VERSION, QuantConfig, as_mapping, as_patterns
-from ..errors import FormatError, LowbitError
+from ..errors import CheckpointError, FormatError, LowbitError
 from ..experts import fused_weights, quantize_fused_weight, quantized_weights
 from ..linear import QuantLinear, is_quantize_target, linear_shape, linear_weight
 from ..packed import dtype_name
@@ -162,6 +162,17 @@ def _check_checkpoint_keys(layers: dict[str, QuantLinear], checkpoint_files: Any
                                   f"declares {declared[0]} {declared[1]} for it: {layer.metadata()}")
 
 
+def _check_float_parameters(model: nn.Module) -> None:
+    """CheckpointError naming the parameter when one of `model`'s is not floating point:
+    from_pretrained casts stored float tensors to the model's dtype but keeps integer ones
+    (quantizers' codes) as they are, so an integer tensor in a float weight's place would load,
+    and compute garbage or fail deep in the forward (lowbit's integer fields are buffers)."""
+    for name, parameter in model.named_parameters():
+        if not parameter.is_floating_point():
+            raise CheckpointError(f"{name}: stored as {parameter.dtype}, where the model holds a floating-point "
+                                  "parameter")
+
+
 def _check_loaded_layer(name: str, layer: QuantLinear) -> None:
     """FormatError unless every tensor of a pre-quantized layer came from the checkpoint and holds
     values a kernel can take. transformers only warns about missing keys and leaves such a tensor
@@ -245,6 +256,7 @@ class LowbitHfQuantizer(HfQuantizer if HfQuantizer else object):
             for name, module in model.named_modules():
                 if isinstance(module, QuantLinear):
                     _check_loaded_layer(name, module)
+            _check_float_parameters(model)
         # the layers as this lowbit holds them, so save_pretrained writes the current layouts and version
         self.quantization_config.layers = _layer_entries(model)
         self.quantization_config.version = CONFIG_VERSION

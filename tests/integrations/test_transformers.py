@@ -340,16 +340,19 @@ def test_lowbit_load_refuses_what_from_pretrained_only_warns_about(llama_dir, tm
 
 
 @pytest.mark.parametrize("key", ["lm_head.weight", "model.norm.weight"])
-def test_lowbit_load_refuses_an_integer_tensor_in_a_float_parameter(llama_dir, tmp_path, key):
-    """from_pretrained keeps integer tensors as they are stored (quantizers' codes), so an int8
-    norm weight loaded and computed garbage, an int8 lm_head failed in F.linear; lowbit.load refuses."""
+def test_an_integer_tensor_in_a_float_parameter_is_refused(llama_dir, tmp_path, key):
+    """transformers keeps integer tensors as they are stored (quantizers' codes), so an int8 norm
+    weight loaded and computed garbage, an int8 lm_head failed in F.linear; lowbit's quantizer
+    refuses, in from_pretrained and so in lowbit.load."""
     folder = _saved_int4_with_edited_config(llama_dir, tmp_path, lambda q: None)
     tensors = load_file(folder / "model.safetensors")
     tensors[key] = tensors[key].to(torch.int8)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=rf"{re.escape(key)}: stored as torch\.int8, where the model holds a "
-                                              r"floating-point parameter"):
+    message = rf"{re.escape(key)}: stored as torch\.int8, where the model holds a floating-point parameter"
+    with pytest.raises(CheckpointError, match=message):
         lowbit.load(folder)
+    with pytest.raises(CheckpointError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("edit,match", [
