@@ -64,7 +64,6 @@ weights, damaged tensors.
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +77,7 @@ from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
 from .foreign_folder import (SCALE_DTYPES, config_dtype, fail, float16_scales, group_order, has_quant_method,
                              integer_layer, is_name_in, model_with_layers, read_config, read_tensors, skeleton,
-                             stored_tensor, unpack_bitstream, weight_matrix)
+                             stored_tensor, unpack_bitstream, warn_inexact_scales, weight_matrix)
 
 QUANT_METHOD = "compressed-tensors"
 #: the formats imported -> the weight types their layers hold
@@ -103,7 +102,6 @@ _WORD_ALIGNED_WIDTHS = (2, 4, 8)
 #: word boundaries); some earlier versions put 32 // b codes in each word. Those widths are
 #: imported from folders whose quantization_config.version is at least this.
 _DENSE_PACKING_VERSION = (0, 20)
-#: the dtypes weight scales are stored in (the model's)
 
 
 def is_compressed_tensors_folder(path: str | Path) -> bool:
@@ -354,8 +352,8 @@ def _element_codes(tensors: dict[str, torch.Tensor], name: str, bits: int, n: in
     if k * bits % 8:
         raise fail(f"{name}.weight_packed", f"in_features {k} of {bits}-bit codes do not fill whole bytes")
     # both packings are the bytes as one little-endian bit stream, as pack-quantized's int32 words are
-    return unpack_bitstream(stored_tensor(tensors, f"{name}.weight_packed", (torch.uint8,), shape=(n, k * bits // 8)),
-                         bits, k)
+    words = stored_tensor(tensors, f"{name}.weight_packed", (torch.uint8,), shape=(n, k * bits // 8))
+    return unpack_bitstream(words, bits, k)
 
 
 def _global_scale(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -449,9 +447,6 @@ def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
             continue
         packed[name], rounded = int_layer(tensors, name, scheme, dtype)
         inexact, total = inexact + rounded, total + packed[name].scales.numel()
-    if inexact:
-        warnings.warn(f"{folder}: {inexact} of {total} weight scales are not float16 values (lowbit's scale dtype) "
-                      "and were rounded to the nearest one; those groups' weights differ from compressed-tensors' "
-                      "by that rounding", stacklevel=2)
+    warn_inexact_scales(folder, inexact, total, "weight scales", "compressed-tensors")
     layer_fields = {f"{name}.{field}" for name in packed for field in LAYER_FIELDS}
     return model_with_layers(folder, skeleton_model, tensors, layer_fields, packed, model).to(device).eval()

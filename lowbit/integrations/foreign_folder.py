@@ -7,6 +7,7 @@ executed: JSON and safetensors only, model classes looked up by name in transfor
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,14 @@ def weight_matrix(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtyp
         dtype_name = str(dtype).removeprefix("torch.")
         raise fail(f"{name}.weight", f"expected {'an' if dtype_name[0] in 'aeiou' else 'a'} {dtype_name} "
                    f"[out_features, in_features] matrix, got {weight.dtype} {list(weight.shape)}")
-    if weight.numel() == 0:
-        raise fail(f"{name}.weight", f"an empty layer ({weight.shape[0]} out, {weight.shape[1]} in features)")
+    check_not_empty(f"{name}.weight", *weight.shape)
     return weight
+
+
+def check_not_empty(key: str, out_features: int, in_features: int) -> None:
+    """CheckpointError naming `key` for a layer with no weights."""
+    if out_features == 0 or in_features == 0:
+        raise fail(key, f"an empty layer ({out_features} out, {in_features} in features)")
 
 
 def float16_scales(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
@@ -126,6 +132,15 @@ def float16_scales(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int,
         raise fail(key, f"values up to {float(scales.float().abs().max()):.3g}: not finite in float16, lowbit's "
                    "scale dtype")
     return scales16, int((scales16.float() != scales.float()).sum())
+
+
+def warn_inexact_scales(folder: Path, inexact: int, total: int, what: str, library: str) -> None:
+    """Warn (for the caller of the import) when `inexact` of the `total` scales (`what`) read by
+    `float16_scales` were rounded to float16."""
+    if inexact:
+        warnings.warn(f"{folder}: {inexact} of {total} {what} are not float16 values (lowbit's scale dtype) and were "
+                      f"rounded to the nearest one; those groups' weights differ from {library}'s by that rounding",
+                      stacklevel=3)
 
 
 def unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -209,23 +224,23 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
 
     keys = CheckpointKeys(skeleton_model)
     expected, aliases = skeleton_model.state_dict(), set(unique_tensors(skeleton_model)[1])
-    shapes = {key: tensor.shape for key, tensor in expected.items()}
     renamed = {key: keys.rename(key) for key in state}
     targets = {key: target for key, (target, _) in renamed.items()}
     merged = {key for key, (_, pattern) in renamed.items() if pattern is not None}
-    missing = sorted(set(shapes) - set(targets.values()) - aliases)
-    extra = sorted(key for key, target in targets.items() if target not in shapes)
+    missing = sorted(set(expected) - set(targets.values()) - aliases)
+    extra = sorted(key for key, target in targets.items() if target not in expected)
     if missing or extra:
         raise fail(str(folder), f"does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
     for key, tensor in state.items():
         if key in merged:
             continue
-        if tensor.shape != shapes[targets[key]]:
+        model_tensor = expected[targets[key]]
+        if tensor.shape != model_tensor.shape:
             raise fail(f"{folder}: {key}", f"shape {list(tensor.shape)} does not fit the model's "
-                       f"{list(shapes[targets[key]])}")
+                       f"{list(model_tensor.shape)}")
         # transformers would cast an integer tensor to the float model dtype (or a float one to an integer buffer's)
-        if tensor.is_floating_point() != expected[targets[key]].is_floating_point():
-            kind = "a floating-point" if expected[targets[key]].is_floating_point() else "an integer"
+        if tensor.is_floating_point() != model_tensor.is_floating_point():
+            kind = "a floating-point" if model_tensor.is_floating_point() else "an integer"
             raise fail(f"{folder}: {key}", f"stored as {tensor.dtype}, where the model holds {kind} tensor")
     if model is None:
         cls = type(skeleton_model)
@@ -305,6 +320,13 @@ def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str
         if piece is not None:
             experts = fused.setdefault((piece.experts, piece.weight), (piece.parts, {}))[1]
             experts.setdefault(piece.expert, {})[piece.part] = packed[name]
+    dtype = next(iter(packed.values())).dtype
+    # the full-precision model needs a weight in each layer's place until the QuantLinear replaces
+    # it: a one-element tensor expanded to the weight's shape, which from_pretrained keeps as the
+    # parameter (it assigns loaded tensors), so no float weight is ever allocated; a fused expert
+    # weight gets one under its model name (nothing for transformers to merge)
+    placeholders = {f"{name}.weight": _placeholder(p.shape, dtype) for name, p in packed.items()
+                    if targets[name][1] is None}
     for (experts_name, weight_name), (parts, experts) in fused.items():
         where = f"{folder}: {experts_name}.{weight_name}"
         try:  # transformers' mapping names the fused weight whether the model has it or not
@@ -320,16 +342,8 @@ def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str
             raise fail(where, f"no quantized layer for {absent[:3]}: lowbit quantizes a fused weight's experts together")
         if len(experts) != count:
             raise fail(where, f"layers for experts {sorted(experts)[count:]} beyond the module's {count}")
-    state = {k: v for k, v in tensors.items() if k not in layer_fields}
-    # the full-precision model needs a weight in each layer's place until the QuantLinear replaces
-    # it: a one-element tensor expanded to the weight's shape, which from_pretrained keeps as the
-    # parameter (it assigns loaded tensors), so no float weight is ever allocated; a fused expert
-    # weight gets one under its model name (nothing for transformers to merge)
-    dtype = next(iter(packed.values())).dtype
-    shapes = state_shapes(skeleton_model)
-    state.update({f"{name}.weight": _placeholder(p.shape, dtype) for name, p in packed.items()
-                  if targets[name][1] is None})
-    state.update({f"{experts}.{weight}": _placeholder(shapes[f"{experts}.{weight}"], dtype) for experts, weight in fused})
+        placeholders[f"{experts_name}.{weight_name}"] = _placeholder(module._parameters[weight_name].shape, dtype)
+    state = {**{k: v for k, v in tensors.items() if k not in layer_fields}, **placeholders}
     model = filled_model(folder, skeleton_model, state, model, dtype)
     for name, weight in packed.items():
         target, piece = targets[name]

@@ -38,7 +38,6 @@ tensors.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +49,9 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
-from .foreign_folder import (config_dtype, fail, float16_scales, group_order, has_quant_method, integer_layer,
-                             is_name_in, model_with_layers, read_config, read_tensors, skeleton, stored_tensor,
-                             unpack_bitstream)
+from .foreign_folder import (check_not_empty, config_dtype, fail, float16_scales, group_order, has_quant_method,
+                             integer_layer, is_name_in, model_with_layers, read_config, read_tensors, skeleton,
+                             stored_tensor, unpack_bitstream, warn_inexact_scales)
 
 QUANT_METHODS = ("gptq", "awq")
 #: GPTQ's checkpoint_format -> whether its zero points are stored minus one (v1)
@@ -179,9 +178,7 @@ def gptq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
     """The GPTQ layer `name` (name.qweight, name.qzeros, name.scales, name.g_idx) as a lowbit
     `int{b}` PackedWeight of `dtype`, and how many of its scales float16 could not hold exactly."""
     bits = scheme.bits
-    qweight = stored_tensor(tensors, f"{name}.qweight", (torch.int32,))
-    if qweight.dim() != 2:
-        raise fail(f"{name}.qweight", f"expected a 2-D int32 tensor, got {list(qweight.shape)}")
+    qweight = _qweight(tensors, name)
     n = qweight.shape[1]
     g_idx = tensors.get(f"{name}.g_idx")
     if g_idx is not None:
@@ -190,8 +187,7 @@ def gptq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
         k = g_idx.numel()
     else:  # GPTQModel may leave g_idx out when it is k // group_size
         k = qweight.shape[0] * 32 // bits
-    if k == 0 or n == 0:
-        raise fail(f"{name}.qweight", f"an empty layer ({n} out, {k} in features)")
+    check_not_empty(f"{name}.qweight", n, k)
     stored_tensor(tensors, f"{name}.qweight", (torch.int32,), shape=(-(-k * bits // 32), n))
     groups, group_size = _groups(scheme, k)
     perm = None if g_idx is None else group_order(g_idx, group_size, f"{name}.g_idx")
@@ -206,12 +202,9 @@ def awq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
               dtype: torch.dtype) -> tuple[PackedWeight, int]:
     """The AWQ GEMM layer `name` (name.qweight, name.qzeros, name.scales) as a lowbit `int4`
     PackedWeight of `dtype`, and how many of its scales float16 could not hold exactly."""
-    qweight = stored_tensor(tensors, f"{name}.qweight", (torch.int32,))
-    if qweight.dim() != 2:
-        raise fail(f"{name}.qweight", f"expected a 2-D int32 tensor, got {list(qweight.shape)}")
+    qweight = _qweight(tensors, name)
     k, n = qweight.shape[0], qweight.shape[1] * 8
-    if k == 0 or n == 0:
-        raise fail(f"{name}.qweight", f"an empty layer ({n} out, {k} in features)")
+    check_not_empty(f"{name}.qweight", n, k)
     groups, group_size = _groups(scheme, k)
     scales, inexact = float16_scales(tensors, f"{name}.scales", (groups, n))
     qzeros = stored_tensor(tensors, f"{name}.qzeros", (torch.int32,), shape=(groups, n // 8))
@@ -220,6 +213,14 @@ def awq_layer(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme,
     codes = unpack_bitstream(qweight, 4, n)[:, columns].t()  # [N, K]
     zeros = unpack_bitstream(qzeros, 4, n)[:, columns]
     return _layer(codes, 4, group_size, scales, zeros, dtype), inexact
+
+
+def _qweight(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """name.qweight, checked to be a 2-D int32 tensor (its shape is checked against the layer's later)."""
+    qweight = stored_tensor(tensors, f"{name}.qweight", (torch.int32,))
+    if qweight.dim() != 2:
+        raise fail(f"{name}.qweight", f"expected a 2-D int32 tensor, got {list(qweight.shape)}")
+    return qweight
 
 
 def _layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor, zeros: torch.Tensor,
@@ -252,8 +253,6 @@ def load_gptq_awq(path: str | Path, *, model: nn.Module | None = None,
     for name in tqdm(names, desc=f"import {scheme.method.upper()}", unit="layer", disable=len(names) < 8):
         packed[name], rounded = read_layer(tensors, name, scheme, dtype)
         inexact, total = inexact + rounded, total + packed[name].scales.numel()
-    if inexact:
-        warnings.warn(f"{folder}: {inexact} of {total} scales are not float16 values (lowbit's scale dtype) and "
-                      "were rounded to the nearest one", stacklevel=2)
+    warn_inexact_scales(folder, inexact, total, "scales", scheme.method.upper())
     layer_fields = {f"{name}.{field}" for name in packed for field in LAYER_FIELDS}
     return model_with_layers(folder, skeleton_model, tensors, layer_fields, packed, model).to(device).eval()

@@ -385,9 +385,9 @@ def check_block_k(block_k: int, group_size: int, kp: int, multi_group: bool) -> 
                          f"{group_size}" + (f" or covering whole groups of Kp={kp}" if multi_group else ""))
 
 
-#: element decoder -> the code width it needs (None: any width 2..8)
 #: the codebook elements: 4-bit codes looked up in these 16 fp32 values (the kernels' ELEMENT "codebook")
 CODEBOOKS = {"nf4": NF4_CODEBOOK, "bnb_fp4": BNB_FP4_CODEBOOK}
+#: element decoder -> the code width it needs (None: any width 2..8)
 ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4, **{name: 4 for name in CODEBOOKS}}
 SCALE_KINDS = ("float", "e8m0", "e4m3")
 #: activation-code dtype -> the GEMM's ACT_CODES (x holds quantized activations, see dequant_matmul)
