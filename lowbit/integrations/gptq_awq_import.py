@@ -30,18 +30,29 @@ desc_act without static groups (g_idx not k // group_size: each group gathers co
 over K) is stored in the order that makes each group consecutive, with that order as the layer's
 input permutation (`permuted`, lowbit/formats/integer.py).
 
+GPTQModel's per-module `dynamic` overrides ({"regex": {overrides}}, in order; the first entry
+whose regex matches the start of a module's name, as GPTQModel's re.match, decides): "-:regex" leaves the
+module unquantized (it is stored as a float weight), "regex" or "+:regex" gives it the entry's
+`bits` and `group_size` in place of the folder's (its calibration settings, such as sym and
+desc_act, need nothing: zero points and g_idx are read per layer). lowbit matches with the `regex`
+package (transformers' dependency; PCRE-like, as GPTQModel's `pcre` and vLLM's `regex`), each match
+under a time limit, so a pattern that backtracks without end is refused rather than hanging the load.
+
 Refused with a CheckpointError naming the file, tensor or field: a g_idx whose groups do not each
 hold group_size columns, other checkpoint formats (marlin, bitblas, GPTQModel's planar gptq_p),
 other AWQ versions (gemv, gemv_fast, exllama, ipex, marlin), pack dtypes other than int32,
-GPTQModel's per-module `dynamic` overrides, group sizes that are not a multiple of 32, damaged
-tensors.
+`dynamic` entries that are not regular expressions (or take over MATCH_TIMEOUT_S to match a name)
+or override anything but the settings above (a per-module adapter, format or pack dtype), codes
+stored for a module a "-:" entry leaves unquantized, group sizes that are not a multiple of 32,
+damaged tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -63,13 +74,52 @@ AWQ_SLOT = tuple(AWQ_ORDER.index(j) for j in range(8))
 LAYER_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 
 
+#: `dynamic` override keys that change nothing lowbit reads: the quantizer's calibration settings
+#: (zero points, and with them sym, are read per layer; so is desc_act's g_idx)
+CALIBRATION_ONLY = ("sym", "desc_act", "damp_percent", "damp_auto_increment", "static_groups", "true_sequential",
+                    "mse", "act_group_aware")
+#: the longest a `dynamic` pattern may take to match one module name (real ones take microseconds)
+MATCH_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class DynamicRule:
+    """One entry of GPTQModel's `dynamic`: the modules whose name `pattern` matches are left
+    unquantized (skip) or take the entry's bits / group_size (None: the folder's)."""
+    field: str         # where the entry sits, for errors
+    pattern: regex.Pattern
+    skip: bool
+    bits: int | None
+    group_size: int | None
+
+
 @dataclass(frozen=True)
 class Scheme:
-    """What quantization_config says about every quantized layer of the folder."""
+    """What quantization_config says about the folder's quantized layers."""
     method: str        # "gptq" or "awq"
     bits: int
     group_size: int    # -1: one group per row
     zeros_minus_one: bool  # GPTQ v1
+    dynamic: tuple[DynamicRule, ...] = ()  # per-module overrides, first match wins
+
+    def for_layer(self, name: str) -> Scheme:
+        """The scheme of the layer whose codes are stored under `name` (its module name):
+        the first matching `dynamic` entry's overrides, else the folder's own settings.
+        CheckpointError when that entry leaves the module unquantized."""
+        for rule in self.dynamic:
+            try:
+                matches = rule.pattern.match(name, timeout=MATCH_TIMEOUT_S)
+            except TimeoutError:
+                raise fail(rule.field, f"took over {MATCH_TIMEOUT_S} s to match {name!r} (a pattern that "
+                           "backtracks without end)") from None
+            if matches:
+                if rule.skip:
+                    raise fail(f"{name}.qweight", f"{rule.field} leaves this module unquantized, yet the folder "
+                               "holds its codes")
+                return replace(self, dynamic=(),
+                               bits=self.bits if rule.bits is None else rule.bits,
+                               group_size=self.group_size if rule.group_size is None else rule.group_size)
+        return replace(self, dynamic=())
 
 
 #: the files older AutoGPTQ / AutoAWQ folders keep their settings in (config.json then has no
@@ -120,15 +170,9 @@ def read_scheme(folder: Path, config: dict[str, Any]) -> Scheme:
     if not isinstance(quantization, dict) or quantization.get("quant_method") not in QUANT_METHODS:
         raise fail(f"{where}quant_method", f"expected one of {list(QUANT_METHODS)}")
     method = quantization["quant_method"]
-    field, bits = _option(quantization, where, ("bits", "w_bit"), 4)
-    allowed = GPTQ_BITS if method == "gptq" else (4,)
-    if isinstance(bits, bool) or bits not in allowed:
-        raise fail(field, f"{bits!r}: lowbit imports {method.upper()} weights of {' / '.join(map(str, allowed))} bits")
-    field, group_size = _option(quantization, where, ("group_size", "q_group_size"), 128)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
-        raise fail(field, f"{group_size!r}: expected -1 (per channel) or a positive int")
-    if group_size > 0 and group_size % 32:
-        raise fail(field, f"{group_size}: lowbit's groups are a positive multiple of 32 (or -1, per channel)")
+    bits = _checked_bits(*_option(quantization, where, ("bits", "w_bit"), 4), method)
+    group_size = _checked_group_size(*_option(quantization, where, ("group_size", "q_group_size"), 128))
+    dynamic = _dynamic_rules(*_option(quantization, where, ("dynamic",), None), method)
     if method == "awq":
         field, version = _option(quantization, where, ("version",), "gemm")
         if not isinstance(version, str) or version.lower() != "gemm":
@@ -136,7 +180,7 @@ def read_scheme(folder: Path, config: dict[str, Any]) -> Scheme:
         field, zero_point = _option(quantization, where, ("zero_point",), True)
         if zero_point is not True:
             raise fail(field, f"{zero_point!r}: lowbit imports AWQ GEMM layers with zero points (true)")
-        return Scheme(method, bits, group_size, False)
+        return Scheme(method, bits, group_size, False, dynamic)
     field, checkpoint_format = _option(quantization, where, ("checkpoint_format", "format"), "gptq")
     if not is_name_in(checkpoint_format, GPTQ_FORMATS):
         raise fail(field, f"{checkpoint_format!r}: lowbit imports GPTQ's {' and '.join(map(repr, GPTQ_FORMATS))} "
@@ -144,17 +188,60 @@ def read_scheme(folder: Path, config: dict[str, Any]) -> Scheme:
     field, pack_dtype = _option(quantization, where, ("pack_dtype",), "int32")
     if pack_dtype not in ("int32", "torch.int32"):
         raise fail(field, f"{pack_dtype!r}: lowbit imports codes packed in int32 words")
-    field, dynamic = _option(quantization, where, ("dynamic",), None)
-    if dynamic:
-        raise fail(field, "per-module overrides are not imported")
-    return Scheme(method, bits, group_size, GPTQ_FORMATS[checkpoint_format])
+    return Scheme(method, bits, group_size, GPTQ_FORMATS[checkpoint_format], dynamic)
+
+
+def _checked_bits(field: str, bits: Any, method: str) -> int:
+    allowed = GPTQ_BITS if method == "gptq" else (4,)
+    if type(bits) is not int or bits not in allowed:  # not bools, nor floats such as 4.0
+        raise fail(field, f"{bits!r}: lowbit imports {method.upper()} weights of {' / '.join(map(str, allowed))} bits")
+    return bits
+
+
+def _checked_group_size(field: str, group_size: Any) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise fail(field, f"{group_size!r}: expected -1 (per channel) or a positive int")
+    if group_size > 0 and group_size % 32:
+        raise fail(field, f"{group_size}: lowbit's groups are a positive multiple of 32 (or -1, per channel)")
+    return group_size
+
+
+def _dynamic_rules(field: str, dynamic: Any, method: str) -> tuple[DynamicRule, ...]:
+    """GPTQModel's `dynamic` ({"[+:|-:]regex": {overrides}}; null or {}: none) as DynamicRules, in order."""
+    if dynamic is None:
+        return ()
+    if not isinstance(dynamic, dict):
+        raise fail(field, f"{dynamic!r}: expected an object of module-name regexes and their overrides")
+    rules = []
+    for key, overrides in dynamic.items():
+        where = f"{field}[{key!r}]"
+        skip = key.startswith("-:")
+        try:
+            pattern = regex.compile(key[2:] if skip or key.startswith("+:") else key)
+        except (regex.error, OverflowError, RecursionError) as error:  # the last two: huge counts, deep nesting
+            raise fail(where, f"not a regular expression ({type(error).__name__}: {str(error)[:80]})") from None
+        if not isinstance(overrides, dict):
+            raise fail(where, f"{overrides!r}: expected an object of overrides")
+        for name in overrides:
+            if name not in ("bits", "group_size", *CALIBRATION_ONLY):
+                raise fail(f"{where}.{name}", "lowbit imports per-module bits and group_size overrides (and "
+                           f"ignores the calibration settings {', '.join(CALIBRATION_ONLY)}), not this one")
+        bits = overrides.get("bits")
+        group_size = overrides.get("group_size")
+        rules.append(DynamicRule(
+            where, pattern, skip,
+            None if skip or bits is None else _checked_bits(f"{where}.bits", bits, method),
+            None if skip or group_size is None else _checked_group_size(f"{where}.group_size", group_size)))
+    return tuple(rules)
 
 
 def target_format(path: str | Path) -> str:
-    """The lowbit format a GPTQ / AWQ folder's layers import as ("int4", ...); CheckpointError
-    for a folder lowbit cannot import."""
+    """The lowbit formats a GPTQ / AWQ folder's layers import as ("int4", or with `dynamic`
+    overrides e.g. "int4/int8"); CheckpointError for a folder lowbit cannot import."""
     folder = Path(path)
-    return f"int{read_scheme(folder, read_config(folder)).bits}"
+    scheme = read_scheme(folder, read_config(folder))
+    widths = {scheme.bits} | {rule.bits for rule in scheme.dynamic if rule.bits is not None}
+    return "/".join(f"int{bits}" for bits in sorted(widths))
 
 
 def _groups(scheme: Scheme, k: int) -> tuple[int, int]:
@@ -251,7 +338,7 @@ def load_gptq_awq(path: str | Path, *, model: nn.Module | None = None,
     read_layer = gptq_layer if scheme.method == "gptq" else awq_layer
     packed, inexact, total = {}, 0, 0
     for name in tqdm(names, desc=f"import {scheme.method.upper()}", unit="layer", disable=len(names) < 8):
-        packed[name], rounded = read_layer(tensors, name, scheme, dtype)
+        packed[name], rounded = read_layer(tensors, name, scheme.for_layer(name), dtype)
         inexact, total = inexact + rounded, total + packed[name].scales.numel()
     warn_inexact_scales(folder, inexact, total, "scales", scheme.method.upper())
     layer_fields = {f"{name}.{field}" for name in packed for field in LAYER_FIELDS}

@@ -10,6 +10,7 @@ literal words pin the layouts; and the AWQ folders are also read by an independe
 compressed-tensors' own AutoAWQ converter, whose output lowbit imports through its
 compressed-tensors path (tested there against compressed-tensors' decompression)."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -250,6 +251,71 @@ def test_desc_act_folder_imports_with_an_input_permutation(tmp_path, bits, group
             assert torch.equal(again(IDS).logits, logits)
 
 
+#: GPTQModel `dynamic` overrides (ModelCloud's TinyLlama "-dynamic-cfg" folder's kind, for a 2-layer
+#: model), in order; the first whose regex matches a module's name decides
+DYNAMIC = {
+    r"-:model\.layers\.1\.mlp\..*": {},                                   # layer 1's MLP stays float16
+    r".*\.1\..*": {"bits": 8, "group_size": 32, "desc_act": False, "sym": False},  # layer 1's attention
+    r"+:.*down_proj": {"bits": 2, "group_size": 64, "desc_act": False, "sym": False},  # layer 0's only
+    r"+:.*\.k_proj": {"bits": 3},                                             # layer 0's only
+}
+#: what DYNAMIC makes of each Linear: (bits, group_size, desc_act, symmetric), None: not quantized;
+#: written out by hand (the folder's writer does not match regexes)
+DYNAMIC_LAYERS = {
+    **{f"model.layers.0.{name}": (4, 64, True, True) for name in (
+        "self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")},
+    "model.layers.0.self_attn.k_proj": (3, 64, True, True),
+    "model.layers.0.mlp.down_proj": (2, 64, False, False),
+    **{f"model.layers.1.self_attn.{name}": (8, 32, False, False) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{f"model.layers.1.mlp.{name}": None for name in ("gate_proj", "up_proj", "down_proj")},
+}
+
+
+def _dynamic_gptq_folder(out, seed=2):
+    """A GPTQModel folder with DYNAMIC overrides (base: 4 bits, group 64, desc_act, sym), each
+    Linear written as DYNAMIC_LAYERS says (every K is 128 or 192: desc_act layers are permuted);
+    (folder, oracle model)."""
+    model, generator = _model(), torch.Generator().manual_seed(seed)
+    layer_tensors, reference = {}, {}
+    for name, linear in _linears(model).items():
+        if DYNAMIC_LAYERS[name] is None:
+            continue  # stored as its float16 weight
+        bits, group_size, desc_act, symmetric = DYNAMIC_LAYERS[name]
+        n, k = linear.weight.shape
+        codes, zeros, scales = _random_layer(n, k, bits, -(-k // group_size), generator, symmetric)
+        groups_of = _activation_order(k, group_size, generator) if desc_act else _in_order(k, group_size)
+        layer_tensors[name] = _gptq_fields(codes, zeros, scales, groups_of, bits)
+        reference[name] = _dequantized(codes, zeros, scales, groups_of, torch.float16)
+    quantization = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": True,
+                    "checkpoint_format": "gptq", "dynamic": DYNAMIC, "lm_head": False,
+                    "meta": {"quantizer": ["gptqmodel:1.5.1-dev"], "damp_percent": 0.01, "mse": 0.0}}
+    return _hf_folder(model, out, quantization, layer_tensors, reference), model
+
+
+def test_dynamic_overrides_give_each_layer_its_own_bits_and_groups(tmp_path):
+    """GPTQModel's per-module `dynamic`: "-:" leaves layer 1's MLP in float16 (before the rule for
+    every layer-1 module), the others give their modules their bits and group size; every layer
+    dequantizes to the oracle's weight, and lowbit.save keeps the mixture."""
+    folder, oracle = _dynamic_gptq_folder(tmp_path / "gptq")
+    model = lowbit.load(folder)
+    for name, expected in DYNAMIC_LAYERS.items():
+        layer, want = model.get_submodule(name), oracle.get_submodule(name).weight
+        if expected is None:
+            assert type(layer) is torch.nn.Linear and torch.equal(layer.weight, want), name
+            continue
+        bits, group_size, desc_act, symmetric = expected
+        attrs = layer.packed.attrs
+        assert (layer.format, attrs["group_size"], attrs["symmetric"]) == (f"int{bits}", group_size, symmetric), name
+        assert attrs.get("permuted", False) is desc_act, name
+        assert torch.equal(lowbit.get_format(layer.format).dequantize(layer.packed), want), name
+    with torch.no_grad():
+        got, want = model(IDS).logits, oracle(IDS).logits
+        assert float((got - want).float().norm() / want.float().norm()) < 2e-3
+        lowbit.save(model, tmp_path / "lowbit")
+        assert torch.equal(lowbit.load(tmp_path / "lowbit")(IDS).logits, got)
+    assert gptq_awq_import.target_format(folder) == "int2/int3/int4/int8"  # what `lowbit convert` reports
+
+
 def test_permuted_layer_gradient_and_kernel_follow_the_input_order(tmp_path):
     """x's gradient through a permuted layer is F.linear's with the oracle weight (torch backend;
     the Triton backend too where it runs), and the Triton GEMM gathers x by perm."""
@@ -409,11 +475,25 @@ QC = r"quantization_config"
     ({"checkpoint_format": None, "format": "gptq_p"}, rf"{QC}\.format: 'gptq_p': lowbit imports GPTQ's"),
     ({"checkpoint_format": {}}, rf"{QC}\.checkpoint_format: {{}}: lowbit imports GPTQ's"),  # was a TypeError
     ({"pack_dtype": "int16"}, rf"{QC}\.pack_dtype: 'int16': lowbit imports codes packed in int32 words"),
-    ({"dynamic": {"-:.*down_proj": {}}}, rf"{QC}\.dynamic: per-module overrides are not imported"),
+    ({"bits": 4.0}, rf"{QC}\.bits: 4\.0: lowbit imports GPTQ weights of 2 / 3 / 4 / 8 bits"),  # was a TypeError
+    ({"dynamic": {"-:.*down_proj": {}}}, r"model\.layers\.0\.mlp\.down_proj\.qweight: .*config\.json: "
+     rf"{QC}\.dynamic\['-:\.\*down_proj'\] leaves this module unquantized, yet the folder holds its codes"),
+    ({"dynamic": ["-:.*"]}, rf"{QC}\.dynamic: \['-:\.\*'\]: expected an object of module-name regexes"),
+    ({"dynamic": {"+:(": {}}}, rf"{QC}\.dynamic\['\+:\('\]: not a regular expression"),
+    ({"dynamic": {"a{4294967296}": {}}}, r"not a regular expression \(error: repeat count too big"),
+    ({"dynamic": {"(" * 1000 + ")" * 1000: {}}}, r"not a regular expression \(RecursionError"),  # was one
+    ({"dynamic": {".*": 8}}, rf"{QC}\.dynamic\['\.\*'\]: 8: expected an object of overrides"),
+    ({"dynamic": {".*": {"bits": 5}}}, rf"{QC}\.dynamic\['\.\*'\]\.bits: 5: lowbit imports GPTQ weights of"),
+    ({"dynamic": {".*": {"group_size": 48}}}, rf"{QC}\.dynamic\['\.\*'\]\.group_size: 48: lowbit's groups"),
+    ({"dynamic": {".*": {"adapter": {"rank": 8}}}}, rf"{QC}\.dynamic\['\.\*'\]\.adapter: lowbit imports "
+     "per-module bits and group_size overrides"),
+    # an override that disagrees with the stored codes: their shape says so
+    ({"dynamic": {r".*\.q_proj": {"bits": 8}}}, r"model\.layers\.0\.self_attn\.q_proj\.qweight: .*expected"),
 ]] + [("awq_folder", *case) for case in [
     ({"version": "gemv"}, rf"{QC}\.version: 'gemv': lowbit imports AWQ's GEMM layout"),
     ({"bits": 3}, rf"{QC}\.bits: 3: lowbit imports AWQ weights of 4 bits"),
     ({"zero_point": False}, rf"{QC}\.zero_point: False: lowbit imports AWQ GEMM layers with zero points"),
+    ({"dynamic": {".*": {"bits": 8}}}, rf"{QC}\.dynamic\['\.\*'\]\.bits: 8: lowbit imports AWQ weights of 4 bits"),
 ]])
 def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(request, tmp_path, source, edit, message):
     folder = _copy(request.getfixturevalue(source), tmp_path)
@@ -421,6 +501,20 @@ def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(request, tmp_
     config["quantization_config"].update(edit)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+def test_a_dynamic_pattern_that_backtracks_without_end_is_refused(gptq_folder, tmp_path, monkeypatch):
+    """Python's re takes hours to fail `(.*.*)*x` on a module name; lowbit's matches run under a
+    time limit (shortened here), so such a folder is refused instead of hanging the load."""
+    folder = _copy(gptq_folder, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    key = r"+:(.*?)*(?=x)\1"
+    config["quantization_config"]["dynamic"] = {key: {"bits": 8}}
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(gptq_awq_import, "MATCH_TIMEOUT_S", 0.2)
+    message = f"dynamic[{key!r}]: took over 0.2 s to match 'model.layers.0.mlp.down_proj' (a pattern that backtracks"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
         lowbit.load(folder)
 
 
@@ -486,11 +580,16 @@ def desc_act_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def dynamic_folder(tmp_path_factory):
+    return _dynamic_gptq_folder(tmp_path_factory.mktemp("dynamic") / "gptq")[0]
+
+
+@pytest.fixture(scope="module")
 def moe_folder(tmp_path_factory):
     return _moe_gptq_folder(tmp_path_factory.mktemp("moe") / "gptq", "qwen3_moe", desc_act=True)[0]
 
 
-@pytest.mark.parametrize("source", ["gptq_folder", "desc_act_folder", "awq_folder", "moe_folder"])
+@pytest.mark.parametrize("source", ["gptq_folder", "desc_act_folder", "awq_folder", "moe_folder", "dynamic_folder"])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_import_against_random_damage(request, tmp_path_factory, source, data):
