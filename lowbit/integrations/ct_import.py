@@ -164,8 +164,9 @@ def _packs_densely(version: Any) -> bool:
 
 
 def _check_int_weights(at: str, weights: dict[str, Any]) -> None:
-    if weights.get("num_bits") not in range(2, 9):
-        raise fail(f"{at}.num_bits", f"{weights.get('num_bits')!r}: lowbit imports 2- to 8-bit integer weights")
+    num_bits = weights.get("num_bits")
+    if type(num_bits) is not int or num_bits not in range(2, 9):  # not 4.0: its codes are unpacked by it
+        raise fail(f"{at}.num_bits", f"{num_bits!r}: lowbit imports 2- to 8-bit integer weights")
     if weights.get("dynamic"):
         raise fail(f"{at}.dynamic", "dynamic weight quantization has no stored scales")
     strategy = weights.get("strategy")

@@ -304,6 +304,8 @@ GROUP = "quantization_config.config_groups.group_0"
      rf"{GROUP}\.weights\.type: 'int': float-quantized layers hold float weights"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=9),
      rf"{GROUP}\.weights\.num_bits: 9: lowbit imports 2- to 8-bit integer weights"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4.0),  # was an IndexError
+     rf"{GROUP}\.weights\.num_bits: 4\.0: lowbit imports 2- to 8-bit integer weights"),
     (lambda q: q.update(version="0.19.1") or q["config_groups"]["group_0"]["weights"].update(num_bits=3),
      r"quantization_config\.version: '0\.19\.1': lowbit imports packed 3-bit codes from compressed-tensors 0\.20"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
