@@ -505,8 +505,8 @@ def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(request, tmp_
 
 
 def test_a_dynamic_pattern_that_backtracks_without_end_is_refused(gptq_folder, tmp_path, monkeypatch):
-    """Python's re takes hours to fail `(.*.*)*x` on a module name; lowbit's matches run under a
-    time limit (shortened here), so such a folder is refused instead of hanging the load."""
+    """Python's re had not finished `(.*.*)*x` on a module name after 10 minutes; lowbit's matches
+    run under a time limit (shortened here), so such a folder is refused instead of hanging the load."""
     folder = _copy(gptq_folder, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     key = r"+:(.*?)*(?=x)\1"
@@ -676,12 +676,13 @@ def _moe_model(arch):
     return transformers.Qwen3MoeForCausalLM(config).half().eval()
 
 
-def _moe_gptq_folder(out, arch, desc_act=False, gate_up_orders="same"):
+def _moe_gptq_folder(out, arch, desc_act=False, gate_up_orders="same", dynamic=None, bits_of=lambda name: 4):
     """A GPTQ folder of a tiny MoE model as GPTQ writers save them: every projection (attention,
     each expert's gate / up / down) packed under its checkpoint name; (folder, oracle model
     transformers builds from the dequantized weights under the same names). desc_act: activation
     order, shared by an expert's gate and up (they see the same inputs, so GPTQ orders their
-    columns alike) unless gate_up_orders="differ"."""
+    columns alike) unless gate_up_orders="differ". dynamic: GPTQModel's overrides, stored as
+    given; bits_of(name): each projection's bits, as they say."""
     model, generator = _moe_model(arch), torch.Generator().manual_seed(1)
     model.save_pretrained(out)  # transformers writes the per-expert checkpoint names
     stored = load_file(out / "model.safetensors")
@@ -693,20 +694,21 @@ def _moe_gptq_folder(out, arch, desc_act=False, gate_up_orders="same"):
             continue
         n, k = tensor.shape
         group_size, symmetric = 32, "w3" in name or "up_proj" in name  # gate / up stacked across the two kinds
-        codes, zeros, scales = _random_layer(n, k, 4, k // group_size, generator, symmetric)
+        bits = bits_of(name)
+        codes, zeros, scales = _random_layer(n, k, bits, k // group_size, generator, symmetric)
         g_idx = _in_order(k, group_size)
         if desc_act:  # one order per expert input: gate and up share it
             shared = name.replace("w3", "w1").replace("up_proj", "gate_proj")
             if gate_up_orders == "differ" or shared not in orders:
                 orders[shared] = _activation_order(k, group_size, generator)
             g_idx = orders[shared]
-        layer_fields = _gptq_fields(codes, zeros, scales, g_idx, 4)
+        layer_fields = _gptq_fields(codes, zeros, scales, g_idx, bits)
         fields.update({f"{name}.{field}": tensor for field, tensor in layer_fields.items()})
         dequantized[key] = _dequantized(codes, zeros, scales, g_idx, torch.float16)
     save_file({**rest, **fields}, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": desc_act,
-                                     "sym": False, "checkpoint_format": "gptq"}
+                                     "sym": False, "checkpoint_format": "gptq", "dynamic": dynamic}
     (out / "config.json").write_text(json.dumps(config))
     oracle = type(model).from_pretrained(None, config=model.config, state_dict={**rest, **dequantized},
                                          dtype=torch.float16).eval()
@@ -744,6 +746,32 @@ def test_moe_gate_and_up_in_different_column_orders_are_refused(tmp_path):
     folder, _ = _moe_gptq_folder(tmp_path / "gptq", "qwen3_moe", desc_act=True, gate_up_orders="differ")
     with pytest.raises(CheckpointError, match=r"mlp\.experts\.gate_up_proj \(expert 0\): its gate and up layers "
                                               r"differ in .* column order"):
+        lowbit.load(folder)
+
+
+def test_moe_dynamic_overrides_give_experts_their_own_widths(tmp_path):
+    """`dynamic` reaches the per-expert Linears by their checkpoint names: expert 0's down_proj in
+    8 bits beside 4-bit experts, 2-bit attention; each expert keeps its width in lowbit's experts,
+    whose weights equal the oracle's."""
+    dynamic = {r"+:.*experts\.0\.down_proj": {"bits": 8}, r"+:.*self_attn": {"bits": 2}}
+    bits_of = lambda name: 8 if name.endswith("experts.0.down_proj") else 2 if "self_attn" in name else 4  # noqa: E731
+    folder, oracle = _moe_gptq_folder(tmp_path / "gptq", "qwen3_moe", dynamic=dynamic, bits_of=bits_of)
+    model = lowbit.load(folder)
+    for layer in range(2):
+        experts, want = model.model.layers[layer].mlp.experts, oracle.model.layers[layer].mlp.experts
+        assert [e.format for e in experts.quantized["down_proj"]] == ["int8", "int4", "int4", "int4"]
+        assert {e.format for e in experts.quantized["gate_up_proj"]} == {"int4"}
+        assert model.model.layers[layer].self_attn.q_proj.format == "int2"
+        for expert, quantized in enumerate(experts.quantized["down_proj"]):
+            got = lowbit.get_format(quantized.format).dequantize(quantized.packed)
+            assert torch.equal(got, want.down_proj[expert]), (layer, expert)
+    with torch.no_grad():
+        got, want = model(IDS).logits, oracle(IDS).logits
+    assert float((got - want).float().norm() / want.float().norm()) < 2e-3
+    # gate and up of one expert in different widths cannot stack into one gate_up_proj layer
+    folder, _ = _moe_gptq_folder(tmp_path / "differ", "qwen3_moe", dynamic={r"+:.*experts\.1\.up_proj": {"bits": 8}},
+                                 bits_of=lambda name: 8 if name.endswith("experts.1.up_proj") else 4)
+    with pytest.raises(CheckpointError, match=r"gate_up_proj \(expert 1\): its gate and up layers differ in format"):
         lowbit.load(folder)
 
 
