@@ -75,9 +75,10 @@ from tqdm.auto import tqdm
 from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
-from .foreign_folder import (SCALE_DTYPES, config_dtype, fail, float16_scales, group_order, has_quant_method,
-                             integer_layer, is_name_in, model_with_layers, read_config, read_tensors, skeleton,
-                             stored_tensor, unpack_bitstream, warn_inexact_scales, weight_matrix)
+from .foreign_folder import (SCALE_DTYPES, config_dtype, fail, float16_scales, folder_pattern, group_order,
+                             has_quant_method, integer_layer, is_name_in, model_with_layers, pattern_matches,
+                             read_config, read_tensors, skeleton, stored_tensor, unpack_bitstream,
+                             warn_inexact_scales, weight_matrix)
 
 QUANT_METHOD = "compressed-tensors"
 #: the formats imported -> the weight types their layers hold
@@ -253,9 +254,10 @@ def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str],
     matches them: the layer's name, "re:" + a regular expression, or its module class name."""
     matches = {}
     for group_name, (targets, scheme) in schemes.items():
+        where = f"{folder / 'config.json'}: quantization_config.config_groups.{group_name}.targets"
         for target in targets:
             if (target == name or target == type(module).__name__
-                    or (target.startswith("re:") and re.match(target[3:], name))):
+                    or (target.startswith("re:") and pattern_matches(folder_pattern(target[3:], where), name, where))):
                 matches[group_name] = scheme
     distinct = {repr(scheme) for scheme in matches.values()}
     if len(distinct) != 1:

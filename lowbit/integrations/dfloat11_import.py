@@ -20,7 +20,6 @@ JSON and safetensors only, model classes looked up by name in transformers.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,9 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError
 from ..formats.dfloat11 import DEFAULT_SEGMENT, join_bf16
 from ..linear import linear_shape
-from .foreign_folder import fail as _fail, filled_model, read_config, read_tensors, skeleton, state_shapes
+from .foreign_folder import fail as _fail
+from .foreign_folder import (filled_model, folder_pattern, pattern_matches, read_config, read_tensors, skeleton,
+                             state_shapes)
 
 DF11_FIELDS = ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions")
 #: byte-table entries at or above this point to another table (the package's convention)
@@ -132,11 +133,7 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                                                for v in patterns.values())):
         raise _fail(f"{path}: dfloat11_config.pattern_dict", "expected {regex: [sub-module paths]}")
     for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise _fail(f"{path}: dfloat11_config.pattern_dict",
-                        f"{pattern!r} is not a regular expression ({exc})") from None
+        folder_pattern(pattern, f"{path}: dfloat11_config.pattern_dict")
     return config, df11
 
 
@@ -168,7 +165,7 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
             raise _fail(str(folder), f"module {module!r} lacks {missing}")
         fields = {f: tensors[f"{module}.{f}"] for f in DF11_FIELDS}
         flat = decode_stream(fields, df11["bytes_per_thread"], df11["threads_per_block"][0], where=module)
-        targets = _targets(module, df11["pattern_dict"])
+        targets = _targets(module, df11["pattern_dict"], f"{folder / 'config.json'}: dfloat11_config.pattern_dict")
         splits = fields["split_positions"]
         if splits.dim() != 1 or splits.dtype not in (torch.int32, torch.int64):
             raise _fail(f"{module}.split_positions", f"expected a 1-D integer tensor, got {splits.dtype} "
@@ -194,9 +191,9 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
     return model.to(device).eval()
 
 
-def _targets(module: str, pattern_dict: dict[str, list[str]]) -> list[str]:
+def _targets(module: str, pattern_dict: dict[str, list[str]], where: str) -> list[str]:
     """The weights a compressed module holds, in the order they were concatenated."""
     for pattern, attrs in pattern_dict.items():
-        if re.fullmatch(pattern, module):
+        if pattern_matches(folder_pattern(pattern, where), module, where, full=True):
             return [f"{module}.{a}" for a in attrs] if attrs else [module]
     return [module]

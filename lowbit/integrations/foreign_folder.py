@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -35,6 +36,32 @@ def is_name_in(value: Any, table: Any) -> bool:
     """True when `value`, read from a JSON file, is a string among `table`'s names (a dict's keys or
     a tuple's items); False for any other JSON value, lists and objects (unhashable) included."""
     return isinstance(value, str) and value in table
+
+
+#: the longest a regular expression read from a folder may take to match one module name (real
+#: ones take microseconds; Python's re had not finished `(.*.*)*x` on a Llama name after 10 minutes)
+MATCH_TIMEOUT_S = 1.0
+
+
+def folder_pattern(text: str, where: str) -> regex.Pattern:
+    """A regular expression read from a folder (GPTQModel's `dynamic` keys, compressed-tensors'
+    "re:" targets, the dfloat11 package's pattern_dict), compiled by the `regex` package (PCRE-like,
+    and it can time a match out); CheckpointError naming `where` when it does not compile."""
+    try:
+        return regex.compile(text)
+    except (regex.error, OverflowError, RecursionError) as error:  # the last two: huge counts, deep nesting
+        raise fail(where, f"{text[:80]!r} is not a regular expression ({type(error).__name__}: "
+                   f"{str(error)[:80]})") from None
+
+
+def pattern_matches(pattern: regex.Pattern, name: str, where: str, *, full: bool = False) -> bool:
+    """Whether `pattern` (folder_pattern) matches the start of module `name` (all of it when
+    `full`), within MATCH_TIMEOUT_S; CheckpointError naming `where` when it takes longer."""
+    try:
+        return (pattern.fullmatch if full else pattern.match)(name, timeout=MATCH_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise fail(where, f"{pattern.pattern[:80]!r} took over {MATCH_TIMEOUT_S} s to match {name!r} (a pattern "
+                   "that backtracks without end)") from None
 
 
 def read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:

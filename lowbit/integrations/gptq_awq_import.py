@@ -35,13 +35,14 @@ whose regex matches the start of a module's name, as GPTQModel's re.match, decid
 module unquantized (it is stored as a float weight), "regex" or "+:regex" gives it the entry's
 `bits` and `group_size` in place of the folder's (its calibration settings, such as sym and
 desc_act, need nothing: zero points and g_idx are read per layer). lowbit matches with the `regex`
-package (transformers' dependency; PCRE-like, as GPTQModel's `pcre` and vLLM's `regex`), each match
-under a time limit, so a pattern that backtracks without end is refused rather than hanging the load.
+package (PCRE-like, as GPTQModel's `pcre` and vLLM's `regex`), each match under a time limit
+(foreign_folder.pattern_matches), so a pattern that backtracks without end is refused rather than
+hanging the load.
 
 Refused with a CheckpointError naming the file, tensor or field: a g_idx whose groups do not each
 hold group_size columns, other checkpoint formats (marlin, bitblas, GPTQModel's planar gptq_p),
 other AWQ versions (gemv, gemv_fast, exllama, ipex, marlin), pack dtypes other than int32,
-`dynamic` entries that are not regular expressions (or take over MATCH_TIMEOUT_S to match a name)
+`dynamic` entries that are not regular expressions (or take over a second to match a name)
 or override anything but the settings above (a per-module adapter, format or pack dtype), codes
 stored for a module a "-:" entry leaves unquantized, group sizes that are not a multiple of 32,
 damaged tensors.
@@ -52,7 +53,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import regex
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -60,9 +60,10 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
-from .foreign_folder import (check_not_empty, config_dtype, fail, float16_scales, group_order, has_quant_method,
-                             integer_layer, is_name_in, model_with_layers, read_config, read_tensors, skeleton,
-                             stored_tensor, unpack_bitstream, warn_inexact_scales)
+from .foreign_folder import (check_not_empty, config_dtype, fail, float16_scales, folder_pattern, group_order,
+                             has_quant_method, integer_layer, is_name_in, model_with_layers, pattern_matches,
+                             read_config, read_tensors, skeleton, stored_tensor, unpack_bitstream,
+                             warn_inexact_scales)
 
 QUANT_METHODS = ("gptq", "awq")
 #: GPTQ's checkpoint_format -> whether its zero points are stored minus one (v1)
@@ -78,8 +79,6 @@ LAYER_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 #: (zero points, and with them sym, are read per layer; so is desc_act's g_idx)
 CALIBRATION_ONLY = ("sym", "desc_act", "damp_percent", "damp_auto_increment", "static_groups", "true_sequential",
                     "mse", "act_group_aware")
-#: the longest a `dynamic` pattern may take to match one module name (real ones take microseconds)
-MATCH_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class DynamicRule:
     """One entry of GPTQModel's `dynamic`: the modules whose name `pattern` matches are left
     unquantized (skip) or take the entry's bits / group_size (None: the folder's)."""
     field: str         # where the entry sits, for errors
-    pattern: regex.Pattern
+    pattern: Any       # a compiled regex (foreign_folder.folder_pattern)
     skip: bool
     bits: int | None
     group_size: int | None
@@ -107,12 +106,7 @@ class Scheme:
         the first matching `dynamic` entry's overrides, else the folder's own settings.
         CheckpointError when that entry leaves the module unquantized."""
         for rule in self.dynamic:
-            try:
-                matches = rule.pattern.match(name, timeout=MATCH_TIMEOUT_S)
-            except TimeoutError:
-                raise fail(rule.field, f"took over {MATCH_TIMEOUT_S} s to match {name!r} (a pattern that "
-                           "backtracks without end)") from None
-            if matches:
+            if pattern_matches(rule.pattern, name, rule.field):
                 if rule.skip:
                     raise fail(f"{name}.qweight", f"{rule.field} leaves this module unquantized, yet the folder "
                                "holds its codes")
@@ -216,10 +210,7 @@ def _dynamic_rules(field: str, dynamic: Any, method: str) -> tuple[DynamicRule, 
     for key, overrides in dynamic.items():
         where = f"{field}[{key!r}]"
         skip = key.startswith("-:")
-        try:
-            pattern = regex.compile(key[2:] if skip or key.startswith("+:") else key)
-        except (regex.error, OverflowError, RecursionError) as error:  # the last two: huge counts, deep nesting
-            raise fail(where, f"not a regular expression ({type(error).__name__}: {str(error)[:80]})") from None
+        pattern = folder_pattern(key[2:] if skip or key.startswith("+:") else key, where)
         if not isinstance(overrides, dict):
             raise fail(where, f"{overrides!r}: expected an object of overrides")
         for name in overrides:

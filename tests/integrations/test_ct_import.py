@@ -306,6 +306,8 @@ GROUP = "quantization_config.config_groups.group_0"
      rf"{GROUP}\.weights\.num_bits: 9: lowbit imports 2- to 8-bit integer weights"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4.0),  # was an IndexError
      rf"{GROUP}\.weights\.num_bits: 4\.0: lowbit imports 2- to 8-bit integer weights"),
+    (lambda q: q["config_groups"]["group_0"].update(targets=["re:("]),  # was a re.error
+     rf"{GROUP}\.targets: '\(' is not a regular expression"),
     (lambda q: q.update(version="0.19.1") or q["config_groups"]["group_0"]["weights"].update(num_bits=3),
      r"quantization_config\.version: '0\.19\.1': lowbit imports packed 3-bit codes from compressed-tensors 0\.20"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
@@ -328,6 +330,18 @@ def test_schemes_lowbit_does_not_hold_are_refused_naming_the_field(request, tmp_
     folder = _copy(request.getfixturevalue(source), tmp_path)
     _edit_config(folder, edit)
     with pytest.raises(CheckpointError, match=message):
+        lowbit.load(folder)
+
+
+def test_a_target_that_backtracks_without_end_is_refused(int4_folder, tmp_path, monkeypatch):
+    """A "re:" target is matched under foreign_folder's time limit (shortened here): with Python's
+    re, a target such as "re:(.*.*)*x" hung the load (killed after 60 s)."""
+    from lowbit.integrations import foreign_folder
+
+    folder = _copy(int4_folder, tmp_path)
+    _edit_config(folder, lambda q: q["config_groups"]["group_0"].update(targets=[r"re:(.*?)*(?=x)\1"]))
+    monkeypatch.setattr(foreign_folder, "MATCH_TIMEOUT_S", 0.2)
+    with pytest.raises(CheckpointError, match=rf"{GROUP}\.targets: .* took over 0\.2 s to match 'model\.layers\.0\."):
         lowbit.load(folder)
 
 

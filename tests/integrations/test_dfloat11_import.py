@@ -1,6 +1,7 @@
 """Import of folders written by the `dfloat11` package, encoded by that package's own code."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -151,6 +152,21 @@ def test_missing_field_and_bad_config(original, tmp_path):
     config["dfloat11_config"].update(bytes_per_thread=BYTES_PER_THREAD, pattern_dict={r"model\.layers\.(\d+": []})
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"dfloat11_config\.pattern_dict: .* is not a regular expression"):
+        lowbit.load(folder)
+
+
+def test_a_pattern_that_backtracks_without_end_is_refused(df11_dir, tmp_path, monkeypatch):
+    """pattern_dict's regexes are matched under foreign_folder's time limit (shortened here): one
+    that backtracks without end is refused rather than left to hang the load."""
+    from lowbit.integrations import foreign_folder
+
+    folder = tmp_path / "copy"
+    shutil.copytree(df11_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["dfloat11_config"]["pattern_dict"] = {r"(.*?)*(?=x)\1": [], **PATTERNS}
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(foreign_folder, "MATCH_TIMEOUT_S", 0.2)
+    with pytest.raises(CheckpointError, match=r"dfloat11_config\.pattern_dict: .* took over 0\.2 s to match"):
         lowbit.load(folder)
 
 
