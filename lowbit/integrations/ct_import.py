@@ -54,6 +54,11 @@ rule (lowbit/formats/microscaling.py), which lowbit's default FLOOR rule is not.
 act="nvfp4" with act_tensor_scale=1/g_in: compressed-tensors' rule in fp32 (its bf16 path rounds
 amax/6 and the fake-quantized values to bf16; lowbit keeps fp32).
 
+Mixture-of-experts folders store each expert's Linears under their own names
+(mlp.experts.E.gate_proj, ...; llm-compressor quantizes transformers 5's fused experts as such
+Linears): they are matched to config groups as class "Linear" and placed in lowbit's quantized
+experts as transformers' key mapping fuses them (foreign_folder.model_with_layers).
+
 Refused with a CheckpointError naming the file, tensor or field: other formats (sparse, marlin),
 static activation scales, integer layers' activations other than int8 or E4M3 per token, KV cache schemes, transforms, packed
 3/5/6/7-bit codes from folders of compressed-tensors before 0.20 (quantization_config.version;
@@ -72,9 +77,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import FormatError
+from ..experts import check_fused_weight, expert_shape
 from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..packed import PackedWeight
+from .checkpoint_keys import CheckpointKeys
 from .foreign_folder import (SCALE_DTYPES, config_dtype, fail, float16_scales, folder_pattern, group_order,
                              has_quant_method, integer_layer, is_name_in, model_with_layers, pattern_matches,
                              read_config, read_tensors, skeleton, stored_tensor, unpack_bitstream,
@@ -248,7 +256,27 @@ def _activation_rule(at: str, activations: Any, fmt: str, weights: dict[str, Any
                + f"; got type/num_bits/dynamic/symmetric/strategy/group_size {rule}")
 
 
-def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str], dict[str, Any]]],
+def _stored_layer(skeleton_model: nn.Module, keys: CheckpointKeys, name: str) -> tuple[str, tuple[int, int] | None]:
+    """(the module class compressed-tensors matched the layer stored as `name` by, its [N, K] if
+    it is a Linear): the model's module under the name transformers loads it as, or, for one
+    expert's Linear that transformers merges into a fused expert weight (as llm-compressor saves
+    MoE models: experts.E.gate_proj, ...), a Linear of that expert's share of the fused weight."""
+    try:
+        target, piece = keys.layer_target(name)
+        if piece is None:
+            module = skeleton_model.get_submodule(target)
+            return type(module).__name__, (module.out_features, module.in_features) if isinstance(module, nn.Linear) else None
+        experts = skeleton_model.get_submodule(piece.experts)
+        check_fused_weight(experts, piece.weight)
+    except AttributeError:
+        raise fail(f"{name}.weight_scale", "the model has no such layer") from None
+    except (ValueError, FormatError) as exc:
+        raise fail(f"{name}.weight_scale", str(exc)) from None
+    _, n, k = expert_shape(experts, piece.weight)
+    return nn.Linear.__name__, (n // piece.parts, k)
+
+
+def _scheme_of(name: str, class_name: str, schemes: dict[str, tuple[list[str], dict[str, Any]]],
                folder: Path) -> dict[str, Any]:
     """The scheme of the config group whose targets match layer `name` as compressed-tensors
     matches them: the layer's name, "re:" + a regular expression, or its module class name."""
@@ -256,7 +284,7 @@ def _scheme_of(name: str, module: nn.Module, schemes: dict[str, tuple[list[str],
     for group_name, (targets, scheme) in schemes.items():
         where = f"{folder / 'config.json'}: quantization_config.config_groups.{group_name}.targets"
         for target in targets:
-            if (target == name or target == type(module).__name__
+            if (target == name or target == class_name
                     or (target.startswith("re:") and pattern_matches(folder_pattern(target[3:], where), name, where))):
                 matches[group_name] = scheme
     distinct = {repr(scheme) for scheme in matches.values()}
@@ -432,17 +460,13 @@ def load_compressed_tensors(path: str | Path, *, model: nn.Module | None = None,
     names = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
     if not names:
         raise fail(str(folder), "no quantized layers (no *.weight_scale tensors)")
-    packed, inexact, total = {}, 0, 0
+    packed, inexact, total, keys = {}, 0, 0, CheckpointKeys(skeleton_model)
     for name in tqdm(names, desc="import compressed-tensors", unit="layer", disable=len(names) < 8):
-        try:
-            module = skeleton_model.get_submodule(name)
-        except AttributeError:
-            raise fail(f"{name}.weight_scale", "the model has no such layer") from None
-        scheme = _scheme_of(name, module, schemes, folder)
+        class_name, shape = _stored_layer(skeleton_model, keys, name)
+        scheme = _scheme_of(name, class_name, schemes, folder)
         if scheme["format"] in MICROSCALED:  # no weight_shape is stored: the model gives [N, K]
-            if not isinstance(module, nn.Linear):
-                raise fail(f"{name}.weight_scale", f"the model's {type(module).__name__} there is not a Linear layer")
-            shape = (module.out_features, module.in_features)
+            if shape is None:
+                raise fail(f"{name}.weight_scale", f"the model's {class_name} there is not a Linear layer")
             packed[name] = microscaled_layer(tensors, name, scheme["format"], shape, scheme["act"], dtype)
             continue
         if scheme["weights"]["type"] == "float":

@@ -286,33 +286,50 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
     return model
 
 
+#: how a layer's packed fields stack along N: qweight by rows (dim 0); scales and zero points
+#: group-major ([G, N], or [G, N / block] for FP8 blocks) along dim 1. The formats whose fields
+#: are all of these (integer, FP8, MX, NVFP4 with its tensor_scale) stack; others (NF4, LUT,
+#: dfloat11) do not.
+_STACK_DIMS = {"qweight": 0, "scales": 1, "zeros": 1}
+
+
 def stacked_rows(parts: list[PackedWeight], where: str) -> PackedWeight:
-    """Integer layers [N_i, K] with the same K, groups, perm and act -> one [sum N_i, K] layer
-    (a fused gate_up expert weight from its gate and up Linears); asymmetric if any part is."""
+    """Layers [N_i, K] of one format with the same K, attrs, perm and tensor scale -> one
+    [sum N_i, K] layer (a fused gate_up expert weight from its gate and up Linears); integer
+    layers: asymmetric if any part is. CheckpointError naming `where` when they cannot be one."""
     from ..formats import get_format
 
     first = parts[0]
     if len(parts) == 1:
         return first
-    if not all(p.format.startswith("int") for p in parts):
-        raise fail(where, f"its gate and up layers are {[p.format for p in parts]}: lowbit stacks them into one "
-                   "layer for integer formats only")
-    # attrs other than symmetric (groups, act, permuted) must agree, and so must perm where present
+    # attrs other than symmetric (groups, act, block, permuted) must agree, and so must perm where present
     if any(p.format != first.format or p.dtype != first.dtype or p.shape[1] != first.shape[1]
            or {**p.attrs, "symmetric": 0} != {**first.attrs, "symmetric": 0}
            or ("perm" in first.tensors and not torch.equal(p.perm, first.perm)) for p in parts):
         raise fail(where, "its gate and up layers differ in format, dtype, in_features, groups, act or column order "
-                   f"({[(p.format, p.shape, p.attrs) for p in parts]}): lowbit holds them as one integer layer")
-    offset = 2 ** (get_format(first.format).bits - 1)
-    symmetric = all(p.attrs["symmetric"] for p in parts)
-    fields = {"qweight": torch.cat([p.qweight for p in parts]), "scales": torch.cat([p.scales for p in parts], dim=1)}
-    if not symmetric:
-        fields["zeros"] = torch.cat([p.zeros if "zeros" in p.tensors else torch.full_like(p.scales, offset)
-                                     for p in parts], dim=1)
-    if "perm" in first.tensors:
-        fields["perm"] = first.perm
-    return PackedWeight(first.format, (sum(p.shape[0] for p in parts), first.shape[1]), first.dtype,
-                        {**first.attrs, "symmetric": symmetric}, fields)
+                   f"({[(p.format, p.shape, p.attrs) for p in parts]}): lowbit holds them as one layer")
+    unstackable = sorted(set(first.tensors) - set(_STACK_DIMS) - {"perm", "tensor_scale"})
+    if unstackable:
+        raise fail(where, f"its gate and up layers are {first.format}, whose {unstackable} lowbit cannot stack into "
+                   "one layer (integer, FP8, MX and NVFP4 layers stack)")
+    if "tensor_scale" in first.tensors and not all(torch.equal(p.tensor_scale, first.tensor_scale) for p in parts):
+        raise fail(where, f"its gate and up layers have different tensor scales "
+                   f"({[float(p.tensor_scale) for p in parts]}): one {first.format} layer holds one")
+    row_block = first.attrs.get("block") or 1  # FP8 block scales cover `block` rows
+    uneven = [p.shape[0] for p in parts[:-1] if p.shape[0] % row_block]
+    if uneven:
+        raise fail(where, f"its gate layer's {uneven[0]} rows are not whole {row_block}-row scale blocks")
+    fields = {field: torch.cat([p.tensors[field] for p in parts], dim=dim)
+              for field, dim in _STACK_DIMS.items() if field in first.tensors and field != "zeros"}
+    fields.update({field: first.tensors[field] for field in ("perm", "tensor_scale") if field in first.tensors})
+    attrs = dict(first.attrs)
+    if "symmetric" in attrs:  # integer layers: zero points 2^(b-1) for the symmetric parts
+        offset = 2 ** (get_format(first.format).bits - 1)
+        attrs["symmetric"] = all(p.attrs["symmetric"] for p in parts)
+        if not attrs["symmetric"]:
+            fields["zeros"] = torch.cat([p.zeros if "zeros" in p.tensors else torch.full_like(p.scales, offset)
+                                         for p in parts], dim=1)
+    return PackedWeight(first.format, (sum(p.shape[0] for p in parts), first.shape[1]), first.dtype, attrs, fields)
 
 
 def _placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -87,6 +87,34 @@ def _input_amax(model):
     return amax
 
 
+def _set_min_max_qparams(model, input_amax, scale_dtype=None, fused=()):
+    """Set the quantization parameters compressed-tensors' lifecycle gave each quantized module of
+    `model`: min-max weight scales and zero points (calculate_qparams, llm-compressor's default
+    observer), NVFP4's global scales as llm-compressor's generate_gparam sets them (the least of
+    them for each group of module names in `fused`, as its update_fused_layer_weight_global_scales
+    gives gate and up one), the activations' from `input_amax` ({name: input amax}); scale_dtype:
+    see `_ct_saved`."""
+    modules = {name: m for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    global_scales = {name: generate_gparam(m.weight.data.amin(), m.weight.data.amax())
+                     for name, m in modules.items() if hasattr(m, "weight_global_scale")}
+    for group in (group for group in fused if group[0] in global_scales):  # NVFP4 only
+        global_scales.update(dict.fromkeys(group, torch.cat([global_scales[name] for name in group]).min().reshape(1)))
+    for name, module in modules.items():
+        scheme, global_scale = module.quantization_scheme, global_scales.get(name)
+        if global_scale is not None:
+            module.weight_global_scale.data.copy_(global_scale)
+        scale, zero = calculate_qparams(*_min_max(scheme.weights, module.weight.data), scheme.weights,
+                                        global_scale=global_scale)
+        if scale_dtype is not None:
+            scale = scale.to(scale_dtype).to(scale.dtype)
+        if hasattr(module, "input_global_scale"):
+            amax = input_amax[name].float()
+            module.input_global_scale.data.copy_(generate_gparam(-amax, amax))
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+
+
 def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False, dtype=torch.bfloat16, scale_dtype=None):
     """compressed-tensors: quantize the model at `source` (in `dtype`) with `groups` ({name:
     (targets, weights QuantizationArgs[, input activations QuantizationArgs])}; min-max scales,
@@ -103,24 +131,7 @@ def _ct_saved(source, out, groups, fmt="pack-quantized", qdq_logits=False, dtype
                for name, (targets, *args) in groups.items()}
     ct_quantization.apply_quantization_config(model, ct_quantization.QuantizationConfig(config_groups=schemes,
                                                                                         ignore=["lm_head"]))
-    for name, module in model.named_modules():
-        scheme = getattr(module, "quantization_scheme", None)
-        if scheme is None:
-            continue
-        global_scale = None
-        if hasattr(module, "weight_global_scale"):
-            global_scale = generate_gparam(module.weight.data.amin(), module.weight.data.amax())
-            module.weight_global_scale.data.copy_(global_scale)
-        scale, zero = calculate_qparams(*_min_max(scheme.weights, module.weight.data), scheme.weights,
-                                        global_scale=global_scale)
-        if scale_dtype is not None:
-            scale = scale.to(scale_dtype).to(scale.dtype)
-        if hasattr(module, "input_global_scale"):
-            amax = input_amax[name].float()
-            module.input_global_scale.data.copy_(generate_gparam(-amax, amax))
-        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-        if hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    _set_min_max_qparams(model, input_amax, scale_dtype)
     if qdq_logits:
         with torch.no_grad():
             logits = model(IDS).logits
@@ -384,7 +395,12 @@ def test_damaged_layers_are_refused_naming_the_tensor(request, tmp_path, source,
         lowbit.load(folder)
 
 
-@pytest.mark.parametrize("source", ["int4_folder", "w8a8_folder", "fp8_block_folder", "mxfp4_folder"])
+@pytest.fixture(scope="module")
+def nvfp4_moe_folder(tmp_path_factory):
+    return _ct_moe_folder(tmp_path_factory.mktemp("moe") / "ct", _preset("NVFP4A16")[1:], None)[0]
+
+
+@pytest.mark.parametrize("source", ["int4_folder", "w8a8_folder", "fp8_block_folder", "mxfp4_folder", "nvfp4_moe_folder"])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_import_against_random_damage(request, tmp_path_factory, source, data):
@@ -712,3 +728,113 @@ def test_triton_kernels_run_imported_microscaled_layers(bf16_dir, tmp_path, pres
     expected = lowbit.linear(x, packed, None, backend="torch").float()
     got = lowbit.linear(x, packed, None, backend="triton").float()
     assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _moe_model():
+    """A tiny bf16 Qwen3-MoE: 4 experts per layer, stored per expert (mlp.experts.E.gate_proj /
+    up_proj / down_proj) and fused by transformers when loaded."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=128, intermediate_size=160, moe_intermediate_size=64,
+                                         num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=False)
+    return transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def _ct_moe_folder(out, args, fmt="pack-quantized", shared_gate_up_scale=True):
+    """A compressed-tensors folder of `_moe_model()` as llm-compressor saves MoE models: every
+    projection (attention and each expert's gate / up / down, as per-expert Linears under their
+    checkpoint names) compressed by compressed-tensors with `args` ((weights[, input activations])
+    QuantizationArgs; NVFP4's gate and up share a global scale, as llm-compressor gives them, unless
+    not shared_gate_up_scale) to
+    `fmt` (None: the format it infers); (folder, oracle model that
+    transformers builds from compressed-tensors' own decompression of those Linears)."""
+    model = _moe_model()
+    model.save_pretrained(out)  # transformers writes the per-expert checkpoint names
+    stored = load_file(out / "model.safetensors")
+    linears = torch.nn.Module()  # one Linear per stored projection, under its checkpoint name
+    for key, weight in stored.items():
+        name = key.removesuffix(".weight")
+        if key.endswith(".weight") and name.rsplit(".", 1)[-1] in PROJECTIONS:
+            parent = linears
+            for part in name.split(".")[:-1]:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+            layer.weight.data.copy_(weight)
+            parent.add_module(name.rsplit(".", 1)[-1], layer)
+    scheme = ct_quantization.QuantizationScheme(targets=["Linear"], weights=args[0],
+                                                input_activations=args[1] if len(args) > 1 else None)
+    ct_quantization.apply_quantization_config(linears, ct_quantization.QuantizationConfig(
+        config_groups={"group_0": scheme}))
+    gate_up = [(name, name.replace("gate_proj", "up_proj")) for name, _ in linears.named_modules()
+               if name.endswith("gate_proj")]
+    _set_min_max_qparams(linears, {}, fused=gate_up if shared_gate_up_scale else ())
+    compressor = ct_compressors.ModelCompressor.from_pretrained_model(linears, quantization_format=fmt)
+    compressor.compress_model(linears)
+    compressed = linears.state_dict()
+    rest = {k: v for k, v in stored.items() if k.removesuffix(".weight") not in dict(linears.named_modules())}
+    save_file({**rest, **compressed}, out / "model.safetensors", metadata={"format": "pt"})
+    compressor.update_config(out)
+    compressor.decompress_model(linears)
+    dequantized = {f"{name}.weight": m.weight.data for name, m in linears.named_modules()
+                   if isinstance(m, torch.nn.Linear)}
+    oracle = type(model).from_pretrained(None, config=model.config, state_dict={**rest, **dequantized},
+                                         dtype=torch.bfloat16).eval()
+    return out, oracle
+
+
+@pytest.mark.parametrize("args,fmt,lowbit_format", [
+    ((_args(4, symmetric=False, group_size=32),), "pack-quantized", "int4"), (_preset("MXFP4A16")[1:], None, "mxfp4"),
+    (_preset("NVFP4A16")[1:], None, "nvfp4"), (_fp8_args("channel")[:1], None, "fp8")])  # weight-only: logits compare
+def test_moe_folder_experts_become_lowbit_quantized_experts(tmp_path, args, fmt, lowbit_format):
+    """llm-compressor saves a transformers 5 MoE model's experts as per-expert Linears
+    (mlp.experts.E.gate_proj / up_proj / down_proj), which transformers fuses on load: each lands in
+    lowbit's quantized experts (gate and up stacked) with compressed-tensors' own decompression as
+    its weight (was refused: "the model has no such layer")."""
+    folder, oracle = _ct_moe_folder(tmp_path / "ct", args, fmt)
+    model = lowbit.load(folder)
+    for index in range(2):
+        experts, want = model.model.layers[index].mlp.experts, oracle.model.layers[index].mlp.experts
+        for weight_name in ("gate_up_proj", "down_proj"):
+            layers = experts.quantized[weight_name]
+            assert [layer.format for layer in layers] == [lowbit_format] * 4
+            for expert, layer in enumerate(layers):
+                got = lowbit.get_format(layer.format).dequantize(layer.packed)
+                assert torch.equal(got, getattr(want, weight_name)[expert]), (index, weight_name, expert)
+        assert model.model.layers[index].self_attn.q_proj.format == lowbit_format
+    with torch.no_grad():
+        got, want = model(IDS).logits.float(), oracle(IDS).logits.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2  # the same weights; bf16 matmuls round differently
+    assert ct_import.target_format(folder) == lowbit_format
+
+
+def test_moe_nvfp4_gate_and_up_with_different_global_scales_are_refused(tmp_path):
+    """One nvfp4 layer holds one tensor scale, so an expert's gate and up stack only when they
+    share it (llm-compressor gives them one, for vLLM's fused kernels); otherwise the folder is
+    refused naming the weight, not imported with one of the two scales."""
+    folder, _ = _ct_moe_folder(tmp_path / "ct", _preset("NVFP4A16")[1:], None, shared_gate_up_scale=False)
+    with pytest.raises(CheckpointError, match=r"mlp\.experts\.gate_up_proj \(expert 0\): its gate and up layers have "
+                                              r"different tensor scales"):
+        lowbit.load(folder)
+
+
+def test_fp8_block_layers_stack_by_whole_row_blocks():
+    """An FP8 block layer's scales cover `block` rows, so gate and up stack when the gate's rows
+    are whole blocks (the stacked layer dequantizes to the two weights one above the other) and
+    are refused when they are not."""
+    from lowbit.integrations.foreign_folder import stacked_rows
+
+    fp8, generator = lowbit.get_format("fp8"), torch.Generator().manual_seed(3)
+    gate, up, short = (torch.randn(n, 256, generator=generator).bfloat16() for n in (128, 96, 64))
+    parts = [fp8.quantize(gate, block=128), fp8.quantize(up, block=128)]
+    stacked = stacked_rows(parts, "experts.gate_up_proj")
+    assert stacked.shape == (224, 256) and stacked.attrs == parts[0].attrs
+    assert torch.equal(fp8.dequantize(stacked), torch.cat([fp8.dequantize(p) for p in parts]))
+    with pytest.raises(CheckpointError, match=r"experts\.gate_up_proj: its gate layer's 64 rows are not whole "
+                                              r"128-row scale blocks"):
+        stacked_rows([fp8.quantize(short, block=128), parts[1]], "experts.gate_up_proj")
