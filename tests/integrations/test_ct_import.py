@@ -795,7 +795,8 @@ def test_moe_folder_experts_become_lowbit_quantized_experts(tmp_path, args, fmt,
     """llm-compressor saves a transformers 5 MoE model's experts as per-expert Linears
     (mlp.experts.E.gate_proj / up_proj / down_proj), which transformers fuses on load: each lands in
     lowbit's quantized experts (gate and up stacked) with compressed-tensors' own decompression as
-    its weight (was refused: "the model has no such layer")."""
+    its weight (was refused: "the model has no such layer"); lowbit.save and save_pretrained
+    folders reload to the same logits."""
     folder, oracle = _ct_moe_folder(tmp_path / "ct", args, fmt)
     model = lowbit.load(folder)
     for index in range(2):
@@ -809,7 +810,11 @@ def test_moe_folder_experts_become_lowbit_quantized_experts(tmp_path, args, fmt,
         assert model.model.layers[index].self_attn.q_proj.format == lowbit_format
     with torch.no_grad():
         got, want = model(IDS).logits.float(), oracle(IDS).logits.float()
-    assert float((got - want).norm() / want.norm()) < 2e-2  # the same weights; bf16 matmuls round differently
+        assert float((got - want).norm() / want.norm()) < 2e-2  # the same weights; bf16 matmuls round differently
+        lowbit.save(model, tmp_path / "lowbit")
+        model.save_pretrained(tmp_path / "hf")
+        for again in (lowbit.load(tmp_path / "lowbit"), transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")):
+            assert torch.equal(again(IDS).logits.float(), got)
     assert ct_import.target_format(folder) == lowbit_format
 
 
