@@ -83,6 +83,21 @@ def make_tiny_llama(seed: int = 0, dtype=torch.float32):
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def make_tiny_moe(arch: str = "qwen3_moe", dtype=torch.float16):
+    """A tiny random-weight Mixtral (experts w1 / w2 / w3 under block_sparse_moe in its checkpoints)
+    or Qwen3-MoE (gate_proj / up_proj / down_proj under mlp.experts): 2 layers of 4 experts, top 2,
+    hidden 128, for the imports of other libraries' MoE folders."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, num_experts_per_tok=2, tie_word_embeddings=False)
+    if arch == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(intermediate_size=96, num_local_experts=4, **common)).to(dtype).eval()
+    config = Qwen3MoeConfig(intermediate_size=160, moe_intermediate_size=64, num_experts=4, **common)
+    return Qwen3MoeForCausalLM(config).to(dtype).eval()
+
+
 def bf16_llama_dir(path, hidden: int = 128):
     """A Hugging Face folder of a tiny bf16 Llama with tied embeddings, for the imports of other
     libraries' folders: every Linear's K is a multiple of 64 when `hidden` is (intermediate 192)."""

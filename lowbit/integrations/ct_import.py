@@ -118,8 +118,9 @@ def is_compressed_tensors_folder(path: str | Path) -> bool:
     return has_quant_method(path, QUANT_METHOD)
 
 
-def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tuple[list[str], dict[str, Any]]]:
+def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tuple[list[Any], dict[str, Any]]]:
     """{group name: (targets, scheme)} of the config groups, each checked to be one lowbit holds;
+    targets: layer or class names, and "re:" ones as compiled regexes (folder_pattern);
     scheme: {"format": "pack-quantized" | "float-quantized", "weights": args, "act": None | "fp8"}."""
     where = f"{folder / 'config.json'}: quantization_config"
     if quantization.get("quantization_status", "compressed") != "compressed":
@@ -162,6 +163,8 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
         targets = scheme.get("targets")
         if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
             raise fail(f"{at}.targets", f"expected a list of names, got {targets!r}")
+        # "re:" targets compiled here, once: a bad one is refused before any layer is read
+        targets = [folder_pattern(t[3:], f"{at}.targets") if t.startswith("re:") else t for t in targets]
         schemes[group_name] = (targets, {"format": fmt, "weights": weights, "act": act})
     return schemes
 
@@ -265,7 +268,8 @@ def _stored_layer(skeleton_model: nn.Module, keys: CheckpointKeys, name: str) ->
         target, piece = keys.layer_target(name)
         if piece is None:
             module = skeleton_model.get_submodule(target)
-            return type(module).__name__, (module.out_features, module.in_features) if isinstance(module, nn.Linear) else None
+            shape = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else None
+            return type(module).__name__, shape
         experts = skeleton_model.get_submodule(piece.experts)
         check_fused_weight(experts, piece.weight)
     except AttributeError:
@@ -276,7 +280,7 @@ def _stored_layer(skeleton_model: nn.Module, keys: CheckpointKeys, name: str) ->
     return nn.Linear.__name__, (n // piece.parts, k)
 
 
-def _scheme_of(name: str, class_name: str, schemes: dict[str, tuple[list[str], dict[str, Any]]],
+def _scheme_of(name: str, class_name: str, schemes: dict[str, tuple[list[Any], dict[str, Any]]],
                folder: Path) -> dict[str, Any]:
     """The scheme of the config group whose targets match layer `name` as compressed-tensors
     matches them: the layer's name, "re:" + a regular expression, or its module class name."""
@@ -285,7 +289,7 @@ def _scheme_of(name: str, class_name: str, schemes: dict[str, tuple[list[str], d
         where = f"{folder / 'config.json'}: quantization_config.config_groups.{group_name}.targets"
         for target in targets:
             if (target == name or target == class_name
-                    or (target.startswith("re:") and pattern_matches(folder_pattern(target[3:], where), name, where))):
+                    or (not isinstance(target, str) and pattern_matches(target, name, where))):
                 matches[group_name] = scheme
     distinct = {repr(scheme) for scheme in matches.values()}
     if len(distinct) != 1:

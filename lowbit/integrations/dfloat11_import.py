@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -118,7 +119,8 @@ def _check_output_positions(raw: torch.Tensor, per_thread: np.ndarray, threads_p
         raise _fail(f"{where}.output_positions", "does not match the decoded stream (damaged file?)")
 
 
-def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any], list[tuple[regex.Pattern, list[str]]]]:
+    """(config.json, its dfloat11_config checked, pattern_dict as [(compiled regex, sub-module paths)])."""
     path = folder / "config.json"
     config = read_config(folder)
     df11 = config.get("dfloat11_config")
@@ -132,9 +134,8 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not (isinstance(patterns, dict) and all(isinstance(v, list) and all(isinstance(a, str) for a in v)
                                                for v in patterns.values())):
         raise _fail(f"{path}: dfloat11_config.pattern_dict", "expected {regex: [sub-module paths]}")
-    for pattern in patterns:
-        folder_pattern(pattern, f"{path}: dfloat11_config.pattern_dict")
-    return config, df11
+    where = f"{path}: dfloat11_config.pattern_dict"
+    return config, df11, [(folder_pattern(pattern, where), attrs) for pattern, attrs in patterns.items()]
 
 
 def _is_int(value: Any) -> bool:
@@ -152,7 +153,7 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
     from ..api import quantize
 
     folder = Path(path)
-    config, df11 = _read_config(folder)
+    config, df11, patterns = _read_config(folder)
     skeleton_model = skeleton(folder, config, "dfloat11_config") if model is None else model
     shapes = state_shapes(skeleton_model)
     tensors = read_tensors(folder)
@@ -165,7 +166,7 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
             raise _fail(str(folder), f"module {module!r} lacks {missing}")
         fields = {f: tensors[f"{module}.{f}"] for f in DF11_FIELDS}
         flat = decode_stream(fields, df11["bytes_per_thread"], df11["threads_per_block"][0], where=module)
-        targets = _targets(module, df11["pattern_dict"], f"{folder / 'config.json'}: dfloat11_config.pattern_dict")
+        targets = _targets(module, patterns, f"{folder / 'config.json'}: dfloat11_config.pattern_dict")
         splits = fields["split_positions"]
         if splits.dim() != 1 or splits.dtype not in (torch.int32, torch.int64):
             raise _fail(f"{module}.split_positions", f"expected a 1-D integer tensor, got {splits.dtype} "
@@ -191,9 +192,9 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
     return model.to(device).eval()
 
 
-def _targets(module: str, pattern_dict: dict[str, list[str]], where: str) -> list[str]:
+def _targets(module: str, patterns: list[tuple[regex.Pattern, list[str]]], where: str) -> list[str]:
     """The weights a compressed module holds, in the order they were concatenated."""
-    for pattern, attrs in pattern_dict.items():
-        if pattern_matches(folder_pattern(pattern, where), module, where, full=True):
+    for pattern, attrs in patterns:
+        if pattern_matches(pattern, module, where, full=True):
             return [f"{module}.{a}" for a in attrs] if attrs else [module]
     return [module]

@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -86,7 +87,7 @@ class DynamicRule:
     """One entry of GPTQModel's `dynamic`: the modules whose name `pattern` matches are left
     unquantized (skip) or take the entry's bits / group_size (None: the folder's)."""
     field: str         # where the entry sits, for errors
-    pattern: Any       # a compiled regex (foreign_folder.folder_pattern)
+    pattern: regex.Pattern  # foreign_folder.folder_pattern
     skip: bool
     bits: int | None
     group_size: int | None
@@ -193,7 +194,7 @@ def _checked_bits(field: str, bits: Any, method: str) -> int:
 
 
 def _checked_group_size(field: str, group_size: Any) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+    if type(group_size) is not int or not (group_size == -1 or group_size > 0):  # not bools
         raise fail(field, f"{group_size!r}: expected -1 (per channel) or a positive int")
     if group_size > 0 and group_size % 32:
         raise fail(field, f"{group_size}: lowbit's groups are a positive multiple of 32 (or -1, per channel)")

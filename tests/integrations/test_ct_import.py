@@ -20,7 +20,7 @@ from lowbit.errors import CheckpointError
 from lowbit.formats import bitpack
 from lowbit.integrations import ct_import
 
-from ..conftest import bf16_llama_dir, kernel_devices, requires_gpu
+from ..conftest import bf16_llama_dir, kernel_devices, make_tiny_moe, requires_gpu
 from ..damage import damaged_copy, loads_and_runs_or_refuses
 
 transformers = pytest.importorskip("transformers")
@@ -733,26 +733,16 @@ def test_triton_kernels_run_imported_microscaled_layers(bf16_dir, tmp_path, pres
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _moe_model():
-    """A tiny bf16 Qwen3-MoE: 4 experts per layer, stored per expert (mlp.experts.E.gate_proj /
-    up_proj / down_proj) and fused by transformers when loaded."""
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=128, intermediate_size=160, moe_intermediate_size=64,
-                                         num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                         tie_word_embeddings=False)
-    return transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
-
-
 def _ct_moe_folder(out, args, fmt="pack-quantized", shared_gate_up_scale=True):
-    """A compressed-tensors folder of `_moe_model()` as llm-compressor saves MoE models: every
-    projection (attention and each expert's gate / up / down, as per-expert Linears under their
-    checkpoint names) compressed by compressed-tensors with `args` ((weights[, input activations])
-    QuantizationArgs; NVFP4's gate and up share a global scale, as llm-compressor gives them, unless
-    not shared_gate_up_scale) to
-    `fmt` (None: the format it infers); (folder, oracle model that
-    transformers builds from compressed-tensors' own decompression of those Linears)."""
-    model = _moe_model()
+    """A compressed-tensors folder of a tiny bf16 Qwen3-MoE (`make_tiny_moe`; 4 experts per layer,
+    stored per expert and fused by transformers when loaded) as llm-compressor saves MoE models:
+    every projection (attention and each expert's gate / up / down, as per-expert Linears under
+    their checkpoint names) compressed by compressed-tensors with `args` ((weights[, input
+    activations]) QuantizationArgs; NVFP4's gate and up share a global scale, as llm-compressor
+    gives them, unless not shared_gate_up_scale) to `fmt` (None: the format it infers); (folder,
+    oracle model that transformers builds from compressed-tensors' own decompression of those
+    Linears)."""
+    model = make_tiny_moe("qwen3_moe", torch.bfloat16)
     model.save_pretrained(out)  # transformers writes the per-expert checkpoint names
     stored = load_file(out / "model.safetensors")
     linears = torch.nn.Module()  # one Linear per stored projection, under its checkpoint name

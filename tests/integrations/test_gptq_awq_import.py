@@ -24,7 +24,7 @@ import lowbit
 from lowbit.errors import CheckpointError
 from lowbit.integrations import foreign_folder, gptq_awq_import
 
-from ..conftest import kernel_devices, requires_gpu
+from ..conftest import kernel_devices, make_tiny_moe, requires_gpu
 from ..damage import damaged_copy, loads_and_runs_or_refuses
 
 transformers = pytest.importorskip("transformers")
@@ -664,19 +664,6 @@ def test_gpu_imported_layers_match_the_cpu_import(tmp_path, method, bits, group_
 PROJECTIONS = LINEARS + ("w1", "w2", "w3")
 
 
-def _moe_model(arch):
-    """A tiny float16 Mixtral (experts w1 / w2 / w3 under block_sparse_moe in its checkpoints) or
-    Qwen3-MoE (gate_proj / up_proj / down_proj under mlp.experts)."""
-    torch.manual_seed(0)
-    common = dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64, num_experts_per_tok=2, tie_word_embeddings=False)
-    if arch == "mixtral":
-        config = transformers.MixtralConfig(intermediate_size=96, num_local_experts=4, **common)
-        return transformers.MixtralForCausalLM(config).half().eval()
-    config = transformers.Qwen3MoeConfig(intermediate_size=160, moe_intermediate_size=64, num_experts=4, **common)
-    return transformers.Qwen3MoeForCausalLM(config).half().eval()
-
-
 def _moe_gptq_folder(out, arch, desc_act=False, gate_up_orders="same", dynamic=None, bits_of=lambda name: 4):
     """A GPTQ folder of a tiny MoE model as GPTQ writers save them: every projection (attention,
     each expert's gate / up / down) packed under its checkpoint name; (folder, oracle model
@@ -684,7 +671,7 @@ def _moe_gptq_folder(out, arch, desc_act=False, gate_up_orders="same", dynamic=N
     order, shared by an expert's gate and up (they see the same inputs, so GPTQ orders their
     columns alike) unless gate_up_orders="differ". dynamic: GPTQModel's overrides, stored as
     given; bits_of(name): each projection's bits, as they say."""
-    model, generator = _moe_model(arch), torch.Generator().manual_seed(1)
+    model, generator = make_tiny_moe(arch), torch.Generator().manual_seed(1)
     model.save_pretrained(out)  # transformers writes the per-expert checkpoint names
     stored = load_file(out / "model.safetensors")
     rest, dequantized, fields, orders = {}, {}, {}, {}
