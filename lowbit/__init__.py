@@ -5,6 +5,7 @@ from .block_decode import enable_block_decompression
 from .config import QuantConfig
 from .errors import LowbitError
 from .formats import formats, get_format, register_format
+from .integrations.ct_export import export_compressed_tensors
 from .integrations.transformers import HfQuantConfig, register as _register_with_transformers
 from .io import load, save
 from .linear import QuantLinear
@@ -36,6 +37,7 @@ __all__ = [
     "calibration",
     "dequantize",
     "enable_block_decompression",
+    "export_compressed_tensors",
     "formats",
     "get_format",
     "linear",

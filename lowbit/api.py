@@ -222,7 +222,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, experts.QuantizedExperts):
             experts.dequantize_experts(module, dtype)
-    conv1d = _conv1d_names(model)
+    conv1d = conv1d_names(model)
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         weight = get_format(layer.format).dequantize(layer.packed).to(dtype or layer.weight_dtype)
         bias = None if layer.bias is None else layer.bias.detach().to(weight.dtype)
@@ -264,7 +264,7 @@ def within(name: str, prefix: str) -> bool:
     return prefix == "" or name.startswith(f"{prefix}.")
 
 
-def _conv1d_names(model: nn.Module) -> set[str]:
+def conv1d_names(model: nn.Module) -> set[str]:
     """Names in `model` of the layers a transformers model's class builds as Conv1D (GPT-2's
     projections): read from a skeleton of each transformers model's class on the meta device,
     built only when its modeling code uses Conv1D at all."""

@@ -1,6 +1,6 @@
 """The `lowbit` command: quantize a Hugging Face folder and save it; convert a dfloat11 package
 folder, a bitsandbytes (4-bit NF4 or 8-bit), a compressed-tensors (integer, FP8, NVFP4 or MX), a
-GPTQ or an AWQ folder; inspect a saved folder."""
+GPTQ or an AWQ folder; export a quantized folder as compressed-tensors; inspect a saved folder."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -119,48 +121,101 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from . import api, io
+@dataclass(frozen=True)
+class ForeignFolder:
+    """A folder another library wrote, as `lowbit convert` / `lowbit export` read it."""
+
+    kind: str  # who wrote it, for messages
+    fmt: str  # the lowbit formats its layers import as, e.g. "int4" or "int4/int8"
+    fidelity: str  # what the import keeps, for the summary line
+    load: Callable[[], nn.Module]
+    settings_files: tuple[str, ...] = ()  # its own quantization settings: not copied along (they describe its layout)
+
+
+def foreign_folder(source: Path, segment: int | None) -> ForeignFolder | None:
+    """How to import `source` if another library wrote it (dfloat11 package, bitsandbytes,
+    compressed-tensors, GPTQ / AWQ), else None. segment: dfloat11's option (LowbitError for the
+    others)."""
     from .formats import get_format
     from .integrations import bnb_import, ct_import, gptq_awq_import
     from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
 
-    source, out_dir = Path(args.source), Path(args.out)
-    settings_files = ()  # the source's own quantization settings: not copied along (they describe its layout)
     if is_dfloat11_folder(source):
-        kind, fmt, fidelity = "dfloat11 package", "dfloat11", "weights bit-identical"
-        options = {} if args.segment is None else {"segment": args.segment}
+        options = {} if segment is None else {"segment": segment}
         get_format("dfloat11").check_options(options)
-        load = lambda: load_dfloat11(source, **options)  # noqa: E731
-    elif bnb_import.is_bitsandbytes_folder(source):
-        fmt = bnb_import.target_format(source)
-        kind, fidelity = (("bitsandbytes 8-bit", "same codes, row scales rounded to float16") if fmt == "int8"
+        return ForeignFolder("dfloat11 package", "dfloat11", "weights bit-identical",
+                             lambda: load_dfloat11(source, **options))
+    if bnb_import.is_bitsandbytes_folder(source):
+        found = bnb_import.target_format(source)
+        kind, fidelity = (("bitsandbytes 8-bit", "same codes, row scales rounded to float16") if found == "int8"
                           else ("bitsandbytes 4-bit", "weights bit-identical"))
-        load = lambda: bnb_import.load_bitsandbytes(source)  # noqa: E731
+        folder = ForeignFolder(kind, found, fidelity, lambda: bnb_import.load_bitsandbytes(source))
     elif ct_import.is_compressed_tensors_folder(source):
-        kind, fmt = "compressed-tensors", ct_import.target_format(source)
-        fidelity = "same codes" + (", integer layers' scales in float16" if "int" in fmt else " and scales")
-        load = lambda: ct_import.load_compressed_tensors(source)  # noqa: E731
+        found = ct_import.target_format(source)
+        fidelity = "same codes" + (", integer layers' scales in float16" if "int" in found else " and scales")
+        folder = ForeignFolder("compressed-tensors", found, fidelity, lambda: ct_import.load_compressed_tensors(source))
     elif gptq_awq_import.is_gptq_awq_folder(source):
-        kind, fmt = "GPTQ / AWQ", gptq_awq_import.target_format(source)
-        fidelity = "same codes and zero points, scales in float16"
-        settings_files = tuple(gptq_awq_import.SIDE_CONFIGS)
-        load = lambda: gptq_awq_import.load_gptq_awq(source)  # noqa: E731
+        folder = ForeignFolder("GPTQ / AWQ", gptq_awq_import.target_format(source),
+                               "same codes and zero points, scales in float16",
+                               lambda: gptq_awq_import.load_gptq_awq(source), tuple(gptq_awq_import.SIDE_CONFIGS))
     else:
+        return None
+    if segment is not None:
+        raise LowbitError(f"--segment is a dfloat11 option; a {folder.kind} folder converts to {folder.fmt} as stored")
+    return folder
+
+
+def _companions(source: Path, settings_files: tuple[str, ...] = ()) -> dict:
+    """The source folder's tokenizer etc. (io.companion_files), less its quantization settings."""
+    from . import io
+
+    return {name: path for name, path in io.companion_files(source).items() if name not in settings_files}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import api, io
+
+    source, out_dir = Path(args.source), Path(args.out)
+    folder = foreign_folder(source, args.segment)
+    if folder is None:
         raise LowbitError(f"{source}: not a dfloat11 package folder (config.json with dfloat11_config), nor a "
                           "bitsandbytes, compressed-tensors, GPTQ or AWQ one (config.json with "
                           "quantization_config.quant_method 'bitsandbytes', 'compressed-tensors', 'gptq' or 'awq')")
-    if args.segment is not None and fmt != "dfloat11":
-        raise LowbitError(f"--segment is a dfloat11 option; a {kind} folder converts to {fmt} as stored")
     start = time.perf_counter()
     io.check_save_target(out_dir)
-    model = load()
-    companions = {name: path for name, path in io.companion_files(source).items() if name not in settings_files}
+    model = folder.load()
+    companions = _companions(source, folder.settings_files)
     io.save(model, out_dir, extra_files=companions)
     summary = api.summarize(model)
-    print(f"converted:        {source} ({kind}) -> {out_dir} (lowbit)")
+    print(f"converted:        {source} ({folder.kind}) -> {out_dir} (lowbit)")
     print(f"copied along:     {_listing(companions)}")
-    print(f"{fmt + ' layers:':<18}{summary.quantized_layers}, {summary.bits_per_weight:.3f} bits/weight, {fidelity}")
+    print(f"{folder.fmt + ' layers:':<18}{summary.quantized_layers}, {summary.bits_per_weight:.3f} bits/weight, "
+          f"{folder.fidelity}")
+    print(f"time:             {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import api, io
+    from .integrations.ct_export import check_export_target, export_compressed_tensors
+    from .linear import QuantLinear
+
+    source, out_dir = Path(args.source), Path(args.out)
+    start = time.perf_counter()
+    check_export_target(out_dir)
+    folder = foreign_folder(source, None)
+    if folder is not None:
+        kind, model, settings_files = folder.kind, folder.load(), folder.settings_files
+    else:
+        kind, model, settings_files = "lowbit", io.load(source), ()
+    companions = _companions(source, settings_files)
+    export_compressed_tensors(model, out_dir, max_shard_bytes=args.max_shard_bytes, extra_files=companions)
+    summary = api.summarize(model)
+    formats = "/".join(sorted({m.format for m in model.modules() if isinstance(m, QuantLinear)}))
+    print(f"exported:         {source} ({kind}) -> {out_dir} (compressed-tensors)")
+    print(f"copied along:     {_listing(companions)}")
+    print(f"{formats + ' layers:':<18}{summary.quantized_layers}, {summary.bits_per_weight:.3f} bits/weight, "
+          "same codes and scales")
     print(f"time:             {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -269,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", help="output folder (lowbit.save layout)")
     c.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")
     c.set_defaults(func=cmd_convert)
+    e = sub.add_parser("export", help="write a lowbit folder (or any folder `convert` reads) as a compressed-tensors "
+                       "folder, which vLLM and llm-compressor's tools load")
+    e.add_argument("source", help="lowbit.save or save_pretrained folder of a quantized transformers model "
+                   "(int2 ... int8, fp8, nvfp4, mxfp4 / mxfp6 / mxfp8 layers), or a folder `lowbit convert` reads")
+    e.add_argument("out", help="output folder (compressed-tensors layout)")
+    e.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
+    e.set_defaults(func=cmd_export)
     i = sub.add_parser("inspect", help="per-layer table of a saved lowbit folder")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="also print the per-layer manifest entries")

@@ -14,12 +14,13 @@ is executed: safetensors and JSON only, model classes are looked up by name in `
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,13 @@ def unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, aliases
 
 
-def _non_persistent_buffers(model: nn.Module) -> set[str]:
+def non_persistent_buffers(model: nn.Module) -> set[str]:
     """Qualified names of the buffers registered with persistent=False."""
     return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules(remove_duplicate=False)
             for name in module._non_persistent_buffers_set}
 
 
-def _model_entry(model: nn.Module) -> dict[str, Any]:
+def model_entry(model: nn.Module) -> dict[str, Any]:
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -124,6 +125,19 @@ def check_save_target(out_dir: Path) -> None:
         raise CheckpointError(f"{out_dir}: non-empty directory that is not a lowbit checkpoint; refusing to replace it")
 
 
+def check_shard_bytes(max_shard_bytes: Any) -> None:
+    """CheckpointError unless `max_shard_bytes` is a positive int."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise CheckpointError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+
+
+def check_not_on_meta(tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming the tensors on the meta device (they hold no data to write)."""
+    on_meta = [name for name, t in tensors.items() if t.device.type == "meta"]
+    if on_meta:
+        raise CheckpointError(f"cannot save {on_meta[:5]}: on the meta device (no data)")
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
          extra_files: Mapping[str, str | os.PathLike] | None = None) -> Path:
     """Save `model` (quantized or not) to `out_dir` atomically; returns the folder path.
@@ -135,52 +149,89 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     `companion_files`); a path that save writes itself, or one leaving the folder, is refused.
     """
     check_module(model)
-    out_dir = _as_path(out_dir, "save(..., out_dir)")
+    out_dir = as_path(out_dir, "save(..., out_dir)")
     check_save_target(out_dir)
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
-        raise CheckpointError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
-    extra = _checked_extra_files(extra_files or {})
+    check_shard_bytes(max_shard_bytes)
+    extra = checked_extra_files(extra_files or {})
     tensors, aliases = unique_tensors(model)
-    on_meta = [name for name, t in tensors.items() if t.device.type == "meta"]
-    if on_meta:
-        raise CheckpointError(f"cannot save {on_meta[:5]}: on the meta device (no data)")
+    check_not_on_meta(tensors)
     layers = {name: mod.metadata() for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
-    non_persistent = sorted(_non_persistent_buffers(model) & set(tensors))
+    non_persistent = sorted(non_persistent_buffers(model) & set(tensors))
     groups = _shards({n: t for n, t in tensors.items() if n not in non_persistent}, max_shard_bytes)
-    files = (["model.safetensors"] if len(groups) == 1 else
-             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    files = shard_file_names(len(groups))
     if non_persistent:
         groups.append(non_persistent)
         files.append(NON_PERSISTENT_FILE)
     manifest = {
         "lowbit": {"format_version": FORMAT_VERSION, "library_version": _library_version()},
-        "model": _model_entry(model),
+        "model": model_entry(model),
         "layers": layers,
         "tensors": {n: {"dtype": dtype_name(tensors[n].dtype), "shape": list(tensors[n].shape), "file": f}
                     for f, names in zip(files, groups) for n in names},
         "aliases": aliases,
     }
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         for f, names in tqdm(list(zip(files, groups)), desc="lowbit save", unit="file", disable=_single_shard(files)):
             _write_shard(tmp / f, names, tensors)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _write_transformers_files(tmp, manifest, files)
-        for name, source in extra.items():
-            if (tmp / name).exists():  # config.json, the shards, ...: save's own files win
-                raise CheckpointError(f"extra_files[{name!r}]: save writes {name} itself")
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, tmp / name)
+        copy_extra_files(tmp, extra, "save")
+    return out_dir
+
+
+def shard_file_names(count: int) -> list[str]:
+    """The safetensors file names of `count` shards, as save_pretrained names them."""
+    return ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+                                                     for i in range(count)]
+
+
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int, desc: str) -> dict[str, str]:
+    """Write `tensors` into safetensors shards of at most `max_shard_bytes` (a larger tensor gets
+    its own) in `folder`, plus model.safetensors.index.json when there is more than one;
+    returns {tensor name: file}."""
+    groups = _shards(tensors, max_shard_bytes)
+    files = shard_file_names(len(groups))
+    for f, names in tqdm(list(zip(files, groups)), desc=desc, unit="file", disable=len(files) < 2):
+        _write_shard(folder / f, names, tensors)
+    weight_map = {name: f for f, names in zip(files, groups) for name in names}
+    if len(files) > 1:
+        write_weight_index(folder, weight_map)
+    return weight_map
+
+
+def write_weight_index(folder: Path, weight_map: dict[str, str]) -> None:
+    """model.safetensors.index.json, which from_pretrained reads to find each tensor's shard."""
+    index = {"metadata": {"producer": "lowbit"}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder of `out_dir` to write into; on success it replaces
+    `out_dir` (an existing one is removed only then), on any failure it is removed and `out_dir`
+    is untouched."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
-def _checked_extra_files(extra_files: Mapping[str, str | os.PathLike]) -> dict[str, Path]:
+def copy_extra_files(folder: Path, extra: dict[str, Path], writer: str) -> None:
+    """Copy `checked_extra_files`' {relative path: source} into `folder`; a file `writer` (the
+    function's name, for the message) already wrote there (config.json, a shard, ...) is refused:
+    its own files win."""
+    for name, source in extra.items():
+        if (folder / name).exists():
+            raise CheckpointError(f"extra_files[{name!r}]: {writer} writes {name} itself")
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / name)
+
+
+def checked_extra_files(extra_files: Mapping[str, str | os.PathLike]) -> dict[str, Path]:
     """{relative POSIX path: existing source file}, or CheckpointError naming the bad entry."""
     if not isinstance(extra_files, Mapping):
         raise CheckpointError(f"extra_files must map folder-relative paths to files, got {type(extra_files).__name__}")
@@ -189,7 +240,7 @@ def _checked_extra_files(extra_files: Mapping[str, str | os.PathLike]) -> dict[s
         parts = Path(name).parts if isinstance(name, str) else ()
         if not parts or Path(name).is_absolute() or ".." in parts:
             raise CheckpointError(f"extra_files: {name!r} is not a relative path inside the folder")
-        source = _as_path(source, f"extra_files[{name!r}]")
+        source = as_path(source, f"extra_files[{name!r}]")
         if not source.is_file():
             raise CheckpointError(f"extra_files[{name!r}]: {source} is not a file")
         checked[Path(name).as_posix()] = source
@@ -241,10 +292,8 @@ def _write_transformers_files(folder: Path, manifest: dict[str, Any], files: lis
         return
     (folder / "config.json").write_text(json.dumps({**entry["config"], "architectures": [entry["class"]]}, indent=1))
     if not _single_shard(files):
-        index = {"metadata": {"producer": "lowbit"},
-                 "weight_map": {name: e["file"] for name, e in manifest["tensors"].items()
-                                if e["file"] != NON_PERSISTENT_FILE}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        write_weight_index(folder, {name: e["file"] for name, e in manifest["tensors"].items()
+                                    if e["file"] != NON_PERSISTENT_FILE})
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -387,7 +436,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     (lowbit/integrations/gptq_awq_import.py); a folder written by `save_pretrained`
     (config.json with a lowbit quantization_config) is read through transformers' from_pretrained.
     """
-    folder = _as_path(path, "load(path)")
+    folder = as_path(path, "load(path)")
     device = _target_device(device)
     if model is not None:
         check_module(model, "load(..., model=)")
@@ -485,7 +534,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     return model.eval()
 
 
-def _as_path(value: Any, what: str) -> Path:
+def as_path(value: Any, what: str) -> Path:
     """`value` as a Path; InputError for anything but a str or os.PathLike."""
     if not isinstance(value, (str, os.PathLike)):
         raise InputError(f"{what} must be a str or os.PathLike, got {type(value).__name__}")

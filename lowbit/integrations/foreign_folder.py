@@ -182,6 +182,27 @@ def unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor
     return ((pairs >> (start % word_bits)) & (2**bits - 1)).to(torch.int32)
 
 
+def pack_bitstream(codes: torch.Tensor, bits: int, word_dtype: torch.dtype) -> torch.Tensor:
+    """`unpack_bitstream`'s inverse: int [R, C] unsigned codes (< 2^bits) -> [R, ceil(C*b/w)]
+    words of `word_dtype` (int32 or uint8, w bits each), code i at bits [i*b, i*b+b) of the row's
+    words read as one little-endian stream."""
+    word_bits = torch.iinfo(word_dtype).bits
+    rows, count = codes.shape
+    words = -(-count * bits // word_bits)
+    start = torch.arange(count, dtype=torch.int64) * bits
+    word, shift = (start // word_bits).expand(rows, -1), (start % word_bits).expand(rows, -1)
+    codes = codes.to(torch.int64)
+    # the fields are disjoint, so adding them up is or-ing them; the part of a code that straddles
+    # a word boundary goes to the next word (a spare one after the last)
+    stream = torch.zeros(rows, words + 1, dtype=torch.int64)
+    stream.scatter_add_(1, word, (codes << shift) & (2**word_bits - 1))
+    stream.scatter_add_(1, word + 1, codes >> (word_bits - shift))
+    stream = stream[:, :words]
+    if word_dtype == torch.int32:  # the unsigned words' two's-complement values
+        stream = torch.where(stream >= 2**31, stream - 2**32, stream)
+    return stream.to(word_dtype)
+
+
 def group_order(g_idx: torch.Tensor, group_size: int, key: str) -> torch.Tensor | None:
     """The column order that makes activation-ordered groups consecutive: None when `g_idx`
     (int [K], each input column's group) is already k // group_size, else perm int32 [K] with
