@@ -24,12 +24,20 @@ model dtype: 0.2% of bf16 weights, measured). Integer layers' groups must be who
 group_size); activation-ordered imports (`permuted`) are refused: compressed-tensors 0.20 has no
 layout for groups gathered from all over K (it removed actorder "group").
 
-Layers grouped by scheme into config groups whose targets are the layers' names; the model's
-other Linear layers are listed in `ignore`. Refused with a CheckpointError naming the layer:
+Quantized MoE experts are written as the per-expert Linears that transformers' save_pretrained
+writes and llm-compressor quantizes (mlp.experts.E.gate_proj / up_proj / down_proj, Mixtral's
+block_sparse_moe.experts.E.w1 / w3 / w2; found with transformers' revert_weight_conversion): gate
+and up are the rows of lowbit's stacked gate_up layer (an NVFP4 pair shares its global scale, as
+llm-compressor gives them). Every tensor gets the name save_pretrained gives it.
+
+Layers grouped by scheme into config groups: targets ["Linear"] when every quantized layer has one
+scheme (as llm-compressor writes it), else the layers' names; the model's other Linear layers are
+listed in `ignore`. Refused with a CheckpointError naming the layer:
 formats compressed-tensors has no layout for (lut, nf4, bnb_fp4, dfloat11, mxint8, fp8_e5m2),
 rotate="hadamard", activation rules that differ from compressed-tensors' (MX activations without
-its act_amax_round, NVFP4 activations without a static act_tensor_scale), quantized MoE experts,
-GPT-2-style Conv1D layers, and models that are not transformers models.
+its act_amax_round, NVFP4 activations without a static act_tensor_scale), experts modules holding
+anything but quantized weights (or stored transposed), FP8 block scales that a gate / up split
+would cut, GPT-2-style Conv1D layers, and models that are not transformers models.
 """
 from __future__ import annotations
 
@@ -51,7 +59,7 @@ from ..formats.microscaling import MicroscalingFormat
 from ..linear import QuantLinear
 from ..packed import PackedWeight, dtype_name
 from .ct_import import MICROSCALED, MX_ACT_AMAX_ROUND, QUANT_METHOD, is_compressed_tensors_folder
-from .foreign_folder import pack_bitstream
+from .foreign_folder import pack_bitstream, row_slice
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +185,11 @@ def _microscaled_layer(name: str, packed: PackedWeight) -> tuple[dict[str, Any],
     return {"format": ct_format, "weights": weights, "input_activations": activations}, tensors
 
 
-def exported_layer(name: str, layer: QuantLinear, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def exported_layer(name: str, packed: PackedWeight, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(compressed-tensors scheme {"format", "weights", "input_activations"}, {field: tensor}) of
-    the QuantLinear `name` in a model of float `dtype`; CheckpointError naming the layer when
+    the layer `name` in a model of float `dtype`; CheckpointError naming the layer when
     compressed-tensors has no layout for it."""
-    packed, fmt = layer.packed, get_format(layer.format)
+    fmt = get_format(packed.format)
     if isinstance(fmt, IntFormat) and fmt.name.startswith("int") and 2 <= fmt.bits <= 8:
         return _integer_layer(name, packed, dtype)
     if fmt.name == "fp8":
@@ -189,7 +197,43 @@ def exported_layer(name: str, layer: QuantLinear, dtype: torch.dtype) -> tuple[d
     if isinstance(fmt, MicroscalingFormat) and fmt.name in _MICROSCALED_FORMATS:
         return _microscaled_layer(name, packed)
     writable = ["int2 ... int8", "fp8", *sorted(_MICROSCALED_FORMATS)]
-    raise _refused(name, f"format {layer.format!r} has no compressed-tensors layout (written: {', '.join(writable)})")
+    raise _refused(name, f"format {packed.format!r} has no compressed-tensors layout (written: {', '.join(writable)})")
+
+
+def _expert_layers(model: nn.Module) -> dict[str, tuple[str, PackedWeight]]:
+    """{checkpoint name of one expert's Linear: (the fused weight it is part of, its layer)} for
+    every quantized MoE experts module of `model`: the per-expert Linears that transformers'
+    save_pretrained writes (and llm-compressor quantizes), found by reverting transformers' weight
+    conversion on probe tensors that number each fused weight's rows; each layer is its rows of
+    the expert's lowbit layer (an expert's gate_up layer splits into gate and up)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from ..experts import QuantizedExperts, fused_weight_names, quantized_weights
+
+    probes, origins, first_id = {}, [], 0
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedExperts):
+            continue
+        others = [n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+        if getattr(module, "is_transposed", False) or fused_weight_names(module) or others:
+            raise _refused(name, "only experts whose every weight is quantized, stored [experts, N, K] with no "
+                           f"other tensors, are written (full precision: {fused_weight_names(module) + others})")
+        for weight_name, slots in quantized_weights(module).items():
+            experts, n = len(slots), slots[0].out_features
+            probes[f"{name}.{weight_name}"] = torch.arange(first_id, first_id + experts * n).reshape(experts, n, 1)
+            origins.append((first_id, f"{name}.{weight_name}", slots, n))
+            first_id += experts * n
+    layers = {}
+    for key, ids in (revert_weight_conversion(model, probes) if probes else {}).items():
+        first = int(ids.reshape(-1)[0])
+        start_id, where, slots, n = next(origin for origin in reversed(origins) if origin[0] <= first)
+        expert, start = divmod(first - start_id, n)
+        stop = start + ids.shape[0]
+        if (not key.endswith(".weight") or stop > n
+                or not torch.equal(ids, torch.arange(first, first + stop - start).reshape(-1, 1))):
+            raise _refused(where, f"transformers writes it as {key!r}, which is not rows of one expert's layer")
+        layers[key.removesuffix(".weight")] = (where, row_slice(slots[expert].packed, start, stop, where))
+    return layers
 
 
 def _quantization_config(schemes: dict[str, dict[str, Any]], ignore: list[str]) -> dict[str, Any]:
@@ -235,6 +279,8 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
     from ..experts import parse_slot
 
     check_module(model)
+    from transformers.core_model_loading import revert_weight_conversion
+
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -247,28 +293,32 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
     max_shard_bytes = io.DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     io.check_shard_bytes(max_shard_bytes)
     extra = io.checked_extra_files(extra_files or {})
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quantized:
         raise CheckpointError("export_compressed_tensors: the model has no quantized layers (lowbit.quantize it first)")
-    conv1d = conv1d_names(model)
+    dense = {name: m.packed for name, m in quantized.items() if parse_slot(name) is None}
+    conv1d = conv1d_names(model) & set(dense)
+    if conv1d:
+        raise _refused(sorted(conv1d)[0], "the model's class builds a Conv1D there (weight [in, out]), which "
+                       "compressed-tensors does not quantize")
     entry = io.model_entry(model)
-    dtype = model.dtype
-    schemes, layer_tensors = {}, {}
-    for name, layer in tqdm(layers.items(), desc="export compressed-tensors", unit="layer", disable=len(layers) < 8):
-        if parse_slot(name) is not None:
-            raise _refused(name, "quantized MoE experts are not written yet (compressed-tensors stores each expert's "
-                           "Linear apart)")
-        if name in conv1d:
-            raise _refused(name, "the model's class builds a Conv1D there (weight [in, out]), which compressed-"
-                           "tensors does not quantize")
-        schemes[name], fields = exported_layer(name, layer, dtype)
-        layer_tensors.update({f"{name}.{field}": tensor for field, tensor in fields.items()})
     tensors, _ = io.unique_tensors(model)  # tied weights once: from_pretrained ties them again
     io.check_not_on_meta(tensors)
     persistent = set(model.state_dict(keep_vars=True))
-    packed_fields = {f"{name}.{field}" for name, layer in layers.items() for field in layer.packed.tensors}
+    packed_fields = {f"{name}.{field}" for name, layer in quantized.items() for field in layer.packed.tensors}
     tensors = {n: t for n, t in tensors.items() if n in persistent and n not in packed_fields}
-    tensors.update(layer_tensors)
+    schemes, scales = {}, {}
+    layers = {name: (name, packed) for name, packed in dense.items()}
+    layers.update(_expert_layers(model))
+    for name, (where, packed) in tqdm(layers.items(), desc="export compressed-tensors", unit="layer",
+                                      disable=len(layers) < 8):
+        schemes[name], fields = exported_layer(where, packed, model.dtype)
+        tensors.update({f"{name}.{field}": tensor for field, tensor in fields.items()})
+        scales[name] = fields["weight_scale"]
+    # the names save_pretrained writes (legacy ones, e.g. Mixtral's block_sparse_moe): renamed, not copied
+    stored_name = {id(tensor): key for key, tensor in revert_weight_conversion(model, tensors).items()}
+    tensors = {stored_name[id(tensor)]: tensor for tensor in tensors.values()}
+    schemes = {stored_name[id(scales[name])].removesuffix(".weight_scale"): scheme for name, scheme in schemes.items()}
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     config = {key: value for key, value in entry["config"].items() if key != "quantization_config"}
     config["architectures"] = [entry["class"]]
@@ -277,9 +327,8 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
         io.write_shards(tmp, tensors, max_shard_bytes, "export compressed-tensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         io.copy_extra_files(tmp, extra, "export_compressed_tensors")
-    widened = [name for name in schemes if dtype != torch.float32
-               and layer_tensors[f"{name}.weight_scale"].dtype == torch.float32]
+    widened = sum(1 for scale in scales.values() if scale.dtype == torch.float32 != model.dtype)
     if widened:
         logger.info("%s: %d layers' scales are stored in float32: the model's %s does not hold them exactly",
-                    out_dir, len(widened), dtype_name(dtype))
+                    out_dir, widened, dtype_name(model.dtype))
     return out_dir

@@ -353,6 +353,24 @@ def stacked_rows(parts: list[PackedWeight], where: str) -> PackedWeight:
     return PackedWeight(first.format, (sum(p.shape[0] for p in parts), first.shape[1]), first.dtype, attrs, fields)
 
 
+def row_slice(packed: PackedWeight, start: int, stop: int, where: str) -> PackedWeight:
+    """Rows [start, stop) of a layer whose fields `stacked_rows` stacks (its inverse: an expert's
+    gate or up share of its fused gate_up layer); the other fields (perm, tensor_scale) are
+    shared. CheckpointError naming `where` for formats with other fields, and for FP8 block
+    scales that a row range would cut."""
+    if (start, stop) == (0, packed.shape[0]):
+        return packed
+    unsplittable = sorted(set(packed.tensors) - set(_STACK_DIMS) - {"perm", "tensor_scale"})
+    if unsplittable:
+        raise fail(where, f"{packed.format} layers' {unsplittable} are not split by rows")
+    block = packed.attrs.get("block") or 1  # FP8 block scales cover `block` rows
+    if start % block or (stop % block and stop != packed.shape[0]):
+        raise fail(where, f"rows [{start}, {stop}) cut its {block}-row scale blocks")
+    fields = {field: tensor if field not in _STACK_DIMS else tensor[start:stop] if _STACK_DIMS[field] == 0
+              else tensor[:, start // block: -(-stop // block)] for field, tensor in packed.tensors.items()}
+    return PackedWeight(packed.format, (stop - start, packed.shape[1]), packed.dtype, packed.attrs, fields)
+
+
 def _placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A tensor of `shape` that takes 1 element of memory (uninitialized: nothing reads it)."""
     return torch.empty(1, dtype=dtype).expand(shape)

@@ -39,6 +39,11 @@ def _layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, lowbit.QuantLinear)}
 
 
+def _within_one_bf16_step(theirs, ours):
+    """Whether every weight is within one bf16 step (2^-7 of its magnitude at most) of lowbit's."""
+    return bool(((theirs.float() - ours.float()).abs() <= ours.float().abs() * 2**-7).all())
+
+
 def _check_config_groups(folder, expected_format):
     """Every config group parses as compressed-tensors' QuantizationScheme, and is in the format
     compressed-tensors infers for that scheme (the one it would have written)."""
@@ -117,6 +122,43 @@ def test_mixed_formats_get_a_config_group_each_targeting_their_layers(bf16_dir, 
         assert torch.equal(ct_import.load_compressed_tensors(folder)(IDS).logits, model(IDS).logits)
 
 
+@pytest.mark.parametrize("arch,fmt,options", [("qwen3_moe", "int4", {"group_size": 32}), ("mixtral", "mxfp4", {}),
+                                              ("qwen3_moe", "nvfp4", {})])
+def test_moe_experts_are_written_as_the_per_expert_linears_save_pretrained_writes(tmp_path, arch, fmt, options):
+    """Each expert's gate / up / down (Mixtral's w1 / w3 / w2) is a Linear of its own, as
+    llm-compressor saves MoE models; gate and up are the rows of lowbit's stacked gate_up layer."""
+    model = lowbit.quantize(make_tiny_moe(arch, torch.bfloat16), fmt, skip=["lm_head"], **options)
+    folder = export_compressed_tensors(model, tmp_path / "ct")
+    quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
+    (group,) = quantization["config_groups"].values()
+    scheme = ct_quantization.QuantizationScheme.model_validate({k: v for k, v in group.items() if k != "format"})
+    compressor = BaseCompressor.get_value_from_registry(group["format"])
+    tensors = load_file(folder / "model.safetensors")
+    names = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"), "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+    block, gate, up, down = names[arch]
+    for layer in range(2):
+        experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
+        for expert in range(4):
+            stacked = experts.quantized["gate_up_proj"][expert]
+            rows = stacked.out_features // 2
+            want = {gate: lowbit.get_format(fmt).dequantize(stacked.packed)[:rows],
+                    up: lowbit.get_format(fmt).dequantize(stacked.packed)[rows:],
+                    down: lowbit.get_format(fmt).dequantize(experts.quantized["down_proj"][expert].packed)}
+            for projection, weight in want.items():
+                prefix = f"model.layers.{layer}.{block}.experts.{expert}.{projection}."
+                state = {key.removeprefix(prefix): t for key, t in tensors.items() if key.startswith(prefix)}
+                theirs = compressor.decompress(state, scheme)["weight"].to(weight.dtype)
+                if fmt == "nvfp4":  # g = 1/t: one bf16 step at rounding ties (see the dense test)
+                    assert _within_one_bf16_step(theirs, weight), prefix
+                else:
+                    assert torch.equal(theirs, weight), prefix
+    state, back = model.state_dict(), ct_import.load_compressed_tensors(folder).state_dict()
+    assert state.keys() == back.keys()
+    for key in state:  # nvfp4's tensor scale t comes back as 1 / (1 / t): within one fp32 step
+        assert (back[key].item() == pytest.approx(state[key].item(), rel=2**-23) if key.endswith(".tensor_scale")
+                else torch.equal(back[key], state[key])), key
+
+
 def test_scales_the_model_dtype_cannot_hold_are_stored_in_float32(bf16_dir, tmp_path):
     """lowbit's integer scales are float16; a bf16 model stores them in float32 unless each is a
     bf16 value, and a float16 model in float16, so the decompression stays exact."""
@@ -151,7 +193,7 @@ def test_nvfp4_keeps_codes_and_block_scales_and_inverts_the_tensor_scale(bf16_di
         assert back.tensor_scale.item() == pytest.approx(layer.tensor_scale.item(), rel=2**-23)
         assert back.attrs["act_tensor_scale"] == pytest.approx(0.0123, rel=2**-23)
         ours, theirs = lowbit.get_format("nvfp4").dequantize(layer.packed).float(), oracle.get_submodule(name).weight.float()
-        assert ((ours - theirs).abs() <= ours.abs() * 2**-8).all()  # one bf16 step at most
+        assert _within_one_bf16_step(theirs, ours)
         differing, total = differing + int((ours != theirs).sum()), total + ours.numel()
     assert differing <= total * 0.01
 
@@ -214,8 +256,8 @@ def test_layers_compressed_tensors_cannot_hold_are_refused_naming_them(bf16_dir,
 
 
 def test_models_it_cannot_write_are_refused(bf16_dir, tmp_path):
-    moe = lowbit.quantize(make_tiny_moe(), "int4", group_size=64, skip=["lm_head"])
-    with pytest.raises(CheckpointError, match=r"experts\.quantized\.gate_up_proj\.0'.*MoE experts are not written"):
+    moe = lowbit.quantize(make_tiny_moe(), "fp8", block=128, skip=["lm_head"])  # gate: 64 of a 128-row block
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.experts.gate_up_proj: rows \[0, 64\) cut its 128-row"):
         export_compressed_tensors(moe, tmp_path / "moe")
     with pytest.raises(CheckpointError, match="a transformers PreTrainedModel is needed"):
         export_compressed_tensors(lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), "int4"), tmp_path / "x")
