@@ -214,8 +214,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = "/".join(sorted({m.format for m in model.modules() if isinstance(m, QuantLinear)}))
     print(f"exported:         {source} ({kind}) -> {out_dir} (compressed-tensors)")
     print(f"copied along:     {_listing(companions)}")
+    written = json.loads((out_dir / "config.json").read_text())["quantization_config"]["format"]
     print(f"{formats + ' layers:':<18}{summary.quantized_layers}, {summary.bits_per_weight:.3f} bits/weight, "
-          "same codes and scales")
+          f"same codes, written as {written}")
     print(f"time:             {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -71,7 +71,7 @@ def unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, aliases
 
 
-def non_persistent_buffers(model: nn.Module) -> set[str]:
+def _non_persistent_buffers(model: nn.Module) -> set[str]:
     """Qualified names of the buffers registered with persistent=False."""
     return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules(remove_duplicate=False)
             for name in module._non_persistent_buffers_set}
@@ -156,7 +156,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int =
     tensors, aliases = unique_tensors(model)
     check_not_on_meta(tensors)
     layers = {name: mod.metadata() for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
-    non_persistent = sorted(non_persistent_buffers(model) & set(tensors))
+    non_persistent = sorted(_non_persistent_buffers(model) & set(tensors))
     groups = _shards({n: t for n, t in tensors.items() if n not in non_persistent}, max_shard_bytes)
     files = shard_file_names(len(groups))
     if non_persistent:

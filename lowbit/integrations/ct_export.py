@@ -14,7 +14,8 @@ inverse of ct_import.py, in the layouts of compressed-tensors 0.20 (its docstrin
     with compressed-tensors' rule)     quantized                    weight_scale
 
 Each format is the one compressed-tensors itself infers for that scheme (its
-COMPRESSION_FORMAT_PRIORITY), so vLLM picks the same kernels as for llm-compressor's folders.
+COMPRESSION_FORMAT_PRIORITY), the one llm-compressor's folders of that scheme carry (vLLM
+loading is not tested here).
 The codes, zero points and block scales are lowbit's, unchanged. Integer and FP8 scales are
 stored in the model's dtype when it holds them exactly (always for float16 / float32 models),
 else in float32, so compressed-tensors' decompression gives lowbit's weights. NVFP4's global
@@ -93,7 +94,6 @@ def _integer_layer(name: str, packed: PackedWeight, dtype: torch.dtype) -> tuple
     bits, offset = fmt.bits, 2 ** (fmt.bits - 1)
     (n, k), attrs = packed.shape, packed.attrs
     group_size, act = attrs["group_size"], attrs.get("act")
-    codes = bitpack.unpack(packed.qweight.cpu(), bits, padded_k(k, group_size)).to(torch.int64)[:, :k]  # u = q + 2^(b-1), stored order
     channel = group_size >= k  # one group spans the row
     if not channel and k % group_size:
         raise _refused(name, f"in_features {k} is not a multiple of group_size {group_size} (compressed-tensors' "
@@ -101,6 +101,7 @@ def _integer_layer(name: str, packed: PackedWeight, dtype: torch.dtype) -> tuple
     if attrs.get("permuted"):
         raise _refused(name, "its groups gather columns from all over K (an activation-ordered import); "
                        "compressed-tensors 0.20 no longer stores such groups (its actorder 'group' was removed)")
+    codes = bitpack.unpack(packed.qweight.cpu(), bits, padded_k(k, group_size)).to(torch.int64)[:, :k]  # q + 2^(b-1)
     weights = {"num_bits": bits, "type": "int", "symmetric": attrs["symmetric"], "dynamic": False,
                "strategy": "channel" if channel else "group", "group_size": None if channel else group_size}
     tensors = {"weight_scale": _scales(packed.scales.cpu().t().contiguous(), dtype)}

@@ -177,6 +177,17 @@ def test_compressed_tensors_folder_exports_to_its_own_tensors(bf16_dir, tmp_path
         assert original[key].dtype == written[key].dtype and torch.equal(original[key], written[key]), key
 
 
+def test_export_command_reads_other_libraries_folders(bf16_dir, tmp_path, capsys):
+    """`lowbit export` of a folder `lowbit convert` reads: a compressed-tensors one comes back as itself."""
+    from lowbit.cli import main
+
+    source = _ct_saved(bf16_dir, tmp_path / "source", {"group_0": (["Linear"], _args(8, True, "channel"))})
+    assert main(["export", str(source), str(tmp_path / "out")]) == 0
+    assert "(compressed-tensors) -> " in capsys.readouterr().out
+    original, written = load_file(source / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert original.keys() == written.keys() and all(torch.equal(original[k], written[k]) for k in original)
+
+
 def test_nvfp4_keeps_codes_and_block_scales_and_inverts_the_tensor_scale(bf16_dir, tmp_path):
     """compressed-tensors divides by its global scale g, lowbit multiplies by t: g = 1/t, and the
     two products round alike except where lowbit's lands on a bf16 rounding tie (measured below)."""
@@ -264,6 +275,10 @@ def test_models_it_cannot_write_are_refused(bf16_dir, tmp_path):
     plain = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir)
     with pytest.raises(CheckpointError, match="no quantized layers"):
         export_compressed_tensors(plain, tmp_path / "plain")
+    fractional = _quantized(bf16_dir, "int4", {"group_size": 64})
+    fractional.model.layers[1].mlp.up_proj.zeros[1, 2] = 3.5  # lowbit's float16 zero points may be any value
+    with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.up_proj': zero point \[2, 1\] = 3.5 is not an int"):
+        export_compressed_tensors(fractional, tmp_path / "fractional")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep")
     with pytest.raises(CheckpointError, match="not a compressed-tensors folder"):
