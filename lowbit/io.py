@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +116,15 @@ def _write_shard(path: Path, names: list[str], tensors: dict[str, torch.Tensor])
     save_file(shard, str(path), metadata={"format": "pt", "producer": "lowbit"})
 
 
-def check_save_target(out_dir: Path) -> None:
-    """CheckpointError unless `save` may write `out_dir` (absent, empty, or a lowbit checkpoint);
-    the CLI asks before it spends time loading and quantizing."""
+def check_save_target(out_dir: Path, replaceable: Callable[[Path], bool] = lambda d: (d / MANIFEST).is_file(),
+                      kind: str = "a lowbit checkpoint") -> None:
+    """CheckpointError unless `out_dir` may be written: absent, empty, or a folder `replaceable`
+    says is `kind` (by default a lowbit checkpoint, which `save` replaces); the CLI asks before it
+    spends time loading and quantizing."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: exists and is not a directory; refusing to overwrite it")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise CheckpointError(f"{out_dir}: non-empty directory that is not a lowbit checkpoint; refusing to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not replaceable(out_dir):
+        raise CheckpointError(f"{out_dir}: non-empty directory that is not {kind}; refusing to replace it")
 
 
 def check_shard_bytes(max_shard_bytes: Any) -> None:

@@ -180,12 +180,18 @@ class IntFormat(Format):
                 raise FormatError(f"{self.name}: perm is not a permutation of the {k} input features")
         if packed.attrs.get("act") != "int8" or "zeros" not in packed.tensors:
             return
+        bad = self.first_non_code_zero_point(packed)
+        if bad is not None:
+            group, column = bad
+            raise FormatError(f"{self.name}: zeros[{group}, {column}] = {float(packed.zeros[group, column])!r}: layers "
+                              f"with act='int8' need integer zero points in [0, {2**self.bits - 1}]")
+
+    def first_non_code_zero_point(self, packed: PackedWeight) -> tuple[int, int] | None:
+        """(group, column) of the first zero point of an asymmetric layer that is not an integer
+        code in [0, 2^b - 1] (NaN included), as the quantizer writes them; None when all are."""
         zeros = packed.zeros.float()
-        bad = ~((zeros == zeros.round()) & (zeros >= 0) & (zeros <= 2**self.bits - 1))  # NaN is bad too
-        if bool(bad.any()):
-            group, column = (int(i) for i in bad.nonzero()[0])
-            raise FormatError(f"{self.name}: zeros[{group}, {column}] = {float(zeros[group, column])!r}: layers with "
-                              f"act='int8' need integer zero points in [0, {2**self.bits - 1}]")
+        bad = ~((zeros == zeros.round()) & (zeros >= 0) & (zeros <= 2**self.bits - 1))
+        return tuple(int(i) for i in bad.nonzero()[0]) if bool(bad.any()) else None
 
     # -- the spec ---------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, *, name: str = "weight", hessian: torch.Tensor | None = None,

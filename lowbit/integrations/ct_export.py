@@ -53,19 +53,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import io
 from ..errors import CheckpointError, check_module
 from ..formats import bitpack, get_format
 from ..formats.integer import IntFormat, padded_k
 from ..formats.microscaling import MicroscalingFormat
 from ..linear import QuantLinear
 from ..packed import PackedWeight, dtype_name
-from .ct_import import MICROSCALED, MX_ACT_AMAX_ROUND, QUANT_METHOD, is_compressed_tensors_folder
+from .ct_import import DENSE_PACKING_VERSION, MICROSCALED, MX_ACT_AMAX_ROUND, QUANT_METHOD, is_compressed_tensors_folder
 from .foreign_folder import pack_bitstream, row_slice
 
 logger = logging.getLogger(__name__)
 
-#: the compressed-tensors version whose layouts this writes (3/5/6/7-bit codes packed densely)
-LAYOUT_VERSION = "0.20.0"
+#: the compressed-tensors version whose layouts this writes (3/5/6/7-bit codes packed densely), which
+#: the import reads them from
+LAYOUT_VERSION = "{}.{}.0".format(*DENSE_PACKING_VERSION)
 #: lowbit microscaled format -> its compressed-tensors format
 _MICROSCALED_FORMATS = {lowbit_name: fmt for fmt, (lowbit_name, *_) in MICROSCALED.items()}
 
@@ -80,11 +82,13 @@ def _scales(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast if torch.equal(cast.float(), scales.float()) else scales.float()
 
 
-def _int_activations(act: str | None) -> dict[str, Any] | None:
-    if act is None:
-        return None
-    return {"num_bits": 8, "type": "int" if act == "int8" else "float", "symmetric": True, "dynamic": True,
-            "strategy": "token", "group_size": None}
+def _activations(num_bits: int, element: str, strategy: str, group_size: int | None, *, dynamic: Any = True,
+                 scale_dtype: str | None = None) -> dict[str, Any]:
+    """A scheme's input_activations: symmetric, quantized at run time (`dynamic`; NVFP4's "local"
+    scales times a stored global one), as ct_import's _activation_rule reads them back."""
+    args = {"num_bits": num_bits, "type": element, "symmetric": True, "dynamic": dynamic, "strategy": strategy,
+            "group_size": group_size}
+    return args if scale_dtype is None else {**args, "scale_dtype": scale_dtype}
 
 
 def _integer_layer(name: str, packed: PackedWeight, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -106,13 +110,12 @@ def _integer_layer(name: str, packed: PackedWeight, dtype: torch.dtype) -> tuple
                "strategy": "channel" if channel else "group", "group_size": None if channel else group_size}
     tensors = {"weight_scale": _scales(packed.scales.cpu().t().contiguous(), dtype)}
     if not attrs["symmetric"]:
-        zeros = packed.zeros.cpu().t().float()  # u_z = z + 2^(b-1), [N, G]
-        bad = ~((zeros == zeros.round()) & (zeros >= 0) & (zeros < 2**bits))
-        if bool(bad.any()):
-            row, group = (int(i) for i in bad.nonzero()[0])
-            raise _refused(name, f"zero point [{row}, {group}] = {float(zeros[row, group])!r} is not an integer code "
-                           f"in [0, {2**bits - 1}], which compressed-tensors stores")
-        zeros = zeros.to(torch.int64)
+        bad = fmt.first_non_code_zero_point(packed)
+        if bad is not None:
+            group, row = bad
+            raise _refused(name, f"zero point [{row}, {group}] = {float(packed.zeros[group, row])!r} is not an integer "
+                           f"code in [0, {2**bits - 1}], which compressed-tensors stores")
+        zeros = packed.zeros.cpu().t().to(torch.int64)  # u_z = z + 2^(b-1), [N, G]
     if act is None:
         tensors["weight_packed"] = pack_bitstream(codes, bits, torch.int32)
         tensors["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
@@ -124,7 +127,8 @@ def _integer_layer(name: str, packed: PackedWeight, dtype: torch.dtype) -> tuple
         if not attrs["symmetric"]:
             tensors["weight_zero_point"] = (zeros - offset).to(torch.int8)
         ct_format = "int-quantized"
-    return {"format": ct_format, "weights": weights, "input_activations": _int_activations(act)}, tensors
+    activations = None if act is None else _activations(8, "int" if act == "int8" else "float", "token", None)
+    return {"format": ct_format, "weights": weights, "input_activations": activations}, tensors
 
 
 def _fp8_layer(name: str, packed: PackedWeight, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -138,10 +142,7 @@ def _fp8_layer(name: str, packed: PackedWeight, dtype: torch.dtype) -> tuple[dic
     scales = packed.scales.cpu()  # per channel [1, N]; per block [Kp/B, ceil(N/B)]
     tensors = {"weight": packed.qweight.cpu()[:, :k].contiguous(),
                "weight_scale": _scales(scales.reshape(n, 1) if block is None else scales.t().contiguous(), dtype)}
-    activations = None
-    if act is not None:
-        activations = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
-                       "strategy": "token" if block is None else "group", "group_size": block}
+    activations = None if act is None else _activations(8, "float", "token" if block is None else "group", block)
     return ({"format": "naive-quantized" if act is None else "float-quantized", "weights": weights,
              "input_activations": activations}, tensors)
 
@@ -172,17 +173,14 @@ def _microscaled_layer(name: str, packed: PackedWeight) -> tuple[dict[str, Any],
                 raise _refused(name, f"act={act!r} without a static act_tensor_scale: compressed-tensors' NVFP4 "
                                "activations are E4M3 16-block scales times a stored global scale")
             tensors["input_global_scale"] = torch.tensor([1.0 / attrs["act_tensor_scale"]], dtype=torch.float32)
-            activations = {"num_bits": 4, "type": "float", "symmetric": True, "dynamic": "local",
-                           "strategy": "tensor_group", "group_size": 16, "scale_dtype": scale_dtype}
+            activations = _activations(4, "float", "tensor_group", 16, dynamic="local", scale_dtype=scale_dtype)
     elif act is not None:
         wanted = MX_ACT_AMAX_ROUND.get(act)
         if wanted is None or attrs.get("act_amax_round") != wanted:
             raise _refused(name, f"act={act!r} with act_amax_round={attrs.get('act_amax_round')!r}: compressed-"
                            "tensors quantizes MX activations dynamically to mxfp4 / mxfp6 / mxfp8 by its own block "
                            f"exponent rule, act_amax_round {MX_ACT_AMAX_ROUND} (quantize with that option)")
-        element_bits = get_format(act).codec.bits
-        activations = {"num_bits": element_bits, "type": "float", "symmetric": True, "dynamic": True,
-                       "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"}
+        activations = _activations(get_format(act).codec.bits, "float", "group", 32, scale_dtype="torch.uint8")
     return {"format": ct_format, "weights": weights, "input_activations": activations}, tensors
 
 
@@ -258,11 +256,7 @@ def _quantization_config(schemes: dict[str, dict[str, Any]], ignore: list[str]) 
 def check_export_target(out_dir: Path) -> None:
     """CheckpointError unless `out_dir` is absent, empty, or a compressed-tensors folder (an
     earlier export, which is replaced)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a directory; refusing to overwrite it")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_compressed_tensors_folder(out_dir):
-        raise CheckpointError(f"{out_dir}: non-empty directory that is not a compressed-tensors folder; "
-                              "refusing to replace it")
+    io.check_save_target(out_dir, is_compressed_tensors_folder, "a compressed-tensors folder")
 
 
 def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
@@ -275,7 +269,6 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
     CheckpointError naming the layer before anything is written. extra_files: as lowbit.save's
     (a tokenizer, e.g. from io.companion_files). The folder loads with lowbit.load, vLLM, and
     transformers' from_pretrained (compressed-tensors installed)."""
-    from .. import io
     from ..api import conv1d_names
     from ..experts import parse_slot
 

@@ -110,7 +110,7 @@ _WORD_ALIGNED_WIDTHS = (2, 4, 8)
 #: compressed-tensors 0.20 packs 3/5/6/7-bit codes densely (code i at bit i*b of the row, across
 #: word boundaries); some earlier versions put 32 // b codes in each word. Those widths are
 #: imported from folders whose quantization_config.version is at least this.
-_DENSE_PACKING_VERSION = (0, 20)
+DENSE_PACKING_VERSION = (0, 20)
 
 
 def is_compressed_tensors_folder(path: str | Path) -> bool:
@@ -172,7 +172,7 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
 def _packs_densely(version: Any) -> bool:
     """Whether compressed-tensors `version` (e.g. "0.20.0") packs 3/5/6/7-bit codes as 0.20 does."""
     match = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
-    return match is not None and (int(match[1]), int(match[2])) >= _DENSE_PACKING_VERSION
+    return match is not None and (int(match[1]), int(match[2])) >= DENSE_PACKING_VERSION
 
 
 def _check_int_weights(at: str, weights: dict[str, Any]) -> None:

@@ -314,6 +314,12 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
 _STACK_DIMS = {"qweight": 0, "scales": 1, "zeros": 1}
 
 
+def _not_row_major(packed: PackedWeight) -> list[str]:
+    """The fields of `packed` that neither follow its rows (`_STACK_DIMS`) nor are shared by all
+    of them (perm, tensor_scale): what keeps it from being stacked or split by rows."""
+    return sorted(set(packed.tensors) - set(_STACK_DIMS) - {"perm", "tensor_scale"})
+
+
 def stacked_rows(parts: list[PackedWeight], where: str) -> PackedWeight:
     """Layers [N_i, K] of one format with the same K, attrs, perm and tensor scale -> one
     [sum N_i, K] layer (a fused gate_up expert weight from its gate and up Linears); integer
@@ -329,7 +335,7 @@ def stacked_rows(parts: list[PackedWeight], where: str) -> PackedWeight:
            or ("perm" in first.tensors and not torch.equal(p.perm, first.perm)) for p in parts):
         raise fail(where, "its gate and up layers differ in format, dtype, in_features, groups, act or column order "
                    f"({[(p.format, p.shape, p.attrs) for p in parts]}): lowbit holds them as one layer")
-    unstackable = sorted(set(first.tensors) - set(_STACK_DIMS) - {"perm", "tensor_scale"})
+    unstackable = _not_row_major(first)
     if unstackable:
         raise fail(where, f"its gate and up layers are {first.format}, whose {unstackable} lowbit cannot stack into "
                    "one layer (integer, FP8, MX and NVFP4 layers stack)")
@@ -360,7 +366,7 @@ def row_slice(packed: PackedWeight, start: int, stop: int, where: str) -> Packed
     scales that a row range would cut."""
     if (start, stop) == (0, packed.shape[0]):
         return packed
-    unsplittable = sorted(set(packed.tensors) - set(_STACK_DIMS) - {"perm", "tensor_scale"})
+    unsplittable = _not_row_major(packed)
     if unsplittable:
         raise fail(where, f"{packed.format} layers' {unsplittable} are not split by rows")
     block = packed.attrs.get("block") or 1  # FP8 block scales cover `block` rows

@@ -44,14 +44,18 @@ def _within_one_bf16_step(theirs, ours):
     return bool(((theirs.float() - ours.float()).abs() <= ours.float().abs() * 2**-7).all())
 
 
+def _scheme(group):
+    """A config group parsed by compressed-tensors (its format is the group's, not a scheme field)."""
+    return ct_quantization.QuantizationScheme.model_validate({k: v for k, v in group.items() if k != "format"})
+
+
 def _check_config_groups(folder, expected_format):
     """Every config group parses as compressed-tensors' QuantizationScheme, and is in the format
     compressed-tensors infers for that scheme (the one it would have written)."""
     quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert quantization["quant_method"] == "compressed-tensors" and quantization["format"] == expected_format
     for group in quantization["config_groups"].values():
-        scheme = ct_quantization.QuantizationScheme.model_validate(
-            {k: v for k, v in group.items() if k != "format"})
+        scheme = _scheme(group)
         assert infer_module_format(torch.nn.Linear, scheme).value == group["format"] == expected_format
     return quantization
 
@@ -111,7 +115,7 @@ def test_mixed_formats_get_a_config_group_each_targeting_their_layers(bf16_dir, 
     # group's scheme, so it cannot load mixed folders, llm-compressor's included)
     tensors = load_file(folder / "model.safetensors")
     for group in quantization["config_groups"].values():
-        scheme = ct_quantization.QuantizationScheme.model_validate({k: v for k, v in group.items() if k != "format"})
+        scheme = _scheme(group)
         compressor = BaseCompressor.get_value_from_registry(group["format"])
         for name in group["targets"]:
             state = {key.removeprefix(f"{name}."): t for key, t in tensors.items() if key.startswith(f"{name}.")}
@@ -131,7 +135,7 @@ def test_moe_experts_are_written_as_the_per_expert_linears_save_pretrained_write
     folder = export_compressed_tensors(model, tmp_path / "ct")
     quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
     (group,) = quantization["config_groups"].values()
-    scheme = ct_quantization.QuantizationScheme.model_validate({k: v for k, v in group.items() if k != "format"})
+    scheme = _scheme(group)
     compressor = BaseCompressor.get_value_from_registry(group["format"])
     tensors = load_file(folder / "model.safetensors")
     names = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"), "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
