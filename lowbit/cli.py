@@ -1,5 +1,5 @@
-"""The `lowbit` command: quantize a Hugging Face folder and save it; convert a dfloat11 package
-folder, a bitsandbytes (4-bit NF4 or 8-bit), a compressed-tensors (integer, FP8, NVFP4 or MX), a
+"""The `lowbit` command: quantize a Hugging Face folder and save it; convert a GGUF file, a
+dfloat11 package folder, a bitsandbytes (4-bit NF4 or 8-bit), a compressed-tensors (integer, FP8, NVFP4 or MX), a
 GPTQ or an AWQ folder; export a quantized folder as compressed-tensors; inspect a saved folder."""
 from __future__ import annotations
 
@@ -133,19 +133,23 @@ class ForeignFolder:
 
 
 def foreign_folder(source: Path, segment: int | None) -> ForeignFolder | None:
-    """How to import `source` if another library wrote it (dfloat11 package, bitsandbytes,
-    compressed-tensors, GPTQ / AWQ), else None. segment: dfloat11's option (LowbitError for the
+    """How to import `source` if another library wrote it (a GGUF file; a dfloat11 package,
+    bitsandbytes, compressed-tensors or GPTQ / AWQ folder), else None. segment: dfloat11's option (LowbitError for the
     others)."""
     from .formats import get_format
-    from .integrations import bnb_import, ct_import, gptq_awq_import
+    from .integrations import bnb_import, ct_import, gguf_import, gptq_awq_import
     from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
 
-    if is_dfloat11_folder(source):
+    if gguf_import.is_gguf_file(source):
+        folder = ForeignFolder("GGUF", gguf_import.target_format(source),
+                               "same codes; Q4_0 / Q5_0 / Q8_0 weights bit-identical, others' scales in float16",
+                               lambda: gguf_import.load_gguf(source))
+    elif is_dfloat11_folder(source):
         options = {} if segment is None else {"segment": segment}
         get_format("dfloat11").check_options(options)
         return ForeignFolder("dfloat11 package", "dfloat11", "weights bit-identical",
                              lambda: load_dfloat11(source, **options))
-    if bnb_import.is_bitsandbytes_folder(source):
+    elif bnb_import.is_bitsandbytes_folder(source):
         found = bnb_import.target_format(source)
         kind, fidelity = (("bitsandbytes 8-bit", "same codes, row scales rounded to float16") if found == "int8"
                           else ("bitsandbytes 4-bit", "weights bit-identical"))
@@ -161,13 +165,17 @@ def foreign_folder(source: Path, segment: int | None) -> ForeignFolder | None:
     else:
         return None
     if segment is not None:
-        raise LowbitError(f"--segment is a dfloat11 option; a {folder.kind} folder converts to {folder.fmt} as stored")
+        raise LowbitError(f"--segment is a dfloat11 option; a {folder.kind} checkpoint converts to {folder.fmt} as stored")
     return folder
 
 
 def _companions(source: Path, settings_files: tuple[str, ...] = ()) -> dict:
-    """The source folder's tokenizer etc. (io.companion_files), less its quantization settings."""
+    """The source folder's tokenizer etc. (io.companion_files), less its quantization settings;
+    none for a file (GGUF: its tokenizer is in the file, and not copied)."""
     from . import io
+
+    if source.is_file():
+        return {}
 
     return {name: path for name, path in io.companion_files(source).items() if name not in settings_files}
 
@@ -178,8 +186,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     source, out_dir = Path(args.source), Path(args.out)
     folder = foreign_folder(source, args.segment)
     if folder is None:
-        raise LowbitError(f"{source}: not a dfloat11 package folder (config.json with dfloat11_config), nor a "
-                          "bitsandbytes, compressed-tensors, GPTQ or AWQ one (config.json with "
+        raise LowbitError(f"{source}: not a GGUF file, a dfloat11 package folder (config.json with dfloat11_config), "
+                          "nor a bitsandbytes, compressed-tensors, GPTQ or AWQ one (config.json with "
                           "quantization_config.quant_method 'bitsandbytes', 'compressed-tensors', 'gptq' or 'awq')")
     start = time.perf_counter()
     io.check_save_target(out_dir)
@@ -315,10 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="glob patterns of layers to keep in full precision")
     q.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     q.set_defaults(func=cmd_quantize)
-    c = sub.add_parser("convert", help="convert a folder of the dfloat11 package, a bitsandbytes 4-bit NF4 or "
+    c = sub.add_parser("convert", help="convert a GGUF file, a folder of the dfloat11 package, a bitsandbytes 4-bit NF4 or "
                        "8-bit folder, a compressed-tensors integer, FP8, NVFP4 or MX one, or a GPTQ or AWQ one, "
                        "into a lowbit folder")
-    c.add_argument("source", help="folder written by the dfloat11 package (config.json with dfloat11_config), "
+    c.add_argument("source", help="GGUF file (llama.cpp's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K "
+                   "weights; the model in bfloat16), or folder written by the dfloat11 package (config.json with dfloat11_config), "
                    "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model, or "
                    "by llm-compressor / compressed-tensors (W2A16 ... W8A16, W8A8 int8, FP8, NVFP4, "
                    "MXFP4 / MXFP6 / MXFP8), or by AutoGPTQ / GPTQModel / AutoAWQ (GPTQ 2/3/4/8-bit, AWQ GEMM)")

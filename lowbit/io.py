@@ -435,7 +435,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     is imported instead: lowbit/integrations/dfloat11_import.py; so are a bitsandbytes 4-bit NF4 /
     FP4 or 8-bit folder (lowbit/integrations/bnb_import.py) and a compressed-tensors integer, FP8,
     NVFP4 or MX one (lowbit/integrations/ct_import.py) and a GPTQ or AWQ one
-    (lowbit/integrations/gptq_awq_import.py); a folder written by `save_pretrained`
+    (lowbit/integrations/gptq_awq_import.py), and a GGUF file (lowbit/integrations/gguf_import.py:
+    its Q4_0 ... Q5_K weights as int4 / int5 / int8 layers, the model in bfloat16; `load_gguf` takes
+    another dtype); a folder written by `save_pretrained`
     (config.json with a lowbit quantization_config) is read through transformers' from_pretrained.
     """
     folder = as_path(path, "load(path)")
@@ -446,8 +448,11 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         from .integrations.bnb_import import is_bitsandbytes_folder, load_bitsandbytes
         from .integrations.ct_import import is_compressed_tensors_folder, load_compressed_tensors
         from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
+        from .integrations.gguf_import import is_gguf_file, load_gguf
         from .integrations.gptq_awq_import import is_gptq_awq_folder, load_gptq_awq
 
+        if is_gguf_file(folder):  # llama.cpp's single-file format
+            return load_gguf(folder, model=model, device=device)
         if is_dfloat11_folder(folder):  # a checkpoint of the `dfloat11` package: import it
             return load_dfloat11(folder, model=model, device=device)
         if is_bitsandbytes_folder(folder):  # transformers' save_pretrained of a bitsandbytes model

@@ -320,7 +320,7 @@ def test_convert_refuses_dfloat11_options_and_other_folders(bf16_dir, tmp_path, 
     assert cli_main(["convert", str(folder), str(tmp_path / "a"), "--segment", "64"]) == 2
     assert "--segment is a dfloat11 option" in capsys.readouterr().err
     assert cli_main(["convert", str(bf16_dir), str(tmp_path / "b")]) == 2
-    assert "not a dfloat11 package folder" in capsys.readouterr().err
+    assert "not a GGUF file, a dfloat11 package folder" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

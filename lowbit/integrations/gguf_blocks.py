@@ -1,0 +1,171 @@
+"""GGML quantization blocks (llama.cpp's GGUF tensor types) as lowbit integer groups.
+
+Each GGML type stores a row of K weights as K / block_size blocks of bytes. The types read here
+decode every group of `group_size` weights as one of two affine maps of unsigned codes u:
+
+    symmetric:  w = a * (u - 2^(bits-1))      (Q4_0, Q5_0, Q8_0)
+    with a min: w = a * u - c                 (Q4_1, Q5_1, Q4_K, Q5_K)
+
+with a, c float32 per group: a float16 d itself, or d times a 6-bit sub-block scale (K types).
+`decode_blocks` returns the codes, a and c; `lowbit_groups` turns them into lowbit's float16
+scales and zero points, w = s * (u - z). The symmetric types are exact (s = d, z = 2^(bits-1)).
+For the others a (a float16 times up to 63 in the K types) and z = c / s are rounded to float16,
+so weights differ from llama.cpp's by that rounding (measured in tests/integrations/test_gguf_import.py).
+
+Layouts (ggml-common.h): Q4_0 / Q4_1 / Q5_* keep element j of a 32-block in byte j's low
+nibble and element j + 16 in its high nibble, Q5's fifth bits in a little-endian uint32; the
+K types' 256-blocks hold 8 sub-blocks of 32 whose 6-bit scales and mins are packed in 12 bytes,
+and whose codes run 64 at a time: sub-block 2i in the low nibbles of 32 bytes, 2i + 1 in the high.
+Types with 16-weight groups (Q2_K, Q3_K, Q6_K) have no lowbit layout: lowbit's groups are
+multiples of 32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..formats.integer import SCALE_DTYPE
+
+QK_K = 256  # weights per K-type block
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One GGML type lowbit imports: `bits`-wide codes in groups of `group_size` weights."""
+
+    name: str
+    bits: int
+    group_size: int
+    block_size: int  # weights per block
+    block_bytes: int
+    symmetric: bool
+    decode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The little-endian float16 at byte `offset` of each block [R, B, bytes] -> float32 [R, B, 1]."""
+    return blocks[..., offset:offset + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., n] -> their low nibbles, then their high nibbles: int32 [..., 2n]."""
+    qs = qs.int()
+    return torch.cat([qs & 0xF, qs >> 4], dim=-1)
+
+
+def _fifth_bits(qh: torch.Tensor, count: int) -> torch.Tensor:
+    """Bit j of the little-endian bytes qh [..., count / 8], for j < count: int32 [..., count]."""
+    bits = (qh.int().unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
+    return bits.flatten(-2)[..., :count]
+
+
+def _q4_0(blocks):
+    return _nibbles(blocks[..., 2:18]), _half(blocks, 0), None
+
+
+def _q4_1(blocks):
+    return _nibbles(blocks[..., 4:20]), _half(blocks, 0), -_half(blocks, 2)
+
+
+def _q5_0(blocks):
+    return _nibbles(blocks[..., 6:22]) | (_fifth_bits(blocks[..., 2:6], 32) << 4), _half(blocks, 0), None
+
+
+def _q5_1(blocks):
+    return _nibbles(blocks[..., 8:24]) | (_fifth_bits(blocks[..., 4:8], 32) << 4), _half(blocks, 0), -_half(blocks, 2)
+
+
+def _q8_0(blocks):
+    return blocks[..., 2:34].contiguous().view(torch.int8).int() + 128, _half(blocks, 0), None
+
+
+def _k_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12 bytes [..., 12] of a K block's eight 6-bit sub-block scales and mins -> int32 [..., 8]
+    each: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7's
+    low 4 bits in bytes 8-11 (scales low nibble, mins high) and top 2 bits in bytes 0-7's top bits."""
+    s = packed.int()
+    low_scales, low_mins, rest = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    scales = torch.cat([low_scales & 63, (rest & 0xF) | ((low_scales >> 6) << 4)], dim=-1)
+    mins = torch.cat([low_mins & 63, (rest >> 4) | ((low_mins >> 6) << 4)], dim=-1)
+    return scales, mins
+
+
+def _k_codes(qs: torch.Tensor) -> torch.Tensor:
+    """A K block's 128 bytes of 4-bit codes -> int32 [..., 256]: each 32-byte run holds two
+    sub-blocks, the first in its low nibbles."""
+    runs = qs.int().unflatten(-1, (4, 32))
+    return torch.stack([runs & 0xF, runs >> 4], dim=-2).flatten(-3)
+
+
+def _k_affine(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K block's per-sub-block a = d * scale and c = dmin * min: float32 [R, B, 8] each."""
+    scales, mins = _k_scales_and_mins(blocks[..., 4:16])
+    return _half(blocks, 0) * scales.float(), _half(blocks, 2) * mins.float()
+
+
+def _q4_k(blocks):
+    a, c = _k_affine(blocks)
+    return _k_codes(blocks[..., 16:144]), a, c
+
+
+def _q5_k(blocks):
+    a, c = _k_affine(blocks)
+    # fifth bit of sub-block i's element e: bit i of byte e of the 32 qh bytes
+    high = (blocks[..., 16:48].int().unsqueeze(-2) >> torch.arange(8, dtype=torch.int32).unsqueeze(-1)) & 1
+    return _k_codes(blocks[..., 48:176]) | (high.flatten(-2) << 4), a, c
+
+
+BLOCK_TYPES = {t.name: t for t in (
+    BlockType("Q4_0", 4, 32, 32, 18, True, _q4_0),
+    BlockType("Q4_1", 4, 32, 32, 20, False, _q4_1),
+    BlockType("Q5_0", 5, 32, 32, 22, True, _q5_0),
+    BlockType("Q5_1", 5, 32, 32, 24, False, _q5_1),
+    BlockType("Q8_0", 8, 32, 32, 34, True, _q8_0),
+    BlockType("Q4_K", 4, 32, QK_K, 144, False, _q4_k),
+    BlockType("Q5_K", 5, 32, QK_K, 176, False, _q5_k),
+)}
+
+
+def decode_blocks(kind: BlockType, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A GGUF tensor's bytes uint8 [N, K / block_size * block_bytes] -> (codes int32 [N, K],
+    a float32 [N, G], c float32 [N, G] or None for symmetric types), G = K / group_size."""
+    n = data.shape[0]
+    codes, a, c = kind.decode(data.reshape(n, -1, kind.block_bytes))
+    return codes.reshape(n, -1), a.reshape(n, -1), None if c is None else c.reshape(n, -1)
+
+
+def reference_weights(kind: BlockType, codes: torch.Tensor, a: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """The float32 weights [N, K] llama.cpp decodes from (codes, a, c) (`decode_blocks`)."""
+    u = codes.float().unflatten(-1, (a.shape[1], kind.group_size))
+    w = a.unsqueeze(-1) * (u - 2 ** (kind.bits - 1)) if c is None else a.unsqueeze(-1) * u - c.unsqueeze(-1)
+    return w.flatten(-2)
+
+
+def lowbit_groups(kind: BlockType, codes: torch.Tensor, a: torch.Tensor, c: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes, a, c) from `decode_blocks` -> lowbit's (codes int32 [N, K], float16 scales s [N, G],
+    float16 zero points z [N, G] or None when symmetric), w = s * (u - z).
+
+    Symmetric types: s = a exactly. Types with a min: s = a rounded to float16, z = c / s rounded.
+    A group whose a is 0 or so small that z overflows float16 (|c / a| > 65504) decodes to the
+    constant -c, within a * (2^bits - 1) < |c| * 2^bits / 65504 of llama.cpp's weights: its codes
+    become 2^bits - 1 with z = 0 and s = -c / (2^bits - 1). ValueError when a or c is not finite
+    or a scale overflows float16."""
+    if not (bool(torch.isfinite(a).all()) and (c is None or bool(torch.isfinite(c).all()))):
+        raise ValueError("a block scale or min is not finite")
+    if c is None:
+        return codes, a.to(SCALE_DTYPE), None
+    scales = a.to(SCALE_DTYPE)
+    zeros = (c.double() / scales.double()).to(SCALE_DTYPE)
+    constant = (scales == 0) | ~torch.isfinite(zeros)
+    if bool(constant.any()):
+        top = 2 ** kind.bits - 1
+        scales = torch.where(constant, (-c.double() / top).to(SCALE_DTYPE), scales)
+        zeros = torch.where(constant, torch.zeros_like(zeros), zeros)
+        grouped = codes.unflatten(-1, (a.shape[1], kind.group_size))
+        codes = torch.where(constant.unsqueeze(-1), top, grouped).flatten(-2)
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"a group scale exceeds float16's range (largest |d * scale| {float(a.abs().max()):.6g})")
+    return codes, scales, zeros
