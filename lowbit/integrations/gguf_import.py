@@ -162,6 +162,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     float16), every other tensor decoded to `dtype` (quantized Linear weights of other types too,
     with a warning). model: optional skeleton to fill. CheckpointError naming the file or tensor for
     anything it cannot import."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
     from ..io import build_meta_model
     from .foreign_folder import model_with_layers
 
@@ -171,9 +173,10 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     reader = _reader(path)
     config, processor, cls = _architecture(path, reader)
     skeleton_model = build_meta_model(path, cls, config, "<GGUF metadata>") if model is None else model
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
-
-    names = get_gguf_hf_weights_map(skeleton_model, processor)
+    try:
+        names = get_gguf_hf_weights_map(skeleton_model, processor)
+    except (AttributeError, NotImplementedError) as exc:  # a model= without a transformers config; a model_type gguf lacks
+        raise fail(str(path), f"transformers cannot map its tensor names to the model's ({exc})") from None
     context = {"tensor_key_mapping": names, "parsed_parameters": {"config": config, "tensors": {}}}
     linears = {name for name, module in skeleton_model.named_modules() if isinstance(module, nn.Linear)}
     packed, dense, kept_dense, errors = {}, {}, Counter(), {}
