@@ -4,6 +4,7 @@ GPTQ or an AWQ folder; export a quantized folder as compressed-tensors; inspect 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -134,39 +135,22 @@ class ForeignFolder:
 
 def foreign_folder(source: Path, segment: int | None) -> ForeignFolder | None:
     """How to import `source` if another library wrote it (a GGUF file; a dfloat11 package,
-    bitsandbytes, compressed-tensors or GPTQ / AWQ folder), else None. segment: dfloat11's option (LowbitError for the
-    others)."""
+    bitsandbytes, compressed-tensors or GPTQ / AWQ folder: integrations/importers.py), else None.
+    segment: dfloat11's option (LowbitError for the others)."""
     from .formats import get_format
-    from .integrations import bnb_import, ct_import, gguf_import, gptq_awq_import
-    from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
+    from .integrations.importers import find_importer
 
-    if gguf_import.is_gguf_file(source):
-        folder = ForeignFolder("GGUF", gguf_import.target_format(source),
-                               "same codes; Q4_0 / Q5_0 / Q8_0 weights bit-identical, others' scales in float16",
-                               lambda: gguf_import.load_gguf(source))
-    elif is_dfloat11_folder(source):
-        options = {} if segment is None else {"segment": segment}
-        get_format("dfloat11").check_options(options)
-        return ForeignFolder("dfloat11 package", "dfloat11", "weights bit-identical",
-                             lambda: load_dfloat11(source, **options))
-    elif bnb_import.is_bitsandbytes_folder(source):
-        found = bnb_import.target_format(source)
-        kind, fidelity = (("bitsandbytes 8-bit", "same codes, row scales rounded to float16") if found == "int8"
-                          else ("bitsandbytes 4-bit", "weights bit-identical"))
-        folder = ForeignFolder(kind, found, fidelity, lambda: bnb_import.load_bitsandbytes(source))
-    elif ct_import.is_compressed_tensors_folder(source):
-        found = ct_import.target_format(source)
-        fidelity = "same codes" + (", integer layers' scales in float16" if "int" in found else " and scales")
-        folder = ForeignFolder("compressed-tensors", found, fidelity, lambda: ct_import.load_compressed_tensors(source))
-    elif gptq_awq_import.is_gptq_awq_folder(source):
-        folder = ForeignFolder("GPTQ / AWQ", gptq_awq_import.target_format(source),
-                               "same codes and zero points, scales in float16",
-                               lambda: gptq_awq_import.load_gptq_awq(source), tuple(gptq_awq_import.SIDE_CONFIGS))
-    else:
+    importer = find_importer(source)
+    if importer is None:
         return None
-    if segment is not None:
-        raise LowbitError(f"--segment is a dfloat11 option; a {folder.kind} checkpoint converts to {folder.fmt} as stored")
-    return folder
+    kind, fmt, fidelity = importer.describe(source)
+    options = {} if segment is None else {"segment": segment}
+    if options and "segment" not in importer.options:
+        raise LowbitError(f"--segment is a dfloat11 option; a {kind} checkpoint converts to {fmt} as stored")
+    if importer.options:
+        get_format(fmt).check_options(options)
+    return ForeignFolder(kind, fmt, fidelity, functools.partial(importer.load, source, **options),
+                         importer.settings_files)
 
 
 def _companions(source: Path, settings_files: tuple[str, ...] = ()) -> dict:
@@ -176,7 +160,6 @@ def _companions(source: Path, settings_files: tuple[str, ...] = ()) -> dict:
 
     if source.is_file():
         return {}
-
     return {name: path for name, path in io.companion_files(source).items() if name not in settings_files}
 
 

@@ -445,22 +445,11 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     if model is not None:
         check_module(model, "load(..., model=)")
     if not (folder / MANIFEST).is_file():
-        from .integrations.bnb_import import is_bitsandbytes_folder, load_bitsandbytes
-        from .integrations.ct_import import is_compressed_tensors_folder, load_compressed_tensors
-        from .integrations.dfloat11_import import is_dfloat11_folder, load_dfloat11
-        from .integrations.gguf_import import is_gguf_file, load_gguf
-        from .integrations.gptq_awq_import import is_gptq_awq_folder, load_gptq_awq
+        from .integrations.importers import find_importer
 
-        if is_gguf_file(folder):  # llama.cpp's single-file format
-            return load_gguf(folder, model=model, device=device)
-        if is_dfloat11_folder(folder):  # a checkpoint of the `dfloat11` package: import it
-            return load_dfloat11(folder, model=model, device=device)
-        if is_bitsandbytes_folder(folder):  # transformers' save_pretrained of a bitsandbytes model
-            return load_bitsandbytes(folder, model=model, device=device)
-        if is_compressed_tensors_folder(folder):  # llm-compressor / vLLM's checkpoint format
-            return load_compressed_tensors(folder, model=model, device=device)
-        if is_gptq_awq_folder(folder):  # AutoGPTQ / GPTQModel / AutoAWQ checkpoints
-            return load_gptq_awq(folder, model=model, device=device)
+        importer = find_importer(folder)
+        if importer is not None:  # GGUF, dfloat11 package, bitsandbytes, compressed-tensors, GPTQ / AWQ
+            return importer.load(folder, model=model, device=device)
         config = saved_pretrained_config(folder)
         if model is None and config is not None:  # written by save_pretrained
             return _load_pretrained(folder, config, device)

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from ..formats import get_format
 from ..packed import PackedWeight
 from .foreign_folder import fail, integer_layer
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_groups, reference_weights
@@ -128,13 +129,14 @@ def _layer(path: Path, tensor, kind: BlockType, order: torch.Tensor, dtype: torc
         codes, scales, zeros = lowbit_groups(kind, codes, a, c)
     except ValueError as exc:
         raise fail(f"{path}: {tensor.name}", f"{kind.name} blocks lowbit cannot hold: {exc}") from None
-    error = 0.0
-    if not kind.symmetric:
-        reference = reference_weights(kind, codes, a, c)
-        decoded = (codes.float().unflatten(-1, (scales.shape[1], kind.group_size)) - zeros.float().unsqueeze(-1))
-        decoded = (decoded * scales.float().unsqueeze(-1)).flatten(-2)
-        error = float((decoded - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
-    return integer_layer(codes, kind.bits, kind.group_size, scales, zeros, dtype), error
+    layer = integer_layer(codes, kind.bits, kind.group_size, scales, zeros, dtype)
+    if kind.symmetric:
+        return layer, 0.0
+    # lowbit's weights by its own spec, in float32 (the layer's dtype would add its rounding)
+    decoded = get_format(layer.format).dequantize(PackedWeight(layer.format, layer.shape, torch.float32, layer.attrs,
+                                                               layer.tensors))
+    reference = reference_weights(kind, codes, a, c)
+    return layer, float((decoded - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
 def _dense(path: Path, tensor, processor, context: dict, dtype: torch.dtype) -> tuple[str, torch.Tensor]:

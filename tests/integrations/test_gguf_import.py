@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import lowbit
 from lowbit.errors import CheckpointError
 from lowbit.integrations import gguf_blocks
+from lowbit.integrations.foreign_folder import integer_layer
 from lowbit.integrations.gguf_import import load_gguf
 
 from ..conftest import kernel_devices
@@ -114,6 +115,12 @@ def _weights(layer):
     return lowbit.get_format(layer.packed.format).dequantize(layer.packed)
 
 
+def _lowbit_weights(kind, codes, scales, zeros):
+    """The float32 weights lowbit's int format decodes from `lowbit_groups`' codes, scales and zero points."""
+    layer = integer_layer(codes, kind.bits, kind.group_size, scales, zeros, torch.float32)
+    return lowbit.get_format(layer.format).dequantize(layer)
+
+
 def _group_bound(kind, codes, a, c):
     """Per-weight bound on lowbit's difference from llama.cpp: float16 rounding of the scale (2^-11
     relative) times the largest |code - zero| a group can have, plus that of c."""
@@ -134,8 +141,7 @@ def test_block_decoders_match_the_gguf_package(kind):
     assert codes.shape == (6, 512) and int(codes.min()) >= 0 and int(codes.max()) < 2 ** info.bits
     assert torch.equal(gguf_blocks.reference_weights(info, codes, a, c), want)
     u, scales, zeros = gguf_blocks.lowbit_groups(info, codes, a, c)
-    z = 2 ** (info.bits - 1) if zeros is None else zeros.float().repeat_interleave(info.group_size, dim=1)
-    got = (u.float() - z) * scales.float().repeat_interleave(info.group_size, dim=1)
+    got = _lowbit_weights(info, u, scales, zeros)
     if kind in EXACT:
         assert zeros is None and torch.equal(got, want)
     else:
@@ -153,7 +159,7 @@ def test_groups_without_a_scale_decode_to_their_constant():
     c = torch.tensor([[0.03, 0.005], [0.5, 0.0]])
     u, scales, zeros = gguf_blocks.lowbit_groups(info, codes, a, c)
     want = gguf_blocks.reference_weights(info, codes, a, c)
-    got = ((u.float().unflatten(1, (2, 32)) - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).flatten(1)
+    got = _lowbit_weights(info, u, scales, zeros)
     assert torch.equal(u[0, :32], torch.full((32,), 15, dtype=torch.int32)) and float(zeros[0, 0]) == 0
     assert torch.equal(u[0, 32:], codes[0, 32:])  # a group with a scale keeps its codes
     assert torch.allclose(got, want, rtol=2.0 ** -10, atol=1e-6)
