@@ -1,7 +1,8 @@
 """Group-wise integer formats int2 ... int8 (the torch spec; DESIGN.md section 4).
 
-Groups of `group_size` (default 128) consecutive weights along K share a scale (and, when
-asymmetric, a zero point). K is zero-padded to a whole number of groups (Kp).
+Groups of `group_size` (default 128; 16 or a multiple of 32) consecutive weights along K share
+a scale (and, when asymmetric, a zero point). K is zero-padded to a whole number of groups and
+of 32 (Kp: the bit planes hold whole int32 words), so groups of 16 may end in a group of padding.
 
 symmetric:  qmax = 2^(b-1)-1, s = amax/qmax, q = clamp(round(w/s), -qmax, qmax),
             stored code u = q + 2^(b-1), w_hat = (u - 2^(b-1)) * s
@@ -53,6 +54,7 @@ order. Stored only when set; lowbit's own quantizer never writes it.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -75,8 +77,10 @@ MSE_SHRINK = tuple(1.0 - 0.025 * i for i in range(21))
 
 
 def padded_k(k: int, group_size: int) -> int:
-    """K rounded up to a whole number of groups (group sizes are multiples of 32)."""
-    return -(-k // group_size) * group_size
+    """K rounded up to a whole number of groups and of 32 (group sizes are multiples of 32, or
+    16: the bit planes hold whole int32 words)."""
+    step = group_size if group_size % 32 == 0 else math.lcm(group_size, 32)
+    return -(-k // step) * step
 
 
 def _round_scale_up(scale: torch.Tensor) -> torch.Tensor:
@@ -105,6 +109,9 @@ class IntFormat(Format):
     METHODS = ("rtn", "mse", "gptq")
     #: bit-plane layout of qweight (see bitpack.py); the LUT formats use one-bit planes
     ONE_BIT_PLANES = False
+    #: group sizes below 32 the kernels take (their K tiles then span several groups; GGUF's
+    #: Q2_K / Q3_K / Q6_K blocks have groups of 16), besides the multiples of 32
+    SMALL_GROUP_SIZES = (16,)
 
     def __init__(self, bits: int, prefix: str = "int"):
         self.bits = bits
@@ -115,8 +122,8 @@ class IntFormat(Format):
     def check_options(self, options: dict[str, Any]) -> None:
         self.check_option_names(options)
         gs = options.get("group_size", DEFAULT_GROUP_SIZE)
-        if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or (gs > 0 and gs % 32 == 0)):
-            raise FormatError(f"{self.name}: group_size must be -1 (per channel) or a positive multiple of 32, got {gs!r}")
+        if gs != -1:
+            self._check_group_size(gs, options.get("act"))
         sym = options.get("symmetric", False)
         if not isinstance(sym, bool) or (sym and self.bits == 1):
             raise FormatError(f"{self.name}: symmetric must be a bool (False for 1 bit), got {sym!r}")
@@ -125,6 +132,20 @@ class IntFormat(Format):
         if "permuted" in options:
             raise FormatError(f"{self.name}: permuted is not a quantizer option (imports of activation-ordered "
                               "checkpoints set it; see act_order for GPTQ's column order)")
+
+    def _check_group_size(self, gs: Any, act: Any, stored: bool = False) -> None:
+        """FormatError unless gs is a positive multiple of 32 (up to MAX_DIM when stored) or one of
+        SMALL_GROUP_SIZES, and, with act set, at least 32 (the quantized-activation GEMM scales a
+        whole K tile's code sums by one group's scale)."""
+        if (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or (stored and gs > MAX_DIM)
+                or (gs % 32 and gs not in self.SMALL_GROUP_SIZES)):
+            per_channel = "" if stored else "-1 (per channel), "
+            limit = f" up to {MAX_DIM}" if stored else ""
+            small = "".join(f" or {size}" for size in self.SMALL_GROUP_SIZES)
+            raise FormatError(f"{self.name}: group_size must be {per_channel}a positive multiple of 32{limit}{small}, "
+                              f"got {gs!r}")
+        if act is not None and gs < 32:
+            raise FormatError(f"{self.name}: act={act!r} needs a group_size of at least 32, got {gs}")
 
     def resolve_attrs(self, shape: tuple[int, int], options: dict[str, Any]) -> dict[str, Any]:
         self.check_options(options)
@@ -141,9 +162,7 @@ class IntFormat(Format):
 
     def check_attrs(self, shape: tuple[int, int], attrs: Any) -> dict[str, Any]:
         self.check_attr_keys(attrs)
-        gs = attrs["group_size"]
-        if isinstance(gs, bool) or not isinstance(gs, int) or not 0 < gs <= MAX_DIM or gs % 32:
-            raise FormatError(f"{self.name}: group_size must be a positive multiple of 32 up to {MAX_DIM}, got {gs!r}")
+        self._check_group_size(attrs["group_size"], attrs.get("act"), stored=True)
         if not isinstance(attrs["symmetric"], bool):
             raise FormatError(f"{self.name}: symmetric must be a bool, got {attrs['symmetric']!r}")
         if "act" in attrs and attrs["act"] not in _ACT_QUANTIZERS:  # stored only when set

@@ -22,6 +22,7 @@ class LutFormat(IntFormat):
     ONE_BIT_PLANES = True
     ATTRS = ("group_size", "symmetric")  # no act="int8": the lookup kernel sums 16-bit activations
     OPTIONAL_ATTRS = ()
+    SMALL_GROUP_SIZES = ()  # the lookup kernel's K tiles lie inside one group
 
     def __init__(self, bits: int):
         super().__init__(bits, prefix="lut")

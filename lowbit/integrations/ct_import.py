@@ -160,6 +160,9 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
         if scheme.get("output_activations"):
             raise fail(f"{at}.output_activations", "is set: lowbit does not quantize layer outputs")
         act = _activation_rule(f"{at}.input_activations", scheme.get("input_activations"), fmt, weights)
+        if act is not None and weights.get("strategy") == "group" and weights.get("group_size") == 16:
+            raise fail(f"{at}.input_activations", "quantized activations with weight groups of 16: lowbit's int8 / "
+                       "FP8 activation GEMM scales whole K tiles of at least 32 by one group")
         targets = scheme.get("targets")
         if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
             raise fail(f"{at}.targets", f"expected a list of names, got {targets!r}")
@@ -185,8 +188,8 @@ def _check_int_weights(at: str, weights: dict[str, Any]) -> None:
     if strategy not in ("group", "channel"):
         raise fail(f"{at}.strategy", f"{strategy!r}: lowbit imports 'group' and 'channel'")
     size = weights.get("group_size")
-    if strategy == "group" and not (isinstance(size, int) and size > 0 and size % 32 == 0):
-        raise fail(f"{at}.group_size", f"{size!r}: lowbit's groups are a positive multiple of 32 long")
+    if strategy == "group" and not (type(size) is int and size > 0 and (size % 32 == 0 or size == 16)):
+        raise fail(f"{at}.group_size", f"{size!r}: lowbit's groups are a positive multiple of 32 long, or 16")
 
 
 def _check_fp8_weights(at: str, weights: dict[str, Any]) -> None:

@@ -3,21 +3,25 @@
 Each GGML type stores a row of K weights as K / block_size blocks of bytes. The types read here
 decode every group of `group_size` weights as one of two affine maps of unsigned codes u:
 
-    symmetric:  w = a * (u - 2^(bits-1))      (Q4_0, Q5_0, Q8_0)
-    with a min: w = a * u - c                 (Q4_1, Q5_1, Q4_K, Q5_K)
+    symmetric:  w = a * (u - 2^(bits-1))      (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K)
+    with a min: w = a * u - c                 (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
 
-with a, c float32 per group: a float16 d itself, or d times a 6-bit sub-block scale (K types).
-`decode_blocks` returns the codes, a and c; `lowbit_groups` turns them into lowbit's float16
-scales and zero points, w = s * (u - z). The symmetric types are exact (s = d, z = 2^(bits-1)).
-For the others a (a float16 times up to 63 in the K types) and z = c / s are rounded to float16,
-so weights differ from llama.cpp's by that rounding (measured in tests/integrations/test_gguf_import.py).
+with a, c float32 per group: a float16 d itself, or d times a small integer sub-block scale (K
+types; signed in Q3_K and Q6_K). `decode_blocks` returns the codes, a and c; `lowbit_groups`
+turns them into lowbit's float16 scales and zero points, w = s * (u - z). Q4_0, Q5_0 and Q8_0
+are exact (s = d, z = 2^(bits-1)). For the others a (a float16 times up to 127) and z = c / s
+are rounded to float16, so weights differ from llama.cpp's by that rounding (measured in
+tests/integrations/test_gguf_import.py).
 
 Layouts (ggml-common.h): Q4_0 / Q4_1 / Q5_* keep element j of a 32-block in byte j's low
-nibble and element j + 16 in its high nibble, Q5's fifth bits in a little-endian uint32; the
-K types' 256-blocks hold 8 sub-blocks of 32 whose 6-bit scales and mins are packed in 12 bytes,
-and whose codes run 64 at a time: sub-block 2i in the low nibbles of 32 bytes, 2i + 1 in the high.
-Types with 16-weight groups (Q2_K, Q3_K, Q6_K) have no lowbit layout: lowbit's groups are
-multiples of 32.
+nibble and element j + 16 in its high nibble, Q5's fifth bits in a little-endian uint32. The
+K types have 256-weight blocks:
+- Q4_K / Q5_K: 8 sub-blocks of 32 whose 6-bit scales and mins are packed in 12 bytes, codes
+  running 64 at a time: sub-block 2i in the low nibbles of 32 bytes, 2i + 1 in the high.
+- Q2_K / Q3_K / Q6_K: 16 sub-blocks of 16 (lowbit groups of 16). Their 2-bit fields run 128
+  at a time: element 32j + l of a half in bits 2j of byte l of its 32 bytes (Q3_K's third bit:
+  bit 4h + j of byte l of the 32 hmask bytes; Q6_K's high 2 bits the same way, its low 4 in
+  nibbles as Q4_K's).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class BlockType:
     block_bytes: int
     symmetric: bool
     decode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    exact: bool = False  # a is the block's float16 d and there is no min: lowbit holds it bit for bit
 
 
 def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
@@ -117,14 +122,52 @@ def _q5_k(blocks):
     return _k_codes(blocks[..., 48:176]) | (high.flatten(-2) << 4), a, c
 
 
+def _two_bit_fields(qs: torch.Tensor) -> torch.Tensor:
+    """A K block's 2-bit fields, 64 bytes [..., 64] -> int32 [..., 256]: each 32-byte half holds
+    128 fields, field 32j + l in bits 2j of byte l."""
+    halves = qs.int().unflatten(-1, (2, 1, 32))
+    return ((halves >> (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)) & 3).flatten(-3)
+
+
+def _q2_k(blocks):
+    scales = blocks[..., 0:16].int()
+    a, c = _half(blocks, 80) * (scales & 0xF).float(), _half(blocks, 82) * (scales >> 4).float()
+    return _two_bit_fields(blocks[..., 16:80]), a, c
+
+
+def _q3_k_scales(packed: torch.Tensor) -> torch.Tensor:
+    """Q3_K's 12 bytes [..., 12] of sixteen 6-bit scales -> int32 [..., 16] in [-32, 31]: scale i's
+    low 4 bits in nibble i // 8 of byte i % 8, its top 2 bits at 2 (i // 4) in byte 8 + i % 4."""
+    b = packed.int()
+    low = torch.cat([b[..., 0:8] & 0xF, b[..., 0:8] >> 4], dim=-1)
+    high = (b[..., 8:12].unsqueeze(-2) >> (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)) & 3
+    return (low | (high.flatten(-2) << 4)) - 32
+
+
+def _q3_k(blocks):
+    # third bit of element 128h + 32j + l: bit 4h + j of hmask byte l
+    high = (blocks[..., 0:32].int().unsqueeze(-2) >> torch.arange(8, dtype=torch.int32).view(8, 1)) & 1
+    codes = _two_bit_fields(blocks[..., 32:96]) | (high.flatten(-2) << 2)
+    return codes, _half(blocks, 108) * _q3_k_scales(blocks[..., 96:108]).float(), None
+
+
+def _q6_k(blocks):
+    low = _nibbles(blocks[..., 0:128].unflatten(-1, (2, 64))).flatten(-2)
+    codes = low | (_two_bit_fields(blocks[..., 128:192]) << 4)
+    return codes, _half(blocks, 208) * blocks[..., 192:208].contiguous().view(torch.int8).float(), None
+
+
 BLOCK_TYPES = {t.name: t for t in (
-    BlockType("Q4_0", 4, 32, 32, 18, True, _q4_0),
+    BlockType("Q4_0", 4, 32, 32, 18, True, _q4_0, exact=True),
     BlockType("Q4_1", 4, 32, 32, 20, False, _q4_1),
-    BlockType("Q5_0", 5, 32, 32, 22, True, _q5_0),
+    BlockType("Q5_0", 5, 32, 32, 22, True, _q5_0, exact=True),
     BlockType("Q5_1", 5, 32, 32, 24, False, _q5_1),
-    BlockType("Q8_0", 8, 32, 32, 34, True, _q8_0),
+    BlockType("Q8_0", 8, 32, 32, 34, True, _q8_0, exact=True),
+    BlockType("Q2_K", 2, 16, QK_K, 84, False, _q2_k),
+    BlockType("Q3_K", 3, 16, QK_K, 110, True, _q3_k),
     BlockType("Q4_K", 4, 32, QK_K, 144, False, _q4_k),
     BlockType("Q5_K", 5, 32, QK_K, 176, False, _q5_k),
+    BlockType("Q6_K", 6, 16, QK_K, 210, True, _q6_k),
 )}
 
 
@@ -148,24 +191,24 @@ def lowbit_groups(kind: BlockType, codes: torch.Tensor, a: torch.Tensor, c: torc
     """(codes, a, c) from `decode_blocks` -> lowbit's (codes int32 [N, K], float16 scales s [N, G],
     float16 zero points z [N, G] or None when symmetric), w = s * (u - z).
 
-    Symmetric types: s = a exactly. Types with a min: s = a rounded to float16, z = c / s rounded.
+    Symmetric types: s = a rounded to float16 (exactly a for Q4_0 / Q5_0 / Q8_0; Q3_K's and
+    Q6_K's may be negative). Types with a min: s = a rounded to float16, z = c / s rounded.
     A group whose a is 0 or so small that z overflows float16 (|c / a| > 65504) decodes to the
     constant -c, within a * (2^bits - 1) < |c| * 2^bits / 65504 of llama.cpp's weights: its codes
     become 2^bits - 1 with z = 0 and s = -c / (2^bits - 1). ValueError when a or c is not finite
     or a scale overflows float16."""
     if not (bool(torch.isfinite(a).all()) and (c is None or bool(torch.isfinite(c).all()))):
         raise ValueError("a block scale or min is not finite")
-    if c is None:
-        return codes, a.to(SCALE_DTYPE), None
-    scales = a.to(SCALE_DTYPE)
-    zeros = (c.double() / scales.double()).to(SCALE_DTYPE)
-    constant = (scales == 0) | ~torch.isfinite(zeros)
-    if bool(constant.any()):
-        top = 2 ** kind.bits - 1
-        scales = torch.where(constant, (-c.double() / top).to(SCALE_DTYPE), scales)
-        zeros = torch.where(constant, torch.zeros_like(zeros), zeros)
-        grouped = codes.unflatten(-1, (a.shape[1], kind.group_size))
-        codes = torch.where(constant.unsqueeze(-1), top, grouped).flatten(-2)
+    scales, zeros = a.to(SCALE_DTYPE), None
+    if c is not None:
+        zeros = (c.double() / scales.double()).to(SCALE_DTYPE)
+        constant = (scales == 0) | ~torch.isfinite(zeros)
+        if bool(constant.any()):
+            top = 2 ** kind.bits - 1
+            scales = torch.where(constant, (-c.double() / top).to(SCALE_DTYPE), scales)
+            zeros = torch.where(constant, torch.zeros_like(zeros), zeros)
+            grouped = codes.unflatten(-1, (a.shape[1], kind.group_size))
+            codes = torch.where(constant.unsqueeze(-1), top, grouped).flatten(-2)
     if not bool(torch.isfinite(scales).all()):
         raise ValueError(f"a group scale exceeds float16's range (largest |d * scale| {float(a.abs().max()):.6g})")
     return codes, scales, zeros

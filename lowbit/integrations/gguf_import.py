@@ -1,5 +1,5 @@
-"""Import of a GGUF file (llama.cpp's format): its Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K
-Linear weights become lowbit `int4` / `int5` / `int8` layers with the same codes (gguf_blocks.py),
+"""Import of a GGUF file (llama.cpp's format): its Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 and Q2_K ...
+Q6_K Linear weights become lowbit `int2` ... `int8` layers with the same codes (gguf_blocks.py),
 every other tensor is decoded to the model dtype.
 
 transformers does the parts that are not about the weights' layout: the model config from the
@@ -68,8 +68,8 @@ def _quantized_linear_type(tensor) -> BlockType | None:
 
 
 def target_format(path: str | Path) -> str:
-    """The lowbit formats the file's 2-D quantized tensors import as, e.g. "int4/int8" ("int4" for
-    Q4_K_M files, whose Q6_K tensors stay dense); "none" when it has no such tensor."""
+    """The lowbit formats the file's 2-D quantized tensors import as, e.g. "int4/int6" for Q4_K_M
+    files (Q4_K and Q6_K); "none" when it has no such tensor."""
     found = {f"int{kind.bits}" for t in _reader(Path(path)).tensors
              if (kind := _quantized_linear_type(t)) is not None and not t.name.startswith("token_embd")}
     return "/".join(sorted(found, key=lambda name: int(name[3:]))) or "none"
@@ -130,7 +130,7 @@ def _layer(path: Path, tensor, kind: BlockType, order: torch.Tensor, dtype: torc
     except ValueError as exc:
         raise fail(f"{path}: {tensor.name}", f"{kind.name} blocks lowbit cannot hold: {exc}") from None
     layer = integer_layer(codes, kind.bits, kind.group_size, scales, zeros, dtype)
-    if kind.symmetric:
+    if kind.exact:
         return layer, 0.0
     # lowbit's weights by its own spec, in float32 (the layer's dtype would add its rounding)
     decoded = get_format(layer.format).dequantize(PackedWeight(layer.format, layer.shape, torch.float32, layer.attrs,
@@ -159,10 +159,10 @@ def _dense(path: Path, tensor, processor, context: dict, dtype: torch.dtype) -> 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: nn.Module | None = None,
               device: str | torch.device = "cpu") -> nn.Module:
     """Read a GGUF file -> the transformers causal LM it describes, whose Linear weights stored
-    as Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K are lowbit int4 / int5 / int8 QuantLinears of
-    output dtype `dtype` (groups of 32, same codes; Q4_1 / Q5_1 / K scales and mins rounded to
-    float16), every other tensor decoded to `dtype` (quantized Linear weights of other types too,
-    with a warning). model: optional skeleton to fill. CheckpointError naming the file or tensor for
+    as Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K / Q3_K / Q4_K / Q5_K / Q6_K are lowbit int2 ... int8
+    QuantLinears of output dtype `dtype` (groups of 32, or 16 for Q2_K / Q3_K / Q6_K; same codes;
+    scales and mins rounded to float16 except Q4_0 / Q5_0 / Q8_0's), every other tensor decoded to
+    `dtype` (quantized Linear weights of other types too, with a warning). model: optional skeleton to fill. CheckpointError naming the file or tensor for
     anything it cannot import."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
@@ -205,8 +205,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
                    "from_pretrained(..., gguf_file=...) loads it dequantized")
     if kept_dense:
         warnings.warn(f"{path}: {sum(kept_dense.values())} quantized Linear weights kept as {dtype} "
-                      f"({dict(kept_dense)}): lowbit has no layout for them (its integer groups are multiples "
-                      "of 32 weights)", stacklevel=2)
+                      f"({dict(kept_dense)}): lowbit has no layout for them", stacklevel=2)
     inexact = {name: error for name, error in errors.items() if error}
     if inexact:
         worst = max(inexact, key=inexact.get)

@@ -115,7 +115,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
     """fp32 weights [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K (codes as
     `_code_tile` reads them). Scales are [K groups, ceil(N / SCALE_GROUP_N)]; a tile lies inside
     one group (GROUP_SIZE >= BLOCK_K) or covers BLOCK_K / GROUP_SIZE whole groups (microscaling
-    blocks of 16 / 32)."""
+    blocks of 16 / 32, integer groups of 16)."""
     codes = _code_tile(qw_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, BITS, ELEMENT, ONE_BIT_PLANES,
                        BLOCK_N, BLOCK_K)
     mask = n_mask[:, None]
@@ -147,8 +147,14 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         groups = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
         raw = tl.load(s_ptr + groups[None, :] * stride_sg + scale_offs[:, None], mask=mask, other=0)
         scale = _decode_scale(raw, SCALE_KIND) * factor  # [BLOCK_N, GROUPS]
-        values = tl.reshape(values, (BLOCK_N, GROUPS, GROUP_SIZE)) * scale[:, :, None]
-        return tl.reshape(values, (BLOCK_N, BLOCK_K))
+        values = tl.reshape(values, (BLOCK_N, GROUPS, GROUP_SIZE))
+        if ELEMENT == "int":  # values hold code + 2^23
+            if SYMMETRIC:
+                values -= 8388608.0 + (1 << (BITS - 1))
+            else:
+                zero = tl.load(z_ptr + groups[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
+                values -= (8388608.0 + zero.to(tl.float32))[:, :, None]
+        return tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -438,6 +444,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise InputError(f"quantized activations take int8 or float8_e4m3fn x with fp32 act_scales [M, 1], an "
                          f"out_dtype and float-scaled 'int' codes; got x {x.dtype}, act_scales "
                          f"{tuple(act_scales.shape)}, element {element!r}")
+    if act_codes and group_size < 32:  # its code sums are scaled once per K tile (>= 32), by one group
+        raise InputError(f"quantized activations take groups of at least 32, got group_size={group_size}")
     if act_codes == "e4m3" and bits > E4M3_MAX_BITS:
         raise InputError(f"E4M3 activations take weight codes of at most {E4M3_MAX_BITS} bits (centred codes "
                          f"must be exact in E4M3), got bits={bits}")
@@ -452,7 +460,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype or x.dtype)
-    multi_group = element != "int"
+    # K tiles may span several groups: microscaling blocks, integer groups shorter than a tile (16)
+    multi_group = element != "int" or group_size < 32
     act = f"-{act_codes}-{out_dtype}" if act_codes else f"-{x.dtype}"
     # the codebook formats share one kernel (their table is an argument), so one tuned entry
     kernel_element = "codebook" if element in CODEBOOKS else element

@@ -87,7 +87,7 @@ def test_round_trip_error_is_at_most_half_a_step(name, symmetric):
 
 @settings(max_examples=40, deadline=None)
 @given(bits=st.integers(2, 8), n=st.integers(1, 9), k=st.integers(1, 300), symmetric=st.booleans(),
-       group=st.sampled_from([32, 64, 128, -1]), scale=st.floats(1e-4, 1e3), seed=st.integers(0, 2**31 - 1))
+       group=st.sampled_from([16, 32, 64, 128, -1]), scale=st.floats(1e-4, 1e3), seed=st.integers(0, 2**31 - 1))
 def test_round_trip_property(bits, n, k, symmetric, group, scale, seed):
     """Any shape (K padded, never refused): dequantize(quantize(w)) is within half a step."""
     fmt = get_format(f"int{bits}")
@@ -125,7 +125,7 @@ def test_non_finite_weight_raises_naming_the_layer(bad):
         get_format("int4").quantize(w, name="blocks.3.up")
 
 
-@pytest.mark.parametrize("options", [{"group_size": 48}, {"group_size": 0}, {"group_size": "128"},
+@pytest.mark.parametrize("options", [{"group_size": 48}, {"group_size": 8}, {"group_size": 0}, {"group_size": "128"},
                                      {"symmetric": 1}, {"bits": 4}])
 def test_bad_options_raise(options):
     with pytest.raises(FormatError):
@@ -142,6 +142,31 @@ def test_bad_weights_raise(weight):
 def test_huge_weights_raise_instead_of_overflowing_fp16_scales():
     with pytest.raises(WeightError, match="too large"):
         get_format("int8").quantize(torch.full((2, 32), 1e9))
+
+
+def test_groups_of_16_pad_k_to_whole_words():
+    """Groups of 16 (GGUF's Q2_K / Q3_K / Q6_K): K is padded to a multiple of 32, so the bit planes
+    hold whole words, and a row may end in a group of padding (K = 40: groups 0..1 hold data,
+    group 2 holds 8 weights, group 3 none)."""
+    w = torch.randn(5, 40)
+    for symmetric in (True, False):
+        p = get_format("int3").quantize(w, group_size=16, symmetric=symmetric)
+        assert p.attrs == {"group_size": 16, "symmetric": symmetric}
+        assert p.qweight.shape == (5, 64 * 3 // 32) and p.scales.shape == (4, 5)
+        step = p.scales.t().float().repeat_interleave(16, dim=1)[:, :40]
+        assert bool(((get_format("int3").dequantize(p) - w).abs() <= step / 2 * (1 + 1e-5)).all())
+        get_format("int3").check_attrs((5, 40), p.attrs)
+
+
+def test_groups_of_16_are_refused_where_no_kernel_takes_them():
+    """The LUT formats' lookup kernel and the quantized-activation GEMM scale a whole K tile (>= 32)
+    by one group: groups of 16 are a FormatError there, quantizing or loading."""
+    with pytest.raises(FormatError, match="lut2: group_size must be .*multiple of 32, got 16"):
+        get_format("lut2").quantize(torch.randn(4, 64), group_size=16)
+    with pytest.raises(FormatError, match="act='int8' needs a group_size of at least 32, got 16"):
+        get_format("int4").quantize(torch.randn(4, 64), group_size=16, act="int8")
+    with pytest.raises(FormatError, match="act='fp8' needs a group_size of at least 32"):
+        get_format("int4").check_attrs((4, 64), {"group_size": 16, "symmetric": True, "act": "fp8"})
 
 
 def test_per_channel_group_spans_padded_k():

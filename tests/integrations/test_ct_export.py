@@ -64,6 +64,7 @@ CASES = {  # lowbit format, options -> the compressed-tensors format compressed-
     "int4-asym": ("int4", {"group_size": 64}, "pack-quantized"),
     "int4-sym": ("int4", {"group_size": 64, "symmetric": True}, "pack-quantized"),
     "int3": ("int3", {"group_size": 64}, "pack-quantized"),
+    "int2-g16": ("int2", {"group_size": 16}, "pack-quantized"),  # groups of 16, as GGUF's Q2_K
     "int6-channel": ("int6", {"group_size": -1, "symmetric": True}, "pack-quantized"),
     "int8-w8a8": ("int8", {"group_size": -1, "symmetric": True, "act": "int8"}, "int-quantized"),
     "int4-w4afp8": ("int4", {"group_size": 64, "act": "fp8"}, "int-quantized"),

@@ -322,7 +322,10 @@ GROUP = "quantization_config.config_groups.group_0"
     (lambda q: q.update(version="0.19.1") or q["config_groups"]["group_0"]["weights"].update(num_bits=3),
      r"quantization_config\.version: '0\.19\.1': lowbit imports packed 3-bit codes from compressed-tensors 0\.20"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
-     rf"{GROUP}\.weights\.group_size: 48: lowbit's groups are a positive multiple of 32"),
+     rf"{GROUP}\.weights\.group_size: 48: lowbit's groups are a positive multiple of 32 long, or 16"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=16) or q["config_groups"]["group_0"].update(
+        input_activations={"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}),
+     rf"{GROUP}\.input_activations: quantized activations with weight groups of 16"),
     (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 4, "type": "int"}),
      rf"{GROUP}\.input_activations: lowbit quantizes activations dynamically to int8 or E4M3, symmetric, per token; "
      r"got type/num_bits/dynamic/symmetric/strategy/group_size \['int', 4, None"),

@@ -83,16 +83,18 @@ def _group(element: str, scale_kind: str) -> int:
 
 
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float",
-                    one_bit_planes: bool = False, gemm_block_m: int = 64, gemv_block_m: int = 1):
+                    one_bit_planes: bool = False, gemm_block_m: int = 64, gemv_block_m: int = 1,
+                    group_size: int | None = None):
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
     Llama-3-8B q_proj (K = GEMV_K; 16 rows, columns of 32 K or the group); the GEMM with 64 x 64 x
     GEMM_BLOCK_M tiles (64: Hopper's wgmma; the launcher's default at M <= 16 is 16). act "int8" /
     "e4m3": the GEMM on int8 / E4M3 activation codes (act="int8" / "fp8" layers; bf16 output). gemv_block_m: the GEMV's
-    activation rows (the launcher takes M up to 4 in one program)."""
+    activation rows (the launcher takes M up to 4 in one program); group_size: another group than
+    the default (int groups of 16: GEMM tiles span 4 groups, GEMV columns are 16 long)."""
     kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
-    group = _group(element, scale_kind)
+    group = group_size or _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
                       SCALE_GROUP_N=1, SCALE_KIND=scale_kind, HAS_TENSOR_SCALE=scale_kind == "e4m3",
                       ONE_BIT_PLANES=one_bit_planes)
@@ -100,7 +102,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
         constexprs.update(WORDS_PER_BIT=GEMV_K // 32, SPLIT=True, PADDED_K=False, BLOCK_M=gemv_block_m,
                           BLOCK_N=GEMV_BLOCK_N,
                           COLUMNS=kernels.gemv_columns({}),
-                          COLUMN_K=variant_column_k(bits, element, scale_kind, one_bit_planes), PTX=True)
+                          COLUMN_K=kernels.gemv_column_k(1 if one_bit_planes else bits, group), PTX=True)
     else:
         constexprs.update(DOT_FP32=act == "fp32", ACT_CODES=act if act in ACT_CODES else "", SPLIT=True, BLOCK_M=gemm_block_m,
                           BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE)

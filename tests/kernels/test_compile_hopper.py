@@ -41,6 +41,10 @@ VARIANTS = (INT_VARIANTS + FP8_VARIANTS + MX_VARIANTS + CODEBOOK_VARIANTS + LUT_
 # the GEMV at M = 2 and 4 (BLOCK_M activation rows per program): compile_variant's gemv_block_m
 GEMV_BLOCK_M_VARIANTS = [["gemv", 4, False, "bf16", "int", "float", False, 64, m] for m in (2, 4)]
 GEMV_BLOCK_M_VARIANTS += [["gemv", 8, True, "fp16", "e4m3", "float", False, 64, 4]]
+# integer groups of 16 (GGUF's Q2_K / Q3_K / Q6_K): GEMM tiles span 4 groups, GEMV columns are 16 long
+GROUP_16_VARIANTS = [["gemm", 6, True, "bf16", "int", "float", False, 64, 1, 16],
+                     ["gemm", 2, False, "fp16", "int", "float", False, 64, 1, 16],
+                     ["gemv", 6, True, "bf16", "int", "float", False, 64, 1, 16]]
 
 
 # one xdist worker runs this module (`make test` uses --dist loadgroup), so the variants compile
@@ -54,7 +58,7 @@ def hopper():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_codegen",
-                           json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS)],
+                           json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS + GROUP_16_VARIANTS)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     if proc.returncode != 0 and "ptxas" in proc.stderr:
         pytest.skip(f"this triton install cannot compile for CUDA: {proc.stderr[-300:]}")
@@ -130,6 +134,24 @@ def test_gemv_k_loop_stays_in_registers_at_m_up_to_4(hopper, variant):
     assert len(k_loops) == 2
     for body in k_loops:
         assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|(?:ld|st)matrix|bar\.sync", body)
+
+
+@pytest.mark.parametrize("variant", GROUP_16_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_groups_of_16_compile_to_the_same_inner_loops(hopper, variant):
+    """Integer groups of 16: the GEMM's K loop still multiplies on Hopper tensor cores (its tile's
+    four groups scaled in registers); the GEMV's (columns of 16) loads each packed word once and
+    keeps everything in registers."""
+    ptx = _checked(hopper["-".join(map(str, variant))])
+    if variant[0] == "gemm":
+        assert any("wgmma.mma_async" in body for body in _loop_bodies(ptx))
+        return
+    words = hopper_codegen.GEMV_BLOCK_N * 16 * variant[1] // 32
+    k_loops = [body for body in _loop_bodies(ptx) if re.search(_WORD_LOAD, body)]
+    assert len(k_loops) == 2
+    for body in k_loops:
+        assert len(re.findall(_WORD_LOAD, body)) == words
+        assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|bar\.sync", body)
+        assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv" and v[4] in ("e4m3", "e5m2", "e2m1")],

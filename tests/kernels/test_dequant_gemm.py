@@ -136,6 +136,42 @@ def test_group_sizes(device, group_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_groups_of_16_in_both_paths(device, bits):
+    """Groups of 16 (GGUF's Q2_K / Q3_K / Q6_K): GEMM tiles of 32 and 64 K span 2 and 4 groups,
+    split 3 ways; the GEMV takes columns of 16 where they hold whole words of every bit plane (2,
+    4, 6, 8 bits; 3, 5, 7 have a 1-bit plane, whose words hold 32). K = 300: Kp = 320, and the
+    last of its 20 groups is all padding. Symmetric and asymmetric, every dtype across widths."""
+    dtype = DTYPES[bits % 3]
+    for symmetric in (True, False):
+        p, x, b, ref = _case(bits, 5, symmetric, dtype, device, group_size=16, seed=bits)
+        assert p.scales.shape[0] == 20
+        zeros = p.tensors.get("zeros")
+        configs = [{"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": 3}
+                   for block_k in (32, 64)]
+        if bits % 2 == 0:
+            configs.append({"path": "gemv", "BLOCK_M": 4, "BLOCK_N": 16, "COLUMN_K": 16, "SPLIT_K": 3, "num_warps": 1})
+        for cfg in configs:
+            y = dequant_matmul(x, p.qweight, p.scales, zeros, b, bits=bits, group_size=16, in_features=K,
+                               config=cfg)
+            _assert_close(y, ref, dtype)
+        _assert_close(lowbit.linear(x[:1], p, b, backend="triton"), ref[:1], dtype)  # the launcher's own pick
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_groups_of_16_refuse_columns_and_quantized_activations(device):
+    """A GEMV column of 32 would span two groups of 16; the int8 GEMM scales a K tile by one group."""
+    p, x, b, _ = _case(4, 1, False, torch.float32, device, group_size=16)
+    with pytest.raises(InputError, match="COLUMN_K=32 .* dividing the group size 16"):
+        dequant_matmul(x, p.qweight, p.scales, p.zeros, b, bits=4, group_size=16, in_features=K,
+                       config={"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "COLUMN_K": 32, "SPLIT_K": 1})
+    codes = torch.zeros(1, K, dtype=torch.int8, device=device)
+    with pytest.raises(InputError, match="groups of at least 32, got group_size=16"):
+        dequant_matmul(codes, p.qweight, p.scales, p.zeros, None, bits=4, group_size=16, in_features=K,
+                       act_scales=torch.ones(1, 1, device=device), out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_leading_dims_and_empty_batch(device):
     p, _, b, _ = _case(4, 1, True, torch.float16, device)
     x = torch.randn(2, 3, K).to(device=device, dtype=torch.float16)
