@@ -4,12 +4,14 @@ GPTQ or an AWQ folder; export a quantized folder as compressed-tensors; inspect 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +133,7 @@ class ForeignFolder:
     fidelity: str  # what the import keeps, for the summary line
     load: Callable[[], nn.Module]
     settings_files: tuple[str, ...] = ()  # its own quantization settings: not copied along (they describe its layout)
+    inner_files: Callable[[Path], dict[str, Path]] | None = None  # scratch folder -> files it holds inside (GGUF's tokenizer)
 
 
 def foreign_folder(source: Path, segment: int | None) -> ForeignFolder | None:
@@ -149,18 +152,27 @@ def foreign_folder(source: Path, segment: int | None) -> ForeignFolder | None:
         raise LowbitError(f"--segment is a dfloat11 option; a {kind} checkpoint converts to {fmt} as stored")
     if importer.options:
         get_format(fmt).check_options(options)
+    inner_files = functools.partial(importer.inner_files, source) if importer.inner_files else None
     return ForeignFolder(kind, fmt, fidelity, functools.partial(importer.load, source, **options),
-                         importer.settings_files)
+                         importer.settings_files, inner_files)
 
 
-def _companions(source: Path, settings_files: tuple[str, ...] = ()) -> dict:
-    """The source folder's tokenizer etc. (io.companion_files), less its quantization settings;
-    none for a file (GGUF: its tokenizer is in the file, and not copied)."""
+@contextlib.contextmanager
+def _companions(source: Path, folder: ForeignFolder | None) -> Iterator[dict[str, Path]]:
+    """The files to write beside the weights: a source folder's tokenizer etc.
+    (io.companion_files) less its quantization settings; for a GGUF file, the tokenizer it holds,
+    written into a scratch folder that lives until the with block ends."""
     from . import io
 
+    if folder is not None and folder.inner_files is not None:
+        with tempfile.TemporaryDirectory(prefix="lowbit-inner-") as scratch:
+            yield folder.inner_files(Path(scratch))
+        return
     if source.is_file():
-        return {}
-    return {name: path for name, path in io.companion_files(source).items() if name not in settings_files}
+        yield {}
+        return
+    settings_files = folder.settings_files if folder is not None else ()
+    yield {name: path for name, path in io.companion_files(source).items() if name not in settings_files}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -175,8 +187,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     io.check_save_target(out_dir)
     model = folder.load()
-    companions = _companions(source, folder.settings_files)
-    io.save(model, out_dir, extra_files=companions)
+    with _companions(source, folder) as companions:
+        io.save(model, out_dir, extra_files=companions)
     summary = api.summarize(model)
     print(f"converted:        {source} ({folder.kind}) -> {out_dir} (lowbit)")
     print(f"copied along:     {_listing(companions)}")
@@ -195,12 +207,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     check_export_target(out_dir)
     folder = foreign_folder(source, None)
-    if folder is not None:
-        kind, model, settings_files = folder.kind, folder.load(), folder.settings_files
-    else:
-        kind, model, settings_files = "lowbit", io.load(source), ()
-    companions = _companions(source, settings_files)
-    export_compressed_tensors(model, out_dir, max_shard_bytes=args.max_shard_bytes, extra_files=companions)
+    kind, model = (folder.kind, folder.load()) if folder is not None else ("lowbit", io.load(source))
+    with _companions(source, folder) as companions:
+        export_compressed_tensors(model, out_dir, max_shard_bytes=args.max_shard_bytes, extra_files=companions)
     summary = api.summarize(model)
     formats = "/".join(sorted({m.format for m in model.modules() if isinstance(m, QuantLinear)}))
     print(f"exported:         {source} ({kind}) -> {out_dir} (compressed-tensors)")

@@ -80,7 +80,7 @@ from tqdm.auto import tqdm
 from ..errors import FormatError
 from ..experts import check_fused_weight, expert_shape
 from ..formats import bitpack, get_format
-from ..formats.integer import SCALE_DTYPE, padded_k
+from ..formats.integer import SCALE_DTYPE, IntFormat, padded_k
 from ..packed import PackedWeight
 from .checkpoint_keys import CheckpointKeys
 from .foreign_folder import (SCALE_DTYPES, config_dtype, fail, float16_scales, folder_pattern, group_order,
@@ -111,6 +111,8 @@ _WORD_ALIGNED_WIDTHS = (2, 4, 8)
 #: word boundaries); some earlier versions put 32 // b codes in each word. Those widths are
 #: imported from folders whose quantization_config.version is at least this.
 DENSE_PACKING_VERSION = (0, 20)
+#: integer groups shorter than 32 that lowbit holds (weight-only layers: not with quantized activations)
+SMALL_GROUPS = IntFormat.SMALL_GROUP_SIZES
 
 
 def is_compressed_tensors_folder(path: str | Path) -> bool:
@@ -160,9 +162,9 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
         if scheme.get("output_activations"):
             raise fail(f"{at}.output_activations", "is set: lowbit does not quantize layer outputs")
         act = _activation_rule(f"{at}.input_activations", scheme.get("input_activations"), fmt, weights)
-        if act is not None and weights.get("strategy") == "group" and weights.get("group_size") == 16:
-            raise fail(f"{at}.input_activations", "quantized activations with weight groups of 16: lowbit's int8 / "
-                       "FP8 activation GEMM scales whole K tiles of at least 32 by one group")
+        if act is not None and weights.get("strategy") == "group" and weights.get("group_size") in SMALL_GROUPS:
+            raise fail(f"{at}.input_activations", f"quantized activations with weight groups of {weights['group_size']}: "
+                       "lowbit's int8 / FP8 activation GEMM scales whole K tiles of at least 32 by one group")
         targets = scheme.get("targets")
         if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
             raise fail(f"{at}.targets", f"expected a list of names, got {targets!r}")
@@ -188,8 +190,9 @@ def _check_int_weights(at: str, weights: dict[str, Any]) -> None:
     if strategy not in ("group", "channel"):
         raise fail(f"{at}.strategy", f"{strategy!r}: lowbit imports 'group' and 'channel'")
     size = weights.get("group_size")
-    if strategy == "group" and not (type(size) is int and size > 0 and (size % 32 == 0 or size == 16)):
-        raise fail(f"{at}.group_size", f"{size!r}: lowbit's groups are a positive multiple of 32 long, or 16")
+    if strategy == "group" and not (type(size) is int and size > 0 and (size % 32 == 0 or size in SMALL_GROUPS)):
+        raise fail(f"{at}.group_size", f"{size!r}: lowbit's groups are a positive multiple of 32 long, or "
+                   f"{' or '.join(map(str, SMALL_GROUPS))}")
 
 
 def _check_fp8_weights(at: str, weights: dict[str, Any]) -> None:

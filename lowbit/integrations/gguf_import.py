@@ -75,6 +75,24 @@ def target_format(path: str | Path) -> str:
     return "/".join(sorted(found, key=lambda name: int(name[3:]))) or "none"
 
 
+def write_tokenizer(path: str | Path, folder: Path) -> dict[str, Path]:
+    """Save the tokenizer a GGUF file holds (transformers builds it from the file's tokenizer.ggml.*
+    metadata, as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does) into `folder` ->
+    {file name: path} of what it wrote; {} with a warning when the file has none transformers can
+    build (the weights convert all the same)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer.save_pretrained(str(folder))
+    except Exception as exc:  # no tokenizer.ggml.* fields, a tokenizer model transformers lacks, damaged metadata
+        warnings.warn(f"{path}: no tokenizer written: transformers cannot build one from the file "
+                      f"({type(exc).__name__}: {str(exc)[:160]})", stacklevel=2)
+        return {}
+    return {file.name: file for file in sorted(folder.iterdir()) if file.is_file()}
+
+
 def _architecture(path: Path, reader):
     """(transformers' parsed GGUF metadata, its tensor processor, the causal LM class to build)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint

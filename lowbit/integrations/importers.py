@@ -22,6 +22,9 @@ class Importer:
     describe: Callable[[Path], tuple[str, str, str]]
     options: tuple[str, ...] = ()  # the load options it takes (the CLI's --segment for dfloat11)
     settings_files: tuple[str, ...] = ()  # its own quantization settings: not copied along (they describe its layout)
+    #: (path, scratch folder) -> {name: file}: files a converted copy needs that the checkpoint holds
+    #: inside itself (a GGUF file's tokenizer), written into the scratch folder
+    inner_files: Callable[[Path, Path], dict[str, Path]] | None = None
 
 
 def _bitsandbytes(path: Path) -> tuple[str, str, str]:
@@ -40,7 +43,8 @@ def _compressed_tensors(path: Path) -> tuple[str, str, str]:
 IMPORTERS = (
     Importer(gguf_import.is_gguf_file, gguf_import.load_gguf,  # llama.cpp's single-file format
              lambda path: ("GGUF", gguf_import.target_format(path),
-                           "same codes; Q4_0 / Q5_0 / Q8_0 weights bit-identical, others' scales in float16")),
+                           "same codes; Q4_0 / Q5_0 / Q8_0 weights bit-identical, others' scales in float16"),
+             inner_files=gguf_import.write_tokenizer),
     Importer(dfloat11_import.is_dfloat11_folder, dfloat11_import.load_dfloat11,
              lambda path: ("dfloat11 package", "dfloat11", "weights bit-identical"), options=("segment",)),
     Importer(bnb_import.is_bitsandbytes_folder, bnb_import.load_bitsandbytes, _bitsandbytes),

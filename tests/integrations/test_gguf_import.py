@@ -60,12 +60,27 @@ def _random_blocks(kind, n, k, rng):
     return raw.reshape(n, -1)
 
 
+#: a 64-token SentencePiece-style vocabulary (llama.cpp's "llama" tokenizer model) for _write_gguf
+TOKENS = (["<unk>", "<s>", "</s>"] + [chr(ord("a") + i) for i in range(26)] + ["▁" + chr(ord("a") + i) for i in range(26)]
+          + ["▁", "ab", "▁ab", "cd", "▁the", "th", "he", "er", "▁of"])
+
+
+def _add_tokenizer(writer):
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(TOKENS)
+    writer.add_token_scores([-float(i) for i in range(len(TOKENS))])
+    writer.add_token_types([2, 3, 3] + [1] * (len(TOKENS) - 3))  # unknown, control, control, normal
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+
 def _write_gguf(path, types, tied=False, architecture="llama", seed=0, random_blocks=False, kv_heads_field=KV_HEADS,
-                extra_tensors=None):
+                extra_tensors=None, tokenizer=False):
     """A tiny Llama written as GGUF; types(gguf_name) -> the GGML type name of a 2-D weight, or None
     to store it as F32 (random_blocks: random bytes for every type; kv_heads_field: the
     head_count_kv written, a damaged one when not KV_HEADS; extra_tensors: {gguf name: float32
-    array} written after the model's). Returns the path."""
+    array} written after the model's; tokenizer: the TOKENS vocabulary's metadata). Returns the path."""
     torch.manual_seed(seed)
     config = _config(tied)
     model = transformers.LlamaForCausalLM(config)
@@ -81,6 +96,8 @@ def _write_gguf(path, types, tied=False, architecture="llama", seed=0, random_bl
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_vocab_size(config.vocab_size)
+    if tokenizer:
+        _add_tokenizer(writer)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for key, value in model.state_dict().items():
         if tied and key == "lm_head.weight":
@@ -262,19 +279,32 @@ def test_tied_embeddings_and_the_default_dtype(tmp_path):
 
 
 def test_convert_and_export_read_a_gguf_file(tmp_path, capsys):
-    """`lowbit convert file.gguf out` saves the import (it loads with equal logits); `lowbit export
-    file.gguf out` writes it as a compressed-tensors folder."""
+    """`lowbit convert file.gguf out` saves the import (it loads with equal logits) and the tokenizer
+    the file holds (it encodes as transformers' tokenizer read from the file); `lowbit export
+    file.gguf out` writes it as a compressed-tensors folder, with the tokenizer too. A file without
+    a tokenizer converts with a warning saying so."""
     from lowbit.cli import main
 
-    path = _write_gguf(tmp_path / "tiny.gguf", lambda name: None if name.startswith("token_embd") else "Q4_0")
+    path = _write_gguf(tmp_path / "tiny.gguf", lambda name: None if name.startswith("token_embd") else "Q4_0",
+                       tokenizer=True)
     assert main(["convert", str(path), str(tmp_path / "lowbit")]) == 0
     printed = capsys.readouterr().out
     assert "(GGUF)" in printed and "int4 layers:      15," in printed
+    assert "copied along:     tokenizer.json, tokenizer_config.json" in printed
     saved, direct = lowbit.load(tmp_path / "lowbit"), lowbit.load(path)
     with torch.no_grad():
         assert torch.equal(saved(IDS).logits, direct(IDS).logits)
+    text = "the cab of ab cd"
+    want = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)(text).input_ids
+    assert want[0] == 1 and len(want) > 4  # <s>, then pieces of the vocabulary
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "lowbit")(text).input_ids == want
     assert main(["export", str(path), str(tmp_path / "ct")]) == 0
     assert "written as pack-quantized" in capsys.readouterr().out
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "ct")(text).input_ids == want
+    bare = _write_gguf(tmp_path / "bare.gguf", lambda name: "Q8_0")
+    with pytest.warns(UserWarning, match=r"bare\.gguf: no tokenizer written: transformers cannot build one"):
+        assert main(["convert", str(bare), str(tmp_path / "bare")]) == 0
+    assert "copied along:     nothing" in capsys.readouterr().out
 
 
 def test_files_lowbit_cannot_import_are_refused_naming_the_file(tmp_path):
