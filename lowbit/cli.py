@@ -133,7 +133,8 @@ class ForeignFolder:
     fidelity: str  # what the import keeps, for the summary line
     load: Callable[[], nn.Module]
     settings_files: tuple[str, ...] = ()  # its own quantization settings: not copied along (they describe its layout)
-    inner_files: Callable[[Path], dict[str, Path]] | None = None  # scratch folder -> files it holds inside (GGUF's tokenizer)
+    #: scratch folder -> the files it holds inside itself, written there (a GGUF file's tokenizer)
+    inner_files: Callable[[Path], dict[str, Path]] | None = None
 
 
 def foreign_folder(source: Path, segment: int | None) -> ForeignFolder | None:
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a local Hugging Face folder and save it")
     q.add_argument("paths", nargs="+", metavar="[MODEL] OUT", help="model folder (default: embedded MiniLM) and output folder")
     q.add_argument("--format", required=True, choices=formats())
-    q.add_argument("--group-size", type=int, default=None, help="weights per scale along K (-1: per channel)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="weights per scale along K: a multiple of 32, or 16 (int formats); -1: per channel")
     q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
     q.add_argument("--method", default=None, choices=["rtn", "mse", "gptq"], help="how codes are chosen: 'rtn' "
                    "(default); int / lut formats: 'mse', the clipped group range with the least squared error; int / "

@@ -163,8 +163,9 @@ def _weight_schemes(folder: Path, quantization: dict[str, Any]) -> dict[str, tup
             raise fail(f"{at}.output_activations", "is set: lowbit does not quantize layer outputs")
         act = _activation_rule(f"{at}.input_activations", scheme.get("input_activations"), fmt, weights)
         if act is not None and weights.get("strategy") == "group" and weights.get("group_size") in SMALL_GROUPS:
-            raise fail(f"{at}.input_activations", f"quantized activations with weight groups of {weights['group_size']}: "
-                       "lowbit's int8 / FP8 activation GEMM scales whole K tiles of at least 32 by one group")
+            raise fail(f"{at}.input_activations", f"quantized activations with weight groups of "
+                       f"{weights['group_size']}: lowbit's int8 / FP8 activation GEMM scales whole K tiles of at "
+                       "least 32 by one group")
         targets = scheme.get("targets")
         if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
             raise fail(f"{at}.targets", f"expected a list of names, got {targets!r}")

@@ -180,8 +180,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     as Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K / Q3_K / Q4_K / Q5_K / Q6_K are lowbit int2 ... int8
     QuantLinears of output dtype `dtype` (groups of 32, or 16 for Q2_K / Q3_K / Q6_K; same codes;
     scales and mins rounded to float16 except Q4_0 / Q5_0 / Q8_0's), every other tensor decoded to
-    `dtype` (quantized Linear weights of other types too, with a warning). model: optional skeleton to fill. CheckpointError naming the file or tensor for
-    anything it cannot import."""
+    `dtype` (quantized Linear weights of other types too, with a warning). model: optional
+    skeleton to fill. CheckpointError naming the file or tensor for anything it cannot import."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     from ..io import build_meta_model

@@ -61,7 +61,8 @@ def _random_blocks(kind, n, k, rng):
 
 
 #: a 64-token SentencePiece-style vocabulary (llama.cpp's "llama" tokenizer model) for _write_gguf
-TOKENS = (["<unk>", "<s>", "</s>"] + [chr(ord("a") + i) for i in range(26)] + ["▁" + chr(ord("a") + i) for i in range(26)]
+LETTERS = [chr(ord("a") + i) for i in range(26)]
+TOKENS = (["<unk>", "<s>", "</s>"] + LETTERS + ["▁" + letter for letter in LETTERS]
           + ["▁", "ab", "▁ab", "cd", "▁the", "th", "he", "er", "▁of"])
 
 
