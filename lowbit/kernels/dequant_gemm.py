@@ -125,6 +125,10 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         values = tl.load(z_ptr + codes)
     else:
         values = _decode(codes, ELEMENT, BITS)
+    if ELEMENT == "int":
+        # values hold code + 2^23: take it off on its own (exact), as 2^23 + a fractional zero point
+        # (GGUF's Q4_1 / K types) would round to an integer in fp32; zero points go per group below
+        values -= 8388608.0 + (1 << (BITS - 1)) if SYMMETRIC else 8388608.0
     factor = _element_factor(ELEMENT, BITS)
     if SCALE_KIND == "e8m0":
         # E8M0 scales reach 2^127: scale * factor could overflow, so scale the elements instead.
@@ -135,12 +139,9 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         group = k0 // GROUP_SIZE
         raw = tl.load(s_ptr + group * stride_sg + scale_offs, mask=n_mask, other=0)
         scale = _decode_scale(raw, SCALE_KIND) * factor
-        if ELEMENT == "int":  # values hold code + 2^23
-            if SYMMETRIC:
-                values -= 8388608.0 + (1 << (BITS - 1))
-            else:
-                zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                values -= (8388608.0 + zero)[:, None]
+        if ELEMENT == "int" and not SYMMETRIC:
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            values -= zero[:, None]
         return values * scale[:, None]
     else:
         GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
@@ -148,12 +149,9 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         raw = tl.load(s_ptr + groups[None, :] * stride_sg + scale_offs[:, None], mask=mask, other=0)
         scale = _decode_scale(raw, SCALE_KIND) * factor  # [BLOCK_N, GROUPS]
         values = tl.reshape(values, (BLOCK_N, GROUPS, GROUP_SIZE))
-        if ELEMENT == "int":  # values hold code + 2^23
-            if SYMMETRIC:
-                values -= 8388608.0 + (1 << (BITS - 1))
-            else:
-                zero = tl.load(z_ptr + groups[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
-                values -= (8388608.0 + zero.to(tl.float32))[:, :, None]
+        if ELEMENT == "int" and not SYMMETRIC:
+            zero = tl.load(z_ptr + groups[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
+            values -= zero.to(tl.float32)[:, :, None]
         return tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
 
 

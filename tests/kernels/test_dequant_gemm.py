@@ -160,6 +160,30 @@ def test_groups_of_16_in_both_paths(device, bits):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group_size", [32, 16])
+def test_fractional_zero_points_in_both_paths(device, group_size):
+    """Imports keep float16 zero points that are not integers (GGUF's Q4_1 / Q5_1 / K types: z =
+    c / s). Both paths decode them as the spec does: the GEMM took 2^23 + z off its code floats
+    in one subtraction, which rounded z to an integer in fp32 (5% off at M = 17)."""
+    from lowbit.integrations.foreign_folder import integer_layer
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 37, 256
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.001).half()
+    zeros = (torch.rand(n, k // group_size, generator=gen) * 15).half()
+    assert not torch.equal(zeros, zeros.round())
+    p = integer_layer(codes, 4, group_size, scales, zeros, torch.float32).to(device)
+    x = torch.randn(17, k, generator=gen).to(device)
+    ref = F.linear(x, get_format("int4").dequantize(p).float())
+    for cfg in ({"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32},
+                {"path": "gemv", "BLOCK_M": 4, "BLOCK_N": 16, "COLUMN_K": 16, "SPLIT_K": 1}):
+        y = dequant_matmul(x, p.qweight, p.scales, p.zeros, None, bits=4, group_size=group_size, in_features=k,
+                           config=cfg)
+        _assert_close(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_groups_of_16_refuse_columns_and_quantized_activations(device):
     """A GEMV column of 32 would span two groups of 16; the int8 GEMM scales a K tile by one group."""
     p, x, b, _ = _case(4, 1, False, torch.float32, device, group_size=16)
