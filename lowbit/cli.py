@@ -14,10 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .errors import LowbitError
+
+if TYPE_CHECKING:  # the importers load lazily, with the command that needs them
+    from .integrations.importers import Importer
 
 logger = logging.getLogger(__name__)
 
@@ -126,15 +130,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class ForeignFolder:
-    """A folder another library wrote, as `lowbit convert` / `lowbit export` read it."""
+    """A folder (or GGUF file) another library wrote, as `lowbit convert` / `lowbit export` read it."""
 
     kind: str  # who wrote it, for messages
     fmt: str  # the lowbit formats its layers import as, e.g. "int4" or "int4/int8"
     fidelity: str  # what the import keeps, for the summary line
     load: Callable[[], nn.Module]
-    settings_files: tuple[str, ...] = ()  # its own quantization settings: not copied along (they describe its layout)
-    #: scratch folder -> the files it holds inside itself, written there (a GGUF file's tokenizer)
-    inner_files: Callable[[Path], dict[str, Path]] | None = None
+    importer: Importer  # its settings files and inner files (see _companions)
 
 
 def foreign_folder(source: Path, segment: int | None) -> ForeignFolder | None:
@@ -153,9 +155,7 @@ def foreign_folder(source: Path, segment: int | None) -> ForeignFolder | None:
         raise LowbitError(f"--segment is a dfloat11 option; a {kind} checkpoint converts to {fmt} as stored")
     if importer.options:
         get_format(fmt).check_options(options)
-    inner_files = functools.partial(importer.inner_files, source) if importer.inner_files else None
-    return ForeignFolder(kind, fmt, fidelity, functools.partial(importer.load, source, **options),
-                         importer.settings_files, inner_files)
+    return ForeignFolder(kind, fmt, fidelity, functools.partial(importer.load, source, **options), importer)
 
 
 @contextlib.contextmanager
@@ -165,14 +165,14 @@ def _companions(source: Path, folder: ForeignFolder | None) -> Iterator[dict[str
     written into a scratch folder that lives until the with block ends."""
     from . import io
 
-    if folder is not None and folder.inner_files is not None:
+    if folder is not None and folder.importer.inner_files is not None:
         with tempfile.TemporaryDirectory(prefix="lowbit-inner-") as scratch:
-            yield folder.inner_files(Path(scratch))
+            yield folder.importer.inner_files(source, Path(scratch))
         return
     if source.is_file():
         yield {}
         return
-    settings_files = folder.settings_files if folder is not None else ()
+    settings_files = folder.importer.settings_files if folder is not None else ()
     yield {name: path for name, path in io.companion_files(source).items() if name not in settings_files}
 
 
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a GGUF file, a folder of the dfloat11 package, a bitsandbytes 4-bit NF4 or "
                        "8-bit folder, a compressed-tensors integer, FP8, NVFP4 or MX one, or a GPTQ or AWQ one, "
                        "into a lowbit folder")
-    c.add_argument("source", help="GGUF file (llama.cpp's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K "
+    c.add_argument("source", help="GGUF file (llama.cpp's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K ... Q6_K "
                    "weights; the model in bfloat16), or folder written by the dfloat11 package (config.json with dfloat11_config), "
                    "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model, or "
                    "by llm-compressor / compressed-tensors (W2A16 ... W8A16, W8A8 int8, FP8, NVFP4, "

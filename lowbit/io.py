@@ -436,7 +436,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     FP4 or 8-bit folder (lowbit/integrations/bnb_import.py) and a compressed-tensors integer, FP8,
     NVFP4 or MX one (lowbit/integrations/ct_import.py) and a GPTQ or AWQ one
     (lowbit/integrations/gptq_awq_import.py), and a GGUF file (lowbit/integrations/gguf_import.py:
-    its Q4_0 ... Q5_K weights as int4 / int5 / int8 layers, the model in bfloat16; `load_gguf` takes
+    its Q4_0 ... Q8_0 and Q2_K ... Q6_K weights as int2 ... int8 layers, the model in bfloat16; `load_gguf` takes
     another dtype); a folder written by `save_pretrained`
     (config.json with a lowbit quantization_config) is read through transformers' from_pretrained.
     """

@@ -79,7 +79,7 @@ MSE_SHRINK = tuple(1.0 - 0.025 * i for i in range(21))
 def padded_k(k: int, group_size: int) -> int:
     """K rounded up to a whole number of groups and of 32 (group sizes are multiples of 32, or
     16: the bit planes hold whole int32 words)."""
-    step = group_size if group_size % 32 == 0 else math.lcm(group_size, 32)
+    step = math.lcm(group_size, 32)
     return -(-k // step) * step
 
 
