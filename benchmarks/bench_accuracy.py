@@ -46,7 +46,8 @@ VARIANTS = ["int2:method=mse", "int3:method=mse", "int4:method=mse", "int5:metho
             "nvfp4:act=nvfp4,rotate=hadamard", "mxfp4:method=gptq", "mxfp4:rotate=hadamard,method=gptq",
             "mxfp4:act=mxfp4,rotate=hadamard,method=gptq", "nvfp4:method=gptq", "nvfp4:act=nvfp4,method=gptq",
             "nvfp4:act=nvfp4,rotate=hadamard,method=gptq", "mxfp6:method=gptq", "nf4:double_quant=true", "nf4:method=gptq",
-            "bnb_fp4:method=gptq", "int4:method=gptq,act_order=true", "int4:symmetric=true,method=gptq,act_order=true",
+            "bnb_fp4:method=gptq", "iq4_nl:method=mse", "iq4_nl:method=gptq", "int4:method=gptq,act_order=true",
+            "int4:symmetric=true,method=gptq,act_order=true",
             "int3:method=gptq,act_order=true", "int2:method=gptq,act_order=true", "nf4:method=gptq,act_order=true",
             "nvfp4:method=gptq,act_order=true", "mxfp4:method=gptq,act_order=true",
             "mxfp4:rotate=hadamard,method=gptq,act_order=true"]

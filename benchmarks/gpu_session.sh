@@ -32,7 +32,7 @@ python3 -c 'import torch, triton, transformers; print("torch", torch.__version__
 TARGET_FORMATS="int4 int6 int8 fp8 fp8:act=fp8 mxfp4 nvfp4 lut2 mxint8 int2 dfloat11"
 OTHER_FORMATS="int3 int5 int7 fp8_e5m2 fp8:block=128,act=fp8 int8:act=int8,symmetric=true,group_size=-1 int4:act=int8
   int4:act=fp8,symmetric=true int4:permuted=true int6:group_size=16,symmetric=true int4:group_size=32
-  mxfp8 mxfp6 lut1 lut3 lut4 nf4 bnb_fp4 dfloat11:segment=64"
+  mxfp8 mxfp6 lut1 lut3 lut4 nf4 bnb_fp4 iq4_nl dfloat11:segment=64"
 # nvfp4, int6 and dfloat11 at M=1 on Llama-3-8B's gate_proj, each twice (the profile part's 6 launches)
 PROFILE_GEMVS='
 import torch, lowbit

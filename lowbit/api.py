@@ -103,11 +103,11 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, skip: str | list[st
     layers whose weight is tied to another parameter are always left alone (`tied_linears`), and so
     are layers already quantized (a second call quantizes only what the first one skipped).
     overrides: glob pattern -> format name or {"format": name, **options}.
-    calibration: for method="gptq" (int / lut / microscaling / nf4 / bnb_fp4 formats), the batches the model runs on to collect
-    each layer's input Hessian: a list of tensors (model(batch)) or dicts (model(**batch)), on the
-    model's device. Layers are calibrated in model order, in passes of at most
-    calibration.HESSIAN_BUDGET_BYTES of Hessians; each pass runs with the earlier passes' layers
-    already quantized. A fused MoE weight gets one Hessian per expert, from the tokens routed to it.
+    calibration: for method="gptq" (int / lut / microscaling / nf4 / bnb_fp4 / iq4_nl formats), the
+    batches the model runs on to collect each layer's input Hessian: a list of tensors
+    (model(batch)) or dicts (model(**batch)), on the model's device. Layers are calibrated in model
+    order, in passes of at most calibration.HESSIAN_BUDGET_BYTES of Hessians; each pass runs with
+    the earlier passes' layers already quantized. A fused MoE weight gets one Hessian per expert, from the tokens routed to it.
     Errors name the layer. Shows a progress bar unless progress=False.
     """
     check_module(model)

@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights per scale along K: a multiple of 32, or 16 (int formats); -1: per channel")
     q.add_argument("--symmetric", action="store_true", help="symmetric integer quantization (no zero point)")
     q.add_argument("--method", default=None, choices=["rtn", "mse", "gptq"], help="how codes are chosen: 'rtn' "
-                   "(default); int / lut formats: 'mse', the clipped group range with the least squared error; int / "
-                   "lut / microscaling / nf4 / bnb_fp4 formats: 'gptq', GPTQ on calibration text")
+                   "(default); int / lut formats: 'mse', the clipped group range with the least squared error "
+                   "(iq4_nl: the searched block scale); int / lut / microscaling / nf4 / bnb_fp4 / iq4_nl formats: "
+                   "'gptq', GPTQ on calibration text")
     q.add_argument("--act-order", action="store_true", help="--method gptq: quantize the columns in order of "
                    "decreasing input energy (GPTQ's desc_act, static groups; same layout)")
     q.add_argument("--calibration", default=None, metavar="FILE", help="--method gptq: UTF-8 text, one calibration "
@@ -320,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a GGUF file, a folder of the dfloat11 package, a bitsandbytes 4-bit NF4 or "
                        "8-bit folder, a compressed-tensors integer, FP8, NVFP4 or MX one, or a GPTQ or AWQ one, "
                        "into a lowbit folder")
-    c.add_argument("source", help="GGUF file (llama.cpp's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K ... Q6_K "
-                   "weights; the model in bfloat16), or folder written by the dfloat11 package (config.json with dfloat11_config), "
+    c.add_argument("source", help="GGUF file (llama.cpp's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K ... Q6_K / "
+                   "IQ4_NL / IQ4_XS / MXFP4 / NVFP4 weights; the model in bfloat16), or folder written by the "
+                   "dfloat11 package (config.json with dfloat11_config), "
                    "by transformers' save_pretrained of a bitsandbytes 4-bit NF4 or 8-bit (LLM.int8) model, or "
                    "by llm-compressor / compressed-tensors (W2A16 ... W8A16, W8A8 int8, FP8, NVFP4, "
                    "MXFP4 / MXFP6 / MXFP8), or by AutoGPTQ / GPTQModel / AutoAWQ (GPTQ 2/3/4/8-bit, AWQ GEMM)")

@@ -436,8 +436,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     FP4 or 8-bit folder (lowbit/integrations/bnb_import.py) and a compressed-tensors integer, FP8,
     NVFP4 or MX one (lowbit/integrations/ct_import.py) and a GPTQ or AWQ one
     (lowbit/integrations/gptq_awq_import.py), and a GGUF file (lowbit/integrations/gguf_import.py:
-    its Q4_0 ... Q8_0 and Q2_K ... Q6_K weights as int2 ... int8 layers, the model in bfloat16; `load_gguf` takes
-    another dtype); a folder written by `save_pretrained`
+    its Q4_0 ... Q8_0 and Q2_K ... Q6_K weights as int2 ... int8 layers, IQ4_NL / IQ4_XS as iq4_nl, MXFP4 /
+    NVFP4 as mxfp4 / nvfp4, the model in bfloat16; `load_gguf` takes another dtype); a folder written by `save_pretrained`
     (config.json with a lowbit quantization_config) is read through transformers' from_pretrained.
     """
     folder = as_path(path, "load(path)")

@@ -31,6 +31,6 @@ def formats() -> list[str]:
 
 
 # Formats register themselves on import.
-from . import bnb_fp4, dfloat11, fp8, integer, lut, microscaling, nf4  # noqa: E402,F401
+from . import bnb_fp4, dfloat11, fp8, integer, iq4_nl, lut, microscaling, nf4  # noqa: E402,F401
 
 __all__ = ["FieldSpec", "Format", "formats", "get_format", "register_format"]

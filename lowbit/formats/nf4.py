@@ -44,12 +44,15 @@ DQ_BLOCK = 256
 
 
 class CodebookFormat(Format):
-    """4-bit codes into a table of 16 values in [-1, 1] with block-64 absmax (optionally
-    double-quantized) scales. Subclasses set `name` and `CODEBOOK` (the values of codes 0..15,
+    """4-bit codes into a table of 16 values, one scale per block of `BLOCK` weights along K:
+    w = CODEBOOK[code] * scale. Subclasses set `name` and `CODEBOOK` (the values of codes 0..15,
     fp32-exact); the kernel launcher finds the table by the format's name
-    (lowbit/kernels/dequant_gemm.py, CODEBOOKS)."""
+    (lowbit/kernels/dequant_gemm.py, CODEBOOKS). The block scales are nf4's here (block-64 absmax,
+    values in [-1, 1], optionally double-quantized); a subclass with other scales overrides
+    `BLOCK`, `_block_scale`, `_scale_specs`, `_store_scales` and `block_scales` (iq4_nl.py)."""
 
     CODEBOOK: tuple[float, ...] = ()
+    BLOCK = BLOCK
     ATTRS = ("double_quant",)
     DEFAULTS = {"double_quant": False}
     QUANTIZER_OPTIONS = ("method", "act_order")
@@ -75,73 +78,44 @@ class CodebookFormat(Format):
         return torch.tensor(self.CODEBOOK, dtype=torch.float32, device=device)
 
     def nearest_code(self, normalized: torch.Tensor) -> torch.Tensor:
-        """fp32 values in [-1, 1] -> int32 codes 0..15 of the nearest value (a midpoint to the lower
-        one; of equal values, the lower code)."""
+        """fp32 values (weight / scale) -> int32 codes 0..15 of the nearest code value (a midpoint to
+        the lower one; of equal values, the lower code; beyond the table's ends, the end's code)."""
         order, midpoints = self._rounding_tables(normalized.device)
         return order[torch.bucketize(normalized, midpoints, right=False)]
 
-    def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
-        n, k = shape
-        kp = padded_k(k, BLOCK)
-        groups = kp // BLOCK
-        specs = {"qweight": FieldSpec(torch.int32, (n, kp // 8))}
-        if attrs["double_quant"]:
-            specs["absmax_q"] = FieldSpec(torch.int8, (groups, n))
-            specs["absmax_scale"] = FieldSpec(torch.float32, (-(-groups * n // DQ_BLOCK),))
-            specs["absmax_mean"] = FieldSpec(torch.float32, (1,))
-        else:
-            specs["absmax"] = FieldSpec(torch.float32, (groups, n))
-        return specs
+    def _codes(self, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """fp32 weights [...] and their block's scale (broadcast) -> int32 codes [...]; a block of
+        scale 0 decodes to 0 whatever its codes, so it is divided by 1."""
+        return self.nearest_code(values / torch.where(scales != 0, scales, torch.ones_like(scales)))
 
-    def quantize(self, weight: torch.Tensor, *, name: str = "weight", hessian: torch.Tensor | None = None,
-                 **options: Any) -> PackedWeight:
-        """[N, K] float weight -> PackedWeight. hessian: fp32 [K, K] Gram matrix of the layer's
-        inputs (X^T X / rows), needed by method="gptq" (GPTQ, lowbit/formats/gptq.py: each
-        block's absmax from the block as GPTQ's updates left it) and only by it."""
-        weight = self.check_weight(weight, name)
-        n, k = weight.shape
-        attrs = self.resolve_attrs((n, k), options)
-        method = options.get("method", "rtn")
-        gptq.check_method(method, hessian, name)
-        kp = padded_k(k, BLOCK)
-        w = F.pad(weight.float(), (0, kp - k))
-        if method == "gptq":
-            codes, absmax = self._gptq_codes(w, gptq.check_hessian(hessian, k, name), name,
-                                             options.get("act_order", False))
-            return PackedWeight(self.name, (n, k), weight.dtype, attrs,
-                                {"absmax": absmax.t().contiguous(), "qweight": bitpack.pack(codes, 4)})
-        blocks = w.reshape(n, kp // BLOCK, BLOCK)
-        absmax = self._block_absmax(blocks)
-        tensors: dict[str, torch.Tensor] = {}
-        if attrs["double_quant"]:
-            q, scale, mean = self._double_quantize(absmax.t().contiguous())
-            tensors.update(absmax_q=q, absmax_scale=scale, absmax_mean=mean)
-            absmax = self._absmax(tensors).t()  # quantize against the absmax the kernel will see
-        else:
-            tensors["absmax"] = absmax.t().contiguous()
-        codes = self.nearest_code((blocks / absmax.unsqueeze(-1)).clamp(-1, 1)).reshape(n, kp)
-        tensors["qweight"] = bitpack.pack(codes, 4)
-        return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
-
-    @staticmethod
-    def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
-        """fp32 blocks [..., 64] -> their absmax [...] (1 for an all-zero block)."""
+    # -- block scales: nf4's (subclasses with other scales override these four) -------------------
+    def _block_scale(self, blocks: torch.Tensor, name: str, method: str = "rtn") -> torch.Tensor:
+        """fp32 blocks [..., BLOCK] -> each block's scale fp32 [...], a value its storage holds
+        (here the absmax, 1 for an all-zero block), by `method` ("rtn"; "mse" where METHODS has it)."""
         absmax = blocks.abs().amax(dim=-1)
         return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
 
-    def _gptq_codes(self, w: torch.Tensor, hessian: torch.Tensor, name: str,
-                    act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded weight fp32 [N, Kp] -> (int32 codes [N, Kp], fp32 absmax [N, Kp/64]) by GPTQ
-        (act_order: gptq.solve's)."""
-        book = self.codebook(w.device)
+    def _scale_specs(self, groups: int, n: int, attrs: dict[str, Any]) -> dict[str, FieldSpec]:
+        if attrs["double_quant"]:
+            return {"absmax_q": FieldSpec(torch.int8, (groups, n)),
+                    "absmax_scale": FieldSpec(torch.float32, (-(-groups * n // DQ_BLOCK),)),
+                    "absmax_mean": FieldSpec(torch.float32, (1,))}
+        return {"absmax": FieldSpec(torch.float32, (groups, n))}
 
-        def round_column(column, absmax):  # column [N], absmax [N, 1] (this block's)
-            codes = self.nearest_code((column / absmax[:, 0]).clamp(-1, 1))
-            return codes, book[codes.long()] * absmax[:, 0]
+    def _store_scales(self, scales: torch.Tensor, attrs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """fp32 block scales [G, N] -> the packed fields that hold them (`_scale_specs`)."""
+        if attrs["double_quant"]:
+            q, scale, mean = self._double_quantize(scales)
+            return {"absmax_q": q, "absmax_scale": scale, "absmax_mean": mean}
+        return {"absmax": scales}
 
-        codes, params = gptq.solve(w, hessian, BLOCK, lambda block: self._block_absmax(block).unsqueeze(-1),
-                                   round_column, name, act_order)
-        return codes, torch.cat(params, dim=1)
+    def block_scales(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The [G, N] block scales (a float dtype) the codes' values are multiplied with."""
+        if "absmax" in tensors:
+            return tensors["absmax"]
+        q = tensors["absmax_q"]
+        scale = tensors["absmax_scale"].repeat_interleave(DQ_BLOCK)[: q.numel()].reshape(q.shape)
+        return q.float() * scale + tensors["absmax_mean"]
 
     @staticmethod
     def _double_quantize(absmax: torch.Tensor):
@@ -155,28 +129,62 @@ class CodebookFormat(Format):
         # clone: a view would keep the padded storage alive, and torch.save / torch.export write all of it
         return q.flatten()[: flat.numel()].reshape(absmax.shape).clone(), scale, mean
 
-    @staticmethod
-    def _absmax(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The [G, N] fp32 block scales the weight is multiplied with."""
-        if "absmax" in tensors:
-            return tensors["absmax"]
-        q = tensors["absmax_q"]
-        scale = tensors["absmax_scale"].repeat_interleave(DQ_BLOCK)[: q.numel()].reshape(q.shape)
-        return q.float() * scale + tensors["absmax_mean"]
+    # -- the format --------------------------------------------------------------------------
+    def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:
+        n, k = shape
+        kp = padded_k(k, self.BLOCK)
+        return {"qweight": FieldSpec(torch.int32, (n, kp // 8)), **self._scale_specs(kp // self.BLOCK, n, attrs)}
+
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight", hessian: torch.Tensor | None = None,
+                 **options: Any) -> PackedWeight:
+        """[N, K] float weight -> PackedWeight. hessian: fp32 [K, K] Gram matrix of the layer's
+        inputs (X^T X / rows), needed by method="gptq" (GPTQ, lowbit/formats/gptq.py: each
+        block's scale from the block as GPTQ's updates left it) and only by it."""
+        weight = self.check_weight(weight, name)
+        n, k = weight.shape
+        attrs = self.resolve_attrs((n, k), options)
+        method = options.get("method", "rtn")
+        gptq.check_method(method, hessian, name)
+        kp = padded_k(k, self.BLOCK)
+        w = F.pad(weight.float(), (0, kp - k))
+        if method == "gptq":
+            codes, scales = self._gptq_codes(w, gptq.check_hessian(hessian, k, name), name,
+                                             options.get("act_order", False))
+            tensors = self._store_scales(scales.t().contiguous(), attrs)
+        else:
+            blocks = w.reshape(n, kp // self.BLOCK, self.BLOCK)
+            tensors = self._store_scales(self._block_scale(blocks, name, method).t().contiguous(), attrs)
+            # round against the scales the kernel will see (double_quant changes them)
+            codes = self._codes(blocks, self.block_scales(tensors).t().unsqueeze(-1)).reshape(n, kp)
+        tensors["qweight"] = bitpack.pack(codes, 4)
+        return PackedWeight(self.name, (n, k), weight.dtype, attrs, tensors)
+
+    def _gptq_codes(self, w: torch.Tensor, hessian: torch.Tensor, name: str,
+                    act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded weight fp32 [N, Kp] -> (int32 codes [N, Kp], fp32 block scales [N, Kp/BLOCK]) by
+        GPTQ (act_order: gptq.solve's)."""
+        book = self.codebook(w.device)
+
+        def round_column(column, scale):  # column [N], scale [N, 1] (this block's)
+            codes = self._codes(column, scale[:, 0])
+            return codes, book[codes.long()] * scale[:, 0]
+
+        codes, params = gptq.solve(w, hessian, self.BLOCK, lambda block: self._block_scale(block, name).unsqueeze(-1),
+                                   round_column, name, act_order)
+        return codes, torch.cat(params, dim=1)
 
     def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
         n, k = packed.shape
-        kp = padded_k(k, BLOCK)
+        kp = padded_k(k, self.BLOCK)
         values = self.codebook(packed.qweight.device)[bitpack.unpack(packed.qweight, 4, kp).long()]
-        absmax = self._absmax(packed.tensors).t()  # [N, G]
-        w = (values.reshape(n, kp // BLOCK, BLOCK) * absmax.unsqueeze(-1)).reshape(n, kp)
+        scales = self.block_scales(packed.tensors).t().float()  # [N, G]
+        w = (values.reshape(n, kp // self.BLOCK, self.BLOCK) * scales.unsqueeze(-1)).reshape(n, kp)
         return w[:, :k].to(packed.dtype)
 
     def triton_linear(self, x2d, packed, bias):
         # double_quant: the [G, N] absmax is rebuilt in torch per call (N*K/64 values, tiny).
-        absmax = self._absmax(packed.tensors)
-        return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, absmax, None, None, bias, 4, self.name, BLOCK, 1,
-                                               "float", packed.shape[1])
+        return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, self.block_scales(packed.tensors), None, None, bias,
+                                               4, self.name, self.BLOCK, 1, "float", packed.shape[1])
 
 
 class NF4Format(CodebookFormat):

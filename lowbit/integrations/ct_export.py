@@ -34,7 +34,7 @@ llm-compressor gives them). Every tensor gets the name save_pretrained gives it.
 Layers grouped by scheme into config groups: targets ["Linear"] when every quantized layer has one
 scheme (as llm-compressor writes it), else the layers' names; the model's other Linear layers are
 listed in `ignore`. Refused with a CheckpointError naming the layer:
-formats compressed-tensors has no layout for (lut, nf4, bnb_fp4, dfloat11, mxint8, fp8_e5m2),
+formats compressed-tensors has no layout for (lut, nf4, bnb_fp4, iq4_nl, dfloat11, mxint8, fp8_e5m2),
 rotate="hadamard", activation rules that differ from compressed-tensors' (MX activations without
 its act_amax_round, NVFP4 activations without a static act_tensor_scale), experts modules holding
 anything but quantized weights (or stored transposed), FP8 block scales that a gate / up split

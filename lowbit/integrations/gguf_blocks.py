@@ -1,27 +1,36 @@
-"""GGML quantization blocks (llama.cpp's GGUF tensor types) as lowbit integer groups.
+"""GGML quantization blocks (llama.cpp's GGUF tensor types) as lowbit layers.
 
 Each GGML type stores a row of K weights as K / block_size blocks of bytes. The types read here
-decode every group of `group_size` weights as one of two affine maps of unsigned codes u:
+decode every group of `group_size` weights as one of three maps of 2- to 8-bit codes u:
 
-    symmetric:  w = a * (u - 2^(bits-1))      (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K)
-    with a min: w = a * u - c                 (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
+    symmetric:  w = a * (u - 2^(bits-1))      (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K)    -> int2 ... int8
+    with a min: w = a * u - c                 (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)   -> int2 ... int8
+    a table:    w = a * TABLE[u]              (IQ4_NL, IQ4_XS -> iq4_nl; MXFP4 -> mxfp4; NVFP4 -> nvfp4)
 
 with a, c float32 per group: a float16 d itself, or d times a small integer sub-block scale (K
-types; signed in Q3_K and Q6_K). `decode_blocks` returns the codes, a and c; `lowbit_groups`
-turns them into lowbit's float16 scales and zero points, w = s * (u - z). Q4_0, Q5_0 and Q8_0
-are exact (s = d, z = 2^(bits-1)). For the others a (a float16 times up to 127) and z = c / s
-are rounded to float16, so weights differ from llama.cpp's by that rounding (measured in
-tests/integrations/test_gguf_import.py).
+types, IQ4_XS; signed in Q3_K, Q6_K and IQ4_XS), or a power of two (MXFP4's E8M0 byte) or an
+E4M3 value (NVFP4's byte) over 2: ggml's MXFP4 / NVFP4 tables are E2M1 doubled. `decode_blocks`
+returns the codes, a and c; `lowbit_layer` makes the lowbit layer. For the integer types
+`lowbit_groups` turns them into lowbit's float16 scales and zero points, w = s * (u - z); the table
+types keep their codes, with a as lowbit's block scale (iq4_nl: float16; mxfp4: 2a as an E8M0 byte;
+nvfp4: 2a as an E4M3 scale, tensor scale 1). Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4 and NVFP4 are exact;
+for the others a (a float16 times up to 127) and z = c / s are rounded to float16, so weights
+differ from llama.cpp's by that rounding (measured in tests/integrations/test_gguf_import.py).
 
-Layouts (ggml-common.h): Q4_0 / Q4_1 / Q5_* keep element j of a 32-block in byte j's low
-nibble and element j + 16 in its high nibble, Q5's fifth bits in a little-endian uint32. The
-K types have 256-weight blocks:
+Layouts (ggml-common.h): Q4_0 / Q4_1 / Q5_* / IQ4_NL / MXFP4 keep element j of a 32-block in byte
+j's low nibble and element j + 16 in its high nibble, Q5's fifth bits in a little-endian uint32.
+The K types and IQ4_XS have 256-weight blocks:
 - Q4_K / Q5_K: 8 sub-blocks of 32 whose 6-bit scales and mins are packed in 12 bytes, codes
   running 64 at a time: sub-block 2i in the low nibbles of 32 bytes, 2i + 1 in the high.
 - Q2_K / Q3_K / Q6_K: 16 sub-blocks of 16 (lowbit groups of 16). Their 2-bit fields run 128
   at a time: element 32j + l of a half in bits 2j of byte l of its 32 bytes (Q3_K's third bit:
   bit 4h + j of byte l of the 32 hmask bytes; Q6_K's high 2 bits the same way, its low 4 in
   nibbles as Q4_K's).
+- IQ4_XS: 8 sub-blocks of 32, each with IQ4_NL's nibble layout in its 16 bytes; 6-bit scales
+  (minus 32): the low 4 bits of sub-block 2i / 2i + 1 in the low / high nibble of byte i of 4,
+  the top 2 bits at bit 2i of a little-endian uint16.
+NVFP4 blocks hold 64 weights: 4 sub-blocks of 16 (lowbit's nvfp4 blocks) with one scale byte
+each, elements 0-7 / 8-15 of sub-block s in the low / high nibbles of bytes 8s ... 8s + 7.
 """
 from __future__ import annotations
 
@@ -30,9 +39,15 @@ from typing import Callable
 
 import torch
 
+from ..formats import bitpack, get_format
 from ..formats.integer import SCALE_DTYPE
+from ..formats.iq4_nl import KVALUES
+from ..packed import PackedWeight
+from .foreign_folder import integer_layer
 
-QK_K = 256  # weights per K-type block
+QK_K = 256  # weights per K-type and IQ4_XS block
+#: ggml's MXFP4 / NVFP4 table: the E2M1 values doubled, in E2M1's code order
+E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
 
 @dataclass(frozen=True)
@@ -46,7 +61,14 @@ class BlockType:
     block_bytes: int
     symmetric: bool
     decode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-    exact: bool = False  # a is the block's float16 d and there is no min: lowbit holds it bit for bit
+    exact: bool = False  # lowbit holds the weights bit for bit (a itself, no min)
+    table: tuple[int, ...] = ()  # table types: the code values (w = a * table[u])
+    target: str = ""  # table types: the lowbit format ("iq4_nl", "mxfp4", "nvfp4")
+
+    @property
+    def lowbit_format(self) -> str:
+        """The lowbit format the type imports as: "int4", "iq4_nl", ..."""
+        return self.target or f"int{self.bits}"
 
 
 def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
@@ -157,6 +179,36 @@ def _q6_k(blocks):
     return codes, _half(blocks, 208) * blocks[..., 192:208].contiguous().view(torch.int8).float(), None
 
 
+def _iq4_nl(blocks):
+    return _nibbles(blocks[..., 2:18]), _half(blocks, 0), None
+
+
+def _iq4_xs(blocks):
+    low = blocks[..., 4:8].int()
+    low = torch.stack([low & 0xF, low >> 4], dim=-1).flatten(-2)  # sub-block 2i: low nibble of byte i
+    high = blocks[..., 2:4].int()
+    high = (high[..., :1] | (high[..., 1:] << 8)) >> (2 * torch.arange(8, dtype=torch.int32)) & 3
+    scales = (low | (high << 4)) - 32
+    codes = _nibbles(blocks[..., 8:136].unflatten(-1, (8, 16))).flatten(-2)
+    return codes, _half(blocks, 0) * scales.float(), None
+
+
+def _mxfp4(blocks):
+    # a = 2^(e - 128), ggml's E8M0 "half" (its table is E2M1 doubled): float32 bits as ggml makes them
+    e = blocks[..., 0:1].int()
+    a = torch.where(e < 2, 0x200000 << e, (e - 1) << 23).view(torch.float32)
+    return _nibbles(blocks[..., 1:17]), a, None
+
+
+def _nvfp4(blocks):
+    # ggml's unsigned E4M3 (bit 7 ignored; 0x7F is 0) over 2 (its table is E2M1 doubled)
+    byte = blocks[..., 0:4].int()
+    exponent, mantissa = (byte >> 3) & 0xF, (byte & 7).float()
+    value = torch.where(exponent == 0, mantissa * 2.0**-9, (1 + mantissa / 8) * torch.exp2(exponent.float() - 7))
+    a = torch.where((byte == 0) | (byte == 0x7F), torch.zeros_like(value), value * 0.5)
+    return _nibbles(blocks[..., 4:36].unflatten(-1, (4, 8))).flatten(-2), a, None
+
+
 BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q4_0", 4, 32, 32, 18, True, _q4_0, exact=True),
     BlockType("Q4_1", 4, 32, 32, 20, False, _q4_1),
@@ -168,6 +220,10 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q4_K", 4, 32, QK_K, 144, False, _q4_k),
     BlockType("Q5_K", 5, 32, QK_K, 176, False, _q5_k),
     BlockType("Q6_K", 6, 16, QK_K, 210, True, _q6_k),
+    BlockType("IQ4_NL", 4, 32, 32, 18, True, _iq4_nl, exact=True, table=KVALUES, target="iq4_nl"),
+    BlockType("IQ4_XS", 4, 32, QK_K, 136, True, _iq4_xs, table=KVALUES, target="iq4_nl"),
+    BlockType("MXFP4", 4, 32, 32, 17, True, _mxfp4, exact=True, table=E2M1_DOUBLED, target="mxfp4"),
+    BlockType("NVFP4", 4, 16, 64, 36, True, _nvfp4, exact=True, table=E2M1_DOUBLED, target="nvfp4"),
 )}
 
 
@@ -181,7 +237,10 @@ def decode_blocks(kind: BlockType, data: torch.Tensor) -> tuple[torch.Tensor, to
 
 def reference_weights(kind: BlockType, codes: torch.Tensor, a: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
     """The float32 weights [N, K] llama.cpp decodes from (codes, a, c) (`decode_blocks`)."""
-    u = codes.float().unflatten(-1, (a.shape[1], kind.group_size))
+    u = codes.unflatten(-1, (a.shape[1], kind.group_size))
+    if kind.table:
+        return (a.unsqueeze(-1) * torch.tensor(kind.table, dtype=torch.float32)[u.long()]).flatten(-2)
+    u = u.float()
     w = a.unsqueeze(-1) * (u - 2 ** (kind.bits - 1)) if c is None else a.unsqueeze(-1) * u - c.unsqueeze(-1)
     return w.flatten(-2)
 
@@ -212,3 +271,37 @@ def lowbit_groups(kind: BlockType, codes: torch.Tensor, a: torch.Tensor, c: torc
     if not bool(torch.isfinite(scales).all()):
         raise ValueError(f"a group scale exceeds float16's range (largest |d * scale| {float(a.abs().max()):.6g})")
     return codes, scales, zeros
+
+
+def _table_scales(kind: BlockType, a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A table type's a [N, G] -> lowbit's scale fields ([G, N] as the format stores them)."""
+    if kind.target == "iq4_nl":
+        scales = a.to(SCALE_DTYPE)
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError(f"a block scale exceeds float16's range (largest |d * scale| {float(a.abs().max()):.6g})")
+        return {"scales": scales.t().contiguous()}
+    if kind.target == "mxfp4":  # lowbit's E8M0 byte b scales E2M1 values by 2^(b - 127): b = log2(a) + 128
+        exponent = torch.log2(a.double()).round()
+        if bool((exponent > 126).any()):
+            raise ValueError("an E8M0 scale byte is 255 (2^127 in ggml, NaN in OCP MX and lowbit)")
+        return {"scales": (exponent + 128).to(torch.uint8).t().contiguous()}
+    scales = (2 * a).to(torch.float8_e4m3fn)  # nvfp4: E4M3 block scales, tensor scale 1
+    if not torch.equal(scales.float(), 2 * a):
+        raise ValueError("a block scale byte is 0xFF (480 in ggml's unsigned E4M3, more than E4M3 holds)")
+    return {"scales": scales.t().contiguous(), "tensor_scale": torch.ones(1)}
+
+
+def lowbit_layer(kind: BlockType, codes: torch.Tensor, a: torch.Tensor, c: torch.Tensor | None,
+                 dtype: torch.dtype) -> PackedWeight:
+    """(codes, a, c) from `decode_blocks` -> the lowbit layer (`kind.lowbit_format`) of output dtype
+    `dtype` with the same codes. ValueError for scales lowbit cannot hold (see `lowbit_groups`,
+    `_table_scales`)."""
+    if not kind.table:
+        u, scales, zeros = lowbit_groups(kind, codes, a, c)
+        return integer_layer(u, kind.bits, kind.group_size, scales, zeros, dtype)
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError("a block scale is not finite")
+    n, k = codes.shape  # K is a whole number of blocks of 32 or more: no padding
+    fields = {"qweight": bitpack.pack(codes, 4), **_table_scales(kind, a)}
+    attrs = get_format(kind.target).resolve_attrs((n, k), {})
+    return PackedWeight(kind.target, (n, k), dtype, attrs, fields)

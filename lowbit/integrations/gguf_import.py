@@ -1,6 +1,7 @@
 """Import of a GGUF file (llama.cpp's format): its Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 and Q2_K ...
-Q6_K Linear weights become lowbit `int2` ... `int8` layers with the same codes (gguf_blocks.py),
-every other tensor is decoded to the model dtype.
+Q6_K Linear weights become lowbit `int2` ... `int8` layers, IQ4_NL / IQ4_XS ones `iq4_nl`, MXFP4
+ones `mxfp4` and NVFP4 ones `nvfp4`, with the same codes (gguf_blocks.py); every other tensor is
+decoded to the model dtype.
 
 transformers does the parts that are not about the weights' layout: the model config from the
 file's metadata (`load_gguf_checkpoint`), GGUF tensor names to the model's (`get_gguf_hf_weights_map`)
@@ -25,8 +26,8 @@ from tqdm.auto import tqdm
 from ..errors import LowbitError
 from ..formats import get_format
 from ..packed import PackedWeight
-from .foreign_folder import fail, integer_layer
-from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_groups, reference_weights
+from .foreign_folder import fail
+from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,9 @@ def _quantized_linear_type(tensor) -> BlockType | None:
 def target_format(path: str | Path) -> str:
     """The lowbit formats the file's 2-D quantized tensors import as, e.g. "int4/int6" for Q4_K_M
     files (Q4_K and Q6_K); "none" when it has no such tensor."""
-    found = {f"int{kind.bits}" for t in _reader(Path(path)).tensors
+    found = {kind.lowbit_format for t in _reader(Path(path)).tensors
              if (kind := _quantized_linear_type(t)) is not None and not t.name.startswith("token_embd")}
-    return "/".join(sorted(found, key=lambda name: int(name[3:]))) or "none"
+    return "/".join(sorted(found)) or "none"
 
 
 def write_tokenizer(path: str | Path, folder: Path) -> dict[str, Path]:
@@ -144,10 +145,9 @@ def _layer(path: Path, tensor, kind: BlockType, order: torch.Tensor, dtype: torc
     data = torch.from_numpy(np.array(tensor.data))[order]
     codes, a, c = decode_blocks(kind, data)
     try:
-        codes, scales, zeros = lowbit_groups(kind, codes, a, c)
+        layer = lowbit_layer(kind, codes, a, c, dtype)
     except ValueError as exc:
         raise fail(f"{path}: {tensor.name}", f"{kind.name} blocks lowbit cannot hold: {exc}") from None
-    layer = integer_layer(codes, kind.bits, kind.group_size, scales, zeros, dtype)
     if kind.exact:
         return layer, 0.0
     # lowbit's weights by its own spec, in float32 (the layer's dtype would add its rounding)
@@ -179,9 +179,11 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     """Read a GGUF file -> the transformers causal LM it describes, whose Linear weights stored
     as Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K / Q3_K / Q4_K / Q5_K / Q6_K are lowbit int2 ... int8
     QuantLinears of output dtype `dtype` (groups of 32, or 16 for Q2_K / Q3_K / Q6_K; same codes;
-    scales and mins rounded to float16 except Q4_0 / Q5_0 / Q8_0's), every other tensor decoded to
-    `dtype` (quantized Linear weights of other types too, with a warning). model: optional
-    skeleton to fill. CheckpointError naming the file or tensor for anything it cannot import."""
+    scales and mins rounded to float16 except Q4_0 / Q5_0 / Q8_0's), IQ4_NL / IQ4_XS ones iq4_nl
+    (IQ4_XS's scales rounded to float16), MXFP4 ones mxfp4 and NVFP4 ones nvfp4; every other tensor
+    decoded to `dtype` (quantized Linear weights of other types too, with a warning). model:
+    optional skeleton to fill. CheckpointError naming the file or tensor for anything it cannot
+    import."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     from ..io import build_meta_model

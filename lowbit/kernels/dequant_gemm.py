@@ -1,9 +1,9 @@
 """Generic dequantize-in-register matmul: y = x @ dequant(W)^T (+ bias).
 
 One kernel family for every element type (ELEMENT: "int" codes of any width BITS, two's-complement
-"sint", small floats "e4m3" / "e5m2" / "e2m3" / "e2m1", a 16-entry "codebook": nf4's, bnb_fp4's), scale decoder (float, E8M0 or E4M3 bytes,
-optional fp32 tensor scale) and scale layout (per row and K group, or per SCALE_GROUP_N rows), all
-constexprs, two paths:
+"sint", small floats "e4m3" / "e5m2" / "e2m3" / "e2m1", a 16-entry "codebook": nf4's, bnb_fp4's,
+iq4_nl's), scale decoder (float, E8M0 or E4M3 bytes, optional fp32 tensor scale) and scale layout
+(per row and K group, or per SCALE_GROUP_N rows), all constexprs, two paths:
   * `_gemv_kernel` (lowbit/kernels/dequant_gemv.py): small M (no tensor cores needed at M <= 4),
     split-K; each thread sums a column of COLUMN_K consecutive K for all BLOCK_N rows of its
     program, in registers, and the sums are reduced across threads once, after the K loop; the
@@ -26,6 +26,7 @@ import triton.language as tl
 from ..errors import InputError
 from ..formats import bitpack
 from ..formats.bnb_fp4 import BNB_FP4_CODEBOOK
+from ..formats.iq4_nl import IQ4_NL_CODEBOOK
 from ..formats.nf4 import NF4_CODEBOOK
 from .dequant_gemv import _gemv_kernel
 from .element_decode import _decode, _decode_scale, _element_factor
@@ -390,7 +391,7 @@ def check_block_k(block_k: int, group_size: int, kp: int, multi_group: bool) -> 
 
 
 #: the codebook elements: 4-bit codes looked up in these 16 fp32 values (the kernels' ELEMENT "codebook")
-CODEBOOKS = {"nf4": NF4_CODEBOOK, "bnb_fp4": BNB_FP4_CODEBOOK}
+CODEBOOKS = {"nf4": NF4_CODEBOOK, "bnb_fp4": BNB_FP4_CODEBOOK, "iq4_nl": IQ4_NL_CODEBOOK}
 #: element decoder -> the code width it needs (None: any width 2..8)
 ELEMENTS = {"int": None, "sint": 8, "e4m3": 8, "e5m2": 8, "e2m3": 6, "e2m1": 4, **{name: 4 for name in CODEBOOKS}}
 SCALE_KINDS = ("float", "e8m0", "e4m3")
@@ -420,7 +421,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
       LUT formats' b one-bit planes).
     element: "int" (w = (code - zero) * scale), "sint" (two's complement k/64, MX INT8) or a
       small float "e4m3" / "e5m2" / "e2m3" / "e2m1" (w = value(code) * scale), or a codebook
-      "nf4" / "bnb_fp4" (w = CODEBOOKS[element][code] * scale).
+      "nf4" / "bnb_fp4" / "iq4_nl" (w = CODEBOOKS[element][code] * scale).
     scales [Kp/group_size, ceil(N/scale_group_n)]: any float dtype (scale_kind "float") or uint8
       bytes of E8M0 exponents / E4M3 values (scale_kind "e8m0" / "e4m3").
     zeros float16 [Kp/group_size, N] (asymmetric "int" only, else None).

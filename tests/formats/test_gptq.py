@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:mxfp4 with method='gptq'")
 WIDTH_CASES = [("int4", {}), ("int3", {"group_size": 32}), ("int4", {"symmetric": True}), ("int2", {"group_size": 64}),
                ("int8", {"group_size": -1}), ("lut2", {}), ("int6", {"group_size": 96})]
 MICROSCALING_CASES = [("mxfp4", {}), ("nvfp4", {}), ("mxfp4", {"rotate": "hadamard"}), ("mxfp6", {}),
-                      ("mxint8", {"act": "mxint8"}), ("nf4", {})]
+                      ("mxint8", {"act": "mxint8"}), ("nf4", {}), ("iq4_nl", {})]
 
 
 def _correlated_inputs(k: int, rows: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _output_error(x, w, w_hat) -> float:
 
 
 def _unpacked_element_codes(fmt, packed, bits=None, multiple=32) -> torch.Tensor:
-    """fp64 element codes [N, Kp] of a packed microscaling (or nf4: bits=4, multiple=64) weight."""
+    """fp64 element codes [N, Kp] of a packed microscaling (or codebook: bits=4, multiple=its block) weight."""
     from lowbit.formats import bitpack
 
     kp = -(-packed.shape[1] // multiple) * multiple
@@ -172,9 +172,9 @@ def test_solver_matches_the_direct_update(name, options, act_order):
 
 
 @pytest.mark.parametrize("name,options", [("mxfp4", {}), ("nvfp4", {}), ("mxint8", {"rotate": "hadamard"}),
-                                          ("mxfp6", {"act": "mxfp6"}), ("nf4", {})])
-def test_identity_hessian_is_round_to_nearest_for_microscaling_and_nf4(name, options):
-    """Microscaling and NF4 scales follow the spec rule (no range search): with an identity
+                                          ("mxfp6", {"act": "mxfp6"}), ("nf4", {}), ("iq4_nl", {})])
+def test_identity_hessian_is_round_to_nearest_for_microscaling_and_codebooks(name, options):
+    """Microscaling and codebook (nf4, iq4_nl) scales follow the spec rule (no range search): with an identity
     Hessian (rotated: still the identity) GPTQ's layer equals the plain quantizer's, byte for byte."""
     fmt = get_format(name)
     w = _weight(40, 320)
@@ -255,7 +255,7 @@ def test_act_order_groups_are_static(name, options):
     if name.startswith(("int", "lut")):
         codes, plain_codes = _unpacked_codes(fmt, packed), _unpacked_codes(fmt, plain)
     else:
-        bits, multiple = (4, 64) if name == "nf4" else (None, 32)
+        bits, multiple = (4, 64) if name == "nf4" else (4, 32) if name == "iq4_nl" else (None, 32)
         codes = _unpacked_element_codes(fmt, packed, bits, multiple)
         plain_codes = _unpacked_element_codes(fmt, plain, bits, multiple)
     assert torch.equal(codes[:, first], plain_codes[:, first])

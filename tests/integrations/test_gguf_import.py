@@ -1,10 +1,11 @@
 """Importing GGUF files (lowbit/integrations/gguf_import.py, gguf_blocks.py).
 
 The files are written by the `gguf` package's GGUFWriter, with llama.cpp's tensor names and its
-q / k row interleaving (convert_hf_to_gguf.py's permute). Q4_0 ... Q8_0 blocks come from the
-package's own quantizers; it has none for the K types (nor IQ4_NL), so their blocks are random
-bytes with sane float16 d / dmin (every byte pattern is a valid block). The oracle is transformers'
-from_pretrained(..., gguf_file=...), which decodes every tensor with the gguf package."""
+q / k row interleaving (convert_hf_to_gguf.py's permute). Q4_0 ... Q8_0 and MXFP4 blocks come
+from the package's own quantizers; it has none for the K, IQ and NVFP4 types, so their blocks are
+random bytes with sane scales (float16 d / dmin; every other byte pattern is a valid block). The
+oracle is transformers' from_pretrained(..., gguf_file=...), which decodes every tensor with the
+gguf package."""
 import warnings
 
 import numpy as np
@@ -27,8 +28,10 @@ transformers = pytest.importorskip("transformers")
 
 T = gguf.GGMLQuantizationType
 IDS = torch.tensor([[1, 5, 9, 33, 2], [7, 7, 0, 63, 12]])
-EXACT = ("Q4_0", "Q5_0", "Q8_0")
-ROUNDED = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+EXACT = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4", "NVFP4")
+ROUNDED = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+#: the types the gguf package quantizes (the others are written as random blocks)
+QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
 #: byte offset of the float16 d (then dmin) in a block, where it is not the first field
 D_OFFSET = {"Q2_K": 80, "Q3_K": 108, "Q6_K": 208}
 HEADS, KV_HEADS = 4, 2
@@ -49,10 +52,14 @@ def _interleaved(rows, heads):
 
 def _random_blocks(kind, n, k, rng):
     """Random bytes [N, K / block_size * block_bytes] of GGML type `kind`, float16 d (and dmin or
-    m) in [0.001, 0.02)."""
+    m) in [0.001, 0.02); MXFP4's E8M0 bytes 2^-13 ... 2^-6, NVFP4's E4M3 bytes 0 ... 0.23."""
     info = gguf_blocks.BLOCK_TYPES.get(kind)
     size, nbytes = gguf.GGML_QUANT_SIZES[getattr(T, kind)]
     raw = rng.integers(0, 256, size=(n, k // size, nbytes), dtype=np.uint8)
+    if kind in ("MXFP4", "NVFP4"):
+        low, high, count = (115, 123, 1) if kind == "MXFP4" else (0, 0x30, 4)
+        raw[..., :count] = rng.integers(low, high, size=(*raw.shape[:2], count))
+        return raw.reshape(n, -1)
     d_offset = D_OFFSET.get(kind, 0)
     for h in range(1 if info is None or info.symmetric else 2):
         d = rng.uniform(0.001, 0.02, size=raw.shape[:2]).astype(np.float16)
@@ -114,7 +121,7 @@ def _write_gguf(path, types, tied=False, architecture="llama", seed=0, random_bl
         if kind is None:
             writer.add_tensor(name, array)
             continue
-        if kind in EXACT + ("Q4_1", "Q5_1") and not random_blocks:
+        if kind in QUANTIZABLE and not random_blocks:
             blocks = gguf.quants.quantize(array, getattr(T, kind))
         else:
             blocks = _random_blocks(kind, *array.shape, rng)
@@ -144,17 +151,18 @@ def _lowbit_weights(kind, codes, scales, zeros):
 
 def _group_bound(kind, codes, a, c):
     """Per-weight bound on lowbit's difference from llama.cpp: float16 rounding of the scale (2^-11
-    relative) times the largest |code - zero| a group can have, plus that of c."""
-    top = 2 ** kind.bits - 1
+    relative) times the largest |code - zero| (or |table value|) a group can have, plus that of c."""
+    top = max(abs(v) for v in kind.table) if kind.table else 2 ** kind.bits - 1
     bound = 2.0 ** -10 * (a.abs() * top + (0 if c is None else c.abs()))
     return bound.repeat_interleave(kind.group_size, dim=1)
 
 
 @pytest.mark.parametrize("kind", sorted(gguf_blocks.BLOCK_TYPES))
 def test_block_decoders_match_the_gguf_package(kind):
-    """Every type's codes, a and c decode to the gguf package's dequantize bit for bit; lowbit's
-    float16 scales and zero points give those weights exactly (Q4_0, Q5_0, Q8_0) or within the
-    float16 rounding of the group's scale and min (Q3_K's and Q6_K's signed scales included)."""
+    """Every type's codes, a and c decode to the gguf package's dequantize bit for bit; the lowbit
+    layer gives those weights exactly (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4, NVFP4) or within the
+    float16 rounding of the group's scale and min (Q3_K's, Q6_K's and IQ4_XS's signed scales
+    included)."""
     info = gguf_blocks.BLOCK_TYPES[kind]
     raw = _random_blocks(kind, 6, 512, np.random.default_rng(1))
     want = torch.from_numpy(gguf.quants.dequantize(raw, getattr(T, kind)))
@@ -162,10 +170,11 @@ def test_block_decoders_match_the_gguf_package(kind):
     assert codes.shape == (6, 512) and int(codes.min()) >= 0 and int(codes.max()) < 2 ** info.bits
     assert a.shape == (6, 512 // info.group_size)
     assert torch.equal(gguf_blocks.reference_weights(info, codes, a, c), want)
-    u, scales, zeros = gguf_blocks.lowbit_groups(info, codes, a, c)
-    got = _lowbit_weights(info, u, scales, zeros)
+    layer = gguf_blocks.lowbit_layer(info, codes, a, c, torch.float32)
+    assert layer.format == info.lowbit_format
+    got = lowbit.get_format(layer.format).dequantize(layer)
     if kind in EXACT:
-        assert zeros is None and torch.equal(got, want)
+        assert torch.equal(got, want)
     else:
         difference = (got - want).abs()
         assert bool((difference <= _group_bound(info, codes, a, c)).all())
@@ -189,19 +198,65 @@ def test_groups_without_a_scale_decode_to_their_constant():
         gguf_blocks.lowbit_groups(info, codes, torch.tensor([[float("nan"), 1.0]] * 2), c)
 
 
+def _one_block_type(kind, scale_bytes):
+    """One row of GGML `kind` blocks whose scale bytes are `scale_bytes` (one block each for MXFP4,
+    four a block for NVFP4) and whose codes run 0..15 -> (the gguf package's weights, lowbit's
+    layer or the ValueError it raises)."""
+    info = gguf_blocks.BLOCK_TYPES[kind]
+    per_block = 1 if kind == "MXFP4" else 4
+    blocks = np.zeros((len(scale_bytes) // per_block, info.block_bytes), np.uint8)
+    blocks[:, :per_block] = np.array(scale_bytes, np.uint8).reshape(-1, per_block)
+    codes = np.arange(info.block_bytes - per_block) % 16
+    blocks[:, per_block:] = (codes * 17).astype(np.uint8)  # code c in both nibbles
+    raw = blocks.reshape(1, -1)
+    with np.errstate(over="ignore"):  # ggml's 2^127 times 12 is inf
+        want = torch.from_numpy(gguf.quants.dequantize(raw, getattr(T, kind)))
+    codes, a, c = gguf_blocks.decode_blocks(info, torch.from_numpy(raw))
+    try:
+        layer = gguf_blocks.lowbit_layer(info, codes, a, c, torch.float32)
+    except ValueError as exc:
+        return want, exc
+    return want, layer
+
+
+def test_mxfp4_and_nvfp4_scale_bytes_follow_ggml():
+    """MXFP4: E8M0 bytes 0 and 1 (ggml's subnormal 2^-128 and 2^-127) up to 254 give lowbit mxfp4
+    layers equal to ggml's weights; 255 (2^127 in ggml, NaN in OCP MX) is refused. NVFP4: ggml
+    reads its bytes as unsigned E4M3, bit 7 ignored and 0x7F as 0; lowbit's E4M3 scales give the
+    same weights; 0xFF (480 in ggml) is refused."""
+    want, layer = _one_block_type("MXFP4", [0, 1, 2, 100, 127, 128, 200, 254])
+    assert layer.format == "mxfp4" and layer.scales[:, 0].tolist() == [0, 1, 2, 100, 127, 128, 200, 254]
+    assert torch.equal(lowbit.get_format("mxfp4").dequantize(layer), want) and float(want.abs().max()) > 0
+    want, refused = _one_block_type("MXFP4", [127, 255])
+    assert isinstance(refused, ValueError) and "255" in str(refused)
+    scale_bytes = [0x00, 0x01, 0x07, 0x08, 0x38, 0x7E, 0x7F, 0x80, 0x81, 0xB8, 0xFE, 0x40]
+    want, layer = _one_block_type("NVFP4", scale_bytes)
+    assert layer.format == "nvfp4" and float(layer.tensor_scale) == 1.0
+    assert torch.equal(lowbit.get_format("nvfp4").dequantize(layer), want)
+    sub_blocks = want.reshape(-1, 16).abs().amax(dim=1)
+    assert sub_blocks[6] == 0 and sub_blocks[7] == 0 and sub_blocks[5] > 0  # 0x7F and 0x80 are 0
+    assert sub_blocks[9] == sub_blocks[4] and sub_blocks[10] == sub_blocks[5]  # 0xB8 is 0x38, 0xFE 0x7E
+    want, refused = _one_block_type("NVFP4", [0x38, 0xFF, 0x01, 0x02])
+    assert isinstance(refused, ValueError) and "0xFF" in str(refused)
+
+
 @pytest.mark.parametrize("kind", EXACT + ROUNDED)
 def test_a_gguf_file_imports_as_transformers_reads_it(tmp_path, kind):
-    """Every Linear of a file in one type (lm_head included) becomes a lowbit layer (groups of 16
-    for Q2_K / Q3_K / Q6_K) whose weights equal transformers' GGUF load (Q4_0 / Q5_0 / Q8_0) or
-    lie within float16 rounding of the group scales; the other tensors are equal, and so are the
-    logits of the exact types."""
+    """Every Linear of a file in one type (lm_head included) becomes a lowbit layer (int2 ...
+    int8, groups of 16 for Q2_K / Q3_K / Q6_K; iq4_nl, mxfp4, nvfp4) whose weights equal
+    transformers' GGUF load (the exact types) or lie within float16 rounding of the group scales;
+    the other tensors are equal, and so are the logits of the exact types."""
     path = _write_gguf(tmp_path / "tiny.gguf", lambda name: None if name.startswith("token_embd") else kind)
     model, oracle = load_gguf(path, dtype=torch.float32), _transformers_gguf(path)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, lowbit.QuantLinear)}
     info = gguf_blocks.BLOCK_TYPES[kind]
     assert len(layers) == 15 and "lm_head" in layers
-    assert {(m.format, m.packed.attrs["group_size"], m.packed.attrs["symmetric"]) for m in layers.values()} == {
-        (f"int{info.bits}", info.group_size, info.symmetric)}
+    assert gguf_import.target_format(path) == info.lowbit_format
+    if info.table:
+        assert {m.format for m in layers.values()} == {info.target}
+    else:
+        assert {(m.format, m.packed.attrs["group_size"], m.packed.attrs["symmetric"]) for m in layers.values()} == {
+            (f"int{info.bits}", info.group_size, info.symmetric)}
     for name, layer in layers.items():
         want = oracle.get_submodule(name).weight.detach()
         if kind in EXACT:
@@ -251,10 +306,10 @@ def test_a_q4_k_m_mix_imports_every_linear(tmp_path):
 
 
 def test_types_without_a_lowbit_layout_stay_dense_with_a_warning(tmp_path):
-    """IQ4_NL (a non-linear 16-value codebook) Linears are decoded to the model dtype, equal to
+    """IQ2_XXS (8-weight grid vectors) Linears are decoded to the model dtype, equal to
     transformers' load, and counted in a warning; the Q4_K Linears are int4 layers."""
-    path = _write_gguf(tmp_path / "mix.gguf", lambda name: "IQ4_NL" if name.endswith("ffn_down.weight") else "Q4_K")
-    with pytest.warns(UserWarning, match=r"2 quantized Linear weights kept as torch\.float32 \(\{'IQ4_NL': 2\}\)"):
+    path = _write_gguf(tmp_path / "mix.gguf", lambda name: "IQ2_XXS" if name.endswith("ffn_down.weight") else "Q4_K")
+    with pytest.warns(UserWarning, match=r"2 quantized Linear weights kept as torch\.float32 \(\{'IQ2_XXS': 2\}\)"):
         model = load_gguf(path, dtype=torch.float32)
     oracle = _transformers_gguf(path)
     for index in range(2):
@@ -308,6 +363,24 @@ def test_convert_and_export_read_a_gguf_file(tmp_path, capsys):
     assert "copied along:     nothing" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["MXFP4", "NVFP4"])
+def test_mxfp4_and_nvfp4_imports_export_to_compressed_tensors(tmp_path, kind):
+    """A GGUF MXFP4 / NVFP4 import written as a compressed-tensors folder (nvfp4: global scale 1)
+    loads back with equal logits; an iq4_nl one is refused, naming the layer (no such layout)."""
+    path = _write_gguf(tmp_path / "tiny.gguf", lambda name: None if name.startswith("token_embd") else kind)
+    model = load_gguf(path, dtype=torch.float32)
+    lowbit.export_compressed_tensors(model, tmp_path / "ct")
+    loaded = lowbit.load(tmp_path / "ct")
+    assert loaded.model.layers[0].mlp.up_proj.format == kind.lower()
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+    if kind == "NVFP4":
+        iq4 = load_gguf(_write_gguf(tmp_path / "iq4.gguf", lambda name: "IQ4_NL"))
+        with pytest.raises(lowbit.LowbitError, match=r"format 'iq4_nl' has no compressed-tensors layout"):
+            lowbit.export_compressed_tensors(iq4, tmp_path / "ct_iq4")
+        assert not (tmp_path / "ct_iq4").exists()
+
+
 def test_files_lowbit_cannot_import_are_refused_naming_the_file(tmp_path):
     path = _write_gguf(tmp_path / "tiny.gguf", lambda name: None if name.startswith("token_embd") else "Q8_0")
     cut = tmp_path / "cut.gguf"
@@ -345,17 +418,17 @@ def test_a_scale_that_is_not_finite_is_refused_naming_the_tensor(tmp_path):
 
 
 @pytest.mark.skipif(not kernel_devices(), reason="Triton cannot run here")
-@pytest.mark.parametrize("kind", ["Q8_0", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_K", "Q6_K", "IQ4_XS"])
 def test_triton_kernel_runs_an_imported_layer(tmp_path, kind):
     """An imported Q8_0 layer (codes 0, i.e. q = -128, included), a Q5_K one (fractional zero
-    points) and a Q6_K one (groups of 16, negative scales) through the Triton kernels match the
-    dequantized weight's matmul."""
+    points), a Q6_K one (groups of 16, negative scales) and an IQ4_XS one (iq4_nl, negative
+    scales) through the Triton kernels match the dequantized weight's matmul."""
     path = _write_gguf(tmp_path / "tiny.gguf", lambda name: None if name.startswith("token_embd") else kind,
                        random_blocks=True)
     packed = load_gguf(path, dtype=torch.float16).model.layers[0].self_attn.k_proj.packed  # [128, 256]
     if kind == "Q8_0":
         assert int(packed.qweight.view(torch.uint8).min()) == 0  # some code 0 (q = -128) is stored
-    if kind == "Q6_K":
+    if kind in ("Q6_K", "IQ4_XS"):
         assert float(packed.scales.min()) < 0 < float(packed.scales.max())
     device = kernel_devices()[0]
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(2)).half()

@@ -1,6 +1,6 @@
 """The LUT formats' kernels (the table-lookup kernel; the dequant GEMV and GEMM on one-bit planes)
-for lut1-lut4, and the codebook formats nf4 / bnb_fp4 through the generic dequant kernel, against F.linear on the dequantized
-weight. Interpreter on CPU; `gpu` tests add real shapes."""
+for lut1-lut4, and the codebook formats nf4 / bnb_fp4 / iq4_nl through the generic dequant kernel,
+against F.linear on the dequantized weight. Interpreter on CPU; `gpu` tests add real shapes."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,11 @@ def _assert_close(y, ref, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["lut1", "lut2", "lut3", "lut4", "nf4", "bnb_fp4"])
+@pytest.mark.parametrize("name", ["lut1", "lut2", "lut3", "lut4", "nf4", "bnb_fp4", "iq4_nl"])
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_linear_equals_f_linear_on_dequantized_weight(device, name, m):
-    dtype = DTYPES[(m + int(name[-1])) % 3]
+    width = int(next(c for c in reversed(name) if c.isdigit()))
+    dtype = DTYPES[(m + width) % 3]
     gen = torch.Generator().manual_seed(m)
     w, x, b = torch.randn(37, 300, generator=gen), torch.randn(m, 300, generator=gen), torch.randn(37, generator=gen)
     fmt = get_format(name)
@@ -96,7 +97,7 @@ def test_custom_op_registration(device):
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["lut2", "lut4", "nf4", "bnb_fp4"])
+@pytest.mark.parametrize("name", ["lut2", "lut4", "nf4", "bnb_fp4", "iq4_nl"])
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (4, 1024, 4096), (16, 14336, 4096), (64, 4096, 4096)])
 def test_gpu_real_shapes(name, m, n, k):
     gen = torch.Generator(device="cuda").manual_seed(0)
