@@ -83,7 +83,7 @@ class IQ4NLFormat(CodebookFormat):
             # the error of these codes under the fitted scale; the nearest codes under it (what is
             # stored) do at least as well, so a block never ends above its rtn error
             error = (blocks - q * fitted.unsqueeze(-1)).square().sum(dim=-1)
-            better = error < best_error  # NaN (a fit past float16) is never better
+            better = error < best_error  # a fit past float16 (inf) never is
             best, best_error = torch.where(better, fitted, best), torch.where(better, error, best_error)
         return best
 

@@ -1,5 +1,6 @@
 """NF4: QLoRA's 4-bit NormalFloat (the torch spec; DESIGN.md section 4), and `CodebookFormat`,
-the 4-bit block-absmax codebook layout it shares with bitsandbytes' FP4 (lowbit/formats/bnb_fp4.py).
+the 4-bit block-absmax codebook layout it shares with bitsandbytes' FP4 (lowbit/formats/bnb_fp4.py)
+and, with float16 scales per block of 32, llama.cpp's IQ4_NL (lowbit/formats/iq4_nl.py).
 
 Blocks of 64 consecutive weights along K share an absmax scale; each weight is w / absmax
 rounded to the nearest of the 16 code values: with the codes in ascending value (a tie in code

@@ -101,8 +101,14 @@ def test_mse_search_never_loses_to_rtn_and_keeps_nearest_codes():
 
 
 def test_minilm_mse_error(minilm_weights):
-    """Regression bound: method="mse" mean relative weight error <= 0.08 on MiniLM (measured
-    0.0769, rtn's 0.0818)."""
-    errs = [float((FMT.dequantize(FMT.quantize(w, method="mse")) - w).norm() / w.norm())
-            for w in minilm_weights.values()]
-    assert sum(errs) / len(errs) <= 0.08
+    """Regression bound on MiniLM's first and last layers (the search takes 16 passes, so not all
+    six): method="mse" mean relative weight error <= 0.08 and <= 0.95 x rtn's (measured 0.0764 and
+    0.0814; 0.0769 and 0.0818 over all layers, benchmarks/results/accuracy-minilm-2026-11-24.md)."""
+    weights = [w for name, w in minilm_weights.items() if name.startswith(("encoder.layer.0.", "encoder.layer.5."))]
+    assert len(weights) == 12
+
+    def mean_error(**options):
+        return sum(float((FMT.dequantize(FMT.quantize(w, **options)) - w).norm() / w.norm()) for w in weights) / 12
+
+    mse = mean_error(method="mse")
+    assert mse <= 0.08 and mse <= 0.95 * mean_error()
