@@ -14,6 +14,7 @@ reader (a memory map of its header and tensor bytes): nothing in it is executed.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -116,6 +117,16 @@ def _architecture(path: Path, reader):
     return config, processor, cls
 
 
+def _check_block_count(path: Path, reader, config: dict) -> None:
+    """CheckpointError unless the file holds tensors for every block its metadata counts (a
+    damaged block_count would otherwise have transformers build millions of layers)."""
+    layers = config.get("num_hidden_layers")
+    found = {int(match.group(1)) for t in reader.tensors if (match := re.match(r"blk\.(\d+)\.", t.name))}
+    held = max(found, default=-1) + 1
+    if not isinstance(layers, int) or layers > held:
+        raise fail(str(path), f"block_count {layers!r} in its metadata, but it holds tensors for {held} blocks")
+
+
 def _field(reader, key: str):
     from transformers.modeling_gguf_pytorch_utils import read_field
 
@@ -194,6 +205,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
         raise LowbitError(f"load_gguf(dtype=) must be torch.bfloat16, float16 or float32, got {dtype!r}")
     reader = _reader(path)
     config, processor, cls = _architecture(path, reader)
+    _check_block_count(path, reader, config)
     skeleton_model = build_meta_model(path, cls, config, "<GGUF metadata>") if model is None else model
     try:
         names = get_gguf_hf_weights_map(skeleton_model, processor)
