@@ -243,8 +243,23 @@ def integer_layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch
     return layer if perm is None else in_input_order(layer, perm)
 
 
+def _numbered_modules(folder: Path) -> int | None:
+    """1 + the largest module number (".N." in a key) among the folder's safetensors keys; None
+    when a file cannot be read (read_tensors names it)."""
+    numbers = [-1]
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                numbers += [int(n) for key in handle.keys() for n in regex.findall(r"\.(\d+)(?=\.)", f".{key}")]
+        except Exception:  # safetensors raises its own error types for damaged files
+            return None
+    return max(numbers) + 1
+
+
 def skeleton(folder: Path, config: dict[str, Any], library_key: str) -> nn.Module:
-    """The meta-device model config.json describes, without the library's own `library_key` entry."""
+    """The meta-device model config.json describes, without the library's own `library_key` entry.
+    CheckpointError when its num_hidden_layers is more than the tensors number modules (a damaged
+    count would have transformers build millions of layers)."""
     from ..io import architecture, build_meta_model, transformers_class
 
     path = folder / "config.json"
@@ -252,6 +267,9 @@ def skeleton(folder: Path, config: dict[str, Any], library_key: str) -> nn.Modul
         cls = transformers_class(path, architecture(config))
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; pass load(..., model=skeleton) with a bf16 model of the right shape") from None
+    layers, held = config.get("num_hidden_layers"), _numbered_modules(folder)
+    if isinstance(layers, int) and held is not None and layers > held:
+        raise fail(f"{path}: num_hidden_layers", f"{layers}, but the tensors' module numbers go up to {held - 1}")
     return build_meta_model(path, cls, {k: v for k, v in config.items() if k != library_key}, "<model config>")
 
 

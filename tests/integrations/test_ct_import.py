@@ -836,3 +836,24 @@ def test_fp8_block_layers_stack_by_whole_row_blocks():
     with pytest.raises(CheckpointError, match=r"experts\.gate_up_proj: its gate layer's 64 rows are not whole "
                                               r"128-row scale blocks"):
         stacked_rows([fp8.quantize(short, block=128), parts[1]], "experts.gate_up_proj")
+
+
+def test_a_layer_count_the_tensors_do_not_have_is_refused(tmp_path):
+    """config.json's num_hidden_layers above the tensors' module numbers (a damaged count would
+    have transformers build millions of layers) is refused naming the field; so it is for every
+    foreign folder (foreign_folder.skeleton)."""
+    from ..conftest import make_tiny_llama
+
+    model = lowbit.quantize(make_tiny_llama(), "int4", group_size=32, progress=False)
+    lowbit.export_compressed_tensors(model, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    config["num_hidden_layers"] = 3_000_000
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: num_hidden_layers: 3000000, but the tensors' module "
+                       r"numbers go up to 1"):
+        lowbit.load(tmp_path / "ct")
+    config["num_hidden_layers"] = 2
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3]])
+        assert torch.equal(lowbit.load(tmp_path / "ct")(ids).logits, model(ids).logits)
