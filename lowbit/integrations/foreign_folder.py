@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -243,17 +244,23 @@ def integer_layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch
     return layer if perm is None else in_input_order(layer, perm)
 
 
-def _numbered_modules(folder: Path) -> int | None:
-    """1 + the largest module number (".N." in a key) among the folder's safetensors keys; None
-    when a file cannot be read (read_tensors names it)."""
-    numbers = [-1]
+def numbered_modules(names: Iterable[str]) -> int:
+    """1 + the largest module number (a ".N." component, e.g. "model.layers.N." or GGUF's "blk.N.")
+    in tensor names; 0 when none has one. A model config counting more layers than this is damaged."""
+    return max((int(n) for name in names for n in regex.findall(r"\.(\d+)(?=\.)", f".{name}")), default=-1) + 1
+
+
+def _stored_modules(folder: Path) -> int | None:
+    """`numbered_modules` of the folder's safetensors keys; None when a file cannot be read
+    (read_tensors names it)."""
+    names: list[str] = []
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as handle:
-                numbers += [int(n) for key in handle.keys() for n in regex.findall(r"\.(\d+)(?=\.)", f".{key}")]
+                names += handle.keys()
         except Exception:  # safetensors raises its own error types for damaged files
             return None
-    return max(numbers) + 1
+    return numbered_modules(names)
 
 
 def skeleton(folder: Path, config: dict[str, Any], library_key: str) -> nn.Module:
@@ -267,7 +274,7 @@ def skeleton(folder: Path, config: dict[str, Any], library_key: str) -> nn.Modul
         cls = transformers_class(path, architecture(config))
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; pass load(..., model=skeleton) with a bf16 model of the right shape") from None
-    layers, held = config.get("num_hidden_layers"), _numbered_modules(folder)
+    layers, held = config.get("num_hidden_layers"), _stored_modules(folder)
     if isinstance(layers, int) and held is not None and layers > held:
         raise fail(f"{path}: num_hidden_layers", f"{layers}, but the tensors' module numbers go up to {held - 1}")
     return build_meta_model(path, cls, {k: v for k, v in config.items() if k != library_key}, "<model config>")

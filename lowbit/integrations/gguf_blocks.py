@@ -201,7 +201,8 @@ def _mxfp4(blocks):
 
 
 def _nvfp4(blocks):
-    # ggml's unsigned E4M3 (bit 7 ignored; 0x7F is 0) over 2 (its table is E2M1 doubled)
+    # ggml's unsigned E4M3 (bit 7 ignored, so 0xFF is 480; the byte 0x7F is 0) over 2 (its table is
+    # E2M1 doubled); decoded by hand, as torch's E4M3 has NaN where ggml has 480 or 0
     byte = blocks[..., 0:4].int()
     exponent, mantissa = (byte >> 3) & 0xF, (byte & 7).float()
     value = torch.where(exponent == 0, mantissa * 2.0**-9, (1 + mantissa / 8) * torch.exp2(exponent.float() - 7))
@@ -273,13 +274,10 @@ def lowbit_groups(kind: BlockType, codes: torch.Tensor, a: torch.Tensor, c: torc
     return codes, scales, zeros
 
 
-def _table_scales(kind: BlockType, a: torch.Tensor) -> dict[str, torch.Tensor]:
+def _table_scales(kind: BlockType, codes: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
     """A table type's a [N, G] -> lowbit's scale fields ([G, N] as the format stores them)."""
-    if kind.target == "iq4_nl":
-        scales = a.to(SCALE_DTYPE)
-        if not bool(torch.isfinite(scales).all()):
-            raise ValueError(f"a block scale exceeds float16's range (largest |d * scale| {float(a.abs().max()):.6g})")
-        return {"scales": scales.t().contiguous()}
+    if kind.target == "iq4_nl":  # float16 scales, checked as the symmetric integer types' are
+        return {"scales": lowbit_groups(kind, codes, a, None)[1].t().contiguous()}
     if kind.target == "mxfp4":  # lowbit's E8M0 byte b scales E2M1 values by 2^(b - 127): b = log2(a) + 128
         exponent = torch.log2(a.double()).round()
         if bool((exponent > 126).any()):
@@ -299,9 +297,7 @@ def lowbit_layer(kind: BlockType, codes: torch.Tensor, a: torch.Tensor, c: torch
     if not kind.table:
         u, scales, zeros = lowbit_groups(kind, codes, a, c)
         return integer_layer(u, kind.bits, kind.group_size, scales, zeros, dtype)
-    if not bool(torch.isfinite(a).all()):
-        raise ValueError("a block scale is not finite")
     n, k = codes.shape  # K is a whole number of blocks of 32 or more: no padding
-    fields = {"qweight": bitpack.pack(codes, 4), **_table_scales(kind, a)}
+    fields = {"qweight": bitpack.pack(codes, 4), **_table_scales(kind, codes, a)}
     attrs = get_format(kind.target).resolve_attrs((n, k), {})
     return PackedWeight(kind.target, (n, k), dtype, attrs, fields)

@@ -14,7 +14,6 @@ reader (a memory map of its header and tensor bytes): nothing in it is executed.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import LowbitError
 from ..formats import get_format
 from ..packed import PackedWeight
-from .foreign_folder import fail
+from .foreign_folder import fail, numbered_modules
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
 
 logger = logging.getLogger(__name__)
@@ -120,9 +119,7 @@ def _architecture(path: Path, reader):
 def _check_block_count(path: Path, reader, config: dict) -> None:
     """CheckpointError unless the file holds tensors for every block its metadata counts (a
     damaged block_count would otherwise have transformers build millions of layers)."""
-    layers = config.get("num_hidden_layers")
-    found = {int(match.group(1)) for t in reader.tensors if (match := re.match(r"blk\.(\d+)\.", t.name))}
-    held = max(found, default=-1) + 1
+    layers, held = config.get("num_hidden_layers"), numbered_modules(t.name for t in reader.tensors)
     if not isinstance(layers, int) or layers > held:
         raise fail(str(path), f"block_count {layers!r} in its metadata, but it holds tensors for {held} blocks")
 
