@@ -18,9 +18,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -375,14 +376,64 @@ def architecture(config: dict[str, Any]) -> Any:
     return names[0] if isinstance(names, list) and names else names
 
 
-def build_meta_model(path: Path, cls: type, config: Any, field: str) -> nn.Module:
-    """`cls` built on the meta device from `config` (a JSON object); CheckpointError naming `path`
-    and `field` when it is not an object or transformers rejects it (a negative size, an unknown
-    rope type, ...)."""
+#: config keys that count layers: num_hidden_layers and its aliases (GPT-2's n_layer, BART's
+#: encoder_layers / decoder_layers, T5's num_decoder_layers), in the config or a nested one (text_config)
+_LAYER_COUNT_KEY = re.compile(r"num_\w*layers|n_layers?|\w*(?:encoder|decoder)_layers")
+#: transformers builds this many layers on the meta device in about a second; a larger count must
+#: be backed by numbered tensors (a damaged count of millions would build for hours). Counts the
+#: tensors do not back below it are legal: ALBERT shares one numbered layer among its 12.
+_UNBACKED_LAYERS = 1024
+
+
+def numbered_modules(names: Iterable[str]) -> int:
+    """1 + the largest module number (a ".N." component, e.g. "model.layers.N." or GGUF's "blk.N.")
+    in tensor names; 0 when none has one."""
+    return max((int(n) for name in names for n in re.findall(r"\.(\d+)(?=\.)", f".{name}")), default=-1) + 1
+
+
+def _layer_counts(config: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, int]]:
+    """(dotted key, value) of every integer layer count in a config JSON object and those nested in it."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _layer_counts(value, f"{prefix}{key}.")
+        elif isinstance(value, int) and not isinstance(value, bool) and _LAYER_COUNT_KEY.fullmatch(str(key)):
+            yield f"{prefix}{key}", value
+
+
+def check_layer_counts(path: Path, field: str, config: dict[str, Any], names: Iterable[str]) -> None:
+    """CheckpointError naming `path` and the key (under `field` unless it is a "<placeholder>")
+    when a layer count of `config` is above both 1024 and the modules the tensor `names` number:
+    a damaged count would have transformers build millions of layers."""
+    held = numbered_modules(names)
+    for key, value in _layer_counts(config):
+        if value > max(held, _UNBACKED_LAYERS):
+            where = key if field.startswith("<") else f"{field}.{key}"
+            raise _fail(path, where, f"{value}, but the tensors number only {held} modules (a damaged count?)")
+
+
+def stored_tensor_names(folder: Path) -> list[str]:
+    """The keys of every safetensors file in `folder` (headers only; a file that cannot be read
+    is skipped: reading its tensors names it)."""
+    names: list[str] = []
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                names += handle.keys()
+        except Exception:  # safetensors raises its own error types for damaged files
+            continue
+    return names
+
+
+def build_meta_model(path: Path, cls: type, config: Any, field: str, names: Iterable[str]) -> nn.Module:
+    """`cls` built on the meta device from `config` (a JSON object) for a checkpoint holding the
+    tensors `names`; CheckpointError naming `path` and `field` when it is not an object, counts
+    layers the tensors do not have (`check_layer_counts`) or transformers rejects it (a negative
+    size, an unknown rope type, ...)."""
     if not isinstance(config, dict):
         raise _fail(path, field, "missing or not an object")
     if not isinstance(config.get("model_type", ""), str):  # transformers keeps it, then looks it up in dicts
         raise _fail(path, field, f"model_type {config['model_type']!r} is not a string")
+    check_layer_counts(path, field, config, names)
     try:
         model_config = cls.config_class.from_dict(config)
         with torch.device("meta"):
@@ -460,7 +511,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
             raise _fail(mpath, "model.kind", f"{manifest['model'].get('kind')!r} checkpoints need load(..., model=skeleton)")
         entry = manifest["model"]
         model = build_meta_model(mpath, transformers_class(mpath, entry.get("class"), "model.class"), entry.get("config"),
-                                 "model.config")
+                                 "model.config", [*manifest["tensors"], *manifest["layers"]])
 
     layers = {}
     for name, entry in manifest["layers"].items():
@@ -562,6 +613,7 @@ def saved_pretrained_config(folder: Path) -> dict[str, Any] | None:
 def _load_pretrained(folder: Path, config: dict[str, Any], device: str | torch.device) -> nn.Module:
     """A transformers folder with a lowbit quantization_config, through from_pretrained."""
     model_class = transformers_class(folder / "config.json", architecture(config))
+    check_layer_counts(folder / "config.json", "<root>", config, stored_tensor_names(folder))
     try:
         model, info = model_class.from_pretrained(folder, local_files_only=True, output_loading_info=True)
     except LowbitError:

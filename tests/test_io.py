@@ -446,3 +446,63 @@ def test_loader_against_random_corruption(tmp_path_factory, data):
         lowbit.load(path, model=_mlp())
     except LowbitError:
         pass
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4))
+
+
+@pytest.mark.parametrize("case", ["lowbit.save", "save_pretrained", "gpt2 n_layer"])
+def test_a_damaged_layer_count_is_refused_before_transformers_builds_the_layers(tmp_path, case):
+    """A layer count of millions in a saved config (transformers would build the layers for hours)
+    is refused naming the file and key; GPT-2's n_layer is one under another name."""
+    model = lowbit.quantize(_tiny_gpt2() if case == "gpt2 n_layer" else make_tiny_llama(), "int8", progress=False)
+    key = "n_layer" if case == "gpt2 n_layer" else "num_hidden_layers"
+    if case == "save_pretrained":
+        model.save_pretrained(tmp_path / "m")
+        config_path, field = tmp_path / "m" / "config.json", key
+        config = json.loads(config_path.read_text())
+        config[key] = 3_000_000
+        config_path.write_text(json.dumps(config))
+    else:
+        lowbit.save(model, tmp_path / "m")
+        config_path, field = tmp_path / "m" / MANIFEST, f"model.config.{key}"
+        _edit_manifest(tmp_path / "m", lambda m: m["model"]["config"].update({key: 3_000_000}))
+    with pytest.raises(CheckpointError, match=rf"{config_path.name}: {field}: 3000000, but the tensors number only "
+                       r"2 modules"):
+        lowbit.load(tmp_path / "m")
+
+
+def test_layer_counts_are_checked_in_nested_configs_and_may_exceed_the_tensors_up_to_1024():
+    """check_layer_counts reads nested configs (a text_config) and every alias of the count; a count
+    the tensors do not number is legal up to 1024 (ALBERT shares one numbered layer among 12)."""
+    from lowbit.io import check_layer_counts
+
+    names = ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "lm_head.weight"]
+    for config, key in [({"text_config": {"num_hidden_layers": 5000}}, "text_config.num_hidden_layers"),
+                        ({"decoder_layers": 2000}, "decoder_layers"), ({"n_layers": 1025}, "n_layers"),
+                        ({"vision_config": {"num_layers": 10 ** 9}}, "vision_config.num_layers")]:
+        with pytest.raises(CheckpointError, match=rf"c\.json: {key}: \d+, but the tensors number only 2 modules"):
+            check_layer_counts(Path("c.json"), "<root>", config, names)
+    with pytest.raises(CheckpointError, match=r"c\.json: model\.config\.num_hidden_layers: 1025"):
+        check_layer_counts(Path("c.json"), "model.config", {"num_hidden_layers": 1025}, names)
+    # legal: up to 1024 unbacked layers, any count the tensors number, and keys that are not counts
+    check_layer_counts(Path("c.json"), "<root>", {"num_hidden_layers": 1024, "vocab_size": 10 ** 6,
+                                                  "global_attn_every_n_layers": 3, "use_cache": True}, names)
+    check_layer_counts(Path("c.json"), "<root>", {"num_hidden_layers": 3000}, [f"blk.{i}.w" for i in range(3000)])
+
+
+def test_albert_whose_12_layers_share_one_set_of_weights_round_trips(tmp_path):
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    model = AlbertModel(AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=12,
+                                     num_attention_heads=4, intermediate_size=96)).eval()
+    lowbit.quantize(model, "int8", progress=False)
+    lowbit.save(model, tmp_path / "albert")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "albert")(ids).last_hidden_state, model(ids).last_hidden_state)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -244,40 +243,18 @@ def integer_layer(codes: torch.Tensor, bits: int, group_size: int, scales: torch
     return layer if perm is None else in_input_order(layer, perm)
 
 
-def numbered_modules(names: Iterable[str]) -> int:
-    """1 + the largest module number (a ".N." component, e.g. "model.layers.N." or GGUF's "blk.N.")
-    in tensor names; 0 when none has one. A model config counting more layers than this is damaged."""
-    return max((int(n) for name in names for n in regex.findall(r"\.(\d+)(?=\.)", f".{name}")), default=-1) + 1
-
-
-def _stored_modules(folder: Path) -> int | None:
-    """`numbered_modules` of the folder's safetensors keys; None when a file cannot be read
-    (read_tensors names it)."""
-    names: list[str] = []
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                names += handle.keys()
-        except Exception:  # safetensors raises its own error types for damaged files
-            return None
-    return numbered_modules(names)
-
-
 def skeleton(folder: Path, config: dict[str, Any], library_key: str) -> nn.Module:
-    """The meta-device model config.json describes, without the library's own `library_key` entry.
-    CheckpointError when its num_hidden_layers is more than the tensors number modules (a damaged
-    count would have transformers build millions of layers)."""
-    from ..io import architecture, build_meta_model, transformers_class
+    """The meta-device model config.json describes, without the library's own `library_key` entry
+    (CheckpointError for what `io.build_meta_model` refuses)."""
+    from ..io import architecture, build_meta_model, stored_tensor_names, transformers_class
 
     path = folder / "config.json"
     try:
         cls = transformers_class(path, architecture(config))
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; pass load(..., model=skeleton) with a bf16 model of the right shape") from None
-    layers, held = config.get("num_hidden_layers"), _stored_modules(folder)
-    if isinstance(layers, int) and held is not None and layers > held:
-        raise fail(f"{path}: num_hidden_layers", f"{layers}, but the tensors' module numbers go up to {held - 1}")
-    return build_meta_model(path, cls, {k: v for k, v in config.items() if k != library_key}, "<model config>")
+    return build_meta_model(path, cls, {k: v for k, v in config.items() if k != library_key}, "<model config>",
+                            stored_tensor_names(folder))
 
 
 def state_shapes(model: nn.Module) -> dict[str, torch.Size]:

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from ..errors import LowbitError
 from ..formats import get_format
+from ..io import build_meta_model, numbered_modules
 from ..packed import PackedWeight
-from .foreign_folder import fail, numbered_modules
+from .foreign_folder import fail
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
 
 logger = logging.getLogger(__name__)
@@ -117,10 +118,11 @@ def _architecture(path: Path, reader):
 
 
 def _check_block_count(path: Path, reader, config: dict) -> None:
-    """CheckpointError unless the file holds tensors for every block its metadata counts (a
-    damaged block_count would otherwise have transformers build millions of layers)."""
+    """CheckpointError unless the file holds tensors for exactly the blocks its metadata counts: a
+    count damaged upwards would have transformers build (millions of) layers that have no weights,
+    one damaged downwards would drop the last blocks' tensors without a word."""
     layers, held = config.get("num_hidden_layers"), numbered_modules(t.name for t in reader.tensors)
-    if not isinstance(layers, int) or layers > held:
+    if layers != held:
         raise fail(str(path), f"block_count {layers!r} in its metadata, but it holds tensors for {held} blocks")
 
 
@@ -194,7 +196,6 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     import."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    from ..io import build_meta_model
     from .foreign_folder import model_with_layers
 
     path = Path(path)
@@ -203,7 +204,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     reader = _reader(path)
     config, processor, cls = _architecture(path, reader)
     _check_block_count(path, reader, config)
-    skeleton_model = build_meta_model(path, cls, config, "<GGUF metadata>") if model is None else model
+    skeleton_model = (build_meta_model(path, cls, config, "<GGUF metadata>", [t.name for t in reader.tensors])
+                      if model is None else model)
     try:
         names = get_gguf_hf_weights_map(skeleton_model, processor)
     except (AttributeError, NotImplementedError) as exc:  # a model= without a transformers config; a model_type gguf lacks

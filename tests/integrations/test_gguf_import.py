@@ -393,15 +393,17 @@ def test_files_lowbit_cannot_import_are_refused_naming_the_file(tmp_path):
     unknown = _write_gguf(tmp_path / "unknown.gguf", lambda name: "Q8_0", architecture="nosuchmodel")
     with pytest.raises(CheckpointError, match=r"unknown\.gguf: transformers cannot read its metadata"):
         lowbit.load(unknown)
-    # a damaged block_count: refused before transformers builds 2^24 layers (hypothesis found one)
+    # a damaged block_count: refused before transformers builds 2^24 layers (hypothesis found one), and
+    # when smaller than the blocks the file holds (the last block's tensors would be dropped)
     data = bytearray(path.read_bytes())
     at = data.index(b"llama.block_count") + len("llama.block_count") + 4  # the uint32 after its value type
-    data[at:at + 4] = (1 << 24).to_bytes(4, "little")
-    blocks = tmp_path / "blocks.gguf"
-    blocks.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"blocks\.gguf: block_count 16777216 in its metadata, but it holds "
-                       r"tensors for 2 blocks"):
-        lowbit.load(blocks)
+    for count in (1 << 24, 1):
+        data[at:at + 4] = count.to_bytes(4, "little")
+        blocks = tmp_path / "blocks.gguf"
+        blocks.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=rf"blocks\.gguf: block_count {count} in its metadata, but it "
+                           r"holds tensors for 2 blocks"):
+            lowbit.load(blocks)
     # 3 kv heads of 64 rows do not split k_proj's 128 rows in two halves per head
     heads = _write_gguf(tmp_path / "heads.gguf", lambda name: None, kv_heads_field=3)
     with pytest.raises(CheckpointError, match=r"heads\.gguf: blk\.0\.attn_k\.weight: transformers' GGUF processor "
