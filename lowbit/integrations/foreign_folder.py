@@ -20,6 +20,7 @@ from ..errors import CheckpointError, LowbitError
 from ..formats import bitpack
 from ..formats.integer import SCALE_DTYPE, in_input_order, padded_k
 from ..packed import PackedWeight
+from .checkpoint_keys import CheckpointKeys, ExpertSlice
 
 
 #: the model dtypes config.json may name
@@ -270,7 +271,6 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
     buffers such as rotary tables initialized its way, the mapping applied) when `model` is None,
     else `model` filled in place (renamed keys only: merging is transformers')."""
     from ..io import unique_tensors
-    from .checkpoint_keys import CheckpointKeys
 
     keys = CheckpointKeys(skeleton_model)
     expected, aliases = skeleton_model.state_dict(), set(unique_tensors(skeleton_model)[1])
@@ -385,22 +385,26 @@ def _placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str, torch.Tensor],
-                      layer_fields: set[str], packed: dict[str, PackedWeight], model: nn.Module | None) -> nn.Module:
+                      layer_fields: set[str], packed: dict[str, PackedWeight], model: nn.Module | None,
+                      slices: dict[str, ExpertSlice] | None = None) -> nn.Module:
     """The model holding the folder's `tensors`, with a QuantLinear of `packed[name]` (and the
     stored bias) as each layer `name` (checkpoint names: a per-expert Linear that transformers
     merges into a fused expert weight becomes that expert's layer in lowbit's quantized experts,
-    gate and up stacked); `layer_fields` are the tensor keys those layers were read from. Every
-    other tensor keeps its stored values and dtype; the layers' float weights are one-element
-    placeholders, never allocated."""
+    gate and up stacked; a name in `slices` is placed where its ExpertSlice says instead, for
+    files that store experts fused, as GGUF does); `layer_fields` are the tensor keys those layers
+    were read from. Every other tensor keeps its stored values and dtype; the layers' float
+    weights are one-element placeholders, never allocated."""
     from ..api import replace_layer
     from ..errors import FormatError
     from ..experts import check_fused_weight, expert_shape, install
     from ..linear import QuantLinear
-    from .checkpoint_keys import CheckpointKeys
     from .transformers import attach_hf_config
 
-    keys, targets = CheckpointKeys(skeleton_model), {}
+    keys, targets, slices = CheckpointKeys(skeleton_model), {}, slices or {}
     for name in packed:
+        if name in slices:
+            targets[name] = f"{slices[name].experts}.{slices[name].weight}", slices[name]
+            continue
         try:
             targets[name] = keys.layer_target(name)
         except ValueError as exc:

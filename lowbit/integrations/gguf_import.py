@@ -16,23 +16,28 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import LowbitError
+from ..errors import CheckpointError, LowbitError
 from ..formats import get_format
 from ..io import build_meta_model, numbered_modules
 from ..packed import PackedWeight
+from .checkpoint_keys import ExpertSlice
 from .foreign_folder import fail
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
+#: tensors llama.cpp stores that transformers computes from the config (Llama 3's rope scaling)
+_DERIVED = ("rope_freqs.weight",)
 
 
 def is_gguf_file(path: str | Path) -> bool:
@@ -64,16 +69,16 @@ def _reader(path: Path):
         raise fail(str(path), f"not a readable GGUF file ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
-def _quantized_linear_type(tensor) -> BlockType | None:
-    """The BlockType of a 2-D GGUF tensor in a type lowbit imports, else None."""
-    return BLOCK_TYPES.get(tensor.tensor_type.name) if len(tensor.shape) == 2 else None
+def _quantized_weight_type(tensor) -> BlockType | None:
+    """The BlockType of a 2-D GGUF tensor (or 3-D: MoE experts) in a type lowbit imports, else None."""
+    return BLOCK_TYPES.get(tensor.tensor_type.name) if len(tensor.shape) in (2, 3) else None
 
 
 def target_format(path: str | Path) -> str:
-    """The lowbit formats the file's 2-D quantized tensors import as, e.g. "int4/int6" for Q4_K_M
-    files (Q4_K and Q6_K); "none" when it has no such tensor."""
+    """The lowbit formats the file's 2-D and expert (3-D) quantized tensors import as, e.g.
+    "int4/int6" for Q4_K_M files (Q4_K and Q6_K); "none" when it has no such tensor."""
     found = {kind.lowbit_format for t in _reader(Path(path)).tensors
-             if (kind := _quantized_linear_type(t)) is not None and not t.name.startswith("token_embd")}
+             if (kind := _quantized_weight_type(t)) is not None and not t.name.startswith("token_embd")}
     return "/".join(sorted(found)) or "none"
 
 
@@ -148,16 +153,86 @@ def _row_order(processor, name: str, shape: tuple[int, int], context: dict) -> t
     return order if torch.equal(order.sort().values, torch.arange(n)) else None
 
 
-def _layer(path: Path, tensor, kind: BlockType, order: torch.Tensor, dtype: torch.dtype
+def _expert_placement(processor, tensor, names: dict, config: dict) -> tuple[str, int, int, torch.Tensor] | None:
+    """Where transformers' processor puts a 3-D GGUF expert weight [E, N, K] (ggml lists it K, N,
+    E): (the fused weight's name, the part its rows are (gate 0, up 1 of a gate_up weight), the
+    parts, the rows [N] of each expert's slice in the stored order); None when it does anything
+    but give every expert of the fused weight the same rows of its own (run on a probe [E, N, 1]
+    whose every row holds 1 + its index)."""
+    experts, n = int(tensor.shape[2]), int(tensor.shape[1])
+    probe = (np.arange(experts * n, dtype=np.float32) + 1).reshape(experts, n, 1)
+    parsed = {"config": config, "tensors": {}}
+    try:
+        processor.process(weights=probe, name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed)
+    except Exception:  # a processor written for other tensors
+        return None
+    if len(parsed["tensors"]) != 1:
+        return None
+    (fused, out), = parsed["tensors"].items()
+    out = torch.as_tensor(np.asarray(out), dtype=torch.float32)
+    if out.dim() != 3 or out.shape[0] != experts or out.shape[2] != 1 or out.shape[1] % n:
+        return None
+    filled = (out[0, :, 0] != 0).nonzero().flatten()
+    start = int(filled[0]) if len(filled) == n else -1
+    if start % n or not torch.equal(filled, torch.arange(start, start + n)):
+        return None
+    source = out[:, start:start + n, 0].long() - 1  # [E, N] stored (expert * N + row) of each place
+    order = source[0]
+    if not torch.equal(source, order + n * torch.arange(experts)[:, None]) or not torch.equal(
+            order.sort().values, torch.arange(n)) or int((out != 0).sum()) != experts * n:
+        return None
+    return fused, start // n, out.shape[1] // n, order
+
+
+@dataclass(frozen=True)
+class _ExpertTensor:
+    """A 3-D GGUF expert weight in a type lowbit imports and where `_expert_placement` puts it."""
+    tensor: Any
+    kind: BlockType
+    part: int
+    parts: int
+    order: torch.Tensor
+
+
+def _expert_layers(path: Path, fused: str, parts: list[_ExpertTensor], dtype: torch.dtype, partly_dense: bool
+                   ) -> dict[str, tuple[PackedWeight, ExpertSlice, float]] | None:
+    """{name: (layer, where it goes, its difference from llama.cpp's weights)} of each expert's
+    part of the fused expert weight `fused` stored as `parts`; None when lowbit cannot hold it as
+    one layer per expert (a part `partly_dense`, in a type lowbit does not import; or parts whose
+    layouts differ, e.g. a Q4_K gate and a Q6_K up), for the caller to decode it in full precision."""
+    from .foreign_folder import stacked_rows
+
+    def decoded(part: _ExpertTensor, expert: int) -> tuple[PackedWeight, float]:
+        where = f"{path}: {part.tensor.name} (expert {expert})"
+        return _layer(where, part.tensor.data[expert], part.kind, part.order, dtype)
+
+    if partly_dense:
+        return None
+    try:
+        stacked_rows([decoded(p, 0)[0] for p in sorted(parts, key=lambda p: p.part)], fused)
+    except CheckpointError:
+        return None
+    experts_name, _, weight_name = fused.rpartition(".")
+    layers = {}
+    for p in parts:
+        for expert in range(len(p.tensor.data)):
+            layer, error = decoded(p, expert)
+            layers[f"{fused}.{expert}.{p.part}"] = (layer, ExpertSlice(experts_name, weight_name, expert, p.part,
+                                                                       p.parts), error)
+    return layers
+
+
+def _layer(where: str, blocks: np.ndarray, kind: BlockType, order: torch.Tensor, dtype: torch.dtype
            ) -> tuple[PackedWeight, float]:
-    """The lowbit layer of a quantized GGUF weight with rows in `order` -> (layer, its largest
-    difference from llama.cpp's weights relative to its largest |weight|; 0 for exact types)."""
-    data = torch.from_numpy(np.array(tensor.data))[order]
+    """The lowbit layer of a quantized GGUF weight's block bytes [N, K / block * block bytes] with
+    rows in `order` -> (layer, its largest difference from llama.cpp's weights relative to its
+    largest |weight|; 0 for exact types). CheckpointError naming `where` for blocks lowbit cannot hold."""
+    data = torch.from_numpy(np.array(blocks))[order]
     codes, a, c = decode_blocks(kind, data)
     try:
         layer = lowbit_layer(kind, codes, a, c, dtype)
     except ValueError as exc:
-        raise fail(f"{path}: {tensor.name}", f"{kind.name} blocks lowbit cannot hold: {exc}") from None
+        raise fail(where, f"{kind.name} blocks lowbit cannot hold: {exc}") from None
     if kind.exact:
         return layer, 0.0
     # lowbit's weights by its own spec, in float32 (the layer's dtype would add its rounding)
@@ -190,8 +265,10 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     as Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K / Q3_K / Q4_K / Q5_K / Q6_K are lowbit int2 ... int8
     QuantLinears of output dtype `dtype` (groups of 32, or 16 for Q2_K / Q3_K / Q6_K; same codes;
     scales and mins rounded to float16 except Q4_0 / Q5_0 / Q8_0's), IQ4_NL / IQ4_XS ones iq4_nl
-    (IQ4_XS's scales rounded to float16), MXFP4 ones mxfp4 and NVFP4 ones nvfp4; every other tensor
-    decoded to `dtype` (quantized Linear weights of other types too, with a warning). model:
+    (IQ4_XS's scales rounded to float16), MXFP4 ones mxfp4 and NVFP4 ones nvfp4; MoE experts stored
+    in these types (3-D [E, N, K] tensors) become the model's quantized experts, one layer per
+    expert, gate and up stacked; every other tensor decoded to `dtype` (quantized weights of other
+    types too, and gate / up pairs lowbit cannot stack, with a warning). model:
     optional skeleton to fill. CheckpointError naming the file or tensor for anything it cannot
     import."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
@@ -210,27 +287,58 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
         names = get_gguf_hf_weights_map(skeleton_model, processor)
     except (AttributeError, NotImplementedError) as exc:  # a model= without a transformers config; a model_type gguf lacks
         raise fail(str(path), f"transformers cannot map its tensor names to the model's ({exc})") from None
+    # transformers' MoE processors merge 3-D expert weights into parsed_parameters' tensors
     context = {"tensor_key_mapping": names, "parsed_parameters": {"config": config, "tensors": {}}}
     linears = {name for name, module in skeleton_model.named_modules() if isinstance(module, nn.Linear)}
     packed, dense, kept_dense, errors = {}, {}, Counter(), {}
+    experts: dict[str, list[_ExpertTensor]] = {}  # fused weight -> its parts stored in types lowbit imports
+    skipped = []  # tensors the model has no place for
     for tensor in tqdm(reader.tensors, desc="import GGUF", unit="tensor", disable=len(reader.tensors) < 16):
         hf_name = names.get(tensor.name, "")
         layer = hf_name.removesuffix(".weight")
-        kind = _quantized_linear_type(tensor)
-        if len(tensor.shape) > 2:  # transformers' MoE processors merge these into the model themselves
-            raise fail(f"{path}: {tensor.name}", f"a tensor of {len(tensor.shape)} dimensions (fused MoE experts): "
-                       "lowbit does not import GGUF experts yet")
-        if layer in linears and hf_name.endswith(".weight"):
+        kind = BLOCK_TYPES.get(tensor.tensor_type.name)
+        dims, decoded_as = len(tensor.shape), None  # decoded_as: why a quantized weight is decoded (the warning's count)
+        if dims > 3:
+            raise fail(f"{path}: {tensor.name}", f"a tensor of {dims} dimensions: lowbit imports 2-D and 3-D (expert) "
+                       "weights")
+        if dims == 3 and kind is not None:
+            placement = _expert_placement(processor, tensor, names, config)
+            if placement is not None:
+                experts.setdefault(placement[0], []).append(_ExpertTensor(tensor, kind, *placement[1:]))
+                continue
+            decoded_as = f"{kind.name} experts transformers places in another way"
+        elif dims == 3:
+            decoded_as = f"{tensor.tensor_type.name} experts"
+        elif dims == 2 and layer in linears and hf_name.endswith(".weight"):
             shape = (int(tensor.shape[1]), int(tensor.shape[0]))  # GGUF lists dimensions innermost first
             order = _row_order(processor, tensor.name, shape, context) if kind is not None else None
             if order is not None:
-                packed[layer], errors[layer] = _layer(path, tensor, kind, order, dtype)
+                packed[layer], errors[layer] = _layer(f"{path}: {tensor.name}", tensor.data, kind, order, dtype)
                 continue
-            if tensor.tensor_type.name not in ("F32", "F16", "BF16"):
-                kept_dense[tensor.tensor_type.name + ("" if kind is None else " changed by transformers")] += 1
+            decoded_as = tensor.tensor_type.name + ("" if kind is None else " changed by transformers")
         name, value = _dense(path, tensor, processor, context, dtype)
-        if name in names:
+        if name is not None:  # None: merged into parsed_parameters' tensors by the processor
+            if name not in names:
+                skipped += [] if tensor.name in _DERIVED else [tensor.name]
+                continue
             dense[names[name]] = value
+        if decoded_as and tensor.tensor_type.name not in ("F32", "F16", "BF16"):
+            kept_dense[decoded_as] += 1
+    if skipped:
+        warnings.warn(f"{path}: {len(skipped)} tensors have no place in {cls.__name__} and were not read: "
+                      f"{skipped[:5]}", stacklevel=2)
+    slices = {}
+    for fused, parts in tqdm(experts.items(), desc="import GGUF experts", unit="weight", disable=len(experts) < 4):
+        layers = _expert_layers(path, fused, parts, dtype, fused in context["parsed_parameters"]["tensors"])
+        if layers is None:  # decoded as transformers does, merged into parsed_parameters' tensors
+            for part in parts:
+                _dense(path, part.tensor, processor, context, dtype)
+                kept_dense[f"{part.kind.name} experts stored with parts lowbit cannot stack"] += 1
+            continue
+        for name, (layer, slice_, error) in layers.items():
+            packed[name], slices[name], errors[name] = layer, slice_, error
+    for name, value in context["parsed_parameters"]["tensors"].items():  # experts in full precision
+        dense[name] = value.to(dtype) if value.is_floating_point() else value
     if not packed:
         raise fail(str(path), f"no Linear weight in a type lowbit imports ({', '.join(BLOCK_TYPES)}); transformers' "
                    "from_pretrained(..., gguf_file=...) loads it dequantized")
@@ -242,4 +350,4 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
         worst = max(inexact, key=inexact.get)
         logger.info("%s: %d layers' scales and mins rounded to float16; largest difference from llama.cpp's "
                     "weights %.3g of the layer's largest weight (%s)", path, len(inexact), inexact[worst], worst)
-    return model_with_layers(path, skeleton_model, dense, set(), packed, model).to(device).eval()
+    return model_with_layers(path, skeleton_model, dense, set(), packed, model, slices).to(device).eval()

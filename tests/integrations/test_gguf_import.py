@@ -411,9 +411,13 @@ def test_files_lowbit_cannot_import_are_refused_naming_the_file(tmp_path):
         lowbit.load(heads)
     experts = _write_gguf(tmp_path / "moe.gguf", lambda name: "Q8_0",
                           extra_tensors={"blk.0.ffn_gate_exps.weight": np.zeros((2, 512, 256), np.float32)})
-    with pytest.raises(CheckpointError, match=r"moe\.gguf: blk\.0\.ffn_gate_exps\.weight: a tensor of 3 dimensions "
-                       r"\(fused MoE experts\): lowbit does not import GGUF experts yet"):
+    with pytest.warns(UserWarning, match=r"moe\.gguf: 1 tensors have no place in LlamaForCausalLM and were not "
+                      r"read: \['blk\.0\.ffn_gate_exps\.weight'\]"):  # experts in a dense model
         lowbit.load(experts)
+    four = _write_gguf(tmp_path / "four.gguf", lambda name: "Q8_0",
+                       extra_tensors={"blk.0.extra.weight": np.zeros((1, 2, 2, 32), np.float32)})
+    with pytest.raises(CheckpointError, match=r"four\.gguf: blk\.0\.extra\.weight: a tensor of 4 dimensions"):
+        lowbit.load(four)
 
 
 def test_a_scale_that_is_not_finite_is_refused_naming_the_tensor(tmp_path):

@@ -1,0 +1,187 @@
+"""Importing the MoE experts of GGUF files: llama.cpp stores each fused expert weight as one 3-D
+tensor (blk.N.ffn_gate_exps / ffn_up_exps / ffn_down_exps, [E, N, K] row-major blocks), and
+lowbit makes each expert's slice a QuantLinear of the model's quantized experts (gate and up
+rows stacked as transformers' gate_up_proj holds them). The files are tiny Qwen3-MoE models
+written with the `gguf` package's GGUFWriter; the oracle is transformers' from_pretrained(...,
+gguf_file=...)."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.experts import QuantizedExperts, quantized_weights
+from lowbit.integrations import gguf_blocks, gguf_import
+from lowbit.integrations.gguf_import import load_gguf
+
+from .test_gguf_import import EXACT, IDS, QUANTIZABLE, _random_blocks, _transformers_gguf
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+T = gguf.GGMLQuantizationType
+EXPERTS, LAYERS = 4, 2
+#: transformers' GGUF reader leaves moe_intermediate_size at Qwen3MoeConfig's default
+MOE_INTERMEDIATE = 768
+
+
+def _config():
+    # every K (256 hidden, 768 expert intermediate) is a multiple of the K types' 256-weight blocks
+    return transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=256, intermediate_size=512,
+                                       moe_intermediate_size=MOE_INTERMEDIATE, num_hidden_layers=LAYERS,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                       num_experts=EXPERTS, num_experts_per_tok=2, norm_topk_prob=True,
+                                       max_position_embeddings=128, tie_word_embeddings=False)
+
+
+def _gguf_tensors(model):
+    """(GGUF name, float32 array) of every tensor of a Qwen3-MoE model, as llama.cpp's converter
+    names them: a layer's fused gate_up_proj [E, 2I, H] is ffn_gate_exps and ffn_up_exps [E, I, H]."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3MOE, LAYERS)
+    for key, value in model.state_dict().items():
+        array = value.float().numpy()
+        block = key.split(".")[2] if key.startswith("model.layers.") else None
+        if key.endswith("experts.gate_up_proj"):
+            half = array.shape[1] // 2
+            yield f"blk.{block}.ffn_gate_exps.weight", array[:, :half]
+            yield f"blk.{block}.ffn_up_exps.weight", array[:, half:]
+        elif key.endswith("experts.down_proj"):
+            yield f"blk.{block}.ffn_down_exps.weight", array
+        else:
+            module, suffix = key.rsplit(".", 1)
+            yield f"{names.get_name(module)}.{suffix}", array
+
+
+def _write_moe_gguf(path, types, seed=0):
+    """A tiny Qwen3-MoE model written as GGUF; types(gguf_name) -> the GGML type name of a 2-D or
+    3-D weight, or None to store it as F32 (the types the gguf package quantizes come from its
+    quantizer, the others are random blocks). Returns the path."""
+    torch.manual_seed(seed)
+    config = _config()
+    model = transformers.Qwen3MoeForCausalLM(config)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_expert_feed_forward_length(MOE_INTERMEDIATE)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_expert_count(EXPERTS)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    for name, array in _gguf_tensors(model):
+        array = np.ascontiguousarray(array)
+        kind = types(name) if array.ndim >= 2 and not name.startswith(("token_embd", "blk.0.ffn_gate_inp",
+                                                                         "blk.1.ffn_gate_inp")) else None
+        if kind is None:
+            writer.add_tensor(name, array)
+            continue
+        if kind in QUANTIZABLE:
+            blocks = gguf.quants.quantize(array, getattr(T, kind))
+        else:
+            rows = array.reshape(-1, array.shape[-1])
+            blocks = _random_blocks(kind, *rows.shape, rng).reshape(*array.shape[:-1], -1)
+        writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=getattr(T, kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _dequantized(layer):
+    return lowbit.get_format(layer.packed.format).dequantize(layer.packed)
+
+
+def _close(got, want, exact):
+    """Equal for the exact types; within float16 rounding of group scales (2^-9 of the largest
+    weight, as test_gguf_import's bound) for the others."""
+    if exact:
+        return torch.equal(got, want)
+    return float((got - want).abs().max()) <= 2.0 ** -9 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "IQ4_NL", "MXFP4", "NVFP4", "Q4_K", "Q6_K", "IQ4_XS"])
+def test_gguf_experts_import_as_transformers_reads_them(tmp_path, kind):
+    """Every expert of every fused weight becomes a QuantLinear of the model's quantized experts
+    (gate_up: [2 * 768, 256], gate rows first; down: [256, 768]) whose weights equal transformers'
+    GGUF load (exact types) or lie within float16 rounding of the group scales; the router and the
+    other tensors are equal, and the logits agree."""
+    path = _write_moe_gguf(tmp_path / "moe.gguf", lambda name: kind)
+    model, oracle = load_gguf(path, dtype=torch.float32), _transformers_gguf(path)
+    exact, info = kind in EXACT, gguf_blocks.BLOCK_TYPES[kind]
+    assert gguf_import.target_format(path) == info.lowbit_format
+    for index in range(LAYERS):
+        experts, want = model.model.layers[index].mlp.experts, oracle.model.layers[index].mlp.experts
+        assert isinstance(experts, QuantizedExperts)
+        layers = quantized_weights(experts)
+        assert sorted(layers) == ["down_proj", "gate_up_proj"]
+        for weight_name, (n, k) in {"gate_up_proj": (2 * MOE_INTERMEDIATE, 256),
+                                    "down_proj": (256, MOE_INTERMEDIATE)}.items():
+            assert len(layers[weight_name]) == EXPERTS
+            for expert, layer in enumerate(layers[weight_name]):
+                assert (layer.out_features, layer.in_features, layer.format) == (n, k, info.lowbit_format)
+                assert _close(_dequantized(layer), getattr(want, weight_name)[expert].detach(), exact), (
+                    index, weight_name, expert)
+    quantized_names = [n for n, m in model.named_modules() if isinstance(m, lowbit.QuantLinear)]
+    assert len(quantized_names) == LAYERS * (4 + 2 * EXPERTS) + 1  # attention, experts, lm_head
+    oracle_state = oracle.state_dict()
+    dense = {k: v for k, v in model.state_dict().items() if k in oracle_state and ".quantized." not in k
+             and not any(k.startswith(f"{n}.") for n in quantized_names)}
+    assert "model.layers.0.mlp.gate.weight" in dense  # the router stays as the file stores it
+    assert all(torch.equal(v, oracle_state[k]) for k, v in dense.items())
+    with torch.no_grad():
+        got, want = model(IDS).logits, oracle(IDS).logits
+    # exact types: float32 summation order only (lowbit runs each expert's tokens as one batch,
+    # transformers otherwise: 3e-7 relative seen); random K-type blocks make weights of ~1e2, whose
+    # scale rounding shows in the logits
+    assert float((got - want).abs().max()) <= (1e-5 if exact else 1e-3) * float(want.abs().max())
+
+
+def _q4_k_m(name):
+    """llama.cpp's Q4_K_M mix, in short: Q6_K for v and down projections (experts' too), Q4_K else."""
+    return "Q6_K" if name.endswith(("attn_v.weight", "ffn_down_exps.weight")) else "Q4_K"
+
+
+def test_a_q4_k_m_moe_file_imports_every_expert_and_round_trips_through_save(tmp_path):
+    """A Q4_K_M-style MoE file loads with no warning: experts' gate_up int4 in groups of 32, down
+    int6 in groups of 16; the model saves with lowbit.save and loads back with equal logits."""
+    path = _write_moe_gguf(tmp_path / "mix.gguf", _q4_k_m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_gguf(path, dtype=torch.float32)
+    assert gguf_import.target_format(path) == "int4/int6"
+    layers = quantized_weights(model.model.layers[1].mlp.experts)
+    assert {(m.format, m.packed.attrs["group_size"]) for m in layers["gate_up_proj"]} == {("int4", 32)}
+    assert {(m.format, m.packed.attrs["group_size"]) for m in layers["down_proj"]} == {("int6", 16)}
+    lowbit.save(model, tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "saved")(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("gate,up", [("Q4_K", "Q6_K"), ("Q8_0", "IQ2_XXS")])
+def test_experts_whose_gate_and_up_lowbit_cannot_stack_are_decoded_with_a_warning(tmp_path, gate, up):
+    """A fused gate_up weight whose gate and up are stored in different layouts (int4 and int6) or
+    partly in a type lowbit has no layout for is decoded to the model dtype as transformers
+    decodes it, with a warning; the experts' down weights are still quantized."""
+    def types(name):
+        return gate if "ffn_gate_exps" in name else up if "ffn_up_exps" in name else "Q8_0"
+
+    path = _write_moe_gguf(tmp_path / "mixed.gguf", types)
+    with pytest.warns(UserWarning, match=rf"4 quantized Linear weights kept as torch\.float32 .*'{up}"):
+        model = load_gguf(path, dtype=torch.float32)
+    oracle = _transformers_gguf(path)
+    for index in range(LAYERS):
+        experts, want = model.model.layers[index].mlp.experts, oracle.model.layers[index].mlp.experts
+        assert sorted(quantized_weights(experts)) == ["down_proj"]
+        assert torch.equal(experts.gate_up_proj, want.gate_up_proj)
+    with torch.no_grad():
+        got, want = model(IDS).logits, oracle(IDS).logits
+    assert float((got - want).abs().max()) <= 1e-3 * float(want.abs().max())
