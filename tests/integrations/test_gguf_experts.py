@@ -1,8 +1,8 @@
 """Importing the MoE experts of GGUF files: llama.cpp stores each fused expert weight as one 3-D
 tensor (blk.N.ffn_gate_exps / ffn_up_exps / ffn_down_exps, [E, N, K] row-major blocks), and
 lowbit makes each expert's slice a QuantLinear of the model's quantized experts (gate and up
-rows stacked as transformers' gate_up_proj holds them). The files are tiny Qwen3-MoE models
-written with the `gguf` package's GGUFWriter; the oracle is transformers' from_pretrained(...,
+rows stacked as transformers' gate_up_proj holds them). The files are tiny Qwen3-MoE (and one
+Qwen2-MoE) models written with the `gguf` package's GGUFWriter; the oracle is transformers' from_pretrained(...,
 gguf_file=...)."""
 import warnings
 
@@ -22,23 +22,28 @@ transformers = pytest.importorskip("transformers")
 
 T = gguf.GGMLQuantizationType
 EXPERTS, LAYERS = 4, 2
-#: transformers' GGUF reader leaves moe_intermediate_size at Qwen3MoeConfig's default
-MOE_INTERMEDIATE = 768
+#: transformers' GGUF reader leaves moe_intermediate_size at the config class's default (and
+#: Qwen2-MoE's shared expert's size): Qwen3-MoE's 768, Qwen2-MoE's 1408 (not a multiple of the
+#: K types' 256-weight blocks: its file is Q8_0)
+MOE_INTERMEDIATE = {"qwen3moe": 768, "qwen2moe": 1408}
 
 
-def _config():
-    # every K (256 hidden, 768 expert intermediate) is a multiple of the K types' 256-weight blocks
-    return transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=256, intermediate_size=512,
-                                       moe_intermediate_size=MOE_INTERMEDIATE, num_hidden_layers=LAYERS,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                       num_experts=EXPERTS, num_experts_per_tok=2, norm_topk_prob=True,
-                                       max_position_embeddings=128, tie_word_embeddings=False)
+def _config(arch):
+    common = dict(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=EXPERTS, num_experts_per_tok=2,
+                  max_position_embeddings=128, tie_word_embeddings=False)
+    if arch == "qwen2moe":
+        return transformers.Qwen2MoeConfig(**common)
+    return transformers.Qwen3MoeConfig(**common, head_dim=64, moe_intermediate_size=MOE_INTERMEDIATE[arch],
+                                       norm_topk_prob=True)
 
 
-def _gguf_tensors(model):
-    """(GGUF name, float32 array) of every tensor of a Qwen3-MoE model, as llama.cpp's converter
-    names them: a layer's fused gate_up_proj [E, 2I, H] is ffn_gate_exps and ffn_up_exps [E, I, H]."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3MOE, LAYERS)
+def _gguf_tensors(model, arch):
+    """(GGUF name, float32 array) of every tensor of a Qwen2 / Qwen3-MoE model, as llama.cpp's
+    converter names them: a layer's fused gate_up_proj [E, 2I, H] is ffn_gate_exps and
+    ffn_up_exps [E, I, H]; Qwen2-MoE's shared expert gate [1, H] is stored 1-D."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3MOE if arch == "qwen3moe" else gguf.MODEL_ARCH.QWEN2MOE,
+                                     LAYERS)
     for key, value in model.state_dict().items():
         array = value.float().numpy()
         block = key.split(".")[2] if key.startswith("model.layers.") else None
@@ -48,38 +53,41 @@ def _gguf_tensors(model):
             yield f"blk.{block}.ffn_up_exps.weight", array[:, half:]
         elif key.endswith("experts.down_proj"):
             yield f"blk.{block}.ffn_down_exps.weight", array
+        elif key.endswith("shared_expert_gate.weight"):
+            yield f"blk.{block}.ffn_gate_inp_shexp.weight", array[0]
         else:
             module, suffix = key.rsplit(".", 1)
             yield f"{names.get_name(module)}.{suffix}", array
 
 
-def _write_moe_gguf(path, types, seed=0):
-    """A tiny Qwen3-MoE model written as GGUF; types(gguf_name) -> the GGML type name of a 2-D or
-    3-D weight, or None to store it as F32 (the types the gguf package quantizes come from its
-    quantizer, the others are random blocks). Returns the path."""
+def _write_moe_gguf(path, types, arch="qwen3moe", seed=0):
+    """A tiny Qwen3-MoE (or Qwen2-MoE) model written as GGUF; types(gguf_name) -> the GGML type
+    name of a 2-D or 3-D weight (the routers stay F32), or None to store it as F32 (the types the
+    gguf package quantizes come from its quantizer, the others are random blocks). Returns the path."""
     torch.manual_seed(seed)
-    config = _config()
-    model = transformers.Qwen3MoeForCausalLM(config)
+    config = _config(arch)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_expert_feed_forward_length(MOE_INTERMEDIATE)
+    writer.add_expert_feed_forward_length(MOE_INTERMEDIATE[arch])
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
+    if arch == "qwen3moe":
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_vocab_size(config.vocab_size)
     writer.add_expert_count(EXPERTS)
     writer.add_expert_used_count(config.num_experts_per_tok)
-    for name, array in _gguf_tensors(model):
+    for name, array in _gguf_tensors(model, arch):
         array = np.ascontiguousarray(array)
-        kind = types(name) if array.ndim >= 2 and not name.startswith(("token_embd", "blk.0.ffn_gate_inp",
-                                                                         "blk.1.ffn_gate_inp")) else None
+        router = name.split(".")[-2] == "ffn_gate_inp"
+        kind = types(name) if array.ndim >= 2 and not name.startswith("token_embd") and not router else None
         if kind is None:
             writer.add_tensor(name, array)
             continue
@@ -123,8 +131,8 @@ def test_gguf_experts_import_as_transformers_reads_them(tmp_path, kind):
         assert isinstance(experts, QuantizedExperts)
         layers = quantized_weights(experts)
         assert sorted(layers) == ["down_proj", "gate_up_proj"]
-        for weight_name, (n, k) in {"gate_up_proj": (2 * MOE_INTERMEDIATE, 256),
-                                    "down_proj": (256, MOE_INTERMEDIATE)}.items():
+        for weight_name, (n, k) in {"gate_up_proj": (2 * MOE_INTERMEDIATE["qwen3moe"], 256),
+                                    "down_proj": (256, MOE_INTERMEDIATE["qwen3moe"])}.items():
             assert len(layers[weight_name]) == EXPERTS
             for expert, layer in enumerate(layers[weight_name]):
                 assert (layer.out_features, layer.in_features, layer.format) == (n, k, info.lowbit_format)
@@ -185,3 +193,21 @@ def test_experts_whose_gate_and_up_lowbit_cannot_stack_are_decoded_with_a_warnin
     with torch.no_grad():
         got, want = model(IDS).logits, oracle(IDS).logits
     assert float((got - want).abs().max()) <= 1e-3 * float(want.abs().max())
+
+
+def test_qwen2_moe_experts_and_shared_expert(tmp_path):
+    """A Qwen2-MoE file (experts of 1408 rows, a shared expert and its 1-D gate) in Q8_0: the
+    experts and the shared expert's Linears are quantized with transformers' weights, the logits agree."""
+    path = _write_moe_gguf(tmp_path / "qwen2.gguf", lambda name: "Q8_0", arch="qwen2moe")
+    model, oracle = load_gguf(path, dtype=torch.float32), _transformers_gguf(path)
+    for index in range(LAYERS):
+        mlp, want = model.model.layers[index].mlp, oracle.model.layers[index].mlp
+        layers = quantized_weights(mlp.experts)
+        for weight_name in ("gate_up_proj", "down_proj"):
+            assert [torch.equal(_dequantized(layer), getattr(want.experts, weight_name)[expert])
+                    for expert, layer in enumerate(layers[weight_name])] == [True] * EXPERTS
+        assert torch.equal(_dequantized(mlp.shared_expert.down_proj), want.shared_expert.down_proj.weight)
+        assert torch.equal(mlp.shared_expert_gate.weight, want.shared_expert_gate.weight)
+    with torch.no_grad():
+        got, want = model(IDS).logits, oracle(IDS).logits
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
