@@ -84,7 +84,7 @@ def _group(element: str, scale_kind: str) -> int:
 
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float",
                     one_bit_planes: bool = False, gemm_block_m: int = 64, gemv_block_m: int = 1,
-                    group_size: int | None = None):
+                    group_size: int | None = None, scale_pointer: str | None = None):
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
@@ -92,7 +92,9 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     GEMM_BLOCK_M tiles (64: Hopper's wgmma; the launcher's default at M <= 16 is 16). act "int8" /
     "e4m3": the GEMM on int8 / E4M3 activation codes (act="int8" / "fp8" layers; bf16 output). gemv_block_m: the GEMV's
     activation rows (the launcher takes M up to 4 in one program); group_size: another group than
-    the default (int groups of 16: GEMM tiles span 4 groups, GEMV columns are 16 long)."""
+    the default (int groups of 16: GEMM tiles span 4 groups, GEMV columns are 16 long);
+    scale_pointer: the scales' pointer type where it is not the element's default (iq4_nl's
+    float16 scales of a codebook)."""
     kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = group_size or _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
@@ -108,7 +110,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                           BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE)
     scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"
     out = "*bf16" if act in ACT_CODES else ACT[act]
-    pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_type, "z_ptr": scale_type,
+    pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_pointer or scale_type, "z_ptr": scale_type,
                      "ts_ptr": "*fp32", "xs_ptr": "*fp32", "bias_ptr": out, "out_ptr": out, **SPLIT_K_POINTERS}
     return _compile(kernel, pointer_types, constexprs, unaligned=("M", "tiles_per_split", "one"))
 

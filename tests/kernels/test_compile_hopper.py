@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lowbit.formats.dfloat11 import CODE_BITS
+from lowbit.kernels import dequant_gemm as kernels
 from lowbit.kernels import dfloat11
 
 from . import hopper_codegen
@@ -45,6 +46,8 @@ GEMV_BLOCK_M_VARIANTS += [["gemv", 8, True, "fp16", "e4m3", "float", False, 64, 
 GROUP_16_VARIANTS = [["gemm", 6, True, "bf16", "int", "float", False, 64, 1, 16],
                      ["gemm", 2, False, "fp16", "int", "float", False, 64, 1, 16],
                      ["gemv", 6, True, "bf16", "int", "float", False, 64, 1, 16]]
+# iq4_nl: the codebook in blocks of 32 with float16 scales (nf4's above: fp32 scales, a wider column)
+IQ4_NL_VARIANTS = [[path, 4, True, "bf16", "codebook", "float", False, 64, 1, 32, "*fp16"] for path in ("gemv", "gemm")]
 
 
 # one xdist worker runs this module (`make test` uses --dist loadgroup), so the variants compile
@@ -58,7 +61,7 @@ def hopper():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_codegen",
-                           json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS + GROUP_16_VARIANTS)],
+                           json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS + GROUP_16_VARIANTS + IQ4_NL_VARIANTS)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     if proc.returncode != 0 and "ptxas" in proc.stderr:
         pytest.skip(f"this triton install cannot compile for CUDA: {proc.stderr[-300:]}")
@@ -150,6 +153,27 @@ def test_groups_of_16_compile_to_the_same_inner_loops(hopper, variant):
     assert len(k_loops) == 2
     for body in k_loops:
         assert len(re.findall(_WORD_LOAD, body)) == words
+        assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|bar\.sync", body)
+        assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
+
+
+@pytest.mark.parametrize("variant", IQ4_NL_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_iq4_nl_blocks_of_32_compile_to_the_codebook_inner_loops(hopper, variant):
+    """iq4_nl (16-value table, float16 scale per 32): the GEMM's K loop multiplies on Hopper tensor
+    cores; the GEMV's (columns of one block) loads each packed word once and looks up each code in
+    the table (a 32-bit load per code), one 16-bit load per row for its float16 scale, nothing
+    through shared memory and no int -> float convert."""
+    ptx = _checked(hopper["-".join(map(str, variant))])
+    if variant[0] == "gemm":
+        assert any("wgmma.mma_async" in body for body in _loop_bodies(ptx))
+        return
+    column_k, rows = kernels.gemv_column_k(4, 32), hopper_codegen.GEMV_BLOCK_N
+    k_loops = [body for body in _loop_bodies(ptx) if re.search(_WORD_LOAD, body)]
+    assert len(k_loops) == 2
+    for body in k_loops:
+        assert len(re.findall(_WORD_LOAD, body)) == rows * column_k * 4 // 32 + rows * column_k
+        # 16-bit loads: the column's bf16 activations and one float16 scale per row
+        assert len(re.findall(r"ld\.global(?:\.nc)?\.b16", body)) == column_k + rows
         assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|bar\.sync", body)
         assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
 
