@@ -391,11 +391,12 @@ def numbered_modules(names: Iterable[str]) -> int:
     return max((int(n) for name in names for n in re.findall(r"\.(\d+)(?=\.)", f".{name}")), default=-1) + 1
 
 
-def _layer_counts(config: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, int]]:
-    """(dotted key, value) of every integer layer count in a config JSON object and those nested in it."""
+def _layer_counts(config: dict[str, Any], prefix: str = "", depth: int = 0) -> Iterator[tuple[str, int]]:
+    """(dotted key, value) of every integer layer count in a config JSON object and those nested in
+    it (4 deep: transformers' configs nest one or two; a damaged file may nest to the recursion limit)."""
     for key, value in config.items():
-        if isinstance(value, dict):
-            yield from _layer_counts(value, f"{prefix}{key}.")
+        if isinstance(value, dict) and depth < 4:
+            yield from _layer_counts(value, f"{prefix}{key}.", depth + 1)
         elif isinstance(value, int) and not isinstance(value, bool) and _LAYER_COUNT_KEY.fullmatch(str(key)):
             yield f"{prefix}{key}", value
 

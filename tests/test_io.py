@@ -493,6 +493,10 @@ def test_layer_counts_are_checked_in_nested_configs_and_may_exceed_the_tensors_u
     check_layer_counts(Path("c.json"), "<root>", {"num_hidden_layers": 1024, "vocab_size": 10 ** 6,
                                                   "global_attn_every_n_layers": 3, "use_cache": True}, names)
     check_layer_counts(Path("c.json"), "<root>", {"num_hidden_layers": 3000}, [f"blk.{i}.w" for i in range(3000)])
+    deep = {"num_hidden_layers": 2}
+    for _ in range(900):  # a damaged file may nest objects to json's limit: read 4 deep, no RecursionError
+        deep = {"text_config": deep}
+    check_layer_counts(Path("c.json"), "<root>", deep, names)
 
 
 def test_albert_whose_12_layers_share_one_set_of_weights_round_trips(tmp_path):

@@ -208,15 +208,16 @@ def _expert_layers(path: Path, fused: str, parts: list[_ExpertTensor], dtype: to
 
     if partly_dense:
         return None
+    first = {p.part: decoded(p, 0) for p in parts}  # expert 0 tells whether the parts stack
     try:
-        stacked_rows([decoded(p, 0)[0] for p in sorted(parts, key=lambda p: p.part)], fused)
+        stacked_rows([first[part][0] for part in sorted(first)], fused)
     except CheckpointError:
         return None
     experts_name, _, weight_name = fused.rpartition(".")
     layers = {}
     for p in parts:
         for expert in range(len(p.tensor.data)):
-            layer, error = decoded(p, expert)
+            layer, error = first[p.part] if expert == 0 else decoded(p, expert)
             layers[f"{fused}.{expert}.{p.part}"] = (layer, ExpertSlice(experts_name, weight_name, expert, p.part,
                                                                        p.parts), error)
     return layers
