@@ -27,9 +27,11 @@ layout for groups gathered from all over K (it removed actorder "group").
 
 Quantized MoE experts are written as the per-expert Linears that transformers' save_pretrained
 writes and llm-compressor quantizes (mlp.experts.E.gate_proj / up_proj / down_proj, Mixtral's
-block_sparse_moe.experts.E.w1 / w3 / w2; found with transformers' revert_weight_conversion): gate
+block_sparse_moe.experts.E.w1 / w3 / w2; found with transformers' revert_weight_conversion and
+the class's default conversions, however the model was loaded): gate
 and up are the rows of lowbit's stacked gate_up layer (an NVFP4 pair shares its global scale, as
-llm-compressor gives them). Every tensor gets the name save_pretrained gives it.
+llm-compressor gives them). Every tensor gets the name of the class's checkpoint layout (what save_pretrained
+of a model built anew writes).
 
 Layers grouped by scheme into config groups: targets ["Linear"] when every quantized layer has one
 scheme (as llm-compressor writes it), else the layers' names; the model's other Linear layers are
@@ -199,14 +201,28 @@ def exported_layer(name: str, packed: PackedWeight, dtype: torch.dtype) -> tuple
     raise _refused(name, f"format {packed.format!r} has no compressed-tensors layout (written: {', '.join(writable)})")
 
 
+def _checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` (model names) under the names of the class's checkpoint layout: transformers'
+    revert_weight_conversion with the class's default conversions. (It would follow the ones a
+    from_pretrained recorded instead, and loading a checkpoint that already holds fused expert
+    weights, as a save_pretrained folder of lowbit's quantized experts does, records none:
+    its experts would be written fused, which compressed-tensors readers do not take.)"""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    recorded = model.__dict__.pop("_weight_conversions", None)
+    try:
+        return revert_weight_conversion(model, tensors)
+    finally:
+        if recorded is not None:
+            model._weight_conversions = recorded
+
+
 def _expert_layers(model: nn.Module) -> dict[str, tuple[str, PackedWeight]]:
     """{checkpoint name of one expert's Linear: (the fused weight it is part of, its layer)} for
     every quantized MoE experts module of `model`: the per-expert Linears that transformers'
     save_pretrained writes (and llm-compressor quantizes), found by reverting transformers' weight
     conversion on probe tensors that number each fused weight's rows; each layer is its rows of
     the expert's lowbit layer (an expert's gate_up layer splits into gate and up)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
     from ..experts import QuantizedExperts, fused_weight_names, quantized_weights
 
     probes, origins, first_id = {}, [], 0
@@ -223,7 +239,7 @@ def _expert_layers(model: nn.Module) -> dict[str, tuple[str, PackedWeight]]:
             origins.append((first_id, f"{name}.{weight_name}", slots, n))
             first_id += experts * n
     layers = {}
-    for key, ids in (revert_weight_conversion(model, probes) if probes else {}).items():
+    for key, ids in (_checkpoint_names(model, probes) if probes else {}).items():
         first = int(ids.reshape(-1)[0])
         start_id, where, slots, n = next(origin for origin in reversed(origins) if origin[0] <= first)
         expert, start = divmod(first - start_id, n)
@@ -273,8 +289,6 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
     from ..experts import parse_slot
 
     check_module(model)
-    from transformers.core_model_loading import revert_weight_conversion
-
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -310,7 +324,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
         tensors.update({f"{name}.{field}": tensor for field, tensor in fields.items()})
         scales[name] = fields["weight_scale"]
     # the names save_pretrained writes (legacy ones, e.g. Mixtral's block_sparse_moe): renamed, not copied
-    stored_name = {id(tensor): key for key, tensor in revert_weight_conversion(model, tensors).items()}
+    stored_name = {id(tensor): key for key, tensor in _checkpoint_names(model, tensors).items()}
     tensors = {stored_name[id(tensor)]: tensor for tensor in tensors.values()}
     schemes = {stored_name[id(scales[name])].removesuffix(".weight_scale"): scheme for name, scheme in schemes.items()}
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -295,9 +295,15 @@ def filled_model(folder: Path, skeleton_model: nn.Module, state: dict[str, torch
     if model is None:
         cls = type(skeleton_model)
         try:
-            return cls.from_pretrained(None, config=skeleton_model.config, state_dict=state, dtype=dtype)
+            loaded = cls.from_pretrained(None, config=skeleton_model.config, state_dict=state, dtype=dtype)
         except Exception as exc:
             raise fail(str(folder), f"transformers could not build {cls.__name__}: {exc}") from None
+        # the conversions transformers records describe `state` (fused expert weights under their
+        # model names: none), not a checkpoint layout; without them save_pretrained and
+        # export_compressed_tensors revert the class's default mapping, as for a model built anew
+        # (per-expert Linears), instead of writing fused expert weights no other tool reads
+        loaded.__dict__.pop("_weight_conversions", None)
+        return loaded
     if merged:
         raise fail(str(folder), f"per-expert weights ({sorted(merged)[0]}, ...) are merged by transformers' loading: "
                    "load without model=")

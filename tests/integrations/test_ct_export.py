@@ -164,6 +164,30 @@ def test_moe_experts_are_written_as_the_per_expert_linears_save_pretrained_write
                 else torch.equal(back[key], state[key])), key
 
 
+@pytest.mark.parametrize("loaded_from", ["compressed-tensors", "save_pretrained"])
+def test_a_loaded_moe_model_exports_its_experts_per_expert_too(tmp_path, loaded_from):
+    """A MoE model read back from a compressed-tensors export, or from a save_pretrained folder
+    (whose loading records no weight conversion: its checkpoint holds lowbit's experts), exports
+    its experts as the same per-expert Linears (they were written fused, which compressed-tensors
+    readers refuse), and the export loads with equal logits."""
+    model = lowbit.quantize(make_tiny_moe("qwen3_moe", torch.bfloat16), "int4", group_size=32, skip=["lm_head"])
+    if loaded_from == "compressed-tensors":
+        export_compressed_tensors(model, tmp_path / "first")
+    else:
+        model.save_pretrained(tmp_path / "first")
+    loaded = lowbit.load(tmp_path / "first")
+    folder = export_compressed_tensors(loaded, tmp_path / "again")
+    names = set(load_file(folder / "model.safetensors"))
+    assert {"model.layers.1.mlp.experts.3.up_proj.weight_packed",
+            "model.layers.1.mlp.experts.3.down_proj.weight_scale"} <= names
+    assert not any("gate_up_proj" in name or name.endswith("experts.down_proj") for name in names)
+    again, state = lowbit.load(folder), model.state_dict()
+    assert again.state_dict().keys() == state.keys()
+    assert all(torch.equal(again.state_dict()[key], state[key]) for key in state)
+    with torch.no_grad():  # (the logits of `model`, built in fp32 and cast, differ: its rotary table is bf16)
+        assert torch.equal(again(IDS).logits, loaded(IDS).logits)
+
+
 def test_scales_the_model_dtype_cannot_hold_are_stored_in_float32(bf16_dir, tmp_path):
     """lowbit's integer scales are float16; a bf16 model stores them in float32 unless each is a
     bf16 value, and a float16 model in float16, so the decompression stays exact."""

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lowbit
 from lowbit.experts import QuantizedExperts, quantized_weights
@@ -211,3 +212,35 @@ def test_qwen2_moe_experts_and_shared_expert(tmp_path):
     with torch.no_grad():
         got, want = model(IDS).logits, oracle(IDS).logits
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_q8_0_experts_export_to_compressed_tensors_per_expert(tmp_path):
+    """A Q8_0 MoE import exports as compressed-tensors with each expert's gate / up / down a Linear of
+    its own (as llm-compressor writes them; GGUF's fused tensors would otherwise be written fused),
+    and loads back with equal logits. (K-type imports have zero points that are not integers,
+    which compressed-tensors does not store: refused, naming the layer.)"""
+    model = load_gguf(_write_moe_gguf(tmp_path / "q8.gguf", lambda name: "Q8_0"), dtype=torch.float32)
+    folder = lowbit.export_compressed_tensors(model, tmp_path / "ct")
+    names = set(load_file(folder / "model.safetensors"))
+    assert {f"model.layers.1.mlp.experts.{EXPERTS - 1}.{p}.weight_packed" for p in ("gate_proj", "up_proj", "down_proj")
+            } <= names
+    assert not any("gate_up_proj" in name for name in names)
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(folder)(IDS).logits, model(IDS).logits)
+
+
+def test_full_precision_experts_save_pretrained_as_per_expert_linears(tmp_path):
+    """Experts stored in F32 import as the model's fused full-precision weights; save_pretrained of
+    the import writes them as the class's checkpoint layout (experts.E.gate_proj / up_proj /
+    down_proj, as a model built anew writes them; not fused, which the state handed to
+    from_pretrained held) and the folder loads back with equal logits."""
+    model = load_gguf(_write_moe_gguf(tmp_path / "f32.gguf", lambda name: None if "_exps" in name else "Q8_0"),
+                      dtype=torch.float32)
+    assert not isinstance(model.model.layers[0].mlp.experts, QuantizedExperts)
+    model.save_pretrained(tmp_path / "saved")
+    names = set(load_file(tmp_path / "saved" / "model.safetensors"))
+    assert {f"model.layers.1.mlp.experts.{EXPERTS - 1}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")
+            } <= names
+    assert not any(name.endswith(("experts.gate_up_proj", "experts.down_proj")) for name in names)
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "saved")(IDS).logits, model(IDS).logits)
