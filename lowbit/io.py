@@ -437,10 +437,30 @@ def build_meta_model(path: Path, cls: type, config: Any, field: str, names: Iter
     check_layer_counts(path, field, config, names)
     try:
         model_config = cls.config_class.from_dict(config)
+        _check_routing(path, field, model_config)
         with torch.device("meta"):
             return cls(model_config)
+    except CheckpointError:
+        raise
     except Exception as exc:  # transformers' own errors: ValueError, KeyError, RuntimeError, AssertionError...
         raise _fail(path, field, f"transformers could not build {cls.__name__}: {exc}") from None
+
+
+#: config attributes that count a MoE layer's routed experts (the name differs by model)
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _check_routing(path: Path, field: str, model_config: Any) -> None:
+    """CheckpointError when a MoE config (or its text config) routes each token to more experts
+    than a layer has, or to none: transformers builds it, and its first forward fails in
+    torch.topk (a GGUF file whose expert_used_count is damaged gets transformers' default of 8)."""
+    for config in (model_config, model_config.get_text_config()):
+        per_token = getattr(config, "num_experts_per_tok", None)
+        experts = next((getattr(config, name) for name in _EXPERT_COUNTS
+                        if isinstance(getattr(config, name, None), int) and getattr(config, name) > 0), None)
+        if isinstance(per_token, int) and experts is not None and not 0 < per_token <= experts:
+            raise _fail(path, field, f"num_experts_per_tok {per_token} is not in 1 ... {experts}, the experts "
+                        "of a layer (a damaged config?)")
 
 
 def read_headers(folder: Path, files: set[str]) -> dict[str, dict[str, tuple[str, list[int]]]]:

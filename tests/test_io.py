@@ -510,3 +510,21 @@ def test_albert_whose_12_layers_share_one_set_of_weights_round_trips(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "albert")(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_a_moe_config_routing_to_more_experts_than_it_has_is_refused(tmp_path):
+    """num_experts_per_tok above the experts of a layer (or 0) builds, then fails in the first
+    forward's torch.topk: refused at load, naming the field."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    lowbit.save(lowbit.quantize(MixtralForCausalLM(config), "int8", progress=False), tmp_path / "moe")
+    for per_token in (8, 0):
+        _edit_manifest(tmp_path / "moe", lambda m: m["model"]["config"].update(num_experts_per_tok=per_token))
+        with pytest.raises(CheckpointError, match=rf"lowbit\.json: model\.config: num_experts_per_tok {per_token} is "
+                           r"not in 1 \.\.\. 4"):
+            lowbit.load(tmp_path / "moe")
+    _edit_manifest(tmp_path / "moe", lambda m: m["model"]["config"].update(num_experts_per_tok=4))
+    with torch.no_grad():
+        assert lowbit.load(tmp_path / "moe")(torch.tensor([[1, 2, 3]])).logits.isfinite().all()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import lowbit
+from lowbit.errors import CheckpointError
 from lowbit.experts import QuantizedExperts, quantized_weights
 from lowbit.integrations import gguf_blocks, gguf_import
 from lowbit.integrations.gguf_import import load_gguf
@@ -244,3 +245,14 @@ def test_full_precision_experts_save_pretrained_as_per_expert_linears(tmp_path):
     assert not any(name.endswith(("experts.gate_up_proj", "experts.down_proj")) for name in names)
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "saved")(IDS).logits, model(IDS).logits)
+
+
+def test_a_file_whose_expert_used_count_is_unreadable_is_refused(tmp_path):
+    """A damaged key name (found by a damage run) leaves transformers' default of 8 experts per
+    token for a model of 4: refused at load, not at the first forward's torch.topk."""
+    path = _write_moe_gguf(tmp_path / "moe.gguf", lambda name: "Q8_0")
+    data = path.read_bytes()
+    assert data.count(b"qwen3moe.expert_used_count") == 1
+    path.write_bytes(data.replace(b"qwen3moe.expert_used_count", b"qwee3moe.expert_used_count"))
+    with pytest.raises(CheckpointError, match=r"moe\.gguf: <GGUF metadata>: num_experts_per_tok 8 is not in 1 \.\.\. 4"):
+        lowbit.load(path)
