@@ -38,6 +38,12 @@ logger = logging.getLogger(__name__)
 MAGIC = b"GGUF"
 #: tensors llama.cpp stores that transformers computes from the config (Llama 3's rope scaling)
 _DERIVED = ("rope_freqs.weight",)
+#: sizes GGUF metadata holds and transformers' reader leaves at the config class's defaults, per
+#: model type: {key after "<architecture>.": config key}. Without them a Qwen3-MoE file whose
+#: experts are not 768 wide (Qwen3-235B-A22B's are 1536) does not load.
+_UNREAD_SIZES = {"qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+                 "qwen2_moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                               "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}}
 
 
 def is_gguf_file(path: str | Path) -> bool:
@@ -118,6 +124,13 @@ def _architecture(path: Path, reader):
         raise fail(str(path), f"model_type {model_type!r}: lowbit imports GGUF files of causal language models "
                    "that transformers builds from GGUF") from None
     gguf_architecture = _field(reader, "general.architecture")
+    for suffix, key in _UNREAD_SIZES.get(model_type, {}).items():
+        value = _field(reader, f"{gguf_architecture}.{suffix}")
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise fail(str(path), f"{gguf_architecture}.{suffix} is {value!r}, not a positive size")
+        config[key] = value
     processor = TENSOR_PROCESSORS.get(gguf_architecture, TensorProcessor)(config=config)
     return config, processor, cls
 

@@ -27,20 +27,21 @@ transformers = pytest.importorskip("transformers")
 
 T = gguf.GGMLQuantizationType
 EXPERTS, LAYERS = 4, 2
-#: transformers' GGUF reader leaves moe_intermediate_size at the config class's default (and
-#: Qwen2-MoE's shared expert's size): Qwen3-MoE's 768, Qwen2-MoE's 1408 (not a multiple of the
-#: K types' 256-weight blocks: its file is Q8_0)
+#: the experts' (and Qwen2-MoE's shared expert's) width: their config classes' defaults, which
+#: transformers' GGUF reader leaves in place (lowbit reads the file's); Qwen2-MoE's 1408 is not a
+#: multiple of the K types' 256-weight blocks: its files are Q8_0
 MOE_INTERMEDIATE = {"qwen3moe": 768, "qwen2moe": 1408}
 
 
-def _config(arch):
+def _config(arch, widths=None):
+    """widths: {moe_intermediate_size / shared_expert_intermediate_size: value} besides the defaults."""
     common = dict(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS,
                   num_attention_heads=4, num_key_value_heads=2, num_experts=EXPERTS, num_experts_per_tok=2,
                   max_position_embeddings=128, tie_word_embeddings=False)
+    common.update({"moe_intermediate_size": MOE_INTERMEDIATE[arch], **(widths or {})})
     if arch == "qwen2moe":
         return transformers.Qwen2MoeConfig(**common)
-    return transformers.Qwen3MoeConfig(**common, head_dim=64, moe_intermediate_size=MOE_INTERMEDIATE[arch],
-                                       norm_topk_prob=True)
+    return transformers.Qwen3MoeConfig(**common, head_dim=64, norm_topk_prob=True)
 
 
 def _gguf_tensors(model, arch):
@@ -65,12 +66,13 @@ def _gguf_tensors(model, arch):
             yield f"{names.get_name(module)}.{suffix}", array
 
 
-def _write_moe_gguf(path, types, arch="qwen3moe", seed=0):
+def _write_moe_gguf(path, types, arch="qwen3moe", seed=0, widths=None):
     """A tiny Qwen3-MoE (or Qwen2-MoE) model written as GGUF; types(gguf_name) -> the GGML type
     name of a 2-D or 3-D weight (the routers stay F32), or None to store it as F32 (the types the
-    gguf package quantizes come from its quantizer, the others are random blocks). Returns the path."""
+    gguf package quantizes come from its quantizer, the others are random blocks); widths: as
+    _config's. Returns the path."""
     torch.manual_seed(seed)
-    config = _config(arch)
+    config = _config(arch, widths)
     model = transformers.AutoModelForCausalLM.from_config(config)
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -78,7 +80,9 @@ def _write_moe_gguf(path, types, arch="qwen3moe", seed=0):
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_expert_feed_forward_length(MOE_INTERMEDIATE[arch])
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     if arch == "qwen3moe":
@@ -281,3 +285,28 @@ def test_damaged_moe_files_load_and_run_or_are_refused(moe_mix_file, tmp_path, d
     damaged = tmp_path / "damaged.gguf"
     damaged.write_bytes(bytes(raw))
     loads_and_runs_or_refuses(damaged, IDS)
+
+
+@pytest.mark.parametrize("arch,widths", [("qwen3moe", {"moe_intermediate_size": 512}),
+                                         ("qwen2moe", {"moe_intermediate_size": 256,
+                                                       "shared_expert_intermediate_size": 1024})])
+def test_expert_widths_transformers_does_not_read_come_from_the_file(tmp_path, arch, widths):
+    """Experts (and a shared expert) of other widths than the config class's defaults: transformers'
+    GGUF reader keeps the defaults and cannot load the file; lowbit reads the widths from the
+    metadata (expert_feed_forward_length, expert_shared_feed_forward_length), and its import equals
+    transformers' load given the right config."""
+    path = _write_moe_gguf(tmp_path / "wide.gguf", lambda name: "Q8_0", arch=arch, widths=widths)
+    with pytest.raises(RuntimeError, match="mismatch"):
+        _transformers_gguf(path)
+    model = load_gguf(path, dtype=torch.float32)
+    assert {key: getattr(model.config, key) for key in widths} == widths
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                               config=_config(arch, widths)).eval()
+    for index in range(LAYERS):
+        layers, want = quantized_weights(model.model.layers[index].mlp.experts), oracle.model.layers[index].mlp.experts
+        for weight_name in ("gate_up_proj", "down_proj"):
+            assert all(torch.equal(_dequantized(layer), getattr(want, weight_name)[expert])
+                       for expert, layer in enumerate(layers[weight_name]))
+    with torch.no_grad():
+        got, want = model(IDS).logits, oracle(IDS).logits
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
