@@ -30,6 +30,7 @@ from ..formats import get_format
 from ..io import build_meta_model, numbered_modules
 from ..packed import PackedWeight
 from .checkpoint_keys import ExpertSlice
+from . import gguf_mixtral
 from .foreign_folder import fail
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
 
@@ -107,7 +108,9 @@ def write_tokenizer(path: str | Path, folder: Path) -> dict[str, Path]:
 
 
 def _architecture(path: Path, reader):
-    """(transformers' parsed GGUF metadata, its tensor processor, the causal LM class to build)."""
+    """(transformers' parsed GGUF metadata, its tensor processor, the causal LM class to build,
+    the architecture whose GGUF tensor names the model's map to when not its own model type: a
+    Mixtral file's "llama")."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -116,14 +119,21 @@ def _architecture(path: Path, reader):
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except Exception as exc:  # transformers' ValueError for unsupported architectures, numpy errors for bad fields
         raise fail(str(path), f"transformers cannot read its metadata ({type(exc).__name__}: {str(exc)[:160]})") from None
-    config = parsed["config"]
+    config, names_of = parsed["config"], None
+    gguf_architecture = _field(reader, "general.architecture")
+    if gguf_architecture == "llama":  # experts: a Mixtral file (gguf_mixtral.py), which transformers reads as dense
+        try:
+            mixtral = gguf_mixtral.expert_config(config, {key: _field(reader, key) for key in
+                                                          ("llama.expert_count", "llama.expert_used_count")})
+        except ValueError as exc:
+            raise fail(str(path), str(exc)) from None
+        config, names_of = (mixtral, "llama") if mixtral is not None else (config, None)
     model_type = config.get("model_type")
     try:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[model_type]]
     except (KeyError, TypeError):  # TypeError: a list or object where a name belongs
         raise fail(str(path), f"model_type {model_type!r}: lowbit imports GGUF files of causal language models "
                    "that transformers builds from GGUF") from None
-    gguf_architecture = _field(reader, "general.architecture")
     for suffix, key in _UNREAD_SIZES.get(model_type, {}).items():
         value = _field(reader, f"{gguf_architecture}.{suffix}")
         if value is None:
@@ -131,8 +141,9 @@ def _architecture(path: Path, reader):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise fail(str(path), f"{gguf_architecture}.{suffix} is {value!r}, not a positive size")
         config[key] = value
-    processor = TENSOR_PROCESSORS.get(gguf_architecture, TensorProcessor)(config=config)
-    return config, processor, cls
+    processor_class = (gguf_mixtral.processor_class() if names_of is not None
+                       else TENSOR_PROCESSORS.get(gguf_architecture, TensorProcessor))
+    return config, processor_class(config=config), cls, names_of
 
 
 def _check_block_count(path: Path, reader, config: dict) -> None:
@@ -293,12 +304,12 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise LowbitError(f"load_gguf(dtype=) must be torch.bfloat16, float16 or float32, got {dtype!r}")
     reader = _reader(path)
-    config, processor, cls = _architecture(path, reader)
+    config, processor, cls, names_of = _architecture(path, reader)
     _check_block_count(path, reader, config)
     skeleton_model = (build_meta_model(path, cls, config, "<GGUF metadata>", [t.name for t in reader.tensors])
                       if model is None else model)
     try:
-        names = get_gguf_hf_weights_map(skeleton_model, processor)
+        names = get_gguf_hf_weights_map(skeleton_model, processor, model_type=names_of)
     except (AttributeError, NotImplementedError) as exc:  # a model= without a transformers config; a model_type gguf lacks
         raise fail(str(path), f"transformers cannot map its tensor names to the model's ({exc})") from None
     # transformers' MoE processors merge 3-D expert weights into parsed_parameters' tensors
