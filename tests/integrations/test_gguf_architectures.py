@@ -9,6 +9,7 @@ import torch
 import lowbit
 from lowbit.integrations.gguf_import import load_gguf
 
+from .gguf_files import finish
 from .test_gguf_import import IDS
 
 gguf = pytest.importorskip("gguf")
@@ -61,10 +62,7 @@ def _write(path, architecture):
             quantized += 1
         else:
             writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path, quantized
 
 

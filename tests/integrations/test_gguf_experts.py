@@ -20,6 +20,7 @@ from lowbit.integrations import gguf_blocks, gguf_import
 from lowbit.integrations.gguf_import import load_gguf
 
 from ..damage import loads_and_runs_or_refuses
+from .gguf_files import finish, fused_expert_tensors
 from .test_gguf_import import EXACT, IDS, QUANTIZABLE, _random_blocks, _transformers_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -52,15 +53,11 @@ def _gguf_tensors(model, arch):
                                      LAYERS)
     for key, value in model.state_dict().items():
         array = value.float().numpy()
-        block = key.split(".")[2] if key.startswith("model.layers.") else None
-        if key.endswith("experts.gate_up_proj"):
-            half = array.shape[1] // 2
-            yield f"blk.{block}.ffn_gate_exps.weight", array[:, :half]
-            yield f"blk.{block}.ffn_up_exps.weight", array[:, half:]
-        elif key.endswith("experts.down_proj"):
-            yield f"blk.{block}.ffn_down_exps.weight", array
+        experts = fused_expert_tensors(key, array)
+        if experts is not None:
+            yield from experts
         elif key.endswith("shared_expert_gate.weight"):
-            yield f"blk.{block}.ffn_gate_inp_shexp.weight", array[0]
+            yield f"blk.{key.split('.')[2]}.ffn_gate_inp_shexp.weight", array[0]
         else:
             module, suffix = key.rsplit(".", 1)
             yield f"{names.get_name(module)}.{suffix}", array
@@ -106,10 +103,7 @@ def _write_moe_gguf(path, types, arch="qwen3moe", seed=0, widths=None):
             rows = array.reshape(-1, array.shape[-1])
             blocks = _random_blocks(kind, *rows.shape, rng).reshape(*array.shape[:-1], -1)
         writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=getattr(T, kind))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 

@@ -22,6 +22,7 @@ from lowbit.integrations.gguf_import import load_gguf
 
 from ..conftest import kernel_devices
 from ..damage import loads_and_runs_or_refuses
+from .gguf_files import add_llama_metadata, finish
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -94,16 +95,7 @@ def _write_gguf(path, types, tied=False, architecture="llama", seed=0, random_bl
     model = transformers.LlamaForCausalLM(config)
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(kv_heads_field)
-    writer.add_rope_dimension_count(config.hidden_size // HEADS)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_vocab_size(config.vocab_size)
+    add_llama_metadata(writer, config, kv_heads_field)
     if tokenizer:
         _add_tokenizer(writer)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -128,10 +120,7 @@ def _write_gguf(path, types, tied=False, architecture="llama", seed=0, random_bl
         writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=getattr(T, kind))
     for name, array in (extra_tensors or {}).items():
         writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 

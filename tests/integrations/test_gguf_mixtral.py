@@ -11,6 +11,7 @@ from lowbit.errors import CheckpointError
 from lowbit.experts import quantized_weights
 from lowbit.integrations.gguf_import import load_gguf
 
+from .gguf_files import add_llama_metadata, finish, fused_expert_tensors
 from .test_gguf_import import IDS, _interleaved
 
 gguf = pytest.importorskip("gguf")
@@ -21,17 +22,13 @@ EXPERTS, LAYERS, HEADS, KV_HEADS = 4, 2, 4, 2
 
 
 def _gguf_tensors(model):
-    """(GGUF name, float32 array as llama.cpp stores it, the model key or None for split experts)."""
+    """(GGUF name, float32 array as llama.cpp stores it) of every tensor of the model."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, LAYERS)
     for key, value in model.state_dict().items():
         array = value.float().numpy()
-        block = key.split(".")[2] if key.startswith("model.layers.") else None
-        if key.endswith("experts.gate_up_proj"):
-            half = array.shape[1] // 2
-            yield f"blk.{block}.ffn_gate_exps.weight", array[:, :half]
-            yield f"blk.{block}.ffn_up_exps.weight", array[:, half:]
-        elif key.endswith("experts.down_proj"):
-            yield f"blk.{block}.ffn_down_exps.weight", array
+        experts = fused_expert_tensors(key, array)
+        if experts is not None:
+            yield from experts
         else:
             module, suffix = key.rsplit(".", 1)
             heads = HEADS if "q_proj" in key else KV_HEADS if "k_proj" in key else None
@@ -48,16 +45,7 @@ def _write_mixtral(path, expert_used_count=2):
                                         tie_word_embeddings=False)
     model = transformers.MixtralForCausalLM(config).eval()
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(LAYERS)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_dimension_count(config.hidden_size // HEADS)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_vocab_size(config.vocab_size)
+    add_llama_metadata(writer, config, KV_HEADS)
     writer.add_expert_count(EXPERTS)
     if expert_used_count is not None:
         writer.add_expert_used_count(expert_used_count)
@@ -68,10 +56,7 @@ def _write_mixtral(path, expert_used_count=2):
             writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=Q8_0)
         else:
             writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     with torch.no_grad():  # Q8_0 rounds each row on its own: decode the unpermuted rows
         for name, tensor in model.state_dict().items():
             if tensor.dim() >= 2 and not name.endswith(("embed_tokens.weight", "mlp.gate.weight")):
