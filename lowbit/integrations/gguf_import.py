@@ -31,7 +31,7 @@ from ..io import build_meta_model, numbered_modules
 from ..packed import PackedWeight
 from .checkpoint_keys import ExpertSlice
 from . import gguf_mixtral
-from .foreign_folder import fail
+from .foreign_folder import fail, stacked_rows
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
 
 logger = logging.getLogger(__name__)
@@ -39,12 +39,14 @@ logger = logging.getLogger(__name__)
 MAGIC = b"GGUF"
 #: tensors llama.cpp stores that transformers computes from the config (Llama 3's rope scaling)
 _DERIVED = ("rope_freqs.weight",)
-#: sizes GGUF metadata holds and transformers' reader leaves at the config class's defaults, per
-#: model type: {key after "<architecture>.": config key}. Without them a Qwen3-MoE file whose
-#: experts are not 768 wide (Qwen3-235B-A22B's are 1536) does not load.
-_UNREAD_SIZES = {"qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
-                 "qwen2_moe": {"expert_feed_forward_length": "moe_intermediate_size",
-                               "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}}
+#: metadata transformers' GGUF reader does not read, per model type: {key after "<architecture>.":
+#: (config key, whether the file must hold it)}. Without them a Qwen3-MoE file whose experts are
+#: not 768 wide (Qwen3-235B-A22B's are 1536) does not load, and a Mixtral file has no experts.
+_UNREAD_FIELDS = {"qwen3_moe": {"expert_feed_forward_length": ("moe_intermediate_size", False)},
+                  "qwen2_moe": {"expert_feed_forward_length": ("moe_intermediate_size", False),
+                                "expert_shared_feed_forward_length": ("shared_expert_intermediate_size", False)},
+                  "mixtral": {"expert_count": ("num_local_experts", True),
+                              "expert_used_count": ("num_experts_per_tok", True)}}
 
 
 def is_gguf_file(path: str | Path) -> bool:
@@ -121,25 +123,20 @@ def _architecture(path: Path, reader):
         raise fail(str(path), f"transformers cannot read its metadata ({type(exc).__name__}: {str(exc)[:160]})") from None
     config, names_of = parsed["config"], None
     gguf_architecture = _field(reader, "general.architecture")
-    if gguf_architecture == "llama":  # experts: a Mixtral file (gguf_mixtral.py), which transformers reads as dense
-        try:
-            mixtral = gguf_mixtral.expert_config(config, {key: _field(reader, key) for key in
-                                                          ("llama.expert_count", "llama.expert_used_count")})
-        except ValueError as exc:
-            raise fail(str(path), str(exc)) from None
-        config, names_of = (mixtral, "llama") if mixtral is not None else (config, None)
+    if gguf_architecture == "llama" and _field(reader, "llama.expert_count"):  # Mixtral: gguf_mixtral.py
+        config, names_of = {**config, "model_type": "mixtral"}, "llama"
     model_type = config.get("model_type")
     try:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[model_type]]
     except (KeyError, TypeError):  # TypeError: a list or object where a name belongs
         raise fail(str(path), f"model_type {model_type!r}: lowbit imports GGUF files of causal language models "
                    "that transformers builds from GGUF") from None
-    for suffix, key in _UNREAD_SIZES.get(model_type, {}).items():
+    for suffix, (key, required) in _UNREAD_FIELDS.get(model_type, {}).items():
         value = _field(reader, f"{gguf_architecture}.{suffix}")
-        if value is None:
+        if value is None and not required:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise fail(str(path), f"{gguf_architecture}.{suffix} is {value!r}, not a positive size")
+            raise fail(str(path), f"{gguf_architecture}.{suffix} is {value!r}, not a positive count")
         config[key] = value
     processor_class = (gguf_mixtral.processor_class() if names_of is not None
                        else TENSOR_PROCESSORS.get(gguf_architecture, TensorProcessor))
@@ -224,8 +221,6 @@ def _expert_layers(path: Path, fused: str, parts: list[_ExpertTensor], dtype: to
     part of the fused expert weight `fused` stored as `parts`; None when lowbit cannot hold it as
     one layer per expert (a part `partly_dense`, in a type lowbit does not import; or parts whose
     layouts differ, e.g. a Q4_K gate and a Q6_K up), for the caller to decode it in full precision."""
-    from .foreign_folder import stacked_rows
-
     def decoded(part: _ExpertTensor, expert: int) -> tuple[PackedWeight, float]:
         where = f"{path}: {part.tensor.name} (expert {expert})"
         return _layer(where, part.tensor.data[expert], part.kind, part.order, dtype)

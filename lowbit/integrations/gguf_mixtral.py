@@ -2,28 +2,14 @@
 "llama" with `llama.expert_count` experts, whose weights are 3-D blk.N.ffn_gate_exps / ffn_up_exps /
 ffn_down_exps tensors. transformers' GGUF reader builds a dense LlamaForCausalLM from such a file
 (it reads no expert count) and cannot load it; lowbit builds transformers' MixtralForCausalLM
-instead: the config gets the experts from the metadata, and a tensor processor undoes Llama's q / k
-interleaving as transformers' Llama one does and merges the experts into gate_up_proj (gate rows
-first, as transformers' Mixtral conversion merges w1 and w3) and down_proj as its Qwen2-MoE one does,
-so gguf_import places them like any other MoE file's."""
+instead. gguf_import gives the config the experts from the metadata (`_UNREAD_FIELDS`; llama.cpp's
+feed_forward_length of a Mixtral file is one expert's width, Mixtral's intermediate_size); the
+tensor processor here undoes Llama's q / k interleaving as transformers' Llama one does and merges
+the experts into gate_up_proj (gate rows first, as transformers' Mixtral conversion merges w1 and
+w3) and down_proj as its Qwen2-MoE one does, so gguf_import places them like any other MoE file's."""
 from __future__ import annotations
 
 import re
-from typing import Any
-
-
-def expert_config(config: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any] | None:
-    """The Mixtral config of a Llama-architecture file with experts (`fields`: its `llama.*`
-    metadata values by key), None when it has none. ValueError for counts that are not positive
-    integers."""
-    experts, per_token = fields.get("llama.expert_count"), fields.get("llama.expert_used_count")
-    if experts in (None, 0):
-        return None
-    for key, value in (("llama.expert_count", experts), ("llama.expert_used_count", per_token)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{key} is {value!r}, not a positive count")
-    # llama.cpp's feed_forward_length of a Mixtral file is one expert's width: Mixtral's intermediate_size
-    return {**config, "model_type": "mixtral", "num_local_experts": experts, "num_experts_per_tok": per_token}
 
 
 def processor_class() -> type:
