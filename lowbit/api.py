@@ -61,7 +61,7 @@ def place_layers(model: nn.Module, layers: dict[str, QuantLinear], field: str) -
         try:
             experts.check_fused_weight(module, weight_name)
             count = experts.expert_shape(module, weight_name)[0]
-            if sorted(by_index) != list(range(count)):
+            if len(by_index) != count or sorted(by_index) != list(range(count)):  # a damaged count may be billions
                 raise FormatError(f"{experts_name}.{weight_name} has {count} experts, {field} declares "
                                   f"experts {sorted(by_index)}")
             experts.install(module, weight_name, [by_index[index] for index in range(count)])

@@ -33,6 +33,7 @@ from .checkpoint_keys import ExpertSlice
 from . import gguf_mixtral
 from .foreign_folder import fail, stacked_rows
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
+from .gguf_split_experts import stack_split_experts
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +144,11 @@ def _architecture(path: Path, reader):
     return config, processor_class(config=config), cls, names_of
 
 
-def _check_block_count(path: Path, reader, config: dict) -> None:
+def _check_block_count(path: Path, tensors: list, config: dict) -> None:
     """CheckpointError unless the file holds tensors for exactly the blocks its metadata counts: a
     count damaged upwards would have transformers build (millions of) layers that have no weights,
     one damaged downwards would drop the last blocks' tensors without a word."""
-    layers, held = config.get("num_hidden_layers"), numbered_modules(t.name for t in reader.tensors)
+    layers, held = config.get("num_hidden_layers"), numbered_modules(t.name for t in tensors)
     if layers != held:
         raise fail(str(path), f"block_count {layers!r} in its metadata, but it holds tensors for {held} blocks")
 
@@ -222,7 +223,8 @@ def _expert_layers(path: Path, fused: str, parts: list[_ExpertTensor], dtype: to
     one layer per expert (a part `partly_dense`, in a type lowbit does not import; or parts whose
     layouts differ, e.g. a Q4_K gate and a Q6_K up), for the caller to decode it in full precision."""
     def decoded(part: _ExpertTensor, expert: int) -> tuple[PackedWeight, float]:
-        where = f"{path}: {part.tensor.name} (expert {expert})"
+        names = getattr(part.tensor, "expert_names", None)  # an older file's tensor per expert
+        where = f"{path}: {names[expert] if names else f'{part.tensor.name} (expert {expert})'}"
         return _layer(where, part.tensor.data[expert], part.kind, part.order, dtype)
 
     if partly_dense:
@@ -267,7 +269,7 @@ def _dense(path: Path, tensor, processor, context: dict, dtype: torch.dtype) -> 
     transformers' GGUF loading reads it."""
     gguf = _gguf()
     try:
-        weights = gguf.dequantize(tensor.data, tensor.tensor_type)
+        weights = gguf.dequantize(np.asarray(tensor.data), tensor.tensor_type)
     except NotImplementedError as exc:
         raise fail(f"{path}: {tensor.name}", f"GGML type {tensor.tensor_type.name}: {exc}") from None
     try:
@@ -286,8 +288,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     QuantLinears of output dtype `dtype` (groups of 32, or 16 for Q2_K / Q3_K / Q6_K; same codes;
     scales and mins rounded to float16 except Q4_0 / Q5_0 / Q8_0's), IQ4_NL / IQ4_XS ones iq4_nl
     (IQ4_XS's scales rounded to float16), MXFP4 ones mxfp4 and NVFP4 ones nvfp4; MoE experts stored
-    in these types (3-D [E, N, K] tensors) become the model's quantized experts, one layer per
-    expert, gate and up stacked; every other tensor decoded to `dtype` (quantized weights of other
+    in these types (3-D [E, N, K] tensors, or one 2-D tensor per expert as files written before
+    April 2024 hold them) become the model's quantized experts, one layer per expert, gate and up
+    stacked; every other tensor decoded to `dtype` (quantized weights of other
     types too, and gate / up pairs lowbit cannot stack, with a warning). model:
     optional skeleton to fill. CheckpointError naming the file or tensor for anything it cannot
     import."""
@@ -300,8 +303,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
         raise LowbitError(f"load_gguf(dtype=) must be torch.bfloat16, float16 or float32, got {dtype!r}")
     reader = _reader(path)
     config, processor, cls, names_of = _architecture(path, reader)
-    _check_block_count(path, reader, config)
-    skeleton_model = (build_meta_model(path, cls, config, "<GGUF metadata>", [t.name for t in reader.tensors])
+    tensors = stack_split_experts(path, reader.tensors, config.get("num_local_experts", config.get("num_experts")))
+    _check_block_count(path, tensors, config)
+    skeleton_model = (build_meta_model(path, cls, config, "<GGUF metadata>", [t.name for t in tensors])
                       if model is None else model)
     try:
         names = get_gguf_hf_weights_map(skeleton_model, processor, model_type=names_of)
@@ -313,7 +317,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     packed, dense, kept_dense, errors = {}, {}, Counter(), {}
     experts: dict[str, list[_ExpertTensor]] = {}  # fused weight -> its parts stored in types lowbit imports
     skipped = []  # tensors the model has no place for
-    for tensor in tqdm(reader.tensors, desc="import GGUF", unit="tensor", disable=len(reader.tensors) < 16):
+    for tensor in tqdm(tensors, desc="import GGUF", unit="tensor", disable=len(tensors) < 16):
         hf_name = names.get(tensor.name, "")
         layer = hf_name.removesuffix(".weight")
         kind = BLOCK_TYPES.get(tensor.tensor_type.name)

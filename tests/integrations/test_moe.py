@@ -316,6 +316,22 @@ def test_a_checkpoint_missing_an_expert_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
 
 
+def test_an_expert_count_damaged_into_the_billions_is_refused_without_listing_the_experts(tmp_path):
+    """A damage run found it: lowbit.load of such a folder built a list of 2^32 expert indices
+    (MemoryError, or the machine out of memory) before comparing it with the layers."""
+    model = lowbit.quantize(_model("mixtral"), "int8", progress=False)
+    lowbit.save(model, tmp_path / "lowbit")
+    model.save_pretrained(tmp_path / "hf")
+    for path in [*(tmp_path / "lowbit").glob("*.json"), tmp_path / "hf" / "config.json"]:
+        text = path.read_text()
+        path.write_text(text.replace('"num_local_experts": 4', f'"num_local_experts": {2**32 - 1}'))
+    declared = r"(gate_up|down)_proj has 4294967295 experts, (quantization_config\.)?layers declares experts \[0, 1, 2, 3\]"
+    with pytest.raises(CheckpointError, match=r"lowbit\.json: .*" + declared):
+        lowbit.load(tmp_path / "lowbit")
+    with pytest.raises(FormatError, match=declared):
+        lowbit.load(tmp_path / "hf")
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda layers, slot: layers.__setitem__(slot + "7", layers[slot + "0"]), r"declares experts \[0, 1, 2, 3, 7\]"),
     (lambda layers, slot: layers.__setitem__(slot + "01", layers.pop(slot + "1")), r"down_proj\.01: no such module"),
