@@ -30,7 +30,7 @@ from ..formats import get_format
 from ..io import build_meta_model, numbered_modules
 from ..packed import PackedWeight
 from .checkpoint_keys import ExpertSlice
-from . import gguf_mixtral
+from . import gguf_gpt_oss, gguf_mixtral
 from .foreign_folder import fail, stacked_rows
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
 from .gguf_split_experts import stack_split_experts
@@ -118,12 +118,15 @@ def _architecture(path: Path, reader):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    try:
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-    except Exception as exc:  # transformers' ValueError for unsupported architectures, numpy errors for bad fields
-        raise fail(str(path), f"transformers cannot read its metadata ({type(exc).__name__}: {str(exc)[:160]})") from None
-    config, names_of = parsed["config"], None
-    gguf_architecture = _field(reader, "general.architecture")
+    gguf_architecture, names_of = _field(reader, "general.architecture"), None
+    if gguf_architecture == gguf_gpt_oss.ARCHITECTURE:  # transformers' reader fails on these files
+        config = gguf_gpt_oss.config(path, reader, lambda key: _field(reader, key))
+    else:
+        try:
+            config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        except Exception as exc:  # transformers' ValueError for unsupported architectures, numpy errors for bad fields
+            raise fail(str(path), f"transformers cannot read its metadata ({type(exc).__name__}: "
+                       f"{str(exc)[:160]})") from None
     if gguf_architecture == "llama" and _field(reader, "llama.expert_count"):  # Mixtral: gguf_mixtral.py
         config, names_of = {**config, "model_type": "mixtral"}, "llama"
     model_type = config.get("model_type")
@@ -140,6 +143,7 @@ def _architecture(path: Path, reader):
             raise fail(str(path), f"{gguf_architecture}.{suffix} is {value!r}, not a positive count")
         config[key] = value
     processor_class = (gguf_mixtral.processor_class() if names_of is not None
+                       else gguf_gpt_oss.processor_class() if gguf_architecture == gguf_gpt_oss.ARCHITECTURE
                        else TENSOR_PROCESSORS.get(gguf_architecture, TensorProcessor))
     return config, processor_class(config=config), cls, names_of
 
@@ -175,12 +179,12 @@ def _row_order(processor, name: str, shape: tuple[int, int], context: dict) -> t
     return order if torch.equal(order.sort().values, torch.arange(n)) else None
 
 
-def _expert_placement(processor, tensor, names: dict, config: dict) -> tuple[str, int, int, torch.Tensor] | None:
+def _expert_placement(processor, tensor, names: dict, config: dict) -> tuple[str, torch.Tensor, int] | None:
     """Where transformers' processor puts a 3-D GGUF expert weight [E, N, K] (ggml lists it K, N,
-    E): (the fused weight's name, the part its rows are (gate 0, up 1 of a gate_up weight), the
-    parts, the rows [N] of each expert's slice in the stored order); None when it does anything
-    but give every expert of the fused weight the same rows of its own (run on a probe [E, N, 1]
-    whose every row holds 1 + its index)."""
+    E): (the fused weight's name, the row [N] of each stored row in an expert's slice of it, the
+    slice's rows), read from a probe [E, N, 1] whose every row holds 1 + its index; a slice held
+    transposed ([E, K, rows]: GPT-OSS) is read as its rows. None when the processor does anything
+    but give every expert the same rows of its own slice."""
     experts, n = int(tensor.shape[2]), int(tensor.shape[1])
     probe = (np.arange(experts * n, dtype=np.float32) + 1).reshape(experts, n, 1)
     parsed = {"config": config, "tensors": {}}
@@ -192,18 +196,22 @@ def _expert_placement(processor, tensor, names: dict, config: dict) -> tuple[str
         return None
     (fused, out), = parsed["tensors"].items()
     out = torch.as_tensor(np.asarray(out), dtype=torch.float32)
-    if out.dim() != 3 or out.shape[0] != experts or out.shape[2] != 1 or out.shape[1] % n:
+    if out.dim() == 3 and out.shape[1] == 1 and out.shape[2] != 1:  # held transposed
+        out = out.transpose(1, 2)
+    if out.dim() != 3 or out.shape[0] != experts or out.shape[2] != 1:
         return None
-    filled = (out[0, :, 0] != 0).nonzero().flatten()
-    start = int(filled[0]) if len(filled) == n else -1
-    if start % n or not torch.equal(filled, torch.arange(start, start + n)):
+    out = out[:, :, 0]
+    filled = (out[0] != 0).nonzero().flatten()  # the slice rows expert 0's stored rows went to
+    if len(filled) != n or int((out != 0).sum()) != experts * n:
         return None
-    source = out[:, start:start + n, 0].long() - 1  # [E, N] stored (expert * N + row) of each place
-    order = source[0]
-    if not torch.equal(source, order + n * torch.arange(experts)[:, None]) or not torch.equal(
-            order.sort().values, torch.arange(n)) or int((out != 0).sum()) != experts * n:
+    source = out[:, filled].long() - 1  # [E, N] stored (expert * N + row) of each filled row
+    rows = source[0]
+    if not torch.equal(source, rows + n * torch.arange(experts)[:, None]) or not torch.equal(
+            rows.sort().values, torch.arange(n)):
         return None
-    return fused, start // n, out.shape[1] // n, order
+    positions = torch.empty(n, dtype=torch.long)
+    positions[rows] = filled
+    return fused, positions, int(out.shape[1])
 
 
 @dataclass(frozen=True)
@@ -211,36 +219,63 @@ class _ExpertTensor:
     """A 3-D GGUF expert weight in a type lowbit imports and where `_expert_placement` puts it."""
     tensor: Any
     kind: BlockType
-    part: int
-    parts: int
-    order: torch.Tensor
+    positions: torch.Tensor  # [N] the row of each stored row in an expert's slice of the fused weight
+    slice_rows: int
+
+    def block(self) -> tuple[int, int, torch.Tensor] | None:
+        """(part, parts, the stored row of each of the part's rows) when the tensor's rows are
+        one block of the slice (Qwen-MoE's gate rows, then up), else None (GPT-OSS interleaves)."""
+        n, start = len(self.positions), int(self.positions.min())
+        if start % n or self.slice_rows % n or not torch.equal(self.positions.sort().values,
+                                                               torch.arange(start, start + n)):
+            return None
+        return start // n, self.slice_rows // n, (self.positions - start).argsort()
+
+    def expert_name(self, expert: int) -> str:
+        names = getattr(self.tensor, "expert_names", None)  # an older file's tensor per expert
+        return names[expert] if names else f"{self.tensor.name} (expert {expert})"
 
 
 def _expert_layers(path: Path, fused: str, parts: list[_ExpertTensor], dtype: torch.dtype, partly_dense: bool
                    ) -> dict[str, tuple[PackedWeight, ExpertSlice, float]] | None:
     """{name: (layer, where it goes, its difference from llama.cpp's weights)} of each expert's
-    part of the fused expert weight `fused` stored as `parts`; None when lowbit cannot hold it as
+    slice of the fused expert weight `fused` stored as `parts`; None when lowbit cannot hold it as
     one layer per expert (a part `partly_dense`, in a type lowbit does not import; or parts whose
-    layouts differ, e.g. a Q4_K gate and a Q6_K up), for the caller to decode it in full precision."""
-    def decoded(part: _ExpertTensor, expert: int) -> tuple[PackedWeight, float]:
-        names = getattr(part.tensor, "expert_names", None)  # an older file's tensor per expert
-        where = f"{path}: {names[expert] if names else f'{part.tensor.name} (expert {expert})'}"
-        return _layer(where, part.tensor.data[expert], part.kind, part.order, dtype)
-
+    layouts differ, e.g. a Q4_K gate and a Q6_K up), for the caller to decode it in full precision.
+    CheckpointError naming the weight when the parts do not fill the slice's rows once each."""
     if partly_dense:
         return None
-    first = {p.part: decoded(p, 0) for p in parts}  # expert 0 tells whether the parts stack
+    experts_name, _, weight_name = fused.rpartition(".")
+    positions = torch.cat([p.positions for p in parts])
+    if not torch.equal(positions.sort().values, torch.arange(parts[0].slice_rows)):
+        raise fail(f"{path}: {fused}", f"its expert tensors {[p.tensor.name for p in parts]} give "
+                   f"{len(positions)} rows for its {parts[0].slice_rows} (a tensor missing or stored twice?)")
+    blocks = [p.block() for p in parts]
+    if any(block is None for block in blocks):  # interleaved rows: one layer from the parts' rows together
+        if len({p.kind.name for p in parts}) > 1:
+            return None
+        order, layers = positions.argsort(), {}
+        for expert in range(len(parts[0].tensor.data)):
+            where = f"{path}: " + " + ".join(p.expert_name(expert) for p in parts)
+            rows = np.concatenate([np.asarray(p.tensor.data[expert]) for p in parts])
+            layer, error = _layer(where, rows, parts[0].kind, order, dtype)
+            layers[f"{fused}.{expert}.0"] = (layer, ExpertSlice(experts_name, weight_name, expert, 0, 1), error)
+        return layers
+
+    def decoded(part: _ExpertTensor, order: torch.Tensor, expert: int) -> tuple[PackedWeight, float]:
+        return _layer(f"{path}: {part.expert_name(expert)}", part.tensor.data[expert], part.kind, order, dtype)
+
+    first = {part: decoded(p, order, 0) for p, (part, _, order) in zip(parts, blocks)}  # do the parts stack?
     try:
         stacked_rows([first[part][0] for part in sorted(first)], fused)
     except CheckpointError:
         return None
-    experts_name, _, weight_name = fused.rpartition(".")
     layers = {}
-    for p in parts:
+    for p, (part, count, order) in zip(parts, blocks):
         for expert in range(len(p.tensor.data)):
-            layer, error = first[p.part] if expert == 0 else decoded(p, expert)
-            layers[f"{fused}.{expert}.{p.part}"] = (layer, ExpertSlice(experts_name, weight_name, expert, p.part,
-                                                                       p.parts), error)
+            layer, error = first[part] if expert == 0 else decoded(p, order, expert)
+            layers[f"{fused}.{expert}.{part}"] = (layer, ExpertSlice(experts_name, weight_name, expert, part, count),
+                                                  error)
     return layers
 
 
@@ -311,6 +346,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
         names = get_gguf_hf_weights_map(skeleton_model, processor, model_type=names_of)
     except (AttributeError, NotImplementedError) as exc:  # a model= without a transformers config; a model_type gguf lacks
         raise fail(str(path), f"transformers cannot map its tensor names to the model's ({exc})") from None
+    if _field(reader, "general.architecture") == gguf_gpt_oss.ARCHITECTURE:
+        names = gguf_gpt_oss.tensor_names(names)
     # transformers' MoE processors merge 3-D expert weights into parsed_parameters' tensors
     context = {"tensor_key_mapping": names, "parsed_parameters": {"config": config, "tensors": {}}}
     linears = {name for name, module in skeleton_model.named_modules() if isinstance(module, nn.Linear)}
