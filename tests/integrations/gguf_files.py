@@ -2,8 +2,9 @@
 import numpy as np
 
 
-def add_llama_metadata(writer, config, kv_heads):
-    """The sizes llama.cpp writes for a Llama-shaped `config` (kv_heads: the head_count_kv written)."""
+def add_llama_metadata(writer, config, kv_heads, vocab_size=True):
+    """The sizes llama.cpp writes for a Llama-shaped `config` (kv_heads: the head_count_kv written;
+    vocab_size: whether to write it, or leave the reader to count the embedding's rows)."""
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -13,7 +14,8 @@ def add_llama_metadata(writer, config, kv_heads):
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_vocab_size(config.vocab_size)
+    if vocab_size:
+        writer.add_vocab_size(config.vocab_size)
 
 
 def fused_expert_tensors(key: str, array: np.ndarray):

@@ -15,7 +15,7 @@ from lowbit.errors import CheckpointError
 from lowbit.experts import quantized_weights
 from lowbit.integrations.gguf_import import load_gguf
 
-from .gguf_files import finish
+from .gguf_files import add_llama_metadata, finish
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -70,17 +70,10 @@ def _write(path, experts=T.MXFP4, linears=T.Q8_0, fused_gate_up=False, types=Non
     model = _model()
     config = model.config
     writer = gguf.GGUFWriter(str(path), "gpt-oss")
-    writer.add_block_count(LAYERS)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    add_llama_metadata(writer, config, config.num_key_value_heads, vocab_size=False)  # read from token_embd
     writer.add_expert_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_string("gpt-oss.rope.scaling.type", rope_type)
     writer.add_rope_scaling_factor(config.rope_parameters["factor"])
     writer.add_rope_scaling_orig_ctx_len(config.rope_parameters["original_max_position_embeddings"])
@@ -150,7 +143,8 @@ def test_gpt_oss_files_import_with_quantized_experts_and_the_model_s_logits(tmp_
         model = load_gguf(path, dtype=torch.float32)
     assert type(model).__name__ == "GptOssForCausalLM"
     config = model.config
-    assert (config.head_dim, config.sliding_window, config.num_local_experts, config.num_experts_per_tok) == (64, 4, 4, 2)
+    assert (config.head_dim, config.sliding_window, config.num_local_experts, config.num_experts_per_tok,
+            config.vocab_size) == (64, 4, 4, 2, 64)
     assert config.rope_parameters == oracle.config.rope_parameters  # YaRN, and GPT-OSS's truncate=False
     for index in range(LAYERS):
         got, want = model.model.layers[index].mlp.experts, oracle.model.layers[index].mlp.experts
