@@ -443,7 +443,7 @@ def model_with_layers(folder: Path, skeleton_model: nn.Module, tensors: dict[str
         absent = list(islice((f"expert {e} part {p}" for e in range(count) for p in range(parts)
                               if p not in experts.get(e, {})), 3))
         if absent:
-            raise fail(where, f"no quantized layer for {absent[:3]}: lowbit quantizes a fused weight's experts together")
+            raise fail(where, f"no quantized layer for {absent}: lowbit quantizes a fused weight's experts together")
         if len(experts) != count:
             raise fail(where, f"layers for experts {sorted(experts)[count:]} beyond the module's {count}")
         placeholders[f"{experts_name}.{weight_name}"] = _placeholder(module._parameters[weight_name].shape, dtype)

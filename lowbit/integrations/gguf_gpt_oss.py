@@ -7,7 +7,7 @@ tensors as its converter wrote them from transformers' GptOssForCausalLM:
   which GptOssExperts holds transposed as gate_up_proj [E, H, 2I] (newer files may hold both in one
   ffn_gate_up_exps [E, 2I, H], gate rows first); their biases [E, I] likewise make gate_up_proj_bias;
 - ffn_down_exps [E, H, I] is down_proj [E, I, H] transposed; its bias is down_proj_bias;
-- attn_sinks.weight is self_attn.sinks.
+- attn_sinks.weight is self_attn.sinks (transformers' name map has it as attn_sinks).
 gguf_import finds where each expert row lands by running the processor on a probe, as for every
 architecture, so the quantized experts keep llama.cpp's codes."""
 from __future__ import annotations
@@ -28,8 +28,9 @@ _GATE_UP_OFFSET = {"gate": 0, "up": 1}
 
 def config(path, reader, read) -> dict[str, Any]:
     """The GptOssConfig fields of the file's metadata (`read(key)`: a field's value or None):
-    transformers' GGUF key table for gpt-oss, and what it does not read (head_dim, the sliding
-    window, the rope scaling). CheckpointError naming the key for a rope scaling lowbit cannot map."""
+    transformers' GGUF key table for gpt-oss and the rope scaling (head_dim and the sliding window
+    are gguf_import's `_UNREAD_FIELDS`). CheckpointError naming the key for a rope scaling lowbit
+    cannot map."""
     from transformers import GptOssConfig
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
@@ -37,9 +38,6 @@ def config(path, reader, read) -> dict[str, Any]:
               "tie_word_embeddings": all(tensor.name != "output.weight" for tensor in reader.tensors)}
     for key, name in GGUF_CONFIG_MAPPING["gpt_oss"].items():
         if name is not None and (value := read(f"{ARCHITECTURE}.{key}")) is not None:
-            values[name] = value
-    for key, name in (("attention.key_length", "head_dim"), ("attention.sliding_window", "sliding_window")):
-        if (value := read(f"{ARCHITECTURE}.{key}")) is not None:
             values[name] = value
     embedding = next((tensor for tensor in reader.tensors if tensor.name == "token_embd.weight"), None)
     if "vocab_size" not in values and embedding is not None and len(embedding.shape) == 2:
@@ -58,11 +56,6 @@ def config(path, reader, read) -> dict[str, Any]:
     return values
 
 
-def tensor_names(names: dict[str, str]) -> dict[str, str]:
-    """transformers' GGUF -> model name map with the ".weight" llama.cpp's converter gives the sinks."""
-    return {**names, **{f"{key}.weight": value for key, value in names.items() if key.endswith(".attn_sinks")}}
-
-
 def processor_class() -> type:
     """A transformers TensorProcessor for llama.cpp's GPT-OSS tensors (the module docstring)."""
     from transformers.modeling_gguf_pytorch_utils import GGUFTensor, TensorProcessor
@@ -70,8 +63,9 @@ def processor_class() -> type:
     class GptOssGgufProcessor(TensorProcessor):
         def process(self, weights, name: str, **kwargs):
             match = _EXPERT_TENSOR.fullmatch(name)
-            if match is None:
-                return GGUFTensor(weights, name, {})
+            if match is None:  # llama.cpp's converter names the sinks ".weight"; transformers' map does not
+                return GGUFTensor(weights, name.removesuffix(".weight") if name.endswith(".attn_sinks.weight")
+                                  else name, {})
             down = kwargs["tensor_key_mapping"].get(f"blk.{match['block']}.ffn_down_exps")
             if down is None:  # a block the model does not have: the caller names the tensor
                 return GGUFTensor(weights, name, {})

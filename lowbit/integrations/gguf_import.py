@@ -42,12 +42,15 @@ MAGIC = b"GGUF"
 _DERIVED = ("rope_freqs.weight",)
 #: metadata transformers' GGUF reader does not read, per model type: {key after "<architecture>.":
 #: (config key, whether the file must hold it)}. Without them a Qwen3-MoE file whose experts are
-#: not 768 wide (Qwen3-235B-A22B's are 1536) does not load, and a Mixtral file has no experts.
+#: not 768 wide (Qwen3-235B-A22B's are 1536) does not load, a Mixtral file has no experts, and a
+#: GPT-OSS file (whose config gguf_gpt_oss reads) keeps the class's head_dim and sliding window.
 _UNREAD_FIELDS = {"qwen3_moe": {"expert_feed_forward_length": ("moe_intermediate_size", False)},
                   "qwen2_moe": {"expert_feed_forward_length": ("moe_intermediate_size", False),
                                 "expert_shared_feed_forward_length": ("shared_expert_intermediate_size", False)},
                   "mixtral": {"expert_count": ("num_local_experts", True),
-                              "expert_used_count": ("num_experts_per_tok", True)}}
+                              "expert_used_count": ("num_experts_per_tok", True)},
+                  "gpt_oss": {"attention.key_length": ("head_dim", False),
+                              "attention.sliding_window": ("sliding_window", False)}}
 
 
 def is_gguf_file(path: str | Path) -> bool:
@@ -346,8 +349,6 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
         names = get_gguf_hf_weights_map(skeleton_model, processor, model_type=names_of)
     except (AttributeError, NotImplementedError) as exc:  # a model= without a transformers config; a model_type gguf lacks
         raise fail(str(path), f"transformers cannot map its tensor names to the model's ({exc})") from None
-    if _field(reader, "general.architecture") == gguf_gpt_oss.ARCHITECTURE:
-        names = gguf_gpt_oss.tensor_names(names)
     # transformers' MoE processors merge 3-D expert weights into parsed_parameters' tensors
     context = {"tensor_key_mapping": names, "parsed_parameters": {"config": config, "tensors": {}}}
     linears = {name for name, module in skeleton_model.named_modules() if isinstance(module, nn.Linear)}
