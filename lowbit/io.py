@@ -437,7 +437,7 @@ def build_meta_model(path: Path, cls: type, config: Any, field: str, names: Iter
     check_layer_counts(path, field, config, names)
     try:
         model_config = cls.config_class.from_dict(config)
-        _check_routing(path, field, model_config)
+        check_model_config(path, field, model_config)
         with torch.device("meta"):
             return cls(model_config)
     except CheckpointError:
@@ -448,12 +448,16 @@ def build_meta_model(path: Path, cls: type, config: Any, field: str, names: Iter
 
 #: config attributes that count a MoE layer's routed experts (the name differs by model)
 _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+#: a normalization epsilon's attribute name (rms_norm_eps, layer_norm_epsilon, norm_eps, ...)
+_EPSILON = re.compile(r"(.+_)?(eps|epsilon)")
 
 
-def _check_routing(path: Path, field: str, model_config: Any) -> None:
-    """CheckpointError when a MoE config (or its text config) routes each token to more experts
-    than a layer has, or to none: transformers builds it, and its first forward fails in
-    torch.topk (a GGUF file whose expert_used_count is damaged gets transformers' default of 8)."""
+def check_model_config(path: Path, field: str, model_config: Any) -> None:
+    """CheckpointError naming `path`, `field` and the attribute for values transformers builds a
+    model from but that break it (a damaged config): routing each token to more experts than a
+    layer has, or to none (the first forward fails in torch.topk; a GGUF file whose
+    expert_used_count is damaged gets transformers' default of 8); a negative or non-finite norm
+    epsilon (NaN logits); a rope_theta that is not a positive number (wrong logits, silently)."""
     for config in (model_config, model_config.get_text_config()):
         per_token = getattr(config, "num_experts_per_tok", None)
         experts = next((getattr(config, name) for name in _EXPERT_COUNTS
@@ -461,6 +465,21 @@ def _check_routing(path: Path, field: str, model_config: Any) -> None:
         if isinstance(per_token, int) and experts is not None and not 0 < per_token <= experts:
             raise _fail(path, field, f"num_experts_per_tok {per_token} is not in 1 ... {experts}, the experts "
                         "of a layer (a damaged config?)")
+        for name, value in _number_attributes(vars(config)):
+            if _EPSILON.fullmatch(name.rpartition(".")[2]) and not 0 <= value < float("inf"):
+                raise _fail(path, field, f"{name} {value} is not a finite number >= 0 (a damaged config?)")
+            if name.rpartition(".")[2] == "rope_theta" and not 0 < value < float("inf"):
+                raise _fail(path, field, f"{name} {value} is not a finite number > 0 (a damaged config?)")
+
+
+def _number_attributes(attributes: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted name, value) for every int / float in `attributes` and the dicts nested in it
+    (rope_parameters holds rope_theta, per attention type in some models); bools excluded."""
+    for name, value in attributes.items():
+        if isinstance(value, Mapping):
+            yield from _number_attributes(value, f"{prefix}{name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{name}", value
 
 
 def read_headers(folder: Path, files: set[str]) -> dict[str, dict[str, tuple[str, list[int]]]]:
@@ -636,6 +655,9 @@ def _load_pretrained(folder: Path, config: dict[str, Any], device: str | torch.d
     model_class = transformers_class(folder / "config.json", architecture(config))
     check_layer_counts(folder / "config.json", "<root>", config, stored_tensor_names(folder))
     try:
+        # read first so a damaged routing count is refused before any weight is loaded
+        check_model_config(folder / "config.json", "<model config>",
+                       model_class.config_class.from_pretrained(folder, local_files_only=True))
         model, info = model_class.from_pretrained(folder, local_files_only=True, output_loading_info=True)
     except LowbitError:
         raise

@@ -1,6 +1,7 @@
 """lowbit.save / lowbit.load: round trips, atomicity, and every damaged-checkpoint case."""
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -512,6 +513,31 @@ def test_albert_whose_12_layers_share_one_set_of_weights_round_trips(tmp_path):
         assert torch.equal(lowbit.load(tmp_path / "albert")(ids).last_hidden_state, model(ids).last_hidden_state)
 
 
+@pytest.mark.parametrize("key, value", [("rms_norm_eps", -1e-6), ("rms_norm_eps", float("nan")),
+                                        ("rope_parameters.rope_theta", 0.0), ("rope_parameters.rope_theta", -1e4)])
+def test_a_config_value_that_breaks_the_model_is_refused(tmp_path, key, value):
+    """A negative norm epsilon gives NaN logits and a rope_theta <= 0 wrong ones, silently (transformers
+    builds both): refused naming the attribute, from a lowbit folder and a save_pretrained one."""
+    model = lowbit.quantize(make_tiny_llama(), "int8", progress=False)
+    lowbit.save(model, tmp_path / "lowbit")
+    model.save_pretrained(tmp_path / "pretrained")
+
+    def damage(config):
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            config = config[parent]
+        config[leaf] = value
+
+    _edit_manifest(tmp_path / "lowbit", lambda m: damage(m["model"]["config"]))
+    config_file = tmp_path / "pretrained" / "config.json"
+    config = json.loads(config_file.read_text())
+    damage(config)
+    config_file.write_text(json.dumps(config))
+    for folder, where in (("lowbit", r"lowbit\.json: model\.config"), ("pretrained", r"config\.json: <model config>")):
+        with pytest.raises(CheckpointError, match=rf"{where}: {re.escape(key)} {value} is not a finite number"):
+            lowbit.load(tmp_path / folder)
+
+
 def test_a_moe_config_routing_to_more_experts_than_it_has_is_refused(tmp_path):
     """num_experts_per_tok above the experts of a layer (or 0) builds, then fails in the first
     forward's torch.topk: refused at load, naming the field."""
@@ -528,3 +554,10 @@ def test_a_moe_config_routing_to_more_experts_than_it_has_is_refused(tmp_path):
     _edit_manifest(tmp_path / "moe", lambda m: m["model"]["config"].update(num_experts_per_tok=4))
     with torch.no_grad():
         assert lowbit.load(tmp_path / "moe")(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    # the same model saved the transformers way: its config.json is read by from_pretrained
+    lowbit.load(tmp_path / "moe").save_pretrained(tmp_path / "pretrained")
+    config_file = tmp_path / "pretrained" / "config.json"
+    for per_token in (8, -1, 0):
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "num_experts_per_tok": per_token}))
+        with pytest.raises(CheckpointError, match=rf"config\.json: <model config>: num_experts_per_tok {per_token} is not in 1 \.\.\. 4"):
+            lowbit.load(tmp_path / "pretrained")

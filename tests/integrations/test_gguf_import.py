@@ -421,6 +421,15 @@ def test_a_scale_that_is_not_finite_is_refused_naming_the_tensor(tmp_path):
         load_gguf(path)
 
 
+def test_a_negative_norm_epsilon_is_refused_naming_the_field(tmp_path):
+    """transformers builds the model, whose logits are then NaN."""
+    path = _write_gguf(tmp_path / "tiny.gguf", lambda name: "Q8_0")
+    field = gguf.GGUFReader(str(path), "r+").fields["llama.attention.layer_norm_rms_epsilon"]
+    field.parts[field.data[0]][0] = -0.5  # the file's float32, memory-mapped for writing
+    with pytest.raises(CheckpointError, match=r"tiny\.gguf: <GGUF metadata>: rms_norm_eps -0\.5 is not a finite"):
+        lowbit.load(path)
+
+
 @pytest.mark.skipif(not kernel_devices(), reason="Triton cannot run here")
 @pytest.mark.parametrize("kind", ["Q8_0", "Q5_K", "Q6_K", "IQ4_XS"])
 def test_triton_kernel_runs_an_imported_layer(tmp_path, kind):
