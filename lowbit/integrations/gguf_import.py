@@ -100,11 +100,16 @@ def write_tokenizer(path: str | Path, folder: Path) -> dict[str, Path]:
     metadata, as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does) into `folder` ->
     {file name: path} of what it wrote; {} with a warning when the file has none transformers can
     build (the weights convert all the same)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        # AutoTokenizer reads the model config from the file first, to pick the tokenizer class, with
+        # the reader that fails on GPT-OSS files; the class it would pick for gpt_oss, which has none
+        # of its own, is the generic one, and that builds the tokenizer from tokenizer.ggml.* alone
+        gpt_oss = _field(_reader(path), "general.architecture") == gguf_gpt_oss.ARCHITECTURE
+        tokenizer_class = PreTrainedTokenizerFast if gpt_oss else AutoTokenizer
+        tokenizer = tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
         tokenizer.save_pretrained(str(folder))
     except Exception as exc:  # no tokenizer.ggml.* fields, a tokenizer model transformers lacks, damaged metadata
         warnings.warn(f"{path}: no tokenizer written: transformers cannot build one from the file "

@@ -63,14 +63,38 @@ def _stored_tensors(model, fused_gate_up):
             yield f"{names.get_name(module)}.{suffix}", array
 
 
-def _write(path, experts=T.MXFP4, linears=T.Q8_0, fused_gate_up=False, types=None, drop=(), rope_type="yarn"):
+#: merges of a byte-level BPE vocabulary as llama.cpp writes GPT-OSS's (o200k, pre-tokenizer "gpt-4o")
+MERGES = ["Ġ t", "h e", "Ġt he", "3 4"]
+CHAT_TEMPLATE = "{% for m in messages %}<|start|>{{ m['content'] }}<|end|>{% endfor %}"
+
+
+def _add_tokenizer(writer):
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spelled = bytes_to_unicode()  # byte -> the character byte-level BPE spells it with
+    tokens = [spelled[byte] for byte in range(256)] + ["Ġt", "he", "Ġthe", "34", "<|start|>", "<|end|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-4o")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 260 + [3, 3])  # normal, then control
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(260)
+    writer.add_eos_token_id(261)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def _write(path, experts=T.MXFP4, linears=T.Q8_0, fused_gate_up=False, types=None, drop=(), rope_type="yarn",
+           tokenizer=False):
     """The tiny GPT-OSS as GGUF (experts in `experts`, attention and output Linears in `linears`,
     `types`: {GGUF name: type} besides; embedding, router, biases, sinks and norms F32; tensors
-    named in `drop` left out) -> (path, the model holding the weights the file decodes to)."""
+    named in `drop` left out; tokenizer: _add_tokenizer's metadata) -> (path, the model holding the
+    weights the file decodes to)."""
     model = _model()
     config = model.config
     writer = gguf.GGUFWriter(str(path), "gpt-oss")
     add_llama_metadata(writer, config, config.num_key_value_heads, vocab_size=False)  # read from token_embd
+    if tokenizer:
+        _add_tokenizer(writer)
     writer.add_expert_feed_forward_length(config.intermediate_size)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
@@ -179,6 +203,27 @@ def test_gate_and_up_in_types_that_do_not_stack_are_decoded_with_a_warning(tmp_p
     assert torch.equal(experts.gate_up_proj, want.gate_up_proj)
     got, want = _logits(model), _logits(oracle)
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_a_gpt_oss_file_converts_with_its_tokenizer(tmp_path, capsys):
+    """transformers' AutoTokenizer fails on the file (it reads the model config first); `lowbit convert`
+    writes the tokenizer the file holds: ids as the file's merges give them after GPT-4o's split,
+    which cuts digits in threes (so "3 4" does not merge across "123|456"), control tokens whole,
+    the chat template kept."""
+    from lowbit.cli import main
+
+    path, _ = _write(tmp_path / "gpt-oss.gguf", tokenizer=True)
+    with pytest.raises(TypeError):
+        transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert main(["convert", str(path), str(tmp_path / "lowbit")]) == 0
+    assert "copied along:     chat_template.jinja, tokenizer.json, tokenizer_config.json" in capsys.readouterr().out
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "lowbit")
+    t, he, space_the, start, end = 116, 257, 258, 260, 261
+    digits = [ord(d) for d in "123456"]  # the ids of the digits' bytes
+    assert tokenizer("<|start|>the the123456<|end|>").input_ids == [start, t, he, space_the, *digits, end]
+    assert tokenizer("the 34").input_ids == [t, he, ord(" "), 259]  # "3 4" merges within a group
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|start|>", "<|end|>")
+    assert tokenizer.chat_template == CHAT_TEMPLATE
 
 
 def test_an_imported_gpt_oss_model_round_trips_through_lowbit_save(tmp_path):
