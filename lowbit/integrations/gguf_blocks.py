@@ -4,7 +4,8 @@ Each GGML type stores a row of K weights as K / block_size blocks of bytes. The 
 decode every group of `group_size` weights as one of three maps of 2- to 8-bit codes u:
 
     symmetric:  w = a * (u - 2^(bits-1))      (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K)    -> int2 ... int8
-    with a min: w = a * u - c                 (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)   -> int2 ... int8
+    with a min: w = a * u - c                 (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K;
+                                               TQ1_0, TQ2_0 with c = a)       -> int2 ... int8
     a table:    w = a * TABLE[u]              (IQ4_NL, IQ4_XS -> iq4_nl; MXFP4 -> mxfp4; NVFP4 -> nvfp4)
 
 with a, c float32 per group: a float16 d itself, or d times a small integer sub-block scale (K
@@ -13,9 +14,10 @@ E4M3 value (NVFP4's byte) over 2: ggml's MXFP4 / NVFP4 tables are E2M1 doubled. 
 returns the codes, a and c; `lowbit_layer` makes the lowbit layer. For the integer types
 `lowbit_groups` turns them into lowbit's float16 scales and zero points, w = s * (u - z); the table
 types keep their codes, with a as lowbit's block scale (iq4_nl: float16; mxfp4: 2a as an E8M0 byte;
-nvfp4: 2a as an E4M3 scale, tensor scale 1). Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4 and NVFP4 are exact;
-for the others a (a float16 times up to 127) and z = c / s are rounded to float16, so weights
-differ from llama.cpp's by that rounding (measured in tests/integrations/test_gguf_import.py).
+nvfp4: 2a as an E4M3 scale, tensor scale 1). Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4 and NVFP4 are exact,
+and so are the ternary TQ1_0 / TQ2_0 (w = d * (t - 1), t in 0 ... 2: int2 codes t with s = d and
+z = 1); for the others a (a float16 times up to 127) and z = c / s are rounded to float16, so
+weights differ from llama.cpp's by that rounding (measured in tests/integrations/test_gguf_import.py).
 
 Layouts (ggml-common.h): Q4_0 / Q4_1 / Q5_* / IQ4_NL / MXFP4 keep element j of a 32-block in byte
 j's low nibble and element j + 16 in its high nibble, Q5's fifth bits in a little-endian uint32.
@@ -29,6 +31,10 @@ The K types and IQ4_XS have 256-weight blocks:
 - IQ4_XS: 8 sub-blocks of 32, each with IQ4_NL's nibble layout in its 16 bytes; 6-bit scales
   (minus 32): the low 4 bits of sub-block 2i / 2i + 1 in the low / high nibble of byte i of 4,
   the top 2 bits at bit 2i of a little-endian uint16.
+- TQ2_0: 2-bit fields as Q2_K's in 64 bytes, then d. TQ1_0: five base-3 digits per byte, scaled
+  to fill it (byte = ceil(256 * n / 243) for the 5-digit number n, most significant digit first):
+  digit i of byte b is (((b * 3^i) mod 256) * 3) >> 8; the first 32 bytes give elements 32i + l,
+  the next 16 elements 160 + 16i + l, then 4 bytes of four digits elements 240 + 4i + l; then d.
 NVFP4 blocks hold 64 weights: 4 sub-blocks of 16 (lowbit's nvfp4 blocks) with one scale byte
 each, elements 0-7 / 8-15 of sub-block s in the low / high nibbles of bytes 8s ... 8s + 7.
 """
@@ -61,7 +67,7 @@ class BlockType:
     block_bytes: int
     symmetric: bool
     decode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-    exact: bool = False  # lowbit holds the weights bit for bit (a itself, no min)
+    exact: bool = False  # lowbit holds the weights bit for bit (a itself, and no min or a min of a)
     table: tuple[int, ...] = ()  # table types: the code values (w = a * table[u])
     target: str = ""  # table types: the lowbit format ("iq4_nl", "mxfp4", "nvfp4")
 
@@ -179,6 +185,24 @@ def _q6_k(blocks):
     return codes, _half(blocks, 208) * blocks[..., 192:208].contiguous().view(torch.int8).float(), None
 
 
+def _tq2_0(blocks):
+    d = _half(blocks, 64)
+    return _two_bit_fields(blocks[..., 0:64]), d, d  # w = d * t - d
+
+
+def _base3_digits(packed: torch.Tensor, digits: int) -> torch.Tensor:
+    """TQ1_0's bytes [..., n] -> their first `digits` base-3 digits, int32 [..., digits, n]."""
+    powers = torch.tensor([3 ** i for i in range(digits)], dtype=torch.int32).view(digits, 1)
+    return (((packed.int().unsqueeze(-2) * powers) & 0xFF) * 3) >> 8
+
+
+def _tq1_0(blocks):
+    digits = torch.cat([_base3_digits(blocks[..., 0:32], 5).flatten(-2), _base3_digits(blocks[..., 32:48], 5).flatten(-2),
+                        _base3_digits(blocks[..., 48:52], 4).flatten(-2)], dim=-1)
+    d = _half(blocks, 52)
+    return digits, d, d  # w = d * t - d
+
+
 def _iq4_nl(blocks):
     return _nibbles(blocks[..., 2:18]), _half(blocks, 0), None
 
@@ -221,11 +245,16 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q4_K", 4, 32, QK_K, 144, False, _q4_k),
     BlockType("Q5_K", 5, 32, QK_K, 176, False, _q5_k),
     BlockType("Q6_K", 6, 16, QK_K, 210, True, _q6_k),
+    BlockType("TQ1_0", 2, QK_K, QK_K, 54, False, _tq1_0, exact=True),
+    BlockType("TQ2_0", 2, QK_K, QK_K, 66, False, _tq2_0, exact=True),
     BlockType("IQ4_NL", 4, 32, 32, 18, True, _iq4_nl, exact=True, table=KVALUES, target="iq4_nl"),
     BlockType("IQ4_XS", 4, 32, QK_K, 136, True, _iq4_xs, table=KVALUES, target="iq4_nl"),
     BlockType("MXFP4", 4, 32, 32, 17, True, _mxfp4, exact=True, table=E2M1_DOUBLED, target="mxfp4"),
     BlockType("NVFP4", 4, 16, 64, 36, True, _nvfp4, exact=True, table=E2M1_DOUBLED, target="nvfp4"),
 )}
+
+#: the types lowbit holds bit for bit
+EXACT_TYPES = tuple(name for name, kind in BLOCK_TYPES.items() if kind.exact)
 
 
 def decode_blocks(kind: BlockType, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import bnb_import, ct_import, dfloat11_import, gguf_import, gptq_awq_import
+from . import bnb_import, ct_import, dfloat11_import, gguf_blocks, gguf_import, gptq_awq_import
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def _compressed_tensors(path: Path) -> tuple[str, str, str]:
 IMPORTERS = (
     Importer(gguf_import.is_gguf_file, gguf_import.load_gguf,  # llama.cpp's single-file format
              lambda path: ("GGUF", gguf_import.target_format(path),
-                           "same codes; Q4_0 / Q5_0 / Q8_0 / IQ4_NL / MXFP4 / NVFP4 weights bit-identical, others' "
+                           f"same codes; {' / '.join(gguf_blocks.EXACT_TYPES)} weights bit-identical, others' "
                            "scales in float16"),
              inner_files=gguf_import.write_tokenizer),
     Importer(dfloat11_import.is_dfloat11_folder, dfloat11_import.load_dfloat11,

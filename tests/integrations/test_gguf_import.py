@@ -31,10 +31,12 @@ T = gguf.GGMLQuantizationType
 IDS = torch.tensor([[1, 5, 9, 33, 2], [7, 7, 0, 63, 12]])
 EXACT = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4", "NVFP4")
 ROUNDED = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+#: exact too, but transformers reads no such file: w = d * (t - 1), one float16 d per block
+TERNARY = ("TQ1_0", "TQ2_0")
 #: the types the gguf package quantizes (the others are written as random blocks)
-QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
+QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", *TERNARY)
 #: byte offset of the float16 d (then dmin) in a block, where it is not the first field
-D_OFFSET = {"Q2_K": 80, "Q3_K": 108, "Q6_K": 208}
+D_OFFSET = {"Q2_K": 80, "Q3_K": 108, "Q6_K": 208, "TQ1_0": 52, "TQ2_0": 64}
 HEADS, KV_HEADS = 4, 2
 
 
@@ -62,7 +64,7 @@ def _random_blocks(kind, n, k, rng):
         raw[..., :count] = rng.integers(low, high, size=(*raw.shape[:2], count))
         return raw.reshape(n, -1)
     d_offset = D_OFFSET.get(kind, 0)
-    for h in range(1 if info is None or info.symmetric else 2):
+    for h in range(1 if info is None or info.symmetric or kind in TERNARY else 2):
         d = rng.uniform(0.001, 0.02, size=raw.shape[:2]).astype(np.float16)
         raw[..., d_offset + 2 * h:d_offset + 2 * h + 2] = d.view(np.uint8).reshape(*raw.shape[:2], 2)
     return raw.reshape(n, -1)
@@ -85,11 +87,13 @@ def _add_tokenizer(writer):
 
 
 def _write_gguf(path, types, tied=False, architecture="llama", seed=0, random_blocks=False, kv_heads_field=KV_HEADS,
-                extra_tensors=None, tokenizer=False):
+                extra_tensors=None, tokenizer=False, decoded=False):
     """A tiny Llama written as GGUF; types(gguf_name) -> the GGML type name of a 2-D weight, or None
     to store it as F32 (random_blocks: random bytes for every type; kv_heads_field: the
     head_count_kv written, a damaged one when not KV_HEADS; extra_tensors: {gguf name: float32
-    array} written after the model's; tokenizer: the TOKENS vocabulary's metadata). Returns the path."""
+    array} written after the model's; tokenizer: the TOKENS vocabulary's metadata; decoded: each
+    quantized tensor stored as F32 holding the gguf package's decoding of its blocks, the file
+    transformers reads as the other would be read). Returns the path."""
     torch.manual_seed(seed)
     config = _config(tied)
     model = transformers.LlamaForCausalLM(config)
@@ -117,6 +121,9 @@ def _write_gguf(path, types, tied=False, architecture="llama", seed=0, random_bl
             blocks = gguf.quants.quantize(array, getattr(T, kind))
         else:
             blocks = _random_blocks(kind, *array.shape, rng)
+        if decoded:
+            writer.add_tensor(name, gguf.quants.dequantize(blocks, getattr(T, kind)))
+            continue
         writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=getattr(T, kind))
     for name, array in (extra_tensors or {}).items():
         writer.add_tensor(name, array)
@@ -149,7 +156,7 @@ def _group_bound(kind, codes, a, c):
 @pytest.mark.parametrize("kind", sorted(gguf_blocks.BLOCK_TYPES))
 def test_block_decoders_match_the_gguf_package(kind):
     """Every type's codes, a and c decode to the gguf package's dequantize bit for bit; the lowbit
-    layer gives those weights exactly (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4, NVFP4) or within the
+    layer gives those weights exactly (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4, NVFP4, TQ1_0, TQ2_0) or within the
     float16 rounding of the group's scale and min (Q3_K's, Q6_K's and IQ4_XS's signed scales
     included)."""
     info = gguf_blocks.BLOCK_TYPES[kind]
@@ -162,7 +169,8 @@ def test_block_decoders_match_the_gguf_package(kind):
     layer = gguf_blocks.lowbit_layer(info, codes, a, c, torch.float32)
     assert layer.format == info.lowbit_format
     got = lowbit.get_format(layer.format).dequantize(layer)
-    if kind in EXACT:
+    assert info.exact == (kind in EXACT + TERNARY)  # the import measures no rounding for exact types
+    if kind in EXACT + TERNARY:
         assert torch.equal(got, want)
     else:
         difference = (got - want).abs()
@@ -267,6 +275,29 @@ def test_a_gguf_file_imports_as_transformers_reads_it(tmp_path, kind):
             oracle.get_submodule(name).weight.copy_(_weights(layer))
         want = oracle(IDS).logits
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("kind", TERNARY)
+def test_ternary_files_import_as_int2_layers_with_the_file_s_weights(tmp_path, kind):
+    """TQ1_0 / TQ2_0 files (BitNet b1.58-style ternary weights; transformers has no decoder for them):
+    every Linear becomes an int2 layer, groups of 256 with zero point 1, equal to the gguf package's
+    decoding of the file's blocks; so are the logits, against transformers' load of the same model
+    stored decoded as F32."""
+    path = _write_gguf(tmp_path / "tiny.gguf", lambda name: None if name.startswith("token_embd") else kind)
+    oracle = _transformers_gguf(_write_gguf(tmp_path / "decoded.gguf", lambda name: (
+        None if name.startswith("token_embd") else kind), decoded=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every Linear held as it is stored
+        model = load_gguf(path, dtype=torch.float32)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, lowbit.QuantLinear)}
+    assert len(layers) == 15 and gguf_import.target_format(path) == "int2"
+    for name, layer in layers.items():
+        assert (layer.format, layer.packed.attrs) == ("int2", {"group_size": 256, "symmetric": False}), name
+        assert bool((layer.packed.tensors["zeros"] == 1).all()), name
+        want = oracle.get_submodule(name).weight.detach()
+        assert len(want.unique()) > 3 and torch.equal(_weights(layer), want), name  # ternary times each row's d
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, oracle(IDS).logits)
 
 
 def _q4_k_m(name):
@@ -431,11 +462,12 @@ def test_a_negative_norm_epsilon_is_refused_naming_the_field(tmp_path):
 
 
 @pytest.mark.skipif(not kernel_devices(), reason="Triton cannot run here")
-@pytest.mark.parametrize("kind", ["Q8_0", "Q5_K", "Q6_K", "IQ4_XS"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_K", "Q6_K", "IQ4_XS", "TQ2_0"])
 def test_triton_kernel_runs_an_imported_layer(tmp_path, kind):
     """An imported Q8_0 layer (codes 0, i.e. q = -128, included), a Q5_K one (fractional zero
-    points), a Q6_K one (groups of 16, negative scales) and an IQ4_XS one (iq4_nl, negative
-    scales) through the Triton kernels match the dequantized weight's matmul."""
+    points), a Q6_K one (groups of 16, negative scales), an IQ4_XS one (iq4_nl, negative
+    scales) and a TQ2_0 one (int2 in groups of 256, zero point 1) through the Triton kernels
+    match the dequantized weight's matmul."""
     path = _write_gguf(tmp_path / "tiny.gguf", lambda name: None if name.startswith("token_embd") else kind,
                        random_blocks=True)
     packed = load_gguf(path, dtype=torch.float16).model.layers[0].self_attn.k_proj.packed  # [128, 256]
