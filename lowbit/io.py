@@ -466,9 +466,10 @@ def check_model_config(path: Path, field: str, model_config: Any) -> None:
             raise _fail(path, field, f"num_experts_per_tok {per_token} is not in 1 ... {experts}, the experts "
                         "of a layer (a damaged config?)")
         for name, value in _number_attributes(vars(config)):
-            if _EPSILON.fullmatch(name.rpartition(".")[2]) and not 0 <= value < float("inf"):
+            leaf = name.rpartition(".")[2]
+            if _EPSILON.fullmatch(leaf) and not 0 <= value < float("inf"):
                 raise _fail(path, field, f"{name} {value} is not a finite number >= 0 (a damaged config?)")
-            if name.rpartition(".")[2] == "rope_theta" and not 0 < value < float("inf"):
+            if leaf == "rope_theta" and not 0 < value < float("inf"):
                 raise _fail(path, field, f"{name} {value} is not a finite number > 0 (a damaged config?)")
 
 
@@ -655,10 +656,11 @@ def _load_pretrained(folder: Path, config: dict[str, Any], device: str | torch.d
     model_class = transformers_class(folder / "config.json", architecture(config))
     check_layer_counts(folder / "config.json", "<root>", config, stored_tensor_names(folder))
     try:
-        # read first so a damaged routing count is refused before any weight is loaded
-        check_model_config(folder / "config.json", "<model config>",
-                       model_class.config_class.from_pretrained(folder, local_files_only=True))
-        model, info = model_class.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+        # checked before any weight is loaded
+        model_config = model_class.config_class.from_pretrained(folder, local_files_only=True)
+        check_model_config(folder / "config.json", "<model config>", model_config)
+        model, info = model_class.from_pretrained(folder, config=model_config, local_files_only=True,
+                                                  output_loading_info=True)
     except LowbitError:
         raise
     except Exception as exc:

@@ -180,10 +180,14 @@ def test_failed_save_leaves_previous_checkpoint_untouched(saved_mlp, monkeypatch
 
 
 # -- damaged checkpoints ----------------------------------------------------------------------
+def _edit_json(file: Path, edit):
+    document = json.loads(file.read_text())
+    edit(document)
+    file.write_text(json.dumps(document))
+
+
 def _edit_manifest(path: Path, edit):
-    manifest = json.loads((path / MANIFEST).read_text())
-    edit(manifest)
-    (path / MANIFEST).write_text(json.dumps(manifest))
+    _edit_json(path / MANIFEST, edit)
 
 
 def _rewrite_tensor(path: Path, key: str, value: torch.Tensor):
@@ -529,10 +533,7 @@ def test_a_config_value_that_breaks_the_model_is_refused(tmp_path, key, value):
         config[leaf] = value
 
     _edit_manifest(tmp_path / "lowbit", lambda m: damage(m["model"]["config"]))
-    config_file = tmp_path / "pretrained" / "config.json"
-    config = json.loads(config_file.read_text())
-    damage(config)
-    config_file.write_text(json.dumps(config))
+    _edit_json(tmp_path / "pretrained" / "config.json", damage)
     for folder, where in (("lowbit", r"lowbit\.json: model\.config"), ("pretrained", r"config\.json: <model config>")):
         with pytest.raises(CheckpointError, match=rf"{where}: {re.escape(key)} {value} is not a finite number"):
             lowbit.load(tmp_path / folder)
@@ -556,8 +557,8 @@ def test_a_moe_config_routing_to_more_experts_than_it_has_is_refused(tmp_path):
         assert lowbit.load(tmp_path / "moe")(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
     # the same model saved the transformers way: its config.json is read by from_pretrained
     lowbit.load(tmp_path / "moe").save_pretrained(tmp_path / "pretrained")
-    config_file = tmp_path / "pretrained" / "config.json"
     for per_token in (8, -1, 0):
-        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "num_experts_per_tok": per_token}))
-        with pytest.raises(CheckpointError, match=rf"config\.json: <model config>: num_experts_per_tok {per_token} is not in 1 \.\.\. 4"):
+        _edit_json(tmp_path / "pretrained" / "config.json", lambda c: c.update(num_experts_per_tok=per_token))
+        with pytest.raises(CheckpointError, match=rf"config\.json: <model config>: num_experts_per_tok {per_token} "
+                           r"is not in 1 \.\.\. 4"):
             lowbit.load(tmp_path / "pretrained")

@@ -191,14 +191,15 @@ def _tq2_0(blocks):
 
 
 def _base3_digits(packed: torch.Tensor, digits: int) -> torch.Tensor:
-    """TQ1_0's bytes [..., n] -> their first `digits` base-3 digits, int32 [..., digits, n]."""
+    """TQ1_0's bytes [..., n] -> their first `digits` base-3 digits, int32 [..., digits * n]: digit i
+    of byte l at i * n + l."""
     powers = torch.tensor([3 ** i for i in range(digits)], dtype=torch.int32).view(digits, 1)
-    return (((packed.int().unsqueeze(-2) * powers) & 0xFF) * 3) >> 8
+    return ((((packed.int().unsqueeze(-2) * powers) & 0xFF) * 3) >> 8).flatten(-2)
 
 
 def _tq1_0(blocks):
-    digits = torch.cat([_base3_digits(blocks[..., 0:32], 5).flatten(-2), _base3_digits(blocks[..., 32:48], 5).flatten(-2),
-                        _base3_digits(blocks[..., 48:52], 4).flatten(-2)], dim=-1)
+    digits = torch.cat([_base3_digits(blocks[..., 0:32], 5), _base3_digits(blocks[..., 32:48], 5),
+                        _base3_digits(blocks[..., 48:52], 4)], dim=-1)
     d = _half(blocks, 52)
     return digits, d, d  # w = d * t - d
 
