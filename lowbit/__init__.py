@@ -6,6 +6,7 @@ from .config import QuantConfig
 from .errors import LowbitError
 from .formats import formats, get_format, register_format
 from .integrations.ct_export import export_compressed_tensors
+from .integrations.gguf_export import export_gguf
 from .integrations.transformers import HfQuantConfig, register as _register_with_transformers
 from .io import load, save
 from .linear import QuantLinear
@@ -38,6 +39,7 @@ __all__ = [
     "dequantize",
     "enable_block_decompression",
     "export_compressed_tensors",
+    "export_gguf",
     "formats",
     "get_format",
     "linear",

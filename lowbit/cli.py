@@ -1,6 +1,6 @@
 """The `lowbit` command: quantize a Hugging Face folder and save it; convert a GGUF file, a
 dfloat11 package folder, a bitsandbytes (4-bit NF4 or 8-bit), a compressed-tensors (integer, FP8, NVFP4 or MX), a
-GPTQ or an AWQ folder; export a quantized folder as compressed-tensors; inspect a saved folder."""
+GPTQ or an AWQ folder; export a quantized folder as compressed-tensors or as a GGUF file; inspect a saved folder."""
 from __future__ import annotations
 
 import argparse
@@ -200,15 +200,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import api, io
+    from . import api
     from .integrations.ct_export import check_export_target, export_compressed_tensors
     from .linear import QuantLinear
 
     source, out_dir = Path(args.source), Path(args.out)
     start = time.perf_counter()
+    if out_dir.suffix == ".gguf":
+        return _export_gguf(source, out_dir, start)
     check_export_target(out_dir)
-    folder = foreign_folder(source, None)
-    kind, model = (folder.kind, folder.load()) if folder is not None else ("lowbit", io.load(source))
+    folder, kind, model = _export_source(source)
     with _companions(source, folder) as companions:
         export_compressed_tensors(model, out_dir, max_shard_bytes=args.max_shard_bytes, extra_files=companions)
     summary = api.summarize(model)
@@ -218,6 +219,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     written = json.loads((out_dir / "config.json").read_text())["quantization_config"]["format"]
     print(f"{formats + ' layers:':<18}{summary.quantized_layers}, {summary.bits_per_weight:.3f} bits/weight, "
           f"same codes, written as {written}")
+    print(f"time:             {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _export_source(source: Path) -> tuple[ForeignFolder | None, str, nn.Module]:
+    """(how another library's folder imports or None, who wrote it, the model) of `lowbit export`'s SOURCE."""
+    from . import io
+
+    folder = foreign_folder(source, None)
+    return (folder, folder.kind, folder.load()) if folder is not None else (None, "lowbit", io.load(source))
+
+
+def _export_gguf(source: Path, out: Path, start: float) -> int:
+    """`lowbit export SOURCE OUT.gguf`: the model and the tokenizer beside it as one GGUF file."""
+    from transformers import AutoTokenizer
+
+    from .integrations.gguf_export import export_gguf
+
+    folder, kind, model = _export_source(source)
+    with _companions(source, folder) as companions:
+        files = [path for name, path in companions.items() if name in ("tokenizer.json", "tokenizer_config.json")]
+        if not files:
+            raise LowbitError(f"{source}: no tokenizer.json beside the model; a GGUF file holds its tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(files[0].parent))
+        except Exception as exc:  # a damaged or foreign tokenizer folder: transformers' own errors vary
+            raise LowbitError(f"{source}: transformers cannot load its tokenizer ({type(exc).__name__}: "
+                              f"{str(exc)[:160]})") from None
+        written = export_gguf(model, out, tokenizer)
+    print(f"exported:         {source} ({kind}) -> {out} (GGUF)")
+    print(f"tensors:          {', '.join(f'{n} {t}' for t, n in sorted(written.items()))}")
     print(f"time:             {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -331,10 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--segment", type=int, default=None, help="dfloat11: weights per independently decodable segment")
     c.set_defaults(func=cmd_convert)
     e = sub.add_parser("export", help="write a lowbit folder (or any folder `convert` reads) as a compressed-tensors "
-                       "folder, which vLLM and llm-compressor's tools load")
+                       "folder, which vLLM and llm-compressor's tools load, or (OUT ending in .gguf) as a GGUF file "
+                       "for llama.cpp")
     e.add_argument("source", help="lowbit.save or save_pretrained folder of a quantized transformers model "
                    "(int2 ... int8, fp8, nvfp4, mxfp4 / mxfp6 / mxfp8 layers), or a folder `lowbit convert` reads")
-    e.add_argument("out", help="output folder (compressed-tensors layout)")
+    e.add_argument("out", help="output folder (compressed-tensors layout), or a .gguf file: Llama / Mistral / Qwen2 / Qwen3 "
+                   "with int4 / int5 / int8 symmetric group-32, int2 symmetric group-256, iq4_nl or dfloat11 layers "
+                   "(Q4_0 / Q5_0 / Q8_0 / TQ2_0 / IQ4_NL / BF16, bit for bit) and a byte-level BPE tokenizer")
     e.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     e.set_defaults(func=cmd_export)
     i = sub.add_parser("inspect", help="per-layer table of a saved lowbit folder")

@@ -33,13 +33,15 @@ from .checkpoint_keys import ExpertSlice
 from . import gguf_gpt_oss, gguf_mixtral
 from .foreign_folder import fail, stacked_rows
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
+from .gguf_rope import ROPE_FREQS, llama3_parameters
 from .gguf_split_experts import stack_split_experts
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
-#: tensors llama.cpp stores that transformers computes from the config (Llama 3's rope scaling)
-_DERIVED = ("rope_freqs.weight",)
+#: tensors llama.cpp stores that transformers computes from the config (Llama 3's RoPE scaling, which
+#: `_with_rope_scaling` reads into the config)
+_DERIVED = (ROPE_FREQS,)
 #: metadata transformers' GGUF reader does not read, per model type: {key after "<architecture>.":
 #: (config key, whether the file must hold it)}. Without them a Qwen3-MoE file whose experts are
 #: not 768 wide (Qwen3-235B-A22B's are 1536) does not load, a Mixtral file has no experts, and a
@@ -154,6 +156,18 @@ def _architecture(path: Path, reader):
                        else gguf_gpt_oss.processor_class() if gguf_architecture == gguf_gpt_oss.ARCHITECTURE
                        else TENSOR_PROCESSORS.get(gguf_architecture, TensorProcessor))
     return config, processor_class(config=config), cls, names_of
+
+
+def _with_rope_scaling(path: Path, tensors: list, config: dict) -> dict:
+    """`config` with the llama3 RoPE parameters a Llama file's rope_freqs tensor stands for
+    (transformers' reader ignores the tensor: its model would run default RoPE); unchanged without one."""
+    rope = next((t for t in tensors if t.name == ROPE_FREQS), None)
+    if rope is None or config.get("model_type") != "llama":
+        return config
+    if rope.tensor_type.name != "F32":
+        raise fail(f"{path}: {ROPE_FREQS}", f"stored as {rope.tensor_type.name}; llama.cpp writes it as F32")
+    divisors = torch.from_numpy(np.array(rope.data, dtype=np.float32))
+    return {**config, "rope_parameters": llama3_parameters(f"{path}: {ROPE_FREQS}", divisors, config)}
 
 
 def _check_block_count(path: Path, tensors: list, config: dict) -> None:
@@ -348,6 +362,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     config, processor, cls, names_of = _architecture(path, reader)
     tensors = stack_split_experts(path, reader.tensors, config.get("num_local_experts", config.get("num_experts")))
     _check_block_count(path, tensors, config)
+    config = _with_rope_scaling(path, tensors, config)
     skeleton_model = (build_meta_model(path, cls, config, "<GGUF metadata>", [t.name for t in tensors])
                       if model is None else model)
     try:
@@ -368,6 +383,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
         if dims > 3:
             raise fail(f"{path}: {tensor.name}", f"a tensor of {dims} dimensions: lowbit imports 2-D and 3-D (expert) "
                        "weights")
+        if not all(int(size) > 0 for size in tensor.shape):
+            raise fail(f"{path}: {tensor.name}", f"shape {[int(size) for size in tensor.shape]} has an empty dimension")
         if dims == 3 and kind is not None:
             placement = _expert_placement(processor, tensor, names, config)
             if placement is not None:

@@ -18,6 +18,13 @@ def add_llama_metadata(writer, config, kv_heads, vocab_size=True):
         writer.add_vocab_size(config.vocab_size)
 
 
+def interleaved(rows, heads):
+    """llama.cpp's converter's permute of Llama's q / k rows (convert_hf_to_gguf.py; transformers'
+    GGUF loading reverts it)."""
+    n = rows.shape[0]
+    return rows.reshape(heads, 2, n // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
 def fused_expert_tensors(key: str, array: np.ndarray):
     """[(GGUF name, array)] of a model's fused expert weight `key` as llama.cpp stores it
     (gate_up_proj [E, 2I, H] -> ffn_gate_exps and ffn_up_exps [E, I, H]; down_proj ->

@@ -22,7 +22,7 @@ from lowbit.integrations.gguf_import import load_gguf
 
 from ..conftest import kernel_devices
 from ..damage import loads_and_runs_or_refuses
-from .gguf_files import add_llama_metadata, finish
+from .gguf_files import add_llama_metadata, finish, interleaved
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -45,12 +45,6 @@ def _config(tied=False):
     return transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                     num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=64,
                                     max_position_embeddings=128, tie_word_embeddings=tied)
-
-
-def _interleaved(rows, heads):
-    """llama.cpp's converter's permute of q / k rows (transformers' GGUF loading reverts it)."""
-    n = rows.shape[0]
-    return rows.reshape(heads, 2, n // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def _random_blocks(kind, n, k, rng):
@@ -110,9 +104,9 @@ def _write_gguf(path, types, tied=False, architecture="llama", seed=0, random_bl
         name = f"{names.get_name(module)}.{suffix}"
         array = value.float().numpy()
         if "q_proj" in key:
-            array = _interleaved(array, HEADS)
+            array = interleaved(array, HEADS)
         elif "k_proj" in key:
-            array = _interleaved(array, KV_HEADS)
+            array = interleaved(array, KV_HEADS)
         kind = types(name) if array.ndim == 2 else None
         if kind is None:
             writer.add_tensor(name, array)
@@ -449,6 +443,18 @@ def test_a_scale_that_is_not_finite_is_refused_naming_the_tensor(tmp_path):
     data[start:start + 2] = np.float16(np.inf).tobytes()  # d of the first block
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_up\.weight: Q4_K blocks lowbit cannot hold: .*not finite"):
+        load_gguf(path)
+
+
+def test_an_empty_dimension_is_refused_naming_the_tensor(tmp_path):
+    """A tensor-table entry whose row length reads 0 (one byte of a damaged file; the reader accepts it)."""
+    path = _write_gguf(tmp_path / "tiny.gguf", lambda name: "Q8_0")
+    data = bytearray(path.read_bytes())
+    name = b"blk.1.ffn_up.weight"
+    first_dim = data.index(name) + len(name) + 4  # after the name: n_dims (uint32), then the dims (uint64)
+    data[first_dim:first_dim + 8] = (0).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_up\.weight: shape \[0, 512\] has an empty dimension"):
         load_gguf(path)
 
 

@@ -11,8 +11,8 @@ from lowbit.errors import CheckpointError
 from lowbit.experts import quantized_weights
 from lowbit.integrations.gguf_import import load_gguf
 
-from .gguf_files import add_llama_metadata, finish, fused_expert_tensors
-from .test_gguf_import import IDS, _interleaved
+from .gguf_files import add_llama_metadata, finish, fused_expert_tensors, interleaved
+from .test_gguf_import import IDS
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -37,7 +37,7 @@ def _gguf_tensors(model, split_experts):
         else:
             module, suffix = key.rsplit(".", 1)
             heads = HEADS if "q_proj" in key else KV_HEADS if "k_proj" in key else None
-            yield f"{names.get_name(module)}.{suffix}", array if heads is None else _interleaved(array, heads)
+            yield f"{names.get_name(module)}.{suffix}", array if heads is None else interleaved(array, heads)
 
 
 def _write_mixtral(path, expert_used_count=2, split_experts=False, types=None, edit=list, expert_count=EXPERTS):

@@ -195,27 +195,51 @@ def test_an_adapter_saved_after_training_loads_onto_the_reloaded_base(tmp_path):
             assert torch.equal(reloaded(IDS).logits, expected)
 
 
-def test_trainer_takes_a_lowbit_model_with_adapters_and_refuses_one_without(tmp_path):
-    from transformers import Trainer, TrainingArguments
+def _transformers_accepts_installed_peft():
+    """transformers' own adapter API (`add_adapter`) needs a peft of at least its MIN_PEFT_VERSION
+    (5.24 asks for 0.22, which lowbit's pin below 0.22 excludes and which is not released yet)."""
+    from importlib.metadata import version as installed
+
+    from packaging.version import Version
+    from transformers.integrations import peft as transformers_peft
+
+    return Version(installed("peft")) >= Version(transformers_peft.MIN_PEFT_VERSION)
+
+
+def _trainer_args(tmp_path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+
+
+def _train_moves_every_adapter(model, tmp_path):
+    from transformers import Trainer
 
     data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 256, (8, 12))]
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    assert len(adapters) == 6
+    Trainer(model=model, args=_trainer_args(tmp_path), train_dataset=data).train()
+    assert all(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if n in adapters)
+
+
+def test_trainer_takes_a_lowbit_model_with_peft_adapters_and_refuses_one_without(tmp_path):
+    from transformers import Trainer
+
     bare = lowbit.quantize(make_tiny_llama(), "nf4", skip=["lm_head"], progress=False)
     with pytest.raises(ValueError, match="purely quantized"):
-        Trainer(model=bare, args=args, train_dataset=data)
+        Trainer(model=bare, args=_trainer_args(tmp_path), train_dataset=[])
+    model = lowbit.quantize(make_tiny_llama(), "nf4", skip=["lm_head"], progress=False)
+    model = get_peft_model(model, lowbit.lora_config(LoraConfig(r=4, target_modules=TARGETS)))
+    _train_moves_every_adapter(model, tmp_path)
 
-    for attach in ("get_peft_model", "add_adapter"):  # peft's wrapper, transformers' own adapter API
-        model = lowbit.quantize(make_tiny_llama(), "nf4", skip=["lm_head"], progress=False)
-        config = lowbit.lora_config(LoraConfig(r=4, target_modules=TARGETS))
-        if attach == "get_peft_model":
-            model = get_peft_model(model, config)
-        else:
-            model.add_adapter(config)
-        adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
-        assert len(adapters) == 6
-        Trainer(model=model, args=args, train_dataset=data).train()
-        assert all(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if n in adapters)
+
+def test_trainer_takes_adapters_added_with_transformers_add_adapter(tmp_path):
+    if not _transformers_accepts_installed_peft():
+        pytest.skip("this transformers' add_adapter needs a newer peft than the installed one")
+    model = lowbit.quantize(make_tiny_llama(), "nf4", skip=["lm_head"], progress=False)
+    model.add_adapter(lowbit.lora_config(LoraConfig(r=4, target_modules=TARGETS)))
+    _train_moves_every_adapter(model, tmp_path)
 
 
 def test_merging_needs_the_dequantized_base():
