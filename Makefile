@@ -1,5 +1,6 @@
 # Every target installs what it needs into .venv on first use.
-# torch is pinned so a CPU-only machine takes the CPU wheel instead of several GB of CUDA packages.
+# torch is pinned so a CPU-only machine takes the CPU wheel instead of several GB of CUDA packages;
+# constraints.txt holds every other package at the version the suite last passed with.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,10 +8,10 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: test demo bench-smoke clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,demo]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,demo]'
 	touch $(STAMP)
 
 test: $(STAMP)
