@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench-smoke clean
+.PHONY: test fuzz demo bench-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+
+# the property-based tests (hypothesis) with fresh random draws: CI's are fixed (tests/conftest.py)
+fuzz: $(STAMP)
+	LOWBIT_HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q -n auto -m hypothesis
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py

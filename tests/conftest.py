@@ -22,6 +22,14 @@ def _share_cores_between_workers():
 _share_cores_between_workers()
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI draws the same examples on every run ("ci"), so a change lands or fails on its own merits and
+# not on the luck of the draw; `make fuzz` ("explore") draws fresh ones to look for new failures,
+# each of which then gets a test of its own.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile(os.environ.get("LOWBIT_HYPOTHESIS_PROFILE", "ci"))
 
 
 def kernel_devices():

@@ -109,7 +109,7 @@ def write_tokenizer(path: str | Path, folder: Path) -> dict[str, Path]:
         # AutoTokenizer reads the model config from the file first, to pick the tokenizer class, with
         # the reader that fails on GPT-OSS files; the class it would pick for gpt_oss, which has none
         # of its own, is the generic one, and that builds the tokenizer from tokenizer.ggml.* alone
-        gpt_oss = _field(_reader(path), "general.architecture") == gguf_gpt_oss.ARCHITECTURE
+        gpt_oss = _field(path, _reader(path), "general.architecture") == gguf_gpt_oss.ARCHITECTURE
         tokenizer_class = PreTrainedTokenizerFast if gpt_oss else AutoTokenizer
         tokenizer = tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
         tokenizer.save_pretrained(str(folder))
@@ -128,16 +128,16 @@ def _architecture(path: Path, reader):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    gguf_architecture, names_of = _field(reader, "general.architecture"), None
+    gguf_architecture, names_of = _field(path, reader, "general.architecture"), None
     if gguf_architecture == gguf_gpt_oss.ARCHITECTURE:  # transformers' reader fails on these files
-        config = gguf_gpt_oss.config(path, reader, lambda key: _field(reader, key))
+        config = gguf_gpt_oss.config(path, reader, lambda key: _field(path, reader, key))
     else:
         try:
             config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         except Exception as exc:  # transformers' ValueError for unsupported architectures, numpy errors for bad fields
             raise fail(str(path), f"transformers cannot read its metadata ({type(exc).__name__}: "
                        f"{str(exc)[:160]})") from None
-    if gguf_architecture == "llama" and _field(reader, "llama.expert_count"):  # Mixtral: gguf_mixtral.py
+    if gguf_architecture == "llama" and _field(path, reader, "llama.expert_count"):  # Mixtral: gguf_mixtral.py
         config, names_of = {**config, "model_type": "mixtral"}, "llama"
     model_type = config.get("model_type")
     try:
@@ -146,7 +146,7 @@ def _architecture(path: Path, reader):
         raise fail(str(path), f"model_type {model_type!r}: lowbit imports GGUF files of causal language models "
                    "that transformers builds from GGUF") from None
     for suffix, (key, required) in _UNREAD_FIELDS.get(model_type, {}).items():
-        value = _field(reader, f"{gguf_architecture}.{suffix}")
+        value = _field(path, reader, f"{gguf_architecture}.{suffix}")
         if value is None and not required:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -179,10 +179,15 @@ def _check_block_count(path: Path, tensors: list, config: dict) -> None:
         raise fail(str(path), f"block_count {layers!r} in its metadata, but it holds tensors for {held} blocks")
 
 
-def _field(reader, key: str):
+def _field(path: Path, reader, key: str):
+    """The metadata field `key`'s (first) value, None when the file lacks it; CheckpointError naming
+    the file and key when its bytes do not decode (e.g. a string that is not UTF-8)."""
     from transformers.modeling_gguf_pytorch_utils import read_field
 
-    values = read_field(reader, key)
+    try:
+        values = read_field(reader, key)
+    except (ValueError, IndexError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise fail(f"{path}: {key}", f"its value does not decode ({type(exc).__name__}: {str(exc)[:120]})") from None
     return values[0] if values else None
 
 

@@ -458,6 +458,17 @@ def test_an_empty_dimension_is_refused_naming_the_tensor(tmp_path):
         load_gguf(path)
 
 
+def test_a_string_field_that_is_not_utf8_is_refused_naming_the_field(tmp_path):
+    """One damaged byte in general.architecture's value (found by the damage test below: transformers'
+    field reader raised UnicodeDecodeError)."""
+    path = _write_gguf(tmp_path / "tiny.gguf", lambda name: "Q8_0")
+    field = gguf.GGUFReader(str(path), "r+").fields["general.architecture"]
+    field.parts[field.data[0]][0] = 0x80  # a UTF-8 continuation byte cannot start a string
+    with pytest.raises(CheckpointError, match=r"tiny\.gguf: general\.architecture: its value does not decode "
+                                              r"\(UnicodeDecodeError"):
+        lowbit.load(path)
+
+
 def test_a_negative_norm_epsilon_is_refused_naming_the_field(tmp_path):
     """transformers builds the model, whose logits are then NaN."""
     path = _write_gguf(tmp_path / "tiny.gguf", lambda name: "Q8_0")
