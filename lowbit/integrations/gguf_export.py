@@ -19,19 +19,15 @@ Models: dense Llama, Mistral (as Llama, without a sliding window), Qwen2 and Qwe
 default RoPE, or Llama 3.1's llama3 scaling
 (`rope_freqs.weight`, gguf_rope.py) (`ARCHITECTURES`); names follow the `gguf` package's tensor
 map, the metadata llama.cpp's converter writes, and Llama's q / k rows are interleaved per head as
-llama.cpp's rotary embedding reads them. The tokenizer must be a
-byte-level BPE one (Llama 3, Qwen, GPT-2 style; `tokenizer.ggml.model` "gpt2"): its tokens,
-merges, token types, special ids, BOS / EOS behaviour and chat template are written, and its
-split regex names llama.cpp's pre-tokenizer. The file is written beside the target and renamed
+llama.cpp's rotary embedding reads them. The tokenizer, byte-level BPE (Llama 3, Qwen) or
+SentencePiece BPE (Llama 2, Mistral 7B), is written by gguf_tokenizer.py. The file is written beside the target and renamed
 into place, so a failed export leaves no partial file.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -47,14 +43,12 @@ from ..formats import bitpack, get_format
 from ..formats.integer import padded_k
 from ..linear import QuantLinear
 from .gguf_rope import ROPE_FREQS, rope_divisors
+from .gguf_tokenizer import add_tokenizer
 
 logger = logging.getLogger(__name__)
 
 #: transformers model_type -> llama.cpp's architecture name (its converter writes Mistral as Llama)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-#: llama.cpp's names for the split regexes transformers knows them by, most used first
-_PRE_TOKENIZER_NAMES = ("llama-bpe", "qwen2", "gpt-4o", "tekken", "qwen35")
-_GPT2_PRE_TOKENIZER = "gpt-2"  # ByteLevel's own regex, no Split before it
 
 
 def _fail(where: str, problem: str) -> CheckpointError:
@@ -205,70 +199,6 @@ def _add_metadata(writer, architecture: str, config) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
-    """llama.cpp's name for the tokenizer's split (tokenizer.ggml.pre); CheckpointError unless it
-    is byte-level."""
-    steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else [])
-    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-    if not byte_level:
-        raise _fail("tokenizer", "its pre-tokenizer is not byte-level: GGUF export writes byte-level BPE "
-                    "tokenizers (tokenizer.ggml.model 'gpt2': Llama 3, Qwen, GPT-2 style)")
-    splits = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split" and isinstance(s.get("pattern"), dict)]
-    if not splits:
-        if byte_level[0].get("use_regex", True):
-            return _GPT2_PRE_TOKENIZER
-        raise _fail("tokenizer", "a byte-level pre-tokenizer without a split regex, which llama.cpp has no name for")
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    known = {regex: name for name, regex in reversed(list(GGUF_PRE_TOKENIZER_SPLITS.items()))}
-    known.update({GGUF_PRE_TOKENIZER_SPLITS[name]: name for name in reversed(_PRE_TOKENIZER_NAMES)})
-    if splits[0] not in known:
-        warnings.warn(f"GGUF export: the tokenizer's split regex {splits[0][:60]!r}... is none llama.cpp names; "
-                      "written as pre-tokenizer 'default' (llama.cpp then splits text its default way)", stacklevel=3)
-        return "default"
-    return known[splits[0]]
-
-
-def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """tokenizer.ggml.* and the chat template of a byte-level BPE `tokenizer` (a transformers fast
-    tokenizer) for a model of `vocab_size` embedding rows (rows past the tokenizer's ids are
-    llama.cpp's unused [PADi] tokens)."""
-    import gguf
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise _fail("tokenizer", f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer")
-    spec = json.loads(backend.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        raise _fail("tokenizer", f"a {model.get('type')} model; GGUF export writes byte-level BPE tokenizers")
-    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
-    tokens: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()}
-    for added in spec.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-        tokens[added["id"]] = (added["content"], kind)
-    if max(tokens) >= vocab_size:
-        raise _fail("tokenizer", f"token id {max(tokens)} is past the model's {vocab_size} embedding rows")
-    names = [tokens.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(vocab_size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list([t for t, _ in names])
-    writer.add_token_types([int(kind) for _, kind in names])
-    writer.add_token_merges(merges)
-    special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
-               "pad": tokenizer.pad_token_id}
-    for kind, token_id in special.items():
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(int(token_id))
-    # whether encoding adds BOS / EOS, as the tokenizer's post-processor does it
-    ids = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(special["bos"] is not None and ids[:1] == [special["bos"]])
-    writer.add_add_eos_token(special["eos"] is not None and ids[-1:] == [special["eos"]])
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
 def _float_tensor(tensor: torch.Tensor) -> tuple[np.ndarray, Any, str]:
     """(array, raw GGML type or None, GGML type name) of an unquantized tensor: 1-D as F32, 2-D in its dtype."""
     import gguf
@@ -297,7 +227,7 @@ def _architecture(model: nn.Module) -> str:
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer) -> dict[str, int]:
     """Write the transformers causal LM `model` (Llama, Mistral, Qwen2, Qwen3; lowbit-quantized or not) and
-    its byte-level BPE `tokenizer` as the GGUF file `path`, atomically -> {GGML type: tensors
+    its `tokenizer` (byte-level or SentencePiece BPE, gguf_tokenizer.py) as the GGUF file `path`, atomically -> {GGML type: tensors
     written}. Quantized layers must be in a format a GGML type holds bit for bit (module
     docstring), else CheckpointError naming the layer before anything is written."""
     import gguf
@@ -331,7 +261,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer) -> dict[st
         _add_metadata(writer, architecture, config)
         if quantized:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(writer, tokenizer, config.vocab_size)
+        add_tokenizer(writer, tokenizer, config.vocab_size)
         divisors = rope_divisors(config)  # Llama 3.1's scaling: llama.cpp reads it from this tensor
         if divisors is not None:
             writer.add_tensor(ROPE_FREQS, divisors.numpy())

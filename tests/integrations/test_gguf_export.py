@@ -235,7 +235,7 @@ def _file_tensor(path, name):
      r"config\.rope_parameters\.rope_type: 'linear': GGUF export writes default RoPE, and Llama's llama3"),
     ({"config": {"attention_bias": True}}, r"config\.attention_bias: True"),
     ({"config": {"use_sliding_window": True}, "architecture": "qwen2"}, r"config\.use_sliding_window: True"),
-    ({"tokenizer": "wordpiece"}, r"tokenizer: a WordPiece model; GGUF export writes byte-level BPE"),
+    ({"tokenizer": "wordpiece"}, r"tokenizer: a WordPiece model; GGUF export writes BPE tokenizers"),
     ({"architecture": "mistral", "config": {"sliding_window": 4096}}, r"config\.sliding_window: 4096: GGUF export "
                                                                      r"writes Mistral models with full attention"),
     ({"architecture": "gemma"}, r"model: GemmaForCausalLM \(model_type 'gemma'\): GGUF export writes "
