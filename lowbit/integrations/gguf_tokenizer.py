@@ -35,9 +35,14 @@ def _fail(problem: str) -> CheckpointError:
     return CheckpointError(f"GGUF export: tokenizer: {problem}")
 
 
-def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
-    """llama.cpp's name for a byte-level tokenizer's split (tokenizer.ggml.pre)."""
-    steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else [])
+def _pre_tokenizer_steps(spec: dict) -> list[dict]:
+    """The tokenizer's pre-tokenizers in order (a Sequence's steps, or the one), [] without any."""
+    pre = spec.get("pre_tokenizer")
+    return pre.get("pretokenizers", [pre]) if pre else []
+
+
+def _pre_tokenizer_name(steps: list[dict]) -> str:
+    """llama.cpp's name for a byte-level tokenizer's split (tokenizer.ggml.pre), from its pre-tokenizer `steps`."""
     byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
     splits = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split" and isinstance(s.get("pattern"), dict)]
     if not splits:
@@ -55,11 +60,6 @@ def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
     return known[splits[0]]
 
 
-def _is_byte_level(spec: dict) -> bool:
-    pre = spec.get("pre_tokenizer") or {}
-    return any(step.get("type") == "ByteLevel" for step in pre.get("pretokenizers", [pre]))
-
-
 def _space_prefix(spec: dict) -> tuple[bool, bool]:
     """(whether a SentencePiece-style tokenizer puts '▁' before the text: tokenizer.ggml.add_space_prefix,
     whether it also splits the text into words at each '▁'), from Llama 2's normalizer (Prepend
@@ -75,8 +75,9 @@ def _space_prefix(spec: dict) -> tuple[bool, bool]:
         if replaces_spaces and set(kinds) <= {"Prepend", "Replace"} and all(p.get("prepend") == _SPACE for p in prepends):
             return bool(prepends), False
     if normalizer is None and pre is not None and pre.get("type") == "Metaspace" and pre.get("replacement") == _SPACE:
-        if pre.get("prepend_scheme", "always") in ("always", "first", "never"):
-            return pre.get("prepend_scheme", "always") != "never", bool(pre.get("split", True))
+        scheme = pre.get("prepend_scheme", "always")
+        if scheme in ("always", "first", "never"):
+            return scheme != "never", bool(pre.get("split", True))
     raise _fail(f"normalizer {json.dumps(normalizer)[:80]} and pre-tokenizer {json.dumps(pre)[:80]} are neither "
                 "byte-level nor SentencePiece's ('▁' for spaces): GGUF export writes byte-level BPE (Llama 3, Qwen) "
                 "and SentencePiece BPE (Llama 2, Mistral) tokenizers")
@@ -107,17 +108,20 @@ def _merge_scores(vocab: dict[str, int], merges: list[tuple[str, str]], splits_w
     return {token: float(-index) for token, index in rank.items()}
 
 
-def _score(token: str, token_id: int, kind, merge_scores: dict[str, float], merge_count: int) -> float:
-    """A SentencePiece-style token's score: a merged token's from `merge_scores`; other normal ones
-    (single characters) below every merged one in id order, and control, byte and unknown ones 0,
-    as SentencePiece scores them; llama.cpp's -1000 for its [PADi] rows."""
+def _token_scores(names: list[tuple[str, int]], merge_scores: dict[str, float], merge_count: int) -> list[float]:
+    """The scores of a SentencePiece-style tokenizer's (token, type) rows: a merged token's from
+    `merge_scores`; other normal ones (single characters) below every merged one in id order, and
+    control, byte and unknown ones 0, as SentencePiece scores them; llama.cpp's -1000 for its [PADi] rows."""
     import gguf
 
-    if kind == gguf.TokenType.UNUSED:
-        return _PAD_SCORE
-    if token in merge_scores:
-        return merge_scores[token]
-    return float(-merge_count - token_id) if kind == gguf.TokenType.NORMAL else 0.0
+    def score(token_id: int, token: str, kind) -> float:
+        if kind == gguf.TokenType.UNUSED:
+            return _PAD_SCORE
+        if token in merge_scores:
+            return merge_scores[token]
+        return float(-merge_count - token_id) if kind == gguf.TokenType.NORMAL else 0.0
+
+    return [score(i, token, kind) for i, (token, kind) in enumerate(names)]
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
@@ -135,9 +139,10 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         raise _fail(f"a {model.get('type')} model; GGUF export writes BPE tokenizers (byte-level or SentencePiece)")
     vocab = model["vocab"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-    byte_level = _is_byte_level(spec)
+    steps = _pre_tokenizer_steps(spec)
+    byte_level = any(step.get("type") == "ByteLevel" for step in steps)
     if byte_level:
-        pre, scores = _pre_tokenizer_name(spec.get("pre_tokenizer")), None
+        pre = _pre_tokenizer_name(steps)
     elif model.get("byte_fallback"):
         add_space_prefix, splits_words = _space_prefix(spec)
         scores = _merge_scores(vocab, merges, splits_words)
@@ -169,7 +174,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_token_merges([" ".join(m) for m in merges])
     else:
         writer.add_add_space_prefix(add_space_prefix)
-        writer.add_token_scores([_score(token, i, kind, scores, len(merges)) for i, (token, kind) in enumerate(names)])
+        writer.add_token_scores(_token_scores(names, scores, len(merges)))
     special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
                "pad": tokenizer.pad_token_id}
     for kind, token_id in special.items():
