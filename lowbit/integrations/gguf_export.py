@@ -15,16 +15,21 @@ cannot hold arbitrary float16 scales) is refused by name before anything is writ
 with `symmetric=True, group_size=32` for llama.cpp. Unquantized 2-D weights keep their dtype
 (F32 / F16 / BF16), 1-D ones (norms, biases) are F32, as llama.cpp expects.
 
-Models: dense Llama, Mistral (as Llama, without a sliding window), Qwen2 and Qwen3 causal LMs with
-default RoPE, or Llama 3.1's llama3 scaling
-(`rope_freqs.weight`, gguf_rope.py) (`ARCHITECTURES`); names follow the `gguf` package's tensor
-map, the metadata llama.cpp's converter writes, and Llama's q / k rows are interleaved per head as
-llama.cpp's rotary embedding reads them. The tokenizer, byte-level BPE (Llama 3, Qwen) or
-SentencePiece BPE (Llama 2, Mistral 7B), is written by gguf_tokenizer.py. The file is written beside the target and renamed
-into place, so a failed export leaves no partial file.
+Models: Llama, Mistral (as Llama, without a sliding window), Qwen2 and Qwen3 causal LMs with
+default RoPE, or Llama 3.1's llama3 scaling (`rope_freqs.weight`, gguf_rope.py), and the MoE
+models Mixtral (as Llama with experts), Qwen2-MoE and Qwen3-MoE (`ARCHITECTURES`); names follow
+the `gguf` package's tensor map, the metadata llama.cpp's converter writes, and Llama's q / k rows
+are interleaved per head as llama.cpp's rotary embedding reads them. A MoE layer's experts are
+written as llama.cpp stores them, one 3-D tensor [E, N, K] per part (ffn_gate_exps, ffn_up_exps:
+the two halves of transformers' gate_up_proj; ffn_down_exps), each expert's rows encoded as its
+QuantLinear's (so every expert of a weight must be in one format), and the routers as F32. The
+tokenizer, byte-level BPE (Llama 3, Qwen) or SentencePiece BPE (Llama 2, Mistral 7B), is written
+by gguf_tokenizer.py. The file is written beside the target and renamed into place, so a failed
+export leaves no partial file.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -39,6 +44,7 @@ from tqdm.auto import tqdm
 
 from .. import io
 from ..errors import CheckpointError, check_module
+from ..experts import expert_weight, fused_weight_names, is_experts_module, parse_slot, quantized_weights, slot_name
 from ..formats import bitpack, get_format
 from ..formats.integer import padded_k
 from ..linear import QuantLinear
@@ -47,8 +53,18 @@ from .gguf_tokenizer import add_tokenizer
 
 logger = logging.getLogger(__name__)
 
-#: transformers model_type -> llama.cpp's architecture name (its converter writes Mistral as Llama)
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+#: transformers model_type -> llama.cpp's architecture name (its converter writes Mistral and Mixtral as Llama)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                 "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+#: MoE model types -> whether llama.cpp's graph renormalizes the chosen experts' routing weights to
+#: sum to 1 (build_moe_ffn's norm_w: fixed per architecture, read from no metadata); transformers'
+#: Mixtral always does, Qwen-MoE's as config.norm_topk_prob says
+_NORMALIZED_TOP_K = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
+#: a fused expert weight -> the GGUF parts it is written as, by their unfused transformers names
+#: (row blocks of equal height, in order: gate_up_proj's gate rows come first)
+_EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+#: tensors llama.cpp's converter keeps in F32 whatever the model's dtype: the MoE routers
+_F32_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 
 
 def _fail(where: str, problem: str) -> CheckpointError:
@@ -175,9 +191,23 @@ def _check_config(architecture: str, config) -> None:
             raise _fail(f"config.{field}", "True: GGUF export writes Llama models without biases")
     if getattr(config, "use_sliding_window", False):
         raise _fail("config.use_sliding_window", "True: GGUF export writes full attention only")
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
-        raise _fail("config.sliding_window", f"{config.sliding_window}: GGUF export writes Mistral models with full "
-                    "attention (sliding_window None, as Mistral 7B v0.2 on and Mistral-Nemo)")
+    if config.model_type in ("mistral", "mixtral") and getattr(config, "sliding_window", None) is not None:
+        raise _fail("config.sliding_window", f"{config.sliding_window}: GGUF export writes "
+                    f"{config.model_type.capitalize()} models with full attention (sliding_window None, as Mistral "
+                    "7B v0.2 on, Mistral-Nemo and Mixtral)")
+    if config.model_type in _NORMALIZED_TOP_K:
+        _check_moe_config(config)
+
+
+def _check_moe_config(config) -> None:
+    """CheckpointError for a MoE config llama.cpp would run otherwise than transformers does."""
+    normalized = _NORMALIZED_TOP_K[config.model_type]
+    if getattr(config, "norm_topk_prob", normalized) != normalized:
+        raise _fail("config.norm_topk_prob", f"{config.norm_topk_prob}: llama.cpp's {config.model_type} "
+                    f"{'renormalizes' if normalized else 'does not renormalize'} the chosen experts' routing weights")
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise _fail("config.mlp_only_layers", f"{config.mlp_only_layers} (decoder_sparse_step "
+                    f"{config.decoder_sparse_step}): llama.cpp's {config.model_type} has experts in every layer")
 
 
 def _add_metadata(writer, architecture: str, config) -> None:
@@ -193,14 +223,22 @@ def _add_metadata(writer, architecture: str, config) -> None:
     writer.add_rope_freq_base(_rope_theta(config, architecture))
     if architecture == "llama":
         writer.add_rope_dimension_count(head_dim)
-    if architecture == "qwen3" or head_dim * config.num_attention_heads != config.hidden_size:
+    if architecture in ("qwen3", "qwen3moe") or head_dim * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
+    if config.model_type in _NORMALIZED_TOP_K:
+        writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+    if config.model_type in ("qwen2_moe", "qwen3_moe"):  # Mixtral's experts are intermediate_size wide
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if config.model_type == "qwen2_moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
 
 
 def _float_tensor(tensor: torch.Tensor) -> tuple[np.ndarray, Any, str]:
-    """(array, raw GGML type or None, GGML type name) of an unquantized tensor: 1-D as F32, 2-D in its dtype."""
+    """(array, raw GGML type or None, GGML type name) of an unquantized tensor: 1-D as F32, 2-D or 3-D
+    (experts) in its dtype."""
     import gguf
 
     tensor = tensor.detach().cpu()
@@ -225,11 +263,67 @@ def _architecture(model: nn.Module) -> str:
     return ARCHITECTURES[model_type]
 
 
+def _expert_encoding(name: str, module: nn.Module, weight_name: str, encodings: dict) -> _Encoding | None:
+    """The one encoding of every expert of the quantized fused weight `weight_name` of the experts
+    module `name` (None: dfloat11, written decoded); CheckpointError where they differ, as a GGUF
+    expert tensor has one GGML type."""
+    where = f"{name}.{weight_name}"
+    if weight_name not in _EXPERT_PARTS or module.has_bias:
+        raise _fail(where, "GGUF export writes gated experts without biases (gate_up_proj and down_proj)")
+    kinds = {encodings[slot_name(name, weight_name, e)] for e in range(len(quantized_weights(module)[weight_name]))}
+    if len(kinds) > 1:
+        types = sorted(kind.ggml_type if kind is not None else "BF16" for kind in kinds)
+        raise _fail(where, f"its experts would be written as {types}; llama.cpp's expert tensor holds every "
+                    "expert in one GGML type: quantize them in one format")
+    return kinds.pop()
+
+
+def _expert_tensors(name: str, module: nn.Module, encodings: dict) -> list[tuple[str, torch.Tensor, str | None]]:
+    """(transformers' unfused name of each part, its data, its GGML type name) of the experts
+    module `name`: blocks uint8 [E, N_part, bytes] of quantized experts, float weights [E, N_part,
+    K] (type None) of full-precision or dfloat11 (decoded to bfloat16) ones."""
+    out = []
+    quantized = quantized_weights(module)
+    for weight_name in [*quantized, *fused_weight_names(module)]:
+        if weight_name in quantized:
+            layers = quantized[weight_name]
+            encoding = _expert_encoding(name, module, weight_name, encodings)
+            if encoding is None:
+                data = torch.stack([get_format(m.format).dequantize(m.packed).to(torch.bfloat16) for m in layers])
+            else:
+                data = torch.stack([_encoded_layer(slot_name(name, weight_name, e), m, encoding, None)
+                                    for e, m in enumerate(layers)])
+            ggml_type = None if encoding is None else encoding.ggml_type
+        else:
+            if weight_name not in _EXPERT_PARTS or module.has_bias:
+                raise _fail(f"{name}.{weight_name}", "GGUF export writes gated experts without biases")
+            data = torch.stack([expert_weight(module, weight_name, e).detach() for e in range(module.num_experts)])
+            ggml_type = None
+        parts = _EXPERT_PARTS[weight_name]
+        out += [(f"{name}.{part}", rows, ggml_type) for part, rows in zip(parts, data.chunk(len(parts), dim=1))]
+    return out
+
+
+def _add_tensor(writer, name: str, data: torch.Tensor, ggml_type: str | None) -> str:
+    """Add `data` to the file as tensor `name`: GGML blocks uint8 [..., bytes] of `ggml_type`, or
+    float values (ggml_type None: `_float_tensor`'s type) -> the GGML type name written."""
+    import gguf
+
+    if ggml_type is not None:
+        blocks = data.contiguous().numpy()
+        writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType[ggml_type])
+        return ggml_type
+    array, raw_type, type_name = _float_tensor(data.contiguous())
+    writer.add_tensor(name, array, raw_shape=array.shape if raw_type is not None else None, raw_dtype=raw_type)
+    return type_name
+
+
 def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer) -> dict[str, int]:
-    """Write the transformers causal LM `model` (Llama, Mistral, Qwen2, Qwen3; lowbit-quantized or not) and
-    its `tokenizer` (byte-level or SentencePiece BPE, gguf_tokenizer.py) as the GGUF file `path`, atomically -> {GGML type: tensors
-    written}. Quantized layers must be in a format a GGML type holds bit for bit (module
-    docstring), else CheckpointError naming the layer before anything is written."""
+    """Write the transformers causal LM `model` (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE,
+    Qwen3-MoE; lowbit-quantized or not) and its `tokenizer` (byte-level or SentencePiece BPE,
+    gguf_tokenizer.py) as the GGUF file `path`, atomically -> {GGML type: tensors written}.
+    Quantized layers must be in a format a GGML type holds bit for bit (module docstring), else
+    CheckpointError naming the layer before anything is written."""
     import gguf
 
     check_module(model)
@@ -241,15 +335,20 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer) -> dict[st
         raise _fail(str(path), "the output must be a file path ending in .gguf")
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     encodings = {name: _layer_encoding(name, m) for name, m in quantized.items()}
+    experts = {name: m for name, m in model.named_modules() if is_experts_module(m)}
+    for name, module in experts.items():  # refused before anything is written
+        for weight_name in quantized_weights(module):
+            _expert_encoding(name, module, weight_name, encodings)
     tensor_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], config.num_hidden_layers)
     tensors, _ = io.unique_tensors(model)  # a tied lm_head once: llama.cpp reuses token_embd for a missing output
     io.check_not_on_meta(tensors)
     persistent = set(model.state_dict(keep_vars=True))
     packed_fields = {f"{name}.{field}" for name, m in quantized.items() for field in m.packed.tensors}
+    fused_experts = {f"{name}.{weight_name}" for name, m in experts.items() for weight_name in fused_weight_names(m)}
     # (state dict key, the QuantLinear whose weight it is, or None): float tensors (a QuantLinear's
-    # bias too), then the quantized weights
-    entries = [(key, None) for key in tensors if key in persistent and key not in packed_fields]
-    entries += [(f"{name}.weight", name) for name in quantized]
+    # bias too), then the quantized weights; the experts modules' weights are written per module
+    entries = [(key, None) for key in tensors if key in persistent and key not in packed_fields | fused_experts]
+    entries += [(f"{name}.weight", name) for name in quantized if parse_slot(name) is None]
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads or config.num_attention_heads}
     written: Counter[str] = Counter()
     writer = None
@@ -264,9 +363,10 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer) -> dict[st
         add_tokenizer(writer, tokenizer, config.vocab_size)
         divisors = rope_divisors(config)  # Llama 3.1's scaling: llama.cpp reads it from this tensor
         if divisors is not None:
-            writer.add_tensor(ROPE_FREQS, divisors.numpy())
-            written["F32"] += 1
-        for key, layer_name in tqdm(entries, desc="export GGUF", unit="tensor", disable=len(entries) < 64):
+            written[_add_tensor(writer, ROPE_FREQS, divisors, None)] += 1
+        progress = tqdm(total=len(entries) + len(experts), desc="export GGUF", unit="tensor",
+                        disable=len(entries) < 64)
+        for key, layer_name in entries:
             gguf_name = tensor_names.get_name(key, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise _fail(key, f"no GGUF tensor name for it in llama.cpp's {architecture} map")
@@ -274,19 +374,24 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer) -> dict[st
             layer = quantized.get(layer_name) if layer_name else None
             n = layer.out_features if layer is not None else tensors[key].shape[0]
             rows = _interleaved_rows(n, heads[projection.group(1)]) if projection else None
-            if layer is not None and encodings[layer_name] is not None:
-                encoding = encodings[layer_name]
-                blocks = _encoded_layer(layer_name, layer, encoding, rows).numpy()
-                ggml_type = gguf.GGMLQuantizationType[encoding.ggml_type]
-                writer.add_tensor(gguf_name, blocks, raw_shape=blocks.shape, raw_dtype=ggml_type)
-                written[encoding.ggml_type] += 1
-                continue
-            value = get_format(layer.format).dequantize(layer.packed) if layer is not None else tensors[key]
-            value = value if rows is None else value[rows]
-            array, raw_type, type_name = _float_tensor(value.to(torch.bfloat16) if layer is not None else value)
-            writer.add_tensor(gguf_name, array, raw_shape=array.shape if raw_type is not None else None,
-                              raw_dtype=raw_type)
-            written[type_name] += 1
+            if gguf_name.endswith(_F32_TENSORS):  # a router; Qwen2-MoE's shared expert gate [1, H] is 1-D
+                value = tensors[key] if layer is None else get_format(layer.format).dequantize(
+                    dataclasses.replace(layer.packed, dtype=torch.float32))
+                data, ggml_type = value.float().reshape(-1 if "_shexp" in gguf_name else value.shape), None
+            elif layer is not None and encodings[layer_name] is not None:
+                ggml_type = encodings[layer_name].ggml_type
+                data = _encoded_layer(layer_name, layer, encodings[layer_name], rows)
+            else:
+                value = get_format(layer.format).dequantize(layer.packed).to(torch.bfloat16) if layer is not None \
+                    else tensors[key]
+                data, ggml_type = (value if rows is None else value[rows]), None
+            written[_add_tensor(writer, gguf_name, data, ggml_type)] += 1
+            progress.update()
+        for name, module in experts.items():
+            for part_name, data, ggml_type in _expert_tensors(name, module, encodings):
+                written[_add_tensor(writer, f"{tensor_names.get_name(part_name)}.weight", data, ggml_type)] += 1
+            progress.update()
+        progress.close()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)

@@ -239,7 +239,7 @@ def _file_tensor(path, name):
     ({"architecture": "mistral", "config": {"sliding_window": 4096}}, r"config\.sliding_window: 4096: GGUF export "
                                                                      r"writes Mistral models with full attention"),
     ({"architecture": "gemma"}, r"model: GemmaForCausalLM \(model_type 'gemma'\): GGUF export writes "
-                                r"\['llama', 'mistral', 'qwen2', 'qwen3'\]"),
+                                r"\['llama', 'mistral', 'mixtral', 'qwen2', 'qwen2_moe', 'qwen3', 'qwen3_moe'\]"),
 ])
 def test_what_gguf_cannot_hold_is_refused_by_name_and_nothing_is_written(tmp_path, change, message):
     tokenizer = _tokenizer("llama-bpe")
