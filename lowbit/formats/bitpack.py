@@ -75,15 +75,19 @@ def pack(codes: torch.Tensor, bits: int, one_bit: bool = False) -> torch.Tensor:
 def unpack(words: torch.Tensor, bits: int, kp: int, one_bit: bool = False) -> torch.Tensor:
     """Inverse of `pack`: [N, Kp*bits/32] int32 -> [N, Kp] int32 codes."""
     n = words.shape[0]
-    words = words.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.zeros(n, kp, dtype=torch.int64, device=words.device)
+    words = words.to(torch.int32)
+    codes = None
     start = 0
     for width, lo in planes(bits, one_bit):
         per_word = 32 // width
         count = kp // per_word
         plane_words = words[:, start : start + count]
-        shifts = _slot_shifts(width, bits, one_bit, words.device)
-        field = (plane_words.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
-        codes |= field.reshape(n, kp) << lo
+        shifts = _slot_shifts(width, bits, one_bit, words.device).to(torch.int32)
+        # int32 throughout (the decoder of every CPU forward): >> is arithmetic, but each field
+        # lies within the word (shift + width <= 32), so the mask drops the copied sign bits
+        field = ((plane_words.unsqueeze(-1) >> shifts) & ((1 << width) - 1)).reshape(n, kp)
+        if lo:
+            field <<= lo
+        codes = field if codes is None else codes.bitwise_or_(field)
         start += count
-    return codes.to(torch.int32)
+    return codes

@@ -317,14 +317,13 @@ class IntFormat(Format):
         n, k = packed.shape
         gs = packed.attrs["group_size"]
         kp = padded_k(k, gs)
-        codes = bitpack.unpack(packed.qweight, self.bits, kp, self.ONE_BIT_PLANES).float().reshape(n, kp // gs, gs)
+        w = bitpack.unpack(packed.qweight, self.bits, kp, self.ONE_BIT_PLANES).float().reshape(n, kp // gs, gs)
         scale = packed.scales.t().float().unsqueeze(-1)
         if packed.attrs["symmetric"]:
             zero = float(2 ** (self.bits - 1))
         else:
             zero = packed.zeros.t().float().unsqueeze(-1)
-        w = (codes - zero) * scale
-        w = w.reshape(n, kp)[:, :k]
+        w = w.sub_(zero).mul_(scale).reshape(n, kp)[:, :k]  # (codes - zero) * scale, in place
         if packed.attrs.get("permuted"):  # stored column j is input feature perm[j]
             w = torch.empty_like(w).index_copy_(1, packed.perm.long(), w)
         return w.to(packed.dtype)

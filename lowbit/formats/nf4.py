@@ -177,9 +177,9 @@ class CodebookFormat(Format):
     def _dequantize(self, packed: PackedWeight) -> torch.Tensor:
         n, k = packed.shape
         kp = padded_k(k, self.BLOCK)
-        values = self.codebook(packed.qweight.device)[bitpack.unpack(packed.qweight, 4, kp).long()]
+        values = self.codebook(packed.qweight.device)[bitpack.unpack(packed.qweight, 4, kp)]
         scales = self.block_scales(packed.tensors).t().float()  # [N, G]
-        w = (values.reshape(n, kp // self.BLOCK, self.BLOCK) * scales.unsqueeze(-1)).reshape(n, kp)
+        w = values.reshape(n, kp // self.BLOCK, self.BLOCK).mul_(scales.unsqueeze(-1)).reshape(n, kp)
         return w[:, :k].to(packed.dtype)
 
     def triton_linear(self, x2d, packed, bias):
