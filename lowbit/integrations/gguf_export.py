@@ -267,38 +267,31 @@ def _expert_encoding(name: str, module: nn.Module, weight_name: str, encodings: 
     """The one encoding of every expert of the quantized fused weight `weight_name` of the experts
     module `name` (None: dfloat11, written decoded); CheckpointError where they differ, as a GGUF
     expert tensor has one GGML type."""
-    where = f"{name}.{weight_name}"
-    if weight_name not in _EXPERT_PARTS or module.has_bias:
-        raise _fail(where, "GGUF export writes gated experts without biases (gate_up_proj and down_proj)")
     kinds = {encodings[slot_name(name, weight_name, e)] for e in range(len(quantized_weights(module)[weight_name]))}
     if len(kinds) > 1:
         types = sorted(kind.ggml_type if kind is not None else "BF16" for kind in kinds)
-        raise _fail(where, f"its experts would be written as {types}; llama.cpp's expert tensor holds every "
-                    "expert in one GGML type: quantize them in one format")
+        raise _fail(f"{name}.{weight_name}", f"its experts would be written as {types}; llama.cpp's expert tensor "
+                    "holds every expert in one GGML type: quantize them in one format")
     return kinds.pop()
 
 
 def _expert_tensors(name: str, module: nn.Module, encodings: dict) -> list[tuple[str, torch.Tensor, str | None]]:
     """(transformers' unfused name of each part, its data, its GGML type name) of the experts
-    module `name`: blocks uint8 [E, N_part, bytes] of quantized experts, float weights [E, N_part,
-    K] (type None) of full-precision or dfloat11 (decoded to bfloat16) ones."""
+    module `name` (gated, bias-less: the ARCHITECTURES' experts): blocks uint8 [E, N_part, bytes] of quantized experts,
+    float weights [E, N_part, K] (type None) of full-precision or dfloat11 (decoded to bfloat16) ones."""
     out = []
     quantized = quantized_weights(module)
     for weight_name in [*quantized, *fused_weight_names(module)]:
-        if weight_name in quantized:
-            layers = quantized[weight_name]
-            encoding = _expert_encoding(name, module, weight_name, encodings)
-            if encoding is None:
-                data = torch.stack([get_format(m.format).dequantize(m.packed).to(torch.bfloat16) for m in layers])
-            else:
-                data = torch.stack([_encoded_layer(slot_name(name, weight_name, e), m, encoding, None)
-                                    for e, m in enumerate(layers)])
-            ggml_type = None if encoding is None else encoding.ggml_type
-        else:
-            if weight_name not in _EXPERT_PARTS or module.has_bias:
-                raise _fail(f"{name}.{weight_name}", "GGUF export writes gated experts without biases")
+        layers, ggml_type = quantized.get(weight_name), None
+        encoding = None if layers is None else _expert_encoding(name, module, weight_name, encodings)
+        if layers is None:
             data = torch.stack([expert_weight(module, weight_name, e).detach() for e in range(module.num_experts)])
-            ggml_type = None
+        elif encoding is None:
+            data = torch.stack([get_format(m.format).dequantize(m.packed).to(torch.bfloat16) for m in layers])
+        else:
+            data = torch.stack([_encoded_layer(slot_name(name, weight_name, e), m, encoding, None)
+                                for e, m in enumerate(layers)])
+            ggml_type = encoding.ggml_type
         parts = _EXPERT_PARTS[weight_name]
         out += [(f"{name}.{part}", rows, ggml_type) for part, rows in zip(parts, data.chunk(len(parts), dim=1))]
     return out

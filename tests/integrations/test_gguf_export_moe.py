@@ -154,3 +154,19 @@ def test_moe_models_llama_cpp_would_run_otherwise_are_refused_and_nothing_is_wri
     with pytest.raises(CheckpointError, match=message):
         export_gguf(model, tmp_path / "model.gguf", tokenizer)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_saved_moe_folder_that_converts_back(tmp_path, capsys):
+    """`lowbit export` of a saved bfloat16 Qwen3-MoE (the experts reloaded from lowbit.save's folder)
+    then `lowbit convert` of the file: the same logits (embedding and lm_head BF16; norms, q / k norms and
+    routers F32)."""
+    from lowbit.cli import main
+
+    tokenizer = _tokenizer("qwen2")
+    model = _quantized(_moe_model("qwen3_moe", tokenizer, dtype=torch.bfloat16), QUANTIZED)
+    lowbit.save(model, tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "model.gguf")]) == 0
+    assert f"tensors:          2 BF16, {1 + 5 * LAYERS} F32, {6 * LAYERS} Q4_0, {LAYERS} Q8_0" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "model.gguf"), str(tmp_path / "back")]) == 0
+    assert torch.equal(_logits(lowbit.load(tmp_path / "back")), _logits(model))  # bfloat16 throughout
