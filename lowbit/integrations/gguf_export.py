@@ -15,7 +15,8 @@ cannot hold arbitrary float16 scales) is refused by name before anything is writ
 with `symmetric=True, group_size=32` for llama.cpp. Unquantized 2-D weights keep their dtype
 (F32 / F16 / BF16), 1-D ones (norms, biases) are F32, as llama.cpp expects.
 
-Models: Llama, Mistral (as Llama, without a sliding window), Qwen2 and Qwen3 causal LMs with
+Models: Llama, Mistral (as Llama, without a sliding window), Qwen2, Qwen3 and Phi-3 / Phi-4 (fused
+qkv_proj and gate_up_proj, written fused as llama.cpp's attn_qkv and ffn_up) causal LMs with
 default RoPE, or Llama 3.1's llama3 scaling (`rope_freqs.weight`, gguf_rope.py), and the MoE
 models Mixtral (as Llama with experts), Qwen2-MoE and Qwen3-MoE (`ARCHITECTURES`); names follow
 the `gguf` package's tensor map, the metadata llama.cpp's converter writes, and Llama's q / k rows
@@ -33,6 +34,7 @@ import dataclasses
 import logging
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -55,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 #: transformers model_type -> llama.cpp's architecture name (its converter writes Mistral and Mixtral as Llama)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                 "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+                 "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "phi3": "phi3"}
 #: MoE model types -> whether llama.cpp's graph renormalizes the chosen experts' routing weights to
 #: sum to 1 (build_moe_ffn's norm_w: fixed per architecture, read from no metadata); transformers'
 #: Mixtral always does, Qwen-MoE's as config.norm_topk_prob says
@@ -197,6 +199,16 @@ def _check_config(architecture: str, config) -> None:
                     "7B v0.2 on, Mistral-Nemo and Mixtral)")
     if config.model_type in _NORMALIZED_TOP_K:
         _check_moe_config(config)
+    window = getattr(config, "sliding_window", None) if architecture == "phi3" else None
+    if window is not None and window < config.max_position_embeddings:
+        warnings.warn(f"GGUF export: config.sliding_window {window}: llama.cpp runs Phi-3 with full attention (its "
+                      f"Phi sliding window is disabled), so past {window} tokens its outputs differ from "
+                      "transformers'", stacklevel=3)
+    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    if architecture == "phi3" and partial != 1.0:  # transformers' GGUF reader would rotate whole heads
+        raise _fail("config.rope_parameters.partial_rotary_factor", f"{partial}: GGUF export writes Phi-3 models "
+                    "that rotate whole heads (Phi-3, Phi-4); transformers' GGUF reader does not read a partial "
+                    "rotary dimension back")
 
 
 def _check_moe_config(config) -> None:
@@ -221,8 +233,11 @@ def _add_metadata(writer, architecture: str, config) -> None:
     writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_freq_base(_rope_theta(config, architecture))
-    if architecture == "llama":
+    if architecture in ("llama", "phi3"):
         writer.add_rope_dimension_count(head_dim)
+    if architecture == "phi3":  # as llama.cpp's converter: 0 for no window (Phi-4); the longrope base context
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+        writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings or config.max_position_embeddings)
     if architecture in ("qwen3", "qwen3moe") or head_dim * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -312,7 +327,7 @@ def _add_tensor(writer, name: str, data: torch.Tensor, ggml_type: str | None) ->
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer) -> dict[str, int]:
-    """Write the transformers causal LM `model` (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE,
+    """Write the transformers causal LM `model` (Llama, Mistral, Qwen2, Qwen3, Phi-3, Mixtral, Qwen2-MoE,
     Qwen3-MoE; lowbit-quantized or not) and its `tokenizer` (byte-level or SentencePiece BPE,
     gguf_tokenizer.py) as the GGUF file `path`, atomically -> {GGML type: tensors written}.
     Quantized layers must be in a format a GGML type holds bit for bit (module docstring), else

@@ -14,6 +14,7 @@ import torch
 import lowbit
 from lowbit.errors import CheckpointError
 from lowbit.integrations.gguf_export import export_gguf
+from lowbit.integrations.gguf_import import load_gguf
 
 from .gguf_files import interleaved
 
@@ -61,8 +62,11 @@ def _model(architecture: str, tokenizer, dtype=torch.float32, **config):
         sizes["head_dim"] = 128  # transformers' GGUF reader leaves Qwen3's head_dim at its default, 128
     if architecture == "mistral":
         sizes["sliding_window"] = None  # Mistral-Nemo's; llama.cpp's converter writes it as a Llama
+    if architecture == "phi3":  # Phi3Config's default special token ids are Phi-3's, past this vocabulary
+        sizes.update(bos_token_id=0, eos_token_id=1, pad_token_id=None)
     config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                    "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[architecture]
+                    "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                    "phi3": transformers.Phi3Config}[architecture]
     torch.manual_seed(0)
     # dtype at construction: .to(dtype) would also round the rotary embedding's inv_freq buffer
     return transformers.AutoModelForCausalLM.from_config(config_class(**{**sizes, **config}), dtype=dtype).eval()
@@ -101,6 +105,35 @@ def test_transformers_reads_the_exported_file_as_the_quantized_model(tmp_path, a
     types = fields["tokenizer.ggml.token_type"].contents()
     # <|begin|>, <|end|> control, BPE tokens normal, <think> user-defined, then 4 unused [PADi] rows
     assert types == [3, 3] + [1] * 298 + [4] + [5] * 4  # <|end|> control ... <think> user-defined, then [PADi] unused
+
+
+def test_phi3_is_written_with_its_fused_projections(tmp_path):
+    """Phi-3 / Phi-4's fused qkv_proj (IQ4_NL here) and gate_up_proj (Q5_0) are written whole, as
+    llama.cpp's attn_qkv and ffn_up (q / k rows not interleaved: Phi-3 rotates head halves, as
+    llama.cpp's NEOX rope): transformers' GGUF load gives the lowbit model's logits, and so does
+    lowbit's import. The sliding window is written as llama.cpp's converter writes it (0: none, as
+    Phi-4), and one shorter than the context warns that llama.cpp ignores it."""
+    tokenizer = _tokenizer("llama-bpe")
+    # written as tokenizer.ggml.padding_token_id: without it transformers' reader keeps Phi3Config's
+    # pad id, 32000, past this vocabulary
+    tokenizer.pad_token = "<|end|>"
+    settings = {**MIXED, "overrides": {"*.mlp.down_proj": MIXED["overrides"]["*.mlp.down_proj"],
+                                       "*.mlp.gate_up_proj": MIXED["overrides"]["*.mlp.up_proj"],
+                                       "*.self_attn.qkv_proj": "iq4_nl"}}
+    model = _quantized(_model("phi3", tokenizer), settings)
+    path = tmp_path / "model.gguf"
+    assert export_gguf(model, path, tokenizer) == {"IQ4_NL": 2, "Q4_0": 2, "Q5_0": 2, "Q8_0": 2, "F32": 7}
+    fields = gguf.GGUFReader(str(path)).fields
+    assert (fields["phi3.attention.sliding_window"].contents(), fields["phi3.rope.dimension_count"].contents()) == (
+        0, 32)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    want = _logits(model)
+    assert float((_logits(oracle) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert float((_logits(load_gguf(path, dtype=torch.float32)) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    windowed = _quantized(_model("phi3", tokenizer, sliding_window=64), settings)
+    with pytest.warns(UserWarning, match=r"sliding_window 64: llama\.cpp runs Phi-3 with full attention"):
+        export_gguf(windowed, tmp_path / "windowed.gguf", tokenizer)
+    assert gguf.GGUFReader(str(tmp_path / "windowed.gguf")).fields["phi3.attention.sliding_window"].contents() == 64
 
 
 def test_a_split_llama_cpp_has_no_name_for_is_written_as_default_with_a_warning(tmp_path):
@@ -238,8 +271,11 @@ def _file_tensor(path, name):
     ({"tokenizer": "wordpiece"}, r"tokenizer: a WordPiece model; GGUF export writes BPE tokenizers"),
     ({"architecture": "mistral", "config": {"sliding_window": 4096}}, r"config\.sliding_window: 4096: GGUF export "
                                                                      r"writes Mistral models with full attention"),
-    ({"architecture": "gemma"}, r"model: GemmaForCausalLM \(model_type 'gemma'\): GGUF export writes "
-                                r"\['llama', 'mistral', 'mixtral', 'qwen2', 'qwen2_moe', 'qwen3', 'qwen3_moe'\]"),
+    ({"architecture": "phi3", "config": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                             "partial_rotary_factor": 0.75}}},
+     r"config\.rope_parameters\.partial_rotary_factor: 0\.75: GGUF export writes Phi-3 models that rotate whole"),
+    ({"architecture": "gemma"}, r"model: GemmaForCausalLM \(model_type 'gemma'\): GGUF export writes \['llama', "
+                                r"'mistral', 'mixtral', 'phi3', 'qwen2', 'qwen2_moe', 'qwen3', 'qwen3_moe'\]"),
 ])
 def test_what_gguf_cannot_hold_is_refused_by_name_and_nothing_is_written(tmp_path, change, message):
     tokenizer = _tokenizer("llama-bpe")

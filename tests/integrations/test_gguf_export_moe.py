@@ -167,6 +167,7 @@ def test_cli_exports_a_saved_moe_folder_that_converts_back(tmp_path, capsys):
     lowbit.save(model, tmp_path / "saved")
     tokenizer.save_pretrained(tmp_path / "saved")
     assert main(["export", str(tmp_path / "saved"), str(tmp_path / "model.gguf")]) == 0
-    assert f"tensors:          2 BF16, {1 + 5 * LAYERS} F32, {6 * LAYERS} Q4_0, {LAYERS} Q8_0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"tensors:          2 BF16, {1 + 5 * LAYERS} F32, {6 * LAYERS} Q4_0, {LAYERS} Q8_0" in out
     assert main(["convert", str(tmp_path / "model.gguf"), str(tmp_path / "back")]) == 0
     assert torch.equal(_logits(lowbit.load(tmp_path / "back")), _logits(model))  # bfloat16 throughout
