@@ -17,7 +17,8 @@ with `symmetric=True, group_size=32` for llama.cpp. Unquantized 2-D weights keep
 
 Models: Llama, Mistral (as Llama, without a sliding window), Qwen2, Qwen3 and Phi-3 / Phi-4 (fused
 qkv_proj and gate_up_proj, written fused as llama.cpp's attn_qkv and ffn_up) causal LMs with
-default RoPE, or Llama 3.1's llama3 scaling (`rope_freqs.weight`, gguf_rope.py), and the MoE
+default RoPE, Llama 3.1's llama3 scaling (`rope_freqs.weight`) or Phi-3's longrope
+(`rope_factors_long` / `_short.weight`; gguf_rope.py), and the MoE
 models Mixtral (as Llama with experts), Qwen2-MoE and Qwen3-MoE (`ARCHITECTURES`); names follow
 the `gguf` package's tensor map, the metadata llama.cpp's converter writes, and Llama's q / k rows
 are interleaved per head as llama.cpp's rotary embedding reads them. A MoE layer's experts are
@@ -50,7 +51,7 @@ from ..experts import expert_weight, fused_weight_names, is_experts_module, pars
 from ..formats import bitpack, get_format
 from ..formats.integer import padded_k
 from ..linear import QuantLinear
-from .gguf_rope import ROPE_FREQS, rope_divisors
+from .gguf_rope import ROPE_FREQS, longrope_tensors, rope_divisors
 from .gguf_tokenizer import add_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -178,9 +179,11 @@ def _interleaved_rows(n: int, heads: int) -> torch.Tensor:
 def _rope_theta(config, architecture: str) -> float:
     parameters = getattr(config, "rope_parameters", None) or {}
     rope_type = parameters.get("rope_type", "default")
-    if rope_type not in ("default", "llama3") or rope_type == "llama3" and architecture != "llama":
-        raise _fail("config.rope_parameters.rope_type", f"{rope_type!r}: GGUF export writes default RoPE, and "
-                    "Llama's llama3 scaling (rope_freqs); llama.cpp's other scaled variants are not written yet")
+    written = {"default": architecture, "llama3": "llama", "longrope": "phi3"}.get(rope_type)
+    if written != architecture:
+        raise _fail("config.rope_parameters.rope_type", f"{rope_type!r}: GGUF export writes default RoPE, Llama's "
+                    "llama3 scaling (rope_freqs) and Phi-3's longrope (rope_factors_long / short); llama.cpp's other "
+                    "scaled variants are not written yet")
     theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
     if not isinstance(theta, (int, float)) or not theta > 0:
         raise _fail("config.rope_parameters.rope_theta", f"{theta!r} is not a positive number")
@@ -237,7 +240,9 @@ def _add_metadata(writer, architecture: str, config) -> None:
         writer.add_rope_dimension_count(head_dim)
     if architecture == "phi3":  # as llama.cpp's converter: 0 for no window (Phi-4); the longrope base context
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
-        writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings or config.max_position_embeddings)
+        original = ((getattr(config, "rope_parameters", None) or {}).get("original_max_position_embeddings")
+                    or config.original_max_position_embeddings or config.max_position_embeddings)
+        writer.add_rope_scaling_orig_ctx_len(original)
     if architecture in ("qwen3", "qwen3moe") or head_dim * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -372,6 +377,11 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer) -> dict[st
         divisors = rope_divisors(config)  # Llama 3.1's scaling: llama.cpp reads it from this tensor
         if divisors is not None:
             written[_add_tensor(writer, ROPE_FREQS, divisors, None)] += 1
+        longrope = longrope_tensors(config)  # Phi-3's 128k scaling: two tensors and its cos / sin scale
+        if longrope is not None:
+            for name, factors in longrope[0].items():
+                written[_add_tensor(writer, name, factors, None)] += 1
+            writer.add_rope_scaling_attn_factors(longrope[1])
         progress = tqdm(total=len(entries) + len(experts), desc="export GGUF", unit="tensor",
                         disable=len(entries) < 64)
         for key, layer_name in entries:

@@ -33,15 +33,15 @@ from .checkpoint_keys import ExpertSlice
 from . import gguf_gpt_oss, gguf_mixtral
 from .foreign_folder import fail, stacked_rows
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
-from .gguf_rope import ROPE_FREQS, llama3_parameters
+from .gguf_rope import LONGROPE_FACTORS, ROPE_FREQS, llama3_parameters, longrope_parameters
 from .gguf_split_experts import stack_split_experts
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
-#: tensors llama.cpp stores that transformers computes from the config (Llama 3's RoPE scaling, which
-#: `_with_rope_scaling` reads into the config)
-_DERIVED = (ROPE_FREQS,)
+#: tensors llama.cpp stores that transformers computes from the config (Llama 3's and Phi-3's RoPE
+#: scaling, which `_with_rope_scaling` reads into the config)
+_DERIVED = (ROPE_FREQS, *LONGROPE_FACTORS)
 #: metadata transformers' GGUF reader does not read, per model type: {key after "<architecture>.":
 #: (config key, whether the file must hold it)}. Without them a Qwen3-MoE file whose experts are
 #: not 768 wide (Qwen3-235B-A22B's are 1536) does not load, a Mixtral file has no experts, and a
@@ -158,11 +158,26 @@ def _architecture(path: Path, reader):
     return config, processor_class(config=config), cls, names_of
 
 
-def _with_rope_scaling(path: Path, tensors: list, config: dict) -> dict:
-    """`config` with the llama3 RoPE parameters a Llama file's rope_freqs tensor stands for
-    (transformers' reader ignores the tensor: its model would run default RoPE); unchanged without one."""
+def _with_rope_scaling(path: Path, reader, tensors: list, config: dict) -> dict:
+    """`config` with the RoPE scaling a file's tensors stand for (transformers' reader ignores them:
+    its model would run default RoPE; gguf_rope.py): llama3 from a Llama file's rope_freqs, longrope
+    from a Phi-3 file's rope_factors_long / short; unchanged without them."""
+    model_type = config.get("model_type")
+    if model_type == "phi3":
+        factors = {t.name: t for t in tensors if t.name in LONGROPE_FACTORS}
+        if not factors:
+            return config
+        for tensor in factors.values():
+            if tensor.tensor_type.name != "F32":
+                raise fail(f"{path}: {tensor.name}", f"stored as {tensor.tensor_type.name}; llama.cpp writes it as F32")
+        parameters = longrope_parameters(
+            str(path), {name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for name, t in factors.items()},
+            config, _field(path, reader, "phi3.rope.scaling.original_context_length"),
+            _field(path, reader, "phi3.rope.scaling.attn_factor"))
+        return {**config, "rope_parameters": parameters,
+                "original_max_position_embeddings": parameters["original_max_position_embeddings"]}
     rope = next((t for t in tensors if t.name == ROPE_FREQS), None)
-    if rope is None or config.get("model_type") != "llama":
+    if rope is None or model_type != "llama":
         return config
     if rope.tensor_type.name != "F32":
         raise fail(f"{path}: {ROPE_FREQS}", f"stored as {rope.tensor_type.name}; llama.cpp writes it as F32")
@@ -367,7 +382,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, model: n
     config, processor, cls, names_of = _architecture(path, reader)
     tensors = stack_split_experts(path, reader.tensors, config.get("num_local_experts", config.get("num_experts")))
     _check_block_count(path, tensors, config)
-    config = _with_rope_scaling(path, tensors, config)
+    config = _with_rope_scaling(path, reader, tensors, config)
     skeleton_model = (build_meta_model(path, cls, config, "<GGUF metadata>", [t.name for t in tensors])
                       if model is None else model)
     try:

@@ -1,11 +1,20 @@
-"""Llama 3's RoPE scaling ("llama3": Llama 3.1 ... 3.3) in GGUF files.
+"""RoPE scaling stored as tensors in GGUF files, which transformers' GGUF reader ignores (its
+models would run default RoPE): the export writes them from the model's config and the import
+recovers the config from them.
 
-llama.cpp keeps no config keys for it: its converter stores the tensor `rope_freqs.weight`, float32
-[head_dim / 2], and its rotary embedding divides each default frequency theta^(-2i / head_dim) by
-entry i. transformers' GGUF reader ignores that tensor (its models would run default RoPE), so the
-export writes the divisors of the model's config and the import recovers the config from them.
+Llama 3's ("llama3": Llama 3.1 ... 3.3): llama.cpp keeps no config keys for it; its converter
+stores the tensor `rope_freqs.weight`, float32 [head_dim / 2], and its rotary embedding divides
+each default frequency theta^(-2i / head_dim) by entry i.
+
+Phi-3's LongRoPE ("longrope": the 128k Phi-3 / Phi-3.5 models): per-frequency divisors for short
+and long contexts, `rope_factors_short.weight` / `rope_factors_long.weight`, float32 [head_dim / 2],
+with `rope.scaling.original_context_length` (the pretraining context: transformers takes the long
+factors past it) and `rope.scaling.attn_factor` (the cos / sin scale) as metadata.
 """
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 
@@ -15,6 +24,8 @@ from ..errors import CheckpointError
 #: divisors they give, so the import takes these and checks the divisors they give against the file's
 LLAMA3_SHARED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 ROPE_FREQS = "rope_freqs.weight"
+#: LongRoPE's per-frequency divisors: the rope_parameters key each tensor holds
+LONGROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 
 
 def _default_frequencies(theta: float, dim: int) -> torch.Tensor:
@@ -24,11 +35,11 @@ def _default_frequencies(theta: float, dim: int) -> torch.Tensor:
 
 def rope_divisors(config) -> torch.Tensor | None:
     """The rope_freqs.weight float32 [head_dim / 2] llama.cpp needs for a transformers `config`
-    whose RoPE is default (None: no tensor) or llama3 (the export refuses other types first)."""
+    whose RoPE is llama3; None for any other (the export refuses the types it does not write first)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     parameters = getattr(config, "rope_parameters", None) or {}
-    if parameters.get("rope_type", "default") == "default":
+    if parameters.get("rope_type", "default") != "llama3":
         return None
     frequencies = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))[0].float()  # its attention factor is 1
     return _default_frequencies(float(parameters["rope_theta"]), 2 * frequencies.numel()) / frequencies
@@ -58,4 +69,51 @@ def llama3_parameters(where: str, divisors: torch.Tensor, config: dict) -> dict:
     if expected.shape != divisors.shape or not torch.allclose(expected, divisors, rtol=1e-5, atol=0):
         raise CheckpointError(f"{where}: rope_freqs.weight ({divisors.numel()} divisors) is not Llama 3's RoPE "
                               f"scaling (factor {parameters['factor']:g} with {LLAMA3_SHARED}), the one lowbit reads")
+    return parameters
+
+
+def longrope_tensors(config) -> tuple[dict[str, torch.Tensor], float] | None:
+    """({tensor name: float32 [head_dim / 2] factors}, the cos / sin scale transformers applies) of a
+    transformers `config` with longrope RoPE, as llama.cpp's converter writes them; None for any
+    other RoPE."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if parameters.get("rope_type") != "longrope":
+        return None
+    attention_factor = ROPE_INIT_FUNCTIONS["longrope"](config, torch.device("cpu"))[1]
+    return ({name: torch.tensor(parameters[key], dtype=torch.float32) for name, key in LONGROPE_FACTORS.items()},
+            float(attention_factor))
+
+
+def longrope_parameters(where: str, factors: dict[str, torch.Tensor], config: dict, original: Any,
+                        attention_factor: Any) -> dict:
+    """The rope_parameters of longrope RoPE from a file's factor tensors ({tensor name: values}),
+    its rope.scaling.original_context_length `original` and rope.scaling.attn_factor (None: the
+    default transformers and llama.cpp's converter both derive), for the model `config`
+    (transformers' parsed GGUF metadata). CheckpointError naming `where` for a missing or damaged
+    part, rather than run another RoPE."""
+    missing = sorted(set(LONGROPE_FACTORS) - set(factors))
+    if missing:
+        raise CheckpointError(f"{where}: {missing[0]} is missing; LongRoPE needs both factor tensors")
+    try:
+        half = (config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]) // 2
+    except (KeyError, TypeError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{where}: cannot size the rotary embedding from the file's metadata "
+                              f"({type(exc).__name__}: {exc})") from None
+    parameters = {"rope_type": "longrope", "rope_theta": float(config.get("rope_theta") or 10000.0)}
+    for name, key in LONGROPE_FACTORS.items():
+        values = factors[name].float().flatten()
+        if values.numel() != half or not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+            raise CheckpointError(f"{where}: {name} holds {values.numel()} values; LongRoPE needs {half} finite "
+                                  "positive factors (one per rotary frequency)")
+        parameters[key] = values.tolist()
+    if not isinstance(original, int) or isinstance(original, bool) or not 0 < original:
+        raise CheckpointError(f"{where}: rope.scaling.original_context_length is {original!r}, not a positive "
+                              "count; LongRoPE switches to its long factors past it")
+    parameters["original_max_position_embeddings"] = original
+    if attention_factor is not None:
+        if not isinstance(attention_factor, float) or not math.isfinite(attention_factor) or attention_factor <= 0:
+            raise CheckpointError(f"{where}: rope.scaling.attn_factor is {attention_factor!r}, not a positive number")
+        parameters["attention_factor"] = attention_factor
     return parameters

@@ -219,7 +219,6 @@ def test_llama3_rope_scaling_is_written_as_rope_freqs_and_read_back(tmp_path, mo
     lowbit's import turns it back into the llama3 config: the same logits (transformers' own GGUF
     reader ignores the tensor and runs default RoPE)."""
     from lowbit.integrations import gguf_rope
-    from lowbit.integrations.gguf_import import load_gguf
 
     monkeypatch.setitem(gguf_rope.LLAMA3_SHARED, "original_max_position_embeddings", 64)
     tokenizer = _tokenizer("llama-bpe")
@@ -243,7 +242,6 @@ def test_rope_freqs_other_than_llama3_s_are_refused_on_import(tmp_path, monkeypa
     """A file whose rope_freqs lowbit cannot express as the llama3 config (here: high_freq_factor 2)
     is refused naming the tensor, rather than run with another RoPE."""
     from lowbit.integrations import gguf_rope
-    from lowbit.integrations.gguf_import import load_gguf
 
     monkeypatch.setitem(gguf_rope.LLAMA3_SHARED, "original_max_position_embeddings", 64)
     tokenizer = _tokenizer("llama-bpe")
@@ -253,6 +251,62 @@ def test_rope_freqs_other_than_llama3_s_are_refused_on_import(tmp_path, monkeypa
     with pytest.raises(CheckpointError, match=r"model\.gguf: rope_freqs\.weight: rope_freqs\.weight \(16 divisors\) "
                                               r"is not Llama 3's RoPE scaling"):
         load_gguf(tmp_path / "model.gguf")
+
+
+def _longrope_phi3(tokenizer):
+    """A tiny Phi-3 with 128k-style LongRoPE: an original context of 4 (IDS' 7 tokens run on the long
+    factors, 3 tokens on the short ones), 16 distinct factors of each kind for its 32-wide heads."""
+    generator = torch.Generator().manual_seed(1)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4,
+            "long_factor": (1 + 40 * torch.rand(16, generator=generator)).tolist(),
+            "short_factor": (1 + 3 * torch.rand(16, generator=generator)).tolist()}
+    return _quantized(_model("phi3", tokenizer, rope_parameters=rope, original_max_position_embeddings=4), MIXED)
+
+
+def test_phi3_longrope_is_written_as_factor_tensors_and_read_back(tmp_path):
+    """Phi-3's LongRoPE (the 128k models): the file holds the config's long and short factors as
+    rope_factors_long / short.weight (F32), the original context and the attention factor
+    sqrt(1 + ln(128 / 4) / ln(4)) (llama.cpp's converter's formula, written out here), and lowbit's
+    import turns them back into the longrope config: the same logits on the long factors (7 tokens)
+    and the short ones (3), where transformers' own GGUF reader ignores the tensors."""
+    tokenizer = _tokenizer("llama-bpe")
+    tokenizer.pad_token = "<|end|>"  # see test_phi3_is_written_with_its_fused_projections
+    model = _longrope_phi3(tokenizer)
+    path = tmp_path / "model.gguf"
+    assert export_gguf(model, path, tokenizer)["F32"] == 9  # + the two factor tensors
+    parameters = model.config.rope_parameters
+    for name, key in [("rope_factors_long.weight", "long_factor"), ("rope_factors_short.weight", "short_factor")]:
+        stored = torch.from_numpy(np.array(_file_tensor(path, name).data))
+        assert torch.equal(stored, torch.tensor(parameters[key], dtype=torch.float32)), name
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["phi3.rope.scaling.original_context_length"].contents() == 4
+    assert math.isclose(fields["phi3.rope.scaling.attn_factor"].contents(), math.sqrt(1 + math.log(32) / math.log(4)),
+                        rel_tol=1e-6)
+    back = load_gguf(path, dtype=torch.float32)
+    assert back.config.rope_parameters["rope_type"] == "longrope"
+    default_rope = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf",
+                                                                     dtype=torch.float32)
+    for ids in (IDS, IDS[:, :3]):
+        with torch.no_grad():
+            expected, got, ignored = (m(ids).logits for m in (model, back, default_rope))
+        assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+        assert float((ignored - expected).abs().max()) > 1e-3 * float(expected.abs().max())
+
+
+def test_a_longrope_file_without_its_original_context_is_refused_on_import(tmp_path):
+    """The original context decides when the long factors apply: a file without it (the key's name
+    damaged) is refused naming it, rather than run with another RoPE."""
+    tokenizer = _tokenizer("llama-bpe")
+    tokenizer.pad_token = "<|end|>"
+    path = tmp_path / "model.gguf"
+    export_gguf(_longrope_phi3(tokenizer), path, tokenizer)
+    data = path.read_bytes()
+    key = b"phi3.rope.scaling.original_context_length"
+    assert data.count(key) == 1
+    path.write_bytes(data.replace(key, key[:-1] + b"X"))
+    with pytest.raises(CheckpointError, match=r"model\.gguf: rope\.scaling\.original_context_length is None, not a "
+                                              r"positive count"):
+        load_gguf(path)
 
 
 def _file_tensor(path, name):
@@ -265,7 +319,7 @@ def _file_tensor(path, name):
     ({"quantize": {"format": "int4", "symmetric": True}}, r"q_proj: int4 .*'group_size': 128"),
     ({"quantize": {"format": "nvfp4"}}, r"q_proj: nvfp4 .* writes int4 / int5 / int8 with symmetric=True"),
     ({"config": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
-     r"config\.rope_parameters\.rope_type: 'linear': GGUF export writes default RoPE, and Llama's llama3"),
+     r"config\.rope_parameters\.rope_type: 'linear': GGUF export writes default RoPE, Llama's llama3"),
     ({"config": {"attention_bias": True}}, r"config\.attention_bias: True"),
     ({"config": {"use_sliding_window": True}, "architecture": "qwen2"}, r"config\.use_sliding_window: True"),
     ({"tokenizer": "wordpiece"}, r"tokenizer: a WordPiece model; GGUF export writes BPE tokenizers"),
