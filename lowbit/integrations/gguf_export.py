@@ -7,12 +7,15 @@ Layers are written in the GGML type that decodes to exactly the weights lowbit c
     int4 / int5 / int8, symmetric, group 32   -> Q4_0 / Q5_0 / Q8_0   (w = d * (u - 2^(b-1)))
     int2, symmetric, group 256                -> TQ2_0                (w = d * (t - 1), t = u - 1)
     iq4_nl                                    -> IQ4_NL               (w = d * KVALUES[u])
+    mxfp4 (weight-only, not rotated)          -> MXFP4                (w = 2^(e - 127) * E2M1[u])
+    nvfp4 with tensor scale 1                 -> NVFP4                (w = s * E2M1[u], E4M3 s per 16)
     dfloat11 (lossless bf16)                  -> BF16
 
-with lowbit's float16 scale as the block's d. Any other layer (asymmetric or another group: their
-float16 zero points times the scale are not a float16 min; K types' 6-bit sub-block scales
-cannot hold arbitrary float16 scales) is refused by name before anything is written: quantize
-with `symmetric=True, group_size=32` for llama.cpp. Unquantized 2-D weights keep their dtype
+with lowbit's float16 scale as the block's d (MXFP4: its E8M0 byte; NVFP4: its E4M3 bytes). Any
+other layer (asymmetric or another group: their float16 zero points times the scale are not a
+float16 min; K types' 6-bit sub-block scales cannot hold arbitrary float16 scales; nvfp4's own
+tensor scale) is refused by name before anything is written: quantize with `symmetric=True,
+group_size=32` (or mxfp4) for llama.cpp. Unquantized 2-D weights keep their dtype
 (F32 / F16 / BF16), 1-D ones (norms, biases) are F32, as llama.cpp expects.
 
 Models: Llama, Mistral (as Llama, without a sliding window), Qwen2, Qwen3 and Phi-3 / Phi-4 (fused
@@ -76,14 +79,16 @@ def _fail(where: str, problem: str) -> CheckpointError:
 
 @dataclass(frozen=True)
 class _Encoding:
-    """How one kind of lowbit layer is written: GGML type name, the width of the layer's codes, and
-    the block encoder, which takes codes int32 [N, G, group] and the float16 block scales [N, G]
-    and returns uint8 [N, G, bytes]."""
+    """How one kind of lowbit layer is written: GGML type name, the width of the layer's codes, the
+    weights per GGML block, and the block encoder, which takes codes int32 [N, G, group] and the
+    layer's stored scales [N, G * scales_per_block] (float16 d; MXFP4's E8M0 bytes; NVFP4's E4M3
+    of 16-weight sub-blocks) and returns uint8 [N, G, bytes]."""
 
     ggml_type: str
     bits: int
     group_size: int
     encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scales_per_block: int = 1
 
 
 def _half_bytes(d: torch.Tensor) -> torch.Tensor:
@@ -114,6 +119,19 @@ def _q8_0(codes, d):
     return torch.cat([_half_bytes(d), (codes - 128).to(torch.int8).view(torch.uint8)], dim=-1)
 
 
+def _mxfp4(codes, e):
+    # ggml's scale is 2^(e - 128) and its table E2M1 doubled: the same weight as lowbit's 2^(e - 127) E2M1
+    return torch.cat([e.view(torch.uint8).unsqueeze(-1), _nibble_bytes(codes)], dim=-1)
+
+
+def _nvfp4(codes, s):
+    # 4 sub-blocks of 16: their E4M3 scales (ggml halves them, its table is E2M1 doubled), then per
+    # sub-block 8 bytes, element j in byte j's low nibble, j + 8 in its high
+    sub = codes.unflatten(-1, (4, 16))
+    nibbles = ((sub[..., :8] & 0xF) | ((sub[..., 8:] & 0xF) << 4)).to(torch.uint8).flatten(-2)
+    return torch.cat([s.contiguous().view(torch.uint8).unflatten(-1, (-1, 4)), nibbles], dim=-1)
+
+
 def _tq2_0(codes, d):
     # t = u - 1 in 0..2; element 128h + 32j + l at bits 2j of byte 32h + l (Q2_K's field order)
     t = (codes - 1).unflatten(-1, (2, 4, 32))
@@ -125,11 +143,14 @@ def _tq2_0(codes, d):
 _SYMMETRIC_INT = {(4, 32): _Encoding("Q4_0", 4, 32, _q4_0), (5, 32): _Encoding("Q5_0", 5, 32, _q5_0),
                   (8, 32): _Encoding("Q8_0", 8, 32, _q8_0), (2, 256): _Encoding("TQ2_0", 2, 256, _tq2_0)}
 _IQ4_NL = _Encoding("IQ4_NL", 4, 32, _q4_0)  # IQ4_NL's block is Q4_0's: d, then the nibbles
+#: microscaled layers by format (weight-only, not rotated: llama.cpp multiplies plain weights)
+_MICROSCALED = {"mxfp4": _Encoding("MXFP4", 4, 32, _mxfp4), "nvfp4": _Encoding("NVFP4", 4, 64, _nvfp4, 4)}
 
 
 def _exportable() -> str:
     return ("int4 / int5 / int8 with symmetric=True, group_size=32 (Q4_0 / Q5_0 / Q8_0), int2 symmetric group 256 "
-            "(TQ2_0), iq4_nl (IQ4_NL) and dfloat11 (BF16)")
+            "(TQ2_0), iq4_nl (IQ4_NL), mxfp4 (MXFP4), nvfp4 with tensor scale 1 (NVFP4; an imported NVFP4 file's) "
+            "and dfloat11 (BF16)")
 
 
 def _layer_encoding(name: str, layer: QuantLinear) -> _Encoding | None:
@@ -143,6 +164,15 @@ def _layer_encoding(name: str, layer: QuantLinear) -> _Encoding | None:
         return None
     if layer.format == "iq4_nl":
         encoding = _IQ4_NL
+    elif layer.format in _MICROSCALED:
+        if attrs.get("act") or attrs.get("rotate"):
+            raise _fail(name, f"{layer.format} with act={attrs.get('act')!r}, rotate={attrs.get('rotate')!r}: "
+                        "llama.cpp multiplies plain (unrotated) weights by unquantized activations")
+        tensor_scale = layer.packed.tensors.get("tensor_scale")
+        if tensor_scale is not None and float(tensor_scale.flatten()[0]) != 1.0:
+            raise _fail(name, f"nvfp4's tensor scale {float(tensor_scale.flatten()[0]):g}: NVFP4 blocks have none "
+                        "(only layers imported from GGUF NVFP4, tensor scale 1, are written)")
+        encoding = _MICROSCALED[layer.format]
     elif layer.format.startswith("int") and attrs.get("symmetric"):
         encoding = _SYMMETRIC_INT.get((get_format(layer.format).bits, attrs.get("group_size")))
     else:
@@ -161,7 +191,7 @@ def _encoded_layer(name: str, layer: QuantLinear, encoding: _Encoding, rows: tor
     packed = layer.packed
     n, k = layer.out_features, layer.in_features
     codes = bitpack.unpack(packed.qweight.cpu(), encoding.bits, padded_k(k, encoding.group_size))[:, :k].to(torch.int32)
-    d = packed.scales.cpu().t()[:, : k // encoding.group_size]  # [N, G]
+    d = packed.scales.cpu().t()[:, : k // encoding.group_size * encoding.scales_per_block]  # [N, G * scales]
     if encoding.ggml_type == "TQ2_0" and bool((codes == 0).any()):
         raise _fail(name, "an int2 code 0 (the weight -2 d) is outside TQ2_0's ternary range")
     if rows is not None:

@@ -192,6 +192,40 @@ def test_every_tensor_decodes_to_the_lowbit_weights_bit_for_bit(tmp_path):
     assert torch.equal(_logits(back), _logits(model))
 
 
+def test_microscaled_layers_are_written_as_mxfp4_and_nvfp4_blocks(tmp_path):
+    """mxfp4 layers as MXFP4 (E8M0 byte, nibbles), and nvfp4 ones whose tensor scale is 1 (as a GGUF
+    NVFP4 import's) as NVFP4 (4 E4M3 bytes per 64 weights): the gguf package's float32 decoding
+    of each equals lowbit's weights exactly (q / k rows interleaved per head), transformers' GGUF
+    load of the file gives the lowbit model's logits, and lowbit's import reads the layers back in
+    their formats with equal logits."""
+    tokenizer = _tokenizer("llama-bpe")
+    model = _quantized(_model("llama", tokenizer), {"format": "mxfp4", "skip": ["lm_head"],
+                                                    "overrides": {"model.layers.1.mlp.*": "nvfp4"}})
+    for name in [f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]:
+        packed = model.get_submodule(name).packed
+        packed = dataclasses.replace(packed, tensors={**packed.tensors, "tensor_scale": torch.ones(1)})
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, lowbit.QuantLinear.from_packed(packed))
+    path = tmp_path / "model.gguf"
+    assert export_gguf(model, path, tokenizer) == {"MXFP4": 11, "NVFP4": 3, "F32": 7}
+    stored = _file_weights(path)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, lowbit.QuantLinear)}
+    for name, module in layers.items():
+        weight = lowbit.get_format(module.format).dequantize(dataclasses.replace(module.packed, dtype=torch.float32))
+        if name.endswith(("q_proj", "k_proj")):
+            weight = interleaved(weight, 4 if name.endswith("q_proj") else 2)
+        kind, values = stored[names.get_name(name) + ".weight"]
+        assert kind == module.format.upper() and torch.equal(values, weight), name
+    want = _logits(model)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    assert float((_logits(oracle) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    back = load_gguf(path, dtype=torch.float32)
+    assert {name: m.format for name, m in back.named_modules() if isinstance(m, lowbit.QuantLinear)} == {
+        name: m.format for name, m in layers.items()}
+    assert float((_logits(back) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
@@ -317,7 +351,10 @@ def _file_tensor(path, name):
     ({"quantize": {"format": "int4", "group_size": 32}}, r"model\.layers\.0\.self_attn\.q_proj: int4 .*'symmetric': "
                                                          r"False.* no GGML type that holds it bit for bit"),
     ({"quantize": {"format": "int4", "symmetric": True}}, r"q_proj: int4 .*'group_size': 128"),
-    ({"quantize": {"format": "nvfp4"}}, r"q_proj: nvfp4 .* writes int4 / int5 / int8 with symmetric=True"),
+    ({"quantize": {"format": "nvfp4"}}, r"q_proj: nvfp4's tensor scale .*: NVFP4 blocks have none"),
+    ({"quantize": {"format": "mxfp4", "rotate": "hadamard"}}, r"q_proj: mxfp4 with act=None, rotate='hadamard': "
+                                                              r"llama\.cpp multiplies plain"),
+    ({"quantize": {"format": "nf4"}}, r"q_proj: nf4 .* writes int4 / int5 / int8 with symmetric=True"),
     ({"config": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
      r"config\.rope_parameters\.rope_type: 'linear': GGUF export writes default RoPE, Llama's llama3"),
     ({"config": {"attention_bias": True}}, r"config\.attention_bias: True"),
