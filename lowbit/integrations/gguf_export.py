@@ -6,6 +6,7 @@ Layers are written in the GGML type that decodes to exactly the weights lowbit c
 
     int4 / int5 / int8, symmetric, group 32   -> Q4_0 / Q5_0 / Q8_0   (w = d * (u - 2^(b-1)))
     int2, symmetric, group 256                -> TQ2_0                (w = d * (t - 1), t = u - 1)
+    int2, group 256, zero points 1            -> TQ2_0                (w = d * (t - 1), t = u: a TQ import's)
     iq4_nl                                    -> IQ4_NL               (w = d * KVALUES[u])
     mxfp4 (weight-only, not rotated)          -> MXFP4                (w = 2^(e - 127) * E2M1[u])
     nvfp4 with tensor scale 1                 -> NVFP4                (w = s * E2M1[u], E4M3 s per 16)
@@ -133,8 +134,12 @@ def _nvfp4(codes, s):
 
 
 def _tq2_0(codes, d):
-    # t = u - 1 in 0..2; element 128h + 32j + l at bits 2j of byte 32h + l (Q2_K's field order)
-    t = (codes - 1).unflatten(-1, (2, 4, 32))
+    return _tq2_0_fields(codes - 1, d)  # symmetric int2: w = d * (u - 2) = d * (t - 1), t = u - 1
+
+
+def _tq2_0_fields(t, d):
+    # t in 0..2; element 128h + 32j + l at bits 2j of byte 32h + l (Q2_K's field order)
+    t = t.unflatten(-1, (2, 4, 32))
     fields = (t << (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)).sum(-2)
     return torch.cat([fields.flatten(-2).to(torch.uint8), _half_bytes(d)], dim=-1)
 
@@ -143,6 +148,8 @@ def _tq2_0(codes, d):
 _SYMMETRIC_INT = {(4, 32): _Encoding("Q4_0", 4, 32, _q4_0), (5, 32): _Encoding("Q5_0", 5, 32, _q5_0),
                   (8, 32): _Encoding("Q8_0", 8, 32, _q8_0), (2, 256): _Encoding("TQ2_0", 2, 256, _tq2_0)}
 _IQ4_NL = _Encoding("IQ4_NL", 4, 32, _q4_0)  # IQ4_NL's block is Q4_0's: d, then the nibbles
+#: int2, group 256, zero points 1 (a TQ1_0 / TQ2_0 import's: w = s * (t - 1)): the codes are TQ2_0's t
+_TERNARY_INT2 = _Encoding("TQ2_0", 2, 256, _tq2_0_fields)
 #: microscaled layers by format (weight-only, not rotated: llama.cpp multiplies plain weights)
 _MICROSCALED = {"mxfp4": _Encoding("MXFP4", 4, 32, _mxfp4), "nvfp4": _Encoding("NVFP4", 4, 64, _nvfp4, 4)}
 
@@ -175,6 +182,8 @@ def _layer_encoding(name: str, layer: QuantLinear) -> _Encoding | None:
         encoding = _MICROSCALED[layer.format]
     elif layer.format.startswith("int") and attrs.get("symmetric"):
         encoding = _SYMMETRIC_INT.get((get_format(layer.format).bits, attrs.get("group_size")))
+    elif layer.format == "int2" and attrs.get("group_size") == 256 and _zero_points_one(layer.packed):
+        encoding = _TERNARY_INT2
     else:
         encoding = None
     if encoding is None:
@@ -186,13 +195,19 @@ def _layer_encoding(name: str, layer: QuantLinear) -> _Encoding | None:
     return encoding
 
 
+def _zero_points_one(packed) -> bool:
+    """Whether every group of an asymmetric int layer has zero point 1, or scale 0 (all its weights 0,
+    whatever TQ2_0's t: an import's block whose d is 0)."""
+    return bool(((packed.zeros == 1) | (packed.scales == 0)).all())
+
+
 def _encoded_layer(name: str, layer: QuantLinear, encoding: _Encoding, rows: torch.Tensor | None):
     """A quantized layer's GGUF bytes: uint8 [N, K / group * block bytes] (rows reordered by `rows`)."""
     packed = layer.packed
     n, k = layer.out_features, layer.in_features
     codes = bitpack.unpack(packed.qweight.cpu(), encoding.bits, padded_k(k, encoding.group_size))[:, :k].to(torch.int32)
     d = packed.scales.cpu().t()[:, : k // encoding.group_size * encoding.scales_per_block]  # [N, G * scales]
-    if encoding.ggml_type == "TQ2_0" and bool((codes == 0).any()):
+    if encoding is _SYMMETRIC_INT[(2, 256)] and bool((codes == 0).any()):
         raise _fail(name, "an int2 code 0 (the weight -2 d) is outside TQ2_0's ternary range")
     if rows is not None:
         codes, d = codes[rows], d[rows]

@@ -226,6 +226,53 @@ def test_microscaled_layers_are_written_as_mxfp4_and_nvfp4_blocks(tmp_path):
     assert float((_logits(back) - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
+#: every GGML type lowbit imports bit for bit, and TQ1_0 (imported as int2 with zero points 1, exported as TQ2_0)
+ROUND_TRIP_TYPES = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4", "NVFP4", "TQ2_0", "TQ1_0")
+
+
+def test_a_llama_cpp_file_of_exact_types_converts_and_exports_back_byte_for_byte(tmp_path):
+    """A llama.cpp-layout Llama file whose Linears hold random blocks of each exact type (random
+    bytes: every code and bit pattern, llama.cpp's q / k row order, a SentencePiece vocabulary),
+    through `lowbit convert` and `lowbit export`: every quantized tensor comes back in its type with
+    the same bytes, except TQ1_0 (written as TQ2_0) and a TQ2_0 block whose d is 0 (imported as a
+    constant group), which decode to the same weights; the tokens and their types unchanged; the embedding
+    is BF16, `convert`'s dtype."""
+    from lowbit.cli import main
+
+    from .test_gguf_import import _write_gguf
+
+    kinds = {}
+
+    def types(name):
+        if name.startswith("token_embd"):
+            return None
+        return kinds.setdefault(name, ROUND_TRIP_TYPES[len(kinds) % len(ROUND_TRIP_TYPES)])
+
+    source = _write_gguf(tmp_path / "source.gguf", types, random_blocks=True, tokenizer=True)
+    assert set(kinds.values()) == set(ROUND_TRIP_TYPES)
+    zeroed = next(t for t in gguf.GGUFReader(str(source), "r+").tensors if kinds.get(t.name) == "TQ2_0")
+    zeroed.data[0, 64:66] = 0  # the first block's float16 d (TQ2_0: 64 bytes of fields, then d)
+    zeroed.data.flush()
+    assert main(["convert", str(source), str(tmp_path / "lowbit")]) == 0
+    assert main(["export", str(tmp_path / "lowbit"), str(tmp_path / "back.gguf")]) == 0
+    before, after = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(tmp_path / "back.gguf"))
+    back = {t.name: t for t in after.tensors}
+    assert set(back) == {t.name for t in before.tensors}
+    decoded, original = _file_weights(tmp_path / "back.gguf"), _file_weights(source)
+    for tensor in before.tensors:
+        if tensor.name not in kinds:
+            continue
+        got = back[tensor.name]
+        assert got.tensor_type.name == ("TQ2_0" if kinds[tensor.name] == "TQ1_0" else kinds[tensor.name])
+        if kinds[tensor.name] == "TQ1_0" or tensor.name == zeroed.name:
+            assert torch.equal(decoded[tensor.name][1], original[tensor.name][1]), tensor.name
+            continue
+        assert np.array_equal(np.asarray(got.data), np.asarray(tensor.data)), tensor.name
+    assert back["token_embd.weight"].tensor_type.name == "BF16"
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.model"):
+        assert after.fields[key].contents() == before.fields[key].contents(), key
+
+
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
