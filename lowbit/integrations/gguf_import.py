@@ -44,9 +44,11 @@ MAGIC = b"GGUF"
 _DERIVED = (ROPE_FREQS, *LONGROPE_FACTORS)
 #: metadata transformers' GGUF reader does not read, per model type: {key after "<architecture>.":
 #: (config key, whether the file must hold it)}. Without them a Qwen3-MoE file whose experts are
-#: not 768 wide (Qwen3-235B-A22B's are 1536) does not load, a Mixtral file has no experts, and a
-#: GPT-OSS file (whose config gguf_gpt_oss reads) keeps the class's head_dim and sliding window.
-_UNREAD_FIELDS = {"qwen3_moe": {"expert_feed_forward_length": ("moe_intermediate_size", False)},
+#: not 768 wide (Qwen3-235B-A22B's are 1536) does not load, nor a Qwen3 file whose heads are not
+#: 128 wide, a Mixtral file has no experts, and a GPT-OSS file (whose config gguf_gpt_oss reads)
+#: keeps the class's head_dim and sliding window.
+_UNREAD_FIELDS = {"qwen3": {"attention.key_length": ("head_dim", False)},
+                  "qwen3_moe": {"expert_feed_forward_length": ("moe_intermediate_size", False)},
                   "qwen2_moe": {"expert_feed_forward_length": ("moe_intermediate_size", False),
                                 "expert_shared_feed_forward_length": ("shared_expert_intermediate_size", False)},
                   "mixtral": {"expert_count": ("num_local_experts", True),

@@ -107,6 +107,22 @@ def test_transformers_reads_the_exported_file_as_the_quantized_model(tmp_path, a
     assert types == [3, 3] + [1] * 298 + [4] + [5] * 4  # <|end|> control ... <think> user-defined, then [PADi] unused
 
 
+def test_a_qwen3_whose_heads_are_not_128_wide_reads_back(tmp_path):
+    """Qwen3's head_dim is written as attention.key_length, which transformers' GGUF reader does not
+    read for Qwen3 (it keeps the class's 128 and cannot load the file); lowbit's import reads it."""
+    tokenizer = _tokenizer("qwen2")
+    model = _quantized(_model("qwen3", tokenizer, head_dim=64), MIXED)
+    path = tmp_path / "model.gguf"
+    export_gguf(model, path, tokenizer)
+    assert gguf.GGUFReader(str(path)).fields["qwen3.attention.key_length"].contents() == 64
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    back = load_gguf(path, dtype=torch.float32)
+    assert back.config.head_dim == 64
+    want = _logits(model)
+    assert float((_logits(back) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 def test_phi3_is_written_with_its_fused_projections(tmp_path):
     """Phi-3 / Phi-4's fused qkv_proj (IQ4_NL here) and gate_up_proj (Q5_0) are written whole, as
     llama.cpp's attn_qkv and ffn_up (q / k rows not interleaved: Phi-3 rotates head halves, as
