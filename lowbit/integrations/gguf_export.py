@@ -252,11 +252,6 @@ def _check_config(architecture: str, config) -> None:
         warnings.warn(f"GGUF export: config.sliding_window {window}: llama.cpp runs Phi-3 with full attention (its "
                       f"Phi sliding window is disabled), so past {window} tokens its outputs differ from "
                       "transformers'", stacklevel=3)
-    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
-    if architecture == "phi3" and partial != 1.0:  # transformers' GGUF reader would rotate whole heads
-        raise _fail("config.rope_parameters.partial_rotary_factor", f"{partial}: GGUF export writes Phi-3 models "
-                    "that rotate whole heads (Phi-3, Phi-4); transformers' GGUF reader does not read a partial "
-                    "rotary dimension back")
 
 
 def _check_moe_config(config) -> None:
@@ -281,8 +276,9 @@ def _add_metadata(writer, architecture: str, config) -> None:
     writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_freq_base(_rope_theta(config, architecture))
-    if architecture in ("llama", "phi3"):
-        writer.add_rope_dimension_count(head_dim)
+    if architecture in ("llama", "phi3"):  # Phi-4-mini rotates 3/4 of each head (partial_rotary_factor)
+        partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        writer.add_rope_dimension_count(int(head_dim * partial) if architecture == "phi3" else head_dim)
     if architecture == "phi3":  # as llama.cpp's converter: 0 for no window (Phi-4); the longrope base context
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
         original = ((getattr(config, "rope_parameters", None) or {}).get("original_max_position_embeddings")

@@ -166,6 +166,7 @@ def _with_rope_scaling(path: Path, reader, tensors: list, config: dict) -> dict:
     from a Phi-3 file's rope_factors_long / short; unchanged without them."""
     model_type = config.get("model_type")
     if model_type == "phi3":
+        config = _with_rotary_dimensions(path, reader, config)
         factors = {t.name: t for t in tensors if t.name in LONGROPE_FACTORS}
         if not factors:
             return config
@@ -185,6 +186,24 @@ def _with_rope_scaling(path: Path, reader, tensors: list, config: dict) -> dict:
         raise fail(f"{path}: {ROPE_FREQS}", f"stored as {rope.tensor_type.name}; llama.cpp writes it as F32")
     divisors = torch.from_numpy(np.array(rope.data, dtype=np.float32))
     return {**config, "rope_parameters": llama3_parameters(f"{path}: {ROPE_FREQS}", divisors, config)}
+
+
+def _with_rotary_dimensions(path: Path, reader, config: dict) -> dict:
+    """A Phi-3 file's `config` with the partial rotary factor its rope.dimension_count stands for
+    (Phi-4-mini rotates 96 of each head's 128 dimensions; transformers' reader ignores the key and
+    would rotate whole heads)."""
+    dimensions = _field(path, reader, "phi3.rope.dimension_count")
+    if dimensions is None:
+        return config
+    try:
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    except (KeyError, TypeError, ZeroDivisionError) as exc:
+        raise fail(str(path), f"cannot size the heads from the file's metadata ({type(exc).__name__}: {exc})") from None
+    if not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 0 < dimensions <= head_dim \
+            or dimensions % 2:
+        raise fail(f"{path}: phi3.rope.dimension_count", f"{dimensions!r} is not an even count of rotated "
+                   f"dimensions of a {head_dim}-wide head")
+    return config if dimensions == head_dim else {**config, "partial_rotary_factor": dimensions / head_dim}
 
 
 def _check_block_count(path: Path, tensors: list, config: dict) -> None:

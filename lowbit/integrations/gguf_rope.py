@@ -97,7 +97,8 @@ def longrope_parameters(where: str, factors: dict[str, torch.Tensor], config: di
     if missing:
         raise CheckpointError(f"{where}: {missing[0]} is missing; LongRoPE needs both factor tensors")
     try:
-        half = (config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]) // 2
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        half = int(head_dim * config.get("partial_rotary_factor", 1.0)) // 2  # one factor per rotated pair
     except (KeyError, TypeError, ZeroDivisionError) as exc:
         raise CheckpointError(f"{where}: cannot size the rotary embedding from the file's metadata "
                               f"({type(exc).__name__}: {exc})") from None

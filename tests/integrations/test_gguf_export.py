@@ -350,14 +350,41 @@ def test_rope_freqs_other_than_llama3_s_are_refused_on_import(tmp_path, monkeypa
         load_gguf(tmp_path / "model.gguf")
 
 
-def _longrope_phi3(tokenizer):
+def _longrope_phi3(tokenizer, partial_rotary_factor=1.0):
     """A tiny Phi-3 with 128k-style LongRoPE: an original context of 4 (IDS' 7 tokens run on the long
-    factors, 3 tokens on the short ones), 16 distinct factors of each kind for its 32-wide heads."""
-    generator = torch.Generator().manual_seed(1)
+    factors, 3 tokens on the short ones), distinct factors of each kind, one per rotated pair of its
+    32-wide heads (16; 8 when it rotates half of each head)."""
+    generator, pairs = torch.Generator().manual_seed(1), int(32 * partial_rotary_factor) // 2
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4,
-            "long_factor": (1 + 40 * torch.rand(16, generator=generator)).tolist(),
-            "short_factor": (1 + 3 * torch.rand(16, generator=generator)).tolist()}
+            "partial_rotary_factor": partial_rotary_factor,
+            "long_factor": (1 + 40 * torch.rand(pairs, generator=generator)).tolist(),
+            "short_factor": (1 + 3 * torch.rand(pairs, generator=generator)).tolist()}
     return _quantized(_model("phi3", tokenizer, rope_parameters=rope, original_max_position_embeddings=4), MIXED)
+
+
+@pytest.mark.parametrize("rope_type", ["default", "longrope"])
+def test_a_phi3_rotating_half_of_each_head_reads_back(tmp_path, rope_type):
+    """A Phi-3 whose partial_rotary_factor is 0.5 (Phi-4-mini's is 0.75): rope.dimension_count is
+    the rotated 16 of its 32-wide heads, as llama.cpp's converter writes it, and lowbit's import
+    reads it back (with LongRoPE's 8 factor pairs too): the model's logits, where transformers'
+    reader, which ignores the key, rotates whole heads."""
+    tokenizer = _tokenizer("llama-bpe")
+    tokenizer.pad_token = "<|end|>"
+    if rope_type == "longrope":
+        model = _longrope_phi3(tokenizer, partial_rotary_factor=0.5)
+    else:
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        model = _quantized(_model("phi3", tokenizer, rope_parameters=rope), MIXED)
+    path = tmp_path / "model.gguf"
+    export_gguf(model, path, tokenizer)
+    assert gguf.GGUFReader(str(path)).fields["phi3.rope.dimension_count"].contents() == 16
+    back = load_gguf(path, dtype=torch.float32)
+    assert back.config.rope_parameters["partial_rotary_factor"] == 0.5
+    whole_heads = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf",
+                                                                    dtype=torch.float32)
+    want = _logits(model)
+    assert float((_logits(back) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert float((_logits(whole_heads) - want).abs().max()) > 1e-3 * float(want.abs().max())
 
 
 def test_phi3_longrope_is_written_as_factor_tensors_and_read_back(tmp_path):
@@ -425,9 +452,6 @@ def _file_tensor(path, name):
     ({"tokenizer": "wordpiece"}, r"tokenizer: a WordPiece model; GGUF export writes BPE tokenizers"),
     ({"architecture": "mistral", "config": {"sliding_window": 4096}}, r"config\.sliding_window: 4096: GGUF export "
                                                                      r"writes Mistral models with full attention"),
-    ({"architecture": "phi3", "config": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
-                                                             "partial_rotary_factor": 0.75}}},
-     r"config\.rope_parameters\.partial_rotary_factor: 0\.75: GGUF export writes Phi-3 models that rotate whole"),
     ({"architecture": "gemma"}, r"model: GemmaForCausalLM \(model_type 'gemma'\): GGUF export writes \['llama', "
                                 r"'mistral', 'mixtral', 'phi3', 'qwen2', 'qwen2_moe', 'qwen3', 'qwen3_moe'\]"),
 ])
