@@ -367,10 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "for llama.cpp")
     e.add_argument("source", help="lowbit.save or save_pretrained folder of a quantized transformers model "
                    "(int2 ... int8, fp8, nvfp4, mxfp4 / mxfp6 / mxfp8 layers), or a folder `lowbit convert` reads")
-    e.add_argument("out", help="output folder (compressed-tensors layout), or a .gguf file: Llama / Mistral / Qwen2 / Qwen3 "
-                   "with int4 / int5 / int8 symmetric group-32, int2 symmetric group-256, iq4_nl or dfloat11 layers "
-                   "(Q4_0 / Q5_0 / Q8_0 / TQ2_0 / IQ4_NL / BF16, bit for bit) and a byte-level or SentencePiece BPE "
-                   "tokenizer")
+    e.add_argument("out", help="output folder (compressed-tensors layout), or a .gguf file: Llama / Mistral / "
+                   "Qwen2 / Qwen3 / Phi-3 / Mixtral / Qwen2-MoE / Qwen3-MoE with int4 / int5 / int8 symmetric "
+                   "group-32, int2 symmetric group-256, iq4_nl, mxfp4 or dfloat11 layers (Q4_0 / Q5_0 / Q8_0 / TQ2_0 / "
+                   "IQ4_NL / MXFP4 / BF16, bit for bit) and a byte-level or SentencePiece BPE tokenizer")
     e.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     e.set_defaults(func=cmd_export)
     i = sub.add_parser("inspect", help="per-layer table of a saved lowbit folder")

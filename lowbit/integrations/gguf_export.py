@@ -55,7 +55,7 @@ from ..experts import expert_weight, fused_weight_names, is_experts_module, pars
 from ..formats import bitpack, get_format
 from ..formats.integer import padded_k
 from ..linear import QuantLinear
-from .gguf_rope import ROPE_FREQS, longrope_tensors, rope_divisors
+from .gguf_rope import ROPE_FREQS, longrope_tensors, rope_divisors, rope_parameters
 from .gguf_tokenizer import add_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,9 @@ def _half_bytes(d: torch.Tensor) -> torch.Tensor:
 
 
 def _nibble_bytes(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [N, G, 32] -> 16 bytes [N, G, 16]: element j in byte j's low nibble, j + 16 in its high."""
-    return ((codes[..., :16] & 0xF) | ((codes[..., 16:] & 0xF) << 4)).to(torch.uint8)
+    """4-bit codes [..., 2h] -> h bytes [..., h]: element j in byte j's low nibble, j + h in its high."""
+    half = codes.shape[-1] // 2
+    return ((codes[..., :half] & 0xF) | ((codes[..., half:] & 0xF) << 4)).to(torch.uint8)
 
 
 def _bits_little_endian(bits: torch.Tensor) -> torch.Tensor:
@@ -126,10 +127,9 @@ def _mxfp4(codes, e):
 
 
 def _nvfp4(codes, s):
-    # 4 sub-blocks of 16: their E4M3 scales (ggml halves them, its table is E2M1 doubled), then per
-    # sub-block 8 bytes, element j in byte j's low nibble, j + 8 in its high
-    sub = codes.unflatten(-1, (4, 16))
-    nibbles = ((sub[..., :8] & 0xF) | ((sub[..., 8:] & 0xF) << 4)).to(torch.uint8).flatten(-2)
+    # 4 sub-blocks of 16: their E4M3 scales (ggml halves them, its table is E2M1 doubled), then each
+    # sub-block's 8 bytes of nibbles
+    nibbles = _nibble_bytes(codes.unflatten(-1, (4, 16))).flatten(-2)
     return torch.cat([s.contiguous().view(torch.uint8).unflatten(-1, (-1, 4)), nibbles], dim=-1)
 
 
@@ -215,6 +215,11 @@ def _encoded_layer(name: str, layer: QuantLinear, encoding: _Encoding, rows: tor
     return blocks.reshape(n, -1)
 
 
+def _decoded(layer: QuantLinear) -> torch.Tensor:
+    """A layer no GGML type holds as blocks (dfloat11) decoded: bfloat16 [N, K], written BF16."""
+    return get_format(layer.format).dequantize(layer.packed).to(torch.bfloat16)
+
+
 def _interleaved_rows(n: int, heads: int) -> torch.Tensor:
     """Llama's q / k rows [N] as llama.cpp stores them: per head, the two halves of its rotary
     pairs interleaved (row i of head h's second half follows row i of its first)."""
@@ -222,7 +227,7 @@ def _interleaved_rows(n: int, heads: int) -> torch.Tensor:
 
 
 def _rope_theta(config, architecture: str) -> float:
-    parameters = getattr(config, "rope_parameters", None) or {}
+    parameters = rope_parameters(config)
     rope_type = parameters.get("rope_type", "default")
     written = {"default": architecture, "llama3": "llama", "longrope": "phi3"}.get(rope_type)
     if written != architecture:
@@ -276,13 +281,14 @@ def _add_metadata(writer, architecture: str, config) -> None:
     writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_freq_base(_rope_theta(config, architecture))
+    rope = rope_parameters(config)
     if architecture in ("llama", "phi3"):  # Phi-4-mini rotates 3/4 of each head (partial_rotary_factor)
-        partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
-        writer.add_rope_dimension_count(int(head_dim * partial) if architecture == "phi3" else head_dim)
+        partial = rope.get("partial_rotary_factor", 1.0) if architecture == "phi3" else 1.0
+        writer.add_rope_dimension_count(int(head_dim * partial))
     if architecture == "phi3":  # as llama.cpp's converter: 0 for no window (Phi-4); the longrope base context
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
-        original = ((getattr(config, "rope_parameters", None) or {}).get("original_max_position_embeddings")
-                    or config.original_max_position_embeddings or config.max_position_embeddings)
+        original = (rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
+                    or config.max_position_embeddings)
         writer.add_rope_scaling_orig_ctx_len(original)
     if architecture in ("qwen3", "qwen3moe") or head_dim * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(head_dim)
@@ -348,7 +354,7 @@ def _expert_tensors(name: str, module: nn.Module, encodings: dict) -> list[tuple
         if layers is None:
             data = torch.stack([expert_weight(module, weight_name, e).detach() for e in range(module.num_experts)])
         elif encoding is None:
-            data = torch.stack([get_format(m.format).dequantize(m.packed).to(torch.bfloat16) for m in layers])
+            data = torch.stack([_decoded(m) for m in layers])
         else:
             data = torch.stack([_encoded_layer(slot_name(name, weight_name, e), m, encoding, None)
                                 for e, m in enumerate(layers)])
@@ -441,8 +447,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer) -> dict[st
                 ggml_type = encodings[layer_name].ggml_type
                 data = _encoded_layer(layer_name, layer, encodings[layer_name], rows)
             else:
-                value = get_format(layer.format).dequantize(layer.packed).to(torch.bfloat16) if layer is not None \
-                    else tensors[key]
+                value = _decoded(layer) if layer is not None else tensors[key]
                 data, ggml_type = (value if rows is None else value[rows]), None
             written[_add_tensor(writer, gguf_name, data, ggml_type)] += 1
             progress.update()

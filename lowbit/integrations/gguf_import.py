@@ -33,7 +33,7 @@ from .checkpoint_keys import ExpertSlice
 from . import gguf_gpt_oss, gguf_mixtral
 from .foreign_folder import fail, stacked_rows
 from .gguf_blocks import BLOCK_TYPES, BlockType, decode_blocks, lowbit_layer, reference_weights
-from .gguf_rope import LONGROPE_FACTORS, ROPE_FREQS, llama3_parameters, longrope_parameters
+from .gguf_rope import LONGROPE_FACTORS, ROPE_FREQS, head_dim, llama3_parameters, longrope_parameters
 from .gguf_split_experts import stack_split_experts
 
 logger = logging.getLogger(__name__)
@@ -167,25 +167,26 @@ def _with_rope_scaling(path: Path, reader, tensors: list, config: dict) -> dict:
     model_type = config.get("model_type")
     if model_type == "phi3":
         config = _with_rotary_dimensions(path, reader, config)
-        factors = {t.name: t for t in tensors if t.name in LONGROPE_FACTORS}
+        factors = {t.name: _f32_values(path, t) for t in tensors if t.name in LONGROPE_FACTORS}
         if not factors:
             return config
-        for tensor in factors.values():
-            if tensor.tensor_type.name != "F32":
-                raise fail(f"{path}: {tensor.name}", f"stored as {tensor.tensor_type.name}; llama.cpp writes it as F32")
-        parameters = longrope_parameters(
-            str(path), {name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for name, t in factors.items()},
-            config, _field(path, reader, "phi3.rope.scaling.original_context_length"),
-            _field(path, reader, "phi3.rope.scaling.attn_factor"))
+        parameters = longrope_parameters(str(path), factors, config,
+                                         _field(path, reader, "phi3.rope.scaling.original_context_length"),
+                                         _field(path, reader, "phi3.rope.scaling.attn_factor"))
         return {**config, "rope_parameters": parameters,
                 "original_max_position_embeddings": parameters["original_max_position_embeddings"]}
     rope = next((t for t in tensors if t.name == ROPE_FREQS), None)
     if rope is None or model_type != "llama":
         return config
-    if rope.tensor_type.name != "F32":
-        raise fail(f"{path}: {ROPE_FREQS}", f"stored as {rope.tensor_type.name}; llama.cpp writes it as F32")
-    divisors = torch.from_numpy(np.array(rope.data, dtype=np.float32))
+    divisors = _f32_values(path, rope)
     return {**config, "rope_parameters": llama3_parameters(f"{path}: {ROPE_FREQS}", divisors, config)}
+
+
+def _f32_values(path: Path, tensor) -> torch.Tensor:
+    """A RoPE tensor's float32 values; CheckpointError naming it unless stored as F32 (as llama.cpp writes it)."""
+    if tensor.tensor_type.name != "F32":
+        raise fail(f"{path}: {tensor.name}", f"stored as {tensor.tensor_type.name}; llama.cpp writes it as F32")
+    return torch.from_numpy(np.array(tensor.data, dtype=np.float32))
 
 
 def _with_rotary_dimensions(path: Path, reader, config: dict) -> dict:
@@ -195,15 +196,12 @@ def _with_rotary_dimensions(path: Path, reader, config: dict) -> dict:
     dimensions = _field(path, reader, "phi3.rope.dimension_count")
     if dimensions is None:
         return config
-    try:
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    except (KeyError, TypeError, ZeroDivisionError) as exc:
-        raise fail(str(path), f"cannot size the heads from the file's metadata ({type(exc).__name__}: {exc})") from None
-    if not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 0 < dimensions <= head_dim \
+    width = head_dim(str(path), config)
+    if not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 0 < dimensions <= width \
             or dimensions % 2:
         raise fail(f"{path}: phi3.rope.dimension_count", f"{dimensions!r} is not an even count of rotated "
-                   f"dimensions of a {head_dim}-wide head")
-    return config if dimensions == head_dim else {**config, "partial_rotary_factor": dimensions / head_dim}
+                   f"dimensions of a {width}-wide head")
+    return config if dimensions == width else {**config, "partial_rotary_factor": dimensions / width}
 
 
 def _check_block_count(path: Path, tensors: list, config: dict) -> None:

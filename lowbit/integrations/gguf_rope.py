@@ -28,6 +28,21 @@ ROPE_FREQS = "rope_freqs.weight"
 LONGROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 
 
+def rope_parameters(config) -> dict:
+    """A transformers config's rope_parameters ({} when it has none)."""
+    return getattr(config, "rope_parameters", None) or {}
+
+
+def head_dim(where: str, config: dict) -> int:
+    """The head width of transformers' parsed GGUF metadata `config`; CheckpointError naming `where`
+    when its sizes are missing or damaged."""
+    try:
+        return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    except (KeyError, TypeError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{where}: cannot size the heads from the file's metadata "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
 def _default_frequencies(theta: float, dim: int) -> torch.Tensor:
     """float32 [dim / 2]: theta^(-2i / dim), as transformers computes the unscaled ones."""
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -38,7 +53,7 @@ def rope_divisors(config) -> torch.Tensor | None:
     whose RoPE is llama3; None for any other (the export refuses the types it does not write first)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    parameters = getattr(config, "rope_parameters", None) or {}
+    parameters = rope_parameters(config)
     if parameters.get("rope_type", "default") != "llama3":
         return None
     frequencies = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))[0].float()  # its attention factor is 1
@@ -59,9 +74,8 @@ def llama3_parameters(where: str, divisors: torch.Tensor, config: dict) -> dict:
     try:
         parameters = {"rope_type": "llama3", "rope_theta": float(theta), "factor": float(divisors.max()),
                       **LLAMA3_SHARED}
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         probe = LlamaConfig(hidden_size=config["hidden_size"], num_attention_heads=config["num_attention_heads"],
-                            head_dim=head_dim, rope_parameters=dict(parameters))
+                            head_dim=head_dim(where, config), rope_parameters=dict(parameters))
         expected = rope_divisors(probe)
     except (KeyError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as exc:  # damaged sizes or theta
         raise CheckpointError(f"{where}: cannot check it against the file's sizes and rope.freq_base "
@@ -78,7 +92,7 @@ def longrope_tensors(config) -> tuple[dict[str, torch.Tensor], float] | None:
     other RoPE."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    parameters = getattr(config, "rope_parameters", None) or {}
+    parameters = rope_parameters(config)
     if parameters.get("rope_type") != "longrope":
         return None
     attention_factor = ROPE_INIT_FUNCTIONS["longrope"](config, torch.device("cpu"))[1]
@@ -96,12 +110,7 @@ def longrope_parameters(where: str, factors: dict[str, torch.Tensor], config: di
     missing = sorted(set(LONGROPE_FACTORS) - set(factors))
     if missing:
         raise CheckpointError(f"{where}: {missing[0]} is missing; LongRoPE needs both factor tensors")
-    try:
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        half = int(head_dim * config.get("partial_rotary_factor", 1.0)) // 2  # one factor per rotated pair
-    except (KeyError, TypeError, ZeroDivisionError) as exc:
-        raise CheckpointError(f"{where}: cannot size the rotary embedding from the file's metadata "
-                              f"({type(exc).__name__}: {exc})") from None
+    half = int(head_dim(where, config) * config.get("partial_rotary_factor", 1.0)) // 2  # a factor per rotated pair
     parameters = {"rope_type": "longrope", "rope_theta": float(config.get("rope_theta") or 10000.0)}
     for name, key in LONGROPE_FACTORS.items():
         values = factors[name].float().flatten()

@@ -54,6 +54,14 @@ def _tokenizer(split: str | None):
     return tokenizer
 
 
+def _phi3_tokenizer():
+    """_tokenizer("llama-bpe") with a pad token, written as tokenizer.ggml.padding_token_id: without
+    it transformers' GGUF reader keeps Phi3Config's pad id, 32000, past this vocabulary."""
+    tokenizer = _tokenizer("llama-bpe")
+    tokenizer.pad_token = "<|end|>"
+    return tokenizer
+
+
 def _model(architecture: str, tokenizer, dtype=torch.float32, **config):
     """A tiny causal LM with 4 embedding rows past the tokenizer's ids (llama.cpp's [PADi] tokens)."""
     sizes = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -129,10 +137,7 @@ def test_phi3_is_written_with_its_fused_projections(tmp_path):
     llama.cpp's NEOX rope): transformers' GGUF load gives the lowbit model's logits, and so does
     lowbit's import. The sliding window is written as llama.cpp's converter writes it (0: none, as
     Phi-4), and one shorter than the context warns that llama.cpp ignores it."""
-    tokenizer = _tokenizer("llama-bpe")
-    # written as tokenizer.ggml.padding_token_id: without it transformers' reader keeps Phi3Config's
-    # pad id, 32000, past this vocabulary
-    tokenizer.pad_token = "<|end|>"
+    tokenizer = _phi3_tokenizer()
     settings = {**MIXED, "overrides": {"*.mlp.down_proj": MIXED["overrides"]["*.mlp.down_proj"],
                                        "*.mlp.gate_up_proj": MIXED["overrides"]["*.mlp.up_proj"],
                                        "*.self_attn.qkv_proj": "iq4_nl"}}
@@ -368,8 +373,7 @@ def test_a_phi3_rotating_half_of_each_head_reads_back(tmp_path, rope_type):
     the rotated 16 of its 32-wide heads, as llama.cpp's converter writes it, and lowbit's import
     reads it back (with LongRoPE's 8 factor pairs too): the model's logits, where transformers'
     reader, which ignores the key, rotates whole heads."""
-    tokenizer = _tokenizer("llama-bpe")
-    tokenizer.pad_token = "<|end|>"
+    tokenizer = _phi3_tokenizer()
     if rope_type == "longrope":
         model = _longrope_phi3(tokenizer, partial_rotary_factor=0.5)
     else:
@@ -393,8 +397,7 @@ def test_phi3_longrope_is_written_as_factor_tensors_and_read_back(tmp_path):
     sqrt(1 + ln(128 / 4) / ln(4)) (llama.cpp's converter's formula, written out here), and lowbit's
     import turns them back into the longrope config: the same logits on the long factors (7 tokens)
     and the short ones (3), where transformers' own GGUF reader ignores the tensors."""
-    tokenizer = _tokenizer("llama-bpe")
-    tokenizer.pad_token = "<|end|>"  # see test_phi3_is_written_with_its_fused_projections
+    tokenizer = _phi3_tokenizer()
     model = _longrope_phi3(tokenizer)
     path = tmp_path / "model.gguf"
     assert export_gguf(model, path, tokenizer)["F32"] == 9  # + the two factor tensors
@@ -420,8 +423,7 @@ def test_phi3_longrope_is_written_as_factor_tensors_and_read_back(tmp_path):
 def test_a_longrope_file_without_its_original_context_is_refused_on_import(tmp_path):
     """The original context decides when the long factors apply: a file without it (the key's name
     damaged) is refused naming it, rather than run with another RoPE."""
-    tokenizer = _tokenizer("llama-bpe")
-    tokenizer.pad_token = "<|end|>"
+    tokenizer = _phi3_tokenizer()
     path = tmp_path / "model.gguf"
     export_gguf(_longrope_phi3(tokenizer), path, tokenizer)
     data = path.read_bytes()

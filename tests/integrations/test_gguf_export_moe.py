@@ -18,7 +18,7 @@ from lowbit.integrations.gguf_export import export_gguf
 from lowbit.integrations.gguf_import import load_gguf
 
 from .gguf_files import interleaved
-from .test_gguf_export import _file_weights, _logits, _tokenizer
+from .test_gguf_export import _file_weights, _logits, _quantized, _tokenizer
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -46,11 +46,6 @@ def _moe_model(model_type: str, tokenizer, dtype=torch.float32, **config):
         sizes["norm_topk_prob"] = model_type == "qwen3_moe"  # as llama.cpp's graphs compute
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config_class(**{**sizes, **config}), dtype=dtype).eval()
-
-
-def _quantized(model, settings):
-    settings = dict(settings)
-    return lowbit.quantize(model, settings.pop("format"), progress=False, **settings)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
