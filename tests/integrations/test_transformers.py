@@ -494,21 +494,27 @@ MIXED_FORMATS = {"*.down_proj": "dfloat11", "*.o_proj": {"format": "nvfp4", "act
 @pytest.mark.skipif(TORCH_BEFORE_2_13, reason="torch < 2.13's inductor does not give eager's bf16 logits on CPU, "
                     "even for the unquantized model (measured on 2.11: up to 0.004 apart)")
 def test_inductor_compiled_generate_with_static_cache_matches_eager():
-    """transformers' fast decode recipe, a static KV cache and `torch.compile(model.forward,
-    fullgraph=True)` with inductor, on a model mixing formats (weight-only, activation-quantized,
-    dfloat11's decoder op): greedy generate gives eager's logits bit for bit (with inductor emulating
-    eager's bf16 casts, see `_aoti_packaged`)."""
+    """transformers' fast decode recipe, a static KV cache and its automatic compile of the decode
+    steps (`generation_config.compile_config`: `torch.compile(fullgraph=True)` with inductor; on a
+    GPU it is on by default, here asked for), on a model mixing formats (weight-only,
+    activation-quantized, dfloat11's decoder op): greedy generate gives eager's logits bit for bit
+    (with inductor emulating eager's bf16 casts, see `_aoti_packaged`)."""
+    from transformers import CompileConfig
+
     model = lowbit.quantize(make_tiny_llama(dtype=torch.bfloat16), "int4", skip=["lm_head"], overrides=MIXED_FORMATS,
                             progress=False)
     assert {layer.format for layer in model.modules() if isinstance(layer, lowbit.QuantLinear)} == {
         "int4", "dfloat11", "nvfp4", "fp8"}
     options = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
                    output_logits=True, attention_mask=torch.ones_like(IDS), pad_token_id=0)
-    eager = model.generate(IDS, **options)
+    eager = model.generate(IDS, **options, disable_compile=True)
     torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, fullgraph=True)
+    torch._dynamo.utils.counters.clear()
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
     with torch._inductor.config.patch(emulate_precision_casts=True):
-        compiled = model.generate(IDS, **options)
+        compiled = model.generate(IDS, **options, compile_config=compile_config)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph: every decode step's
     assert torch.equal(compiled.sequences, eager.sequences)
     for step, (got, want) in enumerate(zip(compiled.logits, eager.logits, strict=True)):
         assert torch.equal(got, want), f"decode step {step}"
