@@ -21,6 +21,11 @@ def _share_cores_between_workers():
 
 _share_cores_between_workers()
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from .triton_interpreter import skip_repatching_in_helper_calls
+
+    skip_repatching_in_helper_calls()
+
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
