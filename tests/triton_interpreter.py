@@ -6,8 +6,8 @@ helper from inside the kernel (`InterpretedFunction.__call__`) then swaps them a
 whole module with `inspect.getmembers` and finds everything swapped already, a few hundred
 microseconds each time. lowbit's kernels call their decode helpers per tile, tens of thousands of
 times in the kernel tests, so the walk was about a quarter of their time on CPU. Here a helper
-whose triton.language modules the running launch has swapped skips the walk; anything else (the
-launch itself, a helper reaching another module) goes through Triton's own code unchanged.
+whose triton.language modules have been swapped in the running launch skips the walk; anything
+else (the launch itself, the first helper reaching another module) goes through Triton's code.
 """
 import functools
 import inspect
@@ -40,20 +40,25 @@ def skip_repatching_in_helper_calls() -> None:
         return
     if getattr(patch_lang, "skips_repatching", False):
         return
-    launches = []  # per running launch: [its triton.language modules, swapped yet]
+    launches = []  # per running launch: [the triton.language modules swapped in it, whether it swapped its own]
     launch = grid_executor.__call__
 
     def launch_tracked(self, *args, **kwargs):
-        launches.append([_language_modules(self.fn), False])
+        launches.append([set(_language_modules(self.fn)), False])
         try:
             return launch(self, *args, **kwargs)
         finally:
             launches.pop()
 
     def patch_lang_once_per_launch(fn):
-        if launches and launches[-1][1] and _language_modules(fn) <= launches[-1][0]:
+        modules = _language_modules(fn)
+        if launches and launches[-1][1] and modules <= launches[-1][0]:
             return _NothingToRestore()  # a helper inside a launch that swapped its modules already
-        if launches:
+        if launches and launches[-1][1]:
+            # a helper reaching another module (triton.language.standard's reach triton.language.core),
+            # which Triton swaps and leaves swapped: the launch's later helpers in it skip the walk
+            launches[-1][0] |= modules
+        elif launches:
             launches[-1][1] = True  # the launch's own swap (restored by the launch when its grid is done)
         return patch_lang(fn)
 
