@@ -206,15 +206,13 @@ def test_gate_and_up_in_types_that_do_not_stack_are_decoded_with_a_warning(tmp_p
 
 
 def test_a_gpt_oss_file_converts_with_its_tokenizer(tmp_path, capsys):
-    """transformers' AutoTokenizer fails on the file (it reads the model config first); `lowbit convert`
-    writes the tokenizer the file holds: ids as the file's merges give them after GPT-4o's split,
-    which cuts digits in threes (so "3 4" does not merge across "123|456"), control tokens whole,
-    the chat template kept."""
+    """transformers' AutoTokenizer fails on the file in 5.24 (it reads the model config first, a
+    TypeError; 5.23 builds it); `lowbit convert` writes the tokenizer the file holds: ids as the
+    file's merges give them after GPT-4o's split, which cuts digits in threes (so "3 4" does not
+    merge across "123|456"), control tokens whole, the chat template kept."""
     from lowbit.cli import main
 
     path, _ = _write(tmp_path / "gpt-oss.gguf", tokenizer=True)
-    with pytest.raises(TypeError):
-        transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert main(["convert", str(path), str(tmp_path / "lowbit")]) == 0
     assert "copied along:     chat_template.jinja, tokenizer.json, tokenizer_config.json" in capsys.readouterr().out
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "lowbit")
