@@ -40,11 +40,11 @@ def skip_repatching_in_helper_calls() -> None:
         return
     if getattr(patch_lang, "skips_repatching", False):
         return
-    launches = []  # per running launch: [the triton.language modules swapped in it, whether it swapped its own]
+    launches = []  # per running launch: the ids of the triton.language modules swapped in it so far
     launch = grid_executor.__call__
 
     def launch_tracked(self, *args, **kwargs):
-        launches.append([set(_language_modules(self.fn)), False])
+        launches.append(set())
         try:
             return launch(self, *args, **kwargs)
         finally:
@@ -52,14 +52,13 @@ def skip_repatching_in_helper_calls() -> None:
 
     def patch_lang_once_per_launch(fn):
         modules = _language_modules(fn)
-        if launches and launches[-1][1] and modules <= launches[-1][0]:
+        if launches and modules and modules <= launches[-1]:
             return _NothingToRestore()  # a helper inside a launch that swapped its modules already
-        if launches and launches[-1][1]:
-            # a helper reaching another module (triton.language.standard's reach triton.language.core),
-            # which Triton swaps and leaves swapped: the launch's later helpers in it skip the walk
-            launches[-1][0] |= modules
-        elif launches:
-            launches[-1][1] = True  # the launch's own swap (restored by the launch when its grid is done)
+        if launches:
+            # the launch's own swap (restored by the launch when its grid is done), or a helper reaching
+            # another module (triton.language.standard's reach triton.language.core), which Triton
+            # swaps and leaves swapped: the launch's later helpers in it skip the walk
+            launches[-1].update(modules)
         return patch_lang(fn)
 
     patch_lang_once_per_launch.skips_repatching = True

@@ -176,8 +176,9 @@ def _layer_encoding(name: str, layer: QuantLinear) -> _Encoding | None:
             raise _fail(name, f"{layer.format} with act={attrs.get('act')!r}, rotate={attrs.get('rotate')!r}: "
                         "llama.cpp multiplies plain (unrotated) weights by unquantized activations")
         tensor_scale = layer.packed.tensors.get("tensor_scale")
-        if tensor_scale is not None and float(tensor_scale.flatten()[0]) != 1.0:
-            raise _fail(name, f"nvfp4's tensor scale {float(tensor_scale.flatten()[0]):g}: NVFP4 blocks have none "
+        tensor_scale = 1.0 if tensor_scale is None else float(tensor_scale.flatten()[0])
+        if tensor_scale != 1.0:
+            raise _fail(name, f"nvfp4's tensor scale {tensor_scale:g}: NVFP4 blocks have none "
                         "(only layers imported from GGUF NVFP4, tensor scale 1, are written)")
         encoding = _MICROSCALED[layer.format]
     elif layer.format.startswith("int") and attrs.get("symmetric"):
