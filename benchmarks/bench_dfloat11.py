@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.bench_gemm import bandwidth, env_info, peak_gbps, relative_error, time_us  # noqa: E402
+from benchmarks.bench_gemm import bandwidth, env_info, peak_gbps, relative_error  # noqa: E402
+from benchmarks.timing import time_us  # noqa: E402
 from benchmarks.shapes import shapes  # noqa: E402
 from lowbit.integrations.dfloat11_package import package_encode, package_encoder  # noqa: E402
 
@@ -105,7 +106,7 @@ def gpu_rows(fmt, shape_list, m_values: list[int], segments: list[int], device: 
         gen = torch.Generator(device=device).manual_seed(0)
         w = (torch.randn(n, k, device=device, generator=gen) * 0.02).bfloat16()
         xs = {m: torch.randn(m, k, device=device, generator=gen).bfloat16() for m in m_values}
-        bf16_us = {m: time_us(lambda: F.linear(xs[m], w), device)[0] for m in m_values}
+        bf16_us = {m: time_us(lambda: F.linear(xs[m], w), device).us for m in m_values}
         for i, segment in enumerate(segments):
             packed = fmt.quantize(w, segment=segment)
             t = packed.tensors
@@ -117,7 +118,7 @@ def gpu_rows(fmt, shape_list, m_values: list[int], segments: list[int], device: 
             row = {"format": "dfloat11", "segment": segment, "shape": shape, "N": n, "K": k, "kind": "decode",
                    "bits_per_weight": 8 * packed.nbytes / (n * k),
                    "lossless": bool(torch.equal(decode().view(torch.int16), w.view(torch.int16)))}
-            us, _, _ = time_us(decode, device)
+            us = time_us(decode, device).us
             row.update({"us": us, "weights_per_s": n * k / (us * 1e-6),
                         "gbps": (packed.nbytes + 2 * n * k) / (us * 1e-6) / 1e9})
             if i == 0:
@@ -127,7 +128,7 @@ def gpu_rows(fmt, shape_list, m_values: list[int], segments: list[int], device: 
                 y = lowbit.linear(x, packed)
                 ref = F.linear(x.float(), w.float())
                 err = relative_error(y, ref)
-                us, _, _ = time_us(lambda: lowbit.linear(x, packed), device)
+                us = time_us(lambda: lowbit.linear(x, packed), device).us
                 rows.append({"format": "dfloat11", "segment": segment, "shape": shape, "M": m, "N": n, "K": k,
                              "kind": "linear", "us": us, "bf16_us": bf16_us[m], "speedup": bf16_us[m] / us,
                              **bandwidth(packed.nbytes + 2 * (m * k + m * n), us, peak), "max_rel_err": err})
@@ -147,7 +148,7 @@ def _package_decode_us(w: torch.Tensor) -> dict:
         return {"name": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
     torch.cuda.synchronize()
     lossless = bool(torch.equal(out.view(torch.int16), w.flatten().view(torch.int16)))
-    us, _, _ = time_us(decode, w.device)
+    us = time_us(decode, w.device).us
     return {"name": name, "us": us, "lossless": lossless}
 
 

@@ -11,10 +11,13 @@ int formats --group-size / --symmetric are the defaults). int formats also take 
 (benchmarks only): the layer of an activation-ordered checkpoint (GPTQ desc_act), its columns in a
 random order that x is gathered by before the kernel. Each row is gated on correctness first
 (max relative error vs the torch reference of the path the kernel takes, in fp32), then timed
-with triton.testing.do_bench (median and 20/80% quantiles; do_bench zeroes a 256 MB buffer
-before every run, so weights are not served from L2), next to bf16 F.linear (timed once per
-shape and M) and, on a GPU, the same format in torchao / gemlite / the dfloat11 package when
-importable (benchmarks/competitors.py; the fastest is the row's "competitor").
+as GPU time (benchmarks/timing.py: CUDA graph replays with the L2 zeroed before every call, so
+neither host launch overhead nor L2-resident weights count; median and 20/80% quantiles), next
+to bf16 F.linear (timed once per shape and M) and, on a GPU, the same format in torchao /
+gemlite / the dfloat11 package when importable (benchmarks/competitors.py; the fastest is the
+row's "competitor"), all timed alike. A call that cannot be captured in a graph is timed eagerly
+(the row's "timing" says which). On a GPU each row also has eager_us / bf16_eager_us: do_bench's
+eager time, host overhead included.
 Output in --out-dir: <device>-<date>.json (`{"env", "results", "targets"}`), a markdown table
 with the issue-8 target check on top (benchmarks/targets.py) and a PNG plot. Both are rewritten
 after every case and merged with an earlier run of the same device and day, so a long run can
@@ -39,6 +42,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.timing import eager_time_us, time_us  # noqa: E402
 
 # Peak HBM bandwidth (GB/s) by device-name substring, for the % of memory bandwidth column.
 PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
@@ -145,23 +150,6 @@ def peak_gbps(device_name: str) -> float | None:
     return None
 
 
-def time_us(fn, device: torch.device, rep_ms: float | None = None, cpu_runs: int = 3) -> tuple[float, float, float]:
-    """(median, p20, p80) microseconds; rep_ms: do_bench's time budget (default 100 ms); off CUDA,
-    the median, lowest and highest of cpu_runs calls."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        med, lo, hi = do_bench(fn, quantiles=[0.5, 0.2, 0.8], **({} if rep_ms is None else {"rep": rep_ms}))
-        return med * 1e3, lo * 1e3, hi * 1e3
-    samples = []
-    for _ in range(cpu_runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e6)
-    samples.sort()
-    return samples[len(samples) // 2], samples[0], samples[-1]
-
-
 _last_case: dict = {}  # the weight and its packing of the last (spec, shape): reused over the M values
 
 
@@ -218,19 +206,25 @@ def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype
         return row
     # smoke: interpreted calls check the machinery, their times mean nothing: the gate's call is the timing
     runs = 1 if args.smoke else 3
-    us, us_p20, us_p80 = ((gate_us,) * 3 if args.smoke
-                          else time_us(lambda: lowbit.linear(x, packed, backend=backend), device, cpu_runs=runs))
+    call = lambda: lowbit.linear(x, packed, backend=backend)  # noqa: E731
+    timing = time_us(call, device, cpu_runs=runs) if not args.smoke else None
+    us, us_p20, us_p80 = (gate_us,) * 3 if args.smoke else timing[:3]
     bf16_cache = {} if bf16_cache is None else bf16_cache
     if (shape, m) not in bf16_cache:
-        bf16_cache[(shape, m)] = time_us(lambda: F.linear(x, w), device, cpu_runs=runs)[0]
-    bf16_us = bf16_cache[(shape, m)]
+        bf16_cache[(shape, m)] = time_us(lambda: F.linear(x, w), device, cpu_runs=runs)
+    bf16 = bf16_cache[(shape, m)]
+    row.update({"timing": "cpu" if args.smoke else timing.method, "bf16_timing": bf16.method})
     if device.type == "cuda":
+        # what an eager caller waits, host overhead included (us is the GPU time alone)
+        if (shape, m, "eager") not in bf16_cache:
+            bf16_cache[(shape, m, "eager")] = eager_time_us(lambda: F.linear(x, w), rep_ms=25)
+        row.update({"eager_us": eager_time_us(call, rep_ms=25).us, "bf16_eager_us": bf16_cache[(shape, m, "eager")].us})
         entries = time_competitors(fmt_name, options, w, x, packed, exact, device, us, row["max_rel_err_vs_exact"])
         timed = [e for e in entries if "us" in e]
         row["competitors"] = entries
         row["competitor"] = min(timed, key=lambda e: e["us"]) if timed else None
     moved = packed.nbytes + x.numel() * x.element_size() + m * n * x.element_size()
-    row.update({"us": us, "us_p20": us_p20, "us_p80": us_p80, "bf16_us": bf16_us, "speedup": bf16_us / us,
+    row.update({"us": us, "us_p20": us_p20, "us_p80": us_p80, "bf16_us": bf16.us, "speedup": bf16.us / us,
                 **bandwidth(moved, us, peak)})
     return row
 
@@ -274,11 +268,12 @@ def time_competitors(fmt_name: str, options: dict, w, x, packed, exact, device, 
                 entries.append({"name": name, "error": f"wrong result: max_rel_err_vs_exact {err:.3g} "
                                                        f"(lowbit: {lowbit_err:.3g})"})
                 continue
-            us, _, _ = time_us(lambda: run(x), device)
+            timing = time_us(lambda: run(x), device)
         except Exception as exc:  # not installed, or that library cannot run this case
             entries.append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
-        entries.append({"name": name, "us": us, "max_rel_err_vs_exact": err, "lowbit_speedup": us / lowbit_us})
+        entries.append({"name": name, "us": timing.us, "timing": timing.method, "max_rel_err_vs_exact": err,
+                        "lowbit_speedup": timing.us / lowbit_us})
     return entries
 
 

@@ -55,8 +55,9 @@ run_part() {  # name, time limit (s), command...
 
 for part in "$@"; do
   case "$part" in
-    # -v: one line per test as it finishes, so a run cut off by the limit still shows what passed
-    tests) run_part tests 270 python3 -m pytest -v -m gpu -p no:cacheprovider --durations=15 tests ;;
+    # -v: one line per test as it finishes, so a run cut off by the limit still shows what passed;
+    # -n 8: the machine's 16 cores compile the kernels in parallel (one GPU serves every worker)
+    tests) run_part tests 270 python3 -m pytest -v -n 8 --dist loadgroup -m gpu -p no:cacheprovider --durations=15 tests ;;
     tune) run_part tune 300 python3 benchmarks/tune.py --budget-s 240 ;;
     gemm-targets) run_part gemm-targets 540 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS \
                     --out-dir "$out/results" ;;

@@ -12,7 +12,7 @@ kernel's tiles; tensor-core GEMM tiles, K splits, warps and pipeline stages for 
 lookup / GEMM choice per M is measured, not assumed. Each candidate runs through lowbit.linear
 under `tuning.force`; one whose output misses the correctness gate (max relative error vs the
 fp32 reference of the path the launch takes, as in bench_gemm) or fails to launch is pruned. The fastest survivor
-(triton.testing.do_bench median) is written with its time and the default's into
+(median GPU time, benchmarks/timing.py) is written with its time and the default's into
 lowbit/kernels/tuned/<gpu>.json, which the launchers read, but only when it beats the default
 (otherwise the entry is removed and the defaults apply). Cases run M=1 first (the issue's
 targets), then larger M; the table is rewritten after every case and no case starts after
@@ -37,8 +37,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.bench_gemm import (REL_TOL, env_info, make_case, parse_format_spec, reference,  # noqa: E402
-                                   relative_error, time_us)
+                                   relative_error)
 from benchmarks.shapes import shapes  # noqa: E402
+from benchmarks.timing import time_us  # noqa: E402
 from lowbit.kernels.dequant_gemm import GEMV_COLUMN_K, GEMV_MAX_ROWS_PER_THREAD, gemv_block_n  # noqa: E402
 from lowbit.kernels.fp8_w8a8 import W8A8_MIN_M  # noqa: E402
 from lowbit.kernels.quantized_act import ACT_KINDS  # noqa: E402
@@ -60,7 +61,6 @@ SPACES = {
 SMOKE_SPACES = {"gemv": {"BLOCK_N": (8, 16), "SPLIT_K": (1, 2)}, "lut": {"BLOCK_N": (16, 32), "SPLIT_K": (1, 2)},
                 "gemm": {"BLOCK_M": (16, 32), "SPLIT_K": (1, 2)}}
 GEMV_MAX_TUNED_M = 16
-TUNE_REP_MS = 20  # do_bench repetitions per candidate (bench_gemm uses do_bench's default 100 ms)
 
 
 def start_points(m: int, smoke: bool, lut: bool = False) -> list[dict]:
@@ -120,10 +120,10 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     _, x, _, _, fmt, packed = make_case(spec, n, k, m, args, device, dtype)
     ref, _ = reference(fmt, packed, x)
     # smoke: one interpreted call per timing (it checks the machinery; CPU times are not the point)
-    timing = {"cpu_runs": 1} if args.smoke else {"rep_ms": TUNE_REP_MS}
+    timing = {"cpu_runs": 1} if args.smoke else {}
     tuning._last_key.set(None)
     with tuning.force(None):  # the baseline is the launcher's defaults, not an earlier table's entry
-        default_us, _, _ = time_us(lambda: lowbit.linear(x, packed, backend="triton"), device, **timing)
+        default_us = time_us(lambda: lowbit.linear(x, packed, backend="triton"), device, **timing).us
     key = tuning.last_key()
     if key is None:
         return None, None, None
@@ -146,7 +146,7 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
                     if err <= REL_TOL[dtype]:
                         # smoke: the gate's own interpreted call is the timing (half the interpreter time)
                         seen[tag] = gate_us if args.smoke else time_us(
-                            lambda: lowbit.linear(x, packed, backend="triton"), device, **timing)[0]
+                            lambda: lowbit.linear(x, packed, backend="triton"), device, **timing).us
                         errors[tag] = err
             except Exception:  # a tile this variant cannot take (BLOCK_K vs group, resources): pruned
                 pass

@@ -1,7 +1,8 @@
 """lowbit.linear(): dispatch to the Triton kernel (CUDA) or the torch reference (CPU).
 
 The Triton launchers are registered as custom ops (`lowbit::dequant_linear`, ...) with fake
-implementations, so torch.compile traces through lowbit layers without a graph break. Where
+implementations, so torch.compile traces through lowbit layers without a graph break; the
+formats call them through `launch`, which skips the dispatcher when nothing traces the call. Where
 autograd records, `FrozenWeightLinear` gives x (and bias) their gradients on every backend.
 """
 from __future__ import annotations
@@ -16,9 +17,35 @@ from .formats.base import FLOAT_DTYPES
 from .packed import PackedWeight
 
 BACKENDS = (None, "torch", "triton")
+_IMPLEMENTATIONS: dict = {}  # op name -> its Python implementation, for eager launches
 
 
-@torch.library.custom_op("lowbit::dequant_linear", mutates_args=())
+def _lowbit_op(implementation):
+    """Register `implementation` as the custom op lowbit::<its name> (returned, for register_fake)
+    and keep it for `launch`."""
+    _IMPLEMENTATIONS[implementation.__name__] = implementation
+    return torch.library.custom_op(f"lowbit::{implementation.__name__}", mutates_args=())(implementation)
+
+
+def runs_eagerly(x: torch.Tensor) -> bool:
+    """Whether a launch on x can skip the dispatcher: a plain tensor with nothing tracing it (not
+    torch.compile or torch.export, no fake / functional tensor, dispatch mode or functorch
+    transform), where the op would only forward to its implementation."""
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor
+            and not torch._C._len_torch_dispatch_stack() and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def launch(name: str, *args):
+    """Call lowbit's custom op `name` (as torch.ops.lowbit.<name>(*args)). Eagerly its Python
+    implementation is called directly: the custom-op dispatcher costs ~35 us per call on a slow
+    host (measured on the CPU machine, about what the launcher itself costs), more than a decode
+    GEMV runs on the GPU. Traced, the op is called, so torch.compile / export see one node."""
+    if runs_eagerly(args[0]):
+        return _IMPLEMENTATIONS[name](*args)
+    return getattr(torch.ops.lowbit, name)(*args)
+
+
+@_lowbit_op
 def dequant_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -50,7 +77,7 @@ def _fake_linear(x: torch.Tensor, qweight: torch.Tensor, *args) -> torch.Tensor:
 dequant_linear.register_fake(_fake_linear)
 
 
-@torch.library.custom_op("lowbit::lut_linear", mutates_args=())
+@_lowbit_op
 def lut_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -71,7 +98,7 @@ def lut_linear(
 lut_linear.register_fake(_fake_linear)
 
 
-@torch.library.custom_op("lowbit::fp8_linear", mutates_args=())
+@_lowbit_op
 def fp8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -93,7 +120,7 @@ def fp8_linear(
 fp8_linear.register_fake(_fake_linear)
 
 
-@torch.library.custom_op("lowbit::quantized_act_linear", mutates_args=())
+@_lowbit_op
 def quantized_act_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -116,7 +143,7 @@ def quantized_act_linear(
 quantized_act_linear.register_fake(_fake_linear)
 
 
-@torch.library.custom_op("lowbit::dfloat11_linear", mutates_args=())
+@_lowbit_op
 def dfloat11_linear(
     x: torch.Tensor,
     sign_mantissa: torch.Tensor,
@@ -138,7 +165,7 @@ def dfloat11_linear(
 dfloat11_linear.register_fake(_fake_linear)
 
 
-@torch.library.custom_op("lowbit::dfloat11_decode", mutates_args=())
+@_lowbit_op
 def dfloat11_decode(
     sign_mantissa: torch.Tensor,
     exponent_code: torch.Tensor,

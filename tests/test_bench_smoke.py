@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import requires_gpu
 
@@ -522,3 +523,27 @@ def test_bitsandbytes_int8_competitor_is_w8a8_per_channel():
         w8a8 = (x_codes.int() @ w_codes.int().t()).float() * x_absmax[:, None] * w_absmax[None] / 127**2
         assert bool(((run(x).float() - w8a8).abs() <= (2**-8 + 2**-10) * w8a8.abs() + 1e-6).all())
         assert (run(x).float() - x.float() @ w.float().t()).abs().max() < 0.05 * w8a8.abs().max()  # the outlier costs
+
+
+def test_cpu_timing_is_wall_clock():
+    from benchmarks.timing import time_us
+
+    calls = []
+    timing = time_us(lambda: calls.append(1), torch.device("cpu"), cpu_runs=3)
+    assert len(calls) == 3 and timing.method == "cpu" and timing.p20 <= timing.us <= timing.p80
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_graph_timing_is_the_calls_gpu_time():
+    """A 1 GiB device copy is bandwidth-bound (~0.7 ms on an H100), so its graph-replayed GPU time
+    (flush subtracted) matches its eager time within 2x."""
+    from benchmarks.timing import eager_time_us, time_us
+
+    device = torch.device("cuda")
+    src = torch.rand(2**28, device=device)
+    dst = torch.empty_like(src)
+    graph = time_us(lambda: dst.copy_(src), device)
+    eager = eager_time_us(lambda: dst.copy_(src))
+    assert graph.method == "cuda-graph" and graph.p20 <= graph.us <= graph.p80
+    assert 0.5 * eager.us < graph.us < 2 * eager.us, (graph, eager)

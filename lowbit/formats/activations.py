@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .division import divide
+
 INT8_MAX = 127  # symmetric int8 codes: -128 is never used, so negation is exact
 FP8_ACT_DTYPE = torch.float8_e4m3fn
 FP8_ACT_MAX = torch.finfo(FP8_ACT_DTYPE).max  # 448
@@ -21,7 +23,7 @@ _TINY = torch.finfo(torch.float32).tiny
 def safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """fp32 amax (>= 0) -> fp32 scale amax / qmax; 1 for an all-zero group; never below the
     smallest normal fp32 (x / scale is never NaN)."""
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).clamp(min=_TINY)
+    return torch.where(amax > 0, divide(amax, qmax), torch.ones_like(amax)).clamp(min=_TINY)
 
 
 def cast_fp8(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -268,14 +268,18 @@ class DFloat11Format(Format):
 
     @staticmethod
     def _decode(packed: PackedWeight, backend: str) -> torch.Tensor:
+        from ..ops import launch  # here: lowbit.ops imports the formats
+
         t = packed.tensors
-        return torch.ops.lowbit.dfloat11_decode(t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
-                                                t["decode_table"], packed.attrs["segment"], CODE_BITS, backend)
+        return launch("dfloat11_decode", t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
+                      t["decode_table"], packed.attrs["segment"], CODE_BITS, backend)
 
     def triton_linear(self, x2d, packed, bias):
+        from ..ops import launch  # here: lowbit.ops imports the formats
+
         t = packed.tensors
-        return torch.ops.lowbit.dfloat11_linear(x2d, t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
-                                                t["decode_table"], bias, packed.attrs["segment"], CODE_BITS)
+        return launch("dfloat11_linear", x2d, t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
+                      t["decode_table"], bias, packed.attrs["segment"], CODE_BITS)
 
 
 register_format(DFloat11Format())

@@ -128,9 +128,11 @@ class Fp8Format(Format):
 
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
-        return torch.ops.lowbit.fp8_linear(x2d, packed.qweight, packed.scales, bias, self.element,
-                                           packed.attrs["block"] or 0, packed.attrs["act"] == "fp8",
-                                           packed.shape[1])
+        from ..ops import launch  # here: lowbit.ops imports the formats
+
+        return launch("fp8_linear", x2d, packed.qweight, packed.scales, bias, self.element,
+                      packed.attrs["block"] or 0, packed.attrs["act"] == "fp8",
+                      packed.shape[1])
 
 
 register_format(Fp8Format("fp8", torch.float8_e4m3fn, "e4m3"))

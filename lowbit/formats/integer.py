@@ -41,8 +41,9 @@ Option `act="fp8"` (W4AFP8 for int4, as torchao's Float8DynamicActivationInt4Wei
 compressed-tensors' W4AFP8): activations are quantized dynamically per token to E4M3
 (lowbit.formats.activations.quantize_activations_fp8, fp8's act="fp8" rule), and the torch
 reference multiplies those values with the weight in fp32.
-On CUDA both options choose their kernel per M (`lowbit.kernels.quantized_act`): int8 / FP8
-tensor cores from M = 32 (act="fp8" for widths up to 5 bits), else the weight-only kernel.
+On CUDA both options choose their kernel per M (`lowbit.kernels.quantized_act`): int8 tensor
+cores from M = 32, else the weight-only kernel (act="fp8" runs weight-only on GPUs for now: its
+FP8 GEMM is held back until it passes its GPU tests, see ACT_KINDS there).
 The attribute is stored only when set, so weight-only layers keep the manifest entries lowbit
 wrote before the option existed.
 
@@ -64,6 +65,7 @@ from ..packed import MAX_DIM, PackedWeight
 from . import bitpack, gptq, register_format
 from .activations import dequantize_activations, quantize_activations_fp8, quantize_activations_int8
 from .base import FieldSpec, Format
+from .division import divide
 
 DEFAULT_GROUP_SIZE = 128
 SCALE_DTYPE = torch.float16
@@ -267,7 +269,7 @@ class IntFormat(Format):
 
     def _scale(self, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> torch.Tensor:
         """fp32 scales of groups with range [lo, hi] (symmetric: lo = -hi = -amax)."""
-        return hi / (2 ** (self.bits - 1) - 1) if symmetric else (hi - lo) / (2**self.bits - 1)
+        return divide(hi, 2 ** (self.bits - 1) - 1) if symmetric else divide(hi - lo, 2**self.bits - 1)
 
     def _group_params(self, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Ranges lo / hi [...] -> (float16 scales [...], fp32 zero points [...]; symmetric: the
@@ -339,14 +341,16 @@ class IntFormat(Format):
 
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
+        from ..ops import launch  # here: lowbit.ops imports the formats
+
         zeros, group_size = packed.tensors.get("zeros"), packed.attrs["group_size"]
         if packed.attrs.get("permuted"):  # the kernels read K in stored order
             x2d = x2d.index_select(1, packed.perm)
         if packed.attrs.get("act") is not None:
-            return torch.ops.lowbit.quantized_act_linear(x2d, packed.qweight, packed.scales, zeros, bias,
-                                                         packed.attrs["act"], self.bits, group_size, packed.shape[1])
-        return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, packed.scales, zeros, None, bias, self.bits,
-                                               "int", group_size, 1, "float", packed.shape[1])
+            return launch("quantized_act_linear", x2d, packed.qweight, packed.scales, zeros, bias,
+                          packed.attrs["act"], self.bits, group_size, packed.shape[1])
+        return launch("dequant_linear", x2d, packed.qweight, packed.scales, zeros, None, bias, self.bits,
+                      "int", group_size, 1, "float", packed.shape[1])
 
 
 for _bits in range(2, 9):

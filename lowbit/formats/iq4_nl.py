@@ -34,6 +34,7 @@ import torch
 from ..errors import WeightError
 from . import register_format
 from .base import FieldSpec
+from .division import divide
 from .nf4 import CodebookFormat
 
 #: ggml's kvalues_iq4nl (ggml-common.h), code 0..15 -> value
@@ -61,7 +62,7 @@ class IQ4NLFormat(CodebookFormat):
         """fp32 blocks [..., 32] -> float16 scales as fp32 [...]: signed extreme / -127 ("rtn"), or
         the best of it and the trial scales ("mse", see the module docstring)."""
         extreme = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
-        scales = (extreme / KVALUES[0]).to(SCALE_DTYPE)  # KVALUES[0] = -127
+        scales = divide(extreme, KVALUES[0]).to(SCALE_DTYPE)  # KVALUES[0] = -127
         if not bool(torch.isfinite(scales).all()):
             largest = float(torch.finfo(SCALE_DTYPE).max) * -KVALUES[0]
             raise WeightError(f"{name}: values too large for float16 block scales (|w| up to "
@@ -78,7 +79,7 @@ class IQ4NLFormat(CodebookFormat):
         best = rtn
         best_error = (blocks - values(rtn) * rtn.unsqueeze(-1)).square().sum(dim=-1)
         for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
-            q = values(extreme / (KVALUES[0] + t))
+            q = values(divide(extreme, KVALUES[0] + t))
             fitted = ((blocks * q).sum(dim=-1) / q.square().sum(dim=-1)).to(SCALE_DTYPE).float()
             # the error of these codes under the fitted scale; the nearest codes under it (what is
             # stored) do at least as well, so a block never ends above its rtn error

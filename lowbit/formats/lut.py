@@ -39,8 +39,10 @@ class LutFormat(IntFormat):
         return attrs
 
     def triton_linear(self, x2d, packed, bias):
-        return torch.ops.lowbit.lut_linear(x2d, packed.qweight, packed.scales, packed.zeros, bias, self.bits,
-                                           packed.attrs["group_size"], packed.shape[1])
+        from ..ops import launch  # here: lowbit.ops imports the formats
+
+        return launch("lut_linear", x2d, packed.qweight, packed.scales, packed.zeros, bias, self.bits,
+                      packed.attrs["group_size"], packed.shape[1])
 
 
 for _bits in range(1, 5):

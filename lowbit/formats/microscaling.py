@@ -57,6 +57,7 @@ from ..errors import FormatError
 from ..packed import PackedWeight
 from . import bitpack, gptq, register_format
 from .base import FieldSpec, Format
+from .division import divide
 from .integer import padded_k
 
 _ROTATIONS = (None, "hadamard")
@@ -232,8 +233,8 @@ class MicroscalingFormat(Format):
             return (exponent - self.codec.emax).clamp(-127, 127).add(127).to(torch.uint8), None
         if tensor_scale is None:
             w_amax = amax.amax() if amax.numel() else amax.new_zeros(())  # activations: M may be 0
-            tensor_scale = torch.where(w_amax > 0, w_amax / (_E4M3_MAX * self.codec.max_value), 1.0).reshape(1)
-        s = ((amax / self.codec.max_value) / tensor_scale).clamp(_E4M3_MIN_NORMAL, _E4M3_MAX).to(torch.float8_e4m3fn)
+            tensor_scale = torch.where(w_amax > 0, divide(w_amax, _E4M3_MAX * self.codec.max_value), 1.0).reshape(1)
+        s = (divide(amax, self.codec.max_value) / tensor_scale).clamp(_E4M3_MIN_NORMAL, _E4M3_MAX).to(torch.float8_e4m3fn)
         return s, tensor_scale
 
     def encode_elements(self, blocks: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor | None
@@ -350,15 +351,17 @@ class MicroscalingFormat(Format):
 
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
+        from ..ops import launch  # here: lowbit.ops imports the formats
+
         n, k = packed.shape
         attrs = packed.attrs
         if attrs["act"] is not None or attrs["rotate"] is not None:
             kp = padded_k(k, 32)
             x2d, k = self._prepare(x2d, kp, attrs).to(x2d.dtype), kp
-        return torch.ops.lowbit.dequant_linear(
-            x2d, packed.qweight, packed.scales.view(torch.uint8), None, packed.tensors.get("tensor_scale"), bias,
-            self.codec.bits, self.codec.kernel, self.block, 1, self.scale_kind, k,
-        )
+        return launch("dequant_linear", x2d, packed.qweight, packed.scales.view(torch.uint8), None,
+                      packed.tensors.get("tensor_scale"), bias,
+                      self.codec.bits, self.codec.kernel, self.block, 1, self.scale_kind, k,
+                      )
 
 
 MICROSCALING_FORMATS = {

@@ -33,6 +33,7 @@ from ..errors import FormatError
 from ..packed import PackedWeight
 from . import bitpack, gptq, register_format
 from .base import FieldSpec, Format
+from .division import divide
 from .integer import padded_k
 
 #: QLoRA's NF4 code values (bitsandbytes' table), code 0..15
@@ -125,7 +126,7 @@ class CodebookFormat(Format):
         flat = absmax.flatten() - mean
         padded = F.pad(flat, (0, -flat.numel() % DQ_BLOCK)).reshape(-1, DQ_BLOCK)
         amax = padded.abs().amax(dim=-1)
-        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        scale = torch.where(amax > 0, divide(amax, 127), torch.ones_like(amax))
         q = torch.round(padded / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
         # clone: a view would keep the padded storage alive, and torch.save / torch.export write all of it
         return q.flatten()[: flat.numel()].reshape(absmax.shape).clone(), scale, mean
@@ -183,9 +184,11 @@ class CodebookFormat(Format):
         return w[:, :k].to(packed.dtype)
 
     def triton_linear(self, x2d, packed, bias):
+        from ..ops import launch  # here: lowbit.ops imports the formats
+
         # double_quant: the [G, N] absmax is rebuilt in torch per call (N*K/64 values, tiny).
-        return torch.ops.lowbit.dequant_linear(x2d, packed.qweight, self.block_scales(packed.tensors), None, None, bias,
-                                               4, self.name, self.BLOCK, 1, "float", packed.shape[1])
+        return launch("dequant_linear", x2d, packed.qweight, self.block_scales(packed.tensors), None, None, bias,
+                      4, self.name, self.BLOCK, 1, "float", packed.shape[1])
 
 
 class NF4Format(CodebookFormat):

@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import bitpack, get_format
+from ..formats.division import divide
 from ..formats.integer import SCALE_DTYPE, padded_k
 from ..formats.nf4 import BLOCK
 from ..packed import PackedWeight
@@ -169,7 +170,7 @@ def packed_int8_rows(tensors: dict[str, torch.Tensor], name: str, dtype: torch.d
     if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
         raise fail(scb_key, "row absmax values must be finite and >= 0")
     # bitsandbytes multiplies q * SCB by fp32 1/127; lowbit keeps the row scale SCB / 127 in float16
-    scales = (absmax / 127).to(SCALE_DTYPE)
+    scales = divide(absmax, 127).to(SCALE_DTYPE)
     if not bool(torch.isfinite(scales).all()):
         raise fail(scb_key, f"row absmax up to {float(absmax.max()):.3g}: too large for float16 row scales")
     # lowbit's group_size=-1: one group per row, K padded to a multiple of 32

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
-from .runtime import FP_FUSION
+from .runtime import FP_FUSION, next_power_of_2
 
 E4M3_MAX = tl.constexpr(448.0)
 INT8_MAX = tl.constexpr(127.0)
@@ -88,7 +88,7 @@ def quantize_activations_triton(x: torch.Tensor, kp: int, group: int | None = No
     q = torch.empty((m, kp), dtype=torch.uint8 if encoding == "e4m3" else torch.int8, device=x.device)
     s = torch.empty((m, kp // group), dtype=torch.float32, device=x.device)
     if m:
-        block = min(1024, triton.next_power_of_2(group))
+        block = min(1024, next_power_of_2(group))
         _act_quant_kernel[(m, kp // group)](x, q, s, k, group, x.stride(0), q.stride(0), s.stride(0),
                                             ENCODING=encoding, BLOCK=block, **FP_FUSION)
     return (q.view(torch.float8_e4m3fn) if encoding == "e4m3" else q), s

@@ -30,7 +30,7 @@ from ..formats.iq4_nl import IQ4_NL_CODEBOOK
 from ..formats.nf4 import NF4_CODEBOOK
 from .dequant_gemv import _gemv_kernel
 from .element_decode import _decode, _decode_scale, _element_factor
-from .runtime import interpreting, num_sms
+from .runtime import cdiv, interpreting, next_power_of_2, num_sms
 from .split_k import default_splits, split_k_buffers, store_split_k, valid_split_count
 from .tuning import launch_options, lookup, valid_launch_options
 
@@ -293,19 +293,19 @@ def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: tor
     column_k = gemv_column_k(bits, group_size)
     if column_k is None:
         return None
-    block_m = min(triton.next_power_of_2(m), GEMV_MAX_M)
+    block_m = min(next_power_of_2(m), GEMV_MAX_M)
     block_n = gemv_block_n(block_m)
     sms = num_sms(device)
 
     def k_tiles() -> int:
-        return triton.cdiv(kp // column_k, gemv_columns({}))
+        return cdiv(kp // column_k, gemv_columns({}))
 
-    while triton.cdiv(n, block_n) * k_tiles() < 2 * sms and column_k // 2 >= min_column_k(bits):
+    while cdiv(n, block_n) * k_tiles() < 2 * sms and column_k // 2 >= min_column_k(bits):
         column_k //= 2
-    while triton.cdiv(n, block_n) * k_tiles() < 2 * sms and block_n > 2:
+    while cdiv(n, block_n) * k_tiles() < 2 * sms and block_n > 2:
         block_n //= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "COLUMN_K": column_k,
-            "SPLIT_K": default_splits(k_tiles(), triton.cdiv(n, block_n), sms)}
+            "SPLIT_K": default_splits(k_tiles(), cdiv(n, block_n), sms)}
 
 
 def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, multi_group: bool = False,
@@ -325,7 +325,7 @@ def pick_config(m: int, n: int, kp: int, group_size: int, device: torch.device, 
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_k = _block_k(group_size, kp, 64, multi_group)
     return {"path": "gemm", "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k,
-            "SPLIT_K": gemm_splits(kp // block_k, triton.cdiv(m, block_m) * triton.cdiv(n, 64), num_sms(device))}
+            "SPLIT_K": gemm_splits(kp // block_k, cdiv(m, block_m) * cdiv(n, 64), num_sms(device))}
 
 
 def gemm_splits(k_tiles: int, output_tiles: int, sms: int) -> int:
@@ -453,7 +453,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     n = qweight.shape[0]
     kp = scales.shape[0] * group_size
     check_operands(x, qweight, kp, bits, in_features)
-    if scales.shape[1] != triton.cdiv(n, scale_group_n):
+    if scales.shape[1] != cdiv(n, scale_group_n):
         raise InputError(f"scales shape {tuple(scales.shape)} does not match N={n}, scale_group_n={scale_group_n}")
     x = x.contiguous()
     m = x.shape[0]
@@ -486,7 +486,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   HAS_TENSOR_SCALE=tensor_scale is not None, ONE_BIT_PLANES=one_bit_planes, BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], **launch_options(cfg))
     words_per_bit = kp // 32
-    n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
+    n_tiles, m_tiles = cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"])
     if cfg["path"] == "gemv":
         problem = check_column_k(cfg["COLUMN_K"], plane_bits, group_size)
         if problem:
@@ -495,7 +495,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         # the GEMV compiles per K only where it has later bit planes to find (single-plane codes ignore it)
         planes = len(bitpack.planes(bits, one_bit_planes))
         out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(
-            x, n, triton.cdiv(columns, gemv_columns(cfg)), cfg["SPLIT_K"], n_tiles * m_tiles)
+            x, n, cdiv(columns, gemv_columns(cfg)), cfg["SPLIT_K"], n_tiles * m_tiles)
         _gemv_kernel[(n_tiles, split_k, m_tiles)](x, qweight, scales, zeros_arg, ts_arg, bias_arg, out, workspace,
                                                   tickets, m, n, in_features, columns, tiles_per_split,
                                                   x.stride(0), qweight.stride(0), scales.stride(0), n, 1, MAGIC,

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
-from .runtime import FP_FUSION, num_sms
+from .runtime import FP_FUSION, cdiv, next_power_of_2, num_sms
 from .split_k import split_k_buffers, store_split_k
 
 #: largest M the fused decode + GEMV takes; above it, decode to bf16 and use the bf16 GEMM
@@ -312,7 +312,7 @@ def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, 
             raise InputError(f"a {n}x{row[6]} weight at element {row[4]} does not fit an output of {out.numel()}")
     if out.dtype != torch.bfloat16 or not out.is_contiguous():
         raise InputError("the output must be a contiguous bf16 tensor")
-    grid = (triton.cdiv(max(row[5] for row in rows), DECODE_BLOCK), len(rows))
+    grid = (cdiv(max(row[5] for row in rows), DECODE_BLOCK), len(rows))
     aligned = all(row[1] % DECODE_CHUNK == 0 and row[4] % DECODE_CHUNK == 0 and row[6] % DECODE_CHUNK == 0
                   for row in rows)
     _decode_kernel[grid](_layer_table(tuple(rows), out.device), out.view(torch.int16), WEIGHT_FIELDS, SEGMENT=segment,
@@ -342,18 +342,18 @@ def dfloat11_matmul(x, words, sign_mantissa, segment_offsets, decode_table, bias
                                code_bits=code_bits)
         return F.linear(x, weight.to(x.dtype), bias)
     x = x.contiguous()
-    n_tiles = triton.cdiv(n, GEMV_BLOCK_N)
+    n_tiles = cdiv(n, GEMV_BLOCK_N)
     segments = segment_offsets.shape[1]
     # One segment column per program while the lanes fit on the GPU at once, so that the most
     # decode chains run side by side; beyond that, programs walk several segments each.
     lanes = n_tiles * GEMV_BLOCK_N * segments
     per_split = max(1, lanes // (RESIDENT_LANES_PER_SM * num_sms(x.device)))
-    out, workspace, tickets, per_split, splits = split_k_buffers(x, n, segments, triton.cdiv(segments, per_split),
+    out, workspace, tickets, per_split, splits = split_k_buffers(x, n, segments, cdiv(segments, per_split),
                                                                  n_tiles)
     _decode_gemv_kernel[(n_tiles, splits)](x, words, sign_mantissa, segment_offsets, decode_table,
                                            bias if bias is not None else x, out, workspace, tickets,
                                            m, n, k, segments, words.numel(), x.stride(0), per_split, WEIGHT_FIELDS,
                                            SEGMENT=segment, CODE_BITS=code_bits, HAS_BIAS=bias is not None,
-                                           SPLIT=splits > 1, BLOCK_M=triton.next_power_of_2(m),
+                                           SPLIT=splits > 1, BLOCK_M=next_power_of_2(m),
                                            BLOCK_N=GEMV_BLOCK_N, CHUNK=GEMV_CHUNK, **FP_FUSION)
     return out

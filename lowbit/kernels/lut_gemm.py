@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..errors import InputError
 from .dequant_gemm import _block_k, _plane_tile, check_block_k, check_operands, dequant_matmul, pick_config
-from .runtime import num_sms
+from .runtime import cdiv, next_power_of_2, num_sms
 from .split_k import default_splits, split_k_buffers, store_split_k
 from .tuning import launch_options
 
@@ -87,8 +87,8 @@ def lut_gemv_config(m: int, n: int, kp: int, group_size: int, device: torch.devi
     """Default tiles of the LUT GEMV (`_lut_gemv_kernel`): up to LUT_MAX_M batch rows and 32
     output features per program, K tiles of up to 128 inside one group, `default_splits`."""
     block_k = _block_k(group_size, kp, 128, multi_group=False)
-    return {"BLOCK_M": min(triton.next_power_of_2(m), LUT_MAX_M), "BLOCK_N": 32, "BLOCK_K": block_k,
-            "SPLIT_K": default_splits(kp // block_k, triton.cdiv(n, 32), num_sms(device))}
+    return {"BLOCK_M": min(next_power_of_2(m), LUT_MAX_M), "BLOCK_N": 32, "BLOCK_K": block_k,
+            "SPLIT_K": default_splits(kp // block_k, cdiv(n, 32), num_sms(device))}
 
 
 def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -119,7 +119,7 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                               in_features=in_features, one_bit_planes=True, config=cfg)
     cfg = {**lut_gemv_config(m, n, kp, group_size, x.device), **cfg}
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group=False)
-    n_tiles, m_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"])
+    n_tiles, m_tiles = cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"])
     out, workspace, tickets, tiles_per_split, split_k = split_k_buffers(x, n, kp // cfg["BLOCK_K"], cfg["SPLIT_K"],
                                                                         n_tiles * m_tiles)
     _lut_gemv_kernel[(n_tiles, split_k, m_tiles)](x, qweight, scales, zeros, bias if bias is not None else scales, out,

@@ -14,6 +14,17 @@ from ..errors import KernelUnavailableError
 FP_FUSION = {"enable_fp_fusion": True}
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' host-side arithmetic: plain Python, where triton.cdiv (a
+    constexpr function in recent Triton) costs microseconds per call on every launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as triton.next_power_of_2, in plain Python."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def interpreting() -> bool:
     """True when Triton's CPU interpreter is on (TRITON_INTERPRET=1 before kernels were defined)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

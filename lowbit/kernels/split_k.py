@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
+from .runtime import cdiv
 
 _counters: dict[tuple, torch.Tensor] = {}
 _MIN_COUNTERS = 4096
@@ -70,7 +71,7 @@ def default_splits(k_tiles: int, output_tiles: int, sms: int, programs_per_sm: i
     split-K GEMVs: a GEMV waits on its loads, and more resident programs keep more bytes in
     flight; an extra split costs only its partial sums, reduced inside the launch), never more
     splits than K tiles."""
-    return max(1, min(k_tiles, triton.cdiv(programs_per_sm * sms, output_tiles)))
+    return max(1, min(k_tiles, cdiv(programs_per_sm * sms, output_tiles)))
 
 
 def valid_split_count(requested) -> bool:
@@ -85,8 +86,8 @@ def split_k_buffers(x: torch.Tensor, n: int, k_tiles: int, requested: int, tiles
     counters are `out` (never read), else fp32 [split_k, M, N] and the stream's counters."""
     if not valid_split_count(requested):
         raise InputError(f"SPLIT_K must be a positive integer, got {requested!r}")
-    tiles_per_split = triton.cdiv(k_tiles, requested)
-    split_k = triton.cdiv(k_tiles, tiles_per_split)
+    tiles_per_split = cdiv(k_tiles, requested)
+    split_k = cdiv(k_tiles, tiles_per_split)
     m = x.shape[0]
     out = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
     if split_k == 1:

@@ -62,7 +62,12 @@ def _read_table(path: str) -> dict:
 
 
 def table_path(device: torch.device) -> str:
-    return os.environ.get(ENV_VAR) or str(TUNED_DIR / f"{device_key(device)}.json")
+    return os.environ.get(ENV_VAR) or _packaged_table(device)
+
+
+@functools.lru_cache(maxsize=None)  # read on every launch: build the path once per device
+def _packaged_table(device: torch.device) -> str:
+    return str(TUNED_DIR / f"{device_key(device)}.json")
 
 
 def lookup(device: torch.device, variant: str, n: int, kp: int, m: int) -> dict | None:
