@@ -2,9 +2,11 @@
 # One GPU session's measurements in parts that each fit a 10-minute command (30 device-minutes
 # in all: run them in this order, fetch the results after each, see README.md, Benchmarks).
 #
-#   bash benchmarks/gpu_session.sh tests tune          # ~9 min: `gpu` tests, then kernel tuning
-#   bash benchmarks/gpu_session.sh gemm-targets        # ~8 min: the formats with issue-8 targets, every M
-#   bash benchmarks/gpu_session.sh e2e dfloat11        # ~8 min: end to end, then the dfloat11 decoder
+#   bash benchmarks/gpu_session.sh tests gemm-m1       # ~9 min: `gpu` tests, then the issue-8 targets at M=1
+#   bash benchmarks/gpu_session.sh e2e dfloat11        # ~6 min: end to end (~4 min on the H100), then the dfloat11 decoder
+#   bash benchmarks/gpu_session.sh tune                # ~5 min: kernel tuning (M=1 cases first)
+#   bash benchmarks/gpu_session.sh gemm-targets        # ~9 min: the formats with issue-8 targets, every M
+#                                                      # (the first H100 run reached 86 of its 264 cases)
 #   bash benchmarks/gpu_session.sh gemm-rest           # the other formats (a later session if time is short)
 #   bash benchmarks/gpu_session.sh e2e-moe             # ~6 min: Mixtral-8x7B width (4 layers), quantized experts, eager
 #   bash benchmarks/gpu_session.sh profile             # ~3 min: Nsight Compute on the at-risk GEMVs, if installed
@@ -57,8 +59,10 @@ for part in "$@"; do
   case "$part" in
     # -v: one line per test as it finishes, so a run cut off by the limit still shows what passed;
     # -n 8: the machine's 16 cores compile the kernels in parallel (one GPU serves every worker)
-    tests) run_part tests 270 python3 -m pytest -v -n 8 --dist loadgroup -m gpu -p no:cacheprovider --durations=15 tests ;;
+    tests) run_part tests 330 python3 -m pytest -v -n 8 --dist loadgroup -m gpu -p no:cacheprovider --durations=15 tests ;;
     tune) run_part tune 300 python3 benchmarks/tune.py --budget-s 240 ;;
+    gemm-m1) run_part gemm-m1 240 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS --m 1 \
+               --out-dir "$out/results" ;;
     gemm-targets) run_part gemm-targets 540 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS \
                     --out-dir "$out/results" ;;
     gemm-rest) run_part gemm-rest 540 python3 benchmarks/bench_gemm.py --formats $OTHER_FORMATS \
@@ -75,7 +79,7 @@ for part in "$@"; do
       else
         echo "== profile: ncu is not installed" | tee "$out/profile.log"
       fi ;;
-    *) echo "unknown part $part (tests tune gemm-targets gemm-rest e2e e2e-moe dfloat11 profile)" >&2; exit 2 ;;
+    *) echo "unknown part $part (tests tune gemm-m1 gemm-targets gemm-rest e2e e2e-moe dfloat11 profile)" >&2; exit 2 ;;
   esac
 done
 cp lowbit/kernels/tuned/*.json "$out/results/" 2>/dev/null
