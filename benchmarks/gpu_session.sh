@@ -59,7 +59,8 @@ for part in "$@"; do
   case "$part" in
     # -v: one line per test as it finishes, so a run cut off by the limit still shows what passed;
     # -n 8: the machine's 16 cores compile the kernels in parallel (one GPU serves every worker)
-    tests) run_part tests 330 python3 -m pytest -v -n 8 --dist loadgroup -m gpu -p no:cacheprovider --durations=15 tests ;;
+    # LOWBIT_FAILURE_LOG: each failure's traceback written as it happens (tests/conftest.py)
+    tests) LOWBIT_FAILURE_LOG="$out/failures.log" run_part tests 330 python3 -m pytest -v -n 8 --dist loadgroup -m gpu -p no:cacheprovider --durations=15 tests ;;
     tune) run_part tune 300 python3 benchmarks/tune.py --budget-s 240 ;;
     gemm-m1) run_part gemm-m1 240 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS --m 1 \
                --out-dir "$out/results" ;;

@@ -37,6 +37,16 @@ settings.register_profile("explore", derandomize=False, database=None)
 settings.load_profile(os.environ.get("LOWBIT_HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_runtest_logreport(report):
+    """LOWBIT_FAILURE_LOG=<file>: append each failure's traceback to it as the failure happens.
+    pytest prints tracebacks only when the whole run ends, so a run a time limit cuts short (the
+    first GPU session's `gpu` tests) leaves none; benchmarks/gpu_session.sh sets this."""
+    path = os.environ.get("LOWBIT_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 def kernel_devices():
     """Devices the Triton kernels can be tested on in this process."""
     if os.environ.get("TRITON_INTERPRET") == "1":
