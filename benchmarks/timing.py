@@ -104,9 +104,9 @@ def time_us(fn: Callable, device: torch.device, cpu_runs: int = 3) -> Timing:
     if device.type == "cuda":
         try:
             return gpu_time_us(fn, device)
-        except RuntimeError:  # not capturable (e.g. a host synchronization inside)
+        except Exception:  # not capturable: a host synchronization inside, or another library's stream (cupy)
             torch.cuda.synchronize()
-            return eager_time_us(fn)
+            return eager_time_us(fn)  # a call that fails eagerly too raises here
     samples = []
     for _ in range(cpu_runs):
         start = time.perf_counter()
