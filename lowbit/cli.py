@@ -277,6 +277,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .packed import parse_metadata
 
     folder = Path(args.path)
+    if _is_gguf(folder):
+        return _inspect_gguf(folder, args.json)
     where, layers, written_by = _saved_layers(folder)
     # one row per layer; the experts of a MoE weight (experts.slot_name) in one row per weight,
     # format and shape: [E experts, bytes summed]
@@ -304,17 +306,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
              f"{experts}x{shape[0]}x{shape[1]}" if fused else f"{shape[0]}x{shape[1]}", str(nbytes),
              f"{nbytes * 8 / weights:.3f}")
             for (name, fused, fmt_name, shape), (experts, nbytes, weights) in grouped.items()]
-    header = ("layer", "format", "shape", "bytes", "bits/weight")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    line = "  ".join
-    print(line(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print(line(c.ljust(w) for c, w in zip(row, widths)))
+    _print_table(("layer", "format", "shape", "bytes", "bits/weight"), rows)
     print(f"\n{len(layers)} quantized layer(s) in {folder} ({written_by})")
     if total_weights:
         print(f"packed: {total_bytes} bytes, {total_bytes * 8 / total_weights:.3f} bits/weight")
     if args.json:
         print(json.dumps(layers, indent=1))
+    return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _is_gguf(path: Path) -> bool:
+    from .integrations.gguf_import import is_gguf_file
+
+    return is_gguf_file(path)
+
+
+def _inspect_gguf(path: Path, as_json: bool) -> int:
+    """`lowbit inspect FILE.gguf`: one row per tensor (GGML type, shape, bytes, bits/weight, and
+    what a Linear or expert weight of that type imports as), then totals."""
+    from .integrations.gguf_import import tensor_table
+
+    architecture, tensors = tensor_table(path)
+    _print_table(("tensor", "type", "shape", "bytes", "bits/weight", "imports as"),
+                 [(t["name"], t["type"], "x".join(map(str, t["shape"])), str(t["bytes"]),
+                   f"{t['bytes'] * 8 / t['weights']:.3f}", t["lowbit"]) for t in tensors])
+    quantized = [t for t in tensors if not t["lowbit"].startswith("dense")]
+    formats = sorted({t["lowbit"].split()[0] for t in quantized})
+    print(f"\n{len(tensors)} tensor(s) in {path} (GGUF, architecture {architecture}); {len(quantized)} in types "
+          f"lowbit imports as {'/'.join(formats) or 'nothing'} where they are Linear or expert weights")
+    total_bytes, total_weights = sum(t["bytes"] for t in tensors), sum(t["weights"] for t in tensors)
+    print(f"file tensors: {total_bytes} bytes, {total_bytes * 8 / max(total_weights, 1):.3f} bits/weight")
+    if as_json:
+        print(json.dumps({"architecture": architecture, "tensors": tensors}, indent=1))
     return 0
 
 
@@ -373,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "IQ4_NL / MXFP4 / BF16, bit for bit) and a byte-level or SentencePiece BPE tokenizer")
     e.add_argument("--max-shard-bytes", type=int, default=4 * 2**30)
     e.set_defaults(func=cmd_export)
-    i = sub.add_parser("inspect", help="per-layer table of a saved lowbit folder")
+    i = sub.add_parser("inspect", help="per-layer table of a saved lowbit folder, or per-tensor table of a GGUF file")
     i.add_argument("path")
-    i.add_argument("--json", action="store_true", help="also print the per-layer manifest entries")
+    i.add_argument("--json", action="store_true", help="also print the per-layer manifest entries (a GGUF file: its tensor rows)")
     i.set_defaults(func=cmd_inspect)
     return parser
 

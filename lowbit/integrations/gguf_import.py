@@ -99,6 +99,29 @@ def target_format(path: str | Path) -> str:
     return "/".join(sorted(found)) or "none"
 
 
+def tensor_table(path: str | Path) -> tuple[str | None, list[dict]]:
+    """(the file's general.architecture, one row per tensor in file order): {"name", "type" (GGML),
+    "shape" (torch order, [N, K] for a Linear's weight; [E, N, K] for experts), "bytes",
+    "weights", "lowbit"}: what a Linear / expert weight of that type imports as, e.g. "int4 g32"
+    ("exact" when lowbit holds its weights bit for bit), "dense" for float types and types
+    lowbit has no layout for ("dense (GGML type)"), and for the token embedding, which is always
+    decoded. Which tensors are Linears is the architecture's to say when the file loads."""
+    path = Path(path)
+    reader = _reader(path)
+    rows = []
+    for tensor in reader.tensors:
+        kind, ggml = _quantized_weight_type(tensor), tensor.tensor_type.name
+        if tensor.name.startswith("token_embd") or ggml in ("F32", "F16", "BF16"):
+            lowbit = "dense"
+        elif kind is None:
+            lowbit = f"dense ({ggml})"
+        else:
+            lowbit = f"{kind.lowbit_format} g{kind.group_size}" + (" exact" if kind.exact else "")
+        rows.append({"name": tensor.name, "type": ggml, "shape": [int(d) for d in reversed(tensor.shape)],
+                     "bytes": int(tensor.n_bytes), "weights": int(tensor.n_elements), "lowbit": lowbit})
+    return _field(path, reader, "general.architecture"), rows
+
+
 def write_tokenizer(path: str | Path, folder: Path) -> dict[str, Path]:
     """Save the tokenizer a GGUF file holds (transformers builds it from the file's tokenizer.ggml.*
     metadata, as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does) into `folder` ->

@@ -6,6 +6,7 @@ from the package's own quantizers; it has none for the K, IQ and NVFP4 types, so
 random bytes with sane scales (float16 d / dmin; every other byte pattern is a valid block). The
 oracle is transformers' from_pretrained(..., gguf_file=...), which decodes every tensor with the
 gguf package."""
+import json
 import warnings
 
 import numpy as np
@@ -375,6 +376,29 @@ def test_convert_and_export_read_a_gguf_file(tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"bare\.gguf: no tokenizer written: transformers cannot build one"):
         assert main(["convert", str(bare), str(tmp_path / "bare")]) == 0
     assert "copied along:     nothing" in capsys.readouterr().out
+
+
+def test_inspect_lists_a_gguf_file_s_tensors(tmp_path, capsys):
+    """`lowbit inspect file.gguf`: a row per tensor with its GGML type, torch-order shape, bytes and
+    what it imports as (a Q4_K_M mix: int6 in groups of 16, int4 in groups of 32; the Q4_K
+    embedding decoded; a type without a lowbit layout dense), then totals; --json the rows."""
+    from lowbit.cli import main
+
+    path = _write_gguf(tmp_path / "mix.gguf",
+                       lambda name: "IQ2_XXS" if name == "blk.1.ffn_down.weight" else _q4_k_m(name))
+    assert main(["inspect", str(path), "--json"]) == 0
+    printed = capsys.readouterr().out
+    table, _, document = printed.partition("\n{")
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:] if line.strip()}
+    hidden, ffn = _config().hidden_size, _config().intermediate_size
+    assert rows["blk.0.ffn_down.weight"][1:4] == ["Q6_K", f"{hidden}x{ffn}", str(hidden * ffn * 210 // 256)]
+    assert rows["blk.0.ffn_down.weight"][5:] == ["int6", "g16"]
+    assert rows["blk.0.attn_q.weight"][5:] == ["int4", "g32"]
+    assert rows["blk.1.ffn_down.weight"][5:] == ["dense", "(IQ2_XXS)"]
+    assert rows["token_embd.weight"][1] == "Q4_K" and rows["token_embd.weight"][5:] == ["dense"]
+    assert "(GGUF, architecture llama)" in table and "lowbit imports as int4/int6 where" in table
+    tensors = json.loads("{" + document)["tensors"]
+    assert [t["name"] for t in tensors] == [line.split()[0] for line in table.splitlines()[1:len(tensors) + 1]]
 
 
 @pytest.mark.parametrize("kind", ["MXFP4", "NVFP4"])
