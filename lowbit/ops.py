@@ -29,9 +29,9 @@ def _lowbit_op(implementation):
 
 def runs_eagerly(x: torch.Tensor) -> bool:
     """Whether a launch on x can skip the dispatcher: a plain tensor with nothing tracing it (not
-    torch.compile or torch.export, no fake / functional tensor, dispatch mode or functorch
-    transform), where the op would only forward to its implementation."""
-    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor
+    torch.compile, torch.export or torch.jit.trace, no fake / functional tensor, dispatch mode or
+    functorch transform), where the op would only forward to its implementation."""
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and not torch.jit.is_tracing()
             and not torch._C._len_torch_dispatch_stack() and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 

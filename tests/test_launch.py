@@ -24,6 +24,9 @@ def test_only_plain_untraced_tensors_run_eagerly():
         assert not ops.runs_eagerly(x)
     assert not torch.func.vmap(lambda row: torch.tensor(ops.runs_eagerly(row)))(x).any()
     assert not torch.compile(lambda t: t + ops.runs_eagerly(t), backend="eager", fullgraph=True)(x).ne(1).any()
+    seen = []
+    torch.jit.trace(lambda t: seen.append(ops.runs_eagerly(t)) or t * 2, x, check_trace=False)
+    assert seen and not any(seen)
 
 
 @pytest.mark.skipif("cpu" not in [d.type for d in map(torch.device, kernel_devices())],
