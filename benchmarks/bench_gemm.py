@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.timing import eager_time_us, time_us  # noqa: E402
+from benchmarks.timing import Timing, eager_time_us, time_us  # noqa: E402
 
 # Peak HBM bandwidth (GB/s) by device-name substring, for the % of memory bandwidth column.
 PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
@@ -207,18 +207,16 @@ def bench_one(spec: str, shape: str, n: int, k: int, m: int, args, device, dtype
     # smoke: interpreted calls check the machinery, their times mean nothing: the gate's call is the timing
     runs = 1 if args.smoke else 3
     call = lambda: lowbit.linear(x, packed, backend=backend)  # noqa: E731
-    timing = time_us(call, device, cpu_runs=runs) if not args.smoke else None
-    us, us_p20, us_p80 = (gate_us,) * 3 if args.smoke else timing[:3]
+    us, us_p20, us_p80, method = Timing(gate_us, gate_us, gate_us, "cpu") if args.smoke else time_us(call, device)
     bf16_cache = {} if bf16_cache is None else bf16_cache
-    if (shape, m) not in bf16_cache:
-        bf16_cache[(shape, m)] = time_us(lambda: F.linear(x, w), device, cpu_runs=runs)
-    bf16 = bf16_cache[(shape, m)]
-    row.update({"timing": "cpu" if args.smoke else timing.method, "bf16_timing": bf16.method})
+    if (shape, m) not in bf16_cache:  # (time_us, and on a GPU the eager time, host overhead included)
+        bf16_cache[(shape, m)] = (time_us(lambda: F.linear(x, w), device, cpu_runs=runs),
+                                  eager_time_us(lambda: F.linear(x, w), rep_ms=25) if device.type == "cuda" else None)
+    bf16, bf16_eager = bf16_cache[(shape, m)]
+    row.update({"timing": method, "bf16_timing": bf16.method})
     if device.type == "cuda":
         # what an eager caller waits, host overhead included (us is the GPU time alone)
-        if (shape, m, "eager") not in bf16_cache:
-            bf16_cache[(shape, m, "eager")] = eager_time_us(lambda: F.linear(x, w), rep_ms=25)
-        row.update({"eager_us": eager_time_us(call, rep_ms=25).us, "bf16_eager_us": bf16_cache[(shape, m, "eager")].us})
+        row.update({"eager_us": eager_time_us(call, rep_ms=25).us, "bf16_eager_us": bf16_eager.us})
         entries = time_competitors(fmt_name, options, w, x, packed, exact, device, us, row["max_rel_err_vs_exact"])
         timed = [e for e in entries if "us" in e]
         row["competitors"] = entries

@@ -274,10 +274,11 @@ def _saved_layers(folder: Path) -> tuple[str, dict, str]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .errors import CheckpointError
     from .experts import parse_slot
+    from .integrations.gguf_import import is_gguf_file
     from .packed import parse_metadata
 
     folder = Path(args.path)
-    if _is_gguf(folder):
+    if is_gguf_file(folder):
         return _inspect_gguf(folder, args.json)
     where, layers, written_by = _saved_layers(folder)
     # one row per layer; the experts of a MoE weight (experts.slot_name) in one row per weight,
@@ -321,12 +322,6 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
-def _is_gguf(path: Path) -> bool:
-    from .integrations.gguf_import import is_gguf_file
-
-    return is_gguf_file(path)
-
-
 def _inspect_gguf(path: Path, as_json: bool) -> int:
     """`lowbit inspect FILE.gguf`: one row per tensor (GGML type, shape, bytes, bits/weight, and
     what a Linear or expert weight of that type imports as), then totals."""
@@ -335,9 +330,9 @@ def _inspect_gguf(path: Path, as_json: bool) -> int:
     architecture, tensors = tensor_table(path)
     _print_table(("tensor", "type", "shape", "bytes", "bits/weight", "imports as"),
                  [(t["name"], t["type"], "x".join(map(str, t["shape"])), str(t["bytes"]),
-                   f"{t['bytes'] * 8 / t['weights']:.3f}", t["lowbit"]) for t in tensors])
-    quantized = [t for t in tensors if not t["lowbit"].startswith("dense")]
-    formats = sorted({t["lowbit"].split()[0] for t in quantized})
+                   f"{t['bytes'] * 8 / t['weights']:.3f}", t["imports_as"]) for t in tensors])
+    quantized = [t for t in tensors if t["format"]]
+    formats = sorted({t["format"] for t in quantized})
     print(f"\n{len(tensors)} tensor(s) in {path} (GGUF, architecture {architecture}); {len(quantized)} in types "
           f"lowbit imports as {'/'.join(formats) or 'nothing'} where they are Linear or expert weights")
     total_bytes, total_weights = sum(t["bytes"] for t in tensors), sum(t["weights"] for t in tensors)

@@ -94,31 +94,32 @@ def _quantized_weight_type(tensor) -> BlockType | None:
 def target_format(path: str | Path) -> str:
     """The lowbit formats the file's 2-D and expert (3-D) quantized tensors import as, e.g.
     "int4/int6" for Q4_K_M files (Q4_K and Q6_K); "none" when it has no such tensor."""
-    found = {kind.lowbit_format for t in _reader(Path(path)).tensors
-             if (kind := _quantized_weight_type(t)) is not None and not t.name.startswith("token_embd")}
-    return "/".join(sorted(found)) or "none"
+    return "/".join(sorted({row["format"] for row in tensor_table(path)[1] if row["format"]})) or "none"
 
 
 def tensor_table(path: str | Path) -> tuple[str | None, list[dict]]:
     """(the file's general.architecture, one row per tensor in file order): {"name", "type" (GGML),
     "shape" (torch order, [N, K] for a Linear's weight; [E, N, K] for experts), "bytes",
-    "weights", "lowbit"}: what a Linear / expert weight of that type imports as, e.g. "int4 g32"
-    ("exact" when lowbit holds its weights bit for bit), "dense" for float types and types
-    lowbit has no layout for ("dense (GGML type)"), and for the token embedding, which is always
-    decoded. Which tensors are Linears is the architecture's to say when the file loads."""
+    "weights", "format", "imports_as"}: the lowbit format a Linear / expert weight of that type
+    imports as (None: decoded dense, as are float types, types lowbit has no layout for and the
+    token embedding) and its label, e.g. "int4 g32" ("exact" when lowbit holds its weights bit for
+    bit), "dense", "dense (IQ2_XXS)". Which tensors are Linears is the architecture's to say when
+    the file loads."""
     path = Path(path)
     reader = _reader(path)
     rows = []
     for tensor in reader.tensors:
-        kind, ggml = _quantized_weight_type(tensor), tensor.tensor_type.name
-        if tensor.name.startswith("token_embd") or ggml in ("F32", "F16", "BF16"):
-            lowbit = "dense"
-        elif kind is None:
-            lowbit = f"dense ({ggml})"
+        embedding, ggml = tensor.name.startswith("token_embd"), tensor.tensor_type.name
+        kind = None if embedding else _quantized_weight_type(tensor)
+        if kind is not None:
+            imports_as = f"{kind.lowbit_format} g{kind.group_size}" + (" exact" if kind.exact else "")
+        elif embedding or ggml in ("F32", "F16", "BF16"):
+            imports_as = "dense"
         else:
-            lowbit = f"{kind.lowbit_format} g{kind.group_size}" + (" exact" if kind.exact else "")
+            imports_as = f"dense ({ggml})"
         rows.append({"name": tensor.name, "type": ggml, "shape": [int(d) for d in reversed(tensor.shape)],
-                     "bytes": int(tensor.n_bytes), "weights": int(tensor.n_elements), "lowbit": lowbit})
+                     "bytes": int(tensor.n_bytes), "weights": int(tensor.n_elements),
+                     "format": None if kind is None else kind.lowbit_format, "imports_as": imports_as})
     return _field(path, reader, "general.architecture"), rows
 
 

@@ -27,6 +27,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # the kernel against the fp32 reference: fp32 rounding of the group sums, then the output cast
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 N, K = 37, 300
+requires_fp8_tensor_cores = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores (sm89+)")
 
 
 ACTS = list(ACT_KINDS)
@@ -240,7 +242,7 @@ def test_gpu_fp8_act_layers_run_the_weight_only_kernel():
     _assert_close(lowbit.linear(x, p, b), weight_only, torch.bfloat16)
 
 
-@requires_gpu
+@requires_fp8_tensor_cores
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,symmetric,group_size,dtype", [
     (4, True, 128, torch.bfloat16), (4, False, 64, torch.bfloat16), (5, False, 128, torch.bfloat16),
@@ -250,21 +252,17 @@ def test_gpu_fp8_act_layers_run_the_weight_only_kernel():
 @pytest.mark.parametrize("m", [32, 256])
 def test_gpu_fp8_gemm_real_shapes(bits, symmetric, group_size, dtype, m):
     """The E4M3 GEMM on a Llama-3-8B gate_proj (14336 x 4096) on FP8 tensor cores."""
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 tensor cores need sm89+")
     p, x, b = _case(bits, m, dtype, "cuda", symmetric, group_size, n=14336, k=4096, act="fp8")
     _assert_close(_fp8_gemm(x, p, b), _reference(x, p, b), dtype)
 
 
-@requires_gpu
+@requires_fp8_tensor_cores
 @pytest.mark.gpu
 def test_gpu_fp8_gemm_long_rows_keep_fp32_accuracy():
     """Per-channel int4 at K = 14336 (a Llama-3-8B down_proj), fp32 activations and output: Hopper's
     FP8 tensor cores add with ~14 bits (DeepSeek-V3's measurement), which over a whole row gives
     errors of ~1e-3 of the output; promoting the partial sums to fp32 every 128 K (FLUSH_K) keeps
     them near 2^-14 of a 128-term partial, well inside 5e-4."""
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 tensor cores need sm89+")
     p, x, b = _case(4, 256, torch.float32, "cuda", True, -1, n=4096, k=14336, act="fp8")
     y, ref = _fp8_gemm(x, p, b), _reference(x, p, b)
     assert y.dtype == torch.float32
