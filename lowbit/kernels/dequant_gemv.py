@@ -2,7 +2,8 @@
 lowbit/kernels/dequant_gemm.py, picks it at M <= GEMV_MAX_M).
 
 Each thread sums a column of COLUMN_K consecutive K for all BLOCK_N rows of its program, in
-registers (`_column_sums`: one decoder per code layout, reading each packed word once), and
+registers (`_column_sums`: one decoder per code layout, reading each packed word once; words,
+activations and its rows' scales come in 128-bit vector loads), and
 the sums are reduced across threads once, after the K loop; the splits are reduced inside the
 same launch (lowbit/kernels/split_k.py).
 """
@@ -16,8 +17,9 @@ from .split_k import store_split_k
 #: last (3.7 on: last to first), so a [1, BLOCK_N, COLUMNS] word load spread its rows (and a
 #: [BLOCK_M, 1, COLUMNS] activation load its M) across threads, and every decoded weight went
 #: through shared memory to meet the other operand (ldmatrix / stmatrix and barriers in the K loop,
-#: tests/kernels/test_compile_hopper.py). There `_load_by_column` loads through pointers with the
-#: column axis moved first, which that order lays out one column per thread.
+#: tests/kernels/test_compile_hopper.py). There `_load_by_column` (and `_load_vector_by_column`)
+#: loads through pointers with the column axis moved first, which that order lays out one column
+#: per thread.
 _TRANSPOSED_LOADS = tl.constexpr(tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7))
 
 
@@ -31,22 +33,59 @@ def _load_by_column(ptrs):
 
 
 @triton.jit
-def _masked_load_by_column(ptrs, mask, other):
-    """`_load_by_column` with a mask (broadcastable to `ptrs`) and the value of masked-off elements."""
+def _load_vector_by_column(ptrs):
+    """tl.load of [*, *, COLUMNS, VEC] pointers, contiguous along the last axis only, with one
+    column per thread and its VEC elements in that thread's registers (one vectorised load of up
+    to 128 bits), under every Triton (`_TRANSPOSED_LOADS`)."""
     if _TRANSPOSED_LOADS:
-        return tl.permute(tl.load(tl.permute(ptrs, (2, 1, 0)), mask=tl.permute(mask, (2, 1, 0)), other=other),
-                          (2, 1, 0))
+        return tl.permute(tl.load(tl.permute(ptrs, (2, 1, 0, 3))), (2, 1, 0, 3))
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _load_vector_by_column_masked(ptrs, mask, other):
+    """`_load_vector_by_column` with a mask (broadcastable to `ptrs`) and the value of masked-off elements."""
+    if _TRANSPOSED_LOADS:
+        return tl.permute(tl.load(tl.permute(ptrs, (2, 1, 0, 3)), mask=tl.permute(mask, (2, 1, 0, 3)), other=other),
+                          (2, 1, 0, 3))
     return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
+def _half(vector, ODD: tl.constexpr, N: tl.constexpr):
+    """The even (ODD false) or odd elements of the last axis (length N) of a 4-D `vector`."""
+    even, odd = tl.split(tl.reshape(vector, (vector.shape[0], vector.shape[1], vector.shape[2], N // 2, 2)))
+    return odd if ODD else even
+
+
+@triton.jit
+def _item(vector, I: tl.constexpr, N: tl.constexpr):
+    """Element I of the last axis (length N: 1, 2, 4 or 8, held in each thread's registers) of a
+    4-D `vector`, that axis dropped: a choice of registers, no instruction."""
+    tl.static_assert(N <= 8, "vectors of up to 8 elements (128-bit loads of 16-bit values)")
+    if N >= 2:
+        vector = _half(vector, I % 2, N)
+    if N >= 4:
+        vector = _half(vector, (I // 2) % 2, N // 2)
+    if N >= 8:
+        vector = _half(vector, (I // 4) % 2, N // 4)
+    return tl.reshape(vector, (vector.shape[0], vector.shape[1], vector.shape[2]))
 
 
 @triton.jit
 def _word(qw_ptr, rows, col, plane_start, stride_qn, one, WORDS_PER_COLUMN: tl.constexpr, INDEX: tl.constexpr):
     """Word INDEX of each thread's column in one bit plane, for every row: [1, BLOCK_N, COLUMNS]
-    int32. The column's offset is multiplied by the run-time 1 `one`: with no contiguity to see,
-    the compiler loads the words in the activations' layout (one column per thread, its rows in
-    registers) instead of a vectorised one that would send every decoded weight through shared
-    memory to meet the activations. The word index stays a constant offset (no address math)."""
-    return _load_by_column(qw_ptr + rows * stride_qn + (col * WORDS_PER_COLUMN) * one + plane_start + INDEX)
+    int32. The column's words are loaded VEC at a time (128-bit loads: a warp's load of a row
+    covers whole cache lines, where one word per thread used a quarter of each line it touched),
+    and the compiler merges the loads of one chunk's words into one. The column's offset is
+    multiplied by the run-time 1 `one`: with no contiguity to see across columns, the compiler
+    keeps the activations' layout (one column per thread, its rows in registers) instead of
+    spreading a column's words over threads, which would send every decoded weight through shared
+    memory to meet the activations."""
+    VEC: tl.constexpr = 4 if WORDS_PER_COLUMN >= 4 else WORDS_PER_COLUMN
+    start = qw_ptr + rows * stride_qn + (col * WORDS_PER_COLUMN) * one + plane_start + (INDEX // VEC) * VEC
+    chunk = _load_vector_by_column(start[:, :, :, None] + tl.arange(0, VEC)[None, None, None, :])
+    return _item(chunk, INDEX % VEC, VEC)
 
 
 @triton.jit
@@ -234,12 +273,16 @@ def _fp16_pair_to_fp32(halves, PTX: tl.constexpr):
 
 
 @triton.jit
-def _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, KK: tl.constexpr, MASK_X: tl.constexpr):
-    """The activations at K = k0 + KK of each thread's column: [BLOCK_M, 1, COLUMNS] fp32."""
+def _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, CHUNK: tl.constexpr, VEC: tl.constexpr,
+              MASK_X: tl.constexpr):
+    """The activations at K = k0 + CHUNK * VEC .. + VEC - 1 of each thread's column: [BLOCK_M, 1,
+    COLUMNS, VEC] fp32, loaded as a vector (`_item` picks one K)."""
+    ks = (k0 + CHUNK * VEC)[:, :, :, None] + tl.arange(0, VEC)[None, None, None, :]
+    ptrs = x_ptr + x_rows[:, :, :, None] * stride_xm + ks
     if MASK_X:
-        x = _masked_load_by_column(x_ptr + x_rows * stride_xm + k0 + KK, x_mask & (k0 + KK < K), 0.0)
+        x = _load_vector_by_column_masked(ptrs, x_mask[:, :, :, None] & (ks < K), 0.0)
     else:
-        x = _load_by_column(x_ptr + x_rows * stride_xm + k0 + KK)
+        x = _load_vector_by_column(ptrs)
     return x.to(tl.float32)
 
 
@@ -293,12 +336,26 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     high = w8  # the top 2 bits of int6 / int7 codes, of lut4's even-K codes
     high_odd = w8  # of lut4's odd-K codes
     pending = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.float32)  # a decoded pair's second value
+    # the activations are read 128 bits (X_VEC) at a time, X_SPAN at once: a minifloat word's pairs
+    # (PER_WORD K, up to 8) may span two chunks of fp32 activations
+    X_WIDEST: tl.constexpr = 4 if x_ptr.dtype.element_ty == tl.float32 else 8
+    X_VEC: tl.constexpr = X_WIDEST if COLUMN_K >= X_WIDEST else COLUMN_K
+    X_SPAN: tl.constexpr = PER_WORD if MINIFLOAT and PER_WORD > X_VEC else X_VEC
+    x_chunk = tl.zeros((BLOCK_M, 1, COLUMNS, X_VEC), dtype=tl.float32)
+    x_next = x_chunk
     for kk in tl.static_range(COLUMN_K):
-        if MINIFLOAT:  # step kk reads K in pair order: 0, 16 // BITS, 1, 1 + 16 // BITS, ...
-            x = _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm,
-                          (kk // PER_WORD) * PER_WORD + (kk % PER_WORD) // 2 + (kk % 2) * (16 // BITS), MASK_X)
+        if kk % X_SPAN == 0:
+            x_chunk = _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, kk // X_VEC, X_VEC, MASK_X)
+            if X_SPAN > X_VEC:
+                x_next = _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, kk // X_VEC + 1, X_VEC, MASK_X)
+        if MINIFLOAT:  # step kk reads K in pair order: 0, 16 // BITS, 1, 1 + 16 // BITS, ... (inside a word)
+            at = (kk % X_SPAN) // PER_WORD * PER_WORD + (kk % PER_WORD) // 2 + (kk % 2) * (16 // BITS)
         else:
-            x = _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, kk, MASK_X)
+            at = kk % X_SPAN
+        if at < X_VEC:
+            x = _item(x_chunk, at % X_VEC, X_VEC)
+        else:
+            x = _item(x_next, at % X_VEC, X_VEC)
         if ZERO_POINT:
             x_sum += x
         if INTEGER and ONE_BIT_PLANES and BITS == 4:  # lut4: both merged pairs read as one 4-bit code
@@ -380,14 +437,29 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
 
 
 @triton.jit
-def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, words_per_bit,
+def _row_params(row_ptrs, row0, N, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr):
+    """[1, BLOCK_N, COLUMNS]: row_ptrs[r] ([1, 1, COLUMNS] pointers to row 0 of each thread's
+    column's group) for rows r = row0 .. row0 + BLOCK_N - 1 (rows from N on: 0), held by the
+    column's thread. Loaded as 128-bit vectors (ROWS rows each), where a load per row
+    re-read the same cache lines BLOCK_N times; the vectors' values are then put in row order
+    within each thread (a permute and reshape of its registers, no data moves between threads)."""
+    ROWS: tl.constexpr = 128 // row_ptrs.dtype.element_ty.primitive_bitwidth
+    VEC: tl.constexpr = ROWS if BLOCK_N >= ROWS else BLOCK_N
+    r = (row0 + tl.arange(0, BLOCK_N // VEC) * VEC)[None, :, None, None] + tl.arange(0, VEC)[None, None, None, :]
+    chunks = _load_vector_by_column_masked(row_ptrs[:, :, :, None] + r, r < N, 0)  # [1, BLOCK_N // VEC, COLUMNS, VEC]
+    return tl.reshape(tl.permute(chunks, (0, 1, 3, 2)), (1, BLOCK_N, COLUMNS))
+
+
+@triton.jit
+def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, columns, K, words_per_bit,
                stride_xm, stride_qn, stride_sg, one, magic,
                BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_SIZE: tl.constexpr,
                SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
                MASKED: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr, PTX: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N, COLUMNS] plus K tile t (COLUMNS columns of COLUMN_K). MASKED: the
-    tile runs past the last column (those columns add nothing); PADDED_K: x has K < Kp columns."""
+    """acc [BLOCK_M, BLOCK_N, COLUMNS] plus K tile t (COLUMNS columns of COLUMN_K) of rows `rows`
+    ([1, BLOCK_N, 1]: row0 onwards, clamped to N - 1). MASKED: the tile runs past the last column
+    (those columns add nothing); PADDED_K: x has K < Kp columns."""
     col = (t * COLUMNS + tl.arange(0, COLUMNS))[None, None, :]
     in_range = col < columns
     if MASKED:
@@ -396,18 +468,18 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, wo
                                stride_qn, one, magic, BITS, ELEMENT, SYMMETRIC, ONE_BIT_PLANES, MASKED or PADDED_K,
                                BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K, PTX)
     group = col * COLUMN_K // GROUP_SIZE
-    # consecutive rows' scales and zero points are contiguous: with _TRANSPOSED_LOADS that is hidden
-    # (times the run-time 1), so they load like the words
-    param_rows = rows * one if _TRANSPOSED_LOADS else rows
-    scale_rows = param_rows if SCALE_GROUP_N == 1 else param_rows // SCALE_GROUP_N
-    scale = _decode_scale(_load_by_column(s_ptr + group * stride_sg + scale_rows), SCALE_KIND)  # [1, BLOCK_N, COLUMNS]
+    if SCALE_GROUP_N == 1:  # a scale per row: the thread's rows' scales are contiguous, loaded as vectors
+        raw_scale = _row_params(s_ptr + group * stride_sg, row0, N, BLOCK_N, COLUMNS)
+    else:  # one scale for SCALE_GROUP_N rows (hidden from the compiler, times the run-time 1: loaded like the words)
+        raw_scale = _load_by_column(s_ptr + group * stride_sg + (rows * one) // SCALE_GROUP_N)
+    scale = _decode_scale(raw_scale, SCALE_KIND)  # [1, BLOCK_N, COLUMNS]
     factor = _element_factor(ELEMENT, BITS)
     if SCALE_KIND == "e8m0":
         sums = sums * factor  # E8M0 scales reach 2^127: scale * factor could overflow
     else:
         scale = scale * factor
     if ELEMENT == "int" and not SYMMETRIC:
-        zero = _load_by_column(z_ptr + group * stride_sg + param_rows).to(tl.float32)
+        zero = _row_params(z_ptr + group * stride_sg, row0, N, BLOCK_N, COLUMNS).to(tl.float32)
         sums = tl.fma(-zero, x_sum, sums)
     if MASKED:
         sums = tl.where(in_range, sums, 0.0)  # a clamped column's weights may decode to NaN
@@ -437,7 +509,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n * BLOCK_N
+    offs_n = row0 + tl.arange(0, BLOCK_N)
     x_rows = tl.minimum(offs_m, M - 1)[:, None, None]
     rows = tl.minimum(offs_n, N - 1)[None, :, None]
     k_tiles = tl.cdiv(columns, COLUMNS)
@@ -446,15 +519,15 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     full_end = tl.minimum(t_end, columns // COLUMNS)  # tiles before it hold no column past the last
     acc = tl.zeros((BLOCK_M, BLOCK_N, COLUMNS), dtype=tl.float32)
     for t in range(t_start, full_end):
-        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, WORDS_PER_BIT, stride_xm,
-                         stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                         SCALE_KIND, ONE_BIT_PLANES, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K,
-                         PTX)
+        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, columns, K, WORDS_PER_BIT,
+                         stride_xm, stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE,
+                         SCALE_GROUP_N, SCALE_KIND, ONE_BIT_PLANES, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS,
+                         COLUMN_K, PTX)
     for t in range(tl.maximum(t_start, full_end), t_end):  # the last, partial tile (at most one)
-        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, columns, K, WORDS_PER_BIT, stride_xm,
-                         stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                         SCALE_KIND, ONE_BIT_PLANES, True, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS, COLUMN_K,
-                         PTX)
+        acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, columns, K, WORDS_PER_BIT,
+                         stride_xm, stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE,
+                         SCALE_GROUP_N, SCALE_KIND, ONE_BIT_PLANES, True, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS,
+                         COLUMN_K, PTX)
     out = tl.sum(acc, axis=2)
     if HAS_TENSOR_SCALE:
         out *= tl.load(ts_ptr).to(tl.float32)

@@ -111,41 +111,76 @@ def _loop_bodies(ptx):
             if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)) and labels.get(m.group(1), i) < i]
 
 
-_WORD_LOAD = r"ld\.global(?:\.nc)?\.b32"
+#: the GEMV's K-loop loads (the split-K reduction's partial sums load with .cg): width and vector size
+_GEMV_LOAD = re.compile(r"ld\.global(?:\.nc)?(?:\.v([24]))?\.b(16|32)\b")
+
+
+def _gemv_k_loops(ptx):
+    """The GEMV's two K loops (whole tiles, then the masked last tile): the loops that load."""
+    return [body for body in _loop_bodies(ptx) if _GEMV_LOAD.search(body)]
+
+
+def _loads(body):
+    """(load instructions, 32-bit words loaded) of a K loop."""
+    found = _GEMV_LOAD.findall(body)
+    return len(found), sum(int(vec or 1) * int(width) / 32 for vec, width in found)
+
+
+def _expected_loads(bits, symmetric, act, element, scale_kind=None, one_bit_planes=False, block_m=1,
+                    column_k=None, scale_bytes=None):
+    """(load instructions, words) of one K-loop trip when every thread reads each contiguous run
+    of its column once, in 128-bit pieces: each row's words of each bit plane, the column's
+    activations (of each activation row), and the thread's rows' scales (and zero points) of
+    its group, plus one 32-bit table lookup per code for the codebook formats."""
+    rows = hopper_codegen.GEMV_BLOCK_N
+    column_k = column_k or hopper_codegen.variant_column_k(bits, element, scale_kind or "float", one_bit_planes)
+    if one_bit_planes:
+        planes = [1] * bits
+    elif element == "int" and bits in (6, 7):
+        planes = [4, 2] + [1] * (bits - 6)  # the 2-bit plane of the top bits, nibble-aligned
+    elif element in ("int", "e2m3"):
+        planes = [w for w in (8, 4, 2, 1) if bits & w] if bits < 8 else [8]
+    else:
+        planes = [bits]
+    runs = [column_k * width // 8 for width in planes for _ in range(rows)]
+    runs += [column_k * (4 if act == "fp32" else 2)] * block_m
+    scale_bytes = scale_bytes or (1 if scale_kind in ("e8m0", "e4m3") else 2 if element == "int" else 4)
+    runs += [rows * scale_bytes] * (2 if element == "int" and not symmetric else 1)
+    lookups = rows * column_k if element == "codebook" else 0
+    return sum(-(-run // 16) for run in runs) + lookups, sum(run / 4 for run in runs) + lookups
+
+
+def _check_gemv_k_loops(ptx, expected):
+    k_loops = _gemv_k_loops(ptx)
+    assert len(k_loops) == 2
+    for body in k_loops:
+        assert _loads(body) == expected
+        assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|(?:ld|st)matrix|bar\.sync", body)
+        assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv"], ids=lambda v: "-".join(map(str, v)))
 def test_gemv_k_loop_stays_in_registers(hopper, variant):
     """The dequant GEMV's two K loops (whole tiles, then the masked last tile) each load every
-    packed word once: BLOCK_N rows x the column's words as 32-bit loads, plus the 32-bit
-    activations / scales / codebook lookups a variant has (a gather per code would load a
-    word per code). Weights and activations share one layout, so nothing crosses threads or
-    passes through shared memory inside the loop: no shuffles, shared-memory accesses or
-    barriers; and integer codes become floats by an OR and a reinterpret, never an int -> float
-    convert (quarter rate on NVIDIA GPUs)."""
-    _, bits, _, act, element, *scale_and_planes = variant
-    column_k = hopper_codegen.variant_column_k(bits, element, *scale_and_planes)
-    rows = hopper_codegen.GEMV_BLOCK_N
-    expected = (rows * column_k * bits // 32 + (column_k if act == "fp32" else 0)
-                + (rows if element != "int" and not scale_and_planes else 0) + (rows * column_k if element == "codebook" else 0))
-    k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if re.search(_WORD_LOAD, body)]
-    assert len(k_loops) == 2
-    for body in k_loops:
-        assert len(re.findall(_WORD_LOAD, body)) == expected
-        assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|bar\.sync", body)
-        assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
+    packed word, activation and scale of a thread's column once, in 128-bit vectors where a
+    run is that long (`dequant_gemv._word`, `_column_x`, `_row_params`: a warp's load then
+    covers whole cache lines, where a 32- or 16-bit load per value used a quarter or less of
+    each line it touched), and a 32-bit lookup per code for the codebook formats. Weights and
+    activations share one layout, so nothing crosses threads or passes through shared memory
+    inside the loop: no shuffles, shared-memory accesses or barriers; and integer codes become
+    floats by an OR and a reinterpret, never an int -> float convert (quarter rate on NVIDIA GPUs)."""
+    _, bits, symmetric, act, element, *rest = variant
+    _check_gemv_k_loops(_ptx(hopper, *variant), _expected_loads(bits, symmetric, act, element, *rest))
 
 
 @pytest.mark.parametrize("variant", GEMV_BLOCK_M_VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_gemv_k_loop_stays_in_registers_at_m_up_to_4(hopper, variant):
     """With 2 or 4 activation rows per program the K loops still keep everything in registers
     (under Triton 3.6 the activation load's M went across threads until it too loaded with the
-    column axis first, `dequant_gemv._load_by_column`)."""
-    k_loops = [body for body in _loop_bodies(_checked(hopper["-".join(map(str, variant))]))
-               if re.search(_WORD_LOAD, body)]
-    assert len(k_loops) == 2
-    for body in k_loops:
-        assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|(?:ld|st)matrix|bar\.sync", body)
+    column axis first, `dequant_gemv._load_by_column`) and load each activation row's column once."""
+    _, bits, symmetric, act, element, scale_kind, one_bit_planes, _, block_m = variant
+    _check_gemv_k_loops(_checked(hopper["-".join(map(str, variant))]),
+                        _expected_loads(bits, symmetric, act, element, scale_kind, one_bit_planes, block_m))
 
 
 @pytest.mark.parametrize("variant", GROUP_16_VARIANTS, ids=lambda v: "-".join(map(str, v)))
@@ -157,50 +192,40 @@ def test_groups_of_16_compile_to_the_same_inner_loops(hopper, variant):
     if variant[0] == "gemm":
         assert any("wgmma.mma_async" in body for body in _loop_bodies(ptx))
         return
-    words = hopper_codegen.GEMV_BLOCK_N * 16 * variant[1] // 32
-    k_loops = [body for body in _loop_bodies(ptx) if re.search(_WORD_LOAD, body)]
-    assert len(k_loops) == 2
-    for body in k_loops:
-        assert len(re.findall(_WORD_LOAD, body)) == words
-        assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|bar\.sync", body)
-        assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
+    _, bits, symmetric, act, element, *_ = variant
+    _check_gemv_k_loops(ptx, _expected_loads(bits, symmetric, act, element, column_k=16))
 
 
 @pytest.mark.parametrize("variant", IQ4_NL_VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_iq4_nl_blocks_of_32_compile_to_the_codebook_inner_loops(hopper, variant):
     """iq4_nl (16-value table, float16 scale per 32): the GEMM's K loop multiplies on Hopper tensor
     cores; the GEMV's (columns of one block) loads each packed word once and looks up each code in
-    the table (a 32-bit load per code), one 16-bit load per row for its float16 scale, nothing
+    the table (a 32-bit load per code), loads its rows' float16 scales as vectors, nothing
     through shared memory and no int -> float convert."""
     ptx = _checked(hopper["-".join(map(str, variant))])
     if variant[0] == "gemm":
         assert any("wgmma.mma_async" in body for body in _loop_bodies(ptx))
         return
-    column_k, rows = kernels.gemv_column_k(4, 32), hopper_codegen.GEMV_BLOCK_N
-    k_loops = [body for body in _loop_bodies(ptx) if re.search(_WORD_LOAD, body)]
-    assert len(k_loops) == 2
-    for body in k_loops:
-        assert len(re.findall(_WORD_LOAD, body)) == rows * column_k * 4 // 32 + rows * column_k
-        # 16-bit loads: the column's bf16 activations and one float16 scale per row
-        assert len(re.findall(r"ld\.global(?:\.nc)?\.b16", body)) == column_k + rows
-        assert not re.search(r"shfl\.sync|(?:ld|st)\.shared|bar\.sync", body)
-        assert not re.search(r"cvt\.rn\.f32\.[su]32", body)
+    _check_gemv_k_loops(ptx, _expected_loads(4, True, "bf16", "codebook", column_k=kernels.gemv_column_k(4, 32),
+                                             scale_bytes=2))
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv" and v[4] in ("e4m3", "e5m2", "e2m1")],
                          ids=lambda v: "-".join(map(str, v)))
 def test_gemv_small_floats_convert_from_their_own_register(hopper, variant):
     """A decoded pair of small floats (two fp16 halves of one register) converts to fp32 in place
-    (`_fp16_pair_to_fp32`, inline PTX): no prmt.b32 in the K loops, where tl ops let LLVM pack
-    two rows' halves into one register first, a prmt per two weights."""
+    (`_fp16_pair_to_fp32`, inline PTX), where tl ops let LLVM pack two rows' halves into one
+    register first, a prmt.b32 per two weights. The only prmt in the K loops takes each row's
+    one-byte block scale (E8M0 / E4M3) out of the 128-bit vector the rows' scales load in."""
     _, bits, _, act, element, *rest = variant
     rows = hopper_codegen.GEMV_BLOCK_N
     column_k = hopper_codegen.variant_column_k(bits, element, *rest)
-    k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if re.search(_WORD_LOAD, body)]
+    byte_scales = rows if rest and rest[0] in ("e8m0", "e4m3") else 0
+    k_loops = _gemv_k_loops(_ptx(hopper, *variant))
     assert len(k_loops) == 2
     for body in k_loops:
         assert len(re.findall(r"cvt\.f32\.f16", body)) >= rows * column_k
-        assert "prmt.b32" not in body
+        assert len(re.findall(r"prmt\.b32", body)) <= byte_scales
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemm" and v[1] in (4, 8) and v[3] != "fp32"
