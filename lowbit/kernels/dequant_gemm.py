@@ -502,6 +502,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                                   WORDS_PER_BIT=words_per_bit if planes > 1 else 0, SPLIT=split_k > 1,
                                                   PADDED_K=in_features != kp,
                                                   COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"],
+                                                  STAGES=cfg.get("num_stages", 1),
                                                   PTX=not interpreting(), **common)
         return out
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)

@@ -493,7 +493,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
                  SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
                  WORDS_PER_BIT: tl.constexpr, SPLIT: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr, PTX: tl.constexpr):
+                 BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr, STAGES: tl.constexpr,
+                 PTX: tl.constexpr):
     """Split-K GEMV. The K axis is cut into columns of COLUMN_K consecutive values and each thread
     takes one column of a tile (COLUMNS = the program's threads) for all BLOCK_N rows: its
     activations are loaded and converted once and used for every row held in its registers,
@@ -503,8 +504,12 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     WORDS_PER_BIT (Kp / 32, the words of one bit plane in a row) is a constexpr so that a row's
     second and later planes sit at constant offsets from its first (folded into the loads, where a
     run-time offset costs a 64-bit add per row and plane): one compile per distinct K, for codes
-    with more than one plane (the launcher passes 0 for the others, which never read it). PTX:
-    compiled, not interpreted (inline PTX allowed; `_fp16_pair_to_fp32`)."""
+    with more than one plane (the launcher passes 0 for the others, which never read it). STAGES
+    (a config's num_stages, default 1): software-pipeline stages of the whole-tile loop; from 2 on
+    the compiler copies the next tiles' words, activations and scales into shared memory (16-byte
+    cp.async) while the current one is summed, which helps where a program has several tiles
+    (benchmarks/tune.py decides). PTX: compiled, not interpreted (inline PTX allowed;
+    `_fp16_pair_to_fp32`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -518,7 +523,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     t_end = tl.minimum(t_start + tiles_per_split, k_tiles)
     full_end = tl.minimum(t_end, columns // COLUMNS)  # tiles before it hold no column past the last
     acc = tl.zeros((BLOCK_M, BLOCK_N, COLUMNS), dtype=tl.float32)
-    for t in range(t_start, full_end):
+    for t in tl.range(t_start, full_end, num_stages=STAGES):
         acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, columns, K, WORDS_PER_BIT,
                          stride_xm, stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE,
                          SCALE_GROUP_N, SCALE_KIND, ONE_BIT_PLANES, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS,

@@ -55,6 +55,8 @@ GEMV_BLOCK_M_VARIANTS += [["gemv", 8, True, "fp16", "e4m3", "float", False, 64, 
 GROUP_16_VARIANTS = [["gemm", 6, True, "bf16", "int", "float", False, 64, 1, 16],
                      ["gemm", 2, False, "fp16", "int", "float", False, 64, 1, 16],
                      ["gemv", 6, True, "bf16", "int", "float", False, 64, 1, 16]]
+# the GEMV's tile loop software-pipelined (a tuned config's num_stages = 2)
+GEMV_PIPELINED_VARIANTS = [["gemv", 4, False, "bf16", "int", "float", False, 64, 1, None, None, 2]]
 # iq4_nl: the codebook in blocks of 32 with float16 scales (nf4's above: fp32 scales, a wider column)
 IQ4_NL_VARIANTS = [[path, 4, True, "bf16", "codebook", "float", False, 64, 1, 32, "*fp16"] for path in ("gemv", "gemm")]
 
@@ -70,7 +72,8 @@ def hopper():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_codegen",
-                           json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS + GROUP_16_VARIANTS + IQ4_NL_VARIANTS)],
+                           json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS + GROUP_16_VARIANTS + IQ4_NL_VARIANTS
+                                      + GEMV_PIPELINED_VARIANTS)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     if proc.returncode != 0 and "ptxas" in proc.stderr:
         pytest.skip(f"this triton install cannot compile for CUDA: {proc.stderr[-300:]}")
@@ -181,6 +184,22 @@ def test_gemv_k_loop_stays_in_registers_at_m_up_to_4(hopper, variant):
     _, bits, symmetric, act, element, scale_kind, one_bit_planes, _, block_m = variant
     _check_gemv_k_loops(_checked(hopper["-".join(map(str, variant))]),
                         _expected_loads(bits, symmetric, act, element, scale_kind, one_bit_planes, block_m))
+
+
+@pytest.mark.parametrize("variant", GEMV_PIPELINED_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_gemv_tile_loop_pipelines_its_loads_with_num_stages(hopper, variant):
+    """num_stages = 2 (a tuning choice, `dequant_gemv._gemv_kernel`'s STAGES): the whole-tile K
+    loop copies the next tile's words, activations and scales into shared memory with 16-byte
+    cp.async while it computes on the current one, the same 128-bit pieces the unpipelined loop
+    loads into registers (`_expected_loads`), and reads them back with 128-bit shared loads."""
+    _, bits, symmetric, act, element, *_ = variant
+    expected, _ = _expected_loads(bits, symmetric, act, element)
+    ptx = _checked(hopper["-".join(map(str, variant))])
+    pipelined = [body for body in _loop_bodies(ptx) if "cp.async" in body]
+    assert len(pipelined) == 1
+    assert len(re.findall(r"cp\.async\.cg\.shared\.global\S* \[[^]]+\], \[[^]]+\], 0x10", pipelined[0])) == expected
+    assert len(re.findall(r"ld\.shared\.v4\.b32", pipelined[0])) == expected
+    assert not _GEMV_LOAD.search(pipelined[0])  # nothing loaded from global memory into registers
 
 
 @pytest.mark.parametrize("variant", GROUP_16_VARIANTS, ids=lambda v: "-".join(map(str, v)))

@@ -142,6 +142,37 @@ def test_tuner_start_points_lie_in_the_search_space(m):
 
 
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+def test_gemv_num_stages_pipelines_its_tile_loop(monkeypatch):
+    """A GEMV config's num_stages reaches the kernel as the stage count of its tile loop (STAGES;
+    1 when the config has none), and a pipelined launch over several tiles per program gives the
+    reference's values (on a GPU through the cp.async pipeline; tests/kernels/test_compile_hopper.py
+    checks the code it compiles to)."""
+    from triton.runtime.interpreter import GridExecutor
+    from triton.runtime.jit import JITFunction
+
+    stages = []
+    for cls, method in ((JITFunction, "run"), (GridExecutor, "__call__")):
+        real_launch = getattr(cls, method)
+
+        def recording_launch(self, *args, _real_launch=real_launch, **kwargs):
+            if self.fn.__name__ == "_gemv_kernel":
+                stages.append(kwargs.get("STAGES"))
+            return _real_launch(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, recording_launch)
+    device = torch.device(DEVICES[0])
+    w, x = torch.randn(24, 1024, device=device) * 0.02, torch.randn(1, 1024, device=device)
+    packed = lowbit.get_format("int4").quantize(w)
+    ref = F.linear(x, lowbit.get_format("int4").dequantize(packed))
+    # 1024 K in columns of 8 over 32 threads: 4 tiles per program
+    config = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "COLUMN_K": 8, "SPLIT_K": 1, "num_warps": 1}
+    for options, expected in (({}, 1), ({"num_stages": 2}, 2), ({"num_stages": 3}, 3)):
+        with tuning.force({**config, **options}):
+            torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
+        assert stages.pop() == expected
+
+
+@pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
 def test_every_kernel_launch_asks_for_fused_multiply_adds(monkeypatch):
     """Every launch site passes enable_fp_fusion=True (Triton 3.9 warns, when a launch leaves it
     unset, that 3.10 will turn fusion off by default). Records the keyword arguments of each
