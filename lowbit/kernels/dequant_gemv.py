@@ -17,38 +17,34 @@ from .split_k import store_split_k
 #: last (3.7 on: last to first), so a [1, BLOCK_N, COLUMNS] word load spread its rows (and a
 #: [BLOCK_M, 1, COLUMNS] activation load its M) across threads, and every decoded weight went
 #: through shared memory to meet the other operand (ldmatrix / stmatrix and barriers in the K loop,
-#: tests/kernels/test_compile_hopper.py). There `_load_by_column` (and `_load_vector_by_column`)
-#: loads through pointers with the column axis moved first, which that order lays out one column
-#: per thread.
+#: tests/kernels/test_compile_hopper.py). There `_load_by_column` loads through pointers with the
+#: column axis moved first, which that order lays out one column per thread.
 _TRANSPOSED_LOADS = tl.constexpr(tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7))
 
 
 @triton.jit
-def _load_by_column(ptrs):
-    """tl.load of [*, *, COLUMNS] pointers with no contiguity to see, in the K loop's layout (one
-    column per thread, its rows and M in registers) under every Triton (`_TRANSPOSED_LOADS`)."""
-    if _TRANSPOSED_LOADS:
-        return tl.permute(tl.load(tl.permute(ptrs, (2, 1, 0))), (2, 1, 0))
-    return tl.load(ptrs)
+def _load_by_column(ptrs, mask=None, other=None):
+    """tl.load of [*, *, COLUMNS] pointers, or [*, *, COLUMNS, VEC] ones contiguous along the last
+    axis only (one vector load of up to 128 bits per thread), in the K loop's layout: one column
+    per thread, its rows, M and vector in that thread's registers, under every Triton
+    (`_TRANSPOSED_LOADS`). mask (broadcastable to `ptrs`) and other: as tl.load's."""
+    if not _TRANSPOSED_LOADS:
+        loaded = tl.load(ptrs, mask=mask, other=other)
+    elif len(ptrs.shape) == 4:
+        loaded = _permuted_load(ptrs, mask, other, (2, 1, 0, 3))
+    else:
+        loaded = _permuted_load(ptrs, mask, other, (2, 1, 0))
+    return loaded
 
 
 @triton.jit
-def _load_vector_by_column(ptrs):
-    """tl.load of [*, *, COLUMNS, VEC] pointers, contiguous along the last axis only, with one
-    column per thread and its VEC elements in that thread's registers (one vectorised load of up
-    to 128 bits), under every Triton (`_TRANSPOSED_LOADS`)."""
-    if _TRANSPOSED_LOADS:
-        return tl.permute(tl.load(tl.permute(ptrs, (2, 1, 0, 3))), (2, 1, 0, 3))
-    return tl.load(ptrs)
-
-
-@triton.jit
-def _load_vector_by_column_masked(ptrs, mask, other):
-    """`_load_vector_by_column` with a mask (broadcastable to `ptrs`) and the value of masked-off elements."""
-    if _TRANSPOSED_LOADS:
-        return tl.permute(tl.load(tl.permute(ptrs, (2, 1, 0, 3)), mask=tl.permute(mask, (2, 1, 0, 3)), other=other),
-                          (2, 1, 0, 3))
-    return tl.load(ptrs, mask=mask, other=other)
+def _permuted_load(ptrs, mask, other, PERM: tl.constexpr):
+    """tl.load through pointers (and mask) with their axes permuted by PERM, permuted back."""
+    if mask is None:
+        loaded = tl.load(tl.permute(ptrs, PERM))
+    else:
+        loaded = tl.load(tl.permute(ptrs, PERM), mask=tl.permute(mask, PERM), other=other)
+    return tl.permute(loaded, PERM)
 
 
 @triton.jit
@@ -84,7 +80,7 @@ def _word(qw_ptr, rows, col, plane_start, stride_qn, one, WORDS_PER_COLUMN: tl.c
     memory to meet the activations."""
     VEC: tl.constexpr = 4 if WORDS_PER_COLUMN >= 4 else WORDS_PER_COLUMN
     start = qw_ptr + rows * stride_qn + (col * WORDS_PER_COLUMN) * one + plane_start + (INDEX // VEC) * VEC
-    chunk = _load_vector_by_column(start[:, :, :, None] + tl.arange(0, VEC)[None, None, None, :])
+    chunk = _load_by_column(start[:, :, :, None] + tl.arange(0, VEC)[None, None, None, :])
     return _item(chunk, INDEX % VEC, VEC)
 
 
@@ -280,9 +276,9 @@ def _column_x(x_ptr, x_rows, x_mask, k0, K, stride_xm, CHUNK: tl.constexpr, VEC:
     ks = (k0 + CHUNK * VEC)[:, :, :, None] + tl.arange(0, VEC)[None, None, None, :]
     ptrs = x_ptr + x_rows[:, :, :, None] * stride_xm + ks
     if MASK_X:
-        x = _load_vector_by_column_masked(ptrs, x_mask[:, :, :, None] & (ks < K), 0.0)
+        x = _load_by_column(ptrs, x_mask[:, :, :, None] & (ks < K), 0.0)
     else:
-        x = _load_vector_by_column(ptrs)
+        x = _load_by_column(ptrs)
     return x.to(tl.float32)
 
 
@@ -338,7 +334,7 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     pending = tl.zeros((1, BLOCK_N, COLUMNS), dtype=tl.float32)  # a decoded pair's second value
     # the activations are read 128 bits (X_VEC) at a time, X_SPAN at once: a minifloat word's pairs
     # (PER_WORD K, up to 8) may span two chunks of fp32 activations
-    X_WIDEST: tl.constexpr = 4 if x_ptr.dtype.element_ty == tl.float32 else 8
+    X_WIDEST: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
     X_VEC: tl.constexpr = X_WIDEST if COLUMN_K >= X_WIDEST else COLUMN_K
     X_SPAN: tl.constexpr = PER_WORD if MINIFLOAT and PER_WORD > X_VEC else X_VEC
     x_chunk = tl.zeros((BLOCK_M, 1, COLUMNS, X_VEC), dtype=tl.float32)
@@ -446,7 +442,7 @@ def _row_params(row_ptrs, row0, N, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr)
     ROWS: tl.constexpr = 128 // row_ptrs.dtype.element_ty.primitive_bitwidth
     VEC: tl.constexpr = ROWS if BLOCK_N >= ROWS else BLOCK_N
     r = (row0 + tl.arange(0, BLOCK_N // VEC) * VEC)[None, :, None, None] + tl.arange(0, VEC)[None, None, None, :]
-    chunks = _load_vector_by_column_masked(row_ptrs[:, :, :, None] + r, r < N, 0)  # [1, BLOCK_N // VEC, COLUMNS, VEC]
+    chunks = _load_by_column(row_ptrs[:, :, :, None] + r, r < N, 0)  # [1, BLOCK_N // VEC, COLUMNS, VEC]
     return tl.reshape(tl.permute(chunks, (0, 1, 3, 2)), (1, BLOCK_N, COLUMNS))
 
 

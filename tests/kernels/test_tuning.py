@@ -141,25 +141,32 @@ def test_tuner_start_points_lie_in_the_search_space(m):
     assert (space["gemm"]["SPLIT_K"] == (1,)) == (m > 256)
 
 
+def _record_launches(monkeypatch, keyword: str) -> list[tuple[str, object]]:
+    """From now on, (kernel name, its `keyword` launch argument) of every Triton launch, in order.
+    Compiled launches go through JITFunction.run, interpreted ones through GridExecutor
+    (InterpretedFunction.run is an instance attribute before Triton 3.6, so it is not patched)."""
+    from triton.runtime.interpreter import GridExecutor
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    for cls, method in ((JITFunction, "run"), (GridExecutor, "__call__")):
+        real_launch = getattr(cls, method)
+
+        def recording_launch(self, *args, _real_launch=real_launch, **kwargs):
+            launches.append((self.fn.__name__, kwargs.get(keyword)))
+            return _real_launch(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, recording_launch)
+    return launches
+
+
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
 def test_gemv_num_stages_pipelines_its_tile_loop(monkeypatch):
     """A GEMV config's num_stages reaches the kernel as the stage count of its tile loop (STAGES;
     1 when the config has none), and a pipelined launch over several tiles per program gives the
     reference's values (on a GPU through the cp.async pipeline; tests/kernels/test_compile_hopper.py
     checks the code it compiles to)."""
-    from triton.runtime.interpreter import GridExecutor
-    from triton.runtime.jit import JITFunction
-
-    stages = []
-    for cls, method in ((JITFunction, "run"), (GridExecutor, "__call__")):
-        real_launch = getattr(cls, method)
-
-        def recording_launch(self, *args, _real_launch=real_launch, **kwargs):
-            if self.fn.__name__ == "_gemv_kernel":
-                stages.append(kwargs.get("STAGES"))
-            return _real_launch(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, method, recording_launch)
+    launches = _record_launches(monkeypatch, "STAGES")
     device = torch.device(DEVICES[0])
     w, x = torch.randn(24, 1024, device=device) * 0.02, torch.randn(1, 1024, device=device)
     packed = lowbit.get_format("int4").quantize(w)
@@ -169,7 +176,7 @@ def test_gemv_num_stages_pipelines_its_tile_loop(monkeypatch):
     for options, expected in (({}, 1), ({"num_stages": 2}, 2), ({"num_stages": 3}, 3)):
         with tuning.force({**config, **options}):
             torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
-        assert stages.pop() == expected
+        assert [value for name, value in launches if name == "_gemv_kernel"][-1] == expected
 
 
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
@@ -178,20 +185,7 @@ def test_every_kernel_launch_asks_for_fused_multiply_adds(monkeypatch):
     unset, that 3.10 will turn fusion off by default). Records the keyword arguments of each
     launch of the GEMV, GEMM, LUT lookup, dfloat11 decode and fused GEMV, and activation-
     quantization kernels."""
-    from triton.runtime.interpreter import GridExecutor
-    from triton.runtime.jit import JITFunction
-
-    # Compiled launches go through JITFunction.run, interpreted ones through GridExecutor
-    # (InterpretedFunction.run is an instance attribute before Triton 3.6, so it is not patched).
-    launches = []
-    for cls, method in ((JITFunction, "run"), (GridExecutor, "__call__")):
-        real_launch = getattr(cls, method)
-
-        def recording_launch(self, *args, _real_launch=real_launch, **kwargs):
-            launches.append((self.fn.__name__, kwargs.get("enable_fp_fusion")))
-            return _real_launch(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, method, recording_launch)
+    launches = _record_launches(monkeypatch, "enable_fp_fusion")
     device = torch.device(DEVICES[0])
     w = torch.randn(40, 256, device=device) * 0.02
     for fmt, options, rows, config in (
