@@ -3,6 +3,7 @@
 
   python benchmarks/bench_e2e.py                      # GPU: the whole Llama-3-8B (32 layers), batch 1 and 16
   python benchmarks/bench_e2e.py --formats int4 fp8 dfloat11 --layers 8 --batch 1 --new 128
+  python benchmarks/bench_e2e.py --formats int4 --compile   # decode step compiled (inductor), then graphed
   python benchmarks/bench_e2e.py --formats int8:act=int8,symmetric=true,group_size=-1 --batch 16   # W8A8 prefill
   python benchmarks/bench_e2e.py --width mixtral-8x7b --layers 4 --no-graphs   # MoE (quantized experts)
   python benchmarks/bench_e2e.py --smoke [--width qwen3-30b-a3b]   # tiny model on CPU (torch backend), CI
@@ -13,7 +14,10 @@ vocab 128256) with --layers decoder layers; every Linear but lm_head is quantize
 layers the bf16 lm_head is a larger share of the bytes, so the speedup bound drops). For each
 batch size it times a prefill over --prompt tokens and --new greedy decode steps with a static
 KV cache (median of --repeats); on a GPU one decode step is captured as a CUDA graph and
-replayed (--no-graphs: eager), so decode tokens/s measure the kernels, not Python. The MoE widths
+replayed (--no-graphs: eager), so decode tokens/s measure the kernels, not Python. Uncompiled,
+transformers runs each norm, rotary embedding and residual add as several small kernels, the same
+for bf16 and every format, which caps the speedup a faster GEMM can show; --compile compiles the
+decode step first (bf16 too), fusing them as a serving stack would. The MoE widths
 (Mixtral-8x7B, Qwen3-30B-A3B: every expert weight quantized, lowbit/experts.py) cannot be
 captured once quantized (the expert loop reads the routing on the host), so compare them with
 --no-graphs; the issue-8 target is checked on the Llama width only. Rows hold
@@ -95,11 +99,16 @@ def capture_graph(fn, warmups: int = 3):
     return graph
 
 
-def run_one(model, batch: int, prompt: int, new: int, repeats: int, device: torch.device, graphs: bool) -> dict:
+def run_one(model, batch: int, prompt: int, new: int, repeats: int, device: torch.device, graphs: bool,
+            compile_backend: str | None = None) -> dict:
     """Prefill + greedy decode with a static KV cache; medians of `repeats` runs. With `graphs`
     (CUDA), one decode step is captured as a CUDA graph and replayed, so decode tokens/s measure
     the GPU rather than Python and launch overhead (what a serving stack does); if capture fails
-    the eager time is reported with the reason."""
+    the eager time is reported with the reason. compile_backend ("inductor"; the tests' cheap
+    "eager"): the decode step runs `torch.compile(model.forward, fullgraph=True)` (transformers'
+    fast-decode recipe: the norms, rotary embedding and residual adds fused into a few kernels;
+    lowbit's layers stay one custom op each), captured as the graph; if it fails to compile, the
+    uncompiled step is timed and the reason reported. The prefill runs uncompiled."""
     from transformers import StaticCache
 
     gen = torch.Generator(device=device).manual_seed(1)
@@ -116,19 +125,30 @@ def run_one(model, batch: int, prompt: int, new: int, repeats: int, device: torc
         step_pos.fill_(prompt)
         return logits[:, -1].float()
 
+    forward = model.forward
+
     def step() -> None:
         """One greedy step on static buffers: the next token and position are written in place."""
-        logits = model(input_ids=step_ids, past_key_values=cache, cache_position=step_pos, use_cache=True).logits
+        logits = forward(input_ids=step_ids, past_key_values=cache, cache_position=step_pos, use_cache=True).logits
         step_ids.copy_(logits[:, -1:].argmax(-1))
         step_pos.add_(1)
 
-    mode, graph_error, run_step = "eager", None, step
+    mode, errors, run_step = "eager", {}, step
+    if compile_backend:
+        # dynamic=False: each batch size gets kernels for its own static shapes, as a serving stack's would
+        forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend=compile_backend)
+        prefill()  # the cache is initialized before tracing (else a second compile once it is)
+        try:
+            step()  # compiles
+            mode = "compiled"
+        except Exception as exc:  # e.g. a graph break: time the uncompiled step, say why
+            forward, errors["compile_error"] = model.forward, f"{type(exc).__name__}: {exc}"[:300]
     if graphs:
         prefill()
         try:
-            run_step, mode = capture_graph(step).replay, "cuda-graph"
+            run_step, mode = capture_graph(step).replay, ("compiled " if mode == "compiled" else "") + "cuda-graph"
         except Exception as exc:  # e.g. a host sync inside the model: fall back to eager, say why
-            graph_error = f"{type(exc).__name__}: {exc}"[:300]
+            errors["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
     prefill_s, decode_s, tokens = [], [], []
     for _ in range(repeats):
         _sync(device)
@@ -145,8 +165,7 @@ def run_one(model, batch: int, prompt: int, new: int, repeats: int, device: torc
         decode_s.append(time.perf_counter() - start)
         tokens = torch.cat(generated, dim=1)
     return {"prefill_tok_s": batch * prompt / statistics.median(prefill_s),
-            "decode_tok_s": batch * new / statistics.median(decode_s), "decode_mode": mode,
-            **({"graph_error": graph_error} if graph_error else {}),
+            "decode_tok_s": batch * new / statistics.median(decode_s), "decode_mode": mode, **errors,
             "last_logits": last_logits, "tokens": tokens}
 
 
@@ -175,7 +194,8 @@ def bench(args, device: torch.device) -> list[dict]:
             for batch in args.batch:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                result = run_one(model, batch, args.prompt, args.new, args.repeats, device, args.graphs)
+                result = run_one(model, batch, args.prompt, args.new, args.repeats, device, args.graphs,
+                                 "inductor" if args.compile else None)
                 logits = result.pop("last_logits")
                 result.pop("tokens")
                 if fmt == "bf16":
@@ -210,7 +230,7 @@ def write_markdown(path: Path, env: dict, rows: list[dict], summary: list[dict])
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
-        mode = r["decode_mode"] + (f" ({r['graph_error']})" if r.get("graph_error") else "")
+        mode = r["decode_mode"] + "".join(f" ({r[key]})" for key in ("compile_error", "graph_error") if r.get(key))
         lines.append(f"| {r['format']} | {r['shape']} | {r['batch']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
                      f"{r['decode_speedup']:.2f}x | {mode} | {peak} | {r['model_gb']:.3f} | {r['logits_cos_vs_bf16']:.4f} |")
     path.write_text("\n".join(lines) + "\n")
@@ -231,6 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="time decode eagerly (default on a GPU: one decode step replayed as a CUDA graph)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile(model.forward, fullgraph=True) (inductor), bf16 and every format")
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args(argv)
     args.formats = args.formats or DEFAULT_FORMATS
@@ -256,7 +278,8 @@ def main(argv=None) -> int:
     rows = bench(args, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     width = "" if WIDTHS[args.width][0] == "Llama" else f"{args.width}-"
-    stem = ("smoke-" if args.smoke else "") + f"e2e-{width}{env['device'].replace(' ', '_')}-{env['date'][:10]}"
+    stem = (("smoke-" if args.smoke else "") + "e2e-" + ("compiled-" if args.compile else "") + width
+            + f"{env['device'].replace(' ', '_')}-{env['date'][:10]}")
     # the target is the Llama model's
     summary = e2e_summary(rows, on_gpu=device.type == "cuda") if WIDTHS[args.width][0] == "Llama" else []
     (out_dir / f"{stem}.json").write_text(json.dumps({"env": env, "results": rows, "targets": summary}, indent=1))

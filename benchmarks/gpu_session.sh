@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh tests gemm-m1       # ~9 min: `gpu` tests, then the issue-8 targets at M=1
 #   bash benchmarks/gpu_session.sh e2e dfloat11        # ~6 min: end to end (~4 min on the H100), then the dfloat11 decoder
 #   bash benchmarks/gpu_session.sh tune                # ~5 min: kernel tuning (M=1 cases first)
+#   bash benchmarks/gpu_session.sh e2e-compiled        # bf16 and int4 at batch 1, decode step compiled by inductor
 #   bash benchmarks/gpu_session.sh gemm-targets        # ~9 min: the formats with issue-8 targets, every M
 #                                                      # (the first H100 run reached 86 of its 264 cases)
 #   bash benchmarks/gpu_session.sh gemm-rest           # the other formats (a later session if time is short)
@@ -69,6 +70,8 @@ for part in "$@"; do
     gemm-rest) run_part gemm-rest 540 python3 benchmarks/bench_gemm.py --formats $OTHER_FORMATS \
                  --out-dir "$out/results" ;;
     e2e) run_part e2e 420 python3 benchmarks/bench_e2e.py --out-dir "$out/results" ;;
+    e2e-compiled) run_part e2e-compiled 420 python3 benchmarks/bench_e2e.py --compile --formats int4 --batch 1 \
+                    --out-dir "$out/results" ;;
     e2e-moe) run_part e2e-moe 420 python3 benchmarks/bench_e2e.py --width mixtral-8x7b --layers 4 --no-graphs \
                --formats int4 int8 fp8 nvfp4 --out-dir "$out/results" ;;
     dfloat11) run_part dfloat11 150 python3 benchmarks/bench_dfloat11.py --out-dir "$out/results" ;;
@@ -80,7 +83,7 @@ for part in "$@"; do
       else
         echo "== profile: ncu is not installed" | tee "$out/profile.log"
       fi ;;
-    *) echo "unknown part $part (tests tune gemm-m1 gemm-targets gemm-rest e2e e2e-moe dfloat11 profile)" >&2; exit 2 ;;
+    *) echo "unknown part $part (tests tune gemm-m1 gemm-targets gemm-rest e2e e2e-compiled e2e-moe dfloat11 profile)" >&2; exit 2 ;;
   esac
 done
 cp lowbit/kernels/tuned/*.json "$out/results/" 2>/dev/null

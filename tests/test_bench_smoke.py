@@ -338,6 +338,10 @@ def test_target_check_reads_m1_llama3_8b_rows():
     e2e = e2e_summary([{"format": "int4", "batch": 1, "decode_speedup": 2.0}], on_gpu=True)
     assert e2e == [{"format": "int4", "batch": 1, "decode_speedup": 2.0, "target": 1.9, "verdict": "met"}]
     assert e2e_summary([], on_gpu=True)[0]["verdict"] == "not measured"
+    mixed = [{"format": "bf16", "batch": 1, "decode_speedup": 1.0, "decode_mode": "compiled cuda-graph"},
+             {"format": "int4", "batch": 1, "decode_speedup": 2.5, "decode_mode": "cuda-graph"}]
+    assert e2e_summary(mixed, on_gpu=True)[0]["verdict"] == (
+        "not comparable: int4 decoded cuda-graph, bf16 compiled cuda-graph")
 
 
 def test_bench_e2e_static_cache_decode_matches_transformers_generate():
@@ -362,6 +366,65 @@ def test_bench_e2e_static_cache_decode_matches_transformers_generate():
             tokens.append(out.logits[:, -1:].argmax(-1))
     assert result["decode_mode"] == "eager" and result["tokens"].shape == (2, 6)
     assert torch.equal(result["tokens"], torch.cat(tokens, dim=1))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_bench_e2e_compiled_decode_step_gives_the_uncompiled_tokens(fmt):
+    """--compile's decode step, torch.compile(model.forward, fullgraph=True), traces the whole
+    step (lowbit's layers included) and decodes the uncompiled step's tokens. Dynamo's "eager"
+    backend here keeps it to seconds on CPU; inductor's own kernels are checked on CPU by
+    tests/integrations/test_transformers.py and on a GPU below."""
+    import argparse
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_e2e import prepare_model, run_one
+
+    cpu = torch.device("cpu")
+    model = prepare_model(fmt, argparse.Namespace(width="smoke", layers=2, group_size=32, symmetric=False), cpu)
+    with torch.no_grad():
+        compiled, plain = (run_one(model, batch=2, prompt=8, new=5, repeats=1, device=cpu, graphs=False,
+                                   compile_backend=backend) for backend in ("eager", None))
+    assert compiled["decode_mode"] == "compiled" and "compile_error" not in compiled
+    assert plain["decode_mode"] == "eager" and torch.equal(compiled["tokens"], plain["tokens"])
+
+
+def test_bench_e2e_times_the_uncompiled_step_when_compiling_fails():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_e2e import build_model, run_one
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no kernels today")
+
+    model = build_model("smoke", 1, torch.device("cpu"))
+    with torch.no_grad():
+        result = run_one(model, batch=1, prompt=4, new=2, repeats=1, device=torch.device("cpu"), graphs=False,
+                         compile_backend=failing_backend)
+    assert result["decode_mode"] == "eager" and "no kernels today" in result["compile_error"]
+    assert result["tokens"].shape == (1, 3)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "int4", "fp8:act=fp8", "dfloat11"])
+def test_gpu_compiled_cuda_graph_decode_gives_the_eager_tokens(fmt):
+    """bench_e2e --compile: the inductor-compiled decode step, replayed as a CUDA graph, gives the
+    greedy tokens of the uncompiled eager steps (inductor told to round as eager does, as the
+    transformers fast-decode test is, so that ulp differences cannot flip a token)."""
+    import argparse
+
+    from torch._inductor import config as inductor_config
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_e2e import prepare_model, run_one
+
+    cuda = torch.device("cuda")
+    model = prepare_model(fmt, argparse.Namespace(width="smoke-wide", layers=2, group_size=128, symmetric=False), cuda)
+    with torch.no_grad(), inductor_config.patch(emulate_precision_casts=True):
+        compiled = run_one(model, batch=1, prompt=16, new=8, repeats=1, device=cuda, graphs=True,
+                           compile_backend="inductor")
+        eager = run_one(model, batch=1, prompt=16, new=8, repeats=1, device=cuda, graphs=False)
+    assert compiled["decode_mode"] == "compiled cuda-graph", (compiled.get("compile_error"), compiled.get("graph_error"))
+    assert torch.equal(compiled["tokens"], eager["tokens"])
 
 
 @requires_gpu
