@@ -28,7 +28,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,18 +99,6 @@ KINDS = {"global loads": ("LDG", "LDGSTS"), "shared loads": ("LDS", "LDSM"), "sh
 _LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);")
 
 
-def _tool(name: str) -> str:
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
-
-
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(cubin)
-        return subprocess.run([_tool("cuobjdump"), flag, str(path)], capture_output=True, text=True,
-                              check=True).stdout
-
-
 def hot_loop(sass: str) -> list[str]:
     """Opcodes of the hot loop: of the loops (backward branches' ranges) that contain no other
     loop, the first at least half as long as the longest. The dequant GEMV compiles its K loop
@@ -135,12 +122,11 @@ def count(name: str) -> dict:
     """The hot-loop counts of kernel `name` (a key of KERNELS)."""
     build, weights = KERNELS[name]
     compiled = build()
-    loop = hot_loop(_cuobjdump(compiled.asm["cubin"], "-sass"))
-    registers = re.search(r"REG:(\d+)", _cuobjdump(compiled.asm["cubin"], "-res-usage"))
+    loop = hot_loop(codegen.cuobjdump(compiled.asm["cubin"], "-sass"))
     opcodes = collections.Counter(op.split(".")[0] for op in loop)
     return {"kernel": name, "weights_per_trip": weights, "instructions_per_weight": round(len(loop) / weights, 2),
             "per_weight": {kind: round(sum(opcodes[op] for op in ops) / weights, 2) for kind, ops in KINDS.items()},
-            "registers": int(registers.group(1)) if registers else None}
+            "registers": codegen.resource_usage(compiled.asm["cubin"])["registers"]}
 
 
 def markdown(rows: list[dict]) -> str:

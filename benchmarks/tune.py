@@ -52,7 +52,7 @@ DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxi
 #: LUT formats' lookup kernel for M <= LUT_MAX_M)
 SPACES = {
     "gemv": {"BLOCK_N": (2, 4, 8, 16, 32), "COLUMN_K": (4, 8, 16, 32, 64), "SPLIT_K": (1, 2, 4, 8, 16, 32),
-             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)},
+             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3), "maxnreg": (None, 168, 128)},
     "lut": {"BLOCK_N": (8, 16, 32, 64), "BLOCK_K": (64, 128, 256, 512), "SPLIT_K": (1, 2, 4, 8, 16, 32),
             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)},
     "gemm": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),

@@ -22,8 +22,9 @@ import torch
 from .runtime import FP_FUSION
 
 M_BUCKETS = (1, 4, 16, 64, 256, 4096)
-#: launch options a config may set besides its path and tile sizes (upper-case constexprs)
-LAUNCH_KEYS = ("num_warps", "num_stages")
+#: launch options a config may set besides its path and tile sizes (upper-case constexprs); maxnreg:
+#: a cap on registers per thread (ptxas spills past it), which lets more programs share an SM
+LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg")
 TUNED_DIR = Path(__file__).with_name("tuned")
 ENV_VAR = "LOWBIT_TUNED_CONFIGS"
 _log = logging.getLogger(__name__)
@@ -86,16 +87,18 @@ def lookup(device: torch.device, variant: str, n: int, kp: int, m: int) -> dict 
 
 
 def launch_options(cfg: dict) -> dict:
-    """The num_warps / num_stages of a config, as keyword arguments of a Triton launch (with
-    fused multiply-adds on: `runtime.FP_FUSION`)."""
-    return {**FP_FUSION, **{k: cfg[k] for k in LAUNCH_KEYS if k in cfg}}
+    """The num_warps / num_stages / maxnreg of a config, as keyword arguments of a Triton launch
+    (with fused multiply-adds on: `runtime.FP_FUSION`)."""
+    return {**FP_FUSION, **{k: cfg[k] for k in LAUNCH_KEYS if cfg.get(k) is not None}}
 
 
 def valid_launch_options(cfg: dict) -> bool:
-    """num_warps a power of two in 1..16 and num_stages in 1..8, where given."""
-    warps, stages = cfg.get("num_warps", 4), cfg.get("num_stages", 2)
+    """num_warps a power of two in 1..16, num_stages in 1..8 and maxnreg in 32..255 (or None: no
+    cap), where given."""
+    warps, stages, registers = cfg.get("num_warps", 4), cfg.get("num_stages", 2), cfg.get("maxnreg")
     return (isinstance(warps, int) and warps in (1, 2, 4, 8, 16)
-            and isinstance(stages, int) and 1 <= stages <= 8)
+            and isinstance(stages, int) and 1 <= stages <= 8
+            and (registers is None or isinstance(registers, int) and 32 <= registers <= 255))
 
 
 def last_key() -> str | None:

@@ -2,11 +2,17 @@
 
 Run as a script (with TRITON_INTERPRET unset, so kernels are real JIT functions):
     python -m tests.kernels.hopper_codegen '[["gemv", 4, true, "bf16", "int"], ["act_quant", "int8"], ...]'
-prints {"gemv-4-True-bf16-int": {"ptx": ..., "cubin_bytes": n} | {"error": ...}, ...} as JSON.
-Signatures and alignment specialisation mirror what the JIT sees for real shapes.
+prints {"gemv-4-True-bf16-int": {"ptx": ..., "cubin_bytes": n, "registers": r, "stack_bytes": s} |
+{"error": ...}, ...} as JSON (registers per thread and stack-frame bytes per thread, where ptxas
+spills registers; from Triton's bundled cuobjdump). Signatures and alignment specialisation
+mirror what the JIT sees for real shapes.
 """
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -27,7 +33,23 @@ GEMM_TILE = 64  # the GEMM's BLOCK_N and BLOCK_K (the launcher's defaults)
 SPLIT_K_POINTERS = {"ws_ptr": "*fp32", "counters_ptr": "*i32"}  # lowbit/kernels/split_k.py (kernels compiled split)
 
 
-def _compile(kernel, pointer_types: dict, constexprs: dict, unaligned=()):
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """Triton's bundled cuobjdump run with `flag` ("-sass", "-res-usage") on a compiled kernel."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{"registers": per thread, "stack_bytes": its stack frame per thread (where ptxas spills registers)}."""
+    usage = cuobjdump(cubin, "-res-usage")
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1))}
+
+
+def _compile(kernel, pointer_types: dict, constexprs: dict, unaligned=(), maxnreg: int | None = None):
     signature, attrs = {}, {}
     for i, param in enumerate(kernel.params):
         if param.is_constexpr:
@@ -38,7 +60,8 @@ def _compile(kernel, pointer_types: dict, constexprs: dict, unaligned=()):
             attrs[(i,)] = [["tt.divisibility", 16]]
     consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs),
-                          target=HOPPER, options={"num_warps": 4, **FP_FUSION})
+                          target=HOPPER, options={"num_warps": 4, **FP_FUSION,
+                                                  **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def compile_act_quant(encoding: str):
@@ -84,7 +107,8 @@ def _group(element: str, scale_kind: str) -> int:
 
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float",
                     one_bit_planes: bool = False, gemm_block_m: int = 64, gemv_block_m: int = 1,
-                    group_size: int | None = None, scale_pointer: str | None = None, gemv_stages: int = 1):
+                    group_size: int | None = None, scale_pointer: str | None = None, gemv_stages: int = 1,
+                    maxnreg: int | None = None):
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
@@ -95,7 +119,8 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     the default (int groups of 16: GEMM tiles span 4 groups, GEMV columns are 16 long);
     scale_pointer: the scales' pointer type where it is not the element's default (iq4_nl's
     float16 scales of a codebook); gemv_stages: the GEMV tile loop's software-pipeline stages
-    (the launcher's default 1: none; a tuned config's num_stages)."""
+    (the launcher's default 1: none; a tuned config's num_stages); maxnreg: a tuned config's cap on
+    registers per thread (default: none)."""
     kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = group_size or _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
@@ -114,7 +139,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     out = "*bf16" if act in ACT_CODES else ACT[act]
     pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_pointer or scale_type, "z_ptr": scale_type,
                      "ts_ptr": "*fp32", "xs_ptr": "*fp32", "bias_ptr": out, "out_ptr": out, **SPLIT_K_POINTERS}
-    return _compile(kernel, pointer_types, constexprs, unaligned=("M", "tiles_per_split", "one"))
+    return _compile(kernel, pointer_types, constexprs, unaligned=("M", "tiles_per_split", "one"), maxnreg=maxnreg)
 
 
 def main(argv):
@@ -130,7 +155,8 @@ def main(argv):
                 compiled = compile_lut(variant[1])
             else:
                 compiled = compile_variant(*variant)
-            results[key] = {"ptx": compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"])}
+            results[key] = {"ptx": compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"]),
+                            **resource_usage(compiled.asm["cubin"])}
         except Exception as exc:  # reported to the test, which fails on it
             results[key] = {"error": f"{type(exc).__name__}: {exc}"}
     json.dump(results, sys.stdout)

@@ -57,6 +57,10 @@ GROUP_16_VARIANTS = [["gemm", 6, True, "bf16", "int", "float", False, 64, 1, 16]
                      ["gemv", 6, True, "bf16", "int", "float", False, 64, 1, 16]]
 # the GEMV's tile loop software-pipelined (a tuned config's num_stages = 2)
 GEMV_PIPELINED_VARIANTS = [["gemv", 4, False, "bf16", "int", "float", False, 64, 1, None, None, 2]]
+# the int8 GEMV (asymmetric, the default: 255 registers uncapped, two programs per SM), and under a
+# tuned config's maxnreg of 168
+GEMV_MAXNREG_VARIANTS = [["gemv", 8, False, "bf16", "int"],
+                         ["gemv", 8, False, "bf16", "int", "float", False, 64, 1, None, None, 1, 168]]
 # iq4_nl: the codebook in blocks of 32 with float16 scales (nf4's above: fp32 scales, a wider column)
 IQ4_NL_VARIANTS = [[path, 4, True, "bf16", "codebook", "float", False, 64, 1, 32, "*fp16"] for path in ("gemv", "gemm")]
 
@@ -73,7 +77,7 @@ def hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_codegen",
                            json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS + GROUP_16_VARIANTS + IQ4_NL_VARIANTS
-                                      + GEMV_PIPELINED_VARIANTS)],
+                                      + GEMV_PIPELINED_VARIANTS + GEMV_MAXNREG_VARIANTS)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     if proc.returncode != 0 and "ptxas" in proc.stderr:
         pytest.skip(f"this triton install cannot compile for CUDA: {proc.stderr[-300:]}")
@@ -200,6 +204,17 @@ def test_gemv_tile_loop_pipelines_its_loads_with_num_stages(hopper, variant):
     assert len(re.findall(r"cp\.async\.cg\.shared\.global\S* \[[^]]+\], \[[^]]+\], 0x10", pipelined[0])) == expected
     assert len(re.findall(r"ld\.shared\.v4\.b32", pipelined[0])) == expected
     assert not _GEMV_LOAD.search(pipelined[0])  # nothing loaded from global memory into registers
+
+
+def test_gemv_maxnreg_caps_its_registers_without_spilling(hopper):
+    """A tuned config's maxnreg (benchmarks/tune.py tries 168 and 128) reaches the compiler: the
+    int8 GEMV, which takes 255 registers per thread uncapped (two 128-thread programs per SM),
+    fits in 168 (three per SM) with nothing spilled (no stack frame) and its K loops' loads
+    unchanged."""
+    uncapped, capped = (hopper["-".join(map(str, variant))] for variant in GEMV_MAXNREG_VARIANTS)
+    _check_gemv_k_loops(_checked(capped), _expected_loads(8, False, "bf16", "int"))
+    assert uncapped["registers"] > 168 >= capped["registers"]
+    assert uncapped["stack_bytes"] == capped["stack_bytes"] == 0
 
 
 @pytest.mark.parametrize("variant", GROUP_16_VARIANTS, ids=lambda v: "-".join(map(str, v)))

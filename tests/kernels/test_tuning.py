@@ -1,5 +1,5 @@
 """Tuned launch configs: the launchers take valid tuned entries (path, tiles, num_warps /
-num_stages) and ignore invalid ones; the LUT launcher runs the path a measurement chose; the
+num_stages / maxnreg) and ignore invalid ones; the LUT launcher runs the path a measurement chose; the
 tuner's coordinate descent finds the best point and skips pruned ones."""
 import json
 import sys
@@ -52,6 +52,14 @@ def test_launch_options_are_taken_and_checked(tuned_table):
     assert "num_warps" not in pick_config(1, 37, 384, 128, device, variant=variant)
     tuned_table({f"{variant}/37x384/m1": {**gemv, "num_stages": 0}})
     assert "num_stages" not in pick_config(1, 37, 384, 128, device, variant=variant)
+    for registers in (168, None):  # a register cap, or none (the tuner's "no cap" candidate)
+        tuned_table({f"{variant}/37x384/m1": {**gemv, "maxnreg": registers}})
+        assert pick_config(1, 37, 384, 128, device, variant=variant) == {**gemv, "maxnreg": registers}
+    for registers in (300, 16, "168"):  # past the hardware's 255, too few, not a number
+        tuned_table({f"{variant}/37x384/m1": {**gemv, "maxnreg": registers}})
+        assert "maxnreg" not in pick_config(1, 37, 384, 128, device, variant=variant)
+    assert "maxnreg" not in tuning.launch_options({**gemv, "maxnreg": None})
+    assert tuning.launch_options({**gemv, "maxnreg": 128})["maxnreg"] == 128
     stale = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}  # the GEMV before COLUMN_K
     for entry in (stale, {**gemv, "COLUMN_K": 4}, {**gemv, "COLUMN_K": 256}):  # no column / too short / past a group
         tuned_table({f"{variant}/37x384/m1": entry})
@@ -174,6 +182,23 @@ def test_gemv_num_stages_pipelines_its_tile_loop(monkeypatch):
     # 1024 K in columns of 8 over 32 threads: 4 tiles per program
     config = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "COLUMN_K": 8, "SPLIT_K": 1, "num_warps": 1}
     for options, expected in (({}, 1), ({"num_stages": 2}, 2), ({"num_stages": 3}, 3)):
+        with tuning.force({**config, **options}):
+            torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
+        assert [value for name, value in launches if name == "_gemv_kernel"][-1] == expected
+
+
+@pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+def test_gemv_maxnreg_reaches_its_launch(monkeypatch):
+    """A GEMV config's maxnreg is passed to the launch (no keyword without one), and the capped
+    kernel gives the reference's values (on a GPU compiled under the cap;
+    tests/kernels/test_compile_hopper.py checks what the cap compiles to)."""
+    launches = _record_launches(monkeypatch, "maxnreg")
+    device = torch.device(DEVICES[0])
+    w, x = torch.randn(24, 512, device=device) * 0.02, torch.randn(1, 512, device=device)
+    packed = lowbit.get_format("int8").quantize(w)
+    ref = F.linear(x, lowbit.get_format("int8").dequantize(packed))
+    config = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "COLUMN_K": 16, "SPLIT_K": 1, "num_warps": 1}
+    for options, expected in (({}, None), ({"maxnreg": None}, None), ({"maxnreg": 128}, 128)):
         with tuning.force({**config, **options}):
             torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
         assert [value for name, value in launches if name == "_gemv_kernel"][-1] == expected
