@@ -169,36 +169,23 @@ def _record_launches(monkeypatch, keyword: str) -> list[tuple[str, object]]:
 
 
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
-def test_gemv_num_stages_pipelines_its_tile_loop(monkeypatch):
-    """A GEMV config's num_stages reaches the kernel as the stage count of its tile loop (STAGES;
-    1 when the config has none), and a pipelined launch over several tiles per program gives the
-    reference's values (on a GPU through the cp.async pipeline; tests/kernels/test_compile_hopper.py
-    checks the code it compiles to)."""
-    launches = _record_launches(monkeypatch, "STAGES")
+@pytest.mark.parametrize("keyword, fmt, k, cases", [
+    # num_stages: the stage count of the tile loop (STAGES; 1 without one), here over 4 tiles per
+    # program (1024 K in columns of 8 over 32 threads), on a GPU through the cp.async pipeline
+    ("STAGES", "int4", 1024, [({}, 1), ({"num_stages": 2}, 2), ({"num_stages": 3}, 3)]),
+    # maxnreg: passed to the launch as it is (no keyword without one, or for None: no cap)
+    ("maxnreg", "int8", 512, [({}, None), ({"maxnreg": None}, None), ({"maxnreg": 128}, 128)]),
+])
+def test_gemv_launch_options_reach_the_kernel(monkeypatch, keyword, fmt, k, cases):
+    """A GEMV config's num_stages and maxnreg reach its launch, and the kernel so launched gives the
+    reference's values (tests/kernels/test_compile_hopper.py checks the code each compiles to)."""
+    launches = _record_launches(monkeypatch, keyword)
     device = torch.device(DEVICES[0])
-    w, x = torch.randn(24, 1024, device=device) * 0.02, torch.randn(1, 1024, device=device)
-    packed = lowbit.get_format("int4").quantize(w)
-    ref = F.linear(x, lowbit.get_format("int4").dequantize(packed))
-    # 1024 K in columns of 8 over 32 threads: 4 tiles per program
+    w, x = torch.randn(24, k, device=device) * 0.02, torch.randn(1, k, device=device)
+    packed = lowbit.get_format(fmt).quantize(w)
+    ref = F.linear(x, lowbit.get_format(fmt).dequantize(packed))
     config = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "COLUMN_K": 8, "SPLIT_K": 1, "num_warps": 1}
-    for options, expected in (({}, 1), ({"num_stages": 2}, 2), ({"num_stages": 3}, 3)):
-        with tuning.force({**config, **options}):
-            torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
-        assert [value for name, value in launches if name == "_gemv_kernel"][-1] == expected
-
-
-@pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
-def test_gemv_maxnreg_reaches_its_launch(monkeypatch):
-    """A GEMV config's maxnreg is passed to the launch (no keyword without one), and the capped
-    kernel gives the reference's values (on a GPU compiled under the cap;
-    tests/kernels/test_compile_hopper.py checks what the cap compiles to)."""
-    launches = _record_launches(monkeypatch, "maxnreg")
-    device = torch.device(DEVICES[0])
-    w, x = torch.randn(24, 512, device=device) * 0.02, torch.randn(1, 512, device=device)
-    packed = lowbit.get_format("int8").quantize(w)
-    ref = F.linear(x, lowbit.get_format("int8").dequantize(packed))
-    config = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "COLUMN_K": 16, "SPLIT_K": 1, "num_warps": 1}
-    for options, expected in (({}, None), ({"maxnreg": None}, None), ({"maxnreg": 128}, 128)):
+    for options, expected in cases:
         with tuning.force({**config, **options}):
             torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
         assert [value for name, value in launches if name == "_gemv_kernel"][-1] == expected
