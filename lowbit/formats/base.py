@@ -13,6 +13,14 @@ from ..packed import PackedWeight
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def launch(op: str, *args):
+    """Call lowbit's custom op `op` on args (lowbit.ops.launch): how a format's `triton_linear`
+    reaches its kernel. lowbit.ops is imported at the call, as it imports the formats."""
+    from ..ops import launch as launch_op
+
+    return launch_op(op, *args)
+
+
 @dataclass(frozen=True)
 class FieldSpec:
     """Declared dtype and shape of one packed tensor field."""

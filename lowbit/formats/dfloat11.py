@@ -36,7 +36,7 @@ import torch
 from ..errors import FormatError, WeightError
 from ..packed import PackedWeight
 from . import huffman, register_format
-from .base import FieldSpec, Format
+from .base import FieldSpec, Format, launch
 
 #: longest code, and the index width of decode_table (2^8 int16 entries = 512 B per tensor). A
 #: lookup is a gather by 32 lanes at once: over 512 B it touches at most 4 cache lines (over the
@@ -268,15 +268,11 @@ class DFloat11Format(Format):
 
     @staticmethod
     def _decode(packed: PackedWeight, backend: str) -> torch.Tensor:
-        from ..ops import launch  # here: lowbit.ops imports the formats
-
         t = packed.tensors
         return launch("dfloat11_decode", t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
                       t["decode_table"], packed.attrs["segment"], CODE_BITS, backend)
 
     def triton_linear(self, x2d, packed, bias):
-        from ..ops import launch  # here: lowbit.ops imports the formats
-
         t = packed.tensors
         return launch("dfloat11_linear", x2d, t["sign_mantissa"], t["exponent_code"], t["segment_offsets"],
                       t["decode_table"], bias, packed.attrs["segment"], CODE_BITS)

@@ -33,7 +33,7 @@ from ..errors import FormatError
 from ..packed import MAX_DIM, PackedWeight
 from . import register_format
 from .activations import cast_fp8, dequantize_activations, quantize_activations_fp8, safe_scale
-from .base import FieldSpec, Format
+from .base import FieldSpec, Format, launch
 from .integer import padded_k
 
 SCALE_DTYPE = torch.float32
@@ -128,11 +128,8 @@ class Fp8Format(Format):
 
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
-        from ..ops import launch  # here: lowbit.ops imports the formats
-
         return launch("fp8_linear", x2d, packed.qweight, packed.scales, bias, self.element,
-                      packed.attrs["block"] or 0, packed.attrs["act"] == "fp8",
-                      packed.shape[1])
+                      packed.attrs["block"] or 0, packed.attrs["act"] == "fp8", packed.shape[1])
 
 
 register_format(Fp8Format("fp8", torch.float8_e4m3fn, "e4m3"))

@@ -64,7 +64,7 @@ from ..errors import FormatError, WeightError
 from ..packed import MAX_DIM, PackedWeight
 from . import bitpack, gptq, register_format
 from .activations import dequantize_activations, quantize_activations_fp8, quantize_activations_int8
-from .base import FieldSpec, Format
+from .base import FieldSpec, Format, launch
 from .division import divide
 
 DEFAULT_GROUP_SIZE = 128
@@ -341,8 +341,6 @@ class IntFormat(Format):
 
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
-        from ..ops import launch  # here: lowbit.ops imports the formats
-
         zeros, group_size = packed.tensors.get("zeros"), packed.attrs["group_size"]
         if packed.attrs.get("permuted"):  # the kernels read K in stored order
             x2d = x2d.index_select(1, packed.perm)

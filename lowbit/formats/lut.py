@@ -13,6 +13,7 @@ import torch
 
 from ..errors import FormatError
 from . import register_format
+from .base import launch
 from .integer import IntFormat
 
 
@@ -39,8 +40,6 @@ class LutFormat(IntFormat):
         return attrs
 
     def triton_linear(self, x2d, packed, bias):
-        from ..ops import launch  # here: lowbit.ops imports the formats
-
         return launch("lut_linear", x2d, packed.qweight, packed.scales, packed.zeros, bias, self.bits,
                       packed.attrs["group_size"], packed.shape[1])
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from ..errors import FormatError
 from ..packed import PackedWeight
 from . import bitpack, gptq, register_format
-from .base import FieldSpec, Format
+from .base import FieldSpec, Format, launch
 from .division import divide
 from .integer import padded_k
 
@@ -351,17 +351,14 @@ class MicroscalingFormat(Format):
 
     # -- kernels ------------------------------------------------------------------------------
     def triton_linear(self, x2d, packed, bias):
-        from ..ops import launch  # here: lowbit.ops imports the formats
-
         n, k = packed.shape
         attrs = packed.attrs
         if attrs["act"] is not None or attrs["rotate"] is not None:
             kp = padded_k(k, 32)
             x2d, k = self._prepare(x2d, kp, attrs).to(x2d.dtype), kp
         return launch("dequant_linear", x2d, packed.qweight, packed.scales.view(torch.uint8), None,
-                      packed.tensors.get("tensor_scale"), bias,
-                      self.codec.bits, self.codec.kernel, self.block, 1, self.scale_kind, k,
-                      )
+                      packed.tensors.get("tensor_scale"), bias, self.codec.bits, self.codec.kernel, self.block, 1,
+                      self.scale_kind, k)
 
 
 MICROSCALING_FORMATS = {

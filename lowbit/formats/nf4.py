@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..errors import FormatError
 from ..packed import PackedWeight
 from . import bitpack, gptq, register_format
-from .base import FieldSpec, Format
+from .base import FieldSpec, Format, launch
 from .division import divide
 from .integer import padded_k
 
@@ -184,8 +184,6 @@ class CodebookFormat(Format):
         return w[:, :k].to(packed.dtype)
 
     def triton_linear(self, x2d, packed, bias):
-        from ..ops import launch  # here: lowbit.ops imports the formats
-
         # double_quant: the [G, N] absmax is rebuilt in torch per call (N*K/64 values, tiny).
         return launch("dequant_linear", x2d, packed.qweight, self.block_scales(packed.tensors), None, None, bias,
                       4, self.name, self.BLOCK, 1, "float", packed.shape[1])
