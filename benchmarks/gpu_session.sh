@@ -10,7 +10,8 @@
 #                                                      # (the first H100 run reached 86 of its 264 cases)
 #   bash benchmarks/gpu_session.sh gemm-rest           # the other formats (a later session if time is short)
 #   bash benchmarks/gpu_session.sh e2e-moe             # ~6 min: Mixtral-8x7B width (4 layers), quantized experts, eager
-#   bash benchmarks/gpu_session.sh profile             # ~3 min: Nsight Compute on the at-risk GEMVs, if installed
+#   bash benchmarks/gpu_session.sh profile             # ~3 min: Nsight Compute on the at-risk GEMVs and the
+#                                                      # dfloat11 block decoder, if installed
 #
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
 # results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
@@ -36,15 +37,26 @@ TARGET_FORMATS="int4 int6 int8 fp8 fp8:act=fp8 mxfp4 nvfp4 lut2 mxint8 int2 dflo
 OTHER_FORMATS="int3 int5 int7 fp8_e5m2 fp8:block=128,act=fp8 int8:act=int8,symmetric=true,group_size=-1 int4:act=int8
   int4:act=fp8,symmetric=true int4:permuted=true int6:group_size=16,symmetric=true int4:group_size=32
   mxfp8 mxfp6 lut1 lut3 lut4 nf4 bnb_fp4 iq4_nl dfloat11:segment=64"
-# nvfp4, int6 and dfloat11 at M=1 on Llama-3-8B's gate_proj, each twice (the profile part's 6 launches)
-PROFILE_GEMVS='
+# nvfp4, int6 and dfloat11 at M=1 on Llama-3-8B's gate_proj, each twice, then dfloat11's block decoder
+# on a whole Llama-3-8B block's seven weights, twice (the profile part's 8 launches)
+PROFILE_KERNELS='
 import torch, lowbit
+from lowbit.formats.dfloat11 import CODE_BITS
+from lowbit.kernels.dfloat11 import decode_layers, layer_row
 w = (torch.randn(14336, 4096, device="cuda") * 0.02).bfloat16()
 x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
 for fmt in ("nvfp4", "int6", "dfloat11"):
     packed = lowbit.get_format(fmt).quantize(w)
     for _ in range(2):
         lowbit.linear(x, packed, None)
+shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+block = [lowbit.get_format("dfloat11").quantize((torch.randn(s, device="cuda") * 0.02).bfloat16()) for s in shapes]
+sizes = [n * k for n, k in shapes]
+out = torch.empty(sum(sizes), dtype=torch.bfloat16, device="cuda")
+rows = [layer_row(p.exponent_code, p.sign_mantissa, p.segment_offsets, p.decode_table, sum(sizes[:i]),
+                  p.attrs["segment"], CODE_BITS) for i, p in enumerate(block)]
+for _ in range(2):
+    decode_layers(rows, out, block[0].attrs["segment"], CODE_BITS)
 torch.cuda.synchronize()
 '
 
@@ -76,10 +88,11 @@ for part in "$@"; do
                --formats int4 int8 fp8 nvfp4 --out-dir "$out/results" ;;
     dfloat11) run_part dfloat11 150 python3 benchmarks/bench_dfloat11.py --out-dir "$out/results" ;;
     profile)  # what limits the GEMVs nearest their targets at M=1 (nvfp4, int6; dfloat11: its table gather in L1?)
+              # and dfloat11's block decoder (~2.3 ms per Llama-3-8B block in the first H100 run)
       if command -v ncu >/dev/null; then
-        run_part profile 240 ncu --kernel-name regex:"_decode_gemv_kernel|_gemv_kernel" --launch-count 6 \
+        run_part profile 240 ncu --kernel-name regex:"_decode_gemv_kernel|_gemv_kernel|_decode_kernel" --launch-count 8 \
           --section SpeedOfLight --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
-          --section InstructionStats --section WarpStateStats python3 -c "$PROFILE_GEMVS"
+          --section InstructionStats --section WarpStateStats python3 -c "$PROFILE_KERNELS"
       else
         echo "== profile: ncu is not installed" | tee "$out/profile.log"
       fi ;;

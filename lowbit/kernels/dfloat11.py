@@ -155,27 +155,31 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
         k = tl.multiple_of(k, CHUNK)
         out_offset = tl.multiple_of(out_offset, CHUNK)
 
-    seg = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    active = seg < n_segments
-    lane_seg = tl.minimum(seg, n_segments - 1)  # idle lanes decode the last segment, unstored
-    col0 = (lane_seg % segments_per_row) * SEGMENT
-    first = (lane_seg // segments_per_row) * k + col0  # within the layer
-    count = tl.minimum(k - col0, SEGMENT)
-    buf, shift, next_word = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg), CODE_BITS)
-    u = tl.arange(0, CHUNK)
-    for i in range(0, SEGMENT, CHUNK):
-        if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
-            keep = (active & (i < count))[:, None]
-        else:
-            keep = active[:, None] & ((i + u)[None, :] < count[:, None])
-        sign_mantissa = tl.load(sign_ptr + first[:, None] + i + u[None, :], mask=keep, other=0).to(tl.int32)
-        bits = tl.zeros((BLOCK, CHUNK), dtype=tl.int32)
-        for c in tl.static_range(CHUNK):
-            # Lanes past their segment's last code decode on (guarded) and are not stored.
-            weight, buf, shift, next_word = _decode_step(buf, shift, next_word, sign_mantissa, u, words_ptr,
-                                                           code_words, table_ptr, fields, c, CODE_BITS, True)
-            bits = tl.where(u[None, :] == c, (weight >> 16)[:, None], bits)  # bf16: the top half
-        tl.store(out_ptr + out_offset + first[:, None] + i + u[None, :], bits.to(tl.int16), mask=keep)
+    # The grid fits the layer with the most segments; a program wholly past this layer's does
+    # nothing (its lanes would all decode the last segment again, unstored: in a Llama block
+    # nearly half the programs, each as long as a working one).
+    if tl.program_id(0) * BLOCK < n_segments:
+        seg = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        active = seg < n_segments
+        lane_seg = tl.minimum(seg, n_segments - 1)  # idle lanes decode the last segment, unstored
+        col0 = (lane_seg % segments_per_row) * SEGMENT
+        first = (lane_seg // segments_per_row) * k + col0  # within the layer
+        count = tl.minimum(k - col0, SEGMENT)
+        buf, shift, next_word = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg), CODE_BITS)
+        u = tl.arange(0, CHUNK)
+        for i in range(0, SEGMENT, CHUNK):
+            if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
+                keep = (active & (i < count))[:, None]
+            else:
+                keep = active[:, None] & ((i + u)[None, :] < count[:, None])
+            sign_mantissa = tl.load(sign_ptr + first[:, None] + i + u[None, :], mask=keep, other=0).to(tl.int32)
+            bits = tl.zeros((BLOCK, CHUNK), dtype=tl.int32)
+            for c in tl.static_range(CHUNK):
+                # Lanes past their segment's last code decode on (guarded) and are not stored.
+                weight, buf, shift, next_word = _decode_step(buf, shift, next_word, sign_mantissa, u, words_ptr,
+                                                               code_words, table_ptr, fields, c, CODE_BITS, True)
+                bits = tl.where(u[None, :] == c, (weight >> 16)[:, None], bits)  # bf16: the top half
+            tl.store(out_ptr + out_offset + first[:, None] + i + u[None, :], bits.to(tl.int16), mask=keep)
 
 
 @triton.jit
