@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Tune the dequant / LUT kernels per GPU: path, tiles and warps per kernel variant, shape and M bucket.
+"""Tune the dequant / LUT / dfloat11 GEMV kernels per GPU: path, tiles and warps per kernel variant,
+shape and M bucket.
 
   python benchmarks/tune.py                          # GPU: DEFAULT formats, llama3-8b, every M bucket
   python benchmarks/tune.py --formats int4 nvfp4 --sets llama3-8b qwen2.5-7b --budget-s 300
@@ -19,8 +20,10 @@ targets), then larger M; the table is rewritten after every case and no case sta
 --budget-s, so a run cut short keeps what it measured.
 The integer formats' act="int8" / "fp8" specs are tuned from M = 32 up, where their GEMM on
 quantized activations runs (below, they launch the weight-only variant, tuned under the
-weight-only spec). dfloat11's decoder and the fp8 formats' W8A8 path (torch._scaled_mm) have no
-entry here (their launchers read none).
+weight-only spec). dfloat11 is tuned where its fused decode + GEMV runs (M <= 4, path "fused":
+rows per program, sign-byte chunk, segment-column splits, warps and stages); its bf16 decoder
+(larger M) and the fp8 formats' W8A8 path (torch._scaled_mm) have no entry here (their launchers
+read none).
 """
 from __future__ import annotations
 
@@ -41,15 +44,18 @@ from benchmarks.bench_gemm import (REL_TOL, env_info, make_case, parse_format_sp
 from benchmarks.shapes import shapes  # noqa: E402
 from benchmarks.timing import time_us  # noqa: E402
 from lowbit.kernels.dequant_gemm import GEMV_COLUMN_K, GEMV_MAX_ROWS_PER_THREAD, gemv_block_n  # noqa: E402
+from lowbit.kernels.dfloat11 import GEMV_BLOCK_N as FUSED_BLOCK_N  # noqa: E402
+from lowbit.kernels.dfloat11 import GEMV_CHUNK as FUSED_CHUNK  # noqa: E402
+from lowbit.kernels.dfloat11 import valid_fused_config  # noqa: E402
 from lowbit.kernels.fp8_w8a8 import W8A8_MIN_M  # noqa: E402
 from lowbit.kernels.quantized_act import ACT_KINDS  # noqa: E402
 from lowbit.kernels.lut_gemm import LUT_MAX_M  # noqa: E402
 
 # the formats with speed targets, most important first (a --budget-s cut drops the last ones)
 DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxint8", "int4:act=fp8,symmetric=true",
-                   "int4:act=int8"]
+                   "int4:act=int8", "dfloat11"]
 #: path -> parameter -> values tried by the descent (GEMV only for M <= GEMV_MAX_TUNED_M, the
-#: LUT formats' lookup kernel for M <= LUT_MAX_M)
+#: LUT formats' lookup kernel for M <= LUT_MAX_M; "fused": dfloat11's decode + GEMV, its only path)
 SPACES = {
     "gemv": {"BLOCK_N": (2, 4, 8, 16, 32), "COLUMN_K": (4, 8, 16, 32, 64), "SPLIT_K": (1, 2, 4, 8, 16, 32),
              "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3), "maxnreg": (None, 168, 128)},
@@ -57,15 +63,22 @@ SPACES = {
             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)},
     "gemm": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),
              "SPLIT_K": (1, 2, 4, 8, 16), "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
+    "fused": {"BLOCK_N": (32, 64, 128, 256, 512), "CHUNK": (8, 16), "SPLIT_K": (1, 2, 4, 8, 16, 32, 64),
+              "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)},
 }
 SMOKE_SPACES = {"gemv": {"BLOCK_N": (8, 16), "SPLIT_K": (1, 2)}, "lut": {"BLOCK_N": (16, 32), "SPLIT_K": (1, 2)},
-                "gemm": {"BLOCK_M": (16, 32), "SPLIT_K": (1, 2)}}
+                "gemm": {"BLOCK_M": (16, 32), "SPLIT_K": (1, 2)}, "fused": {"BLOCK_N": (32, 64), "SPLIT_K": (1, 2)}}
 GEMV_MAX_TUNED_M = 16
 
 
-def start_points(m: int, smoke: bool, lut: bool = False) -> list[dict]:
+def start_points(m: int, smoke: bool, lut: bool = False, fused: bool = False) -> list[dict]:
     """Where the descent starts on each path (close to the launchers' defaults); lut: a LUT
-    format, which also has the table-lookup kernel (path "lut") for M <= LUT_MAX_M."""
+    format, which also has the table-lookup kernel (path "lut") for M <= LUT_MAX_M; fused:
+    dfloat11, whose launch at these M has only its fused decode + GEMV (path "fused"; the split
+    count starts at 16, the default's for a 4096-wide row of 256-weight segments)."""
+    if fused:
+        return [{"path": "fused", "BLOCK_N": 32 if smoke else FUSED_BLOCK_N, "CHUNK": FUSED_CHUNK,
+                 "SPLIT_K": 1 if smoke else 16, "num_warps": 1 if smoke else 4}]
     m_pow2 = 1 << (m - 1).bit_length()
     block_m = min(m_pow2, 4)
     # (GEMV_COLUMN_K = 32 suits the LUT formats too: one whole word of each one-bit plane)
@@ -131,11 +144,14 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     errors: dict[str, float] = {}
 
     lut = key.startswith("lut")  # a LUT format: the lookup kernel is a candidate too
+    fused = key.startswith("dfloat11")  # dfloat11's fused decode + GEMV: its own search space
 
     def measure(cfg: dict) -> float | None:
         tag = json.dumps(cfg, sort_keys=True)
         if cfg["path"] == "gemv" and cfg["BLOCK_M"] * cfg["BLOCK_N"] > GEMV_MAX_ROWS_PER_THREAD:
             seen[tag] = None  # pruned unmeasured: this many sums per thread spill registers
+        if cfg["path"] == "fused" and not valid_fused_config(cfg):
+            seen[tag] = None  # pruned unmeasured: the launcher would not take it (fewer lanes than threads)
         if tag not in seen:
             seen[tag] = None
             try:
@@ -154,7 +170,7 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
 
     spaces = SMOKE_SPACES if args.smoke else space_for(m)
     best, best_us = None, None
-    for start in start_points(m, args.smoke, lut):
+    for start in start_points(m, args.smoke, lut, fused):
         cfg, us = descend(measure, start, spaces[start["path"]], rounds=1 if args.smoke else 2)
         if us is not None and (best_us is None or us < best_us):
             best, best_us = cfg, us

@@ -259,14 +259,18 @@ def test_tune_smoke_writes_configs_the_launcher_reads(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads(out.read_text())
     assert set(table["env"]) == {"device", "torch", "triton", "commit", "date"}
-    measured = table["measured"]  # every int4 / lut2 case measured; dfloat11 has no dequant-kernel config
-    assert sorted((r["format"], r["shape"], r["M"]) for r in measured) == [
-        (f, s, m) for f in ("int4", "lut2") for s in ("smoke/odd", "smoke/square") for m in (1, 17)]
+    # every int4 / lut2 case measured, and dfloat11 where its fused decode + GEMV runs (M=1; at
+    # M=17 it decodes to bf16 and reads no config)
+    measured = table["measured"]
+    assert sorted((r["format"], r["shape"], r["M"]) for r in measured) == sorted(
+        [(f, s, m) for f in ("int4", "lut2") for s in ("smoke/odd", "smoke/square") for m in (1, 17)]
+        + [("dfloat11", s, 1) for s in ("smoke/odd", "smoke/square")])
     assert all(r["candidates_kept"] >= 1 and r["default_us"] > 0 for r in measured)
+    paths = {"int4-asym-g128-float-torch.float32": ("gemv", "gemm"), "lut2-g128-torch.float32": ("gemv", "lut", "gemm"),
+             "dfloat11-s256-torch.float32": ("fused",)}
     for key, entry in table["configs"].items():
-        assert key.split("/")[0] in ("int4-asym-g128-float-torch.float32", "lut2-g128-torch.float32")
+        assert entry["path"] in paths[key.split("/")[0]], key
         assert entry["us"] < entry["default_us"] and entry["max_rel_err"] < 1e-4
-        assert entry["path"] in (("gemv", "lut", "gemm") if key.startswith("lut2") else ("gemv", "gemm"))
     # a hand-written table is read by the launcher for its key
     w, x = torch.randn(37, 300) * 0.02, torch.randn(1, 300)
     packed = lowbit.get_format("int4").quantize(w)

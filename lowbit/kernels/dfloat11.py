@@ -20,6 +20,8 @@ weights instead.
   activations are the same for every lane: one broadcast 16-byte vector per 8 (fp32: 4)
   steps, each lane picking its step's column from registers; programs along axis 1 take segment
   columns and are reduced inside the launch (deterministic split-K: lowbit/kernels/split_k.py).
+  Its lanes per program, chunk, split count and warps are tuned per GPU and M bucket
+  (`fused_gemv_config`, benchmarks/tune.py).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import triton.language as tl
 
 from ..errors import InputError
 from .runtime import FP_FUSION, cdiv, next_power_of_2, num_sms
-from .split_k import split_k_buffers, store_split_k
+from .split_k import split_k_buffers, store_split_k, valid_split_count
+from .tuning import launch_options, lookup, valid_launch_options
 
 #: largest M the fused decode + GEMV takes; above it, decode to bf16 and use the bf16 GEMM
 FUSED_MAX_M = 4
@@ -43,8 +46,10 @@ LAYER_FIELDS = ("words", "sign_mantissa", "segment_offsets", "decode_table", "ou
 #: as one 128-bit vector; the decoder stores its bf16 results as one (8 weights)
 GEMV_CHUNK = 16
 DECODE_CHUNK = 8
-#: lanes (segments) per program of the decoder, and rows per program of the fused GEMV: one
-#: per thread of 4 warps
+#: the fused GEMV's chunk lengths: whole 16-byte activation vectors (8 bf16 / fp16, 4 fp32) per chunk
+FUSED_CHUNKS = (8, 16)
+#: lanes (segments) per program of the decoder, and the fused GEMV's default rows per program
+#: (`fused_gemv_config`): one per thread of 4 warps
 DECODE_BLOCK = 128
 GEMV_BLOCK_N = 128
 #: the sign and mantissa bits of an fp32 whose top half is a bf16 (0x807F0000 as int32), a kernel
@@ -346,18 +351,42 @@ def dfloat11_matmul(x, words, sign_mantissa, segment_offsets, decode_table, bias
                                code_bits=code_bits)
         return F.linear(x, weight.to(x.dtype), bias)
     x = x.contiguous()
-    n_tiles = cdiv(n, GEMV_BLOCK_N)
     segments = segment_offsets.shape[1]
-    # One segment column per program while the lanes fit on the GPU at once, so that the most
-    # decode chains run side by side; beyond that, programs walk several segments each.
-    lanes = n_tiles * GEMV_BLOCK_N * segments
-    per_split = max(1, lanes // (RESIDENT_LANES_PER_SM * num_sms(x.device)))
-    out, workspace, tickets, per_split, splits = split_k_buffers(x, n, segments, cdiv(segments, per_split),
-                                                                 n_tiles)
+    cfg = fused_gemv_config(x, n, k, segments, segment)
+    n_tiles = cdiv(n, cfg["BLOCK_N"])
+    out, workspace, tickets, per_split, splits = split_k_buffers(x, n, segments, cfg["SPLIT_K"], n_tiles)
     _decode_gemv_kernel[(n_tiles, splits)](x, words, sign_mantissa, segment_offsets, decode_table,
                                            bias if bias is not None else x, out, workspace, tickets,
                                            m, n, k, segments, words.numel(), x.stride(0), per_split, WEIGHT_FIELDS,
                                            SEGMENT=segment, CODE_BITS=code_bits, HAS_BIAS=bias is not None,
-                                           SPLIT=splits > 1, BLOCK_M=next_power_of_2(m),
-                                           BLOCK_N=GEMV_BLOCK_N, CHUNK=GEMV_CHUNK, **FP_FUSION)
+                                           SPLIT=splits > 1, BLOCK_M=next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
+                                           CHUNK=cfg["CHUNK"], **launch_options(cfg))
     return out
+
+
+def fused_gemv_config(x: torch.Tensor, n: int, k: int, segments: int, segment: int) -> dict:
+    """The fused decode + GEMV's launch config for x [M, K] times an [N, K] weight of `segments`
+    segments per row: this GPU's tuned entry for the variant, shape and M bucket
+    (benchmarks/tune.py, lowbit/kernels/tuning.py) when `valid_fused_config`, else the defaults:
+    GEMV_BLOCK_N lanes (rows) per program on 4 warps, GEMV_CHUNK, and one segment column per
+    program while the lanes fit on the GPU at once, so that the most decode chains run side by
+    side; beyond that, programs walk several segments each."""
+    tuned = lookup(x.device, f"dfloat11-s{segment}-{x.dtype}", n, k, x.shape[0])
+    if tuned is not None and valid_fused_config(tuned):
+        return tuned
+    lanes = cdiv(n, GEMV_BLOCK_N) * GEMV_BLOCK_N * segments
+    per_split = max(1, lanes // (RESIDENT_LANES_PER_SM * num_sms(x.device)))
+    return {"path": "fused", "BLOCK_N": GEMV_BLOCK_N, "CHUNK": GEMV_CHUNK, "SPLIT_K": cdiv(segments, per_split),
+            "num_warps": 4}
+
+
+def valid_fused_config(cfg: dict) -> bool:
+    """A fused-GEMV config the launcher can take: path "fused"; BLOCK_N a power of two up to 1024
+    with a lane for every thread (BLOCK_N >= 32 * num_warps); CHUNK one of FUSED_CHUNKS;
+    SPLIT_K a positive count; valid launch options. A stale or hand-edited table must not break
+    a launch."""
+    block_n, chunk = cfg.get("BLOCK_N"), cfg.get("CHUNK")
+    return (cfg.get("path") == "fused" and type(block_n) is int and 32 <= block_n <= 1024
+            and not block_n & (block_n - 1) and type(chunk) is int and chunk in FUSED_CHUNKS
+            and valid_split_count(cfg.get("SPLIT_K")) and valid_launch_options(cfg)
+            and block_n >= 32 * cfg.get("num_warps", 4))

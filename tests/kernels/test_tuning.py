@@ -142,15 +142,16 @@ def test_tuner_start_points_lie_in_the_search_space(m):
     from benchmarks.tune import space_for, start_points
 
     space = space_for(m)
-    for start in start_points(m, False, lut=True):
+    for start in start_points(m, False, lut=True) + start_points(m, False, fused=True):
         for key, values in space[start["path"]].items():
             if key in start:
                 assert start[key] in values, (start["path"], key, start[key])
     assert (space["gemm"]["SPLIT_K"] == (1,)) == (m > 256)
 
 
-def _record_launches(monkeypatch, keyword: str) -> list[tuple[str, object]]:
-    """From now on, (kernel name, its `keyword` launch argument) of every Triton launch, in order.
+def _record_launches(monkeypatch, keyword: str | None) -> list[tuple[str, object]]:
+    """From now on, (kernel name, its `keyword` launch argument, or all its keyword arguments for
+    None) of every Triton launch, in order.
     Compiled launches go through JITFunction.run, interpreted ones through GridExecutor
     (InterpretedFunction.run is an instance attribute before Triton 3.6, so it is not patched)."""
     from triton.runtime.interpreter import GridExecutor
@@ -161,7 +162,7 @@ def _record_launches(monkeypatch, keyword: str) -> list[tuple[str, object]]:
         real_launch = getattr(cls, method)
 
         def recording_launch(self, *args, _real_launch=real_launch, **kwargs):
-            launches.append((self.fn.__name__, kwargs.get(keyword)))
+            launches.append((self.fn.__name__, kwargs if keyword is None else kwargs.get(keyword)))
             return _real_launch(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, method, recording_launch)
@@ -189,6 +190,49 @@ def test_gemv_launch_options_reach_the_kernel(monkeypatch, keyword, fmt, k, case
         with tuning.force({**config, **options}):
             torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-5)
         assert [value for name, value in launches if name == "_gemv_kernel"][-1] == expected
+
+
+@pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+def test_dfloat11_fused_gemv_takes_valid_tuned_entries(tuned_table, monkeypatch):
+    """dfloat11's fused decode + GEMV looks up its own key (segment, x dtype, shape, M bucket) and
+    launches a valid tuned entry's rows per program, chunk, split count, warps and stages, giving
+    the reference's values; entries it cannot take are ignored and the defaults launch."""
+    from lowbit.kernels import dfloat11
+
+    device = torch.device(DEVICES[0])
+    fmt = lowbit.get_format("dfloat11")
+    packed = fmt.quantize((torch.randn(40, 300, device=device) * 0.02).bfloat16(), segment=64)  # 5 segments a row
+    x = torch.randn(2, 300, device=device)
+    ref = F.linear(x, fmt.dequantize(packed).float())
+    requested_splits = []
+    real_buffers = dfloat11.split_k_buffers
+    monkeypatch.setattr(dfloat11, "split_k_buffers",
+                        lambda x, n, k_tiles, requested, tiles: requested_splits.append(requested)
+                        or real_buffers(x, n, k_tiles, requested, tiles))
+    launches = _record_launches(monkeypatch, None)
+
+    def launched() -> tuple:
+        kwargs = [kw for name, kw in launches if name == "_decode_gemv_kernel"][-1]
+        return kwargs["BLOCK_N"], kwargs["CHUNK"], requested_splits[-1], kwargs.get("num_warps"), kwargs.get("num_stages")
+
+    tuned_table({})
+    key = _key_of(x, packed)
+    assert key == "dfloat11-s64-torch.float32/40x300/m4"
+    default = launched()
+    assert default[:2] == (dfloat11.GEMV_BLOCK_N, dfloat11.GEMV_CHUNK) and default[3] == 4
+    for entry in ({"path": "fused", "BLOCK_N": 32, "CHUNK": 8, "SPLIT_K": 3, "num_warps": 1},
+                  {"path": "fused", "BLOCK_N": 64, "CHUNK": 16, "SPLIT_K": 1, "num_warps": 2, "num_stages": 1}):
+        tuned_table({key: entry})
+        torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-6)
+        assert launched() == (entry["BLOCK_N"], entry["CHUNK"], entry["SPLIT_K"], entry["num_warps"],
+                              entry.get("num_stages"))
+    valid = {"path": "fused", "BLOCK_N": 32, "CHUNK": 8, "SPLIT_K": 3, "num_warps": 1}
+    for change in ({"CHUNK": 4}, {"CHUNK": "8"}, {"BLOCK_N": 48}, {"BLOCK_N": 2048}, {"SPLIT_K": 0},
+                   {"num_warps": 4},  # 32 lanes on 128 threads
+                   {"num_warps": 3}, {"path": "gemv"}):
+        tuned_table({key: {**valid, **change}})
+        torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-6)
+        assert launched() == default, change
 
 
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
