@@ -18,6 +18,11 @@ lowbit/kernels/tuned/<gpu>.json, which the launchers read, but only when it beat
 (otherwise the entry is removed and the defaults apply). Cases run M=1 first (the issue's
 targets), then larger M; the table is rewritten after every case and no case starts after
 --budget-s, so a run cut short keeps what it measured.
+Compiling a candidate costs far more than timing it (seconds against tens of milliseconds), so
+with --jobs N (default on a GPU: up to 8) N worker processes compile each coordinate's candidates
+side by side before they are measured one by one (`Precompiler`): a worker launches the case once
+under the candidate's config, which leaves the kernel in Triton's on-disk cache, and the measuring
+process loads it from there instead of compiling. Workers never run while a candidate is timed.
 The integer formats' act="int8" / "fp8" specs are tuned from M = 32 up, where their GEMM on
 quantized activations runs (below, they launch the weight-only variant, tuned under the
 weight-only spec). dfloat11 is tuned where its fused decode + GEMV runs (M <= 4, path "fused":
@@ -29,9 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,17 +114,20 @@ def space_for(m: int) -> dict:
     return {**SPACES, "gemm": gemm}
 
 
-def descend(measure, start: dict, space: dict, rounds: int = 2) -> tuple[dict | None, float | None]:
+def descend(measure, start: dict, space: dict, rounds: int = 2, prepare=None) -> tuple[dict | None, float | None]:
     """Coordinate descent: change one parameter at a time to each of its values, keep the best,
-    repeat up to `rounds` times or until nothing improves. measure(cfg) -> us or None (pruned)."""
+    repeat up to `rounds` times or until nothing improves. measure(cfg) -> us or None (pruned).
+    prepare(candidates), when given, gets each coordinate's candidates before any is measured
+    (they differ from the best only in that coordinate, so a better value found among them
+    leaves the others unchanged)."""
     best, best_us = start, measure(start)
     for _ in range(rounds):
         improved = False
         for key, values in space.items():
-            for value in values:
-                if value == best.get(key):
-                    continue
-                candidate = {**best, key: value}
+            candidates = [{**best, key: value} for value in values if value != best.get(key)]
+            if prepare is not None:
+                prepare(candidates)
+            for candidate in candidates:
                 us = measure(candidate)
                 if us is not None and (best_us is None or us < best_us):
                     best, best_us, improved = candidate, us, True
@@ -124,14 +136,73 @@ def descend(measure, start: dict, space: dict, rounds: int = 2) -> tuple[dict | 
     return (best, best_us) if best_us is not None else (None, None)
 
 
-def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
+_worker_args = None  # a Precompiler worker's copy of the tuner's arguments (make_case reads them)
+
+
+def _start_worker(args: dict) -> None:
+    global _worker_args
+    _worker_args = argparse.Namespace(**args)
+
+
+def _compile_candidate(case: tuple, cfg: dict | None) -> bool:
+    """In a Precompiler worker: launch `case` (spec, N, K, M, device, dtype) once under `cfg`
+    (None: the defaults); whether it launched."""
+    import lowbit
+    from lowbit.kernels import tuning
+
+    spec, n, k, m, device, dtype = case
+    try:
+        _, x, _, _, _, packed = make_case(spec, n, k, m, _worker_args, torch.device(device), dtype)
+        with tuning.force(cfg):
+            lowbit.linear(x, packed, backend="triton")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return True
+    except Exception:  # the measuring process compiles (or prunes) it itself
+        return False
+
+
+class Precompiler:
+    """Compiles candidates in `jobs` worker processes (spawned: a forked CUDA context is unusable)
+    ahead of their measurement, leaving them in Triton's on-disk cache (see the module docstring).
+    Counts what it compiled and what failed."""
+
+    def __init__(self, jobs: int, args):
+        self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_start_worker, initargs=(vars(args),))
+        self.compiled = self.failed = 0
+
+    def compile(self, case: tuple, configs: list) -> None:
+        """Launch `case` under each config in the workers; returns once all have finished. If a
+        worker process dies, the tuner goes on without workers (compiling as it measures)."""
+        if self.pool is None:
+            return
+        try:
+            for launched in self.pool.map(_compile_candidate, [case] * len(configs), configs):
+                self.compiled += launched
+                self.failed += not launched
+        except BrokenProcessPool as exc:
+            warnings.warn(f"tune.py: a compiling worker died ({exc}); going on without workers", stacklevel=2)
+            self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
+def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype, precompiler: Precompiler | None = None):
     """(config key, best entry or None, measurement record) for one case; (None, None, None)
-    when the format's launch reads no config."""
+    when the format's launch reads no config. precompiler: compiles each batch of candidates
+    before they are measured."""
     import lowbit
     from lowbit.kernels import tuning
 
     _, x, _, _, fmt, packed = make_case(spec, n, k, m, args, device, dtype)
     ref, _ = reference(fmt, packed, x)
+    case = (spec, n, k, m, device.type, dtype)
+    if precompiler is not None:
+        precompiler.compile(case, [None])  # the defaults: the baseline below
     # smoke: one interpreted call per timing (it checks the machinery; CPU times are not the point)
     timing = {"cpu_runs": 1} if args.smoke else {}
     tuning._last_key.set(None)
@@ -146,12 +217,20 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
     lut = key.startswith("lut")  # a LUT format: the lookup kernel is a candidate too
     fused = key.startswith("dfloat11")  # dfloat11's fused decode + GEMV: its own search space
 
+    def pruned_unmeasured(cfg: dict) -> bool:
+        # this many sums per thread spill registers; a fused config the launcher would not take
+        return ((cfg["path"] == "gemv" and cfg["BLOCK_M"] * cfg["BLOCK_N"] > GEMV_MAX_ROWS_PER_THREAD)
+                or (cfg["path"] == "fused" and not valid_fused_config(cfg)))
+
+    def prepare(candidates: list) -> None:
+        fresh = [c for c in candidates if json.dumps(c, sort_keys=True) not in seen and not pruned_unmeasured(c)]
+        if fresh:
+            precompiler.compile(case, fresh)
+
     def measure(cfg: dict) -> float | None:
         tag = json.dumps(cfg, sort_keys=True)
-        if cfg["path"] == "gemv" and cfg["BLOCK_M"] * cfg["BLOCK_N"] > GEMV_MAX_ROWS_PER_THREAD:
-            seen[tag] = None  # pruned unmeasured: this many sums per thread spill registers
-        if cfg["path"] == "fused" and not valid_fused_config(cfg):
-            seen[tag] = None  # pruned unmeasured: the launcher would not take it (fewer lanes than threads)
+        if pruned_unmeasured(cfg):
+            seen[tag] = None
         if tag not in seen:
             seen[tag] = None
             try:
@@ -169,9 +248,13 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype):
         return seen[tag]
 
     spaces = SMOKE_SPACES if args.smoke else space_for(m)
+    starts = start_points(m, args.smoke, lut, fused)
+    if precompiler is not None:
+        prepare(starts)
     best, best_us = None, None
-    for start in start_points(m, args.smoke, lut, fused):
-        cfg, us = descend(measure, start, spaces[start["path"]], rounds=1 if args.smoke else 2)
+    for start in starts:
+        cfg, us = descend(measure, start, spaces[start["path"]], rounds=1 if args.smoke else 2,
+                          prepare=None if precompiler is None else prepare)
         if us is not None and (best_us is None or us < best_us):
             best, best_us = cfg, us
     kept = sum(v is not None for v in seen.values())
@@ -205,6 +288,9 @@ def main(argv=None) -> int:
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no case after this many seconds")
     p.add_argument("--out", type=Path, default=None, help="default: lowbit/kernels/tuned/<gpu>.json (merged)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes compiling candidates ahead of their measurement (0: none); "
+                        "default: up to 8 on a GPU, 0 under --smoke (the interpreter compiles nothing)")
     args = p.parse_args(argv)
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -224,12 +310,14 @@ def main(argv=None) -> int:
     # M=1 first: the issue's targets are at M=1, and a budget cut should cost the large-M cases
     jobs = [(f, s, n, k, m) for m in sorted(m_values) for f in formats for (s, n, k) in cases
             if m >= W8A8_MIN_M or not quantizes_activations(f, args)]
+    workers = args.jobs if args.jobs is not None else 0 if args.smoke else min(8, (os.cpu_count() or 2) - 1)
+    precompiler = Precompiler(workers, args) if workers > 0 else None
     started, skipped = time.monotonic(), 0
     for spec, shape, n, k, m in tqdm(jobs, desc="tune", unit="case"):
         if time.monotonic() - started > args.budget_s:
             skipped += 1
             continue
-        key, best, record = tune_case(spec, n, k, m, args, device, dtype)
+        key, best, record = tune_case(spec, n, k, m, args, device, dtype, precompiler)
         if key is None:
             continue
         measured = [r for r in measured if r["key"] != key] + [{**record, "shape": shape}]
@@ -240,6 +328,10 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"env": env_info(device), "configs": configs, "measured": measured}, indent=1,
                                   sort_keys=True))
+    if precompiler is not None:
+        precompiler.close()
+        print(f"{workers} workers compiled {precompiler.compiled} candidates ahead of their measurement"
+              f" ({precompiler.failed} failed to launch there)")
     gains = [c["default_us"] / c["us"] for c in configs.values()]
     print(f"wrote {len(configs)} tuned configs to {out}"
           + (f"; tuned/default speedup median {sorted(gains)[len(gains) // 2]:.2f}x" if gains else "")

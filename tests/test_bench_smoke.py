@@ -1,6 +1,7 @@
 """The benchmark scripts' --smoke runs stay green on CPU (bench_gemm through the Triton interpreter)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -291,6 +292,23 @@ def test_tune_smoke_writes_configs_the_launcher_reads(tmp_path, monkeypatch):
         assert pick_config(1, 37, 384, 128, torch.device("cpu"), variant=key.split("/")[0])["path"] == "gemv"
     finally:
         tuning._read_table.cache_clear()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="smoke mode is the CPU interpreter run")
+def test_tune_workers_launch_the_candidates_ahead_of_their_measurement(tmp_path):
+    """--jobs: worker processes (spawned) launch each candidate once before it is measured (on a
+    GPU that compiles it into Triton's cache; interpreted, it checks the machinery): the workers
+    rebuild the case from the tuner's arguments and launch every candidate without a failure."""
+    out = tmp_path / "tuned.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tune.py"), "--smoke", "--m", "1", "--jobs", "2",
+                           "--formats", "int4", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.search(r"2 workers compiled (\d+) candidates ahead of their measurement \((\d+) failed", proc.stdout)
+    assert match and int(match[1]) >= 6 and match[2] == "0", proc.stdout
+    measured = json.loads(out.read_text())["measured"]
+    assert sorted(r["shape"] for r in measured) == ["smoke/odd", "smoke/square"]
+    assert all(r["candidates_kept"] >= 1 for r in measured)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="smoke mode is the CPU interpreter run")

@@ -124,6 +124,58 @@ def test_descent_finds_the_best_point_and_skips_pruned_ones():
     assert best == {"A": 2} and us == 2.0
 
 
+def test_descent_prepares_each_coordinates_candidates_before_measuring_them():
+    """The tuner's workers compile a coordinate's candidates before the descent measures them
+    (`prepare`), and what they compile is what is then measured (the first better value found
+    leaves the coordinate's other candidates unchanged)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.tune import descend
+
+    events = []
+    cost = {"A": {1: 5.0, 2: 3.0, 4: 4.0}, "B": {1: 2.0, 2: 1.0, 8: 0.5}}
+
+    def measure(cfg):
+        events.append(("measure", dict(cfg)))
+        return cost["A"][cfg["A"]] + cost["B"][cfg["B"]]
+
+    best, _ = descend(measure, {"A": 1, "B": 1}, {"A": (1, 2, 4), "B": (1, 2, 8)},
+                      prepare=lambda candidates: events.append(("prepare", [dict(c) for c in candidates])))
+    assert best == {"A": 2, "B": 8}
+    assert events[:4] == [("measure", {"A": 1, "B": 1}), ("prepare", [{"A": 2, "B": 1}, {"A": 4, "B": 1}]),
+                          ("measure", {"A": 2, "B": 1}), ("measure", {"A": 4, "B": 1})]
+    prepared = []
+    for kind, payload in events[1:]:
+        if kind == "prepare":
+            prepared += payload
+        else:
+            assert payload in prepared, payload  # every candidate after the start was compiled first
+
+
+@pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
+def test_tuner_goes_on_without_workers_when_one_dies():
+    """A compiling worker process that dies (a launch that takes its process down) costs the
+    tuner its workers, with a warning, not the run."""
+    import argparse
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.tune import Precompiler
+
+    precompiler = Precompiler(1, argparse.Namespace(smoke=True, group_size=128, symmetric=False))
+    case = ("int4", 8, 64, 1, DEVICES[0], torch.float32)
+    try:
+        precompiler.compile(case, [None])
+        assert (precompiler.compiled, precompiler.failed) == (1, 0)
+        for process in list(precompiler.pool._processes.values()):
+            process.kill()
+        with pytest.warns(UserWarning, match="a compiling worker died"):
+            precompiler.compile(case, [None])
+        assert precompiler.pool is None
+        precompiler.compile(case, [None])  # nothing left to do it: a no-op
+        assert precompiler.compiled == 1
+    finally:
+        precompiler.close()
+
+
 def test_tuner_tries_the_lookup_kernel_for_lut_formats_up_to_lut_max_m():
     sys.path.insert(0, str(REPO))
     from benchmarks.tune import start_points
