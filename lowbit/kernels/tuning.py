@@ -1,4 +1,5 @@
-"""Tuned launch configs for the dequant kernel family, per GPU and per M bucket.
+"""Tuned launch configs for the dequant kernel family (and the LUT lookup kernel and dfloat11's
+fused decode + GEMV), per GPU and per M bucket.
 
 `benchmarks/tune.py` measures candidate paths (split-K GEMV or tensor-core GEMM) and tile sizes
 for each kernel variant, weight shape and M bucket, keeps only candidates whose output passes
