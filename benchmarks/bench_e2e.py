@@ -21,8 +21,11 @@ decode step first (bf16 too), fusing them as a serving stack would. The MoE widt
 (Mixtral-8x7B, Qwen3-30B-A3B: every expert weight quantized, lowbit/experts.py) cannot be
 captured once quantized (the expert loop reads the routing on the host), so compare them with
 --no-graphs; the issue-8 target is checked on the Llama width only. Rows hold
-tokens/s, the speedup over bf16 in the same run, the decode mode, peak GPU memory, and the
-cosine of the last logits to bf16's (a sanity check, not an accuracy claim). dfloat11 runs with
+tokens/s, the speedup over bf16 in the same run, the decode mode, peak GPU memory, the weight
+bytes a decode step reads (every parameter and buffer but the embedding table; none for the MoE
+widths, whose steps read only the routed experts) over the step's time as TB/s and % of the GPU's
+peak bandwidth (a lower bound on what the step moves: the KV cache and activations are left
+out), and the cosine of the last logits to bf16's (a sanity check, not an accuracy claim). dfloat11 runs with
 per-block decompression enabled. Output: JSON {"env", "results", "targets"} + markdown (with
 the issue-8 target check) in --out-dir (default benchmarks/results). --smoke numbers are CPU
 reference timings, not speed.
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_gemm import check_format_specs, env_info, parse_format_spec  # noqa: E402
+from benchmarks.bench_gemm import check_format_specs, env_info, parse_format_spec, peak_gbps  # noqa: E402
 from benchmarks.targets import e2e_summary  # noqa: E402
 
 #: width name -> (transformers architecture, config fields); the smoke widths are the tests' stand-ins
@@ -184,12 +187,25 @@ def prepare_model(spec: str, args, device: torch.device):
     return model
 
 
+def decode_weight_bytes(model) -> int | None:
+    """Bytes of the weights one decode step reads once each: every parameter and buffer but the
+    embedding tables (a step reads only its tokens' rows); None for an MoE model, whose step
+    reads only the experts its tokens are routed to."""
+    if getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None):
+        return None
+    embeddings = {id(t) for m in model.modules() if isinstance(m, torch.nn.Embedding) for t in m.parameters()}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in embeddings}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def bench(args, device: torch.device) -> list[dict]:
     import lowbit
 
     rows, baseline = [], {}
+    peak = peak_gbps(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     for fmt in ["bf16"] + args.formats:
         model = prepare_model(fmt, args, device)
+        weight_bytes = decode_weight_bytes(model)
         with torch.no_grad():
             for batch in args.batch:
                 if device.type == "cuda":
@@ -201,6 +217,8 @@ def bench(args, device: torch.device) -> list[dict]:
                 if fmt == "bf16":
                     baseline[batch] = (result, logits)
                 base, base_logits = baseline[batch]
+                # weight bytes per step over the step's time (a step makes `batch` tokens)
+                tb_s = None if weight_bytes is None else weight_bytes * result["decode_tok_s"] / batch / 1e12
                 rows.append({
                     "format": fmt, "shape": f"{args.width}/{args.layers}-layers", "batch": batch,
                     "prompt": args.prompt, "new_tokens": args.new, **result,
@@ -208,6 +226,9 @@ def bench(args, device: torch.device) -> list[dict]:
                     "prefill_speedup": result["prefill_tok_s"] / base["prefill_tok_s"],
                     "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
                     "model_gb": lowbit.api.summarize(model).total_bytes / 1e9,
+                    "decode_weight_gb": None if weight_bytes is None else weight_bytes / 1e9,
+                    "decode_weight_tb_s": tb_s,
+                    "decode_weight_bw_pct": None if tb_s is None or peak is None else 100 * tb_s * 1e3 / peak,
                     "logits_cos_vs_bf16": float(torch.nn.functional.cosine_similarity(logits, base_logits, dim=-1).min()),
                 })
         del model
@@ -226,13 +247,17 @@ def write_markdown(path: Path, env: dict, rows: list[dict], summary: list[dict])
         value = "-" if t["decode_speedup"] is None else f"{t['decode_speedup']:.2f}x"
         lines.append(f"| {t['format']} | {t['batch']} | {value} | >= {t['target']}x | {t['verdict']} |")
     lines += ["", "## All rows", "",
-              "| format | model | batch | prefill tok/s | decode tok/s | decode vs bf16 | decode mode | peak GB | model GB | logits cos |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| format | model | batch | prefill tok/s | decode tok/s | decode vs bf16 | decode mode | peak GB | model GB "
+              "| weights TB/s (% peak) | logits cos |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
         mode = r["decode_mode"] + "".join(f" ({r[key]})" for key in ("compile_error", "graph_error") if r.get(key))
+        streamed = "-" if r["decode_weight_tb_s"] is None else f"{r['decode_weight_tb_s']:.3f}" + (
+            "" if r["decode_weight_bw_pct"] is None else f" ({r['decode_weight_bw_pct']:.0f}%)")
         lines.append(f"| {r['format']} | {r['shape']} | {r['batch']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
-                     f"{r['decode_speedup']:.2f}x | {mode} | {peak} | {r['model_gb']:.3f} | {r['logits_cos_vs_bf16']:.4f} |")
+                     f"{r['decode_speedup']:.2f}x | {mode} | {peak} | {r['model_gb']:.3f} | {streamed} | "
+                     f"{r['logits_cos_vs_bf16']:.4f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

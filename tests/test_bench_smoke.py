@@ -156,6 +156,13 @@ def test_bench_e2e_smoke(tmp_path):
     for row in rows:
         assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["decode_speedup"] > 0
         assert row["decode_mode"] == "eager"  # CUDA graphs only on a GPU
+        # a step reads every weight but the embedding table once: bytes per step over its time
+        assert 0 < row["decode_weight_gb"] < row["model_gb"] and row["decode_weight_bw_pct"] is None  # no GPU peak
+        assert row["decode_weight_tb_s"] == pytest.approx(
+            row["decode_weight_gb"] * row["decode_tok_s"] / row["batch"] / 1e3, rel=1e-9)
+    # the smoke Llama (hidden 64, vocab 256): a step reads all of the model but its bf16 embedding table
+    for row in rows:
+        assert row["decode_weight_gb"] * 1e9 == pytest.approx(row["model_gb"] * 1e9 - 256 * 64 * 2, abs=0.5)
     assert data["targets"] == [{"format": "int4", "batch": 1, "target": 1.9, "verdict": "not a GPU run",
                                 "decode_speedup": rows[2]["decode_speedup"]}]
     lossless = [r for r in rows if r["format"] == "dfloat11"]
