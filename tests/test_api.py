@@ -222,19 +222,24 @@ def _packed_layers(model) -> dict:
 
 
 def check_quantizing_on_device_matches_the_cpu(device: str, fmt: str, options: dict, calibrate: bool = False,
-                                               agreement: float = 1.0, make_model=None) -> None:
+                                               agreement: float | None = 1.0, make_model=None,
+                                               quality: float | None = None) -> None:
     """Quantize the same model (default: a tiny bf16 Llama; make_model() builds another) on the
     CPU and on `device`; the packed tensors stay on `device` and match the CPU's bit for bit
     (agreement=1.0), or, where fp32 sums may round differently between devices, dequantize to the
-    same values in at least `agreement` of the weights. calibrate: method="gptq" on calibration
-    batches on each device."""
+    same values in at least `agreement` of the weights (None: not compared). calibrate:
+    method="gptq" on calibration batches on each device. quality: on held-out tokens, run on the
+    CPU, the device-quantized model's logits are at most `quality` times as far from the
+    unquantized model's as the CPU-quantized model's (`held_out_error`)."""
     ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
     make_model = make_model or (lambda: make_tiny_llama(dtype=torch.bfloat16))
-    layers = []
+    layers, errors = [], []
     for where in ("cpu", device):
         extra = {"method": "gptq", "calibration": [ids.to(where)]} if calibrate else {}
         model = lowbit.quantize(make_model().to(where), fmt, skip=["lm_head"], progress=False, **options, **extra)
         layers.append(_packed_layers(model))
+        if quality is not None:
+            errors.append(held_out_error(model.to("cpu"), make_model()))  # the packed layers above stay put
     on_cpu, on_device = layers
     assert on_cpu.keys() == on_device.keys() and on_cpu
     for name, packed in on_device.items():
@@ -243,10 +248,20 @@ def check_quantizing_on_device_matches_the_cpu(device: str, fmt: str, options: d
         if agreement == 1.0:
             for field, tensor in expected.tensors.items():
                 assert torch.equal(packed.tensors[field].cpu(), tensor), (name, field)
-        else:
+        elif agreement is not None:
             spec = lowbit.get_format(fmt)
             same = spec.dequantize(packed).cpu() == spec.dequantize(expected)
             assert same.float().mean() >= agreement, (name, float(same.float().mean()))
+    if quality is not None:
+        assert errors[1] <= quality * errors[0], errors
+
+
+def held_out_error(quantized: nn.Module, original: nn.Module) -> float:
+    """||logits(quantized) - logits(original)|| / ||logits(original)|| on 48 held-out tokens (both on the CPU)."""
+    ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = original(ids).logits.float()
+        return float((quantized(ids).logits.float() - reference).norm() / reference.norm())
 
 
 @pytest.mark.gpu
@@ -259,13 +274,63 @@ def test_gpu_quantizing_on_cuda_matches_the_cpu(fmt, options):
     check_quantizing_on_device_matches_the_cpu("cuda", fmt, options, agreement=1.0 if exact else 0.999)
 
 
+#: how much worse than the CPU's GPTQ the GPU's may be, in held-out logits error: on the CPU, the
+#: nudge of `test_gptq_quality_is_stable_where_its_codes_are_not` moves it by at most 3%
+GPTQ_QUALITY = 1.1
+
+
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("fmt,options", GPTQ_CASES, ids=lambda v: str(v))
 def test_gpu_gptq_on_cuda_matches_the_cpu(fmt, options):
-    """Calibration and GPTQ run on the model's device; a rounding that flips between devices
-    propagates to later columns, so codes agree nearly, not exactly."""
-    check_quantizing_on_device_matches_the_cpu("cuda", fmt, options, calibrate=True, agreement=0.97)
+    """Calibration and GPTQ run on the model's device. A rounding that flips between devices
+    propagates to later columns, so codes agree nearly, not exactly: at least 97% of the values,
+    except with a Hadamard rotation, under which GPTQ's codes follow small input changes several
+    times more (the first H100 run: mxfp4 with rotation under 97%, the others above;
+    `test_gptq_quality_is_stable_where_its_codes_are_not` shows the same on the CPU). Every case
+    must match the CPU's quality on held-out tokens (GPTQ_QUALITY)."""
+    check_quantizing_on_device_matches_the_cpu("cuda", fmt, options, calibrate=True,
+                                               agreement=None if options.get("rotate") else 0.97,
+                                               quality=GPTQ_QUALITY)
+
+
+def _nudged_tiny_llama() -> nn.Module:
+    """make_tiny_llama's bf16 model with a fifth of its norm weights one bf16 ulp larger: a small
+    change to every layer's inputs, as another device's roundings would make."""
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                nudge = torch.rand(parameter.shape, generator=generator) < 0.2
+                parameter.copy_(torch.where(nudge, parameter.float() * (1 + 2**-7), parameter.float()))
+    return model
+
+
+@pytest.mark.parametrize("fmt,options", GPTQ_CASES, ids=lambda v: str(v))
+def test_gptq_quality_is_stable_where_its_codes_are_not(fmt, options):
+    """Why the GPU GPTQ test holds rotated cases to quality, not code agreement: nudging a fifth
+    of the norm weights by one ulp changes GPTQ's values far more with a Hadamard rotation
+    (mxfp4: 13% of them on average, 29% in the worst layer; nvfp4 11%, measured) than without
+    (int4, nvfp4, nf4, mxfp4: 1%, 4%, 3%, 2%), and not through mxfp4's power-of-two scales (0.2%
+    of its blocks changed scale, holding 1.3% of its changed values), while the held-out error
+    of every format moves by at most 3%, well inside GPTQ_QUALITY."""
+    ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+    gptq = {"method": "gptq", "calibration": [ids], "skip": ["lm_head"], "progress": False}
+    errors, layers = [], []
+    for build in (lambda: make_tiny_llama(dtype=torch.bfloat16), _nudged_tiny_llama):
+        model = lowbit.quantize(build(), fmt, **options, **gptq)
+        errors.append(held_out_error(model, build()))
+        layers.append(_packed_layers(model))
+    assert errors[1] <= GPTQ_QUALITY * errors[0] and errors[0] <= GPTQ_QUALITY * errors[1], errors
+    spec = lowbit.get_format(fmt)
+    changed = [float((spec.dequantize(layers[0][n]) != spec.dequantize(layers[1][n])).float().mean())
+               for n in layers[0]]
+    assert max(changed) > 0  # the nudge reaches GPTQ's decisions
+    if options.get("rotate"):
+        assert sum(changed) / len(changed) > 0.05, changed
+    else:
+        assert sum(changed) / len(changed) < 0.05, changed
 
 
 def test_a_second_quantize_quantizes_only_what_the_first_skipped(tmp_path):
