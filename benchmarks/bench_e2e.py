@@ -187,25 +187,26 @@ def prepare_model(spec: str, args, device: torch.device):
     return model
 
 
-def decode_weight_bytes(model) -> int | None:
-    """Bytes of the weights one decode step reads once each: every parameter and buffer but the
+def decode_weight_bytes(model, model_bytes: int) -> int | None:
+    """Bytes of the weights one decode step reads once each: the model's `model_bytes` less its
     embedding tables (a step reads only its tokens' rows); None for an MoE model, whose step
     reads only the experts its tokens are routed to."""
     if getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None):
         return None
-    embeddings = {id(t) for m in model.modules() if isinstance(m, torch.nn.Embedding) for t in m.parameters()}
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in embeddings}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    embeddings = {id(p): p for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return model_bytes - sum(p.numel() * p.element_size() for p in embeddings.values())
 
 
-def bench(args, device: torch.device) -> list[dict]:
+def bench(args, device: torch.device, peak: float | None) -> list[dict]:
+    """The rows of every format (bf16 first) at every batch size; peak: the GPU's memory
+    bandwidth in GB/s (None: unknown, or not a GPU)."""
     import lowbit
 
     rows, baseline = [], {}
-    peak = peak_gbps(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     for fmt in ["bf16"] + args.formats:
         model = prepare_model(fmt, args, device)
-        weight_bytes = decode_weight_bytes(model)
+        model_bytes = lowbit.api.summarize(model).total_bytes
+        weight_bytes = decode_weight_bytes(model, model_bytes)
         with torch.no_grad():
             for batch in args.batch:
                 if device.type == "cuda":
@@ -225,7 +226,7 @@ def bench(args, device: torch.device) -> list[dict]:
                     "decode_speedup": result["decode_tok_s"] / base["decode_tok_s"],
                     "prefill_speedup": result["prefill_tok_s"] / base["prefill_tok_s"],
                     "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-                    "model_gb": lowbit.api.summarize(model).total_bytes / 1e9,
+                    "model_gb": model_bytes / 1e9,
                     "decode_weight_gb": None if weight_bytes is None else weight_bytes / 1e9,
                     "decode_weight_tb_s": tb_s,
                     "decode_weight_bw_pct": None if tb_s is None or peak is None else 100 * tb_s * 1e3 / peak,
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
     env = env_info(device)
     if args.smoke:
         env["device"] = "cpu-torch-reference"
-    rows = bench(args, device)
+    rows = bench(args, device, peak_gbps(env["device"]) if device.type == "cuda" else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     width = "" if WIDTHS[args.width][0] == "Llama" else f"{args.width}-"
     stem = (("smoke-" if args.smoke else "") + "e2e-" + ("compiled-" if args.compile else "") + width
