@@ -20,6 +20,12 @@
 # (the compressed-tensors import's test) come from .whl/ when it is carried
 # (benchmarks/fetch_wheels.sh fills it); without them those competitors are recorded as errors
 # and `import lowbit` warns about the old transformers (the MoE tests and e2e-moe would fail).
+#
+# TUNE_ARGS / E2E_ARGS replace the tune / e2e parts' default arguments, TUNE_LIMIT / E2E_LIMIT their
+# time limits in seconds (a short session tunes `--m 1 --budget-s 170` and runs e2e on fewer formats).
+# Each device call re-sends the checkout, which would drop the table a `tune` part wrote in an
+# earlier call: the table is kept in /tmp/lowbit-tuned on the machine after every part and put back
+# at the start of the next call on the same machine.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/lowbit-gpu}"
@@ -28,6 +34,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+tuned_keep=/tmp/lowbit-tuned
+if compgen -G "$tuned_keep/*.json" >/dev/null; then
+  mkdir -p lowbit/kernels/tuned && cp "$tuned_keep"/*.json lowbit/kernels/tuned/
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__,
@@ -66,6 +76,9 @@ run_part() {  # name, time limit (s), command...
   echo "== $name: $* (limit ${limit}s)"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - start))s" | tee -a "$out/$name.log"
+  if compgen -G "lowbit/kernels/tuned/*.json" >/dev/null; then
+    mkdir -p "$tuned_keep" && cp lowbit/kernels/tuned/*.json "$tuned_keep/"
+  fi
 }
 
 for part in "$@"; do
@@ -74,14 +87,14 @@ for part in "$@"; do
     # -n 8: the machine's 16 cores compile the kernels in parallel (one GPU serves every worker)
     # LOWBIT_FAILURE_LOG: each failure's traceback written as it happens (tests/conftest.py)
     tests) LOWBIT_FAILURE_LOG="$out/failures.log" run_part tests 330 python3 -m pytest -v -n 8 --dist loadgroup -m gpu -p no:cacheprovider --durations=15 tests ;;
-    tune) run_part tune 300 python3 benchmarks/tune.py --budget-s 240 ;;
+    tune) run_part tune "${TUNE_LIMIT:-300}" python3 benchmarks/tune.py ${TUNE_ARGS:---budget-s 240} ;;
     gemm-m1) run_part gemm-m1 240 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS --m 1 \
                --out-dir "$out/results" ;;
     gemm-targets) run_part gemm-targets 540 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS \
                     --out-dir "$out/results" ;;
     gemm-rest) run_part gemm-rest 540 python3 benchmarks/bench_gemm.py --formats $OTHER_FORMATS \
                  --out-dir "$out/results" ;;
-    e2e) run_part e2e 420 python3 benchmarks/bench_e2e.py --out-dir "$out/results" ;;
+    e2e) run_part e2e "${E2E_LIMIT:-420}" python3 benchmarks/bench_e2e.py ${E2E_ARGS:-} --out-dir "$out/results" ;;
     e2e-compiled) run_part e2e-compiled 420 python3 benchmarks/bench_e2e.py --compile --formats int4 --batch 1 \
                     --out-dir "$out/results" ;;
     e2e-moe) run_part e2e-moe 420 python3 benchmarks/bench_e2e.py --width mixtral-8x7b --layers 4 --no-graphs \
