@@ -229,7 +229,11 @@ def dfloat11_package_decoder(w: torch.Tensor):
     grid = (math.ceil(n_bytes / (THREADS_PER_BLOCK * BYTES_PER_THREAD)),)
 
     def decode():
-        with cp.cuda.Device(w.device.index or 0):
+        # on torch's current stream: under CUDA-graph capture (benchmarks/timing.py) a launch on
+        # cupy's own stream is not captured, so the second H100 run's graph replays timed the bf16
+        # F.linear alone (dfloat11-package ~= bf16) while the decode ran once, at capture
+        stream = cp.cuda.ExternalStream(torch.cuda.current_stream(w.device).cuda_stream, w.device.index or 0)
+        with cp.cuda.Device(w.device.index or 0), stream:
             package._decode(grid=grid, block=(THREADS_PER_BLOCK,), shared_mem=shared, args=[
                 buffers["luts"].data_ptr(), buffers["encoded_exponent"].data_ptr(),
                 buffers["sign_mantissa"].data_ptr(), buffers["output_positions"].data_ptr(),

@@ -122,7 +122,11 @@ class CodebookFormat(Format):
     @staticmethod
     def _double_quantize(absmax: torch.Tensor):
         """[G, N] fp32 -> (int8 [G, N], fp32 scales [ceil(G*N/256)], fp32 mean [1])."""
-        mean = absmax.mean().reshape(1)
+        # summed in float64: an fp32 sum's rounding depends on the device's (and thread count's)
+        # summation order, and every stored value below depends on this mean (the second H100 run
+        # quantized other absmax scales on the GPU than on the CPU); rounded once to fp32, the
+        # float64 mean is the same on every device unless it lies within ~1e-16 of a rounding tie
+        mean = absmax.double().mean().float().reshape(1)
         flat = absmax.flatten() - mean
         padded = F.pad(flat, (0, -flat.numel() % DQ_BLOCK)).reshape(-1, DQ_BLOCK)
         amax = padded.abs().amax(dim=-1)

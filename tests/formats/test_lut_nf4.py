@@ -95,6 +95,26 @@ def test_nf4_double_quant_golden():
     assert p.absmax_q.dtype == torch.int8 and "absmax" not in p.tensors
 
 
+def test_nf4_double_quant_bits_do_not_depend_on_the_thread_count():
+    """The absmax mean feeds every stored scale: summed in fp32, its last bit followed the
+    summation order (CPU threads here, the GPU's in the second H100 run); in float64 it does not."""
+    # 524,288 blocks of 64 with absmax values spread over [0, 1] (randn's all lie near one value,
+    # and their fp32 sums happened to agree across thread counts)
+    generator = torch.Generator().manual_seed(0)
+    block_scale = torch.rand(4096, 128, generator=generator).repeat_interleave(64, dim=1)
+    w = (torch.rand(4096, 8192, generator=generator) * 2 - 1) * block_scale
+    threads = torch.get_num_threads()
+    packed = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            packed.append(get_format("nf4").quantize(w, double_quant=True))
+    finally:
+        torch.set_num_threads(threads)
+    for field, tensor in packed[0].tensors.items():
+        assert torch.equal(tensor, packed[1].tensors[field]), field
+
+
 def test_nf4_double_quant_saves_bits_and_stays_close(minilm_weights):
     w = minilm_weights["encoder.layer.2.intermediate.dense.weight"]
     fmt = get_format("nf4")

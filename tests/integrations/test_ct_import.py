@@ -450,16 +450,37 @@ def test_scales_float16_cannot_hold_are_rounded_with_a_warning(int4_folder, tmp_
     assert float(scales[1, 5]) == float(tiny.half())
 
 
+def _relative_distance(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
+
+
+def _nudge_norm_weights(model) -> None:
+    """One bf16 ulp up on a fifth of every input norm's weights: a change of the size by which two
+    devices' bf16 arithmetic differs."""
+    generator = torch.Generator().manual_seed(1)
+    for name, weight in model.named_parameters():
+        if name.endswith("input_layernorm.weight"):
+            bits = weight.data.view(torch.int16)
+            weight.data.copy_((bits + (torch.rand(weight.shape, generator=generator) < 0.2).to(torch.int16))
+                              .view(torch.bfloat16))
+
+
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["int4", "int8-asymmetric", "w8a8-int8", "fp8-dynamic", "fp8-block", "NVFP4A16",
                                     "NVFP4", "MXFP4", "MXFP6A8"])
 def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, scheme):
     """On CUDA the imported layers run lowbit's kernels: close to the CPU import (torch reference),
-    whose weights equal compressed-tensors' decompressed ones (tested above). 40 tokens: from
-    W8A8_MIN_M (32) rows the GPU quantizes int8 / FP8 activations as the reference does; below, it
-    keeps them in 16 bits, so the logits differ by the activations' quantization error (the first
-    H100 run, at 22 tokens, failed this bound for the int8 and FP8 schemes)."""
+    whose weights equal compressed-tensors' decompressed ones (tested above).
+
+    Layer by layer, on the same 40-row input (from W8A8_MIN_M rows the GPU quantizes int8 / FP8
+    activations as the reference does), within 1% (the kernels' summation order). The whole model
+    within 1% too where activations stay in 16 bits; where they are quantized, a rounding-sized
+    difference upstream moves a value across a rounding boundary of the activation codes, and the
+    model's logits amplify that: the second H100 run's GPU logits were 1.1% (w8a8-int8), 2.5%
+    (fp8-dynamic) and 3.2% (fp8-block) from the CPU's, as far as the CPU import's own logits move
+    when a fifth of its norm weights go up by one bf16 ulp (1.2%, 3.2%, 3.3%; 0.7% for the bf16
+    model and weight-only schemes). So there the bound is twice that movement, measured here."""
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     assert ids.numel() >= W8A8_MIN_M
     int8_tokens = ct_quantization.QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=True,
@@ -470,10 +491,22 @@ def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, scheme):
     targets_and_args = (["Linear"], *args) if args else _preset(scheme)
     folder = _ct_saved(bf16_dir, tmp_path / "ct", {"group_0": targets_and_args}, fmt=None)  # as inferred
     on_cpu, on_gpu = lowbit.load(folder), lowbit.load(folder, device="cuda")
+    generator = torch.Generator().manual_seed(2)
+    layers = {name: layer for name, layer in on_cpu.named_modules() if isinstance(layer, lowbit.QuantLinear)}
+    assert layers
     with torch.no_grad():
-        expected = on_cpu(ids).logits.float()
-        got = on_gpu(ids.cuda()).logits.float().cpu()
-    assert (got - expected).norm() / expected.norm() < 1e-2
+        for name, layer in layers.items():
+            x = torch.randn(ids.numel(), layer.in_features, generator=generator).bfloat16()
+            got = on_gpu.get_submodule(name)(x.cuda()).cpu()
+            assert _relative_distance(got, layer(x)) < 1e-2, name
+        expected = on_cpu(ids).logits
+        got = on_gpu(ids.cuda()).logits.cpu()
+        bound = 1e-2
+        if any(layer.packed.attrs.get("act") for layer in layers.values()):
+            nudged = lowbit.load(folder)
+            _nudge_norm_weights(nudged)
+            bound = 2 * _relative_distance(nudged(ids).logits, expected)
+    assert _relative_distance(got, expected) < bound
 
 
 @pytest.mark.parametrize("strategy,dynamic_activations", [("channel", True), ("tensor", True), ("block", True),

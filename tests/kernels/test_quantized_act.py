@@ -26,6 +26,10 @@ pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # the kernel against the fp32 reference: fp32 rounding of the group sums, then the output cast
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# fp32 output on Hopper's FP8 tensor cores: each 128-K partial sum is added with ~14 bits before its
+# promotion to fp32 (test_gpu_fp8_gemm_long_rows_keep_fp32_accuracy); the second H100 run measured
+# 1.5e-4 of max |ref| on a 14336 x 4096 gate_proj at M=256
+FP8_MMA_TOL = {**TOL, torch.float32: 5e-4}
 N, K = 37, 300
 requires_fp8_tensor_cores = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores (sm89+)")
@@ -49,11 +53,11 @@ def _reference(x, p, b):
     return lowbit.linear(x.float(), p, b.float(), backend="torch")
 
 
-def _assert_close(y, ref, dtype):
+def _assert_close(y, ref, dtype, tol=TOL):
     assert y.dtype == dtype and y.shape == ref.shape
     diff = (y.float() - ref).abs()
     err, worst = diff.max().item(), divmod(int(diff.argmax()), ref.shape[-1])
-    assert err <= TOL[dtype] * ref.abs().max().item(), (f"max error {err:.4g} at (row, column) {worst} vs max "
+    assert err <= tol[dtype] * ref.abs().max().item(), (f"max error {err:.4g} at (row, column) {worst} vs max "
                                                         f"|ref| {ref.abs().max().item():.4g}")
 
 
@@ -251,9 +255,11 @@ def test_gpu_fp8_act_layers_run_the_weight_only_kernel():
     (4, True, 128, torch.float32), (4, True, -1, torch.bfloat16)])
 @pytest.mark.parametrize("m", [32, 256])
 def test_gpu_fp8_gemm_real_shapes(bits, symmetric, group_size, dtype, m):
-    """The E4M3 GEMM on a Llama-3-8B gate_proj (14336 x 4096) on FP8 tensor cores."""
+    """The E4M3 GEMM on a Llama-3-8B gate_proj (14336 x 4096) on FP8 tensor cores. The second H100
+    run passed every 16-bit case launched directly, so the first run's failures came through
+    lowbit.linear's path (not found; the path rule still keeps int act="fp8" layers off this GEMM)."""
     p, x, b = _case(bits, m, dtype, "cuda", symmetric, group_size, n=14336, k=4096, act="fp8")
-    _assert_close(_fp8_gemm(x, p, b), _reference(x, p, b), dtype)
+    _assert_close(_fp8_gemm(x, p, b), _reference(x, p, b), dtype, FP8_MMA_TOL)
 
 
 @requires_fp8_tensor_cores
