@@ -279,13 +279,17 @@ def gemv_columns(cfg: dict) -> int:
 
 
 def gemv_block_n(block_m: int) -> int:
-    """The GEMV's default rows per program for BLOCK_M batch rows: 16 (batch row, row) pairs per thread."""
-    return 16 // block_m
+    """The GEMV's default rows per program for BLOCK_M batch rows: 8 at M=1, 16 (batch row, row)
+    pairs per thread at M=2 and 4. At M=1 every config the H100 tuner picked for int4 (the four
+    Llama-3-8B shapes) had 8 rows or fewer, and at the 4096 x 4096 q_proj 8 rows alone made it
+    1.29x faster than 16: twice the programs keep more loads in flight (16 rows left the nvfp4 /
+    int6 gate_proj GEMVs at 46% of DRAM bandwidth, latency-bound). M=2 and 4 are not measured."""
+    return 8 if block_m == 1 else 16 // block_m
 
 
 def gemv_config(m: int, n: int, kp: int, bits: int, group_size: int, device: torch.device) -> dict | None:
     """Default tiles of the split-K dequant GEMV, or None if it cannot take this variant.
-    16 rows per program at M=1 (8 at M=2, 4 at M=4): every activation a thread loads serves
+    8 rows per program at M=1 and 2, 4 at M=4 (gemv_block_n): every activation a thread loads serves
     that many weights, and 2 * BLOCK_M * BLOCK_N fp32 sums stay in registers; columns of 32 K,
     shortened and then fewer rows per program until the grid has two programs per SM;
     `default_splits` K splits. A default, not a measurement: benchmarks/tune.py replaces it per

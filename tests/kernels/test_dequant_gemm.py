@@ -273,11 +273,11 @@ def test_gemm_default_split_k(monkeypatch):
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_gemv_default_tiles(m, monkeypatch):
-    """16 rows per thread at M=1, 8 at M=2, 4 at M=3-4 (within what tune.py may try), columns of
+    """8 rows per thread at M=1 (the H100 tuner's int4 picks), 8 at M=2, 4 at M=3-4 (within what tune.py may try), columns of
     32; on a 132-SM GPU a k/v projection (N=1024) still gets two programs per SM; the LUT
     kernel keeps K tiles of 128."""
     cfg = pick_config(m, 4096, 4096, 128, torch.device("cpu"))
-    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["COLUMN_K"]) == ({1: 1, 2: 2}.get(m, 4), {1: 16, 2: 8}.get(m, 4), 32)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["COLUMN_K"]) == ({1: 1, 2: 2}.get(m, 4), {1: 8, 2: 8}.get(m, 4), 32)
     assert cfg["BLOCK_M"] * cfg["BLOCK_N"] <= GEMV_MAX_ROWS_PER_THREAD
     monkeypatch.setattr(dequant_gemm, "num_sms", lambda device: 132)
     kv = pick_config(m, 1024, 4096, 128, torch.device("cpu"))
