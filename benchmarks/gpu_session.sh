@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # One GPU session's measurements in parts that each fit a 10-minute command (30 device-minutes
-# in all: run them in this order, fetch the results after each, see README.md, Benchmarks).
+# in all: fetch the results after each, see README.md, Benchmarks).
 #
-#   bash benchmarks/gpu_session.sh tests gemm-m1       # ~9 min: `gpu` tests, then the issue-8 targets at M=1
-#   bash benchmarks/gpu_session.sh e2e dfloat11        # ~6 min: end to end (~4 min on the H100), then the dfloat11 decoder
-#   bash benchmarks/gpu_session.sh tune                # ~5 min: kernel tuning (M=1 cases first)
-#   bash benchmarks/gpu_session.sh e2e-compiled        # bf16 and int4 at batch 1, decode step compiled by inductor
+#   bash benchmarks/gpu_session.sh tests               # ~5.5 min: the `gpu` tests
+#   bash benchmarks/gpu_session.sh gemm-m1             # ~4 min: the issue-8 formats at M=1 (the targets)
+#   bash benchmarks/gpu_session.sh tune                # kernel tuning, M=1 first (~45 s per case on the H100)
+#   bash benchmarks/gpu_session.sh e2e                 # ~4 min on the H100: end to end, bf16 and 7 formats
+#   bash benchmarks/gpu_session.sh e2e-compiled        # ~3 min: bf16 and int4 at batch 1, decode step compiled
+#   bash benchmarks/gpu_session.sh dfloat11            # the dfloat11 decoder and fused GEMV
 #   bash benchmarks/gpu_session.sh gemm-targets        # ~9 min: the formats with issue-8 targets, every M
 #                                                      # (the first H100 run reached 86 of its 264 cases)
-#   bash benchmarks/gpu_session.sh gemm-rest           # the other formats (a later session if time is short)
+#   bash benchmarks/gpu_session.sh gemm-rest           # the other formats
 #   bash benchmarks/gpu_session.sh e2e-moe             # ~6 min: Mixtral-8x7B width (4 layers), quantized experts, eager
-#   bash benchmarks/gpu_session.sh profile             # ~3 min: Nsight Compute on the at-risk GEMVs and the
+#   bash benchmarks/gpu_session.sh profile             # ~1 min: Nsight Compute on the at-risk GEMVs and the
 #                                                      # dfloat11 block decoder, if installed
+#
+# The second H100 run (2026-11-25) ran `tune tests` (TUNE_ARGS="--m 1 --budget-s 170 ...",
+# TUNE_LIMIT=225), `gemm-m1 e2e` (E2E_ARGS="--formats ...", E2E_LIMIT=320), `e2e-compiled dfloat11`
+# and `profile`. Next: `gemm-m1` first (the new 8-row GEMV default, untuned formats), `tune` on
+# the formats after int4 (TUNE_ARGS="--m 1 --formats nvfp4 mxfp4 int6 int8 fp8 lut2 mxint8 dfloat11"),
+# `gemm-m1` again, then the `gpu` tests this run failed (TESTS_K="ct_import or nf4 or fp8_gemm") and the rest.
 #
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
 # results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
@@ -21,7 +29,8 @@
 # (benchmarks/fetch_wheels.sh fills it); without them those competitors are recorded as errors
 # and `import lowbit` warns about the old transformers (the MoE tests and e2e-moe would fail).
 #
-# TUNE_ARGS / E2E_ARGS replace the tune / e2e parts' default arguments, TUNE_LIMIT / E2E_LIMIT their
+# TESTS_K selects tests by pytest -k expression (e.g. TESTS_K="ct_import or nf4"); TUNE_ARGS /
+# E2E_ARGS replace the tune / e2e parts' default arguments, TUNE_LIMIT / E2E_LIMIT their
 # time limits in seconds (a short session tunes `--m 1 --budget-s 170` and runs e2e on fewer formats).
 # Each device call re-sends the checkout, which would drop the table a `tune` part wrote in an
 # earlier call: the table is kept in /tmp/lowbit-tuned on the machine after every part and put back
@@ -86,7 +95,7 @@ for part in "$@"; do
     # -v: one line per test as it finishes, so a run cut off by the limit still shows what passed;
     # -n 8: the machine's 16 cores compile the kernels in parallel (one GPU serves every worker)
     # LOWBIT_FAILURE_LOG: each failure's traceback written as it happens (tests/conftest.py)
-    tests) LOWBIT_FAILURE_LOG="$out/failures.log" run_part tests 330 python3 -m pytest -v -n 8 --dist loadgroup -m gpu -p no:cacheprovider --durations=15 tests ;;
+    tests) LOWBIT_FAILURE_LOG="$out/failures.log" run_part tests 330 python3 -m pytest -v -n 8 --dist loadgroup -m gpu -p no:cacheprovider --durations=15 ${TESTS_K:+-k "$TESTS_K"} tests ;;
     tune) run_part tune "${TUNE_LIMIT:-300}" python3 benchmarks/tune.py ${TUNE_ARGS:---budget-s 240} ;;
     gemm-m1) run_part gemm-m1 240 python3 benchmarks/bench_gemm.py --formats $TARGET_FORMATS --m 1 \
                --out-dir "$out/results" ;;
