@@ -10,7 +10,9 @@ For every (format, shape, M bucket) a coordinate descent runs from a start point
 launcher's default over each path's search space (SPACES: for small M the split-K GEMV's rows
 per program, column length, split count and warps, and for the LUT formats also the table-lookup
 kernel's tiles; tensor-core GEMM tiles, K splits, warps and pipeline stages for every M), so the GEMV /
-lookup / GEMM choice per M is measured, not assumed. Each candidate runs through lowbit.linear
+lookup / GEMM choice per M is measured, not assumed. A path whose start point measures more than ABANDON_RATIO (2x) slower
+than the best config of an earlier path is not descended (the record's paths_abandoned; each
+record also has the case's seconds). Each candidate runs through lowbit.linear
 under `tuning.force`; one whose output misses the correctness gate (max relative error vs the
 fp32 reference of the path the launch takes, as in bench_gemm) or fails to launch is pruned. The fastest survivor
 (median GPU time, benchmarks/timing.py) is written with its time and the default's into
@@ -136,6 +138,29 @@ def descend(measure, start: dict, space: dict, rounds: int = 2, prepare=None) ->
     return (best, best_us) if best_us is not None else (None, None)
 
 
+#: a path whose start point is this many times slower than the best config already found on an
+#: earlier path is not descended. The second H100 run tuned ~45 s per int4 M=1 case (47-68
+#: candidates), up to ~26 of them the tensor-core GEMM's descent, which the GEMV beats at M=1.
+ABANDON_RATIO = 2.0
+
+
+def search_paths(measure, starts: list, spaces: dict, rounds: int, prepare=None):
+    """(best config, its us, paths abandoned): `descend` from each start point in turn (the
+    launch's paths, GEMV first), skipping the descent of a path whose start measures more than
+    ABANDON_RATIO times the best so far (or fails to measure)."""
+    best, best_us, abandoned = None, None, []
+    for start in starts:
+        if best_us is not None:
+            start_us = measure(start)
+            if start_us is None or start_us > ABANDON_RATIO * best_us:
+                abandoned.append(start["path"])
+                continue
+        cfg, us = descend(measure, start, spaces[start["path"]], rounds=rounds, prepare=prepare)
+        if us is not None and (best_us is None or us < best_us):
+            best, best_us = cfg, us
+    return best, best_us, abandoned
+
+
 _worker_args = None  # a Precompiler worker's copy of the tuner's arguments (make_case reads them)
 
 
@@ -198,6 +223,7 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype, precompile
     import lowbit
     from lowbit.kernels import tuning
 
+    started = time.monotonic()
     _, x, _, _, fmt, packed = make_case(spec, n, k, m, args, device, dtype)
     ref, _ = reference(fmt, packed, x)
     case = (spec, n, k, m, device.type, dtype)
@@ -251,17 +277,14 @@ def tune_case(spec: str, n: int, k: int, m: int, args, device, dtype, precompile
     starts = start_points(m, args.smoke, lut, fused)
     if precompiler is not None:
         prepare(starts)
-    best, best_us = None, None
-    for start in starts:
-        cfg, us = descend(measure, start, spaces[start["path"]], rounds=1 if args.smoke else 2,
-                          prepare=None if precompiler is None else prepare)
-        if us is not None and (best_us is None or us < best_us):
-            best, best_us = cfg, us
+    best, best_us, abandoned = search_paths(measure, starts, spaces, rounds=1 if args.smoke else 2,
+                                            prepare=None if precompiler is None else prepare)
     kept = sum(v is not None for v in seen.values())
     entry = None if best is None else {**best, "us": best_us, "default_us": default_us,
                                        "max_rel_err": errors[json.dumps(best, sort_keys=True)]}
     return key, entry, {"key": key, "format": spec, "M": m, "N": n, "K": k, "default_us": default_us,
-                        "best": entry, "candidates_kept": kept, "candidates_pruned": len(seen) - kept}
+                        "best": entry, "candidates_kept": kept, "candidates_pruned": len(seen) - kept,
+                        "paths_abandoned": abandoned, "seconds": round(time.monotonic() - started, 1)}
 
 
 def quantizes_activations(spec: str, args) -> bool:

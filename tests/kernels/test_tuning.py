@@ -124,6 +124,30 @@ def test_descent_finds_the_best_point_and_skips_pruned_ones():
     assert best == {"A": 2} and us == 2.0
 
 
+def test_a_path_far_slower_at_its_start_is_not_descended():
+    """search_paths descends the first path, then measures each later path's start point and
+    descends it only within ABANDON_RATIO of the best so far; a close path is descended and can win."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.tune import ABANDON_RATIO, search_paths
+
+    measured = []
+
+    def measure(cfg):
+        measured.append(dict(cfg))
+        return {"gemv": 10.0, "lut": 10.0 * ABANDON_RATIO + 1, "gemm": 9.0}[cfg["path"]] / cfg["X"]
+
+    starts = [{"path": "gemv", "X": 1}, {"path": "lut", "X": 1}, {"path": "gemm", "X": 1}]
+    space = {"X": (1, 2)}
+    best, us, abandoned = search_paths(measure, starts, {"gemv": space, "lut": space, "gemm": space}, rounds=1)
+    assert abandoned == ["lut"] and best == {"path": "gemm", "X": 2} and us == 4.5
+    assert [c for c in measured if c["path"] == "lut"] == [{"path": "lut", "X": 1}]  # its start only
+    # a start that fails to measure is abandoned too; with nothing found first, every path descends
+    assert search_paths(lambda cfg: None if cfg["path"] == "gemm" else 1.0, starts[::2],
+                        {"gemv": space, "gemm": space}, rounds=1)[2] == ["gemm"]
+    assert search_paths(lambda cfg: None if cfg["path"] == "gemv" else 1.0, starts[::2],
+                        {"gemv": space, "gemm": space}, rounds=1)[:2] == ({"path": "gemm", "X": 1}, 1.0)
+
+
 def test_descent_prepares_each_coordinates_candidates_before_measuring_them():
     """The tuner's workers compile a coordinate's candidates before the descent measures them
     (`prepare`), and what they compile is what is then measured (the first better value found
