@@ -27,7 +27,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "int8": "*i8", "e4m3": "*fp8e4nv"}
 #: activation codes (quantized activations: act="int8" / "fp8" layers)
 ACT_CODES = ("int8", "e4m3")
-GEMV_BLOCK_N = 16  # gemv_config's rows per program at M=1
+GEMV_BLOCK_N = kernels.gemv_block_n(1)  # gemv_config's rows per program at M=1
 GEMV_K = 4096  # the GEMV is compiled per K: a Llama-3-8B q_proj's
 GEMM_TILE = 64  # the GEMM's BLOCK_N and BLOCK_K (the launcher's defaults)
 SPLIT_K_POINTERS = {"ws_ptr": "*fp32", "counters_ptr": "*i32"}  # lowbit/kernels/split_k.py (kernels compiled split)
@@ -108,11 +108,11 @@ def _group(element: str, scale_kind: str) -> int:
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float",
                     one_bit_planes: bool = False, gemm_block_m: int = 64, gemv_block_m: int = 1,
                     group_size: int | None = None, scale_pointer: str | None = None, gemv_stages: int = 1,
-                    maxnreg: int | None = None):
+                    maxnreg: int | None = None, gemv_block_n: int = GEMV_BLOCK_N):
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
-    Llama-3-8B q_proj (K = GEMV_K; 16 rows, columns of 32 K or the group); the GEMM with 64 x 64 x
+    Llama-3-8B q_proj (K = GEMV_K; GEMV_BLOCK_N rows, columns of 32 K or the group); the GEMM with 64 x 64 x
     GEMM_BLOCK_M tiles (64: Hopper's wgmma; the launcher's default at M <= 16 is 16). act "int8" /
     "e4m3": the GEMM on int8 / E4M3 activation codes (act="int8" / "fp8" layers; bf16 output). gemv_block_m: the GEMV's
     activation rows (the launcher takes M up to 4 in one program); group_size: another group than
@@ -120,7 +120,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     scale_pointer: the scales' pointer type where it is not the element's default (iq4_nl's
     float16 scales of a codebook); gemv_stages: the GEMV tile loop's software-pipeline stages
     (the launcher's default 1: none; a tuned config's num_stages); maxnreg: a tuned config's cap on
-    registers per thread (default: none)."""
+    registers per thread (default: none); gemv_block_n: the GEMV's rows per program."""
     kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = group_size or _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
@@ -128,7 +128,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                       ONE_BIT_PLANES=one_bit_planes)
     if path == "gemv":
         constexprs.update(WORDS_PER_BIT=GEMV_K // 32, SPLIT=True, PADDED_K=False, BLOCK_M=gemv_block_m,
-                          BLOCK_N=GEMV_BLOCK_N,
+                          BLOCK_N=gemv_block_n,
                           COLUMNS=kernels.gemv_columns({}),
                           COLUMN_K=kernels.gemv_column_k(1 if one_bit_planes else bits, group),
                           STAGES=gemv_stages, PTX=True)

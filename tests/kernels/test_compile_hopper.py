@@ -57,10 +57,11 @@ GROUP_16_VARIANTS = [["gemm", 6, True, "bf16", "int", "float", False, 64, 1, 16]
                      ["gemv", 6, True, "bf16", "int", "float", False, 64, 1, 16]]
 # the GEMV's tile loop software-pipelined (a tuned config's num_stages = 2)
 GEMV_PIPELINED_VARIANTS = [["gemv", 4, False, "bf16", "int", "float", False, 64, 1, None, None, 2]]
-# the int8 GEMV (asymmetric, the default: 255 registers uncapped, two programs per SM), and under a
-# tuned config's maxnreg of 168
-GEMV_MAXNREG_VARIANTS = [["gemv", 8, False, "bf16", "int"],
-                         ["gemv", 8, False, "bf16", "int", "float", False, 64, 1, None, None, 1, 168]]
+# the int8 GEMV (asymmetric) at 16 rows per program (the M=1 default until the second H100 run, a
+# row count the tuner tries: 255 registers uncapped, two programs per SM), and under a tuned
+# config's maxnreg of 168
+GEMV_MAXNREG_VARIANTS = [["gemv", 8, False, "bf16", "int", "float", False, 64, 1, None, None, 1, None, 16],
+                         ["gemv", 8, False, "bf16", "int", "float", False, 64, 1, None, None, 1, 168, 16]]
 # iq4_nl: the codebook in blocks of 32 with float16 scales (nf4's above: fp32 scales, a wider column)
 IQ4_NL_VARIANTS = [[path, 4, True, "bf16", "codebook", "float", False, 64, 1, 32, "*fp16"] for path in ("gemv", "gemm")]
 
@@ -134,12 +135,12 @@ def _loads(body):
 
 
 def _expected_loads(bits, symmetric, act, element, scale_kind=None, one_bit_planes=False, block_m=1,
-                    column_k=None, scale_bytes=None):
+                    column_k=None, scale_bytes=None, rows=hopper_codegen.GEMV_BLOCK_N):
     """(load instructions, words) of one K-loop trip when every thread reads each contiguous run
     of its column once, in 128-bit pieces: each row's words of each bit plane, the column's
     activations (of each activation row), and the thread's rows' scales (and zero points) of
-    its group, plus one 32-bit table lookup per code for the codebook formats."""
-    rows = hopper_codegen.GEMV_BLOCK_N
+    its group, plus one 32-bit table lookup per code for the codebook formats. rows: the
+    thread's rows (BLOCK_N)."""
     column_k = column_k or hopper_codegen.variant_column_k(bits, element, scale_kind or "float", one_bit_planes)
     if one_bit_planes:
         planes = [1] * bits
@@ -208,11 +209,11 @@ def test_gemv_tile_loop_pipelines_its_loads_with_num_stages(hopper, variant):
 
 def test_gemv_maxnreg_caps_its_registers_without_spilling(hopper):
     """A tuned config's maxnreg (benchmarks/tune.py tries 168 and 128) reaches the compiler: the
-    int8 GEMV, which takes 255 registers per thread uncapped (two 128-thread programs per SM),
+    int8 GEMV at 16 rows, which takes 255 registers per thread uncapped (two 128-thread programs per SM),
     fits in 168 (three per SM) with nothing spilled (no stack frame) and its K loops' loads
     unchanged."""
     uncapped, capped = (hopper["-".join(map(str, variant))] for variant in GEMV_MAXNREG_VARIANTS)
-    _check_gemv_k_loops(_checked(capped), _expected_loads(8, False, "bf16", "int"))
+    _check_gemv_k_loops(_checked(capped), _expected_loads(8, False, "bf16", "int", rows=16))
     assert uncapped["registers"] > 168 >= capped["registers"]
     assert uncapped["stack_bytes"] == capped["stack_bytes"] == 0
 
