@@ -14,12 +14,15 @@
 #   bash benchmarks/gpu_session.sh e2e-moe             # ~6 min: Mixtral-8x7B width (4 layers), quantized experts, eager
 #   bash benchmarks/gpu_session.sh profile             # ~1 min: Nsight Compute on the at-risk GEMVs and the
 #                                                      # dfloat11 block decoder, if installed
+#   bash benchmarks/gpu_session.sh profile-decode      # Nsight Compute: every kernel's time in one eager
+#                                                      # decode step, bf16 and int4 (2 layers)
 #
 # The second H100 run (2026-11-25) ran `tune tests` (TUNE_ARGS="--m 1 --budget-s 170 ...",
 # TUNE_LIMIT=225), `gemm-m1 e2e` (E2E_ARGS="--formats ...", E2E_LIMIT=320), `e2e-compiled dfloat11`
 # and `profile`. Next: `gemm-m1` first (the new 8-row GEMV default, untuned formats), `tune` on
 # the formats after int4 (TUNE_ARGS="--m 1 --formats nvfp4 mxfp4 int6 int8 fp8 lut2 mxint8 dfloat11"),
-# `gemm-m1` again, then the `gpu` tests this run failed (TESTS_K="ct_import or nf4 or fp8_gemm") and the rest.
+# `gemm-m1` again, then the `gpu` tests this run failed (TESTS_K="ct_import or nf4 or fp8_gemm"),
+# `profile-decode` and the rest.
 #
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
 # results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
@@ -78,6 +81,28 @@ for _ in range(2):
     decode_layers(rows, out, block[0].attrs["segment"], CODE_BITS)
 torch.cuda.synchronize()
 '
+# one eager decode step (1 token, no KV cache) of a 2-layer Llama-3-8B-width model in bf16, then
+# int4, under the profiler (cudaProfilerStart/Stop around the step alone): every kernel's duration.
+# The second H100 run's int4 decode left ~0.6 ms per token (~2.7 us per quantized linear) that its
+# GEMV times do not account for; this shows whether the step's other kernels differ from bf16's.
+PROFILE_DECODE='
+import torch, lowbit
+from benchmarks.bench_e2e import build_model
+ids = torch.tensor([[1]], device="cuda")
+for fmt in ("bf16", "int4"):
+    model = build_model("llama3-8b", 2, torch.device("cuda"))
+    if fmt != "bf16":
+        lowbit.quantize(model, fmt, skip=["lm_head"], progress=False)
+    with torch.no_grad():
+        for _ in range(3):
+            model(ids, use_cache=False)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        model(ids, use_cache=False)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    del model
+'
 
 run_part() {  # name, time limit (s), command...
   local name=$1 limit=$2 start=$SECONDS
@@ -118,7 +143,15 @@ for part in "$@"; do
       else
         echo "== profile: ncu is not installed" | tee "$out/profile.log"
       fi ;;
-    *) echo "unknown part $part (tests tune gemm-m1 gemm-targets gemm-rest e2e e2e-compiled e2e-moe dfloat11 profile)" >&2; exit 2 ;;
+    profile-decode)  # every kernel of one eager decode step, bf16 then int4 (see PROFILE_DECODE)
+      if command -v ncu >/dev/null; then
+        run_part profile-decode 240 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
+          python3 -c "$PROFILE_DECODE"
+      else
+        echo "== profile-decode: ncu is not installed" | tee "$out/profile-decode.log"
+      fi ;;
+    *) echo "unknown part $part (tests tune gemm-m1 gemm-targets gemm-rest e2e e2e-compiled e2e-moe dfloat11 profile" \
+            "profile-decode)" >&2; exit 2 ;;
   esac
 done
 cp lowbit/kernels/tuned/*.json "$out/results/" 2>/dev/null
