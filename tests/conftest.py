@@ -106,6 +106,18 @@ def make_tiny_llama(seed: int = 0, dtype=torch.float32):
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def nudge_norm_weights(model: torch.nn.Module, fraction: float = 0.2, seed: int = 1) -> torch.nn.Module:
+    """`fraction` of every norm weight of a bf16 `model` one bf16 ulp larger in magnitude, in
+    place: a change of the size by which two devices' bf16 roundings differ. Returns the model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "norm" in name:
+                bump = (torch.rand(weight.shape, generator=generator) < fraction).to(torch.int16)
+                weight.copy_((weight.view(torch.int16) + bump).view(torch.bfloat16))
+    return model
+
+
 def make_tiny_moe(arch: str = "qwen3_moe", dtype=torch.float16):
     """A tiny random-weight Mixtral (experts w1 / w2 / w3 under block_sparse_moe in its checkpoints)
     or Qwen3-MoE (gate_proj / up_proj / down_proj under mlp.experts): 2 layers of 4 experts, top 2,

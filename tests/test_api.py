@@ -9,7 +9,7 @@ import lowbit
 from lowbit.api import tied_linears
 from lowbit.errors import FormatError, InputError, WeightError
 
-from .conftest import make_tiny_llama, requires_gpu
+from .conftest import make_tiny_llama, nudge_norm_weights, requires_gpu
 from .test_io import EVERY_FORMAT
 
 
@@ -294,19 +294,6 @@ def test_gpu_gptq_on_cuda_matches_the_cpu(fmt, options):
                                                quality=GPTQ_QUALITY)
 
 
-def _nudged_tiny_llama() -> nn.Module:
-    """make_tiny_llama's bf16 model with a fifth of its norm weights one bf16 ulp larger: a small
-    change to every layer's inputs, as another device's roundings would make."""
-    model = make_tiny_llama(dtype=torch.bfloat16)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                nudge = torch.rand(parameter.shape, generator=generator) < 0.2
-                parameter.copy_(torch.where(nudge, parameter.float() * (1 + 2**-7), parameter.float()))
-    return model
-
-
 @pytest.mark.parametrize("fmt,options", GPTQ_CASES, ids=lambda v: str(v))
 def test_gptq_quality_is_stable_where_its_codes_are_not(fmt, options):
     """Why the GPU GPTQ test holds rotated cases to quality, not code agreement: nudging a fifth
@@ -318,7 +305,8 @@ def test_gptq_quality_is_stable_where_its_codes_are_not(fmt, options):
     ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
     gptq = {"method": "gptq", "calibration": [ids], "skip": ["lm_head"], "progress": False}
     errors, layers = [], []
-    for build in (lambda: make_tiny_llama(dtype=torch.bfloat16), _nudged_tiny_llama):
+    for build in (lambda: make_tiny_llama(dtype=torch.bfloat16),
+                  lambda: nudge_norm_weights(make_tiny_llama(dtype=torch.bfloat16))):
         model = lowbit.quantize(build(), fmt, **options, **gptq)
         errors.append(held_out_error(model, build()))
         layers.append(_packed_layers(model))

@@ -21,7 +21,7 @@ from lowbit.formats import bitpack
 from lowbit.integrations import ct_import
 from lowbit.kernels.fp8_w8a8 import W8A8_MIN_M
 
-from ..conftest import bf16_llama_dir, kernel_devices, make_tiny_moe, requires_gpu
+from ..conftest import bf16_llama_dir, kernel_devices, make_tiny_moe, nudge_norm_weights, requires_gpu
 from ..damage import damaged_copy, loads_and_runs_or_refuses
 
 transformers = pytest.importorskip("transformers")
@@ -454,17 +454,6 @@ def _relative_distance(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.float() - expected.float()).norm() / expected.float().norm())
 
 
-def _nudge_norm_weights(model) -> None:
-    """One bf16 ulp up on a fifth of every input norm's weights: a change of the size by which two
-    devices' bf16 arithmetic differs."""
-    generator = torch.Generator().manual_seed(1)
-    for name, weight in model.named_parameters():
-        if name.endswith("input_layernorm.weight"):
-            bits = weight.data.view(torch.int16)
-            weight.data.copy_((bits + (torch.rand(weight.shape, generator=generator) < 0.2).to(torch.int16))
-                              .view(torch.bfloat16))
-
-
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["int4", "int8-asymmetric", "w8a8-int8", "fp8-dynamic", "fp8-block", "NVFP4A16",
@@ -478,9 +467,10 @@ def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, scheme):
     within 1% too where activations stay in 16 bits; where they are quantized, a rounding-sized
     difference upstream moves a value across a rounding boundary of the activation codes, and the
     model's logits amplify that: the second H100 run's GPU logits were 1.1% (w8a8-int8), 2.5%
-    (fp8-dynamic) and 3.2% (fp8-block) from the CPU's, as far as the CPU import's own logits move
-    when a fifth of its norm weights go up by one bf16 ulp (1.2%, 3.2%, 3.3%; 0.7% for the bf16
-    model and weight-only schemes). So there the bound is twice that movement, measured here."""
+    (fp8-dynamic), 3.2% (fp8-block) and 8.6% (NVFP4) from the CPU's, as far as the CPU import's
+    own logits move when a fifth of its norm weights go up by one bf16 ulp (`nudge_norm_weights`:
+    1.3%, 3.3%, 3.4%, 11%; 0.8% for the weight-only schemes). So there the bound is twice that
+    movement, measured here."""
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     assert ids.numel() >= W8A8_MIN_M
     int8_tokens = ct_quantization.QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=True,
@@ -503,9 +493,7 @@ def test_gpu_imported_layers_match_the_cpu_import(bf16_dir, tmp_path, scheme):
         got = on_gpu(ids.cuda()).logits.cpu()
         bound = 1e-2
         if any(layer.packed.attrs.get("act") for layer in layers.values()):
-            nudged = lowbit.load(folder)
-            _nudge_norm_weights(nudged)
-            bound = 2 * _relative_distance(nudged(ids).logits, expected)
+            bound = 2 * _relative_distance(nudge_norm_weights(lowbit.load(folder))(ids).logits, expected)
     assert _relative_distance(got, expected) < bound
 
 
