@@ -11,8 +11,9 @@ CPU, in one run:
   needs `dahuffman`) on the same bf16 tensor, median of --repeats runs, and both sizes.
 GPU (CUDA only): on the llama3-8b shapes and for each --segments size (more, shorter segments
 mean more parallel lanes and fewer serial steps per lane, at 32 offset bits per segment),
-lowbit's decode kernel (weights/s, output GB/s), the `dfloat11` package's decode kernel on the
-same weights when cupy is importable, and lowbit.linear with dfloat11 at M in --m vs bf16.
+lowbit's decode kernel (weights/s, output GB/s) at each chunk (sign bytes per load) and stage
+(stream words per load) it takes, the default first, the `dfloat11` package's decode kernel on
+the same weights when cupy is importable, and lowbit.linear with dfloat11 at M in --m vs bf16.
 Output: JSON {"env", "cpu", "results"} + markdown in --out-dir (default benchmarks/results).
 """
 from __future__ import annotations
@@ -102,12 +103,16 @@ def encoder_speed(fmt, shape: tuple[int, int], repeats: int) -> dict:
 
 
 def gpu_rows(fmt, shape_list, m_values: list[int], segments: list[int], device: torch.device, peak) -> list[dict]:
-    """Per shape and segment size: the decode kernel (lossless check, weights/s, GB/s; the
-    package's decoder once per shape) and lowbit.linear at each M vs bf16 F.linear. (Run on
-    CUDA; tests run it on tiny shapes through the Triton interpreter.)"""
+    """Per shape and segment size: the decode kernel at each of its chunk and stage pairs (the
+    default first; lossless check, weights/s, GB/s; the package's decoder once per shape) and
+    lowbit.linear at each M vs bf16 F.linear. (Run on CUDA; tests run it on tiny shapes through
+    the Triton interpreter.)"""
     import lowbit
     from lowbit.formats.dfloat11 import CODE_BITS
-    from lowbit.kernels.dfloat11 import decode_weight
+    from lowbit.kernels.dfloat11 import DECODE_CHUNK, DECODE_CHUNKS, DECODE_STAGE, STAGES, decode_weight
+
+    variants = [(DECODE_CHUNK, DECODE_STAGE)] + [(c, s) for c in DECODE_CHUNKS for s in STAGES
+                                                  if (c, s) != (DECODE_CHUNK, DECODE_STAGE)]
 
     rows = []
     for shape, n, k in shape_list:
@@ -119,19 +124,21 @@ def gpu_rows(fmt, shape_list, m_values: list[int], segments: list[int], device: 
             packed = fmt.quantize(w, segment=segment)
             t = packed.tensors
 
-            def decode():
-                return decode_weight(t["exponent_code"], t["sign_mantissa"], t["segment_offsets"], t["decode_table"],
-                                     segment=segment, code_bits=CODE_BITS)
+            for j, (chunk, stage) in enumerate(variants):
+                def decode():
+                    return decode_weight(t["exponent_code"], t["sign_mantissa"], t["segment_offsets"],
+                                         t["decode_table"], segment=segment, code_bits=CODE_BITS, chunk=chunk,
+                                         stage=stage)
 
-            row = {"format": "dfloat11", "segment": segment, "shape": shape, "N": n, "K": k, "kind": "decode",
-                   "bits_per_weight": 8 * packed.nbytes / (n * k),
-                   "lossless": bool(torch.equal(decode().view(torch.int16), w.view(torch.int16)))}
-            us = time_us(decode, device).us
-            row.update({"us": us, "weights_per_s": n * k / (us * 1e-6),
-                        "gbps": (packed.nbytes + 2 * n * k) / (us * 1e-6) / 1e9})
-            if i == 0:
-                row["competitor"] = _package_decode_us(w)
-            rows.append(row)
+                row = {"format": "dfloat11", "segment": segment, "chunk": chunk, "stage": stage, "shape": shape,
+                       "N": n, "K": k, "kind": "decode", "bits_per_weight": 8 * packed.nbytes / (n * k),
+                       "lossless": bool(torch.equal(decode().view(torch.int16), w.view(torch.int16)))}
+                us = time_us(decode, device).us
+                row.update({"us": us, "weights_per_s": n * k / (us * 1e-6),
+                            "gbps": (packed.nbytes + 2 * n * k) / (us * 1e-6) / 1e9})
+                if i == 0 and j == 0:
+                    row["competitor"] = _package_decode_us(w)
+                rows.append(row)
             for m, x in xs.items():
                 y = lowbit.linear(x, packed)
                 ref = F.linear(x.float(), w.float())
@@ -181,11 +188,12 @@ def write_markdown(path: Path, report: dict) -> None:
     if not report["results"]:
         lines.append("No GPU in this run: decoder and linear timings are pending a GPU run.")
     else:
-        lines += ["| shape | segment | kind | M | us | bf16 us | speedup | GB/s | package us |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| shape | segment | kind | chunk / stage | M | us | bf16 us | speedup | GB/s | package us |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["results"]:
             comp = r.get("competitor", {}).get("us")
-            lines.append(f"| {r['shape']} | {r['segment']} | {r['kind']} | {r.get('M', '')} | {r['us']:.1f} | "
+            variant = f"{r['chunk']} / {r['stage']}" if "chunk" in r else ""
+            lines.append(f"| {r['shape']} | {r['segment']} | {r['kind']} | {variant} | {r.get('M', '')} | {r['us']:.1f} | "
                          f"{r.get('bf16_us', float('nan')):.1f} | {r.get('speedup', float('nan')):.2f} | "
                          f"{r['gbps']:.0f} | {'' if comp is None else f'{comp:.1f}'} |")
     path.write_text("\n".join(lines) + "\n")

@@ -55,9 +55,10 @@ from benchmarks.bench_gemm import (REL_TOL, env_info, make_case, parse_format_sp
 from benchmarks.shapes import shapes  # noqa: E402
 from benchmarks.timing import time_us  # noqa: E402
 from lowbit.kernels.dequant_gemm import GEMV_COLUMN_K, GEMV_MAX_ROWS_PER_THREAD, gemv_block_n  # noqa: E402
+from lowbit.kernels.dfloat11 import FUSED_CHUNKS, STAGES, valid_fused_config  # noqa: E402
 from lowbit.kernels.dfloat11 import GEMV_BLOCK_N as FUSED_BLOCK_N  # noqa: E402
 from lowbit.kernels.dfloat11 import GEMV_CHUNK as FUSED_CHUNK  # noqa: E402
-from lowbit.kernels.dfloat11 import valid_fused_config  # noqa: E402
+from lowbit.kernels.dfloat11 import GEMV_STAGE as FUSED_STAGE  # noqa: E402
 from lowbit.kernels.fp8_w8a8 import W8A8_MIN_M  # noqa: E402
 from lowbit.kernels.quantized_act import ACT_KINDS  # noqa: E402
 from lowbit.kernels.lut_gemm import LUT_MAX_M  # noqa: E402
@@ -74,7 +75,8 @@ SPACES = {
             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)},
     "gemm": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),
              "SPLIT_K": (1, 2, 4, 8, 16), "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
-    "fused": {"BLOCK_N": (32, 64, 128, 256, 512), "CHUNK": (8, 16), "SPLIT_K": (1, 2, 4, 8, 16, 32, 64),
+    "fused": {"BLOCK_N": (32, 64, 128, 256, 512), "CHUNK": FUSED_CHUNKS, "STAGE": STAGES,
+              "SPLIT_K": (1, 2, 4, 8, 16, 32, 64),
               "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)},
 }
 SMOKE_SPACES = {"gemv": {"BLOCK_N": (8, 16), "SPLIT_K": (1, 2)}, "lut": {"BLOCK_N": (16, 32), "SPLIT_K": (1, 2)},
@@ -88,7 +90,7 @@ def start_points(m: int, smoke: bool, lut: bool = False, fused: bool = False) ->
     dfloat11, whose launch at these M has only its fused decode + GEMV (path "fused"; the split
     count starts at 16, the default's for a 4096-wide row of 256-weight segments)."""
     if fused:
-        return [{"path": "fused", "BLOCK_N": 32 if smoke else FUSED_BLOCK_N, "CHUNK": FUSED_CHUNK,
+        return [{"path": "fused", "BLOCK_N": 32 if smoke else FUSED_BLOCK_N, "CHUNK": FUSED_CHUNK, "STAGE": FUSED_STAGE,
                  "SPLIT_K": 1 if smoke else 16, "num_warps": 1 if smoke else 4}]
     m_pow2 = 1 << (m - 1).bit_length()
     block_m = min(m_pow2, 4)

@@ -539,21 +539,26 @@ def test_bench_gemm_builds_each_weight_once_over_m(monkeypatch):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the decode kernel runs in the interpreter here")
 def test_bench_dfloat11_gpu_rows_on_tiny_shapes():
     """The GPU part of bench_dfloat11 (run on CUDA for real) on a tiny shape through the
-    interpreter: a lossless decode row per segment size, the package decoder recorded once per
-    shape (an error here: no cupy), and a linear row per M."""
+    interpreter: per segment size, a lossless decode row for each chunk and stage (the default
+    first), the package decoder recorded once per shape (an error here: no cupy), and a linear
+    row per M."""
     import torch
 
     sys.path.insert(0, str(REPO))
     import lowbit
     from benchmarks.bench_dfloat11 import gpu_rows
+    from lowbit.kernels.dfloat11 import DECODE_CHUNK, DECODE_CHUNKS, DECODE_STAGE, STAGES
 
     rows = gpu_rows(lowbit.get_format("dfloat11"), [("smoke/odd", 8, 200)], [1, 3], [64, 128], torch.device("cpu"), None)
+    variants = len(DECODE_CHUNKS) * len(STAGES)
     assert [(r["kind"], r["segment"], r.get("M")) for r in rows] == [
-        ("decode", 64, None), ("linear", 64, 1), ("linear", 64, 3), ("decode", 128, None), ("linear", 128, 1),
-        ("linear", 128, 3)]
+        *[("decode", 64, None)] * variants, ("linear", 64, 1), ("linear", 64, 3),
+        *[("decode", 128, None)] * variants, ("linear", 128, 1), ("linear", 128, 3)]
     decodes = [r for r in rows if r["kind"] == "decode"]
+    assert {(r["chunk"], r["stage"]) for r in decodes[:variants]} == {(c, s) for c in DECODE_CHUNKS for s in STAGES}
+    assert (decodes[0]["chunk"], decodes[0]["stage"]) == (DECODE_CHUNK, DECODE_STAGE)
     assert all(r["lossless"] and r["us"] > 0 and r["bits_per_weight"] > 8 for r in decodes)  # (+ a 2 KiB table)
-    assert "error" in decodes[0]["competitor"] and "competitor" not in decodes[1]
+    assert "error" in decodes[0]["competitor"] and not [r for r in decodes[1:] if "competitor" in r]
     assert all(r["max_rel_err"] < 1e-2 for r in rows if r["kind"] == "linear")  # bf16 output rounding
 
 

@@ -382,10 +382,10 @@ def test_dfloat11_checkpoint_whose_codes_overrun_the_stream_is_refused(tmp_path)
 
     path = _saved_dfloat11_mlp(tmp_path / "ck")
     words = load_file(str(path / "model.safetensors"))["0.exponent_code"]
-    words[-6:-1] = -1  # all-ones bits: the longest code, so the last row's segment runs past the end
+    words[:-1] = -1  # all-ones bits: the longest code, so the last rows' segments run past the end
     _rewrite_tensor(path, "0.exponent_code", words)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: 0: dfloat11 field 'exponent_code': segment 0 of "
-                                              r"row 95 decodes past the end"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: 0: dfloat11 field 'exponent_code': segment \d+ of "
+                                              r"row \d+ decodes past the end"):
         lowbit.load(path, model=_mlp().bfloat16())
 
 

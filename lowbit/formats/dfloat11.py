@@ -17,8 +17,10 @@ Layout (one code per tensor):
 - `decode_table[peek]`, indexed by the next CODE_BITS stream bits, holds the symbol and code
   length (symbol | length << 8): one on-chip lookup per weight.
 
-Packed fields: exponent_code int32 [code_words] (the stream plus one zero word, so a decoder may
-always read the word after the current one), sign_mantissa uint8 [N, K], segment_offsets
+Packed fields: exponent_code int32 [code_words] (the stream, then zero words up to a multiple of
+STREAM_BLOCK_WORDS, at least one: a decoder may always read the word after the current one, and
+a kernel may load aligned 16-byte groups of words with one bounds check per group; streams
+written before that padding, with one zero word, decode the same), sign_mantissa uint8 [N, K], segment_offsets
 int32 [N, ceil(K/segment)], decode_table int16 [2^CODE_BITS].
 Attrs: segment (weights per segment), code_words.
 Options: segment (default 256), cast (False: any dtype but bf16 is a WeightError; True:
@@ -47,8 +49,10 @@ from .base import FieldSpec, Format, launch
 CODE_BITS = 8
 DEFAULT_SEGMENT = 256
 SEGMENTS = (64, 128, 256, 512, 1024)
-#: stream positions are int32 bit offsets
-MAX_STREAM_BITS = 2**31 - 64
+#: the stream is zero-padded to a multiple of this many words (see the module docstring)
+STREAM_BLOCK_WORDS = 16
+#: stream positions are int32 bit offsets, the padding included
+MAX_STREAM_BITS = 2**31 - 32 * (STREAM_BLOCK_WORDS + 1)
 
 
 def join_bf16(exponent: torch.Tensor, sign_mantissa: torch.Tensor) -> torch.Tensor:
@@ -130,8 +134,9 @@ def encode(weight: torch.Tensor, segment: int, name: str = "weight") -> tuple[di
     if total_bits > MAX_STREAM_BITS:
         raise WeightError(f"{name}: {n}x{k} weight needs {total_bits} code bits, more than the "
                           f"{MAX_STREAM_BITS} a dfloat11 stream addresses; split the tensor")
-    # + 1 zero word: decoders read two words at a time
-    stream = np.concatenate([words for words, _, _ in packed] + [np.zeros(1, np.int32)])
+    used = int(word_base[-1])
+    padding = STREAM_BLOCK_WORDS - used % STREAM_BLOCK_WORDS  # at least one zero word: decoders read two at a time
+    stream = np.concatenate([words for words, _, _ in packed] + [np.zeros(padding, np.int32)])
     offsets = np.concatenate([off + 32 * int(base) for (_, off, _), base in zip(packed, word_base)])
     tensors = {
         "exponent_code": torch.from_numpy(stream),
@@ -230,8 +235,9 @@ class DFloat11Format(Format):
         self.check_attr_keys(attrs)
         self.check_options({"segment": attrs["segment"]})
         words = attrs["code_words"]
-        if isinstance(words, bool) or not isinstance(words, int) or not 2 <= words <= MAX_STREAM_BITS // 32 + 2:
-            raise FormatError(f"dfloat11: code_words must be an int in [2, {MAX_STREAM_BITS // 32 + 2}], got {words!r}")
+        most = MAX_STREAM_BITS // 32 + STREAM_BLOCK_WORDS
+        if isinstance(words, bool) or not isinstance(words, int) or not 2 <= words <= most:
+            raise FormatError(f"dfloat11: code_words must be an int in [2, {most}], got {words!r}")
         return attrs
 
     def field_specs(self, shape: tuple[int, int], attrs: dict[str, Any]) -> dict[str, FieldSpec]:

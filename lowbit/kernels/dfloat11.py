@@ -6,11 +6,14 @@ no divergence). A lane keeps its next stream bits right-aligned in a 64-bit buff
 of them: a step looks the CODE_BITS bits under that count up in the 512 B decode table
 (cache-resident) with one funnel shift and takes the code's length off the count, and the
 buffer itself never shifts by a code. Every 32 // CODE_BITS steps (4 for 8-bit codes) the lane
-checks the count and, once 32 or fewer bits remain, moves them up a word and loads the next
-stream word below (about every twelfth step: codes average under 3 bits). The lanes of a warp
-read segments far apart, so every per-weight global access costs a cache line of its own: the
-sign|mantissa bytes (and the decoder's bf16 results) move as one vector per lane per chunk of
-weights instead.
+checks the count and, once 32 or fewer bits remain, moves them up a word and puts the next
+stream word below (about every twelfth step: codes average under 3 bits), from a group of STAGE
+words it holds in registers and refetches, one vector load, as soon as it has used the last.
+The lanes of a warp read segments far apart, so every global access costs a cache line of its
+own: the stream words, the sign|mantissa bytes (and the decoder's bf16 results) move as vectors
+per lane, several words or a chunk of weights at a time. (The H100 profile of 2026-11-25 found
+both kernels moving 3x (fused GEMV) and 5.7x (decoder) the DRAM bytes of their data: sectors
+fetched for a few bytes, evicted by the other lanes' lines, then fetched again.)
 
 - `_decode_kernel` writes bf16 weights. It takes a table of layers (addresses of each layer's
   fields and output, plus its sizes), so the Linear weights of a whole transformer block
@@ -20,7 +23,7 @@ weights instead.
   activations are the same for every lane: one broadcast 16-byte vector per 8 (fp32: 4)
   steps, each lane picking its step's column from registers; programs along axis 1 take segment
   columns and are reduced inside the launch (deterministic split-K: lowbit/kernels/split_k.py).
-  Its lanes per program, chunk, split count and warps are tuned per GPU and M bucket
+  Its lanes per program, chunk, stage, split count and warps are tuned per GPU and M bucket
   (`fused_gemv_config`, benchmarks/tune.py).
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
+from ..formats.dfloat11 import STREAM_BLOCK_WORDS as _STREAM_BLOCK_WORDS
 from .runtime import FP_FUSION, cdiv, next_power_of_2, num_sms
 from .split_k import split_k_buffers, store_split_k, valid_split_count
 from .tuning import launch_options, lookup, valid_launch_options
@@ -42,12 +46,20 @@ FUSED_MAX_M = 4
 #: columns of the layer table
 LAYER_FIELDS = ("words", "sign_mantissa", "segment_offsets", "decode_table", "out_offset", "segments", "k",
                 "segments_per_row", "code_words")
-#: weights a lane decodes per vector access: the fused GEMV loads their sign|mantissa bytes
-#: as one 128-bit vector; the decoder stores its bf16 results as one (8 weights)
+#: weights a lane decodes per vector load of their sign|mantissa bytes (16 = 128 bits; a wider
+#: tile would be split between threads, its columns passed through shared memory)
 GEMV_CHUNK = 16
-DECODE_CHUNK = 8
+DECODE_CHUNK = 16
 #: the fused GEMV's chunk lengths: whole 16-byte activation vectors (8 bf16 / fp16, 4 fp32) per chunk
 FUSED_CHUNKS = (8, 16)
+#: the decoder's chunk lengths (benchmarks/bench_dfloat11.py times each), and the weights per
+#: vector store of its bf16 results (16 bytes): a chunk of 16 writes a whole 32-byte sector
+DECODE_CHUNKS = (8, 16)
+DECODE_STORE = 8
+#: stream words a lane fetches per load (`_load_stage`): 1, or one 16-byte vector. Not yet
+#: measured on a GPU: the fused GEMV's tuner and bench_dfloat11.py's decoder rows compare them
+STAGES = (1, 4)
+GEMV_STAGE = DECODE_STAGE = 4
 #: lanes (segments) per program of the decoder, and the fused GEMV's default rows per program
 #: (`fused_gemv_config`): one per thread of 4 warps
 DECODE_BLOCK = 128
@@ -55,6 +67,8 @@ GEMV_BLOCK_N = 128
 #: the sign and mantissa bits of an fp32 whose top half is a bf16 (0x807F0000 as int32), a kernel
 #: argument so that it sits in a register (see `_weight_bits`)
 WEIGHT_FIELDS = -2139160576
+#: the encoder pads every stream to whole blocks of this many words (a constexpr, for the kernels)
+STREAM_BLOCK_WORDS = tl.constexpr(_STREAM_BLOCK_WORDS)
 #: threads one SM keeps resident (H100/H200): the fused GEMV's parallelism is its lanes
 RESIDENT_LANES_PER_SM = 2048
 
@@ -80,14 +94,31 @@ def _column(tile, u, c: tl.constexpr):
 
 
 @triton.jit
-def _start_segment(words_ptr, code_words, position, CODE_BITS: tl.constexpr):
-    """Bit-buffer state (buf, shift, next_word) of lanes starting at stream bit `position` (see
-    `_take_code`): the two words around it, 64 - (position & 31) of their bits unread."""
+def _start_segment(words_ptr, code_words, position, CODE_BITS: tl.constexpr, STAGE: tl.constexpr):
+    """Bit-buffer state (buf, shift, next_word, staged) of lanes starting at stream bit
+    `position` (see `_take_code`, `_refill`): the two words around it, 64 - (position & 31) of
+    their bits unread, and the STAGE-word group that holds the word after them."""
     word = position >> 5
     w0 = tl.load(words_ptr + word).to(tl.uint32, bitcast=True)
     w1 = tl.load(words_ptr + word + 1, mask=word + 1 < code_words, other=0).to(tl.uint32, bitcast=True)
     buf = (w0.to(tl.uint64) << 32) | w1.to(tl.uint64)
-    return buf, 64 - (position & 31) - CODE_BITS - 1, word + 2
+    next_word = word + 2
+    staged = _load_stage(words_ptr, code_words, next_word, tl.full(next_word.shape, True, tl.int1), STAGE)
+    return buf, 64 - (position & 31) - CODE_BITS - 1, next_word, staged
+
+
+@triton.jit
+def _load_stage(words_ptr, code_words, word, load, STAGE: tl.constexpr):
+    """Stream words [STAGE * (word // STAGE), + STAGE) of the lanes where `load` is set (int32
+    [lanes, STAGE], each lane's in its own registers; zeros past the stream). Stage-aligned, so
+    a stage of 4 is one 16-byte vector per lane: with lanes far apart in the stream, a whole
+    vector costs the same cache-line visit as one word, and no sector is fetched for one word
+    and then again for the next (the stream is padded to whole 16-word blocks,
+    lowbit/formats/dfloat11.py, so the bounds mask is uniform over a vector)."""
+    s = tl.arange(0, STAGE)
+    first = (word // STAGE) * STAGE
+    index = first[:, None] + s[None, :]
+    return tl.load(words_ptr + index, mask=load[:, None] & (index < code_words), other=0)
 
 
 @triton.jit
@@ -108,43 +139,59 @@ def _take_code(buf, shift, table_ptr, CODE_BITS: tl.constexpr):
 
 
 @triton.jit
-def _refill(buf, shift, next_word, words_ptr, code_words, CODE_BITS: tl.constexpr, GUARD: tl.constexpr):
+def _refill(buf, shift, next_word, staged, words_ptr, code_words, CODE_BITS: tl.constexpr, STAGE: tl.constexpr):
     """Once 32 or fewer bits of `buf` are unread (all in its low word), move them up a word and
-    load stream word `next_word` below them -> (buf, shift, next_word). Either way more than 32
-    bits are then unread, enough for the `32 // CODE_BITS` steps of `_take_code` until the next
-    check (each needs CODE_BITS + 1), so a lane checks once per that many steps. GUARD: mask the
-    load to the stream's `code_words` words (needed only when a lane decodes on past its
-    segment's last code: it then moves in zeros, decodes garbage that is never used, and its
-    shift stays in range). Unguarded, a lane reads at most the word after the one its last code
-    ends in: the stream's padding word, as long as no segment's codes run past the stream's
-    end, which loading a file checks (lowbit/formats/dfloat11.py `check_stream`)."""
+    put stream word `next_word`, already in registers (`staged`, the STAGE-aligned group of
+    words that holds it), below them -> (buf, shift, next_word, staged). Either way more than
+    32 bits are then unread, enough for the `32 // CODE_BITS` steps of `_take_code` until the
+    next check (each needs CODE_BITS + 1), so a lane checks once per that many steps. A lane
+    that has used its last staged word loads the next group right away: the load's latency
+    passes while the buffer's bits decode, instead of stalling the step that needs them. Loads
+    are bounds-masked: a lane may decode on past its segment's last code (it then moves in
+    zeros or later segments' codes, decodes garbage that is never used, and its shift stays in
+    range)."""
     refill = shift <= 32 - CODE_BITS - 1
-    load = refill
-    if GUARD:
-        load = load & (next_word < code_words)
-    fresh = tl.load(words_ptr + next_word, mask=load, other=0)
+    fresh = _pick(staged, next_word % STAGE, STAGE)
     buf = tl.where(refill, (buf << 32) | fresh.to(tl.uint32, bitcast=True).to(tl.uint64), buf)
-    return buf, shift + tl.where(refill, 32, 0), next_word + refill.to(tl.int32)
+    next_word = next_word + refill.to(tl.int32)
+    load = refill & (next_word % STAGE == 0)
+    staged = tl.where(load[:, None], _load_stage(words_ptr, code_words, next_word, load, STAGE), staged)
+    return buf, shift + tl.where(refill, 32, 0), next_word, staged
 
 
 @triton.jit
-def _decode_step(buf, shift, next_word, sign_mantissa, u, words_ptr, code_words, table_ptr, fields,
-                 C: tl.constexpr, CODE_BITS: tl.constexpr, GUARD: tl.constexpr):
+def _pick(staged, slot, STAGE: tl.constexpr):
+    """staged[lane, slot[lane]] (a column chosen per lane at run time) from registers: a select
+    per further column."""
+    s = tl.arange(0, STAGE)
+    word = _column(staged, s, 0)
+    for c in tl.static_range(1, STAGE):
+        word = tl.where(slot == c, _column(staged, s, c), word)
+    return word
+
+
+@triton.jit
+def _decode_step(buf, shift, next_word, staged, sign_mantissa, u, words_ptr, code_words, table_ptr, fields,
+                 C: tl.constexpr, CODE_BITS: tl.constexpr, STAGE: tl.constexpr):
     """Step C of a chunk of weights per lane (sign|mantissa bytes [lanes, CHUNK], u =
     arange(CHUNK)): a refill check every 32 // CODE_BITS steps (`_refill`), then one code
-    (`_take_code`) -> (weight C as fp32 bits (`_weight_bits`), buf, shift, next_word)."""
+    (`_take_code`) -> (weight C as fp32 bits (`_weight_bits`), buf, shift, next_word, staged)."""
     if C % (32 // CODE_BITS) == 0:
-        buf, shift, next_word = _refill(buf, shift, next_word, words_ptr, code_words, CODE_BITS, GUARD)
+        buf, shift, next_word, staged = _refill(buf, shift, next_word, staged, words_ptr, code_words, CODE_BITS,
+                                                STAGE)
     entry, shift = _take_code(buf, shift, table_ptr, CODE_BITS)
-    return _weight_bits(entry, _column(sign_mantissa, u, C), fields), buf, shift, next_word
+    return _weight_bits(entry, _column(sign_mantissa, u, C), fields), buf, shift, next_word, staged
 
 
 @triton.jit
 def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr,
-                   CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+                   CHUNK: tl.constexpr, STORE: tl.constexpr, STAGE: tl.constexpr, ALIGNED: tl.constexpr):
     """Program (i, l) decodes segments i*BLOCK.. of layer l (a row of LAYER_FIELDS), one per
-    lane. ALIGNED: every layer's K, output offset and sign_mantissa address are multiples of
-    CHUNK, so each lane's CHUNK weights are one vector store and their sign bytes one vector load."""
+    lane, fetching STAGE stream words at a time (`_load_stage`). ALIGNED: every layer's K, output
+    offset and sign_mantissa address are multiples of CHUNK, so each lane's CHUNK sign bytes are
+    one vector load and its weights whole vector stores of STORE, and every stream starts on 16
+    bytes and is padded to whole blocks of STREAM_BLOCK_WORDS, so a stage of words is one vector
+    load with one bounds check."""
     layer = layers_ptr + tl.program_id(1) * 9
     words_ptr = tl.load(layer + 0).to(tl.pointer_type(tl.int32))
     sign_ptr = tl.load(layer + 1).to(tl.pointer_type(tl.uint8))
@@ -159,6 +206,8 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
         sign_ptr = tl.multiple_of(sign_ptr, CHUNK)
         k = tl.multiple_of(k, CHUNK)
         out_offset = tl.multiple_of(out_offset, CHUNK)
+        code_words = tl.multiple_of(code_words, STREAM_BLOCK_WORDS)
+        words_ptr = tl.multiple_of(words_ptr, 16)  # bytes: a stage of 4 words is one vector
 
     # The grid fits the layer with the most segments; a program wholly past this layer's does
     # nothing (its lanes would all decode the last segment again, unstored: in a Llama block
@@ -170,26 +219,39 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
         col0 = (lane_seg % segments_per_row) * SEGMENT
         first = (lane_seg // segments_per_row) * k + col0  # within the layer
         count = tl.minimum(k - col0, SEGMENT)
-        buf, shift, next_word = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg), CODE_BITS)
+        buf, shift, next_word, staged = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg),
+                                                       CODE_BITS, STAGE)
         u = tl.arange(0, CHUNK)
+        p = tl.arange(0, STORE)
         for i in range(0, SEGMENT, CHUNK):
             if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
                 keep = (active & (i < count))[:, None]
             else:
                 keep = active[:, None] & ((i + u)[None, :] < count[:, None])
             sign_mantissa = tl.load(sign_ptr + first[:, None] + i + u[None, :], mask=keep, other=0).to(tl.int32)
-            bits = tl.zeros((BLOCK, CHUNK), dtype=tl.int32)
-            for c in tl.static_range(CHUNK):
-                # Lanes past their segment's last code decode on (guarded) and are not stored.
-                weight, buf, shift, next_word = _decode_step(buf, shift, next_word, sign_mantissa, u, words_ptr,
-                                                               code_words, table_ptr, fields, c, CODE_BITS, True)
-                bits = tl.where(u[None, :] == c, (weight >> 16)[:, None], bits)  # bf16: the top half
-            tl.store(out_ptr + out_offset + first[:, None] + i + u[None, :], bits.to(tl.int16), mask=keep)
+            # Stored STORE weights (16 bytes) at a time: a wider tile would be split between
+            # threads and pass through shared memory, a barrier per chunk. A chunk's stores
+            # leave back to back, so its sector is written whole before the L2 can evict it.
+            for h in tl.static_range(CHUNK // STORE):
+                bits = tl.zeros((BLOCK, STORE), dtype=tl.int32)
+                for c in tl.static_range(STORE):
+                    # Lanes past their segment's last code decode on and are not stored.
+                    weight, buf, shift, next_word, staged = _decode_step(buf, shift, next_word, staged, sign_mantissa,
+                                                                           u, words_ptr, code_words, table_ptr, fields,
+                                                                           h * STORE + c, CODE_BITS, STAGE)
+                    bits = tl.where(p[None, :] == c, (weight >> 16)[:, None], bits)  # bf16: the top half
+                if ALIGNED:
+                    store = keep
+                else:
+                    store = active[:, None] & ((i + h * STORE + p)[None, :] < count[:, None])
+                tl.store(out_ptr + out_offset + first[:, None] + i + h * STORE + p[None, :], bits.to(tl.int16),
+                         mask=store)
 
 
 @triton.jit
-def _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows, col, left, sign_ptrs, words_ptr,
-                code_words, table_ptr, fields, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr):
+def _gemv_chunk(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows, col, left, sign_ptrs, words_ptr,
+                code_words, table_ptr, fields, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr, STAGE: tl.constexpr,
+                TAIL: tl.constexpr):
     """Decode CHUNK weights per lane (columns col.. of each row) and add their products with x
     into acc [BLOCK_M, BLOCK_N]. TAIL: only the first `left` columns are weights."""
     u = tl.arange(0, CHUNK)
@@ -199,8 +261,9 @@ def _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows, col, left,
     VECTOR: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth  # activations per 16 bytes
     v = tl.arange(0, VECTOR)
     for c in tl.static_range(CHUNK):
-        weight, buf, shift, next_word = _decode_step(buf, shift, next_word, sign_mantissa, u, words_ptr,
-                                                       code_words, table_ptr, fields, c, CODE_BITS, TAIL)
+        weight, buf, shift, next_word, staged = _decode_step(buf, shift, next_word, staged, sign_mantissa, u,
+                                                               words_ptr, code_words, table_ptr, fields, c, CODE_BITS,
+                                                               STAGE)
         w = weight.to(tl.float32, bitcast=True)
         if TAIL:
             acc = _add_tail_product(acc, w, x_ptr, stride_xm, x_rows, col, left, c)
@@ -209,7 +272,7 @@ def _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows, col, left,
                 x_bits = _activation_vector(x_ptr, stride_xm, x_rows, col + c, sign_ptrs, v)
             x = _column(x_bits, v, c % VECTOR).to(x_ptr.dtype.element_ty, bitcast=True)
             acc = acc + x.to(tl.float32) * w[None, :]
-    return acc, buf, shift, next_word
+    return acc, buf, shift, next_word, staged
 
 
 @triton.jit
@@ -236,22 +299,22 @@ def _add_tail_product(acc, w, x_ptr, stride_xm, x_rows, col, left, C: tl.constex
 @triton.jit
 def _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, x_rows, K, words_ptr, sign_ptr, offsets_ptr, table_ptr,
                  segments_per_row, code_words, fields, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr,
-                 CHUNK: tl.constexpr):
+                 CHUNK: tl.constexpr, STAGE: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] + x[:, segment seg] @ (segment seg of rows lane_rows, decoded)^T."""
-    buf, shift, next_word = _start_segment(words_ptr, code_words,
-                                           tl.load(offsets_ptr + lane_rows * segments_per_row + seg), CODE_BITS)
+    buf, shift, next_word, staged = _start_segment(
+        words_ptr, code_words, tl.load(offsets_ptr + lane_rows * segments_per_row + seg), CODE_BITS, STAGE)
     col0 = seg * SEGMENT
     count = tl.minimum(K - col0, SEGMENT)
     sign_ptrs = sign_ptr + lane_rows * K + col0
     full = count // CHUNK * CHUNK
     for i in range(0, full, CHUNK):
-        acc, buf, shift, next_word = _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows, col0 + i,
-                                                   CHUNK, sign_ptrs + i, words_ptr, code_words, table_ptr, fields,
-                                                   CODE_BITS, CHUNK, False)
+        acc, buf, shift, next_word, staged = _gemv_chunk(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows,
+                                                           col0 + i, CHUNK, sign_ptrs + i, words_ptr, code_words,
+                                                           table_ptr, fields, CODE_BITS, CHUNK, STAGE, False)
     if full < count:  # the last segment of a row, when K is not a multiple of CHUNK
-        acc, buf, shift, next_word = _gemv_chunk(acc, buf, shift, next_word, x_ptr, stride_xm, x_rows,
-                                                   col0 + full, count - full, sign_ptrs + full, words_ptr, code_words,
-                                                   table_ptr, fields, CODE_BITS, CHUNK, True)
+        acc, buf, shift, next_word, staged = _gemv_chunk(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows,
+                                                           col0 + full, count - full, sign_ptrs + full, words_ptr,
+                                                           code_words, table_ptr, fields, CODE_BITS, CHUNK, STAGE, True)
     return acc
 
 
@@ -259,7 +322,7 @@ def _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, x_rows, K, words_ptr, si
 def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, bias_ptr, out_ptr, ws_ptr, counters_ptr,
                         M, N, K, segments_per_row, code_words, stride_xm, segments_per_split, fields,
                         SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     x_rows = tl.minimum(m, M - 1)  # rows of x past M read row M-1 and are not stored
@@ -269,7 +332,7 @@ def _decode_gemv_kernel(x_ptr, words_ptr, sign_ptr, offsets_ptr, table_ptr, bias
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for seg in range(first, tl.minimum(first + segments_per_split, segments_per_row)):
         acc = _segment_dot(acc, seg, lane_rows, x_ptr, stride_xm, x_rows, K, words_ptr, sign_ptr, offsets_ptr,
-                           table_ptr, segments_per_row, code_words, fields, SEGMENT, CODE_BITS, CHUNK)
+                           table_ptr, segments_per_row, code_words, fields, SEGMENT, CODE_BITS, CHUNK, STAGE)
     if HAS_BIAS:
         if tl.program_id(1) == 0:  # the bias goes into exactly one partial sum
             acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
@@ -312,27 +375,34 @@ def _layer_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> tor
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, code_bits: int) -> None:
+def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, code_bits: int, *,
+                  chunk: int = DECODE_CHUNK, stage: int = DECODE_STAGE) -> None:
     """Decode the layers `rows` (from `layer_row`, all with this `segment` and `code_bits`) into the contiguous
-    bf16 tensor `out` in one launch."""
+    bf16 tensor `out` in one launch. chunk (DECODE_CHUNKS) and stage (STAGES): the kernel's
+    weights per vector store and stream words per load, for benchmarks to compare."""
     for row in rows:
         n = row[5] // row[7]
         if row[4] < 0 or row[4] + n * row[6] > out.numel():
             raise InputError(f"a {n}x{row[6]} weight at element {row[4]} does not fit an output of {out.numel()}")
     if out.dtype != torch.bfloat16 or not out.is_contiguous():
         raise InputError("the output must be a contiguous bf16 tensor")
+    if chunk not in DECODE_CHUNKS or stage not in STAGES:
+        raise InputError(f"chunk must be one of {DECODE_CHUNKS} and stage one of {STAGES}, got {chunk}, {stage}")
     grid = (cdiv(max(row[5] for row in rows), DECODE_BLOCK), len(rows))
-    aligned = all(row[1] % DECODE_CHUNK == 0 and row[4] % DECODE_CHUNK == 0 and row[6] % DECODE_CHUNK == 0
-                  for row in rows)
+    aligned = all(row[0] % 16 == 0 and row[1] % chunk == 0 and row[4] % chunk == 0 and row[6] % chunk == 0
+                  and row[8] % _STREAM_BLOCK_WORDS == 0 for row in rows)
     _decode_kernel[grid](_layer_table(tuple(rows), out.device), out.view(torch.int16), WEIGHT_FIELDS, SEGMENT=segment,
-                         CODE_BITS=code_bits, BLOCK=DECODE_BLOCK, CHUNK=DECODE_CHUNK, ALIGNED=aligned, **FP_FUSION)
+                         CODE_BITS=code_bits, BLOCK=DECODE_BLOCK, CHUNK=chunk, STORE=DECODE_STORE, STAGE=stage,
+                         ALIGNED=aligned,
+                         **FP_FUSION)
 
 
-def decode_weight(words, sign_mantissa, segment_offsets, decode_table, *, segment: int, code_bits: int) -> torch.Tensor:
-    """One dfloat11 weight -> bf16 [N, K] (a fresh tensor)."""
+def decode_weight(words, sign_mantissa, segment_offsets, decode_table, *, segment: int, code_bits: int,
+                  chunk: int = DECODE_CHUNK, stage: int = DECODE_STAGE) -> torch.Tensor:
+    """One dfloat11 weight -> bf16 [N, K] (a fresh tensor); chunk, stage: see `decode_layers`."""
     out = torch.empty(sign_mantissa.shape, dtype=torch.bfloat16, device=sign_mantissa.device)
     decode_layers([layer_row(words, sign_mantissa, segment_offsets, decode_table, 0, segment, code_bits)], out, segment,
-                  code_bits)
+                  code_bits, chunk=chunk, stage=stage)
     return out
 
 
@@ -360,7 +430,7 @@ def dfloat11_matmul(x, words, sign_mantissa, segment_offsets, decode_table, bias
                                            m, n, k, segments, words.numel(), x.stride(0), per_split, WEIGHT_FIELDS,
                                            SEGMENT=segment, CODE_BITS=code_bits, HAS_BIAS=bias is not None,
                                            SPLIT=splits > 1, BLOCK_M=next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
-                                           CHUNK=cfg["CHUNK"], **launch_options(cfg))
+                                           CHUNK=cfg["CHUNK"], STAGE=cfg["STAGE"], **launch_options(cfg))
     return out
 
 
@@ -368,7 +438,7 @@ def fused_gemv_config(x: torch.Tensor, n: int, k: int, segments: int, segment: i
     """The fused decode + GEMV's launch config for x [M, K] times an [N, K] weight of `segments`
     segments per row: this GPU's tuned entry for the variant, shape and M bucket
     (benchmarks/tune.py, lowbit/kernels/tuning.py) when `valid_fused_config`, else the defaults:
-    GEMV_BLOCK_N lanes (rows) per program on 4 warps, GEMV_CHUNK, and one segment column per
+    GEMV_BLOCK_N lanes (rows) per program on 4 warps, GEMV_CHUNK, GEMV_STAGE, and one segment column per
     program while the lanes fit on the GPU at once, so that the most decode chains run side by
     side; beyond that, programs walk several segments each."""
     tuned = lookup(x.device, f"dfloat11-s{segment}-{x.dtype}", n, k, x.shape[0])
@@ -376,17 +446,18 @@ def fused_gemv_config(x: torch.Tensor, n: int, k: int, segments: int, segment: i
         return tuned
     lanes = cdiv(n, GEMV_BLOCK_N) * GEMV_BLOCK_N * segments
     per_split = max(1, lanes // (RESIDENT_LANES_PER_SM * num_sms(x.device)))
-    return {"path": "fused", "BLOCK_N": GEMV_BLOCK_N, "CHUNK": GEMV_CHUNK, "SPLIT_K": cdiv(segments, per_split),
-            "num_warps": 4}
+    return {"path": "fused", "BLOCK_N": GEMV_BLOCK_N, "CHUNK": GEMV_CHUNK, "STAGE": GEMV_STAGE,
+            "SPLIT_K": cdiv(segments, per_split), "num_warps": 4}
 
 
 def valid_fused_config(cfg: dict) -> bool:
     """A fused-GEMV config the launcher can take: path "fused"; BLOCK_N a power of two up to 1024
-    with a lane for every thread (BLOCK_N >= 32 * num_warps); CHUNK one of FUSED_CHUNKS;
-    SPLIT_K a positive count; valid launch options. A stale or hand-edited table must not break
-    a launch."""
-    block_n, chunk = cfg.get("BLOCK_N"), cfg.get("CHUNK")
+    with a lane for every thread (BLOCK_N >= 32 * num_warps); CHUNK one of FUSED_CHUNKS; STAGE
+    one of STAGES; SPLIT_K a positive count; valid launch options. A stale or hand-edited table
+    must not break a launch."""
+    block_n, chunk, stage = cfg.get("BLOCK_N"), cfg.get("CHUNK"), cfg.get("STAGE")
     return (cfg.get("path") == "fused" and type(block_n) is int and 32 <= block_n <= 1024
             and not block_n & (block_n - 1) and type(chunk) is int and chunk in FUSED_CHUNKS
+            and type(stage) is int and stage in STAGES
             and valid_split_count(cfg.get("SPLIT_K")) and valid_launch_options(cfg)
             and block_n >= 32 * cfg.get("num_warps", 4))

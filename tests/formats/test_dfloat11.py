@@ -82,7 +82,8 @@ def _naive_stream(exponents: list[int], lengths: torch.Tensor) -> tuple[list[int
     for e in exponents:
         starts.append(len(bits))
         bits += format(int(codes[e]), f"0{int(lengths[e])}b")
-    bits += "0" * (-len(bits) % 32 + 32)
+    bits += "0" * (-len(bits) % 32 + 32)  # whole words, then at least one zero word
+    bits += "0" * (-len(bits) % (32 * dfloat11.STREAM_BLOCK_WORDS))  # zero words up to a whole block
     words = [int(bits[i:i + 32], 2) for i in range(0, len(bits), 32)]
     return [w - (1 << 32) if w >= 1 << 31 else w for w in words], starts
 
@@ -97,7 +98,7 @@ def test_stream_and_segment_offsets_match_a_naive_encoder(shape, segment):
     for entry in p.decode_table.tolist():
         lengths[entry & 0xFF] = entry >> 8
     words, starts = _naive_stream(exponents, lengths)
-    assert p.exponent_code.tolist() == words[: p.attrs["code_words"]]
+    assert p.exponent_code.tolist() == words and p.attrs["code_words"] == len(words)
     n, k = shape
     expected_offsets = [[starts[r * k + c] for c in range(0, k, segment)] for r in range(n)]
     assert p.segment_offsets.tolist() == expected_offsets
@@ -201,15 +202,16 @@ def _set(index, value):
     return lambda t: t.__setitem__(index, value)
 
 
-# decode_table entries are symbol | length << 8; the stream ends with one zero word
+# decode_table entries are symbol | length << 8; the stream ends with zero words
 STORED_DAMAGE = {
     "code too long": ("decode_table", _set(7, 7 | (CODE_BITS + 1) << 8),
                       rf"'decode_table': entry 7 has code length {CODE_BITS + 1}, over"),
     "negative entry": ("decode_table", _set(9, -1), r"entry 9 has code length 255"),
     "negative offset": ("segment_offsets", _set((1, 0), -8), r"segment 0 of row 1 starts at bit -8, outside"),
     "offset past the end": ("segment_offsets", _set((7, 1), 2**30), r"segment 1 of row 7 starts at bit 1073741824"),
-    # all-ones bits are the longest code: the last segment's codes no longer fit the stream
-    "stream tail": ("exponent_code", _set(slice(-6, -1), -1), r"'exponent_code': segment 1 of row 7 decodes past the end"),
+    # all-ones bits are the longest code: the last segments' codes no longer fit the stream
+    "stream tail": ("exponent_code", _set(slice(0, -1), -1),
+                    r"'exponent_code': segment \d of row \d decodes past the end"),
 }
 
 

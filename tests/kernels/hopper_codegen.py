@@ -79,19 +79,24 @@ def compile_lut(bits: int):
                     unaligned=("M", "tiles_per_split"))
 
 
-def compile_dfloat11(kind: str, act: str = "fp32"):
+def compile_dfloat11(kind: str, act: str = "fp32", chunk: int | None = None, stage: int | None = None):
     """kind "decode": the multi-layer decoder (aligned layers); "gemv": the fused decode + GEMV (M=1, split-K;
-    by default fp32 activations and output, so any 16-bit global store would be a decoded weight)."""
+    by default fp32 activations and output, so any 16-bit global store would be a decoded weight). chunk,
+    stage: other than the launchers' defaults. The stream's length is a multiple of 16 words, as
+    the encoder pads it."""
     if kind == "decode":
         return _compile(dfloat11._decode_kernel, {"layers_ptr": "*i64", "out_ptr": "*i16"},
                         {"SEGMENT": 256, "CODE_BITS": CODE_BITS, "BLOCK": dfloat11.DECODE_BLOCK,
-                         "CHUNK": dfloat11.DECODE_CHUNK, "ALIGNED": True})
+                         "CHUNK": chunk or dfloat11.DECODE_CHUNK, "STORE": dfloat11.DECODE_STORE,
+                         "STAGE": stage or dfloat11.DECODE_STAGE,
+                         "ALIGNED": True})
     return _compile(dfloat11._decode_gemv_kernel,
                     {"x_ptr": ACT[act], "words_ptr": "*i32", "sign_ptr": "*u8", "offsets_ptr": "*i32",
                      "table_ptr": "*i16", "bias_ptr": ACT[act], "out_ptr": ACT[act], **SPLIT_K_POINTERS},
                     {"SEGMENT": 256, "CODE_BITS": CODE_BITS, "HAS_BIAS": True, "SPLIT": True, "BLOCK_M": 1,
-                     "BLOCK_N": dfloat11.GEMV_BLOCK_N, "CHUNK": dfloat11.GEMV_CHUNK},
-                    unaligned=("M", "segments_per_row", "code_words", "segments_per_split"))
+                     "BLOCK_N": dfloat11.GEMV_BLOCK_N, "CHUNK": chunk or dfloat11.GEMV_CHUNK,
+                     "STAGE": stage or dfloat11.GEMV_STAGE},
+                    unaligned=("M", "segments_per_row", "segments_per_split"))
 
 
 def variant_column_k(bits: int, element: str, scale_kind: str = "float", one_bit_planes: bool = False) -> int:
@@ -150,7 +155,7 @@ def main(argv):
             if variant[0] == "act_quant":
                 compiled = compile_act_quant(variant[1])
             elif variant[0] == "dfloat11":
-                compiled = compile_dfloat11(variant[1])
+                compiled = compile_dfloat11(*variant[1:])
             elif variant[0] == "lut":
                 compiled = compile_lut(variant[1])
             else:

@@ -42,7 +42,9 @@ MX_VARIANTS = [[path, bits, True, "bf16", element, scale] for path in ("gemv", "
 CODEBOOK_VARIANTS = [[path, 4, True, "bf16", "codebook"] for path in ("gemv", "gemm")]
 # the table-lookup kernel, and the dequant GEMV on the LUT formats' one-bit planes
 LUT_VARIANTS = [["lut", b] for b in range(1, 5)] + [["gemv", b, False, "bf16", "int", "float", True] for b in range(1, 5)]
+# the launchers' defaults, and with stream words fetched one at a time (stage 1) to compare
 DF11_VARIANTS = [["dfloat11", "decode"], ["dfloat11", "gemv"]]
+DF11_VARIANTS += [["dfloat11", kind, "fp32", None, 1] for kind in ("decode", "gemv")]
 # act="int8" / "fp8": the GEMM on int8 / E4M3 activation codes (E4M3: weight codes up to 5 bits)
 INT8_ACT_VARIANTS = [["gemm", b, s, "int8", "int"] for b, s in [(8, True), (4, False), (6, False), (3, True)]]
 FP8_ACT_VARIANTS = [["gemm", b, s, "e4m3", "int"] for b, s in [(4, True), (4, False), (5, False), (2, True)]]
@@ -361,29 +363,49 @@ def _global_ops(ptx):
     return Counter(re.sub(r"@%p\d+ ", "@", op) for op in re.findall(r"(?:@%p\d+ )?(?:ld|st)\.global[.\w]*", ptx))
 
 
+def _stream_word_loads(ops: Counter) -> tuple[int, int]:
+    """(predicated scalar 32-bit loads, predicated 128-bit loads) of compiled code."""
+    return ops["@ld.global.b32"], ops["@ld.global.v4.b32"]
+
+
 def test_dfloat11_decoder_moves_weights_as_vectors(hopper):
-    """Aligned layers: per 8 weights a lane loads their sign|mantissa bytes as one 64-bit vector
-    and stores the 8 bf16 results as one 128-bit vector (lanes hold segments far apart, so
-    per-weight byte accesses would each touch another cache line). Stream words arrive only
-    when the lane's bit buffer runs low (predicated loads, one check per 32 // CODE_BITS = 4
-    steps: 2 per 8 weights), plus 2 to start the segment (one predicated)."""
-    ops = _global_ops(_ptx(hopper, "dfloat11", "decode"))
-    assert ops["@st.global.v4.b32"] == 1 and ops["@ld.global.v2.b32"] == 1
+    """Aligned layers: per chunk (DECODE_CHUNK weights) a lane loads their sign|mantissa bytes
+    as one vector and stores the bf16 results as 128-bit vectors of DECODE_STORE (lanes hold
+    segments far apart, so per-weight byte accesses would each touch another cache line), with
+    no pass through shared memory. The refill checks (one per 32 // CODE_BITS = 4 steps) and the
+    segment's start fetch stream words a 16-byte stage at a time: each of those loads is one
+    vector where stage 1 has one word (the start's first two words are loaded either way)."""
+    ptx = _ptx(hopper, "dfloat11", "decode")
+    ops = _global_ops(ptx)
+    assert ops["@st.global.v4.b32"] == dfloat11.DECODE_CHUNK // dfloat11.DECODE_STORE
     assert not [op for op in ops if op.endswith((".b8", ".u8")) or op.startswith("st.global") and "v4" not in op]
+    assert not re.search(r"(?:ld|st)\.shared|bar\.sync", ptx)
     assert ops["ld.global.b16"] == dfloat11.DECODE_CHUNK  # the decode table: one lookup per weight
-    refills = -(-dfloat11.DECODE_CHUNK // (32 // CODE_BITS))
-    assert ops["@ld.global.b32"] == refills + 1  # (+ the segment start's second word)
+    stage_loads = dfloat11.DECODE_CHUNK // (32 // CODE_BITS) + 1  # + the segment start's
+    word_by_word = _global_ops(_checked(hopper["dfloat11-decode-fp32-None-1"]))
+    assert dfloat11.DECODE_STAGE == 4
+    scalar, vector = _stream_word_loads(ops)
+    scalar_1, vector_1 = _stream_word_loads(word_by_word)
+    assert scalar == 1 and scalar_1 - scalar == stage_loads == vector - vector_1
 
 
 def test_dfloat11_fused_gemv_loads_sign_bytes_as_vectors(hopper):
     """Per 16 weights a lane loads their sign|mantissa bytes as one 128-bit vector, and reads
-    stream words only when its bit buffer runs low: one table lookup and one activation load
-    per weight, a predicated refill per 32 // CODE_BITS = 4, no byte loads."""
+    stream words only when its bit buffer runs low: one table lookup per weight, a refill check
+    per 32 // CODE_BITS = 4 steps, no byte loads."""
     ops = _global_ops(_ptx(hopper, "dfloat11", "gemv"))
     assert ops["ld.global.v4.b32"] + ops["@ld.global.v4.b32"] >= 1
     assert not [op for op in ops if op.endswith((".b8", ".u8"))]
     # the unmasked chunk and the tail chunk: 16 table lookups each
     assert ops["ld.global.b16"] == 2 * dfloat11.GEMV_CHUNK
+    # the segment's start and the refills (one per 4 steps) fetch a 16-byte stage of stream
+    # words, one vector load where stage 1 loads one word: at least the start's and the
+    # unmasked chunk's
+    word_by_word = _global_ops(_checked(hopper["dfloat11-gemv-fp32-None-1"]))
+    assert dfloat11.GEMV_STAGE == 4
+    scalar, vector = _stream_word_loads(ops)
+    scalar_1, vector_1 = _stream_word_loads(word_by_word)
+    assert scalar_1 - scalar == vector - vector_1 >= dfloat11.GEMV_CHUNK // (32 // CODE_BITS) + 1
 
 
 @pytest.mark.parametrize("variant", [["gemv", 4, False, "fp16", "int"], ["gemv", 4, True, "bf16", "e2m1", "e8m0"],

@@ -9,9 +9,10 @@ from torch import nn
 import lowbit
 from lowbit.block_decode import BlockDecompressor, enable_block_decompression
 from lowbit.errors import InputError
-from lowbit.formats.dfloat11 import CODE_BITS, join_bf16
+from lowbit.formats.dfloat11 import CODE_BITS, STREAM_BLOCK_WORDS, join_bf16
 from lowbit.kernels import dfloat11 as dfloat11_kernels
 from lowbit.kernels.dfloat11 import FUSED_MAX_M, decode_weight
+from lowbit.packed import PackedWeight
 
 from ..conftest import kernel_devices, make_tiny_llama, requires_gpu
 
@@ -46,6 +47,49 @@ def test_decoder_matches_reference(device, shape, segment):
     w.view(-1)[:: 97] = float("nan")
     p = FMT.quantize(w, segment=segment)
     assert torch.equal(_bits(_decode(p.to(device))), _bits(FMT.dequantize(p)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", dfloat11_kernels.DECODE_CHUNKS)
+@pytest.mark.parametrize("stage", dfloat11_kernels.STAGES)
+def test_decoder_every_chunk_and_stage_matches_reference(device, chunk, stage):
+    """Each chunk length (sign bytes per vector load) and stage (stream words per load) the
+    decoder takes, aligned (K a multiple of the chunk) and not, on runs of longest codes (a
+    lane's refills as close together as its schedule allows, so it crosses stages fastest)."""
+    for w, segment in ((_runs_of_longest_codes(8, 512), 128), (_runs_of_longest_codes(5, 300), 64)):
+        p = FMT.quantize(w, segment=segment).to(device)
+        out = decode_weight(p.exponent_code, p.sign_mantissa, p.segment_offsets, p.decode_table, segment=segment,
+                            code_bits=CODE_BITS, chunk=chunk, stage=stage)
+        assert torch.equal(_bits(out), _bits(w))
+
+
+def _one_padding_word(p):
+    """The packed weight with its stream cut to the layout written before streams were padded
+    to whole blocks of STREAM_BLOCK_WORDS: the codes, then one zero word."""
+    words = p.exponent_code
+    last = int(torch.nonzero(words).max())
+    return PackedWeight("dfloat11", p.shape, p.dtype, {**p.attrs, "code_words": last + 2},
+                        {**p.tensors, "exponent_code": words[:last + 2].clone()})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streams_with_one_padding_word_still_decode(device):
+    """Files written before the block padding hold one zero word after the codes: their stream
+    length is no multiple of a stage, so each stage's bounds check works word by word (and the
+    decoder takes its unaligned path). Both kernels give the same values as from the padded stream."""
+    w = (torch.randn(24, 320, generator=torch.Generator().manual_seed(3)) * 0.05).bfloat16()
+    padded = FMT.quantize(w, segment=64)
+    old = _one_padding_word(padded)
+    assert old.attrs["code_words"] % STREAM_BLOCK_WORDS
+    assert old.attrs["code_words"] < padded.attrs["code_words"]
+    FMT.check_data(old)
+    for stage in dfloat11_kernels.STAGES:
+        out = decode_weight(old.exponent_code.to(device), old.sign_mantissa.to(device), old.segment_offsets.to(device),
+                            old.decode_table.to(device), segment=64, code_bits=CODE_BITS, stage=stage)
+        assert torch.equal(_bits(out), _bits(w))
+    x = torch.randn(1, 320, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(lowbit.linear(x.to(device), old.to(device), None, backend="triton").cpu(),
+                       lowbit.linear(x.to(device), padded.to(device), None, backend="triton").cpu())
 
 
 def _runs_of_longest_codes(n: int, k: int) -> torch.Tensor:

@@ -271,7 +271,7 @@ def test_gemv_launch_options_reach_the_kernel(monkeypatch, keyword, fmt, k, case
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
 def test_dfloat11_fused_gemv_takes_valid_tuned_entries(tuned_table, monkeypatch):
     """dfloat11's fused decode + GEMV looks up its own key (segment, x dtype, shape, M bucket) and
-    launches a valid tuned entry's rows per program, chunk, split count, warps and stages, giving
+    launches a valid tuned entry's rows per program, chunk, stage, split count, warps and stages, giving
     the reference's values; entries it cannot take are ignored and the defaults launch."""
     from lowbit.kernels import dfloat11
 
@@ -289,21 +289,24 @@ def test_dfloat11_fused_gemv_takes_valid_tuned_entries(tuned_table, monkeypatch)
 
     def launched() -> tuple:
         kwargs = [kw for name, kw in launches if name == "_decode_gemv_kernel"][-1]
-        return kwargs["BLOCK_N"], kwargs["CHUNK"], requested_splits[-1], kwargs.get("num_warps"), kwargs.get("num_stages")
+        return (kwargs["BLOCK_N"], kwargs["CHUNK"], kwargs["STAGE"], requested_splits[-1], kwargs.get("num_warps"),
+                kwargs.get("num_stages"))
 
     tuned_table({})
     key = _key_of(x, packed)
     assert key == "dfloat11-s64-torch.float32/40x300/m4"
     default = launched()
-    assert default[:2] == (dfloat11.GEMV_BLOCK_N, dfloat11.GEMV_CHUNK) and default[3] == 4
-    for entry in ({"path": "fused", "BLOCK_N": 32, "CHUNK": 8, "SPLIT_K": 3, "num_warps": 1},
-                  {"path": "fused", "BLOCK_N": 64, "CHUNK": 16, "SPLIT_K": 1, "num_warps": 2, "num_stages": 1}):
+    assert default[:3] == (dfloat11.GEMV_BLOCK_N, dfloat11.GEMV_CHUNK, dfloat11.GEMV_STAGE) and default[4] == 4
+    for entry in ({"path": "fused", "BLOCK_N": 32, "CHUNK": 8, "STAGE": 1, "SPLIT_K": 3, "num_warps": 1},
+                  {"path": "fused", "BLOCK_N": 64, "CHUNK": 16, "STAGE": 4, "SPLIT_K": 1, "num_warps": 2,
+                   "num_stages": 1}):
         tuned_table({key: entry})
         torch.testing.assert_close(lowbit.linear(x, packed, backend="triton"), ref, rtol=1e-5, atol=1e-6)
-        assert launched() == (entry["BLOCK_N"], entry["CHUNK"], entry["SPLIT_K"], entry["num_warps"],
+        assert launched() == (entry["BLOCK_N"], entry["CHUNK"], entry["STAGE"], entry["SPLIT_K"], entry["num_warps"],
                               entry.get("num_stages"))
-    valid = {"path": "fused", "BLOCK_N": 32, "CHUNK": 8, "SPLIT_K": 3, "num_warps": 1}
-    for change in ({"CHUNK": 4}, {"CHUNK": "8"}, {"BLOCK_N": 48}, {"BLOCK_N": 2048}, {"SPLIT_K": 0},
+    valid = {"path": "fused", "BLOCK_N": 32, "CHUNK": 8, "STAGE": 1, "SPLIT_K": 3, "num_warps": 1}
+    for change in ({"CHUNK": 4}, {"CHUNK": "8"}, {"STAGE": 2}, {"STAGE": None}, {"BLOCK_N": 48}, {"BLOCK_N": 2048},
+                   {"SPLIT_K": 0},
                    {"num_warps": 4},  # 32 lanes on 128 threads
                    {"num_warps": 3}, {"path": "gemv"}):
         tuned_table({key: {**valid, **change}})
