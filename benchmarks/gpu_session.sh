@@ -22,7 +22,9 @@
 # and `profile`. Next: `gemm-m1` first (the new 8-row GEMV default, untuned formats), `tune` on
 # the formats after int4 (TUNE_ARGS="--m 1 --formats nvfp4 mxfp4 int6 int8 fp8 lut2 mxint8 dfloat11"),
 # `gemm-m1` again, then the `gpu` tests this run failed (TESTS_K="ct_import or nf4 or fp8_gemm"),
-# `profile-decode` and the rest.
+# `profile-decode` and the rest. After the dfloat11 kernels' stream stages (commit 600c83b, not yet
+# on a GPU): `profile` (DRAM bytes with and without them), `dfloat11` (the decoder at every chunk
+# and stage) and `tune` with TUNE_ARGS="--m 1 --formats dfloat11" decide their defaults.
 #
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
 # results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
@@ -59,16 +61,22 @@ TARGET_FORMATS="int4 int6 int8 fp8 fp8:act=fp8 mxfp4 nvfp4 lut2 mxint8 int2 dflo
 OTHER_FORMATS="int3 int5 int7 fp8_e5m2 fp8:block=128,act=fp8 int8:act=int8,symmetric=true,group_size=-1 int4:act=int8
   int4:act=fp8,symmetric=true int4:permuted=true int6:group_size=16,symmetric=true int4:group_size=32
   mxfp8 mxfp6 lut1 lut3 lut4 nf4 bnb_fp4 iq4_nl dfloat11:segment=64"
-# nvfp4, int6 and dfloat11 at M=1 on Llama-3-8B's gate_proj, each twice, then dfloat11's block decoder
-# on a whole Llama-3-8B block's seven weights, twice (the profile part's 8 launches)
+# nvfp4, int6 and dfloat11 at M=1 on Llama-3-8B's gate_proj, each twice, dfloat11 again with the
+# fused GEMV as it was before stream stages (STAGE 1, the 2026-11-25 default's tiles), then
+# dfloat11's block decoder on a whole Llama-3-8B block's seven weights, twice with the defaults
+# and twice as before (chunk 8, stage 1): the profile part's 12 launches
 PROFILE_KERNELS='
 import torch, lowbit
 from lowbit.formats.dfloat11 import CODE_BITS
+from lowbit.kernels import tuning
 from lowbit.kernels.dfloat11 import decode_layers, layer_row
 w = (torch.randn(14336, 4096, device="cuda") * 0.02).bfloat16()
 x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
 for fmt in ("nvfp4", "int6", "dfloat11"):
     packed = lowbit.get_format(fmt).quantize(w)
+    for _ in range(2):
+        lowbit.linear(x, packed, None)
+with tuning.force({"path": "fused", "BLOCK_N": 128, "CHUNK": 16, "STAGE": 1, "SPLIT_K": 16, "num_warps": 4}):
     for _ in range(2):
         lowbit.linear(x, packed, None)
 shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
@@ -77,8 +85,10 @@ sizes = [n * k for n, k in shapes]
 out = torch.empty(sum(sizes), dtype=torch.bfloat16, device="cuda")
 rows = [layer_row(p.exponent_code, p.sign_mantissa, p.segment_offsets, p.decode_table, sum(sizes[:i]),
                   p.attrs["segment"], CODE_BITS) for i, p in enumerate(block)]
-for _ in range(2):
-    decode_layers(rows, out, block[0].attrs["segment"], CODE_BITS)
+for chunk, stage in ((None, None), (8, 1)):
+    variant = {} if chunk is None else {"chunk": chunk, "stage": stage}
+    for _ in range(2):
+        decode_layers(rows, out, block[0].attrs["segment"], CODE_BITS, **variant)
 torch.cuda.synchronize()
 '
 # one eager decode step (1 token, no KV cache) of a 2-layer Llama-3-8B-width model in bf16, then
@@ -133,13 +143,14 @@ for part in "$@"; do
                     --out-dir "$out/results" ;;
     e2e-moe) run_part e2e-moe 420 python3 benchmarks/bench_e2e.py --width mixtral-8x7b --layers 4 --no-graphs \
                --formats int4 int8 fp8 nvfp4 --out-dir "$out/results" ;;
-    dfloat11) run_part dfloat11 150 python3 benchmarks/bench_dfloat11.py --out-dir "$out/results" ;;
-    profile)  # what limits the GEMVs nearest their targets at M=1 (nvfp4, int6; dfloat11: its table gather in L1?)
-              # and dfloat11's block decoder (~2.3 ms per Llama-3-8B block in the first H100 run)
+    dfloat11) run_part dfloat11 240 python3 benchmarks/bench_dfloat11.py --segments 256 128 --out-dir "$out/results" ;;
+    profile)  # what limits the GEMVs nearest their targets at M=1 (nvfp4, int6; dfloat11) and dfloat11's block
+              # decoder, and the DRAM bytes dfloat11's kernels move with stream stages and without
       if command -v ncu >/dev/null; then
-        run_part profile 240 ncu --kernel-name regex:"_decode_gemv_kernel|_gemv_kernel|_decode_kernel" --launch-count 8 \
+        run_part profile 300 ncu --kernel-name regex:"_decode_gemv_kernel|_gemv_kernel|_decode_kernel" --launch-count 12 \
           --section SpeedOfLight --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
-          --section InstructionStats --section WarpStateStats python3 -c "$PROFILE_KERNELS"
+          --section InstructionStats --section WarpStateStats --section LaunchStats --section Occupancy \
+          --metrics dram__bytes_read.sum,dram__bytes_write.sum python3 -c "$PROFILE_KERNELS"
       else
         echo "== profile: ncu is not installed" | tee "$out/profile.log"
       fi ;;
