@@ -46,15 +46,18 @@ FUSED_MAX_M = 4
 #: columns of the layer table
 LAYER_FIELDS = ("words", "sign_mantissa", "segment_offsets", "decode_table", "out_offset", "segments", "k",
                 "segments_per_row", "code_words")
-#: weights a lane decodes per vector load of their sign|mantissa bytes (16 = 128 bits; a wider
-#: tile would be split between threads, its columns passed through shared memory)
-GEMV_CHUNK = 16
-DECODE_CHUNK = 16
-#: the fused GEMV's chunk lengths: whole 16-byte activation vectors (8 bf16 / fp16, 4 fp32) per chunk
-FUSED_CHUNKS = (8, 16)
+#: weights a lane decodes per chunk: their sign|mantissa bytes are loaded first, one vector of
+#: up to 16 (128 bits; a wider tile would be split between threads, its columns passed through
+#: shared memory) per piece
+GEMV_CHUNK = 32
+DECODE_CHUNK = 32
+#: the fused GEMV's chunk lengths: whole 16-byte activation vectors (8 bf16 / fp16, 4 fp32) per
+#: chunk; 32: two 16-byte sign loads back to back, a whole 32-byte sector
+FUSED_CHUNKS = (8, 16, 32)
 #: the decoder's chunk lengths (benchmarks/bench_dfloat11.py times each), and the weights per
-#: vector store of its bf16 results (16 bytes): a chunk of 16 writes a whole 32-byte sector
-DECODE_CHUNKS = (8, 16)
+#: vector store of its bf16 results (16 bytes): a chunk of 16 writes a whole 32-byte sector (32:
+#: two, and loads a whole sector of sign bytes)
+DECODE_CHUNKS = (8, 16, 32)
 DECODE_STORE = 8
 #: stream words a lane fetches per load (`_load_stage`): 1, or one 16-byte vector. Not yet
 #: measured on a GPU: the fused GEMV's tuner and bench_dfloat11.py's decoder rows compare them
@@ -221,27 +224,30 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
         count = tl.minimum(k - col0, SEGMENT)
         buf, shift, next_word, staged = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg),
                                                        CODE_BITS, STAGE)
-        u = tl.arange(0, CHUNK)
+        PIECE: tl.constexpr = 16 if CHUNK > 16 else CHUNK
         p = tl.arange(0, STORE)
         for i in range(0, SEGMENT, CHUNK):
-            if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
-                keep = (active & (i < count))[:, None]
-            else:
-                keep = active[:, None] & ((i + u)[None, :] < count[:, None])
-            sign_mantissa = tl.load(sign_ptr + first[:, None] + i + u[None, :], mask=keep, other=0).to(tl.int32)
+            # The chunk's sign|mantissa bytes first, one 16-byte vector per piece, back to back.
+            first_piece = _decoder_sign_piece(sign_ptr, first, i, count, active, PIECE, ALIGNED)
+            if CHUNK > PIECE:
+                second_piece = _decoder_sign_piece(sign_ptr, first, i + PIECE, count, active, PIECE, ALIGNED)
             # Stored STORE weights (16 bytes) at a time: a wider tile would be split between
             # threads and pass through shared memory, a barrier per chunk. A chunk's stores
-            # leave back to back, so its sector is written whole before the L2 can evict it.
+            # leave back to back, so its sectors are written whole before the L2 can evict them.
             for h in tl.static_range(CHUNK // STORE):
+                if h * STORE < PIECE:
+                    sign_mantissa = first_piece
+                else:
+                    sign_mantissa = second_piece
                 bits = tl.zeros((BLOCK, STORE), dtype=tl.int32)
                 for c in tl.static_range(STORE):
                     # Lanes past their segment's last code decode on and are not stored.
-                    weight, buf, shift, next_word, staged = _decode_step(buf, shift, next_word, staged, sign_mantissa,
-                                                                           u, words_ptr, code_words, table_ptr, fields,
-                                                                           h * STORE + c, CODE_BITS, STAGE)
+                    weight, buf, shift, next_word, staged = _decode_step(
+                        buf, shift, next_word, staged, sign_mantissa, tl.arange(0, PIECE), words_ptr, code_words,
+                        table_ptr, fields, (h * STORE) % PIECE + c, CODE_BITS, STAGE)
                     bits = tl.where(p[None, :] == c, (weight >> 16)[:, None], bits)  # bf16: the top half
-                if ALIGNED:
-                    store = keep
+                if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
+                    store = (active & (i < count))[:, None]
                 else:
                     store = active[:, None] & ((i + h * STORE + p)[None, :] < count[:, None])
                 tl.store(out_ptr + out_offset + first[:, None] + i + h * STORE + p[None, :], bits.to(tl.int16),
@@ -249,18 +255,59 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
 
 
 @triton.jit
+def _decoder_sign_piece(sign_ptr, first, col, count, active, PIECE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Sign|mantissa bytes col.. col + PIECE of each lane's segment (its weights from `first`),
+    int32 [lanes, PIECE], one vector load per lane; zeros for idle lanes and past the segment's
+    `count` weights (ALIGNED: a lane has all of a chunk or none)."""
+    u = col + tl.arange(0, PIECE)
+    if ALIGNED:
+        keep = (active & (col < count))[:, None]
+    else:
+        keep = active[:, None] & (u[None, :] < count[:, None])
+    return tl.load(sign_ptr + first[:, None] + u[None, :], mask=keep, other=0).to(tl.int32)
+
+
+@triton.jit
 def _gemv_chunk(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows, col, left, sign_ptrs, words_ptr,
                 code_words, table_ptr, fields, CODE_BITS: tl.constexpr, CHUNK: tl.constexpr, STAGE: tl.constexpr,
                 TAIL: tl.constexpr):
     """Decode CHUNK weights per lane (columns col.. of each row) and add their products with x
-    into acc [BLOCK_M, BLOCK_N]. TAIL: only the first `left` columns are weights."""
-    u = tl.arange(0, CHUNK)
-    # one vector load of CHUNK sign|mantissa bytes per lane, not CHUNK byte loads
-    sign_mantissa = tl.load(sign_ptrs[:, None] + u[None, :], mask=(u < left)[None, :] if TAIL else None,
-                            other=0 if TAIL else None).to(tl.int32)
+    into acc [BLOCK_M, BLOCK_N]. TAIL: only the first `left` columns are weights. The chunk's
+    sign|mantissa bytes are loaded first, one 16-byte vector per piece of 16 (a wider tile would
+    be split between threads): a chunk of 32 asks for a whole 32-byte sector at once."""
+    PIECE: tl.constexpr = 16 if CHUNK > 16 else CHUNK
+    first = _sign_piece(sign_ptrs, left, 0, PIECE, TAIL)
+    if CHUNK > PIECE:
+        second = _sign_piece(sign_ptrs, left, PIECE, PIECE, TAIL)
+    acc, buf, shift, next_word, staged = _gemv_piece(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows,
+                                                     col, left, first, sign_ptrs, words_ptr, code_words, table_ptr,
+                                                     fields, CODE_BITS, PIECE, STAGE, TAIL)
+    if CHUNK > PIECE:
+        acc, buf, shift, next_word, staged = _gemv_piece(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows,
+                                                         col + PIECE, left - PIECE, second, sign_ptrs, words_ptr,
+                                                         code_words, table_ptr, fields, CODE_BITS, PIECE, STAGE, TAIL)
+    return acc, buf, shift, next_word, staged
+
+
+@triton.jit
+def _sign_piece(sign_ptrs, left, offset: tl.constexpr, PIECE: tl.constexpr, TAIL: tl.constexpr):
+    """Sign|mantissa bytes offset.. offset + PIECE of each lane's chunk, int32 [lanes, PIECE]: one
+    vector load per lane, not PIECE byte loads (TAIL: zeros from column `left` on)."""
+    u = offset + tl.arange(0, PIECE)
+    return tl.load(sign_ptrs[:, None] + u[None, :], mask=(u < left)[None, :] if TAIL else None,
+                   other=0 if TAIL else None).to(tl.int32)
+
+
+@triton.jit
+def _gemv_piece(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows, col, left, sign_mantissa, lanes_like,
+                words_ptr, code_words, table_ptr, fields, CODE_BITS: tl.constexpr, PIECE: tl.constexpr,
+                STAGE: tl.constexpr, TAIL: tl.constexpr):
+    """Decode PIECE weights per lane (columns col.., their sign|mantissa bytes [lanes, PIECE]) and
+    add their products with x into acc (see `_gemv_chunk`)."""
+    u = tl.arange(0, PIECE)
     VECTOR: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth  # activations per 16 bytes
     v = tl.arange(0, VECTOR)
-    for c in tl.static_range(CHUNK):
+    for c in tl.static_range(PIECE):
         weight, buf, shift, next_word, staged = _decode_step(buf, shift, next_word, staged, sign_mantissa, u,
                                                                words_ptr, code_words, table_ptr, fields, c, CODE_BITS,
                                                                STAGE)
@@ -269,7 +316,7 @@ def _gemv_chunk(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows, co
             acc = _add_tail_product(acc, w, x_ptr, stride_xm, x_rows, col, left, c)
         else:
             if c % VECTOR == 0:
-                x_bits = _activation_vector(x_ptr, stride_xm, x_rows, col + c, sign_ptrs, v)
+                x_bits = _activation_vector(x_ptr, stride_xm, x_rows, col + c, lanes_like, v)
             x = _column(x_bits, v, c % VECTOR).to(x_ptr.dtype.element_ty, bitcast=True)
             acc = acc + x.to(tl.float32) * w[None, :]
     return acc, buf, shift, next_word, staged

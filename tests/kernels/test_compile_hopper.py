@@ -390,11 +390,14 @@ def test_dfloat11_decoder_moves_weights_as_vectors(hopper):
 
 
 def test_dfloat11_fused_gemv_loads_sign_bytes_as_vectors(hopper):
-    """Per 16 weights a lane loads their sign|mantissa bytes as one 128-bit vector, and reads
-    stream words only when its bit buffer runs low: one table lookup per weight, a refill check
-    per 32 // CODE_BITS = 4 steps, no byte loads."""
-    ops = _global_ops(_ptx(hopper, "dfloat11", "gemv"))
-    assert ops["ld.global.v4.b32"] + ops["@ld.global.v4.b32"] >= 1
+    """Per chunk of GEMV_CHUNK weights a lane loads their sign|mantissa bytes as 128-bit vectors
+    (one per 16), and reads stream words only when its bit buffer runs low: one table lookup per
+    weight, a refill check per 32 // CODE_BITS = 4 steps, no byte loads, and no pass through
+    shared memory but split-K's (its ticket, broadcast to the program's threads once)."""
+    ptx = _ptx(hopper, "dfloat11", "gemv")
+    ops = _global_ops(ptx)
+    assert ops["ld.global.v4.b32"] >= dfloat11.GEMV_CHUNK // 16  # the unmasked chunk's sign bytes
+    assert len(re.findall(r"(?:ld|st)\.shared", ptx)) == 2
     assert not [op for op in ops if op.endswith((".b8", ".u8"))]
     # the unmasked chunk and the tail chunk: 16 table lookups each
     assert ops["ld.global.b16"] == 2 * dfloat11.GEMV_CHUNK
