@@ -22,9 +22,10 @@
 # and `profile`. Next: `gemm-m1` first (the new 8-row GEMV default, untuned formats), `tune` on
 # the formats after int4 (TUNE_ARGS="--m 1 --formats nvfp4 mxfp4 int6 int8 fp8 lut2 mxint8 dfloat11"),
 # `gemm-m1` again, then the `gpu` tests this run failed (TESTS_K="ct_import or nf4 or fp8_gemm"),
-# `profile-decode` and the rest. After the dfloat11 kernels' stream stages (commit 600c83b, not yet
-# on a GPU): `profile` (DRAM bytes with and without them), `dfloat11` (the decoder at every chunk
-# and stage) and `tune` with TUNE_ARGS="--m 1 --formats dfloat11" decide their defaults.
+# `profile-decode` and the rest. After the dfloat11 kernels' stream stages and 32-weight chunks
+# (commits 600c83b, 6130d6a; not yet on a GPU): `profile` (DRAM bytes with the new defaults and
+# the old), `dfloat11` (the decoder at every chunk and stage) and `tune` with
+# TUNE_ARGS="--m 1 --formats dfloat11" decide their defaults.
 #
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
 # results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
