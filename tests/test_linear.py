@@ -150,7 +150,7 @@ def test_load_state_dict_round_trips_and_never_casts_a_packed_field():
 
 def test_load_state_dict_checks_values_a_kernel_uses_as_addresses():
     """A dfloat11 segment offset past the end of the stream, arriving through load_state_dict, is
-    refused as lowbit.load refuses it (the fused GEMV reads the stream unguarded)."""
+    refused as lowbit.load refuses it (the kernels read a segment's first stream words unmasked)."""
     layer = lowbit.QuantLinear.from_linear(nn.Linear(512, 8, bias=False).bfloat16(), "dfloat11")
     state = {name: t.clone() for name, t in layer.state_dict().items()}
     state["segment_offsets"][7, 1] = 2**30

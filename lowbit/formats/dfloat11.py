@@ -173,7 +173,8 @@ def decode(sign_mantissa: torch.Tensor, exponent_code: torch.Tensor, segment_off
 def check_stream(packed: PackedWeight) -> None:
     """FormatError unless every code length in decode_table is at most CODE_BITS, every segment starts
     inside the stream and none decodes past its end (the fields of a file are not trusted: the
-    fused GEMV reads the stream unguarded, so this is what keeps it in bounds). Only segments
+    kernels read a segment's first stream words unmasked, so this keeps them in bounds, and a
+    segment decoding past the end would give wrong weights, not an error). Only segments
     starting within CODE_BITS * segment bits of the end can run past it, so only those (a few
     per tensor) are decoded: about 0.5 ms for a 4096 x 4096 weight."""
     k = packed.shape[1]
