@@ -100,28 +100,43 @@ def _column(tile, u, c: tl.constexpr):
 def _start_segment(words_ptr, code_words, position, CODE_BITS: tl.constexpr, STAGE: tl.constexpr):
     """Bit-buffer state (buf, shift, next_word, staged) of lanes starting at stream bit
     `position` (see `_take_code`, `_refill`): the two words around it, 64 - (position & 31) of
-    their bits unread, and the STAGE-word group that holds the word after them."""
+    their bits unread, and the STAGE-aligned group of words that holds the word after them,
+    moved down so that that word is column 0."""
     word = position >> 5
     w0 = tl.load(words_ptr + word).to(tl.uint32, bitcast=True)
     w1 = tl.load(words_ptr + word + 1, mask=word + 1 < code_words, other=0).to(tl.uint32, bitcast=True)
     buf = (w0.to(tl.uint64) << 32) | w1.to(tl.uint64)
     next_word = word + 2
-    staged = _load_stage(words_ptr, code_words, next_word, tl.full(next_word.shape, True, tl.int1), STAGE)
+    staged = _load_stage(words_ptr, code_words, next_word, tl.full(next_word.shape, True, tl.int1),
+                         tl.zeros((next_word.shape[0], STAGE), tl.int32), STAGE)
+    for c in tl.static_range(1, STAGE):  # once per segment
+        staged = tl.where((next_word % STAGE >= c)[:, None], _advance(staged, STAGE), staged)
     return buf, 64 - (position & 31) - CODE_BITS - 1, next_word, staged
 
 
 @triton.jit
-def _load_stage(words_ptr, code_words, word, load, STAGE: tl.constexpr):
-    """Stream words [STAGE * (word // STAGE), + STAGE) of the lanes where `load` is set (int32
-    [lanes, STAGE], each lane's in its own registers; zeros past the stream). Stage-aligned, so
-    a stage of 4 is one 16-byte vector per lane: with lanes far apart in the stream, a whole
-    vector costs the same cache-line visit as one word, and no sector is fetched for one word
-    and then again for the next (the stream is padded to whole 16-word blocks,
-    lowbit/formats/dfloat11.py, so the bounds mask is uniform over a vector)."""
+def _load_stage(words_ptr, code_words, word, load, staged, STAGE: tl.constexpr):
+    """Stream words [STAGE * (word // STAGE), + STAGE) of the lanes where `load` is set, int32
+    [lanes, STAGE] (each lane's in its own registers), `staged` elsewhere (and past the stream's
+    end). Stage-aligned, so a stage of 4 is one 16-byte vector per lane: with lanes far apart in
+    the stream, a whole vector costs the same cache-line visit as one word, and no sector is
+    fetched for one word and then again for the next (the stream is padded to whole 16-word
+    blocks, lowbit/formats/dfloat11.py, so the bounds mask is uniform over a vector)."""
     s = tl.arange(0, STAGE)
     first = (word // STAGE) * STAGE
     index = first[:, None] + s[None, :]
-    return tl.load(words_ptr + index, mask=load[:, None] & (index < code_words), other=0)
+    return tl.load(words_ptr + index, mask=load[:, None] & (index < code_words), other=staged)
+
+
+@triton.jit
+def _advance(staged, STAGE: tl.constexpr):
+    """`staged` with every column moved down one (column c takes column c + 1; the last keeps
+    its own): a renaming of registers, no instructions."""
+    s = tl.arange(0, STAGE)
+    moved = staged
+    for c in tl.static_range(STAGE - 1):
+        moved = tl.where(s[None, :] == c, _column(staged, s, c + 1)[:, None], moved)
+    return moved
 
 
 @triton.jit
@@ -144,33 +159,22 @@ def _take_code(buf, shift, table_ptr, CODE_BITS: tl.constexpr):
 @triton.jit
 def _refill(buf, shift, next_word, staged, words_ptr, code_words, CODE_BITS: tl.constexpr, STAGE: tl.constexpr):
     """Once 32 or fewer bits of `buf` are unread (all in its low word), move them up a word and
-    put stream word `next_word`, already in registers (`staged`, the STAGE-aligned group of
-    words that holds it), below them -> (buf, shift, next_word, staged). Either way more than
-    32 bits are then unread, enough for the `32 // CODE_BITS` steps of `_take_code` until the
-    next check (each needs CODE_BITS + 1), so a lane checks once per that many steps. A lane
-    that has used its last staged word loads the next group right away: the load's latency
-    passes while the buffer's bits decode, instead of stalling the step that needs them. Loads
-    are bounds-masked: a lane may decode on past its segment's last code (it then moves in
-    zeros or later segments' codes, decodes garbage that is never used, and its shift stays in
-    range)."""
+    put stream word `next_word` below them -> (buf, shift, next_word, staged). The word is
+    already in registers, column 0 of `staged` (the rest of its STAGE-aligned group after it),
+    which then moves down a column. Either way more than 32 bits are then unread, enough for
+    the `32 // CODE_BITS` steps of `_take_code` until the next check (each needs CODE_BITS + 1),
+    so a lane checks once per that many steps. A lane that has used its group's last word loads
+    the next group right away: the load's latency passes while the buffer's bits decode,
+    instead of stalling the step that needs them. Loads are bounds-masked: a lane may decode on
+    past its segment's last code (it then moves in stale words or later segments' codes,
+    decodes garbage that is never used, and its shift stays in range)."""
     refill = shift <= 32 - CODE_BITS - 1
-    fresh = _pick(staged, next_word % STAGE, STAGE)
+    fresh = _column(staged, tl.arange(0, STAGE), 0)
     buf = tl.where(refill, (buf << 32) | fresh.to(tl.uint32, bitcast=True).to(tl.uint64), buf)
     next_word = next_word + refill.to(tl.int32)
-    load = refill & (next_word % STAGE == 0)
-    staged = tl.where(load[:, None], _load_stage(words_ptr, code_words, next_word, load, STAGE), staged)
+    staged = tl.where(refill[:, None], _advance(staged, STAGE), staged)
+    staged = _load_stage(words_ptr, code_words, next_word, refill & (next_word % STAGE == 0), staged, STAGE)
     return buf, shift + tl.where(refill, 32, 0), next_word, staged
-
-
-@triton.jit
-def _pick(staged, slot, STAGE: tl.constexpr):
-    """staged[lane, slot[lane]] (a column chosen per lane at run time) from registers: a select
-    per further column."""
-    s = tl.arange(0, STAGE)
-    word = _column(staged, s, 0)
-    for c in tl.static_range(1, STAGE):
-        word = tl.where(slot == c, _column(staged, s, c), word)
-    return word
 
 
 @triton.jit
