@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError
-from ..formats.dfloat11 import DEFAULT_SEGMENT, join_bf16
+from ..formats.dfloat11 import join_bf16
 from ..linear import linear_shape
 from .foreign_folder import fail as _fail
 from .foreign_folder import (filled_model, folder_pattern, pattern_matches, read_config, read_tensors, skeleton,
@@ -143,11 +143,12 @@ def _is_int(value: Any) -> bool:
 
 
 def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device = "cpu",
-                  segment: int = DEFAULT_SEGMENT) -> nn.Module:
+                  segment: int | None = None) -> nn.Module:
     """Read a `dfloat11` package folder -> model whose compressed Linear layers are lowbit
     `dfloat11` QuantLinears holding bit-identical weights (other modules plain bf16).
 
     model: optional bf16 skeleton to fill (needed when config.json has no model config).
+    segment: the re-encoded layers' segment length (None: each weight's `default_segment`).
     The whole bf16 model is materialized once before re-encoding. Every problem with the
     folder raises CheckpointError naming the file or tensor."""
     from ..api import quantize
@@ -188,7 +189,8 @@ def load_dfloat11(path: str | Path, *, model: nn.Module | None = None, device: s
             raise _fail(f"{name}.weight", f"the model holds {weight.dtype} weights, not the decoded bf16 ones")
     linears = {n for n in decoded if linear_shape(model.get_submodule(n))}
     skip = [n for n, m in model.named_modules() if linear_shape(m) and n not in linears]
-    quantize(model, "dfloat11", segment=segment, skip=skip, progress=len(linears) > 8)
+    options = {} if segment is None else {"segment": segment}  # None: each weight's default_segment
+    quantize(model, "dfloat11", **options, skip=skip, progress=len(linears) > 8)
     return model.to(device).eval()
 
 

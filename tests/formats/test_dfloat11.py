@@ -114,6 +114,27 @@ def test_every_bf16_bit_pattern_round_trips(shape):
     FMT.check_data(p)
 
 
+@pytest.mark.parametrize("n,k,segment", [
+    (1024, 4096, 64), (4096, 4096, 128), (14336, 4096, 256), (4096, 14336, 256),  # Llama-3-8B k/v, q/o, gate, down
+    (1536, 384, 256), (384, 1536, 256),  # MiniLM's Linears: under LATENCY_MIN_WEIGHTS, the size-saving default
+    (30522, 384, 64), (64, 65536, 64), (1024, 16384, 128)])  # the lane count decides, not the shape
+def test_default_segment_gives_large_weights_enough_lanes(n, k, segment):
+    assert dfloat11.default_segment(n, k) == segment
+    if n * k >= dfloat11.LATENCY_MIN_WEIGHTS and segment > 64:
+        assert n * dfloat11.segments_per_row(k, segment) >= dfloat11.MIN_LANES
+        assert n * dfloat11.segments_per_row(k, segment * 2) < dfloat11.MIN_LANES or segment == 256
+
+
+def test_quantize_takes_the_default_segment_unless_given_one():
+    w = (torch.randn(1024, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    auto, fixed = FMT.quantize(w), FMT.quantize(w, segment=256)
+    assert auto.attrs["segment"] == 64 and auto.segment_offsets.shape == (1024, 64)
+    assert fixed.attrs["segment"] == 256
+    assert same_bits(FMT.dequantize(auto), w)
+    # 32 offset bits per segment: 0.375 bits per weight more than at 256
+    assert auto.nbytes - fixed.nbytes == 4 * 1024 * (64 - 16) + 4 * (auto.attrs["code_words"] - fixed.attrs["code_words"])
+
+
 @pytest.mark.parametrize("segment", dfloat11.SEGMENTS)
 def test_every_segment_size_round_trips(segment):
     w = all_bf16_patterns()[:, torch.randperm(256, generator=torch.Generator().manual_seed(0))][:, :250]
