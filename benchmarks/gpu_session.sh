@@ -23,9 +23,10 @@
 # the formats after int4 (TUNE_ARGS="--m 1 --formats nvfp4 mxfp4 int6 int8 fp8 lut2 mxint8 dfloat11"),
 # `gemm-m1` again, then the `gpu` tests this run failed (TESTS_K="ct_import or nf4 or fp8_gemm"),
 # `profile-decode` and the rest. After the dfloat11 kernels' stream stages and 32-weight chunks
-# (commits 600c83b, 6130d6a; not yet on a GPU): `profile` (DRAM bytes with the new defaults and
-# the old), `dfloat11` (the decoder at every chunk and stage) and `tune` with
-# TUNE_ARGS="--m 1 --formats dfloat11" decide their defaults.
+# (commits 600c83b, 6130d6a) and shorter default segments for weights with few (bacfe91), none yet
+# on a GPU: `profile` (DRAM bytes with the new defaults and the old), `dfloat11` (the decoder at
+# every chunk and stage; the fused GEMV at segments 256 / 128 / 64 per shape) and `tune` with
+# TUNE_ARGS="--m 1 --formats dfloat11" decide them.
 #
 # Results go to $OUT (the device tool's return folder) or /tmp/lowbit-gpu: one log per part and
 # results.tgz holding benchmarks/results/* and the tuned-config table. Competitor libraries the
@@ -144,7 +145,8 @@ for part in "$@"; do
                     --out-dir "$out/results" ;;
     e2e-moe) run_part e2e-moe 420 python3 benchmarks/bench_e2e.py --width mixtral-8x7b --layers 4 --no-graphs \
                --formats int4 int8 fp8 nvfp4 --out-dir "$out/results" ;;
-    dfloat11) run_part dfloat11 240 python3 benchmarks/bench_dfloat11.py --segments 256 128 --out-dir "$out/results" ;;
+    dfloat11) run_part dfloat11 300 python3 benchmarks/bench_dfloat11.py --segments 256 128 64 --m 1 4 16 \
+                --out-dir "$out/results" ;;
     profile)  # what limits the GEMVs nearest their targets at M=1 (nvfp4, int6; dfloat11) and dfloat11's block
               # decoder, and the DRAM bytes dfloat11's kernels move with stream stages and without
       if command -v ncu >/dev/null; then
