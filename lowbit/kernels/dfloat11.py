@@ -180,8 +180,8 @@ def _refill(buf, shift, next_word, staged, words_ptr, code_words, CODE_BITS: tl.
 @triton.jit
 def _decode_step(buf, shift, next_word, staged, sign_mantissa, u, words_ptr, code_words, table_ptr, fields,
                  C: tl.constexpr, CODE_BITS: tl.constexpr, STAGE: tl.constexpr):
-    """Step C of a chunk of weights per lane (sign|mantissa bytes [lanes, CHUNK], u =
-    arange(CHUNK)): a refill check every 32 // CODE_BITS steps (`_refill`), then one code
+    """Step C of a piece of weights per lane (their sign|mantissa bytes [lanes, PIECE], u =
+    arange(PIECE)): a refill check every 32 // CODE_BITS steps (`_refill`), then one code
     (`_take_code`) -> (weight C as fp32 bits (`_weight_bits`), buf, shift, next_word, staged)."""
     if C % (32 // CODE_BITS) == 0:
         buf, shift, next_word, staged = _refill(buf, shift, next_word, staged, words_ptr, code_words, CODE_BITS,
