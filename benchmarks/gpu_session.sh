@@ -90,7 +90,7 @@ rows = [layer_row(p.exponent_code, p.sign_mantissa, p.segment_offsets, p.decode_
 for chunk, stage in ((None, None), (8, 1)):
     variant = {} if chunk is None else {"chunk": chunk, "stage": stage}
     for _ in range(2):
-        decode_layers(rows, out, block[0].attrs["segment"], CODE_BITS, **variant)
+        decode_layers(rows, out, CODE_BITS, **variant)
 torch.cuda.synchronize()
 '
 # one eager decode step (1 token, no KV cache) of a 2-layer Llama-3-8B-width model in bf16, then

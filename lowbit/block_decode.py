@@ -70,15 +70,10 @@ class BlockDecompressor:
         buffer = _shared_buffer(device, sum(sizes))
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         weights = [buffer[s:s + n].view(m.out_features, m.in_features) for s, n, m in zip(starts, sizes, self.layers)]
-        if device.type == "cuda" or interpreting():
-            rows_by_segment: dict[int, list] = {}  # one launch per segment size (normally one)
-            for layer, start in zip(self.layers, starts):
-                segment = layer.attrs["segment"]
-                rows_by_segment.setdefault(segment, []).append(layer_row(
-                    layer.exponent_code, layer.sign_mantissa, layer.segment_offsets, layer.decode_table, start, segment,
-                    CODE_BITS))
-            for segment, rows in rows_by_segment.items():
-                decode_layers(rows, buffer, segment, CODE_BITS)
+        if device.type == "cuda" or interpreting():  # one launch, whatever the layers' segment lengths
+            decode_layers([layer_row(layer.exponent_code, layer.sign_mantissa, layer.segment_offsets, layer.decode_table,
+                                     start, layer.attrs["segment"], CODE_BITS)
+                           for layer, start in zip(self.layers, starts)], buffer, CODE_BITS)
         else:  # no Triton here: the reference decoder, layer by layer
             for weight, layer in zip(weights, self.layers):
                 weight.copy_(get_format(layer.format).dequantize(layer.packed))

@@ -45,7 +45,7 @@ from .tuning import launch_options, lookup, valid_launch_options
 FUSED_MAX_M = 4
 #: columns of the layer table
 LAYER_FIELDS = ("words", "sign_mantissa", "segment_offsets", "decode_table", "out_offset", "segments", "k",
-                "segments_per_row", "code_words")
+                "segments_per_row", "code_words", "segment")
 #: weights a lane decodes per chunk: their sign|mantissa bytes are loaded first, one vector of
 #: up to 16 (128 bits; a wider tile would be split between threads, its columns passed through
 #: shared memory) per piece
@@ -72,6 +72,7 @@ GEMV_BLOCK_N = 128
 WEIGHT_FIELDS = -2139160576
 #: the encoder pads every stream to whole blocks of this many words (a constexpr, for the kernels)
 STREAM_BLOCK_WORDS = tl.constexpr(_STREAM_BLOCK_WORDS)
+_LAYER_COLUMNS = tl.constexpr(len(LAYER_FIELDS))
 #: threads one SM keeps resident (H100/H200): the fused GEMV's parallelism is its lanes
 RESIDENT_LANES_PER_SM = 2048
 
@@ -191,15 +192,16 @@ def _decode_step(buf, shift, next_word, staged, sign_mantissa, u, words_ptr, cod
 
 
 @triton.jit
-def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr,
-                   CHUNK: tl.constexpr, STORE: tl.constexpr, STAGE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Program (i, l) decodes segments i*BLOCK.. of layer l (a row of LAYER_FIELDS), one per
-    lane, fetching STAGE stream words at a time (`_load_stage`). ALIGNED: every layer's K, output
+def _decode_kernel(layers_ptr, out_ptr, fields, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                   STORE: tl.constexpr, STAGE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Program (i, l) decodes segments i*BLOCK.. of layer l (a row of LAYER_FIELDS, its segment
+    length among them: a block's layers may have different ones), one per lane, fetching STAGE
+    stream words at a time (`_load_stage`). ALIGNED: every layer's K, segment, output
     offset and sign_mantissa address are multiples of CHUNK, so each lane's CHUNK sign bytes are
     one vector load and its weights whole vector stores of STORE, and every stream starts on 16
     bytes and is padded to whole blocks of STREAM_BLOCK_WORDS, so a stage of words is one vector
     load with one bounds check."""
-    layer = layers_ptr + tl.program_id(1) * 9
+    layer = layers_ptr + tl.program_id(1) * _LAYER_COLUMNS
     words_ptr = tl.load(layer + 0).to(tl.pointer_type(tl.int32))
     sign_ptr = tl.load(layer + 1).to(tl.pointer_type(tl.uint8))
     offsets_ptr = tl.load(layer + 2).to(tl.pointer_type(tl.int32))
@@ -209,10 +211,12 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
     k = tl.load(layer + 6)
     segments_per_row = tl.load(layer + 7)
     code_words = tl.load(layer + 8).to(tl.int32)  # < 2^26 (stream positions are int32 bits)
+    segment = tl.load(layer + 9)
     if ALIGNED:
         sign_ptr = tl.multiple_of(sign_ptr, CHUNK)
         k = tl.multiple_of(k, CHUNK)
         out_offset = tl.multiple_of(out_offset, CHUNK)
+        segment = tl.multiple_of(segment, CHUNK)
         code_words = tl.multiple_of(code_words, STREAM_BLOCK_WORDS)
         words_ptr = tl.multiple_of(words_ptr, 16)  # bytes: a stage of 4 words is one vector
 
@@ -223,14 +227,14 @@ def _decode_kernel(layers_ptr, out_ptr, fields, SEGMENT: tl.constexpr, CODE_BITS
         seg = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         active = seg < n_segments
         lane_seg = tl.minimum(seg, n_segments - 1)  # idle lanes decode the last segment, unstored
-        col0 = (lane_seg % segments_per_row) * SEGMENT
+        col0 = (lane_seg % segments_per_row) * segment
         first = (lane_seg // segments_per_row) * k + col0  # within the layer
-        count = tl.minimum(k - col0, SEGMENT)
+        count = tl.minimum(k - col0, segment)
         buf, shift, next_word, staged = _start_segment(words_ptr, code_words, tl.load(offsets_ptr + lane_seg),
                                                        CODE_BITS, STAGE)
         PIECE: tl.constexpr = 16 if CHUNK > 16 else CHUNK
         p = tl.arange(0, STORE)
-        for i in range(0, SEGMENT, CHUNK):
+        for i in range(0, segment, CHUNK):
             # The chunk's sign|mantissa bytes first, one 16-byte vector per piece, back to back.
             first_piece = _decoder_sign_piece(sign_ptr, first, i, count, active, PIECE, ALIGNED)
             if CHUNK > PIECE:
@@ -416,7 +420,7 @@ def layer_row(words, sign_mantissa, segment_offsets, decode_table, out_offset: i
     where the layer's [N, K] weight starts in the output (elements), and the sizes."""
     _, k = _check_fields(words, sign_mantissa, segment_offsets, decode_table, segment, code_bits)
     return (words.data_ptr(), sign_mantissa.data_ptr(), segment_offsets.data_ptr(), decode_table.data_ptr(),
-            out_offset, segment_offsets.numel(), k, segment_offsets.shape[1], words.numel())
+            out_offset, segment_offsets.numel(), k, segment_offsets.shape[1], words.numel(), segment)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -426,11 +430,12 @@ def _layer_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> tor
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, code_bits: int, *,
-                  chunk: int = DECODE_CHUNK, stage: int = DECODE_STAGE) -> None:
-    """Decode the layers `rows` (from `layer_row`, all with this `segment` and `code_bits`) into the contiguous
-    bf16 tensor `out` in one launch. chunk (DECODE_CHUNKS) and stage (STAGES): the kernel's
-    weights per vector store and stream words per load, for benchmarks to compare."""
+def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, code_bits: int, *, chunk: int = DECODE_CHUNK,
+                  stage: int = DECODE_STAGE) -> None:
+    """Decode the layers `rows` (from `layer_row`, all with this `code_bits`, each with its own
+    segment length) into the contiguous bf16 tensor `out` in one launch. chunk (DECODE_CHUNKS)
+    and stage (STAGES): the kernel's sign bytes per chunk and stream words per load, for
+    benchmarks to compare."""
     for row in rows:
         n = row[5] // row[7]
         if row[4] < 0 or row[4] + n * row[6] > out.numel():
@@ -441,18 +446,17 @@ def decode_layers(rows: list[tuple[int, ...]], out: torch.Tensor, segment: int, 
         raise InputError(f"chunk must be one of {DECODE_CHUNKS} and stage one of {STAGES}, got {chunk}, {stage}")
     grid = (cdiv(max(row[5] for row in rows), DECODE_BLOCK), len(rows))
     aligned = all(row[0] % 16 == 0 and row[1] % chunk == 0 and row[4] % chunk == 0 and row[6] % chunk == 0
-                  and row[8] % _STREAM_BLOCK_WORDS == 0 for row in rows)
-    _decode_kernel[grid](_layer_table(tuple(rows), out.device), out.view(torch.int16), WEIGHT_FIELDS, SEGMENT=segment,
+                  and row[8] % _STREAM_BLOCK_WORDS == 0 and row[9] % chunk == 0 for row in rows)
+    _decode_kernel[grid](_layer_table(tuple(rows), out.device), out.view(torch.int16), WEIGHT_FIELDS,
                          CODE_BITS=code_bits, BLOCK=DECODE_BLOCK, CHUNK=chunk, STORE=DECODE_STORE, STAGE=stage,
-                         ALIGNED=aligned,
-                         **FP_FUSION)
+                         ALIGNED=aligned, **FP_FUSION)
 
 
 def decode_weight(words, sign_mantissa, segment_offsets, decode_table, *, segment: int, code_bits: int,
                   chunk: int = DECODE_CHUNK, stage: int = DECODE_STAGE) -> torch.Tensor:
     """One dfloat11 weight -> bf16 [N, K] (a fresh tensor); chunk, stage: see `decode_layers`."""
     out = torch.empty(sign_mantissa.shape, dtype=torch.bfloat16, device=sign_mantissa.device)
-    decode_layers([layer_row(words, sign_mantissa, segment_offsets, decode_table, 0, segment, code_bits)], out, segment,
+    decode_layers([layer_row(words, sign_mantissa, segment_offsets, decode_table, 0, segment, code_bits)], out,
                   code_bits, chunk=chunk, stage=stage)
     return out
 

@@ -86,7 +86,7 @@ def compile_dfloat11(kind: str, act: str = "fp32", chunk: int | None = None, sta
     the encoder pads it."""
     if kind == "decode":
         return _compile(dfloat11._decode_kernel, {"layers_ptr": "*i64", "out_ptr": "*i16"},
-                        {"SEGMENT": 256, "CODE_BITS": CODE_BITS, "BLOCK": dfloat11.DECODE_BLOCK,
+                        {"CODE_BITS": CODE_BITS, "BLOCK": dfloat11.DECODE_BLOCK,
                          "CHUNK": chunk or dfloat11.DECODE_CHUNK, "STORE": dfloat11.DECODE_STORE,
                          "STAGE": stage or dfloat11.DECODE_STAGE,
                          "ALIGNED": True})

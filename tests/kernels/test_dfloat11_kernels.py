@@ -211,10 +211,17 @@ def _block(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_block_decodes_several_layers_into_one_shared_buffer(device):
+def test_block_decodes_several_layers_into_one_shared_buffer(device, monkeypatch):
+    """In one launch, though the layers have different segment lengths (64 and 128)."""
     block, reference = _block(device)
     decompressor = BlockDecompressor(block)
+    launches = []
+    real_decode = dfloat11_kernels.decode_layers
+    monkeypatch.setattr(dfloat11_kernels, "decode_layers",
+                        lambda rows, *args, **kwargs: launches.append(rows) or real_decode(rows, *args, **kwargs))
     weights = decompressor.decode()
+    assert len(launches) == 1
+    assert [row[dfloat11_kernels.LAYER_FIELDS.index("segment")] for row in launches[0]] == [64, 128, 64]
     assert [tuple(w.shape) for w in weights] == [(33, 70), (65, 33), (70, 65)]
     for w, ref in zip(weights, reference):
         assert torch.equal(_bits(w), _bits(ref))
