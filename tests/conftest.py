@@ -55,6 +55,33 @@ def kernel_devices():
 
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class LaunchStopped(Exception):
+    """Raised by `record_launches(stop=True)` in place of running a kernel."""
+
+
+def record_launches(monkeypatch, keyword: str | None = None, stop: bool = False) -> list[tuple[str, object]]:
+    """From now on, (kernel name, its `keyword` launch argument, or all its keyword arguments for
+    None) of every Triton launch, in order; stop: raise LaunchStopped instead of running the
+    kernel (a launch checked at full size, where the interpreter would take minutes).
+    Compiled launches go through JITFunction.run, interpreted ones through GridExecutor
+    (InterpretedFunction.run is an instance attribute before Triton 3.6, so it is not patched)."""
+    from triton.runtime.interpreter import GridExecutor
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    for cls, method in ((JITFunction, "run"), (GridExecutor, "__call__")):
+        real_launch = getattr(cls, method)
+
+        def recording_launch(self, *args, _real_launch=real_launch, **kwargs):
+            launches.append((self.fn.__name__, kwargs if keyword is None else kwargs.get(keyword)))
+            if stop:
+                raise LaunchStopped
+            return _real_launch(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, recording_launch)
+    return launches
 #: torch older than 2.13 (the GPU image has 2.11), for what its inductor does differently on CPU
 TORCH_BEFORE_2_13 = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 #: torch.export of a model's input_ids with a dynamic batch and length. AUTO, not named Dims:

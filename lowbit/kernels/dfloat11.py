@@ -236,9 +236,10 @@ def _decode_kernel(layers_ptr, out_ptr, fields, CODE_BITS: tl.constexpr, BLOCK: 
         p = tl.arange(0, STORE)
         for i in range(0, segment, CHUNK):
             # The chunk's sign|mantissa bytes first, one 16-byte vector per piece, back to back.
-            first_piece = _decoder_sign_piece(sign_ptr, first, i, count, active, PIECE, ALIGNED)
+            u = i + tl.arange(0, PIECE)
+            first_piece = _sign_piece(sign_ptr + first, u, _kept(active, count, i, u, ALIGNED))
             if CHUNK > PIECE:
-                second_piece = _decoder_sign_piece(sign_ptr, first, i + PIECE, count, active, PIECE, ALIGNED)
+                second_piece = _sign_piece(sign_ptr + first, u + PIECE, _kept(active, count, i, u + PIECE, ALIGNED))
             # Stored STORE weights (16 bytes) at a time: a wider tile would be split between
             # threads and pass through shared memory, a barrier per chunk. A chunk's stores
             # leave back to back, so its sectors are written whole before the L2 can evict them.
@@ -254,25 +255,22 @@ def _decode_kernel(layers_ptr, out_ptr, fields, CODE_BITS: tl.constexpr, BLOCK: 
                         buf, shift, next_word, staged, sign_mantissa, tl.arange(0, PIECE), words_ptr, code_words,
                         table_ptr, fields, (h * STORE) % PIECE + c, CODE_BITS, STAGE)
                     bits = tl.where(p[None, :] == c, (weight >> 16)[:, None], bits)  # bf16: the top half
-                if ALIGNED:  # count is a multiple of CHUNK: a lane keeps all of a chunk or none
-                    store = (active & (i < count))[:, None]
-                else:
-                    store = active[:, None] & ((i + h * STORE + p)[None, :] < count[:, None])
-                tl.store(out_ptr + out_offset + first[:, None] + i + h * STORE + p[None, :], bits.to(tl.int16),
-                         mask=store)
+                columns = i + h * STORE + p
+                tl.store(out_ptr + out_offset + first[:, None] + columns[None, :], bits.to(tl.int16),
+                         mask=_kept(active, count, i, columns, ALIGNED))
 
 
 @triton.jit
-def _decoder_sign_piece(sign_ptr, first, col, count, active, PIECE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Sign|mantissa bytes col.. col + PIECE of each lane's segment (its weights from `first`),
-    int32 [lanes, PIECE], one vector load per lane; zeros for idle lanes and past the segment's
-    `count` weights (ALIGNED: a lane has all of a chunk or none)."""
-    u = col + tl.arange(0, PIECE)
+def _kept(active, count, chunk, columns, ALIGNED: tl.constexpr):
+    """The decoder's mask [lanes, len(columns)] of the weights it loads or stores: columns (of
+    the chunk starting at column `chunk`) within each active lane's segment of `count` weights.
+    ALIGNED: count is a multiple of the chunk, so a lane keeps all of a chunk or none, and the
+    mask is uniform over a lane's vector."""
     if ALIGNED:
-        keep = (active & (col < count))[:, None]
+        keep = (active & (chunk < count))[:, None]
     else:
-        keep = active[:, None] & (u[None, :] < count[:, None])
-    return tl.load(sign_ptr + first[:, None] + u[None, :], mask=keep, other=0).to(tl.int32)
+        keep = active[:, None] & (columns[None, :] < count[:, None])
+    return keep
 
 
 @triton.jit
@@ -284,9 +282,10 @@ def _gemv_chunk(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows, co
     sign|mantissa bytes are loaded first, one 16-byte vector per piece of 16 (a wider tile would
     be split between threads): a chunk of 32 asks for a whole 32-byte sector at once."""
     PIECE: tl.constexpr = 16 if CHUNK > 16 else CHUNK
-    first = _sign_piece(sign_ptrs, left, 0, PIECE, TAIL)
+    u = tl.arange(0, PIECE)
+    first = _sign_piece(sign_ptrs, u, (u < left)[None, :] if TAIL else None)
     if CHUNK > PIECE:
-        second = _sign_piece(sign_ptrs, left, PIECE, PIECE, TAIL)
+        second = _sign_piece(sign_ptrs, u + PIECE, (u + PIECE < left)[None, :] if TAIL else None)
     acc, buf, shift, next_word, staged = _gemv_piece(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows,
                                                      col, left, first, sign_ptrs, words_ptr, code_words, table_ptr,
                                                      fields, CODE_BITS, PIECE, STAGE, TAIL)
@@ -298,12 +297,11 @@ def _gemv_chunk(acc, buf, shift, next_word, staged, x_ptr, stride_xm, x_rows, co
 
 
 @triton.jit
-def _sign_piece(sign_ptrs, left, offset: tl.constexpr, PIECE: tl.constexpr, TAIL: tl.constexpr):
-    """Sign|mantissa bytes offset.. offset + PIECE of each lane's chunk, int32 [lanes, PIECE]: one
-    vector load per lane, not PIECE byte loads (TAIL: zeros from column `left` on)."""
-    u = offset + tl.arange(0, PIECE)
-    return tl.load(sign_ptrs[:, None] + u[None, :], mask=(u < left)[None, :] if TAIL else None,
-                   other=0 if TAIL else None).to(tl.int32)
+def _sign_piece(row_ptrs, columns, mask):
+    """Sign|mantissa bytes at `columns` (a piece of up to 16) from each lane's row_ptrs [lanes],
+    int32 [lanes, len(columns)]: one vector load per lane, not a byte load per weight; zeros where
+    `mask` is off (None: no mask). Both kernels load a chunk's pieces back to back."""
+    return tl.load(row_ptrs[:, None] + columns[None, :], mask=mask, other=None if mask is None else 0).to(tl.int32)
 
 
 @triton.jit

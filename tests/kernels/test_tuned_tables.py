@@ -2,19 +2,23 @@
 still takes. A kernel change that makes an entry invalid (a renamed tile, a narrowed range) would
 otherwise go unnoticed: the launcher ignores an entry it cannot take and falls back to its
 defaults, silently losing the tuned speed on that GPU."""
+import argparse
 import json
-import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import lowbit
+from lowbit.formats.dfloat11 import default_segment
 from lowbit.kernels import tuning
 from lowbit.packed import PackedWeight
 
-from ..conftest import kernel_devices
+from ..conftest import LaunchStopped, kernel_devices, record_launches
 
 DEVICES = kernel_devices()
+REPO = Path(__file__).resolve().parents[2]
 TABLES = sorted(tuning.TUNED_DIR.glob("*.json"))
 ENTRIES = [(path, key) for path in TABLES for key in json.loads(path.read_text())["configs"]]
 #: the kernel each path launches
@@ -23,37 +27,19 @@ KERNELS = {"gemv": "_gemv_kernel", "gemm": "_gemm_kernel", "lut": "_lut_gemv_ker
 LAUNCH_NAMES = {"gemv": {"num_stages": "STAGES"}}
 
 
-class _Launched(Exception):
-    """Raised instead of running a kernel: these tests check the launch, at full size."""
-
-
-def _stop_at_launch(monkeypatch) -> list[tuple[str, dict]]:
-    """From now on, a Triton launch records (kernel name, its keyword arguments) and raises _Launched."""
-    from triton.runtime.interpreter import GridExecutor
-    from triton.runtime.jit import JITFunction
-
-    launches = []
-
-    def record(self, *args, **kwargs):
-        launches.append((self.fn.__name__, kwargs))
-        raise _Launched
-
-    monkeypatch.setattr(JITFunction, "run", record)
-    monkeypatch.setattr(GridExecutor, "__call__", record)
-    return launches
-
-
 def _packed_of_size(spec: str, n: int, k: int) -> PackedWeight:
-    """A packed [n, k] weight of format spec "name[:opt=value,...]" with all-zero fields (its attrs
-    from quantizing 8 rows of the same width): the launch path without quantizing n rows."""
-    name, _, options = spec.partition(":")
-    values = {"true": True, "false": False}
-    opts = {key: values.get(value, int(value) if re.fullmatch(r"-?\d+", value) else value)
-            for key, value in (item.split("=") for item in options.split(",") if item)}
+    """A packed [n, k] weight of format spec "name[:opt=value,...]", with the options the tuner
+    gave it (benchmarks/bench_gemm.py `parse_format_spec` at tune.py's default --group-size and
+    --symmetric), all-zero fields and the attrs of 8 quantized rows of the same width: the
+    launch path without quantizing n rows."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_gemm import parse_format_spec
+
+    name, options = parse_format_spec(spec, argparse.Namespace(group_size=128, symmetric=False))
+    if name == "dfloat11":  # its default segment depends on the row count: the full weight's
+        options.setdefault("segment", default_segment(n, k))
     fmt = lowbit.get_format(name)
-    rows = (torch.randn(8, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(
-        torch.bfloat16 if name == "dfloat11" else torch.float32)
-    small = fmt.quantize(rows, **opts)
+    small = fmt.quantize(torch.randn(8, k, generator=torch.Generator().manual_seed(0)) * 0.02, **options)
     tensors = {field: torch.zeros(spec.shape, dtype=spec.dtype)
                for field, spec in fmt.field_specs((n, k), small.attrs).items()}
     return PackedWeight(name, (n, k), small.dtype, small.attrs, tensors)
@@ -80,9 +66,9 @@ def test_every_committed_entry_is_taken_by_its_launcher(path, key, monkeypatch):
     x = torch.zeros(m, k, dtype=dtype, device=DEVICES[0])
     monkeypatch.setenv(tuning.ENV_VAR, str(path))
     tuning._read_table.cache_clear()
-    launches = _stop_at_launch(monkeypatch)
+    launches = record_launches(monkeypatch, stop=True)  # checked at full size: no kernel runs
     try:
-        with pytest.raises(_Launched):
+        with pytest.raises(LaunchStopped):
             lowbit.linear(x, packed.to(x.device), None, backend="triton")
     finally:
         tuning._read_table.cache_clear()

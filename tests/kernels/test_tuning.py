@@ -13,7 +13,7 @@ import lowbit
 from lowbit.kernels import tuning
 from lowbit.kernels.dequant_gemm import pick_config
 
-from ..conftest import kernel_devices
+from ..conftest import kernel_devices, record_launches
 
 DEVICES = kernel_devices()
 REPO = Path(__file__).resolve().parents[2]
@@ -225,26 +225,6 @@ def test_tuner_start_points_lie_in_the_search_space(m):
     assert (space["gemm"]["SPLIT_K"] == (1,)) == (m > 256)
 
 
-def _record_launches(monkeypatch, keyword: str | None) -> list[tuple[str, object]]:
-    """From now on, (kernel name, its `keyword` launch argument, or all its keyword arguments for
-    None) of every Triton launch, in order.
-    Compiled launches go through JITFunction.run, interpreted ones through GridExecutor
-    (InterpretedFunction.run is an instance attribute before Triton 3.6, so it is not patched)."""
-    from triton.runtime.interpreter import GridExecutor
-    from triton.runtime.jit import JITFunction
-
-    launches = []
-    for cls, method in ((JITFunction, "run"), (GridExecutor, "__call__")):
-        real_launch = getattr(cls, method)
-
-        def recording_launch(self, *args, _real_launch=real_launch, **kwargs):
-            launches.append((self.fn.__name__, kwargs if keyword is None else kwargs.get(keyword)))
-            return _real_launch(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, method, recording_launch)
-    return launches
-
-
 @pytest.mark.skipif(not DEVICES, reason="Triton cannot run here (no CUDA, no interpreter)")
 @pytest.mark.parametrize("keyword, fmt, k, cases", [
     # num_stages: the stage count of the tile loop (STAGES; 1 without one), here over 4 tiles per
@@ -256,7 +236,7 @@ def _record_launches(monkeypatch, keyword: str | None) -> list[tuple[str, object
 def test_gemv_launch_options_reach_the_kernel(monkeypatch, keyword, fmt, k, cases):
     """A GEMV config's num_stages and maxnreg reach its launch, and the kernel so launched gives the
     reference's values (tests/kernels/test_compile_hopper.py checks the code each compiles to)."""
-    launches = _record_launches(monkeypatch, keyword)
+    launches = record_launches(monkeypatch, keyword)
     device = torch.device(DEVICES[0])
     w, x = torch.randn(24, k, device=device) * 0.02, torch.randn(1, k, device=device)
     packed = lowbit.get_format(fmt).quantize(w)
@@ -285,7 +265,7 @@ def test_dfloat11_fused_gemv_takes_valid_tuned_entries(tuned_table, monkeypatch)
     monkeypatch.setattr(dfloat11, "split_k_buffers",
                         lambda x, n, k_tiles, requested, tiles: requested_splits.append(requested)
                         or real_buffers(x, n, k_tiles, requested, tiles))
-    launches = _record_launches(monkeypatch, None)
+    launches = record_launches(monkeypatch, None)
 
     def launched() -> tuple:
         kwargs = [kw for name, kw in launches if name == "_decode_gemv_kernel"][-1]
@@ -320,7 +300,7 @@ def test_every_kernel_launch_asks_for_fused_multiply_adds(monkeypatch):
     unset, that 3.10 will turn fusion off by default). Records the keyword arguments of each
     launch of the GEMV, GEMM, LUT lookup, dfloat11 decode and fused GEMV, and activation-
     quantization kernels."""
-    launches = _record_launches(monkeypatch, "enable_fp_fusion")
+    launches = record_launches(monkeypatch, "enable_fp_fusion")
     device = torch.device(DEVICES[0])
     w = torch.randn(40, 256, device=device) * 0.02
     for fmt, options, rows, config in (
