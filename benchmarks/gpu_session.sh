@@ -14,12 +14,14 @@
 #   bash benchmarks/gpu_session.sh e2e-moe             # ~6 min: Mixtral-8x7B width (4 layers), quantized experts, eager
 #   bash benchmarks/gpu_session.sh profile             # ~1 min: Nsight Compute on the at-risk GEMVs and the
 #                                                      # dfloat11 block decoder, if installed
+#   bash benchmarks/gpu_session.sh prefetch            # ~2 min: the GEMV with and without L2 prefetch (PREFETCH_AB)
 #   bash benchmarks/gpu_session.sh profile-decode      # Nsight Compute: every kernel's time in one eager
 #                                                      # decode step, bf16 and int4 (2 layers)
 #
 # The second H100 run (2026-11-25) ran `tune tests` (TUNE_ARGS="--m 1 --budget-s 170 ...",
 # TUNE_LIMIT=225), `gemm-m1 e2e` (E2E_ARGS="--formats ...", E2E_LIMIT=320), `e2e-compiled dfloat11`
-# and `profile`. Next: `gemm-m1` first (the new 8-row GEMV default, untuned formats), `tune` on
+# and `profile`. Next: `gemm-m1` first (the new 8-row GEMV default, untuned formats), `prefetch`
+# (the GEMV's L2 prefetch of its next tile, PREFETCH_AB: if it wins, tune with it), `tune` on
 # the formats after int4 (TUNE_ARGS="--m 1 --formats nvfp4 mxfp4 int6 int8 fp8 lut2 mxint8 dfloat11"),
 # `gemm-m1` again, then the `gpu` tests this run failed (TESTS_K="ct_import or nf4 or fp8_gemm"),
 # `profile-decode` and the rest. After the dfloat11 kernels' stream stages and 32-weight chunks
@@ -93,6 +95,39 @@ for chunk, stage in ((None, None), (8, 1)):
         decode_layers(rows, out, CODE_BITS, **variant)
 torch.cuda.synchronize()
 '
+# The GEMV's L2 prefetch of its next K tile (a config's PREFETCH, off by default, never yet on a GPU):
+# int4 / nvfp4 / int8 at M=1 on the four Llama-3-8B shapes, the defaults against 8 rows per program,
+# no K split, 1 / 2 / 4 warps (4 / 2 / 1 tiles per program at K=4096), each without and with it;
+# every output checked against the defaults' (the correctness gate's tolerance). ~2 min.
+PREFETCH_AB='
+import torch, lowbit
+from benchmarks.bench_gemm import REL_TOL, relative_error
+from benchmarks.shapes import shapes
+from benchmarks.timing import time_us
+from lowbit.kernels import tuning
+dev = torch.device("cuda")
+torch.manual_seed(0)
+print("| format | shape | warps | PREFETCH | us | default us | vs default |")
+print("|---|---|---|---|---|---|---|")
+for fmt in ("int4", "nvfp4", "int8"):
+    for shape, n, k in shapes(["llama3-8b"]):
+        w = (torch.randn(n, k, device=dev) * 0.02).bfloat16()
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        packed = lowbit.get_format(fmt).quantize(w)
+        with tuning.force(None):
+            ref = lowbit.linear(x, packed, None)
+            base = time_us(lambda: lowbit.linear(x, packed, None), dev).us
+        for warps in (1, 2, 4):
+            for prefetch in (0, 1):
+                cfg = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "COLUMN_K": 16 if fmt == "nvfp4" else 32,
+                       "SPLIT_K": 1, "num_warps": warps, "PREFETCH": prefetch}
+                with tuning.force(cfg):
+                    err = relative_error(lowbit.linear(x, packed, None), ref)
+                    us = time_us(lambda: lowbit.linear(x, packed, None), dev).us
+                flag = "" if err <= REL_TOL[torch.bfloat16] else f" (WRONG: rel err {err:.2g})"
+                print(f"| {fmt} | {shape} | {warps} | {prefetch} | {us:.1f}{flag} | {base:.1f} | {base / us:.2f}x |",
+                      flush=True)
+'
 # one eager decode step (1 token, no KV cache) of a 2-layer Llama-3-8B-width model in bf16, then
 # int4, under the profiler (cudaProfilerStart/Stop around the step alone): every kernel's duration.
 # The second H100 run's int4 decode left ~0.6 ms per token (~2.7 us per quantized linear) that its
@@ -157,6 +192,7 @@ for part in "$@"; do
       else
         echo "== profile: ncu is not installed" | tee "$out/profile.log"
       fi ;;
+    prefetch) run_part prefetch 240 python3 -c "$PREFETCH_AB" ;;  # see PREFETCH_AB
     profile-decode)  # every kernel of one eager decode step, bf16 then int4 (see PROFILE_DECODE)
       if command -v ncu >/dev/null; then
         run_part profile-decode 240 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
@@ -165,7 +201,7 @@ for part in "$@"; do
         echo "== profile-decode: ncu is not installed" | tee "$out/profile-decode.log"
       fi ;;
     *) echo "unknown part $part (tests tune gemm-m1 gemm-targets gemm-rest e2e e2e-compiled e2e-moe dfloat11 profile" \
-            "profile-decode)" >&2; exit 2 ;;
+            "prefetch profile-decode)" >&2; exit 2 ;;
   esac
 done
 cp lowbit/kernels/tuned/*.json "$out/results/" 2>/dev/null

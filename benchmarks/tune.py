@@ -8,8 +8,9 @@ shape and M bucket.
 
 For every (format, shape, M bucket) a coordinate descent runs from a start point near the
 launcher's default over each path's search space (SPACES: for small M the split-K GEMV's rows
-per program, column length, split count and warps, and for the LUT formats also the table-lookup
-kernel's tiles; tensor-core GEMM tiles, K splits, warps and pipeline stages for every M), so the GEMV /
+per program, column length, split count, warps and L2 prefetch of its next K tile, and for the
+LUT formats also the table-lookup kernel's tiles; tensor-core GEMM tiles, K splits, warps and
+pipeline stages for every M), so the GEMV /
 lookup / GEMM choice per M is measured, not assumed. A path whose start point measures more than ABANDON_RATIO (2x) slower
 than the best config of an earlier path is not descended (the record's paths_abandoned; each
 record also has the case's seconds). Each candidate runs through lowbit.linear
@@ -70,7 +71,7 @@ DEFAULT_FORMATS = ["int4", "int8", "fp8", "nvfp4", "mxfp4", "int6", "lut2", "mxi
 #: LUT formats' lookup kernel for M <= LUT_MAX_M; "fused": dfloat11's decode + GEMV, its only path)
 SPACES = {
     "gemv": {"BLOCK_N": (2, 4, 8, 16, 32), "COLUMN_K": (4, 8, 16, 32, 64), "SPLIT_K": (1, 2, 4, 8, 16, 32),
-             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3), "maxnreg": (None, 168, 128)},
+             "num_warps": (1, 2, 4, 8), "PREFETCH": (0, 1), "num_stages": (1, 2, 3), "maxnreg": (None, 168, 128)},
     "lut": {"BLOCK_N": (8, 16, 32, 64), "BLOCK_K": (64, 128, 256, 512), "SPLIT_K": (1, 2, 4, 8, 16, 32),
             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)},
     "gemm": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),

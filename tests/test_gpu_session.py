@@ -23,6 +23,6 @@ def test_every_part_in_its_usage_lines_is_handled():
 def test_its_python_snippets_compile():
     text = SCRIPT.read_text()
     snippets = dict(re.findall(r"^([A-Z_]+)='\n(.*?)\n'$", text, re.M | re.S))
-    assert {"PROFILE_KERNELS", "PROFILE_DECODE"} <= snippets.keys()
+    assert {"PROFILE_KERNELS", "PROFILE_DECODE", "PREFETCH_AB"} <= snippets.keys()
     for name, source in snippets.items():
         compile(source, name, "exec")

@@ -366,7 +366,7 @@ def valid_config(cfg: dict, group_size: int, kp: int, multi_group: bool, bits: i
     if not valid_launch_options(cfg) or not valid_split_count(cfg.get("SPLIT_K", 1)):
         return False
     if "COLUMN_K" in keys:
-        return check_column_k(cfg["COLUMN_K"], bits, group_size) is None
+        return check_column_k(cfg["COLUMN_K"], bits, group_size) is None and check_prefetch(cfg) is None
     return cfg["BLOCK_K"] >= 32 and not cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1) and _tile_fits(
         cfg["BLOCK_K"], group_size, kp, multi_group)
 
@@ -384,6 +384,18 @@ def check_column_k(column_k: int, bits: int, group_size: int) -> str | None:
     if column_k < min_column_k(bits) or column_k & (column_k - 1) or group_size % column_k:
         return (f"COLUMN_K={column_k} must be a power of two >= {min_column_k(bits)} (whole words of each bit "
                 f"plane of {bits}-bit codes) dividing the group size {group_size}")
+    return None
+
+
+def check_prefetch(cfg: dict) -> str | None:
+    """Why a GEMV config's PREFETCH (0 or 1, default 0: the next tile's bytes asked of L2 a tile
+    ahead, `dequant_gemv._gemv_kernel`) cannot be, or None. Only with num_stages 1: from 2 on the
+    pipelined loop already loads ahead."""
+    prefetch = cfg.get("PREFETCH", 0)
+    if not isinstance(prefetch, int) or prefetch not in (0, 1):
+        return f"PREFETCH must be 0 or 1, got {prefetch!r}"
+    if prefetch and cfg.get("num_stages", 1) != 1:
+        return f"PREFETCH=1 needs num_stages=1 (the pipelined loop loads ahead itself), got {cfg['num_stages']!r}"
     return None
 
 
@@ -492,7 +504,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     words_per_bit = kp // 32
     n_tiles, m_tiles = cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"])
     if cfg["path"] == "gemv":
-        problem = check_column_k(cfg["COLUMN_K"], plane_bits, group_size)
+        problem = check_column_k(cfg["COLUMN_K"], plane_bits, group_size) or check_prefetch(cfg)
         if problem:
             raise InputError(problem)
         columns = kp // cfg["COLUMN_K"]
@@ -507,6 +519,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                                   PADDED_K=in_features != kp,
                                                   COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"],
                                                   STAGES=cfg.get("num_stages", 1),
+                                                  PREFETCH=bool(cfg.get("PREFETCH", 0)),
                                                   PTX=not interpreting(), **common)
         return out
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)

@@ -447,6 +447,73 @@ def _row_params(row_ptrs, row0, N, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr)
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 32-byte sector at each of `ptrs` (PTX `prefetch.global.L2`, compiled kernels
+    only): nothing is written to a register and nothing waits on it. Not pure, so the compiler
+    keeps it though its result (a dummy 0) is never used."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_run(start, COUNT: tl.constexpr, first=0, last=None):
+    """Prefetch the COUNT contiguous elements start[first:], one prefetch per 32 bytes; with `last`,
+    each index clamped to it (a run that may pass the end of its tensor: the last row block's
+    scales). A run that starts inside a sector and ends inside the next one may leave that
+    last sector out (a hint, not a load: the tile's own load then fetches it)."""
+    STEP: tl.constexpr = 256 // start.dtype.element_ty.primitive_bitwidth  # elements per 32 bytes
+    for piece in tl.static_range((COUNT + STEP - 1) // STEP):
+        if last is None:
+            _prefetch_l2(start + (first + piece * STEP))
+        else:
+            _prefetch_l2(start + tl.minimum(first + piece * STEP, last))
+
+
+@triton.jit
+def _prefetch_plane(qw_ptr, rows, col, plane_start, stride_qn, one, WIDTH: tl.constexpr, COLUMN_K: tl.constexpr):
+    """Prefetch each row's words of one WIDTH-bit plane in each thread's column (as `_word` reads them)."""
+    WORDS: tl.constexpr = COLUMN_K * WIDTH // 32
+    _prefetch_run(qw_ptr + rows * stride_qn + (col * WORDS) * one + plane_start, WORDS)
+
+
+@triton.jit
+def _prefetch_tile(t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, K, words_per_bit,
+                   stride_xm, stride_qn, stride_sg, one, BITS: tl.constexpr, ELEMENT: tl.constexpr,
+                   SYMMETRIC: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
+                   ONE_BIT_PLANES: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr):
+    """Prefetch into L2 everything whole K tile t reads from memory: each row's words of every
+    bit plane (`_column_sums`' planes), the activations of each thread's column, and its rows'
+    scales (and zero points). Issued a tile ahead (the kernel's PREFETCH), the next tile's bytes
+    stream in from DRAM while this one is summed, and its loads then wait on L2, not DRAM. The
+    addresses are the current tile's plus a constant (no clamp on the column: a whole tile), so
+    the compiler derives them from the loads' own."""
+    col = (t * COLUMNS + tl.arange(0, COLUMNS))[None, None, :]
+    if ONE_BIT_PLANES:
+        for plane in tl.static_range(BITS):
+            _prefetch_plane(qw_ptr, rows, col, words_per_bit * plane, stride_qn, one, 1, COLUMN_K)
+    elif BITS == 8:
+        _prefetch_plane(qw_ptr, rows, col, 0, stride_qn, one, 8, COLUMN_K)
+    else:  # the 4-, 2- and 1-bit planes, widest first (lowbit/formats/bitpack.py)
+        if BITS & 4:
+            _prefetch_plane(qw_ptr, rows, col, 0, stride_qn, one, 4, COLUMN_K)
+        if BITS & 2:
+            _prefetch_plane(qw_ptr, rows, col, words_per_bit * (BITS & 4), stride_qn, one, 2, COLUMN_K)
+        if BITS & 1:
+            _prefetch_plane(qw_ptr, rows, col, words_per_bit * (BITS & 6), stride_qn, one, 1, COLUMN_K)
+    if PADDED_K:  # x has K < Kp columns: the tile's last activations may lie past them
+        _prefetch_run(x_ptr + x_rows * stride_xm, COLUMN_K, col * COLUMN_K, K - 1)
+    else:
+        _prefetch_run(x_ptr + x_rows * stride_xm + col * COLUMN_K, COLUMN_K)
+    group = col * COLUMN_K // GROUP_SIZE
+    scale_rows = (N + SCALE_GROUP_N - 1) // SCALE_GROUP_N
+    _prefetch_run(s_ptr + group * stride_sg, (BLOCK_N + SCALE_GROUP_N - 1) // SCALE_GROUP_N, row0 // SCALE_GROUP_N,
+                  scale_rows - 1)
+    if ELEMENT == "int" and not SYMMETRIC:
+        _prefetch_run(z_ptr + group * stride_sg, BLOCK_N, row0, N - 1)
+
+
+@triton.jit
 def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, columns, K, words_per_bit,
                stride_xm, stride_qn, stride_sg, one, magic,
                BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_SIZE: tl.constexpr,
@@ -490,7 +557,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
                  SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
                  WORDS_PER_BIT: tl.constexpr, SPLIT: tl.constexpr, PADDED_K: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_K: tl.constexpr, STAGES: tl.constexpr,
-                 PTX: tl.constexpr):
+                 PREFETCH: tl.constexpr, PTX: tl.constexpr):
     """Split-K GEMV. The K axis is cut into columns of COLUMN_K consecutive values and each thread
     takes one column of a tile (COLUMNS = the program's threads) for all BLOCK_N rows: its
     activations are loaded and converted once and used for every row held in its registers,
@@ -504,8 +571,12 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     (a config's num_stages, default 1): software-pipeline stages of the whole-tile loop; from 2 on
     the compiler copies the next tiles' words, activations and scales into shared memory (16-byte
     cp.async) while the current one is summed, which helps where a program has several tiles
-    (benchmarks/tune.py decides). PTX: compiled, not interpreted (inline PTX allowed;
-    `_fp16_pair_to_fp32`)."""
+    (benchmarks/tune.py decides). PREFETCH (a config's PREFETCH, default off; with STAGES 1 only):
+    each whole-tile trip first asks L2 for the next tile's bytes (`_prefetch_tile`), so that a
+    program with several tiles keeps DRAM busy while it sums, where otherwise each tile's loads
+    wait on DRAM and then its arithmetic leaves DRAM idle. PTX: compiled, not interpreted (inline
+    PTX allowed; `_fp16_pair_to_fp32`; the interpreter skips the prefetches, hints with no
+    effect on the result)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -520,6 +591,11 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     full_end = tl.minimum(t_end, columns // COLUMNS)  # tiles before it hold no column past the last
     acc = tl.zeros((BLOCK_M, BLOCK_N, COLUMNS), dtype=tl.float32)
     for t in tl.range(t_start, full_end, num_stages=STAGES):
+        if PREFETCH and PTX:
+            if t + 1 < full_end:  # the next tile is whole (a partial last one is not asked for)
+                _prefetch_tile(t + 1, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, K, WORDS_PER_BIT,
+                               stride_xm, stride_qn, stride_sg, one, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE,
+                               SCALE_GROUP_N, ONE_BIT_PLANES, PADDED_K, BLOCK_N, COLUMNS, COLUMN_K)
         acc = _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, columns, K, WORDS_PER_BIT,
                          stride_xm, stride_qn, stride_sg, one, magic, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE,
                          SCALE_GROUP_N, SCALE_KIND, ONE_BIT_PLANES, False, PADDED_K, BLOCK_M, BLOCK_N, COLUMNS,

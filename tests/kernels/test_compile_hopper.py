@@ -64,6 +64,10 @@ GEMV_PIPELINED_VARIANTS = [["gemv", 4, False, "bf16", "int", "float", False, 64,
 # config's maxnreg of 168
 GEMV_MAXNREG_VARIANTS = [["gemv", 8, False, "bf16", "int", "float", False, 64, 1, None, None, 1, None, 16],
                          ["gemv", 8, False, "bf16", "int", "float", False, 64, 1, None, None, 1, 168, 16]]
+# the GEMV's tile loop asking L2 for the next tile (a tuned config's PREFETCH): the int6 GEMV (two bit
+# planes, zero points) and lut3 (three one-bit planes)
+GEMV_PREFETCH_VARIANTS = [["gemv", 6, False, "bf16", "int", "float", False, 64, 1, None, None, 1, None, 8, True],
+                          ["gemv", 3, False, "bf16", "int", "float", True, 64, 1, None, None, 1, None, 8, True]]
 # iq4_nl: the codebook in blocks of 32 with float16 scales (nf4's above: fp32 scales, a wider column)
 IQ4_NL_VARIANTS = [[path, 4, True, "bf16", "codebook", "float", False, 64, 1, 32, "*fp16"] for path in ("gemv", "gemm")]
 
@@ -80,7 +84,7 @@ def hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_codegen",
                            json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS + GROUP_16_VARIANTS + IQ4_NL_VARIANTS
-                                      + GEMV_PIPELINED_VARIANTS + GEMV_MAXNREG_VARIANTS)],
+                                      + GEMV_PIPELINED_VARIANTS + GEMV_MAXNREG_VARIANTS + GEMV_PREFETCH_VARIANTS)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     if proc.returncode != 0 and "ptxas" in proc.stderr:
         pytest.skip(f"this triton install cannot compile for CUDA: {proc.stderr[-300:]}")
@@ -114,11 +118,19 @@ def test_gemm_uses_hopper_tensor_cores(hopper, act):
 
 
 def _loop_bodies(ptx):
-    """The PTX between each label and a later branch back to it: the bodies of the loops."""
-    lines = ptx.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\$L__\w+):", line))}
-    return ["\n".join(lines[labels[m.group(1)]:i]) for i, line in enumerate(lines)
-            if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)) and labels.get(m.group(1), i) < i]
+    """The PTX of each loop, by LLVM's block annotations: a loop's header block ("Loop Header")
+    and the blocks marked "in Loop: Header=" it, in their order in the code (a loop body with a
+    branch in it may be laid out around its header). An inner loop's blocks are its own, not
+    its outer loop's."""
+    loops, current = {}, None
+    for line in ptx.splitlines():
+        label = re.match(r"\s*\$L__(BB\w+):(.*)", line)  # blocks (not the debug info's $L__tmp labels)
+        if label:
+            header = re.search(r"Header=(\w+)", label.group(2))
+            current = header.group(1) if header else label.group(1) if "Loop Header" in label.group(2) else None
+        if current is not None:
+            loops.setdefault(current, []).append(line)
+    return ["\n".join(lines) for lines in loops.values()]
 
 
 #: the GEMV's K-loop loads (the split-K reduction's partial sums load with .cg): width and vector size
@@ -136,13 +148,12 @@ def _loads(body):
     return len(found), sum(int(vec or 1) * int(width) / 32 for vec, width in found)
 
 
-def _expected_loads(bits, symmetric, act, element, scale_kind=None, one_bit_planes=False, block_m=1,
-                    column_k=None, scale_bytes=None, rows=hopper_codegen.GEMV_BLOCK_N):
-    """(load instructions, words) of one K-loop trip when every thread reads each contiguous run
-    of its column once, in 128-bit pieces: each row's words of each bit plane, the column's
-    activations (of each activation row), and the thread's rows' scales (and zero points) of
-    its group, plus one 32-bit table lookup per code for the codebook formats. rows: the
-    thread's rows (BLOCK_N)."""
+def _runs(bits, symmetric, act, element, scale_kind=None, one_bit_planes=False, block_m=1, column_k=None,
+          scale_bytes=None, rows=hopper_codegen.GEMV_BLOCK_N):
+    """The contiguous runs (bytes) a thread reads from memory in one K-loop trip: each row's
+    words of each bit plane of its column, the column's activations (of each activation row),
+    and the thread's rows' scales (and zero points) of its group. rows: the thread's rows
+    (BLOCK_N)."""
     column_k = column_k or hopper_codegen.variant_column_k(bits, element, scale_kind or "float", one_bit_planes)
     if one_bit_planes:
         planes = [1] * bits
@@ -156,6 +167,15 @@ def _expected_loads(bits, symmetric, act, element, scale_kind=None, one_bit_plan
     runs += [column_k * (4 if act == "fp32" else 2)] * block_m
     scale_bytes = scale_bytes or (1 if scale_kind in ("e8m0", "e4m3") else 2 if element == "int" else 4)
     runs += [rows * scale_bytes] * (2 if element == "int" and not symmetric else 1)
+    return runs
+
+
+def _expected_loads(bits, symmetric, act, element, scale_kind=None, one_bit_planes=False, block_m=1,
+                    column_k=None, scale_bytes=None, rows=hopper_codegen.GEMV_BLOCK_N):
+    """(load instructions, words) of one K-loop trip when every thread reads each of its `_runs`
+    once, in 128-bit pieces, plus one 32-bit table lookup per code for the codebook formats."""
+    runs = _runs(bits, symmetric, act, element, scale_kind, one_bit_planes, block_m, column_k, scale_bytes, rows)
+    column_k = column_k or hopper_codegen.variant_column_k(bits, element, scale_kind or "float", one_bit_planes)
     lookups = rows * column_k if element == "codebook" else 0
     return sum(-(-run // 16) for run in runs) + lookups, sum(run / 4 for run in runs) + lookups
 
@@ -207,6 +227,24 @@ def test_gemv_tile_loop_pipelines_its_loads_with_num_stages(hopper, variant):
     assert len(re.findall(r"cp\.async\.cg\.shared\.global\S* \[[^]]+\], \[[^]]+\], 0x10", pipelined[0])) == expected
     assert len(re.findall(r"ld\.shared\.v4\.b32", pipelined[0])) == expected
     assert not _GEMV_LOAD.search(pipelined[0])  # nothing loaded from global memory into registers
+
+
+@pytest.mark.parametrize("variant", GEMV_PREFETCH_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_gemv_tile_loop_prefetches_the_next_tile_into_l2(hopper, variant):
+    """PREFETCH (a tuning choice): each whole-tile trip asks L2 for every 32-byte sector of the
+    next tile's runs (`_runs`: words of each bit plane, activations, scales, zero points) with
+    `prefetch.global.L2`, which writes no register; the trip's own loads are those of the
+    loop without it, nothing goes through shared memory, and nothing spills. The masked last
+    tile has no next one: its loop prefetches nothing."""
+    _, bits, symmetric, act, element, scale_kind, one_bit_planes, *_ = variant
+    result = hopper["-".join(map(str, variant))]
+    ptx = _checked(result)
+    _check_gemv_k_loops(ptx, _expected_loads(bits, symmetric, act, element, scale_kind, one_bit_planes))
+    whole_tiles, last_tile = _gemv_k_loops(ptx)
+    runs = _runs(bits, symmetric, act, element, scale_kind, one_bit_planes)
+    assert len(re.findall(r"prefetch\.global\.L2 \[", whole_tiles)) == sum(-(-run // 32) for run in runs)
+    assert "prefetch" not in last_tile
+    assert result["stack_bytes"] == 0
 
 
 def test_gemv_maxnreg_caps_its_registers_without_spilling(hopper):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.errors import InputError, KernelUnavailableError
 from lowbit.formats import get_format
-from lowbit.kernels import dequant_gemm
+from lowbit.kernels import dequant_gemm, tuning
 from lowbit.kernels.dequant_gemm import GEMV_MAX_ROWS_PER_THREAD, dequant_matmul, pick_config
 from lowbit.kernels.lut_gemm import lut_gemv_config
 from lowbit.kernels.split_k import split_k_buffers
@@ -89,6 +89,16 @@ def test_bad_split_k_is_a_clear_error(device, path, split_k):
     cfg = ({"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "COLUMN_K": 8, "SPLIT_K": split_k}
            if path == "gemv" else {"path": "gemm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k})
     with pytest.raises(InputError, match="SPLIT_K"):
+        dequant_matmul(x, p.qweight, p.scales, p.zeros, b, bits=4, group_size=32, in_features=K, config=cfg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad, problem", [({"PREFETCH": 2}, "PREFETCH must be 0 or 1, got 2"),
+                                          ({"PREFETCH": 1, "num_stages": 2}, "PREFETCH=1 needs num_stages=1")])
+def test_bad_gemv_prefetch_is_a_clear_error(device, bad, problem):
+    p, x, b, _ = _case(4, 1, False, torch.float32, device, group_size=32)
+    cfg = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "COLUMN_K": 8, "SPLIT_K": 1, **bad}
+    with pytest.raises(InputError, match=problem):
         dequant_matmul(x, p.qweight, p.scales, p.zeros, b, bits=4, group_size=32, in_features=K, config=cfg)
 
 
@@ -304,6 +314,30 @@ def test_gpu_real_shapes(bits, m, n, k):
     for dtype, symmetric in itertools.product((torch.float16, torch.bfloat16), (True, False)):
         p, x, b, ref = _case(bits, m, symmetric, dtype, "cuda", n=n, k=k)
         _assert_close(lowbit.linear(x, p, b), ref, dtype)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int4", "int3", "int6", "int8", "nvfp4", "mxfp4", "fp8", "nf4", "lut2", "lut3"])
+def test_gpu_gemv_prefetch_gives_the_reference(fmt):
+    """PREFETCH=1 on a GPU (the interpreter skips the prefetches): the GEMV's `prefetch.global.L2`
+    of each next whole tile, with 4 to 8 tiles per program (one warp, columns of 16 or 32), on a
+    row count that leaves the last program's rows partly past N (clamped scale and zero-point
+    runs) and an in_features that pads K (clamped activation runs), gives the reference's values;
+    over the same tiles without it, the same sums bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(1003, 4000, generator=gen) * 0.02
+    p = get_format(fmt).quantize(w).to("cuda")
+    x = torch.randn(1, 4000, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x.float(), get_format(fmt).dequantize(p).float().to("cuda"))
+    column_k = 16 if fmt == "nvfp4" else 32
+    config = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 8, "COLUMN_K": column_k, "SPLIT_K": 1, "num_warps": 1}
+    with tuning.force({**config, "PREFETCH": 1}):
+        y = lowbit.linear(x, p, None)
+    with tuning.force(config):
+        y_plain = lowbit.linear(x, p, None)
+    _assert_close(y, ref, torch.bfloat16)
+    assert torch.equal(y, y_plain)
 
 
 @pytest.mark.parametrize("fmt,options", [("int4", {}), ("int3", {"symmetric": True}), ("int6", {}), ("nf4", {}),

@@ -58,6 +58,12 @@ def test_launch_options_are_taken_and_checked(tuned_table):
     for registers in (300, 16, "168"):  # past the hardware's 255, too few, not a number
         tuned_table({f"{variant}/37x384/m1": {**gemv, "maxnreg": registers}})
         assert "maxnreg" not in pick_config(1, 37, 384, 128, device, variant=variant)
+    tuned_table({f"{variant}/37x384/m1": {**gemv, "PREFETCH": 1}})
+    assert pick_config(1, 37, 384, 128, device, variant=variant) == {**gemv, "PREFETCH": 1}
+    # not 0 / 1, or with a pipelined loop (num_stages 2, which loads ahead itself): the entry is ignored
+    for entry in ({**gemv, "PREFETCH": 2}, {**gemv, "PREFETCH": "1"}, {**gemv, "PREFETCH": 1, "num_stages": 2}):
+        tuned_table({f"{variant}/37x384/m1": entry})
+        assert pick_config(1, 37, 384, 128, device, variant=variant) == pick_config(1, 37, 384, 128, device)
     assert "maxnreg" not in tuning.launch_options({**gemv, "maxnreg": None})
     assert tuning.launch_options({**gemv, "maxnreg": 128})["maxnreg"] == 128
     stale = {"path": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}  # the GEMV before COLUMN_K
@@ -232,9 +238,11 @@ def test_tuner_start_points_lie_in_the_search_space(m):
     ("STAGES", "int4", 1024, [({}, 1), ({"num_stages": 2}, 2), ({"num_stages": 3}, 3)]),
     # maxnreg: passed to the launch as it is (no keyword without one, or for None: no cap)
     ("maxnreg", "int8", 512, [({}, None), ({"maxnreg": None}, None), ({"maxnreg": 128}, 128)]),
+    # PREFETCH: the next tile asked of L2 a tile ahead (the interpreter skips the hint itself)
+    ("PREFETCH", "int4", 1024, [({}, False), ({"PREFETCH": 0}, False), ({"PREFETCH": 1}, True)]),
 ])
 def test_gemv_launch_options_reach_the_kernel(monkeypatch, keyword, fmt, k, cases):
-    """A GEMV config's num_stages and maxnreg reach its launch, and the kernel so launched gives the
+    """A GEMV config's num_stages, maxnreg and PREFETCH reach its launch, and the kernel so launched gives the
     reference's values (tests/kernels/test_compile_hopper.py checks the code each compiles to)."""
     launches = record_launches(monkeypatch, keyword)
     device = torch.device(DEVICES[0])
