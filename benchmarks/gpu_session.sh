@@ -20,10 +20,12 @@
 #
 # The second H100 run (2026-11-25) ran `tune tests` (TUNE_ARGS="--m 1 --budget-s 170 ...",
 # TUNE_LIMIT=225), `gemm-m1 e2e` (E2E_ARGS="--formats ...", E2E_LIMIT=320), `e2e-compiled dfloat11`
-# and `profile`. Next: `gemm-m1` first (the new 8-row GEMV default, untuned formats), `prefetch`
+# and `profile`. Next: `gemm-m1` first (the new 8-row GEMV default, untuned formats, fp8's hardware
+# E4M3 conversion), `prefetch`
 # (the GEMV's L2 prefetch of its next tile, PREFETCH_AB: if it wins, tune with it), `tune` on
 # the formats after int4 (TUNE_ARGS="--m 1 --formats nvfp4 mxfp4 int6 int8 fp8 lut2 mxint8 dfloat11"),
-# `gemm-m1` again, then the `gpu` tests this run failed (TESTS_K="ct_import or nf4 or fp8_gemm"),
+# `gemm-m1` again, then the `gpu` tests this run failed and the new ones
+# (TESTS_K="ct_import or nf4 or fp8_gemm or prefetch or every_code"),
 # `profile-decode` and the rest. After the dfloat11 kernels' stream stages and 32-weight chunks
 # (commits 600c83b, 6130d6a) and shorter default segments for weights with few (bacfe91), none yet
 # on a GPU: `profile` (DRAM bytes with the new defaults and the old), `dfloat11` (the decoder at

@@ -113,7 +113,8 @@ def _group(element: str, scale_kind: str) -> int:
 def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: str, scale_kind: str = "float",
                     one_bit_planes: bool = False, gemm_block_m: int = 64, gemv_block_m: int = 1,
                     group_size: int | None = None, scale_pointer: str | None = None, gemv_stages: int = 1,
-                    maxnreg: int | None = None, gemv_block_n: int = GEMV_BLOCK_N, gemv_prefetch: bool = False):
+                    maxnreg: int | None = None, gemv_block_n: int = GEMV_BLOCK_N, gemv_prefetch: bool = False,
+                    fp8_cvt: bool = True):
     """int: fp16 group scales (128); fp8: fp32 per-channel scales; microscaling (scale_kind e8m0:
     32-element blocks, e4m3: NVFP4's 16-element blocks with a tensor scale); one_bit_planes: the
     LUT formats' layout (int codes). The GEMV with the launcher's default tiles at M=1 for a
@@ -126,7 +127,8 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     float16 scales of a codebook); gemv_stages: the GEMV tile loop's software-pipeline stages
     (the launcher's default 1: none; a tuned config's num_stages); maxnreg: a tuned config's cap on
     registers per thread (default: none); gemv_block_n: the GEMV's rows per program;
-    gemv_prefetch: a tuned config's PREFETCH (the next tile asked of L2 a tile ahead)."""
+    gemv_prefetch: a tuned config's PREFETCH (the next tile asked of L2 a tile ahead); fp8_cvt:
+    E4M3 weights converted in hardware, as the launcher does on sm_89 on (False: GPUs before)."""
     kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = group_size or _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
@@ -137,7 +139,8 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                           BLOCK_N=gemv_block_n,
                           COLUMNS=kernels.gemv_columns({}),
                           COLUMN_K=kernels.gemv_column_k(1 if one_bit_planes else bits, group),
-                          STAGES=gemv_stages, PREFETCH=gemv_prefetch, PTX=True)
+                          STAGES=gemv_stages, PREFETCH=gemv_prefetch, FP8_CVT=fp8_cvt and element == "e4m3",
+                          PTX=True)
     else:
         constexprs.update(DOT_FP32=act == "fp32", ACT_CODES=act if act in ACT_CODES else "", SPLIT=True, BLOCK_M=gemm_block_m,
                           BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE)

@@ -68,6 +68,8 @@ GEMV_MAXNREG_VARIANTS = [["gemv", 8, False, "bf16", "int", "float", False, 64, 1
 # planes, zero points) and lut3 (three one-bit planes)
 GEMV_PREFETCH_VARIANTS = [["gemv", 6, False, "bf16", "int", "float", False, 64, 1, None, None, 1, None, 8, True],
                           ["gemv", 3, False, "bf16", "int", "float", True, 64, 1, None, None, 1, None, 8, True]]
+# the E4M3 GEMV as GPUs before sm_89 run it: no hardware conversion (the launcher's fp8_conversions)
+GEMV_E4M3_INTEGER_VARIANT = ["gemv", 8, True, "bf16", "e4m3", "float", False, 64, 1, None, None, 1, None, 8, False, False]
 # iq4_nl: the codebook in blocks of 32 with float16 scales (nf4's above: fp32 scales, a wider column)
 IQ4_NL_VARIANTS = [[path, 4, True, "bf16", "codebook", "float", False, 64, 1, 32, "*fp16"] for path in ("gemv", "gemm")]
 
@@ -84,7 +86,8 @@ def hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_codegen",
                            json.dumps(VARIANTS + GEMV_BLOCK_M_VARIANTS + GROUP_16_VARIANTS + IQ4_NL_VARIANTS
-                                      + GEMV_PIPELINED_VARIANTS + GEMV_MAXNREG_VARIANTS + GEMV_PREFETCH_VARIANTS)],
+                                      + GEMV_PIPELINED_VARIANTS + GEMV_MAXNREG_VARIANTS + GEMV_PREFETCH_VARIANTS
+                                      + [GEMV_E4M3_INTEGER_VARIANT])],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     if proc.returncode != 0 and "ptxas" in proc.stderr:
         pytest.skip(f"this triton install cannot compile for CUDA: {proc.stderr[-300:]}")
@@ -319,11 +322,27 @@ def test_gemm_stores_whole_words_of_weights(hopper, variant):
 
 @pytest.mark.parametrize("element", ["e4m3", "e5m2"])
 def test_fp8_weight_only_needs_no_fp8_hardware(hopper, element):
-    """The FP8 decoder is integer ops + an fp16 reinterpret: no cvt from e4m3/e5m2, so the same
-    kernel runs on GPUs without FP8 support."""
-    ptx = _ptx(hopper, "gemv", 8, True, "bf16", element)
+    """Where the GPU has no FP8 conversion (before sm_89: the launcher's fp8_conversions), the FP8
+    decoder is integer ops + an fp16 reinterpret, no cvt from e4m3 / e5m2 (E5M2 never needs one:
+    its byte is an fp16's top half); the GEMM's too."""
+    result = hopper["-".join(map(str, GEMV_E4M3_INTEGER_VARIANT))] if element == "e4m3" else None
+    ptx = _checked(result) if result else _ptx(hopper, "gemv", 8, True, "bf16", element)
     assert not re.search(r"cvt\S*\.e[45]m[23]", ptx)
+    _check_gemv_k_loops(ptx, _expected_loads(8, True, "bf16", element))
     assert "wgmma.mma_async" in _ptx(hopper, "gemm", 8, True, "bf16", element)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv" and v[4] == "e4m3"],
+                         ids=lambda v: "-".join(map(str, v)))
+def test_e4m3_gemv_converts_pairs_in_hardware(hopper, variant):
+    """On sm_89 on (here sm_90) the E4M3 GEMV converts each pair of neighbouring codes with one
+    cvt.rn.f16x2.e4m3x2 (`dequant_gemv._e4m3_pair`): half a conversion per weight, then a
+    cvt.f32.f16 per weight, in each K loop."""
+    _, bits, _, _, element, *rest = variant
+    weights = hopper_codegen.GEMV_BLOCK_N * hopper_codegen.variant_column_k(bits, element, *rest)
+    for body in _gemv_k_loops(_ptx(hopper, *variant)):
+        assert len(re.findall(r"cvt\.rn\.f16x2\.e4m3x2", body)) == weights // 2
+        assert len(re.findall(r"cvt\.f32\.f16", body)) >= weights
 
 
 @pytest.mark.parametrize("encoding", ["e4m3", "int8"])
