@@ -140,6 +140,42 @@ def _plane_fma(sums, corr, word, window, x, magic, J: tl.constexpr, WIDTH: tl.co
 
 
 @triton.jit
+def _byte_fma(sums, corr, word, x, magic, J: tl.constexpr, OFFSET: tl.constexpr, FOLD: tl.constexpr,
+              PTX: tl.constexpr):
+    """`_plane_fma` for byte J of `word` (8-bit codes): one PRMT makes the float 2^23 + code * 2^8
+    (the byte moved to bits 8-15, `magic`'s 0x4B above it, zeros elsewhere; `magic` is a
+    register, so no mask and no shift), then an FADD takes off 2^23 + OFFSET * 2^8 and the FFMA
+    adds the product: three instructions per weight, where a LOP3, the FADD, the FFMA and a
+    shift per two codes took 3.5. FOLD (bf16 activations only): no FADD, the constant goes into
+    `corr` as in `_plane_fma`, two instructions per weight. It then stands 2^15 next to codes up
+    to 2^8 and costs the sums ~2^-13 of their largest value (tests/kernels/test_dequant_gemm.py),
+    1/64 of a bf16 step but 1/8 of an fp16 one, so fp16 and fp32 activations keep the FADD. The
+    interpreter runs no PTX: tl ops, the same bits."""
+    if PTX:  # selector nibbles, byte 0 up: magic's zero byte, byte J of word, a zero, magic's 0x4B
+        if J == 0:
+            bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7404;", "=r,r,r", [word, magic],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        elif J == 1:
+            bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7414;", "=r,r,r", [word, magic],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        elif J == 2:
+            bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7424;", "=r,r,r", [word, magic],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7434;", "=r,r,r", [word, magic],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        bits = (((word >> (8 * J)) & 255) << 8) | magic
+    x = x * (2.0 ** -8)
+    if FOLD:
+        sums = tl.fma(bits.to(tl.float32, bitcast=True), x, sums)
+        corr = tl.fma(x, 8388608.0 + OFFSET * 256, corr)
+    else:
+        sums = tl.fma(bits.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET * 256), x, sums)
+    return sums, corr
+
+
+@triton.jit
 def _two_field_fma(sums, low, high, x, POS: tl.constexpr, LOW_BITS: tl.constexpr, OFFSET: tl.constexpr):
     """`_plane_fma` for a code whose low LOW_BITS bits sit at POS in `low` and whose top 2 bits
     sit right above them in `high`, which has 0x4B000000 OR-ed in (int6 / int7: the 4-bit plane
@@ -320,7 +356,8 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
 
     Integer elements ("int", "sint") never shift a code out of its word: each bit plane adds its
     bits through `_plane_fma` (a LOP3, an FADD and the FFMA per weight and plane; no FADD for
-    planes of up to 4 bits under 16-bit activations, FOLD). `magic` is 0x4B000000 passed at run
+    planes of up to 4 bits under 16-bit activations, FOLD), 8-bit codes through `_byte_fma` (a
+    PRMT per weight instead of the LOP3, no FADD under bf16 activations). `magic` is 0x4B000000 passed at run
     time so it sits in a register: LOP3 takes one immediate, which the mask needs. The LUT
     formats' one-bit planes are merged in pairs into 2-bit codes first (`_pair_fma`). E4M3 /
     E5M2 / E2M1 decode two codes at a time (`_minifloat_pair`), so their column is walked in pair
@@ -347,7 +384,6 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     w4 = w8
     w2 = w8
     w1 = w8
-    win8 = w8
     win4 = w8
     win2 = w8
     win1 = w8
@@ -399,7 +435,8 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
                                               0 if BITS > 1 else OFFSET, BITS, FOLD)
         elif INTEGER and BITS == 8:
             w8 = _plane_word(w8, qw_ptr, rows, col, 0, stride_qn, one, kk, 8, COLUMN_K, ELEMENT == "sint")
-            sums, corr, win8 = _plane_fma(sums, corr, w8, win8, x, magic, kk % 4, 8, 0, OFFSET, BITS, FOLD)
+            sums, corr = _byte_fma(sums, corr, w8, x, magic, kk % 4, OFFSET, x_ptr.dtype.element_ty == tl.bfloat16,
+                                   PTX)
         elif INTEGER and BITS & 6 == 6:  # int6, int7: the 4-bit and 2-bit planes read as one 6-bit code
             w4 = _plane_word(w4, qw_ptr, rows, col, 0, stride_qn, one, kk, 4, COLUMN_K, False)
             # codes at bits 0, 4, ..., 16 read in place (6 bits below bit 23), the rest shifted down

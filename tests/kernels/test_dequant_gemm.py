@@ -102,30 +102,46 @@ def test_bad_gemv_prefetch_is_a_clear_error(device, bad, problem):
         dequant_matmul(x, p.qweight, p.scales, p.zeros, b, bits=4, group_size=32, in_features=K, config=cfg)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fmt", ["int2", "int3", "int4", "int5", "lut1", "lut2", "lut3"])
-def test_gemv_16bit_activations_sum_within_2_to_the_minus_14(device, fmt, monkeypatch):
-    """Under 16-bit activations the GEMV leaves the 2^23 of its code floats in the fp32 column sums
-    and takes it off per column (no FADD per weight, `_plane_fma`'s FOLD), which costs the sums low
-    bits. Stored as fp32 (the output buffer swapped for an fp32 one), the product at a real K with
-    outlier activations stays within 2^-14 of its largest value: 1/16 of an fp16 output step,
-    1/128 of a bf16 one (measured: 2^-15.2 at worst, lut1). Codes read from 2 bits lower miss it
-    (int4: 2^-13.5)."""
+def _gemv_sum_error(device, fmt, dtype, seed, monkeypatch) -> float:
+    """The GEMV's largest error at M=1, n=64, K=4096 with outlier activations in `dtype`, its sums
+    stored as fp32 (the output buffer swapped for an fp32 one), over its largest value."""
     def fp32_output(x, *args, **kwargs):
         out, *rest = split_k_buffers(x, *args, **kwargs)
         return (out.float(), *rest)
 
     monkeypatch.setattr(dequant_gemm, "split_k_buffers", fp32_output)
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(seed)
     n, k = 64, 4096
     p = get_format(fmt).quantize(torch.randn(n, k, generator=gen)).to(device)
     x = torch.randn(1, k, generator=gen) * (1 + 20 * (torch.rand(1, k, generator=gen) < 0.01))
-    x = x.to(device=device, dtype=torch.float16)
+    x = x.to(device=device, dtype=dtype)
     ref = x.double() @ get_format(p.format).dequantize(p).double().T
     y = lowbit.linear(x, p, None, backend="triton")
     assert y.dtype == torch.float32
-    err = (y.double() - ref).abs().max().item()
-    assert err <= 2.0**-14 * ref.abs().max().item(), err
+    return (y.double() - ref).abs().max().item() / ref.abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["int2", "int3", "int4", "int5", "int8", "mxint8", "lut1", "lut2", "lut3"])
+def test_gemv_16bit_activations_sum_within_2_to_the_minus_14(device, fmt, monkeypatch):
+    """Under 16-bit activations the GEMV leaves the 2^23 of its code floats in the fp32 column sums
+    and takes it off per column (no FADD per weight, `_plane_fma`'s FOLD), which costs the sums low
+    bits. The product at a real K with outlier activations stays within 2^-14 of its largest
+    value: 1/16 of an fp16 output step, 1/128 of a bf16 one (measured: 2^-15.2 at worst, lut1).
+    Codes read from 2 bits lower miss it (int4: 2^-13.5). 8-bit codes under fp16 activations
+    keep their FADD (`_byte_fma`): 2^-22."""
+    assert _gemv_sum_error(device, fmt, torch.float16, 7, monkeypatch) <= 2.0**-14
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["int8", "mxint8"])
+def test_gemv_8bit_codes_under_bf16_activations_sum_within_2_to_the_minus_12(device, fmt, monkeypatch):
+    """8-bit codes under bf16 activations fold their constant into the column's correction too
+    (`_byte_fma`): it stands 2^15 next to codes up to 2^8, and the sums stay within 2^-12 of
+    their largest value, 1/32 of a bf16 output step (measured over seeds 7-9: 2^-13.2 at worst,
+    mxint8)."""
+    for seed in (7, 8, 9):
+        assert _gemv_sum_error(device, fmt, torch.bfloat16, seed, monkeypatch) <= 2.0**-12
 
 
 @pytest.mark.parametrize("device", DEVICES)
