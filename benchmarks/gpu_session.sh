@@ -25,7 +25,7 @@
 # (the GEMV's L2 prefetch of its next tile, PREFETCH_AB: if it wins, tune with it), `tune` on
 # the formats after int4 (TUNE_ARGS="--m 1 --formats nvfp4 mxfp4 int6 int8 fp8 lut2 mxint8 dfloat11"),
 # `gemm-m1` again, then the `gpu` tests this run failed and the new ones
-# (TESTS_K="ct_import or nf4 or fp8_gemm or prefetch or every_code"),
+# (TESTS_K="ct_import or nf4 or fp8_gemm or prefetch or every_code or scale_decoders or real_shapes"),
 # `profile-decode` and the rest. After the dfloat11 kernels' stream stages and 32-weight chunks
 # (commits 600c83b, 6130d6a) and shorter default segments for weights with few (bacfe91), none yet
 # on a GPU: `profile` (DRAM bytes with the new defaults and the old), `dfloat11` (the decoder at

@@ -421,7 +421,8 @@ MAGIC = 0x4B000000
 
 @functools.lru_cache(maxsize=None)
 def fp8_conversions(device: torch.device) -> bool:
-    """Whether the GEMV converts E4M3 weights in hardware (`dequant_gemv._e4m3_pair`): on CUDA
+    """Whether the GEMV converts E4M3 weights and block scales in hardware (`dequant_gemv._e4m3_pair`,
+    `_e4m3_value`): on CUDA
     GPUs of compute capability 8.9 on (Ada, Hopper, Blackwell); older ones decode with integer
     ops. The interpreter takes that path too, with the same values computed without PTX."""
     if device.type != "cuda":
@@ -530,7 +531,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                                   COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"],
                                                   STAGES=cfg.get("num_stages", 1),
                                                   PREFETCH=bool(cfg.get("PREFETCH", 0)),
-                                                  FP8_CVT=element == "e4m3" and fp8_conversions(x.device),
+                                                  FP8_CVT=(element == "e4m3" or scale_kind == "e4m3")
+                                                  and fp8_conversions(x.device),
                                                   PTX=not interpreting(), **common)
         return out
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)

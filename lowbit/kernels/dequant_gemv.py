@@ -314,6 +314,21 @@ def _e4m3_pair(word, HALF: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_value(code, PTX: tl.constexpr):
+    """An E4M3 byte (int32, 0..255) -> its fp32 value. PTX: the hardware conversion of
+    `_e4m3_pair` on the byte alone (sm_89 on): two instructions, where `_decode_scale`'s integer
+    decode takes about seven. The interpreter: `_decode_scale`."""
+    if PTX:
+        value = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; .reg .b32 h; mov.b32 {lo, hi}, $1; cvt.rn.f16x2.e4m3x2 h, lo; "
+            "mov.b32 {lo, hi}, h; cvt.f32.f16 $0, lo; }",
+            "=r,r", [code], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        value = _decode_scale(code, "e4m3")
+    return value
+
+
+@triton.jit
 def _fp16_pair_to_fp32(halves, PTX: tl.constexpr):
     """The two fp16 values in the low and high halves of int32 `halves` -> (low, high) fp32.
     PTX (compiled kernels): two `cvt.f32.f16` of the register's halves, one HADD2.F32 each. With tl
@@ -602,7 +617,10 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, colum
         raw_scale = _row_params(s_ptr + group * stride_sg, row0, N, BLOCK_N, COLUMNS)
     else:  # one scale for SCALE_GROUP_N rows (hidden from the compiler, times the run-time 1: loaded like the words)
         raw_scale = _load_by_column(s_ptr + group * stride_sg + (rows * one) // SCALE_GROUP_N)
-    scale = _decode_scale(raw_scale, SCALE_KIND)  # [1, BLOCK_N, COLUMNS]
+    if FP8_CVT and SCALE_KIND == "e4m3":  # NVFP4's block scales, in hardware where it has FP8
+        scale = _e4m3_value(raw_scale.to(tl.int32), PTX)  # [1, BLOCK_N, COLUMNS]
+    else:
+        scale = _decode_scale(raw_scale, SCALE_KIND)
     factor = 1.0 if FP8_CVT and ELEMENT == "e4m3" else _element_factor(ELEMENT, BITS)  # `_e4m3_pair`: unscaled
     if SCALE_KIND == "e8m0":
         sums = sums * factor  # E8M0 scales reach 2^127: scale * factor could overflow
@@ -643,7 +661,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, bias_ptr, out_ptr, ws_ptr,
     program with several tiles keeps DRAM busy while it sums, where otherwise each tile's loads
     wait on DRAM and then its arithmetic leaves DRAM idle. PTX: compiled, not interpreted (inline
     PTX allowed; `_fp16_pair_to_fp32`; the interpreter skips the prefetches, hints with no
-    effect on the result). FP8_CVT: E4M3 weights convert in hardware (`_e4m3_pair`; sm_89 on)."""
+    effect on the result). FP8_CVT: E4M3 weights and block scales convert in hardware
+    (`_e4m3_pair`, `_e4m3_value`; sm_89 on)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

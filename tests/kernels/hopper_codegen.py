@@ -128,7 +128,8 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
     (the launcher's default 1: none; a tuned config's num_stages); maxnreg: a tuned config's cap on
     registers per thread (default: none); gemv_block_n: the GEMV's rows per program;
     gemv_prefetch: a tuned config's PREFETCH (the next tile asked of L2 a tile ahead); fp8_cvt:
-    E4M3 weights converted in hardware, as the launcher does on sm_89 on (False: GPUs before)."""
+    E4M3 weights and scales converted in hardware, as the launcher does on sm_89 on (False: GPUs
+    before)."""
     kernel = dequant_gemv._gemv_kernel if path == "gemv" else kernels._gemm_kernel
     group = group_size or _group(element, scale_kind)
     constexprs = dict(BITS=bits, ELEMENT=element, SYMMETRIC=symmetric, HAS_BIAS=True, GROUP_SIZE=group,
@@ -139,7 +140,7 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                           BLOCK_N=gemv_block_n,
                           COLUMNS=kernels.gemv_columns({}),
                           COLUMN_K=kernels.gemv_column_k(1 if one_bit_planes else bits, group),
-                          STAGES=gemv_stages, PREFETCH=gemv_prefetch, FP8_CVT=fp8_cvt and element == "e4m3",
+                          STAGES=gemv_stages, PREFETCH=gemv_prefetch, FP8_CVT=fp8_cvt and "e4m3" in (element, scale_kind),
                           PTX=True)
     else:
         constexprs.update(DOT_FP32=act == "fp32", ACT_CODES=act if act in ACT_CODES else "", SPLIT=True, BLOCK_M=gemm_block_m,

@@ -346,16 +346,19 @@ def test_fp8_weight_only_needs_no_fp8_hardware(hopper, element):
     assert "wgmma.mma_async" in _ptx(hopper, "gemm", 8, True, "bf16", element)
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv" and v[4] == "e4m3"],
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv" and "e4m3" in v[4:6]],
                          ids=lambda v: "-".join(map(str, v)))
-def test_e4m3_gemv_converts_pairs_in_hardware(hopper, variant):
+def test_e4m3_gemv_converts_in_hardware(hopper, variant):
     """On sm_89 on (here sm_90) the E4M3 GEMV converts each pair of neighbouring codes with one
     cvt.rn.f16x2.e4m3x2 (`dequant_gemv._e4m3_pair`): half a conversion per weight, then a
-    cvt.f32.f16 per weight, in each K loop."""
+    cvt.f32.f16 per weight, in each K loop; NVFP4's E4M3 block scales take one each
+    (`_e4m3_value`: one per row and trip)."""
     _, bits, _, _, element, *rest = variant
-    weights = hopper_codegen.GEMV_BLOCK_N * hopper_codegen.variant_column_k(bits, element, *rest)
+    rows = hopper_codegen.GEMV_BLOCK_N
+    weights = rows * hopper_codegen.variant_column_k(bits, element, *rest)
+    expected = (weights // 2 if element == "e4m3" else 0) + (rows if rest and rest[0] == "e4m3" else 0)
     for body in _gemv_k_loops(_ptx(hopper, *variant)):
-        assert len(re.findall(r"cvt\.rn\.f16x2\.e4m3x2", body)) == weights // 2
+        assert len(re.findall(r"cvt\.rn\.f16x2\.e4m3x2", body)) == expected
         assert len(re.findall(r"cvt\.f32\.f16", body)) >= weights
 
 

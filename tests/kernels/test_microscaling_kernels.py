@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.formats import bitpack, get_format
+from lowbit.kernels import dequant_gemm
 from lowbit.kernels.dequant_gemm import dequant_matmul
 
 from ..conftest import kernel_devices, requires_gpu
@@ -89,10 +90,8 @@ def test_element_decoder_covers_every_code(device, name):
     assert torch.equal(y[: codes.numel(), 0].cpu(), fmt.codec.decode(codes))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_scale_decoders_cover_every_byte(device):
-    """E8M0 bytes 0..254 (0 = 2^-127, 254 = 2^127: no overflow on the way) and every finite E4M3
-    byte as the scale of the element 1.0."""
+def _check_scale_decoders(device, hardware, monkeypatch):
+    monkeypatch.setattr(dequant_gemm, "fp8_conversions", lambda device: hardware)
     e8m0 = torch.arange(255, dtype=torch.uint8)
     e4m3 = torch.arange(256, dtype=torch.uint8)
     e4m3 = e4m3[(e4m3 & 0x7F) != 0x7F]
@@ -107,6 +106,24 @@ def test_scale_decoders_cover_every_byte(device):
                            scale_bytes.reshape(1, n).to(device), None, None, bits=4, group_size=32,
                            in_features=32, element="e2m1", scale_kind=kind)
         assert torch.equal(y[0].cpu().double(), expected.float().double()), kind
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hardware", [True, False])
+def test_scale_decoders_cover_every_byte(device, hardware, monkeypatch):
+    """E8M0 bytes 0..254 (0 = 2^-127, 254 = 2^127: no overflow on the way) and every finite E4M3
+    byte as the scale of the element 1.0, through the GEMV (M=1): E4M3 in hardware
+    (`dequant_gemv._e4m3_value`, sm_89 on; emulated by the interpreter) and with integer ops."""
+    _check_scale_decoders(device, hardware, monkeypatch)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("hardware", [True, False])
+def test_gpu_scale_decoders_cover_every_byte(hardware, monkeypatch):
+    """As test_scale_decoders_cover_every_byte, compiled: on sm_89 on, `hardware` runs
+    cvt.rn.f16x2.e4m3x2 itself."""
+    _check_scale_decoders("cuda", hardware, monkeypatch)
 
 
 @requires_gpu
