@@ -422,9 +422,9 @@ MAGIC = 0x4B000000
 @functools.lru_cache(maxsize=None)
 def fp8_conversions(device: torch.device) -> bool:
     """Whether the GEMV converts E4M3 weights and block scales in hardware (`dequant_gemv._e4m3_pair`,
-    `_e4m3_value`): on CUDA
-    GPUs of compute capability 8.9 on (Ada, Hopper, Blackwell); older ones decode with integer
-    ops. The interpreter takes that path too, with the same values computed without PTX."""
+    `_e4m3_value`): on CUDA GPUs of compute capability 8.9 on (Ada, Hopper, Blackwell); older ones
+    decode with integer ops. The interpreter takes that path too, with the same values computed
+    without PTX."""
     if device.type != "cuda":
         return True
     return torch.cuda.get_device_capability(device) >= (8, 9)

@@ -372,8 +372,8 @@ def _column_sums(x_ptr, qw_ptr, z_ptr, x_rows, rows, col, x_mask, K, words_per_b
     Integer elements ("int", "sint") never shift a code out of its word: each bit plane adds its
     bits through `_plane_fma` (a LOP3, an FADD and the FFMA per weight and plane; no FADD for
     planes of up to 4 bits under 16-bit activations, FOLD), 8-bit codes through `_byte_fma` (a
-    PRMT per weight instead of the LOP3, no FADD under bf16 activations). `magic` is 0x4B000000 passed at run
-    time so it sits in a register: LOP3 takes one immediate, which the mask needs. The LUT
+    PRMT per weight instead of the LOP3, no FADD under bf16 activations). `magic` is 0x4B000000
+    passed at run time so it sits in a register: LOP3 takes one immediate, which the mask needs. The LUT
     formats' one-bit planes are merged in pairs into 2-bit codes first (`_pair_fma`). E4M3 /
     E5M2 / E2M1 decode two codes at a time (`_minifloat_pair`), so their column is walked in pair
     order (K, K + 16 // BITS, K + 1, ...), except E4M3 under FP8_CVT (`_e4m3_pair`: the hardware
@@ -567,9 +567,8 @@ def _prefetch_tile(t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, K, wor
     """Prefetch into L2 everything whole K tile t reads from memory: each row's words of every
     bit plane (`_column_sums`' planes), the activations of each thread's column, and its rows'
     scales (and zero points). Issued a tile ahead (the kernel's PREFETCH), the next tile's bytes
-    stream in from DRAM while this one is summed, and its loads then wait on L2, not DRAM. The
-    addresses are the current tile's plus a constant (no clamp on the column: a whole tile), so
-    the compiler derives them from the loads' own."""
+    stream in from DRAM while this one is summed, and its loads then wait on L2, not DRAM. A
+    whole tile's columns need no clamp; only runs that may pass their tensor's end are clamped."""
     col = (t * COLUMNS + tl.arange(0, COLUMNS))[None, None, :]
     if ONE_BIT_PLANES:
         for plane in tl.static_range(BITS):

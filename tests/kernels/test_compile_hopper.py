@@ -68,7 +68,8 @@ GEMV_MAXNREG_VARIANTS = [["gemv", 8, False, "bf16", "int", "float", False, 64, 1
 GEMV_PREFETCH_VARIANTS = [["gemv", 6, False, "bf16", "int", "float", False, 64, 1, None, None, 1, None, 8, True],
                           ["gemv", 3, False, "bf16", "int", "float", True, 64, 1, None, None, 1, None, 8, True]]
 # the E4M3 GEMV as GPUs before sm_89 run it: no hardware conversion (the launcher's fp8_conversions)
-GEMV_E4M3_INTEGER_VARIANT = ["gemv", 8, True, "bf16", "e4m3", "float", False, 64, 1, None, None, 1, None, 8, False, False]
+GEMV_E4M3_INTEGER_VARIANT = ["gemv", 8, True, "bf16", "e4m3", "float", False, 64, 1, None, None, 1, None, 8, False,
+                             False]
 # iq4_nl: the codebook in blocks of 32 with float16 scales (nf4's above: fp32 scales, a wider column)
 IQ4_NL_VARIANTS = [[path, 4, True, "bf16", "codebook", "float", False, 64, 1, 32, "*fp16"] for path in ("gemv", "gemm")]
 
