@@ -28,7 +28,7 @@ from ..formats import bitpack
 from ..formats.bnb_fp4 import BNB_FP4_CODEBOOK
 from ..formats.iq4_nl import IQ4_NL_CODEBOOK
 from ..formats.nf4 import NF4_CODEBOOK
-from .dequant_gemv import _gemv_kernel
+from .dequant_gemv import _e4m3_value, _gemv_kernel
 from .element_decode import _decode, _decode_scale, _element_factor
 from .runtime import cdiv, interpreting, next_power_of_2, num_sms
 from .split_k import default_splits, split_k_buffers, store_split_k, valid_split_count
@@ -112,11 +112,13 @@ def _code_tile(qw_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, BITS: tl.co
 def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, stride_sg,
                   BITS: tl.constexpr, ELEMENT: tl.constexpr, SYMMETRIC: tl.constexpr,
                   GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr, SCALE_KIND: tl.constexpr,
-                  ONE_BIT_PLANES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  ONE_BIT_PLANES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  FP8_CVT: tl.constexpr, PTX: tl.constexpr):
     """fp32 weights [BLOCK_N, BLOCK_K] of rows offs_n, K = k0 .. k0+BLOCK_K (codes as
     `_code_tile` reads them). Scales are [K groups, ceil(N / SCALE_GROUP_N)]; a tile lies inside
     one group (GROUP_SIZE >= BLOCK_K) or covers BLOCK_K / GROUP_SIZE whole groups (microscaling
-    blocks of 16 / 32, integer groups of 16)."""
+    blocks of 16 / 32, integer groups of 16). FP8_CVT: E4M3 codes and scales convert in hardware
+    (`dequant_gemv._e4m3_value`, sm_89 on; PTX: compiled, not interpreted)."""
     codes = _code_tile(qw_ptr, offs_n, k0, n_mask, words_per_bit, stride_qn, BITS, ELEMENT, ONE_BIT_PLANES,
                        BLOCK_N, BLOCK_K)
     mask = n_mask[:, None]
@@ -124,13 +126,15 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         # z_ptr is the fp32 [16] codebook: a gather within 64 bytes (one cache sector pair per
         # warp), where a 15-select tree cost ~10 instructions and ~190 registers per thread
         values = tl.load(z_ptr + codes)
+    elif FP8_CVT and ELEMENT == "e4m3":
+        values = _e4m3_value(codes, PTX)  # the value itself (no `_element_factor`)
     else:
         values = _decode(codes, ELEMENT, BITS)
     if ELEMENT == "int":
         # values hold code + 2^23: take it off on its own (exact), as 2^23 + a fractional zero point
         # (GGUF's Q4_1 / K types) would round to an integer in fp32; zero points go per group below
         values -= 8388608.0 + (1 << (BITS - 1)) if SYMMETRIC else 8388608.0
-    factor = _element_factor(ELEMENT, BITS)
+    factor = 1.0 if FP8_CVT and ELEMENT == "e4m3" else _element_factor(ELEMENT, BITS)
     if SCALE_KIND == "e8m0":
         # E8M0 scales reach 2^127: scale * factor could overflow, so scale the elements instead.
         values = values * factor
@@ -139,7 +143,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
     if GROUP_SIZE >= BLOCK_K:
         group = k0 // GROUP_SIZE
         raw = tl.load(s_ptr + group * stride_sg + scale_offs, mask=n_mask, other=0)
-        scale = _decode_scale(raw, SCALE_KIND) * factor
+        scale = _tile_scale(raw, SCALE_KIND, FP8_CVT, PTX) * factor
         if ELEMENT == "int" and not SYMMETRIC:
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             values -= zero[:, None]
@@ -148,12 +152,22 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
         groups = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
         raw = tl.load(s_ptr + groups[None, :] * stride_sg + scale_offs[:, None], mask=mask, other=0)
-        scale = _decode_scale(raw, SCALE_KIND) * factor  # [BLOCK_N, GROUPS]
+        scale = _tile_scale(raw, SCALE_KIND, FP8_CVT, PTX) * factor  # [BLOCK_N, GROUPS]
         values = tl.reshape(values, (BLOCK_N, GROUPS, GROUP_SIZE))
         if ELEMENT == "int" and not SYMMETRIC:
             zero = tl.load(z_ptr + groups[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
             values -= zero.to(tl.float32)[:, :, None]
         return tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _tile_scale(raw, SCALE_KIND: tl.constexpr, FP8_CVT: tl.constexpr, PTX: tl.constexpr):
+    """Stored scales -> fp32 (`_decode_scale`); E4M3 ones (NVFP4) in hardware under FP8_CVT."""
+    if FP8_CVT and SCALE_KIND == "e4m3":
+        scale = _e4m3_value(raw.to(tl.int32), PTX)
+    else:
+        scale = _decode_scale(raw, SCALE_KIND)
+    return scale
 
 
 @triton.jit
@@ -179,7 +193,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, xs_ptr, bias_ptr, out_ptr,
                  HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_GROUP_N: tl.constexpr,
                  SCALE_KIND: tl.constexpr, HAS_TENSOR_SCALE: tl.constexpr, ONE_BIT_PLANES: tl.constexpr,
                  DOT_FP32: tl.constexpr, ACT_CODES: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_CVT: tl.constexpr, PTX: tl.constexpr):
     """Program (m, s, n) computes output tile (m, n) over K tiles s * tiles_per_split onwards;
     with SPLIT, the splits are reduced inside the launch (lowbit/kernels/split_k.py). Splitting K
     keeps every SM streaming weights when M is small and N has fewer tiles than the GPU has SMs.
@@ -228,7 +242,8 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ts_ptr, xs_ptr, bias_ptr, out_ptr,
         else:
             w = tl.trans(_dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, t * BLOCK_K, n_mask, words_per_bit, stride_qn,
                                        stride_sg, BITS, ELEMENT, SYMMETRIC, GROUP_SIZE, SCALE_GROUP_N,
-                                       SCALE_KIND, ONE_BIT_PLANES, BLOCK_N, BLOCK_K))  # [BLOCK_K, BLOCK_N]
+                                       SCALE_KIND, ONE_BIT_PLANES, BLOCK_N, BLOCK_K, FP8_CVT,
+                                       PTX))  # [BLOCK_K, BLOCK_N]
             if DOT_FP32:
                 acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
             else:
@@ -421,8 +436,8 @@ MAGIC = 0x4B000000
 
 @functools.lru_cache(maxsize=None)
 def fp8_conversions(device: torch.device) -> bool:
-    """Whether the GEMV converts E4M3 weights and block scales in hardware (`dequant_gemv._e4m3_pair`,
-    `_e4m3_value`): on CUDA GPUs of compute capability 8.9 on (Ada, Hopper, Blackwell); older ones
+    """Whether the GEMV and GEMM convert E4M3 weights and block scales in hardware
+    (`dequant_gemv._e4m3_pair`, `_e4m3_value`): on CUDA GPUs of compute capability 8.9 on (Ada, Hopper, Blackwell); older ones
     decode with integer ops. The interpreter takes that path too, with the same values computed
     without PTX."""
     if device.type != "cuda":
@@ -514,6 +529,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   BLOCK_N=cfg["BLOCK_N"], **launch_options(cfg))
     words_per_bit = kp // 32
     n_tiles, m_tiles = cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"])
+    fp8_cvt = (element == "e4m3" or scale_kind == "e4m3") and fp8_conversions(x.device)
     if cfg["path"] == "gemv":
         problem = check_column_k(cfg["COLUMN_K"], plane_bits, group_size) or check_prefetch(cfg)
         if problem:
@@ -531,8 +547,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                                   COLUMNS=gemv_columns(cfg), COLUMN_K=cfg["COLUMN_K"],
                                                   STAGES=cfg.get("num_stages", 1),
                                                   PREFETCH=bool(cfg.get("PREFETCH", 0)),
-                                                  FP8_CVT=(element == "e4m3" or scale_kind == "e4m3")
-                                                  and fp8_conversions(x.device),
+                                                  FP8_CVT=fp8_cvt,
                                                   PTX=not interpreting(), **common)
         return out
     check_block_k(cfg["BLOCK_K"], group_size, kp, multi_group)
@@ -543,5 +558,6 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                               tickets, m, n, in_features, words_per_bit, tiles_per_split,
                                               x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
                                               DOT_FP32=dot_fp32, ACT_CODES=act_codes, SPLIT=split_k > 1,
-                                              BLOCK_K=cfg["BLOCK_K"], **common)
+                                              BLOCK_K=cfg["BLOCK_K"], FP8_CVT=fp8_cvt, PTX=not interpreting(),
+                                              **common)
     return out

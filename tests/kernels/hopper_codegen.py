@@ -144,7 +144,8 @@ def compile_variant(path: str, bits: int, symmetric: bool, act: str, element: st
                           PTX=True)
     else:
         constexprs.update(DOT_FP32=act == "fp32", ACT_CODES=act if act in ACT_CODES else "", SPLIT=True, BLOCK_M=gemm_block_m,
-                          BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE)
+                          BLOCK_N=GEMM_TILE, BLOCK_K=GEMM_TILE, FP8_CVT=fp8_cvt and "e4m3" in (element, scale_kind),
+                          PTX=True)
     scale_type = "*u8" if scale_kind != "float" else "*fp16" if element == "int" else "*fp32"
     out = "*bf16" if act in ACT_CODES else ACT[act]
     pointer_types = {"x_ptr": ACT[act], "qw_ptr": "*i32", "s_ptr": scale_pointer or scale_type, "z_ptr": scale_type,

@@ -307,6 +307,18 @@ def test_gemv_small_floats_convert_from_their_own_register(hopper, variant):
         assert len(re.findall(r"prmt\.b32", body)) <= byte_scales
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemm" and "e4m3" in v[4:6]],
+                         ids=lambda v: "-".join(map(str, v)))
+def test_e4m3_gemm_converts_in_hardware(hopper, variant):
+    """On sm_89 on (here sm_90) the GEMM's weight tiles convert E4M3 codes in hardware, one
+    cvt.rn.f16x2.e4m3x2 per code (`dequant_gemv._e4m3_value`: 32 per thread of a 64 x 64 tile
+    over 128 threads), and NVFP4's E4M3 block scales too (2 per thread: 64 rows x 4 blocks)."""
+    _, _, _, _, element, *rest = variant
+    expected = 32 if element == "e4m3" else 2
+    k_loops = [body for body in _loop_bodies(_ptx(hopper, *variant)) if "wgmma.mma_async" in body]
+    assert [len(re.findall(r"cvt\.rn\.f16x2\.e4m3x2", body)) for body in k_loops] == [expected]
+
+
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "gemv" and v[1] == 8 and v[4] in ("int", "sint")],
                          ids=lambda v: "-".join(map(str, v)))
 def test_gemv_bytes_become_floats_by_one_prmt(hopper, variant):
@@ -338,8 +350,10 @@ def test_gemm_stores_whole_words_of_weights(hopper, variant):
 @pytest.mark.parametrize("element", ["e4m3", "e5m2"])
 def test_fp8_weight_only_needs_no_fp8_hardware(hopper, element):
     """Where the GPU has no FP8 conversion (before sm_89: the launcher's fp8_conversions), the FP8
-    decoder is integer ops + an fp16 reinterpret, no cvt from e4m3 / e5m2 (E5M2 never needs one:
-    its byte is an fp16's top half); the GEMM's too."""
+    GEMV decodes with integer ops + an fp16 reinterpret, no cvt from e4m3 / e5m2 (E5M2 never
+    needs one: its byte is an fp16's top half). The GEMM shares the decoders (`_decode`), and its
+    weight-only path is checked on every code without the conversion in the interpreter
+    (tests/kernels/test_fp8_kernels.py)."""
     result = hopper["-".join(map(str, GEMV_E4M3_INTEGER_VARIANT))] if element == "e4m3" else None
     ptx = _checked(result) if result else _ptx(hopper, "gemv", 8, True, "bf16", element)
     assert not re.search(r"cvt\S*\.e[45]m[23]", ptx)

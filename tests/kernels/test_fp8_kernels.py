@@ -68,14 +68,14 @@ def test_decoder_covers_every_code(device, name):
     assert torch.equal(y[:, 0].cpu(), expected)
 
 
-def _check_gemv_decodes_every_code(device, name, hardware, monkeypatch):
+def _check_decodes_every_code(device, name, hardware, m, monkeypatch):
     dtype = torch.float8_e4m3fn if name == "fp8" else torch.float8_e5m2
     monkeypatch.setattr(dequant_gemm, "fp8_conversions", lambda device: hardware)
     codes = torch.arange(256, dtype=torch.uint8)
     codes = torch.where(codes.view(dtype).float().isfinite(), codes, 0)  # no NaN / Inf: the quantizer writes none
     # 8 rows, each every code once, rotated by 32 per row: every code meets every position in a word
     qweight = torch.stack([codes.roll(32 * r) for r in range(8)]).view(dtype)
-    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(1))
     y = fp8_matmul(x.to(device), qweight.to(device), torch.ones(1, 8, device=device), None,
                    element="e4m3" if name == "fp8" else "e5m2", block=None, act_fp8=False, in_features=256)
     expected = x.double() @ qweight.float().double().T
@@ -84,19 +84,22 @@ def _check_gemv_decodes_every_code(device, name, hardware, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name, hardware", [("fp8", True), ("fp8", False), ("fp8_e5m2", True)])
-def test_gemv_decodes_every_code(device, name, hardware, monkeypatch):
-    """The GEMV (M=1) decodes each of the 256 byte codes (but NaN / Inf) to torch's value: E4M3
-    with the hardware conversion (`dequant_gemv._e4m3_pair`, sm_89 on; emulated by the
-    interpreter) and without it (older GPUs: integer ops)."""
-    _check_gemv_decodes_every_code(device, name, hardware, monkeypatch)
+@pytest.mark.parametrize("m", [1, 8])
+def test_kernels_decode_every_code(device, name, hardware, m, monkeypatch):
+    """The GEMV (M=1) and the GEMM (M=8) decode each of the 256 byte codes (but NaN / Inf) to
+    torch's value: E4M3 with the hardware conversion (`dequant_gemv._e4m3_pair` / `_e4m3_value`,
+    sm_89 on; emulated by the interpreter) and without it (older GPUs: integer ops)."""
+    _check_decodes_every_code(device, name, hardware, m, monkeypatch)
 
 
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, hardware", [("fp8", True), ("fp8", False), ("fp8_e5m2", True)])
-def test_gpu_gemv_decodes_every_code(name, hardware, monkeypatch):
-    """As test_gemv_decodes_every_code, compiled: on sm_89 on, `hardware` runs cvt.rn.f16x2.e4m3x2 itself."""
-    _check_gemv_decodes_every_code("cuda", name, hardware, monkeypatch)
+@pytest.mark.parametrize("m", [1, 8])
+def test_gpu_kernels_decode_every_code(name, hardware, m, monkeypatch):
+    """As test_kernels_decode_every_code, compiled: on sm_89 on, `hardware` runs
+    cvt.rn.f16x2.e4m3x2 itself."""
+    _check_decodes_every_code("cuda", name, hardware, m, monkeypatch)
 
 
 def test_act_fp8_layer_takes_the_weight_only_kernel_off_fp8_tensor_cores():

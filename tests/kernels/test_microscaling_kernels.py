@@ -90,7 +90,7 @@ def test_element_decoder_covers_every_code(device, name):
     assert torch.equal(y[: codes.numel(), 0].cpu(), fmt.codec.decode(codes))
 
 
-def _check_scale_decoders(device, hardware, monkeypatch):
+def _check_scale_decoders(device, hardware, m, monkeypatch):
     monkeypatch.setattr(dequant_gemm, "fp8_conversions", lambda device: hardware)
     e8m0 = torch.arange(255, dtype=torch.uint8)
     e4m3 = torch.arange(256, dtype=torch.uint8)
@@ -101,29 +101,32 @@ def _check_scale_decoders(device, hardware, monkeypatch):
     ]:
         n = scale_bytes.numel()
         qweight = bitpack.pack(torch.full((n, 32), 0x2, dtype=torch.int32), 4)  # E2M1 1.0
-        x = F.one_hot(torch.tensor([0]), 32).float().to(device)  # y = the decoded weight itself
+        x = F.one_hot(torch.zeros(m, dtype=torch.long), 32).float().to(device)  # y = the decoded weight itself
         y = dequant_matmul(x, qweight.to(device),
                            scale_bytes.reshape(1, n).to(device), None, None, bits=4, group_size=32,
                            in_features=32, element="e2m1", scale_kind=kind)
-        assert torch.equal(y[0].cpu().double(), expected.float().double()), kind
+        assert torch.equal(y[-1].cpu().double(), expected.float().double()), kind
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hardware", [True, False])
-def test_scale_decoders_cover_every_byte(device, hardware, monkeypatch):
+@pytest.mark.parametrize("m", [1, 8])
+def test_scale_decoders_cover_every_byte(device, hardware, m, monkeypatch):
     """E8M0 bytes 0..254 (0 = 2^-127, 254 = 2^127: no overflow on the way) and every finite E4M3
-    byte as the scale of the element 1.0, through the GEMV (M=1): E4M3 in hardware
-    (`dequant_gemv._e4m3_value`, sm_89 on; emulated by the interpreter) and with integer ops."""
-    _check_scale_decoders(device, hardware, monkeypatch)
+    byte as the scale of the element 1.0, through the GEMV (M=1) and the GEMM (M=8): E4M3 in
+    hardware (`dequant_gemv._e4m3_value`, sm_89 on; emulated by the interpreter) and with
+    integer ops."""
+    _check_scale_decoders(device, hardware, m, monkeypatch)
 
 
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("hardware", [True, False])
-def test_gpu_scale_decoders_cover_every_byte(hardware, monkeypatch):
+@pytest.mark.parametrize("m", [1, 8])
+def test_gpu_scale_decoders_cover_every_byte(hardware, m, monkeypatch):
     """As test_scale_decoders_cover_every_byte, compiled: on sm_89 on, `hardware` runs
     cvt.rn.f16x2.e4m3x2 itself."""
-    _check_scale_decoders("cuda", hardware, monkeypatch)
+    _check_scale_decoders("cuda", hardware, m, monkeypatch)
 
 
 @requires_gpu
