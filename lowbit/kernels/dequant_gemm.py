@@ -28,8 +28,8 @@ from ..formats import bitpack
 from ..formats.bnb_fp4 import BNB_FP4_CODEBOOK
 from ..formats.iq4_nl import IQ4_NL_CODEBOOK
 from ..formats.nf4 import NF4_CODEBOOK
-from .dequant_gemv import _e4m3_value, _gemv_kernel
-from .element_decode import _decode, _decode_scale, _element_factor
+from .dequant_gemv import _e4m3_value, _gemv_kernel, _scale_value, _value_factor
+from .element_decode import _decode
 from .runtime import cdiv, interpreting, next_power_of_2, num_sms
 from .split_k import default_splits, split_k_buffers, store_split_k, valid_split_count
 from .tuning import launch_options, lookup, valid_launch_options
@@ -134,7 +134,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         # values hold code + 2^23: take it off on its own (exact), as 2^23 + a fractional zero point
         # (GGUF's Q4_1 / K types) would round to an integer in fp32; zero points go per group below
         values -= 8388608.0 + (1 << (BITS - 1)) if SYMMETRIC else 8388608.0
-    factor = 1.0 if FP8_CVT and ELEMENT == "e4m3" else _element_factor(ELEMENT, BITS)
+    factor = _value_factor(ELEMENT, BITS, FP8_CVT)
     if SCALE_KIND == "e8m0":
         # E8M0 scales reach 2^127: scale * factor could overflow, so scale the elements instead.
         values = values * factor
@@ -143,7 +143,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
     if GROUP_SIZE >= BLOCK_K:
         group = k0 // GROUP_SIZE
         raw = tl.load(s_ptr + group * stride_sg + scale_offs, mask=n_mask, other=0)
-        scale = _tile_scale(raw, SCALE_KIND, FP8_CVT, PTX) * factor
+        scale = _scale_value(raw, SCALE_KIND, FP8_CVT, PTX) * factor
         if ELEMENT == "int" and not SYMMETRIC:
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             values -= zero[:, None]
@@ -152,22 +152,12 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_mask, words_per_bit, strid
         GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
         groups = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
         raw = tl.load(s_ptr + groups[None, :] * stride_sg + scale_offs[:, None], mask=mask, other=0)
-        scale = _tile_scale(raw, SCALE_KIND, FP8_CVT, PTX) * factor  # [BLOCK_N, GROUPS]
+        scale = _scale_value(raw, SCALE_KIND, FP8_CVT, PTX) * factor  # [BLOCK_N, GROUPS]
         values = tl.reshape(values, (BLOCK_N, GROUPS, GROUP_SIZE))
         if ELEMENT == "int" and not SYMMETRIC:
             zero = tl.load(z_ptr + groups[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
             values -= zero.to(tl.float32)[:, :, None]
         return tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _tile_scale(raw, SCALE_KIND: tl.constexpr, FP8_CVT: tl.constexpr, PTX: tl.constexpr):
-    """Stored scales -> fp32 (`_decode_scale`); E4M3 ones (NVFP4) in hardware under FP8_CVT."""
-    if FP8_CVT and SCALE_KIND == "e4m3":
-        scale = _e4m3_value(raw.to(tl.int32), PTX)
-    else:
-        scale = _decode_scale(raw, SCALE_KIND)
-    return scale
 
 
 @triton.jit

@@ -329,6 +329,24 @@ def _e4m3_value(code, PTX: tl.constexpr):
 
 
 @triton.jit
+def _scale_value(raw, SCALE_KIND: tl.constexpr, FP8_CVT: tl.constexpr, PTX: tl.constexpr):
+    """Stored scales -> fp32 (`_decode_scale`); E4M3 ones (NVFP4's) through `_e4m3_value` under
+    FP8_CVT. Shared by the GEMV and the GEMM's weight tiles."""
+    if FP8_CVT and SCALE_KIND == "e4m3":
+        scale = _e4m3_value(raw.to(tl.int32), PTX)
+    else:
+        scale = _decode_scale(raw, SCALE_KIND)
+    return scale
+
+
+@triton.jit
+def _value_factor(ELEMENT: tl.constexpr, BITS: tl.constexpr, FP8_CVT: tl.constexpr):
+    """`_element_factor`, except 1 for E4M3 under FP8_CVT (`_e4m3_pair` / `_e4m3_value` give the
+    values themselves)."""
+    return 1.0 if FP8_CVT and ELEMENT == "e4m3" else _element_factor(ELEMENT, BITS)
+
+
+@triton.jit
 def _fp16_pair_to_fp32(halves, PTX: tl.constexpr):
     """The two fp16 values in the low and high halves of int32 `halves` -> (low, high) fp32.
     PTX (compiled kernels): two `cvt.f32.f16` of the register's halves, one HADD2.F32 each. With tl
@@ -616,11 +634,8 @@ def _gemv_tile(acc, t, x_ptr, qw_ptr, s_ptr, z_ptr, x_rows, rows, row0, N, colum
         raw_scale = _row_params(s_ptr + group * stride_sg, row0, N, BLOCK_N, COLUMNS)
     else:  # one scale for SCALE_GROUP_N rows (hidden from the compiler, times the run-time 1: loaded like the words)
         raw_scale = _load_by_column(s_ptr + group * stride_sg + (rows * one) // SCALE_GROUP_N)
-    if FP8_CVT and SCALE_KIND == "e4m3":  # NVFP4's block scales, in hardware where it has FP8
-        scale = _e4m3_value(raw_scale.to(tl.int32), PTX)  # [1, BLOCK_N, COLUMNS]
-    else:
-        scale = _decode_scale(raw_scale, SCALE_KIND)
-    factor = 1.0 if FP8_CVT and ELEMENT == "e4m3" else _element_factor(ELEMENT, BITS)  # `_e4m3_pair`: unscaled
+    scale = _scale_value(raw_scale, SCALE_KIND, FP8_CVT, PTX)  # [1, BLOCK_N, COLUMNS]
+    factor = _value_factor(ELEMENT, BITS, FP8_CVT)
     if SCALE_KIND == "e8m0":
         sums = sums * factor  # E8M0 scales reach 2^127: scale * factor could overflow
     else:
